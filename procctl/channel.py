@@ -1,0 +1,235 @@
+"""The seam between the controller and one worker: commands in, reports out.
+
+Everything the two sides exchange goes through this module, so another
+engine can replace it without touching the controller's API.
+
+    manager                                      worker i
+    -------                                      --------
+    Board (shared memory, one slot per worker) --> read at every checkpoint
+      word  = seq << 8 | state                      (no syscall while RUNNING)
+      progress done / total  <----------------------- ctx.progress() writes
+    doorbell pipe (1 byte per command) ----------> a PAUSED worker blocks on it
+    report pipe  <--------------------------------- ACK frames, one RESULT frame
+
+The board carries only the latest command, so a worker that is busy or hung
+never makes commands pile up, and the doorbell's writes are non-blocking: a
+full doorbell already guarantees the worker will wake.  Report frames are
+read without blocking, so a worker stalled half-way through a frame cannot
+hang the controller.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import struct
+from multiprocessing import reduction
+from typing import Any
+
+# Board slot layout (float64/int64 words): command word, progress done, total, spare.
+SLOT_WORDS = 4
+WORD = 8
+
+FRAME_HEADER = struct.Struct("!BQ")  # kind, payload length
+ACK = 1  # payload: seq, state
+RESULT = 2  # payload: pickled (outcome, result, error)
+START_FAILED = 3  # payload: traceback text (utf-8)
+ACK_BODY = struct.Struct("!qB")
+
+READ_CHUNK = 1 << 20
+
+
+def pack_command(seq: int, state: int) -> int:
+    return (seq << 8) | state
+
+
+def unpack_command(word: int) -> tuple[int, int]:
+    return word >> 8, word & 0xFF
+
+
+class InheritedFd:
+    """A file descriptor to hand to a child process under any start method.
+
+    Under fork the child inherits the number as it is; under spawn and
+    forkserver, pickling asks multiprocessing to pass the descriptor along,
+    as it does for its own Connection objects.
+    """
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def __reduce__(self) -> Any:
+        return _rebuild_fd, (reduction.DupFd(self.fd),)
+
+    def detach(self) -> int:
+        return self.fd
+
+
+class _Passed:
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def detach(self) -> int:
+        return self.fd
+
+
+def _rebuild_fd(dup: Any) -> _Passed:
+    return _Passed(dup.detach())
+
+
+def _make_board_fd(size: int) -> int:
+    if hasattr(os, "memfd_create"):
+        fd = os.memfd_create("procctl-board", os.MFD_CLOEXEC)
+    else:  # pragma: no cover - non-Linux
+        import tempfile
+
+        with tempfile.TemporaryFile() as f:
+            fd = os.dup(f.fileno())
+    os.ftruncate(fd, size)
+    return fd
+
+
+class Board:
+    """Shared memory with one slot per worker: the command and the progress."""
+
+    def __init__(self, workers: int, fd: int | None = None) -> None:
+        self.size = max(workers * SLOT_WORDS * WORD, mmap.PAGESIZE)
+        self.owner = fd is None
+        self.fd = _make_board_fd(self.size) if fd is None else fd
+        self._map = mmap.mmap(self.fd, self.size)
+        self._words = memoryview(self._map).cast("q")
+        self._floats = memoryview(self._map).cast("d")
+        if not self.owner:
+            os.close(self.fd)  # the mapping stays valid
+            self.fd = -1
+
+    def post(self, worker: int, word: int) -> None:
+        self._words[worker * SLOT_WORDS] = word
+
+    def command(self, worker: int) -> int:
+        return self._words[worker * SLOT_WORDS]
+
+    def set_progress(self, worker: int, done: float, total: float) -> None:
+        base = worker * SLOT_WORDS
+        self._floats[base + 2] = total
+        self._floats[base + 1] = done
+
+    def progress(self, worker: int) -> tuple[float, float]:
+        base = worker * SLOT_WORDS
+        return self._floats[base + 1], self._floats[base + 2]
+
+    def close(self) -> None:
+        if self._map.closed:
+            return
+        self._words.release()
+        self._floats.release()
+        self._map.close()
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+class WorkerLink:
+    """The manager's end of one worker's channel."""
+
+    def __init__(self) -> None:
+        self.report_fd, self._child_report = os.pipe()
+        self._child_doorbell, self.doorbell_fd = os.pipe()
+        os.set_blocking(self.report_fd, False)
+        os.set_blocking(self.doorbell_fd, False)
+        self._buffer = bytearray()
+        self.eof = False
+        self.closed = False
+
+    def child_fds(self) -> tuple[InheritedFd, InheritedFd]:
+        """The (doorbell, report) ends to pass to the worker process."""
+        return InheritedFd(self._child_doorbell), InheritedFd(self._child_report)
+
+    def release_child_fds(self) -> None:
+        """Close our copies of the child's ends once the child has them."""
+        for fd in (self._child_doorbell, self._child_report):
+            if fd >= 0:
+                os.close(fd)
+        self._child_doorbell = self._child_report = -1
+
+    def ring(self) -> None:
+        try:
+            os.write(self.doorbell_fd, b"\0")
+        except (BlockingIOError, BrokenPipeError):
+            pass  # full: the worker will wake anyway; gone: the reaper will see it
+
+    def read_frames(self) -> tuple[list[tuple[int, bytes]], bool]:
+        """Read what is available without blocking: (frames, at_eof)."""
+        eof = False
+        while True:
+            try:
+                chunk = os.read(self.report_fd, READ_CHUNK)
+            except BlockingIOError:
+                break
+            if not chunk:
+                eof = True
+                break
+            self._buffer += chunk
+            if len(chunk) < READ_CHUNK:
+                break
+        return self._split_frames(), eof
+
+    def _split_frames(self) -> list[tuple[int, bytes]]:
+        frames = []
+        buf = self._buffer
+        pos = 0
+        while len(buf) - pos >= FRAME_HEADER.size:
+            kind, length = FRAME_HEADER.unpack_from(buf, pos)
+            end = pos + FRAME_HEADER.size + length
+            if len(buf) < end:
+                break
+            frames.append((kind, bytes(buf[pos + FRAME_HEADER.size : end])))
+            pos = end
+        if pos:
+            del buf[:pos]
+        return frames
+
+    @property
+    def partial(self) -> bool:
+        return bool(self._buffer)
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.release_child_fds()
+        os.close(self.report_fd)
+        os.close(self.doorbell_fd)
+
+
+class ControlEnd:
+    """The worker's end of its channel."""
+
+    def __init__(self, worker: int, board: Board, doorbell_fd: int, report_fd: int) -> None:
+        self.worker = worker
+        self.board = board
+        self.doorbell_fd = doorbell_fd
+        self.report_fd = report_fd
+        os.set_blocking(doorbell_fd, False)
+
+    def command(self) -> int:
+        return self.board.command(self.worker)
+
+    def drain_doorbell(self) -> None:
+        try:
+            while len(os.read(self.doorbell_fd, 4096)) == 4096:
+                pass
+        except BlockingIOError:
+            pass
+
+    def send(self, kind: int, payload: bytes) -> None:
+        self._write_all(FRAME_HEADER.pack(kind, len(payload)))
+        self._write_all(payload)
+
+    def _write_all(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self.report_fd, view) :]
+
+    def ack(self, seq: int, state: int) -> None:
+        self.send(ACK, ACK_BODY.pack(seq, state))

@@ -1,0 +1,97 @@
+"""The vocabulary shared by the controller, the workers and the command line."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+class State(enum.IntEnum):
+    """What the controller asks of a worker. STOPPED is final."""
+
+    STOPPED = 0
+    PAUSED = 1
+    RUNNING = 2
+
+
+class Outcome(str, enum.Enum):
+    """How a worker ended."""
+
+    FINISHED = "finished"  # the target returned by itself
+    STOPPED = "stopped"  # the target returned after STOPPED was broadcast
+    FAILED = "failed"  # the target raised; the report's error holds the traceback
+    CRASHED = "crashed"  # the process died without reporting
+    KILLED = "killed"  # the controller terminated it after the grace period
+
+    def __str__(self) -> str:
+        return self.value
+
+
+#: Outcomes that count as success for the command line's exit status.
+CLEAN_OUTCOMES = frozenset({Outcome.FINISHED, Outcome.STOPPED})
+
+
+@dataclass(frozen=True)
+class WorkerReport:
+    """The record of one ended worker."""
+
+    worker_id: int
+    pid: int | None
+    outcome: Outcome
+    result: Any = None
+    error: str | None = None
+    exitcode: int | None = None
+    started: float = 0.0  # time.time() when the process was started
+    ended: float = 0.0  # time.time() when the controller saw it end
+
+    @property
+    def duration(self) -> float:
+        return max(0.0, self.ended - self.started)
+
+    @property
+    def error_line(self) -> str | None:
+        """The last line of the traceback: ``ValueError: bad input``."""
+        if not self.error:
+            return None
+        lines = [line for line in self.error.strip().splitlines() if line.strip()]
+        return lines[-1].strip() if lines else None
+
+
+@dataclass(frozen=True)
+class WorkerStatus:
+    """A live view of one worker, as `ProcessController.status()` returns it."""
+
+    worker_id: int
+    pid: int | None
+    state: State
+    alive: bool
+    outcome: Outcome | None = None
+    done: float | None = None  # last value passed to ctx.progress()
+    total: float | None = None
+    rate: float | None = None  # progress units per second since the first report
+    eta: float | None = None  # seconds left at that rate, when total is known
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Event:
+    """One thing that happened in a run, as `on_event`, `--json` and `--events` see it.
+
+    ``event`` is a worker transition (running, paused, stopped), an outcome
+    (finished, stopped, failed, crashed, killed), ``started`` for a worker
+    that came up, or ``broadcast`` (with ``state``) for a command sent to all.
+    """
+
+    t: float  # seconds since the controller started
+    event: str
+    worker: int | None = None
+    state: str | None = None
+    pid: int | None = None
+    exitcode: int | None = None
+    error: str | None = None
+    done: float | None = None
+    total: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if v is not None}

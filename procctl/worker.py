@@ -1,0 +1,275 @@
+"""The child side: the worker's entry point, its context and the parent-death watch.
+
+Everything a worker uses arrives in its `WorkerSpec`; nothing here reaches
+back into the controller's module.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import select
+import signal
+import sys
+import threading
+import time
+import traceback
+from dataclasses import dataclass
+from multiprocessing.reduction import ForkingPickler
+from typing import Any, Callable
+
+from .channel import RESULT, START_FAILED, Board, ControlEnd, InheritedFd, unpack_command
+from .states import Outcome, State
+
+#: Signals the manager blocks while it starts a worker, so that none of its own
+#: handlers can run in the child before the child has reset them.
+MANAGED_SIGNALS = frozenset(
+    {signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2}
+)
+
+#: How long an orphaned worker may take to return by itself before it exits.
+ORPHAN_GRACE = 0.5
+EXIT_ORPHANED = 70
+EXIT_START_FAILED = 3
+
+
+class Payload:
+    """The target and its arguments.
+
+    Under spawn and forkserver they are pickled as one opaque blob, so that a
+    target the child cannot import fails inside `worker_main`, where the error
+    can be reported to the controller, instead of in multiprocessing's loader.
+    """
+
+    def __init__(self, target: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]):
+        self.target, self.args, self.kwargs = target, args, kwargs
+
+    def __reduce__(self) -> Any:
+        blob = bytes(ForkingPickler.dumps((self.target, self.args, self.kwargs)))
+        return _DeferredPayload, (blob,)
+
+    def load(self) -> tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]]:
+        return self.target, self.args, self.kwargs
+
+
+class _DeferredPayload:
+    def __init__(self, blob: bytes) -> None:
+        self.blob = blob
+
+    def load(self) -> tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]]:
+        target, args, kwargs = pickle.loads(self.blob)
+        return target, args, kwargs
+
+
+@dataclass
+class WorkerSpec:
+    worker_id: int
+    workers: int
+    payload: Payload
+    board: InheritedFd
+    doorbell: InheritedFd
+    report: InheritedFd
+    manager_pid: int
+
+
+class WorkerContext:
+    """What a worker's target receives as its first argument."""
+
+    def __init__(self, worker_id: int, end: ControlEnd, manager_fd: int | None) -> None:
+        self.worker_id = worker_id
+        #: The State last applied.
+        self.state: State = State.PAUSED
+        self._end = end
+        self._applied = -1
+        self._manager_fd = manager_fd
+        self._manager_gone = False
+        self._polls: dict[int, Any] = {}
+        #: The keyword arguments of the last progress() call.
+        self.info: dict[str, Any] = {}
+        self._sleep_fds = [end.doorbell_fd] + ([manager_fd] if manager_fd is not None else [])
+
+    # -- the public surface -------------------------------------------------
+
+    def checkpoint(self) -> bool:
+        """Apply pending commands; block while PAUSED; False once STOPPED."""
+        if self.state is State.STOPPED:
+            return False
+        if self._end.command() != self._applied:
+            self._apply()
+        while self.state is State.PAUSED:
+            self._block(None)
+        return self.state is State.RUNNING
+
+    def sleep(self, seconds: float) -> bool:
+        """Sleep up to `seconds`, waking early for a command; then as checkpoint()."""
+        deadline = time.monotonic() + max(0.0, seconds)
+        while self.checkpoint():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not self._block(remaining):
+                break
+        return self.checkpoint()
+
+    def wait_readable(self, obj: Any, timeout: float | None = None) -> bool:
+        """Block until `obj` (a Connection, fd or object with fileno()) is
+        readable, or a command or the timeout comes first.
+
+        True means `obj` is readable; call checkpoint() after a False.
+        """
+        fd = obj if isinstance(obj, int) else obj.fileno()
+        poller = self._polls.get(fd)
+        if poller is None:
+            poller = self._polls[fd] = select.poll()
+            poller.register(fd, select.POLLIN)
+            for other in self._sleep_fds:
+                poller.register(other, select.POLLIN)
+        ms = None if timeout is None else max(0, int(timeout * 1000))
+        ready = poller.poll(ms)
+        hit = False
+        for ready_fd, _ in ready:
+            if ready_fd == fd:
+                hit = True
+            else:
+                self._on_wake(ready_fd)
+        return hit
+
+    def progress(self, done: float, total: float | None = None, **info: Any) -> None:
+        """Report progress. Cheap enough for a tight loop: two stores in
+        shared memory, no message, never blocks. `info` is kept locally."""
+        self._end.board.set_progress(
+            self.worker_id, float(done), float("nan") if total is None else float(total)
+        )
+        if info:
+            self.info = info
+
+    # -- internals ----------------------------------------------------------
+
+    def _apply(self) -> None:
+        word = self._end.command()
+        self._end.drain_doorbell()
+        seq, state = unpack_command(word)
+        self._applied = word
+        if self.state is State.STOPPED:
+            return
+        self.state = State(state)
+        try:
+            self._end.ack(seq, state)
+        except OSError:
+            self._lost_manager()
+
+    def _block(self, timeout: float | None) -> bool:
+        """Sleep in the kernel until a command, the manager's death or the
+        timeout. True if woken by something other than the timeout."""
+        ready, _, _ = select.select(self._sleep_fds, [], [], timeout)
+        for fd in ready:
+            self._on_wake(fd)
+        return bool(ready)
+
+    def _on_wake(self, fd: int) -> None:
+        if fd == self._manager_fd:
+            self._lost_manager()
+        elif self._end.command() != self._applied:
+            self._apply()
+        else:
+            self._end.drain_doorbell()
+
+    def _lost_manager(self) -> None:
+        self._manager_gone = True
+        self.state = State.STOPPED
+
+    def _stop_was_broadcast(self) -> bool:
+        return self.state is State.STOPPED or unpack_command(self._end.command())[1] == State.STOPPED
+
+
+def _reset_signals() -> None:
+    # The manager decides what Ctrl-C means; its handlers (inherited under
+    # fork) must never run here.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    for sig in (signal.SIGUSR1, signal.SIGUSR2):
+        signal.signal(sig, signal.SIG_IGN)
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_DFL)
+    try:
+        signal.set_wakeup_fd(-1)
+    except ValueError:  # pragma: no cover - not the main thread
+        pass
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, MANAGED_SIGNALS)
+
+
+def _watch_manager(manager_pid: int) -> int | None:
+    """Return an fd that becomes readable when the manager exits.
+
+    A pidfd works whoever our parent is (under forkserver it is not the
+    manager). The caller's watcher thread blocks on it.
+    """
+    try:
+        fd = os.pidfd_open(manager_pid)
+    except ProcessLookupError:
+        os._exit(EXIT_ORPHANED)
+    except (AttributeError, OSError):  # pragma: no cover - no pidfd here
+        import multiprocessing
+
+        parent = multiprocessing.parent_process()
+        return parent.sentinel if parent is not None else None
+    return fd
+
+
+def _orphan_watch(fd: int, finished: threading.Event) -> None:
+    select.select([fd], [], [])
+    # The manager is gone: nobody will ever stop or reap us. Give the target
+    # a moment to notice (checkpoint() now returns False), then leave.
+    finished.wait(ORPHAN_GRACE)
+    os._exit(EXIT_ORPHANED)
+
+
+def _run_target(ctx: WorkerContext, payload: Payload) -> tuple[Outcome, Any, str | None]:
+    target, args, kwargs = payload.load()
+    try:
+        ctx._apply()  # acknowledge the initial command: we are ready
+        if not ctx.checkpoint():  # workers start paused: wait for the first run
+            return Outcome.STOPPED, None, None
+        result = target(ctx, *args, **kwargs)
+    except SystemExit as exc:
+        text = traceback.format_exc()
+        return Outcome.FAILED, None, f"{text}the target called sys.exit({exc.code!r})\n"
+    except BaseException:
+        return Outcome.FAILED, None, traceback.format_exc()
+    outcome = Outcome.STOPPED if ctx._stop_was_broadcast() else Outcome.FINISHED
+    return outcome, result, None
+
+
+def _send_result(end: ControlEnd, outcome: Outcome, result: Any, error: str | None) -> None:
+    try:
+        payload = pickle.dumps((outcome.value, result, error), pickle.HIGHEST_PROTOCOL)
+    except Exception as exc:
+        note = f"the result of type {type(result).__name__} could not be pickled: {exc!r}"
+        payload = pickle.dumps((Outcome.FAILED.value, None, note))
+    try:
+        end.send(RESULT, payload)
+    except OSError:
+        pass  # the manager is gone; the orphan watch ends us
+
+
+def worker_main(spec: WorkerSpec) -> None:
+    """Entry point of every worker process."""
+    _reset_signals()
+    board = Board(spec.workers, fd=spec.board.detach())
+    end = ControlEnd(spec.worker_id, board, spec.doorbell.detach(), spec.report.detach())
+    manager_fd = _watch_manager(spec.manager_pid)
+    ctx = WorkerContext(spec.worker_id, end, manager_fd)
+    finished = threading.Event()
+    if manager_fd is not None:
+        threading.Thread(
+            target=_orphan_watch, args=(manager_fd, finished), name="procctl-orphan-watch", daemon=True
+        ).start()
+    try:
+        outcome, result, error = _run_target(ctx, spec.payload)
+    except BaseException:
+        # The payload could not be loaded here (not importable under spawn).
+        try:
+            end.send(START_FAILED, traceback.format_exc().encode())
+        except OSError:
+            pass
+        sys.exit(EXIT_START_FAILED)
+    if not ctx._manager_gone:
+        _send_result(end, outcome, result, error)
+    finished.set()

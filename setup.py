@@ -1,0 +1,22 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="procctl",
+    version="0.1.0",
+    description="Run N worker processes you can pause, resume and stop, leaving nothing behind.",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["procctl", "procctl.*"]),
+    package_data={"procctl": ["py.typed"]},
+    install_requires=["click>=8.0"],
+    extras_require={
+        "test": ["pytest>=7", "pytest-timeout>=2.1", "psutil>=5.9", "mypy>=1.8", "ruff>=0.4"],
+        "bench": ["psutil>=5.9", "loky>=3.4", "pebble>=5.0", "mpire>=2.8", "billiard>=4.0"],
+        "live": ["rich>=13", "psutil>=5.9"],
+    },
+    entry_points={
+        "console_scripts": ["procctl=procctl.cli:main"],
+        "pytest11": ["procctl=procctl.pytest_plugin"],
+    },
+)
