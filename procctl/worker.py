@@ -101,12 +101,17 @@ class WorkerContext:
         return self.state is State.RUNNING
 
     def sleep(self, seconds: float) -> bool:
-        """Sleep up to `seconds`, waking early for a command; then as checkpoint()."""
-        deadline = time.monotonic() + max(0.0, seconds)
-        while self.checkpoint():
-            remaining = deadline - time.monotonic()
-            if remaining <= 0 or not self._block(remaining):
+        """Sleep up to `seconds` (math.inf: until the next command); a command
+        cuts it short. Then return checkpoint()."""
+        if not self.checkpoint():
+            return False
+        deadline = None if seconds == float("inf") else time.monotonic() + max(0.0, seconds)
+        applied = self._applied
+        while self._applied == applied and self.state is State.RUNNING:
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
                 break
+            self._block(remaining)
         return self.checkpoint()
 
     def wait_readable(self, obj: Any, timeout: float | None = None) -> bool:

@@ -1,0 +1,248 @@
+"""The command line: parse, call the library, map outcomes to exit codes."""
+
+from __future__ import annotations
+
+import importlib
+import math
+import os
+import signal
+import sys
+import time
+from collections import Counter
+from typing import Any, Callable, Sequence
+
+import click
+
+from . import __version__
+from .clitools import (
+    EXIT_FAILED, EXIT_OK, EXIT_TIMEOUT, EXIT_USAGE, BadInput, Reporter, SignalBridge,
+    check_writable_file,
+)
+from .controller import ProcessController, WorkerStartError
+from .states import CLEAN_OUTCOMES, Event, Outcome, State, WorkerReport
+
+STEPS = {"run": State.RUNNING, "pause": State.PAUSED, "stop": State.STOPPED}
+#: How long the CLI waits for acknowledgements before it moves on; the
+#: command stays posted and busy workers apply it at their next checkpoint.
+ACK_WAIT = 2.0
+START_METHODS = ("fork", "spawn", "forkserver")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, "--version", prog_name="procctl")
+def main_group() -> None:
+    """Run N worker processes you can pause, resume and stop, leaving nothing behind."""
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Console entry point: every bad input is one line on stderr and exit 2."""
+    try:
+        code = main_group.main(args=argv, prog_name="procctl", standalone_mode=False)
+    except click.UsageError as exc:
+        where = f"procctl {exc.ctx.info_name}" if exc.ctx and exc.ctx.parent else "procctl"
+        click.echo(f"{where}: error: {exc.format_message()}", err=True)
+        code = EXIT_USAGE
+    except BadInput as exc:
+        click.echo(f"procctl: error: {exc}", err=True)
+        code = EXIT_USAGE
+    except click.Abort:
+        code = 130
+    sys.exit(code or 0)
+
+
+# -- input checks -------------------------------------------------------------
+
+
+def non_negative(name: str, value: float | None) -> None:
+    if value is not None and not value >= 0:  # also rejects NaN
+        raise BadInput(f"{name} must be a non-negative number of seconds, not {value}")
+
+
+def parse_schedule(text: str) -> list[str]:
+    steps = [s.strip().lower() for s in text.split(",")]
+    if not steps or any(not s for s in steps):
+        raise BadInput(f"--schedule {text!r} has an empty step; use a comma list of run, pause, stop")
+    for step in steps:
+        if step not in STEPS:
+            raise BadInput(f"unknown schedule step {step!r} in --schedule {text!r}; steps are run, pause, stop")
+    if "stop" in steps[:-1]:
+        raise BadInput(f"--schedule {text!r}: stop is final, nothing may follow it")
+    return steps
+
+
+def load_target(spec: str) -> Callable[..., Any]:
+    """Resolve 'package.module:function', looking in the current directory too."""
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise BadInput(f"--target {spec!r} must look like package.module:function")
+    cwd = os.getcwd()
+    if cwd not in sys.path:
+        sys.path.insert(0, cwd)
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise BadInput(f"--target {spec!r}: cannot import module {module_name!r}: {exc}") from None
+    except Exception as exc:  # the user's module failed while importing
+        raise BadInput(f"--target {spec!r}: importing {module_name!r} raised {exc!r}") from None
+    obj: Any = module
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise BadInput(f"--target {spec!r}: module {module_name!r} has no attribute {attr!r}")
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise BadInput(f"--target {spec!r}: {attr!r} is not callable")
+    return obj  # type: ignore[no-any-return]
+
+
+# -- procctl run --------------------------------------------------------------
+
+
+def event_text(event: Event) -> str | None:
+    """The human line for one controller event (None: not shown)."""
+    if event.worker is None:
+        return None
+    text = f"worker {event.worker}: {event.event}"
+    if event.error and event.event in ("failed", "crashed", "killed"):
+        lines = [line for line in event.error.strip().splitlines() if line.strip()]
+        if lines:
+            text += f": {lines[-1].strip()}"
+    return text
+
+
+class RunSession:
+    """Drives one controller through a schedule, acting on signals and the deadline."""
+
+    def __init__(self, pc: ProcessController, bridge: SignalBridge, reporter: Reporter,
+                 deadline: float | None) -> None:
+        self.pc = pc
+        self.bridge = bridge
+        self.reporter = reporter
+        self.deadline = deadline
+        self.timed_out = False
+
+    def run(self, steps: list[str], step_seconds: float) -> None:
+        for step in steps:
+            if self.wait(step_seconds) != "elapsed":
+                return
+            if step == "stop":
+                return
+            self.broadcast(STEPS[step])
+        self.wait(math.inf)  # no final stop: the workers end by themselves
+
+    def wait(self, seconds: float) -> str:
+        """Wait `seconds`; 'elapsed', or 'ended' (all workers), 'stop' (signal), 'timeout'."""
+        until = time.monotonic() + seconds
+        while True:
+            if self.bridge.stop_signal is not None:
+                return "stop"
+            for sig in self.bridge.take():
+                self.broadcast(State.PAUSED if sig == signal.SIGUSR1 else State.RUNNING)
+            now = time.monotonic()
+            limit = until if self.deadline is None else min(until, self.deadline)
+            if self.deadline is not None and now >= self.deadline:
+                self.timed_out = True
+                return "timeout"
+            if now >= limit:
+                return "elapsed"
+            if self.pc.wait(None if limit == math.inf else limit - now):
+                return "ended"
+
+    def broadcast(self, state: State) -> None:
+        try:
+            self.pc.broadcast(state, timeout=ACK_WAIT)
+        except TimeoutError as exc:
+            click.echo(f"procctl: {exc}; going on", err=True)
+
+
+def summarize(reports: dict[int, WorkerReport], workers: int, elapsed: float) -> tuple[dict[str, Any], str]:
+    counts = Counter(r.outcome.value for r in reports.values())
+    outcomes = {o.value: counts[o.value] for o in Outcome if counts[o.value]}
+    record: dict[str, Any] = {"event": "summary", "workers": workers, "outcomes": outcomes,
+                              "elapsed": round(elapsed, 3)}
+    parts = ", ".join(f"{n} {name}" for name, n in outcomes.items())
+    lines = [f"summary: {workers} workers, {parts} in {elapsed:.2f}s"]
+    errors = {}
+    for r in reports.values():
+        if r.outcome not in CLEAN_OUTCOMES:
+            errors[str(r.worker_id)] = r.error_line or r.outcome.value
+            lines.append(f"worker {r.worker_id} {r.outcome.value}: {r.error_line or r.outcome.value}")
+            if r.outcome is Outcome.FAILED and r.error:
+                lines.extend("    " + line for line in r.error.rstrip().splitlines())
+    if errors:
+        record["errors"] = errors
+    return record, "\n".join(lines)
+
+
+def exit_status(reports: dict[int, WorkerReport], bridge: SignalBridge, timed_out: bool) -> int:
+    if bridge.exit_code is not None:
+        return bridge.exit_code
+    if timed_out:
+        return EXIT_TIMEOUT
+    if any(r.outcome not in CLEAN_OUTCOMES for r in reports.values()):
+        return EXIT_FAILED
+    return EXIT_OK
+
+
+@main_group.command("run")
+@click.option("--workers", type=click.IntRange(min=1), default=10, show_default=True, help="Worker processes.")
+@click.option("--target", default=None, help="package.module:function to run as function(ctx).")
+@click.option("--schedule", default="run,pause,run,stop", show_default=True, help="Comma list of run, pause, stop.")
+@click.option("--step", type=float, default=1.0, show_default=True, help="Seconds before each step.")
+@click.option("--finish-chance", type=float, default=0.3, show_default=True,
+              help="Demo job: chance a worker finishes each time it goes running.")
+@click.option("--grace", type=float, default=5.0, show_default=True, help="Seconds to stop before SIGTERM.")
+@click.option("--timeout", type=float, default=None, help="Stop everything after this many seconds (exit 124).")
+@click.option("--start-method", type=click.Choice(START_METHODS), default=None)
+@click.option("--seed", type=int, default=None, help="Seed for the demo job's choices.")
+@click.option("--json", "json_lines", is_flag=True, help="JSON Lines events on stdout.")
+@click.option("--quiet", is_flag=True, help="Print only the summary.")
+@click.option("--events", "events_path", default=None, help="Also write every event as JSON Lines to FILE.")
+def run_command(workers: int, target: str | None, schedule: str, step: float, finish_chance: float,
+                grace: float, timeout: float | None, start_method: str | None, seed: int | None,
+                json_lines: bool, quiet: bool, events_path: str | None) -> int:
+    """Run workers under a controller through a schedule of states."""
+    steps = parse_schedule(schedule)
+    non_negative("--step", step)
+    non_negative("--grace", grace)
+    non_negative("--timeout", timeout)
+    if not 0.0 <= finish_chance <= 1.0:
+        raise BadInput(f"--finish-chance must be between 0 and 1, not {finish_chance}")
+    if events_path:
+        check_writable_file(events_path, "--events")
+    if target is not None:
+        func, args = load_target(target), ()
+    else:
+        from .jobs.demo import demo_worker
+
+        func, args = demo_worker, (finish_chance, seed)
+    reporter = Reporter(json_lines=json_lines, quiet=quiet, events_path=events_path)
+    try:
+        return _run(func, args, workers, steps, step, grace, timeout, start_method, reporter)
+    finally:
+        reporter.close()
+
+
+def _run(func: Callable[..., Any], args: tuple[Any, ...], workers: int, steps: list[str], step: float,
+         grace: float, timeout: float | None, start_method: str | None, reporter: Reporter) -> int:
+    def on_event(event: Event) -> None:
+        if event.event != "broadcast":
+            reporter.emit(event.to_dict(), event_text(event))
+
+    started = time.monotonic()
+    deadline = None if timeout is None else started + timeout
+    pc = ProcessController(func, workers, args=args, start_method=start_method, grace=grace, on_event=on_event)
+    with SignalBridge(wake=pc.wakeup, hurry=pc.kill) as bridge:
+        try:
+            pc.start()
+        except WorkerStartError as exc:
+            pc.close()
+            click.echo(f"procctl: error: {exc}", err=True)
+            return EXIT_FAILED
+        try:
+            session = RunSession(pc, bridge, reporter, deadline)
+            session.run(steps, step)
+        finally:
+            reports = pc.stop()
+    record, text = summarize(reports, workers, time.monotonic() - started)
+    reporter.summary(record, text)
+    return exit_status(reports, bridge, session.timed_out)

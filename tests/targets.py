@@ -1,0 +1,70 @@
+"""Worker targets for the tests: importable by module name, so spawn and forkserver can load them."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+
+
+def loop(ctx, limit=None):
+    n = 0
+    while ctx.checkpoint():
+        n += 1
+        if limit is not None and n >= limit:
+            return n
+    return n
+
+
+def finish_at_once(ctx):
+    return ctx.worker_id * 10
+
+
+def sleep_units(ctx, unit=0.001):
+    n = 0
+    while ctx.checkpoint():
+        time.sleep(unit)
+        n += 1
+    return n
+
+
+def raise_error(ctx):
+    ctx.checkpoint()
+    raise ValueError(f"bad input in worker {ctx.worker_id}")
+
+
+def exit_hard(ctx, code=7):
+    ctx.checkpoint()
+    os._exit(code)
+
+
+def call_sys_exit(ctx, code=3):
+    ctx.checkpoint()
+    sys.exit(code)
+
+
+def ignore_stop(ctx):
+    """Never reaches a checkpoint again and ignores SIGTERM."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    ctx.checkpoint()
+    while True:
+        time.sleep(0.05)
+
+
+def big_result(ctx, megabytes=30):
+    ctx.checkpoint()
+    return b"x" * (megabytes << 20)
+
+
+def unpicklable_result(ctx):
+    ctx.checkpoint()
+    return lambda: None
+
+
+def some_fail(ctx):
+    """Odd workers raise, even ones loop until stopped."""
+    if ctx.worker_id % 2:
+        ctx.checkpoint()
+        raise RuntimeError("odd worker")
+    return loop(ctx)
