@@ -83,10 +83,15 @@ class WorkerContext:
         self._applied = -1
         self._manager_fd = manager_fd
         self._manager_gone = False
+        self._term_requested = False
         self._polls: dict[int, Any] = {}
         #: The keyword arguments of the last progress() call.
         self.info: dict[str, Any] = {}
-        self._sleep_fds = [end.doorbell_fd] + ([manager_fd] if manager_fd is not None else [])
+        # A self-pipe the SIGTERM handler writes to, so a worker blocked in
+        # a pause wakes up to the request.
+        self._term_r, self._term_w = os.pipe()
+        os.set_blocking(self._term_w, False)
+        self._sleep_fds = [end.doorbell_fd, self._term_r] + ([manager_fd] if manager_fd is not None else [])
 
     # -- the public surface -------------------------------------------------
 
@@ -172,6 +177,8 @@ class WorkerContext:
     def _on_wake(self, fd: int) -> None:
         if fd == self._manager_fd:
             self._lost_manager()
+        elif fd == self._term_r:
+            self.state = State.STOPPED
         elif self._end.command() != self._applied:
             self._apply()
         else:
@@ -181,18 +188,34 @@ class WorkerContext:
         self._manager_gone = True
         self.state = State.STOPPED
 
+    def _on_sigterm(self, signum: int, frame: Any) -> None:
+        # After STOPPED was broadcast, SIGTERM is the controller's escalation:
+        # die of it. Before, it came from elsewhere (a SIGTERM to the whole
+        # process group, say) and asks for a graceful stop, as the manager
+        # will ask too.
+        if self._term_requested or unpack_command(self._end.command())[1] == State.STOPPED:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
+            return
+        self._term_requested = True
+        self.state = State.STOPPED
+        try:
+            os.write(self._term_w, b"\0")
+        except OSError:
+            pass
+
     def _stop_was_broadcast(self) -> bool:
         return self.state is State.STOPPED or unpack_command(self._end.command())[1] == State.STOPPED
 
 
-def _reset_signals() -> None:
+def _reset_signals(ctx: WorkerContext) -> None:
     # The manager decides what Ctrl-C means; its handlers (inherited under
     # fork) must never run here.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     for sig in (signal.SIGUSR1, signal.SIGUSR2):
         signal.signal(sig, signal.SIG_IGN)
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, signal.SIG_DFL)
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, ctx._on_sigterm)
     try:
         signal.set_wakeup_fd(-1)
     except ValueError:  # pragma: no cover - not the main thread
@@ -256,11 +279,11 @@ def _send_result(end: ControlEnd, outcome: Outcome, result: Any, error: str | No
 
 def worker_main(spec: WorkerSpec) -> None:
     """Entry point of every worker process."""
-    _reset_signals()
     board = Board(spec.workers, fd=spec.board.detach())
     end = ControlEnd(spec.worker_id, board, spec.doorbell.detach(), spec.report.detach())
     manager_fd = _watch_manager(spec.manager_pid)
     ctx = WorkerContext(spec.worker_id, end, manager_fd)
+    _reset_signals(ctx)
     finished = threading.Event()
     if manager_fd is not None:
         threading.Thread(

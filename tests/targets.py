@@ -68,3 +68,12 @@ def some_fail(ctx):
         ctx.checkpoint()
         raise RuntimeError("odd worker")
     return loop(ctx)
+
+
+def cli_task(ctx):
+    """For `procctl run --target targets:cli_task`: loops until stopped."""
+    return loop(ctx)
+
+
+def ignore_sigint_check(ctx):
+    return loop(ctx)
