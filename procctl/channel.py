@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import select
 import struct
 from multiprocessing import reduction
 from typing import Any
@@ -34,6 +35,7 @@ FRAME_HEADER = struct.Struct("!BQ")  # kind, payload length
 ACK = 1  # payload: seq, state
 RESULT = 2  # payload: pickled (outcome, result, error)
 START_FAILED = 3  # payload: traceback text (utf-8)
+PROGRESS = 4  # payload: pickled dict of the last progress() keywords
 ACK_BODY = struct.Struct("!qB")
 
 READ_CHUNK = 1 << 20
@@ -230,6 +232,19 @@ class ControlEnd:
         view = memoryview(data)
         while view:
             view = view[os.write(self.report_fd, view) :]
+
+    def try_send(self, kind: int, payload: bytes) -> bool:
+        """Send a small frame only if it fits in the pipe now; never block."""
+        frame = FRAME_HEADER.pack(kind, len(payload)) + payload
+        if len(frame) > select.PIPE_BUF:
+            return False  # could be written in pieces
+        os.set_blocking(self.report_fd, False)
+        try:
+            return os.write(self.report_fd, frame) == len(frame)
+        except (BlockingIOError, BrokenPipeError):
+            return False
+        finally:
+            os.set_blocking(self.report_fd, True)
 
     def ack(self, seq: int, state: int) -> None:
         self.send(ACK, ACK_BODY.pack(seq, state))

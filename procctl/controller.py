@@ -31,8 +31,8 @@ from contextlib import contextmanager
 from typing import Any, Callable, Iterator
 
 from . import shutdown
-from .channel import ACK, ACK_BODY, RESULT, START_FAILED, Board, InheritedFd, WorkerLink, pack_command
-from .states import Event, Outcome, State, WorkerReport, WorkerStatus
+from .channel import ACK, ACK_BODY, PROGRESS, RESULT, START_FAILED, Board, InheritedFd, WorkerLink, pack_command
+from .states import CLEAN_OUTCOMES, Event, Outcome, State, WorkerReport, WorkerStatus
 from .worker import MANAGED_SIGNALS, Payload, WorkerSpec, worker_main
 
 log = logging.getLogger("procctl")
@@ -55,7 +55,7 @@ class _Worker:
 
     __slots__ = (
         "id", "process", "pid", "link", "started", "state", "acked_seq",
-        "result", "start_error", "signalled", "report", "progress_first",
+        "result", "start_error", "signalled", "report", "progress_first", "info",
     )
 
     def __init__(self, wid: int, process: Any, link: WorkerLink) -> None:
@@ -71,6 +71,7 @@ class _Worker:
         self.signalled: int | None = None
         self.report: WorkerReport | None = None
         self.progress_first: tuple[float, float] | None = None  # (monotonic, done)
+        self.info: dict[str, Any] = {}
 
     @property
     def alive(self) -> bool:
@@ -465,6 +466,11 @@ class ProcessController:
                     w.result = pickle.loads(payload)
                 except Exception as exc:
                     w.result = (Outcome.FAILED.value, None, f"the result could not be unpickled: {exc!r}")
+            elif kind == PROGRESS:
+                try:
+                    w.info = pickle.loads(payload)
+                except Exception:
+                    pass  # e.g. a class the manager cannot import: keep the last one
             elif kind == START_FAILED:
                 w.start_error = payload.decode(errors="replace")
         if eof and not w.link.eof:
@@ -479,7 +485,7 @@ class ProcessController:
         if state is not w.state or seq == 0:
             w.state = state
             if state is not State.STOPPED:
-                self._emit(Event(self._elapsed(), state.name.lower(), worker=w.id, pid=w.pid))
+                self._worker_event(w, state.name.lower())
 
     def _reap_worker(self, w: _Worker) -> None:
         if not w.link.closed:
@@ -502,8 +508,8 @@ class ProcessController:
         self._new_reports.append(report)
         log.debug("worker %d (pid %s) ended: %s, %s", w.id, w.pid, report.outcome.value,
                   shutdown.describe_exit(exitcode))
-        self._emit(Event(self._elapsed(), report.outcome.value, worker=w.id, pid=w.pid,
-                         exitcode=exitcode, error=report.error if report.outcome is Outcome.FAILED else None))
+        self._worker_event(w, report.outcome.value, exitcode=exitcode,
+                           error=None if report.outcome in CLEAN_OUTCOMES else report.error)
 
     def _decode(self, w: _Worker, exitcode: int | None) -> WorkerReport:
         """Turn what we know of an ended worker into its report."""
@@ -534,24 +540,34 @@ class ProcessController:
             except (KeyError, ValueError):
                 pass
 
+    def _progress_of(self, w: _Worker) -> tuple[float | None, float | None]:
+        if self._board is None:
+            return None, None
+        done, total = self._board.progress(w.id)
+        if not (done or total):
+            return None, None  # never reported
+        return done, (None if total != total else total)  # NaN: no total
+
     def _status_of(self, w: _Worker) -> WorkerStatus:
-        done = total = rate = eta = None
-        if self._board is not None:
-            d, t = self._board.progress(w.id)
-            if d or t:
-                done, total = d, (None if t != t else t)  # NaN: no total
-                now = time.monotonic()
-                if w.progress_first is None:
-                    w.progress_first = (now, d)
-                t0, d0 = w.progress_first
-                if now > t0 and d > d0:
-                    rate = (d - d0) / (now - t0)
-                    if total is not None:
-                        eta = max(0.0, (total - d) / rate)
+        done, total = self._progress_of(w)
+        rate = eta = None
+        if done is not None:
+            now = time.monotonic()
+            if w.progress_first is None:
+                w.progress_first = (now, done)
+            t0, d0 = w.progress_first
+            if now > t0 and done > d0:
+                rate = (done - d0) / (now - t0)
+                if total is not None:
+                    eta = max(0.0, (total - done) / rate)
         return WorkerStatus(
             w.id, w.pid, w.state if w.alive else State.STOPPED, w.alive,
-            w.report.outcome if w.report else None, done, total, rate, eta,
+            w.report.outcome if w.report else None, done, total, rate, eta, dict(w.info),
         )
+
+    def _worker_event(self, w: _Worker, name: str, **fields: Any) -> None:
+        done, total = self._progress_of(w)
+        self._emit(Event(self._elapsed(), name, worker=w.id, pid=w.pid, done=done, total=total, **fields))
 
     def _elapsed(self) -> float:
         return round(time.monotonic() - self._t0, 6)

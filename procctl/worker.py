@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from multiprocessing.reduction import ForkingPickler
 from typing import Any, Callable
 
-from .channel import RESULT, START_FAILED, Board, ControlEnd, InheritedFd, unpack_command
+from .channel import PROGRESS, RESULT, START_FAILED, Board, ControlEnd, InheritedFd, unpack_command
 from .states import Outcome, State
 
 #: Signals the manager blocks while it starts a worker, so that none of its own
@@ -31,6 +31,8 @@ MANAGED_SIGNALS = frozenset(
 ORPHAN_GRACE = 0.5
 EXIT_ORPHANED = 70
 EXIT_START_FAILED = 3
+#: At most one progress-info message per this many seconds.
+INFO_INTERVAL = 0.25
 
 
 class Payload:
@@ -84,6 +86,7 @@ class WorkerContext:
         self._manager_fd = manager_fd
         self._manager_gone = False
         self._term_requested = False
+        self._info_sent = -INFO_INTERVAL
         self._polls: dict[int, Any] = {}
         #: The keyword arguments of the last progress() call.
         self.info: dict[str, Any] = {}
@@ -143,13 +146,22 @@ class WorkerContext:
         return hit
 
     def progress(self, done: float, total: float | None = None, **info: Any) -> None:
-        """Report progress. Cheap enough for a tight loop: two stores in
-        shared memory, no message, never blocks. `info` is kept locally."""
+        """Report progress. Cheap enough for a tight loop: `done` and `total`
+        are two stores in shared memory; `info` (small picklable values) is
+        sent at most every INFO_INTERVAL seconds, and dropped rather than
+        ever blocking the worker."""
         self._end.board.set_progress(
             self.worker_id, float(done), float("nan") if total is None else float(total)
         )
         if info:
             self.info = info
+            now = time.monotonic()
+            if now - self._info_sent >= INFO_INTERVAL:
+                self._info_sent = now
+                try:
+                    self._end.try_send(PROGRESS, pickle.dumps(info))
+                except Exception:  # unpicklable info is the caller's loss, not a crash
+                    pass
 
     # -- internals ----------------------------------------------------------
 
