@@ -109,6 +109,8 @@ def test_context_fields_and_checkpoint_semantics(start_method):
     with ProcessController(targets_extra.record_context, 2, start_method=start_method) as pc:
         pids = {s.worker_id: s.pid for s in pc.status()}
         pc.run()
+        pc.pause()  # acknowledged at a checkpoint inside the target: it blocks there
+        pc.run()
         reports = pc.stop(grace=5.0)
     assert sorted(reports) == [0, 1]
     for wid, r in reports.items():
