@@ -9,11 +9,12 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["procctl", "procctl.*"]),
     package_data={"procctl": ["py.typed"]},
-    install_requires=["click>=8.0"],
+    # rich draws the live terminal view and psutil measures each worker for it
+    # (CPU %, RSS); both load only in the command line, never on `import procctl`.
+    install_requires=["click>=8.0", "rich>=13", "psutil>=5.9"],
     extras_require={
         "test": ["pytest>=7", "pytest-timeout>=2.1", "psutil>=5.9", "mypy>=1.8", "ruff>=0.4"],
         "bench": ["psutil>=5.9", "loky>=3.4", "pebble>=5.0", "mpire>=2.8", "billiard>=4.0"],
-        "live": ["rich>=13", "psutil>=5.9"],
     },
     entry_points={
         "console_scripts": ["procctl=procctl.cli:main"],

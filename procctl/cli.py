@@ -26,6 +26,8 @@ STEPS = {"run": State.RUNNING, "pause": State.PAUSED, "stop": State.STOPPED}
 #: command stays posted and busy workers apply it at their next checkpoint.
 ACK_WAIT = 2.0
 START_METHODS = ("fork", "spawn", "forkserver")
+TIMELINE_SUFFIXES = (".svg", ".html")
+TICK = 0.25  # live view refresh
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -112,13 +114,13 @@ def event_text(event: Event) -> str | None:
 class RunSession:
     """Drives one controller through a schedule, acting on signals and the deadline."""
 
-    def __init__(self, pc: ProcessController, bridge: SignalBridge, reporter: Reporter,
-                 deadline: float | None) -> None:
+    def __init__(self, pc: ProcessController, bridge: SignalBridge, deadline: float | None,
+                 tick: Callable[[], None] | None = None) -> None:
         self.pc = pc
         self.bridge = bridge
-        self.reporter = reporter
         self.deadline = deadline
         self.timed_out = False
+        self.tick = tick  # redraws the live view between waits
 
     def run(self, steps: list[str], step_seconds: float) -> None:
         for step in steps:
@@ -144,7 +146,11 @@ class RunSession:
                 return "timeout"
             if now >= limit:
                 return "elapsed"
-            if self.pc.wait(None if limit == math.inf else limit - now):
+            wait = None if limit == math.inf else limit - now
+            if self.tick is not None:
+                self.tick()
+                wait = TICK if wait is None else min(wait, TICK)
+            if self.pc.wait(wait):
                 return "ended"
 
     def broadcast(self, state: State) -> None:
@@ -197,9 +203,10 @@ def exit_status(reports: dict[int, WorkerReport], bridge: SignalBridge, timed_ou
 @click.option("--json", "json_lines", is_flag=True, help="JSON Lines events on stdout.")
 @click.option("--quiet", is_flag=True, help="Print only the summary.")
 @click.option("--events", "events_path", default=None, help="Also write every event as JSON Lines to FILE.")
+@click.option("--timeline", "timeline_path", default=None, help="Draw the run as a Gantt chart (.svg or .html).")
 def run_command(workers: int, target: str | None, schedule: str, step: float, finish_chance: float,
                 grace: float, timeout: float | None, start_method: str | None, seed: int | None,
-                json_lines: bool, quiet: bool, events_path: str | None) -> int:
+                json_lines: bool, quiet: bool, events_path: str | None, timeline_path: str | None) -> int:
     """Run workers under a controller through a schedule of states."""
     steps = parse_schedule(schedule)
     non_negative("--step", step)
@@ -207,30 +214,54 @@ def run_command(workers: int, target: str | None, schedule: str, step: float, fi
     non_negative("--timeout", timeout)
     if not 0.0 <= finish_chance <= 1.0:
         raise BadInput(f"--finish-chance must be between 0 and 1, not {finish_chance}")
-    if events_path:
-        check_writable_file(events_path, "--events")
+    check_output_paths(events_path, timeline_path)
     if target is not None:
         func, args = load_target(target), ()
     else:
         from .jobs.demo import demo_worker
 
         func, args = demo_worker, (finish_chance, seed)
-    reporter = Reporter(json_lines=json_lines, quiet=quiet, events_path=events_path)
+    live = sys.stdout.isatty() and not json_lines and not quiet
+    reporter = Reporter(json_lines=json_lines, quiet=quiet or live, events_path=events_path)
     try:
-        return _run(func, args, workers, steps, step, grace, timeout, start_method, reporter)
+        def make(on_event: Callable[[Event], None]) -> ProcessController:
+            return ProcessController(func, workers, args=args, start_method=start_method, grace=grace,
+                                     on_event=on_event)
+
+        code = _run(make, workers, steps, step, timeout, reporter, live, timeline_path)
     finally:
         reporter.close()
+    return code
 
 
-def _run(func: Callable[..., Any], args: tuple[Any, ...], workers: int, steps: list[str], step: float,
-         grace: float, timeout: float | None, start_method: str | None, reporter: Reporter) -> int:
+def check_output_paths(events_path: str | None, timeline_path: str | None) -> None:
+    if events_path:
+        check_writable_file(events_path, "--events")
+    if timeline_path:
+        if not timeline_path.lower().endswith(TIMELINE_SUFFIXES):
+            raise BadInput(f"--timeline {timeline_path!r} must end in .svg or .html")
+        check_writable_file(timeline_path, "--timeline")
+
+
+def _run(make: Callable[[Callable[[Event], None]], ProcessController], workers: int, steps: list[str],
+         step: float, timeout: float | None, reporter: Reporter, live: bool, timeline_path: str | None) -> int:
+    history: list[Event] = []
+    view = None
+    if live:
+        from .live import LiveView
+
+        view = LiveView(lambda: pc.status(), f"procctl run: {workers} workers")
+
     def on_event(event: Event) -> None:
+        history.append(event)
         if event.event != "broadcast":
             reporter.emit(event.to_dict(), event_text(event))
+        if view is not None:
+            view.on_event(event)
 
+    pc = make(on_event)
     started = time.monotonic()
     deadline = None if timeout is None else started + timeout
-    pc = ProcessController(func, workers, args=args, start_method=start_method, grace=grace, on_event=on_event)
     with SignalBridge(wake=pc.wakeup, hurry=pc.kill) as bridge:
         try:
             pc.start()
@@ -239,10 +270,20 @@ def _run(func: Callable[..., Any], args: tuple[Any, ...], workers: int, steps: l
             click.echo(f"procctl: error: {exc}", err=True)
             return EXIT_FAILED
         try:
-            session = RunSession(pc, bridge, reporter, deadline)
+            if view is not None:
+                view.__enter__()
+            session = RunSession(pc, bridge, deadline, tick=view.refresh if view else None)
             session.run(steps, step)
         finally:
             reports = pc.stop()
-    record, text = summarize(reports, workers, time.monotonic() - started)
+            if view is not None:
+                view.__exit__(None, None, None)
+    elapsed = time.monotonic() - started
+    record, text = summarize(reports, pc.workers, elapsed)
     reporter.summary(record, text)
+    if timeline_path:
+        from .timeline import render_timeline
+
+        render_timeline([e.to_dict() for e in history] + [record], timeline_path,
+                        workers=pc.workers, title=f"procctl run: {pc.workers} workers")
     return exit_status(reports, bridge, session.timed_out)

@@ -126,11 +126,17 @@ class Reporter:
 
 
 def check_writable_file(path: str, option: str) -> None:
-    """Bad input unless `path` can be created: its directory exists and is writable."""
+    """Bad input unless `path` can be written: try it, as only trying tells."""
     directory = os.path.dirname(os.path.abspath(path)) or "."
     if os.path.isdir(path):
         raise BadInput(f"{option} {path!r} is a directory")
     if not os.path.isdir(directory):
         raise BadInput(f"{option} {path!r}: directory {directory!r} does not exist")
-    if not os.access(directory, os.W_OK):
-        raise BadInput(f"{option} {path!r}: directory {directory!r} is not writable")
+    existed = os.path.exists(path)
+    try:
+        with open(path, "a", encoding="utf-8"):
+            pass
+    except OSError as exc:
+        raise BadInput(f"{option} {path!r} cannot be written: {exc.strerror}") from None
+    if not existed:
+        os.unlink(path)

@@ -56,6 +56,7 @@ class _Worker:
     __slots__ = (
         "id", "process", "pid", "link", "started", "state", "acked_seq",
         "result", "start_error", "signalled", "report", "progress_first", "info",
+        "final_progress",
     )
 
     def __init__(self, wid: int, process: Any, link: WorkerLink) -> None:
@@ -72,6 +73,7 @@ class _Worker:
         self.report: WorkerReport | None = None
         self.progress_first: tuple[float, float] | None = None  # (monotonic, done)
         self.info: dict[str, Any] = {}
+        self.final_progress: tuple[float | None, float | None] = (None, None)
 
     @property
     def alive(self) -> bool:
@@ -494,6 +496,7 @@ class ProcessController:
         self._finish(w, w.process.exitcode)
 
     def _finish(self, w: _Worker, exitcode: int | None) -> None:
+        w.final_progress = self._progress_of(w)
         report = self._decode(w, exitcode)
         w.report = report
         self._live -= 1
@@ -542,7 +545,7 @@ class ProcessController:
 
     def _progress_of(self, w: _Worker) -> tuple[float | None, float | None]:
         if self._board is None:
-            return None, None
+            return w.final_progress
         done, total = self._board.progress(w.id)
         if not (done or total):
             return None, None  # never reported

@@ -176,3 +176,75 @@ def test_bad_input_is_one_line_and_exit_2(args):
 def test_version_and_module_entry_point():
     res = run_cli(["--version"])
     assert res.returncode == 0 and "procctl" in res.stdout
+
+
+def _run_on_pty(args: list[str], cwd: str | None = None, timeout: float = 30) -> tuple[int, str]:
+    """Run procctl with its stdout on a pseudo-terminal, as a person would."""
+    import pty
+    import select
+    import sys
+
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: become procctl
+        os.environ.update(COLUMNS="100", LINES="30")
+        if cwd:
+            os.chdir(cwd)
+        os.execv(sys.executable, [sys.executable, "-m", "procctl"] + args)
+    out = b""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([fd], [], [], deadline - time.monotonic())
+        if not ready:
+            break
+        try:
+            chunk = os.read(fd, 65536)
+        except OSError:  # EIO: the child closed the terminal
+            break
+        if not chunk:
+            break
+        out += chunk
+    _, status = os.waitpid(pid, 0)
+    os.close(fd)
+    return os.waitstatus_to_exitcode(status), out.decode(errors="replace")
+
+
+def test_live_view_on_a_terminal():
+    code, out = _run_on_pty(["run", "--workers", "4", "--target", "tasks:count_primes",
+                             "--schedule", "run,pause,run", "--step", "0.4"],
+                            cwd=os.path.join(os.path.dirname(TESTS), "examples"))
+    assert code == 0
+    assert "\x1b[" in out  # redrawn in place
+    for column in ("worker", "state", "progress", "cpu %", "rss", "last event"):
+        assert column in out
+    assert "/60000" in out  # per-worker progress from ctx.progress()
+    assert "worker 0: running" not in out  # the view replaces the plain lines
+    assert "summary: 4 workers" in out
+
+
+def test_quiet_prints_only_the_summary():
+    res = run_cli(["run", "--workers", "3", "--step", "0", "--quiet"])
+    assert res.returncode == 0
+    assert res.stdout.strip().splitlines() == [res.stdout.strip()]
+    assert res.stdout.startswith("summary: 3 workers")
+
+
+def test_events_file_is_flushed_as_it_goes(tmp_path):
+    log = tmp_path / "events.jsonl"
+    cli = LiveCli(["run", "--workers", "2", "--schedule", "run", "--finish-chance", "0", "--step", "0",
+                   "--json", "--events", str(log)])
+    try:
+        cli.wait_for(lambda lines: sum('"running"' in line for line in lines) == 2)
+        os.kill(cli.proc.pid, signal.SIGKILL)  # no chance to flush anything at exit
+        cli.proc.wait(10)
+    finally:
+        cli.kill()
+    events = json_events(log.read_text())
+    assert [e["event"] for e in events].count("running") == 2
+    assert_all_gone(worker_pids(events), timeout=3)
+
+
+@pytest.mark.parametrize("args", [["--timeline", "run.png"], ["--timeline", "/no/such/dir/t.svg"],
+                                  ["--events", "/proc/events.jsonl"]], ids=lambda a: " ".join(a))
+def test_bad_output_paths(args, tmp_path):
+    res = run_cli(["run"] + args, cwd=str(tmp_path))
+    assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1

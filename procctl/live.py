@@ -1,0 +1,139 @@
+"""The live terminal view of `procctl run`: refreshes in place while workers run.
+
+Only the command line imports this (rich and psutil are CLI dependencies;
+`import procctl` never loads them).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from typing import Any, Callable
+
+import psutil
+from rich.console import Console, Group
+from rich.live import Live
+from rich.progress_bar import ProgressBar
+from rich.table import Table
+from rich.text import Text
+
+from .states import Event, WorkerStatus
+
+#: How often the view redraws (seconds).
+REFRESH = 0.25
+STATE_STYLE = {"running": "green", "paused": "yellow", "stopped": "cyan", "finished": "bold green",
+               "failed": "bold red", "crashed": "bold red", "killed": "magenta"}
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024:
+            return f"{n:.0f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def _fmt_eta(seconds: float | None) -> str:
+    if seconds is None:
+        return ""
+    seconds = int(seconds)
+    return f"{seconds // 60}:{seconds % 60:02d}"
+
+
+class LiveView:
+    """A rich Live display fed by controller events and status() snapshots."""
+
+    def __init__(self, status: Callable[[], list[WorkerStatus]], title: str, console: Console | None = None):
+        self._status = status
+        self._title = title
+        self._console = console or Console()
+        self._last: dict[int, str] = {}
+        self._procs: dict[int, psutil.Process] = {}
+        self._t0 = time.monotonic()
+        self._live: Live | None = None
+
+    def __enter__(self) -> LiveView:
+        self._live = Live(console=self._console, auto_refresh=False, transient=False)
+        self._live.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._live is not None:
+            self.refresh()
+            self._live.__exit__(None, None, None)
+            self._live = None
+
+    def on_event(self, event: Event) -> None:
+        if event.worker is not None:
+            self._last[event.worker] = event.event
+
+    def refresh(self) -> None:
+        if self._live is not None:
+            self._live.update(self.render(self._status()), refresh=True)
+
+    # -- drawing ------------------------------------------------------------
+
+    def render(self, rows: list[WorkerStatus]) -> Group:
+        return Group(self._header(rows), self._overall(rows), self._table(rows))
+
+    def _header(self, rows: list[WorkerStatus]) -> Text:
+        states = Counter(r.state.name.lower() for r in rows if r.alive)
+        outcomes = Counter(r.outcome.value for r in rows if r.outcome is not None)
+        text = Text(f"{self._title}  ", style="bold")
+        text.append(f"{time.monotonic() - self._t0:6.1f}s  ")
+        for name, n in list(states.items()) + list(outcomes.items()):
+            text.append(f"{n} {name}  ", style=STATE_STYLE.get(name, ""))
+        return text
+
+    def _overall(self, rows: list[WorkerStatus]) -> Table | Text:
+        with_total = [r for r in rows if r.total and r.done is not None]
+        if not with_total:
+            return Text("")
+        done = sum(r.done or 0.0 for r in with_total)
+        total = sum(r.total or 0.0 for r in with_total)
+        rates = [r.rate for r in with_total if r.rate]
+        eta = (total - done) / sum(rates) if rates and total > done else None
+        grid = Table.grid(padding=(0, 1))
+        grid.add_row(ProgressBar(total=total, completed=done, width=40),
+                     f"{100 * done / total:5.1f}%", f"ETA {_fmt_eta(eta)}" if eta is not None else "")
+        return grid
+
+    def _table(self, rows: list[WorkerStatus]) -> Group:
+        room = max(3, self._console.size.height - 8)
+        shown = rows[:room]
+        table = Table(box=None, pad_edge=False, header_style="bold dim")
+        for column in ("worker", "pid", "state", "progress", "cpu %", "rss", "last event"):
+            table.add_column(column)
+        for r in shown:
+            table.add_row(str(r.worker_id), str(r.pid or ""), *self._cells(r))
+        parts: list[Any] = [table]
+        if len(rows) > len(shown):
+            rest = Counter((r.outcome.value if r.outcome else r.state.name.lower()) for r in rows[len(shown):])
+            summary = ", ".join(f"{n} {name}" for name, n in rest.items())
+            parts.append(Text(f"... and {len(rows) - len(shown)} more workers: {summary}", style="dim"))
+        return Group(*parts)
+
+    def _cells(self, r: WorkerStatus) -> tuple[Any, ...]:
+        name = r.outcome.value if r.outcome else r.state.name.lower()
+        state = Text(name, style=STATE_STYLE.get(name, ""))
+        if r.done is None:
+            progress: Any = ""
+        elif r.total:
+            progress = f"{r.done:.0f}/{r.total:.0f} {_fmt_eta(r.eta)}"
+        else:
+            progress = f"{r.done:.0f}"
+        cpu, rss = self._usage(r)
+        return state, progress, cpu, rss, self._last.get(r.worker_id, "")
+
+    def _usage(self, r: WorkerStatus) -> tuple[str, str]:
+        if not r.alive or r.pid is None:
+            self._procs.pop(r.worker_id, None)
+            return "", ""
+        try:
+            proc = self._procs.get(r.worker_id)
+            if proc is None or proc.pid != r.pid:
+                proc = self._procs[r.worker_id] = psutil.Process(r.pid)
+                proc.cpu_percent(None)  # the first call only starts the count
+            return f"{proc.cpu_percent(None):5.1f}", _fmt_bytes(proc.memory_info().rss)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            return "", ""
