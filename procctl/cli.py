@@ -9,13 +9,20 @@ import signal
 import sys
 import time
 from collections import Counter
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import click
 
 from . import __version__
 from .clitools import (
-    EXIT_FAILED, EXIT_OK, EXIT_TIMEOUT, EXIT_USAGE, BadInput, Reporter, SignalBridge,
+    EXIT_FAILED,
+    EXIT_OK,
+    EXIT_TIMEOUT,
+    EXIT_USAGE,
+    BadInput,
+    Reporter,
+    SignalBridge,
     check_writable_file,
 )
 from .controller import ProcessController, WorkerStartError
@@ -84,7 +91,7 @@ def load_target(spec: str) -> Callable[..., Any]:
         module = importlib.import_module(module_name)
     except ImportError as exc:
         raise BadInput(f"--target {spec!r}: cannot import module {module_name!r}: {exc}") from None
-    except Exception as exc:  # the user's module failed while importing
+    except Exception as exc:  # noqa: BLE001 - any error in the user's module is bad input
         raise BadInput(f"--target {spec!r}: importing {module_name!r} raised {exc!r}") from None
     obj: Any = module
     for part in attr.split("."):
@@ -215,8 +222,9 @@ def run_command(workers: int, target: str | None, schedule: str, step: float, fi
     if not 0.0 <= finish_chance <= 1.0:
         raise BadInput(f"--finish-chance must be between 0 and 1, not {finish_chance}")
     check_output_paths(events_path, timeline_path)
+    args: tuple[Any, ...] = ()
     if target is not None:
-        func, args = load_target(target), ()
+        func = load_target(target)
     else:
         from .jobs.demo import demo_worker
 

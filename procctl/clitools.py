@@ -6,8 +6,9 @@ import json
 import os
 import signal
 import sys
+from collections.abc import Callable
 from types import FrameType
-from typing import IO, Any, Callable
+from typing import IO, Any
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -16,7 +17,7 @@ EXIT_TIMEOUT = 124
 EXIT_SIGINT = 130
 EXIT_SIGTERM = 143
 
-EXIT_FOR_SIGNAL = {signal.SIGINT: EXIT_SIGINT, signal.SIGTERM: EXIT_SIGTERM}
+EXIT_FOR_SIGNAL: dict[int, int] = {signal.SIGINT: EXIT_SIGINT, signal.SIGTERM: EXIT_SIGTERM}
 
 
 class BadInput(Exception):

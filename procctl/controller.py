@@ -27,11 +27,22 @@ import selectors
 import signal
 import time
 import weakref
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from . import shutdown
-from .channel import ACK, ACK_BODY, PROGRESS, RESULT, START_FAILED, Board, InheritedFd, WorkerLink, pack_command
+from .channel import (
+    ACK,
+    ACK_BODY,
+    PROGRESS,
+    RESULT,
+    START_FAILED,
+    Board,
+    InheritedFd,
+    WorkerLink,
+    pack_command,
+)
 from .states import CLEAN_OUTCOMES, Event, Outcome, State, WorkerReport, WorkerStatus
 from .worker import MANAGED_SIGNALS, Payload, WorkerSpec, worker_main
 
@@ -121,12 +132,12 @@ class ProcessController:
         initial_state = State(initial_state)
         if initial_state is State.STOPPED:
             raise ValueError("initial_state must be PAUSED or RUNNING")
-        self._mp = multiprocessing.get_context(start_method)
+        self._mp: Any = multiprocessing.get_context(start_method)  # typeshed's BaseContext lacks Process
         self.start_method: str = self._mp.get_start_method()
         self.target = target
         self.workers = workers
         self.grace = grace
-        self.initial_state = initial_state
+        self.initial_state: State = initial_state
         self.ack_timeout = ack_timeout
         #: Escalation timeouts after the grace period; tests may shrink them.
         self.term_timeout = shutdown.TERM_TIMEOUT
@@ -141,7 +152,7 @@ class ProcessController:
         self._new_reports: list[WorkerReport] = []
         self._live = 0
         self._seq = 0
-        self._state = initial_state
+        self._state: State = initial_state
         self._awaiting: set[int] = set()
         self._awaiting_seq = 0
         self._t0 = time.monotonic()
@@ -466,13 +477,13 @@ class ProcessController:
             elif kind == RESULT:
                 try:
                     w.result = pickle.loads(payload)
-                except Exception as exc:
+                except Exception as exc:  # noqa: BLE001 - unpickling runs arbitrary code
                     w.result = (Outcome.FAILED.value, None, f"the result could not be unpickled: {exc!r}")
             elif kind == PROGRESS:
                 try:
                     w.info = pickle.loads(payload)
-                except Exception:
-                    pass  # e.g. a class the manager cannot import: keep the last one
+                except Exception:  # noqa: BLE001 - e.g. a class the manager cannot import
+                    pass  # keep the last info
             elif kind == START_FAILED:
                 w.start_error = payload.decode(errors="replace")
         if eof and not w.link.eof:

@@ -14,9 +14,10 @@ import sys
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.reduction import ForkingPickler
-from typing import Any, Callable
+from typing import Any
 
 from .channel import PROGRESS, RESULT, START_FAILED, Board, ControlEnd, InheritedFd, unpack_command
 from .states import Outcome, State
@@ -160,7 +161,7 @@ class WorkerContext:
                 self._info_sent = now
                 try:
                     self._end.try_send(PROGRESS, pickle.dumps(info))
-                except Exception:  # unpicklable info is the caller's loss, not a crash
+                except Exception:  # noqa: BLE001 - unpicklable info is the caller's loss, not a crash
                     pass
 
     # -- internals ----------------------------------------------------------
@@ -271,7 +272,7 @@ def _run_target(ctx: WorkerContext, payload: Payload) -> tuple[Outcome, Any, str
     except SystemExit as exc:
         text = traceback.format_exc()
         return Outcome.FAILED, None, f"{text}the target called sys.exit({exc.code!r})\n"
-    except BaseException:
+    except BaseException:  # noqa: BLE001 - whatever the target raises is its report
         return Outcome.FAILED, None, traceback.format_exc()
     outcome = Outcome.STOPPED if ctx._stop_was_broadcast() else Outcome.FINISHED
     return outcome, result, None
@@ -280,7 +281,7 @@ def _run_target(ctx: WorkerContext, payload: Payload) -> tuple[Outcome, Any, str
 def _send_result(end: ControlEnd, outcome: Outcome, result: Any, error: str | None) -> None:
     try:
         payload = pickle.dumps((outcome.value, result, error), pickle.HIGHEST_PROTOCOL)
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - pickling runs the result's own code
         note = f"the result of type {type(result).__name__} could not be pickled: {exc!r}"
         payload = pickle.dumps((Outcome.FAILED.value, None, note))
     try:
@@ -303,7 +304,7 @@ def worker_main(spec: WorkerSpec) -> None:
         ).start()
     try:
         outcome, result, error = _run_target(ctx, spec.payload)
-    except BaseException:
+    except BaseException:  # noqa: BLE001 - reported to the controller, then we exit
         # The payload could not be loaded here (not importable under spawn).
         try:
             end.send(START_FAILED, traceback.format_exc().encode())
