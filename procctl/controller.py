@@ -21,6 +21,7 @@ from __future__ import annotations
 import atexit
 import logging
 import multiprocessing
+import multiprocessing.util  # noqa: F401 - registers its atexit hook before ours (see _close_at_exit)
 import os
 import pickle
 import selectors
@@ -608,7 +609,8 @@ _open_controllers: weakref.WeakSet[ProcessController] = weakref.WeakSet()
 
 
 def _close_at_exit() -> None:
-    # Runs before multiprocessing joins its children at exit, so a script that
+    # atexit runs hooks last-registered first: multiprocessing.util is imported
+    # above, so this runs before it joins its children, and a script that
     # forgot close() does not hang on paused workers.
     for controller in list(_open_controllers):
         try:
