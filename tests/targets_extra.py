@@ -176,3 +176,9 @@ def raise_keyboard_interrupt(ctx):
 
 def raise_base_exception(ctx):
     raise GeneratorExit("odd base exception")
+
+
+def gil_hog(ctx):
+    """A long C call that holds the GIL throughout (no eval-loop breaks)."""
+    ctx.checkpoint()
+    return sum(range(10**12))
