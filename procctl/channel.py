@@ -27,7 +27,8 @@ import struct
 from multiprocessing import reduction
 from typing import Any
 
-# Board slot layout (float64/int64 words): command word, progress done, total, spare.
+# Board slot layout (int64/float64 words): command word, progress done, total,
+# and the terminate mark the controller sets before it sends SIGTERM.
 SLOT_WORDS = 4
 WORD = 8
 
@@ -110,6 +111,12 @@ class Board:
 
     def command(self, worker: int) -> int:
         return self._words[worker * SLOT_WORDS]
+
+    def mark_terminate(self, worker: int) -> None:
+        self._words[worker * SLOT_WORDS + 3] = 1
+
+    def terminate_marked(self, worker: int) -> bool:
+        return self._words[worker * SLOT_WORDS + 3] == 1
 
     def set_progress(self, worker: int, done: float, total: float) -> None:
         base = worker * SLOT_WORDS

@@ -439,6 +439,8 @@ class ProcessController:
         for w in self._workers:
             if w.alive and w.pid is not None:
                 w.signalled = sig
+                if sig == signal.SIGTERM and self._board is not None:
+                    self._board.mark_terminate(w.id)  # read by the worker's handler
                 try:
                     os.kill(w.pid, sig)
                 except ProcessLookupError:

@@ -202,11 +202,11 @@ class WorkerContext:
         self.state = State.STOPPED
 
     def _on_sigterm(self, signum: int, frame: Any) -> None:
-        # After STOPPED was broadcast, SIGTERM is the controller's escalation:
-        # die of it. Before, it came from elsewhere (a SIGTERM to the whole
-        # process group, say) and asks for a graceful stop, as the manager
-        # will ask too.
-        if self._term_requested or unpack_command(self._end.command())[1] == State.STOPPED:
+        # The controller marks our slot before its own SIGTERM (escalation
+        # after the grace period): then die of it. An unmarked SIGTERM came
+        # from elsewhere (a SIGTERM to the whole process group, say) and asks
+        # for a graceful stop, as the manager will ask too; a second one kills.
+        if self._term_requested or self._end.board.terminate_marked(self.worker_id):
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             os.kill(os.getpid(), signal.SIGTERM)
             return
