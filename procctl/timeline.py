@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping, Sequence, Union
+from typing import Any
 from xml.sax.saxutils import escape, quoteattr
 
 __all__ = ["FORMATS", "OUTCOMES", "SPAN_STATES", "render_timeline", "timeline_format"]
@@ -29,8 +30,9 @@ __all__ = ["FORMATS", "OUTCOMES", "SPAN_STATES", "render_timeline", "timeline_fo
 FORMATS = (".svg", ".html")
 SPAN_STATES = ("running", "paused")
 OUTCOMES = ("finished", "stopped", "failed", "crashed", "killed")
+PROBLEMS = frozenset({"failed", "crashed", "killed"})
 
-EventLike = Union[Mapping[str, Any], Any]  # a procctl.Event or its to_dict()
+EventLike = Any  # a procctl.Event, or a mapping like its to_dict()
 
 # -- palette: spans are soft fills, outcomes strong colours with distinct shapes,
 # so the chart still reads in greyscale and for colour-blind people.
@@ -260,7 +262,7 @@ def _ticks(t_end: float, plot_w: float) -> tuple[list[float], float]:
     target = max(2, int(plot_w // 110))
     raw = t_end / target
     mag = 10 ** math.floor(math.log10(raw))
-    step = next(m * mag for m in (1, 2, 2.5, 5, 10) if m * mag >= raw)
+    step = next(m * mag for m in (1, 2, 5, 10) if m * mag >= raw)
     count = int(math.floor(t_end / step + 1e-9))
     return [i * step for i in range(count + 1)], step
 
@@ -294,16 +296,21 @@ def _css() -> str:
         f".subtitle{{font-size:12px;fill:{MUTED}}}",
         f".label{{font-size:10.5px;fill:{MUTED};text-anchor:end;font-variant-numeric:tabular-nums}}",
         f".tick{{font-size:10.5px;fill:{MUTED};text-anchor:middle;font-variant-numeric:tabular-nums}}",
+        # A white halo, so that broadcast lines crossing a label do not strike it through.
+        ".tick,.broadcast text{paint-order:stroke;stroke:#fff;stroke-width:3px;stroke-linejoin:round}",
         f".gridline{{stroke:{GRID};stroke-width:1}}",
         f".stripe{{fill:{STRIPE}}}",
         ".legend text{font-size:12px}",
         ".broadcast line{stroke-width:1.3;stroke-dasharray:5 4}",
         ".broadcast text{font-size:11px;font-weight:600;text-anchor:middle}",
-        ".outcome{stroke:#fff;stroke-linejoin:round}",
+        ".outcome,.swatch{stroke:#fff;stroke-linejoin:round}",
     ]
-    rules += [f".span.{s}{{fill:{c}}}" for s, c in SPAN_COLOURS.items()]
-    rules += [f".outcome.{o}{{fill:{c}}}" for o, c in OUTCOME_COLOURS.items()]
-    rules += [f".broadcast.{s} line{{stroke:{c}}} .broadcast.{s} text{{fill:{c}}}" for s, c in BROADCAST_COLOURS.items()]
+    # Legend swatches share the colours but not the class, so that counting
+    # ".span" or ".outcome" counts what happened in the run.
+    rules += [f".span.{s},.swatch.{s}{{fill:{c}}}" for s, c in SPAN_COLOURS.items()]
+    rules += [f".outcome.{o},.swatch.{o}{{fill:{c}}}" for o, c in OUTCOME_COLOURS.items()]
+    for s, c in BROADCAST_COLOURS.items():
+        rules += [f".broadcast.{s} line{{stroke:{c}}}", f".broadcast.{s} text{{fill:{c}}}"]
     return "\n".join(rules)
 
 
@@ -329,9 +336,8 @@ def render_svg(run: Run, *, title: str | None = None) -> str:
 
 
 def _header(run: Run, lay: Layout, title: str) -> list[str]:
-    counts = run.outcome_counts()
-    bits = [f"{lay.n} workers", f"{_secs(run.end)} elapsed"]
-    bits += [f"{c} {o}" for o, c in counts.items() if c]
+    counts = run.outcome_counts()  # per outcome in the legend, not repeated here
+    bits = [f"{lay.n} worker{'s' if lay.n != 1 else ''}", f"{_secs(run.end)} elapsed"]
     bits.append(f"{len(run.broadcasts)} broadcast{'s' if len(run.broadcasts) != 1 else ''}")
     return [
         f'<text class="title" x="{LEFT}" y="28">{escape(title)}</text>',
@@ -343,20 +349,26 @@ def _header(run: Run, lay: Layout, title: str) -> list[str]:
 def _legend(counts: dict[str, int], y: float) -> str:
     items: list[str] = []
     x = float(LEFT)
-    for state, colour in SPAN_COLOURS.items():
-        items.append(f'<rect class="span {state}" x="{x:.1f}" y="{y - 6:.1f}" width="22" height="12" rx="2"/>')
-        items.append(f'<text x="{x + 28:.1f}" y="{y + 4:.1f}">{state.capitalize()}</text>')
-        x += 96
+    for state in SPAN_COLOURS:
+        items.append(f'<rect class="swatch {state}" x="{x:.1f}" y="{y - 6:.1f}" width="22" height="12" rx="2"/>')
+        items.append(f'<text x="{x + 28:.1f}" y="{y + 4:.1f}">{state}</text>')
+        x += 28 + _text_width(state) + 20
     for outcome in OUTCOMES:
-        items.append(_mark(outcome, x + 7, y, 6.5))
-        items.append(f'<text x="{x + 18:.1f}" y="{y + 4:.1f}">{outcome} ({counts[outcome]})</text>')
-        x += 112
+        label = f"{outcome} {counts[outcome]}"
+        items.append(_mark(outcome, x + 7, y, 6.5, kind="swatch"))
+        items.append(f'<text x="{x + 18:.1f}" y="{y + 4:.1f}">{label}</text>')
+        x += 18 + _text_width(label) + 20
     items.append(
         f'<line x1="{x:.1f}" x2="{x:.1f}" y1="{y - 8:.1f}" y2="{y + 8:.1f}" stroke="{MUTED}" '
         f'stroke-width="1.3" stroke-dasharray="4 3"/>'
     )
     items.append(f'<text x="{x + 8:.1f}" y="{y + 4:.1f}">broadcast</text>')
     return '<g class="legend">' + "".join(items) + "</g>"
+
+
+def _text_width(text: str, size: float = 12.0) -> float:
+    """A sans-serif estimate: SVG has no layout engine to ask, and the legend only needs spacing."""
+    return len(text) * size * 0.52
 
 
 def _background(run: Run, lay: Layout) -> list[str]:
@@ -378,7 +390,8 @@ def _axis(lay: Layout) -> list[str]:
     out = ['<g class="axis">']
     for t in ticks:
         x = lay.x(t)
-        out.append(f'<line class="gridline" x1="{x:.1f}" x2="{x:.1f}" y1="{lay.plot_top:.1f}" y2="{lay.plot_bottom:.1f}"/>')
+        out.append(f'<line class="gridline" x1="{x:.1f}" x2="{x:.1f}" '
+                   f'y1="{lay.plot_top:.1f}" y2="{lay.plot_bottom:.1f}"/>')
         label = escape(_fmt_time(t, step))
         out.append(f'<text class="tick" x="{x:.1f}" y="{lay.plot_bottom + 15:.1f}">{label}</text>')
         if lay.top_axis:
@@ -387,7 +400,8 @@ def _axis(lay: Layout) -> list[str]:
         f'<line x1="{LEFT}" x2="{LEFT + lay.plot_w:.1f}" y1="{lay.plot_bottom:.1f}" '
         f'y2="{lay.plot_bottom:.1f}" stroke="#9aa0a6"/>'
     )
-    out.append(f'<text class="tick" x="{LEFT + lay.plot_w / 2:.1f}" y="{lay.plot_bottom + 34:.1f}">time since start</text>')
+    out.append(f'<text class="tick axis-title" x="{LEFT + lay.plot_w / 2:.1f}" '
+               f'y="{lay.plot_bottom + 34:.1f}">time since start</text>')
     out.append(f'<text class="label" x="{LEFT - 8}" y="{lay.plot_top - (20 if lay.top_axis else 6):.1f}">worker</text>')
     out.append("</g>")
     return out
@@ -404,7 +418,9 @@ def _row(index: int, row: Row, lay: Layout) -> str:
     for i, span in enumerate(row.spans):
         out.append(_span(row, span, lay, bar_y, bar_h, last=i == len(row.spans) - 1))
     if row.outcome is not None and row.outcome_t is not None:
-        radius = min(7.0, max(3.0, lay.row_h * 0.42))
+        radius = min(7.0, max(2.6, lay.row_h * 0.42))  # small rows: marks no taller than a row
+        if row.outcome in PROBLEMS and lay.row_h < 12:
+            radius = max(radius * 1.5, 4.0)  # among hundreds of rows, the failures must jump out
         tip = f"worker {row.worker} {row.outcome} at {_secs(row.outcome_t)}"
         if row.detail:
             tip += f": {row.detail}"
@@ -427,12 +443,13 @@ def _span(row: Row, span: Span, lay: Layout, y: float, h: float, last: bool) -> 
     )
 
 
-def _mark(outcome: str, cx: float, cy: float, r: float, tip: str | None = None, data: str = "") -> str:
+def _mark(outcome: str, cx: float, cy: float, r: float, tip: str | None = None, data: str = "",
+          kind: str = "outcome") -> str:
     """A shape per outcome (circle, square, cross, triangle, diamond): readable without colour."""
     d = _SHAPES[outcome](cx, cy, r)
     stroke = max(0.6, min(1.5, r / 4))
     title = f"<title>{escape(tip)}</title>" if tip else ""
-    return f'<path class="outcome {outcome}" d="{d}" stroke-width="{stroke:.2f}"{data}>{title}</path>'
+    return f'<path class="{kind} {outcome}" d="{d}" stroke-width="{stroke:.2f}"{data}>{title}</path>'
 
 
 def _circle(cx: float, cy: float, r: float) -> str:
@@ -466,7 +483,7 @@ _SHAPES = {"finished": _circle, "stopped": _square, "failed": _cross, "crashed":
 def _broadcasts(run: Run, lay: Layout) -> list[str]:
     out = []
     band_top = lay.plot_top - (16 if lay.top_axis else 0)
-    for (t, state), level in zip(run.broadcasts, lay.levels):
+    for (t, state), level in zip(run.broadcasts, lay.levels, strict=True):
         x = lay.x(t)
         label_y = band_top - 6 - 16 * level
         lx = min(max(x, LEFT + 24), WIDTH - 28)  # keep the label inside the picture
@@ -485,14 +502,14 @@ def _broadcasts(run: Run, lay: Layout) -> list[str]:
 _XML_DECL = '<?xml version="1.0" encoding="UTF-8"?>\n'
 
 _PAGE_CSS = """
-body{margin:0;padding:24px;background:#f3f4f6;font-family:%s;color:#222}
+body{margin:0;padding:24px;background:#f3f4f6;font-family:FONT;color:#222}
 .chart{display:inline-block;background:#fff;border-radius:8px;box-shadow:0 1px 4px rgba(0,0,0,.12);padding:8px}
 .hint{font-size:12px;color:#666;margin:8px 2px}
 .row:hover .span{filter:brightness(.88)}
 .row:hover .label{fill:#000;font-weight:600}
 #tip{position:fixed;pointer-events:none;background:rgba(20,20,20,.92);color:#fff;font-size:12px;
      padding:5px 8px;border-radius:4px;white-space:nowrap;display:none;z-index:10}
-""" % FONT
+""".replace("FONT", FONT)
 
 # The SVG's <title> children become a quick custom tooltip (the native one is slow and tiny).
 _PAGE_JS = """

@@ -1,0 +1,243 @@
+"""pytest plugin for suites that run processes, registered by procctl's ``pytest11`` entry point.
+
+Fixtures:
+
+``no_leftover_processes``
+    Fails a test that leaves a child process behind (reported as an error at
+    teardown), after giving exiting children a moment, and kills what is left
+    so the next test starts clean.  Use it with
+    ``@pytest.mark.usefixtures("no_leftover_processes")``, or for every test
+    with ``procctl_check_leftovers = true`` in the ini file.  Needs psutil.
+
+``process_controller``
+    A factory: ``pc = process_controller(target, workers=2, **kwargs)`` returns
+    a started ProcessController, closed at teardown (short grace) even when the
+    test failed or timed out under pytest-timeout.
+
+This module loads in every pytest run of anyone who installs procctl: it
+imports nothing heavy at module level (procctl's controller, psutil and
+pytest_timeout are imported when a fixture or hook needs them).
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any
+
+import pytest
+
+if TYPE_CHECKING:
+    import psutil
+
+    from procctl import ProcessController
+
+__all__ = ["no_leftover_processes", "process_controller"]
+
+#: multiprocessing's own long-lived helpers: started once per session, not a leak.
+HELPER_MARKERS = ("multiprocessing.resource_tracker", "multiprocessing.forkserver",
+                  "resource_tracker", "forkserver")
+#: How long children may take to exit by themselves before they count as left behind.
+LEFTOVER_WAIT = 1.0
+#: How long killed leftovers may take to go away.
+KILL_WAIT = 5.0
+#: The grace the process_controller fixture gives workers at teardown: the test is over.
+TEARDOWN_GRACE = 1.0
+
+ControllerFactory = Callable[..., "ProcessController"]
+
+# Controllers made by process_controller for one test, on the test item, so that the
+# leftover check and the timeout hook can reach them (no module state: pytester runs
+# an inner session in the same process).
+_CONTROLLERS = pytest.StashKey[list[Any]]()
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addini(
+        "procctl_check_leftovers",
+        type="bool",
+        default=False,
+        help="procctl: fail every test that leaves a child process behind (needs psutil)",
+    )
+
+
+# -- leftover processes -------------------------------------------------------------
+
+
+def _import_psutil() -> Any:
+    try:
+        import psutil
+    except ImportError:
+        pytest.fail(
+            "procctl's no_leftover_processes fixture needs psutil: pip install psutil "
+            "(or pip install 'procctl[test]')",
+            pytrace=False,
+        )
+    return psutil
+
+
+def _is_helper(proc: psutil.Process, psutil: Any) -> bool:
+    try:
+        cmdline = " ".join(proc.cmdline())
+    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+        return False
+    return any(marker in cmdline for marker in HELPER_MARKERS)
+
+
+def _children(psutil: Any) -> list[psutil.Process]:
+    try:
+        kids: list[psutil.Process] = psutil.Process().children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+    return [p for p in kids if not _is_helper(p, psutil)]
+
+
+def _describe(proc: psutil.Process, psutil: Any) -> str:
+    try:
+        cmdline = " ".join(proc.cmdline()) or proc.name()
+    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+        cmdline = "?"
+    if len(cmdline) > 80:
+        cmdline = cmdline[:77] + "..."
+    return f"pid {proc.pid} ({cmdline})"
+
+
+def _kill_all(procs: list[psutil.Process], psutil: Any) -> None:
+    for proc in procs:
+        try:
+            proc.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(procs, timeout=KILL_WAIT)
+    mp = sys.modules.get("multiprocessing")
+    if mp is not None:
+        mp.active_children()  # let multiprocessing forget the processes it started
+
+
+def _check_leftovers(before: set[int], psutil: Any) -> None:
+    new = [p for p in _children(psutil) if p.pid not in before]
+    if not new:
+        return
+    # Describe them now: once they are gone their command lines are too.
+    described = {p.pid: _describe(p, psutil) for p in new}
+    # Exiting children get a moment; direct children that already exited are reaped here.
+    _, alive = psutil.wait_procs(new, timeout=LEFTOVER_WAIT)
+    if not alive:
+        return
+    _kill_all(alive, psutil)
+    lines = "\n  ".join(described[p.pid] for p in alive)
+    pytest.fail(f"test left {len(alive)} child process(es) behind (now killed):\n  {lines}", pytrace=False)
+
+
+@pytest.fixture
+def no_leftover_processes(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Fail the test if it leaves a child process behind; kill the leftovers."""
+    psutil = _import_psutil()
+    before = {p.pid for p in _children(psutil)}
+    yield
+    # process_controller may be torn down after us (argument order): close its
+    # controllers first so their workers are not mistaken for leftovers.
+    _close_controllers(request.node)
+    _check_leftovers(before, psutil)
+
+
+@pytest.fixture(autouse=True)
+def _procctl_check_leftovers_ini(request: pytest.FixtureRequest) -> None:
+    # Autouse fixtures from plugins are set up before any other, so the check
+    # wraps every other fixture's teardown.  Off by default: one ini lookup.
+    if request.config.getini("procctl_check_leftovers"):
+        request.getfixturevalue("no_leftover_processes")
+
+
+# -- process_controller ---------------------------------------------------------------
+
+
+def _controllers(node: pytest.Item | pytest.Collector) -> list[ProcessController]:
+    return node.stash.setdefault(_CONTROLLERS, [])
+
+
+def _close_one(pc: ProcessController) -> None:
+    try:
+        pc.stop(grace=min(pc.grace, TEARDOWN_GRACE))
+    except BaseException:
+        # Interrupted (a pytest-timeout alarm during teardown, Ctrl-C): no worker
+        # may outlive the test, so kill and reap before letting it propagate.
+        pc.kill()
+        pc.stop(grace=0)
+        raise
+
+
+def _close_controllers(node: pytest.Item | pytest.Collector) -> None:
+    controllers = _controllers(node)
+    while controllers:
+        _close_one(controllers.pop())
+
+
+@pytest.fixture
+def process_controller(request: pytest.FixtureRequest) -> Iterator[ControllerFactory]:
+    """``process_controller(target, workers=2, **kwargs)``: a started ProcessController,
+    closed at teardown whatever happened in the test."""
+    node = request.node
+
+    def make(target: Callable[..., Any], workers: int = 2, **kwargs: Any) -> ProcessController:
+        from procctl import ProcessController
+
+        pc = ProcessController(target, workers, **kwargs)
+        _controllers(node).append(pc)  # before start(): a failed start is closed too
+        pc.start()
+        return pc
+
+    yield make
+    _close_controllers(node)
+
+
+# -- pytest-timeout --------------------------------------------------------------------
+
+
+def _kill_on_timeout(item: pytest.Item) -> None:
+    """SIGKILL the workers of the item's controllers. Runs in the timer thread
+    while the main thread may be inside the controller: os.kill only, no reaping."""
+    pids: list[int] = []
+    for pc in _controllers(item):
+        pids += pc.pids()
+        pc.kill()
+    if pids:
+        sys.stderr.write(f"procctl: test timed out; killed workers {sorted(pids)} before exiting\n")
+        sys.stderr.flush()
+
+
+@pytest.hookimpl(tryfirst=True, optionalhook=True)
+def pytest_timeout_set_timer(item: pytest.Item, settings: Any) -> bool | None:
+    """Under timeout_method=thread, pytest-timeout ends the whole process with
+    os._exit(): no teardown runs.  For tests that use process_controller, take
+    the timer over so the workers are killed first, then hand over to
+    pytest-timeout's own expiry (stack dump, exit).  Signal-method timeouts raise
+    inside the test, and the fixture's teardown closes the controllers."""
+    method = settings.method
+    if method == "signal" and threading.current_thread() is not threading.main_thread():
+        method = "thread"  # what pytest-timeout itself falls back to
+    if method != "thread" or "process_controller" not in getattr(item, "fixturenames", ()):
+        return None
+    import pytest_timeout  # type: ignore[import-untyped]  # loaded: it called this hook
+
+    expire = getattr(pytest_timeout, "timeout_timer", None)
+    is_debugging = getattr(pytest_timeout, "is_debugging", lambda: False)
+    if expire is None:
+        return None  # an unknown pytest-timeout: leave the timer to it
+
+    def on_timeout() -> None:
+        if settings.disable_debugger_detection or not is_debugging():
+            _kill_on_timeout(item)
+        expire(item, settings)
+
+    timer = threading.Timer(settings.timeout, on_timeout)
+    timer.name = f"procctl-timeout {item.nodeid}"
+
+    def cancel() -> None:
+        timer.cancel()
+        timer.join()
+
+    item.cancel_timeout = cancel  # type: ignore[attr-defined]  # what pytest-timeout's cancel hook calls
+    timer.start()
+    return True

@@ -1,0 +1,311 @@
+"""procctl's pytest plugin, tested by running inner pytest sessions with pytester.
+
+The plugin is registered by the pytest11 entry point (procctl is installed in
+editable mode), in this session and in the inner ones alike; pass it with -p
+only when plugin autoloading is disabled, or it would be registered twice.
+Inner sessions that involve pytest-timeout run in a subprocess, so that their
+alarms and os._exit() stay out of this process.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import psutil
+
+pytest_plugins = ["pytester"]
+
+SUBPROCESS_TIMEOUT = 90  # bound on one inner pytest run in a subprocess
+
+
+def plugin_args() -> list[str]:
+    if os.environ.get("PYTEST_DISABLE_PLUGIN_AUTOLOAD"):
+        return ["-p", "procctl.pytest_plugin", "-p", "pytest_timeout"]
+    return []
+
+
+def gone(pids, timeout=5.0):
+    """True once none of `pids` runs (zombies of a reaper-less init count as gone)."""
+    procs = []
+    for pid in pids:
+        try:
+            procs.append(psutil.Process(pid))
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(procs, timeout=timeout)
+    return all(_is_zombie(p) for p in alive)
+
+
+def _is_zombie(proc):
+    try:
+        return proc.status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def read_pids(path):
+    return [int(x) for x in path.read_text().split()]
+
+
+# An inner test module that leaves a child behind: the child blocks reading its
+# stdin, which the module keeps open, so it is a leftover until someone kills it.
+LEAK = """
+import subprocess, sys
+held = []
+
+def leak(pidfile):
+    child = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
+    held.append(child)
+    with open(pidfile, "w") as fh:
+        fh.write(str(child.pid))
+"""
+
+
+def leaky_module(pytester, pidfile, marker='@pytest.mark.usefixtures("no_leftover_processes")'):
+    pytester.makepyfile(
+        test_leak=LEAK
+        + textwrap.dedent(f"""
+            import psutil, pytest
+
+            {marker}
+            def test_leaks():
+                leak({str(pidfile)!r})
+
+            def test_next_one_is_clean():
+                pid = int(open({str(pidfile)!r}).read())
+                assert not psutil.pid_exists(pid)
+            """)
+    )
+
+
+# -- no_leftover_processes ---------------------------------------------------------------
+
+
+def test_a_test_leaving_a_child_fails_and_the_child_is_killed(pytester, tmp_path):
+    pidfile = tmp_path / "pid"
+    leaky_module(pytester, pidfile)
+    result = pytester.runpytest(*plugin_args())
+    result.assert_outcomes(passed=2, errors=1)  # the leak errors at teardown of test_leaks
+    result.stdout.fnmatch_lines(["*ERROR at teardown of test_leaks*", "*left 1 child process(es) behind*"])
+    result.stdout.fnmatch_lines([f"*pid {read_pids(pidfile)[0]} (*sys.stdin.read()*"])
+    assert not psutil.pid_exists(read_pids(pidfile)[0])
+
+
+def test_a_clean_test_passes(pytester):
+    pytester.makepyfile("""
+        import multiprocessing, subprocess, sys, pytest
+
+        @pytest.mark.usefixtures("no_leftover_processes")
+        def test_waits_for_its_children():
+            subprocess.run([sys.executable, "-c", "pass"], check=True)
+            p = multiprocessing.get_context("fork").Process(target=sum, args=([1],))
+            p.start()
+            p.join()
+
+        @pytest.mark.usefixtures("no_leftover_processes")
+        def test_children_that_end_by_themselves_are_no_leftovers():
+            child = subprocess.Popen([sys.executable, "-c", "pass"], stdout=subprocess.PIPE)
+            assert child.stdout.read() == b""  # EOF: it has ended, and nobody reaped it
+        """)
+    result = pytester.runpytest(*plugin_args())
+    result.assert_outcomes(passed=2)
+
+
+def test_ini_option_checks_every_test(pytester, tmp_path):
+    pidfile = tmp_path / "pid"
+    pytester.makeini("[pytest]\nprocctl_check_leftovers = true\n")
+    leaky_module(pytester, pidfile, marker="")
+    result = pytester.runpytest(*plugin_args())
+    result.assert_outcomes(passed=2, errors=1)
+    assert not psutil.pid_exists(read_pids(pidfile)[0])
+
+
+def test_without_the_option_or_the_fixture_nothing_is_checked(pytester, tmp_path):
+    pidfile = tmp_path / "pid"
+    pytester.makepyfile(test_leak=LEAK + f"\ndef test_leaks():\n    leak({str(pidfile)!r})\n")
+    result = pytester.runpytest(*plugin_args())
+    pid = read_pids(pidfile)[0]
+    try:
+        result.assert_outcomes(passed=1)
+        assert psutil.pid_exists(pid)  # nobody killed it
+    finally:
+        proc = psutil.Process(pid)
+        proc.kill()
+        proc.wait(timeout=5)
+
+
+def test_ini_option_is_registered(pytester):
+    result = pytester.runpytest("--help", *plugin_args())
+    result.stdout.fnmatch_lines(["*procctl_check_leftovers*"])
+
+
+def test_missing_psutil_gives_a_clear_error(pytester):
+    pytester.makeconftest("import sys\nsys.modules['psutil'] = None  # as if not installed\n")
+    pytester.makepyfile("""
+        import pytest
+
+        @pytest.mark.usefixtures("no_leftover_processes")
+        def test_x():
+            pass
+        """)
+    result = pytester.runpytest_subprocess(*plugin_args(), timeout=SUBPROCESS_TIMEOUT)
+    result.assert_outcomes(errors=1)
+    result.stdout.fnmatch_lines(["*needs psutil: pip install psutil*"])
+
+
+def test_plugin_module_imports_cheaply():
+    code = "import sys, procctl.pytest_plugin; print(sorted({'psutil', 'pytest_timeout'} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+# -- process_controller -------------------------------------------------------------------
+
+CONTROLLED = """
+import threading
+import pytest
+
+made = []
+
+def spin(ctx):
+    while ctx.checkpoint():
+        pass
+    return "stopped"
+
+def start(process_controller, pidfile):
+    pc = process_controller(spin, workers=2, start_method="fork")
+    pc.run()
+    made.append(pc)
+    with open(pidfile, "w") as fh:
+        fh.write(" ".join(map(str, pc.pids())))
+    return pc
+
+def test_closed_at_teardown():
+    (pc,) = made
+    assert pc.pids() == []
+    assert sorted(r.outcome.value for r in pc.reports.values()) == ["stopped", "stopped"]
+"""
+
+CHECKED_INI = "[pytest]\nprocctl_check_leftovers = true\n"
+
+
+def controlled_module(pytester, body):
+    pytester.makepyfile(test_controlled=CONTROLLED + textwrap.dedent(body))
+    # test_closed_at_teardown must run after the test under scrutiny
+    pytester.makeconftest("""
+        def pytest_collection_modifyitems(items):
+            items.sort(key=lambda item: item.name == "test_closed_at_teardown")
+        """)
+
+
+def test_factory_returns_a_started_controller_closed_after_a_pass(pytester, tmp_path):
+    pytester.makeini(CHECKED_INI)
+    controlled_module(pytester, f"""
+        def test_uses_it(process_controller):
+            pc = start(process_controller, {str(tmp_path / "pids")!r})
+            assert [s.alive for s in pc.status()] == [True, True]
+            assert pc.state.name == "RUNNING"
+        """)
+    result = pytester.runpytest(*plugin_args())
+    result.assert_outcomes(passed=2)
+    assert gone(read_pids(tmp_path / "pids"))
+
+
+def test_factory_closes_when_the_test_fails(pytester, tmp_path):
+    pytester.makeini(CHECKED_INI)
+    controlled_module(pytester, f"""
+        def test_fails(process_controller):
+            start(process_controller, {str(tmp_path / "pids")!r})
+            assert False, "the test failed"
+        """)
+    result = pytester.runpytest(*plugin_args())
+    result.assert_outcomes(failed=1, passed=1)  # no leftover error: closed first
+    assert gone(read_pids(tmp_path / "pids"))
+
+
+def test_check_torn_down_before_the_factory_sees_no_workers(pytester, tmp_path):
+    # process_controller before no_leftover_processes: its teardown would come
+    # after the check; the check closes the controllers itself.
+    controlled_module(pytester, f"""
+        def test_order(process_controller, no_leftover_processes):
+            start(process_controller, {str(tmp_path / "pids")!r})
+        """)
+    result = pytester.runpytest(*plugin_args())
+    result.assert_outcomes(passed=2)
+
+
+def test_factory_closes_on_a_signal_timeout(pytester, tmp_path):
+    pytester.makeini(CHECKED_INI + "timeout = 5\ntimeout_method = signal\n")
+    controlled_module(pytester, f"""
+        def test_hangs(process_controller):
+            start(process_controller, {str(tmp_path / "pids")!r})
+            threading.Event().wait()  # until pytest-timeout's alarm raises here
+        """)
+    result = pytester.runpytest_subprocess(*plugin_args(), timeout=SUBPROCESS_TIMEOUT)
+    result.assert_outcomes(failed=1, passed=1)
+    result.stdout.fnmatch_lines(["*Timeout*"])
+    assert gone(read_pids(tmp_path / "pids"))
+
+
+def test_factory_kills_workers_on_a_thread_timeout(pytester, tmp_path):
+    # The thread method ends the inner pytest with os._exit(): no teardown runs,
+    # so the plugin kills the workers from the timer thread first.
+    pytester.makeini("[pytest]\ntimeout = 5\ntimeout_method = thread\n")
+    controlled_module(pytester, f"""
+        def test_hangs(process_controller):
+            start(process_controller, {str(tmp_path / "pids")!r})
+            threading.Event().wait()
+        """)
+    result = pytester.runpytest_subprocess(*plugin_args(), timeout=SUBPROCESS_TIMEOUT)
+    assert result.ret == 1
+    pids = read_pids(tmp_path / "pids")
+    output = result.stdout.str() + result.stderr.str()
+    assert f"procctl: test timed out; killed workers {sorted(pids)}" in output
+    assert "Timeout" in output
+    assert gone(pids)
+
+
+def test_thread_timeout_of_a_plain_test_is_left_to_pytest_timeout(pytester):
+    pytester.makeini("[pytest]\ntimeout = 1\ntimeout_method = thread\n")
+    pytester.makepyfile("""
+        import threading
+        def test_hangs():
+            threading.Event().wait()
+        """)
+    result = pytester.runpytest_subprocess(*plugin_args(), timeout=SUBPROCESS_TIMEOUT)
+    assert result.ret == 1
+    output = result.stdout.str() + result.stderr.str()
+    assert "Timeout" in output and "procctl:" not in output
+
+
+class _InterruptedOnce:
+    """A controller whose first stop() is cut short, as by a timeout alarm in teardown."""
+
+    grace = 5.0
+
+    def __init__(self):
+        self.calls = []
+
+    def stop(self, grace=None):
+        self.calls.append(("stop", grace))
+        if len(self.calls) == 1:
+            raise KeyboardInterrupt
+
+    def kill(self):
+        self.calls.append(("kill", None))
+
+
+def test_an_interrupted_close_kills_then_reaps_and_propagates():
+    from procctl.pytest_plugin import TEARDOWN_GRACE, _close_one
+
+    pc = _InterruptedOnce()
+    try:
+        _close_one(pc)
+    except KeyboardInterrupt:
+        pass
+    else:
+        raise AssertionError("the interruption must propagate")
+    assert pc.calls == [("stop", TEARDOWN_GRACE), ("kill", None), ("stop", 0)]
