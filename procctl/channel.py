@@ -40,6 +40,7 @@ PROGRESS = 4  # payload: pickled dict of the last progress() keywords
 ACK_BODY = struct.Struct("!qB")
 
 READ_CHUNK = 1 << 20
+SMALL_FRAME = 1 << 16
 
 
 def pack_command(seq: int, state: int) -> int:
@@ -232,8 +233,12 @@ class ControlEnd:
             pass
 
     def send(self, kind: int, payload: bytes) -> None:
-        self._write_all(FRAME_HEADER.pack(kind, len(payload)))
-        self._write_all(payload)
+        header = FRAME_HEADER.pack(kind, len(payload))
+        if len(payload) <= SMALL_FRAME:
+            self._write_all(header + payload)  # one system call
+        else:
+            self._write_all(header)
+            self._write_all(payload)  # no copy of a large result
 
     def _write_all(self, data: bytes) -> None:
         view = memoryview(data)
