@@ -26,6 +26,7 @@ import os
 import pickle
 import selectors
 import signal
+import threading
 import time
 import weakref
 from collections.abc import Callable, Iterator
@@ -180,6 +181,12 @@ class ProcessController:
             raise RuntimeError("this controller is closed; create a new one")
         self._phase = _STARTED
         self._t0 = time.monotonic()
+        # The kernel's parent-death signal fires when the *thread* that forked
+        # exits; only the main thread (or the fork server) lives as long as
+        # the process. From other threads the pidfd watch alone guards.
+        self._die_with_parent = (
+            self.start_method == "forkserver" or threading.current_thread() is threading.main_thread()
+        )
         self._board = Board(self.workers)
         self._selector = selectors.DefaultSelector()
         self._wake_r, self._wake_w = os.pipe()
@@ -203,7 +210,8 @@ class ProcessController:
         link = WorkerLink()
         doorbell, report = link.child_fds()
         spec = WorkerSpec(
-            wid, self.workers, self._payload, InheritedFd(self._board.fd), doorbell, report, os.getpid()
+            wid, self.workers, self._payload, InheritedFd(self._board.fd), doorbell, report, os.getpid(),
+            die_with_parent=self._die_with_parent,
         )
         process = self._mp.Process(target=worker_main, args=(spec,), name=f"procctl-worker-{wid}")
         try:

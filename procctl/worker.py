@@ -32,6 +32,7 @@ MANAGED_SIGNALS = frozenset(
 ORPHAN_GRACE = 0.5
 EXIT_ORPHANED = 70
 EXIT_START_FAILED = 3
+PR_SET_PDEATHSIG = 1
 #: At most one progress-info message per this many seconds.
 INFO_INTERVAL = 0.25
 
@@ -73,6 +74,8 @@ class WorkerSpec:
     doorbell: InheritedFd
     report: InheritedFd
     manager_pid: int
+    #: Ask the kernel to SIGKILL us when our parent dies (see _die_with_parent).
+    die_with_parent: bool = False
 
 
 class WorkerContext:
@@ -236,6 +239,25 @@ def _reset_signals(ctx: WorkerContext) -> None:
     signal.pthread_sigmask(signal.SIG_UNBLOCK, MANAGED_SIGNALS)
 
 
+def _die_with_parent() -> None:
+    """PR_SET_PDEATHSIG: the kernel kills us when our parent exits.
+
+    The pidfd watch is a Python thread, and a target inside a long C call
+    that holds the GIL would keep it from ever running; the kernel needs no
+    GIL. The parent is the manager under fork and spawn, and the fork server
+    under forkserver, which exits as soon as the manager is gone.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):  # pragma: no cover - no prctl here
+        pass
+
+
 def _watch_manager(manager_pid: int) -> int | None:
     """Return an fd that becomes readable when the manager exits.
 
@@ -294,6 +316,9 @@ def worker_main(spec: WorkerSpec) -> None:
     """Entry point of every worker process."""
     board = Board(spec.workers, fd=spec.board.detach())
     end = ControlEnd(spec.worker_id, board, spec.doorbell.detach(), spec.report.detach())
+    if spec.die_with_parent:
+        _die_with_parent()
+    # Opened after the prctl: a manager that died before it is caught here.
     manager_fd = _watch_manager(spec.manager_pid)
     ctx = WorkerContext(spec.worker_id, end, manager_fd)
     _reset_signals(ctx)

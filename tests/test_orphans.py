@@ -141,7 +141,7 @@ def test_workers_exit_when_the_manager_is_sigkilled(mode, start_method, tests_di
             stream.close()
 
 
-@pytest.mark.xfail(reason="CORE_BUGS.md #1", strict=True)
+
 def test_orphan_exits_even_inside_a_gil_holding_c_call(tests_dir):
     proc, info = _start_manager(tests_dir, "targets_extra.gil_hog", True, "fork", workers=1)
     try:
