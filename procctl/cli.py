@@ -33,7 +33,6 @@ STEPS = {"run": State.RUNNING, "pause": State.PAUSED, "stop": State.STOPPED}
 #: command stays posted and busy workers apply it at their next checkpoint.
 ACK_WAIT = 2.0
 START_METHODS = ("fork", "spawn", "forkserver")
-TIMELINE_SUFFIXES = (".svg", ".html")
 TICK = 0.25  # live view refresh
 
 
@@ -246,8 +245,12 @@ def check_output_paths(events_path: str | None, timeline_path: str | None) -> No
     if events_path:
         check_writable_file(events_path, "--events")
     if timeline_path:
-        if not timeline_path.lower().endswith(TIMELINE_SUFFIXES):
-            raise BadInput(f"--timeline {timeline_path!r} must end in .svg or .html")
+        from .timeline import timeline_format
+
+        try:
+            timeline_format(timeline_path)
+        except ValueError as exc:
+            raise BadInput(f"--timeline: {exc}") from None
         check_writable_file(timeline_path, "--timeline")
 
 
