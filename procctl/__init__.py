@@ -24,7 +24,10 @@ _HOMES = {
     "SumResult": "jobs.sum_threshold",
 }
 
-__all__ = sorted(_HOMES) + ["__version__"]
+__all__ = [
+    "Event", "Outcome", "ProcessController", "State", "SumResult", "WorkerContext",
+    "WorkerReport", "WorkerStartError", "WorkerStatus", "__version__", "sum_threshold",
+]
 
 if TYPE_CHECKING:
     from .controller import ProcessController, WorkerStartError
