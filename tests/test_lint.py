@@ -1,0 +1,41 @@
+"""The typed, linted public surface: mypy --strict and ruff, as CI runs them."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.timeout(240)
+def test_mypy_strict_is_clean():
+    pytest.importorskip("mypy")
+    res = subprocess.run([sys.executable, "-m", "mypy", "--strict", "procctl"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=230)
+    assert res.returncode == 0, res.stdout + res.stderr
+
+
+@pytest.mark.timeout(120)
+def test_ruff_is_clean():
+    ruff = shutil.which("ruff")
+    if ruff is None:
+        pytest.skip("ruff is not installed")
+    res = subprocess.run([ruff, "check", "procctl", "tests", "scripts", "examples"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=110)
+    assert res.returncode == 0, res.stdout + res.stderr
+
+
+def test_py_typed_ships():
+    assert os.path.exists(os.path.join(ROOT, "procctl", "py.typed"))
+
+
+def test_import_procctl_loads_no_display_or_cli_dependency():
+    code = ("import sys, procctl; procctl.ProcessController; procctl.State; "
+            "bad = [m for m in ('rich', 'click', 'psutil') if m in sys.modules]; print(bad)")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert res.stdout.strip() == "[]", res.stdout + res.stderr
