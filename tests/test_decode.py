@@ -37,21 +37,18 @@ from procctl.worker import Payload
 # -- exit decoding ---------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    "code, text",
-    [
-        (None, "did not exit"),
-        (0, "exited with code 0"),
-        (3, "exited with code 3"),
-        (255, "exited with code 255"),
-        (-9, "was killed by SIGKILL"),
-        (-15, "was killed by SIGTERM"),
-        (-11, "was killed by SIGSEGV"),
-        (-200, "was killed by signal 200"),
-    ],
-)
-def test_describe_exit(code, text):
-    assert shutdown.describe_exit(code) == text
+def test_describe_exit():
+    cases = {
+        None: "did not exit",
+        0: "exited with code 0",
+        3: "exited with code 3",
+        255: "exited with code 255",
+        -9: "was killed by SIGKILL",
+        -15: "was killed by SIGTERM",
+        -11: "was killed by SIGSEGV",
+        -200: "was killed by signal 200",
+    }
+    assert {code: shutdown.describe_exit(code) for code in cases} == cases
 
 
 def test_signal_name():
@@ -179,12 +176,12 @@ def test_decode_died_without_report_is_crashed(decode, code):
 # -- commands ------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("seq", [0, 1, 255, 256, 2**40, 2**54])
-@pytest.mark.parametrize("state", list(State))
-def test_pack_unpack_command(seq, state):
-    word = pack_command(seq, state)
-    assert unpack_command(word) == (seq, state)
-    assert -(2**63) <= word < 2**63  # fits a board word
+def test_pack_unpack_command():
+    for seq in (0, 1, 255, 256, 2**40, 2**54):
+        for state in State:
+            word = pack_command(seq, state)
+            assert unpack_command(word) == (seq, state)
+            assert -(2**63) <= word < 2**63  # fits a board word
 
 
 def test_later_commands_pack_differently():

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 
 import psutil
@@ -140,10 +141,13 @@ def test_workers_exit_when_the_manager_is_sigkilled(mode, start_method, tests_di
         for stream in (proc.stdin, proc.stdout, proc.stderr):
             stream.close()
 
-
-
-def test_orphan_exits_even_inside_a_gil_holding_c_call(tests_dir):
-    proc, info = _start_manager(tests_dir, "targets_extra.gil_hog", True, "fork", workers=1)
+@pytest.mark.parametrize("method", [
+    "fork",
+    "spawn",
+    pytest.param("forkserver", marks=pytest.mark.xfail(reason="CORE_BUGS.md #2", strict=True)),
+])
+def test_orphan_exits_even_inside_a_gil_holding_c_call(tests_dir, method):
+    proc, info = _start_manager(tests_dir, "targets_extra.gil_hog", True, method, workers=1)
     try:
         exits = Exits(info["workers"])
         os.kill(proc.pid, signal.SIGKILL)
@@ -236,3 +240,24 @@ def test_manager_sigint_handler_does_not_leak_into_forked_workers():
     finally:
         signal.signal(signal.SIGINT, old)
     assert reports[0].result["sigint"] is True  # SIG_IGN in the worker
+
+
+@pytest.mark.parametrize("method", ["fork", "spawn"])
+def test_controller_started_in_a_thread_outlives_the_thread(method):
+    """Whatever kills orphans must not kill workers when the starting thread ends."""
+    holder = {}
+
+    def starter():
+        holder["pc"] = ProcessController(targets.sleep_units, 2, start_method=method).start()
+
+    t = threading.Thread(target=starter)
+    t.start()
+    t.join(30)
+    pc = holder["pc"]
+    with pc:
+        pc.run()
+        pc.pause()
+        assert pc.reports == {}, pc.reports
+        pc.run()
+        reports = pc.stop()
+    assert [r.outcome for r in reports.values()] == [Outcome.STOPPED] * 2

@@ -91,7 +91,7 @@ def one_cycle(method: str, i: int) -> None:
             pass
 
 
-CYCLES = {"fork": 50, "forkserver": 20, "spawn": 5}
+CYCLES = {"fork": 50, "forkserver": 10, "spawn": 3}
 
 
 def test_create_use_close_cycles_leave_nothing(start_method):
@@ -245,13 +245,13 @@ def test_paused_workers_use_no_cpu(start_method):
         pids = pc.pids()
         # paused since start
         c0 = _cpu(pids)
-        time.sleep(0.5)  # measurement window
+        time.sleep(0.4)  # measurement window
         c1 = _cpu(pids)
         # paused again after running (the target spins while running)
         pc.run()
         pc.pause()
         c2 = _cpu(pids)
-        time.sleep(0.7)  # measurement window
+        time.sleep(0.5)  # measurement window
         c3 = _cpu(pids)
         pc.stop()
     for pid in pids:
