@@ -1,0 +1,183 @@
+"""`procctl sum`: the sum-threshold job on the command line.
+
+Register it on the group with `main_group.add_command(sum_command)`; until
+then `python -m procctl.cli_sum ...` runs it alone.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import click
+
+from .clitools import (
+    EXIT_FAILED,
+    EXIT_OK,
+    EXIT_SIGINT,
+    EXIT_TIMEOUT,
+    EXIT_USAGE,
+    BadInput,
+    Reporter,
+    SignalBridge,
+)
+from .controller import WorkerStartError
+from .jobs.sum_threshold import Delay, SumCancelled, SumJob, SumJobError, SumResult
+
+START_METHODS = ("fork", "spawn", "forkserver")
+#: The library's argument names that are options here (its messages start with them).
+OPTION_NAMES = {"producers", "consumers", "threshold", "values", "queue_size", "delay", "batch", "timeout"}
+
+
+# -- parsing ----------------------------------------------------------------------
+
+
+def parse_values(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise BadInput(f"--values {text!r} must be a comma list of positive integers, e.g. 1,2,3") from None
+
+
+def parse_delay(text: str) -> Delay:
+    """'0.5' is a fixed delay; '1-2' a random one between 1 and 2 seconds."""
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    low, sep, high = text.partition("-")
+    try:
+        if sep:
+            return float(low), float(high)
+    except ValueError:
+        pass
+    raise BadInput(f"--delay {text!r} must be SECONDS or MIN-MAX, e.g. 0.5 or 1-2")
+
+
+def _as_option(message: str) -> str:
+    """'queue_size must be ...' -> '--queue-size must be ...': name what the user typed."""
+    name, sep, rest = message.partition(" ")
+    if name in OPTION_NAMES and sep:
+        return f"--{name.replace('_', '-')} {rest}"
+    return message
+
+
+# -- the story --------------------------------------------------------------------
+
+
+def event_text(event: dict[str, Any]) -> str | None:
+    """The human line for one event of the job."""
+    kind = event["event"]
+    if kind == "received":
+        return f"consumer {event['consumer']} received {event['value']} (sum {event['sum']})"
+    if kind == "crossed":
+        if event["winner"]:
+            return (f"consumer {event['consumer']} crossed the threshold {event['threshold']} with sum "
+                    f"{event['sum']}: it wins, stopping everyone")
+        return f"consumer {event['consumer']} crossed too (sum {event['sum']}), but another consumer won first"
+    if kind == "producer_stopped":
+        if "produced" in event:
+            return f"producer {event['producer']} stopped after {event['produced']} items"
+        return f"producer {event['producer']} {event['outcome']}: {event.get('error')}"
+    if kind == "consumer_stopped":
+        if "sum" in event:
+            return f"consumer {event['consumer']} stopped with sum {event['sum']} after {event['received']} items"
+        return f"consumer {event['consumer']} {event['outcome']}: {event.get('error')}"
+    if kind == "drained":
+        return f"cleanup: drained {event['items']} items left in the queue"
+    if kind == "closed":
+        return "cleanup: queue closed, its feeder joined, every process reaped"
+    return None
+
+
+def summary_text(result: SumResult) -> str:
+    return (f"summary: consumer {result.winner} won with sum {result.sums[result.winner]} > {result.threshold}; "
+            f"sums {list(result.sums)}, received {list(result.received)}, produced {list(result.produced)}, "
+            f"drained {result.drained}, {result.elapsed:.2f}s")
+
+
+# -- the command ------------------------------------------------------------------
+
+
+@click.command("sum")
+@click.option("--producers", type=int, default=3, show_default=True, help="Producer processes.")
+@click.option("--consumers", type=int, default=3, show_default=True, help="Consumer processes.")
+@click.option("--threshold", type=int, default=10, show_default=True, help="A consumer wins once its sum exceeds this.")
+@click.option("--values", "values_text", default="1,2,3", show_default=True, help="Comma list of values to produce.")
+@click.option("--queue-size", type=int, default=3, show_default=True, help="Capacity of the shared queue.")
+@click.option("--delay", "delay_text", default="0", show_default=True,
+              help="Seconds a producer sleeps after each put: SECONDS or MIN-MAX (the seed program: 1-2).")
+@click.option("--batch", type=int, default=1, show_default=True, help="Values per queue operation.")
+@click.option("--seed", type=int, default=None, help="Seed for the producers' choices.")
+@click.option("--timeout", type=float, default=None, help="Give up after this many seconds (exit 124).")
+@click.option("--start-method", type=click.Choice(START_METHODS), default=None)
+@click.option("--json", "json_lines", is_flag=True, help="JSON Lines events on stdout, the summary last.")
+def sum_command(producers: int, consumers: int, threshold: int, values_text: str, queue_size: int,
+                delay_text: str, batch: int, seed: int | None, timeout: float | None,
+                start_method: str | None, json_lines: bool) -> int:
+    """Producers fill one queue; the first consumer whose sum exceeds the threshold stops everyone."""
+    reporter = Reporter(json_lines=json_lines)
+
+    def on_event(event: dict[str, Any]) -> None:
+        # Per-item records are not kept: a long run would hold them all in memory.
+        reporter.emit(event, event_text(event))
+        reporter.records.clear()
+
+    try:
+        job = SumJob(producers, consumers, threshold, values=parse_values(values_text), queue_size=queue_size,
+                     delay=parse_delay(delay_text), seed=seed, start_method=start_method, timeout=timeout,
+                     batch=batch, on_event=on_event)
+    except ValueError as exc:
+        raise BadInput(_as_option(str(exc))) from None
+    try:
+        return _run(job, reporter)
+    finally:
+        reporter.close()
+
+
+def _run(job: SumJob, reporter: Reporter) -> int:
+    bridge: SignalBridge
+
+    def on_signal() -> None:
+        # SIGUSR1/2 only wake the bridge; SIGINT/SIGTERM mean a clean stop.
+        if bridge.stop_signal is not None:
+            job.cancel()
+
+    with SignalBridge(wake=on_signal, hurry=job.kill) as bridge:
+        try:
+            result = job.run()
+        except SumCancelled:
+            name = signal.Signals(bridge.stop_signal).name if bridge.stop_signal else None
+            reporter.emit({"event": "cancelled", "signal": name},
+                          "cancelled: everything stopped and cleaned up")
+            return bridge.exit_code or EXIT_SIGINT
+        except TimeoutError as exc:
+            reporter.emit({"event": "timeout", "timeout": job.plan.timeout}, None)
+            click.echo(f"procctl sum: {exc}", err=True)
+            return EXIT_TIMEOUT
+        except (SumJobError, WorkerStartError) as exc:
+            click.echo(f"procctl sum: error: {exc}", err=True)
+            return EXIT_FAILED
+    reporter.summary({"event": "summary", **result.to_dict()}, summary_text(result))
+    return EXIT_OK
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Run `sum` alone, with the same error handling as `procctl`."""
+    try:
+        code = sum_command.main(args=argv, prog_name="procctl sum", standalone_mode=False)
+    except click.UsageError as exc:
+        click.echo(f"procctl sum: error: {exc.format_message()}", err=True)
+        code = EXIT_USAGE
+    except BadInput as exc:
+        click.echo(f"procctl sum: error: {exc}", err=True)
+        code = EXIT_USAGE
+    except click.Abort:
+        code = EXIT_SIGINT
+    sys.exit(code or 0)
+
+
+if __name__ == "__main__":
+    main()

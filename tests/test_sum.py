@@ -1,0 +1,385 @@
+"""The sum-threshold job: invariants over shapes, the classic hangs, start methods, the CLI.
+
+Every run is bounded by pytest-timeout and the no-process-left fixture; the
+long stress lives behind @pytest.mark.soak and in scripts/soak_sum.py.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import psutil
+import pytest
+
+from procctl import ProcessController, State
+from procctl.jobs import SumCancelled, SumJob, SumJobError, SumResult, sum_threshold
+
+# procctl.jobs re-exports the function under the module's name: fetch the module itself.
+job_module = importlib.import_module("procctl.jobs.sum_threshold")
+
+HELPER_THREADS = ("QueueFeederThread", "sum-drainer", "sum-events")
+
+
+# -- helpers ------------------------------------------------------------------------
+
+
+def check(result: SumResult, producers: int, consumers: int, threshold: int, values=(1, 2, 3)) -> None:
+    """The issue's invariants, for one result."""
+    assert isinstance(result, SumResult)
+    assert len(result.sums) == len(result.received) == consumers
+    assert len(result.produced) == producers
+    assert 0 <= result.winner < consumers
+    assert result.threshold == threshold
+    assert result.sums[result.winner] > threshold
+    assert sum(result.produced) == sum(result.received) + result.drained, result
+    assert result.drained >= 0 and min(result.produced) >= 0 and min(result.received) >= 0
+    for total, count in zip(result.sums, result.received, strict=True):
+        assert min(values) * count <= total <= max(values) * count
+    assert result.elapsed > 0
+    assert not [t.name for t in threading.enumerate() if t.name in HELPER_THREADS]
+
+
+def check_story(result: SumResult, events: list[dict]) -> None:
+    """The events tell the same story as the result, in order."""
+    kinds = [e["event"] for e in events]
+    winners = [e for e in events if e["event"] == "crossed" and e["winner"]]
+    assert [e["consumer"] for e in winners] == [result.winner]
+    for e in events:
+        if e["event"] == "crossed" and not e["winner"]:
+            assert e["sum"] > result.threshold
+    for c, (total, count) in enumerate(zip(result.sums, result.received, strict=True)):
+        got = [e for e in events if e["event"] == "received" and e["consumer"] == c]
+        assert len(got) == count
+        assert sum(e["value"] for e in got) == total
+    stopped = {e["producer"]: e["produced"] for e in events if e["event"] == "producer_stopped"}
+    assert stopped == dict(enumerate(result.produced))
+    assert kinds[-2:] == ["drained", "closed"]
+    assert events[-2]["items"] == result.drained
+    first_cleanup = kinds.index("producer_stopped")
+    assert "received" not in kinds[first_cleanup:]
+
+
+def _ours(proc: psutil.Process) -> bool:
+    """A live process of ours: not a multiprocessing helper, not a zombie on its way out."""
+    try:
+        if proc.status() == psutil.STATUS_ZOMBIE:
+            return False
+        return not any(h in " ".join(proc.cmdline()) for h in ("resource_tracker", "forkserver"))
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return False  # ended while we looked
+
+
+def children() -> list[psutil.Process]:
+    return [p for p in psutil.Process().children(recursive=True) if _ours(p)]
+
+
+# -- invariants over shapes -----------------------------------------------------------
+
+
+SHAPES = [(1, 1), (1, 5), (5, 1), (4, 4), (8, 2)]
+
+
+@pytest.mark.parametrize("queue_size", [1, 1000])
+@pytest.mark.parametrize("shape", SHAPES, ids=[f"{p}x{c}" for p, c in SHAPES])
+def test_invariants_over_shapes_and_thresholds(shape, queue_size):
+    producers, consumers = shape
+    for threshold in (0, 1, 37, 2_000):
+        result = sum_threshold(producers, consumers, threshold, queue_size=queue_size, start_method="fork")
+        check(result, producers, consumers, threshold)
+
+
+@pytest.mark.parametrize("threshold,batch", [(60_000, 1), (400_000, 64)])
+def test_large_thresholds(threshold, batch):
+    result = sum_threshold(3, 3, threshold, queue_size=1000, batch=batch, start_method="fork")
+    check(result, 3, 3, threshold)
+    assert sum(result.received) >= threshold // 3
+
+
+def test_story_events_match_the_result():
+    for seed in range(3):
+        events: list[dict] = []
+        result = sum_threshold(3, 3, 40, seed=seed, on_event=events.append, start_method="fork")
+        check(result, 3, 3, 40)
+        check_story(result, events)
+
+
+def test_batches_keep_accounting_exact():
+    for batch in (2, 17, 256):
+        events: list[dict] = []
+        result = sum_threshold(2, 3, 500, batch=batch, queue_size=4, on_event=events.append, start_method="fork")
+        check(result, 2, 3, 500)
+        check_story(result, events)
+        assert all(n % batch == 0 for n in result.produced)
+
+
+def test_values_and_random_delay():
+    result = sum_threshold(2, 2, 30, values=[5, 7], delay=(0.001, 0.003), seed=4, start_method="fork")
+    check(result, 2, 2, 30, values=(5, 7))
+
+
+def test_start_methods(start_method):
+    events: list[dict] = []
+    result = sum_threshold(3, 3, 200, start_method=start_method, on_event=events.append)
+    check(result, 3, 3, 200)
+    check_story(result, events)
+
+
+def test_nothing_left_over_many_runs():
+    sum_threshold(2, 2, 5, start_method="fork")  # warm up lazily created helpers
+    fds = len(os.listdir("/proc/self/fd"))
+    threads = threading.active_count()
+    for _ in range(10):
+        sum_threshold(2, 2, 5, start_method="fork", on_event=lambda e: None)
+    assert len(os.listdir("/proc/self/fd")) == fds
+    assert threading.active_count() == threads
+    assert not children()
+
+
+# -- the classic hangs ----------------------------------------------------------------
+
+
+def test_producers_blocked_on_a_full_queue_at_cancellation():
+    # One slot, many producers, one consumer: when it crosses, every producer
+    # is (or soon is) blocked in put(), and nobody reads but the manager.
+    for _ in range(5):
+        result = sum_threshold(8, 1, 50, queue_size=1, start_method="fork")
+        check(result, 8, 1, 50)
+        assert result.drained >= 1
+        assert result.elapsed < job_module.GRACE  # nobody had to be escalated
+
+
+def test_feeder_threads_holding_items_do_not_keep_producers_alive():
+    # 1000 batches of 256 values is far more than a pipe holds: the feeder
+    # threads are blocked writing when the stop comes; exit needs them flushed.
+    result = sum_threshold(4, 1, 10, queue_size=1000, batch=256, start_method="fork")
+    check(result, 4, 1, 10)
+    assert result.drained > 64 * 1024 // 3  # more than a pipe's worth of items
+    assert result.elapsed < job_module.GRACE
+
+
+def test_two_consumers_crossing_at_once_give_exactly_one_winner():
+    crossings = 0
+    for _ in range(8):
+        events: list[dict] = []
+        # Threshold 0 with one value: every consumer crosses on its first item.
+        result = sum_threshold(4, 4, 0, values=(1,), queue_size=8, on_event=events.append, start_method="fork")
+        check(result, 4, 4, 0, values=(1,))
+        check_story(result, events)
+        crossed = [e for e in events if e["event"] == "crossed"]
+        assert sum(e["winner"] for e in crossed) == 1
+        crossings += len(crossed) > 1
+    assert crossings >= 1, "no run had two consumers crossing"
+
+
+def race_claims(ctx, barrier, claims):
+    """Every worker tries to claim every round at the same instant."""
+    wins = []
+    for claim in claims:
+        barrier.wait(10)
+        wins.append(job_module._claim(claim, ctx.worker_id))
+    return wins
+
+
+def test_claim_is_atomic_under_a_simultaneous_race():
+    import multiprocessing
+
+    mp = multiprocessing.get_context("fork")
+    rounds, workers = 50, 6
+    claims = [mp.Value("i", -1) for _ in range(rounds)]
+    barrier = mp.Barrier(workers)
+    with ProcessController(race_claims, workers, args=(barrier, claims), start_method="fork",
+                           initial_state=State.RUNNING) as pc:
+        assert pc.wait(30)
+        reports = pc.stop()
+    for r in range(rounds):
+        winners = [w for w, rep in reports.items() if rep.result[r]]
+        assert winners == [claims[r].value]
+
+
+def test_a_failing_worker_is_an_error_not_a_hang(monkeypatch):
+    def broken(*args):
+        raise RuntimeError("consumer broke")
+
+    monkeypatch.setattr(job_module, "_consume", broken)  # inherited by forked workers
+    with pytest.raises(SumJobError, match="consumer broke"):
+        sum_threshold(2, 2, 10, start_method="fork")
+
+
+# -- timeout, cancel, bad arguments ----------------------------------------------------
+
+
+def test_timeout_stops_cleanly_and_raises():
+    started = time.monotonic()
+    with pytest.raises(TimeoutError, match="within 0.5s"):
+        sum_threshold(2, 2, 10**9, delay=0.01, timeout=0.5, start_method="fork")
+    assert time.monotonic() - started < 3
+    assert not children()
+    assert not [t.name for t in threading.enumerate() if t.name in HELPER_THREADS]
+
+
+def test_cancel_from_another_thread():
+    job = SumJob(3, 3, 10**9, queue_size=1, start_method="fork")
+    timer = threading.Timer(0.3, job.cancel)
+    timer.start()
+    try:
+        with pytest.raises(SumCancelled):
+            job.run()
+    finally:
+        timer.cancel()
+    assert not children()
+
+
+BAD_ARGUMENTS = [
+    {"producers": 0}, {"producers": -1}, {"producers": 1.5}, {"producers": True}, {"consumers": 0},
+    {"threshold": -1}, {"threshold": 2.5}, {"threshold": "10"}, {"threshold": None},
+    {"values": ()}, {"values": (1, 0)}, {"values": (1, -2)}, {"values": (1.5,)}, {"values": "123"},
+    {"values": 3}, {"queue_size": 0}, {"queue_size": -3}, {"delay": -0.1}, {"delay": (2, 1)},
+    {"delay": (-1, 1)}, {"delay": (1, 2, 3)}, {"delay": float("nan")}, {"delay": "1"},
+    {"timeout": 0}, {"timeout": -1}, {"seed": "x"}, {"start_method": "thread"},
+    {"batch": 0}, {"batch": 10_000}, {"on_event": 3},
+]
+
+
+@pytest.mark.parametrize("kwargs", BAD_ARGUMENTS, ids=[repr(k) for k in BAD_ARGUMENTS])
+def test_bad_arguments_raise_before_any_process_starts(kwargs):
+    before = {p.pid for p in children()}
+    with pytest.raises(ValueError) as info:
+        sum_threshold(**kwargs)
+    assert next(iter(kwargs)).split("_")[0] in str(info.value)
+    assert {p.pid for p in children()} <= before
+
+
+# -- the command line --------------------------------------------------------------------
+
+
+def _cli() -> list[str]:
+    """`python -m procctl sum` once the group has it, else the command alone."""
+    try:
+        from procctl.cli import main_group
+
+        if "sum" in main_group.commands:
+            return [sys.executable, "-m", "procctl", "sum"]
+    except ImportError:
+        pass
+    return [sys.executable, "-m", "procctl.cli_sum"]
+
+
+CLI = _cli()
+
+
+def run_sum(*args: str, timeout: float = 30) -> subprocess.CompletedProcess:
+    return subprocess.run(CLI + list(args), capture_output=True, text=True, timeout=timeout)
+
+
+def test_cli_tells_the_story():
+    res = run_sum("--seed", "3", "--threshold", "10")
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.splitlines()
+    assert any(" received " in line for line in lines)
+    assert sum("crossed the threshold" in line for line in lines) == 1
+    for what in ("producer 0 stopped", "consumer 0 stopped", "cleanup: drained", "cleanup: queue closed"):
+        assert any(line.startswith(what) for line in lines), what
+    assert lines[-1].startswith("summary: consumer ")
+    assert res.stderr == ""
+
+
+def test_cli_json_lines_end_with_the_summary():
+    res = run_sum("--json", "--producers", "2", "--consumers", "3", "--threshold", "25", "--delay", "0-0.001")
+    assert res.returncode == 0, res.stderr
+    events = [json.loads(line) for line in res.stdout.splitlines()]
+    summary = events[-1]
+    assert set(summary) == {"event", "winner", "threshold", "sums", "received", "produced", "drained", "elapsed"}
+    result = SumResult(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in summary.items() if k != "event"})
+    check(result, 2, 3, 25)
+    check_story(result, events[:-1])
+    assert all(isinstance(e["t"], float) for e in events[:-1])
+
+
+BAD_CLI = [
+    ["--producers", "0"], ["--consumers", "abc"], ["--threshold", "-1"], ["--threshold", "1.5"],
+    ["--values", ""], ["--values", "1,x"], ["--values", "0"], ["--queue-size", "0"], ["--delay", "-1"],
+    ["--delay", "2-1"], ["--delay", "soon"], ["--timeout", "-2"], ["--start-method", "thread"],
+    ["--batch", "0"], ["--seed", "x"], ["--bogus"],
+]
+
+
+@pytest.mark.parametrize("args", BAD_CLI, ids=[" ".join(a) for a in BAD_CLI])
+def test_cli_bad_input_is_one_line_and_exit_2(args):
+    res = run_sum(*args)
+    assert res.returncode == 2
+    assert res.stdout == ""
+    assert len(res.stderr.strip().splitlines()) == 1, res.stderr
+    assert "Traceback" not in res.stderr
+
+
+def test_cli_timeout_exits_124():
+    res = run_sum("--threshold", "1000000000", "--delay", "0.01", "--timeout", "0.5", "--json")
+    assert res.returncode == 124, res.stderr
+    assert json.loads(res.stdout.splitlines()[-1])["event"] == "timeout"
+    assert "within 0.5s" in res.stderr
+
+
+def _live(*args: str) -> subprocess.Popen:
+    proc = subprocess.Popen(CLI + ["--json", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            start_new_session=True)  # its own process group, as on a terminal
+    return proc
+
+
+def _wait_first_line(proc: subprocess.Popen, timeout: float = 20) -> list[psutil.Process]:
+    done = threading.Event()
+    timer = threading.Timer(timeout, lambda: done.is_set() or proc.kill())
+    timer.start()
+    try:
+        line = proc.stdout.readline()  # the first event: the run is under way
+    finally:
+        done.set()
+        timer.cancel()
+    assert line, proc.stderr.read().decode()
+    return psutil.Process(proc.pid).children(recursive=True)
+
+
+@pytest.mark.parametrize("sig,code,group", [(signal.SIGINT, 130, True), (signal.SIGTERM, 143, False)])
+def test_cli_signal_stops_cleanly(sig, code, group):
+    proc = _live("--threshold", "1000000000", "--delay", "0.001")
+    try:
+        workers = _wait_first_line(proc)
+        assert workers
+        if group:
+            os.killpg(proc.pid, sig)  # Ctrl-C on a terminal: the whole group
+        else:
+            os.kill(proc.pid, sig)
+        out, err = proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+    assert proc.returncode == code, err
+    assert b"Traceback" not in err
+    events = [json.loads(line) for line in out.splitlines()]
+    assert [e["event"] for e in events[-3:]] == ["drained", "closed", "cancelled"]
+    _, alive = psutil.wait_procs(workers, timeout=5)
+    assert not alive
+
+
+# -- soak -----------------------------------------------------------------------------------
+
+
+@pytest.mark.soak
+@pytest.mark.timeout(600)
+def test_soak_random_shapes():
+    import random
+
+    rng = random.Random(1)
+    for _ in range(300):
+        p, c = rng.randint(1, 8), rng.randint(1, 8)
+        threshold = rng.choice([0, 1, 10, 100, 1000, 20_000])
+        size = rng.choice([1, 2, 3, 100, 1000])
+        batch = rng.choice([1, 1, 4, 64])
+        check(sum_threshold(p, c, threshold, queue_size=size, batch=batch), p, c, threshold)
