@@ -298,3 +298,12 @@ def _run(make: Callable[[Callable[[Event], None]], ProcessController], workers: 
         render_timeline([e.to_dict() for e in history] + [record], timeline_path,
                         workers=pc.workers, title=f"procctl run: {pc.workers} workers")
     return exit_status(reports, bridge, session.timed_out)
+
+
+def _register_commands() -> None:
+    from .cli_sum import sum_command
+
+    main_group.add_command(sum_command)
+
+
+_register_commands()

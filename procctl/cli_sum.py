@@ -121,9 +121,7 @@ def sum_command(producers: int, consumers: int, threshold: int, values_text: str
     reporter = Reporter(json_lines=json_lines)
 
     def on_event(event: dict[str, Any]) -> None:
-        # Per-item records are not kept: a long run would hold them all in memory.
         reporter.emit(event, event_text(event))
-        reporter.records.clear()
 
     try:
         job = SumJob(producers, consumers, threshold, values=parse_values(values_text), queue_size=queue_size,

@@ -85,13 +85,11 @@ class Reporter:
         self.json_lines = json_lines
         self.quiet = quiet
         self.stream = stream if stream is not None else sys.stdout
-        self.records: list[dict[str, Any]] = []
         self._events = open(events_path, "w", encoding="utf-8") if events_path else None
         self._broken = False
 
     def emit(self, record: dict[str, Any], text: str | None) -> None:
         """One event: `record` for machines, `text` (if any) for people."""
-        self.records.append(record)
         line = json.dumps(record, default=str)
         if self._events is not None:
             self._events.write(line + "\n")

@@ -211,7 +211,7 @@ class ProcessController:
         doorbell, report = link.child_fds()
         spec = WorkerSpec(
             wid, self.workers, self._payload, InheritedFd(self._board.fd), doorbell, report, os.getpid(),
-            die_with_parent=self._die_with_parent,
+            die_with_parent=self._die_with_parent, forkserver=self.start_method == "forkserver",
         )
         process = self._mp.Process(target=worker_main, args=(spec,), name=f"procctl-worker-{wid}")
         try:

@@ -76,6 +76,8 @@ class WorkerSpec:
     manager_pid: int
     #: Ask the kernel to SIGKILL us when our parent dies (see _die_with_parent).
     die_with_parent: bool = False
+    #: Started by the fork server: let go of its alive pipe (see _release_fork_server).
+    forkserver: bool = False
 
 
 class WorkerContext:
@@ -141,13 +143,15 @@ class WorkerContext:
                 poller.register(other, select.POLLIN)
         ms = None if timeout is None else max(0, int(timeout * 1000))
         ready = poller.poll(ms)
+        applied, state = self._applied, self.state
         hit = False
         for ready_fd, _ in ready:
             if ready_fd == fd:
                 hit = True
             else:
                 self._on_wake(ready_fd)
-        return hit
+        # A command that came with the data wins: the caller must see it first.
+        return hit and self._applied == applied and self.state is state
 
     def progress(self, done: float, total: float | None = None, **info: Any) -> None:
         """Report progress. Cheap enough for a tight loop: `done` and `total`
@@ -170,8 +174,9 @@ class WorkerContext:
     # -- internals ----------------------------------------------------------
 
     def _apply(self) -> None:
-        word = self._end.command()
+        # Drain first, then read: a command posted in between rings again.
         self._end.drain_doorbell()
+        word = self._end.command()
         seq, state = unpack_command(word)
         self._applied = word
         if self.state is State.STOPPED:
@@ -258,6 +263,24 @@ def _die_with_parent() -> None:
         pass
 
 
+def _release_fork_server() -> None:
+    """Close our copy of the fork server's alive pipe.
+
+    multiprocessing hands every forkserver child a copy of it; while any
+    worker holds one, the fork server never sees the manager go, never exits,
+    and our parent-death signal never fires. Forgetting the address too makes
+    a worker that uses forkserver itself start its own.
+    """
+    from multiprocessing import forkserver
+
+    server = forkserver._forkserver
+    fd = server._forkserver_alive_fd
+    if fd is not None:
+        os.close(fd)
+    server._forkserver_alive_fd = None
+    server._forkserver_address = None
+
+
 def _watch_manager(manager_pid: int) -> int | None:
     """Return an fd that becomes readable when the manager exits.
 
@@ -316,6 +339,8 @@ def worker_main(spec: WorkerSpec) -> None:
     """Entry point of every worker process."""
     board = Board(spec.workers, fd=spec.board.detach())
     end = ControlEnd(spec.worker_id, board, spec.doorbell.detach(), spec.report.detach())
+    if spec.forkserver:
+        _release_fork_server()
     if spec.die_with_parent:
         _die_with_parent()
     # Opened after the prctl: a manager that died before it is caught here.

@@ -144,7 +144,7 @@ def test_workers_exit_when_the_manager_is_sigkilled(mode, start_method, tests_di
 @pytest.mark.parametrize("method", [
     "fork",
     "spawn",
-    pytest.param("forkserver", marks=pytest.mark.xfail(reason="CORE_BUGS.md #2", strict=True)),
+    "forkserver",
 ])
 def test_orphan_exits_even_inside_a_gil_holding_c_call(tests_dir, method):
     proc, info = _start_manager(tests_dir, "targets_extra.gil_hog", True, method, workers=1)
