@@ -273,7 +273,7 @@ def _release_fork_server() -> None:
     """
     from multiprocessing import forkserver
 
-    server = forkserver._forkserver
+    server: Any = forkserver._forkserver  # private state, see the docstring
     fd = server._forkserver_alive_fd
     if fd is not None:
         os.close(fd)

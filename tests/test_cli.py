@@ -7,7 +7,6 @@ import signal
 import time
 
 import pytest
-
 from clihelp import LiveCli, assert_all_gone, json_events, run_cli, worker_pids
 
 TESTS = os.path.dirname(__file__)

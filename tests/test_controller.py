@@ -10,9 +10,9 @@ import time
 
 import psutil
 import pytest
-
 import targets
 import targets_extra
+
 from procctl import Outcome, ProcessController, State, WorkerContext, WorkerStartError
 from procctl.states import WorkerReport, WorkerStatus
 

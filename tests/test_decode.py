@@ -15,10 +15,9 @@ from multiprocessing.reduction import ForkingPickler
 from types import SimpleNamespace
 
 import pytest
-
 import targets
-from procctl import Outcome, ProcessController, State
-from procctl import shutdown
+
+from procctl import Outcome, ProcessController, State, shutdown
 from procctl.channel import (
     ACK,
     ACK_BODY,
@@ -363,7 +362,7 @@ def test_payload_that_cannot_be_imported_fails_at_load_not_at_unpickle(tmp_path)
 
 
 def test_payload_of_a_lambda_cannot_be_pickled():
-    with pytest.raises(Exception):
+    with pytest.raises(Exception):  # noqa: B017 - pickle raises several types here
         ForkingPickler.dumps(Payload(lambda ctx: 1, (), {}))
 
 

@@ -17,9 +17,9 @@ import time
 
 import psutil
 import pytest
-
 import targets
 import targets_extra
+
 from procctl import Outcome, ProcessController, State, WorkerStartError
 
 
@@ -401,7 +401,7 @@ def test_exception_in_with_block_propagates_and_closes():
     with pytest.raises(ZeroDivisionError):
         with ProcessController(targets.loop, 2, start_method="fork") as pc:
             pc.run()
-            1 / 0
+            1 / 0  # noqa: B018 - the point is the ZeroDivisionError
     assert ours() == []
     assert len(pc.reports) == 2
 

@@ -14,9 +14,9 @@ import time
 
 import psutil
 import pytest
-
 import targets
 import targets_extra
+
 from procctl import Outcome, ProcessController, State
 
 MANAGER = textwrap.dedent("""

@@ -7,8 +7,8 @@ import random
 import signal
 
 import pytest
-
 import targets
+
 from procctl import Outcome, ProcessController
 
 pytestmark = [pytest.mark.soak, pytest.mark.timeout(900)]

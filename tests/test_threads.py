@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 
 import targets
+
 from procctl import Outcome, ProcessController
 
 
