@@ -6,6 +6,7 @@ then `python -m procctl.cli_sum ...` runs it alone.
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import sys
 from collections.abc import Sequence
@@ -22,6 +23,7 @@ from .clitools import (
     BadInput,
     Reporter,
     SignalBridge,
+    check_writable_file,
 )
 from .controller import WorkerStartError
 from .jobs.sum_threshold import Delay, SumCancelled, SumJob, SumJobError, SumResult
@@ -114,28 +116,41 @@ def summary_text(result: SumResult) -> str:
 @click.option("--timeout", type=float, default=None, help="Give up after this many seconds (exit 124).")
 @click.option("--start-method", type=click.Choice(START_METHODS), default=None)
 @click.option("--json", "json_lines", is_flag=True, help="JSON Lines events on stdout, the summary last.")
+@click.option("--quiet", is_flag=True, help="Print only the summary.")
+@click.option("--events", "events_path", default=None, help="Also write every event as JSON Lines to FILE.")
 def sum_command(producers: int, consumers: int, threshold: int, values_text: str, queue_size: int,
                 delay_text: str, batch: int, seed: int | None, timeout: float | None,
-                start_method: str | None, json_lines: bool) -> int:
+                start_method: str | None, json_lines: bool, quiet: bool, events_path: str | None) -> int:
     """Producers fill one queue; the first consumer whose sum exceeds the threshold stops everyone."""
-    reporter = Reporter(json_lines=json_lines)
+    if events_path:
+        check_writable_file(events_path, "--events")
+    live = sys.stdout.isatty() and not json_lines and not quiet
+    view: Any = None
+    if live and producers >= 1 and consumers >= 1:
+        from .live import SumLiveView
+
+        view = SumLiveView(consumers, producers, threshold)
+    reporter = Reporter(json_lines=json_lines, quiet=quiet or live, events_path=events_path)
+    listening = json_lines or view is not None or events_path or not quiet
 
     def on_event(event: dict[str, Any]) -> None:
         reporter.emit(event, event_text(event))
+        if view is not None:
+            view.on_event(event)
 
     try:
         job = SumJob(producers, consumers, threshold, values=parse_values(values_text), queue_size=queue_size,
                      delay=parse_delay(delay_text), seed=seed, start_method=start_method, timeout=timeout,
-                     batch=batch, on_event=on_event)
+                     batch=batch, on_event=on_event if listening else None)
     except ValueError as exc:
         raise BadInput(_as_option(str(exc))) from None
     try:
-        return _run(job, reporter)
+        return _run(job, reporter, view)
     finally:
         reporter.close()
 
 
-def _run(job: SumJob, reporter: Reporter) -> int:
+def _run(job: SumJob, reporter: Reporter, view: Any = None) -> int:
     bridge: SignalBridge
 
     def on_signal() -> None:
@@ -145,7 +160,8 @@ def _run(job: SumJob, reporter: Reporter) -> int:
 
     with SignalBridge(wake=on_signal, hurry=job.kill) as bridge:
         try:
-            result = job.run()
+            with view if view is not None else contextlib.nullcontext():
+                result = job.run()  # the live view closes before the summary
         except SumCancelled:
             name = signal.Signals(bridge.stop_signal).name if bridge.stop_signal else None
             reporter.emit({"event": "cancelled", "signal": name},

@@ -138,3 +138,55 @@ class LiveView:
             return f"{proc.cpu_percent(None):5.1f}", _fmt_bytes(proc.memory_info().rss)
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             return "", ""
+
+
+class SumLiveView:
+    """The live view of `procctl sum`: each consumer's sum racing to the threshold.
+
+    Fed by the job's events; rich redraws it from its own refresh thread, so
+    the elapsed time moves even while no item arrives.
+    """
+
+    def __init__(self, consumers: int, producers: int, threshold: int, console: Console | None = None):
+        self._threshold = threshold
+        self._producers = producers
+        self._sums = [0] * consumers
+        self._received = [0] * consumers
+        self._last = [""] * consumers
+        self._note = "running"
+        self._t0 = time.monotonic()
+        self._live = Live(self, console=console or Console(), refresh_per_second=1 / REFRESH)
+
+    def __enter__(self) -> SumLiveView:
+        self._live.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._live.__exit__(None, None, None)
+
+    def on_event(self, event: dict[str, Any]) -> None:
+        kind = event.get("event")
+        if kind == "received":
+            c = event["consumer"]
+            self._sums[c] = event["sum"]
+            self._received[c] += 1
+            self._last[c] = f"got {event['value']}"
+        elif kind == "crossed":
+            c = event["consumer"]
+            self._last[c] = "WON" if event.get("winner") else "crossed too late"
+            if event.get("winner"):
+                self._note = f"consumer {c} won: stopping everyone"
+        elif kind in ("drained", "closed"):
+            self._note = "cleanup: queue drained and closed" if kind == "closed" else self._note
+
+    def __rich__(self) -> Group:
+        head = Text(f"procctl sum: {self._producers} producers, {len(self._sums)} consumers, "
+                    f"threshold {self._threshold}  ", style="bold")
+        head.append(f"{time.monotonic() - self._t0:6.1f}s  {self._note}")
+        table = Table(box=None, pad_edge=False, header_style="bold dim")
+        for column in ("consumer", "sum", "toward the threshold", "items", "last"):
+            table.add_column(column)
+        for c, total in enumerate(self._sums):
+            bar = ProgressBar(total=max(1, self._threshold + 1), completed=min(total, self._threshold + 1), width=30)
+            table.add_row(str(c), str(total), bar, str(self._received[c]), self._last[c])
+        return Group(head, table)

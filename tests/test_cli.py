@@ -247,3 +247,20 @@ def test_events_file_is_flushed_as_it_goes(tmp_path):
 def test_bad_output_paths(args, tmp_path):
     res = run_cli(["run"] + args, cwd=str(tmp_path))
     assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1
+
+
+def test_sum_live_view_on_a_terminal():
+    code, out = _run_on_pty(["sum", "--threshold", "20", "--delay", "0.01-0.03", "--seed", "3"])
+    assert code == 0
+    assert "toward the threshold" in out and "WON" in out
+    assert "\x1b[" in out
+    assert out.rstrip().splitlines()[-1].lstrip("\x1b[?25h").startswith("summary: consumer")
+
+
+def test_sum_quiet_prints_only_the_summary(tmp_path):
+    log = tmp_path / "sum.jsonl"
+    res = run_cli(["sum", "--quiet", "--seed", "1", "--events", str(log)])
+    assert res.returncode == 0
+    assert len(res.stdout.strip().splitlines()) == 1 and res.stdout.startswith("summary: consumer")
+    events = json_events(log.read_text())
+    assert events[-1]["event"] == "summary" and any(e["event"] == "received" for e in events)
