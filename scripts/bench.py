@@ -1,0 +1,541 @@
+#!/usr/bin/env python
+"""procctl benchmark: procctl against the raw floor and its peers, in one run.
+
+    python scripts/bench.py --quick              # under a minute on 2 cores
+    python scripts/bench.py                      # full run, under 10 minutes
+    python scripts/bench.py --cases lifecycle,stop --start-methods fork --json out.json
+
+Each case runs in a fresh interpreter (its own session) with a timeout; the
+harness is a child subreaper, so whatever a case leaves behind comes back to
+it and is killed, reaped and counted as a stray.  Inside a case every
+measurement has its own deadline and cleans up in `finally` (see
+bench_cases.py).  Contenders are interleaved repetition by repetition and
+ratios are taken within the run, because the machine is shared and noisy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import os
+import platform
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any
+
+# Imported here as a user's script would: under forkserver the server preloads
+# __main__, so procctl and the worker functions are preloaded for everyone.
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench_workers  # noqa: E402,F401
+
+from procctl import ProcessController, State  # noqa: E402,F401  (as the README's scripts do)
+
+CASE_ORDER = ["lifecycle", "broadcast", "stop", "paused", "throughput", "memory"]
+ONE_METHOD_CASES = {"paused", "throughput"}  # the cost does not depend on the start method
+
+
+def params(quick: bool) -> dict[str, dict[str, Any]]:
+    if quick:
+        return {
+            "lifecycle": dict(ns=[10, 100], repeats=3, peer_repeats=1, peer_max_n=10,
+                              timeout=20, timeout_per_n=0.3),
+            "broadcast": dict(ns=[10, 100], rounds=40, timeout=30, timeout_per_n=0.3),
+            "stop": dict(ns=[10, 100], repeats=3, peer_repeats=1, peer_max_n=10,
+                         timeout=20, timeout_per_n=0.2, quick=True),
+            "paused": dict(n=100, window=3.0, naive_window=0.5, repeats=1),
+            "throughput": dict(threshold=40_000, batch_threshold=4_000_000, batch=1000,
+                               queue_size=1000, repeats=1),
+            "memory": dict(n=10, repeats=1),
+        }
+    return {
+        "lifecycle": dict(ns=[10, 100, 500], repeats=5, peer_repeats=3, peer_max_n=100,
+                          timeout=30, timeout_per_n=0.3),
+        "broadcast": dict(ns=[10, 100, 500], rounds=200, timeout=60, timeout_per_n=0.5),
+        "stop": dict(ns=[10, 100], repeats=5, peer_repeats=3, peer_max_n=100,
+                     timeout=30, timeout_per_n=0.2),
+        "paused": dict(n=100, window=3.0, naive_window=3.0, repeats=2),
+        "throughput": dict(threshold=200_000, batch_threshold=20_000_000, batch=1000,
+                           queue_size=1000, repeats=3),
+        "memory": dict(n=10, repeats=3),
+    }
+
+
+def job_timeout(case: str, quick: bool) -> float:
+    return {"lifecycle": 150, "broadcast": 120, "stop": 120, "paused": 60,
+            "throughput": 120, "memory": 90}[case] * (1 if quick else 2.5)
+
+
+# =============================================================================
+# The case process
+# =============================================================================
+
+
+def child_main(case: str, method: str, p: dict[str, Any], out: str) -> int:
+    import bench_cases
+
+    bench_cases.SINK["path"] = out
+    bench_cases.CASES[case](method, p)
+    bench_cases.save()
+    return 0
+
+
+# =============================================================================
+# The harness
+# =============================================================================
+
+
+def become_subreaper() -> bool:
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.prctl(36, 1, 0, 0, 0) == 0  # PR_SET_CHILD_SUBREAPER
+    except (OSError, AttributeError):
+        return False
+
+
+LEFT: list[str] = []
+
+
+def reap_leftovers() -> int:
+    """Kill and reap every process of ours still around; return how many were not helpers."""
+    import psutil
+
+    kids = psutil.Process().children(recursive=True)
+    if not kids:
+        return 0
+    from bench_cases import is_helper
+
+    def zombie(k) -> bool:
+        try:
+            return k.status() == psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return True
+
+    # A zombie here is a helper that already exited after its case process
+    # did (the case process reaped its own workers, or sweep() counted them).
+    def exiting(k) -> bool:  # an exiting process has no cmdline left
+        try:
+            return not k.cmdline()
+        except (psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied):
+            return True
+
+    helpers = [k for k in kids if zombie(k) or is_helper(k)]
+    maybe = [k for k in kids if k not in helpers and exiting(k)]
+    _, still = psutil.wait_procs(maybe, timeout=3)
+    helpers += [k for k in maybe if k not in still]
+    strays = [k for k in kids if k not in helpers]
+    for k in strays:
+        try:
+            LEFT.append(" ".join(k.cmdline())[:120] or k.name())
+        except (psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied):
+            LEFT.append(f"pid {k.pid}")
+    for k in strays:
+        try:
+            k.kill()
+        except psutil.NoSuchProcess:
+            pass
+    # Orphaned forkserver / resource trackers exit on EOF by themselves: give
+    # them a moment, then kill what is left.
+    _, alive = psutil.wait_procs(helpers, timeout=3)
+    for k in alive:
+        try:
+            k.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(strays + alive, timeout=5)
+    return len(strays)
+
+
+def run_job(case: str, method: str, p: dict[str, Any], timeout: float,
+            verbose: bool = False) -> list[dict[str, Any]]:
+    fd, out = tempfile.mkstemp(prefix=f"bench-{case}-", suffix=".json")
+    os.close(fd)
+    cmd = [sys.executable, os.path.abspath(__file__), "--_case", case, "--_method", method,
+           "--_params", json.dumps(p), "--_out", out]
+    error = None
+    proc = subprocess.Popen(cmd, start_new_session=True, stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        output, _ = proc.communicate(timeout=timeout)
+        if verbose:
+            sys.stderr.write(output.decode(errors="replace"))
+        if proc.returncode != 0:
+            tail = output.decode(errors="replace").strip().splitlines()[-3:]
+            error = f"case process exited {proc.returncode}: {' | '.join(tail)}"[:300]
+    except subprocess.TimeoutExpired:
+        error = f"case timed out after {timeout:.0f}s"
+    finally:
+        if proc.poll() is None:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            proc.kill()
+        proc.wait()
+        if proc.stdout:
+            proc.stdout.close()
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # anything left in its session
+        except (ProcessLookupError, PermissionError):
+            pass
+        strays = reap_leftovers()
+    rows: list[dict[str, Any]] = []
+    try:
+        with open(out) as f:
+            rows = json.load(f)
+    except (OSError, ValueError):
+        pass
+    finally:
+        os.unlink(out)
+    if not rows:
+        rows = [{"case": case, "method": method, "n": None, "name": "(case)", "role": "floor",
+                 "unit": "", "higher": False, "samples": [], "error": error or "no result",
+                 "note": "", "stray": 0}]
+    elif error:
+        for r in rows:
+            if not r["samples"] and not r["error"]:
+                r["error"] = error
+        rows.append({"case": case, "method": method, "n": None, "name": "(case process)", "role": "peer",
+                     "unit": "", "higher": False, "samples": [], "error": error + "; rows above are partial",
+                     "note": "", "stray": 0})
+    if strays and error:
+        rows[-1]["note"] = f"{strays} process(es) of the killed case process reaped"
+    elif strays:
+        rows[0]["stray"] += strays
+        rows[0]["stray_what"] = LEFT[-strays:]
+        rows[0]["note"] = (rows[0]["note"] + "; " if rows[0]["note"] else "") + \
+            f"{strays} process(es) left after the case process ended: {LEFT[-1][:60]}"
+    return rows
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def versions() -> dict[str, str]:
+    from importlib import metadata
+
+    out = {}
+    for name in ("procctl", "loky", "pebble", "mpire", "billiard", "psutil"):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+def git_rev() -> str:
+    try:
+        here = os.path.dirname(os.path.abspath(__file__))
+        return subprocess.run(["git", "-C", here, "rev-parse", "--short", "HEAD"],
+                              capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "?"
+
+
+def header(args: argparse.Namespace, methods: list[str]) -> dict[str, Any]:
+    return {
+        "mode": "quick" if args.quick else "full",
+        "cores": os.cpu_count(),
+        "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "cpu": cpu_model(),
+        "python": f"{platform.python_implementation()} {platform.python_version()}",
+        "platform": platform.platform(),
+        "start_methods": methods,
+        "loadavg_at_start": os.getloadavg(),
+        "git": git_rev(),
+        "versions": versions(),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
+    }
+
+
+# -- statistics and the table --------------------------------------------------
+
+
+def percentile(samples: list[float], q: float) -> float:
+    s = sorted(samples)
+    return s[min(len(s) - 1, max(0, round(q * (len(s) - 1))))]
+
+
+def stats(r: dict[str, Any]) -> None:
+    s = r["samples"]
+    r["median"] = statistics.median(s) if s else None
+    if r["case"] == "broadcast":
+        r["p50"] = r["median"]
+        r["p99"] = percentile(s, 0.99) if s else None
+        r["min"] = r["p99"]
+        r["samples_count"] = len(s)
+    elif r["higher"]:
+        r["min"] = min(s) if s else None
+        r["best"] = max(s) if s else None
+    else:
+        r["min"] = min(s) if s else None
+
+
+def key(r: dict[str, Any]) -> tuple:
+    return (r["case"], r["method"], r["n"])
+
+
+def floor_for(r: dict[str, Any], rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    floors = [f for f in rows if key(f) == key(r) and f["role"] == "floor"]
+    if r["case"] == "throughput":
+        batched = "batch" in r["name"] or "lists" in r["name"]
+        floors = [f for f in floors if ("lists" in f["name"]) == batched]
+    return floors
+
+
+def ratio(a: dict[str, Any] | None, b: dict[str, Any] | None) -> float | None:
+    if not a or not b or a.get("median") is None or b.get("median") is None:
+        return None
+    if b["median"] <= 1e-9:
+        return None
+    return a["median"] / b["median"]
+
+
+def paired(a: dict[str, Any], b: dict[str, Any]) -> float | None:
+    """Median of the per-repetition ratios (repetitions are interleaved)."""
+    if a["case"] == "broadcast" or not a["samples"] or len(a["samples"]) != len(b["samples"]):
+        return None
+    rs = [x / y for x, y in zip(a["samples"], b["samples"], strict=True) if y > 0]
+    return statistics.median(rs) if rs else None
+
+
+def fmt(v: float | None, unit: str) -> str:
+    if v is None:
+        return "-"
+    if unit == "s":
+        return f"{v * 1e3:.2f} ms" if v < 10 else f"{v:.1f} s"
+    if unit == "items/s":
+        return f"{v / 1e6:.2f}M/s" if v >= 1e6 else f"{v / 1e3:.0f}k/s"
+    if unit == "MiB PSS":
+        return f"{v:.2f} MiB"
+    if unit.startswith("CPU-s"):
+        return f"{v:.3f} CPU-s"
+    return f"{v:.4g}"
+
+
+SECTION = {
+    "lifecycle": "1. Lifecycle: start N workers, reach first unit, stop, all reaped (lower is better)",
+    "broadcast": "2. Broadcast round trip: one pause() or run() to N live workers, all acked",
+    "stop": "3. Stop while busy: 1 ms CPU units; stop() to all reaped",
+    "paused": "4. Paused cost: CPU seconds of 100 idle workers per 3 s (user+system)",
+    "throughput": "5. Sum job throughput: 3 producers x 3 consumers, delay 0 (higher is better)",
+    "memory": "6. Memory: PSS per idle worker",
+}
+
+
+def print_table(rows: list[dict[str, Any]], out=sys.stdout) -> None:
+    w = out.write
+    for case in CASE_ORDER:
+        sel = [r for r in rows if r["case"] == case]
+        if not sel:
+            continue
+        w(f"\n{SECTION[case]}\n")
+        c1, c2 = ("p50", "p99") if case == "broadcast" else (
+            ("median", "best") if case == "throughput" else ("median", "min"))
+        w(f"  {'N':>4} {'method':<10} {'contender':<36} {c1:>12} {c2:>12}  {'ratio':<22} note\n")
+        for r in sel:
+            ratios = []
+            for f in floor_for(r, rows):
+                if f is r:
+                    continue
+                x = ratio(r, f)
+                if x is not None:
+                    label = {"raw Process+Pipe": "raw", "raw Event per unit": "raw",
+                             "per-worker Pipe": "Pipe", "shared Condition+counters": "Cond",
+                             "raw blocked in Queue.get()": "blocked"}.get(f["name"], "raw")
+                    ratios.append(f"{x:.2f}x {label}")
+            second = r.get("best") if case == "throughput" else r.get("min")
+            note = r["error"] or r["note"]
+            if r["stray"]:
+                note = f"STRAY {r['stray']}! " + note
+            if r.get("samples") and not r["error"] and case != "broadcast":
+                note = f"[{len(r['samples'])}x] " + note
+            elif case == "broadcast" and r.get("samples_count"):
+                note = f"[{r['samples_count']} broadcasts] " + note
+            n = "" if r["n"] is None else str(r["n"])
+            w(f"  {n:>4} {r['method']:<10} {r['name'][:36]:<36} {fmt(r.get('median'), r['unit']):>12} "
+              f"{fmt(second, r['unit']):>12}  {', '.join(ratios):<22} {note}\n")
+
+
+# -- targets -------------------------------------------------------------------
+
+
+def find(rows, case, method, n, role=None, name=None):
+    for r in rows:
+        if r["case"] == case and r["method"] == method and r["n"] == n and \
+                (role is None or r["role"] == role) and (name is None or r["name"] == name):
+            return r
+    return None
+
+
+def targets(rows: list[dict[str, Any]], methods: list[str]) -> list[dict[str, Any]]:
+    out = []
+
+    def add(label: str, value: float | None, limit: float, *, at_least: bool = False, why: str = ""):
+        if value is None:
+            verdict = "n/a"
+        else:
+            ok = value >= limit if at_least else value <= limit
+            verdict = "PASS" if ok else "MISS"
+        out.append({"target": label, "value": value, "limit": limit,
+                    "op": ">=" if at_least else "<=", "verdict": verdict, "why": why})
+
+    def why_missing(*rs):
+        for r in rs:
+            if r is None:
+                return "not measured"
+            if r.get("error"):
+                return r["error"]
+        return ""
+
+    for m in methods:
+        for n in (10, 100):
+            a = find(rows, "lifecycle", m, n, "procctl")
+            b = find(rows, "lifecycle", m, n, "floor")
+            if a or b:
+                add(f"lifecycle {m} N={n}: procctl / raw", ratio(a, b), 1.15, why=why_missing(a, b))
+        a = find(rows, "lifecycle", m, 500, "procctl")
+        b = find(rows, "lifecycle", m, 100, "procctl")
+        if a:
+            add(f"lifecycle {m}: procctl N=500 / N=100", ratio(a, b), 5.5, why=why_missing(a, b))
+        a = find(rows, "broadcast", m, 100, "procctl")
+        if a:
+            pipe = find(rows, "broadcast", m, 100, name="per-worker Pipe")
+            cond = find(rows, "broadcast", m, 100, name="shared Condition+counters")
+            add(f"broadcast {m} N=100: p50 procctl / Pipe", ratio(a, pipe), 1.0, why=why_missing(a, pipe))
+            add(f"broadcast {m} N=100: p50 procctl / Condition", ratio(a, cond), 2.0,
+                why=why_missing(a, cond))
+        for n in (10, 100):
+            a = find(rows, "stop", m, n, "procctl")
+            b = find(rows, "stop", m, n, "floor")
+            if a or b:
+                add(f"stop while busy {m} N={n}: procctl / raw Event", ratio(a, b), 1.2,
+                    why=why_missing(a, b))
+        a = find(rows, "paused", m, 100, "procctl")
+        if a:
+            add(f"paused {m}: CPU-s of 100 paused workers over 3 s", a.get("median"), 0.01,
+                why=why_missing(a))
+        per = find(rows, "throughput", m, 3, name="procctl.sum_threshold per item")
+        if per:
+            raw = find(rows, "throughput", m, 3, name="raw mp.Queue per item")
+            add(f"sum throughput {m}: per item procctl / raw Queue", ratio(per, raw), 0.8,
+                at_least=True, why=why_missing(per, raw))
+            bat = next((r for r in rows if r["case"] == "throughput" and r["method"] == m
+                        and r["role"] == "procctl" and "batch" in r["name"]), None)
+            add(f"sum throughput {m}: batched items/s", bat.get("median") if bat else None, 1e7,
+                at_least=True, why=why_missing(bat))
+    for m in dict.fromkeys(r["method"] for r in rows if r["case"] == "memory"):
+        a = find(rows, "memory", m, 10, "procctl")
+        b = find(rows, "memory", m, 10, "floor")
+        add(f"memory {m}: PSS procctl / raw", ratio(a, b), 1.2, why=why_missing(a, b))
+    return out
+
+
+def print_targets(ts: list[dict[str, Any]], out=sys.stdout) -> None:
+    out.write("\nTargets (ratios from this run)\n")
+    for t in ts:
+        v = t["value"]
+        if v is None:
+            shown = "-"
+        elif t["limit"] >= 1e6:
+            shown = f"{v / 1e6:.2f}M/s"
+        elif "CPU-s" in t["target"]:
+            shown = f"{v:.4f}"
+        else:
+            shown = f"{v:.2f}x"
+        lim = f"{t['limit'] / 1e6:.0f}M/s" if t["limit"] >= 1e6 else f"{t['limit']:g}"
+        extra = f"  ({t['why']})" if t["verdict"] == "n/a" and t["why"] else ""
+        out.write(f"  {t['verdict']:<4}  {t['target']:<52} {shown:>10} {t['op']} {lim}{extra}\n")
+
+
+# =============================================================================
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="a smaller run, under 60 s on 2 cores")
+    ap.add_argument("--json", metavar="FILE", help="write header, rows and targets as JSON")
+    ap.add_argument("--cases", default=",".join(CASE_ORDER),
+                    help=f"comma list of cases (default all: {','.join(CASE_ORDER)})")
+    ap.add_argument("--start-methods", default=None,
+                    help="comma list (default fork,forkserver; the memory case adds spawn)")
+    ap.add_argument("--verbose", action="store_true", help="echo each case process's stderr")
+    ap.add_argument("--_case", help=argparse.SUPPRESS)
+    ap.add_argument("--_method", help=argparse.SUPPRESS)
+    ap.add_argument("--_params", help=argparse.SUPPRESS)
+    ap.add_argument("--_out", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+
+    if args._case:
+        return child_main(args._case, args._method, json.loads(args._params), args._out)
+
+    cases = [c.strip() for c in args.cases.split(",") if c.strip()]
+    bad = [c for c in cases if c not in CASE_ORDER]
+    if bad:
+        ap.error(f"unknown case(s) {bad}; choose from {CASE_ORDER}")
+    import multiprocessing
+
+    available = multiprocessing.get_all_start_methods()
+    methods = [m.strip() for m in (args.start_methods or "fork,forkserver").split(",") if m.strip()]
+    bad = [m for m in methods if m not in available]
+    if bad:
+        ap.error(f"start method(s) {bad} not available here ({available})")
+    mem_methods = list(methods)
+    if args.start_methods is None and "spawn" in available:
+        mem_methods.append("spawn")
+
+    become_subreaper()
+    t_start = time.monotonic()
+    head = header(args, methods)
+    print(f"procctl bench ({head['mode']})  {head['date']}  git {head['git']}")
+    print(f"machine: {head['cores']} cores ({head['usable_cores']} usable), {head['cpu']}, "
+          f"load {head['loadavg_at_start'][0]:.2f}")
+    print(f"python: {head['python']} on {head['platform']}")
+    print(f"start methods: {', '.join(methods)} (memory: {', '.join(mem_methods)})")
+    print("versions: " + ", ".join(f"{k} {v}" for k, v in head["versions"].items()))
+    sys.stdout.flush()
+
+    ps = params(args.quick)
+    rows: list[dict[str, Any]] = []
+    for case in [c for c in CASE_ORDER if c in cases]:
+        ms = mem_methods if case == "memory" else (methods[:1] if case in ONE_METHOD_CASES else methods)
+        for m in ms:
+            t0 = time.monotonic()
+            p = dict(ps[case], peers=not args.quick or m == methods[0])
+            got = run_job(case, m, p, job_timeout(case, args.quick), args.verbose)
+            print(f"  ... {case} [{m}] {time.monotonic() - t0:.1f}s", file=sys.stderr, flush=True)
+            rows += got
+    for r in rows:
+        stats(r)
+    for r in rows:
+        for f in floor_for(r, rows):
+            if f is not r:
+                r.setdefault("paired_ratio", {})[f["name"]] = paired(r, f)
+    ts = targets(rows, methods)
+    print_table(rows)
+    print_targets(ts)
+    total = time.monotonic() - t_start
+    strays = sum(r["stray"] for r in rows)
+    print(f"\ntotal {total:.1f}s; stray processes found and reaped: {strays}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"header": head, "rows": rows, "targets": ts, "total_seconds": total}, f,
+                      indent=1, default=str)
+        print(f"json: {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
