@@ -146,6 +146,8 @@ class ProcessController:
         self.kill_timeout = shutdown.KILL_TIMEOUT
         self.start_timeout = START_TIMEOUT
         self._payload = Payload(target, tuple(args), dict(kwargs or {}))
+        if self.start_method == "forkserver":
+            _preload_in_fork_server()
         self._on_event = on_event
         self._phase = _NEW
         self._owner_pid = os.getpid()
@@ -613,6 +615,22 @@ class ProcessController:
     def __repr__(self) -> str:
         return (f"<ProcessController {self.workers} workers, {self.start_method}, "
                 f"{self._phase}, {self._live} live, state {self._state.name}>")
+
+
+def _preload_in_fork_server() -> None:
+    """Have the fork server import the worker side once, before it starts.
+
+    Else, when the script only did `import procctl` (names load lazily),
+    every forkserver worker would import procctl.worker after its fork: time
+    at each start and private memory in each worker. Takes effect only if the
+    fork server has not started yet; keeps what the user asked to preload.
+    """
+    from multiprocessing import forkserver
+
+    server: Any = forkserver._forkserver  # private, but set_forkserver_preload() only replaces the list
+    modules = list(getattr(server, "_preload_modules", None) or ["__main__"])
+    if "procctl.worker" not in modules:
+        forkserver.set_forkserver_preload(modules + ["procctl.worker"])
 
 
 _open_controllers: weakref.WeakSet[ProcessController] = weakref.WeakSet()

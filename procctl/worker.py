@@ -244,6 +244,23 @@ def _reset_signals(ctx: WorkerContext) -> None:
     signal.pthread_sigmask(signal.SIG_UNBLOCK, MANAGED_SIGNALS)
 
 
+def _load_prctl() -> Any:
+    # Resolved at import, in the manager: fork children (and the fork server,
+    # which preloads this module) then share ctypes' pages instead of each
+    # loading its own copy.
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):  # pragma: no cover - no prctl here
+        return None
+
+
+_prctl = _load_prctl()
+
+
 def _die_with_parent() -> None:
     """PR_SET_PDEATHSIG: the kernel kills us when our parent exits.
 
@@ -252,15 +269,8 @@ def _die_with_parent() -> None:
     GIL. The parent is the manager under fork and spawn, and the fork server
     under forkserver, which exits as soon as the manager is gone.
     """
-    if not sys.platform.startswith("linux"):
-        return
-    import ctypes
-
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    except (OSError, AttributeError):  # pragma: no cover - no prctl here
-        pass
+    if _prctl is not None:
+        _prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
 
 def _release_fork_server() -> None:

@@ -243,7 +243,7 @@ BAD_ARGUMENTS = [
     {"values": 3}, {"queue_size": 0}, {"queue_size": -3}, {"delay": -0.1}, {"delay": (2, 1)},
     {"delay": (-1, 1)}, {"delay": (1, 2, 3)}, {"delay": float("nan")}, {"delay": "1"},
     {"timeout": 0}, {"timeout": -1}, {"seed": "x"}, {"start_method": "thread"},
-    {"batch": 0}, {"batch": 10_000}, {"on_event": 3},
+    {"batch": 0}, {"batch": 100_001}, {"on_event": 3},
 ]
 
 
