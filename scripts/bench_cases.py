@@ -505,7 +505,11 @@ def case_broadcast(m: str, p: dict[str, Any]) -> list[dict[str, Any]]:
 
         measure(rp, run, p["timeout"] + n * p["timeout_per_n"])
         if rp["error"]:
-            rf["error"] = rc["error"] = "not measured: " + rp["error"]
+            for r in (rf, rc):
+                if r["samples"]:
+                    r["note"] = "run ended early: procctl failed (see its row)"
+                else:
+                    r["error"] = "not measured: " + rp["error"]
         save()
     return rows
 
