@@ -6,6 +6,7 @@ back into the controller's module.
 
 from __future__ import annotations
 
+import math
 import os
 import pickle
 import select
@@ -101,6 +102,9 @@ class WorkerContext:
         self._term_r, self._term_w = os.pipe()
         os.set_blocking(self._term_w, False)
         self._sleep_fds = [end.doorbell_fd, self._term_r] + ([manager_fd] if manager_fd is not None else [])
+        self._sleeper = select.poll()
+        for fd in self._sleep_fds:
+            self._sleeper.register(fd, select.POLLIN)
 
     # -- the public surface -------------------------------------------------
 
@@ -141,7 +145,7 @@ class WorkerContext:
             poller.register(fd, select.POLLIN)
             for other in self._sleep_fds:
                 poller.register(other, select.POLLIN)
-        ms = None if timeout is None else max(0, int(timeout * 1000))
+        ms = None if timeout is None else max(0, math.ceil(timeout * 1000))
         ready = poller.poll(ms)
         applied, state = self._applied, self.state
         hit = False
@@ -190,8 +194,11 @@ class WorkerContext:
     def _block(self, timeout: float | None) -> bool:
         """Sleep in the kernel until a command, the manager's death or the
         timeout. True if woken by something other than the timeout."""
-        ready, _, _ = select.select(self._sleep_fds, [], [], timeout)
-        for fd in ready:
+        # poll(), not select(): forked workers inherit the manager's fds, and
+        # with hundreds of workers ours are past select()'s limit of 1024.
+        ms = None if timeout is None else max(0, math.ceil(timeout * 1000))
+        ready = self._sleeper.poll(ms)
+        for fd, _ in ready:
             self._on_wake(fd)
         return bool(ready)
 
@@ -310,7 +317,9 @@ def _watch_manager(manager_pid: int) -> int | None:
 
 
 def _orphan_watch(fd: int, finished: threading.Event) -> None:
-    select.select([fd], [], [])
+    watch = select.poll()
+    watch.register(fd, select.POLLIN)
+    watch.poll()
     # The manager is gone: nobody will ever stop or reap us. Give the target
     # a moment to notice (checkpoint() now returns False), then leave.
     finished.wait(ORPHAN_GRACE)
