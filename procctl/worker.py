@@ -186,6 +186,8 @@ class WorkerContext:
         if self.state is State.STOPPED:
             return
         self.state = State(state)
+        if self.state is State.STOPPED:
+            return  # our exit is the acknowledgement: one less wakeup for the manager
         try:
             self._end.ack(seq, state)
         except OSError:
@@ -367,7 +369,10 @@ def worker_main(spec: WorkerSpec) -> None:
     ctx = WorkerContext(spec.worker_id, end, manager_fd)
     _reset_signals(ctx)
     finished = threading.Event()
-    if manager_fd is not None:
+    # With the kernel's parent-death signal set, the watch thread would add
+    # nothing but its cost: a paused worker still sees the manager go through
+    # the pidfd in its own wait, and the signal covers every other case.
+    if manager_fd is not None and not spec.die_with_parent:
         threading.Thread(
             target=_orphan_watch, args=(manager_fd, finished), name="procctl-orphan-watch", daemon=True
         ).start()
