@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
-
 import targets
+
 from procctl import Outcome, ProcessController
 
 
