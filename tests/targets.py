@@ -77,3 +77,20 @@ def cli_task(ctx):
 
 def ignore_sigint_check(ctx):
     return loop(ctx)
+
+
+def report_progress(ctx, counted, total=50_000):
+    """Reports progress on every unit, releases `counted`, holds still until
+    stopped; returns how long the progress calls took."""
+    import time as _time
+
+    spent = 0.0
+    for i in range(total):
+        if not ctx.checkpoint():
+            break
+        t = _time.perf_counter()
+        ctx.progress(i + 1, total, phase="counting", worker=ctx.worker_id)
+        spent += _time.perf_counter() - t
+    counted.release()
+    ctx.sleep(float("inf"))  # hold still until stopped, so status() can be read
+    return spent

@@ -1,0 +1,34 @@
+"""Progress from inside a worker, status() and events carrying it, on_event."""
+
+from __future__ import annotations
+
+import multiprocessing
+
+import targets
+
+from procctl import Event, ProcessController, State
+
+
+def test_progress_is_cheap_and_reaches_status_and_events():
+    events: list[Event] = []
+    counted = multiprocessing.get_context("fork").Semaphore(0)
+
+    def on_event(e: Event) -> None:
+        events.append(e)
+
+    with ProcessController(targets.report_progress, 2, args=(counted, 50_000), on_event=on_event,
+                           start_method="fork") as pc:
+        pc.run()
+        assert counted.acquire(timeout=30) and counted.acquire(timeout=30)
+        rows = pc.status()
+        info = {r.worker_id: r.info for r in pc.status()}
+        reports = pc.stop()
+    for r in rows:
+        assert r.total == 50_000 and r.state is State.RUNNING and r.alive
+        assert r.rate is None or r.rate > 0
+    assert info[0].get("phase") == "counting" and info[1].get("worker") == 1
+    # 50,000 calls: shared-memory stores, far under a second in all.
+    assert all(r.result < 1.0 for r in reports.values())
+    ends = [e for e in events if e.event == "stopped"]
+    assert len(ends) == 2 and all(e.done == 50_000 and e.total == 50_000 for e in ends)
+    assert any(e.event == "broadcast" and e.state == "running" for e in events)
