@@ -1,7 +1,6 @@
 """`procctl sum`: the sum-threshold job on the command line.
 
-Register it on the group with `main_group.add_command(sum_command)`; until
-then `python -m procctl.cli_sum ...` runs it alone.
+procctl.cli registers it on the group; errors and exit codes are handled there.
 """
 
 from __future__ import annotations
@@ -9,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import signal
 import sys
-from collections.abc import Sequence
 from typing import Any
 
 import click
@@ -19,7 +17,6 @@ from .clitools import (
     EXIT_OK,
     EXIT_SIGINT,
     EXIT_TIMEOUT,
-    EXIT_USAGE,
     BadInput,
     Reporter,
     SignalBridge,
@@ -176,22 +173,3 @@ def _run(job: SumJob, reporter: Reporter, view: Any = None) -> int:
             return EXIT_FAILED
     reporter.summary({"event": "summary", **result.to_dict()}, summary_text(result))
     return EXIT_OK
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    """Run `sum` alone, with the same error handling as `procctl`."""
-    try:
-        code = sum_command.main(args=argv, prog_name="procctl sum", standalone_mode=False)
-    except click.UsageError as exc:
-        click.echo(f"procctl sum: error: {exc.format_message()}", err=True)
-        code = EXIT_USAGE
-    except BadInput as exc:
-        click.echo(f"procctl sum: error: {exc}", err=True)
-        code = EXIT_USAGE
-    except click.Abort:
-        code = EXIT_SIGINT
-    sys.exit(code or 0)
-
-
-if __name__ == "__main__":
-    main()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-import select
 import signal
 import time
 
@@ -12,6 +11,7 @@ import psutil
 import pytest
 import targets
 import targets_extra
+from procs import wait_dead
 
 from procctl import Outcome, ProcessController, State, WorkerContext, WorkerStartError
 from procctl.states import WorkerReport, WorkerStatus
@@ -19,19 +19,6 @@ from procctl.states import WorkerReport, WorkerStatus
 
 def ours() -> list:
     return [p for p in multiprocessing.active_children() if p.name.startswith("procctl-worker")]
-
-
-def wait_dead(pid: int, timeout: float = 5.0) -> None:
-    """Block until `pid` has terminated, without reaping it (pidfd)."""
-    try:
-        fd = os.pidfd_open(pid)
-    except ProcessLookupError:
-        return
-    try:
-        ready, _, _ = select.select([fd], [], [], timeout)
-        assert ready, f"pid {pid} still alive after {timeout}s"
-    finally:
-        os.close(fd)
 
 
 # -- the vocabulary -----------------------------------------------------------

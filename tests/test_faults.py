@@ -6,7 +6,6 @@ import hashlib
 import importlib
 import multiprocessing
 import os
-import select
 import shutil
 import signal
 import subprocess
@@ -19,6 +18,8 @@ import psutil
 import pytest
 import targets
 import targets_extra
+from procs import session_members as _session_members
+from procs import wait_dead
 
 from procctl import Outcome, ProcessController, State, WorkerStartError
 
@@ -29,19 +30,6 @@ def ours() -> list:
 
 def fd_count() -> int:
     return len(os.listdir("/proc/self/fd"))
-
-
-def wait_dead(pid: int, timeout: float = 5.0) -> None:
-    """Block until `pid` has terminated, without reaping it (pidfd)."""
-    try:
-        fd = os.pidfd_open(pid)
-    except ProcessLookupError:
-        return
-    try:
-        ready, _, _ = select.select([fd], [], [], timeout)
-        assert ready, f"pid {pid} still alive after {timeout}s"
-    finally:
-        os.close(fd)
 
 
 # -- the target raises, exits, is killed -----------------------------------------
@@ -472,17 +460,6 @@ def test_unpicklable_argument_is_a_start_error():
         with ProcessController(targets.loop, 1, args=(threading.Lock(),), start_method="spawn"):
             pass
     assert ours() == []
-
-
-def _session_members(sid: int) -> list[psutil.Process]:
-    out = []
-    for p in psutil.process_iter():
-        try:
-            if os.getsid(p.pid) == sid:
-                out.append(p)
-        except (ProcessLookupError, PermissionError, psutil.Error):
-            pass
-    return out
 
 
 @pytest.mark.parametrize("method", ["spawn", "forkserver"])

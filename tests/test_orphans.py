@@ -16,6 +16,7 @@ import psutil
 import pytest
 import targets
 import targets_extra
+from procs import session_members as _session_members
 
 from procctl import Outcome, ProcessController, State
 
@@ -75,17 +76,6 @@ class Exits:
         for fd in self.fds.values():
             os.close(fd)
         self.fds = {}
-
-
-def _session_members(sid: int) -> list[psutil.Process]:
-    out = []
-    for p in psutil.process_iter():
-        try:
-            if os.getsid(p.pid) == sid:
-                out.append(p)
-        except (ProcessLookupError, PermissionError, psutil.Error):
-            pass
-    return out
 
 
 def _start_manager(tests_dir, target, run, method, workers=2):

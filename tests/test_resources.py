@@ -16,6 +16,7 @@ import psutil
 import pytest
 import targets
 import targets_extra
+from procs import session_members
 
 from procctl import Outcome, ProcessController, WorkerStartError
 
@@ -197,14 +198,7 @@ def _run_script(source: str, tests_dir: str) -> tuple[subprocess.CompletedProces
 
 
 def _session_left(sid: int) -> list[psutil.Process]:
-    out = []
-    for p in psutil.process_iter():
-        try:
-            if os.getsid(p.pid) == sid:
-                out.append(p)
-        except (ProcessLookupError, PermissionError, psutil.Error):
-            pass
-    _, alive = psutil.wait_procs(out, timeout=3)
+    _, alive = psutil.wait_procs(session_members(sid), timeout=3)
     return alive
 
 

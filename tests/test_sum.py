@@ -259,19 +259,7 @@ def test_bad_arguments_raise_before_any_process_starts(kwargs):
 # -- the command line --------------------------------------------------------------------
 
 
-def _cli() -> list[str]:
-    """`python -m procctl sum` once the group has it, else the command alone."""
-    try:
-        from procctl.cli import main_group
-
-        if "sum" in main_group.commands:
-            return [sys.executable, "-m", "procctl", "sum"]
-    except ImportError:
-        pass
-    return [sys.executable, "-m", "procctl.cli_sum"]
-
-
-CLI = _cli()
+CLI = [sys.executable, "-m", "procctl", "sum"]
 
 
 def run_sum(*args: str, timeout: float = 30) -> subprocess.CompletedProcess:

@@ -1,0 +1,33 @@
+"""Process facts the tests share: is it dead yet, who is in a session."""
+
+from __future__ import annotations
+
+import os
+import select
+
+import psutil
+
+
+def wait_dead(pid: int, timeout: float = 5.0) -> None:
+    """Block until `pid` has terminated, without reaping it (pidfd)."""
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return
+    try:
+        ready, _, _ = select.select([fd], [], [], timeout)
+        assert ready, f"pid {pid} still alive after {timeout}s"
+    finally:
+        os.close(fd)
+
+
+def session_members(sid: int) -> list[psutil.Process]:
+    """Every process whose session id is `sid`."""
+    out = []
+    for p in psutil.process_iter():
+        try:
+            if os.getsid(p.pid) == sid:
+                out.append(p)
+        except (ProcessLookupError, PermissionError, psutil.Error):
+            pass
+    return out
