@@ -637,8 +637,8 @@ def stop_pebble(m: str, n: int) -> float:
         pool.join()
 
 
-def stop_pool(m: str, n: int) -> float:
-    pool = mp.get_context(m).Pool(n)
+def _stop_apply_pool(pool: Any, n: int) -> float:
+    """Fill a Pool-like (mp.Pool, billiard) with 1 ms tasks; time terminate() and join()."""
     done = _Done()
     try:
         for i in range(_tasks(n)):
@@ -651,23 +651,14 @@ def stop_pool(m: str, n: int) -> float:
     finally:
         pool.terminate()
         pool.join()
+
+
+def stop_pool(m: str, n: int) -> float:
+    return _stop_apply_pool(mp.get_context(m).Pool(n), n)
 
 
 def stop_billiard(m: str, n: int) -> float:
-    billiard = _import("billiard")
-    pool = billiard.get_context(m).Pool(n)
-    done = _Done()
-    try:
-        for i in range(_tasks(n)):
-            pool.apply_async(bw.unit_task, (i,), callback=done)
-        _wait_ready(done.sem, n, 60)
-        t0 = perf()
-        pool.terminate()
-        pool.join()
-        return perf() - t0
-    finally:
-        pool.terminate()
-        pool.join()
+    return _stop_apply_pool(_import("billiard").get_context(m).Pool(n), n)
 
 
 def stop_mpire(m: str, n: int) -> float:
