@@ -344,7 +344,7 @@ LIFECYCLE = [
 def _skipped_peers(rows, case: str, m: str, n: int, p: dict[str, Any], table) -> None:
     why = None
     if not p.get("peers", True):
-        why = "skipped: --quick runs peers under the first start method only"
+        why = "skipped: peers run under the first start method only"
     elif n > p["peer_max_n"]:
         why = f"skipped: this mode runs peers up to N={p['peer_max_n']}"
     if why:
