@@ -137,34 +137,23 @@ def test_workers_exit_when_the_manager_is_sigkilled(mode, start_method, tests_di
     "forkserver",
 ])
 def test_orphan_exits_even_inside_a_gil_holding_c_call(tests_dir, method):
-    proc, info = _start_manager(tests_dir, "targets_extra.gil_hog", True, method, workers=1)
-    try:
-        exits = Exits(info["workers"])
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=10)
-        try:
-            assert exits.wait(timeout=2.0) == []
-        finally:
-            exits.close()
-    finally:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-        proc.wait(timeout=10)
-        for stream in (proc.stdin, proc.stdout, proc.stderr):
-            stream.close()
+    _assert_orphans_exit(tests_dir, "targets_extra.gil_hog", method, timeout=2.0)
 
 
 def test_orphan_exit_while_big_result_is_being_written(tests_dir):
     """A worker blocked writing a result nobody reads still leaves."""
-    proc, info = _start_manager(tests_dir, "targets.big_result", True, "fork", workers=1)
+    _assert_orphans_exit(tests_dir, "targets.big_result", "fork", timeout=3.0)
+
+
+def _assert_orphans_exit(tests_dir, target, method, timeout):
+    """SIGKILL a manager whose one worker runs `target`; the worker must exit within `timeout`."""
+    proc, info = _start_manager(tests_dir, target, True, method, workers=1)
     try:
         exits = Exits(info["workers"])
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=10)
         try:
-            assert exits.wait(timeout=3.0) == []
+            assert exits.wait(timeout=timeout) == []
         finally:
             exits.close()
     finally:
