@@ -93,6 +93,21 @@ class _Worker:
         return self.report is None
 
 
+class _Deadline:
+    """The time left of a timeout (None: no limit, also for float('inf'))."""
+
+    def __init__(self, timeout: float | None) -> None:
+        no_limit = timeout is None or timeout == float("inf")
+        self.at = None if no_limit else time.monotonic() + timeout  # type: ignore[operator]
+
+    @property
+    def expired(self) -> bool:
+        return self.at is not None and time.monotonic() >= self.at
+
+    def remaining(self) -> float | None:
+        return None if self.at is None else max(0.0, self.at - time.monotonic())
+
+
 @contextmanager
 def _signals_blocked() -> Iterator[None]:
     # Blocked while the child is created, so that no handler of ours runs in
@@ -236,14 +251,13 @@ class ProcessController:
     def _await_ready(self) -> None:
         self._awaiting = {w.id for w in self._workers if w.acked_seq < 0 and w.alive}
         self._awaiting_seq = 0
-        deadline = time.monotonic() + self.start_timeout
+        deadline = _Deadline(self.start_timeout)
         while self._awaiting:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
+            if deadline.expired:
                 raise WorkerStartError(
                     f"workers {sorted(self._awaiting)} did not come up within {self.start_timeout:.0f}s"
                 )
-            self._pump(remaining)
+            self._pump(deadline.remaining())
         failed = [w for w in self._workers if w.report is not None and w.acked_seq < 0]
         if failed:
             w = failed[0]
@@ -314,14 +328,13 @@ class ProcessController:
         self._pump(0)
         self._post(state)
         limit = self.ack_timeout if timeout is None else timeout
-        deadline = None if limit is None or limit == float("inf") else time.monotonic() + limit
+        deadline = _Deadline(limit)
         while self._awaiting:
-            remaining = None if deadline is None else deadline - time.monotonic()
-            if remaining is not None and remaining <= 0:
+            if deadline.expired:
                 raise TimeoutError(
                     f"workers {sorted(self._awaiting)} did not acknowledge {state.name} within {limit}s"
                 )
-            self._pump(remaining)
+            self._pump(deadline.remaining())
 
     def run(self, *, timeout: float | None = None) -> None:
         """Broadcast RUNNING."""
@@ -382,29 +395,20 @@ class ProcessController:
         """True once every worker has ended; False on timeout or wakeup()."""
         if self._phase is not _STARTED:
             return self._phase is _CLOSED or not self._workers
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while self._live:
-            remaining = None if deadline is None else deadline - time.monotonic()
-            if remaining is not None and remaining <= 0:
-                return False
-            if self._pump(remaining):
-                break
-        return self._live == 0
+        return self._wait_ended(timeout, until_wakeup=True)
 
     def wait_ended(self, timeout: float | None) -> bool:
         """As wait(), but wakeup() does not cut it short."""
         return self._wait_ended(timeout)
 
-    def _wait_ended(self, timeout: float | None) -> bool:
+    def _wait_ended(self, timeout: float | None, until_wakeup: bool = False) -> bool:
         if self._selector is None:
             return True
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while self._live:
-            remaining = None if deadline is None else deadline - time.monotonic()
-            if remaining is not None and remaining <= 0:
-                return False
-            self._pump(remaining)
-        return True
+        deadline = _Deadline(timeout)
+        while self._live and not deadline.expired:
+            if self._pump(deadline.remaining()) and until_wakeup:
+                break
+        return self._live == 0
 
     def reap(self, timeout: float | None = 0.0) -> list[WorkerReport]:
         """Reports of workers that ended since the last reap().
@@ -413,12 +417,9 @@ class ProcessController:
         """
         if self._phase is _STARTED:
             self._pump(0)
-            deadline = None if timeout is None else time.monotonic() + timeout
-            while not self._new_reports and self._live:
-                remaining = None if deadline is None else deadline - time.monotonic()
-                if remaining is not None and remaining <= 0:
-                    break
-                if self._pump(remaining):
+            deadline = _Deadline(timeout)
+            while not self._new_reports and self._live and not deadline.expired:
+                if self._pump(deadline.remaining()):
                     break
         reports, self._new_reports = self._new_reports, []
         return reports

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import multiprocessing
 import os
 import signal
@@ -54,6 +55,9 @@ def non_helper_children() -> list[int]:
 
 
 def snapshot():
+    # Collect first: objects earlier tests left to the garbage collector
+    # (pipes of finished subprocesses) would otherwise close their fds mid-test.
+    gc.collect()
     return (
         fd_count(),
         sorted(t.name for t in threading.enumerate()),
