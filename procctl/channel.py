@@ -199,9 +199,6 @@ class WorkerLink:
             del buf[:pos]
         return frames
 
-    @property
-    def partial(self) -> bool:
-        return bool(self._buffer)
 
     def close(self) -> None:
         if self.closed:

@@ -585,35 +585,30 @@ class _Done:
         self.sem.release()
 
 
+def _stop_executor(ex: Any, n: int, shutdown: Any) -> float:
+    """Fill an executor (PPE, loky) with 1 ms tasks; time `shutdown(ex)`."""
+    done = _Done()
+    try:
+        for i in range(_tasks(n)):
+            ex.submit(bw.unit_task, i).add_done_callback(done)
+        _wait_ready(done.sem, n, 60)
+        t0 = perf()
+        shutdown(ex)
+        return perf() - t0
+    finally:
+        shutdown(ex)
+
+
 def stop_ppe(m: str, n: int) -> float:
     from concurrent.futures import ProcessPoolExecutor
 
     ex = ProcessPoolExecutor(n, mp_context=mp.get_context(m))
-    done = _Done()
-    try:
-        for i in range(_tasks(n)):
-            ex.submit(bw.unit_task, i).add_done_callback(done)
-        _wait_ready(done.sem, n, 60)
-        t0 = perf()
-        ex.shutdown(wait=True, cancel_futures=True)
-        return perf() - t0
-    finally:
-        ex.shutdown(wait=True, cancel_futures=True)
+    return _stop_executor(ex, n, lambda e: e.shutdown(wait=True, cancel_futures=True))
 
 
 def stop_loky(m: str, n: int) -> float:
-    loky = _import("loky")
-    ex = loky.ProcessPoolExecutor(n, context=_loky_ctx(m))
-    done = _Done()
-    try:
-        for i in range(_tasks(n)):
-            ex.submit(bw.unit_task, i).add_done_callback(done)
-        _wait_ready(done.sem, n, 60)
-        t0 = perf()
-        ex.shutdown(wait=True, kill_workers=True)
-        return perf() - t0
-    finally:
-        ex.shutdown(wait=True, kill_workers=True)
+    ex = _import("loky").ProcessPoolExecutor(n, context=_loky_ctx(m))
+    return _stop_executor(ex, n, lambda e: e.shutdown(wait=True, kill_workers=True))
 
 
 def stop_pebble(m: str, n: int) -> float:

@@ -10,7 +10,7 @@ import sys
 import time
 from collections.abc import Callable
 
-import psutil
+from procs import still_running
 
 PYTHON = sys.executable
 CLI = [PYTHON, "-m", "procctl"]
@@ -81,19 +81,5 @@ def worker_pids(events: list[dict]) -> set[int]:
 
 def assert_all_gone(pids: set[int], timeout: float = 5.0) -> None:
     """Every process in `pids` has exited (none orphaned, none a zombie)."""
-    procs = []
-    for pid in pids:
-        try:
-            procs.append(psutil.Process(pid))
-        except psutil.NoSuchProcess:
-            pass
-    _, alive = psutil.wait_procs(procs, timeout=timeout)
-    alive = [p for p in alive if _running(p)]
+    alive = still_running(pids, timeout)
     assert not alive, f"processes left behind: {[p.pid for p in alive]}"
-
-
-def _running(proc: psutil.Process) -> bool:
-    try:
-        return proc.status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False

@@ -31,3 +31,26 @@ def session_members(sid: int) -> list[psutil.Process]:
         except (ProcessLookupError, PermissionError, psutil.Error):
             pass
     return out
+
+
+def still_running(pids, timeout: float = 5.0) -> list[psutil.Process]:
+    """Those of `pids` still running after up to `timeout` seconds.
+
+    Zombies count as gone: an orphan's zombie waits on an init that may
+    never reap it, but the process has ended.
+    """
+    procs = []
+    for pid in pids:
+        try:
+            procs.append(psutil.Process(pid))
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(procs, timeout=timeout)
+    return [p for p in alive if _running(p)]
+
+
+def _running(proc: psutil.Process) -> bool:
+    try:
+        return proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False

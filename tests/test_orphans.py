@@ -78,6 +78,18 @@ class Exits:
         self.fds = {}
 
 
+def _end_session(proc) -> None:
+    """Kill whatever is left in the manager script's session, reap it, close its pipes."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    proc.wait(timeout=10)
+    for stream in (proc.stdin, proc.stdout, proc.stderr):
+        if stream is not None and not stream.closed:
+            stream.close()
+
+
 def _start_manager(tests_dir, target, run, method, workers=2):
     src = MANAGER.format(tests=tests_dir, target=target, workers=workers, method=method, run=run)
     proc = subprocess.Popen(
@@ -157,13 +169,7 @@ def _assert_orphans_exit(tests_dir, target, method, timeout):
         finally:
             exits.close()
     finally:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-        proc.wait(timeout=10)
-        for stream in (proc.stdin, proc.stdout, proc.stderr):
-            stream.close()
+        _end_session(proc)
 
 
 def test_manager_exiting_normally_without_close_leaves_no_orphan(tests_dir):
@@ -179,13 +185,7 @@ def test_manager_exiting_normally_without_close_leaves_no_orphan(tests_dir):
             exits.close()
         assert time.monotonic() - t0 < 5
     finally:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-        proc.wait(timeout=10)
-        proc.stdout.close()
-        proc.stderr.close()
+        _end_session(proc)
 
 
 # -- SIGINT ----------------------------------------------------------------------
