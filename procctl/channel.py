@@ -200,6 +200,11 @@ class WorkerLink:
         return frames
 
 
+    @property
+    def partial(self) -> bool:
+        """Bytes of an unfinished frame are waiting (a worker died mid-send)."""
+        return bool(self._buffer)
+
     def close(self) -> None:
         if self.closed:
             return
