@@ -24,6 +24,7 @@ import mmap
 import os
 import select
 import struct
+import threading
 from multiprocessing import reduction
 from typing import Any
 
@@ -222,6 +223,9 @@ class ControlEnd:
         self.board = board
         self.doorbell_fd = doorbell_fd
         self.report_fd = report_fd
+        # Frames must be whole whatever thread writes them: a progress() from a
+        # helper thread must never land inside the main thread's result frame.
+        self._send_lock = threading.Lock()
         os.set_blocking(doorbell_fd, False)
 
     def command(self) -> int:
@@ -236,11 +240,12 @@ class ControlEnd:
 
     def send(self, kind: int, payload: bytes) -> None:
         header = FRAME_HEADER.pack(kind, len(payload))
-        if len(payload) <= SMALL_FRAME:
-            self._write_all(header + payload)  # one system call
-        else:
-            self._write_all(header)
-            self._write_all(payload)  # no copy of a large result
+        with self._send_lock:
+            if len(payload) <= SMALL_FRAME:
+                self._write_all(header + payload)  # one system call
+            else:
+                self._write_all(header)
+                self._write_all(payload)  # no copy of a large result
 
     def _write_all(self, data: bytes) -> None:
         view = memoryview(data)
@@ -252,13 +257,18 @@ class ControlEnd:
         frame = FRAME_HEADER.pack(kind, len(payload)) + payload
         if len(frame) > select.PIPE_BUF:
             return False  # could be written in pieces
-        os.set_blocking(self.report_fd, False)
+        if not self._send_lock.acquire(blocking=False):
+            return False  # another thread is sending: drop rather than wait
         try:
-            return os.write(self.report_fd, frame) == len(frame)
-        except (BlockingIOError, BrokenPipeError):
-            return False
+            os.set_blocking(self.report_fd, False)
+            try:
+                return os.write(self.report_fd, frame) == len(frame)
+            except (BlockingIOError, BrokenPipeError):
+                return False
+            finally:
+                os.set_blocking(self.report_fd, True)
         finally:
-            os.set_blocking(self.report_fd, True)
+            self._send_lock.release()
 
     def ack(self, seq: int, state: int) -> None:
         self.send(ACK, ACK_BODY.pack(seq, state))

@@ -5,15 +5,18 @@ Data flow (see channel.py for the wire):
     ProcessController                             worker processes
     -----------------                             ----------------
     broadcast(state) -- Board slot + doorbell --> ctx.checkpoint()
-    _pump()  <------ report pipe: ACK / RESULT -- ack on every applied command
-    _pump()  <------ Process.sentinel ----------- process exit
-    _reap_worker(): drain pipe, join, decode exit, close the worker's fds
+    _pump_until() <- report pipe: ACK / RESULT -- ack on every applied command
+    _pump_until() <- pidfd ---------------------- process exit
+    _reap_worker(): drain pipe, waitpid(WNOHANG), decode exit, close the worker's fds
 
-One selector (epoll) holds every report pipe, every sentinel and a wakeup
-pipe, registered once; every blocking call of the controller is `_pump()`
-with a deadline, so a dead worker wakes the controller at once and nothing
-sleeps.  Only the controller closes channels, and it closes a worker's as
-soon as it reaps it.
+One selector (epoll) holds every report pipe, every worker's pidfd and a
+wakeup pipe, registered once; every blocking call of the controller is
+`_pump_until()` with a deadline, so a dead worker wakes the controller at once
+and nothing sleeps.  The pidfd, unlike a pipe, cannot be held open by what the
+worker forks or execs, nor closed by it.  Only the controller closes channels,
+and it closes a worker's as soon as it reaps it.  Any thread may call the
+public methods: one lock guards the state, one thread at a time waits in the
+kernel.
 """
 
 from __future__ import annotations
@@ -24,13 +27,15 @@ import multiprocessing
 import multiprocessing.util  # noqa: F401 - registers its atexit hook before ours (see _close_at_exit)
 import os
 import pickle
+import queue
 import selectors
 import signal
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from contextlib import contextmanager
+from functools import partial
 from typing import Any
 
 from . import shutdown
@@ -54,6 +59,9 @@ log = logging.getLogger("procctl")
 ACK_TIMEOUT = 10.0
 #: How long start() waits for the workers to come up.
 START_TIMEOUT = 60.0
+#: The longest single wait handed to the kernel (epoll takes about 24.8 days);
+#: a longer timeout is waited out in several of these.
+MAX_WAIT = 86400.0
 
 _REPORT, _SENTINEL, _WAKE = "report", "sentinel", "wake"
 _NEW, _STARTED, _CLOSED = "new", "started", "closed"
@@ -69,7 +77,7 @@ class _Worker:
     __slots__ = (
         "id", "process", "pid", "link", "started", "state", "acked_seq",
         "result", "start_error", "signalled", "report", "progress_first", "info",
-        "final_progress",
+        "final_progress", "pidfd",
     )
 
     def __init__(self, wid: int, process: Any, link: WorkerLink) -> None:
@@ -87,6 +95,13 @@ class _Worker:
         self.progress_first: tuple[float, float] | None = None  # (monotonic, done)
         self.info: dict[str, Any] = {}
         self.final_progress: tuple[float | None, float | None] = (None, None)
+        #: What the controller watches for the process's end: a pidfd where the
+        #: kernel has them, which nothing the worker does can hold open.
+        self.pidfd = -1
+
+    @property
+    def watch_fd(self) -> int:
+        return self.pidfd if self.pidfd >= 0 else int(self.process.sentinel)
 
     @property
     def alive(self) -> bool:
@@ -94,7 +109,11 @@ class _Worker:
 
 
 class _Deadline:
-    """The time left of a timeout (None: no limit, also for float('inf'))."""
+    """The time left of a timeout (None: no limit, also for float('inf')).
+
+    `remaining()` is what one kernel wait may take: at most MAX_WAIT, so a
+    huge finite timeout is waited out in turns instead of overflowing.
+    """
 
     def __init__(self, timeout: float | None) -> None:
         no_limit = timeout is None or timeout == float("inf")
@@ -104,8 +123,30 @@ class _Deadline:
     def expired(self) -> bool:
         return self.at is not None and time.monotonic() >= self.at
 
-    def remaining(self) -> float | None:
-        return None if self.at is None else max(0.0, self.at - time.monotonic())
+    def remaining(self) -> float:
+        if self.at is None:
+            return MAX_WAIT
+        return min(MAX_WAIT, max(0.0, self.at - time.monotonic()))
+
+
+def check_timeout(name: str, value: Any, *, allow_none: bool = True) -> float | None:
+    """Validate a timeout argument: None (if allowed), or a number >= 0;
+    float('inf') means no limit. NaN and negative numbers raise ValueError."""
+    if value is None:
+        if allow_none:
+            return None
+        raise TypeError(f"{name} must be a number of seconds, not None")
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number of seconds, not {type(value).__name__}")
+    try:
+        seconds = float(value)
+    except OverflowError:  # an int beyond a float: longer than anyone will wait
+        seconds = float("inf")
+    if seconds != seconds:
+        raise ValueError(f"{name} must be a number of seconds, not NaN")
+    if seconds < 0:
+        raise ValueError(f"{name} must be >= 0, not {value!r}")
+    return seconds
 
 
 @contextmanager
@@ -117,6 +158,55 @@ def _signals_blocked() -> Iterator[None]:
         yield
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+class _Spawner:
+    """One long-lived thread that starts the workers of controllers used from other threads.
+
+    The kernel's parent-death signal fires when the *thread* that forked the
+    child exits, not the process. A controller started from a short-lived
+    thread would leave its workers unguarded once that thread ended; forking
+    from this thread, which lives as long as the process, keeps them guarded.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._jobs: queue.SimpleQueue[tuple[Callable[[], None], threading.Event, list[BaseException]]]
+        self._jobs = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._pid = -1
+
+    def call(self, fn: Callable[[], None]) -> None:
+        with self._lock:
+            if self._thread is None or self._pid != os.getpid() or not self._thread.is_alive():
+                self._jobs = queue.SimpleQueue()
+                self._thread = threading.Thread(target=self._loop, args=(self._jobs,),
+                                                name="procctl-spawner", daemon=True)
+                self._pid = os.getpid()
+                self._thread.start()
+            jobs = self._jobs
+        done = threading.Event()
+        errors: list[BaseException] = []
+        jobs.put((fn, done, errors))
+        done.wait()  # process.start() returns by itself: it only forks (or execs) and writes
+        if errors:
+            raise errors[0]
+
+    @staticmethod
+    def _loop(jobs: queue.SimpleQueue[tuple[Callable[[], None], threading.Event, list[BaseException]]]) -> None:
+        # No handler of the manager may ever run in a child: keep them blocked here for good.
+        signal.pthread_sigmask(signal.SIG_BLOCK, MANAGED_SIGNALS)
+        while True:
+            fn, done, errors = jobs.get()
+            try:
+                fn()
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller
+                errors.append(exc)
+            finally:
+                done.set()
+
+
+_spawner = _Spawner()
 
 
 class ProcessController:
@@ -144,8 +234,8 @@ class ProcessController:
             raise TypeError(f"target must be callable, not {type(target).__name__}")
         if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
             raise ValueError(f"workers must be a positive integer, not {workers!r}")
-        if grace < 0:
-            raise ValueError(f"grace must be >= 0, not {grace!r}")
+        grace = check_timeout("grace", grace, allow_none=False)  # type: ignore[assignment]
+        ack_timeout = check_timeout("ack_timeout", ack_timeout)
         initial_state = State(initial_state)
         if initial_state is State.STOPPED:
             raise ValueError("initial_state must be PAUSED or RUNNING")
@@ -178,6 +268,15 @@ class ProcessController:
         self._board: Board | None = None
         self._selector: selectors.BaseSelector | None = None
         self._wake_r = self._wake_w = -1
+        self._wakes = 0  # wakeup() calls seen by the pump
+        # Any thread may call the public methods: one lock guards the state,
+        # and one thread at a time (the pumper) waits in the kernel for I/O,
+        # with the lock released, while the others wait for it to report.
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
+        self._owner: int | None = None
+        self._depth = 0
+        self._pumper: int | None = None
 
     # -- context manager ----------------------------------------------------
 
@@ -192,6 +291,10 @@ class ProcessController:
 
     def start(self) -> ProcessController:
         """Start every worker and return once each is up (in `initial_state`)."""
+        with self._locked():
+            return self._start()
+
+    def _start(self) -> ProcessController:
         if self._phase is _STARTED:
             return self
         if self._phase is _CLOSED:
@@ -199,10 +302,10 @@ class ProcessController:
         self._phase = _STARTED
         self._t0 = time.monotonic()
         # The kernel's parent-death signal fires when the *thread* that forked
-        # exits; only the main thread (or the fork server) lives as long as
-        # the process. From other threads the pidfd watch alone guards.
-        self._die_with_parent = (
-            self.start_method == "forkserver" or threading.current_thread() is threading.main_thread()
+        # exits: only the main thread (or the fork server) lives as long as
+        # the process, so other threads have the spawner fork for them.
+        self._use_spawner = (
+            self.start_method != "forkserver" and threading.current_thread() is not threading.main_thread()
         )
         self._board = Board(self.workers)
         self._selector = selectors.DefaultSelector()
@@ -228,12 +331,15 @@ class ProcessController:
         doorbell, report = link.child_fds()
         spec = WorkerSpec(
             wid, self.workers, self._payload, InheritedFd(self._board.fd), doorbell, report, os.getpid(),
-            die_with_parent=self._die_with_parent, forkserver=self.start_method == "forkserver",
+            die_with_parent=True, forkserver=self.start_method == "forkserver",
         )
         process = self._mp.Process(target=worker_main, args=(spec,), name=f"procctl-worker-{wid}")
         try:
-            with _signals_blocked():
-                process.start()
+            if self._use_spawner:
+                _spawner.call(process.start)
+            else:
+                with _signals_blocked():
+                    process.start()
         except Exception as exc:
             link.close()
             raise WorkerStartError(
@@ -243,21 +349,19 @@ class ProcessController:
         finally:
             link.release_child_fds()
         worker = _Worker(wid, process, link)
+        worker.pidfd = _open_pidfd(process.pid, self.start_method)
         self._workers.append(worker)
         self._live += 1
         self._selector.register(link.report_fd, selectors.EVENT_READ, (_REPORT, worker))
-        self._selector.register(process.sentinel, selectors.EVENT_READ, (_SENTINEL, worker))
+        self._selector.register(worker.watch_fd, selectors.EVENT_READ, (_SENTINEL, worker))
 
     def _await_ready(self) -> None:
         self._awaiting = {w.id for w in self._workers if w.acked_seq < 0 and w.alive}
         self._awaiting_seq = 0
-        deadline = _Deadline(self.start_timeout)
-        while self._awaiting:
-            if deadline.expired:
-                raise WorkerStartError(
-                    f"workers {sorted(self._awaiting)} did not come up within {self.start_timeout:.0f}s"
-                )
-            self._pump(deadline.remaining())
+        if not self._pump_until(lambda: not self._awaiting, self.start_timeout):
+            raise WorkerStartError(
+                f"workers {sorted(self._awaiting)} did not come up within {self.start_timeout:.0f}s"
+            )
         failed = [w for w in self._workers if w.report is not None and w.acked_seq < 0]
         if failed:
             w = failed[0]
@@ -277,20 +381,21 @@ class ProcessController:
         """Stop what still runs, reap everything, release every resource. Idempotent."""
         if self._phase is _CLOSED or os.getpid() != self._owner_pid:
             return
-        if self._phase is _NEW:
-            self._phase = _CLOSED
-            return
-        try:
-            self.stop()
-        except KeyboardInterrupt:
-            # A second Ctrl-C while stopping: do not wait any longer.
-            self._abort()
-            raise
+        with self._locked():
+            if self._phase is _NEW:
+                self._phase = _CLOSED
+                return
+            try:
+                self.stop()
+            except KeyboardInterrupt:
+                # A second Ctrl-C while stopping: do not wait any longer.
+                self._abort()
+                raise
 
     def _abort(self) -> None:
         """Kill every live worker now, reap and release."""
         self.kill()
-        self._wait_ended(self.kill_timeout)
+        self._pump_until(lambda: self._live == 0, self.kill_timeout)
         self._release()
 
     def _release(self) -> None:
@@ -322,19 +427,21 @@ class ProcessController:
         have not acknowledged.
         """
         state = State(state)
-        self._require_started()
-        if self._state is State.STOPPED and state is not State.STOPPED:
-            raise RuntimeError("the workers were stopped; STOPPED is final")
-        self._pump(0)
-        self._post(state)
-        limit = self.ack_timeout if timeout is None else timeout
-        deadline = _Deadline(limit)
-        while self._awaiting:
-            if deadline.expired:
+        timeout = check_timeout("timeout", timeout)
+        with self._locked():
+            self._require_started()
+            if self._state is State.STOPPED and state is not State.STOPPED:
+                raise RuntimeError("the workers were stopped; STOPPED is final")
+            self._poll()
+            self._post(state)
+            seq = self._seq
+            limit = self.ack_timeout if timeout is None else timeout
+            # Done when every worker acknowledged this command, or a later
+            # command (another thread's) superseded it.
+            if not self._pump_until(lambda: not self._awaiting or self._awaiting_seq != seq, limit):
                 raise TimeoutError(
                     f"workers {sorted(self._awaiting)} did not acknowledge {state.name} within {limit}s"
                 )
-            self._pump(deadline.remaining())
 
     def run(self, *, timeout: float | None = None) -> None:
         """Broadcast RUNNING."""
@@ -349,18 +456,18 @@ class ProcessController:
 
         Returns every worker's report, by worker id.
         """
-        if self._phase is _STARTED and os.getpid() == self._owner_pid:
-            grace = self.grace if grace is None else grace
-            if grace < 0:
-                raise ValueError(f"grace must be >= 0, not {grace!r}")
-            self._pump(0)
-            if self._state is not State.STOPPED:
-                self._post(State.STOPPED)
-            shutdown.escalate(self, grace, self.term_timeout, self.kill_timeout)
-            self._release()
-        elif self._phase is _NEW:
-            self._phase = _CLOSED
-        return dict(sorted(self._reports.items()))
+        grace = self.grace if grace is None else check_timeout("grace", grace, allow_none=False)
+        assert grace is not None
+        with self._locked():
+            if self._phase is _STARTED and os.getpid() == self._owner_pid:
+                self._poll()
+                if self._state is not State.STOPPED:
+                    self._post(State.STOPPED)
+                shutdown.escalate(self, grace, self.term_timeout, self.kill_timeout)
+                self._release()
+            elif self._phase is _NEW:
+                self._phase = _CLOSED
+            return dict(sorted(self._reports.items()))
 
     def kill(self) -> None:
         """SIGKILL every live worker now. Safe to call from a signal handler;
@@ -393,42 +500,39 @@ class ProcessController:
 
     def wait(self, timeout: float | None = None) -> bool:
         """True once every worker has ended; False on timeout or wakeup()."""
-        if self._phase is not _STARTED:
-            return self._phase is _CLOSED or not self._workers
-        return self._wait_ended(timeout, until_wakeup=True)
+        timeout = check_timeout("timeout", timeout)
+        with self._locked():
+            if self._phase is not _STARTED:
+                return self._phase is _CLOSED or not self._workers
+            return self._pump_until(lambda: self._live == 0, timeout, until_wakeup=True)
 
     def wait_ended(self, timeout: float | None) -> bool:
         """As wait(), but wakeup() does not cut it short."""
-        return self._wait_ended(timeout)
-
-    def _wait_ended(self, timeout: float | None, until_wakeup: bool = False) -> bool:
-        if self._selector is None:
-            return True
-        deadline = _Deadline(timeout)
-        while self._live and not deadline.expired:
-            if self._pump(deadline.remaining()) and until_wakeup:
-                break
-        return self._live == 0
+        timeout = check_timeout("timeout", timeout)
+        with self._locked():
+            if self._selector is None:
+                return True
+            return self._pump_until(lambda: self._live == 0, timeout)
 
     def reap(self, timeout: float | None = 0.0) -> list[WorkerReport]:
         """Reports of workers that ended since the last reap().
 
         With a timeout (None: no limit), block until at least one is there.
         """
-        if self._phase is _STARTED:
-            self._pump(0)
-            deadline = _Deadline(timeout)
-            while not self._new_reports and self._live and not deadline.expired:
-                if self._pump(deadline.remaining()):
-                    break
-        reports, self._new_reports = self._new_reports, []
-        return reports
+        timeout = check_timeout("timeout", timeout)
+        with self._locked():
+            if self._phase is _STARTED:
+                self._pump_until(lambda: bool(self._new_reports) or not self._live, timeout,
+                                 until_wakeup=True)
+            reports, self._new_reports = self._new_reports, []
+            return reports
 
     def status(self) -> list[WorkerStatus]:
         """A snapshot of every worker, live or ended."""
-        if self._phase is _STARTED:
-            self._pump(0)
-        return [self._status_of(w) for w in self._workers]
+        with self._locked():
+            if self._phase is _STARTED:
+                self._poll()
+            return [self._status_of(w) for w in self._workers]
 
     @property
     def reports(self) -> dict[int, WorkerReport]:
@@ -461,11 +565,72 @@ class ProcessController:
 
     # -- the event pump -----------------------------------------------------
 
-    def _pump(self, timeout: float | None) -> bool:
-        """Wait up to `timeout` for I/O, deal with it; True if wakeup() was called."""
-        assert self._selector is not None
-        woken = False
-        for key, _ in self._selector.select(timeout):
+    @contextmanager
+    def _locked(self) -> Generator[None, None, None]:
+        """Hold the controller's lock (re-entrant for the thread that holds it)."""
+        me = threading.get_ident()
+        if self._owner == me:
+            yield
+            return
+        self._lock.acquire()
+        self._owner = me
+        try:
+            yield
+        finally:
+            self._owner = None
+            self._lock.release()
+
+    def _unlocked_wait(self, wait: Callable[[], Any]) -> Any:
+        """Run a blocking wait with the lock released, then take it back."""
+        me = self._owner
+        self._owner = None
+        self._lock.release()
+        try:
+            return wait()
+        finally:
+            self._lock.acquire()
+            self._owner = me
+
+    def _pump_until(self, done: Callable[[], bool], timeout: float | None,
+                    *, until_wakeup: bool = False) -> bool:
+        """Deal with I/O until done() holds or the timeout expires (or, with
+        `until_wakeup`, wakeup() is called); return done().
+
+        The one wait of the controller. Call it holding the lock: one thread
+        at a time waits in the kernel, the others wait for it to report.
+        """
+        deadline = _Deadline(timeout)
+        wakes = self._wakes
+        me = threading.get_ident()
+        first = True  # a zero timeout still makes one pass
+        while not done():
+            if self._selector is None or (until_wakeup and self._wakes != wakes):
+                break
+            if (deadline.expired and not first) or self._pumper == me:
+                break  # (the pumper itself re-entered from an on_event callback: no nested wait)
+            first = False
+            if self._pumper is not None:
+                self._owner = None
+                try:
+                    self._cond.wait(deadline.remaining())  # releases the lock while it waits
+                finally:
+                    self._owner = me
+                continue
+            self._pumper = me
+            try:
+                ready = self._unlocked_wait(partial(self._selector.select, deadline.remaining()))
+                self._dispatch(ready)
+            finally:
+                self._pumper = None
+                self._cond.notify_all()
+        return done()
+
+    def _poll(self) -> None:
+        """One pass over what is ready now, without waiting."""
+        self._pump_until(lambda: False, 0)
+
+    def _dispatch(self, ready: list[tuple[selectors.SelectorKey, int]]) -> None:
+        for key, _ in ready:
             kind, worker = key.data
             if kind is _REPORT:
                 if worker.alive:
@@ -473,14 +638,13 @@ class ProcessController:
             elif kind is _SENTINEL:
                 if worker.alive:
                     self._reap_worker(worker)
-            else:
+            elif self._wake_r >= 0:
                 try:
                     while os.read(self._wake_r, 512):
                         pass
                 except BlockingIOError:
                     pass
-                woken = True
-        return woken
+                self._wakes += 1
 
     def _read_reports(self, w: _Worker) -> None:
         frames, eof = w.link.read_frames()
@@ -517,8 +681,17 @@ class ProcessController:
     def _reap_worker(self, w: _Worker) -> None:
         if not w.link.closed:
             self._read_reports(w)
-        w.process.join(self.kill_timeout)
-        self._finish(w, w.process.exitcode)
+        if w.pidfd >= 0:
+            # The pidfd is readable: the process has ended, and the exit
+            # status is there for a waitpid(WNOHANG). Never a blocking join:
+            # a worker's own children can hold any pipe, not its pidfd.
+            exitcode = w.process.exitcode
+        else:
+            # The fork server's status pipe, which the worker never holds;
+            # the server writes the status as soon as it has reaped it.
+            w.process.join(self.kill_timeout)
+            exitcode = w.process.exitcode
+        self._finish(w, exitcode)
 
     def _finish(self, w: _Worker, exitcode: int | None) -> None:
         w.final_progress = self._progress_of(w)
@@ -528,7 +701,10 @@ class ProcessController:
         self._awaiting.discard(w.id)
         if not w.link.eof:
             self._unregister(w.link.report_fd)
-        self._unregister(w.process.sentinel)
+        self._unregister(w.watch_fd)
+        if w.pidfd >= 0:
+            os.close(w.pidfd)
+            w.pidfd = -1
         w.link.close()
         if exitcode is not None:
             w.process.close()
@@ -616,6 +792,21 @@ class ProcessController:
     def __repr__(self) -> str:
         return (f"<ProcessController {self.workers} workers, {self.start_method}, "
                 f"{self._phase}, {self._live} live, state {self._state.name}>")
+
+
+def _open_pidfd(pid: int, start_method: str) -> int:
+    """A pidfd for a worker we forked (or spawned), -1 where there is none.
+
+    Under forkserver the fork server is the parent and reports the exit
+    status on a pipe of its own, which the worker never holds: that pipe is
+    watched instead (a pidfd would fire before the status is there).
+    """
+    if start_method == "forkserver" or not hasattr(os, "pidfd_open"):
+        return -1
+    try:
+        return os.pidfd_open(pid)
+    except OSError:  # pragma: no cover - kernel before 5.3
+        return -1
 
 
 def _preload_in_fork_server() -> None:

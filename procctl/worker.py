@@ -388,3 +388,22 @@ def worker_main(spec: WorkerSpec) -> None:
     if not ctx._manager_gone:
         _send_result(end, outcome, result, error)
     finished.set()
+    _end_despite_threads()
+
+
+def _end_despite_threads() -> None:
+    """Exit now if the target left non-daemon threads running.
+
+    The result is reported; the interpreter's shutdown would otherwise wait
+    for those threads forever, and the worker would never end by itself.
+    Without them, the usual exit runs (atexit, multiprocessing finalizers).
+    """
+    me = threading.current_thread()
+    if any(t is not me and t.is_alive() and not t.daemon for t in threading.enumerate()):
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                if stream is not None:
+                    stream.flush()
+            except (OSError, ValueError):
+                pass
+        os._exit(0)

@@ -1,0 +1,61 @@
+"""Worker targets that misbehave the way issue 10 says users' targets do."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+
+def exec_sleep(ctx):
+    ctx.checkpoint()
+    os.execv("/bin/sleep", ["sleep", "1000"])
+
+
+def close_fds_and_sleep(ctx):
+    ctx.checkpoint()
+    os.closerange(3, 65536)
+    time.sleep(1000)
+
+
+def fork_helper_then_die(ctx):
+    """Fork a helper that inherits every fd, then die by SIGKILL.
+
+    The helper exits when its pipe from us closes, i.e. when we are dead.
+    """
+    ctx.checkpoint()
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(w)
+        os.read(r, 1)  # EOF once the worker is gone
+        os._exit(0)
+    os.close(r)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def progress_thread_and_big_result(ctx, megabytes=16):
+    """A helper thread reports progress with info while the main thread returns a big result."""
+    import procctl.worker
+
+    procctl.worker.INFO_INTERVAL = 0.0  # send info on every call: the race the lock must close
+    ctx.checkpoint()
+    stop = threading.Event()
+
+    def chatter():
+        i = 0
+        while not stop.is_set():
+            i += 1
+            ctx.progress(i, step=i)
+
+    t = threading.Thread(target=chatter, daemon=True)
+    t.start()
+    data = bytes([ctx.worker_id % 251]) * (megabytes << 20)
+    return data
+
+
+def leave_thread_running(ctx):
+    ctx.checkpoint()
+    threading.Thread(target=time.sleep, args=(1000,), name="left-behind").start()
+    return 42

@@ -1,0 +1,230 @@
+"""Issue 10: no hang, no lost result, whatever a worker does or a caller passes."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import pytest
+import targets
+import targets_hardening as th
+from procs import still_running
+
+from procctl import Outcome, ProcessController
+
+
+def _quick(pc: ProcessController) -> ProcessController:
+    pc.term_timeout = 0.5
+    pc.kill_timeout = 3.0
+    return pc
+
+
+# -- 1. a worker that execs or closes its fds ends only when its process ends --
+
+@pytest.mark.parametrize("case", [
+    pytest.param(("exec", "fork"), id="exec-fork"),
+    pytest.param(("closerange", "fork"), id="closerange-fork"),
+    pytest.param(("closerange", "spawn"), id="closerange-spawn"),
+])
+def test_exec_or_closed_fds_do_not_hang_the_controller(case):
+    what, method = case
+    target = th.exec_sleep if what == "exec" else th.close_fds_and_sleep
+    with _quick(ProcessController(target, 1, start_method=method)) as pc:
+        pid = pc.pids()[0]
+        pc.run()
+        t0 = time.monotonic()
+        assert pc.wait(timeout=1.0) is False  # still running: its pipe closed, it did not end
+        assert time.monotonic() - t0 < 4.0
+        assert pc.status()[0].alive
+        t0 = time.monotonic()
+        reports = pc.stop(grace=0.5)
+        took = time.monotonic() - t0
+    assert took < 5.0, f"stop took {took:.1f}s"
+    assert reports[0].outcome is Outcome.KILLED
+    assert reports[0].exitcode == -signal.SIGTERM
+    assert not still_running([pid], timeout=1)
+
+
+# -- 2. a worker that forked a helper is seen to die --------------------------
+
+def test_worker_death_seen_although_its_child_holds_the_pipes(start_method):
+    with ProcessController(th.fork_helper_then_die, 1, start_method=start_method) as pc:
+        pc.run()
+        t0 = time.monotonic()
+        reports = pc.reap(timeout=10)
+        assert time.monotonic() - t0 < 3.0
+        assert [r.outcome for r in reports] == [Outcome.CRASHED]
+        assert reports[0].exitcode == -signal.SIGKILL
+        assert not pc.status()[0].alive
+
+
+# -- 3. started from a thread that ended, a GIL-holding worker still dies with the manager --
+
+MANAGER_IN_THREAD = textwrap.dedent("""
+    import json, os, sys, threading
+    sys.path.insert(0, {tests!r})
+    import targets_extra
+    from procctl import ProcessController
+    pc = ProcessController(targets_extra.gil_hog, 2, start_method={method!r})
+    def starter():
+        pc.start()
+        pc.run()
+    t = threading.Thread(target=starter)
+    t.start()
+    t.join()
+    print(json.dumps({{"workers": pc.pids()}}), flush=True)
+    sys.stdin.read()
+""")
+
+
+@pytest.mark.parametrize("method", ["fork", "spawn"])
+def test_thread_started_controller_workers_die_with_the_manager(method, tests_dir):
+    src = MANAGER_IN_THREAD.format(tests=tests_dir, method=method)
+    proc = subprocess.Popen([sys.executable, "-c", src], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        line = proc.stdout.readline()
+        assert line, proc.stderr.read()
+        workers = json.loads(line)["workers"]
+        assert len(workers) == 2
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+        assert still_running(workers, timeout=2.0) == []
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait(timeout=10)
+        for s in (proc.stdin, proc.stdout, proc.stderr):
+            s.close()
+
+
+# -- 4. report frames stay whole whatever thread writes them ------------------
+
+def test_progress_from_a_thread_never_corrupts_the_result():
+    for _ in range(3):
+        with ProcessController(th.progress_thread_and_big_result, 2, start_method="fork",
+                               kwargs={"megabytes": 16}) as pc:
+            pc.run()
+            assert pc.wait(timeout=30)
+            reports = pc.stop()
+        for wid, r in reports.items():
+            assert r.outcome is Outcome.FINISHED, r.error
+            assert r.result == bytes([wid % 251]) * (16 << 20)
+
+
+# -- 6, 7. NaN is refused; huge timeouts mean "that long" -----------------------
+
+NAN = float("nan")
+
+
+@pytest.mark.parametrize("kw", ["grace", "ack_timeout"])
+def test_nan_in_the_constructor_is_refused(kw):
+    with pytest.raises(ValueError, match=kw):
+        ProcessController(targets.loop, 1, **{kw: NAN})
+
+
+def test_nan_timeouts_are_refused():
+    with ProcessController(targets.loop, 1, start_method="fork") as pc:
+        for call in (lambda: pc.wait(NAN), lambda: pc.reap(NAN), lambda: pc.pause(timeout=NAN),
+                     lambda: pc.run(timeout=NAN), lambda: pc.wait_ended(NAN)):
+            with pytest.raises(ValueError, match="timeout"):
+                call()
+        with pytest.raises(ValueError, match="grace"):
+            pc.stop(grace=NAN)
+        with pytest.raises(ValueError, match="grace"):
+            pc.stop(grace=-1)
+        assert pc.pids()  # nothing was stopped by the refused calls
+
+
+def test_huge_timeouts_wait_as_long_as_needed():
+    with ProcessController(targets.finish_at_once, 2, start_method="fork", grace=1e10,
+                           ack_timeout=3e6) as pc:
+        pc.pause(timeout=3e6)
+        pc.run(timeout=1e300)
+        assert pc.wait(timeout=3e6)
+        assert len(pc.reap(timeout=1e10)) == 2
+        assert pc.reap(timeout=10**400) == []  # nothing left to wait for
+    with ProcessController(targets.loop, 2, start_method="fork") as pc:
+        pc.run(timeout=math.inf)
+        t0 = time.monotonic()
+        reports = pc.stop(grace=3e6)
+        assert time.monotonic() - t0 < 5
+    assert {r.outcome for r in reports.values()} == {Outcome.STOPPED}
+
+
+# -- 14. a target that leaves a non-daemon thread running ---------------------
+
+def test_leftover_thread_does_not_keep_the_worker_alive(start_method):
+    with ProcessController(th.leave_thread_running, 2, start_method=start_method) as pc:
+        pc.run()
+        assert pc.wait(timeout=15)
+        reports = pc.stop()
+    for r in reports.values():
+        assert r.outcome is Outcome.FINISHED
+        assert r.result == 42
+        assert r.exitcode == 0
+
+
+# -- 15. one controller, many threads ------------------------------------------
+
+def test_public_methods_are_safe_from_many_threads():
+    errors: list[BaseException] = []
+    with ProcessController(targets.loop, 4, start_method="fork", ack_timeout=20) as pc:
+        pc.run()
+        go = threading.Barrier(4)
+
+        def flip(first, second):
+            try:
+                go.wait(10)
+                for _ in range(25):
+                    getattr(pc, first)()
+                    getattr(pc, second)()
+            except BaseException as exc:  # noqa: BLE001 - collected for the assertion
+                errors.append(exc)
+
+        def watch():
+            try:
+                go.wait(10)
+                for _ in range(50):
+                    assert len(pc.status()) == 4
+                    assert pc.wait(timeout=0.01) is False
+            except BaseException as exc:  # noqa: BLE001
+                errors.append(exc)
+
+        threads = [threading.Thread(target=flip, args=("pause", "run")),
+                   threading.Thread(target=flip, args=("run", "pause")),
+                   threading.Thread(target=watch), threading.Thread(target=watch)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(45)
+        assert not any(t.is_alive() for t in threads)
+        assert errors == []
+        pc.run()
+        assert all(s.alive for s in pc.status())
+        reports = pc.stop(grace=5)
+    assert {r.outcome for r in reports.values()} == {Outcome.STOPPED}
+
+
+def test_wait_in_one_thread_does_not_delay_a_pause_in_another():
+    with ProcessController(targets.loop, 2, start_method="fork") as pc:
+        pc.run()
+        waiter = threading.Thread(target=pc.wait, args=(20,))
+        waiter.start()
+        try:
+            t0 = time.monotonic()
+            pc.pause()
+            assert time.monotonic() - t0 < 5
+        finally:
+            pc.wakeup()
+            waiter.join(10)
+        assert not waiter.is_alive()
