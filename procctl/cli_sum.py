@@ -24,8 +24,8 @@ from .clitools import (
     say,
 )
 from .controller import WorkerStartError
-from .limits import LIMIT_ERRNOS
 from .jobs.sum_threshold import Delay, SumCancelled, SumJob, SumJobError, SumResult
+from .limits import LIMIT_ERRNOS
 
 START_METHODS = ("fork", "spawn", "forkserver")
 #: The library's argument names that are options here (its messages start with them).

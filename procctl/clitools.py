@@ -81,6 +81,13 @@ def say(line: str) -> None:
         _silence(sys.stderr)
 
 
+def _raw_say(data: bytes) -> None:
+    try:
+        os.write(2, data)
+    except OSError:
+        pass  # a broken or closed stderr: the exit status still tells
+
+
 class SignalBridge:
     """Record the signals an operator sends; the command's loop acts on them.
 
@@ -88,9 +95,10 @@ class SignalBridge:
     command counts. The first SIGINT or SIGTERM asks for a graceful stop; a
     second one calls `hurry` at once (from the handler, since the loop may
     then be inside a grace wait that only the workers' deaths end). SIGUSR1
-    and SIGUSR2 are queued for the loop as pause and resume. The handler only
-    records and wakes: printing from it could fail on a broken stderr, or
-    re-enter a write it interrupted.
+    and SIGUSR2 are queued for the loop as pause and resume. The handler
+    records, wakes, and says what it does with one raw write to descriptor 2:
+    sys.stderr could be in the middle of a write it interrupted, or raise on
+    a broken pipe into whatever code the signal interrupted.
     """
 
     HANDLED = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
@@ -101,7 +109,6 @@ class SignalBridge:
         self.stop_signal: int | None = None
         self.pending: list[int] = []
         self._saved: dict[int, Any] = {}
-        self._announced = False
 
     def install(self) -> SignalBridge:
         """Take over the signals, then deliver those that came while held."""
@@ -133,6 +140,7 @@ class SignalBridge:
         if signum in EXIT_FOR_SIGNAL:
             if self.stop_signal is None:
                 self.stop_signal = signum
+                _raw_say(b"procctl: stopping the workers (again to kill them at once)\n")
             else:
                 self._hurry()
         else:
@@ -140,13 +148,8 @@ class SignalBridge:
         self._wake()
 
     def stop_requested(self) -> bool:
-        """True once SIGINT or SIGTERM came; says so on stderr the first time."""
-        if self.stop_signal is None:
-            return False
-        if not self._announced:
-            self._announced = True
-            say("procctl: stopping the workers (again to kill them at once)")
-        return True
+        """True once SIGINT or SIGTERM came."""
+        return self.stop_signal is not None
 
     @property
     def signal_name(self) -> str | None:
