@@ -17,7 +17,7 @@ setup(
         "bench": ["psutil>=5.9", "loky>=3.4", "pebble>=5.0", "mpire>=2.8", "billiard>=4.0"],
     },
     entry_points={
-        "console_scripts": ["procctl=procctl.cli:main"],
+        "console_scripts": ["procctl=procctl.__main__:main"],
         "pytest11": ["procctl=procctl.pytest_plugin"],
     },
 )

@@ -1,3 +1,19 @@
-from .cli import main
+"""`python -m procctl` and the `procctl` command.
 
-main()
+The operator's signals are held from the first line, before the command line
+and its dependencies load, so that a Ctrl-C or SIGTERM at any moment reaches
+the command's handlers (cli.main installs them, then lets the signals in).
+"""
+
+import signal
+
+
+def main() -> None:
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2})
+    from .cli import main as cli_main
+
+    cli_main()
+
+
+if __name__ == "__main__":
+    main()

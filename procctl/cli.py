@@ -24,8 +24,12 @@ from .clitools import (
     Reporter,
     SignalBridge,
     check_writable_file,
+    ensure_std_fds,
+    hold_signals,
+    say,
 )
 from .controller import ProcessController, WorkerStartError
+from .limits import LIMIT_ERRNOS, capacity_problem
 from .states import CLEAN_OUTCOMES, Event, Outcome, State, WorkerReport
 
 STEPS = {"run": State.RUNNING, "pause": State.PAUSED, "stop": State.STOPPED}
@@ -43,19 +47,36 @@ def main_group() -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """Console entry point: every bad input is one line on stderr and exit 2."""
+    """Console entry point: every bad input is one line on stderr and exit 2.
+
+    SIGINT and SIGTERM are the operator's at every moment: held from the
+    first line (see __main__), recorded from here on, and a command they
+    reach ends with 130 or 143 after a clean stop.
+    """
+    hold_signals()
+    ensure_std_fds()
+    bridge = SignalBridge().install()
     try:
-        code = main_group.main(args=argv, prog_name="procctl", standalone_mode=False)
+        code = main_group.main(args=argv, prog_name="procctl", standalone_mode=False, obj=bridge)
     except click.UsageError as exc:
         where = f"procctl {exc.ctx.info_name}" if exc.ctx and exc.ctx.parent else "procctl"
-        click.echo(f"{where}: error: {exc.format_message()}", err=True)
+        say(f"{where}: error: {exc.format_message()}")
         code = EXIT_USAGE
     except BadInput as exc:
-        click.echo(f"procctl: error: {exc}", err=True)
+        say(f"procctl: error: {exc}")
         code = EXIT_USAGE
     except click.Abort:
-        code = 130
+        code = bridge.exit_code or 130
+    if bridge.exit_code is not None and code != EXIT_USAGE:
+        code = bridge.exit_code  # a signal that came after the job ended still ends the command
     sys.exit(code or 0)
+
+
+def signal_bridge() -> SignalBridge:
+    """The bridge main() installed (a command invoked some other way installs its own)."""
+    ctx = click.get_current_context(silent=True)
+    bridge = ctx.find_object(SignalBridge) if ctx is not None else None
+    return bridge if bridge is not None else SignalBridge().install()
 
 
 # -- input checks -------------------------------------------------------------
@@ -90,7 +111,12 @@ def load_target(spec: str) -> Callable[..., Any]:
         module = importlib.import_module(module_name)
     except ImportError as exc:
         raise BadInput(f"--target {spec!r}: cannot import module {module_name!r}: {exc}") from None
-    except Exception as exc:  # noqa: BLE001 - any error in the user's module is bad input
+    except SystemExit as exc:
+        raise BadInput(f"--target {spec!r}: importing {module_name!r} called sys.exit({exc.code!r})") from None
+    except KeyboardInterrupt:
+        # Not the operator's Ctrl-C: main()'s handler records that one.
+        raise BadInput(f"--target {spec!r}: importing {module_name!r} raised KeyboardInterrupt") from None
+    except BaseException as exc:  # noqa: BLE001 - any error in the user's module is bad input
         raise BadInput(f"--target {spec!r}: importing {module_name!r} raised {exc!r}") from None
     obj: Any = module
     for part in attr.split("."):
@@ -141,7 +167,7 @@ class RunSession:
         """Wait `seconds`; 'elapsed', or 'ended' (all workers), 'stop' (signal), 'timeout'."""
         until = time.monotonic() + seconds
         while True:
-            if self.bridge.stop_signal is not None:
+            if self.bridge.stop_requested():
                 return "stop"
             for sig in self.bridge.take():
                 self.broadcast(State.PAUSED if sig == signal.SIGUSR1 else State.RUNNING)
@@ -163,7 +189,7 @@ class RunSession:
         try:
             self.pc.broadcast(state, timeout=ACK_WAIT)
         except TimeoutError as exc:
-            click.echo(f"procctl: {exc}; going on", err=True)
+            say(f"procctl: {exc}; going on")
 
 
 def summarize(reports: dict[int, WorkerReport], workers: int, elapsed: float) -> tuple[dict[str, Any], str]:
@@ -171,7 +197,7 @@ def summarize(reports: dict[int, WorkerReport], workers: int, elapsed: float) ->
     outcomes = {o.value: counts[o.value] for o in Outcome if counts[o.value]}
     record: dict[str, Any] = {"event": "summary", "workers": workers, "outcomes": outcomes,
                               "elapsed": round(elapsed, 3)}
-    parts = ", ".join(f"{n} {name}" for name, n in outcomes.items())
+    parts = ", ".join(f"{n} {name}" for name, n in outcomes.items()) or "none started"
     lines = [f"summary: {workers} workers, {parts} in {elapsed:.2f}s"]
     errors = {}
     for r in reports.values():
@@ -214,12 +240,16 @@ def run_command(workers: int, target: str | None, schedule: str, step: float, fi
                 grace: float, timeout: float | None, start_method: str | None, seed: int | None,
                 json_lines: bool, quiet: bool, events_path: str | None, timeline_path: str | None) -> int:
     """Run workers under a controller through a schedule of states."""
+    bridge = signal_bridge()
     steps = parse_schedule(schedule)
     non_negative("--step", step)
     non_negative("--grace", grace)
     non_negative("--timeout", timeout)
     if not 0.0 <= finish_chance <= 1.0:
         raise BadInput(f"--finish-chance must be between 0 and 1, not {finish_chance}")
+    too_many = capacity_problem(workers)
+    if too_many is not None:
+        raise BadInput(f"--workers {workers}: {too_many}")
     check_output_paths(events_path, timeline_path)
     args: tuple[Any, ...] = ()
     if target is not None:
@@ -235,7 +265,7 @@ def run_command(workers: int, target: str | None, schedule: str, step: float, fi
             return ProcessController(func, workers, args=args, start_method=start_method, grace=grace,
                                      on_event=on_event)
 
-        code = _run(make, workers, steps, step, timeout, reporter, live, timeline_path)
+        code = _run(make, workers, steps, step, timeout, reporter, live, timeline_path, bridge)
     finally:
         reporter.close()
     return code
@@ -255,7 +285,8 @@ def check_output_paths(events_path: str | None, timeline_path: str | None) -> No
 
 
 def _run(make: Callable[[Callable[[Event], None]], ProcessController], workers: int, steps: list[str],
-         step: float, timeout: float | None, reporter: Reporter, live: bool, timeline_path: str | None) -> int:
+         step: float, timeout: float | None, reporter: Reporter, live: bool, timeline_path: str | None,
+         bridge: SignalBridge) -> int:
     history: list[Event] = []
     view = None
     if live:
@@ -273,18 +304,16 @@ def _run(make: Callable[[Callable[[Event], None]], ProcessController], workers: 
     pc = make(on_event)
     started = time.monotonic()
     deadline = None if timeout is None else started + timeout
-    with SignalBridge(wake=pc.wakeup, hurry=pc.kill) as bridge:
-        try:
-            pc.start()
-        except WorkerStartError as exc:
-            pc.close()
-            click.echo(f"procctl: error: {exc}", err=True)
-            return EXIT_FAILED
+    session = RunSession(pc, bridge, deadline, tick=view.refresh if view else None)
+    with bridge.attach(wake=pc.wakeup, hurry=pc.kill):
+        failed = _start(pc, bridge)
+        if failed is not None:
+            return failed
         try:
             if view is not None:
                 view.__enter__()
-            session = RunSession(pc, bridge, deadline, tick=view.refresh if view else None)
-            session.run(steps, step)
+            if not bridge.stop_requested():  # a signal during the start stops at once
+                session.run(steps, step)
         finally:
             reports = pc.stop()
             if view is not None:
@@ -298,6 +327,24 @@ def _run(make: Callable[[Callable[[Event], None]], ProcessController], workers: 
         render_timeline([e.to_dict() for e in history] + [record], timeline_path,
                         workers=pc.workers, title=f"procctl run: {pc.workers} workers")
     return exit_status(reports, bridge, session.timed_out)
+
+
+def _start(pc: ProcessController, bridge: SignalBridge) -> int | None:
+    """Start the workers unless a stop came first; an exit status if they cannot run."""
+    if bridge.stop_requested():
+        return None  # nothing to start: the summary says none started
+    try:
+        pc.start()
+    except (WorkerStartError, OSError) as exc:
+        pc.close()  # the controller has killed and reaped what it had started
+        if bridge.stop_requested():
+            return None  # a second signal killed them while they started: the signal's doing
+        say(f"procctl: error: {exc}")
+        cause = exc if isinstance(exc, OSError) else exc.__cause__
+        if isinstance(cause, OSError) and cause.errno in LIMIT_ERRNOS:
+            return EXIT_USAGE  # more workers than the system allows
+        return EXIT_FAILED
+    return None
 
 
 def _register_commands() -> None:

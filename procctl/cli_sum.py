@@ -6,7 +6,6 @@ procctl.cli registers it on the group; errors and exit codes are handled there.
 from __future__ import annotations
 
 import contextlib
-import signal
 import sys
 from typing import Any
 
@@ -17,13 +16,16 @@ from .clitools import (
     EXIT_OK,
     EXIT_SIGINT,
     EXIT_TIMEOUT,
+    EXIT_USAGE,
     BadInput,
     Reporter,
     SignalBridge,
     check_writable_file,
+    say,
 )
 from .controller import WorkerStartError
 from .jobs.sum_threshold import Delay, SumCancelled, SumJob, SumJobError, SumResult
+from .limits import LIMIT_ERRNOS
 
 START_METHODS = ("fork", "spawn", "forkserver")
 #: The library's argument names that are options here (its messages start with them).
@@ -119,6 +121,9 @@ def sum_command(producers: int, consumers: int, threshold: int, values_text: str
                 delay_text: str, batch: int, seed: int | None, timeout: float | None,
                 start_method: str | None, json_lines: bool, quiet: bool, events_path: str | None) -> int:
     """Producers fill one queue; the first consumer whose sum exceeds the threshold stops everyone."""
+    from .cli import signal_bridge
+
+    bridge = signal_bridge()
     if events_path:
         check_writable_file(events_path, "--events")
     live = sys.stdout.isatty() and not json_lines and not quiet
@@ -142,34 +147,40 @@ def sum_command(producers: int, consumers: int, threshold: int, values_text: str
     except ValueError as exc:
         raise BadInput(_as_option(str(exc))) from None
     try:
-        return _run(job, reporter, view)
+        return _run(job, reporter, bridge, view)
     finally:
         reporter.close()
 
 
-def _run(job: SumJob, reporter: Reporter, view: Any = None) -> int:
-    bridge: SignalBridge
-
+def _run(job: SumJob, reporter: Reporter, bridge: SignalBridge, view: Any = None) -> int:
     def on_signal() -> None:
         # SIGUSR1/2 only wake the bridge; SIGINT/SIGTERM mean a clean stop.
         if bridge.stop_signal is not None:
             job.cancel()
 
-    with SignalBridge(wake=on_signal, hurry=job.kill) as bridge:
+    with bridge.attach(wake=on_signal, hurry=job.kill):
         try:
+            if bridge.stop_requested():  # came before anything started: start nothing
+                raise SumCancelled("cancelled before the run started")
             with view if view is not None else contextlib.nullcontext():
                 result = job.run()  # the live view closes before the summary
         except SumCancelled:
-            name = signal.Signals(bridge.stop_signal).name if bridge.stop_signal else None
-            reporter.emit({"event": "cancelled", "signal": name},
+            reporter.emit({"event": "cancelled", "signal": bridge.signal_name},
                           "cancelled: everything stopped and cleaned up")
             return bridge.exit_code or EXIT_SIGINT
         except TimeoutError as exc:
             reporter.emit({"event": "timeout", "timeout": job.plan.timeout}, None)
-            click.echo(f"procctl sum: {exc}", err=True)
+            say(f"procctl sum: {exc}")
             return EXIT_TIMEOUT
-        except (SumJobError, WorkerStartError) as exc:
-            click.echo(f"procctl sum: error: {exc}", err=True)
+        except (SumJobError, WorkerStartError, OSError) as exc:
+            if bridge.exit_code is not None:  # a second signal killed the workers: the signal's doing
+                reporter.emit({"event": "cancelled", "signal": bridge.signal_name},
+                              "cancelled: everything stopped and cleaned up")
+                return bridge.exit_code
+            say(f"procctl sum: error: {exc}")
+            cause = exc if isinstance(exc, OSError) else exc.__cause__
+            if isinstance(cause, OSError) and cause.errno in LIMIT_ERRNOS:
+                return EXIT_USAGE  # more workers than the system allows
             return EXIT_FAILED
     reporter.summary({"event": "summary", **result.to_dict()}, summary_text(result))
     return EXIT_OK

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import sys
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from types import FrameType
 from typing import IO, Any
 
@@ -24,44 +27,133 @@ class BadInput(Exception):
     """Bad usage: reported as one line on stderr, exit status 2."""
 
 
+#: The operator's signals: held from the command's first line until its
+#: handlers are in place, so that none is lost or kills us half-way.
+HELD_SIGNALS = frozenset({signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2})
+
+
+def _nothing() -> None:
+    pass
+
+
+def hold_signals() -> None:
+    """Block the operator's signals; `SignalBridge.install()` releases them."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, HELD_SIGNALS)
+
+
+def ensure_std_fds() -> None:
+    """Give a closed stdin, stdout or stderr (`procctl run >&-`) /dev/null.
+
+    Else the command would fail on the missing stream, and the first pipe it
+    opens would take descriptor 1 or 2, where a worker's print would land.
+    """
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            null = os.open(os.devnull, os.O_RDWR)
+            if null != fd:
+                os.dup2(null, fd)
+                os.close(null)
+    if sys.stdout is None:
+        sys.stdout = open(1, "w", encoding="utf-8", closefd=False)  # noqa: SIM115 - lives as long as we do
+    if sys.stderr is None:
+        sys.stderr = open(2, "w", encoding="utf-8", closefd=False)  # noqa: SIM115 - lives as long as we do
+
+
+def _silence(stream: IO[str]) -> None:
+    """The reader of `stream` went away: send the rest to /dev/null."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, stream.fileno())
+    except (OSError, ValueError):
+        pass
+    finally:
+        os.close(devnull)
+
+
+def say(line: str) -> None:
+    """One line on stderr; a closed or broken stderr is no reason to fail."""
+    try:
+        sys.stderr.write(line + "\n")
+        sys.stderr.flush()
+    except (OSError, ValueError):
+        _silence(sys.stderr)
+
+
+def _raw_say(data: bytes) -> None:
+    try:
+        os.write(2, data)
+    except OSError:
+        pass  # a broken or closed stderr: the exit status still tells
+
+
 class SignalBridge:
     """Record the signals an operator sends; the command's loop acts on them.
 
-    The first SIGINT or SIGTERM asks for a graceful stop; a second one calls
-    `hurry` at once (from the handler, since the loop may then be inside a
-    grace wait that only the workers' deaths end). SIGUSR1 and SIGUSR2 are
-    queued for the loop as pause and resume.
+    `install()` runs first thing in main, so a signal at any moment of a
+    command counts. The first SIGINT or SIGTERM asks for a graceful stop; a
+    second one calls `hurry` at once (from the handler, since the loop may
+    then be inside a grace wait that only the workers' deaths end). SIGUSR1
+    and SIGUSR2 are queued for the loop as pause and resume. The handler
+    records, wakes, and says what it does with one raw write to descriptor 2:
+    sys.stderr could be in the middle of a write it interrupted, or raise on
+    a broken pipe into whatever code the signal interrupted.
     """
 
     HANDLED = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
 
-    def __init__(self, wake: Callable[[], None], hurry: Callable[[], None]) -> None:
-        self._wake = wake
-        self._hurry = hurry
+    def __init__(self) -> None:
+        self._wake: Callable[[], None] = _nothing
+        self._hurry: Callable[[], None] = _nothing
         self.stop_signal: int | None = None
         self.pending: list[int] = []
         self._saved: dict[int, Any] = {}
 
-    def __enter__(self) -> SignalBridge:
+    def install(self) -> SignalBridge:
+        """Take over the signals, then deliver those that came while held."""
         for sig in self.HANDLED:
             self._saved[sig] = signal.signal(sig, self._handle)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, HELD_SIGNALS)
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def uninstall(self) -> None:
         for sig, old in self._saved.items():
             signal.signal(sig, old)
         self._saved.clear()
+
+    __enter__ = install
+
+    def __exit__(self, *exc: object) -> None:
+        self.uninstall()
+
+    @contextmanager
+    def attach(self, wake: Callable[[], None], hurry: Callable[[], None]) -> Iterator[SignalBridge]:
+        """Wire the signals to a running job for the duration of the block."""
+        self._wake, self._hurry = wake, hurry
+        try:
+            yield self
+        finally:
+            self._wake = self._hurry = _nothing
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         if signum in EXIT_FOR_SIGNAL:
             if self.stop_signal is None:
                 self.stop_signal = signum
-                print("procctl: stopping the workers (again to kill them at once)", file=sys.stderr)
+                _raw_say(b"procctl: stopping the workers (again to kill them at once)\n")
             else:
                 self._hurry()
         else:
             self.pending.append(signum)
         self._wake()
+
+    def stop_requested(self) -> bool:
+        """True once SIGINT or SIGTERM came."""
+        return self.stop_signal is not None
+
+    @property
+    def signal_name(self) -> str | None:
+        return None if self.stop_signal is None else signal.Signals(self.stop_signal).name
 
     def take(self) -> list[int]:
         """The queued SIGUSR1/SIGUSR2, oldest first."""
@@ -73,11 +165,32 @@ class SignalBridge:
         return None if self.stop_signal is None else EXIT_FOR_SIGNAL[self.stop_signal]
 
 
+def json_line(record: dict[str, Any]) -> str:
+    """`record` as strict JSON: a NaN or infinity (which JSON has no word for) is null."""
+    try:
+        return json.dumps(record, default=str, allow_nan=False)
+    except ValueError:
+        return json.dumps(_finite(record), default=str, allow_nan=False)
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
 class Reporter:
     """Writes a run's story: human lines, or JSON Lines with --json.
 
     Every record also goes, as JSON, to the --events file when one is given,
     flushed at once so that a run killed with SIGKILL leaves a readable log.
+    An event log that cannot be written (a full disk, /dev/full) is said once
+    on stderr and dropped; the run, its output and its exit status go on.
+    Records may come from a job's helper thread: one lock keeps lines whole.
     """
 
     def __init__(self, *, json_lines: bool = False, quiet: bool = False,
@@ -85,19 +198,25 @@ class Reporter:
         self.json_lines = json_lines
         self.quiet = quiet
         self.stream = stream if stream is not None else sys.stdout
-        self._events = open(events_path, "w", encoding="utf-8") if events_path else None
+        self.events_path = events_path
+        self._events = open(events_path, "w", encoding="utf-8") if events_path else None  # noqa: SIM115
         self._broken = False
+        self._lock = threading.Lock()
 
     def emit(self, record: dict[str, Any], text: str | None) -> None:
         """One event: `record` for machines, `text` (if any) for people."""
-        line = json.dumps(record, default=str)
-        if self._events is not None:
-            self._events.write(line + "\n")
-            self._events.flush()
-        if self.json_lines:
-            self._write(line)
-        elif text is not None and not self.quiet:
-            self._write(text)
+        line = json_line(record)
+        with self._lock:
+            if self._events is not None:
+                try:
+                    self._events.write(line + "\n")
+                    self._events.flush()
+                except OSError as exc:
+                    self._drop_events(exc)
+            if self.json_lines:
+                self._write(line)
+            elif text is not None and not self.quiet:
+                self._write(text)
 
     def summary(self, record: dict[str, Any], text: str) -> None:
         """The last record: always shown, even with --quiet."""
@@ -111,17 +230,31 @@ class Reporter:
         try:
             self.stream.write(line + "\n")
             self.stream.flush()
-        except BrokenPipeError:
+        except (OSError, ValueError):
             # The reader went away (| head): stop writing, exit quietly.
             self._broken = True
-            devnull = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(devnull, self.stream.fileno())
-            os.close(devnull)
+            _silence(self.stream)
+
+    def _drop_events(self, exc: OSError) -> None:
+        events, self._events = self._events, None
+        say(f"procctl: warning: the event log {self.events_path!r} could not be written ({exc.strerror});"
+            " going on without it")
+        if events is not None:
+            try:
+                events.close()
+            except OSError:
+                pass  # the unwritten rest goes with it
 
     def close(self) -> None:
-        if self._events is not None:
-            self._events.close()
-            self._events = None
+        with self._lock:
+            if self._events is not None:
+                try:
+                    self._events.close()
+                except OSError as exc:
+                    self._events = None
+                    say(f"procctl: warning: the event log {self.events_path!r} could not be written"
+                        f" ({exc.strerror})")
+                self._events = None
 
 
 def check_writable_file(path: str, option: str) -> None:

@@ -33,12 +33,12 @@ import signal
 import threading
 import time
 import weakref
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import Callable, Generator, Iterator, Mapping
 from contextlib import contextmanager
 from functools import partial
 from typing import Any
 
-from . import shutdown
+from . import limits, shutdown
 from .channel import (
     ACK,
     ACK_BODY,
@@ -234,6 +234,17 @@ class ProcessController:
             raise TypeError(f"target must be callable, not {type(target).__name__}")
         if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
             raise ValueError(f"workers must be a positive integer, not {workers!r}")
+        too_many = limits.capacity_problem(workers)
+        if too_many is not None:
+            raise ValueError(f"workers={workers} is more than this system lets us start: {too_many}")
+        if isinstance(args, (str, bytes)) or not isinstance(args, (tuple, list)):
+            raise TypeError(f"args must be a tuple or list of arguments, not {type(args).__name__}")
+        if kwargs is not None and not (
+            isinstance(kwargs, Mapping) and all(isinstance(k, str) for k in kwargs)
+        ):
+            raise TypeError(f"kwargs must be a mapping of str to values, not {kwargs!r:.80}")
+        if on_event is not None and not callable(on_event):
+            raise TypeError(f"on_event must be callable, not {type(on_event).__name__}")
         grace = check_timeout("grace", grace, allow_none=False)  # type: ignore[assignment]
         ack_timeout = check_timeout("ack_timeout", ack_timeout)
         initial_state = State(initial_state)
@@ -307,15 +318,15 @@ class ProcessController:
         self._use_spawner = (
             self.start_method != "forkserver" and threading.current_thread() is not threading.main_thread()
         )
-        self._board = Board(self.workers)
-        self._selector = selectors.DefaultSelector()
-        self._wake_r, self._wake_w = os.pipe()
-        os.set_blocking(self._wake_r, False)
-        os.set_blocking(self._wake_w, False)
-        self._selector.register(self._wake_r, selectors.EVENT_READ, (_WAKE, None))
-        _open_controllers.add(self)
         word = pack_command(0, self.initial_state)
-        try:
+        try:  # from the first resource: a start that fails (EMFILE, say) releases all
+            self._board = Board(self.workers)
+            self._selector = selectors.DefaultSelector()
+            self._wake_r, self._wake_w = os.pipe()
+            os.set_blocking(self._wake_r, False)
+            os.set_blocking(self._wake_w, False)
+            self._selector.register(self._wake_r, selectors.EVENT_READ, (_WAKE, None))
+            _open_controllers.add(self)
             for wid in range(self.workers):
                 self._board.post(wid, word)
                 self._spawn(wid)
@@ -327,7 +338,10 @@ class ProcessController:
 
     def _spawn(self, wid: int) -> None:
         assert self._board is not None and self._selector is not None
-        link = WorkerLink()
+        try:
+            link = WorkerLink()
+        except OSError as exc:
+            raise WorkerStartError(f"cannot start worker {wid}: {limits.describe_start_failure(exc) or exc}") from exc
         doorbell, report = link.child_fds()
         spec = WorkerSpec(
             wid, self.workers, self._payload, InheritedFd(self._board.fd), doorbell, report, os.getpid(),
@@ -342,9 +356,13 @@ class ProcessController:
                     process.start()
         except Exception as exc:
             link.close()
-            raise WorkerStartError(
-                f"cannot start worker {wid} with start method {self.start_method!r}: "
+            # A limit (EMFILE, EAGAIN) is the system's refusal; anything else
+            # here comes from pickling what the child must receive.
+            why = limits.describe_start_failure(exc) or (
                 f"the target or its arguments cannot be sent to the child ({exc!r})"
+            )
+            raise WorkerStartError(
+                f"cannot start worker {wid} with start method {self.start_method!r}: {why}"
             ) from exc
         finally:
             link.release_child_fds()
@@ -368,7 +386,9 @@ class ProcessController:
             why = (w.start_error or "").strip().splitlines()
             detail = why[-1] if why else shutdown.describe_exit(w.report.exitcode if w.report else None)
             hint = ""
-            if self.start_method != "fork":
+            if w.signalled is not None:
+                detail = f"killed by the controller with {shutdown.signal_name(w.signalled)} while starting"
+            elif self.start_method != "fork" and (w.start_error or (w.report and w.report.exitcode == 1)):
                 hint = (
                     f"; under {self.start_method} the target must be importable by module and name"
                     " in a fresh interpreter"
@@ -502,8 +522,10 @@ class ProcessController:
         """True once every worker has ended; False on timeout or wakeup()."""
         timeout = check_timeout("timeout", timeout)
         with self._locked():
-            if self._phase is not _STARTED:
-                return self._phase is _CLOSED or not self._workers
+            if self._phase is _NEW:
+                raise RuntimeError("the controller is not started; call start() or use a with block")
+            if self._phase is _CLOSED:
+                return True
             return self._pump_until(lambda: self._live == 0, timeout, until_wakeup=True)
 
     def wait_ended(self, timeout: float | None) -> bool:

@@ -6,6 +6,7 @@ Only the command line imports this (rich and psutil are CLI dependencies;
 
 from __future__ import annotations
 
+import math
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -34,8 +35,12 @@ def _fmt_bytes(n: float) -> str:
     return f"{n:.1f} TiB"
 
 
+def _fmt_count(n: float) -> str:
+    return f"{n:.0f}" if abs(n) < 1e15 else f"{n:.3g}"
+
+
 def _fmt_eta(seconds: float | None) -> str:
-    if seconds is None:
+    if seconds is None or not math.isfinite(seconds):
         return ""
     seconds = int(seconds)
     return f"{seconds // 60}:{seconds % 60:02d}"
@@ -87,15 +92,18 @@ class LiveView:
         return text
 
     def _overall(self, rows: list[WorkerStatus]) -> Table | Text:
-        with_total = [r for r in rows if r.total and r.done is not None]
+        with_total = [r for r in rows if r.total and r.done is not None and math.isfinite(r.total)]
         if not with_total:
             return Text("")
-        done = sum(r.done or 0.0 for r in with_total)
-        total = sum(r.total or 0.0 for r in with_total)
-        rates = [r.rate for r in with_total if r.rate]
-        eta = (total - done) / sum(rates) if rates and total > done else None
+        # In units of the largest total, so that totals near 1e308 add up
+        # without overflowing to infinity.
+        unit = max(r.total or 0.0 for r in with_total)
+        done = sum((r.done or 0.0) / unit for r in with_total)
+        total = sum((r.total or 0.0) / unit for r in with_total)
+        rate = sum(r.rate / unit for r in with_total if r.rate and math.isfinite(r.rate))
+        eta = (total - done) / rate if rate > 0 and total > done else None
         grid = Table.grid(padding=(0, 1))
-        grid.add_row(ProgressBar(total=total, completed=done, width=40),
+        grid.add_row(ProgressBar(total=total, completed=min(done, total), width=40),
                      f"{100 * done / total:5.1f}%", f"ETA {_fmt_eta(eta)}" if eta is not None else "")
         return grid
 
@@ -120,9 +128,9 @@ class LiveView:
         if r.done is None:
             progress: Any = ""
         elif r.total:
-            progress = f"{r.done:.0f}/{r.total:.0f} {_fmt_eta(r.eta)}"
+            progress = f"{_fmt_count(r.done)}/{_fmt_count(r.total)} {_fmt_eta(r.eta)}"
         else:
-            progress = f"{r.done:.0f}"
+            progress = _fmt_count(r.done)
         cpu, rss = self._usage(r)
         return state, progress, cpu, rss, self._last.get(r.worker_id, "")
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import os
 import pickle
+import reprlib
 import select
 import signal
 import sys
@@ -36,6 +37,25 @@ EXIT_START_FAILED = 3
 PR_SET_PDEATHSIG = 1
 #: At most one progress-info message per this many seconds.
 INFO_INTERVAL = 0.25
+
+
+_INF = math.inf
+_NO_TOTAL = math.nan  # on the board: no total given
+
+
+def _bad_progress(done: Any, total: Any) -> str:
+    short = reprlib.Repr()
+    short.maxlong = short.maxstring = short.maxother = 40
+    for name, value in (("done", done), ("total", total)):
+        if name == "total" and value is None:
+            continue
+        try:
+            ok = 0.0 <= float(value) < _INF
+        except (TypeError, ValueError, OverflowError):
+            ok = False
+        if not ok:
+            return f"progress(): {name} must be a finite number >= 0, not {short.repr(value)}"
+    return "progress(): done and total must be finite numbers >= 0"  # pragma: no cover
 
 
 class Payload:
@@ -161,10 +181,19 @@ class WorkerContext:
         """Report progress. Cheap enough for a tight loop: `done` and `total`
         are two stores in shared memory; `info` (small picklable values) is
         sent at most every INFO_INTERVAL seconds, and dropped rather than
-        ever blocking the worker."""
-        self._end.board.set_progress(
-            self.worker_id, float(done), float("nan") if total is None else float(total)
-        )
+        ever blocking the worker.
+
+        `done` and `total` must be finite numbers >= 0 (ValueError otherwise:
+        NaN, infinities, negatives, ints past float range, non-numbers)."""
+        try:
+            d = float(done)
+            t = _NO_TOTAL if total is None else float(total)
+        except (TypeError, ValueError, OverflowError):
+            d = t = -1.0  # refused just below, with the caller's values
+        # One chained comparison each; NaN fails it too.
+        if not 0.0 <= d < _INF or not (total is None or 0.0 <= t < _INF):
+            raise ValueError(_bad_progress(done, total))
+        self._end.board.set_progress(self.worker_id, d, t)
         if info:
             self.info = info
             now = time.monotonic()

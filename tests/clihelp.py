@@ -23,9 +23,9 @@ def run_cli(args: list[str], timeout: float = 60, cwd: str | None = None) -> sub
 class LiveCli:
     """A running `procctl` whose stdout lines the test can wait for."""
 
-    def __init__(self, args: list[str], cwd: str | None = None) -> None:
+    def __init__(self, args: list[str], cwd: str | None = None, env: dict[str, str] | None = None) -> None:
         self.proc = subprocess.Popen(
-            CLI + args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=cwd,
+            CLI + args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=cwd, env=env,
             start_new_session=True,  # its own process group, as on a terminal
         )
         self.lines: list[str] = []

@@ -34,6 +34,7 @@ from functools import partial
 from numbers import Real
 from typing import Any
 
+from .. import limits
 from ..controller import ProcessController
 from ..states import CLEAN_OUTCOMES, Outcome, State, WorkerReport
 from ..worker import MANAGED_SIGNALS, WorkerContext
@@ -184,6 +185,10 @@ def make_plan(producers: Any = 3, consumers: Any = 3, threshold: Any = 10, *, va
     if start_method is not None and start_method not in multiprocessing.get_all_start_methods():
         methods = ", ".join(multiprocessing.get_all_start_methods())
         raise ValueError(f"start_method must be one of {methods}, not {start_method!r}")
+    workers = _count("producers", producers) + _count("consumers", consumers)
+    too_many = limits.capacity_problem(workers)
+    if too_many is not None:
+        raise ValueError(f"too many workers ({producers} producers and {consumers} consumers): {too_many}")
     return _Plan(
         producers=_count("producers", producers),
         consumers=_count("consumers", consumers),

@@ -1,0 +1,405 @@
+"""Issue 10, items 8-13: whatever the system or the operator does, one clear
+line and the documented exit status; never a traceback, a hang or a stray
+process. The command line runs as a real subprocess (`python -m procctl`)."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import random
+import resource
+import select
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from clihelp import CLI, LiveCli, assert_all_gone, json_events, run_cli, worker_pids
+
+from procctl import Outcome, ProcessController
+from procctl.clitools import Reporter
+from procctl.states import State, WorkerStatus
+
+TESTS = os.path.dirname(__file__)
+QUICK_RUN = ["run", "--workers", "3", "--step", "0", "--finish-chance", "0"]
+QUICK_SUM = ["sum", "--seed", "1"]
+COMMANDS = {"run": QUICK_RUN, "sum": QUICK_SUM}
+
+
+def strict_json(line: str) -> dict:
+    """json.loads that refuses NaN and Infinity, as strict parsers do."""
+    def refuse(token: str) -> None:
+        raise ValueError(f"invalid JSON token {token}")
+
+    return json.loads(line, parse_constant=refuse)
+
+
+def one_error_line(stderr: str) -> str:
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1, stderr
+    assert "Traceback" not in stderr
+    return lines[0]
+
+
+def with_limit(which: int, soft: int):
+    def preexec() -> None:
+        _, hard = resource.getrlimit(which)
+        resource.setrlimit(which, (soft, hard))
+    return preexec
+
+
+# -- 8: more workers than the system can start --------------------------------------
+
+
+@pytest.mark.parametrize("args", [["run", "--workers", "99999999999999999999999"],
+                                  ["sum", "--producers", "99999999999999999999999"],
+                                  ["sum", "--consumers", "10000000"]], ids=lambda a: " ".join(a[:2]))
+def test_huge_worker_count_is_one_line_and_exit_2(args):
+    res = run_cli(args)
+    assert res.returncode == 2 and res.stdout == ""
+    line = one_error_line(res.stderr)
+    assert "file descriptors" in line and "the limit is" in line
+
+
+@pytest.mark.parametrize("args", [["run", "--workers", "200"], ["sum", "--producers", "100", "--consumers", "100"]],
+                         ids=["run", "sum"])
+def test_worker_count_beyond_the_fd_limit_names_the_limit(args):
+    res = subprocess.run(CLI + args, capture_output=True, text=True, timeout=30,
+                         preexec_fn=with_limit(resource.RLIMIT_NOFILE, 256))
+    assert res.returncode == 2 and res.stdout == ""
+    line = one_error_line(res.stderr)
+    assert "200 workers need about" in line and "file descriptors; the limit is 256" in line
+
+
+def test_the_fd_check_lets_through_what_fits():
+    # The estimate is not so careful that it refuses what the system can do.
+    res = subprocess.run(CLI + ["run", "--workers", "40", "--step", "0", "--quiet"], capture_output=True,
+                         text=True, timeout=30, preexec_fn=with_limit(resource.RLIMIT_NOFILE, 256))
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.startswith("summary: 40 workers")
+
+
+def test_worker_count_beyond_the_process_limit_names_the_limit(monkeypatch):
+    # The kernel exempts root from RLIMIT_NPROC, and the tests may run as
+    # root: play a user with 3 processes under a limit of 8.
+    from procctl import limits
+
+    monkeypatch.setattr(limits.os, "getuid", lambda: 1000)
+    monkeypatch.setattr(limits, "_user_processes", lambda: 3)
+    monkeypatch.setattr(limits, "_soft_limit", lambda name: 8 if name == "RLIMIT_NPROC" else None)
+    assert limits.capacity_problem(4) is None
+    problem = limits.capacity_problem(20)
+    assert "20 workers need 20 more processes; the limit is 8" in problem
+    with pytest.raises(ValueError, match="workers=20 .*the limit is 8"):
+        ProcessController(_noop, 20)
+
+
+def test_library_refuses_a_worker_count_the_system_cannot_start():
+    with pytest.raises(ValueError, match="workers"):
+        ProcessController(print, 10**23)
+
+
+FD_STARVED = """
+import os, resource, sys
+from procctl import ProcessController, WorkerStartError
+sys.path.insert(0, {tests!r})
+import targets_cli
+resource.setrlimit(resource.RLIMIT_NOFILE, (96, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+pc = ProcessController(targets_cli.idle, 8, start_method={method!r})  # fits: the check passes
+hogs = []
+try:
+    while True:
+        hogs.append(os.open(os.devnull, os.O_RDONLY))  # then another part of the program takes the room
+except OSError:
+    pass
+for fd in hogs[-14:]:
+    os.close(fd)  # enough to start a few workers, not all
+try:
+    pc.start()
+except WorkerStartError as exc:
+    print(exc)
+else:
+    print("started")
+pc.close()
+"""
+
+
+@pytest.mark.parametrize("method", ["fork", "spawn"])
+def test_a_start_that_runs_out_of_fds_says_so(method):
+    res = subprocess.run([sys.executable, "-c", FD_STARVED.format(tests=TESTS, method=method)],
+                         capture_output=True, text=True, timeout=30)
+    assert res.returncode == 0, res.stderr
+    assert "file descriptors" in res.stdout or "Too many open files" in res.stdout, res.stdout
+    assert "cannot be sent to the child" not in res.stdout
+
+
+# -- 9: an event log that cannot be written -----------------------------------------
+
+
+@pytest.mark.parametrize("command", ["run", "sum"])
+def test_events_to_dev_full_is_one_warning_and_the_run_goes_on(command):
+    res = run_cli(COMMANDS[command] + ["--json", "--events", "/dev/full"])
+    assert res.returncode == 0
+    line = one_error_line(res.stderr)
+    assert "event log" in line and "/dev/full" in line
+    assert strict_json(res.stdout.splitlines()[-1])["event"] == "summary"
+
+
+@pytest.mark.parametrize("args", [["run", "--workers", "20", "--step", "0", "--finish-chance", "0"],
+                                  ["sum", "--seed", "1", "--threshold", "300"]], ids=["run", "sum"])
+def test_a_disk_that_fills_mid_run_is_one_warning(args, tmp_path):
+    log = tmp_path / "events.jsonl"
+    # RLIMIT_FSIZE makes files "full" at 4 KiB (writes then fail with EFBIG):
+    # room for the controller's one-page board, not for the whole log.
+    res = subprocess.run(CLI + args + ["--json", "--events", str(log)], capture_output=True,
+                         text=True, timeout=60, preexec_fn=with_limit(resource.RLIMIT_FSIZE, 4096))
+    assert res.returncode == 0, res.stderr
+    line = one_error_line(res.stderr)
+    assert "event log" in line and "could not be written" in line
+    events = [strict_json(line) for line in res.stdout.splitlines()]
+    assert events[-1]["event"] == "summary" and len("\n".join(res.stdout)) > 4096
+    assert 0 < log.stat().st_size <= 4096
+
+
+# -- 10: progress values, the live view, strict JSON ------------------------------
+
+
+def test_progress_accepts_finite_non_negative_numbers_and_names_the_rest():
+    from targets_cli import PROGRESS_CASES, report_progress
+
+    with ProcessController(report_progress, len(PROGRESS_CASES), start_method="fork") as pc:
+        pc.run()
+        assert pc.wait(timeout=30)
+        reports = pc.stop()
+    for wid, (done, total) in enumerate(PROGRESS_CASES):
+        report = reports[wid]
+        bad = [name for name, value in (("done", done), ("total", total))
+               if value is not None and not (isinstance(value, (int, float)) and 0 <= value < float("inf")
+                                             and value == value and value < 10**309)]
+        if bad:
+            assert report.outcome is Outcome.FAILED, (done, total)
+            assert report.error_line.startswith(f"ValueError: progress(): {bad[0]} must be a finite number")
+        else:
+            assert report.outcome is Outcome.FINISHED and report.result == "reported", report.error
+
+
+def test_live_view_draws_totals_past_the_float_range():
+    from rich.console import Console
+
+    from procctl.live import LiveView
+
+    rows = [WorkerStatus(i, None, State.RUNNING, True, None, 0.5e308, 1e308, 1e307, 5.0) for i in range(4)]
+    rows.append(WorkerStatus(4, None, State.RUNNING, True, None, 1.0, float("inf"), float("inf"), float("inf")))
+    console = Console(file=io.StringIO(), width=100, height=30)
+    console.print(LiveView(lambda: rows, "t", console=console).render(rows))
+    assert "50.0%" in console.file.getvalue()
+
+
+def test_json_lines_never_hold_nan_or_infinity():
+    out = io.StringIO()
+    reporter = Reporter(json_lines=True, stream=out)
+    reporter.emit({"event": "x", "done": float("nan"), "total": float("inf"), "more": [float("-inf"), 1.5]}, None)
+    assert strict_json(out.getvalue()) == {"event": "x", "done": None, "total": None, "more": [None, 1.5]}
+
+
+def test_run_with_huge_totals_writes_strict_json(tmp_path):
+    log = tmp_path / "events.jsonl"
+    res = run_cli(["run", "--workers", "3", "--target", "targets_cli:huge_totals", "--step", "0.1",
+                   "--json", "--events", str(log)], cwd=TESTS)
+    assert res.returncode == 0, res.stderr
+    for text in (res.stdout, log.read_text()):
+        events = [strict_json(line) for line in text.splitlines()]
+        assert events[-1]["outcomes"] == {"stopped": 3}
+        assert any(e.get("total") == 1e308 for e in events)
+
+
+# -- 11: signals at any moment --------------------------------------------------
+
+
+def _launch(args: list[str], events: str, blocked: bool = False) -> subprocess.Popen:
+    def block() -> None:
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+
+    return subprocess.Popen(CLI + args + ["--events", events], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            start_new_session=True, preexec_fn=block if blocked else None)
+
+
+def _assert_clean_stop(proc: subprocess.Popen, code: int, events: str) -> None:
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == code, err.decode()
+    assert b"Traceback" not in err
+    log = [strict_json(line) for line in open(events).read().splitlines()]
+    assert log and log[-1]["event"] in ("summary", "cancelled"), log
+    assert_all_gone(worker_pids(log))
+
+
+SIGNALS = [(signal.SIGINT, 130), (signal.SIGTERM, 143)]
+RUN_ARGS = {"run": ["run", "--workers", "2", "--schedule", "run", "--step", "0.2", "--finish-chance", "0", "--json"],
+            "sum": ["sum", "--threshold", "10000", "--delay", "0.05", "--json"]}
+
+
+@pytest.mark.parametrize("command", ["run", "sum"])
+@pytest.mark.parametrize("sig, code", SIGNALS, ids=["SIGINT", "SIGTERM"])
+def test_a_signal_before_the_handlers_exist_is_a_clean_stop(command, sig, code, tmp_path):
+    # Blocked by the parent, the signal is pending from procctl's first
+    # instruction: it arrives before any handler of the command exists.
+    events = str(tmp_path / "events.jsonl")
+    proc = _launch(RUN_ARGS[command], events, blocked=True)
+    try:
+        os.killpg(proc.pid, sig)
+        _assert_clean_stop(proc, code, events)
+    finally:
+        proc.kill()
+        proc.wait(10)
+
+
+def _died_before_procctl_ran(proc: subprocess.Popen, sig: int, err: bytes) -> bool:
+    """The signal hit the interpreter's own start-up, before any procctl code
+    ran: a death by the signal (a shell reports 128+N, as we do), or for
+    SIGINT CPython's own KeyboardInterrupt from site or runpy."""
+    if proc.returncode == -sig:
+        return True
+    return sig == signal.SIGINT and proc.returncode == 1 and b"/procctl/" not in err
+
+
+@pytest.mark.parametrize("command", ["run", "sum"])
+@pytest.mark.parametrize("sig, code", SIGNALS, ids=["SIGINT", "SIGTERM"])
+def test_a_signal_at_a_random_moment_is_a_clean_stop(command, sig, code, tmp_path):
+    # Four runs get the signal at random moments of their first 0.6 s (start-up,
+    # argument checks, workers starting, running); a fifth once it is running.
+    runs = []
+    for i in range(5):
+        events = str(tmp_path / f"events{i}.jsonl")
+        runs.append((_launch(RUN_ARGS[command], events), events, random.uniform(0.0, 0.6) if i else None))
+    reached = 0
+    try:
+        running = runs[0][0]
+        ready, _, _ = select.select([running.stdout], [], [], 30)  # its first event: it runs
+        assert ready, "procctl never started"
+        os.killpg(running.pid, sig)
+        t0 = time.monotonic()
+        for proc, _, delay in sorted(runs[1:], key=lambda r: r[2]):
+            # Bounded pacing of the signal times (the random delays under test).
+            time.sleep(max(0.0, t0 + delay - time.monotonic()))
+            os.killpg(proc.pid, sig)
+        for proc, events, _ in runs:
+            out, err = proc.communicate(timeout=30)
+            if _died_before_procctl_ran(proc, sig, err):
+                assert not out
+                continue
+            reached += 1
+            assert proc.returncode == code, err.decode()
+            assert b"Traceback" not in err
+            log = [strict_json(line) for line in open(events).read().splitlines()]
+            assert log and log[-1]["event"] in ("summary", "cancelled"), log
+            assert_all_gone(worker_pids(log))
+    finally:
+        for proc, _, _ in runs:
+            proc.kill()
+            proc.wait(10)
+    assert reached, "not even the running one counted"
+
+
+def test_second_signal_while_spawn_workers_start_exits_130(tmp_path):
+    gate = str(tmp_path / "gate")
+    os.mkfifo(gate + ".arrived")
+    os.mkfifo(gate + ".hold")
+    arrived = os.open(gate + ".arrived", os.O_RDONLY | os.O_NONBLOCK)
+    env = dict(os.environ, PROCCTL_TEST_GATE=gate)
+    cli = LiveCli(["run", "--workers", "3", "--start-method", "spawn", "--target", "targets_cli:idle",
+                   "--json"], cwd=TESTS, env=env)
+    try:
+        ready, _, _ = select.select([arrived], [], [], 30)
+        assert ready, "no worker began to start"
+        os.kill(cli.proc.pid, signal.SIGINT)  # a stop, while the workers are starting
+        cli.wait_for(lambda lines: b"stopping the workers" in cli.err)
+        os.kill(cli.proc.pid, signal.SIGINT)  # and the second: kill them at once
+        rc, out, err = cli.finish(timeout=30)
+    finally:
+        os.close(arrived)
+        cli.kill()
+    assert rc == 130, err
+    assert "importable" not in err and "Traceback" not in err
+    summary = json_events(out)[-1]
+    assert summary["event"] == "summary" and set(summary["outcomes"]) <= {"killed", "failed", "crashed"}
+
+
+# -- 12: broken and closed output streams ------------------------------------------
+
+
+@pytest.mark.parametrize("command", ["run", "sum"])
+def test_sigterm_while_stderr_is_a_broken_pipe_exits_143(command):
+    args = {"run": ["run", "--workers", "2", "--schedule", "run", "--step", "0", "--finish-chance", "0"],
+            "sum": ["sum", "--threshold", "10000", "--delay", "0.05"]}[command]
+    cli = LiveCli(args + ["--json"])
+    try:
+        cli.wait_for(lambda lines: any('"running"' in line or '"received"' in line for line in lines))
+        cli.proc.stderr.close()  # nobody reads stderr any more
+        cli._sel.unregister(cli.proc.stderr)
+        os.kill(cli.proc.pid, signal.SIGTERM)
+        out, _ = cli.proc.communicate(timeout=30)
+    finally:
+        cli.kill()
+    assert cli.proc.returncode == 143
+    events = json_events("\n".join(cli.lines) + "\n" + out.decode())
+    assert events[-1]["event"] in ("summary", "cancelled")
+    assert_all_gone(worker_pids(events))
+
+
+@pytest.mark.parametrize("stream", [1, 2], ids=["stdout", "stderr"])
+@pytest.mark.parametrize("command", ["run", "sum"])
+def test_a_closed_output_stream_is_not_a_crash(command, stream, tmp_path):
+    log = tmp_path / "events.jsonl"
+    res = subprocess.run(CLI + COMMANDS[command] + ["--events", str(log)], capture_output=True, text=True,
+                         timeout=60, preexec_fn=lambda: os.close(stream))
+    assert res.returncode == 0, res.stderr
+    assert "Traceback" not in res.stderr + res.stdout
+    assert strict_json(log.read_text().splitlines()[-1])["event"] == "summary"
+
+
+# -- 13: targets that exit or interrupt at import; library arguments ---------------
+
+
+@pytest.mark.parametrize("body, says", [("import sys\nsys.exit(5)\n", "sys.exit(5)"),
+                                        ("raise KeyboardInterrupt\n", "KeyboardInterrupt"),
+                                        ("raise SystemExit\n", "sys.exit(None)")])
+def test_target_module_that_exits_at_import_is_bad_input(body, says, tmp_path):
+    (tmp_path / "leaves.py").write_text(body + "def f(ctx):\n    pass\n")
+    res = run_cli(["run", "--target", "leaves:f"], cwd=str(tmp_path))
+    assert res.returncode == 2 and res.stdout == ""
+    line = one_error_line(res.stderr)
+    assert "leaves" in line and says in line
+
+
+def _noop(ctx):
+    return None
+
+
+@pytest.mark.parametrize("kwargs, error, name", [
+    ({"on_event": 5}, TypeError, "on_event"),
+    ({"args": "ab"}, TypeError, "args"),
+    ({"args": b"ab"}, TypeError, "args"),
+    ({"args": iter([1, 2])}, TypeError, "args"),
+    ({"args": {1, 2}}, TypeError, "args"),
+    ({"kwargs": [("a", 1)]}, TypeError, "kwargs"),
+    ({"kwargs": {1: "a"}}, TypeError, "kwargs"),
+], ids=["on_event=5", "args=str", "args=bytes", "args=iterator", "args=set", "kwargs=list", "kwargs=int-key"])
+def test_library_rejects_bad_arguments_by_name(kwargs, error, name):
+    with pytest.raises(error, match=name):
+        ProcessController(_noop, 2, **kwargs)
+
+
+def test_library_accepts_a_list_of_args_and_a_mapping_of_kwargs():
+    from types import MappingProxyType
+
+    ProcessController(_noop, 1, args=[1, 2], kwargs=MappingProxyType({"a": 1})).close()
+
+
+def test_wait_before_start_is_an_error():
+    pc = ProcessController(_noop, 1)
+    with pytest.raises(RuntimeError, match="not started"):
+        pc.wait()
+    pc.close()
+    assert pc.wait() is True  # closed: nothing left to wait for
