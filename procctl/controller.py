@@ -31,7 +31,7 @@ import time
 import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, Protocol
 
 from . import shutdown
 from .channel import (
@@ -45,6 +45,7 @@ from .channel import (
     WorkerLink,
     pack_command,
 )
+from .channels import Channel, ChannelPlane
 from .states import CLEAN_OUTCOMES, Event, Outcome, State, WorkerReport, WorkerStatus
 from .worker import MANAGED_SIGNALS, Payload, WorkerSpec, worker_main
 
@@ -55,8 +56,28 @@ ACK_TIMEOUT = 10.0
 #: How long start() waits for the workers to come up.
 START_TIMEOUT = 60.0
 
-_REPORT, _SENTINEL, _WAKE = "report", "sentinel", "wake"
+_REPORT, _SENTINEL, _WAKE, _LINK = "report", "sentinel", "wake", "link"
 _NEW, _STARTED, _CLOSED = "new", "started", "closed"
+
+
+class WorkPlane(Protocol):
+    """What carries work over each worker's link (channels.py, executor.py).
+
+    The controller calls these hooks; a plane that serves its links from its
+    own thread returns None from attach() for the selector fd.
+    """
+
+    def wire_spec(self) -> dict[str, tuple[int, int]]: ...
+
+    def attach(self, wid: int) -> tuple[InheritedFd, int | None]: ...
+
+    def readable(self, wid: int) -> None: ...
+
+    def ended(self, wid: int, report: WorkerReport) -> None: ...
+
+    def stopping(self) -> None: ...
+
+    def release(self) -> None: ...
 
 
 class WorkerStartError(RuntimeError):
@@ -139,6 +160,7 @@ class ProcessController:
         initial_state: State = State.PAUSED,
         on_event: Callable[[Event], None] | None = None,
         ack_timeout: float | None = ACK_TIMEOUT,
+        channels: dict[str, int] | None = None,
     ) -> None:
         if not callable(target):
             raise TypeError(f"target must be callable, not {type(target).__name__}")
@@ -178,6 +200,15 @@ class ProcessController:
         self._board: Board | None = None
         self._selector: selectors.BaseSelector | None = None
         self._wake_r = self._wake_w = -1
+        self._plane: WorkPlane | None = None
+        #: The controller's channels, by name (see channels.py).
+        self.channels: dict[str, Channel] = {}
+        if channels is not None:
+            if not isinstance(channels, dict):
+                raise TypeError(f"channels must be a dict of name -> maxsize, not {type(channels).__name__}")
+            plane = ChannelPlane(channels)
+            self._plane = plane
+            self.channels = plane.channels
 
     # -- context manager ----------------------------------------------------
 
@@ -226,9 +257,14 @@ class ProcessController:
         assert self._board is not None and self._selector is not None
         link = WorkerLink()
         doorbell, report = link.child_fds()
+        work, work_fd = self._attach_work_link(wid)
         spec = WorkerSpec(
             wid, self.workers, self._payload, InheritedFd(self._board.fd), doorbell, report, os.getpid(),
-            die_with_parent=self._die_with_parent, forkserver=self.start_method == "forkserver",
+            die_with_parent=self._die_with_parent and (
+                self.start_method == "forkserver" or threading.current_thread() is threading.main_thread()
+            ),
+            forkserver=self.start_method == "forkserver",
+            work=work, channels=self._plane.wire_spec() if self._plane is not None else {},
         )
         process = self._mp.Process(target=worker_main, args=(spec,), name=f"procctl-worker-{wid}")
         try:
@@ -243,10 +279,45 @@ class ProcessController:
         finally:
             link.release_child_fds()
         worker = _Worker(wid, process, link)
-        self._workers.append(worker)
+        if wid < len(self._workers):
+            self._workers[wid] = worker  # a new incarnation (see _respawn)
+        else:
+            self._workers.append(worker)
         self._live += 1
         self._selector.register(link.report_fd, selectors.EVENT_READ, (_REPORT, worker))
         self._selector.register(process.sentinel, selectors.EVENT_READ, (_SENTINEL, worker))
+        if work_fd is not None:
+            self._selector.register(work_fd, selectors.EVENT_READ, (_LINK, worker))
+
+    # -- the work plane's hooks (channels, executor; see WorkPlane) ------------
+
+    def _attach_work_link(self, wid: int) -> tuple[InheritedFd | None, int | None]:
+        """A fresh work link for worker `wid`, at each spawn."""
+        if self._plane is None:
+            return None, None
+        return self._plane.attach(wid)
+
+    def _respawn(self, wid: int) -> None:
+        """Start a new incarnation of ended worker `wid`: same id, new process,
+        new links, in the state last broadcast. Does not wait for it to be ready."""
+        self._require_started()
+        assert self._board is not None
+        if not 0 <= wid < len(self._workers) or self._workers[wid].alive:
+            raise ValueError(f"worker {wid} has not ended")
+        if self._state is State.STOPPED:
+            raise RuntimeError("the workers were stopped; STOPPED is final")
+        self._board.reset(wid, pack_command(self._seq, self._state))
+        self._spawn(wid)
+
+    def _kill_worker(self, wid: int) -> None:
+        """SIGKILL one live worker now; it is reported as killed."""
+        w = self._workers[wid]
+        if w.alive and w.pid is not None:
+            w.signalled = signal.SIGKILL
+            try:
+                os.kill(w.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
     def _await_ready(self) -> None:
         self._awaiting = {w.id for w in self._workers if w.acked_seq < 0 and w.alive}
@@ -298,6 +369,8 @@ class ProcessController:
             if w.alive:
                 # Survived SIGKILL (uninterruptible sleep): report and let go.
                 self._finish(w, w.process.exitcode)
+        if self._plane is not None:
+            self._plane.release()
         if self._selector is not None:
             self._selector.close()
             self._selector = None
@@ -379,6 +452,8 @@ class ProcessController:
         assert self._board is not None
         self._seq += 1
         self._state = state
+        if state is State.STOPPED and self._plane is not None:
+            self._plane.stopping()
         word = pack_command(self._seq, state)
         self._awaiting_seq = self._seq
         self._awaiting = set()
@@ -473,6 +548,9 @@ class ProcessController:
             elif kind is _SENTINEL:
                 if worker.alive:
                     self._reap_worker(worker)
+            elif kind is _LINK:
+                if worker.alive and self._plane is not None:
+                    self._plane.readable(worker.id)
             else:
                 try:
                     while os.read(self._wake_r, 512):
@@ -534,6 +612,8 @@ class ProcessController:
             w.process.close()
         self._reports[w.id] = report
         self._new_reports.append(report)
+        if self._plane is not None:
+            self._plane.ended(w.id, report)
         log.debug("worker %d (pid %s) ended: %s, %s", w.id, w.pid, report.outcome.value,
                   shutdown.describe_exit(exitcode))
         self._worker_event(w, report.outcome.value, exitcode=exitcode,

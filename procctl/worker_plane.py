@@ -227,12 +227,12 @@ def run_tasks(
 
 def _run_task(ctx: WorkerContext, blob: bytes) -> bytes:
     try:
-        fn, calls = pickle.loads(blob)
-        if len(calls) == 1:
-            args, kwargs = calls[0]
-            value: Any = fn(*args, **kwargs)
+        fn, calls, chunk = pickle.loads(blob)
+        if chunk:
+            value: Any = [fn(*args, **kwargs) for args, kwargs in calls]
         else:
-            value = [fn(*args, **kwargs) for args, kwargs in calls]
+            args, kwargs = calls[0]
+            value = fn(*args, **kwargs)
     except BaseException as exc:  # noqa: BLE001 - the task's exception is its result
         if ctx.state is State.STOPPED:
             return pickle.dumps((STOPPED, None, None))
