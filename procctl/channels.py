@@ -36,6 +36,7 @@ from typing import Any
 from . import workwire
 from .channel import InheritedFd
 from .errors import Closed
+from .states import State
 from .workwire import Kind, Message
 
 log = logging.getLogger("procctl")
@@ -108,6 +109,7 @@ class ChannelPlane:
         self._changed = threading.Condition(self._lock)
         self._links: dict[int, _Link] = {}
         self._stopping = False
+        self._paused = False
         self._selector: selectors.BaseSelector | None = None
         self._wake_r = self._wake_w = -1
         self._thread: threading.Thread | None = None
@@ -143,10 +145,24 @@ class ChannelPlane:
             if link is not None and not link.closed:
                 self._end_link(link)
 
-    def stopping(self) -> None:
-        """STOPPED was broadcast: wake the manager's blocked puts and gets."""
+    def posted(self, state: State) -> None:
+        """A command was broadcast. PAUSED: serve no worker's get until RUNNING
+        (the workers withdraw them); STOPPED: wake the manager's blocked puts and gets."""
         with self._lock:
-            self._stopping = True
+            if state is State.PAUSED:
+                self._paused = True
+                for chan in self._by_id:
+                    chan.consumers.clear()  # their requests stay, dormant, until withdrawn
+            elif state is State.RUNNING:
+                self._paused = False
+                for link in self._links.values():
+                    chan = link.waiting_on
+                    if chan is not None and not link.closed and link not in chan.consumers:
+                        chan.consumers.append(link)
+                for chan in self._by_id:
+                    self._serve_waiting(chan)
+            else:
+                self._stopping = True
             self._changed.notify_all()
 
     def release(self) -> None:
@@ -227,7 +243,9 @@ class ChannelPlane:
                 chan.credits[link.wid] = credits - 1
             self._accept(chan, msg.payload)
         elif kind is Kind.GET:
-            if chan.items:
+            if self._paused:
+                link.waiting_on = chan  # dormant: the worker withdraws it, or RUNNING wakes it
+            elif chan.items:
                 self._deliver(chan, link, chan.items.popleft())
             elif chan.closed or self._stopping:
                 self._reply(link, Kind.CLOSED, chan.cid)
@@ -237,7 +255,8 @@ class ChannelPlane:
         elif kind is Kind.CANCEL:
             if link.waiting_on is chan:
                 link.waiting_on = None
-                chan.consumers.remove(link)
+                if link in chan.consumers:
+                    chan.consumers.remove(link)
                 self._reply(link, Kind.CANCELLED, chan.cid)
             # else the ITEM or CLOSED reply is already on its way: the worker sees it first
         elif kind is Kind.UNGET:
@@ -309,7 +328,7 @@ class ChannelPlane:
                 chan.items.appendleft(msg.payload)  # never taken: first in line again
         link.closed = True
         for chan in self._by_id:
-            if link.waiting_on is chan:
+            if link in chan.consumers:
                 chan.consumers.remove(link)
             if link in chan.wanting:
                 chan.wanting.remove(link)

@@ -75,7 +75,7 @@ class WorkPlane(Protocol):
 
     def ended(self, wid: int, report: WorkerReport) -> None: ...
 
-    def stopping(self) -> None: ...
+    def posted(self, state: State) -> None: ...
 
     def release(self) -> None: ...
 
@@ -452,8 +452,8 @@ class ProcessController:
         assert self._board is not None
         self._seq += 1
         self._state = state
-        if state is State.STOPPED and self._plane is not None:
-            self._plane.stopping()
+        if self._plane is not None:
+            self._plane.posted(state)
         word = pack_command(self._seq, state)
         self._awaiting_seq = self._seq
         self._awaiting = set()

@@ -451,16 +451,16 @@ class ProcessExecutor(Executor):
     def _dispatch(self) -> None:
         if self._paused or self._stopping:
             return
-        for line in self._lines.values():
+        for line in self._lines.values():  # one each first: idle workers start at once
             if not line.held and not line.closed:
-                self._fill(line)
+                self._fill(line, 1)
         for line in self._lines.values():
             if not line.closed:
                 self._fill(line)
 
-    def _fill(self, line: _WorkerLine) -> None:
+    def _fill(self, line: _WorkerLine, window: int = WINDOW) -> None:
         """Send `line` tasks up to the window."""
-        while len(line.held) < WINDOW:
+        while len(line.held) < window:
             with self._lock:
                 if not self._pending:
                     return
@@ -566,8 +566,9 @@ class ProcessExecutor(Executor):
             if not self._stopping and not self._paused:
                 self._fill(line)
 
-    def stopping(self) -> None:
-        self._stopping = True
+    def posted(self, state: State) -> None:
+        if state is State.STOPPED:
+            self._stopping = True
 
     def ended(self, wid: int, report: WorkerReport | None = None) -> None:
         line = self._lines.get(wid)

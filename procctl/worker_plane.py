@@ -116,10 +116,18 @@ class WorkEnd:
 
     def next_task(self, ctx: WorkerContext) -> Message | None:
         """The next task, or None if a command came first."""
+        # One message at a time: a task we have not read stays in the socket,
+        # where the manager takes it back if we die.
         while not self.tasks:
-            if not ctx.wait_readable(self.sock):
+            try:
+                msg = workwire.recv(self.sock)
+            except BlockingIOError:
+                if not ctx.wait_readable(self.sock):
+                    return None
+                continue
+            if msg is None:
                 return None
-            self._absorb_all()
+            self._absorb(msg)
         return self.tasks.popleft()
 
     # -- the wire -----------------------------------------------------------
