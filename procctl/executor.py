@@ -252,14 +252,9 @@ class ProcessExecutor(Executor):
         not yet sent to a worker; the rest run (a paused pool is resumed)."""
         with self._lock:
             self._shutdown = True
-            if cancel_futures:
-                pending, self._pending = self._pending, deque()
-            else:
-                pending = deque()
-        for task in pending:
-            if task.future.cancel():
-                self._cancelled += 1
-        self._command("shutdown", None)
+        # The manager first sends out what it can, as ProcessPoolExecutor
+        # has its call queue filled, then cancels the rest.
+        self._command("shutdown", cancel_futures)
         if wait:
             self._thread.join()
 
@@ -417,6 +412,13 @@ class ProcessExecutor(Executor):
                 self._closing = True
                 if self._paused:
                     self._broadcast(State.RUNNING, None)
+                if arg:
+                    self._dispatch()
+                    with self._lock:
+                        pending, self._pending = self._pending, deque()
+                    for task in pending:
+                        if task.future.cancel():
+                            self._cancelled += 1
                 fut.set_result(None)
             elif name == "stop":
                 fut.set_result(self._finish(arg))
@@ -457,6 +459,32 @@ class ProcessExecutor(Executor):
         for line in self._lines.values():
             if not line.closed:
                 self._fill(line)
+        self._steal_for_idle()
+
+    def _steal_for_idle(self) -> None:
+        """An idle worker takes over a task still unread behind another's long one."""
+        idle = [line for line in self._lines.values() if not line.held and not line.closed]
+        if not idle:
+            return
+        with self._lock:
+            if self._pending:
+                return
+        for line in self._lines.values():
+            if not idle:
+                return
+            if line.closed or len(line.held) < 2:
+                continue
+            try:
+                msg = workwire.recv(line.child)  # atomic: the worker reads it or we do
+            except (BlockingIOError, InterruptedError):
+                continue
+            if msg is None or msg.kind is not Kind.TASK:
+                continue
+            task = next(t for t in line.held if t.tid == msg.tag)
+            line.held.remove(task)
+            with self._lock:
+                self._pending.appendleft(task)
+            self._fill(idle.pop(), 1)
 
     def _fill(self, line: _WorkerLine, window: int = WINDOW) -> None:
         """Send `line` tasks up to the window."""
