@@ -156,9 +156,9 @@ class ChannelPlane:
             elif state is State.RUNNING:
                 self._paused = False
                 for link in self._links.values():
-                    chan = link.waiting_on
-                    if chan is not None and not link.closed and link not in chan.consumers:
-                        chan.consumers.append(link)
+                    wanted = link.waiting_on
+                    if wanted is not None and not link.closed and link not in wanted.consumers:
+                        wanted.consumers.append(link)
                 for chan in self._by_id:
                     self._serve_waiting(chan)
             else:

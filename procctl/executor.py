@@ -208,7 +208,7 @@ class ProcessExecutor(Executor):
         """Schedule `fn(*args, **kwargs)`; return its Future."""
         return self._submit_calls(fn, [(args, kwargs)], [_item_of(args, kwargs)], chunk=False)[0]
 
-    def map(  # type: ignore[override]
+    def map(
         self, fn: Callable[..., Any], *iterables: Iterable[Any],
         timeout: float | None = None, chunksize: int | None = None,
     ) -> Iterator[Any]:
@@ -219,7 +219,7 @@ class ProcessExecutor(Executor):
             raise ValueError(f"chunksize must be a positive integer or None, not {chunksize!r}")
         if timeout is not None:
             end_time = timeout + time.monotonic()
-        calls = [(args, {}) for args in zip(*iterables)]
+        calls: list[tuple[tuple[Any, ...], dict[str, Any]]] = [(args, {}) for args in zip(*iterables)]  # noqa: B905 - as the stdlib's map: the shortest ends it
         items = [args[0] if len(iterables) == 1 else args for args, _ in calls]
         if chunksize is None:
             chunksize = max(1, min(MAX_AUTO_CHUNK, math.ceil(len(calls) / (4 * self._max_workers))))
@@ -323,7 +323,7 @@ class ProcessExecutor(Executor):
         items: list[Any], chunk: bool,
     ) -> list[Future[Any]]:
         tasks = []
-        for call, item in zip(calls, items):
+        for call, item in zip(calls, items, strict=True):
             tasks.append(self._new_task(fn, [call], [item], chunk))
         self._enqueue(tasks)
         return [t.future for t in tasks]

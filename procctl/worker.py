@@ -11,11 +11,11 @@ import os
 import pickle
 import select
 import signal
+import socket
 import sys
 import threading
 import time
 import traceback
-import socket
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from multiprocessing.reduction import ForkingPickler

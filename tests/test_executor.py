@@ -15,7 +15,6 @@ import pytest
 import workplane_targets as t
 from procs import still_running
 
-import procctl
 from procctl import ProcessExecutor, TaskTimeout, Unfinished, WorkerCrashed
 
 
@@ -210,9 +209,9 @@ def test_bad_arguments():
 
 def test_manager_sigkill_during_map_leaves_no_orphans(tmp_path):
     script = tmp_path / "m.py"
-    script.write_text(textwrap.dedent("""
+    script.write_text(textwrap.dedent(f"""
         import sys, os
-        sys.path.insert(0, %r)
+        sys.path.insert(0, {os.path.dirname(__file__)!r})
         import workplane_targets as t
         from procctl import ProcessExecutor
         ex = ProcessExecutor(3)
@@ -221,7 +220,7 @@ def test_manager_sigkill_during_map_leaves_no_orphans(tmp_path):
         print(" ".join(map(str, ex._pc.pids())), flush=True)
         for _ in it:
             pass
-    """ % os.path.dirname(__file__)))
+    """))
     proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
     try:
         pids = [int(p) for p in proc.stdout.readline().split()]
