@@ -14,11 +14,10 @@ from procctl import WorkerContext
 def count_primes(ctx: WorkerContext, limit: int = 60_000) -> int:
     """Count this worker's share of the primes below `limit`, checkpointing per candidate."""
     found = 0
-    mine = range(2 + ctx.worker_id, limit, ctx.workers)
-    for i, n in enumerate(mine):
+    for n in range(2 + ctx.worker_id, limit, ctx.workers):
         if not ctx.checkpoint():
             break
         if all(n % d for d in range(2, int(n**0.5) + 1)):
             found += 1
-        ctx.progress(i + 1, len(mine))
+        ctx.progress(n, limit)
     return found
