@@ -20,20 +20,33 @@ _HOMES = {
     "WorkerReport": "states",
     "WorkerStatus": "states",
     "WorkerContext": "worker",
+    "context": "worker",
+    "ProcessExecutor": "executor",
+    "Unfinished": "executor",
+    "TaskCounts": "executor",
+    "Channel": "channels",
+    "ChannelStats": "channels",
+    "Closed": "errors",
+    "WorkerCrashed": "errors",
+    "TaskTimeout": "errors",
     "sum_threshold": "jobs.sum_threshold",
     "SumResult": "jobs.sum_threshold",
 }
 
 __all__ = [
-    "Event", "Outcome", "ProcessController", "State", "SumResult", "WorkerContext",
-    "WorkerReport", "WorkerStartError", "WorkerStatus", "__version__", "sum_threshold",
+    "Channel", "ChannelStats", "Closed", "Event", "Outcome", "ProcessController", "ProcessExecutor",
+    "State", "SumResult", "TaskCounts", "TaskTimeout", "Unfinished", "WorkerContext", "WorkerCrashed",
+    "WorkerReport", "WorkerStartError", "WorkerStatus", "__version__", "context", "sum_threshold",
 ]
 
 if TYPE_CHECKING:
+    from .channels import Channel, ChannelStats
     from .controller import ProcessController, WorkerStartError
+    from .errors import Closed, TaskTimeout, WorkerCrashed
+    from .executor import ProcessExecutor, TaskCounts, Unfinished
     from .jobs.sum_threshold import SumResult, sum_threshold
     from .states import Event, Outcome, State, WorkerReport, WorkerStatus
-    from .worker import WorkerContext
+    from .worker import WorkerContext, context
 
 
 def __getattr__(name: str) -> Any:

@@ -114,6 +114,14 @@ class Board:
     def command(self, worker: int) -> int:
         return self._words[worker * SLOT_WORDS]
 
+    def reset(self, worker: int, word: int) -> None:
+        """A fresh slot for a new incarnation of `worker`: command `word`, no progress."""
+        base = worker * SLOT_WORDS
+        self._words[base + 3] = 0
+        self._floats[base + 1] = 0.0
+        self._floats[base + 2] = 0.0
+        self._words[base] = word
+
     def mark_terminate(self, worker: int) -> None:
         self._words[worker * SLOT_WORDS + 3] = 1
 

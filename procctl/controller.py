@@ -36,7 +36,7 @@ import weakref
 from collections.abc import Callable, Generator, Iterator, Mapping
 from contextlib import contextmanager
 from functools import partial
-from typing import Any
+from typing import Any, Protocol
 
 from . import limits, shutdown
 from .channel import (
@@ -50,6 +50,7 @@ from .channel import (
     WorkerLink,
     pack_command,
 )
+from .channels import Channel, ChannelPlane
 from .states import CLEAN_OUTCOMES, Event, Outcome, State, WorkerReport, WorkerStatus
 from .worker import MANAGED_SIGNALS, Payload, WorkerSpec, worker_main
 
@@ -63,8 +64,28 @@ START_TIMEOUT = 60.0
 #: a longer timeout is waited out in several of these.
 MAX_WAIT = 86400.0
 
-_REPORT, _SENTINEL, _WAKE = "report", "sentinel", "wake"
+_REPORT, _SENTINEL, _WAKE, _LINK = "report", "sentinel", "wake", "link"
 _NEW, _STARTED, _CLOSED = "new", "started", "closed"
+
+
+class WorkPlane(Protocol):
+    """What carries work over each worker's link (channels.py, executor.py).
+
+    The controller calls these hooks; a plane that serves its links from its
+    own thread returns None from attach() for the selector fd.
+    """
+
+    def wire_spec(self) -> dict[str, tuple[int, int]]: ...
+
+    def attach(self, wid: int) -> tuple[InheritedFd, int | None]: ...
+
+    def readable(self, wid: int) -> None: ...
+
+    def ended(self, wid: int, report: WorkerReport) -> None: ...
+
+    def posted(self, state: State) -> None: ...
+
+    def release(self) -> None: ...
 
 
 class WorkerStartError(RuntimeError):
@@ -229,6 +250,7 @@ class ProcessController:
         initial_state: State = State.PAUSED,
         on_event: Callable[[Event], None] | None = None,
         ack_timeout: float | None = ACK_TIMEOUT,
+        channels: dict[str, int] | None = None,
     ) -> None:
         if not callable(target):
             raise TypeError(f"target must be callable, not {type(target).__name__}")
@@ -280,14 +302,23 @@ class ProcessController:
         self._selector: selectors.BaseSelector | None = None
         self._wake_r = self._wake_w = -1
         self._wakes = 0  # wakeup() calls seen by the pump
+        self._passes = 0  # kernel waits done by the pump
         # Any thread may call the public methods: one lock guards the state,
         # and one thread at a time (the pumper) waits in the kernel for I/O,
         # with the lock released, while the others wait for it to report.
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
         self._owner: int | None = None
-        self._depth = 0
         self._pumper: int | None = None
+        self._plane: WorkPlane | None = None
+        #: The controller's channels, by name (see channels.py).
+        self.channels: dict[str, Channel] = {}
+        if channels is not None:
+            if not isinstance(channels, dict):
+                raise TypeError(f"channels must be a dict of name -> maxsize, not {type(channels).__name__}")
+            plane = ChannelPlane(channels)
+            self._plane = plane
+            self.channels = plane.channels
 
     # -- context manager ----------------------------------------------------
 
@@ -312,12 +343,6 @@ class ProcessController:
             raise RuntimeError("this controller is closed; create a new one")
         self._phase = _STARTED
         self._t0 = time.monotonic()
-        # The kernel's parent-death signal fires when the *thread* that forked
-        # exits: only the main thread (or the fork server) lives as long as
-        # the process, so other threads have the spawner fork for them.
-        self._use_spawner = (
-            self.start_method != "forkserver" and threading.current_thread() is not threading.main_thread()
-        )
         word = pack_command(0, self.initial_state)
         try:  # from the first resource: a start that fails (EMFILE, say) releases all
             self._board = Board(self.workers)
@@ -343,13 +368,21 @@ class ProcessController:
         except OSError as exc:
             raise WorkerStartError(f"cannot start worker {wid}: {limits.describe_start_failure(exc) or exc}") from exc
         doorbell, report = link.child_fds()
+        work, work_fd = self._attach_work_link(wid)
         spec = WorkerSpec(
             wid, self.workers, self._payload, InheritedFd(self._board.fd), doorbell, report, os.getpid(),
             die_with_parent=True, forkserver=self.start_method == "forkserver",
+            work=work, channels=self._plane.wire_spec() if self._plane is not None else {},
         )
         process = self._mp.Process(target=worker_main, args=(spec,), name=f"procctl-worker-{wid}")
+        # The kernel's parent-death signal fires when the *thread* that forked
+        # exits: only the main thread (or the fork server) lives as long as
+        # the process, so other threads have the spawner fork for them.
+        use_spawner = (
+            self.start_method != "forkserver" and threading.current_thread() is not threading.main_thread()
+        )
         try:
-            if self._use_spawner:
+            if use_spawner:
                 _spawner.call(process.start)
             else:
                 with _signals_blocked():
@@ -368,10 +401,45 @@ class ProcessController:
             link.release_child_fds()
         worker = _Worker(wid, process, link)
         worker.pidfd = _open_pidfd(process.pid, self.start_method)
-        self._workers.append(worker)
+        if wid < len(self._workers):
+            self._workers[wid] = worker  # a new incarnation (see _respawn)
+        else:
+            self._workers.append(worker)
         self._live += 1
         self._selector.register(link.report_fd, selectors.EVENT_READ, (_REPORT, worker))
         self._selector.register(worker.watch_fd, selectors.EVENT_READ, (_SENTINEL, worker))
+        if work_fd is not None:
+            self._selector.register(work_fd, selectors.EVENT_READ, (_LINK, worker))
+
+    # -- the work plane's hooks (channels, executor; see WorkPlane) ------------
+
+    def _attach_work_link(self, wid: int) -> tuple[InheritedFd | None, int | None]:
+        """A fresh work link for worker `wid`, at each spawn."""
+        if self._plane is None:
+            return None, None
+        return self._plane.attach(wid)
+
+    def _respawn(self, wid: int) -> None:
+        """Start a new incarnation of ended worker `wid`: same id, new process,
+        new links, in the state last broadcast. Does not wait for it to be ready."""
+        self._require_started()
+        assert self._board is not None
+        if not 0 <= wid < len(self._workers) or self._workers[wid].alive:
+            raise ValueError(f"worker {wid} has not ended")
+        if self._state is State.STOPPED:
+            raise RuntimeError("the workers were stopped; STOPPED is final")
+        self._board.reset(wid, pack_command(self._seq, self._state))
+        self._spawn(wid)
+
+    def _kill_worker(self, wid: int) -> None:
+        """SIGKILL one live worker now; it is reported as killed."""
+        w = self._workers[wid]
+        if w.alive and w.pid is not None:
+            w.signalled = signal.SIGKILL
+            try:
+                os.kill(w.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
     def _await_ready(self) -> None:
         self._awaiting = {w.id for w in self._workers if w.acked_seq < 0 and w.alive}
@@ -423,6 +491,8 @@ class ProcessController:
             if w.alive:
                 # Survived SIGKILL (uninterruptible sleep): report and let go.
                 self._finish(w, w.process.exitcode)
+        if self._plane is not None:
+            self._plane.release()
         if self._selector is not None:
             self._selector.close()
             self._selector = None
@@ -506,6 +576,8 @@ class ProcessController:
         assert self._board is not None
         self._seq += 1
         self._state = state
+        if self._plane is not None:
+            self._plane.posted(state)
         word = pack_command(self._seq, state)
         self._awaiting_seq = self._seq
         self._awaiting = set()
@@ -643,9 +715,24 @@ class ProcessController:
                 ready = self._unlocked_wait(partial(self._selector.select, deadline.remaining()))
                 self._dispatch(ready)
             finally:
+                self._passes += 1
                 self._pumper = None
                 self._cond.notify_all()
         return done()
+
+    def _pump(self, timeout: float | None) -> bool:
+        """One wait of up to `timeout` for I/O, and its handling (the work
+        plane's manager loop drives the controller with it); True if
+        wakeup() was called."""
+        with self._locked():
+            passes, wakes = self._passes, self._wakes
+            self._pump_until(lambda: self._passes != passes, timeout)
+            return self._wakes != wakes
+
+    def _snapshot(self) -> list[WorkerStatus]:
+        """status() without handling any I/O (for a thread that does not own the pump)."""
+        with self._locked():
+            return [self._status_of(w) for w in self._workers]
 
     def _poll(self) -> None:
         """One pass over what is ready now, without waiting."""
@@ -660,6 +747,9 @@ class ProcessController:
             elif kind is _SENTINEL:
                 if worker.alive:
                     self._reap_worker(worker)
+            elif kind is _LINK:
+                if worker.alive and self._plane is not None:
+                    self._plane.readable(worker.id)
             elif self._wake_r >= 0:
                 try:
                     while os.read(self._wake_r, 512):
@@ -732,6 +822,8 @@ class ProcessController:
             w.process.close()
         self._reports[w.id] = report
         self._new_reports.append(report)
+        if self._plane is not None:
+            self._plane.ended(w.id, report)
         log.debug("worker %d (pid %s) ended: %s, %s", w.id, w.pid, report.outcome.value,
                   shutdown.describe_exit(exitcode))
         self._worker_event(w, report.outcome.value, exitcode=exitcode,

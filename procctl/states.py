@@ -92,6 +92,7 @@ class Event:
     error: str | None = None
     done: float | None = None
     total: float | None = None
+    task: int | None = None  # the executor's task id, on task events
 
     def to_dict(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if v is not None}

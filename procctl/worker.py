@@ -12,17 +12,19 @@ import pickle
 import reprlib
 import select
 import signal
+import socket
 import sys
 import threading
 import time
 import traceback
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from multiprocessing.reduction import ForkingPickler
 from typing import Any
 
 from .channel import PROGRESS, RESULT, START_FAILED, Board, ControlEnd, InheritedFd, unpack_command
 from .states import Outcome, State
+from .worker_plane import WorkEnd
 
 #: Signals the manager blocks while it starts a worker, so that none of its own
 #: handlers can run in the child before the child has reset them.
@@ -99,13 +101,22 @@ class WorkerSpec:
     die_with_parent: bool = False
     #: Started by the fork server: let go of its alive pipe (see _release_fork_server).
     forkserver: bool = False
+    #: The worker's end of its work link (channels, executor tasks), and the channels.
+    work: InheritedFd | None = None
+    channels: dict[str, tuple[int, int]] = field(default_factory=dict)
 
 
 class WorkerContext:
     """What a worker's target receives as its first argument."""
 
-    def __init__(self, worker_id: int, end: ControlEnd, manager_fd: int | None) -> None:
+    def __init__(
+        self, worker_id: int, end: ControlEnd, manager_fd: int | None,
+        workers: int = 1, work: WorkEnd | None = None,
+    ) -> None:
         self.worker_id = worker_id
+        #: How many workers the controller (or executor) has.
+        self.workers = workers
+        self._work = work
         #: The State last applied.
         self.state: State = State.PAUSED
         self._end = end
@@ -177,6 +188,27 @@ class WorkerContext:
         # A command that came with the data wins: the caller must see it first.
         return hit and self._applied == applied and self.state is state
 
+    def get(self, name: str, timeout: float | None = None) -> Any:
+        """Take the next item of channel `name`; block while it is empty.
+
+        A PAUSED worker takes nothing: the get waits for RUNNING. Raises
+        `procctl.Closed` when the channel is closed and empty or at STOPPED,
+        `queue.Empty` when `timeout` passes first.
+        """
+        return self._plane().get(self, name, timeout)
+
+    def put(self, name: str, item: Any, timeout: float | None = None) -> bool:
+        """Send `item` to channel `name`; block while it is full.
+
+        True once sent; False at STOPPED (the item was not sent, and is not
+        counted). Raises `queue.Full` when `timeout` passes first.
+        """
+        return self._plane().put(self, name, item, timeout)
+
+    def iter(self, name: str) -> Iterator[Any]:
+        """The items of channel `name`, until it is closed and empty or STOPPED."""
+        return self._plane().iter(self, name)
+
     def progress(self, done: float, total: float | None = None, **info: Any) -> None:
         """Report progress. Cheap enough for a tight loop: `done` and `total`
         are two stores in shared memory; `info` (small picklable values) is
@@ -205,6 +237,28 @@ class WorkerContext:
                     pass
 
     # -- internals ----------------------------------------------------------
+
+    def _plane(self) -> WorkEnd:
+        if self._work is None:
+            raise ValueError("this worker has no channels (give ProcessController channels={name: maxsize})")
+        return self._work
+
+    def _wait_io(self, fd: int, events: int, timeout: float | None) -> bool:
+        """Block until `fd` is ready for `events`, or a command or the timeout
+        comes first; as wait_readable()."""
+        poller = select.poll()
+        poller.register(fd, events)
+        for other in self._sleep_fds:
+            poller.register(other, select.POLLIN)
+        ms = None if timeout is None else max(0, math.ceil(timeout * 1000))
+        applied, state = self._applied, self.state
+        hit = False
+        for ready_fd, _ in poller.poll(ms):
+            if ready_fd == fd:
+                hit = True
+            else:
+                self._on_wake(ready_fd)
+        return hit and self._applied == applied and self.state is state
 
     def _apply(self) -> None:
         # Drain first, then read: a command posted in between rings again.
@@ -265,6 +319,17 @@ class WorkerContext:
 
     def _stop_was_broadcast(self) -> bool:
         return self.state is State.STOPPED or unpack_command(self._end.command())[1] == State.STOPPED
+
+
+_current: WorkerContext | None = None
+
+
+def context() -> WorkerContext:
+    """The WorkerContext of this worker process (inside a task of ProcessExecutor,
+    or anywhere in a controller's worker)."""
+    if _current is None:
+        raise RuntimeError("procctl.context() is only available inside a procctl worker")
+    return _current
 
 
 def _reset_signals(ctx: WorkerContext) -> None:
@@ -395,7 +460,12 @@ def worker_main(spec: WorkerSpec) -> None:
         _die_with_parent()
     # Opened after the prctl: a manager that died before it is caught here.
     manager_fd = _watch_manager(spec.manager_pid)
-    ctx = WorkerContext(spec.worker_id, end, manager_fd)
+    work = None
+    if spec.work is not None:
+        work = WorkEnd(socket.socket(fileno=spec.work.detach()), spec.channels)
+    ctx = WorkerContext(spec.worker_id, end, manager_fd, spec.workers, work)
+    global _current
+    _current = ctx
     _reset_signals(ctx)
     finished = threading.Event()
     # With the kernel's parent-death signal set, the watch thread would add

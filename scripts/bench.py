@@ -35,8 +35,8 @@ import bench_workers  # noqa: E402,F401
 
 from procctl import ProcessController, State  # noqa: E402,F401  (as the README's scripts do)
 
-CASE_ORDER = ["lifecycle", "broadcast", "stop", "paused", "throughput", "memory"]
-ONE_METHOD_CASES = {"paused", "throughput"}  # the cost does not depend on the start method
+CASE_ORDER = ["lifecycle", "broadcast", "stop", "paused", "throughput", "memory", "workplane"]
+ONE_METHOD_CASES = {"paused", "throughput", "workplane"}  # the cost does not depend on the start method
 
 
 def params(quick: bool) -> dict[str, dict[str, Any]]:
@@ -51,6 +51,7 @@ def params(quick: bool) -> dict[str, dict[str, Any]]:
             "throughput": dict(threshold=40_000, batch_threshold=4_000_000, batch=1000,
                                queue_size=1000, repeats=1),
             "memory": dict(n=10, repeats=1),
+            "workplane": dict(n=20_000, big=1_000_000, rounds=300, cpu=1000, queued=100_000, repeats=1),
         }
     return {
         "lifecycle": dict(ns=[10, 100, 500], repeats=5, peer_repeats=2, peer_max_n=100,
@@ -62,12 +63,13 @@ def params(quick: bool) -> dict[str, dict[str, Any]]:
         "throughput": dict(threshold=200_000, batch_threshold=20_000_000, batch=1000,
                            queue_size=1000, repeats=3),
         "memory": dict(n=10, repeats=3),
+        "workplane": dict(n=50_000, big=2_000_000, rounds=1000, cpu=3000, queued=100_000, repeats=3),
     }
 
 
 def job_timeout(case: str, quick: bool) -> float:
     return {"lifecycle": 150, "broadcast": 120, "stop": 120, "paused": 60,
-            "throughput": 120, "memory": 90}[case] * (1 if quick else 2.5)
+            "throughput": 120, "memory": 90, "workplane": 200}[case] * (1 if quick else 2.5)
 
 
 # =============================================================================
@@ -332,6 +334,7 @@ SECTION = {
     "paused": "4. Paused cost: CPU seconds of 100 idle workers per 3 s (user+system)",
     "throughput": "5. Sum job throughput: 3 producers x 3 consumers, delay 0 (higher is better)",
     "memory": "6. Memory: PSS per idle worker",
+    "workplane": "7. Work plane: ProcessExecutor and channels against Pool, PPE, mp.Queue (2 workers)",
 }
 
 

@@ -1004,6 +1004,172 @@ def case_memory(m: str, p: dict[str, Any]) -> list[dict[str, Any]]:
     return [rp, rf]
 
 
+
+# =============================================================================
+# 7. The work plane: ProcessExecutor and channels (2 workers)
+# =============================================================================
+
+
+def _rate(n: int, fn: Callable[[], Any]) -> float:
+    t0 = perf()
+    fn()
+    return n / (perf() - t0)
+
+
+def ex_trivial(m: str, n: int, chunksize: int | None) -> float:
+    with procctl.ProcessExecutor(2, start_method=m) as ex:
+        list(ex.map(bw.ident, range(100), chunksize=1))  # warm
+        return _rate(n, lambda: list(ex.map(bw.ident, range(n), chunksize=chunksize)))
+
+
+def pool_imap1(m: str, n: int) -> float:
+    with mp.get_context(m).Pool(2) as pool:
+        list(pool.imap_unordered(bw.ident, range(100), chunksize=1))
+        return _rate(n, lambda: list(pool.imap_unordered(bw.ident, range(n), chunksize=1)))
+
+
+def pool_map_auto(m: str, n: int) -> float:
+    with mp.get_context(m).Pool(2) as pool:
+        pool.map(bw.ident, range(100))
+        return _rate(n, lambda: pool.map(bw.ident, range(n)))
+
+
+def ppe_map(m: str, n: int, chunksize: int) -> float:
+    import concurrent.futures as cf
+
+    with cf.ProcessPoolExecutor(2, mp_context=mp.get_context(m)) as ex:
+        list(ex.map(bw.ident, range(100)))
+        return _rate(n, lambda: list(ex.map(bw.ident, range(n), chunksize=chunksize)))
+
+
+def _latency_p50(ex: Any, rounds: int) -> float:
+    for i in range(20):
+        ex.submit(bw.ident, i).result()
+    lat = []
+    for i in range(rounds):
+        t0 = perf()
+        ex.submit(bw.ident, i).result()
+        lat.append(perf() - t0)
+    return statistics.median(lat) * 1e3
+
+
+def ex_latency(m: str, rounds: int) -> float:
+    with procctl.ProcessExecutor(2, start_method=m) as ex:
+        return _latency_p50(ex, rounds)
+
+
+def ppe_latency(m: str, rounds: int) -> float:
+    import concurrent.futures as cf
+
+    with cf.ProcessPoolExecutor(2, mp_context=mp.get_context(m)) as ex:
+        return _latency_p50(ex, rounds)
+
+
+def ex_cpu(m: str, n: int) -> float:
+    with procctl.ProcessExecutor(2, start_method=m) as ex:
+        return _rate(n, lambda: list(ex.map(bw.cpu_1ms, range(n), chunksize=1)))
+
+
+def pool_cpu(m: str, n: int) -> float:
+    with mp.get_context(m).Pool(2) as pool:
+        return _rate(n, lambda: list(pool.imap_unordered(bw.cpu_1ms, range(n), chunksize=1)))
+
+
+def ppe_cpu(m: str, n: int) -> float:
+    import concurrent.futures as cf
+
+    with cf.ProcessPoolExecutor(2, mp_context=mp.get_context(m)) as ex:
+        return _rate(n, lambda: list(ex.map(bw.cpu_1ms, range(n))))
+
+
+def ex_stop_queued(m: str, n: int) -> float:
+    ex = procctl.ProcessExecutor(2, start_method=m)
+    for i in range(n):
+        ex.submit(bw.cpu_1ms, i)
+    t0 = perf()
+    left = ex.stop(grace=5)
+    dt = (perf() - t0) * 1e3
+    if not left.items:
+        raise AssertionError("stop handed back nothing")
+    return dt
+
+
+def ppe_cancel_queued(m: str, n: int) -> float:
+    import concurrent.futures as cf
+
+    ex = cf.ProcessPoolExecutor(2, mp_context=mp.get_context(m))
+    for i in range(n):
+        ex.submit(bw.cpu_1ms, i)
+    t0 = perf()
+    ex.shutdown(wait=True, cancel_futures=True)
+    return (perf() - t0) * 1e3
+
+
+def chan_rate(m: str, n: int) -> float:
+    with ProcessController(bw.chan_consume, 2, args=(n,), start_method=m, channels={"jobs": 1000}) as pc:
+        pc.run()
+        ch = pc.channels["jobs"]
+        t0 = perf()
+        for i in range(n):
+            ch.put(i)
+        ch.close()
+        pc.wait(60)
+        dt = perf() - t0
+        pc.stop()
+    return n / dt
+
+
+def mpq_rate(m: str, n: int) -> float:
+    ctx = mp.get_context(m)
+    q = ctx.Queue(1000)
+    procs = [ctx.Process(target=bw.mpq_consume, args=(q,)) for _ in range(2)]
+    for pr in procs:
+        pr.start()
+    try:
+        t0 = perf()
+        for i in range(n):
+            q.put(i)
+        for _ in procs:
+            q.put(None)
+        _join_all(procs, 60)
+        return n / (perf() - t0)
+    finally:
+        _kill_all(procs)
+        q.close()
+        q.join_thread()
+
+
+def case_workplane(m: str, p: dict[str, Any]) -> list[dict[str, Any]]:
+    n, big, rounds, cpu, queued = p["n"], p["big"], p["rounds"], p["cpu"], p["queued"]
+    variants = [
+        ("ProcessExecutor.map chunksize=1", "procctl", "items/s", True, lambda: ex_trivial(m, n, 1)),
+        ("Pool.imap_unordered chunksize=1", "peer", "items/s", True, lambda: pool_imap1(m, n)),
+        ("ProcessPoolExecutor.map chunksize=1", "peer", "items/s", True, lambda: ppe_map(m, n, 1)),
+        ("ProcessExecutor.map automatic chunks", "procctl", "items/s", True, lambda: ex_trivial(m, big, None)),
+        ("Pool.map automatic chunks", "peer", "items/s", True, lambda: pool_map_auto(m, big)),
+        ("ProcessExecutor submit->result p50", "procctl", "ms", False, lambda: ex_latency(m, rounds)),
+        ("ProcessPoolExecutor submit->result p50", "peer", "ms", False, lambda: ppe_latency(m, rounds)),
+        ("ProcessExecutor 1 ms CPU tasks", "procctl", "items/s", True, lambda: ex_cpu(m, cpu)),
+        ("Pool 1 ms CPU tasks", "peer", "items/s", True, lambda: pool_cpu(m, cpu)),
+        ("ProcessPoolExecutor 1 ms CPU tasks", "peer", "items/s", True, lambda: ppe_cpu(m, cpu)),
+        (f"ProcessExecutor.stop() with {queued} queued", "procctl", "ms", False,
+         lambda: ex_stop_queued(m, queued)),
+        (f"PPE shutdown(cancel_futures=True) with {queued} queued", "peer", "ms", False,
+         lambda: ppe_cancel_queued(m, queued)),
+        ("channel put/get, 2 consumers", "procctl", "items/s", True, lambda: chan_rate(m, n)),
+        ("mp.Queue put/get, 2 consumers", "floor", "items/s", True, lambda: mpq_rate(m, n)),
+    ]
+    rows = []
+    for name, role, unit, higher, fn in variants:
+        r = row("workplane", m, 2, name, role, unit, higher=higher, note="2 workers, trivial task unless said")
+        rows.append((r, fn))
+    for _ in range(p["repeats"]):
+        for r, fn in rows:
+            progress(r, 2)
+            record(r, measure(r, fn, 120))
+    return [r for r, _ in rows]
+
+
 CASES = {
     "lifecycle": case_lifecycle,
     "broadcast": case_broadcast,
@@ -1011,4 +1177,5 @@ CASES = {
     "paused": case_paused,
     "throughput": case_throughput,
     "memory": case_memory,
+    "workplane": case_workplane,
 }

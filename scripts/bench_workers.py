@@ -213,3 +213,30 @@ def ready_then(ready, go, target, q) -> None:
 
 def pid() -> int:
     return os.getpid()
+
+
+# -- the work plane (executor and channels cases) --------------------------------
+
+
+def ident(x):
+    return x
+
+
+def cpu_1ms(x):
+    end = time.perf_counter() + 0.001
+    while time.perf_counter() < end:
+        pass
+    return x
+
+
+def chan_consume(ctx, n):
+    got = 0
+    for _ in ctx.iter("jobs"):
+        got += 1
+    return got
+
+
+def mpq_consume(q):
+    got = 0
+    while q.get() is not None:
+        got += 1

@@ -1,0 +1,487 @@
+"""Controller-owned channels: the manager side (the broker).
+
+    producer worker --PUT--> +--------------------+ --ITEM--> consumer worker
+                    <-CREDIT-|  broker thread     | <--GET---
+    pc.channels[n].put() --> |  one deque a chan  | --> pc.channels[n].get()
+                             +--------------------+
+
+The manager is the single owner of every channel: items live in its deques,
+and it sends one to a worker only when that worker asks (GET), so it knows
+at every moment which items each worker holds.  When a worker ends, for
+whatever reason, the broker reads back from its copy of the worker's socket
+whatever the worker never read (see workwire.py) and puts those items back
+at the head of their channel.  So, per channel, once the controller has
+stopped: ``put == got + drained``, exactly.
+
+A bounded channel grants put credits to producers while it has room
+(``queued + credits <= maxsize``); a producer without credit waits for them,
+and a STOPPED broadcast wakes it.  The broker runs in its own thread, as
+multiprocessing.Queue's feeder does, so channels flow while the caller's
+thread is busy elsewhere.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import queue
+import selectors
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+
+from . import workwire
+from .channel import InheritedFd
+from .errors import Closed
+from .states import State
+from .workwire import Kind, Message
+
+log = logging.getLogger("procctl")
+
+
+@dataclass(frozen=True)
+class ChannelStats:
+    """The accounting of one channel.
+
+    ``put`` items were accepted, ``got`` taken by a consumer (counting an item
+    in flight to a worker until it is read back), ``drained`` removed by
+    `drain()`, `stop()` or `close()` of the controller, ``queued`` wait.
+    Once the workers have ended, ``put == got + drained + queued``.
+    """
+
+    put: int
+    got: int
+    drained: int
+    queued: int
+
+
+class _Chan:
+    __slots__ = ("name", "cid", "maxsize", "items", "consumers", "wanting", "credits",
+                 "put", "got", "drained", "closed", "leftovers")
+
+    def __init__(self, name: str, cid: int, maxsize: int) -> None:
+        self.name, self.cid, self.maxsize = name, cid, maxsize
+        self.items: deque[bytes] = deque()
+        self.consumers: deque[_Link] = deque()  # workers waiting with a GET
+        self.wanting: deque[_Link] = deque()  # producers waiting for credits
+        self.credits: dict[int, int] = {}  # worker id -> credits granted, unspent
+        self.put = self.got = self.drained = 0
+        self.closed = False
+        self.leftovers: list[bytes] = []  # drained by stop(), for drain()
+
+    def room(self) -> int:
+        if not self.maxsize:
+            return 1 << 30
+        return self.maxsize - len(self.items) - sum(self.credits.values())
+
+
+class _Link:
+    """The broker's record of one worker's link."""
+
+    __slots__ = ("wid", "sock", "child", "waiting_on", "closed")
+
+    def __init__(self, wid: int) -> None:
+        self.wid = wid
+        self.sock, self.child = workwire.pair()
+        self.sock.setblocking(False)
+        self.child.setblocking(False)
+        self.waiting_on: _Chan | None = None  # the channel of the worker's unanswered GET
+        self.closed = False
+
+
+class ChannelPlane:
+    """Every channel of one controller, and the thread that brokers them."""
+
+    def __init__(self, spec: dict[str, int]) -> None:
+        self._chans: dict[str, _Chan] = {}
+        for name, maxsize in spec.items():
+            if not isinstance(name, str) or not name:
+                raise TypeError(f"channel names must be non-empty strings, not {name!r}")
+            if isinstance(maxsize, bool) or not isinstance(maxsize, int) or maxsize < 0:
+                raise ValueError(f"channels[{name!r}] must be a maxsize >= 0 (0: unbounded), not {maxsize!r}")
+            self._chans[name] = _Chan(name, len(self._chans), maxsize)
+        self._by_id = list(self._chans.values())
+        self.channels = {name: Channel(self, c) for name, c in self._chans.items()}
+        self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)
+        self._links: dict[int, _Link] = {}
+        self._stopping = False
+        self._paused = False
+        self._selector: selectors.BaseSelector | None = None
+        self._wake_r = self._wake_w = -1
+        self._thread: threading.Thread | None = None
+
+    # -- the controller's hooks --------------------------------------------------
+
+    def wire_spec(self) -> dict[str, tuple[int, int]]:
+        """What a worker needs to know: name -> (channel id, maxsize)."""
+        return {c.name: (c.cid, c.maxsize) for c in self._by_id}
+
+    def attach(self, wid: int) -> tuple[InheritedFd, int | None]:
+        """A new link for worker `wid` (at each spawn): the end to pass to the
+        child, and the fd for the controller's selector (None: ours)."""
+        self._start()
+        link = _Link(wid)
+        with self._lock:
+            old = self._links.get(wid)
+            if old is not None and not old.closed:
+                self._end_link(old)
+            self._links[wid] = link
+            assert self._selector is not None
+            self._selector.register(link.sock, selectors.EVENT_READ, link)
+        self._wake()
+        return InheritedFd(link.child.fileno()), None
+
+    def readable(self, wid: int) -> None:  # pragma: no cover - the broker has its own selector
+        pass
+
+    def ended(self, wid: int, report: Any = None) -> None:
+        """Worker `wid` has ended: take back what it never read."""
+        with self._lock:
+            link = self._links.get(wid)
+            if link is not None and not link.closed:
+                self._end_link(link)
+
+    def posted(self, state: State) -> None:
+        """A command was broadcast. PAUSED: serve no worker's get until RUNNING
+        (the workers withdraw them); STOPPED: wake the manager's blocked puts and gets."""
+        with self._lock:
+            if state is State.PAUSED:
+                self._paused = True
+                for chan in self._by_id:
+                    chan.consumers.clear()  # their requests stay, dormant, until withdrawn
+            elif state is State.RUNNING:
+                self._paused = False
+                for link in self._links.values():
+                    wanted = link.waiting_on
+                    if wanted is not None and not link.closed and link not in wanted.consumers:
+                        wanted.consumers.append(link)
+                for chan in self._by_id:
+                    self._serve_waiting(chan)
+            else:
+                self._stopping = True
+            self._changed.notify_all()
+
+    def release(self) -> None:
+        """Every worker has ended: drain what is left, stop the broker."""
+        with self._lock:
+            self._stopping = True
+            for link in list(self._links.values()):
+                if not link.closed:
+                    self._end_link(link)
+            for chan in self._by_id:
+                self._drain_into_leftovers(chan)
+            self._changed.notify_all()
+        thread = self._thread
+        if thread is not None:
+            self._wake(stop=True)
+            thread.join()
+            self._thread = None
+        if self._selector is not None:
+            self._selector.close()
+            self._selector = None
+        for fd in (self._wake_r, self._wake_w):
+            if fd >= 0:
+                os.close(fd)
+        self._wake_r = self._wake_w = -1
+
+    # -- the broker thread ---------------------------------------------------
+
+    def _start(self) -> None:
+        if self._thread is not None:
+            return
+        self._selector = selectors.DefaultSelector()
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        self._selector.register(self._wake_r, selectors.EVENT_READ, None)
+        self._quit = False
+        self._thread = threading.Thread(target=self._serve, name="procctl-channels", daemon=True)
+        self._thread.start()
+
+    def _wake(self, stop: bool = False) -> None:
+        if stop:
+            self._quit = True
+        if self._wake_w >= 0:
+            try:
+                os.write(self._wake_w, b"\0")
+            except OSError:
+                pass
+
+    def _serve(self) -> None:
+        selector = self._selector
+        assert selector is not None
+        while not self._quit:
+            for key, _ in selector.select():
+                if key.data is None:
+                    try:
+                        while os.read(self._wake_r, 512):
+                            pass
+                    except BlockingIOError:
+                        pass
+                    continue
+                with self._lock:
+                    link = key.data
+                    if not link.closed:
+                        self._read(link)
+
+    # -- messages (called with the lock held) -------------------------------------
+
+    def _read(self, link: _Link) -> None:
+        for msg in workwire.recv_all(link.sock):
+            self._handle(link, msg)
+
+    def _handle(self, link: _Link, msg: Message) -> None:
+        chan = self._by_id[msg.channel]
+        kind = msg.kind
+        if kind is Kind.PUT:
+            credits = chan.credits.get(link.wid, 0)
+            if chan.maxsize and credits:
+                chan.credits[link.wid] = credits - 1
+            self._accept(chan, msg.payload)
+        elif kind is Kind.GET:
+            if self._paused:
+                link.waiting_on = chan  # dormant: the worker withdraws it, or RUNNING wakes it
+            elif chan.items:
+                self._deliver(chan, link, chan.items.popleft())
+            elif chan.closed or self._stopping:
+                self._reply(link, Kind.CLOSED, chan.cid)
+            else:
+                link.waiting_on = chan
+                chan.consumers.append(link)
+        elif kind is Kind.CANCEL:
+            if link.waiting_on is chan:
+                link.waiting_on = None
+                if link in chan.consumers:
+                    chan.consumers.remove(link)
+                self._reply(link, Kind.CANCELLED, chan.cid)
+            # else the ITEM or CLOSED reply is already on its way: the worker sees it first
+        elif kind is Kind.UNGET:
+            chan.got -= 1
+            chan.items.appendleft(msg.payload)
+            self._serve_waiting(chan)
+        elif kind is Kind.WANT:
+            if link not in chan.wanting:
+                chan.wanting.append(link)
+            self._grant(chan)
+
+    def _accept(self, chan: _Chan, payload: bytes) -> None:
+        chan.put += 1
+        if chan.closed:
+            # Only the controller closes; an item that arrives after is drained.
+            chan.drained += 1
+            chan.leftovers.append(payload)
+            return
+        chan.items.append(payload)
+        self._serve_waiting(chan)
+
+    def _serve_waiting(self, chan: _Chan) -> None:
+        while chan.items and chan.consumers:
+            self._deliver(chan, chan.consumers.popleft(), chan.items.popleft())
+        if chan.items:
+            self._changed.notify_all()
+
+    def _deliver(self, chan: _Chan, link: _Link, payload: bytes) -> None:
+        link.waiting_on = None
+        try:
+            workwire.send(link.sock, Kind.ITEM, chan.cid, 0, payload)
+        except OSError as exc:  # the worker's socket is gone or full: keep the item
+            log.debug("channel %s: cannot send to worker %d (%r)", chan.name, link.wid, exc)
+            chan.items.appendleft(payload)
+            return
+        chan.got += 1
+        self._grant(chan)
+
+    def _grant(self, chan: _Chan) -> None:
+        """Give credits to waiting producers while the channel has room."""
+        if not chan.maxsize:
+            while chan.wanting:
+                link = chan.wanting.popleft()
+                self._reply(link, Kind.CREDIT, chan.cid, 1 << 20)
+            return
+        while chan.wanting:
+            room = chan.room()
+            if room <= 0:
+                break
+            link = chan.wanting.popleft()
+            n = min(room, max(1, chan.maxsize // 8))
+            chan.credits[link.wid] = chan.credits.get(link.wid, 0) + n
+            self._reply(link, Kind.CREDIT, chan.cid, n)
+        self._changed.notify_all()
+
+    def _reply(self, link: _Link, kind: Kind, cid: int, tag: int = 0) -> None:
+        try:
+            workwire.send(link.sock, kind, cid, tag)
+        except OSError as exc:
+            log.debug("cannot reply %s to worker %d (%r)", kind.name, link.wid, exc)
+
+    def _end_link(self, link: _Link) -> None:
+        """The worker is gone: read what it sent, take back what it never read."""
+        self._read(link)
+        for msg in workwire.recv_all(link.child):
+            chan = self._by_id[msg.channel]
+            if msg.kind is Kind.ITEM:
+                chan.got -= 1
+                chan.items.appendleft(msg.payload)  # never taken: first in line again
+        link.closed = True
+        for chan in self._by_id:
+            if link in chan.consumers:
+                chan.consumers.remove(link)
+            if link in chan.wanting:
+                chan.wanting.remove(link)
+            chan.credits.pop(link.wid, None)
+        link.waiting_on = None
+        if self._selector is not None:
+            try:
+                self._selector.unregister(link.sock)
+            except (KeyError, ValueError):
+                pass
+        link.sock.close()
+        link.child.close()
+        for chan in self._by_id:
+            self._serve_waiting(chan)
+            self._grant(chan)
+
+    def _drain_into_leftovers(self, chan: _Chan) -> None:
+        chan.drained += len(chan.items)
+        chan.leftovers.extend(chan.items)
+        chan.items.clear()
+
+    # -- the manager's own calls (any thread) -----------------------------------
+
+    def put(self, chan: _Chan, item: Any, timeout: float | None) -> bool:
+        payload = pickle.dumps(item, pickle.HIGHEST_PROTOCOL)
+        end = _deadline(timeout)
+        with self._lock:
+            while True:
+                if chan.closed:
+                    raise Closed(f"channel {chan.name!r} is closed")
+                if self._stopping:
+                    return False
+                if chan.room() > 0:
+                    self._accept(chan, payload)
+                    return True
+                if not self._changed.wait(_remaining(end)) and _expired(end):
+                    raise queue.Full(f"channel {chan.name!r} stayed full for {timeout}s")
+
+    def get(self, chan: _Chan, timeout: float | None) -> Any:
+        end = _deadline(timeout)
+        with self._lock:
+            while not chan.items:
+                if chan.closed or self._stopping:
+                    raise Closed(f"channel {chan.name!r} is closed and empty")
+                if not self._changed.wait(_remaining(end)) and _expired(end):
+                    raise queue.Empty(f"nothing arrived on channel {chan.name!r} within {timeout}s")
+            payload = chan.items.popleft()
+            chan.got += 1
+            self._grant(chan)
+        return pickle.loads(payload)
+
+    def close(self, chan: _Chan) -> None:
+        with self._lock:
+            if chan.closed:
+                return
+            chan.closed = True
+            if not chan.items:
+                while chan.consumers:
+                    link = chan.consumers.popleft()
+                    link.waiting_on = None
+                    self._reply(link, Kind.CLOSED, chan.cid)
+            self._changed.notify_all()
+
+    def drain(self, chan: _Chan) -> list[Any]:
+        with self._lock:
+            self._drain_into_leftovers(chan)
+            blobs, chan.leftovers = chan.leftovers, []
+            self._grant(chan)
+        return [pickle.loads(b) for b in blobs]
+
+    def stats(self, chan: _Chan) -> ChannelStats:
+        with self._lock:
+            return ChannelStats(chan.put, chan.got, chan.drained, len(chan.items))
+
+    def closed(self, chan: _Chan) -> bool:
+        with self._lock:
+            return chan.closed
+
+
+class Channel:
+    """A channel as the manager sees it: ``pc.channels[name]``.
+
+    Any thread of the manager process may use it.
+    """
+
+    def __init__(self, plane: ChannelPlane, chan: _Chan) -> None:
+        self._plane = plane
+        self._chan = chan
+        self.name = chan.name
+        self.maxsize = chan.maxsize
+
+    def put(self, item: Any, timeout: float | None = None) -> bool:
+        """Add `item`; block while the channel is full.
+
+        True once it is in the channel; False if the controller is stopping
+        (the item was not added). Raises `Closed` on a closed channel and
+        `queue.Full` when `timeout` passes first.
+        """
+        return self._plane.put(self._chan, item, timeout)
+
+    def get(self, timeout: float | None = None) -> Any:
+        """Take the next item; block while empty.
+
+        Raises `Closed` when the channel is closed and empty (or the controller
+        stopped), `queue.Empty` when `timeout` passes first.
+        """
+        return self._plane.get(self._chan, timeout)
+
+    def close(self) -> None:
+        """No more items: consumers get what is queued, then `Closed`. Idempotent."""
+        self._plane.close(self._chan)
+
+    def drain(self) -> list[Any]:
+        """Remove and return every queued item (and those `stop()` drained), counted as drained."""
+        return self._plane.drain(self._chan)
+
+    def stats(self) -> ChannelStats:
+        return self._plane.stats(self._chan)
+
+    @property
+    def closed(self) -> bool:
+        return self._plane.closed(self._chan)
+
+    def __len__(self) -> int:
+        return self.stats().queued
+
+    def __iter__(self) -> Any:
+        """Items until the channel is closed and empty."""
+        while True:
+            try:
+                yield self.get()
+            except Closed:
+                return
+
+    def __repr__(self) -> str:
+        s = self.stats()
+        return f"<Channel {self.name!r} maxsize={self.maxsize} queued={s.queued} put={s.put} got={s.got}>"
+
+
+def _deadline(timeout: float | None) -> float | None:
+    if timeout is None or timeout == float("inf"):
+        return None
+    if timeout != timeout:
+        raise ValueError("timeout must be a number of seconds, not NaN")
+    return time.monotonic() + max(0.0, timeout)
+
+
+def _remaining(end: float | None) -> float | None:
+    return None if end is None else max(0.0, end - time.monotonic())
+
+
+def _expired(end: float | None) -> bool:
+    return end is not None and time.monotonic() >= end
+
+
+__all__ = ["Channel", "ChannelPlane", "ChannelStats", "Closed"]

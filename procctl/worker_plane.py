@@ -1,0 +1,261 @@
+"""The child side of the work plane: channel get/put/iter, and the executor's task loop.
+
+A worker asks for an item (GET) and the manager sends one only then, so a
+worker never holds an item it did not ask for; a PAUSED or timed-out get
+withdraws its request (CANCEL) and gives back an item that crossed it
+(UNGET).  Puts to a bounded channel spend credits the manager grants while
+the channel has room.  Every wait here also wakes on a command: STOPPED ends
+a get (`Closed`) or a put (False) at once.
+"""
+
+from __future__ import annotations
+
+import pickle
+import queue
+import select
+import socket
+import time
+import traceback
+from collections import deque
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any
+
+from . import workwire
+from .errors import Closed
+from .states import State
+from .workwire import Kind, Message
+
+if TYPE_CHECKING:
+    from .worker import WorkerContext
+
+#: A task's result: ok (value), err (exception, traceback text), stopped (the
+#: task saw STOPPED at a checkpoint: it did not complete).
+OK, ERR, STOPPED = "ok", "err", "stopped"
+
+
+class WorkEnd:
+    """The worker's end of its work link."""
+
+    def __init__(self, sock: socket.socket, channels: dict[str, tuple[int, int]]) -> None:
+        self.sock = sock
+        sock.setblocking(False)
+        self.channels = channels  # name -> (channel id, maxsize)
+        self.credits: dict[int, int] = {}
+        self.wanting: set[int] = set()
+        self.tasks: deque[Message] = deque()
+
+    # -- channels -----------------------------------------------------------
+
+    def channel(self, name: str) -> tuple[int, int]:
+        try:
+            return self.channels[name]
+        except KeyError:
+            known = ", ".join(sorted(self.channels)) or "none"
+            raise ValueError(f"no channel named {name!r} (channels: {known})") from None
+
+    def get(self, ctx: WorkerContext, name: str, timeout: float | None) -> Any:
+        cid, _ = self.channel(name)
+        end = _deadline(timeout)
+        while True:
+            if not ctx.checkpoint():
+                raise Closed(name)
+            self._send(ctx, Kind.GET, cid)
+            reply = self._await_reply(ctx, cid, end)
+            if reply is not None:
+                if reply.kind is Kind.CLOSED:
+                    raise Closed(name)
+                return pickle.loads(reply.payload)
+            if ctx.state is State.STOPPED:
+                raise Closed(name)
+            # Interrupted by PAUSED or the timeout: withdraw the request.
+            self._send(ctx, Kind.CANCEL, cid)
+            reply = self._await_reply(ctx, cid, None, until=(Kind.ITEM, Kind.CLOSED, Kind.CANCELLED))
+            if reply is None:  # STOPPED came
+                raise Closed(name)
+            if reply.kind is Kind.CLOSED:
+                raise Closed(name)
+            paused = ctx.state is State.PAUSED
+            if reply.kind is Kind.ITEM:
+                if not paused:
+                    return pickle.loads(reply.payload)
+                # It crossed our CANCEL: a paused worker holds nothing.
+                self._send(ctx, Kind.UNGET, cid, payload=reply.payload)
+            elif not paused:
+                raise queue.Empty(f"nothing arrived on channel {name!r} within {timeout}s")
+
+    def put(self, ctx: WorkerContext, name: str, item: Any, timeout: float | None) -> bool:
+        cid, maxsize = self.channel(name)
+        if not ctx.checkpoint():
+            return False
+        payload = pickle.dumps(item, pickle.HIGHEST_PROTOCOL)
+        end = _deadline(timeout)
+        if maxsize:
+            while not self.credits.get(cid):
+                if cid not in self.wanting:
+                    self._send(ctx, Kind.WANT, cid)
+                    self.wanting.add(cid)
+                remaining = _remaining(end)
+                if remaining is not None and remaining <= 0:
+                    raise queue.Full(f"channel {name!r} stayed full for {timeout}s")
+                if ctx.wait_readable(self.sock, remaining):
+                    self._absorb_all()
+                elif ctx.state is not State.RUNNING and not ctx.checkpoint():
+                    return False  # STOPPED: the item was not sent
+            self.credits[cid] -= 1
+        return self._send(ctx, Kind.PUT, cid, payload=payload, stoppable=True)
+
+    def iter(self, ctx: WorkerContext, name: str) -> Iterator[Any]:
+        self.channel(name)
+        while True:
+            try:
+                yield self.get(ctx, name, None)
+            except Closed:
+                return
+
+    # -- tasks --------------------------------------------------------------
+
+    def next_task(self, ctx: WorkerContext) -> Message | None:
+        """The next task, or None if a command came first."""
+        # One message at a time: a task we have not read stays in the socket,
+        # where the manager takes it back if we die.
+        while not self.tasks:
+            try:
+                msg = workwire.recv(self.sock)
+            except BlockingIOError:
+                if not ctx.wait_readable(self.sock):
+                    return None
+                continue
+            if msg is None:
+                return None
+            self._absorb(msg)
+        return self.tasks.popleft()
+
+    # -- the wire -----------------------------------------------------------
+
+    def _await_reply(
+        self, ctx: WorkerContext, cid: int, end: float | None,
+        until: tuple[Kind, ...] = (Kind.ITEM, Kind.CLOSED),
+    ) -> Message | None:
+        """Wait for the reply to our request on `cid`; None if a command
+        (any, or with `until` including CANCELLED, only STOPPED) or the
+        deadline came first."""
+        cancelling = Kind.CANCELLED in until
+        while True:
+            for msg in self._recv_all():
+                if msg.kind in until and msg.channel == cid:
+                    return msg
+                self._absorb(msg)
+            remaining = _remaining(end)
+            if remaining is not None and remaining <= 0:
+                return None
+            if not ctx.wait_readable(self.sock, remaining):
+                if ctx.state is State.STOPPED:
+                    return None
+                if not cancelling and ctx.state is State.PAUSED:
+                    return None
+
+    def _recv_all(self) -> list[Message]:
+        try:
+            return workwire.recv_all(self.sock)
+        except OSError:
+            return []
+
+    def _absorb_all(self) -> None:
+        for msg in self._recv_all():
+            self._absorb(msg)
+
+    def _absorb(self, msg: Message) -> None:
+        if msg.kind is Kind.CREDIT:
+            self.credits[msg.channel] = self.credits.get(msg.channel, 0) + msg.tag
+            self.wanting.discard(msg.channel)
+        elif msg.kind is Kind.TASK:
+            self.tasks.append(msg)
+        # A stray reply (ITEM, CLOSED, CANCELLED) cannot come: one request at a time.
+
+    def _send(
+        self, ctx: WorkerContext, kind: Kind, cid: int = 0, tag: int = 0, payload: bytes = b"",
+        stoppable: bool = False,
+    ) -> bool:
+        """Send one message, waiting for room in the socket; with `stoppable`,
+        give up (False, nothing sent) at STOPPED."""
+        while True:
+            try:
+                workwire.send(self.sock, kind, cid, tag, payload)
+                return True
+            except BlockingIOError:
+                pass
+            if not ctx._wait_io(self.sock.fileno(), select.POLLOUT, None):
+                if stoppable and ctx.state is State.STOPPED:
+                    return False
+
+
+def _deadline(timeout: float | None) -> float | None:
+    if timeout is None or timeout == float("inf"):
+        return None
+    if timeout != timeout:
+        raise ValueError("timeout must be a number of seconds, not NaN")
+    return time.monotonic() + max(0.0, timeout)
+
+
+def _remaining(end: float | None) -> float | None:
+    return None if end is None else max(0.0, end - time.monotonic())
+
+
+# -- the executor's task loop --------------------------------------------------
+
+
+def run_tasks(
+    ctx: WorkerContext,
+    initializer: Callable[..., Any] | None,
+    initargs: tuple[Any, ...],
+    max_tasks: int | None,
+) -> int:
+    """The target of every executor worker: run tasks until STOPPED, or
+    until `max_tasks` are done (the executor then starts a fresh worker)."""
+    end = ctx._work
+    assert end is not None
+    if initializer is not None:
+        try:
+            initializer(*initargs)
+        except BaseException:  # noqa: BLE001 - reported; the executor is then broken
+            end._send(ctx, Kind.INIT_FAILED, payload=traceback.format_exc().encode())
+            return 0
+    done = 0
+    while ctx.checkpoint():
+        msg = end.next_task(ctx)
+        if msg is None:
+            continue  # a command: checkpoint() applies it
+        payload = _run_task(ctx, msg.payload)
+        end._send(ctx, Kind.RESULT, tag=msg.tag, payload=payload)
+        done += 1
+        if max_tasks is not None and done >= max_tasks:
+            break
+    return done
+
+
+def _run_task(ctx: WorkerContext, blob: bytes) -> bytes:
+    try:
+        fn, calls, chunk = pickle.loads(blob)
+        if chunk:
+            value: Any = [fn(*args, **kwargs) for args, kwargs in calls]
+        else:
+            args, kwargs = calls[0]
+            value = fn(*args, **kwargs)
+    except BaseException as exc:  # noqa: BLE001 - the task's exception is its result
+        if ctx.state is State.STOPPED:
+            return pickle.dumps((STOPPED, None, None))
+        return _dump_error(exc, traceback.format_exc())
+    if ctx.state is State.STOPPED:
+        return pickle.dumps((STOPPED, None, None))  # it saw STOPPED: cut short
+    try:
+        return pickle.dumps((OK, value, None), pickle.HIGHEST_PROTOCOL)
+    except Exception as exc:  # noqa: BLE001 - pickling runs the result's own code
+        err = TypeError(f"the result of type {type(value).__name__} could not be pickled: {exc!r}")
+        return _dump_error(err, traceback.format_exc())
+
+
+def _dump_error(exc: BaseException, tb: str) -> bytes:
+    try:
+        return pickle.dumps((ERR, exc, tb), pickle.HIGHEST_PROTOCOL)
+    except Exception:  # noqa: BLE001 - an exception that cannot travel travels as text
+        return pickle.dumps((ERR, RuntimeError(f"{type(exc).__name__}: {exc}"), tb))

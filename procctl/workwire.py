@@ -1,0 +1,158 @@
+"""The work wire: one message link per worker, for channel items and tasks.
+
+    manager                                     worker i
+    -------                                     --------
+    manager end  <== SOCK_SEQPACKET pair ==>    worker end
+    (+ a copy of the worker end, kept open)
+
+Every `recv` returns exactly one whole message, atomically: a worker killed
+in the middle of a get either took the message or left it in its socket.
+The manager keeps its own copy of the worker's end, so once the worker is
+gone it reads back, from that copy, whatever the worker never read
+(`reclaim`): nothing sent is ever lost or counted twice.
+
+A message is a 16-byte header (kind, channel, tag) and a payload.  A payload
+larger than `MAX_INLINE` travels in a memfd passed along with the header
+(SCM_RIGHTS), so a big item is still one atomic message.
+
+Both sides use this module; it holds no policy.
+"""
+
+from __future__ import annotations
+
+import array
+import enum
+import os
+import socket
+import struct
+import threading
+from dataclasses import dataclass
+
+HEADER = struct.Struct("!BxxxIq")  # kind, channel id, tag (task id, count)
+BIG = 0x80  # flag on kind: the payload is in the passed memfd
+BIG_BODY = struct.Struct("!Q")  # payload length of a big message
+#: Payloads up to this size travel in the message itself.  A seqpacket
+#: message must fit the socket's send buffer (212 KiB by default).
+MAX_INLINE = 128 * 1024
+_FD_SPACE = socket.CMSG_SPACE(array.array("i", [0]).itemsize)
+
+
+class Kind(enum.IntEnum):
+    # worker -> manager
+    GET = 1  # credit for one item of `channel`
+    CANCEL = 2  # withdraw the GET on `channel`
+    PUT = 3  # an item for `channel`
+    UNGET = 4  # give back an item that arrived after a CANCEL (payload: the item)
+    WANT = 5  # ask for put credits on a bounded `channel`
+    RESULT = 6  # the outcome of task `tag`
+    INIT_FAILED = 7  # the executor's initializer raised (payload: traceback text)
+    # manager -> worker
+    ITEM = 16  # reply to GET: one item
+    CLOSED = 17  # reply to GET: closed and empty
+    CANCELLED = 18  # reply to CANCEL when no item was sent
+    CREDIT = 19  # `tag` put credits on `channel`
+    TASK = 20  # task `tag` to run
+
+
+@dataclass(frozen=True)
+class Message:
+    kind: Kind
+    channel: int
+    tag: int
+    payload: bytes
+
+
+def pair() -> tuple[socket.socket, socket.socket]:
+    """A (manager, worker) pair of connected seqpacket sockets."""
+    manager, worker = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    return manager, worker
+
+
+def send(sock: socket.socket, kind: Kind, channel: int = 0, tag: int = 0, payload: bytes = b"") -> None:
+    """Send one message. Raises BlockingIOError on a full non-blocking socket,
+    in which case nothing was sent."""
+    if len(payload) <= MAX_INLINE:
+        sock.send(HEADER.pack(kind, channel, tag) + payload)
+        return
+    fd = os.memfd_create("procctl-item", os.MFD_CLOEXEC)
+    try:
+        view = memoryview(payload)
+        while view:
+            view = view[os.write(fd, view):]
+        head = HEADER.pack(kind | BIG, channel, tag) + BIG_BODY.pack(len(payload))
+        sock.sendmsg([head], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))])
+    finally:
+        os.close(fd)  # the message holds its own reference
+
+
+def recv(sock: socket.socket) -> Message | None:
+    """Receive one message; None when the peer is gone (or, non-blocking, none is there).
+
+    Raises BlockingIOError on an empty non-blocking socket.
+    """
+    buf = _buffer()
+    size, ancdata, _flags, _addr = sock.recvmsg_into([buf], _FD_SPACE)
+    if not size:
+        return None
+    data = bytes(memoryview(buf)[:size])
+    raw_kind, channel, tag = HEADER.unpack_from(data)
+    if not raw_kind & BIG:
+        return Message(Kind(raw_kind), channel, tag, data[HEADER.size:])
+    fds = _fds(ancdata)
+    try:
+        (length,) = BIG_BODY.unpack_from(data, HEADER.size)
+        payload = _read_fd(fds[0], length)
+    finally:
+        for fd in fds:
+            os.close(fd)
+    return Message(Kind(raw_kind & ~BIG), channel, tag, payload)
+
+
+_local = threading.local()
+
+
+def _buffer() -> bytearray:
+    # One receive buffer per thread: recvmsg() would allocate (and shrink)
+    # a MAX_INLINE buffer for every message.
+    buf: bytearray | None = getattr(_local, "buf", None)
+    if buf is None:
+        buf = _local.buf = bytearray(MAX_INLINE + HEADER.size + BIG_BODY.size)
+    return buf
+
+
+def _fds(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
+    fds: list[int] = []
+    for level, kind, data in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            arr = array.array("i")
+            arr.frombytes(data[: len(data) - len(data) % arr.itemsize])
+            fds.extend(arr)
+    return fds
+
+
+def _read_fd(fd: int, length: int) -> bytes:
+    parts = []
+    offset = 0
+    while offset < length:
+        chunk = os.pread(fd, min(length - offset, 1 << 24), offset)
+        if not chunk:
+            raise EOFError("a big message's memfd is shorter than its header says")
+        parts.append(chunk)
+        offset += len(chunk)
+    return b"".join(parts)
+
+
+def recv_all(sock: socket.socket) -> list[Message]:
+    """Every message waiting on a non-blocking socket."""
+    out = []
+    while True:
+        try:
+            msg = recv(sock)
+        except (BlockingIOError, InterruptedError):
+            break
+        except ConnectionResetError:
+            break
+        if msg is None:
+            break
+        out.append(msg)
+    return out

@@ -1,0 +1,234 @@
+"""ProcessExecutor: stdlib Executor semantics, crashes that cost one task, pause, stop accounting."""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import os
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+import workplane_targets as t
+from procs import still_running
+
+from procctl import ProcessExecutor, TaskTimeout, Unfinished, WorkerCrashed
+
+
+@pytest.mark.parametrize("start_method", ["fork", "spawn", "forkserver"])
+def test_submit_map_in_order_and_context(start_method):
+    with ProcessExecutor(2, start_method=start_method) as ex:
+        assert isinstance(ex, cf.Executor)
+        assert ex.submit(t.add, 2, b=3).result(10) == 5
+        assert list(ex.map(t.square, range(50), chunksize=1)) == [x * x for x in range(50)]
+        assert list(ex.map(t.square, range(1000))) == [x * x for x in range(1000)]
+        assert list(ex.map(t.add, range(5), range(5), chunksize=2)) == [0, 2, 4, 6, 8]
+        facts = [f.result(10) for f in [ex.submit(t.context_facts, i) for i in range(8)]]
+    assert {wid for wid, _, _ in facts} <= {0, 1}
+    assert {n for _, n, _ in facts} == {2}
+
+
+def test_exception_carries_worker_traceback_and_is_not_retried():
+    with ProcessExecutor(2, retries=3) as ex:
+        fut = ex.submit(t.boom, 7)
+        with pytest.raises(ValueError, match="bad 7") as info:
+            fut.result(10)
+        assert "in boom" in str(info.value.__cause__)
+        assert ex.counts().failed == 1
+
+
+def test_shutdown_semantics_match_the_stdlib():
+    for cls in (cf.ProcessPoolExecutor, ProcessExecutor):
+        ex = cls(1)
+        first = ex.submit(t.sleep_for, 0.3)
+        rest = [ex.submit(t.square, i) for i in range(50)]
+        ex.shutdown(wait=True, cancel_futures=True)
+        assert first.result() == 0.3, cls
+        assert any(f.cancelled() for f in rest), cls
+        assert all(f.done() for f in rest), cls
+        with pytest.raises(RuntimeError):
+            ex.submit(t.square, 1)
+        ex2 = cls(2)
+        futs = [ex2.submit(t.square, i) for i in range(20)]
+        ex2.shutdown(wait=False)
+        assert [f.result(10) for f in futs] == [i * i for i in range(20)], cls
+        ex2.shutdown(wait=True)
+
+
+def test_map_timeout_raises_timeout_error_and_as_completed_wait_work():
+    with ProcessExecutor(2) as ex:
+        it = ex.map(t.sleep_for, [0.0, 5.0], timeout=0.3, chunksize=1)
+        assert next(it) == 0.0
+        with pytest.raises(cf.TimeoutError):
+            next(it)
+        futs = [ex.submit(t.square, i) for i in range(10)]
+        assert sorted(f.result() for f in cf.as_completed(futs, timeout=10)) == [i * i for i in range(10)]
+        done, not_done = cf.wait(futs, timeout=10)
+        assert len(done) == 10 and not not_done
+        ex.stop(grace=0)
+
+
+@pytest.mark.parametrize("start_method", ["fork", "spawn"])
+@pytest.mark.parametrize("how", ["exit", "sigkill", "timeout"])
+def test_a_crash_costs_one_task_and_the_pool_goes_on(start_method, how):
+    with ProcessExecutor(2, start_method=start_method, task_timeout=1.0) as ex:
+        before = [ex.submit(t.square, i) for i in range(10)]
+        bad = {"exit": lambda: ex.submit(t.exit_now, 3),
+               "sigkill": lambda: ex.submit(t.sigkill_self, 0),
+               "timeout": lambda: ex.submit(t.sleep_for, 30)}[how]()
+        after = [ex.submit(t.square, i) for i in range(10, 30)]
+        assert [f.result(20) for f in before + after] == [i * i for i in range(30)]
+        expected = TaskTimeout if how == "timeout" else WorkerCrashed
+        with pytest.raises(expected) as info:
+            bad.result(20)
+        if how == "exit":
+            assert "code 3" in str(info.value)
+        elif how == "sigkill":
+            assert "SIGKILL" in str(info.value)
+        assert ex.submit(t.square, 9).result(20) == 81  # the pool is still usable
+        assert len({ex.submit(t.pid_of, i).result(20) for i in range(6)}) >= 1
+
+
+def test_sigkill_from_outside_mid_task_fails_that_task_only():
+    ex = ProcessExecutor(2)
+    try:
+        victim = ex.submit(t.until_stopped, "x")
+        others = [ex.submit(t.context_facts, i) for i in range(20)]
+        facts = [f.result(20) for f in others]  # all on the other worker, even those queued behind
+        assert len({pid for _, _, pid in facts}) == 1
+        pid = next(p for p in ex._pc.pids() if p != facts[0][2])
+        os.kill(pid, signal.SIGKILL)
+        with pytest.raises(WorkerCrashed):
+            victim.result(20)
+        assert ex.submit(t.square, 3).result(20) == 9
+    finally:
+        ex.stop(grace=0)
+
+
+def test_retries_run_a_crashed_task_again(tmp_path):
+    marker = str(tmp_path / "m")
+    with ProcessExecutor(2, retries=1) as ex:
+        assert ex.submit(t.crash_first_time, marker).result(20) == "ok"
+    with ProcessExecutor(1, retries=2) as ex:
+        with pytest.raises(WorkerCrashed):
+            ex.submit(t.exit_now, 1).result(30)  # crashes three times: given up
+
+
+def test_initializer_max_tasks_per_worker_and_broken_initializer(tmp_path):
+    with ProcessExecutor(2, initializer=t.init_flag, initargs=("set",), max_tasks_per_worker=3) as ex:
+        assert ex.submit(t.read_flag, 0).result(10) == "set"
+        pids = [f.result(20) for f in [ex.submit(t.pid_of, i) for i in range(12)]]
+    assert len(set(pids)) >= 4  # each worker is replaced after three tasks
+    ex = ProcessExecutor(1, initializer=t.init_fails)
+    with pytest.raises(cf.BrokenExecutor, match="initializer"):
+        ex.submit(t.square, 2).result(20)  # the submit, or the future, says so
+    with pytest.raises(cf.BrokenExecutor):
+        ex.submit(t.square, 2)
+    ex.shutdown()
+
+
+def test_pause_with_a_backlog_starts_no_task():
+    with ProcessExecutor(2) as ex:
+        futs = [ex.submit(t.started_at, i) for i in range(100_000)]
+        t0 = time.monotonic()
+        ex.pause()
+        paused_at = time.monotonic()
+        assert paused_at - t0 < 5
+        done_then = sum(f.done() for f in futs)
+        time.sleep(0.3)  # a window in which nothing may start
+        assert sum(f.done() for f in futs) <= done_then + 2 * 2  # only those already in flight
+        ex.resume()
+        started = [f.result(60)[1] for f in futs[-10:]]
+        assert min(started) > paused_at
+        left = ex.stop(grace=1)
+    assert isinstance(left, Unfinished)
+
+
+def _check_stop_accounting(ex, futs, left):
+    completed = sum(1 for f in futs if f.done() and not f.cancelled() and f.exception() is None)
+    failed = sum(1 for f in futs if f.done() and not f.cancelled() and f.exception() is not None)
+    assert all(f.done() for f in futs)
+    assert completed + failed + len(left.items) == len(futs)
+    assert sorted(left.items) == sorted(set(left.items))  # each once
+    assert set(left.running) <= set(left.items)
+    assert all(f.cancelled() for f in left.futures)
+    results = {f.result() for f in futs if f.done() and not f.cancelled() and f.exception() is None}
+    assert not results & set(left.items)
+
+
+def test_stop_accounting_under_random_timing():
+    rng = random.Random(8)
+    for _ in range(50):
+        ex = ProcessExecutor(2)
+        items = [rng.choice([0.0, 0.0, 0.001, 0.01]) + i * 1e-9 for i in range(rng.randint(0, 30))]
+        futs = [ex.submit(t.random_task, x) for x in items]
+        time.sleep(rng.choice([0, 0.001, 0.01, 0.03]))
+        left = ex.stop(grace=rng.choice([0, 0.01, 1]))
+        _check_stop_accounting(ex, futs, left)
+
+
+def test_stop_hands_back_running_items_and_queued_ones():
+    ex = ProcessExecutor(2)
+    long = [ex.submit(t.until_stopped, i) for i in range(2)]
+    queued = [ex.submit(t.square, i) for i in range(100, 110)]
+    while not ex.counts().running:
+        time.sleep(0.01)
+    left = ex.stop(grace=2)
+    assert sorted(left.running) == [0, 1]
+    assert sorted(left.items) == [0, 1] + list(range(100, 110))
+    assert all(f.cancelled() for f in long + queued)
+    with pytest.raises(RuntimeError):
+        ex.submit(t.square, 1)
+
+
+def test_task_events_and_status():
+    events = []
+    with ProcessExecutor(2, on_event=events.append) as ex:
+        list(ex.map(t.square, range(10), chunksize=1))
+        status = ex.status()
+    assert sum(s.done for s in status) == 10
+    assert sum(1 for e in events if e.event == "task-done") == 10
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="max_workers"):
+        ProcessExecutor(0)
+    with pytest.raises(ValueError, match="retries"):
+        ProcessExecutor(1, retries=-1)
+    with pytest.raises(ValueError, match="task_timeout"):
+        ProcessExecutor(1, task_timeout=float("nan"))
+    with pytest.raises(ValueError, match="grace"):
+        ProcessExecutor(1, grace=-1)
+    with ProcessExecutor(1) as ex:
+        with pytest.raises(ValueError, match="chunksize"):
+            ex.map(t.square, [1], chunksize=0)
+
+
+def test_manager_sigkill_during_map_leaves_no_orphans(tmp_path):
+    script = tmp_path / "m.py"
+    script.write_text(textwrap.dedent(f"""
+        import sys, os
+        sys.path.insert(0, {os.path.dirname(__file__)!r})
+        import workplane_targets as t
+        from procctl import ProcessExecutor
+        ex = ProcessExecutor(3)
+        it = ex.map(t.sleep_for, [0.05] * 10000, chunksize=1)
+        next(it)
+        print(" ".join(map(str, ex._pc.pids())), flush=True)
+        for _ in it:
+            pass
+    """))
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    try:
+        pids = [int(p) for p in proc.stdout.readline().split()]
+        assert len(pids) == 3
+        proc.kill()
+        proc.wait(10)
+        assert still_running(pids, timeout=5) == []
+    finally:
+        proc.kill()
+        proc.wait(10)
+        proc.stdout.close()

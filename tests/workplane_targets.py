@@ -1,0 +1,134 @@
+"""Targets and tasks for the channel and executor tests (importable under spawn)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import procctl
+
+
+def relay(ctx, src="jobs", dst="out"):
+    n = 0
+    for item in ctx.iter(src):
+        if not ctx.put(dst, item):
+            break
+        n += 1
+    return n
+
+
+def producer(ctx, count, dst="jobs"):
+    sent = 0
+    for i in range(count):
+        if not ctx.put(dst, (ctx.worker_id, i)):
+            break
+        sent += 1
+    return sent
+
+
+def consumer(ctx, src="jobs"):
+    got = []
+    for item in ctx.iter(src):
+        got.append(item)
+    return got
+
+
+def one_get(ctx, src="jobs"):
+    try:
+        return ["got", ctx.get(src, timeout=30)]
+    except procctl.Closed:
+        return ["closed"]
+
+
+def get_with_timeout(ctx):
+    import queue
+
+    try:
+        ctx.get("jobs", timeout=0.2)
+    except queue.Empty:
+        return "empty"
+    return "item"
+
+
+def workers_and_id(ctx):
+    return ctx.worker_id, ctx.workers
+
+
+def square(x):
+    return x * x
+
+
+def add(a, b=0):
+    return a + b
+
+
+def boom(x):
+    raise ValueError(f"bad {x}")
+
+
+def exit_now(code):
+    os._exit(code)
+
+
+def sigkill_self(_):
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def sleep_for(seconds):
+    time.sleep(seconds)
+    return seconds
+
+
+def until_stopped(tag):
+    ctx = procctl.context()
+    while ctx.checkpoint():
+        ctx.sleep(0.02)
+    return tag
+
+
+def context_facts(_):
+    ctx = procctl.context()
+    return ctx.worker_id, ctx.workers, os.getpid()
+
+
+def crash_first_time(marker):
+    """Crash unless `marker` exists; create it first (the retry then succeeds)."""
+    if not os.path.exists(marker):
+        open(marker, "w").close()
+        os._exit(9)
+    return "ok"
+
+
+def started_at(x):
+    return x, time.monotonic()
+
+
+def init_flag(path):
+    global INIT_PATH
+    INIT_PATH = path
+
+
+def read_flag(_):
+    return INIT_PATH
+
+
+def init_fails():
+    raise RuntimeError("no init")
+
+
+def pid_of(_):
+    return os.getpid()
+
+
+def random_task(seconds):
+    ctx = procctl.context()
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        if not ctx.checkpoint():
+            return None
+        ctx.sleep(min(0.005, max(0.0, end - time.monotonic())))
+    return seconds
+
+
+INIT_PATH = None
