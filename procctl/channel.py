@@ -8,8 +8,8 @@ engine can replace it without touching the controller's API.
     Board (shared memory, one slot per worker) --> read at every checkpoint
       word  = seq << 8 | state                      (no syscall while RUNNING)
       progress done / total  <----------------------- ctx.progress() writes
-    doorbell pipe (1 byte per command) ----------> a PAUSED worker blocks on it
-    report pipe  <--------------------------------- ACK frames, one RESULT frame
+    link socket, one way: 1 byte per command ----> a PAUSED worker blocks on it
+    link socket, other way <------------------------ ACK frames, one RESULT frame
 
 The board carries only the latest command, so a worker that is busy or hung
 never makes commands pile up, and the doorbell's writes are non-blocking: a
@@ -23,6 +23,7 @@ from __future__ import annotations
 import mmap
 import os
 import select
+import socket
 import struct
 import threading
 from multiprocessing import reduction
@@ -149,32 +150,38 @@ class Board:
 
 
 class WorkerLink:
-    """The manager's end of one worker's channel."""
+    """The manager's end of one worker's channel.
+
+    One Unix socket pair carries both directions: doorbell bytes to the
+    worker, report frames back. One descriptor per worker in the manager
+    instead of two pipes' worth.
+    """
 
     def __init__(self) -> None:
-        self.report_fd, self._child_report = os.pipe()
-        self._child_doorbell, self.doorbell_fd = os.pipe()
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.report_fd = ours.detach()
+        self.doorbell_fd = self.report_fd
+        self._child = theirs.detach()
         os.set_blocking(self.report_fd, False)
-        os.set_blocking(self.doorbell_fd, False)
         self._buffer = bytearray()
         self.eof = False
         self.closed = False
 
     def child_fds(self) -> tuple[InheritedFd, InheritedFd]:
-        """The (doorbell, report) ends to pass to the worker process."""
-        return InheritedFd(self._child_doorbell), InheritedFd(self._child_report)
+        """The (doorbell, report) ends to pass to the worker process: one socket."""
+        end = InheritedFd(self._child)
+        return end, end  # one object: pickled once, passed to the child once
 
     def release_child_fds(self) -> None:
-        """Close our copies of the child's ends once the child has them."""
-        for fd in (self._child_doorbell, self._child_report):
-            if fd >= 0:
-                os.close(fd)
-        self._child_doorbell = self._child_report = -1
+        """Close our copy of the child's end once the child has it."""
+        if self._child >= 0:
+            os.close(self._child)
+        self._child = -1
 
     def ring(self) -> None:
         try:
             os.write(self.doorbell_fd, b"\0")
-        except (BlockingIOError, BrokenPipeError):
+        except OSError:
             pass  # full: the worker will wake anyway; gone: the reaper will see it
 
     def read_frames(self) -> tuple[list[tuple[int, bytes]], bool]:
@@ -185,6 +192,10 @@ class WorkerLink:
                 chunk = os.read(self.report_fd, READ_CHUNK)
             except BlockingIOError:
                 break
+            except ConnectionResetError:
+                # The worker ended with doorbell bytes unread: what it sent
+                # is already here; this is its end of file.
+                chunk = b""
             if not chunk:
                 eof = True
                 break
@@ -220,7 +231,6 @@ class WorkerLink:
         self.closed = True
         self.release_child_fds()
         os.close(self.report_fd)
-        os.close(self.doorbell_fd)
 
 
 class ControlEnd:
@@ -229,22 +239,38 @@ class ControlEnd:
     def __init__(self, worker: int, board: Board, doorbell_fd: int, report_fd: int) -> None:
         self.worker = worker
         self.board = board
+        # Both are the one link socket (two descriptors of it under spawn and
+        # forkserver). It stays blocking for the frames; the doorbell is read,
+        # and small frames tried, per call without blocking (MSG_DONTWAIT).
         self.doorbell_fd = doorbell_fd
         self.report_fd = report_fd
+        self._sock = socket.socket(fileno=doorbell_fd)
         # Frames must be whole whatever thread writes them: a progress() from a
         # helper thread must never land inside the main thread's result frame.
         self._send_lock = threading.Lock()
-        os.set_blocking(doorbell_fd, False)
 
     def command(self) -> int:
         return self.board.command(self.worker)
 
     def drain_doorbell(self) -> None:
         try:
-            while len(os.read(self.doorbell_fd, 4096)) == 4096:
+            while len(self._sock.recv(4096, socket.MSG_DONTWAIT)) == 4096:
                 pass
-        except BlockingIOError:
+        except (BlockingIOError, ConnectionResetError):
             pass
+
+    def let_go(self) -> None:
+        """Forget the socket object, leaving its descriptor to the process's
+        exit (no 'unclosed socket' warning at the worker's shutdown); later
+        progress sends are dropped."""
+        with self._send_lock:
+            self._sock.detach()
+
+    def close(self) -> None:
+        """Close the link's descriptors (a worker's exit does it too)."""
+        if self.report_fd != self.doorbell_fd:
+            os.close(self.report_fd)
+        self._sock.close()
 
     def send(self, kind: int, payload: bytes) -> None:
         header = FRAME_HEADER.pack(kind, len(payload))
@@ -268,13 +294,13 @@ class ControlEnd:
         if not self._send_lock.acquire(blocking=False):
             return False  # another thread is sending: drop rather than wait
         try:
-            os.set_blocking(self.report_fd, False)
             try:
-                return os.write(self.report_fd, frame) == len(frame)
-            except (BlockingIOError, BrokenPipeError):
+                sent = self._sock.send(frame, socket.MSG_DONTWAIT)
+            except OSError:  # full, the manager gone, or the link let go at the end
                 return False
-            finally:
-                os.set_blocking(self.report_fd, True)
+            if sent < len(frame):  # a frame this small goes whole; never leave half of one
+                self._write_all(frame[sent:])
+            return True
         finally:
             self._send_lock.release()
 

@@ -10,11 +10,12 @@ from __future__ import annotations
 import errno
 import os
 
-#: Descriptors the manager holds for each live worker: the report pipe, the
-#: doorbell pipe, the process sentinel, multiprocessing's own pipe end that
-#: the child watches, and the pidfd the controller watches (not under
-#: forkserver). Update this when the controller's channels change.
-MANAGER_FDS_PER_WORKER = 5
+#: Descriptors the manager holds for each live worker: the link socket
+#: (doorbell one way, reports the other), the process sentinel,
+#: multiprocessing's own pipe end that the child watches, and the pidfd the
+#: controller watches (not under forkserver). Update this when the
+#: controller's channels change.
+MANAGER_FDS_PER_WORKER = 4
 #: Descriptors beyond the per-worker ones: the controller's board, selector
 #: and wakeup pipe, those in use while one worker starts (its ends of the
 #: pipes, multiprocessing's), the few a forked worker opens for itself on top

@@ -483,9 +483,11 @@ def worker_main(spec: WorkerSpec) -> None:
             end.send(START_FAILED, traceback.format_exc().encode())
         except OSError:
             pass
+        end.let_go()
         sys.exit(EXIT_START_FAILED)
     if not ctx._manager_gone:
         _send_result(end, outcome, result, error)
+    end.let_go()
     finished.set()
     _end_despite_threads()
 

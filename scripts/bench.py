@@ -408,7 +408,8 @@ def targets(rows: list[dict[str, Any]], methods: list[str]) -> list[dict[str, An
             a = find(rows, "lifecycle", m, n, "procctl")
             b = find(rows, "lifecycle", m, n, "floor")
             if a or b:
-                add(f"lifecycle {m} N={n}: procctl / raw", ratio(a, b), 1.15, why=why_missing(a, b))
+                add(f"lifecycle {m} N={n}: procctl / raw", ratio(a, b), 1.0 if m == "fork" else 1.15,
+                    why=why_missing(a, b))
         a = find(rows, "lifecycle", m, 500, "procctl")
         b = find(rows, "lifecycle", m, 100, "procctl")
         if a:
@@ -424,7 +425,8 @@ def targets(rows: list[dict[str, Any]], methods: list[str]) -> list[dict[str, An
             a = find(rows, "stop", m, n, "procctl")
             b = find(rows, "stop", m, n, "floor")
             if a or b:
-                add(f"stop while busy {m} N={n}: procctl / raw Event", ratio(a, b), 1.2,
+                add(f"stop while busy {m} N={n}: procctl / raw Event", ratio(a, b),
+                    1.0 if m == "fork" else 1.15,
                     why=why_missing(a, b))
         a = find(rows, "paused", m, 100, "procctl")
         if a:

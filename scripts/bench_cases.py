@@ -31,7 +31,7 @@ import bench_workers as bw
 import psutil
 
 import procctl
-from procctl import ProcessController, State
+from procctl import ProcessController
 
 perf = time.perf_counter
 
@@ -199,15 +199,14 @@ def _import(name: str):
 
 
 def life_procctl(m: str, n: int) -> float:
+    """The lifecycle a batch script sees (issue 10's harness): start PAUSED,
+    run(), wait() for every worker to return, leave the block."""
     t0 = perf()
-    pc = ProcessController(bw.pc_lifecycle, n, start_method=m, initial_state=State.RUNNING, grace=30.0)
-    try:
-        pc.start()
-        reports = pc.stop()
-        t = perf() - t0
-    finally:
-        pc.close()
-    _check_reports(reports, n, ("finished", "stopped"))
+    with ProcessController(bw.pc_lifecycle, n, start_method=m, grace=30.0) as pc:
+        pc.run()
+        pc.wait(timeout=120)
+    t = perf() - t0
+    _check_reports(pc.reports, n, ("finished",))
     return t
 
 

@@ -234,15 +234,18 @@ def test_board_close_releases_the_fd():
 
 @pytest.fixture
 def wire():
-    """A manager end and a worker end over real pipes, in this process."""
+    """A manager end and a worker end over a real socket pair, in this process."""
     before = len(os.listdir("/proc/self/fd"))
     board = Board(1)
     link = WorkerLink()
     doorbell, report = link.child_fds()
     end = ControlEnd(0, board, doorbell.detach(), report.detach())
+    link._child = -1  # the worker's end owns it now (one process here)
     yield link, end
     link.close()
     link.close()
+    if end.report_fd >= 0:
+        end.close()
     board.close()
     assert len(os.listdir("/proc/self/fd")) == before
 
@@ -297,8 +300,8 @@ def test_big_frame_arrives_whole_through_a_small_pipe(wire):
 def test_eof_when_the_worker_end_closes(wire):
     link, end = wire
     end.ack(1, State.STOPPED)
-    os.close(end.report_fd)
-    link._child_report = -1  # closed already: do not close it twice
+    end.close()
+    end.report_fd = -1  # closed already: do not close it twice
     frames, eof = link.read_frames()
     assert frames == [(ACK, ACK_BODY.pack(1, 0))]
     if not eof:
@@ -320,8 +323,8 @@ def test_doorbell_never_blocks_the_manager(wire):
 
 def test_ring_after_the_worker_is_gone(wire):
     link, end = wire
-    os.close(end.doorbell_fd)
-    link._child_doorbell = -1
+    end.close()
+    end.report_fd = -1
     old = signal.signal(signal.SIGPIPE, signal.SIG_IGN)
     try:
         link.ring()  # BrokenPipe is swallowed
