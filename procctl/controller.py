@@ -22,6 +22,7 @@ kernel.
 from __future__ import annotations
 
 import atexit
+import gc
 import logging
 import multiprocessing
 import multiprocessing.util  # noqa: F401 - registers its atexit hook before ours (see _close_at_exit)
@@ -303,6 +304,7 @@ class ProcessController:
         self._wake_r = self._wake_w = -1
         self._wakes = 0  # wakeup() calls seen by the pump
         self._passes = 0  # kernel waits done by the pump
+        self._collect = True  # the manager's garbage collector is on (passed to workers)
         # Any thread may call the public methods: one lock guards the state,
         # and one thread at a time (the pumper) waits in the kernel for I/O,
         # with the lock released, while the others wait for it to report.
@@ -352,9 +354,11 @@ class ProcessController:
             os.set_blocking(self._wake_w, False)
             self._selector.register(self._wake_r, selectors.EVENT_READ, (_WAKE, None))
             _open_controllers.add(self)
-            for wid in range(self.workers):
-                self._board.post(wid, word)
-                self._spawn(wid)
+            self._collect = gc.isenabled()
+            with _quiet_collector(self.start_method):
+                for wid in range(self.workers):
+                    self._board.post(wid, word)
+                    self._spawn(wid)
             self._await_ready()
         except BaseException:
             self._abort()
@@ -371,7 +375,7 @@ class ProcessController:
         work, work_fd = self._attach_work_link(wid)
         spec = WorkerSpec(
             wid, self.workers, self._payload, InheritedFd(self._board.fd), doorbell, report, os.getpid(),
-            die_with_parent=True, forkserver=self.start_method == "forkserver",
+            die_with_parent=True, forkserver=self.start_method == "forkserver", collect=self._collect,
             work=work, channels=self._plane.wire_spec() if self._plane is not None else {},
         )
         process = self._mp.Process(target=worker_main, args=(spec,), name=f"procctl-worker-{wid}")
@@ -906,6 +910,31 @@ class ProcessController:
     def __repr__(self) -> str:
         return (f"<ProcessController {self.workers} workers, {self.start_method}, "
                 f"{self._phase}, {self._live} live, state {self._state.name}>")
+
+
+@contextmanager
+def _quiet_collector(start_method: str) -> Iterator[None]:
+    """While forking workers, keep the garbage collector off the shared pages.
+
+    A collection in the manager between two forks writes to every object it
+    scans, and each write copies a page the children still share; a
+    collection in a new child does the same on its side. As the gc module's
+    documentation advises for fork: collect nothing while forking, freeze
+    what exists, and let the children collect again (worker.py) from where
+    they start. A freeze the caller made is left as it is.
+    """
+    if start_method != "fork" or gc.get_freeze_count():
+        yield
+        return
+    enabled = gc.isenabled()
+    gc.disable()
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+        if enabled:
+            gc.enable()
 
 
 def _open_pidfd(pid: int, start_method: str) -> int:

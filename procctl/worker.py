@@ -6,6 +6,7 @@ back into the controller's module.
 
 from __future__ import annotations
 
+import gc
 import math
 import os
 import pickle
@@ -104,6 +105,8 @@ class WorkerSpec:
     #: The worker's end of its work link (channels, executor tasks), and the channels.
     work: InheritedFd | None = None
     channels: dict[str, tuple[int, int]] = field(default_factory=dict)
+    #: The manager collects garbage: so do we (it pauses its collector while forking).
+    collect: bool = True
 
 
 class WorkerContext:
@@ -452,6 +455,8 @@ def _send_result(end: ControlEnd, outcome: Outcome, result: Any, error: str | No
 
 def worker_main(spec: WorkerSpec) -> None:
     """Entry point of every worker process."""
+    if spec.collect and not gc.isenabled():
+        gc.enable()
     board = Board(spec.workers, fd=spec.board.detach())
     end = ControlEnd(spec.worker_id, board, spec.doorbell.detach(), spec.report.detach())
     if spec.forkserver:

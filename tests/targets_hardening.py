@@ -59,3 +59,10 @@ def leave_thread_running(ctx):
     ctx.checkpoint()
     threading.Thread(target=time.sleep, args=(1000,), name="left-behind").start()
     return 42
+
+
+def collector_on(ctx):
+    import gc
+
+    ctx.checkpoint()
+    return gc.isenabled()

@@ -228,3 +228,23 @@ def test_wait_in_one_thread_does_not_delay_a_pause_in_another():
             pc.wakeup()
             waiter.join(10)
         assert not waiter.is_alive()
+
+
+# -- the collector is quiet while forking, and back on everywhere after --------
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_garbage_collector_state_survives_a_start(enabled):
+    import gc
+
+    was = gc.isenabled()
+    (gc.enable if enabled else gc.disable)()
+    try:
+        with ProcessController(th.collector_on, 2, start_method="fork") as pc:
+            assert gc.isenabled() is enabled
+            assert gc.get_freeze_count() == 0
+            pc.run()
+            assert pc.wait(timeout=15)
+            reports = pc.stop()
+        assert [r.result for r in reports.values()] == [enabled, enabled]
+    finally:
+        (gc.enable if was else gc.disable)()
