@@ -88,13 +88,19 @@ class Reporter:
         self._events = open(events_path, "w", encoding="utf-8") if events_path else None
         self._broken = False
 
-    def emit(self, record: dict[str, Any], text: str | None) -> None:
-        """One event: `record` for machines, `text` (if any) for people."""
+    def emit(self, record: dict[str, Any], text: str | None, *, to_json: bool = True) -> None:
+        """One event: `record` for machines, `text` (if any) for people.
+
+        `to_json=False` keeps the record out of the --json stream (the events
+        file still gets it): for a command whose stdout carries the same facts.
+        """
         line = json.dumps(record, default=str)
         if self._events is not None:
             self._events.write(line + "\n")
             self._events.flush()
         if self.json_lines:
+            if not to_json:
+                return
             self._write(line)
         elif text is not None and not self.quiet:
             self._write(text)
