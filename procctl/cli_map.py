@@ -15,6 +15,7 @@ order, the joblog and the unfinished items are exact whatever the executor does.
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import json
 import math
@@ -397,9 +398,9 @@ class MapSession:
                 self.record(pos, maplog.ItemOutcome(False, error_line(exc)), logged=False)
                 continue
             self.futures[pos] = future
-            future.add_done_callback(lambda _, pos=pos: self._completed(pos))
+            future.add_done_callback(functools.partial(self._completed, pos))
 
-    def _completed(self, pos: int) -> None:
+    def _completed(self, pos: int, future: Future[Any]) -> None:
         # In the executor's thread: hand the position to the loop and wake it.
         self.completed.append(pos)
         self.wake()
