@@ -486,11 +486,26 @@ class MapSession:
             executor.shutdown(wait=True)
             self.completed.extend(self.futures)  # ended during the stop: output them; the rest is unfinished
             self.collect()
+            self.recover_logged()
         for pos in sorted(self.pending_lines):  # --ordered: what waited behind an unfinished item
             self.results.write(self.pending_lines.pop(pos))
         self.results.flush()
         if self.plan.unfinished:
             self.write_unfinished(self.plan.unfinished)
+
+    def recover_logged(self) -> None:
+        """Items that completed and logged themselves, but whose result the stop cut off on its
+        way back (the worker ended first): the joblog is the record, so they are done."""
+        if not self.plan.joblog:
+            return
+        lines = {self.plan.to_run[pos].line: pos for pos in range(self.next) if pos not in self.ended}
+        if not lines:
+            return
+        for _, record in maplog.read_records(self.plan.joblog):
+            pos = lines.pop(record["line"], None) if record["status"] == maplog.DONE else None
+            if pos is not None:
+                self.record(pos, maplog.ItemOutcome(True, json.dumps(record.get("result"))), logged=True)
+        self.results.flush()
 
     def announce_stop(self) -> None:
         assert self.bridge is not None

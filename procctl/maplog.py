@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -79,36 +80,46 @@ class JoblogError(ValueError):
     """The joblog cannot be read or does not belong to this input."""
 
 
-def read_done(path: str, digests: dict[int, str]) -> set[int]:
-    """Input line numbers the joblog at `path` records as done.
+def read_records(path: str) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(joblog line number, record) for each record of the joblog at `path` (none if it does not exist).
 
-    `digests` maps each input line number to its item's digest; a record that
-    names a line whose item differs means the joblog is from another input,
-    and resuming from it would skip the wrong items: JoblogError. A last line
-    cut short (the disk filled up mid-write) is ignored.
+    A last line cut short (the disk filled up mid-write) is skipped.
     """
     try:
         with open(path, "rb") as f:
             raw = f.read()
     except FileNotFoundError:
-        return set()
+        return
     except OSError as exc:
         raise JoblogError(f"cannot be read: {exc.strerror}") from None
-    done: set[int] = set()
     lines = raw.split(b"\n")
     for number, data in enumerate(lines, start=1):
         if not data.strip():
             continue
         try:
             record = json.loads(data)
-            line, sha, status = record["line"], record["sha"], record["status"]
-        except (ValueError, TypeError, KeyError):
+            if not isinstance(record, dict) or not {"line", "sha", "status"} <= record.keys():
+                raise ValueError("not a record")
+        except ValueError:
             if number == len(lines):  # no newline after it: a torn last record
                 continue
             raise JoblogError(f"line {number} is not a joblog record") from None
-        if digests.get(line) != sha:
+        yield number, record
+
+
+def read_done(path: str, digests: dict[int, str]) -> set[int]:
+    """Input line numbers the joblog at `path` records as done.
+
+    `digests` maps each input line number to its item's digest; a record that
+    names a line whose item differs means the joblog is from another input,
+    and resuming from it would skip the wrong items: JoblogError.
+    """
+    done: set[int] = set()
+    for number, record in read_records(path):
+        line = record["line"]
+        if isinstance(line, bool) or not isinstance(line, int) or digests.get(line) != record["sha"]:
             raise JoblogError(f"line {number} records input line {line} with another item than the input has "
                               "there: this joblog is from another input")
-        if status == DONE:
+        if record["status"] == DONE:
             done.add(line)
     return done
