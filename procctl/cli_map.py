@@ -195,7 +195,6 @@ class Executor(Protocol):
     def resume(self) -> None: ...
     def stop(self, grace: float | None = None) -> Any: ...
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None: ...
-    def kill(self) -> None: ...
 
 
 class PoolShim:
@@ -226,12 +225,6 @@ class PoolShim:
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         self._pool.shutdown(wait=wait, cancel_futures=cancel_futures)
 
-    def kill(self) -> None:
-        for child in multiprocessing.active_children():
-            if child.pid is not None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(child.pid, signal.SIGKILL)
-
 
 def _shim_worker_init() -> None:
     """Die with the command line (PR_SET_PDEATHSIG) and leave its signals to it."""
@@ -241,6 +234,30 @@ def _shim_worker_init() -> None:
     for sig in (signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2):
         signal.signal(sig, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def kill_workers(executor: Executor) -> None:
+    """SIGKILL the executor's workers now (safe in a signal handler).
+
+    The executor's own kill() if it has one; else every process this one
+    started, directly or through the forkserver, but not multiprocessing's
+    helpers (the forkserver itself, the resource tracker).
+    """
+    kill = getattr(executor, "kill", None)
+    if callable(kill):
+        kill()
+        return
+    import psutil
+
+    for child in psutil.Process().children():
+        try:
+            cmdline = " ".join(child.cmdline())
+            targets = child.children() if "forkserver" in cmdline else [] if "resource_tracker" in cmdline \
+                else [child]
+            for proc in targets:
+                proc.kill()
+        except psutil.Error:
+            pass  # gone already
 
 
 def make_executor(plan: MapPlan) -> Executor:
@@ -521,7 +538,7 @@ class MapSession:
     def hurry(self) -> None:
         """A second SIGINT/SIGTERM: kill the workers now, cutting the stop's grace short."""
         if self.executor is not None:
-            self.executor.kill()
+            kill_workers(self.executor)
 
     def unfinished_items(self) -> Iterator[Item]:
         return (item for pos, item in enumerate(self.plan.to_run) if pos not in self.ended)

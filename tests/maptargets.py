@@ -44,6 +44,16 @@ def mark(item):
     return item
 
 
+def ignore_stop(item):
+    """Mark, then work far past any grace period without a checkpoint."""
+    fd = os.open(os.environ["MAP_MARKS"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    os.write(fd, (json.dumps({"item": item, "pid": os.getpid()}) + "\n").encode())
+    os.close(fd)
+    os.write(2, b"task started\n")  # on the command line's stderr, for the test to wait on
+    time.sleep(60)
+    return item
+
+
 def upper(line):
     return line.upper()
 

@@ -212,8 +212,11 @@ def test_sigkill_mid_run_then_resume_does_every_item_exactly_once(tmp_path):
 # -- signals ------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
-def test_stop_signal_writes_the_unfinished_items(tmp_path, sig, code):
+# SIGINT to the group is Ctrl-C on a terminal (the workers ignore it, the command line stops them).
+@pytest.mark.parametrize("sig, code, to_group", [(signal.SIGINT, 130, False), (signal.SIGTERM, 143, False),
+                                                 (signal.SIGINT, 130, True)],
+                         ids=["SIGINT", "SIGTERM", "SIGINT-to-group"])
+def test_stop_signal_writes_the_unfinished_items(tmp_path, sig, code, to_group):
     n = 40
     items = write_items(tmp_path / "in.jsonl", [{"n": i} for i in range(n)])
     unfinished, marks_file = tmp_path / "todo.jsonl", tmp_path / "marks"
@@ -221,7 +224,10 @@ def test_stop_signal_writes_the_unfinished_items(tmp_path, sig, code):
                   cwd=TESTS, env={"MAP_MARKS": str(marks_file), "MAP_DELAY": "0.02"})
     try:
         cli.wait_for(lambda lines: len(lines) >= 5)
-        os.kill(cli.proc.pid, sig)
+        if to_group:
+            cli.signal_group(sig)
+        else:
+            os.kill(cli.proc.pid, sig)
         rc, out, err = cli.finish()
     finally:
         cli.kill()
@@ -234,6 +240,27 @@ def test_stop_signal_writes_the_unfinished_items(tmp_path, sig, code):
     assert sorted(m["item"]["n"] for m in marks(marks_file)) == sorted(done)
     assert f"{len(left)} unfinished" in err
     assert_all_gone({m["pid"] for m in marks(marks_file)})
+
+
+def test_second_sigint_kills_at_once(tmp_path):
+    items = write_items(tmp_path / "in.jsonl", range(4))
+    unfinished = tmp_path / "todo.jsonl"
+    cli = LiveCli(["map", "maptargets:ignore_stop", "--items", items, "--workers", "2", "--grace", "30", "--json",
+                   "--unfinished", str(unfinished)], cwd=TESTS, env={"MAP_MARKS": str(tmp_path / "marks")})
+    try:
+        cli.wait_for(lambda lines: cli.err.count(b"task started") == 2)  # both workers are in a task
+        os.kill(cli.proc.pid, signal.SIGINT)
+        cli.wait_for(lambda lines: b"stopping the workers" in cli.err)
+        t0 = time.monotonic()
+        os.kill(cli.proc.pid, signal.SIGINT)  # must cut the 30 s grace short
+        rc, out, err = cli.finish(timeout=15)
+        took = time.monotonic() - t0
+    finally:
+        cli.kill()
+    assert rc == 130 and took < 10, err
+    assert "Traceback" not in err
+    assert json_events(unfinished.read_text()) == [0, 1, 2, 3]
+    assert_all_gone({m["pid"] for m in marks(tmp_path / "marks")})
 
 
 def test_sigusr1_pauses_and_sigusr2_resumes(tmp_path):
