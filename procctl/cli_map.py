@@ -532,8 +532,8 @@ class MapSession:
         elif self.bridge.stop_signal is not None:
             name = signal.Signals(self.bridge.stop_signal).name
             self.emit(MapEvent(self.t(), "stopping", signal=name), f"{name}: stopping")
-        else:
-            self.emit(MapEvent(self.t(), "stopping"), "stopping")
+        else:  # stdout's reader went away
+            self.emit(MapEvent(self.t(), "stopping"), "stdout was closed: stopping")
 
     def hurry(self) -> None:
         """A second SIGINT/SIGTERM: kill the workers now, cutting the stop's grace short."""
