@@ -44,6 +44,7 @@ from .clitools import (
     SignalBridge,
     check_writable_file,
 )
+from .controller import WorkerStartError
 from .map_task import error_line, run_item
 
 START_METHODS = ("fork", "spawn", "forkserver")
@@ -353,6 +354,7 @@ class MapSession:
         self.done = 0
         self.failed = 0
         self.timed_out = False
+        self.start_failed = False
         self.paused = False
         self.window = max(MIN_WINDOW, WINDOW_PER_WORKER * plan.workers)
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -371,9 +373,14 @@ class MapSession:
                           f"procctl map {self.plan.spec}: {len(self.plan.to_run)} items, {self.plan.workers} "
                           f"workers" + (f" ({self.plan.skipped} already done)" if self.plan.skipped else ""))
                 if self.plan.to_run:
-                    self.executor = make_executor(self.plan)
+                    try:
+                        self.executor = make_executor(self.plan)
+                    except WorkerStartError as exc:
+                        click.echo(f"procctl map: error: {exc}", err=True)
+                        self.start_failed = True
+                        return
                     self.fill()
-                    while self.busy() and not self.stop_reason():
+                    while self.busy() and not self.should_stop():
                         self.wait()
                         self.handle_signals()
                         self.collect()
@@ -393,7 +400,7 @@ class MapSession:
     def busy(self) -> bool:
         return bool(self.futures) or self.next < len(self.plan.to_run)
 
-    def stop_reason(self) -> bool:
+    def should_stop(self) -> bool:
         assert self.bridge is not None
         if self.deadline is not None and time.monotonic() >= self.deadline:
             self.timed_out = True
@@ -479,7 +486,7 @@ class MapSession:
             line = f'{{"item": {item.text}, "error": {json.dumps(outcome.text)}}}'
             if self.plan.joblog and not logged:  # crashed or timed out: the worker could not log it
                 maplog.append(self.plan.joblog, maplog.record_head(item.line, item.value, item.text)
-                              + maplog.record_tail(outcome, time.time(), 0.0, None))
+                              + maplog.record_tail(outcome, None, None, None))
             self.reporter.emit(MapEvent(self.t(), "failed", line=item.line, error=outcome.text).to_dict(),
                                f"line {item.line} failed: {outcome.text}", to_json=False)
         self.output(pos, line)
@@ -532,8 +539,9 @@ class MapSession:
         elif self.bridge.stop_signal is not None:
             name = signal.Signals(self.bridge.stop_signal).name
             self.emit(MapEvent(self.t(), "stopping", signal=name), f"{name}: stopping")
-        else:  # stdout's reader went away
-            self.emit(MapEvent(self.t(), "stopping"), "stdout was closed: stopping")
+        else:
+            why = "stdout was closed" if self.results.broken else "an error"
+            self.emit(MapEvent(self.t(), "stopping"), f"{why}: stopping")
 
     def hurry(self) -> None:
         """A second SIGINT/SIGTERM: kill the workers now, cutting the stop's grace short."""
@@ -569,7 +577,7 @@ class MapSession:
             return EXIT_PIPE
         if self.timed_out:
             return EXIT_TIMEOUT
-        return EXIT_FAILED if self.failed else EXIT_OK
+        return EXIT_FAILED if self.failed or self.start_failed else EXIT_OK
 
     def emit(self, event: MapEvent, text: str | None) -> None:
         self.reporter.emit(event.to_dict(), text)

@@ -54,15 +54,20 @@ def record_head(line: int, item: Any, item_text: str) -> str:
     return f'{{"line": {line}, "sha": "{digest(item)}", "item": {item_text}'
 
 
-def record_tail(outcome: ItemOutcome, start: float, runtime: float, pid: int | None) -> str:
-    tail = f', "status": "{DONE if outcome.ok else FAILED}", "start": {start:.6f}, "runtime": {runtime:.6f}'
-    tail += f', "pid": {json.dumps(pid)}'
+def record_tail(outcome: ItemOutcome, start: float | None, runtime: float | None, pid: int | None) -> str:
+    """The outcome and the rest of a record; None where the writer cannot know (a crashed worker's item)."""
+    tail = f', "status": "{DONE if outcome.ok else FAILED}", "start": {_number(start)}'
+    tail += f', "runtime": {_number(runtime)}, "pid": {json.dumps(pid)}'
     if outcome.ok:
         return tail + f', "result": {outcome.text}}}\n'
     tail += f', "error": {json.dumps(outcome.text)}'
     if outcome.traceback:
         tail += f', "traceback": {json.dumps(outcome.traceback)}'
     return tail + "}\n"
+
+
+def _number(value: float | None) -> str:
+    return "null" if value is None else f"{value:.6f}"
 
 
 def append(path: str, text: str) -> None:

@@ -58,7 +58,9 @@ def upper(line):
     return line.upper()
 
 
-def crash_on_5(x):
+def crash_on_5_hang_on_3(x):
     if x == 5:
         os._exit(3)
+    if x == 3:
+        time.sleep(60)
     return x

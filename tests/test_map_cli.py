@@ -90,6 +90,20 @@ def test_failed_items_give_error_records_and_exit_1(tmp_path):
     assert "Traceback" not in res.stderr
 
 
+def test_a_crash_or_a_timeout_fails_only_its_item(tmp_path):
+    items = write_items(tmp_path / "in.jsonl", range(1, 9))
+    log = tmp_path / "log"
+    res = map_cli(["maptargets:crash_on_5_hang_on_3", "--items", items, "--workers", "2", "--ordered",
+                   "--retries", "1", "--task-timeout", "0.5", "--joblog", str(log)])
+    assert res.returncode == 1, res.stderr
+    records = json_events(res.stdout)
+    assert [r.get("result") for r in records] == [1, 2, None, 4, None, 6, 7, 8]
+    assert records[2]["error"].startswith("TaskTimeout:")
+    assert records[4]["error"].startswith("WorkerCrashed:") and "code 3" in records[4]["error"]
+    failed = {r["line"]: r for r in json_events(log.read_text()) if r["status"] == "failed"}
+    assert sorted(failed) == [3, 5] and failed[5]["pid"] is None
+
+
 def test_a_result_that_is_not_json_fails_its_item(tmp_path):
     res = map_cli(["maptargets:not_json"], input="1\n")
     assert res.returncode == 1
