@@ -355,6 +355,8 @@ class MapSession:
         self.failed = 0
         self.timed_out = False
         self.start_failed = False
+        self.stopping = False  # inside the executor's stop
+        self.hurried = False  # a second stop signal came before the stop began
         self.paused = False
         self.window = max(MIN_WINDOW, WINDOW_PER_WORKER * plan.workers)
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -502,12 +504,14 @@ class MapSession:
 
     def finish(self) -> None:
         """Stop or shut down the executor, collect what ended meanwhile, account for the rest."""
-        executor, self.executor = self.executor, None
+        executor = self.executor
         if executor is not None:
             if self.busy():
                 self.announce_stop()
-                executor.stop(self.plan.grace)
+                self.stopping = True
+                executor.stop(0.0 if self.hurried else self.plan.grace)
             executor.shutdown(wait=True)
+            self.executor = None
             self.completed.extend(self.futures)  # ended during the stop: output them; the rest is unfinished
             self.collect()
             self.recover_logged()
@@ -544,9 +548,15 @@ class MapSession:
             self.emit(MapEvent(self.t(), "stopping"), f"{why}: stopping")
 
     def hurry(self) -> None:
-        """A second SIGINT/SIGTERM: kill the workers now, cutting the stop's grace short."""
-        if self.executor is not None:
+        """A second SIGINT/SIGTERM (in the signal handler): cut the stop's grace short.
+
+        Inside the stop, kill the workers (the executor then counts their items
+        unfinished); before it, the stop that follows gets no grace.
+        """
+        if self.stopping and self.executor is not None:
             kill_workers(self.executor)
+        else:
+            self.hurried = True
 
     def unfinished_items(self) -> Iterator[Item]:
         return (item for pos, item in enumerate(self.plan.to_run) if pos not in self.ended)
