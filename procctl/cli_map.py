@@ -15,11 +15,11 @@ order, the joblog and the unfinished items are exact whatever the executor does.
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import inspect
 import json
 import math
-import multiprocessing
 import os
 import pickle
 import selectors
@@ -30,7 +30,7 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from dataclasses import asdict, dataclass
-from typing import IO, Any, Protocol
+from typing import IO, Any
 
 import click
 
@@ -39,16 +39,20 @@ from .clitools import (
     EXIT_FAILED,
     EXIT_OK,
     EXIT_TIMEOUT,
+    EXIT_USAGE,
     BadInput,
     Reporter,
     SignalBridge,
+    _silence,
     check_writable_file,
+    say,
 )
 from .controller import WorkerStartError
+from .executor import ProcessExecutor
+from .limits import LIMIT_ERRNOS, capacity_problem
 from .map_task import error_line, run_item
 
 START_METHODS = ("fork", "spawn", "forkserver")
-MAX_WORKERS = 4096
 #: Exit status when stdout's reader went away (| head): what a shell shows for SIGPIPE.
 EXIT_PIPE = 128 + signal.SIGPIPE
 #: Futures in flight per worker: enough that no worker waits for the loop, few enough
@@ -147,7 +151,7 @@ def read_items(path: str, raw_lines: bool) -> list[Item]:
         if not text.strip():
             continue  # JSON Lines readers skip blank lines
         try:
-            value = json.loads(text, parse_constant=_no_constant)
+            value = json.loads(text, parse_constant=_no_constant, parse_float=_finite_float)
         except ValueError as exc:
             raise BadInput(f"--items {where} line {number} is not JSON: {exc}") from None
         items.append(Item(number, value, json.dumps(value)))
@@ -158,6 +162,13 @@ def _no_constant(name: str) -> Any:
     raise ValueError(f"{name} is not a JSON value")
 
 
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e999: no float holds it, and JSON has no word for infinity
+        raise ValueError(f"{text} is out of range for a number")
+    return value
+
+
 def make_plan(spec: str, items_path: str, raw_lines: bool, workers: int | None, ordered: bool, retries: int,
               task_timeout: float | None, timeout: float | None, grace: float, joblog: str | None, resume: bool,
               unfinished: str | None, start_method: str | None, events_path: str | None) -> MapPlan:
@@ -166,6 +177,10 @@ def make_plan(spec: str, items_path: str, raw_lines: bool, workers: int | None, 
     checked_grace = seconds("--grace", grace)
     if resume and not joblog:
         raise BadInput("--resume needs --joblog FILE (the log of the run to resume)")
+    if workers is not None:
+        too_many = capacity_problem(workers)
+        if too_many is not None:
+            raise BadInput(f"--workers {workers}: {too_many}")
     for path, option in ((joblog, "--joblog"), (unfinished, "--unfinished"), (events_path, "--events")):
         if path:
             check_writable_file(path, option)
@@ -188,87 +203,9 @@ def make_plan(spec: str, items_path: str, raw_lines: bool, workers: int | None, 
 # -- the executor ---------------------------------------------------------------------
 
 
-class Executor(Protocol):
-    """What the session needs of an executor: procctl.ProcessExecutor's surface."""
-
-    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]: ...
-    def pause(self) -> None: ...
-    def resume(self) -> None: ...
-    def stop(self, grace: float | None = None) -> Any: ...
-    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None: ...
-
-
-class PoolShim:
-    """STOPGAP until procctl.ProcessExecutor lands: ProcessPoolExecutor under its method names.
-
-    pause() and resume() do nothing, retries and task_timeout are ignored, and
-    a crashed worker breaks the pool (every pending item fails).
-    """
-
-    def __init__(self, max_workers: int, start_method: str | None) -> None:
-        from concurrent.futures import ProcessPoolExecutor
-
-        ctx = multiprocessing.get_context(start_method)
-        self._pool = ProcessPoolExecutor(max_workers, mp_context=ctx, initializer=_shim_worker_init)
-
-    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
-        return self._pool.submit(fn, *args, **kwargs)
-
-    def pause(self) -> None:
-        pass
-
-    def resume(self) -> None:
-        pass
-
-    def stop(self, grace: float | None = None) -> None:
-        self._pool.shutdown(wait=True, cancel_futures=True)
-
-    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
-        self._pool.shutdown(wait=wait, cancel_futures=cancel_futures)
-
-
-def _shim_worker_init() -> None:
-    """Die with the command line (PR_SET_PDEATHSIG) and leave its signals to it."""
-    import ctypes
-
-    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
-    for sig in (signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2):
-        signal.signal(sig, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-
-
-def kill_workers(executor: Executor) -> None:
-    """SIGKILL the executor's workers now (safe in a signal handler).
-
-    The executor's own kill() if it has one; else every process this one
-    started, directly or through the forkserver, but not multiprocessing's
-    helpers (the forkserver itself, the resource tracker).
-    """
-    kill = getattr(executor, "kill", None)
-    if callable(kill):
-        kill()
-        return
-    import psutil
-
-    for child in psutil.Process().children():
-        try:
-            cmdline = " ".join(child.cmdline())
-            targets = child.children() if "forkserver" in cmdline else [] if "resource_tracker" in cmdline \
-                else [child]
-            for proc in targets:
-                proc.kill()
-        except psutil.Error:
-            pass  # gone already
-
-
-def make_executor(plan: MapPlan) -> Executor:
-    try:
-        from procctl import ProcessExecutor
-    except ImportError:
-        return PoolShim(plan.workers, plan.start_method)
-    executor: Executor = ProcessExecutor(plan.workers, retries=plan.retries, task_timeout=plan.task_timeout,
-                                         start_method=plan.start_method, grace=plan.grace)
-    return executor
+def make_executor(plan: MapPlan) -> ProcessExecutor:
+    return ProcessExecutor(plan.workers, retries=plan.retries, task_timeout=plan.task_timeout,
+                           start_method=plan.start_method, grace=plan.grace)
 
 
 # -- events and output ---------------------------------------------------------------
@@ -303,6 +240,7 @@ class ResultWriter:
         self._stream = stream
         self.printer = printer
         self.broken = False
+        self.error: OSError | None = None  # why stdout could not be written (None: its reader left)
 
     def write(self, line: str) -> None:
         if self.broken:
@@ -312,23 +250,24 @@ class ResultWriter:
             return
         try:
             self._stream.write(line + "\n")
-        except BrokenPipeError:
-            self._broke()
+        except (OSError, ValueError) as exc:
+            self._broke(exc)
 
     def flush(self) -> None:
         if self.broken or self.printer is not None:
             return
         try:
             self._stream.flush()
-        except BrokenPipeError:
-            self._broke()
+        except (OSError, ValueError) as exc:
+            self._broke(exc)
 
-    def _broke(self) -> None:
-        # The reader went away (| head): nobody wants more results; the session stops.
+    def _broke(self, exc: Exception) -> None:
+        # Nobody can take more results (| head, a full disk): the session stops;
+        # the joblog and --unfinished still say what was done and what was not.
         self.broken = True
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, self._stream.fileno())
-        os.close(devnull)
+        if isinstance(exc, OSError) and exc.errno != errno.EPIPE:
+            self.error = exc
+        _silence(self._stream)
 
 
 # -- the session ----------------------------------------------------------------------
@@ -343,7 +282,7 @@ class MapSession:
         self.results = results
         self.started = time.monotonic()
         self.deadline = None if plan.timeout is None else self.started + plan.timeout
-        self.executor: Executor | None = None
+        self.executor: ProcessExecutor | None = None
         self.bridge: SignalBridge | None = None
         self.next = 0  # position in plan.to_run of the next item to submit
         self.futures: dict[int, Future[Any]] = {}  # position -> future, while in flight
@@ -354,9 +293,8 @@ class MapSession:
         self.done = 0
         self.failed = 0
         self.timed_out = False
-        self.start_failed = False
-        self.stopping = False  # inside the executor's stop
-        self.hurried = False  # a second stop signal came before the stop began
+        self.start_failed: int | None = None  # the exit status when the workers could not start
+        self.hurried = False  # a second stop signal came before the executor was there to kill
         self.paused = False
         self.window = max(MIN_WINDOW, WINDOW_PER_WORKER * plan.workers)
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -366,33 +304,43 @@ class MapSession:
 
     # -- the loop, as a table of contents
 
-    def run(self) -> None:
+    def run(self, bridge: SignalBridge) -> None:
         """Run every item, or until a stop; the summary and exit status come after (report())."""
-        with SignalBridge(wake=self.wake, hurry=self.hurry) as self.bridge:
+        self.bridge = bridge
+        with bridge.attach(wake=self.wake, hurry=self.hurry):
             try:
                 self.emit(MapEvent(self.t(), "started", items=len(self.plan.items), skipped=self.plan.skipped,
                                    workers=self.plan.workers),
                           f"procctl map {self.plan.spec}: {len(self.plan.to_run)} items, {self.plan.workers} "
                           f"workers" + (f" ({self.plan.skipped} already done)" if self.plan.skipped else ""))
-                if self.plan.to_run:
-                    try:
-                        self.executor = make_executor(self.plan)
-                    except WorkerStartError as exc:
-                        click.echo(f"procctl map: error: {exc}", err=True)
-                        self.start_failed = True
-                        return
-                    self.fill()
+                if self.plan.to_run and not self.should_stop() and self.start():
                     while self.busy() and not self.should_stop():
+                        self.fill()
                         self.wait()
                         self.handle_signals()
                         self.collect()
-                        self.fill()
             finally:
                 self.finish()
-        # Closed only now: until the bridge let go of the signals, a handler may write to it.
+        # Closed only now: until the bridge let go of the job, a handler may write to it.
         self._selector.close()
         os.close(self._wake_r)
         os.close(self._wake_w)
+
+    def start(self) -> bool:
+        """Start the workers; False (and the exit status noted) if they cannot run."""
+        try:
+            self.executor = make_executor(self.plan)
+        except (WorkerStartError, OSError, ValueError) as exc:
+            # The controller has killed and reaped what it had started.
+            # (ValueError: the system's limits shrank since make_plan checked them.)
+            say(f"procctl map: error: {exc}")
+            cause = exc if isinstance(exc, OSError) else exc.__cause__
+            limit = isinstance(exc, ValueError) or (isinstance(cause, OSError) and cause.errno in LIMIT_ERRNOS)
+            self.start_failed = EXIT_USAGE if limit else EXIT_FAILED  # a limit: more workers than allowed
+            return False
+        if self.hurried:  # a second stop signal while the workers started
+            self.executor.kill()
+        return True
 
     def report(self) -> int:
         """The summary (after any live view has closed) and the exit status."""
@@ -447,6 +395,8 @@ class MapSession:
 
     def handle_signals(self) -> None:
         assert self.bridge is not None and self.executor is not None
+        if self.should_stop():
+            return  # a stop wins over a pause that came with it
         for sig in self.bridge.take():
             if sig == signal.SIGUSR1 and not self.paused:
                 self.executor.pause()
@@ -508,8 +458,7 @@ class MapSession:
         if executor is not None:
             if self.busy():
                 self.announce_stop()
-                self.stopping = True
-                executor.stop(0.0 if self.hurried else self.plan.grace)
+                executor.stop(self.plan.grace)
             executor.shutdown(wait=True)
             self.executor = None
             self.completed.extend(self.futures)  # ended during the stop: output them; the rest is unfinished
@@ -544,19 +493,21 @@ class MapSession:
             name = signal.Signals(self.bridge.stop_signal).name
             self.emit(MapEvent(self.t(), "stopping", signal=name), f"{name}: stopping")
         else:
-            why = "stdout was closed" if self.results.broken else "an error"
+            error = self.results.error
+            why = (f"results cannot be written to stdout ({error.strerror})" if error is not None
+                   else "stdout was closed" if self.results.broken else "an error")
             self.emit(MapEvent(self.t(), "stopping"), f"{why}: stopping")
 
     def hurry(self) -> None:
-        """A second SIGINT/SIGTERM (in the signal handler): cut the stop's grace short.
+        """A second SIGINT/SIGTERM (in the signal handler): kill the workers at once.
 
-        Inside the stop, kill the workers (the executor then counts their items
-        unfinished); before it, the stop that follows gets no grace.
+        The executor's kill() only records it and wakes its manager thread,
+        which kills, also in the middle of the stop's grace; the stop then
+        counts the killed workers' items unfinished.
         """
-        if self.stopping and self.executor is not None:
-            kill_workers(self.executor)
-        else:
-            self.hurried = True
+        self.hurried = True
+        if self.executor is not None:
+            self.executor.kill()
 
     def unfinished_items(self) -> Iterator[Item]:
         return (item for pos, item in enumerate(self.plan.to_run) if pos not in self.ended)
@@ -583,11 +534,13 @@ class MapSession:
         assert self.bridge is not None
         if self.bridge.exit_code is not None:
             return self.bridge.exit_code
+        if self.start_failed is not None:
+            return self.start_failed
         if self.results.broken:
-            return EXIT_PIPE
+            return EXIT_PIPE if self.results.error is None else EXIT_FAILED
         if self.timed_out:
             return EXIT_TIMEOUT
-        return EXIT_FAILED if self.failed or self.start_failed else EXIT_OK
+        return EXIT_FAILED if self.failed else EXIT_OK
 
     def emit(self, event: MapEvent, text: str | None) -> None:
         self.reporter.emit(event.to_dict(), text)
@@ -607,7 +560,7 @@ class MapSession:
 @click.option("--items", "items_path", default="-", show_default=True,
               help="JSON Lines file of items, one JSON value a line; - reads stdin.")
 @click.option("--lines", "raw_lines", is_flag=True, help="Each input line is an item, as text (not JSON).")
-@click.option("--workers", type=click.IntRange(1, MAX_WORKERS), default=None,
+@click.option("--workers", type=click.IntRange(min=1), default=None,
               help="Worker processes (default: the number of CPUs).")
 @click.option("--ordered", is_flag=True, help="Results in input order (default: as they complete).")
 @click.option("--retries", type=click.IntRange(min=0), default=0, show_default=True,
@@ -628,6 +581,9 @@ def map_command(spec: str, items_path: str, raw_lines: bool, workers: int | None
                 unfinished: str | None, start_method: str | None, json_lines: bool, quiet: bool,
                 events_path: str | None) -> int:
     """Call MODULE:FUNC on every item, in worker processes; results as JSON Lines on stdout."""
+    from .cli import signal_bridge  # procctl.cli imports this module at its end
+
+    bridge = signal_bridge()
     plan = make_plan(spec, items_path, raw_lines, workers, ordered, retries, task_timeout, timeout, grace,
                      joblog, resume, unfinished, start_method, events_path)
     if joblog and not resume:
@@ -640,15 +596,15 @@ def map_command(spec: str, items_path: str, raw_lines: bool, workers: int | None
     try:
         if view_stream is None:
             session = MapSession(plan, reporter, ResultWriter(sys.stdout))
-            session.run()
+            session.run(bridge)
         else:
-            session = _run_live(plan, reporter, view_stream)
+            session = _run_live(plan, reporter, view_stream, bridge)
         return session.report()
     finally:
         reporter.close()
 
 
-def _run_live(plan: MapPlan, reporter: Reporter, stream: IO[str]) -> MapSession:
+def _run_live(plan: MapPlan, reporter: Reporter, stream: IO[str], bridge: SignalBridge) -> MapSession:
     from rich.console import Console
 
     from .live import MapLiveView
@@ -664,5 +620,5 @@ def _run_live(plan: MapPlan, reporter: Reporter, stream: IO[str]) -> MapSession:
 
     session.on_state = note
     with view:
-        session.run()
+        session.run(bridge)
     return session

@@ -17,7 +17,8 @@ from collections.abc import Callable
 from typing import Any
 
 from .maplog import ItemOutcome, append, record_tail
-from .states import State
+from .worker import context
+from .worker_plane import saw_stop
 
 
 def run_item(fn: Callable[[Any], Any], item: Any, joblog: str | None = None,
@@ -30,31 +31,26 @@ def run_item(fn: Callable[[Any], Any], item: Any, joblog: str | None = None,
     except Exception as exc:  # noqa: BLE001 - any exception of the task fails its item
         outcome = ItemOutcome(False, error_line(exc), traceback.format_exc())
     else:
-        if _stopped():
-            # It saw STOPPED at a checkpoint and returned early: the executor counts
-            # the item unfinished, so it is not done and must not be logged as done.
-            return ItemOutcome(False, "stopped")
         try:
             outcome = ItemOutcome(True, json.dumps(value, allow_nan=False))
         except (TypeError, ValueError) as exc:
             outcome = ItemOutcome(False, f"result is not JSON: {error_line(exc)}")
+    if _interrupted():
+        # It was told to stop (a checkpoint returned False): the executor counts
+        # the item unfinished, so it is neither done nor failed, and not logged.
+        return ItemOutcome(False, "stopped")
     if joblog is not None and head is not None:
         append(joblog, head + record_tail(outcome, start, time.perf_counter() - t0, os.getpid()))
     return outcome
 
 
-def _stopped() -> bool:
-    """Whether this worker's context applied STOPPED (a checkpoint returned False)."""
-    from . import worker
-
-    context = getattr(worker, "context", None)
-    if context is None:
-        return False
+def _interrupted() -> bool:
+    """Whether the task was told to stop, as the executor judges it (worker_plane.saw_stop)."""
     try:
         ctx = context()
     except RuntimeError:  # not in a procctl worker
         return False
-    return ctx.state is State.STOPPED
+    return saw_stop(ctx)
 
 
 def error_line(exc: BaseException) -> str:

@@ -16,14 +16,7 @@ from collections import Counter
 import pytest
 from clihelp import LiveCli, assert_all_gone, json_events, run_cli, run_on_pty
 
-import procctl
-
 TESTS = os.path.dirname(__file__)
-
-# STOPGAP: until procctl.ProcessExecutor is merged, procctl map runs on a ProcessPoolExecutor
-# shim that cannot pause, isolate a crash, time out a task or be killed through a stop.
-needs_executor = pytest.mark.skipif(not hasattr(procctl, "ProcessExecutor"),
-                                    reason="procctl.ProcessExecutor not merged yet (map runs on its shim)")
 
 
 def write_items(path, items) -> str:
@@ -97,7 +90,6 @@ def test_failed_items_give_error_records_and_exit_1(tmp_path):
     assert "Traceback" not in res.stderr
 
 
-@needs_executor
 def test_a_crash_or_a_timeout_fails_only_its_item(tmp_path):
     items = write_items(tmp_path / "in.jsonl", range(1, 9))
     log = tmp_path / "log"
@@ -234,10 +226,11 @@ def test_sigkill_mid_run_then_resume_does_every_item_exactly_once(tmp_path):
 # -- signals ------------------------------------------------------------------------
 
 
-# SIGINT to the group is Ctrl-C on a terminal (the workers ignore it, the command line stops them).
+# SIGINT to the group is Ctrl-C on a terminal (the workers ignore it, the command line stops them);
+# SIGTERM to the group reaches the workers too: each ends after its task, which counts as done.
 @pytest.mark.parametrize("sig, code, to_group", [(signal.SIGINT, 130, False), (signal.SIGTERM, 143, False),
-                                                 (signal.SIGINT, 130, True)],
-                         ids=["SIGINT", "SIGTERM", "SIGINT-to-group"])
+                                                 (signal.SIGINT, 130, True), (signal.SIGTERM, 143, True)],
+                         ids=["SIGINT", "SIGTERM", "SIGINT-to-group", "SIGTERM-to-group"])
 def test_stop_signal_writes_the_unfinished_items(tmp_path, sig, code, to_group):
     n = 40
     items = write_items(tmp_path / "in.jsonl", [{"n": i} for i in range(n)])
@@ -264,7 +257,6 @@ def test_stop_signal_writes_the_unfinished_items(tmp_path, sig, code, to_group):
     assert_all_gone({m["pid"] for m in marks(marks_file)})
 
 
-@needs_executor
 def test_second_sigint_kills_at_once(tmp_path):
     items = write_items(tmp_path / "in.jsonl", range(4))
     unfinished = tmp_path / "todo.jsonl"
@@ -286,7 +278,6 @@ def test_second_sigint_kills_at_once(tmp_path):
     assert_all_gone({m["pid"] for m in marks(tmp_path / "marks")})
 
 
-@needs_executor
 def test_sigusr1_pauses_and_sigusr2_resumes(tmp_path):
     n = 30
     items = write_items(tmp_path / "in.jsonl", range(n))
