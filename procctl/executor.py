@@ -615,6 +615,7 @@ class ProcessExecutor(Executor):
                 break
         if self._kill_asked:
             self._kill_now()
+            self._pc.wait_ended(self._pc.kill_timeout)  # SIGKILLed: they end at once
             return 0.0
         return max(0.0, end - time.monotonic())
 
