@@ -123,13 +123,28 @@ def load_function(spec: str) -> Callable[[Any], Any]:
     return func
 
 
-def read_items(path: str, raw_lines: bool) -> list[Item]:
+def read_stdin(bridge: SignalBridge) -> bytes:
+    """All of stdin; a stop signal while we wait for it (Ctrl-C at the terminal) ends the command."""
+    if sys.stdin.isatty():
+        say("procctl map: reading items from the terminal; end with Ctrl-D")
+
+    def interrupt() -> None:
+        raise KeyboardInterrupt  # out of the read, which the kernel would resume after the handler
+
+    try:
+        with bridge.attach(wake=interrupt, hurry=lambda: None):
+            if bridge.stop_requested():
+                raise KeyboardInterrupt
+            return sys.stdin.buffer.read()
+    except KeyboardInterrupt:
+        raise click.Abort from None  # main() exits 130 or 143, as the signal says
+
+
+def read_items(path: str, raw_lines: bool, bridge: SignalBridge) -> list[Item]:
     """Every item of the input, or BadInput naming the first bad line."""
     where = "stdin" if path == "-" else repr(path)
     if path == "-":
-        if sys.stdin.isatty():
-            click.echo("procctl map: reading items from the terminal; end with Ctrl-D", err=True)
-        data = sys.stdin.buffer.read()
+        data = read_stdin(bridge)
     else:
         try:
             with open(path, "rb") as f:
@@ -171,7 +186,8 @@ def _finite_float(text: str) -> float:
 
 def make_plan(spec: str, items_path: str, raw_lines: bool, workers: int | None, ordered: bool, retries: int,
               task_timeout: float | None, timeout: float | None, grace: float, joblog: str | None, resume: bool,
-              unfinished: str | None, start_method: str | None, events_path: str | None) -> MapPlan:
+              unfinished: str | None, start_method: str | None, events_path: str | None,
+              bridge: SignalBridge) -> MapPlan:
     task_timeout = seconds("--task-timeout", task_timeout, positive=True)
     timeout = seconds("--timeout", timeout)
     checked_grace = seconds("--grace", grace)
@@ -185,7 +201,7 @@ def make_plan(spec: str, items_path: str, raw_lines: bool, workers: int | None, 
         if path:
             check_writable_file(path, option)
     func = load_function(spec)
-    items = read_items(items_path, raw_lines)
+    items = read_items(items_path, raw_lines, bridge)
     done: set[int] = set()
     if joblog and resume:
         try:
@@ -267,6 +283,7 @@ class ResultWriter:
         self.broken = True
         if isinstance(exc, OSError) and exc.errno != errno.EPIPE:
             self.error = exc
+            say(f"procctl map: error: the results cannot be written to stdout ({exc.strerror})")
         _silence(self._stream)
 
 
@@ -493,8 +510,7 @@ class MapSession:
             name = signal.Signals(self.bridge.stop_signal).name
             self.emit(MapEvent(self.t(), "stopping", signal=name), f"{name}: stopping")
         else:
-            error = self.results.error
-            why = (f"results cannot be written to stdout ({error.strerror})" if error is not None
+            why = ("stdout failed" if self.results.error is not None
                    else "stdout was closed" if self.results.broken else "an error")
             self.emit(MapEvent(self.t(), "stopping"), f"{why}: stopping")
 
@@ -585,7 +601,7 @@ def map_command(spec: str, items_path: str, raw_lines: bool, workers: int | None
 
     bridge = signal_bridge()
     plan = make_plan(spec, items_path, raw_lines, workers, ordered, retries, task_timeout, timeout, grace,
-                     joblog, resume, unfinished, start_method, events_path)
+                     joblog, resume, unfinished, start_method, events_path, bridge)
     if joblog and not resume:
         open(joblog, "w").close()  # a fresh run starts a fresh log (GNU parallel does the same)
     view_stream = None

@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import json
 import os
+import random
+import resource
 import signal
+import subprocess
 import time
 from collections import Counter
 
 import pytest
-from clihelp import LiveCli, assert_all_gone, json_events, run_cli, run_on_pty
+from clihelp import CLI, LiveCli, assert_all_gone, json_events, run_cli, run_on_pty
 
 TESTS = os.path.dirname(__file__)
 
@@ -128,10 +131,12 @@ BAD = [
     (["maptargets"], "must look like"),
     (["maptargets:mark", "--items", "{bad}"], "line 3 is not JSON"),
     (["maptargets:mark", "--items", "{nan}"], "line 2 is not JSON"),
+    (["maptargets:mark", "--items", "{huge}"], "line 2 is not JSON: 1e999 is out of range"),
     (["maptargets:mark", "--items", "/no/such/items.jsonl"], "cannot be read"),
     (["maptargets:mark", "--items", "{dir}"], "cannot be read"),
     (["maptargets:mark", "--resume"], "--resume needs --joblog"),
     (["maptargets:mark", "--workers", "0"], "--workers"),
+    (["maptargets:mark", "--workers", "99999999999999999999999"], "file descriptors; the limit is"),
     (["maptargets:mark", "--retries", "-1"], "--retries"),
     (["maptargets:mark", "--task-timeout", "nan"], "--task-timeout"),
     (["maptargets:mark", "--task-timeout", "0"], "--task-timeout"),
@@ -150,7 +155,9 @@ def test_bad_input_is_one_line_exit_2_and_nothing_runs(tmp_path, args, message):
     bad.write_text('1\n"two"\n{"three": \n4\n')
     nan = tmp_path / "nan.jsonl"
     nan.write_text("1\nNaN\n")
-    args = [a.format(bad=bad, nan=nan, dir=tmp_path) for a in args]
+    huge = tmp_path / "huge.jsonl"
+    huge.write_text("1\n1e999\n")
+    args = [a.format(bad=bad, nan=nan, huge=huge, dir=tmp_path) for a in args]
     if "--items" not in args:
         args += ["--items", str(good)]
     marks_file = tmp_path / "marks"
@@ -321,3 +328,170 @@ def test_live_view_on_a_terminal(tmp_path):
     assert "30/30" in out and "done" in out and "/s" in out
     assert '{"item": 29, "result": 29}' in out  # results print above the view
     assert "summary: 30 items: 30 done" in out
+
+
+# -- hardening: limits, streams, strict JSON, signals at any moment ------------------------
+
+
+def strict_json(line: str) -> dict:
+    """json.loads that refuses NaN and Infinity, as strict parsers do."""
+    def refuse(token: str) -> None:
+        raise ValueError(f"invalid JSON token {token}")
+
+    return json.loads(line, parse_constant=refuse)
+
+
+def with_limit(which: int, soft: int):
+    def preexec() -> None:
+        _, hard = resource.getrlimit(which)
+        resource.setrlimit(which, (soft, hard))
+    return preexec
+
+
+def test_more_workers_than_the_fd_limit_names_the_limit(tmp_path):
+    items = write_items(tmp_path / "in.jsonl", range(300))
+    res = subprocess.run(CLI + ["map", "maptargets:square", "--items", items, "--workers", "200"], cwd=TESTS,
+                         capture_output=True, text=True, timeout=30, preexec_fn=with_limit(resource.RLIMIT_NOFILE, 256))
+    assert res.returncode == 2 and res.stdout == ""
+    [line] = res.stderr.strip().splitlines()
+    assert "200 workers need about" in line and "file descriptors; the limit is 256" in line
+
+
+def test_a_result_without_a_json_form_fails_its_item_and_the_output_stays_strict(tmp_path):
+    res = map_cli(["maptargets:not_finite", "--json", "--ordered"], input="1\n2\n3\n")
+    assert res.returncode == 1
+    records = [strict_json(line) for line in res.stdout.splitlines()]
+    assert [r.get("result") for r in results(res.stdout)] == [None, 2, None]
+    assert all(r["error"].startswith("result is not JSON") for r in results(res.stdout) if "error" in r)
+    assert records[-1]["event"] == "summary" and records[-1]["failed"] == 2
+
+
+def test_events_to_dev_full_is_one_warning_and_the_run_goes_on(tmp_path):
+    items = write_items(tmp_path / "in.jsonl", range(5))
+    res = map_cli(["maptargets:square", "--items", items, "--json", "--events", "/dev/full"])
+    assert res.returncode == 0
+    [line] = res.stderr.strip().splitlines()
+    assert "event log" in line and "/dev/full" in line
+    assert sorted(r["item"] for r in results(res.stdout)) == list(range(5))
+    assert strict_json(res.stdout.splitlines()[-1])["event"] == "summary"
+
+
+@pytest.mark.parametrize("stream", [1, 2], ids=["stdout", "stderr"])
+def test_a_closed_output_stream_is_not_a_crash(tmp_path, stream):
+    items = write_items(tmp_path / "in.jsonl", range(5))
+    log, joblog = tmp_path / "events.jsonl", tmp_path / "joblog"
+    res = subprocess.run(CLI + ["map", "maptargets:square", "--items", items, "--events", str(log),
+                                "--joblog", str(joblog)], cwd=TESTS, capture_output=True, text=True, timeout=60,
+                         preexec_fn=lambda: os.close(stream))
+    assert res.returncode == 0, res.stderr
+    assert "Traceback" not in res.stderr + res.stdout
+    assert strict_json(log.read_text().splitlines()[-1])["done"] == 5
+    assert len(json_events(joblog.read_text())) == 5
+
+
+def test_stdout_on_a_full_disk_stops_the_run_with_one_line(tmp_path):
+    items = write_items(tmp_path / "in.jsonl", range(5))
+    with open("/dev/full", "w") as full:
+        res = subprocess.run(CLI + ["map", "maptargets:square", "--items", items, "--quiet"], cwd=TESTS,
+                             stdout=full, stderr=subprocess.PIPE, text=True, timeout=60)
+    assert res.returncode == 1
+    assert "Traceback" not in res.stderr
+    assert "No space left on device" in res.stderr
+
+
+def test_ctrl_c_while_reading_items_from_stdin_ends_the_command(tmp_path):
+    proc = subprocess.Popen(CLI + ["map", "maptargets:square"], cwd=TESTS, stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        proc.stdin.write(b"1\n")
+        proc.stdin.flush()  # it is reading, and stdin stays open
+        os.killpg(proc.pid, signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+        proc.wait(10)
+    assert proc.returncode in (130, -signal.SIGINT) and out == b"", err
+    assert b"Traceback" not in err
+
+
+def _launch(events: str, items: str, marks_file, blocked: bool = False) -> subprocess.Popen:
+    def block() -> None:
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+
+    return subprocess.Popen(CLI + ["map", "maptargets:mark", "--items", items, "--workers", "2", "--json",
+                                   "--events", events], cwd=TESTS, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env={**os.environ, "MAP_MARKS": str(marks_file), "MAP_DELAY": "0.05"},
+                            start_new_session=True, preexec_fn=block if blocked else None)
+
+
+def _assert_clean_stop(proc: subprocess.Popen, sig: int, code: int, events: str, marks_file) -> bool:
+    """The run stopped cleanly (True), or the signal came before any procctl code ran (False)."""
+    out, err = proc.communicate(timeout=30)
+    if proc.returncode == -sig or (sig == signal.SIGINT and proc.returncode == 1 and b"/procctl/" not in err):
+        assert not out  # the interpreter's own start-up: a death by the signal, as a shell reports it
+        return False
+    assert proc.returncode == code, err.decode()
+    assert b"Traceback" not in err
+    if os.path.exists(events):
+        log = [strict_json(line) for line in open(events).read().splitlines()]
+        assert log[-1]["event"] == "summary"
+        assert log[-1]["done"] == len(marks(marks_file))
+    assert_all_gone({m["pid"] for m in marks(marks_file)})
+    return True
+
+
+SIGNALS = [(signal.SIGINT, 130), (signal.SIGTERM, 143)]
+
+
+@pytest.mark.parametrize("sig, code", SIGNALS, ids=["SIGINT", "SIGTERM"])
+def test_a_signal_before_the_handlers_exist_is_a_clean_stop(tmp_path, sig, code):
+    items = write_items(tmp_path / "in.jsonl", range(20))
+    events, marks_file = str(tmp_path / "events.jsonl"), tmp_path / "marks"
+    proc = _launch(events, items, marks_file, blocked=True)
+    try:
+        os.killpg(proc.pid, sig)
+        assert _assert_clean_stop(proc, sig, code, events, marks_file)
+    finally:
+        proc.kill()
+        proc.wait(10)
+
+
+@pytest.mark.parametrize("sig, code", SIGNALS, ids=["SIGINT", "SIGTERM"])
+def test_a_signal_at_a_random_moment_is_a_clean_stop(tmp_path, sig, code):
+    # Three runs get the signal, to their process group, at random moments of their
+    # first 0.6 s (start-up, reading and checking the input, workers starting, running).
+    items = write_items(tmp_path / "in.jsonl", range(20))
+    runs = []
+    for i in range(3):
+        events, marks_file = str(tmp_path / f"events{i}.jsonl"), tmp_path / f"marks{i}"
+        runs.append((_launch(events, items, marks_file), events, marks_file, random.uniform(0.0, 0.6)))
+    try:
+        t0 = time.monotonic()
+        for proc, _, _, delay in sorted(runs, key=lambda r: r[3]):
+            time.sleep(max(0.0, t0 + delay - time.monotonic()))  # bounded pacing of the signal times under test
+            os.killpg(proc.pid, sig)
+        for proc, events, marks_file, _ in runs:
+            _assert_clean_stop(proc, sig, code, events, marks_file)
+    finally:
+        for proc, _, _, _ in runs:
+            proc.kill()
+            proc.wait(10)
+
+
+def test_sigterm_while_stderr_is_a_broken_pipe_exits_143(tmp_path):
+    items = write_items(tmp_path / "in.jsonl", range(40))
+    marks_file = tmp_path / "marks"
+    cli = LiveCli(["map", "maptargets:mark", "--items", items, "--workers", "2", "--json"], cwd=TESTS,
+                  env={"MAP_MARKS": str(marks_file), "MAP_DELAY": "0.02"})
+    try:
+        cli.wait_for(lambda lines: len(lines) >= 3)
+        cli.proc.stderr.close()  # nobody reads stderr any more
+        cli._sel.unregister(cli.proc.stderr)
+        os.kill(cli.proc.pid, signal.SIGTERM)
+        out, _ = cli.proc.communicate(timeout=30)
+    finally:
+        cli.kill()
+    assert cli.proc.returncode == 143
+    records = json_events("\n".join(cli.lines) + "\n" + out.decode())
+    assert records[-1]["event"] == "summary"
+    assert_all_gone({m["pid"] for m in marks(marks_file)})
