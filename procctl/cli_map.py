@@ -28,6 +28,7 @@ import sys
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
+from concurrent import futures
 from concurrent.futures import Future
 from dataclasses import asdict, dataclass
 from typing import IO, Any
@@ -53,6 +54,8 @@ from .limits import LIMIT_ERRNOS, capacity_problem
 from .map_task import error_line, run_item
 
 START_METHODS = ("fork", "spawn", "forkserver")
+#: How long a pause or resume waits for every worker's acknowledgement (procctl run's ACK_WAIT).
+ACK_WAIT = 2.0
 #: Exit status when stdout's reader went away (| head): what a shell shows for SIGPIPE.
 EXIT_PIPE = 128 + signal.SIGPIPE
 #: Futures in flight per worker: enough that no worker waits for the loop, few enough
@@ -416,15 +419,26 @@ class MapSession:
             return  # a stop wins over a pause that came with it
         for sig in self.bridge.take():
             if sig == signal.SIGUSR1 and not self.paused:
-                self.executor.pause()
+                self.acknowledged(self.executor.pause, "pause")
                 self.paused = True
                 self.on_state("paused")
                 self.emit(MapEvent(self.t(), "paused"), "paused: no new item starts (SIGUSR2 resumes)")
             elif sig == signal.SIGUSR2 and self.paused:
-                self.executor.resume()
+                self.acknowledged(self.executor.resume, "resume")
                 self.paused = False
                 self.on_state("running")
                 self.emit(MapEvent(self.t(), "resumed"), "resumed")
+
+    @staticmethod
+    def acknowledged(command: Callable[..., None], name: str) -> None:
+        """Pause or resume, waiting a bounded time for every worker to acknowledge
+        (as `procctl run` does): a task that never checkpoints pauses when it ends,
+        and the loop must go on to see a stop signal."""
+        try:
+            command(timeout=ACK_WAIT)
+        except futures.TimeoutError:  # the builtin one from Python 3.11
+            say(f"procctl map: not every worker acknowledged the {name} within {ACK_WAIT:g}s"
+                " (a task that does not checkpoint does when it ends); going on")
 
     def collect(self) -> None:
         while self.completed:

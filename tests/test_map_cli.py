@@ -308,6 +308,24 @@ def test_sigusr1_pauses_and_sigusr2_resumes(tmp_path):
     assert sorted(r["item"] for r in results(out)) == list(range(n))
 
 
+def test_a_pause_that_a_long_task_holds_up_does_not_hold_up_a_stop(tmp_path):
+    items = write_items(tmp_path / "in.jsonl", range(4))
+    unfinished = tmp_path / "todo.jsonl"
+    cli = LiveCli(["map", "maptargets:ignore_stop", "--items", items, "--workers", "2", "--grace", "0", "--json",
+                   "--unfinished", str(unfinished)], cwd=TESTS, env={"MAP_MARKS": str(tmp_path / "marks")})
+    try:
+        cli.wait_for(lambda lines: cli.err.count(b"task started") == 2)  # both workers are in a 60 s task
+        os.kill(cli.proc.pid, signal.SIGUSR1)  # no task checkpoints: no worker can acknowledge the pause
+        cli.wait_for(lambda lines: b"acknowledged the pause" in cli.err)
+        os.kill(cli.proc.pid, signal.SIGINT)
+        rc, out, err = cli.finish(timeout=20)
+    finally:
+        cli.kill()
+    assert rc == 130, err
+    assert json_events(unfinished.read_text()) == [0, 1, 2, 3]
+    assert_all_gone({m["pid"] for m in marks(tmp_path / "marks")})
+
+
 def test_timeout_stops_cleanly_and_exits_124(tmp_path):
     items = write_items(tmp_path / "in.jsonl", range(100))
     unfinished = tmp_path / "todo.jsonl"
