@@ -353,6 +353,9 @@ class MapSession:
         except (WorkerStartError, OSError, ValueError) as exc:
             # The controller has killed and reaped what it had started.
             # (ValueError: the system's limits shrank since make_plan checked them.)
+            assert self.bridge is not None
+            if self.bridge.stop_requested():
+                return False  # a stop signal hit the start (under forkserver, the fork server too): its doing
             say(f"procctl map: error: {exc}")
             cause = exc if isinstance(exc, OSError) else exc.__cause__
             limit = isinstance(exc, ValueError) or (isinstance(cause, OSError) and cause.errno in LIMIT_ERRNOS)
