@@ -99,32 +99,32 @@ def parse_schedule(text: str) -> list[str]:
     return steps
 
 
-def load_target(spec: str) -> Callable[..., Any]:
+def load_target(spec: str, option: str = "--target") -> Callable[..., Any]:
     """Resolve 'package.module:function', looking in the current directory too."""
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
-        raise BadInput(f"--target {spec!r} must look like package.module:function")
+        raise BadInput(f"{option} {spec!r} must look like package.module:function")
     cwd = os.getcwd()
     if cwd not in sys.path:
         sys.path.insert(0, cwd)
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        raise BadInput(f"--target {spec!r}: cannot import module {module_name!r}: {exc}") from None
+        raise BadInput(f"{option} {spec!r}: cannot import module {module_name!r}: {exc}") from None
     except SystemExit as exc:
-        raise BadInput(f"--target {spec!r}: importing {module_name!r} called sys.exit({exc.code!r})") from None
+        raise BadInput(f"{option} {spec!r}: importing {module_name!r} called sys.exit({exc.code!r})") from None
     except KeyboardInterrupt:
         # Not the operator's Ctrl-C: main()'s handler records that one.
-        raise BadInput(f"--target {spec!r}: importing {module_name!r} raised KeyboardInterrupt") from None
+        raise BadInput(f"{option} {spec!r}: importing {module_name!r} raised KeyboardInterrupt") from None
     except BaseException as exc:  # noqa: BLE001 - any error in the user's module is bad input
-        raise BadInput(f"--target {spec!r}: importing {module_name!r} raised {exc!r}") from None
+        raise BadInput(f"{option} {spec!r}: importing {module_name!r} raised {exc!r}") from None
     obj: Any = module
     for part in attr.split("."):
         if not hasattr(obj, part):
-            raise BadInput(f"--target {spec!r}: module {module_name!r} has no attribute {attr!r}")
+            raise BadInput(f"{option} {spec!r}: module {module_name!r} has no attribute {attr!r}")
         obj = getattr(obj, part)
     if not callable(obj):
-        raise BadInput(f"--target {spec!r}: {attr!r} is not callable")
+        raise BadInput(f"{option} {spec!r}: {attr!r} is not callable")
     return obj  # type: ignore[no-any-return]
 
 
@@ -348,9 +348,11 @@ def _start(pc: ProcessController, bridge: SignalBridge) -> int | None:
 
 
 def _register_commands() -> None:
+    from .cli_map import map_command
     from .cli_sum import sum_command
 
     main_group.add_command(sum_command)
+    main_group.add_command(map_command)
 
 
 _register_commands()

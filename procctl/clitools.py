@@ -203,8 +203,12 @@ class Reporter:
         self._broken = False
         self._lock = threading.Lock()
 
-    def emit(self, record: dict[str, Any], text: str | None) -> None:
-        """One event: `record` for machines, `text` (if any) for people."""
+    def emit(self, record: dict[str, Any], text: str | None, *, to_json: bool = True) -> None:
+        """One event: `record` for machines, `text` (if any) for people.
+
+        `to_json=False` keeps the record out of the --json stream (the events
+        file still gets it): for a command whose stdout carries the same facts.
+        """
         line = json_line(record)
         with self._lock:
             if self._events is not None:
@@ -214,7 +218,8 @@ class Reporter:
                 except OSError as exc:
                     self._drop_events(exc)
             if self.json_lines:
-                self._write(line)
+                if to_json:
+                    self._write(line)
             elif text is not None and not self.quiet:
                 self._write(text)
 

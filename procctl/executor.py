@@ -181,6 +181,8 @@ class ProcessExecutor(Executor):
         self._paused_at = 0.0
         self._stopping = False
         self._closing = False
+        self._kill_asked = False  # kill() was called: the manager SIGKILLs the workers
+        self._killed = False
         self._pause_waiters: list[tuple[State, Future[Any]]] = []
         self._lines: dict[int, _WorkerLine] = {}
         self._respawn: set[int] = set()
@@ -283,6 +285,18 @@ class ProcessExecutor(Executor):
         self._thread.join()
         return result
 
+    def kill(self) -> None:
+        """SIGKILL every worker now and run no more tasks; the tasks they ran
+        are interrupted. Then `stop()` (or `shutdown()`) hands back every item
+        that did not complete, once each, as after any stop.
+
+        Safe to call from a signal handler (a second Ctrl-C): it only records
+        the request and wakes the manager thread, which kills, also in the
+        middle of a stop's grace period.
+        """
+        self._kill_asked = True
+        self._pc.wakeup()
+
     @property
     def paused(self) -> bool:
         return self._paused
@@ -365,13 +379,15 @@ class ProcessExecutor(Executor):
         try:
             while True:
                 self._pc._pump(self._sleep_for())
+                if self._kill_asked:
+                    self._kill_now()
                 if self._take_commands():
                     break
                 self._replace_ended()
                 self._dispatch()
                 self._expire()
                 self._settle_broadcasts()
-                if self._closing and self._drained():
+                if self._closing and (self._drained() or self._killed):
                     self._finish(self.grace)
                     break
         except BaseException:  # noqa: BLE001 - never leave workers or callers behind
@@ -541,7 +557,7 @@ class ProcessExecutor(Executor):
         for task in pending:
             self._unfinished.append((task, False))
         try:
-            self._pc.stop(grace)
+            self._pc.stop(self._wait_grace(grace))
         finally:
             for line in list(self._lines.values()):
                 if not line.closed:
@@ -572,6 +588,36 @@ class ProcessExecutor(Executor):
         self._unfinished = []
         _live_executors.discard(self)
         return Unfinished(items, running, futures)
+
+    def _kill_now(self) -> None:
+        """kill() was called: stop taking tasks, SIGKILL every worker (their
+        deaths, handled as during a stop, make their tasks unfinished)."""
+        if self._killed:
+            return
+        self._killed = True
+        self._stopping = True
+        with self._lock:
+            self._shutdown = True
+        self._pc.kill()
+
+    def _wait_grace(self, grace: float) -> float:
+        """Wait up to `grace` for the workers to end after STOPPED, here where
+        kill() can cut it short; what is left of it for the controller's stop
+        (which escalates after it)."""
+        if not self._pc.pids():
+            return grace
+        if self._pc.state is not State.STOPPED:
+            self._pc._post(State.STOPPED)
+        end = time.monotonic() + grace
+        while not self._kill_asked:
+            left = end - time.monotonic()
+            if left <= 0 or self._pc.wait(None if math.isinf(left) else left):
+                break
+        if self._kill_asked:
+            self._kill_now()
+            self._pc.wait_ended(self._pc.kill_timeout)  # SIGKILLed: they end at once
+            return 0.0
+        return max(0.0, end - time.monotonic())
 
     # -- the controller's hooks (called in the manager thread, inside _pump) -----------
 

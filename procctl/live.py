@@ -198,3 +198,50 @@ class SumLiveView:
             bar = ProgressBar(total=max(1, self._threshold + 1), completed=min(total, self._threshold + 1), width=30)
             table.add_row(str(c), str(total), bar, str(self._received[c]), self._last[c])
         return Group(head, table)
+
+
+class MapLiveView:
+    """The live view of `procctl map`: tasks done of the total, rate, ETA, state.
+
+    `counts` returns (done, failed, in_flight) at each redraw; rich redraws
+    from its own refresh thread, so the clock moves while no task ends.
+    Result lines for a terminal stdout go through `print` (above the view).
+    """
+
+    def __init__(self, title: str, total: int, counts: Callable[[], tuple[int, int, int]],
+                 console: Console | None = None) -> None:
+        self._title = title
+        self._total = total
+        self._counts = counts
+        self.note = "running"
+        self._t0 = time.monotonic()
+        self._live = Live(self, console=console or Console(), refresh_per_second=1 / REFRESH,
+                          redirect_stdout=False, redirect_stderr=False)
+
+    def __enter__(self) -> MapLiveView:
+        self._live.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._live.__exit__(None, None, None)
+
+    def print(self, line: str) -> None:
+        self._live.console.print(Text(line), soft_wrap=True)
+
+    def __rich__(self) -> Group:
+        done, failed, in_flight = self._counts()
+        elapsed = time.monotonic() - self._t0
+        ended = done + failed
+        rate = ended / elapsed if elapsed > 0 else 0.0
+        eta = (self._total - ended) / rate if rate > 0 and self._total > ended else None
+        head = Text(f"{self._title}  ", style="bold")
+        head.append(f"{elapsed:6.1f}s  ")
+        head.append(self.note, style=STATE_STYLE.get(self.note, ""))
+        grid = Table.grid(padding=(0, 1))
+        grid.add_row(ProgressBar(total=max(1, self._total), completed=ended, width=40),
+                     f"{ended}/{self._total}", f"{100 * ended / max(1, self._total):5.1f}%",
+                     f"{rate:.1f}/s", f"ETA {_fmt_eta(eta)}" if eta is not None else "")
+        tally = Text(f"{done} done  ", style=STATE_STYLE["finished"])
+        tally.append(f"{failed} failed  ", style=STATE_STYLE["failed"] if failed else "")
+        tally.append(f"{in_flight} in flight  {self._total - ended - in_flight} queued")
+        return Group(head, grid, tally)

@@ -127,6 +127,10 @@ class WorkerContext:
         self._manager_fd = manager_fd
         self._manager_gone = False
         self._term_requested = False
+        # Set once checkpoint() has told the target to stop. An executor task
+        # that was told is interrupted; one that was not and returned has
+        # completed, even if STOPPED came meanwhile (a SIGTERM to the group).
+        self._saw_stop = False
         self._info_sent = -INFO_INTERVAL
         self._polls: dict[int, Any] = {}
         #: The keyword arguments of the last progress() call.
@@ -144,13 +148,15 @@ class WorkerContext:
 
     def checkpoint(self) -> bool:
         """Apply pending commands; block while PAUSED; False once STOPPED."""
-        if self.state is State.STOPPED:
-            return False
-        if self._end.command() != self._applied:
-            self._apply()
-        while self.state is State.PAUSED:
-            self._block(None)
-        return self.state is State.RUNNING
+        if self.state is not State.STOPPED:
+            if self._end.command() != self._applied:
+                self._apply()
+            while self.state is State.PAUSED:
+                self._block(None)
+            if self.state is State.RUNNING:
+                return True
+        self._saw_stop = True
+        return False
 
     def sleep(self, seconds: float) -> bool:
         """Sleep up to `seconds` (math.inf: until the next command); a command

@@ -242,16 +242,28 @@ def _run_task(ctx: WorkerContext, blob: bytes) -> bytes:
             args, kwargs = calls[0]
             value = fn(*args, **kwargs)
     except BaseException as exc:  # noqa: BLE001 - the task's exception is its result
-        if ctx.state is State.STOPPED:
+        if saw_stop(ctx):
             return pickle.dumps((STOPPED, None, None))
         return _dump_error(exc, traceback.format_exc())
-    if ctx.state is State.STOPPED:
+    if saw_stop(ctx):
         return pickle.dumps((STOPPED, None, None))  # it saw STOPPED: cut short
     try:
         return pickle.dumps((OK, value, None), pickle.HIGHEST_PROTOCOL)
     except Exception as exc:  # noqa: BLE001 - pickling runs the result's own code
         err = TypeError(f"the result of type {type(value).__name__} could not be pickled: {exc!r}")
         return _dump_error(err, traceback.format_exc())
+
+
+def saw_stop(ctx: WorkerContext) -> bool:
+    """Whether the running task was told to stop (a checkpoint() returned False).
+
+    Only then is it interrupted: a task that returned or raised without being
+    told has its outcome, even if STOPPED came meanwhile (a SIGTERM to the
+    whole process group stops the worker after the task). STOPPED is final
+    and the task loop ends at the first False checkpoint, so the flag belongs
+    to the task that was running when it was set.
+    """
+    return ctx._saw_stop
 
 
 def _dump_error(exc: BaseException, tb: str) -> bytes:

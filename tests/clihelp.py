@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import pty
+import select
 import selectors
 import subprocess
 import sys
@@ -16,8 +18,10 @@ PYTHON = sys.executable
 CLI = [PYTHON, "-m", "procctl"]
 
 
-def run_cli(args: list[str], timeout: float = 60, cwd: str | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(CLI + args, capture_output=True, text=True, timeout=timeout, cwd=cwd)
+def run_cli(args: list[str], timeout: float = 60, cwd: str | None = None, env: dict[str, str] | None = None,
+            input: str | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(CLI + args, capture_output=True, text=True, timeout=timeout, cwd=cwd,
+                          env=None if env is None else {**os.environ, **env}, input=input)
 
 
 class LiveCli:
@@ -25,7 +29,8 @@ class LiveCli:
 
     def __init__(self, args: list[str], cwd: str | None = None, env: dict[str, str] | None = None) -> None:
         self.proc = subprocess.Popen(
-            CLI + args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=cwd, env=env,
+            CLI + args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=cwd, stdin=subprocess.DEVNULL,
+            env=None if env is None else {**os.environ, **env},
             start_new_session=True,  # its own process group, as on a terminal
         )
         self.lines: list[str] = []
@@ -83,3 +88,30 @@ def assert_all_gone(pids: set[int], timeout: float = 5.0) -> None:
     """Every process in `pids` has exited (none orphaned, none a zombie)."""
     alive = still_running(pids, timeout)
     assert not alive, f"processes left behind: {[p.pid for p in alive]}"
+
+
+def run_on_pty(args: list[str], cwd: str | None = None, timeout: float = 30,
+               env: dict[str, str] | None = None) -> tuple[int, str]:
+    """Run procctl with its stdout on a pseudo-terminal, as a person would."""
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: become procctl
+        os.environ.update(COLUMNS="100", LINES="30", **(env or {}))
+        if cwd:
+            os.chdir(cwd)
+        os.execv(sys.executable, [sys.executable, "-m", "procctl"] + args)
+    out = b""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([fd], [], [], deadline - time.monotonic())
+        if not ready:
+            break
+        try:
+            chunk = os.read(fd, 65536)
+        except OSError:  # EIO: the child closed the terminal
+            break
+        if not chunk:
+            break
+        out += chunk
+    _, status = os.waitpid(pid, 0)
+    os.close(fd)
+    return os.waitstatus_to_exitcode(status), out.decode(errors="replace")

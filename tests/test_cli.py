@@ -7,7 +7,7 @@ import signal
 import time
 
 import pytest
-from clihelp import LiveCli, assert_all_gone, json_events, run_cli, worker_pids
+from clihelp import LiveCli, assert_all_gone, json_events, run_cli, run_on_pty, worker_pids
 
 TESTS = os.path.dirname(__file__)
 WORKER_EVENTS = {"running", "paused", "stopped", "finished", "failed", "crashed", "killed"}
@@ -177,38 +177,8 @@ def test_version_and_module_entry_point():
     assert res.returncode == 0 and "procctl" in res.stdout
 
 
-def _run_on_pty(args: list[str], cwd: str | None = None, timeout: float = 30) -> tuple[int, str]:
-    """Run procctl with its stdout on a pseudo-terminal, as a person would."""
-    import pty
-    import select
-    import sys
-
-    pid, fd = pty.fork()
-    if pid == 0:  # the child: become procctl
-        os.environ.update(COLUMNS="100", LINES="30")
-        if cwd:
-            os.chdir(cwd)
-        os.execv(sys.executable, [sys.executable, "-m", "procctl"] + args)
-    out = b""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        ready, _, _ = select.select([fd], [], [], deadline - time.monotonic())
-        if not ready:
-            break
-        try:
-            chunk = os.read(fd, 65536)
-        except OSError:  # EIO: the child closed the terminal
-            break
-        if not chunk:
-            break
-        out += chunk
-    _, status = os.waitpid(pid, 0)
-    os.close(fd)
-    return os.waitstatus_to_exitcode(status), out.decode(errors="replace")
-
-
 def test_live_view_on_a_terminal():
-    code, out = _run_on_pty(["run", "--workers", "4", "--target", "tasks:count_primes",
+    code, out = run_on_pty(["run", "--workers", "4", "--target", "tasks:count_primes",
                              "--schedule", "run,pause,run", "--step", "0.4"],
                             cwd=os.path.join(os.path.dirname(TESTS), "examples"))
     assert code == 0
@@ -250,7 +220,7 @@ def test_bad_output_paths(args, tmp_path):
 
 
 def test_sum_live_view_on_a_terminal():
-    code, out = _run_on_pty(["sum", "--threshold", "20", "--delay", "0.01-0.03", "--seed", "3"])
+    code, out = run_on_pty(["sum", "--threshold", "20", "--delay", "0.01-0.03", "--seed", "3"])
     assert code == 0
     assert "toward the threshold" in out and "WON" in out
     assert "\x1b[" in out

@@ -1,0 +1,657 @@
+"""`procctl map MODULE:FUNC`: a resumable, pausable parallel map on the command line.
+
+procctl.cli registers it on the group; errors and exit codes are handled there.
+
+    items (file or stdin) --read, check all--> MapPlan --submit, one future per item--> executor
+    stdout <-- {"item", "result"|"error"} <-- collect() <-- wake pipe <-- future done-callbacks
+    joblog <-- the worker appends each item's record as its task returns (procctl.map_task)
+
+Every input is checked before a worker starts. The loop blocks on one wake
+pipe that future callbacks and signal handlers write to; it keeps a bounded
+window of futures in flight and owns the item -> future bookkeeping, so the
+order, the joblog and the unfinished items are exact whatever the executor does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import functools
+import inspect
+import json
+import math
+import os
+import pickle
+import selectors
+import signal
+import sys
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent import futures
+from concurrent.futures import Future
+from dataclasses import asdict, dataclass
+from typing import IO, Any
+
+import click
+
+from . import maplog
+from .clitools import (
+    EXIT_FAILED,
+    EXIT_OK,
+    EXIT_TIMEOUT,
+    EXIT_USAGE,
+    BadInput,
+    Reporter,
+    SignalBridge,
+    _silence,
+    check_writable_file,
+    say,
+)
+from .controller import WorkerStartError
+from .executor import ProcessExecutor
+from .limits import LIMIT_ERRNOS, capacity_problem
+from .map_task import error_line, run_item
+
+START_METHODS = ("fork", "spawn", "forkserver")
+#: How long a pause or resume waits for every worker's acknowledgement (procctl run's ACK_WAIT).
+ACK_WAIT = 2.0
+#: Exit status when stdout's reader went away (| head): what a shell shows for SIGPIPE.
+EXIT_PIPE = 128 + signal.SIGPIPE
+#: Futures in flight per worker: enough that no worker waits for the loop, few enough
+#: that a stop has little to cancel and a huge input is not all queued at once.
+WINDOW_PER_WORKER = 8
+MIN_WINDOW = 64
+
+
+# -- the checked plan ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Item:
+    line: int  # 1-based line number in the input
+    value: Any
+    text: str  # the value as JSON, for the output
+
+
+@dataclass(frozen=True)
+class MapPlan:
+    """Every input checked once; the session and the views take their facts from here."""
+
+    spec: str
+    func: Callable[[Any], Any]
+    items: list[Item]
+    to_run: list[Item]  # items minus the ones the joblog has as done (--resume)
+    raw_lines: bool
+    workers: int
+    ordered: bool
+    retries: int
+    task_timeout: float | None
+    timeout: float | None
+    grace: float
+    joblog: str | None
+    resume: bool
+    unfinished: str | None
+    start_method: str | None
+
+    @property
+    def skipped(self) -> int:
+        return len(self.items) - len(self.to_run)
+
+
+def seconds(option: str, value: float | None, *, positive: bool = False) -> float | None:
+    """A checked number of seconds; inf means no limit (None)."""
+    if value is None:
+        return None
+    if math.isnan(value) or value < 0 or (positive and value == 0):
+        kind = "a positive" if positive else "a non-negative"
+        raise BadInput(f"{option} must be {kind} number of seconds, not {value}")
+    return None if value == math.inf else value
+
+
+def load_function(spec: str) -> Callable[[Any], Any]:
+    from .cli import load_target  # procctl.cli imports this module at its end
+
+    func = load_target(spec, option="MODULE:FUNC")
+    try:
+        pickle.dumps(func)
+    except Exception as exc:  # noqa: BLE001 - whatever pickle raises, workers cannot get it
+        raise BadInput(f"MODULE:FUNC {spec!r} cannot be sent to worker processes: {exc}") from None
+    try:
+        inspect.signature(func).bind(None)
+    except TypeError:
+        raise BadInput(f"MODULE:FUNC {spec!r} must take one argument (the item)") from None
+    except ValueError:
+        pass  # no signature to read (some builtins): let the call tell
+    return func
+
+
+def read_stdin(bridge: SignalBridge) -> bytes:
+    """All of stdin; a stop signal while we wait for it (Ctrl-C at the terminal) ends the command."""
+    if sys.stdin.isatty():
+        say("procctl map: reading items from the terminal; end with Ctrl-D")
+
+    def interrupt() -> None:
+        raise KeyboardInterrupt  # out of the read, which the kernel would resume after the handler
+
+    try:
+        with bridge.attach(wake=interrupt, hurry=lambda: None):
+            if bridge.stop_requested():
+                raise KeyboardInterrupt
+            return sys.stdin.buffer.read()
+    except KeyboardInterrupt:
+        raise click.Abort from None  # main() exits 130 or 143, as the signal says
+
+
+def read_items(path: str, raw_lines: bool, bridge: SignalBridge) -> list[Item]:
+    """Every item of the input, or BadInput naming the first bad line."""
+    where = "stdin" if path == "-" else repr(path)
+    if path == "-":
+        data = read_stdin(bridge)
+    else:
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except OSError as exc:
+            raise BadInput(f"--items {path!r} cannot be read: {exc.strerror}") from None
+    chunks = data.split(b"\n")
+    if chunks and chunks[-1] == b"":
+        chunks.pop()  # the newline that ends the last line
+    items = []
+    for number, chunk in enumerate(chunks, start=1):
+        try:
+            text = chunk.decode("utf-8")
+        except UnicodeDecodeError:
+            raise BadInput(f"--items {where} line {number} is not UTF-8 text") from None
+        if raw_lines:
+            items.append(Item(number, text, json.dumps(text)))
+            continue
+        if not text.strip():
+            continue  # JSON Lines readers skip blank lines
+        try:
+            value = json.loads(text, parse_constant=_no_constant, parse_float=_finite_float)
+        except ValueError as exc:
+            raise BadInput(f"--items {where} line {number} is not JSON: {exc}") from None
+        items.append(Item(number, value, json.dumps(value)))
+    return items
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON value")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e999: no float holds it, and JSON has no word for infinity
+        raise ValueError(f"{text} is out of range for a number")
+    return value
+
+
+def make_plan(spec: str, items_path: str, raw_lines: bool, workers: int | None, ordered: bool, retries: int,
+              task_timeout: float | None, timeout: float | None, grace: float, joblog: str | None, resume: bool,
+              unfinished: str | None, start_method: str | None, events_path: str | None,
+              bridge: SignalBridge) -> MapPlan:
+    task_timeout = seconds("--task-timeout", task_timeout, positive=True)
+    timeout = seconds("--timeout", timeout)
+    checked_grace = seconds("--grace", grace)
+    if resume and not joblog:
+        raise BadInput("--resume needs --joblog FILE (the log of the run to resume)")
+    if workers is not None:
+        too_many = capacity_problem(workers)
+        if too_many is not None:
+            raise BadInput(f"--workers {workers}: {too_many}")
+    for path, option in ((joblog, "--joblog"), (unfinished, "--unfinished"), (events_path, "--events")):
+        if path:
+            check_writable_file(path, option)
+    func = load_function(spec)
+    items = read_items(items_path, raw_lines, bridge)
+    done: set[int] = set()
+    if joblog and resume:
+        try:
+            done = maplog.read_done(joblog, {item.line: maplog.digest(item.value) for item in items})
+        except maplog.JoblogError as exc:
+            raise BadInput(f"--joblog {joblog!r} {exc}") from None
+    to_run = [item for item in items if item.line not in done]
+    return MapPlan(
+        spec=spec, func=func, items=items, to_run=to_run, raw_lines=raw_lines,
+        workers=max(1, min(workers or os.cpu_count() or 1, len(to_run))), ordered=ordered, retries=retries,
+        task_timeout=task_timeout, timeout=timeout, grace=math.inf if checked_grace is None else checked_grace,
+        joblog=joblog, resume=resume, unfinished=unfinished, start_method=start_method)
+
+
+# -- the executor ---------------------------------------------------------------------
+
+
+def make_executor(plan: MapPlan) -> ProcessExecutor:
+    return ProcessExecutor(plan.workers, retries=plan.retries, task_timeout=plan.task_timeout,
+                           start_method=plan.start_method, grace=plan.grace)
+
+
+# -- events and output ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MapEvent:
+    """One thing that happened in a map run, as --json (run-level ones) and --events see it.
+
+    ``event`` is ``started``, ``done`` or ``failed`` (an item, with its input
+    ``line``), ``paused``, ``resumed``, ``stopping`` (with the ``signal``) or
+    ``timeout``; the summary is a plain record.
+    """
+
+    t: float  # seconds since the run started
+    event: str
+    line: int | None = None
+    error: str | None = None
+    items: int | None = None
+    skipped: int | None = None
+    workers: int | None = None
+    signal: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+
+class ResultWriter:
+    """Result lines to stdout, or above the live view when that view owns the terminal."""
+
+    def __init__(self, stream: IO[str], printer: Callable[[str], None] | None = None) -> None:
+        self._stream = stream
+        self.printer = printer
+        self.broken = False
+        self.error: OSError | None = None  # why stdout could not be written (None: its reader left)
+
+    def write(self, line: str) -> None:
+        if self.broken:
+            return
+        if self.printer is not None:
+            self.printer(line)
+            return
+        try:
+            self._stream.write(line + "\n")
+        except (OSError, ValueError) as exc:
+            self._broke(exc)
+
+    def flush(self) -> None:
+        if self.broken or self.printer is not None:
+            return
+        try:
+            self._stream.flush()
+        except (OSError, ValueError) as exc:
+            self._broke(exc)
+
+    def _broke(self, exc: Exception) -> None:
+        # Nobody can take more results (| head, a full disk): the session stops;
+        # the joblog and --unfinished still say what was done and what was not.
+        self.broken = True
+        if isinstance(exc, OSError) and exc.errno != errno.EPIPE:
+            self.error = exc
+            say(f"procctl map: error: the results cannot be written to stdout ({exc.strerror})")
+        _silence(self._stream)
+
+
+# -- the session ----------------------------------------------------------------------
+
+
+class MapSession:
+    """Runs a plan on an executor: submit, wait, collect, act on signals, stop."""
+
+    def __init__(self, plan: MapPlan, reporter: Reporter, results: ResultWriter) -> None:
+        self.plan = plan
+        self.reporter = reporter
+        self.results = results
+        self.started = time.monotonic()
+        self.deadline = None if plan.timeout is None else self.started + plan.timeout
+        self.executor: ProcessExecutor | None = None
+        self.bridge: SignalBridge | None = None
+        self.next = 0  # position in plan.to_run of the next item to submit
+        self.futures: dict[int, Future[Any]] = {}  # position -> future, while in flight
+        self.ended: set[int] = set()  # positions with an outcome (done or failed)
+        self.completed: deque[int] = deque()  # positions whose futures completed, for the loop
+        self.pending_lines: dict[int, str] = {}  # --ordered: output waiting for earlier items
+        self.next_out = 0
+        self.done = 0
+        self.failed = 0
+        self.timed_out = False
+        self.start_failed: int | None = None  # the exit status when the workers could not start
+        self.hurried = False  # a second stop signal came before the executor was there to kill
+        self.paused = False
+        self.window = max(MIN_WINDOW, WINDOW_PER_WORKER * plan.workers)
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._selector = selectors.DefaultSelector()
+        self._selector.register(self._wake_r, selectors.EVENT_READ)
+        self.on_state: Callable[[str], None] = lambda note: None  # the live view's note
+
+    # -- the loop, as a table of contents
+
+    def run(self, bridge: SignalBridge) -> None:
+        """Run every item, or until a stop; the summary and exit status come after (report())."""
+        self.bridge = bridge
+        with bridge.attach(wake=self.wake, hurry=self.hurry):
+            try:
+                self.emit(MapEvent(self.t(), "started", items=len(self.plan.items), skipped=self.plan.skipped,
+                                   workers=self.plan.workers),
+                          f"procctl map {self.plan.spec}: {len(self.plan.to_run)} items, {self.plan.workers} "
+                          f"workers" + (f" ({self.plan.skipped} already done)" if self.plan.skipped else ""))
+                if self.plan.to_run and not self.should_stop() and self.start():
+                    while self.busy() and not self.should_stop():
+                        self.fill()
+                        self.wait()
+                        self.handle_signals()
+                        self.collect()
+            finally:
+                self.finish()
+        # Closed only now: until the bridge let go of the job, a handler may write to it.
+        self._selector.close()
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+
+    def start(self) -> bool:
+        """Start the workers; False (and the exit status noted) if they cannot run."""
+        try:
+            self.executor = make_executor(self.plan)
+        except (WorkerStartError, OSError, ValueError) as exc:
+            # The controller has killed and reaped what it had started.
+            # (ValueError: the system's limits shrank since make_plan checked them.)
+            assert self.bridge is not None
+            if self.bridge.stop_requested():
+                return False  # a stop signal hit the start (under forkserver, the fork server too): its doing
+            say(f"procctl map: error: {exc}")
+            cause = exc if isinstance(exc, OSError) else exc.__cause__
+            limit = isinstance(exc, ValueError) or (isinstance(cause, OSError) and cause.errno in LIMIT_ERRNOS)
+            self.start_failed = EXIT_USAGE if limit else EXIT_FAILED  # a limit: more workers than allowed
+            return False
+        if self.hurried:  # a second stop signal while the workers started
+            self.executor.kill()
+        return True
+
+    def report(self) -> int:
+        """The summary (after any live view has closed) and the exit status."""
+        self.summary()
+        return self.exit_status()
+
+    def busy(self) -> bool:
+        return bool(self.futures) or self.next < len(self.plan.to_run)
+
+    def should_stop(self) -> bool:
+        assert self.bridge is not None
+        if self.deadline is not None and time.monotonic() >= self.deadline:
+            self.timed_out = True
+        return self.bridge.stop_signal is not None or self.timed_out or self.results.broken
+
+    # -- steps
+
+    def fill(self) -> None:
+        """Submit items until the window is full: one future per item, keyed by its position."""
+        assert self.executor is not None
+        plan = self.plan
+        while self.next < len(plan.to_run) and len(self.futures) < self.window:
+            pos, item = self.next, plan.to_run[self.next]
+            self.next += 1
+            head = maplog.record_head(item.line, item.value, item.text) if plan.joblog else None
+            try:
+                future = self.executor.submit(run_item, plan.func, item.value, plan.joblog, head)
+            except RuntimeError as exc:  # the executor broke or shut down under us
+                self.record(pos, maplog.ItemOutcome(False, error_line(exc)), logged=False)
+                continue
+            self.futures[pos] = future
+            future.add_done_callback(functools.partial(self._completed, pos))
+
+    def _completed(self, pos: int, future: Future[Any]) -> None:
+        # In the executor's thread: hand the position to the loop and wake it.
+        self.completed.append(pos)
+        self.wake()
+
+    def wake(self) -> None:
+        """Wake the loop; safe from any thread and from a signal handler."""
+        with contextlib.suppress(BlockingIOError):  # full: the loop is due to wake anyway
+            os.write(self._wake_w, b"\0")
+
+    def wait(self) -> None:
+        """Block until a future completes, a signal comes or the deadline passes."""
+        if self.completed:
+            return
+        timeout = None if self.deadline is None else max(0.0, self.deadline - time.monotonic())
+        self._selector.select(timeout)
+        with contextlib.suppress(BlockingIOError):
+            os.read(self._wake_r, 65536)
+
+    def handle_signals(self) -> None:
+        assert self.bridge is not None and self.executor is not None
+        if self.should_stop():
+            return  # a stop wins over a pause that came with it
+        for sig in self.bridge.take():
+            if sig == signal.SIGUSR1 and not self.paused:
+                self.acknowledged(self.executor.pause, "pause")
+                self.paused = True
+                self.on_state("paused")
+                self.emit(MapEvent(self.t(), "paused"), "paused: no new item starts (SIGUSR2 resumes)")
+            elif sig == signal.SIGUSR2 and self.paused:
+                self.acknowledged(self.executor.resume, "resume")
+                self.paused = False
+                self.on_state("running")
+                self.emit(MapEvent(self.t(), "resumed"), "resumed")
+
+    @staticmethod
+    def acknowledged(command: Callable[..., None], name: str) -> None:
+        """Pause or resume, waiting a bounded time for every worker to acknowledge
+        (as `procctl run` does): a task that never checkpoints pauses when it ends,
+        and the loop must go on to see a stop signal."""
+        try:
+            command(timeout=ACK_WAIT)
+        except futures.TimeoutError:  # the builtin one from Python 3.11
+            say(f"procctl map: not every worker acknowledged the {name} within {ACK_WAIT:g}s"
+                " (a task that does not checkpoint does when it ends); going on")
+
+    def collect(self) -> None:
+        while self.completed:
+            pos = self.completed.popleft()
+            future = self.futures.pop(pos, None)
+            if future is not None and future.done() and not future.cancelled():
+                self.record(pos, *self.outcome(future))
+        self.results.flush()
+
+    @staticmethod
+    def outcome(future: Future[Any]) -> tuple[maplog.ItemOutcome, bool]:
+        """The item's outcome, and whether the worker logged it (it did unless the task never returned)."""
+        exc = future.exception()
+        if exc is None:
+            result: maplog.ItemOutcome = future.result()
+            return result, True
+        return maplog.ItemOutcome(False, error_line(exc)), False
+
+    def record(self, pos: int, outcome: maplog.ItemOutcome, logged: bool) -> None:
+        item = self.plan.to_run[pos]
+        self.ended.add(pos)
+        if outcome.ok:
+            self.done += 1
+            line = f'{{"item": {item.text}, "result": {outcome.text}}}'
+            self.reporter.emit(MapEvent(self.t(), "done", line=item.line).to_dict(), None, to_json=False)
+        else:
+            self.failed += 1
+            line = f'{{"item": {item.text}, "error": {json.dumps(outcome.text)}}}'
+            if self.plan.joblog and not logged:  # crashed or timed out: the worker could not log it
+                maplog.append(self.plan.joblog, maplog.record_head(item.line, item.value, item.text)
+                              + maplog.record_tail(outcome, None, None, None))
+            self.reporter.emit(MapEvent(self.t(), "failed", line=item.line, error=outcome.text).to_dict(),
+                               f"line {item.line} failed: {outcome.text}", to_json=False)
+        self.output(pos, line)
+
+    def output(self, pos: int, line: str) -> None:
+        if not self.plan.ordered:
+            self.results.write(line)
+            return
+        self.pending_lines[pos] = line
+        while self.next_out in self.pending_lines:
+            self.results.write(self.pending_lines.pop(self.next_out))
+            self.next_out += 1
+
+    def finish(self) -> None:
+        """Stop or shut down the executor, collect what ended meanwhile, account for the rest."""
+        executor = self.executor
+        if executor is not None:
+            if self.busy():
+                self.announce_stop()
+                executor.stop(self.plan.grace)
+            executor.shutdown(wait=True)
+            self.executor = None
+            self.completed.extend(self.futures)  # ended during the stop: output them; the rest is unfinished
+            self.collect()
+            self.recover_logged()
+        for pos in sorted(self.pending_lines):  # --ordered: what waited behind an unfinished item
+            self.results.write(self.pending_lines.pop(pos))
+        self.results.flush()
+        if self.plan.unfinished:
+            self.write_unfinished(self.plan.unfinished)
+
+    def recover_logged(self) -> None:
+        """Items that completed and logged themselves, but whose result the stop cut off on its
+        way back (the worker ended first): the joblog is the record, so they are done."""
+        if not self.plan.joblog:
+            return
+        lines = {self.plan.to_run[pos].line: pos for pos in range(self.next) if pos not in self.ended}
+        if not lines:
+            return
+        for _, record in maplog.read_records(self.plan.joblog):
+            pos = lines.pop(record["line"], None) if record["status"] == maplog.DONE else None
+            if pos is not None:
+                self.record(pos, maplog.ItemOutcome(True, json.dumps(record.get("result"))), logged=True)
+        self.results.flush()
+
+    def announce_stop(self) -> None:
+        assert self.bridge is not None
+        self.on_state("stopping")
+        if self.timed_out:
+            self.emit(MapEvent(self.t(), "timeout"), f"timeout after {self.plan.timeout}s: stopping")
+        elif self.bridge.stop_signal is not None:
+            name = signal.Signals(self.bridge.stop_signal).name
+            self.emit(MapEvent(self.t(), "stopping", signal=name), f"{name}: stopping")
+        else:
+            why = ("stdout failed" if self.results.error is not None
+                   else "stdout was closed" if self.results.broken else "an error")
+            self.emit(MapEvent(self.t(), "stopping"), f"{why}: stopping")
+
+    def hurry(self) -> None:
+        """A second SIGINT/SIGTERM (in the signal handler): kill the workers at once.
+
+        The executor's kill() only records it and wakes its manager thread,
+        which kills, also in the middle of the stop's grace; the stop then
+        counts the killed workers' items unfinished.
+        """
+        self.hurried = True
+        if self.executor is not None:
+            self.executor.kill()
+
+    def unfinished_items(self) -> Iterator[Item]:
+        return (item for pos, item in enumerate(self.plan.to_run) if pos not in self.ended)
+
+    def write_unfinished(self, path: str) -> None:
+        with open(path, "w", encoding="utf-8") as f:
+            for item in self.unfinished_items():
+                f.write((item.value if self.plan.raw_lines else item.text) + "\n")
+
+    def summary(self) -> None:
+        elapsed = time.monotonic() - self.started
+        unfinished = len(self.plan.to_run) - self.done - self.failed
+        record = {"event": "summary", "items": len(self.plan.items), "done": self.done, "failed": self.failed,
+                  "unfinished": unfinished, "skipped": self.plan.skipped, "elapsed": round(elapsed, 3),
+                  "rate": round((self.done + self.failed) / elapsed, 1) if elapsed > 0 else 0.0}
+        text = (f"summary: {len(self.plan.items)} items: {self.done} done, {self.failed} failed, "
+                f"{unfinished} unfinished")
+        if self.plan.skipped:
+            text += f", {self.plan.skipped} skipped (done before)"
+        text += f" in {elapsed:.2f}s ({record['rate']}/s)"
+        self.reporter.summary(record, text)
+
+    def exit_status(self) -> int:
+        assert self.bridge is not None
+        if self.bridge.exit_code is not None:
+            return self.bridge.exit_code
+        if self.start_failed is not None:
+            return self.start_failed
+        if self.results.broken:
+            return EXIT_PIPE if self.results.error is None else EXIT_FAILED
+        if self.timed_out:
+            return EXIT_TIMEOUT
+        return EXIT_FAILED if self.failed else EXIT_OK
+
+    def emit(self, event: MapEvent, text: str | None) -> None:
+        self.reporter.emit(event.to_dict(), text)
+
+    def t(self) -> float:
+        return round(time.monotonic() - self.started, 6)
+
+    def counts(self) -> tuple[int, int, int]:
+        return self.done, self.failed, len(self.futures)
+
+
+# -- the command ------------------------------------------------------------------------
+
+
+@click.command("map")
+@click.argument("spec", metavar="MODULE:FUNC")
+@click.option("--items", "items_path", default="-", show_default=True,
+              help="JSON Lines file of items, one JSON value a line; - reads stdin.")
+@click.option("--lines", "raw_lines", is_flag=True, help="Each input line is an item, as text (not JSON).")
+@click.option("--workers", type=click.IntRange(min=1), default=None,
+              help="Worker processes (default: the number of CPUs).")
+@click.option("--ordered", is_flag=True, help="Results in input order (default: as they complete).")
+@click.option("--retries", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Retry an item whose worker crashed or timed out, on a fresh worker.")
+@click.option("--task-timeout", type=float, default=None, help="Seconds an item may run (its worker is replaced).")
+@click.option("--timeout", type=float, default=None, help="Stop everything after this many seconds (exit 124).")
+@click.option("--grace", type=float, default=5.0, show_default=True,
+              help="Seconds running items get to stop before their workers are killed.")
+@click.option("--joblog", default=None, help="Record each item's outcome to FILE (JSON Lines), as it happens.")
+@click.option("--resume", is_flag=True, help="Skip the items the --joblog FILE has as done.")
+@click.option("--unfinished", default=None, help="At the end, write the items not done to FILE (as input).")
+@click.option("--start-method", type=click.Choice(START_METHODS), default=None)
+@click.option("--json", "json_lines", is_flag=True, help="Run events and the summary as JSON Lines on stdout too.")
+@click.option("--quiet", is_flag=True, help="No story on stderr: only results and the summary.")
+@click.option("--events", "events_path", default=None, help="Also write every event as JSON Lines to FILE.")
+def map_command(spec: str, items_path: str, raw_lines: bool, workers: int | None, ordered: bool, retries: int,
+                task_timeout: float | None, timeout: float | None, grace: float, joblog: str | None, resume: bool,
+                unfinished: str | None, start_method: str | None, json_lines: bool, quiet: bool,
+                events_path: str | None) -> int:
+    """Call MODULE:FUNC on every item, in worker processes; results as JSON Lines on stdout."""
+    from .cli import signal_bridge  # procctl.cli imports this module at its end
+
+    bridge = signal_bridge()
+    plan = make_plan(spec, items_path, raw_lines, workers, ordered, retries, task_timeout, timeout, grace,
+                     joblog, resume, unfinished, start_method, events_path, bridge)
+    if joblog and not resume:
+        open(joblog, "w").close()  # a fresh run starts a fresh log (GNU parallel does the same)
+    view_stream = None
+    if not json_lines and not quiet:
+        view_stream = sys.stdout if sys.stdout.isatty() else sys.stderr if sys.stderr.isatty() else None
+    reporter = Reporter(json_lines=json_lines, quiet=quiet or view_stream is not None,
+                        stream=sys.stdout if json_lines else sys.stderr, events_path=events_path)
+    try:
+        if view_stream is None:
+            session = MapSession(plan, reporter, ResultWriter(sys.stdout))
+            session.run(bridge)
+        else:
+            session = _run_live(plan, reporter, view_stream, bridge)
+        return session.report()
+    finally:
+        reporter.close()
+
+
+def _run_live(plan: MapPlan, reporter: Reporter, stream: IO[str], bridge: SignalBridge) -> MapSession:
+    from rich.console import Console
+
+    from .live import MapLiveView
+
+    session = MapSession(plan, reporter, ResultWriter(sys.stdout))
+    view = MapLiveView(f"procctl map {plan.spec}: {plan.workers} workers", len(plan.to_run),
+                       session.counts, console=Console(file=stream))
+    if stream is sys.stdout:
+        session.results.printer = view.print  # results print above the view
+
+    def note(state: str) -> None:
+        view.note = state
+
+    session.on_state = note
+    with view:
+        session.run(bridge)
+    return session

@@ -1,0 +1,58 @@
+"""Worker side of `procctl map`: run the user's function on one item.
+
+The command line submits `run_item` once per item. It never raises for the
+user's exception (a task that raises is a failed item, not a broken worker):
+it returns an ItemOutcome with the result already encoded as JSON, so the
+encoding work is spread over the workers and a result that is not JSON fails
+its item here, with a clear message.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+from .maplog import ItemOutcome, append, record_tail
+from .worker import context
+from .worker_plane import saw_stop
+
+
+def run_item(fn: Callable[[Any], Any], item: Any, joblog: str | None = None,
+             head: str | None = None) -> ItemOutcome:
+    """fn(item) as an ItemOutcome; with a joblog, append the item's record before returning."""
+    start = time.time()
+    t0 = time.perf_counter()
+    try:
+        value = fn(item)
+    except Exception as exc:  # noqa: BLE001 - any exception of the task fails its item
+        outcome = ItemOutcome(False, error_line(exc), traceback.format_exc())
+    else:
+        try:
+            outcome = ItemOutcome(True, json.dumps(value, allow_nan=False))
+        except (TypeError, ValueError) as exc:
+            outcome = ItemOutcome(False, f"result is not JSON: {error_line(exc)}")
+    if _interrupted():
+        # It was told to stop (a checkpoint returned False): the executor counts
+        # the item unfinished, so it is neither done nor failed, and not logged.
+        return ItemOutcome(False, "stopped")
+    if joblog is not None and head is not None:
+        append(joblog, head + record_tail(outcome, start, time.perf_counter() - t0, os.getpid()))
+    return outcome
+
+
+def _interrupted() -> bool:
+    """Whether the task was told to stop, as the executor judges it (worker_plane.saw_stop)."""
+    try:
+        ctx = context()
+    except RuntimeError:  # not in a procctl worker
+        return False
+    return saw_stop(ctx)
+
+
+def error_line(exc: BaseException) -> str:
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

@@ -1,0 +1,515 @@
+"""procctl map, as a user runs it: results, order, joblog and resume after SIGKILL, signals, bad input.
+
+Every run is a real `python -m procctl map` subprocess started in the tests
+directory, so `maptargets:FUNC` resolves as a user's module would. Tasks that
+must be counted append (item, pid) to a marks file with one O_APPEND write.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import resource
+import signal
+import subprocess
+import time
+from collections import Counter
+
+import pytest
+from clihelp import CLI, LiveCli, assert_all_gone, json_events, run_cli, run_on_pty
+
+TESTS = os.path.dirname(__file__)
+
+
+def write_items(path, items) -> str:
+    path.write_text("".join(json.dumps(i) + "\n" for i in items))
+    return str(path)
+
+
+def results(stdout: str) -> list[dict]:
+    """The result records of a run's stdout (--json adds event records)."""
+    return [r for r in json_events(stdout) if "item" in r]
+
+
+def marks(path) -> list[dict]:
+    return json_events(path.read_text()) if path.exists() else []
+
+
+def map_cli(args, **kw):
+    return run_cli(["map"] + args, cwd=TESTS, **kw)
+
+
+# -- results --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["fork", "spawn", "forkserver"])
+def test_results_as_json_lines(tmp_path, method):
+    items = write_items(tmp_path / "in.jsonl", range(20))
+    res = map_cli(["maptargets:square", "--items", items, "--workers", "3", "--start-method", method])
+    assert res.returncode == 0, res.stderr
+    got = json_events(res.stdout)
+    assert sorted(got, key=lambda r: r["item"]) == [{"item": i, "result": i * i} for i in range(20)]
+    assert "summary: 20 items: 20 done, 0 failed, 0 unfinished" in res.stderr
+
+
+def test_any_json_value_is_an_item_and_blank_lines_are_skipped(tmp_path):
+    values = [{"a": [1, 2]}, "text", 3.5, None, [True, False], {"nested": {"x": "é"}}]
+    path = tmp_path / "in.jsonl"
+    path.write_text("\n".join(json.dumps(v) for v in values[:3]) + "\n\n  \n"
+                    + "\n".join(json.dumps(v) for v in values[3:]))  # no newline at the end
+    res = map_cli(["maptargets:mark", "--items", str(path), "--ordered"], env={"MAP_MARKS": str(tmp_path / "m")})
+    assert res.returncode == 0, res.stderr
+    assert json_events(res.stdout) == [{"item": v, "result": v} for v in values]
+
+
+def test_ordered_keeps_input_order(tmp_path):
+    items = write_items(tmp_path / "in.jsonl", range(20))
+    res = map_cli(["maptargets:later_items_first", "--items", items, "--workers", "2", "--ordered"])
+    assert res.returncode == 0, res.stderr
+    assert [r["item"] for r in json_events(res.stdout)] == list(range(20))
+
+
+def test_lines_from_stdin():
+    text = "alpha\n\nbeta gamma\n{not json}\n"
+    res = map_cli(["maptargets:upper", "--lines", "--ordered"], input=text)
+    assert res.returncode == 0, res.stderr
+    assert json_events(res.stdout) == [{"item": s, "result": s.upper()}
+                                       for s in ("alpha", "", "beta gamma", "{not json}")]
+
+
+def test_failed_items_give_error_records_and_exit_1(tmp_path):
+    items = write_items(tmp_path / "in.jsonl", range(1, 10))
+    res = map_cli(["maptargets:fail_on_multiples_of_3", "--items", items, "--ordered", "--json"])
+    assert res.returncode == 1
+    records = json_events(res.stdout)
+    assert results(res.stdout) == [
+        {"item": i, "error": f"ValueError: {i} is a multiple of 3"} if i % 3 == 0 else {"item": i, "result": i}
+        for i in range(1, 10)]
+    assert records[0]["event"] == "started" and records[0]["items"] == 9
+    summary = records[-1]
+    assert summary["event"] == "summary"
+    assert (summary["done"], summary["failed"], summary["unfinished"]) == (6, 3, 0)
+    assert "Traceback" not in res.stderr
+
+
+def test_a_crash_or_a_timeout_fails_only_its_item(tmp_path):
+    items = write_items(tmp_path / "in.jsonl", range(1, 9))
+    log = tmp_path / "log"
+    res = map_cli(["maptargets:crash_on_5_hang_on_3", "--items", items, "--workers", "2", "--ordered",
+                   "--retries", "1", "--task-timeout", "0.5", "--joblog", str(log)])
+    assert res.returncode == 1, res.stderr
+    records = json_events(res.stdout)
+    assert [r.get("result") for r in records] == [1, 2, None, 4, None, 6, 7, 8]
+    assert records[2]["error"].startswith("TaskTimeout:")
+    assert records[4]["error"].startswith("WorkerCrashed:") and "code 3" in records[4]["error"]
+    failed = {r["line"]: r for r in json_events(log.read_text()) if r["status"] == "failed"}
+    assert sorted(failed) == [3, 5] and failed[5]["pid"] is None
+
+
+def test_a_result_that_is_not_json_fails_its_item(tmp_path):
+    res = map_cli(["maptargets:not_json"], input="1\n")
+    assert res.returncode == 1
+    [record] = json_events(res.stdout)
+    assert record["item"] == 1 and record["error"].startswith("result is not JSON: TypeError")
+
+
+def test_empty_input_runs_nothing_and_exits_0(tmp_path):
+    res = map_cli(["maptargets:square", "--json"], input="")
+    assert res.returncode == 0
+    assert json_events(res.stdout)[-1]["items"] == 0
+
+
+# -- bad input: one line, exit 2, nothing run -------------------------------------------
+
+
+BAD = [
+    (["nosuchmodule_xyz:f"], "cannot import module"),
+    (["maptargets:missing"], "has no attribute"),
+    (["maptargets:NOT_CALLABLE"], "is not callable"),
+    (["maptargets:no_argument"], "must take one argument"),
+    (["maptargets"], "must look like"),
+    (["maptargets:mark", "--items", "{bad}"], "line 3 is not JSON"),
+    (["maptargets:mark", "--items", "{nan}"], "line 2 is not JSON"),
+    (["maptargets:mark", "--items", "{huge}"], "line 2 is not JSON: 1e999 is out of range"),
+    (["maptargets:mark", "--items", "/no/such/items.jsonl"], "cannot be read"),
+    (["maptargets:mark", "--items", "{dir}"], "cannot be read"),
+    (["maptargets:mark", "--resume"], "--resume needs --joblog"),
+    (["maptargets:mark", "--workers", "0"], "--workers"),
+    (["maptargets:mark", "--workers", "99999999999999999999999"], "file descriptors; the limit is"),
+    (["maptargets:mark", "--retries", "-1"], "--retries"),
+    (["maptargets:mark", "--task-timeout", "nan"], "--task-timeout"),
+    (["maptargets:mark", "--task-timeout", "0"], "--task-timeout"),
+    (["maptargets:mark", "--timeout", "-1"], "--timeout"),
+    (["maptargets:mark", "--grace", "nan"], "--grace"),
+    (["maptargets:mark", "--joblog", "/no/such/dir/log"], "--joblog"),
+    (["maptargets:mark", "--unfinished", "{dir}"], "is a directory"),
+]
+
+
+@pytest.mark.parametrize("args, message", BAD, ids=[" ".join(a) for a, _ in BAD])
+def test_bad_input_is_one_line_exit_2_and_nothing_runs(tmp_path, args, message):
+    good = tmp_path / "good.jsonl"
+    write_items(good, [1, 2])
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('1\n"two"\n{"three": \n4\n')
+    nan = tmp_path / "nan.jsonl"
+    nan.write_text("1\nNaN\n")
+    huge = tmp_path / "huge.jsonl"
+    huge.write_text("1\n1e999\n")
+    args = [a.format(bad=bad, nan=nan, huge=huge, dir=tmp_path) for a in args]
+    if "--items" not in args:
+        args += ["--items", str(good)]
+    marks_file = tmp_path / "marks"
+    res = map_cli(args + ["--events", str(tmp_path / "events")], env={"MAP_MARKS": str(marks_file)})
+    assert res.returncode == 2, res.stderr
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], res.stderr
+    assert res.stdout == ""
+    assert not marks_file.exists()  # no item ran: the input was checked before any worker started
+    assert not (tmp_path / "events").exists()
+
+
+def test_resume_refuses_a_joblog_of_another_input(tmp_path):
+    items = write_items(tmp_path / "in.jsonl", range(5))
+    log = str(tmp_path / "log")
+    assert map_cli(["maptargets:square", "--items", items, "--joblog", log]).returncode == 0
+    other = write_items(tmp_path / "other.jsonl", [10, 11, 12, 13, 14])
+    res = map_cli(["maptargets:square", "--items", other, "--joblog", log, "--resume"])
+    assert res.returncode == 2 and res.stdout == ""
+    assert "another input" in res.stderr and len(res.stderr.strip().splitlines()) == 1
+
+
+# -- joblog and resume ------------------------------------------------------------------
+
+
+def test_joblog_records_every_item_and_resume_reruns_only_failures(tmp_path):
+    items = write_items(tmp_path / "in.jsonl", range(1, 8))
+    log = tmp_path / "log"
+    res = map_cli(["maptargets:fail_on_multiples_of_3", "--items", items, "--joblog", str(log)])
+    assert res.returncode == 1
+    records = json_events(log.read_text())
+    assert sorted(r["line"] for r in records) == list(range(1, 8))
+    for r in records:
+        assert r["item"] == r["line"] and len(r["sha"]) == 16 and r["runtime"] >= 0 and r["pid"] > 0
+        assert r["status"] == ("failed" if r["item"] % 3 == 0 else "done")
+        assert r.get("result") == (None if r["item"] % 3 == 0 else r["item"])
+    # A resumed run skips what is done and runs the failed items again.
+    res = map_cli(["maptargets:fail_on_multiples_of_3", "--items", items, "--joblog", str(log), "--resume",
+                   "--json"])
+    assert res.returncode == 1
+    assert sorted(r["item"] for r in results(res.stdout)) == [3, 6]
+    assert json_events(res.stdout)[-1]["skipped"] == 5
+
+
+def test_sigkill_mid_run_then_resume_does_every_item_exactly_once(tmp_path):
+    n = 40
+    items = write_items(tmp_path / "in.jsonl", range(n))
+    log, marks_file = tmp_path / "log", tmp_path / "marks"
+    env = {"MAP_MARKS": str(marks_file), "MAP_DELAY": "0.02"}
+    args = ["maptargets:mark", "--items", items, "--workers", "2", "--joblog", str(log)]
+    cli = LiveCli(["map"] + args, cwd=TESTS, env=env)
+    try:
+        cli.wait_for(lambda lines: len(lines) >= 10)
+        os.kill(cli.proc.pid, signal.SIGKILL)  # no stop, no flush, no cleanup
+        cli.proc.wait(10)
+    finally:
+        cli.kill()
+    first = {r["item"] for r in marks(marks_file)}
+    assert 10 <= len(first) < n
+    assert_all_gone({m["pid"] for m in marks(marks_file)})  # the workers died with the command line
+    logged = {r["item"] for r in json_events(log.read_text()) if r["status"] == "done"}
+    assert logged == first  # every item that ran is in the joblog, none that did not
+
+    res = map_cli(args + ["--resume", "--json"], env={**env, "MAP_DELAY": "0"})
+    assert res.returncode == 0, res.stderr
+    assert {r["item"] for r in results(res.stdout)} == set(range(n)) - first
+    assert json_events(res.stdout)[-1]["skipped"] == len(first)
+    counts = Counter(m["item"] for m in marks(marks_file))
+    assert counts == Counter(range(n))  # every item done, none twice
+    assert_all_gone({m["pid"] for m in marks(marks_file)})
+
+
+# -- signals ------------------------------------------------------------------------
+
+
+# SIGINT to the group is Ctrl-C on a terminal (the workers ignore it, the command line stops them);
+# SIGTERM to the group reaches the workers too: each ends after its task, which counts as done.
+@pytest.mark.parametrize("sig, code, to_group", [(signal.SIGINT, 130, False), (signal.SIGTERM, 143, False),
+                                                 (signal.SIGINT, 130, True), (signal.SIGTERM, 143, True)],
+                         ids=["SIGINT", "SIGTERM", "SIGINT-to-group", "SIGTERM-to-group"])
+def test_stop_signal_writes_the_unfinished_items(tmp_path, sig, code, to_group):
+    n = 40
+    items = write_items(tmp_path / "in.jsonl", [{"n": i} for i in range(n)])
+    unfinished, marks_file = tmp_path / "todo.jsonl", tmp_path / "marks"
+    cli = LiveCli(["map", "maptargets:mark", "--items", items, "--workers", "2", "--unfinished", str(unfinished)],
+                  cwd=TESTS, env={"MAP_MARKS": str(marks_file), "MAP_DELAY": "0.02"})
+    try:
+        cli.wait_for(lambda lines: len(lines) >= 5)
+        if to_group:
+            cli.signal_group(sig)
+        else:
+            os.kill(cli.proc.pid, sig)
+        rc, out, err = cli.finish()
+    finally:
+        cli.kill()
+    assert rc == code, err
+    assert "Traceback" not in err
+    done = [r["item"]["n"] for r in json_events(out)]
+    left = [r["n"] for r in json_events(unfinished.read_text())]
+    assert left and left == sorted(left)  # in input order, as input
+    assert sorted(done + left) == list(range(n))  # each item once: done or unfinished
+    assert sorted(m["item"]["n"] for m in marks(marks_file)) == sorted(done)
+    assert f"{len(left)} unfinished" in err
+    assert_all_gone({m["pid"] for m in marks(marks_file)})
+
+
+def test_second_sigint_kills_at_once(tmp_path):
+    items = write_items(tmp_path / "in.jsonl", range(4))
+    unfinished = tmp_path / "todo.jsonl"
+    cli = LiveCli(["map", "maptargets:ignore_stop", "--items", items, "--workers", "2", "--grace", "30", "--json",
+                   "--unfinished", str(unfinished)], cwd=TESTS, env={"MAP_MARKS": str(tmp_path / "marks")})
+    try:
+        cli.wait_for(lambda lines: cli.err.count(b"task started") == 2)  # both workers are in a task
+        os.kill(cli.proc.pid, signal.SIGINT)
+        cli.wait_for(lambda lines: any('"stopping"' in line for line in lines))  # the stop has begun
+        t0 = time.monotonic()
+        os.kill(cli.proc.pid, signal.SIGINT)  # must cut the 30 s grace short
+        rc, out, err = cli.finish(timeout=15)
+        took = time.monotonic() - t0
+    finally:
+        cli.kill()
+    assert rc == 130 and took < 10, err
+    assert "Traceback" not in err
+    assert json_events(unfinished.read_text()) == [0, 1, 2, 3]
+    assert_all_gone({m["pid"] for m in marks(tmp_path / "marks")})
+
+
+def test_sigusr1_pauses_and_sigusr2_resumes(tmp_path):
+    n = 30
+    items = write_items(tmp_path / "in.jsonl", range(n))
+    marks_file = tmp_path / "marks"
+    cli = LiveCli(["map", "maptargets:mark", "--items", items, "--workers", "2", "--json"], cwd=TESTS,
+                  env={"MAP_MARKS": str(marks_file), "MAP_DELAY": "0.02"})
+    try:
+        cli.wait_for(lambda lines: len(lines) >= 4)
+        os.kill(cli.proc.pid, signal.SIGUSR1)
+        cli.wait_for(lambda lines: any('"paused"' in line for line in lines))
+        at_pause = len(marks(marks_file))
+        time.sleep(0.5)  # a window to watch: a paused pool starts no item
+        assert len(marks(marks_file)) == at_pause < n
+        os.kill(cli.proc.pid, signal.SIGUSR2)
+        rc, out, err = cli.finish()
+    finally:
+        cli.kill()
+    assert rc == 0, err
+    kinds = [r.get("event") for r in json_events(out)]
+    assert kinds.index("paused") < kinds.index("resumed")
+    assert sorted(r["item"] for r in results(out)) == list(range(n))
+
+
+def test_a_pause_that_a_long_task_holds_up_does_not_hold_up_a_stop(tmp_path):
+    items = write_items(tmp_path / "in.jsonl", range(4))
+    unfinished = tmp_path / "todo.jsonl"
+    cli = LiveCli(["map", "maptargets:ignore_stop", "--items", items, "--workers", "2", "--grace", "0", "--json",
+                   "--unfinished", str(unfinished)], cwd=TESTS, env={"MAP_MARKS": str(tmp_path / "marks")})
+    try:
+        cli.wait_for(lambda lines: cli.err.count(b"task started") == 2)  # both workers are in a 60 s task
+        os.kill(cli.proc.pid, signal.SIGUSR1)  # no task checkpoints: no worker can acknowledge the pause
+        cli.wait_for(lambda lines: b"acknowledged the pause" in cli.err)
+        os.kill(cli.proc.pid, signal.SIGINT)
+        rc, out, err = cli.finish(timeout=20)
+    finally:
+        cli.kill()
+    assert rc == 130, err
+    assert json_events(unfinished.read_text()) == [0, 1, 2, 3]
+    assert_all_gone({m["pid"] for m in marks(tmp_path / "marks")})
+
+
+def test_timeout_stops_cleanly_and_exits_124(tmp_path):
+    items = write_items(tmp_path / "in.jsonl", range(100))
+    unfinished = tmp_path / "todo.jsonl"
+    res = map_cli(["maptargets:mark", "--items", items, "--workers", "2", "--timeout", "0.5",
+                   "--unfinished", str(unfinished)], env={"MAP_MARKS": str(tmp_path / "m"), "MAP_DELAY": "0.05"})
+    assert res.returncode == 124
+    done = [r["item"] for r in json_events(res.stdout)]
+    left = json_events(unfinished.read_text())
+    assert done and left and sorted(done + left) == list(range(100))
+
+
+def test_live_view_on_a_terminal(tmp_path):
+    items = write_items(tmp_path / "in.jsonl", range(30))
+    code, out = run_on_pty(["map", "maptargets:mark", "--items", items, "--workers", "2"], cwd=TESTS,
+                           env={"MAP_MARKS": str(tmp_path / "m"), "MAP_DELAY": "0.02"})
+    assert code == 0
+    assert "\x1b[" in out  # redrawn in place
+    assert "30/30" in out and "done" in out and "/s" in out
+    assert '{"item": 29, "result": 29}' in out  # results print above the view
+    assert "summary: 30 items: 30 done" in out
+
+
+# -- hardening: limits, streams, strict JSON, signals at any moment ------------------------
+
+
+def strict_json(line: str) -> dict:
+    """json.loads that refuses NaN and Infinity, as strict parsers do."""
+    def refuse(token: str) -> None:
+        raise ValueError(f"invalid JSON token {token}")
+
+    return json.loads(line, parse_constant=refuse)
+
+
+def with_limit(which: int, soft: int):
+    def preexec() -> None:
+        _, hard = resource.getrlimit(which)
+        resource.setrlimit(which, (soft, hard))
+    return preexec
+
+
+def test_more_workers_than_the_fd_limit_names_the_limit(tmp_path):
+    items = write_items(tmp_path / "in.jsonl", range(300))
+    res = subprocess.run(CLI + ["map", "maptargets:square", "--items", items, "--workers", "200"], cwd=TESTS,
+                         capture_output=True, text=True, timeout=30, preexec_fn=with_limit(resource.RLIMIT_NOFILE, 256))
+    assert res.returncode == 2 and res.stdout == ""
+    [line] = res.stderr.strip().splitlines()
+    assert "200 workers need about" in line and "file descriptors; the limit is 256" in line
+
+
+def test_a_result_without_a_json_form_fails_its_item_and_the_output_stays_strict(tmp_path):
+    res = map_cli(["maptargets:not_finite", "--json", "--ordered"], input="1\n2\n3\n")
+    assert res.returncode == 1
+    records = [strict_json(line) for line in res.stdout.splitlines()]
+    assert [r.get("result") for r in results(res.stdout)] == [None, 2, None]
+    assert all(r["error"].startswith("result is not JSON") for r in results(res.stdout) if "error" in r)
+    assert records[-1]["event"] == "summary" and records[-1]["failed"] == 2
+
+
+def test_events_to_dev_full_is_one_warning_and_the_run_goes_on(tmp_path):
+    items = write_items(tmp_path / "in.jsonl", range(5))
+    res = map_cli(["maptargets:square", "--items", items, "--json", "--events", "/dev/full"])
+    assert res.returncode == 0
+    [line] = res.stderr.strip().splitlines()
+    assert "event log" in line and "/dev/full" in line
+    assert sorted(r["item"] for r in results(res.stdout)) == list(range(5))
+    assert strict_json(res.stdout.splitlines()[-1])["event"] == "summary"
+
+
+@pytest.mark.parametrize("stream", [1, 2], ids=["stdout", "stderr"])
+def test_a_closed_output_stream_is_not_a_crash(tmp_path, stream):
+    items = write_items(tmp_path / "in.jsonl", range(5))
+    log, joblog = tmp_path / "events.jsonl", tmp_path / "joblog"
+    res = subprocess.run(CLI + ["map", "maptargets:square", "--items", items, "--events", str(log),
+                                "--joblog", str(joblog)], cwd=TESTS, capture_output=True, text=True, timeout=60,
+                         preexec_fn=lambda: os.close(stream))
+    assert res.returncode == 0, res.stderr
+    assert "Traceback" not in res.stderr + res.stdout
+    assert strict_json(log.read_text().splitlines()[-1])["done"] == 5
+    assert len(json_events(joblog.read_text())) == 5
+
+
+def test_stdout_on_a_full_disk_stops_the_run_with_one_line(tmp_path):
+    items = write_items(tmp_path / "in.jsonl", range(5))
+    with open("/dev/full", "w") as full:
+        res = subprocess.run(CLI + ["map", "maptargets:square", "--items", items, "--quiet"], cwd=TESTS,
+                             stdout=full, stderr=subprocess.PIPE, text=True, timeout=60)
+    assert res.returncode == 1
+    assert "Traceback" not in res.stderr
+    assert "No space left on device" in res.stderr
+
+
+def test_ctrl_c_while_reading_items_from_stdin_ends_the_command(tmp_path):
+    proc = subprocess.Popen(CLI + ["map", "maptargets:square"], cwd=TESTS, stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        proc.stdin.write(b"1\n")
+        proc.stdin.flush()  # it is reading, and stdin stays open
+        os.killpg(proc.pid, signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+        proc.wait(10)
+    assert proc.returncode in (130, -signal.SIGINT) and out == b"", err
+    assert b"Traceback" not in err
+
+
+def _launch(events: str, items: str, marks_file, blocked: bool = False) -> subprocess.Popen:
+    def block() -> None:
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+
+    return subprocess.Popen(CLI + ["map", "maptargets:mark", "--items", items, "--workers", "2", "--json",
+                                   "--events", events], cwd=TESTS, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env={**os.environ, "MAP_MARKS": str(marks_file), "MAP_DELAY": "0.05"},
+                            start_new_session=True, preexec_fn=block if blocked else None)
+
+
+def _assert_clean_stop(proc: subprocess.Popen, sig: int, code: int, events: str, marks_file) -> bool:
+    """The run stopped cleanly (True), or the signal came before any procctl code ran (False)."""
+    out, err = proc.communicate(timeout=30)
+    if proc.returncode == -sig or (sig == signal.SIGINT and proc.returncode == 1 and b"/procctl/" not in err):
+        assert not out  # the interpreter's own start-up: a death by the signal, as a shell reports it
+        return False
+    assert proc.returncode == code, err.decode()
+    assert b"Traceback" not in err
+    if os.path.exists(events):
+        log = [strict_json(line) for line in open(events).read().splitlines()]
+        assert log[-1]["event"] == "summary"
+        assert log[-1]["done"] == len(marks(marks_file))
+    assert_all_gone({m["pid"] for m in marks(marks_file)})
+    return True
+
+
+SIGNALS = [(signal.SIGINT, 130), (signal.SIGTERM, 143)]
+
+
+@pytest.mark.parametrize("sig, code", SIGNALS, ids=["SIGINT", "SIGTERM"])
+def test_a_signal_before_the_handlers_exist_is_a_clean_stop(tmp_path, sig, code):
+    items = write_items(tmp_path / "in.jsonl", range(20))
+    events, marks_file = str(tmp_path / "events.jsonl"), tmp_path / "marks"
+    proc = _launch(events, items, marks_file, blocked=True)
+    try:
+        os.killpg(proc.pid, sig)
+        assert _assert_clean_stop(proc, sig, code, events, marks_file)
+    finally:
+        proc.kill()
+        proc.wait(10)
+
+
+@pytest.mark.parametrize("sig, code", SIGNALS, ids=["SIGINT", "SIGTERM"])
+def test_a_signal_at_a_random_moment_is_a_clean_stop(tmp_path, sig, code):
+    # Three runs get the signal, to their process group, at random moments of their
+    # first 0.6 s (start-up, reading and checking the input, workers starting, running).
+    items = write_items(tmp_path / "in.jsonl", range(20))
+    runs = []
+    for i in range(3):
+        events, marks_file = str(tmp_path / f"events{i}.jsonl"), tmp_path / f"marks{i}"
+        runs.append((_launch(events, items, marks_file), events, marks_file, random.uniform(0.0, 0.6)))
+    try:
+        t0 = time.monotonic()
+        for proc, _, _, delay in sorted(runs, key=lambda r: r[3]):
+            time.sleep(max(0.0, t0 + delay - time.monotonic()))  # bounded pacing of the signal times under test
+            os.killpg(proc.pid, sig)
+        for proc, events, marks_file, _ in runs:
+            _assert_clean_stop(proc, sig, code, events, marks_file)
+    finally:
+        for proc, _, _, _ in runs:
+            proc.kill()
+            proc.wait(10)
+
+
+def test_sigterm_while_stderr_is_a_broken_pipe_exits_143(tmp_path):
+    items = write_items(tmp_path / "in.jsonl", range(40))
+    marks_file = tmp_path / "marks"
+    cli = LiveCli(["map", "maptargets:mark", "--items", items, "--workers", "2", "--json"], cwd=TESTS,
+                  env={"MAP_MARKS": str(marks_file), "MAP_DELAY": "0.02"})
+    try:
+        cli.wait_for(lambda lines: len(lines) >= 3)
+        cli.proc.stderr.close()  # nobody reads stderr any more
+        cli._sel.unregister(cli.proc.stderr)
+        os.kill(cli.proc.pid, signal.SIGTERM)
+        out, _ = cli.proc.communicate(timeout=30)
+    finally:
+        cli.kill()
+    assert cli.proc.returncode == 143
+    records = json_events("\n".join(cli.lines) + "\n" + out.decode())
+    assert records[-1]["event"] == "summary"
+    assert_all_gone({m["pid"] for m in marks(marks_file)})
