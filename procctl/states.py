@@ -44,6 +44,7 @@ class WorkerReport:
     exitcode: int | None = None
     started: float = 0.0  # time.time() when the process was started
     ended: float = 0.0  # time.time() when the controller saw it end
+    node: str | None = None  # the Dask worker it ran on (procctl.cluster); None on one machine
 
     @property
     def duration(self) -> float:
@@ -72,6 +73,7 @@ class WorkerStatus:
     rate: float | None = None  # progress units per second since the first report
     eta: float | None = None  # seconds left at that rate, when total is known
     info: dict[str, Any] = field(default_factory=dict)
+    node: str | None = None  # the Dask worker it runs on (procctl.cluster)
 
 
 @dataclass(frozen=True)
@@ -93,6 +95,7 @@ class Event:
     done: float | None = None
     total: float | None = None
     task: int | None = None  # the executor's task id, on task events
+    node: str | None = None  # the Dask worker, in a cluster run
 
     def to_dict(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if v is not None}

@@ -1,0 +1,337 @@
+"""The node agent: a long-running Dask task that runs procctl on its machine.
+
+    Dask worker process (one node)
+    ------------------------------
+    Agent.serve(): commands.get(timeout) -> apply; lease and BEAT on each timeout
+    local ProcessController / ProcessExecutor: worker processes, escalation,
+        parent-death watch (every per-machine guarantee of procctl)
+    Outbox thread: [Message, ...] -> the run's up queue
+
+The agent holds a lease from the client: every command renews it, and when
+none came for `lease` seconds (the client died or was cut off) it stops its
+workers (grace, then escalation) and returns; the Dask worker stays up.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import pickle
+import queue
+import threading
+import time
+import traceback
+from collections import OrderedDict
+from concurrent.futures import Future as LocalFuture
+from typing import Any
+
+from distributed import Queue, get_client, secede
+
+from ..controller import ProcessController
+from ..executor import ProcessExecutor
+from ..states import Event, State
+from .session import claim
+from .wire import AgentSpec, Command, Message, Op, Up
+
+log = logging.getLogger("procctl")
+
+#: Answers kept for commands the client may send again.
+KEPT_ANSWERS = 64
+#: How long the agent waits for its last messages to reach the scheduler.
+FLUSH_TIMEOUT = 5.0
+
+
+class Outbox:
+    """One thread that puts what the agent says into the up queue, in batches."""
+
+    def __init__(self, up: Any, node: int) -> None:
+        self._up = up
+        self._node = node
+        self._pending: queue.SimpleQueue[Message | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._send_loop, name="procctl-agent-outbox", daemon=True)
+        self._thread.start()
+
+    def say(self, kind: Up, seq: int = 0, body: Any = None) -> None:
+        self._pending.put(Message(self._node, kind, seq, body))
+
+    def close(self) -> None:
+        """Send what is waiting, then end the thread."""
+        self._pending.put(None)
+        self._thread.join(FLUSH_TIMEOUT)
+
+    def _send_loop(self) -> None:
+        while True:
+            first = self._pending.get()
+            batch = [] if first is None else [first]
+            last = first is None
+            while not last:
+                try:
+                    more = self._pending.get_nowait()
+                except queue.Empty:
+                    break
+                if more is None:
+                    last = True
+                else:
+                    batch.append(more)
+            if batch:
+                try:
+                    self._up.put(batch, timeout=FLUSH_TIMEOUT)
+                except Exception as exc:  # noqa: BLE001 - the client side is gone: the lease ends us
+                    log.debug("agent %d: up queue put failed: %r", self._node, exc)
+            if last:
+                return
+
+
+class Agent:
+    """What every agent does: listen, answer once per sequence number, keep the lease."""
+
+    def __init__(self, spec: AgentSpec) -> None:
+        self.spec = spec
+        client = get_client()
+        self.commands = Queue(spec.commands, client=client)
+        self.outbox = Outbox(Queue(spec.up, client=client), spec.node)
+        self.answers: OrderedDict[int, Any] = OrderedDict()
+        self.last_seq = 0
+        self.done = False
+        self.gone_why: str | None = None
+
+    def serve(self) -> None:
+        deadline = time.monotonic() + self.spec.lease
+        while not self.done:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                self.gone_why = f"lease of {self.spec.lease}s expired: the client is gone"
+                log.warning("procctl agent on node %d: %s; stopping its workers", self.spec.node, self.gone_why)
+                self.lease_lost()
+                return
+            try:
+                cmd = self.commands.get(timeout=min(left, self.spec.beat))
+            except TimeoutError:
+                self.outbox.say(Up.BEAT)
+                continue
+            except Exception as exc:  # noqa: BLE001 - our worker's link to the scheduler is gone
+                self.gone_why = f"command queue failed: {exc!r:.120}"
+                self.lease_lost()
+                return
+            deadline = time.monotonic() + self.spec.lease
+            if not isinstance(cmd, Command) or cmd.op is Op.LEASE:
+                continue
+            if cmd.seq <= self.last_seq:
+                if cmd.seq in self.answers:  # its answer was lost: say it again
+                    self.outbox.say(Up.ACK, cmd.seq, self.answers[cmd.seq])
+                continue
+            self.last_seq = cmd.seq
+            try:
+                answer = self.apply(cmd)
+            except Exception as exc:  # noqa: BLE001 - the client raises it
+                answer = ("error", f"{type(exc).__name__}: {exc}")
+            self.answers[cmd.seq] = answer
+            while len(self.answers) > KEPT_ANSWERS:
+                self.answers.popitem(last=False)
+            self.outbox.say(Up.ACK, cmd.seq, answer)
+
+    def finish(self) -> None:
+        self.outbox.say(Up.GONE, body=self.gone_why)
+        self.outbox.close()
+
+    def apply(self, cmd: Command) -> Any:
+        raise NotImplementedError
+
+    def lease_lost(self) -> None:
+        raise NotImplementedError
+
+
+def _allow_children() -> None:
+    # A Dask worker process is daemonic by default, and multiprocessing
+    # refuses children to a daemon; procctl's own guarantees (parent-death
+    # watch, escalation) take the daemon flag's place for our workers.
+    me = multiprocessing.current_process()
+    if me.daemon:
+        me.daemon = False
+
+
+class ControllerAgent(Agent):
+    def __init__(self, spec: AgentSpec, pc_args: dict[str, Any]) -> None:
+        super().__init__(spec)
+        self.pc = ProcessController(on_event=self._on_event, **pc_args)
+        self.watcher: threading.Thread | None = None
+
+    def start(self) -> None:
+        self.pc.start()
+        self.outbox.say(Up.HELLO, body=[s.pid for s in self.pc.status()])
+        # One thread pumps the controller, so that ends are seen as they happen.
+        self.watcher = threading.Thread(target=self.pc.wait_ended, args=(None,),
+                                        name="procctl-agent-watch", daemon=True)
+        self.watcher.start()
+
+    def _on_event(self, event: Event) -> None:
+        if event.event == "broadcast":
+            return  # the client says its own
+        self.outbox.say(Up.EVENT, body=(time.time(), event))
+        if event.worker is not None and event.event in ("finished", "stopped", "failed", "crashed", "killed"):
+            report = self.pc.reports.get(event.worker)
+            if report is not None:
+                self.outbox.say(Up.REPORT, body=_picklable_report(report))
+
+    def apply(self, cmd: Command) -> Any:
+        if cmd.op is Op.BROADCAST:
+            state, timeout = cmd.arg
+            try:
+                self.pc.broadcast(State(state), timeout=timeout)
+            except TimeoutError:
+                return ("timeout", [s.worker_id for s in self.pc.status() if s.alive])
+            return None
+        if cmd.op is Op.STATUS:
+            return self.pc.status()
+        if cmd.op is Op.KILL:
+            self.pc.kill()
+            self.pc.wakeup()
+            return None
+        if cmd.op is Op.STOP:
+            self.outbox.say(Up.ACK, cmd.seq, ("accepted", None))
+            reports = self.pc.stop(grace=cmd.arg)
+            self.done = True
+            return {wid: _picklable_report(r) for wid, r in reports.items()}
+        raise ValueError(f"unknown command {cmd.op}")
+
+    def lease_lost(self) -> None:
+        self.pc.stop()
+
+    def close(self) -> None:
+        self.pc.close()
+        if self.watcher is not None:
+            self.watcher.join(FLUSH_TIMEOUT)
+
+
+def _picklable_report(report: Any) -> Any:
+    try:
+        pickle.dumps(report.result)
+    except Exception as exc:  # noqa: BLE001 - a result that cannot cross to the client
+        from dataclasses import replace
+
+        return replace(report, result=None, error=(report.error or "") + f"result not sent: {exc!r:.200}")
+    return report
+
+
+def run_controller_agent(spec: AgentSpec, pc_args: dict[str, Any]) -> str:
+    """The Dask task of one node of a ClusterController."""
+    secede()  # a long-running task: it does not hold one of the worker's task slots
+    if not claim(spec.claim):
+        return "already ran"
+    _allow_children()
+    agent = ControllerAgent(spec, pc_args)
+    try:
+        try:
+            agent.start()
+        except BaseException as exc:
+            agent.gone_why = f"{type(exc).__name__}: {exc}"
+            raise
+        agent.serve()
+    finally:
+        agent.close()
+        agent.finish()
+    return agent.gone_why or "stopped"
+
+
+# -- the executor's agent --------------------------------------------------------------
+
+
+def run_task(tid: int, blob: bytes) -> Any:
+    """Run in a local worker: one task (or a map chunk) of the ClusterExecutor."""
+    fn, calls, chunk = pickle.loads(blob)
+    if chunk:
+        return [fn(*args, **kwargs) for args, kwargs in calls]
+    args, kwargs = calls[0]
+    return fn(*args, **kwargs)
+
+
+class ExecutorAgent(Agent):
+    def __init__(self, spec: AgentSpec, ex_args: dict[str, Any]) -> None:
+        super().__init__(spec)
+        self.ex_args = ex_args
+        self.ex: ProcessExecutor | None = None
+        self.tids: dict[LocalFuture[Any], int] = {}
+
+    def start(self) -> None:
+        self.ex = ProcessExecutor(**self.ex_args)
+        self.outbox.say(Up.HELLO, body=[s.pid for s in self.ex.status()])
+
+    def apply(self, cmd: Command) -> Any:
+        assert self.ex is not None
+        if cmd.op is Op.TASKS:
+            for tid, blob in cmd.arg:
+                fut = self.ex.submit(run_task, tid, blob)
+                fut.add_done_callback(lambda f, tid=tid: self._done(tid, f))
+            return None
+        if cmd.op is Op.PAUSE:
+            self.ex.pause()
+            return None
+        if cmd.op is Op.RESUME:
+            self.ex.resume()
+            return None
+        if cmd.op is Op.STATUS:
+            return self.ex.status()
+        if cmd.op is Op.KILL:
+            self.ex._pc.kill()  # noqa: SLF001 - our own executor's controller
+            return None
+        if cmd.op is Op.STOP:
+            self.outbox.say(Up.ACK, cmd.seq, ("accepted", None))
+            left = self.ex.stop(grace=cmd.arg)
+            self.done = True
+            return ([item[0] for item in left.items], [item[0] for item in left.running])
+        raise ValueError(f"unknown command {cmd.op}")
+
+    def _done(self, tid: int, fut: LocalFuture[Any]) -> None:
+        if fut.cancelled():
+            return  # stop() hands it back as unfinished
+        exc = fut.exception()
+        if exc is None:
+            value = fut.result()
+            try:
+                pickle.dumps(value)
+            except Exception as err:  # noqa: BLE001 - the future fails with it instead
+                self.outbox.say(Up.RESULT, body=(tid, False, _portable(err), None))
+                return
+            self.outbox.say(Up.RESULT, body=(tid, True, value, None))
+        else:
+            cause = exc.__cause__
+            tb = str(cause) if cause is not None else "".join(traceback.format_exception(exc))
+            self.outbox.say(Up.RESULT, body=(tid, False, _portable(exc), tb))
+
+    def lease_lost(self) -> None:
+        if self.ex is not None:
+            self.ex.stop()
+
+    def close(self) -> None:
+        if self.ex is not None:
+            self.ex.stop()
+
+
+def _portable(exc: BaseException) -> BaseException:
+    """The exception itself if it pickles, else a RuntimeError that tells it."""
+    try:
+        pickle.loads(pickle.dumps(exc))
+        exc.__cause__ = None
+        return exc
+    except Exception:  # noqa: BLE001
+        return RuntimeError(f"{type(exc).__name__}: {exc}")
+
+
+def run_executor_agent(spec: AgentSpec, ex_args: dict[str, Any]) -> str:
+    """The Dask task of one node of a ClusterExecutor."""
+    secede()
+    if not claim(spec.claim):
+        return "already ran"
+    _allow_children()
+    agent = ExecutorAgent(spec, ex_args)
+    try:
+        try:
+            agent.start()
+        except BaseException as exc:
+            agent.gone_why = f"{type(exc).__name__}: {exc}"
+            raise
+        agent.serve()
+    finally:
+        agent.close()
+        agent.finish()
+    return agent.gone_why or "stopped"

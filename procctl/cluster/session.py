@@ -1,0 +1,389 @@
+"""The client's side of one run's node agents: connection, queues, leases, the inbox.
+
+    client (this module)                      Dask scheduler          node agents (agent.py)
+    send(node, op) -- Command(seq) -------->  queue procctl-RUN-cmd-i --> Agent.serve()
+    inbox thread   <-- [Message, ...] ------  queue procctl-RUN-up   <--- Outbox thread
+    agent futures' done callbacks: a node lost
+
+Everything crosses through Dask's own queues: procctl opens no socket of its
+own between machines.  One inbox thread blocks on the up queue with a
+timeout (the tick): each pass it hands the messages to the run, renews the
+leases, re-sends the commands whose answer is missing, and declares lost a
+node that has said nothing for longer than its lease.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import dask
+from distributed import Client, Future, Queue
+from distributed import Event as DaskEvent
+
+from ..controller import check_timeout
+from .wire import AgentSpec, Command, Message, Op, Up, queue_names
+
+log = logging.getLogger("procctl")
+
+#: How long the client waits for the scheduler, and for the agents to come up.
+CONNECT_TIMEOUT = 10.0
+START_TIMEOUT = 60.0
+#: A command whose answer has not come within this many seconds is sent again.
+RESEND_AFTER = 1.0
+#: Slack for the round trips through the scheduler, added to the agents' own bounds.
+SLACK = 5.0
+
+
+def scheduler_address(address: str | None, cluster: Any) -> str:
+    """The scheduler address to connect to, from `address` or `cluster`."""
+    if cluster is not None:
+        if address is not None:
+            raise ValueError("give address or cluster, not both")
+        address = getattr(cluster, "scheduler_address", None)
+        if not isinstance(address, str):
+            raise TypeError(
+                f"cluster must be a distributed.LocalCluster or have a scheduler_address, "
+                f"not {type(cluster).__name__}"
+            )
+    if address is None:
+        raise ValueError("address is required: the Dask scheduler's address (tcp://HOST:PORT), or give cluster=")
+    if not isinstance(address, str):
+        raise TypeError(f"address must be a str such as 'tcp://HOST:PORT', not {type(address).__name__}")
+    if not address.strip():
+        raise ValueError("address must not be empty")
+    return address
+
+
+def connect(address: str | None = None, cluster: Any = None, *, timeout: float = CONNECT_TIMEOUT) -> Client:
+    """A Dask client for the scheduler at `address`, or ConnectionError within `timeout` seconds."""
+    address = scheduler_address(address, cluster)
+    seconds = check_timeout("timeout", timeout, allow_none=False)
+    assert seconds is not None
+    if math.isinf(seconds):
+        seconds = 86400.0
+    try:
+        return Client(address, timeout=seconds, set_as_default=False)
+    except ValueError as exc:
+        raise ValueError(f"address {address!r} is not a Dask scheduler address: {exc}") from None
+    except (OSError, TimeoutError) as exc:
+        raise ConnectionError(f"cannot reach the Dask scheduler at {address}: {exc}") from None
+
+
+@dataclass
+class Node:
+    """The client's record of one node (Dask worker) and its agent."""
+
+    index: int
+    address: str
+    queue: Any = None  # distributed.Queue of its commands
+    future: Future | None = None
+    seq: int = 0
+    pending: dict[int, list[Any]] = field(default_factory=dict)  # seq -> [Command, last sent]
+    answers: dict[int, Any] = field(default_factory=dict)
+    heard: float = 0.0  # monotonic time of its last message
+    hello: Any = None
+    ended: bool = False  # its agent has ended (GONE, or its future is done)
+    returned: float = 0.0  # monotonic time its agent's future finished (GONE follows it up)
+    lost: str | None = None  # why it was declared lost
+
+
+class Session:
+    """One run's agents on every node of a Dask cluster, as the client sees them.
+
+    Subclasses say what the agents run (`agent_call`) and what their
+    messages mean (`on_message`, `on_lost`, both called holding `cond`).
+    """
+
+    def __init__(self, address: str | None, cluster: Any, lease: float, connect_timeout: float) -> None:
+        self._address = address
+        self._cluster = cluster
+        lease_s = check_timeout("lease", lease, allow_none=False)
+        assert lease_s is not None
+        if not 0 < lease_s < math.inf:
+            raise ValueError(f"lease must be a finite number of seconds > 0, not {lease!r}")
+        check_timeout("connect_timeout", connect_timeout, allow_none=False)
+        scheduler_address(address, cluster)  # checks the arguments before anything starts
+        self.lease = lease_s
+        self.connect_timeout = connect_timeout
+        self.tick = min(0.25, lease_s / 4)
+        self.run_id = uuid.uuid4().hex[:12]
+        self.cond = threading.Condition()
+        self.nodes: list[Node] = []
+        self.client: Client | None = None
+        self._up: Any = None
+        self._inbox: threading.Thread | None = None
+        self._closing = False
+        self._kill_requested = False
+        self._lease_sent = 0.0
+        self._wall0 = time.time()
+        self._t0 = time.monotonic()
+
+    # -- what subclasses give --------------------------------------------------------
+
+    def agent_call(self, spec: AgentSpec) -> tuple[Callable[..., Any], tuple[Any, ...]]:
+        raise NotImplementedError
+
+    def on_message(self, node: Node, msg: Message) -> None:
+        raise NotImplementedError
+
+    def on_lost(self, node: Node, why: str) -> None:
+        raise NotImplementedError
+
+    def after_pass(self) -> None:
+        """Called by the inbox thread after each pass, without the lock."""
+
+    # -- start and close ---------------------------------------------------------------
+
+    def open(self, grace: float, start_timeout: float = START_TIMEOUT) -> None:
+        """Connect, start one agent per node, and return once each said hello."""
+        self.client = connect(self._address, self._cluster, timeout=self.connect_timeout)
+        try:
+            self.client.wait_for_workers(1, timeout=self.connect_timeout)
+        except TimeoutError:
+            raise ConnectionError(
+                f"the Dask cluster at {self.client.scheduler.address} has no workers"
+            ) from None
+        workers = list(self.client.scheduler_info(n_workers=-1)["workers"])
+        names, up = queue_names(self.run_id, len(workers))
+        self._up = Queue(up, client=self.client)
+        beat = max(0.05, self.lease / 4)
+        for i, addr in enumerate(workers):
+            node = Node(i, addr, Queue(names[i], client=self.client), heard=time.monotonic())
+            self.nodes.append(node)
+        for node in self.nodes:
+            spec = AgentSpec(self.run_id, node.index, names[node.index], up, self.lease, beat, grace,
+                             f"procctl-{self.run_id}-claim-{node.index}")
+            fn, args = self.agent_call(spec)
+            # A node agent runs once, on its node: never on another worker, never
+            # again after its worker died (the claim Event guards the scheduler's
+            # re-runs where allowed-failures is not 0).
+            node.future = self.client.submit(
+                fn, spec, *args, key=f"procctl-agent-{self.run_id}-{node.index}", workers=[node.address],
+                allow_other_workers=False, pure=False, retries=0,
+            )
+            node.future.add_done_callback(lambda fut, n=node: self._agent_done(n, fut))
+        self._inbox = threading.Thread(target=self._serve_inbox, name="procctl-cluster-inbox", daemon=True)
+        self._inbox.start()
+        with self.cond:
+            ok = self.cond.wait_for(lambda: all(n.hello is not None or n.ended for n in self.nodes),
+                                    start_timeout)
+        if not ok:
+            slow = [n.address for n in self.nodes if n.hello is None]
+            raise TimeoutError(f"the node agents on {slow} did not start within {start_timeout:.0f}s")
+
+    def agent_error(self) -> str | None:
+        """Why the first agent that ended before its hello failed, if one did."""
+        for node in self.nodes:
+            if node.hello is None and node.ended:
+                return f"node {node.address}: {node.lost or 'the agent ended'}"
+        return None
+
+    def release(self) -> None:
+        """Stop the inbox, forget the queues, close the client (and the cluster we made)."""
+        with self.cond:
+            self._closing = True
+            self.cond.notify_all()
+        if self._up is not None:
+            try:
+                self._up.put([])  # wakes the inbox
+            except Exception:  # noqa: BLE001 - the scheduler may be gone: the tick ends it
+                pass
+        if self._inbox is not None and self._inbox is not threading.current_thread():
+            self._inbox.join(self.tick + SLACK)
+        if self.client is not None:
+            for node in self.nodes:
+                if node.future is not None and not node.future.done():
+                    node.future.cancel()
+            try:
+                self.client.close(timeout=SLACK)
+            except Exception:  # noqa: BLE001 - closing a client of a dead scheduler
+                log.debug("closing the Dask client failed", exc_info=True)
+
+    # -- commands ------------------------------------------------------------------------
+
+    def send(self, node: Node, op: Op, arg: Any = None) -> int:
+        """Send one command to `node`; its answer lands in node.answers[seq]."""
+        with self.cond:
+            node.seq += 1
+            seq = node.seq
+            cmd = Command(seq, op, arg)
+            node.pending[seq] = [cmd, time.monotonic()]
+        self._put(node, cmd)
+        return seq
+
+    def ask_all(self, op: Op, arg: Any, timeout: float | None) -> dict[int, Any]:
+        """Send `op` to every live node; {node index: answer} of those that answered
+        within `timeout` (None: no limit), lost nodes left out."""
+        live = [n for n in self.nodes if not n.ended and n.lost is None]
+        seqs = {n.index: self.send(n, op, arg) for n in live}
+        with self.cond:
+            self.cond.wait_for(
+                lambda: all(s in self.nodes[i].answers or self.nodes[i].ended or self.nodes[i].lost
+                            for i, s in seqs.items()), timeout)
+            out = {}
+            for i, s in seqs.items():
+                node = self.nodes[i]
+                if s in node.answers:
+                    out[i] = node.answers.pop(s)
+                node.pending.pop(s, None)
+            return out
+
+    def _put(self, node: Node, cmd: Command) -> None:
+        try:
+            node.queue.put(cmd, timeout=SLACK)
+        except Exception as exc:  # noqa: BLE001 - a lost put is sent again, or the node lost
+            log.debug("command %s to %s not sent: %r", cmd, node.address, exc)
+
+    def request_kill(self) -> None:
+        """Have the inbox thread send KILL to every node. Safe from a signal handler."""
+        self._kill_requested = True
+
+    # -- the inbox thread ---------------------------------------------------------------------
+
+    def _serve_inbox(self) -> None:
+        while True:
+            try:
+                batch = self._up.get(timeout=self.tick)
+            except TimeoutError:
+                batch = []
+            except Exception as exc:  # noqa: BLE001 - the scheduler went away
+                if self._closing:
+                    return
+                log.debug("the up queue failed: %r", exc)
+                self._lose_all(f"the Dask scheduler is unreachable ({exc!r:.80})")
+                return
+            resend: list[tuple[Node, Command]] = []
+            now = time.monotonic()
+            with self.cond:
+                if self._closing:
+                    return
+                for msg in batch or ():
+                    if isinstance(msg, Message) and 0 <= msg.node < len(self.nodes):
+                        node = self.nodes[msg.node]
+                        node.heard = now
+                        try:
+                            self._take(node, msg)
+                        except Exception:  # one bad message must not end the inbox
+                            log.exception("procctl: cannot take %r", msg)
+                for node in self.nodes:
+                    if node.ended or node.lost is not None:
+                        continue
+                    if node.returned and now - node.returned > RESEND_AFTER + self.tick:
+                        node.ended = True
+                        self._lose(node, "its agent ended without a word")
+                        continue
+                    if now - node.heard > self.lease + self.tick:
+                        self._lose(node, f"its agent has not answered for {now - node.heard:.1f}s")
+                        continue
+                    for entry in node.pending.values():
+                        if now - entry[1] >= RESEND_AFTER:  # (math.inf: under way)
+                            entry[1] = now
+                            resend.append((node, entry[0]))
+                self.cond.notify_all()
+            for node, cmd in resend:
+                self._put(node, cmd)
+            if self._kill_requested:
+                self._kill_requested = False
+                for node in self.nodes:
+                    if not node.ended and node.lost is None:
+                        self.send(node, Op.KILL)
+            if now - self._lease_sent >= self.lease / 4:
+                self._lease_sent = now
+                for node in self.nodes:
+                    if not node.ended and node.lost is None:
+                        self._put(node, Command(0, Op.LEASE))
+            self.after_pass()
+
+    def _take(self, node: Node, msg: Message) -> None:
+        if msg.kind is Up.HELLO:
+            node.hello = msg.body
+        elif msg.kind is Up.ACK:
+            if isinstance(msg.body, tuple) and msg.body[:1] == ("accepted",):
+                if msg.seq in node.pending:
+                    node.pending[msg.seq][1] = math.inf  # under way: the agent answers when done
+                return
+            if msg.seq in node.pending:
+                node.answers[msg.seq] = msg.body
+                node.pending.pop(msg.seq, None)
+        elif msg.kind is Up.GONE:
+            node.ended = True
+            if node.lost is None and msg.body:
+                node.lost = str(msg.body)
+        if msg.kind is not Up.BEAT:
+            self.on_message(node, msg)
+
+    def _agent_done(self, node: Node, fut: Future) -> None:
+        # In the client's event loop thread: only bookkeeping here.
+        why = None
+        if fut.status == "error":
+            try:
+                exc = fut.exception(timeout=0)
+            except Exception as err:  # noqa: BLE001
+                exc = err
+            why = f"{type(exc).__name__}: {exc}"
+        elif fut.status == "cancelled":
+            why = "its agent was cancelled"
+        with self.cond:
+            if not node.ended:
+                if why is None:
+                    # Returned: its last messages (GONE) are in the up queue,
+                    # flushed before it returned; the inbox takes them.
+                    node.returned = time.monotonic()
+                else:
+                    node.ended = True
+                    self._lose(node, why)
+            self.cond.notify_all()
+
+    def _lose(self, node: Node, why: str) -> None:
+        if node.lost is not None:
+            return
+        node.lost = why
+        log.info("node %s lost: %s", node.address, why)
+        if node.future is not None and not node.future.done() and not self._closing:
+            # Never re-run: a lost agent is stopped by its lease, not replaced.
+            threading.Thread(target=node.future.cancel, daemon=True).start()
+        self.on_lost(node, why)
+        self.cond.notify_all()
+
+    def _lose_all(self, why: str) -> None:
+        with self.cond:
+            for node in self.nodes:
+                if not node.ended:
+                    self._lose(node, why)
+                    node.ended = True
+            self.cond.notify_all()
+
+    def elapsed(self) -> float:
+        return round(time.monotonic() - self._t0, 6)
+
+    def t_of(self, wall: float) -> float:
+        """An agent's wall-clock time as seconds since this run started."""
+        return round(max(0.0, wall - self._wall0), 6)
+
+
+def claim(name: str) -> bool:
+    """True the first time an agent with this claim starts; a re-run by the
+    scheduler (allowed-failures) finds it taken and does nothing."""
+    event = DaskEvent(name)
+    if event.is_set():
+        return False
+    event.set()
+    return True
+
+
+def local_cluster(n_workers: int, threads_per_worker: int = 2) -> Any:
+    """A LocalCluster of `n_workers` worker processes, set up as procctl needs it:
+    no re-run of a task whose worker died, worker processes that may start children."""
+    from distributed import LocalCluster
+
+    with dask.config.set({"distributed.scheduler.allowed-failures": 0,
+                          "distributed.worker.daemon": False}):
+        return LocalCluster(n_workers=n_workers, threads_per_worker=threads_per_worker, processes=True,
+                            dashboard_address=None)
