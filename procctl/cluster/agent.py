@@ -295,7 +295,7 @@ class ExecutorAgent(Agent):
             self.outbox.say(Up.RESULT, body=(tid, True, value, None))
         else:
             cause = exc.__cause__
-            tb = str(cause) if cause is not None else "".join(traceback.format_exception(exc))
+            tb = getattr(cause, "tb", None) or "".join(traceback.format_exception(exc))
             self.outbox.say(Up.RESULT, body=(tid, False, _portable(exc), tb))
 
     def lease_lost(self) -> None:

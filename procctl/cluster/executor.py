@@ -1,1 +1,438 @@
-class ClusterExecutor: pass
+"""ClusterExecutor: ProcessExecutor's API over every node of a Dask cluster.
+
+    caller threads              client (this module)                  node agents (agent.py)
+    submit()/map() -> pending   dispatch(): TASKS batches, at most     local ProcessExecutor
+                                WINDOW_PER_WORKER per node worker --->  (crash costs one task,
+    Future <- settle() -------  inbox: RESULT (tid, ok, value)  <----    retries, task_timeout)
+                                node lost: its tasks go back in line (counted as retries)
+
+The client knows which tasks each node holds. A task's future completes once,
+from the one RESULT that names it; `stop()` collects from every node the
+tasks it did not complete and hands back each submitted item that did not
+complete exactly once, in submission order.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import BrokenExecutor, Executor, Future
+from concurrent.futures import wait as wait_futures
+from dataclasses import replace
+from typing import Any
+
+import cloudpickle
+
+from .. import shutdown
+from ..controller import check_timeout
+from ..errors import RemoteTraceback
+from ..executor import MAX_AUTO_CHUNK, TaskCounts, Unfinished, _item_of
+from ..states import Event, State, WorkerStatus
+from .agent import run_executor_agent
+from .session import CONNECT_TIMEOUT, SLACK, Node, Session
+from .wire import AgentSpec, Message, Op, Up
+
+log = logging.getLogger("procctl")
+
+#: Tasks a node holds per local worker: enough that its workers never wait for
+#: a round trip through the scheduler, few enough to keep pause and stop fine.
+WINDOW_PER_WORKER = 8
+
+
+class _Task:
+    __slots__ = ("tid", "future", "blob", "items", "node", "retries", "answered")
+
+    def __init__(self, tid: int, future: Future[Any], blob: bytes, items: list[Any]) -> None:
+        self.tid = tid
+        self.future = future
+        self.blob = blob
+        self.items = items
+        self.node: int | None = None
+        self.retries = 0
+        self.answered = False
+
+
+class ClusterExecutor(Session, Executor):
+    """A process pool over every node of a Dask cluster with the ProcessExecutor API:
+    submit, map, pause, resume, stop (the unfinished items, once each), counts, status.
+
+    Each node runs `workers_per_node` local worker processes under a local
+    ProcessExecutor (a crash there costs one task; `retries` and
+    `task_timeout` apply per node). A node that is lost (its Dask worker died,
+    or it went silent for `lease` seconds) gives its tasks back to the others:
+    they run again elsewhere, counted as retries.
+    """
+
+    def __init__(
+        self,
+        address: str | None = None,
+        workers_per_node: int = 4,
+        *,
+        cluster: Any = None,
+        lease: float = 10.0,
+        retries: int = 0,
+        task_timeout: float | None = None,
+        on_event: Callable[[Event], None] | None = None,
+        grace: float = 5.0,
+        start_method: str | None = "fork",
+        initializer: Callable[..., Any] | None = None,
+        initargs: tuple[Any, ...] = (),
+        connect_timeout: float = CONNECT_TIMEOUT,
+    ) -> None:
+        if isinstance(workers_per_node, bool) or not isinstance(workers_per_node, int) or workers_per_node < 1:
+            raise ValueError(f"workers_per_node must be a positive integer, not {workers_per_node!r}")
+        if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
+            raise ValueError(f"retries must be an integer >= 0, not {retries!r}")
+        if on_event is not None and not callable(on_event):
+            raise TypeError(f"on_event must be callable, not {type(on_event).__name__}")
+        grace_s = check_timeout("grace", grace, allow_none=False)
+        assert grace_s is not None
+        super().__init__(address, cluster, lease, connect_timeout)
+        self.workers_per_node = workers_per_node
+        self.grace = grace_s
+        self.retries = retries
+        self._ex_args: dict[str, Any] = {
+            "max_workers": workers_per_node, "start_method": start_method, "retries": retries,
+            "task_timeout": task_timeout, "grace": grace_s, "initializer": initializer,
+            "initargs": tuple(initargs),
+        }
+        self._on_event = on_event
+        self._pending: deque[_Task] = deque()
+        self._held: dict[int, dict[int, _Task]] = {}
+        self._tids = itertools.count()
+        self._settle: list[tuple[_Task, bool, Any, str | None, str]] = []
+        self._events: list[Event] = []
+        self._submitted = self._completed = self._failed = self._cancelled = self._retried = 0
+        self._shutdown = False
+        self._stopped = False
+        self._paused = False
+        self._broken: str | None = None
+        self._dispatching = threading.Lock()
+        self._ops = threading.Lock()
+        try:
+            self.open(grace_s)
+            error = self.agent_error()
+            if error is not None:
+                raise BrokenExecutor(error)
+        except BaseException:
+            self._stopped = True
+            try:
+                if self.nodes:
+                    self.ask_all(Op.STOP, 0.0, SLACK)
+            finally:
+                self.release()
+            raise
+        self._held = {node.index: {} for node in self.nodes}
+
+    @property
+    def workers(self) -> int:
+        """Local worker processes in all."""
+        return self.workers_per_node * len(self.nodes)
+
+    # -- the Executor API ------------------------------------------------------------------
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
+        """Schedule `fn(*args, **kwargs)` on some node; return its Future."""
+        task = self._new_task(fn, [(args, kwargs)], [_item_of(args, kwargs)], chunk=False)
+        self._enqueue([task])
+        return task.future
+
+    def map(
+        self, fn: Callable[..., Any], *iterables: Iterable[Any],
+        timeout: float | None = None, chunksize: int | None = None,
+    ) -> Iterator[Any]:
+        """Results of `fn` over the items, in order, as ProcessExecutor.map."""
+        if chunksize is not None and (isinstance(chunksize, bool) or not isinstance(chunksize, int)
+                                      or chunksize < 1):
+            raise ValueError(f"chunksize must be a positive integer or None, not {chunksize!r}")
+        end_time = None if timeout is None else timeout + time.monotonic()
+        calls: list[tuple[tuple[Any, ...], dict[str, Any]]] = [(args, {}) for args in zip(*iterables)]  # noqa: B905 - the shortest ends it, as the stdlib's
+        items = [args[0] if len(iterables) == 1 else args for args, _ in calls]
+        if chunksize is None:
+            chunksize = max(1, min(MAX_AUTO_CHUNK, math.ceil(len(calls) / (4 * max(1, self.workers)))))
+        tasks = [self._new_task(fn, calls[i:i + chunksize], items[i:i + chunksize], chunk=chunksize > 1)
+                 for i in range(0, len(calls), chunksize)]
+        self._enqueue(tasks)
+        futures = [t.future for t in tasks]
+        chunked = chunksize > 1
+
+        def results() -> Iterator[Any]:
+            try:
+                futures.reverse()
+                while futures:
+                    fut = futures[-1]
+                    value = fut.result() if end_time is None else fut.result(end_time - time.monotonic())
+                    futures.pop()
+                    if chunked:
+                        yield from value
+                    else:
+                        yield value
+                    del fut
+            finally:
+                for fut in futures:
+                    fut.cancel()
+
+        return results()
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        """As the stdlib's: no new tasks; with `cancel_futures`, cancel those not
+        yet sent to a node; the rest run (a paused pool is resumed)."""
+        with self.cond:
+            self._shutdown = True
+            if cancel_futures:
+                while self._pending:
+                    task = self._pending.popleft()
+                    if task.future.cancel():
+                        self._cancelled += 1
+        if self._paused and not self._stopped:
+            self.resume()
+        if wait:
+            with self.cond:
+                outstanding = [t.future for t in self._pending]
+                outstanding += [t.future for held in self._held.values() for t in held.values()]
+            wait_futures(outstanding)
+            self.stop(self.grace)
+
+    # -- pause, resume, stop ----------------------------------------------------------------------
+
+    def pause(self, timeout: float | None = None) -> None:
+        """Send no new task, and return once every node's workers acknowledged."""
+        self._check_open()
+        self._paused = True
+        self._command(Op.PAUSE, timeout)
+
+    def resume(self, timeout: float | None = None) -> None:
+        """Let every node run again; return once each acknowledged."""
+        self._check_open()
+        self._command(Op.RESUME, timeout)
+        self._paused = False
+        self._dispatch()
+
+    def _command(self, op: Op, timeout: float | None) -> None:
+        timeout = check_timeout("timeout", timeout)
+        with self._ops:
+            answers = self.ask_all(op, None, timeout)
+        with self.cond:
+            late = [n.address for n in self.nodes if n.index not in answers and not n.ended and n.lost is None]
+        if late:
+            raise TimeoutError(f"nodes {late} did not acknowledge {op.value} within {timeout}s")
+
+    def stop(self, grace: float | None = None) -> Unfinished:
+        """Send no new task, stop the running ones, escalate after `grace` on each
+        node, and hand back every item that did not complete, once each, in
+        submission order. Their futures are cancelled."""
+        grace_s = self.grace if grace is None else check_timeout("grace", grace, allow_none=False)
+        assert grace_s is not None
+        with self._ops:
+            if self._stopped:
+                return Unfinished()
+            with self.cond:
+                self._shutdown = True
+                self._stopped = True
+            bound = grace_s + shutdown.TERM_TIMEOUT + shutdown.KILL_TIMEOUT + SLACK
+            try:
+                answers = self.ask_all(Op.STOP, grace_s, bound)
+            finally:
+                self.release()
+            self._apply_settlements()
+            running_tids: set[int] = set()
+            for answer in answers.values():
+                if isinstance(answer, tuple) and len(answer) == 2 and isinstance(answer[1], list):
+                    running_tids.update(answer[1])
+            with self.cond:
+                left = list(self._pending)
+                self._pending.clear()
+                for held in self._held.values():
+                    left.extend(t for t in held.values() if not t.answered)
+                    held.clear()
+            left.sort(key=lambda t: t.tid)
+            items: list[Any] = []
+            running: list[Any] = []
+            futures: list[Future[Any]] = []
+            for task in left:
+                if task.future.cancel():
+                    self._cancelled += 1
+                items.extend(task.items)
+                if task.tid in running_tids:
+                    running.extend(task.items)
+                futures.append(task.future)
+            self._emit_events()
+            return Unfinished(items, running, futures)
+
+    @property
+    def paused(self) -> bool:
+        return self._paused
+
+    def counts(self) -> TaskCounts:
+        """Submitted tasks, by where they are now."""
+        with self.cond:
+            held = sum(len(h) for h in self._held.values())
+            return TaskCounts(self._submitted, self._completed, self._failed, self._cancelled, held,
+                              len(self._pending))
+
+    @property
+    def retried(self) -> int:
+        """Tasks sent again after their node was lost."""
+        return self._retried
+
+    def status(self) -> list[WorkerStatus]:
+        """Every node's workers, with global ids (node order, then local id) and the node."""
+        if self._stopped:
+            return []
+        with self._ops:
+            answers = self.ask_all(Op.STATUS, None, self.lease + SLACK)
+        out: list[WorkerStatus] = []
+        for node in self.nodes:
+            for status in answers.get(node.index) or []:
+                out.append(replace(status, worker_id=node.index * self.workers_per_node + status.worker_id,
+                                   node=node.address))
+        return out
+
+    # -- tasks --------------------------------------------------------------------------------------
+
+    def _new_task(self, fn: Callable[..., Any], calls: list[Any], items: list[Any], chunk: bool) -> _Task:
+        future: Future[Any] = Future()
+        try:
+            blob = cloudpickle.dumps((fn, calls, chunk))
+        except Exception as exc:  # noqa: BLE001 - the future carries it, as ProcessPoolExecutor's does
+            future.set_exception(exc)
+            blob = b""
+        return _Task(next(self._tids), future, blob, items)
+
+    def _enqueue(self, tasks: list[_Task]) -> None:
+        with self.cond:
+            if self._broken is not None:
+                raise BrokenExecutor(self._broken)
+            if self._shutdown:
+                raise RuntimeError("cannot schedule new futures after shutdown")
+            self._submitted += len(tasks)
+            self._pending.extend(t for t in tasks if t.blob)
+            self._failed += sum(1 for t in tasks if not t.blob)
+        self._dispatch()
+
+    def _dispatch(self) -> None:
+        """Send waiting tasks to the nodes with room, in batches (one put per node)."""
+        with self._dispatching:
+            sends: list[tuple[Node, list[tuple[int, bytes]]]] = []
+            with self.cond:
+                if self._paused or self._stopped:
+                    return
+                room = WINDOW_PER_WORKER * self.workers_per_node
+                for node in self.nodes:
+                    if not self._pending:
+                        break
+                    if node.ended or node.lost is not None:
+                        continue
+                    held = self._held[node.index]
+                    batch = []
+                    while self._pending and len(held) < room:
+                        task = self._pending.popleft()
+                        if task.future.cancelled():
+                            self._cancelled += 1
+                            continue
+                        task.node = node.index
+                        held[task.tid] = task
+                        batch.append((task.tid, task.blob))
+                    if batch:
+                        sends.append((node, batch))
+            for node, batch in sends:
+                self.send(node, Op.TASKS, batch, keep_answer=False)
+
+    # -- the session's hooks (holding cond) ------------------------------------------------------
+
+    def agent_call(self, spec: AgentSpec) -> tuple[Callable[..., Any], tuple[Any, ...]]:
+        return run_executor_agent, (self._ex_args,)
+
+    def on_message(self, node: Node, msg: Message) -> None:
+        if msg.kind is not Up.RESULT:
+            return
+        tid, ok, value, tb = msg.body
+        task = self._held.get(node.index, {}).pop(tid, None)
+        if task is None or task.answered:
+            log.debug("node %s answered task %s it does not hold", node.address, tid)
+            return
+        task.answered = True
+        self._settle.append((task, ok, value, tb, node.address))
+
+    def on_lost(self, node: Node, why: str) -> None:
+        held = self._held.get(node.index, {})
+        back = sorted((t for t in held.values() if not t.answered), key=lambda t: t.tid)
+        held.clear()
+        if self._stopped:
+            self._pending.extend(back)  # stop() hands them back as unfinished
+            return
+        for task in reversed(back):
+            task.retries += 1
+            task.node = None
+            self._pending.appendleft(task)
+            self._retried += 1
+            self._events.append(Event(self.elapsed(), "task-retry", task=task.tid, node=node.address,
+                                      error=f"node {node.address} was lost: {why}"))
+        if all(n.ended or n.lost is not None for n in self.nodes):
+            self._break(f"every node of the cluster was lost (the last: {node.address}: {why})")
+
+    def _break(self, why: str) -> None:
+        self._broken = why
+        self._shutdown = True
+        while self._pending:
+            task = self._pending.popleft()
+            if not task.future.done():
+                self._settle.append((task, False, BrokenExecutor(why), None, ""))
+
+    def after_pass(self) -> None:
+        self._apply_settlements()
+        self._emit_events()
+        if self._pending and not self._paused and not self._stopped:
+            self._dispatch()
+
+    def _apply_settlements(self) -> None:
+        with self.cond:
+            settle, self._settle = self._settle, []
+        for task, ok, value, tb, node in settle:
+            fut = task.future
+            if fut.cancelled():
+                self._cancelled += 1
+                continue
+            if ok:
+                fut.set_result(value)
+                self._completed += 1
+                self._event("task-done", task, node)
+            else:
+                if not isinstance(value, BaseException):
+                    value = RuntimeError(str(value))
+                if tb:
+                    value.__cause__ = RemoteTraceback(tb)
+                fut.set_exception(value)
+                self._failed += 1
+                self._event("task-failed", task, node, error=f"{type(value).__name__}: {value}")
+
+    def _event(self, name: str, task: _Task, node: str, error: str | None = None) -> None:
+        if self._on_event is not None:
+            with self.cond:
+                self._events.append(Event(self.elapsed(), name, task=task.tid, node=node or None, error=error))
+
+    def _emit_events(self) -> None:
+        with self.cond:
+            events, self._events = self._events, []
+        if self._on_event is None:
+            return
+        for event in events:
+            try:
+                self._on_event(event)
+            except Exception:
+                log.exception("on_event callback failed for %s", event)
+
+    def _check_open(self) -> None:
+        if self._stopped:
+            raise RuntimeError("the executor is shut down")
+
+    def __repr__(self) -> str:
+        return f"<ClusterExecutor {len(self.nodes)} nodes x {self.workers_per_node}>"
+
+
+__all__ = ["ClusterExecutor", "State"]

@@ -208,13 +208,14 @@ class Session:
 
     # -- commands ------------------------------------------------------------------------
 
-    def send(self, node: Node, op: Op, arg: Any = None) -> int:
-        """Send one command to `node`; its answer lands in node.answers[seq]."""
+    def send(self, node: Node, op: Op, arg: Any = None, *, keep_answer: bool = True) -> int:
+        """Send one command to `node`; its answer lands in node.answers[seq]
+        (unless `keep_answer` is False). Sent again until answered."""
         with self.cond:
             node.seq += 1
             seq = node.seq
             cmd = Command(seq, op, arg)
-            node.pending[seq] = [cmd, time.monotonic()]
+            node.pending[seq] = [cmd, time.monotonic(), keep_answer]
         self._put(node, cmd)
         return seq
 
@@ -293,7 +294,7 @@ class Session:
                 self._kill_requested = False
                 for node in self.nodes:
                     if not node.ended and node.lost is None:
-                        self.send(node, Op.KILL)
+                        self.send(node, Op.KILL, keep_answer=False)
             if now - self._lease_sent >= self.lease / 4:
                 self._lease_sent = now
                 for node in self.nodes:
@@ -309,9 +310,9 @@ class Session:
                 if msg.seq in node.pending:
                     node.pending[msg.seq][1] = math.inf  # under way: the agent answers when done
                 return
-            if msg.seq in node.pending:
+            entry = node.pending.pop(msg.seq, None)
+            if entry is not None and entry[2]:
                 node.answers[msg.seq] = msg.body
-                node.pending.pop(msg.seq, None)
         elif msg.kind is Up.GONE:
             node.ended = True
             if node.lost is None and msg.body:
