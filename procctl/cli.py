@@ -236,9 +236,14 @@ def exit_status(reports: dict[int, WorkerReport], bridge: SignalBridge, timed_ou
 @click.option("--quiet", is_flag=True, help="Print only the summary.")
 @click.option("--events", "events_path", default=None, help="Also write every event as JSON Lines to FILE.")
 @click.option("--timeline", "timeline_path", default=None, help="Draw the run as a Gantt chart (.svg or .html).")
+@click.option("--cluster", "cluster_address", default=None, metavar="tcp://HOST:PORT|local:N",
+              help="Run on every worker of this Dask cluster (needs procctl[dask]); local:N starts N local ones.")
+@click.option("--workers-per-node", type=click.IntRange(min=1), default=4, show_default=True,
+              help="With --cluster: worker processes on each Dask worker (--workers is then not used).")
 def run_command(workers: int, target: str | None, schedule: str, step: float, finish_chance: float,
                 grace: float, timeout: float | None, start_method: str | None, seed: int | None,
-                json_lines: bool, quiet: bool, events_path: str | None, timeline_path: str | None) -> int:
+                json_lines: bool, quiet: bool, events_path: str | None, timeline_path: str | None,
+                cluster_address: str | None = None, workers_per_node: int = 4) -> int:
     """Run workers under a controller through a schedule of states."""
     bridge = signal_bridge()
     steps = parse_schedule(schedule)
@@ -247,7 +252,8 @@ def run_command(workers: int, target: str | None, schedule: str, step: float, fi
     non_negative("--timeout", timeout)
     if not 0.0 <= finish_chance <= 1.0:
         raise BadInput(f"--finish-chance must be between 0 and 1, not {finish_chance}")
-    too_many = capacity_problem(workers)
+    cluster_spec = parse_cluster(cluster_address) if cluster_address is not None else None
+    too_many = capacity_problem(workers if cluster_spec is None else workers_per_node)
     if too_many is not None:
         raise BadInput(f"--workers {workers}: {too_many}")
     check_output_paths(events_path, timeline_path)
@@ -260,15 +266,57 @@ def run_command(workers: int, target: str | None, schedule: str, step: float, fi
         func, args = demo_worker, (finish_chance, seed)
     live = sys.stdout.isatty() and not json_lines and not quiet
     reporter = Reporter(json_lines=json_lines, quiet=quiet or live, events_path=events_path)
+    local_cluster: Any = None
     try:
-        def make(on_event: Callable[[Event], None]) -> ProcessController:
-            return ProcessController(func, workers, args=args, start_method=start_method, grace=grace,
-                                     on_event=on_event)
+        if cluster_spec is None:
+            def make(on_event: Callable[[Event], None]) -> Any:
+                return ProcessController(func, workers, args=args, start_method=start_method, grace=grace,
+                                         on_event=on_event)
+        else:
+            cluster_mod, address, local_nodes = cluster_spec
+            if local_nodes:
+                local_cluster = cluster_mod.session.local_cluster(local_nodes)
+                address = local_cluster.scheduler_address
+
+            def make(on_event: Callable[[Event], None]) -> Any:
+                return cluster_mod.ClusterController(
+                    func, workers_per_node, address=address, args=args, grace=grace, on_event=on_event,
+                    start_method=start_method or "fork", connect_timeout=CLUSTER_CONNECT_TIMEOUT)
 
         code = _run(make, workers, steps, step, timeout, reporter, live, timeline_path, bridge)
     finally:
         reporter.close()
+        if local_cluster is not None:
+            local_cluster.close()
     return code
+
+
+#: How long `run --cluster` waits for the scheduler before it gives up (exit 2).
+CLUSTER_CONNECT_TIMEOUT = 10.0
+
+
+def parse_cluster(text: str) -> tuple[Any, str | None, int]:
+    """(procctl.cluster, scheduler address, local nodes) from --cluster; BadInput if wrong."""
+    text = text.strip()
+    local = 0
+    address: str | None = None
+    if text.startswith("local:"):
+        count = text[len("local:"):]
+        if not count.isdigit() or not 1 <= int(count) <= 256:
+            raise BadInput(f"--cluster {text!r}: local:N needs a number of worker processes from 1 to 256")
+        local = int(count)
+    else:
+        rest = text.split("://", 1)[1] if "://" in text else text
+        host, _, port = rest.rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise BadInput(f"--cluster {text!r} is not a scheduler address: use tcp://HOST:PORT or local:N")
+        address = text
+    try:
+        import procctl.cluster as cluster_mod
+        import procctl.cluster.session  # noqa: F401 - local_cluster
+    except ImportError as exc:
+        raise BadInput(f"--cluster: {exc}") from None
+    return cluster_mod, address, local
 
 
 def check_output_paths(events_path: str | None, timeline_path: str | None) -> None:
@@ -284,7 +332,7 @@ def check_output_paths(events_path: str | None, timeline_path: str | None) -> No
         check_writable_file(timeline_path, "--timeline")
 
 
-def _run(make: Callable[[Callable[[Event], None]], ProcessController], workers: int, steps: list[str],
+def _run(make: Callable[[Callable[[Event], None]], Any], workers: int, steps: list[str],
          step: float, timeout: float | None, reporter: Reporter, live: bool, timeline_path: str | None,
          bridge: SignalBridge) -> int:
     history: list[Event] = []
@@ -340,6 +388,8 @@ def _start(pc: ProcessController, bridge: SignalBridge) -> int | None:
         if bridge.stop_requested():
             return None  # a second signal killed them while they started: the signal's doing
         say(f"procctl: error: {exc}")
+        if isinstance(exc, ConnectionError):
+            return EXIT_USAGE  # --cluster names no scheduler we can reach
         cause = exc if isinstance(exc, OSError) else exc.__cause__
         if isinstance(cause, OSError) and cause.errno in LIMIT_ERRNOS:
             return EXIT_USAGE  # more workers than the system allows

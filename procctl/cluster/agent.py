@@ -94,41 +94,66 @@ class Agent:
         self.last_seq = 0
         self.done = False
         self.gone_why: str | None = None
+        self.heard = time.monotonic()
+        self.stopping = threading.Event()
+        self.expired = threading.Event()
+        self.expire_lock = threading.Lock()
 
     def serve(self) -> None:
-        deadline = time.monotonic() + self.spec.lease
-        while not self.done:
-            left = deadline - time.monotonic()
-            if left <= 0:
+        """Apply commands until STOP, or until the lease runs out.
+
+        The wait for a command has no timeout of its own (a timed-out get is an
+        error in the scheduler's log): the watchdog thread keeps the time.
+        """
+        self.heard = time.monotonic()
+        watchdog = threading.Thread(target=self._watch_lease, name="procctl-agent-lease", daemon=True)
+        watchdog.start()
+        try:
+            while not self.done and not self.expired.is_set():
+                try:
+                    cmd = self.commands.get()
+                except Exception as exc:  # noqa: BLE001 - our worker's link to the scheduler is gone
+                    self.gone_why = f"command queue failed: {exc!r:.120}"
+                    self._expire()
+                    return
+                self.heard = time.monotonic()
+                if not isinstance(cmd, Command) or cmd.op in (Op.LEASE, Op.EXPIRED):
+                    continue
+                if cmd.seq <= self.last_seq:
+                    if cmd.seq in self.answers:  # its answer was lost: say it again
+                        self.outbox.say(Up.ACK, cmd.seq, self.answers[cmd.seq])
+                    continue
+                self.last_seq = cmd.seq
+                try:
+                    answer = self.apply(cmd)
+                except Exception as exc:  # noqa: BLE001 - the client raises it
+                    answer = ("error", f"{type(exc).__name__}: {exc}")
+                self.answers[cmd.seq] = answer
+                while len(self.answers) > KEPT_ANSWERS:
+                    self.answers.popitem(last=False)
+                self.outbox.say(Up.ACK, cmd.seq, answer)
+        finally:
+            self.stopping.set()
+            watchdog.join(FLUSH_TIMEOUT)
+
+    def _watch_lease(self) -> None:
+        while not self.stopping.wait(self.spec.beat):
+            self.outbox.say(Up.BEAT)
+            if time.monotonic() - self.heard > self.spec.lease:
                 self.gone_why = f"lease of {self.spec.lease}s expired: the client is gone"
                 log.warning("procctl agent on node %d: %s; stopping its workers", self.spec.node, self.gone_why)
-                self.lease_lost()
+                self._expire()
+                try:  # wakes the main thread's get, if the scheduler still answers
+                    self.commands.put(Command(0, Op.EXPIRED), timeout=FLUSH_TIMEOUT)
+                except Exception:  # noqa: BLE001 - it is cut off: the workers are stopped all the same
+                    pass
                 return
-            try:
-                cmd = self.commands.get(timeout=min(left, self.spec.beat))
-            except TimeoutError:
-                self.outbox.say(Up.BEAT)
-                continue
-            except Exception as exc:  # noqa: BLE001 - our worker's link to the scheduler is gone
-                self.gone_why = f"command queue failed: {exc!r:.120}"
+
+    def _expire(self) -> None:
+        with self.expire_lock:
+            if not self.expired.is_set():
+                self.expired.set()
                 self.lease_lost()
-                return
-            deadline = time.monotonic() + self.spec.lease
-            if not isinstance(cmd, Command) or cmd.op is Op.LEASE:
-                continue
-            if cmd.seq <= self.last_seq:
-                if cmd.seq in self.answers:  # its answer was lost: say it again
-                    self.outbox.say(Up.ACK, cmd.seq, self.answers[cmd.seq])
-                continue
-            self.last_seq = cmd.seq
-            try:
-                answer = self.apply(cmd)
-            except Exception as exc:  # noqa: BLE001 - the client raises it
-                answer = ("error", f"{type(exc).__name__}: {exc}")
-            self.answers[cmd.seq] = answer
-            while len(self.answers) > KEPT_ANSWERS:
-                self.answers.popitem(last=False)
-            self.outbox.say(Up.ACK, cmd.seq, answer)
 
     def finish(self) -> None:
         self.outbox.say(Up.GONE, body=self.gone_why)

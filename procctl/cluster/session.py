@@ -119,6 +119,8 @@ class Session:
         self.client: Client | None = None
         self._up: Any = None
         self._inbox: threading.Thread | None = None
+        self._keeper: threading.Thread | None = None
+        self._keeper_stop = threading.Event()  # the keeper's stop
         self._closing = False
         self._kill_requested = False
         self._lease_sent = 0.0
@@ -171,6 +173,8 @@ class Session:
             node.future.add_done_callback(lambda fut, n=node: self._agent_done(n, fut))
         self._inbox = threading.Thread(target=self._serve_inbox, name="procctl-cluster-inbox", daemon=True)
         self._inbox.start()
+        self._keeper = threading.Thread(target=self._keep, name="procctl-cluster-lease", daemon=True)
+        self._keeper.start()
         with self.cond:
             ok = self.cond.wait_for(lambda: all(n.hello is not None or n.ended for n in self.nodes),
                                     start_timeout)
@@ -190,6 +194,9 @@ class Session:
         with self.cond:
             self._closing = True
             self.cond.notify_all()
+        self._keeper_stop.set()
+        if self._keeper is not None and self._keeper is not threading.current_thread():
+            self._keeper.join(SLACK)
         if self._up is not None:
             try:
                 self._up.put([])  # wakes the inbox
@@ -249,18 +256,17 @@ class Session:
     # -- the inbox thread ---------------------------------------------------------------------
 
     def _serve_inbox(self) -> None:
+        # No timeout on the get (a timed-out get is an error in the
+        # scheduler's log): the keeper thread keeps the time, release() wakes us.
         while True:
             try:
-                batch = self._up.get(timeout=self.tick)
-            except TimeoutError:
-                batch = []
+                batch = self._up.get()
             except Exception as exc:  # noqa: BLE001 - the scheduler went away
                 if self._closing:
                     return
                 log.debug("the up queue failed: %r", exc)
                 self._lose_all(f"the Dask scheduler is unreachable ({exc!r:.80})")
                 return
-            resend: list[tuple[Node, Command]] = []
             now = time.monotonic()
             with self.cond:
                 if self._closing:
@@ -273,6 +279,16 @@ class Session:
                             self._take(node, msg)
                         except Exception:  # one bad message must not end the inbox
                             log.exception("procctl: cannot take %r", msg)
+                self.cond.notify_all()
+            self.after_pass()
+
+    def _keep(self) -> None:
+        """Each tick: renew the leases, send again what was not answered, send
+        a requested kill, declare lost a node silent for longer than its lease."""
+        while not self._keeper_stop.wait(self.tick):
+            resend: list[tuple[Node, Command]] = []
+            now = time.monotonic()
+            with self.cond:
                 for node in self.nodes:
                     if node.ended or node.lost is not None:
                         continue
@@ -287,19 +303,17 @@ class Session:
                         if now - entry[1] >= RESEND_AFTER:  # (math.inf: under way)
                             entry[1] = now
                             resend.append((node, entry[0]))
-                self.cond.notify_all()
+                live = [n for n in self.nodes if not n.ended and n.lost is None]
             for node, cmd in resend:
                 self._put(node, cmd)
             if self._kill_requested:
                 self._kill_requested = False
-                for node in self.nodes:
-                    if not node.ended and node.lost is None:
-                        self.send(node, Op.KILL, keep_answer=False)
+                for node in live:
+                    self.send(node, Op.KILL, keep_answer=False)
             if now - self._lease_sent >= self.lease / 4:
                 self._lease_sent = now
-                for node in self.nodes:
-                    if not node.ended and node.lost is None:
-                        self._put(node, Command(0, Op.LEASE))
+                for node in live:
+                    self._put(node, Command(0, Op.LEASE))
             self.after_pass()
 
     def _take(self, node: Node, msg: Message) -> None:

@@ -25,6 +25,7 @@ class Op(str, enum.Enum):
     TASKS = "tasks"  # executor: arg: list of (tid, fn, calls, chunk)
     PAUSE = "pause"  # executor
     RESUME = "resume"  # executor
+    EXPIRED = "expired"  # from the agent's own watchdog: its lease ran out
 
 
 class Up(str, enum.Enum):
