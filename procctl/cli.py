@@ -292,7 +292,7 @@ def run_command(workers: int, target: str | None, schedule: str, step: float, fi
 
 
 #: How long `run --cluster` waits for the scheduler before it gives up (exit 2).
-CLUSTER_CONNECT_TIMEOUT = 10.0
+CLUSTER_CONNECT_TIMEOUT = 5.0
 
 
 def parse_cluster(text: str) -> tuple[Any, str | None, int]:

@@ -1,0 +1,44 @@
+"""Targets for tests/test_cluster.py: importable by name in Dask workers and their children."""
+
+from __future__ import annotations
+
+import os
+import time
+
+
+def loop(ctx):
+    """Run until stopped; ctx.sleep keeps it responsive."""
+    while ctx.checkpoint():
+        ctx.sleep(0.01)
+    return ctx.worker_id
+
+
+def by_id(ctx):
+    """Local worker 0 finishes, 1 fails, 2 crashes (node 1's worker 0 and 1 ...)."""
+    ctx.checkpoint()
+    kind = ctx.worker_id
+    if kind == 0:
+        return "done"
+    if kind == 1:
+        raise ValueError("bad input")
+    while ctx.checkpoint():
+        ctx.sleep(0.01)
+    return "stopped"
+
+
+def crash(ctx):
+    ctx.checkpoint()
+    os._exit(3)
+
+
+def square(x):
+    return x * x
+
+
+def slow_square(x):
+    time.sleep(0.05)
+    return x * x
+
+
+def fail(x):
+    raise ValueError(f"bad {x}")

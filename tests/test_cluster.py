@@ -1,0 +1,281 @@
+"""procctl.cluster on a LocalCluster of worker processes: 2 nodes x 2 workers.
+
+One cluster serves the module; the tests that kill a Dask worker start their
+own, since its nanny starts a new worker process in its place.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+pytest.importorskip("distributed")
+
+import dask  # noqa: E402
+from distributed import Client, LocalCluster  # noqa: E402
+
+import cluster_targets  # noqa: E402
+from procctl import Outcome, State  # noqa: E402
+from procctl.cluster import ClusterController, ClusterExecutor  # noqa: E402
+from procctl.cluster.session import claim, local_cluster  # noqa: E402
+from procs import still_running  # noqa: E402
+
+LEASE = 2.0
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    cl = local_cluster(2, threads_per_worker=2)
+    yield cl
+    cl.close()
+
+
+def dask_worker_pids(address: str) -> dict[str, int]:
+    with Client(address, set_as_default=False) as client:
+        return client.run(os.getpid)
+
+
+def test_run_pause_stop_across_two_nodes(cluster):
+    events = []
+    with ClusterController(cluster_targets.loop, 2, cluster=cluster, lease=5, on_event=events.append) as cc:
+        nodes = [n.address for n in cc.nodes]
+        assert len(nodes) == 2
+        status = cc.status()
+        assert [s.worker_id for s in status] == [0, 1, 2, 3]
+        assert [s.node for s in status] == [nodes[0], nodes[0], nodes[1], nodes[1]]
+        assert all(s.alive and s.state is State.PAUSED for s in status)
+        pids = [s.pid for s in status]
+        cc.run()
+        assert {s.state for s in cc.status()} == {State.RUNNING}
+        cc.pause()
+        assert {s.state for s in cc.status()} == {State.PAUSED}
+        cc.run()
+        reports = cc.stop(grace=5)
+    assert sorted(reports) == [0, 1, 2, 3]
+    for wid, r in reports.items():
+        assert r.outcome is Outcome.STOPPED
+        assert r.node == nodes[wid // 2]
+        assert r.result == wid % 2  # the local id, as the target returns it
+    assert still_running(pids, timeout=5) == []
+    seen = {(e.worker, e.event) for e in events if e.worker is not None}
+    assert {(w, "running") for w in range(4)} <= seen
+    assert [e.state for e in events if e.event == "broadcast"] == ["running", "paused", "running", "stopped"]
+    assert all(e.node in nodes for e in events if e.worker is not None)
+
+
+def test_outcomes_name_the_node(cluster):
+    with ClusterController(cluster_targets.by_id, 3, cluster=cluster, lease=5) as cc:
+        nodes = [n.address for n in cc.nodes]
+        cc.run()
+        deadline = time.monotonic() + 20
+        got = []
+        while len(got) < 4 and time.monotonic() < deadline:  # blocking reaps, bounded
+            got += cc.reap(timeout=deadline - time.monotonic())
+        reports = cc.stop(grace=5)
+    assert len(got) >= 4
+    for wid, r in reports.items():
+        assert r.node == nodes[wid // 3]
+        expected = [Outcome.FINISHED, Outcome.FAILED, Outcome.STOPPED][wid % 3]
+        assert r.outcome is expected, (wid, r)
+    assert reports[1].error_line == "ValueError: bad input"
+    assert reports[0].result == "done"
+
+    with ClusterController(cluster_targets.crash, 1, cluster=cluster, lease=5, initial_state=State.RUNNING) as cc:
+        assert cc.wait(timeout=20)
+        reports = cc.stop()
+    assert {r.outcome for r in reports.values()} == {Outcome.CRASHED}
+    assert {r.exitcode for r in reports.values()} == {3}
+    assert sorted(r.node for r in reports.values()) == sorted(n.address for n in cc.nodes)
+
+
+def test_a_procctl_worker_sigkilled(cluster):
+    with ClusterController(cluster_targets.loop, 2, cluster=cluster, lease=5) as cc:
+        cc.run()
+        status = cc.status()
+        os.kill(status[3].pid, signal.SIGKILL)
+        got = cc.reap(timeout=15)
+        assert [r.worker_id for r in got] == [3]
+        assert got[0].outcome is Outcome.CRASHED and got[0].exitcode == -signal.SIGKILL
+        assert got[0].node == status[3].node
+        assert [s.alive for s in cc.status()] == [True, True, True, False]
+        cc.pause()  # the others still answer
+        reports = cc.stop(grace=5)
+    assert [r.outcome for r in reports.values()] == [Outcome.STOPPED] * 3 + [Outcome.CRASHED]
+
+
+def test_executor_map_submit_pause_status(cluster):
+    events = []
+    with ClusterExecutor(cluster=cluster, workers_per_node=2, lease=5, on_event=events.append) as ex:
+        assert list(ex.map(cluster_targets.square, range(300))) == [x * x for x in range(300)]
+        assert list(ex.map(cluster_targets.square, range(20), chunksize=1)) == [x * x for x in range(20)]
+        with pytest.raises(ValueError, match="bad 7") as info:
+            ex.submit(cluster_targets.fail, 7).result(timeout=20)
+        assert "Traceback" in str(info.value.__cause__)
+        status = ex.status()
+        assert [s.worker_id for s in status] == [0, 1, 2, 3]
+        assert len({s.node for s in status}) == 2
+        ex.pause()
+        assert ex.paused
+        fut = ex.submit(cluster_targets.square, 3)
+        ex.resume()
+        assert fut.result(timeout=20) == 9
+        counts = ex.counts()
+    assert counts.completed + counts.failed == counts.submitted
+    assert any(e.event == "task-failed" and e.node for e in events)
+
+
+def test_stop_hands_back_each_unfinished_item_once(cluster):
+    with ClusterExecutor(cluster=cluster, workers_per_node=2, lease=5) as ex:
+        futs = [ex.submit(cluster_targets.slow_square, i) for i in range(200)]
+        next(concurrent.futures.as_completed(futs, timeout=30))
+        left = ex.stop(grace=2)
+    completed = [i for i, f in enumerate(futs) if f.done() and not f.cancelled()]
+    assert all(futs[i].result() == i * i for i in completed)
+    assert len(left.items) == len(set(left.items))
+    assert sorted(completed + left.items) == list(range(200))
+    assert left.items == sorted(left.items)
+    assert all(f.cancelled() for f in left.futures)
+
+
+def test_claim_runs_an_agent_once(cluster):
+    with Client(cluster, set_as_default=False) as client:
+        name = f"procctl-test-claim-{os.getpid()}-{time.monotonic_ns()}"
+        first = client.submit(claim, name, pure=False).result(timeout=10)
+        again = client.submit(claim, name, pure=False).result(timeout=10)
+    assert (first, again) == (True, False)
+
+
+@pytest.fixture
+def own_cluster():
+    # The scheduler's default allowed-failures (3): procctl must not count a re-run.
+    with dask.config.set({"distributed.worker.daemon": False}):
+        cl = LocalCluster(n_workers=2, threads_per_worker=2, processes=True, dashboard_address=None)
+    try:
+        yield cl
+    finally:
+        cl.close()
+
+
+def test_a_dask_worker_sigkilled(own_cluster):
+    address = own_cluster.scheduler_address
+    with ClusterController(cluster_targets.loop, 2, address=address, lease=LEASE) as cc:
+        cc.run()
+        lost = cc.nodes[1].address
+        victims = [s.pid for s in cc.status() if s.node == lost]
+        os.kill(dask_worker_pids(address)[lost], signal.SIGKILL)
+        got = []
+        deadline = time.monotonic() + LEASE + 10
+        while len(got) < 2 and time.monotonic() < deadline:
+            got += cc.reap(timeout=deadline - time.monotonic())
+        assert sorted(r.worker_id for r in got) == [2, 3]
+        assert all(r.outcome is Outcome.CRASHED and r.node == lost and lost in r.error for r in got)
+        assert still_running(victims, timeout=5) == []  # they died with their node
+        reports = cc.stop(grace=5)
+    assert [r.outcome for r in reports.values()] == [Outcome.STOPPED] * 2 + [Outcome.CRASHED] * 2
+
+    with Client(address, set_as_default=False) as client:
+        client.wait_for_workers(2, timeout=20)  # the nanny's new worker
+    events = []
+    with ClusterExecutor(address=address, workers_per_node=2, lease=LEASE, on_event=events.append) as ex:
+        futs = [ex.submit(cluster_targets.slow_square, i) for i in range(80)]
+        it = concurrent.futures.as_completed(futs, timeout=30)
+        for _ in range(8):
+            next(it)
+        os.kill(dask_worker_pids(address)[ex.nodes[1].address], signal.SIGKILL)
+        assert [f.result(timeout=30) for f in futs] == [i * i for i in range(80)]
+        assert ex.retried > 0
+        assert any(e.event == "task-retry" and e.node == ex.nodes[1].address for e in events)
+        more = [ex.submit(cluster_targets.slow_square, i) for i in range(100)]
+        next(concurrent.futures.as_completed(more, timeout=30))
+        left = ex.stop(grace=2)
+    completed = [i for i, f in enumerate(more) if f.done() and not f.cancelled()]
+    assert sorted(completed + left.items) == list(range(100))
+    assert len(set(left.items)) == len(left.items)
+
+
+CLIENT = """
+import json, sys
+import cluster_targets
+from procctl.cluster import ClusterController
+cc = ClusterController(cluster_targets.loop, 2, address=sys.argv[1], lease=float(sys.argv[2]))
+cc.start()
+cc.run()
+print(json.dumps([s.pid for s in cc.status()]), flush=True)
+sys.stdin.read()
+"""
+
+
+def test_a_killed_client_leaves_no_worker_behind(cluster, tests_dir):
+    before = dask_worker_pids(cluster.scheduler_address)
+    proc = subprocess.Popen([sys.executable, "-c", CLIENT, cluster.scheduler_address, str(LEASE)],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd=tests_dir, text=True)
+    try:
+        line = proc.stdout.readline()
+        pids = json.loads(line)
+        assert len(pids) == 4 and still_running(pids, timeout=0) != []
+        proc.kill()
+        killed = time.monotonic()
+        proc.wait(5)
+        left = still_running(pids, timeout=LEASE + 2)
+        assert left == [], f"workers still running {time.monotonic() - killed:.1f}s after the client died"
+    finally:
+        proc.kill()
+        proc.wait(5)
+        proc.stdin.close()
+        proc.stdout.close()
+    assert dask_worker_pids(cluster.scheduler_address) == before  # the Dask workers stay up
+
+
+def test_bad_address_and_arguments():
+    started = time.monotonic()
+    with pytest.raises(ConnectionError, match="127.0.0.1:9"):
+        ClusterController(cluster_targets.loop, address="tcp://127.0.0.1:9", connect_timeout=1).start()
+    with pytest.raises(ConnectionError, match="127.0.0.1:9"):
+        ClusterExecutor(address="tcp://127.0.0.1:9", connect_timeout=1)
+    assert time.monotonic() - started < 10
+    with pytest.raises(ValueError, match="address"):
+        ClusterController(cluster_targets.loop)
+    with pytest.raises(TypeError, match="cluster"):
+        ClusterController(cluster_targets.loop, cluster=object())
+    with pytest.raises(ValueError, match="lease"):
+        ClusterController(cluster_targets.loop, address="tcp://127.0.0.1:9", lease=float("nan"))
+    with pytest.raises(ValueError, match="workers_per_node"):
+        ClusterExecutor(address="tcp://127.0.0.1:9", workers_per_node=0)
+
+
+@pytest.mark.parametrize("spec", ["tcp://127.0.0.1:9", "nonsense", "local:0"])
+def test_cli_bad_cluster_is_one_line_and_exit_2(spec):
+    started = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "procctl", "run", "--cluster", spec],
+                          capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 2, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert time.monotonic() - started < 20
+
+
+def test_cli_local_cluster():
+    proc = subprocess.run([sys.executable, "-m", "procctl", "run", "--cluster", "local:2", "--workers-per-node", "1",
+                           "--target", "cluster_targets:loop", "--schedule", "run,pause,run,stop", "--step", "0.2",
+                           "--json"], capture_output=True, text=True, timeout=45,
+                          cwd=os.path.dirname(__file__))
+    assert proc.returncode == 0, proc.stderr
+    lines = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert lines[-1]["event"] == "summary" and lines[-1]["outcomes"] == {"stopped": 2}
+    assert len({r["node"] for r in lines if r.get("event") == "running"}) == 2
+
+
+def test_import_procctl_loads_no_dask():
+    code = ("import sys, procctl, procctl.cli; procctl.ProcessController; procctl.ProcessExecutor;"
+            "assert not [m for m in sys.modules if m.split('.')[0] in ('dask', 'distributed')]")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=30)
+    code = "import sys; sys.modules['distributed'] = None; import procctl.cluster"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 1
+    assert "pip install 'procctl[dask]'" in proc.stderr
