@@ -13,7 +13,11 @@ setup(
     # (CPU %, RSS); both load only in the command line, never on `import procctl`.
     install_requires=["click>=8.0", "rich>=13", "psutil>=5.9"],
     extras_require={
-        "test": ["pytest>=7", "pytest-timeout>=2.1", "psutil>=5.9", "mypy>=1.8", "ruff>=0.4", "types-psutil"],
+        # distributed: the cluster tests (tests/test_cluster.py) run in CI too.
+        "test": ["pytest>=7", "pytest-timeout>=2.1", "psutil>=5.9", "mypy>=1.8", "ruff>=0.4", "types-psutil",
+                 "distributed>=2024.1"],
+        # procctl.cluster: ClusterController and ClusterExecutor on a Dask cluster.
+        "dask": ["distributed>=2024.1"],
         "bench": ["psutil>=5.9", "loky>=3.4", "pebble>=5.0", "mpire>=2.8", "billiard>=4.0"],
     },
     entry_points={

@@ -18,14 +18,14 @@ import pytest
 
 pytest.importorskip("distributed")
 
+import cluster_targets  # noqa: E402
 import dask  # noqa: E402
 from distributed import Client, LocalCluster  # noqa: E402
+from procs import still_running  # noqa: E402
 
-import cluster_targets  # noqa: E402
 from procctl import Outcome, State  # noqa: E402
 from procctl.cluster import ClusterController, ClusterExecutor  # noqa: E402
 from procctl.cluster.session import claim, local_cluster  # noqa: E402
-from procs import still_running  # noqa: E402
 
 LEASE = 2.0
 

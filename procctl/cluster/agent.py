@@ -23,6 +23,7 @@ import time
 import traceback
 from collections import OrderedDict
 from concurrent.futures import Future as LocalFuture
+from functools import partial
 from typing import Any
 
 from distributed import Queue, get_client, secede
@@ -286,7 +287,7 @@ class ExecutorAgent(Agent):
         if cmd.op is Op.TASKS:
             for tid, blob in cmd.arg:
                 fut = self.ex.submit(run_task, tid, blob)
-                fut.add_done_callback(lambda f, tid=tid: self._done(tid, f))
+                fut.add_done_callback(partial(self._done, tid))
             return None
         if cmd.op is Op.PAUSE:
             self.ex.pause()

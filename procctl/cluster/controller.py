@@ -121,10 +121,10 @@ class ClusterController(Session):
                 self._workers[gid] = _Remote(gid, node, local, pid, self.initial_state)
         elif msg.kind is Up.EVENT:
             wall, event = msg.body
-            gid = None if event.worker is None else self._gid(node, event.worker)
-            if gid in self._workers and event.event in ("running", "paused"):
-                self._workers[gid].state = State.RUNNING if event.event == "running" else State.PAUSED
-            self._events.append(replace(event, t=self.t_of(wall), worker=gid, node=node.address))
+            wid: int | None = None if event.worker is None else self._gid(node, event.worker)
+            if wid is not None and wid in self._workers and event.event in ("running", "paused"):
+                self._workers[wid].state = State.RUNNING if event.event == "running" else State.PAUSED
+            self._events.append(replace(event, t=self.t_of(wall), worker=wid, node=node.address))
         elif msg.kind is Up.REPORT:
             self._take_report(node, msg.body)
         elif msg.kind is Up.ACK and isinstance(msg.body, dict):  # a stop's reports

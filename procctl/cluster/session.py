@@ -83,7 +83,7 @@ class Node:
     index: int
     address: str
     queue: Any = None  # distributed.Queue of its commands
-    future: Future | None = None
+    future: Future[Any] | None = None
     seq: int = 0
     pending: dict[int, list[Any]] = field(default_factory=dict)  # seq -> [Command, last sent]
     answers: dict[int, Any] = field(default_factory=dict)
@@ -150,7 +150,7 @@ class Session:
             self.client.wait_for_workers(1, timeout=self.connect_timeout)
         except TimeoutError:
             raise ConnectionError(
-                f"the Dask cluster at {self.client.scheduler.address} has no workers"
+                f"the Dask cluster at {scheduler_address(self._address, self._cluster)} has no workers"
             ) from None
         workers = list(self.client.scheduler_info(n_workers=-1)["workers"])
         names, up = queue_names(self.run_id, len(workers))
@@ -334,7 +334,7 @@ class Session:
         if msg.kind is not Up.BEAT:
             self.on_message(node, msg)
 
-    def _agent_done(self, node: Node, fut: Future) -> None:
+    def _agent_done(self, node: Node, fut: Future[Any]) -> None:
         # In the client's event loop thread: only bookkeeping here.
         why = None
         if fut.status == "error":
