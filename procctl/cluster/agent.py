@@ -31,7 +31,7 @@ from distributed import Queue, get_client, secede
 from ..controller import ProcessController
 from ..executor import ProcessExecutor
 from ..states import Event, State
-from .session import claim
+from .session import claim, close_queue
 from .wire import AgentSpec, Command, Message, Op, Up
 
 log = logging.getLogger("procctl")
@@ -90,7 +90,8 @@ class Agent:
         self.spec = spec
         client = get_client()
         self.commands = Queue(spec.commands, client=client)
-        self.outbox = Outbox(Queue(spec.up, client=client), spec.node)
+        self.up = Queue(spec.up, client=client)
+        self.outbox = Outbox(self.up, spec.node)
         self.answers: OrderedDict[int, Any] = OrderedDict()
         self.last_seq = 0
         self.done = False
@@ -159,6 +160,8 @@ class Agent:
     def finish(self) -> None:
         self.outbox.say(Up.GONE, body=self.gone_why)
         self.outbox.close()
+        for q in (self.commands, self.up):
+            close_queue(q)
 
     def apply(self, cmd: Command) -> Any:
         raise NotImplementedError

@@ -106,6 +106,7 @@ class ClusterController(Session):
         self._reports: dict[int, WorkerReport] = {}
         self._new_reports: list[WorkerReport] = []
         self._events: list[Event] = []
+        self._emitting = threading.RLock()
         self._woken = False
         self._ops = threading.RLock()  # one command at a time
 
@@ -158,15 +159,17 @@ class ClusterController(Session):
         self._new_reports.append(report)
 
     def _emit_events(self) -> None:
-        with self.cond:
-            events, self._events = self._events, []
-        if self._on_event is None:
-            return
-        for event in events:
-            try:
-                self._on_event(event)
-            except Exception:
-                log.exception("on_event callback failed for %s", event)
+        # One thread at a time, so that on_event sees the events in order.
+        with self._emitting:
+            with self.cond:
+                events, self._events = self._events, []
+            if self._on_event is None:
+                return
+            for event in events:
+                try:
+                    self._on_event(event)
+                except Exception:
+                    log.exception("on_event callback failed for %s", event)
 
     # -- context manager and lifecycle ------------------------------------------------
 

@@ -208,6 +208,8 @@ class Session:
             for node in self.nodes:
                 if node.future is not None and not node.future.done():
                     node.future.cancel()
+            for q in [self._up] + [node.queue for node in self.nodes]:
+                close_queue(q)
             try:
                 self.client.close(timeout=SLACK)
             except Exception:  # noqa: BLE001 - closing a client of a dead scheduler
@@ -381,6 +383,15 @@ class Session:
     def t_of(self, wall: float) -> float:
         """An agent's wall-clock time as seconds since this run started."""
         return round(max(0.0, wall - self._wall0), 6)
+
+
+def close_queue(q: Any) -> None:
+    """Drop our reference to a Dask queue: the scheduler frees it with the last one."""
+    if q is not None:
+        try:
+            q.close()
+        except Exception:  # noqa: BLE001 - the client or the scheduler is already gone
+            log.debug("closing a Dask queue failed", exc_info=True)
 
 
 def claim(name: str) -> bool:
