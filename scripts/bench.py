@@ -35,8 +35,10 @@ import bench_workers  # noqa: E402,F401
 
 from procctl import ProcessController, State  # noqa: E402,F401  (as the README's scripts do)
 
-CASE_ORDER = ["lifecycle", "broadcast", "stop", "paused", "throughput", "memory", "workplane"]
-ONE_METHOD_CASES = {"paused", "throughput", "workplane"}  # the cost does not depend on the start method
+CASE_ORDER = ["lifecycle", "broadcast", "stop", "paused", "throughput", "memory", "workplane", "cluster"]
+#: Run only when asked (--cluster): they need procctl[dask].
+OPTIONAL_CASES = {"cluster"}
+ONE_METHOD_CASES = {"paused", "throughput", "workplane", "cluster"}  # the cost does not depend on the start method
 
 
 def params(quick: bool) -> dict[str, dict[str, Any]]:
@@ -52,6 +54,7 @@ def params(quick: bool) -> dict[str, dict[str, Any]]:
                                queue_size=1000, repeats=1),
             "memory": dict(n=10, repeats=1),
             "workplane": dict(n=20_000, big=1_000_000, rounds=300, cpu=1000, queued=100_000, repeats=1),
+            "cluster": dict(rounds=40, repeats=2, tasks=2000),
         }
     return {
         "lifecycle": dict(ns=[10, 100, 500], repeats=5, peer_repeats=2, peer_max_n=100,
@@ -64,12 +67,14 @@ def params(quick: bool) -> dict[str, dict[str, Any]]:
                            queue_size=1000, repeats=3),
         "memory": dict(n=10, repeats=3),
         "workplane": dict(n=50_000, big=2_000_000, rounds=1000, cpu=3000, queued=100_000, repeats=3),
+        "cluster": dict(rounds=200, repeats=5, tasks=5000),
     }
 
 
 def job_timeout(case: str, quick: bool) -> float:
     return {"lifecycle": 150, "broadcast": 120, "stop": 120, "paused": 60,
-            "throughput": 120, "memory": 90, "workplane": 200}[case] * (1 if quick else 2.5)
+            "throughput": 120, "memory": 90, "workplane": 200,
+            "cluster": 240}[case] * (1 if quick else 2.5)
 
 
 # =============================================================================
@@ -289,8 +294,18 @@ def key(r: dict[str, Any]) -> tuple:
     return (r["case"], r["method"], r["n"])
 
 
+#: The cluster case's pairs: each procctl row against its own Dask baseline.
+CLUSTER_FLOORS = {
+    "ClusterController broadcast p50": "Dask Event set -> seen by 8 tasks",
+    "ClusterController lifecycle": "8 plain Dask tasks",
+    "ClusterExecutor.map 1 ms tasks": "Client.map 1 ms tasks",
+}
+
+
 def floor_for(r: dict[str, Any], rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     floors = [f for f in rows if key(f) == key(r) and f["role"] == "floor"]
+    if r["case"] == "cluster":
+        return [f for f in floors if f["name"] == CLUSTER_FLOORS.get(r["name"])]
     if r["case"] == "throughput":
         batched = "batch" in r["name"] or "lists" in r["name"]
         floors = [f for f in floors if ("lists" in f["name"]) == batched]
@@ -335,6 +350,7 @@ SECTION = {
     "throughput": "5. Sum job throughput: 3 producers x 3 consumers, delay 0 (higher is better)",
     "memory": "6. Memory: PSS per idle worker",
     "workplane": "7. Work plane: ProcessExecutor and channels against Pool, PPE, mp.Queue (2 workers)",
+    "cluster": "8. Cluster (--cluster): procctl.cluster on a LocalCluster of 2 nodes x 4, beside Dask's own",
 }
 
 
@@ -355,7 +371,8 @@ def print_table(rows: list[dict[str, Any]], out=sys.stdout) -> None:
                     continue
                 x = ratio(r, f)
                 if x is not None:
-                    label = {"raw Process+Pipe": "raw", "raw Event per unit": "raw",
+                    label = {"Dask Event set -> seen by 8 tasks": "Event", "8 plain Dask tasks": "tasks",
+                             "Client.map 1 ms tasks": "Client.map", "raw Process+Pipe": "raw", "raw Event per unit": "raw",
                              "per-worker Pipe": "Pipe", "shared Condition+counters": "Cond",
                              "raw blocked in Queue.get()": "blocked"}.get(f["name"], "raw")
                     ratios.append(f"{x:.2f}x {label}")
@@ -441,6 +458,18 @@ def targets(rows: list[dict[str, Any]], methods: list[str]) -> list[dict[str, An
                         and r["role"] == "procctl" and "batch" in r["name"]), None)
             add(f"sum throughput {m}: batched items/s", bat.get("median") if bat else None, 1e7,
                 at_least=True, why=why_missing(bat))
+    for m in dict.fromkeys(r["method"] for r in rows if r["case"] == "cluster"):
+        def c(name):
+            return find(rows, "cluster", m, 8, name=name)
+        a, b = c("ClusterController broadcast p50"), c("Dask Event set -> seen by 8 tasks")
+        add("cluster: broadcast p50 / Dask Event round trip", ratio(a, b), 2.0, why=why_missing(a, b))
+        a, b = c("ClusterController lifecycle"), c("8 plain Dask tasks")
+        add("cluster: lifecycle / 8 plain Dask tasks", ratio(a, b), 1.5, why=why_missing(a, b))
+        a, b = c("ClusterExecutor.map 1 ms tasks"), c("Client.map 1 ms tasks")
+        add("cluster: ClusterExecutor.map / Client.map", ratio(a, b), 0.8, at_least=True, why=why_missing(a, b))
+        a = next((r for r in rows if r["case"] == "cluster" and r["name"].startswith("client SIGKILL")), None)
+        add("cluster: s from client SIGKILL to workers gone", a.get("median") if a else None, 4.0,
+            why=why_missing(a))
     for m in dict.fromkeys(r["method"] for r in rows if r["case"] == "memory"):
         a = find(rows, "memory", m, 10, "procctl")
         b = find(rows, "memory", m, 10, "floor")
@@ -472,8 +501,11 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="a smaller run, under 60 s on 2 cores")
     ap.add_argument("--json", metavar="FILE", help="write header, rows and targets as JSON")
-    ap.add_argument("--cases", default=",".join(CASE_ORDER),
-                    help=f"comma list of cases (default all: {','.join(CASE_ORDER)})")
+    default_cases = [c for c in CASE_ORDER if c not in OPTIONAL_CASES]
+    ap.add_argument("--cases", default=None,
+                    help=f"comma list of cases (default all: {','.join(default_cases)})")
+    ap.add_argument("--cluster", action="store_true",
+                    help="the cluster case (needs procctl[dask]); alone unless --cases names others")
     ap.add_argument("--start-methods", default=None,
                     help="comma list (default fork,forkserver; the memory case adds spawn)")
     ap.add_argument("--verbose", action="store_true", help="echo each case process's stderr")
@@ -486,7 +518,10 @@ def main(argv: list[str] | None = None) -> int:
     if args._case:
         return child_main(args._case, args._method, json.loads(args._params), args._out)
 
-    cases = [c.strip() for c in args.cases.split(",") if c.strip()]
+    if args.cases is None:
+        cases = ["cluster"] if args.cluster else default_cases
+    else:
+        cases = [c.strip() for c in args.cases.split(",") if c.strip()] + (["cluster"] if args.cluster else [])
     bad = [c for c in cases if c not in CASE_ORDER]
     if bad:
         ap.error(f"unknown case(s) {bad}; choose from {CASE_ORDER}")

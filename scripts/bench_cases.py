@@ -1177,4 +1177,5 @@ CASES = {
     "throughput": case_throughput,
     "memory": case_memory,
     "workplane": case_workplane,
+    "cluster": lambda m, p: __import__("bench_cluster").case_cluster(m, p),
 }
