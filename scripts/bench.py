@@ -371,8 +371,9 @@ def print_table(rows: list[dict[str, Any]], out=sys.stdout) -> None:
                     continue
                 x = ratio(r, f)
                 if x is not None:
-                    label = {"Dask Event set -> seen by 8 tasks": "Event", "8 plain Dask tasks": "tasks",
-                             "Client.map 1 ms tasks": "Client.map", "raw Process+Pipe": "raw", "raw Event per unit": "raw",
+                    label = {"Dask Event set -> seen by 8 tasks": "Event",
+                             "8 plain Dask tasks": "tasks", "Client.map 1 ms tasks": "Client.map",
+                             "raw Process+Pipe": "raw", "raw Event per unit": "raw",
                              "per-worker Pipe": "Pipe", "shared Condition+counters": "Cond",
                              "raw blocked in Queue.get()": "blocked"}.get(f["name"], "raw")
                     ratios.append(f"{x:.2f}x {label}")
@@ -459,7 +460,7 @@ def targets(rows: list[dict[str, Any]], methods: list[str]) -> list[dict[str, An
             add(f"sum throughput {m}: batched items/s", bat.get("median") if bat else None, 1e7,
                 at_least=True, why=why_missing(bat))
     for m in dict.fromkeys(r["method"] for r in rows if r["case"] == "cluster"):
-        def c(name):
+        def c(name, m=m):
             return find(rows, "cluster", m, 8, name=name)
         a, b = c("ClusterController broadcast p50"), c("Dask Event set -> seen by 8 tasks")
         add("cluster: broadcast p50 / Dask Event round trip", ratio(a, b), 2.0, why=why_missing(a, b))

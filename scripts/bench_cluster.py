@@ -163,18 +163,18 @@ import json, sys
 sys.path.insert(0, sys.argv[3])
 import bench_workers as bw
 from procctl.cluster import ClusterController
-cc = ClusterController(bw.pc_idle, int(sys.argv[2]), address=sys.argv[1], lease=%r)
+cc = ClusterController(bw.pc_idle, int(sys.argv[2]), address=sys.argv[1], lease=float(sys.argv[4]))
 cc.start()
 cc.run()
 print(json.dumps([s.pid for s in cc.status()]), flush=True)
 sys.stdin.read()
-""" % LEASE
+"""
 
 
 def client_killed(address: str) -> float:
     """Seconds from a SIGKILL of the client to every procctl worker gone."""
     here = os.path.dirname(os.path.abspath(__file__))
-    proc = subprocess.Popen([sys.executable, "-c", CLIENT, address, str(PER_NODE), here],
+    proc = subprocess.Popen([sys.executable, "-c", CLIENT, address, str(PER_NODE), here, str(LEASE)],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         pids = json.loads(proc.stdout.readline())
