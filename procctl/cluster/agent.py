@@ -301,7 +301,7 @@ class ExecutorAgent(Agent):
         if cmd.op is Op.STATUS:
             return self.ex.status()
         if cmd.op is Op.KILL:
-            self.ex._pc.kill()  # noqa: SLF001 - our own executor's controller
+            self.ex.kill()
             return None
         if cmd.op is Op.STOP:
             self.outbox.say(Up.ACK, cmd.seq, ("accepted", None))
