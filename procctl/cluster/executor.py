@@ -265,6 +265,11 @@ class ClusterExecutor(Session, Executor):
             self._emit_events()
             return Unfinished(items, running, futures)
 
+    def kill(self) -> None:
+        """SIGKILL every worker on every node now (sent within a tick); their tasks
+        fail or are retried as crashes. Safe from a signal handler."""
+        self.request_kill()
+
     @property
     def paused(self) -> bool:
         return self._paused

@@ -231,6 +231,8 @@ class Session:
     def ask_all(self, op: Op, arg: Any, timeout: float | None) -> dict[int, Any]:
         """Send `op` to every live node; {node index: answer} of those that answered
         within `timeout` (None: no limit), lost nodes left out."""
+        if timeout is not None and math.isinf(timeout):
+            timeout = None
         live = [n for n in self.nodes if not n.ended and n.lost is None]
         seqs = {n.index: self.send(n, op, arg) for n in live}
         with self.cond:
