@@ -39,7 +39,7 @@ from contextlib import contextmanager
 from functools import partial
 from typing import Any, Protocol
 
-from . import limits, shutdown
+from . import containment, limits, shutdown
 from .channel import (
     ACK,
     ACK_BODY,
@@ -99,7 +99,7 @@ class _Worker:
     __slots__ = (
         "id", "process", "pid", "link", "started", "state", "acked_seq",
         "result", "start_error", "signalled", "report", "progress_first", "info",
-        "final_progress", "pidfd",
+        "final_progress", "pidfd", "cgroup",
     )
 
     def __init__(self, wid: int, process: Any, link: WorkerLink) -> None:
@@ -120,6 +120,7 @@ class _Worker:
         #: What the controller watches for the process's end: a pidfd where the
         #: kernel has them, which nothing the worker does can hold open.
         self.pidfd = -1
+        self.cgroup: str | None = None
 
     @property
     def watch_fd(self) -> int:
@@ -252,6 +253,7 @@ class ProcessController:
         on_event: Callable[[Event], None] | None = None,
         ack_timeout: float | None = ACK_TIMEOUT,
         channels: dict[str, int] | None = None,
+        cgroup: bool = False,
     ) -> None:
         if not callable(target):
             raise TypeError(f"target must be callable, not {type(target).__name__}")
@@ -270,6 +272,8 @@ class ProcessController:
             raise TypeError(f"on_event must be callable, not {type(on_event).__name__}")
         grace = check_timeout("grace", grace, allow_none=False)  # type: ignore[assignment]
         ack_timeout = check_timeout("ack_timeout", ack_timeout)
+        if not isinstance(cgroup, bool):
+            raise TypeError(f"cgroup must be True or False, not {cgroup!r}")
         initial_state = State(initial_state)
         if initial_state is State.STOPPED:
             raise ValueError("initial_state must be PAUSED or RUNNING")
@@ -280,6 +284,9 @@ class ProcessController:
         self.grace = grace
         self.initial_state: State = initial_state
         self.ack_timeout = ack_timeout
+        #: Contain each worker's tree in a cgroup v2 too, where one is writable.
+        self.cgroup = cgroup
+        self._trees: containment.WorkerTrees | None = None
         #: Escalation timeouts after the grace period; tests may shrink them.
         self.term_timeout = shutdown.TERM_TIMEOUT
         self.kill_timeout = shutdown.KILL_TIMEOUT
@@ -354,6 +361,7 @@ class ProcessController:
             os.set_blocking(self._wake_w, False)
             self._selector.register(self._wake_r, selectors.EVENT_READ, (_WAKE, None))
             _open_controllers.add(self)
+            self._trees = containment.WorkerTrees(self.cgroup)
             self._collect = gc.isenabled()
             with _quiet_collector(self.start_method):
                 for wid in range(self.workers):
@@ -366,7 +374,8 @@ class ProcessController:
         return self
 
     def _spawn(self, wid: int) -> None:
-        assert self._board is not None and self._selector is not None
+        assert self._board is not None and self._selector is not None and self._trees is not None
+        cgroup = self._trees.worker_cgroup(wid)
         try:
             link = WorkerLink()
         except OSError as exc:
@@ -377,6 +386,7 @@ class ProcessController:
             wid, self.workers, self._payload, InheritedFd(self._board.fd), doorbell, report, os.getpid(),
             die_with_parent=True, forkserver=self.start_method == "forkserver", collect=self._collect,
             work=work, channels=self._plane.wire_spec() if self._plane is not None else {},
+            cgroup=cgroup,
         )
         process = self._mp.Process(target=worker_main, args=(spec,), name=f"procctl-worker-{wid}")
         # The kernel's parent-death signal fires when the *thread* that forked
@@ -405,6 +415,8 @@ class ProcessController:
             link.release_child_fds()
         worker = _Worker(wid, process, link)
         worker.pidfd = _open_pidfd(process.pid, self.start_method)
+        worker.cgroup = cgroup
+        self._trees.started(worker.pid)
         if wid < len(self._workers):
             self._workers[wid] = worker  # a new incarnation (see _respawn)
         else:
@@ -440,10 +452,7 @@ class ProcessController:
         w = self._workers[wid]
         if w.alive and w.pid is not None:
             w.signalled = signal.SIGKILL
-            try:
-                os.kill(w.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+            containment.kill_trees([w.pid])  # its tree too: it cannot end it itself
 
     def _await_ready(self) -> None:
         self._awaiting = {w.id for w in self._workers if w.acked_seq < 0 and w.alive}
@@ -494,9 +503,12 @@ class ProcessController:
         for w in self._workers:
             if w.alive:
                 # Survived SIGKILL (uninterruptible sleep): report and let go.
+                self._end_tree(w)
                 self._finish(w, w.process.exitcode)
         if self._plane is not None:
             self._plane.release()
+        if self._trees is not None:
+            self._trees.close(self.kill_timeout)
         if self._selector is not None:
             self._selector.close()
             self._selector = None
@@ -649,16 +661,23 @@ class ProcessController:
     def signal_live(self, sig: int) -> list[int]:
         """Send `sig` to every live worker; they will be reported as killed."""
         hit = []
+        pids = []
         for w in self._workers:
             if w.alive and w.pid is not None:
                 w.signalled = sig
                 if sig == signal.SIGTERM and self._board is not None:
                     self._board.mark_terminate(w.id)  # read by the worker's handler
-                try:
-                    os.kill(w.pid, sig)
-                except ProcessLookupError:
-                    pass
+                if sig == signal.SIGKILL:
+                    pids.append(w.pid)
+                else:
+                    try:
+                        os.kill(w.pid, sig)
+                    except ProcessLookupError:
+                        pass
                 hit.append(w.id)
+        if pids:
+            # Killed from outside, a worker cannot end its own tree: freeze and kill it here.
+            containment.kill_trees(pids)
         return hit
 
     # -- the event pump -----------------------------------------------------
@@ -797,6 +816,7 @@ class ProcessController:
     def _reap_worker(self, w: _Worker) -> None:
         if not w.link.closed:
             self._read_reports(w)
+        self._end_tree(w)
         if w.pidfd >= 0:
             # The pidfd is readable: the process has ended, and the exit
             # status is there for a waitpid(WNOHANG). Never a blocking join:
@@ -852,6 +872,11 @@ class ProcessController:
                                 exitcode, w.started, now)
         return WorkerReport(w.id, w.pid, Outcome.CRASHED, None, shutdown.crash_message(exitcode),
                             exitcode, w.started, now)
+
+    def _end_tree(self, w: _Worker) -> None:
+        # Before the join: the worker's zombie still holds its pid, the id of its group.
+        if self._trees is not None:
+            self._trees.ended(w.pid, w.cgroup)
 
     # -- helpers ------------------------------------------------------------
 
@@ -953,7 +978,8 @@ def _open_pidfd(pid: int, start_method: str) -> int:
 
 
 def _preload_in_fork_server() -> None:
-    """Have the fork server import the worker side once, before it starts.
+    """Have the fork server import the worker side once, before it starts,
+    and stand a SIGTERM to the process group (see forkserver_preload.py).
 
     Else, when the script only did `import procctl` (names load lazily),
     every forkserver worker would import procctl.worker after its fork: time
@@ -964,8 +990,8 @@ def _preload_in_fork_server() -> None:
 
     server: Any = forkserver._forkserver  # private, but set_forkserver_preload() only replaces the list
     modules = list(getattr(server, "_preload_modules", None) or ["__main__"])
-    if "procctl.worker" not in modules:
-        forkserver.set_forkserver_preload(modules + ["procctl.worker"])
+    if "procctl.forkserver_preload" not in modules:
+        forkserver.set_forkserver_preload(modules + ["procctl.forkserver_preload"])
 
 
 _open_controllers: weakref.WeakSet[ProcessController] = weakref.WeakSet()

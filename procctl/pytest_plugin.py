@@ -21,6 +21,7 @@ pytest_timeout are imported when a fixture or hook needs them).
 
 from __future__ import annotations
 
+import os
 import sys
 import threading
 from collections.abc import Callable, Iterator
@@ -35,9 +36,14 @@ if TYPE_CHECKING:
 
 __all__ = ["no_leftover_processes", "process_controller"]
 
-#: multiprocessing's own long-lived helpers: started once per session, not a leak.
-HELPER_MARKERS = ("multiprocessing.resource_tracker", "multiprocessing.forkserver",
-                  "resource_tracker", "forkserver")
+#: The entry points of multiprocessing's long-lived helpers (fork server, resource
+#: tracker): a *direct* child of ours started with one of these is the helper itself,
+#: started once per session, not a leak.  Its children (forkserver workers share its
+#: command line) are judged like any other process.
+HELPER_ENTRIES = ("from multiprocessing.forkserver import main", "from multiprocessing.resource_tracker import main")
+#: Set in the environment while a checked test runs: processes it starts carry it,
+#: even once re-parented away from us (to init or a subreaper).
+MARKER = "PROCCTL_TEST_MARK"
 #: How long children may take to exit by themselves before they count as left behind.
 LEFTOVER_WAIT = 1.0
 #: How long killed leftovers may take to go away.
@@ -77,20 +83,77 @@ def _import_psutil() -> Any:
     return psutil
 
 
-def _is_helper(proc: psutil.Process, psutil: Any) -> bool:
+def _helper_pids(psutil: Any) -> set[int]:
+    """multiprocessing's helpers and procctl's guardian, by pid: the processes
+    themselves, not what they start."""
+    helpers = set()
+    guardian = sys.modules.get("procctl.guardian")
+    if guardian is not None and guardian.guardian_pid() is not None:
+        helpers.add(guardian.guardian_pid())
     try:
-        cmdline = " ".join(proc.cmdline())
-    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-        return False
-    return any(marker in cmdline for marker in HELPER_MARKERS)
+        kids = psutil.Process().children()
+    except psutil.NoSuchProcess:
+        return helpers
+    for proc in kids:
+        try:
+            cmdline = " ".join(proc.cmdline())
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+        if any(entry in cmdline for entry in HELPER_ENTRIES):
+            helpers.add(proc.pid)
+    return helpers
 
 
-def _children(psutil: Any) -> list[psutil.Process]:
+class Snapshot:
+    """What ran before a test, and the mark its processes will carry."""
+
+    serial = 0
+
+    def __init__(self, psutil: Any) -> None:
+        Snapshot.serial += 1
+        self.mark = f"{os.getpid()}-{Snapshot.serial}"
+        self.before = {p.pid for p in _descendants(psutil)}
+        self.existing = set(psutil.pids())
+        self.previous_mark = os.environ.get(MARKER)
+        os.environ[MARKER] = self.mark
+
+    def restore(self) -> None:
+        if self.previous_mark is None:
+            os.environ.pop(MARKER, None)
+        else:
+            os.environ[MARKER] = self.previous_mark
+
+    def new_processes(self, psutil: Any) -> list[psutil.Process]:
+        """Processes the test started that still exist: descendants of ours, and
+        orphans re-parented away that are in our process group or carry the mark."""
+        helpers = _helper_pids(psutil)
+        found = {p.pid: p for p in _descendants(psutil) if p.pid not in self.before and p.pid not in helpers}
+        pgid = os.getpgid(0)
+        me = os.getpid()
+        for pid in set(psutil.pids()) - self.existing - set(found) - helpers - {me}:
+            try:
+                proc = psutil.Process(pid)
+            except psutil.NoSuchProcess:
+                continue
+            if self._ours(proc, pgid, psutil):
+                found[pid] = proc
+        return list(found.values())
+
+    def _ours(self, proc: psutil.Process, pgid: int, psutil: Any) -> bool:
+        try:
+            if os.getpgid(proc.pid) == pgid:
+                return True  # forked (no exec) and orphaned: still in our group
+            return proc.environ().get(MARKER) == self.mark
+        except (OSError, psutil.Error):
+            return False
+
+
+def _descendants(psutil: Any) -> list[psutil.Process]:
     try:
         kids: list[psutil.Process] = psutil.Process().children(recursive=True)
     except psutil.NoSuchProcess:
         return []
-    return [p for p in kids if not _is_helper(p, psutil)]
+    return kids
 
 
 def _describe(proc: psutil.Process, psutil: Any) -> str:
@@ -115,31 +178,44 @@ def _kill_all(procs: list[psutil.Process], psutil: Any) -> None:
         mp.active_children()  # let multiprocessing forget the processes it started
 
 
-def _check_leftovers(before: set[int], psutil: Any) -> None:
-    new = [p for p in _children(psutil) if p.pid not in before]
+def _check_leftovers(snapshot: Snapshot, psutil: Any) -> None:
+    new = snapshot.new_processes(psutil)
     if not new:
         return
     # Describe them now: once they are gone their command lines are too.
     described = {p.pid: _describe(p, psutil) for p in new}
     # Exiting children get a moment; direct children that already exited are reaped here.
     _, alive = psutil.wait_procs(new, timeout=LEFTOVER_WAIT)
+    alive = [p for p in alive if _running(p, psutil)]
     if not alive:
         return
     _kill_all(alive, psutil)
     lines = "\n  ".join(described[p.pid] for p in alive)
-    pytest.fail(f"test left {len(alive)} child process(es) behind (now killed):\n  {lines}", pytrace=False)
+    pytest.fail(f"test left {len(alive)} process(es) behind (now killed):\n  {lines}", pytrace=False)
+
+
+def _running(proc: psutil.Process, psutil: Any) -> bool:
+    # The zombie of an orphan waits for an init that may never reap it: it has ended.
+    try:
+        return bool(proc.status() != psutil.STATUS_ZOMBIE or proc.ppid() == os.getpid())
+    except psutil.NoSuchProcess:
+        return False
 
 
 @pytest.fixture
 def no_leftover_processes(request: pytest.FixtureRequest) -> Iterator[None]:
-    """Fail the test if it leaves a child process behind; kill the leftovers."""
+    """Fail the test if it leaves a process behind (a child, a grandchild, or one
+    re-parented away); kill the leftovers."""
     psutil = _import_psutil()
-    before = {p.pid for p in _children(psutil)}
-    yield
+    snapshot = Snapshot(psutil)
+    try:
+        yield
+    finally:
+        snapshot.restore()
     # process_controller may be torn down after us (argument order): close its
     # controllers first so their workers are not mistaken for leftovers.
     _close_controllers(request.node)
-    _check_leftovers(before, psutil)
+    _check_leftovers(snapshot, psutil)
 
 
 @pytest.fixture(autouse=True)

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from multiprocessing.reduction import ForkingPickler
 from typing import Any
 
+from . import containment
 from .channel import PROGRESS, RESULT, START_FAILED, Board, ControlEnd, InheritedFd, unpack_command
 from .states import Outcome, State
 from .worker_plane import WorkEnd
@@ -102,6 +103,8 @@ class WorkerSpec:
     die_with_parent: bool = False
     #: Started by the fork server: let go of its alive pipe (see _release_fork_server).
     forkserver: bool = False
+    #: The cgroup directory to join, if the controller made one (containment.py).
+    cgroup: str | None = None
     #: The worker's end of its work link (channels, executor tasks), and the channels.
     work: InheritedFd | None = None
     channels: dict[str, tuple[int, int]] = field(default_factory=dict)
@@ -316,6 +319,7 @@ class WorkerContext:
         # from elsewhere (a SIGTERM to the whole process group, say) and asks
         # for a graceful stop, as the manager will ask too; a second one kills.
         if self._term_requested or self._end.board.terminate_marked(self.worker_id):
+            containment.end_descendants()
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             os.kill(os.getpid(), signal.SIGTERM)
             return
@@ -428,6 +432,7 @@ def _orphan_watch(fd: int, finished: threading.Event) -> None:
     # The manager is gone: nobody will ever stop or reap us. Give the target
     # a moment to notice (checkpoint() now returns False), then leave.
     finished.wait(ORPHAN_GRACE)
+    containment.end_descendants()
     os._exit(EXIT_ORPHANED)
 
 
@@ -461,6 +466,8 @@ def _send_result(end: ControlEnd, outcome: Outcome, result: Any, error: str | No
 
 def worker_main(spec: WorkerSpec) -> None:
     """Entry point of every worker process."""
+    # First: whatever the target starts must be in our tree (containment.py).
+    containment.contain_worker(spec.cgroup)
     if spec.collect and not gc.isenabled():
         gc.enable()
     board = Board(spec.workers, fd=spec.board.detach())
@@ -496,6 +503,8 @@ def worker_main(spec: WorkerSpec) -> None:
             pass
         end.let_go()
         sys.exit(EXIT_START_FAILED)
+    # Everything the target started ends with it, before we report.
+    containment.end_descendants()
     if not ctx._manager_gone:
         _send_result(end, outcome, result, error)
     end.let_go()

@@ -9,38 +9,32 @@ import sys
 import psutil
 import pytest
 
+from procctl.pytest_plugin import Snapshot
+
 START_METHODS = ["fork", "spawn", "forkserver"]
-
-# multiprocessing's own long-lived helpers are not ours to reap.
-_HELPERS = ("resource_tracker", "forkserver")
-
-
-def _is_helper(proc: psutil.Process) -> bool:
-    try:
-        cmd = " ".join(proc.cmdline())
-    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-        return False
-    return any(h in cmd for h in _HELPERS)
-
-
-def _children() -> list[psutil.Process]:
-    try:
-        kids = psutil.Process().children(recursive=True)
-    except psutil.NoSuchProcess:
-        return []
-    return [p for p in kids if not _is_helper(p)]
 
 
 @pytest.fixture(autouse=True)
 def no_process_left_behind():
-    """Fail a test that leaves a child (or a zombie) behind; kill the leftovers."""
-    before = {p.pid for p in _children()}
-    yield
-    left = [p for p in _children() if p.pid not in before]
+    """Fail a test that leaves a process behind (a child, a grandchild, one re-parented
+    to init or a subreaper, or an unreaped zombie); kill the leftovers.
+
+    The plugin's Snapshot finds them: our descendants, plus orphans in our process
+    group or carrying the mark it puts in the environment for the test.
+    """
+    snapshot = Snapshot(psutil)
+    try:
+        yield
+    finally:
+        snapshot.restore()
+    left = snapshot.new_processes(psutil)
     if not left:
         return
+    described = {p.pid: _describe(p) for p in left}
     _, alive = psutil.wait_procs(left, timeout=2.0)
-    zombies = [p for p in left if p not in alive and p.pid in {c.pid for c in _children()}]
+    mine = {c.pid for c in psutil.Process().children()}
+    zombies = [p for p in left if p not in alive and p.pid in mine]
+    alive = [p for p in alive if _running(p) or p.pid in mine]
     for p in alive:
         try:
             p.kill()
@@ -49,7 +43,14 @@ def no_process_left_behind():
     psutil.wait_procs(alive, timeout=5)
     multiprocessing.active_children()  # join what multiprocessing knows of
     if alive or zombies:
-        pytest.fail(f"test left processes behind: {[p.pid for p in alive + zombies]}")
+        pytest.fail(f"test left processes behind: {[described[p.pid] for p in alive + zombies]}")
+
+
+def _running(proc: psutil.Process) -> bool:
+    try:
+        return proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 @pytest.fixture(params=START_METHODS)
@@ -68,3 +69,10 @@ os.environ["PYTHONPATH"] = os.pathsep.join(
     + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
 )
 sys.path.insert(0, os.path.dirname(__file__))
+
+
+def _describe(proc: psutil.Process) -> str:
+    try:
+        return f"pid {proc.pid} ({' '.join(proc.cmdline())[:80]}, {proc.status()}, ppid {proc.ppid()})"
+    except psutil.Error:
+        return f"pid {proc.pid}"

@@ -1,0 +1,161 @@
+"""The guardian: a small process that cleans up after a manager that was SIGKILLed.
+
+A worker dies with its manager (the kernel's parent-death signal), but what
+the worker started would be handed to init and live on. One guardian per
+manager process watches the manager through a pidfd; the manager tells it,
+over a pipe, which process groups and cgroups its workers lead; when the
+manager dies the guardian kills them all and exits. It runs in its own
+session, so a signal to the manager's process group leaves it standing, and
+it is a fresh interpreter (not a fork of the manager), so it holds none of
+the manager's memory.
+
+    manager (guardian.Link)  -- pipe: "+pid" "-pid" "c/path" "u/path" -->  guardian.main()
+    manager exits            -- pidfd readable ----------------------->  kill groups, cgroups; exit
+
+The manager-side half (`Link`) starts it on first use and never waits for it:
+registrations wait in the pipe, so a manager killed before the guardian is
+up is still cleaned up after.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import select
+import subprocess
+import sys
+import threading
+
+from . import containment
+
+log = logging.getLogger("procctl")
+
+#: How long the guardian waits for killed cgroups to empty before removing them.
+CGROUP_WAIT = 2.0
+
+
+# -- the guardian process ------------------------------------------------------------
+
+
+def main(manager_pid: int, fd: int) -> None:
+    """Entry point of the guardian process."""
+    import signal
+
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2):
+        signal.signal(sig, signal.SIG_IGN)
+    groups: set[int] = set()
+    cgroups: set[str] = set()
+    buffer = b""
+    try:
+        manager = os.pidfd_open(manager_pid)
+        if os.getppid() != manager_pid:  # gone before we looked: the pid may be another's
+            os.close(manager)
+            manager = -1
+    except OSError:
+        manager = -1
+    os.set_blocking(fd, False)
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    if manager >= 0:
+        poller.register(manager, select.POLLIN)
+    while True:
+        ready = {f for f, _ in poller.poll()} if manager >= 0 else {manager}
+        buffer = _read(fd, buffer, groups, cgroups)
+        if manager in ready:
+            break
+    for pgid in groups:
+        containment.kill_group(pgid)
+    for path in cgroups:
+        containment.kill_cgroup(path)
+    for path in cgroups:
+        containment.remove_cgroup(path, CGROUP_WAIT)
+
+
+def _read(fd: int, buffer: bytes, groups: set[int], cgroups: set[str]) -> bytes:
+    while True:
+        try:
+            chunk = os.read(fd, 65536)
+        except BlockingIOError:
+            break
+        if not chunk:
+            break
+        buffer += chunk
+    *lines, buffer = buffer.split(b"\n")
+    for line in lines:
+        kind, arg = line[:1], line[1:].decode()
+        if kind == b"+":
+            groups.add(int(arg))
+        elif kind == b"-":
+            groups.discard(int(arg))
+        elif kind == b"c":
+            cgroups.add(arg)
+        elif kind == b"u":
+            cgroups.discard(arg)
+    return buffer
+
+
+# -- the manager's side --------------------------------------------------------------
+
+
+class Link:
+    """The manager's end: starts the guardian, tells it what to clean up."""
+
+    def __init__(self) -> None:
+        self.owner = os.getpid()
+        self.process: subprocess.Popen[bytes] | None = None
+        self._w = -1
+        self._lock = threading.Lock()
+        r, w = os.pipe()
+        package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        code = (f"import sys; sys.path.insert(0, {package_root!r}); "
+                f"from procctl.guardian import main; main({self.owner}, {r})")
+        try:
+            # -I -S: no user site, no PYTHON* variables, no site: a fast, plain start.
+            self.process = subprocess.Popen(
+                [sys.executable, "-I", "-S", "-c", code], pass_fds=(r,), start_new_session=True,
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+            )
+        except OSError as exc:
+            log.warning("cannot start the guardian (%s): what workers start may outlive a killed manager", exc)
+            os.close(w)
+        else:
+            self._w = w
+            os.set_inheritable(w, False)
+        finally:
+            os.close(r)
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid if self.process is not None else None
+
+    def send(self, kind: str, arg: object) -> None:
+        if self._w < 0 or os.getpid() != self.owner:
+            return
+        with self._lock:
+            try:
+                os.write(self._w, f"{kind}{arg}\n".encode())
+            except OSError as exc:
+                log.warning("the guardian is gone (%s): what workers start may outlive a killed manager", exc)
+                with contextlib.suppress(OSError):
+                    os.close(self._w)
+                self._w = -1
+
+
+_link: Link | None = None
+_link_lock = threading.Lock()
+
+
+def link() -> Link:
+    """This process's guardian link, started on first use."""
+    global _link
+    with _link_lock:
+        if _link is None or _link.owner != os.getpid():
+            _link = Link()
+        return _link
+
+
+def guardian_pid() -> int | None:
+    """The pid of this process's guardian, if one was started."""
+    current = _link
+    return current.pid if current is not None and current.owner == os.getpid() else None
