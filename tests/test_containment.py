@@ -98,8 +98,8 @@ def _survivors(pids: list[int]) -> set[int]:
 
 def _run_case(method: str, end: str, fifo: Fifo, cgroup: bool) -> tuple[dict[int, list[int]], dict]:
     pc = ProcessController(targets_tree.by_worker, len(KINDS), args=(KINDS, fifo.path, end),
-                           start_method=method, grace=2.0, cgroup=cgroup)
-    pc.term_timeout = pc.kill_timeout = 2.0
+                           start_method=method, grace=0.5 if end in ABRUPT else 5.0, cgroup=cgroup)
+    pc.term_timeout = pc.kill_timeout = 0.5
     with pc:
         pc.run()
         started = fifo.read(len(KINDS))
@@ -109,7 +109,7 @@ def _run_case(method: str, end: str, fifo: Fifo, cgroup: bool) -> tuple[dict[int
         if end in ABRUPT:
             # Until the controller watches pidfds (issue 10, 2), a dead worker whose fork
             # children hold its sentinel is seen only by the stop's escalation.
-            pc.wait(timeout=3)
+            pc.wait(timeout=1)
         elif end != "stop":
             assert pc.wait(timeout=15)
         reports = pc.stop()
