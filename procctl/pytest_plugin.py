@@ -37,10 +37,11 @@ if TYPE_CHECKING:
 __all__ = ["no_leftover_processes", "process_controller"]
 
 #: The entry points of multiprocessing's long-lived helpers (fork server, resource
-#: tracker): a *direct* child of ours started with one of these is the helper itself,
+#: tracker) and procctl's guardian: a *direct* child of ours started with one of these is the helper itself,
 #: started once per session, not a leak.  Its children (forkserver workers share its
 #: command line) are judged like any other process.
-HELPER_ENTRIES = ("from multiprocessing.forkserver import main", "from multiprocessing.resource_tracker import main")
+HELPER_ENTRIES = ("from multiprocessing.forkserver import main", "from multiprocessing.resource_tracker import main",
+                  "from procctl.guardian import main")
 #: Set in the environment while a checked test runs: processes it starts carry it,
 #: even once re-parented away from us (to init or a subreaper).
 MARKER = "PROCCTL_TEST_MARK"
@@ -191,7 +192,7 @@ def _check_leftovers(snapshot: Snapshot, psutil: Any) -> None:
         return
     _kill_all(alive, psutil)
     lines = "\n  ".join(described[p.pid] for p in alive)
-    pytest.fail(f"test left {len(alive)} process(es) behind (now killed):\n  {lines}", pytrace=False)
+    pytest.fail(f"test left {len(alive)} child process(es) behind (now killed):\n  {lines}", pytrace=False)
 
 
 def _running(proc: psutil.Process, psutil: Any) -> bool:

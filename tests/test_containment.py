@@ -86,8 +86,34 @@ def fifo(tmp_path):
     f.close()
 
 
-def _survivors(pids: list[int]) -> set[int]:
-    alive = {p.pid for p in still_running(pids, timeout=3.0)}
+def _running_after(pids: list[int], timeout: float) -> set[int]:
+    """Those of `pids` that have not exited within `timeout` (pidfds: an orphan's
+    zombie, which a reaper-less init may keep, has exited)."""
+    fds = {}
+    for pid in pids:
+        try:
+            fds[os.pidfd_open(pid)] = pid
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + timeout
+    try:
+        with selectors.DefaultSelector() as sel:
+            for fd in fds:
+                sel.register(fd, selectors.EVENT_READ)
+            pending = dict(fds)
+            while pending and (remaining := deadline - time.monotonic()) > 0:
+                for key, _ in sel.select(remaining):
+                    sel.unregister(key.fd)
+                    pending.pop(key.fd)
+        return set(pending.values())
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+def _survivors(pids: list[int], timeout: float = 2.0) -> set[int]:
+    """Those of `pids` still running after `timeout`; they are killed (the test fails)."""
+    alive = _running_after(pids, timeout)
     for pid in alive:  # the test fails; leave nothing for the next one
         try:
             os.kill(pid, signal.SIGKILL)
@@ -123,14 +149,14 @@ def test_descendants_die_with_their_worker(start_method, end, fifo):
                 "crash": Outcome.CRASHED, "sigkill": Outcome.CRASHED}[end]
     if end not in ABRUPT:  # a worker whose fork child holds its sentinel may read as killed (issue 10, 2)
         assert {r.outcome for r in reports.values()} == {expected}
-    left = _survivors([p for pids in started.values() for p in pids])
+    everyone = {p for pids in started.values() for p in pids}
     # The one case process groups and subreaping cannot cover (README): a
     # descendant in a session of its own when its worker dies abruptly.
-    uncovered = {p for wid, pids in started.items() if KINDS[wid] in NEW_SESSION for p in pids}
+    uncovered = set()
     if end in ABRUPT:
-        assert left == uncovered, {KINDS[w]: pids for w, pids in started.items()}
-    else:
-        assert left == set(), {KINDS[w]: pids for w, pids in started.items()}
+        uncovered = {p for wid, pids in started.items() if KINDS[wid] in NEW_SESSION for p in pids}
+    assert _survivors(list(everyone - uncovered)) == set(), {KINDS[w]: pids for w, pids in started.items()}
+    assert _survivors(list(uncovered), timeout=0) == uncovered
 
 
 @needs_cgroup
@@ -186,13 +212,14 @@ def test_descendants_die_when_the_manager_is_sigkilled(start_method, cgroup, tes
         everyone = [p for pids in started.values() for p in pids] + info["workers"]
         t0 = time.monotonic()
         os.kill(proc.pid, signal.SIGKILL)
-        alive = {p.pid for p in still_running(everyone, timeout=2.0)}
-        took = time.monotonic() - t0
         uncovered = set() if cgroup else {p for w, pids in started.items() if KINDS[w] in NEW_SESSION
                                           for p in pids}
-        assert alive == uncovered, (took, {KINDS[w]: pids for w, pids in started.items()})
+        alive = _running_after(list(set(everyone) - uncovered), timeout=2.0)
+        took = time.monotonic() - t0
+        assert alive == set(), (took, {KINDS[w]: pids for w, pids in started.items()})
+        assert _running_after(list(uncovered), timeout=0) == uncovered
     finally:
-        _survivors([p for pids in locals().get("started", {}).values() for p in pids])
+        _survivors([p for pids in locals().get("started", {}).values() for p in pids], timeout=0)
         try:
             os.killpg(proc.pid, signal.SIGKILL)
         except ProcessLookupError:

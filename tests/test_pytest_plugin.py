@@ -15,6 +15,7 @@ import sys
 import textwrap
 
 import psutil
+import pytest
 
 pytest_plugins = ["pytester"]
 
@@ -309,3 +310,34 @@ def test_an_interrupted_close_kills_then_reaps_and_propagates():
     else:
         raise AssertionError("the interruption must propagate")
     assert pc.calls == [("stop", TEARDOWN_GRACE), ("kill", None), ("stop", 0)]
+
+
+@pytest.mark.parametrize("how", ["setsid", "fork"])
+def test_a_grandchild_reparented_away_is_caught_with_pid_and_command_line(pytester, tmp_path, how):
+    """A double-forked daemon is no longer our descendant: the plugin still finds it, by
+    the mark it inherited (exec'd) or by our process group (forked without exec)."""
+    pidfile = tmp_path / "pid"
+    daemon = {
+        "setsid": f"subprocess.run(['sh', '-c', 'setsid sleep 1000 </dev/null >/dev/null 2>&1 & echo $! > {pidfile}'])",
+        "fork": textwrap.dedent(f"""\
+            if os.fork() == 0:
+                if os.fork() == 0:
+                    os.closerange(3, 1024)
+                    time.sleep(1000)
+                os._exit(0)
+            os.wait()
+            open({str(pidfile)!r}, "w").write("x")"""),
+    }[how]
+    pytester.makepyfile(test_orphan=textwrap.dedent("""
+        import os, subprocess, time, pytest
+
+        @pytest.mark.usefixtures("no_leftover_processes")
+        def test_orphan():
+        """) + textwrap.indent(daemon, "    ") + "\n")
+    result = pytester.runpytest_subprocess(*plugin_args(), timeout=SUBPROCESS_TIMEOUT)
+    result.assert_outcomes(passed=1, errors=1)
+    result.stdout.fnmatch_lines(["*left 1 child process(es) behind*", "*pid *"])
+    if how == "setsid":
+        pid = read_pids(pidfile)[0]
+        result.stdout.fnmatch_lines([f"*pid {pid} (*sleep 1000)*"])
+        assert gone([pid])
