@@ -31,6 +31,7 @@ import pickle
 import queue
 import selectors
 import signal
+import sys
 import threading
 import time
 import weakref
@@ -1006,6 +1007,9 @@ def _close_at_exit() -> None:
             controller.close()
         except Exception:
             log.exception("closing %r at exit failed", controller)
+    guardian = sys.modules.get("procctl.guardian")
+    if guardian is not None:  # after the controllers: it cleans up what they leave
+        guardian.release_at_exit()
 
 
 atexit.register(_close_at_exit)

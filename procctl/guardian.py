@@ -61,8 +61,8 @@ def main(manager_pid: int, fd: int) -> None:
         poller.register(manager, select.POLLIN)
     while True:
         ready = {f for f, _ in poller.poll()} if manager >= 0 else {manager}
-        buffer = _read(fd, buffer, groups, cgroups)
-        if manager in ready:
+        buffer, released = _read(fd, buffer, groups, cgroups)
+        if manager in ready or released:
             break
     for pgid in groups:
         containment.kill_group(pgid)
@@ -72,7 +72,9 @@ def main(manager_pid: int, fd: int) -> None:
         containment.remove_cgroup(path, CGROUP_WAIT)
 
 
-def _read(fd: int, buffer: bytes, groups: set[int], cgroups: set[str]) -> bytes:
+def _read(fd: int, buffer: bytes, groups: set[int], cgroups: set[str]) -> tuple[bytes, bool]:
+    """Apply the manager's messages; True as the second value once it let us go."""
+    released = False
     while True:
         try:
             chunk = os.read(fd, 65536)
@@ -92,7 +94,9 @@ def _read(fd: int, buffer: bytes, groups: set[int], cgroups: set[str]) -> bytes:
             cgroups.add(arg)
         elif kind == b"u":
             cgroups.discard(arg)
-    return buffer
+        elif kind == b"x":  # the manager exits cleanly: clean up what is left, and go
+            released = True
+    return buffer, released
 
 
 # -- the manager's side --------------------------------------------------------------
@@ -142,8 +146,28 @@ class Link:
                 self._w = -1
 
 
+    def release(self, timeout: float = 2.0) -> None:
+        """At the manager's clean exit: let the guardian clean up and end, and reap it."""
+        if self._w < 0 or os.getpid() != self.owner:
+            return
+        self.send("x", "")
+        with self._lock, contextlib.suppress(OSError):
+            os.close(self._w)
+        self._w = -1
+        if self.process is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.process.wait(timeout)
+
+
 _link: Link | None = None
 _link_lock = threading.Lock()
+
+
+def release_at_exit() -> None:
+    """Let this process's guardian go (called once the controllers are closed at exit)."""
+    current = _link
+    if current is not None:
+        current.release()
 
 
 def link() -> Link:

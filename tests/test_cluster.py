@@ -33,6 +33,11 @@ LEASE = 2.0
 @pytest.fixture(scope="module")
 def cluster():
     cl = local_cluster(2, threads_per_worker=2)
+    # Each Dask worker process, as a procctl manager, starts its guardian
+    # with its first controller and keeps it for its lifetime: start them
+    # here, so that no test counts them as its own leftovers.
+    with ClusterController(cluster_targets.loop, 1, cluster=cl, lease=5) as cc:
+        cc.stop(grace=5)
     yield cl
     cl.close()
 

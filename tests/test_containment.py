@@ -217,7 +217,8 @@ def test_descendants_die_when_the_manager_is_sigkilled(start_method, cgroup, tes
         alive = _running_after(list(set(everyone) - uncovered), timeout=2.0)
         took = time.monotonic() - t0
         assert alive == set(), (took, {KINDS[w]: pids for w, pids in started.items()})
-        assert _running_after(list(uncovered), timeout=0) == uncovered
+        # (A new-session child may outlive a killed manager without cgroups, the
+        # documented gap; it may also die with what it shared: not asserted.)
     finally:
         _survivors([p for pids in locals().get("started", {}).values() for p in pids], timeout=0)
         try:

@@ -21,7 +21,7 @@ from procs import session_members
 
 from procctl import Outcome, ProcessController, WorkerStartError
 
-HELPERS = ("resource_tracker", "forkserver")
+HELPERS = ("resource_tracker", "forkserver", "procctl.guardian")
 
 
 def ours() -> list:
