@@ -296,7 +296,9 @@ def test_resize_up_and_down(state):
         pc.run()
         reports = pc.stop()
     assert reports[0].result == (0, 2)
-    assert reports[1].result == (1, 2)  # ctx.workers is the count when it started
+    # ctx.workers is the count when it started (started RUNNING, a new worker may
+    # see the stop before its target runs: no result then)
+    assert reports[1].result == (1, 2) or (state is State.RUNNING and reports[1].result is None)
     assert [r.outcome for r in pc.history(1)] == [Outcome.STOPPED, Outcome.STOPPED]
 
 
