@@ -6,8 +6,9 @@ engine can replace it without touching the controller's API.
     manager                                      worker i
     -------                                      --------
     Board (shared memory, one slot per worker) --> read at every checkpoint
-      word  = seq << 8 | state                      (no syscall while RUNNING)
+      word  = seq << 8 | probe << 2 | state         (no syscall while RUNNING)
       progress done / total  <----------------------- ctx.progress() writes
+      beat  <---------------------------------------- the last probe the worker saw
     link socket, one way: 1 byte per command ----> a PAUSED worker blocks on it
     link socket, other way <------------------------ ACK frames, one RESULT frame
 
@@ -30,9 +31,28 @@ from multiprocessing import reduction
 from typing import Any
 
 # Board slot layout (int64/float64 words): command word, progress done, total,
-# and the terminate mark the controller sets before it sends SIGTERM.
-SLOT_WORDS = 4
+# the terminate mark the controller sets before it sends SIGTERM, and the beat.
+SLOT_WORDS = 5
 WORD = 8
+#: Heartbeat (see supervise.py, ProcessController heartbeat=): the controller
+#: asks a RUNNING worker for a sign of life by changing the probe bits of its
+#: command word; the worker's next checkpoint sees a new word, as for any
+#: command, and answers by storing the probe in its beat word.  The hot path
+#: stays one load and one compare: nothing is written per checkpoint.
+#: A new probe is only sent once the last one was answered, so six bits
+#: that cycle are enough to tell the two apart.
+PROBE_SHIFT = 2
+PROBE_LIMIT = 64
+PROBE_MASK = (PROBE_LIMIT - 1) << PROBE_SHIFT
+COMMAND_MASK = ~PROBE_MASK  # the seq and state bits
+
+
+def probe_of(word: int) -> int:
+    return (word & PROBE_MASK) >> PROBE_SHIFT
+
+
+def with_probe(word: int, probe: int) -> int:
+    return (word & COMMAND_MASK) | (probe << PROBE_SHIFT)
 
 FRAME_HEADER = struct.Struct("!BQ")  # kind, payload length
 ACK = 1  # payload: seq, state
@@ -50,7 +70,7 @@ def pack_command(seq: int, state: int) -> int:
 
 
 def unpack_command(word: int) -> tuple[int, int]:
-    return word >> 8, word & 0xFF
+    return word >> 8, word & 0x3
 
 
 class InheritedFd:
@@ -83,6 +103,11 @@ def _rebuild_fd(dup: Any) -> _Passed:
     return _Passed(dup.detach())
 
 
+def _board_size(workers: int) -> int:
+    size = max(workers * SLOT_WORDS * WORD, mmap.PAGESIZE)
+    return -(-size // mmap.PAGESIZE) * mmap.PAGESIZE
+
+
 def _make_board_fd(size: int) -> int:
     if hasattr(os, "memfd_create"):
         fd = os.memfd_create("procctl-board", os.MFD_CLOEXEC)
@@ -99,7 +124,7 @@ class Board:
     """Shared memory with one slot per worker: the command and the progress."""
 
     def __init__(self, workers: int, fd: int | None = None) -> None:
-        self.size = max(workers * SLOT_WORDS * WORD, mmap.PAGESIZE)
+        self.size = _board_size(workers)
         self.owner = fd is None
         self.fd = _make_board_fd(self.size) if fd is None else fd
         self._map = mmap.mmap(self.fd, self.size)
@@ -108,6 +133,29 @@ class Board:
         if not self.owner:
             os.close(self.fd)  # the mapping stays valid
             self.fd = -1
+
+    @property
+    def slots(self) -> int:
+        return self.size // (SLOT_WORDS * WORD)
+
+    def grow(self, workers: int) -> None:
+        """Room for `workers` slots (the owner only; resize()).
+
+        The file grows and the owner maps it again; a worker maps the board
+        as large as it was when the worker started, and only ever touches
+        its own slot, which stays where it was.
+        """
+        if workers <= self.slots:
+            return
+        size = max(_board_size(workers), 2 * self.size)
+        os.ftruncate(self.fd, size)
+        bigger = mmap.mmap(self.fd, size)
+        self._words.release()
+        self._floats.release()
+        self._map.close()
+        self._map, self.size = bigger, size
+        self._words = memoryview(self._map).cast("q")
+        self._floats = memoryview(self._map).cast("d")
 
     def post(self, worker: int, word: int) -> None:
         self._words[worker * SLOT_WORDS] = word
@@ -119,6 +167,7 @@ class Board:
         """A fresh slot for a new incarnation of `worker`: command `word`, no progress."""
         base = worker * SLOT_WORDS
         self._words[base + 3] = 0
+        self._words[base + 4] = 0
         self._floats[base + 1] = 0.0
         self._floats[base + 2] = 0.0
         self._words[base] = word
@@ -128,6 +177,13 @@ class Board:
 
     def terminate_marked(self, worker: int) -> bool:
         return self._words[worker * SLOT_WORDS + 3] == 1
+
+    def beat(self, worker: int) -> int:
+        """The last heartbeat probe the worker answered."""
+        return self._words[worker * SLOT_WORDS + 4]
+
+    def set_beat(self, worker: int, probe: int) -> None:
+        self._words[worker * SLOT_WORDS + 4] = probe
 
     def set_progress(self, worker: int, done: float, total: float) -> None:
         base = worker * SLOT_WORDS

@@ -31,6 +31,7 @@ from .clitools import (
 from .controller import ProcessController, WorkerStartError
 from .limits import LIMIT_ERRNOS, capacity_problem
 from .states import CLEAN_OUTCOMES, Event, Outcome, State, WorkerReport
+from .supervise import Plan, Restart, Strategy
 
 STEPS = {"run": State.RUNNING, "pause": State.PAUSED, "stop": State.STOPPED}
 #: How long the CLI waits for acknowledgements before it moves on; the
@@ -136,23 +137,49 @@ def event_text(event: Event) -> str | None:
     if event.worker is None:
         return None
     text = f"worker {event.worker}: {event.event}"
-    if event.error and event.event in ("failed", "crashed", "killed"):
+    if event.event == "restarting":
+        return f"{text} (restart {event.restarts}, in {event.delay or 0:.2f}s)"
+    if event.event == "gave_up":
+        text = f"worker {event.worker}: gave up: the restart limit was reached"
+    if event.error and event.event in ("failed", "crashed", "killed", "hung", "gave_up"):
         lines = [line for line in event.error.strip().splitlines() if line.strip()]
         if lines:
             text += f": {lines[-1].strip()}"
     return text
 
 
+def parse_backoff(text: str) -> tuple[float, float]:
+    """--backoff MIN,MAX (or MIN-MAX): seconds before the first restart, and the most."""
+    parts = text.replace("-", ",").split(",")
+    try:
+        low, high = (float(p) for p in parts)
+    except ValueError:
+        raise BadInput(f"--backoff {text!r} must look like MIN,MAX (seconds), e.g. 0.1,10") from None
+    return low, high
+
+
+def check_supervision(restart: str, max_restarts: int, restart_window: float, backoff: str,
+                      strategy: str, heartbeat: float | None) -> Plan:
+    """The supervision options, checked before anything starts (bad input: exit 2)."""
+    try:
+        return Plan.check(restart, max_restarts, restart_window, parse_backoff(backoff), strategy, heartbeat)
+    except (TypeError, ValueError) as exc:
+        name, _, rest = str(exc).partition(" ")
+        flag = "--" + name.split("[")[0].replace("_", "-")
+        raise BadInput(f"{flag}: {exc}" if "[" in name else f"{flag} {rest}") from None
+
+
 class RunSession:
     """Drives one controller through a schedule, acting on signals and the deadline."""
 
     def __init__(self, pc: ProcessController, bridge: SignalBridge, deadline: float | None,
-                 tick: Callable[[], None] | None = None) -> None:
+                 tick: Callable[[], None] | None = None, max_workers: int | None = None) -> None:
         self.pc = pc
         self.bridge = bridge
         self.deadline = deadline
         self.timed_out = False
         self.tick = tick  # redraws the live view between waits
+        self.max_workers = max_workers  # SIGTTIN adds workers up to this
 
     def run(self, steps: list[str], step_seconds: float) -> None:
         for step in steps:
@@ -170,7 +197,10 @@ class RunSession:
             if self.bridge.stop_requested():
                 return "stop"
             for sig in self.bridge.take():
-                self.broadcast(State.PAUSED if sig == signal.SIGUSR1 else State.RUNNING)
+                if sig in (signal.SIGTTIN, signal.SIGTTOU):
+                    self.resize(+1 if sig == signal.SIGTTIN else -1)
+                else:
+                    self.broadcast(State.PAUSED if sig == signal.SIGUSR1 else State.RUNNING)
             now = time.monotonic()
             limit = until if self.deadline is None else min(until, self.deadline)
             if self.deadline is not None and now >= self.deadline:
@@ -190,14 +220,42 @@ class RunSession:
             self.pc.broadcast(state, timeout=ACK_WAIT)
         except TimeoutError as exc:
             say(f"procctl: {exc}; going on")
+        except RuntimeError:
+            pass  # the controller gave up and stopped everything: the loop ends
+
+    def resize(self, step: int) -> None:
+        """SIGTTIN: one worker more (up to --max-workers); SIGTTOU: one fewer (down to 1)."""
+        if not hasattr(self.pc, "resize"):
+            say("procctl: SIGTTIN/SIGTTOU: this controller cannot resize")
+            return
+        n = self.pc.workers + step
+        if n < 1:
+            say("procctl: SIGTTOU: one worker left; not removing it")
+            return
+        if self.max_workers is not None and n > self.max_workers:
+            say(f"procctl: SIGTTIN: already at --max-workers {self.max_workers}")
+            return
+        try:
+            self.pc.resize(n)
+        except (ValueError, WorkerStartError) as exc:
+            say(f"procctl: cannot resize to {n} workers: {exc}")
+        except RuntimeError:
+            return  # stopped meanwhile
+        say(f"procctl: now {self.pc.workers} workers")
 
 
-def summarize(reports: dict[int, WorkerReport], workers: int, elapsed: float) -> tuple[dict[str, Any], str]:
+def summarize(reports: dict[int, WorkerReport], workers: int, elapsed: float,
+              restarts: int = 0, gave_up: bool = False) -> tuple[dict[str, Any], str]:
     counts = Counter(r.outcome.value for r in reports.values())
     outcomes = {o.value: counts[o.value] for o in Outcome if counts[o.value]}
     record: dict[str, Any] = {"event": "summary", "workers": workers, "outcomes": outcomes,
                               "elapsed": round(elapsed, 3)}
     parts = ", ".join(f"{n} {name}" for name, n in outcomes.items()) or "none started"
+    if restarts:
+        record["restarts"] = restarts
+        parts += f", {restarts} restart{'s' if restarts != 1 else ''}"
+    if gave_up:
+        record["gave_up"] = True
     lines = [f"summary: {workers} workers, {parts} in {elapsed:.2f}s"]
     errors = {}
     for r in reports.values():
@@ -211,9 +269,12 @@ def summarize(reports: dict[int, WorkerReport], workers: int, elapsed: float) ->
     return record, "\n".join(lines)
 
 
-def exit_status(reports: dict[int, WorkerReport], bridge: SignalBridge, timed_out: bool) -> int:
+def exit_status(reports: dict[int, WorkerReport], bridge: SignalBridge, timed_out: bool,
+                gave_up: bool = False) -> int:
     if bridge.exit_code is not None:
         return bridge.exit_code
+    if gave_up:
+        return EXIT_FAILED
     if timed_out:
         return EXIT_TIMEOUT
     if any(r.outcome not in CLEAN_OUTCOMES for r in reports.values()):
@@ -240,10 +301,26 @@ def exit_status(reports: dict[int, WorkerReport], bridge: SignalBridge, timed_ou
               help="Run on every worker of this Dask cluster (needs procctl[dask]); local:N starts N local ones.")
 @click.option("--workers-per-node", type=click.IntRange(min=1), default=4, show_default=True,
               help="With --cluster: worker processes on each Dask worker (--workers is then not used).")
+@click.option("--restart", type=click.Choice([r.value for r in Restart]), default="never", show_default=True,
+              help="Restart workers that end: never, on-failure (failed, crashed, killed, hung), always.")
+@click.option("--max-restarts", type=int, default=5, show_default=True,
+              help="Give up (exit 1) after more than this many restarts within --restart-window.")
+@click.option("--restart-window", type=float, default=60.0, show_default=True, help="Seconds, for --max-restarts.")
+@click.option("--backoff", default="0.1,10", show_default=True,
+              help="MIN,MAX seconds before a restart, doubling from MIN for a worker that keeps failing.")
+@click.option("--strategy", type=click.Choice([s.value for s in Strategy]), default="one_for_one",
+              show_default=True, help="one_for_all: a failure restarts every worker.")
+@click.option("--heartbeat", type=float, default=None,
+              help="A running worker that passes no checkpoint for this many seconds is hung: killed.")
+@click.option("--max-workers", type=int, default=None,
+              help="SIGTTIN adds a worker, SIGTTOU removes one: at most this many (default: the system's limits).")
 def run_command(workers: int, target: str | None, schedule: str, step: float, finish_chance: float,
                 grace: float, timeout: float | None, start_method: str | None, seed: int | None,
                 json_lines: bool, quiet: bool, events_path: str | None, timeline_path: str | None,
-                cluster_address: str | None = None, workers_per_node: int = 4) -> int:
+                cluster_address: str | None = None, workers_per_node: int = 4, restart: str = "never",
+                max_restarts: int = 5, restart_window: float = 60.0, backoff: str = "0.1,10",
+                strategy: str = "one_for_one", heartbeat: float | None = None,
+                max_workers: int | None = None) -> int:
     """Run workers under a controller through a schedule of states."""
     bridge = signal_bridge()
     steps = parse_schedule(schedule)
@@ -256,6 +333,15 @@ def run_command(workers: int, target: str | None, schedule: str, step: float, fi
     too_many = capacity_problem(workers if cluster_spec is None else workers_per_node)
     if too_many is not None:
         raise BadInput(f"--workers {workers}: {too_many}")
+    plan = check_supervision(restart, max_restarts, restart_window, backoff, strategy, heartbeat)
+    if cluster_spec is not None and (plan.restarts or plan.heartbeat is not None or max_workers is not None):
+        raise BadInput("--restart, --heartbeat and --max-workers work on one machine, not with --cluster")
+    if max_workers is not None:
+        if max_workers < workers:
+            raise BadInput(f"--max-workers {max_workers} is less than --workers {workers}")
+        too_many = capacity_problem(max_workers)
+        if too_many is not None:
+            raise BadInput(f"--max-workers {max_workers}: {too_many}")
     check_output_paths(events_path, timeline_path)
     args: tuple[Any, ...] = ()
     if target is not None:
@@ -271,7 +357,10 @@ def run_command(workers: int, target: str | None, schedule: str, step: float, fi
         if cluster_spec is None:
             def make(on_event: Callable[[Event], None]) -> Any:
                 return ProcessController(func, workers, args=args, start_method=start_method, grace=grace,
-                                         on_event=on_event)
+                                         on_event=on_event, restart=plan.restart.value,
+                                         max_restarts=plan.max_restarts, restart_window=plan.restart_window,
+                                         backoff=plan.backoff, strategy=plan.strategy.value,
+                                         heartbeat=plan.heartbeat)
         else:
             cluster_mod, address, local_nodes = cluster_spec
             if local_nodes:
@@ -283,7 +372,8 @@ def run_command(workers: int, target: str | None, schedule: str, step: float, fi
                     func, workers_per_node, address=address, args=args, grace=grace, on_event=on_event,
                     start_method=start_method or "fork", connect_timeout=CLUSTER_CONNECT_TIMEOUT)
 
-        code = _run(make, workers, steps, step, timeout, reporter, live, timeline_path, bridge)
+        code = _run(make, workers, steps, step, timeout, reporter, live, timeline_path, bridge,
+                    max_workers, plan.heartbeat)
     finally:
         reporter.close()
         if local_cluster is not None:
@@ -334,13 +424,13 @@ def check_output_paths(events_path: str | None, timeline_path: str | None) -> No
 
 def _run(make: Callable[[Callable[[Event], None]], Any], workers: int, steps: list[str],
          step: float, timeout: float | None, reporter: Reporter, live: bool, timeline_path: str | None,
-         bridge: SignalBridge) -> int:
+         bridge: SignalBridge, max_workers: int | None = None, heartbeat: float | None = None) -> int:
     history: list[Event] = []
     view = None
     if live:
         from .live import LiveView
 
-        view = LiveView(lambda: pc.status(), f"procctl run: {workers} workers")
+        view = LiveView(lambda: pc.status(), f"procctl run: {workers} workers", heartbeat=heartbeat)
 
     def on_event(event: Event) -> None:
         history.append(event)
@@ -352,7 +442,7 @@ def _run(make: Callable[[Callable[[Event], None]], Any], workers: int, steps: li
     pc = make(on_event)
     started = time.monotonic()
     deadline = None if timeout is None else started + timeout
-    session = RunSession(pc, bridge, deadline, tick=view.refresh if view else None)
+    session = RunSession(pc, bridge, deadline, tick=view.refresh if view else None, max_workers=max_workers)
     with bridge.attach(wake=pc.wakeup, hurry=pc.kill):
         failed = _start(pc, bridge)
         if failed is not None:
@@ -367,14 +457,20 @@ def _run(make: Callable[[Callable[[Event], None]], Any], workers: int, steps: li
             if view is not None:
                 view.__exit__(None, None, None)
     elapsed = time.monotonic() - started
-    record, text = summarize(reports, pc.workers, elapsed)
+    restarts = sum(r.restarts for r in reports.values())
+    gave_up = bool(getattr(pc, "gave_up", False))  # (a cluster controller does not restart)
+    record, text = summarize(reports, pc.workers, elapsed, restarts, gave_up)
     reporter.summary(record, text)
+    if gave_up:
+        plan = pc.supervision
+        say(f"procctl: the restart limit was reached (more than {plan.max_restarts} restarts"
+            f" in {plan.restart_window:g}s): stopped every worker")
     if timeline_path:
         from .timeline import render_timeline
 
         render_timeline([e.to_dict() for e in history] + [record], timeline_path,
                         workers=pc.workers, title=f"procctl run: {pc.workers} workers")
-    return exit_status(reports, bridge, session.timed_out)
+    return exit_status(reports, bridge, session.timed_out, gave_up)
 
 
 def _start(pc: ProcessController, bridge: SignalBridge) -> int | None:

@@ -29,7 +29,8 @@ class BadInput(Exception):
 
 #: The operator's signals: held from the command's first line until its
 #: handlers are in place, so that none is lost or kills us half-way.
-HELD_SIGNALS = frozenset({signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2})
+HELD_SIGNALS = frozenset({signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2,
+                          signal.SIGTTIN, signal.SIGTTOU})
 
 
 def _nothing() -> None:
@@ -95,13 +96,14 @@ class SignalBridge:
     command counts. The first SIGINT or SIGTERM asks for a graceful stop; a
     second one calls `hurry` at once (from the handler, since the loop may
     then be inside a grace wait that only the workers' deaths end). SIGUSR1
-    and SIGUSR2 are queued for the loop as pause and resume. The handler
+    and SIGUSR2 are queued for the loop as pause and resume, SIGTTIN and
+    SIGTTOU as one worker more or fewer. The handler
     records, wakes, and says what it does with one raw write to descriptor 2:
     sys.stderr could be in the middle of a write it interrupted, or raise on
     a broken pipe into whatever code the signal interrupted.
     """
 
-    HANDLED = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
+    HANDLED = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGTTIN, signal.SIGTTOU)
 
     def __init__(self) -> None:
         self._wake: Callable[[], None] = _nothing

@@ -12,8 +12,12 @@ Data flow (see channel.py for the wire):
 One selector (epoll) holds every report pipe, every worker's pidfd and a
 wakeup pipe, registered once; every blocking call of the controller is
 `_pump_until()` with a deadline, so a dead worker wakes the controller at once
-and nothing sleeps.  The pidfd, unlike a pipe, cannot be held open by what the
-worker forks or execs, nor closed by it.  Only the controller closes channels,
+and nothing sleeps.  Supervision (restarts after a backoff, per-worker stop
+escalation, heartbeat checks) runs on timers: the pump folds the nearest one
+(`_next_deadline()`) into its wait and fires what is due after each pass
+(`_run_timers()`); the decisions themselves are supervise.py's.  The pidfd,
+unlike a pipe, cannot be held open by what the worker forks or execs, nor
+closed by it.  Only the controller closes channels,
 and it closes a worker's as soon as it reaps it.  Any thread may call the
 public methods: one lock guards the state, one thread at a time waits in the
 kernel.
@@ -22,6 +26,7 @@ kernel.
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import gc
 import logging
 import multiprocessing
@@ -35,7 +40,7 @@ import sys
 import threading
 import time
 import weakref
-from collections.abc import Callable, Generator, Iterator, Mapping
+from collections.abc import Callable, Generator, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from functools import partial
 from typing import Any, Protocol
@@ -44,6 +49,7 @@ from . import containment, limits, shutdown
 from .channel import (
     ACK,
     ACK_BODY,
+    PROBE_LIMIT,
     PROGRESS,
     RESULT,
     START_FAILED,
@@ -51,9 +57,11 @@ from .channel import (
     InheritedFd,
     WorkerLink,
     pack_command,
+    with_probe,
 )
 from .channels import Channel, ChannelPlane
 from .states import CLEAN_OUTCOMES, Event, Outcome, State, WorkerReport, WorkerStatus
+from .supervise import Action, Plan, Strategy, Supervisor
 from .worker import MANAGED_SIGNALS, Payload, WorkerSpec, worker_main
 
 log = logging.getLogger("procctl")
@@ -100,7 +108,8 @@ class _Worker:
     __slots__ = (
         "id", "process", "pid", "link", "started", "state", "acked_seq",
         "result", "start_error", "signalled", "report", "progress_first", "info",
-        "final_progress", "pidfd", "cgroup",
+        "final_progress", "pidfd", "cgroup", "restarts", "probe", "probe_at", "suspect", "hung", "escalation",
+        "retiring",
     )
 
     def __init__(self, wid: int, process: Any, link: WorkerLink) -> None:
@@ -122,6 +131,19 @@ class _Worker:
         #: kernel has them, which nothing the worker does can hold open.
         self.pidfd = -1
         self.cgroup: str | None = None
+        #: How many times this worker id was restarted before this process.
+        self.restarts = 0
+        #: Heartbeat: the last probe posted, and when (None: none outstanding).
+        self.probe = 0
+        self.probe_at: float | None = None
+        #: A probe went unanswered for `heartbeat`: (when, its scheduler times then).
+        self.suspect: tuple[float, tuple[int, int] | None] | None = None
+        self.hung = False
+        #: A stop of this worker alone in progress: (stage, monotonic deadline),
+        #: stage "grace" -> SIGTERM, "term" -> SIGKILL, "kill" -> leave it to close().
+        self.escalation: tuple[str, float] | None = None
+        #: STOPPED was posted to this worker alone (resize, stop(workers=), one_for_all).
+        self.retiring = False
 
     @property
     def watch_fd(self) -> int:
@@ -237,8 +259,11 @@ class ProcessController:
     """Run `target(ctx, *args, **kwargs)` in `workers` processes under control.
 
     Workers start PAUSED (see `initial_state`); `run()`, `pause()` and
-    `stop()` broadcast to all of them.  Use it as a context manager: leaving
-    the block stops what still runs and releases everything.
+    `stop()` broadcast to all of them (or to `workers=[ids]`).  Use it as a
+    context manager: leaving the block stops what still runs and releases
+    everything.  `restart`, `max_restarts`, `restart_window`, `backoff`,
+    `strategy` and `heartbeat` make it a supervisor (see supervise.py);
+    `resize(n)` grows or shrinks the pool while it runs.
     """
 
     def __init__(
@@ -255,6 +280,12 @@ class ProcessController:
         ack_timeout: float | None = ACK_TIMEOUT,
         channels: dict[str, int] | None = None,
         cgroup: bool = False,
+        restart: str = "never",
+        max_restarts: int = 5,
+        restart_window: float = 60.0,
+        backoff: tuple[float, float] = (0.1, 10.0),
+        strategy: str = "one_for_one",
+        heartbeat: float | None = None,
     ) -> None:
         if not callable(target):
             raise TypeError(f"target must be callable, not {type(target).__name__}")
@@ -278,6 +309,7 @@ class ProcessController:
         initial_state = State(initial_state)
         if initial_state is State.STOPPED:
             raise ValueError("initial_state must be PAUSED or RUNNING")
+        plan = Plan.check(restart, max_restarts, restart_window, backoff, strategy, heartbeat)
         self._mp: Any = multiprocessing.get_context(start_method)  # typeshed's BaseContext lacks Process
         self.start_method: str = self._mp.get_start_method()
         self.target = target
@@ -321,6 +353,7 @@ class ProcessController:
         self._owner: int | None = None
         self._pumper: int | None = None
         self._plane: WorkPlane | None = None
+        self._init_supervision(plan)
         #: The controller's channels, by name (see channels.py).
         self.channels: dict[str, Channel] = {}
         if channels is not None:
@@ -372,9 +405,10 @@ class ProcessController:
         except BaseException:
             self._abort()
             raise
+        self._begin_supervision()
         return self
 
-    def _spawn(self, wid: int) -> None:
+    def _spawn(self, wid: int, restarts: int = 0) -> None:
         assert self._board is not None and self._selector is not None and self._trees is not None
         cgroup = self._trees.worker_cgroup(wid)
         try:
@@ -388,6 +422,7 @@ class ProcessController:
             die_with_parent=True, forkserver=self.start_method == "forkserver", collect=self._collect,
             work=work, channels=self._plane.wire_spec() if self._plane is not None else {},
             cgroup=cgroup,
+            restarts=restarts,
         )
         process = self._mp.Process(target=worker_main, args=(spec,), name=f"procctl-worker-{wid}")
         # The kernel's parent-death signal fires when the *thread* that forked
@@ -415,6 +450,7 @@ class ProcessController:
         finally:
             link.release_child_fds()
         worker = _Worker(wid, process, link)
+        worker.restarts = restarts
         worker.pidfd = _open_pidfd(process.pid, self.start_method)
         worker.cgroup = cgroup
         self._trees.started(worker.pid)
@@ -445,8 +481,9 @@ class ProcessController:
             raise ValueError(f"worker {wid} has not ended")
         if self._state is State.STOPPED:
             raise RuntimeError("the workers were stopped; STOPPED is final")
-        self._board.reset(wid, pack_command(self._seq, self._state))
-        self._spawn(wid)
+        self._board.reset(wid, pack_command(self._seq, self._state_of(wid)))
+        with _quiet_collector(self.start_method):  # restart latency: no collection around the fork
+            self._spawn(wid, self._workers[wid].restarts + 1)
 
     def _kill_worker(self, wid: int) -> None:
         """SIGKILL one live worker now; it is reported as killed."""
@@ -525,22 +562,28 @@ class ProcessController:
 
     # -- commands -----------------------------------------------------------
 
-    def broadcast(self, state: State, *, timeout: float | None = None) -> None:
+    def broadcast(self, state: State, *, timeout: float | None = None,
+                  workers: Iterable[int] | None = None) -> None:
         """Send `state` to every live worker; return once each acknowledged it or ended.
 
         Ended workers are reaped first and never waited for.  `timeout`
         (default: the controller's `ack_timeout`; pass float('inf') to wait as
         long as it takes) bounds the wait: TimeoutError names the workers that
-        have not acknowledged.
+        have not acknowledged.  `workers` (worker ids) sends it to those only;
+        STOPPED to some workers is `stop(workers=...)`.
         """
         state = State(state)
         timeout = check_timeout("timeout", timeout)
         with self._locked():
             self._require_started()
+            ids = None if workers is None else self._check_ids(workers)
+            if ids is not None and state is State.STOPPED:
+                self._stop_some(ids, self.grace)
+                return
             if self._state is State.STOPPED and state is not State.STOPPED:
                 raise RuntimeError("the workers were stopped; STOPPED is final")
             self._poll()
-            self._post(state)
+            self._post(state, ids)
             seq = self._seq
             limit = self.ack_timeout if timeout is None else timeout
             # Done when every worker acknowledged this command, or a later
@@ -550,23 +593,31 @@ class ProcessController:
                     f"workers {sorted(self._awaiting)} did not acknowledge {state.name} within {limit}s"
                 )
 
-    def run(self, *, timeout: float | None = None) -> None:
-        """Broadcast RUNNING."""
-        self.broadcast(State.RUNNING, timeout=timeout)
+    def run(self, *, timeout: float | None = None, workers: Iterable[int] | None = None) -> None:
+        """Broadcast RUNNING (to `workers` only, when given)."""
+        self.broadcast(State.RUNNING, timeout=timeout, workers=workers)
 
-    def pause(self, *, timeout: float | None = None) -> None:
+    def pause(self, *, timeout: float | None = None, workers: Iterable[int] | None = None) -> None:
         """Broadcast PAUSED: workers block in checkpoint() until the next command."""
-        self.broadcast(State.PAUSED, timeout=timeout)
+        self.broadcast(State.PAUSED, timeout=timeout, workers=workers)
 
-    def stop(self, grace: float | None = None) -> dict[int, WorkerReport]:
+    def stop(self, grace: float | None = None, *,
+             workers: Iterable[int] | None = None) -> dict[int, WorkerReport]:
         """Broadcast STOPPED, wait up to `grace`, escalate, reap all, close all.
 
-        Returns every worker's report, by worker id.
+        Returns every worker's report, by worker id.  With `workers` (worker
+        ids), stop only those (each escalated on its own, never restarted)
+        and return their reports; the controller goes on.
         """
         grace = self.grace if grace is None else check_timeout("grace", grace, allow_none=False)
         assert grace is not None
+        if workers is not None:
+            with self._locked():
+                self._require_started()
+                return self._stop_some(self._check_ids(workers), grace)
         with self._locked():
             if self._phase is _STARTED and os.getpid() == self._owner_pid:
+                self._supervising = False
                 self._poll()
                 if self._state is not State.STOPPED:
                     self._post(State.STOPPED)
@@ -578,7 +629,9 @@ class ProcessController:
 
     def kill(self) -> None:
         """SIGKILL every live worker now. Safe to call from a signal handler;
-        the workers are reaped (as killed) by the next call that waits."""
+        the workers are reaped (as killed) by the next call that waits.
+        Final, as a stop is: nothing is restarted after it."""
+        self._supervising = False
         self.signal_live(signal.SIGKILL)
 
     def wakeup(self) -> None:
@@ -589,21 +642,30 @@ class ProcessController:
             except (BlockingIOError, OSError):
                 pass
 
-    def _post(self, state: State) -> None:
+    def _post(self, state: State, ids: list[int] | None = None) -> None:
+        """Post `state` to every live worker (or to `ids`) and await their acks."""
         assert self._board is not None
         self._seq += 1
-        self._state = state
-        if self._plane is not None:
-            self._plane.posted(state)
+        if ids is None:
+            self._state = state
+            self._overrides.clear()
+            if state is State.STOPPED:
+                self._end_supervision()
+            if self._plane is not None:
+                self._plane.posted(state)
+        else:
+            for wid in ids:
+                self._overrides[wid] = state
         word = pack_command(self._seq, state)
         self._awaiting_seq = self._seq
         self._awaiting = set()
-        for w in self._workers:
-            if w.alive:
-                self._board.post(w.id, word)
+        for w in self._workers if ids is None else [self._workers[wid] for wid in ids]:
+            if w.alive and (not w.retiring or state is State.STOPPED):
+                self._board.post(w.id, with_probe(word, w.probe) if w.probe else word)
                 w.link.ring()
                 self._awaiting.add(w.id)
-        self._emit(Event(self._elapsed(), "broadcast", state=state.name.lower()))
+        if ids is None:
+            self._emit(Event(self._elapsed(), "broadcast", state=state.name.lower()))
 
     # -- waiting and reaping ------------------------------------------------
 
@@ -615,7 +677,7 @@ class ProcessController:
                 raise RuntimeError("the controller is not started; call start() or use a with block")
             if self._phase is _CLOSED:
                 return True
-            return self._pump_until(lambda: self._live == 0, timeout, until_wakeup=True)
+            return self._pump_until(self._all_ended, timeout, until_wakeup=True)
 
     def wait_ended(self, timeout: float | None) -> bool:
         """As wait(), but wakeup() does not cut it short."""
@@ -623,7 +685,7 @@ class ProcessController:
         with self._locked():
             if self._selector is None:
                 return True
-            return self._pump_until(lambda: self._live == 0, timeout)
+            return self._pump_until(self._all_ended, timeout)
 
     def reap(self, timeout: float | None = 0.0) -> list[WorkerReport]:
         """Reports of workers that ended since the last reap().
@@ -633,7 +695,7 @@ class ProcessController:
         timeout = check_timeout("timeout", timeout)
         with self._locked():
             if self._phase is _STARTED:
-                self._pump_until(lambda: bool(self._new_reports) or not self._live, timeout,
+                self._pump_until(lambda: bool(self._new_reports) or self._all_ended(), timeout,
                                  until_wakeup=True)
             reports, self._new_reports = self._new_reports, []
             return reports
@@ -643,7 +705,7 @@ class ProcessController:
         with self._locked():
             if self._phase is _STARTED:
                 self._poll()
-            return [self._status_of(w) for w in self._workers]
+            return [self._status_of(w) for w in self._workers[: self.workers]]
 
     @property
     def reports(self) -> dict[int, WorkerReport]:
@@ -736,8 +798,12 @@ class ProcessController:
                 continue
             self._pumper = me
             try:
-                ready = self._unlocked_wait(partial(self._selector.select, deadline.remaining()))
+                wait = deadline.remaining()
+                if self._due is not None:  # a supervision timer comes first
+                    wait = min(wait, max(0.0, self._due - time.monotonic()))
+                ready = self._unlocked_wait(partial(self._selector.select, wait))
                 self._dispatch(ready)
+                self._run_timers()
             finally:
                 self._passes += 1
                 self._pumper = None
@@ -756,7 +822,7 @@ class ProcessController:
     def _snapshot(self) -> list[WorkerStatus]:
         """status() without handling any I/O (for a thread that does not own the pump)."""
         with self._locked():
-            return [self._status_of(w) for w in self._workers]
+            return [self._status_of(w) for w in self._workers[: self.workers]]
 
     def _poll(self) -> None:
         """One pass over what is ready now, without waiting."""
@@ -813,6 +879,8 @@ class ProcessController:
             w.state = state
             if state is not State.STOPPED:
                 self._worker_event(w, state.name.lower())
+            if state is State.RUNNING and self._heartbeat is not None and not w.retiring:
+                self._probe(w, time.monotonic())  # silence counts from now
 
     def _reap_worker(self, w: _Worker) -> None:
         if not w.link.closed:
@@ -833,7 +901,10 @@ class ProcessController:
     def _finish(self, w: _Worker, exitcode: int | None) -> None:
         w.final_progress = self._progress_of(w)
         report = self._decode(w, exitcode)
+        if w.restarts:
+            report = dataclasses.replace(report, restarts=w.restarts)
         w.report = report
+        w.escalation = None
         self._live -= 1
         self._awaiting.discard(w.id)
         if not w.link.eof:
@@ -851,8 +922,11 @@ class ProcessController:
             self._plane.ended(w.id, report)
         log.debug("worker %d (pid %s) ended: %s, %s", w.id, w.pid, report.outcome.value,
                   shutdown.describe_exit(exitcode))
-        self._worker_event(w, report.outcome.value, exitcode=exitcode,
-                           error=None if report.outcome in CLEAN_OUTCOMES else report.error)
+        if report.outcome is not Outcome.HUNG:  # a hung worker's event came when it was found hung
+            self._worker_event(w, report.outcome.value, exitcode=exitcode,
+                               error=None if report.outcome in CLEAN_OUTCOMES else report.error)
+        self._history.setdefault(w.id, []).append(report)
+        self._supervise_exit(w, report)
 
     def _decode(self, w: _Worker, exitcode: int | None) -> WorkerReport:
         """Turn what we know of an ended worker into its report."""
@@ -862,6 +936,11 @@ class ProcessController:
             return WorkerReport(w.id, w.pid, Outcome(outcome), result, error, exitcode, w.started, now)
         if w.start_error is not None:
             return WorkerReport(w.id, w.pid, Outcome.FAILED, None, w.start_error, exitcode, w.started, now)
+        if w.hung:
+            how = shutdown.describe_exit(exitcode)
+            return WorkerReport(w.id, w.pid, Outcome.HUNG, None,
+                                f"no heartbeat for {self._heartbeat}s while running: the worker {how}",
+                                exitcode, w.started, now)
         if w.signalled is not None:
             error = f"killed by the controller with {shutdown.signal_name(w.signalled)}"
             if exitcode is not None and exitcode >= 0:
@@ -878,6 +957,359 @@ class ProcessController:
         # Before the join: the worker's zombie still holds its pid, the id of its group.
         if self._trees is not None:
             self._trees.ended(w.pid, w.cgroup)
+    # -- supervision: restarts, hang detection, resize (policy: supervise.py) --
+
+    def _init_supervision(self, plan: Plan) -> None:
+        self.supervision = plan
+        self._supervisor = Supervisor(plan) if plan.restarts else None
+        self._heartbeat = plan.heartbeat
+        self._supervising = False  # from the end of start() to the first STOPPED or kill()
+        self._starting_exits: list[tuple[_Worker, WorkerReport]] = []
+        self._history: dict[int, list[WorkerReport]] = {}
+        self._overrides: dict[int, State] = {}  # per-worker commands since the last broadcast
+        self._restart_at: dict[int, float] = {}  # worker id -> monotonic time of its restart
+        self._group: set[int] | None = None  # one_for_all: the workers still stopping
+        self._group_ids: set[int] = set()  # one_for_all: the ids to restart once they have
+        self._group_delay = 0.0
+        self._held: set[int] = set()  # stopped on request: never restarted
+        self._gave_up = False
+        self._due: float | None = None  # the nearest timer (see _next_deadline)
+
+    @property
+    def gave_up(self) -> bool:
+        """True once the restart limit was reached and the controller stopped every worker."""
+        return self._gave_up
+
+    def history(self, worker_id: int) -> list[WorkerReport]:
+        """The report of every ended incarnation of worker `worker_id`, oldest first."""
+        if isinstance(worker_id, bool) or not isinstance(worker_id, int):
+            raise TypeError(f"worker_id must be an int, not {type(worker_id).__name__}")
+        with self._locked():
+            if not 0 <= worker_id < max(self.workers, len(self._workers)):
+                raise ValueError(f"worker_id {worker_id} is not a worker of this controller")
+            return list(self._history.get(worker_id, []))
+
+    def resize(self, n: int) -> None:
+        """Grow to `n` workers (new ids, started in the current state) or shrink
+        (the highest ids are stopped gracefully and report stopped); return
+        once the new workers are up or the removed ones have ended."""
+        if isinstance(n, bool):
+            raise ValueError(f"resize(n): n must be a positive integer, not {n!r}")
+        if not isinstance(n, int):
+            raise TypeError(f"resize(n): n must be a positive integer, not {type(n).__name__}")
+        if n < 1:
+            raise ValueError(f"resize(n): n must be a positive integer, not {n!r}")
+        with self._locked():
+            self._require_started()
+            if self._state is State.STOPPED:
+                raise RuntimeError("the workers were stopped; STOPPED is final")
+            if n > self.workers:
+                too_many = limits.capacity_problem(n - self.workers)
+                if too_many is not None:
+                    raise ValueError(f"resize(n): n={n} is more than this system lets us start: {too_many}")
+                self._grow(n)
+            elif n < self.workers:
+                self._shrink(n)
+
+    def _grow(self, n: int) -> None:
+        assert self._board is not None
+        self._board.grow(n)
+        word = pack_command(self._seq, self._state)
+        new = list(range(self.workers, n))
+        with _quiet_collector(self.start_method):
+            for wid in new:
+                self._held.discard(wid)
+                self._overrides.pop(wid, None)
+                self._restart_at.pop(wid, None)
+                self._board.reset(wid, word)
+                self.workers = wid + 1  # before the spawn: the new worker's ctx.workers
+                self._spawn(wid)
+        up = [self._workers[wid] for wid in new]
+        if not self._pump_until(lambda: all(w.acked_seq >= 0 or not w.alive for w in up), self.start_timeout):
+            late = [w.id for w in up if w.acked_seq < 0 and w.alive]
+            raise WorkerStartError(f"workers {late} did not come up within {self.start_timeout:.0f}s")
+
+    def _shrink(self, n: int) -> None:
+        gone = self._workers[n : self.workers]
+        self.workers = n
+        for w in gone:
+            self._restart_at.pop(w.id, None)
+            self._overrides.pop(w.id, None)
+            self._group_ids.discard(w.id)
+            if w.alive:
+                self._retire(w, self.grace)
+        self._pump_until(lambda: not any(w.alive for w in gone), self._escalation_bound(self.grace))
+
+    def _stop_some(self, ids: list[int], grace: float) -> dict[int, WorkerReport]:
+        """stop(workers=ids): each escalated on its own; never restarted."""
+        for wid in ids:
+            self._held.add(wid)
+            self._restart_at.pop(wid, None)
+            self._group_ids.discard(wid)
+            w = self._workers[wid]
+            if w.alive:
+                self._retire(w, grace)
+        chosen = [self._workers[wid] for wid in ids]
+        self._pump_until(lambda: not any(w.alive for w in chosen), self._escalation_bound(grace))
+        return {w.id: w.report for w in chosen if w.report is not None}
+
+    def _escalation_bound(self, grace: float) -> float:
+        return grace + self.term_timeout + self.kill_timeout + 1.0
+
+    def _check_ids(self, workers: Iterable[int]) -> list[int]:
+        if isinstance(workers, (str, bytes)) or not isinstance(workers, Iterable):
+            raise TypeError(f"workers must be a list of worker ids, not {type(workers).__name__}")
+        ids = list(workers)
+        for wid in ids:
+            if isinstance(wid, bool) or not isinstance(wid, int):
+                raise TypeError(f"workers must be a list of worker ids (ints), not {ids!r:.80}")
+            if not 0 <= wid < self.workers:
+                raise ValueError(f"workers: {wid} is not a worker id (0 to {self.workers - 1})")
+        return sorted(set(ids))
+
+    def _state_of(self, wid: int) -> State:
+        """The state worker `wid` was last told: a per-worker command, or the broadcast."""
+        return self._overrides.get(wid, self._state)
+
+    def _all_ended(self) -> bool:
+        """No worker is running, and none is waiting for its restart."""
+        return self._live == 0 and not (self._supervising and (self._restart_at or self._group is not None))
+
+    def _begin_supervision(self) -> None:
+        """start() is done: from now on ended workers are restarted by the policy."""
+        self._supervising = self._state is not State.STOPPED
+        early, self._starting_exits = self._starting_exits, []
+        for w, report in early:
+            self._supervise_exit(w, report)
+
+    def _end_supervision(self) -> None:
+        """STOPPED was broadcast: nothing is restarted any more."""
+        self._supervising = False
+        self._restart_at.clear()
+        self._group = None
+        self._group_ids = set()
+
+    def _supervise_exit(self, w: _Worker, report: WorkerReport) -> None:
+        """Worker `w` has ended: ask the policy, and restart it, its group, or give up."""
+        if self._supervisor is None:
+            return
+        if self._group is not None and w.id in self._group:
+            self._group.discard(w.id)  # stopped by us for a one_for_all restart
+            if not self._group:
+                self._restart_group()
+            return
+        if not self._supervising:
+            if self._phase is _STARTED and self._state is not State.STOPPED and w.acked_seq >= 0:
+                self._starting_exits.append((w, report))  # ended while start() waits for the others
+            return
+        if w.retiring or w.id in self._held or w.id >= self.workers:
+            return
+        one_for_all = self._supervisor.plan.strategy is Strategy.ONE_FOR_ALL
+        key = "all" if one_for_all else w.id
+        decision = self._supervisor.on_exit(key, report.outcome, time.monotonic())
+        if decision.action is Action.GIVE_UP:
+            self._give_up(w, report)
+        elif decision.action is Action.RESTART:
+            if one_for_all:
+                self._stop_group(w, decision.delay)
+            else:
+                self._schedule_restart(w.id, decision.delay)
+
+    def _schedule_restart(self, wid: int, delay: float) -> None:
+        at = time.monotonic() + delay
+        self._restart_at[wid] = at
+        self._schedule(at)
+        w = self._workers[wid]
+        self._emit(Event(self._elapsed(), "restarting", worker=wid, pid=w.pid, restarts=w.restarts + 1,
+                         delay=round(delay, 6)))
+
+    def _stop_group(self, first: _Worker, delay: float) -> None:
+        """one_for_all: stop every other worker gracefully, restart all once they have ended."""
+        members = [w for w in self._workers[: self.workers] if w.id not in self._held]
+        self._group = {w.id for w in members if w.alive}
+        self._group_ids = {first.id} | self._group
+        self._group_delay = delay
+        for w in members:
+            if w.alive:
+                self._retire(w, self.grace)
+        if not self._group:
+            self._restart_group()
+
+    def _restart_group(self) -> None:
+        self._group = None
+        ids, self._group_ids = sorted(self._group_ids), set()
+        for wid in ids:
+            if wid < self.workers and wid not in self._held and not self._workers[wid].alive:
+                self._schedule_restart(wid, self._group_delay)
+
+    def _give_up(self, w: _Worker, report: WorkerReport) -> None:
+        """The restart limit is reached: stop everything (grace, then escalation)."""
+        plan = self.supervision
+        self._gave_up = True
+        log.info("worker %d %s: more than %d restarts in %gs, giving up", w.id, report.outcome.value,
+                  plan.max_restarts, plan.restart_window)
+        self._emit(Event(self._elapsed(), "gave_up", worker=w.id, pid=w.pid, restarts=w.restarts,
+                         error=report.error or report.outcome.value))
+        self._post(State.STOPPED)
+        at = time.monotonic() + self.grace
+        for x in self._workers:
+            if x.alive and x.escalation is None:
+                x.escalation = ("grace", at)
+                self._schedule(at)
+
+    def _retire(self, w: _Worker, grace: float) -> None:
+        """Post STOPPED to worker `w` alone; escalate on a timer if it does not end."""
+        assert self._board is not None
+        self._seq += 1
+        w.retiring = True  # (no override: a one_for_all restart brings it back in its state)
+        self._board.post(w.id, with_probe(pack_command(self._seq, State.STOPPED), w.probe))
+        w.link.ring()
+        self._awaiting.discard(w.id)
+        if w.escalation is None:
+            w.escalation = ("grace", time.monotonic() + grace)
+            self._schedule(w.escalation[1])
+
+    def _signal_worker(self, w: _Worker, sig: int) -> None:
+        if w.alive and w.pid is not None:
+            if sig == signal.SIGKILL:
+                self._kill_worker(w.id)  # with its process tree, as signal_live() does
+                return
+            w.signalled = sig
+            if sig == signal.SIGTERM and self._board is not None:
+                self._board.mark_terminate(w.id)  # read by the worker's handler: die of it
+            try:
+                os.kill(w.pid, sig)
+            except ProcessLookupError:
+                pass
+
+    # The timers: every one is a monotonic deadline; `_due` is the nearest,
+    # which the pump folds into its one wait.
+
+    def _next_deadline(self) -> float | None:
+        return self._due
+
+    def _schedule(self, at: float) -> None:
+        if self._due is None or at < self._due:
+            self._due = at
+
+    def _run_timers(self) -> None:
+        if self._due is None:
+            return
+        now = time.monotonic()
+        if now < self._due:
+            return
+        self._due = None
+        self._fire_escalations(now)
+        self._check_heartbeats(now)
+        self._fire_restarts(now)
+
+    def _fire_restarts(self, now: float) -> None:
+        if not self._supervising:
+            self._restart_at.clear()
+            return
+        for wid, at in sorted(self._restart_at.items()):
+            if at > now:
+                self._schedule(at)
+                continue
+            del self._restart_at[wid]
+            if wid >= self.workers or wid in self._held or self._workers[wid].alive:
+                continue
+            try:
+                self._respawn(wid)
+            except WorkerStartError as exc:
+                w = self._workers[wid]
+                assert w.report is not None
+                self._give_up(w, dataclasses.replace(w.report, error=str(exc)))
+                return
+
+    def _fire_escalations(self, now: float) -> None:
+        for w in self._workers:
+            if not w.alive or w.escalation is None:
+                continue
+            stage, at = w.escalation
+            if now < at:
+                self._schedule(at)
+                continue
+            if stage == "grace":
+                self._signal_worker(w, signal.SIGTERM)
+                w.escalation = ("term", now + self.term_timeout)
+            elif stage == "term":
+                log.info("worker %d did not end after SIGTERM: sent SIGKILL", w.id)
+                self._signal_worker(w, signal.SIGKILL)
+                w.escalation = ("kill", now + self.kill_timeout)
+            else:
+                log.error("worker %d survived SIGKILL for %.1fs", w.id, self.kill_timeout)
+                w.escalation = None
+                continue
+            self._schedule(w.escalation[1])
+
+    # Heartbeat: the controller changes the probe bits of a RUNNING worker's
+    # command word (and rings, for a worker waiting inside procctl); the
+    # worker's next checkpoint, sleep or progress stores the probe back.  A
+    # probe unanswered for `heartbeat` seconds means the worker passed no
+    # checkpoint for that long: it is hung.  One timer per period, no cost
+    # on the worker's hot path.
+
+    def _probe(self, w: _Worker, now: float) -> None:
+        assert self._board is not None and self._heartbeat is not None
+        w.probe = w.probe % (PROBE_LIMIT - 1) + 1  # never 0, the answer of a fresh slot
+        w.probe_at = now
+        w.suspect = None
+        self._board.post(w.id, with_probe(self._board.command(w.id), w.probe))
+        w.link.ring()
+        self._schedule(now + self._heartbeat)
+
+    def _check_heartbeats(self, now: float) -> None:
+        if self._heartbeat is None or self._board is None:
+            return
+        for w in self._workers:
+            if not w.alive or w.state is not State.RUNNING or w.escalation is not None or w.retiring:
+                continue
+            if w.probe_at is None or self._board.beat(w.id) == w.probe:
+                self._probe(w, now)
+            elif now - w.probe_at >= self._heartbeat:
+                self._confirm_hang(w, now)
+            else:
+                self._schedule(w.probe_at + self._heartbeat)
+
+    def _confirm_hang(self, w: _Worker, now: float) -> None:
+        """A probe is unanswered after `heartbeat` seconds: hung, unless the
+        worker only waited for a CPU.
+
+        On a crowded machine a runnable worker can wait longer than that for
+        its turn; it has done nothing wrong. So the first time, note its
+        scheduler times and look again a quarter period later: a worker that
+        ran meanwhile without answering (a long computation, GIL held) or
+        slept (blocked in a C call) is hung; one that mostly waited for a CPU
+        gets another look. Without /proc/<pid>/schedstat, the second look decides.
+        """
+        assert self._heartbeat is not None
+        times = _sched_times(w.pid)
+        if w.suspect is not None:
+            since, before = w.suspect
+            if times is None or before is None:
+                return self._hang(w, now)
+            ran, waited = (times[0] - before[0]) / 1e9, (times[1] - before[1]) / 1e9
+            if ran > CPU_TO_ANSWER or waited < (now - since) / 2:
+                return self._hang(w, now)
+        w.suspect = (now, times)
+        self._schedule(now + self._heartbeat / 4)
+
+    def _hang(self, w: _Worker, now: float) -> None:
+        """No heartbeat for `heartbeat` seconds: SIGTERM, then SIGKILL after grace."""
+        w.hung = True
+        log.info("worker %d (pid %s) passed no checkpoint for %gs: hung", w.id, w.pid, self._heartbeat)
+        self._worker_event(w, "hung", error=f"no heartbeat for {self._heartbeat}s")
+        self._signal_worker(w, signal.SIGTERM)
+        w.escalation = ("term", now + self.grace)
+        self._schedule(w.escalation[1])
+
+    def _beat_age(self, w: _Worker) -> float | None:
+        if self._heartbeat is None or not w.alive or w.state is not State.RUNNING or self._board is None:
+            return None
+        if w.probe_at is None or self._board.beat(w.id) == w.probe:
+            return 0.0
+        return max(0.0, time.monotonic() - w.probe_at)
 
     # -- helpers ------------------------------------------------------------
 
@@ -911,6 +1343,7 @@ class ProcessController:
         return WorkerStatus(
             w.id, w.pid, w.state if w.alive else State.STOPPED, w.alive,
             w.report.outcome if w.report else None, done, total, rate, eta, dict(w.info),
+            restarts=w.restarts, beat_age=self._beat_age(w),
         )
 
     def _worker_event(self, w: _Worker, name: str, **fields: Any) -> None:
@@ -961,6 +1394,23 @@ def _quiet_collector(start_method: str) -> Iterator[None]:
         gc.unfreeze()
         if enabled:
             gc.enable()
+
+
+#: A worker that checkpoints answers a probe within microseconds of CPU time:
+#: one that ran this long without answering is not checkpointing.
+CPU_TO_ANSWER = 0.002
+
+
+def _sched_times(pid: int | None) -> tuple[int, int] | None:
+    """(ns on a CPU, ns waiting for one) of process `pid`, from /proc (Linux); None elsewhere."""
+    if pid is None:
+        return None
+    try:
+        with open(f"/proc/{pid}/schedstat", "rb") as f:
+            ran, waited, _ = f.read().split()
+        return int(ran), int(waited)
+    except (OSError, ValueError):
+        return None
 
 
 def _open_pidfd(pid: int, start_method: str) -> int:

@@ -24,7 +24,7 @@ from .states import Event, WorkerStatus
 #: How often the view redraws (seconds).
 REFRESH = 0.25
 STATE_STYLE = {"running": "green", "paused": "yellow", "stopped": "cyan", "finished": "bold green",
-               "failed": "bold red", "crashed": "bold red", "killed": "magenta"}
+               "failed": "bold red", "crashed": "bold red", "killed": "magenta", "hung": "bold magenta"}
 
 
 def _fmt_bytes(n: float) -> str:
@@ -49,8 +49,10 @@ def _fmt_eta(seconds: float | None) -> str:
 class LiveView:
     """A rich Live display fed by controller events and status() snapshots."""
 
-    def __init__(self, status: Callable[[], list[WorkerStatus]], title: str, console: Console | None = None):
+    def __init__(self, status: Callable[[], list[WorkerStatus]], title: str, console: Console | None = None,
+                 heartbeat: float | None = None):
         self._status = status
+        self._heartbeat = heartbeat  # a worker silent for more than half of it is marked
         self._title = title
         self._console = console or Console()
         self._last: dict[int, str] = {}
@@ -125,6 +127,10 @@ class LiveView:
     def _cells(self, r: WorkerStatus) -> tuple[Any, ...]:
         name = r.outcome.value if r.outcome else r.state.name.lower()
         state = Text(name, style=STATE_STYLE.get(name, ""))
+        if r.restarts:
+            state.append(f" r{r.restarts}", style="dim")
+        if self.silent(r):
+            state.append(f" no beat {r.beat_age:.1f}s", style="bold red")
         if r.done is None:
             progress: Any = ""
         elif r.total:
@@ -133,6 +139,11 @@ class LiveView:
             progress = _fmt_count(r.done)
         cpu, rss = self._usage(r)
         return state, progress, cpu, rss, self._last.get(r.worker_id, "")
+
+    def silent(self, r: WorkerStatus) -> bool:
+        """Is the worker's last heartbeat older than half the heartbeat period?"""
+        return (self._heartbeat is not None and r.alive and r.beat_age is not None
+                and r.beat_age > self._heartbeat / 2)
 
     def _usage(self, r: WorkerStatus) -> tuple[str, str]:
         if not r.alive or r.pid is None:

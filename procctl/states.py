@@ -23,6 +23,7 @@ class Outcome(str, enum.Enum):
     FAILED = "failed"  # the target raised; the report's error holds the traceback
     CRASHED = "crashed"  # the process died without reporting
     KILLED = "killed"  # the controller terminated it after the grace period
+    HUNG = "hung"  # no heartbeat within `heartbeat` seconds while RUNNING: killed by the controller
 
     def __str__(self) -> str:
         return self.value
@@ -45,6 +46,7 @@ class WorkerReport:
     started: float = 0.0  # time.time() when the process was started
     ended: float = 0.0  # time.time() when the controller saw it end
     node: str | None = None  # the Dask worker it ran on (procctl.cluster); None on one machine
+    restarts: int = 0  # how many times this worker id had been restarted before this incarnation
 
     @property
     def duration(self) -> float:
@@ -74,6 +76,10 @@ class WorkerStatus:
     eta: float | None = None  # seconds left at that rate, when total is known
     info: dict[str, Any] = field(default_factory=dict)
     node: str | None = None  # the Dask worker it runs on (procctl.cluster)
+    restarts: int = 0  # how many times this worker id has been restarted
+    #: With heartbeat=: seconds the worker has left the controller's last
+    #: heartbeat request unanswered (0.0 once answered); None otherwise.
+    beat_age: float | None = None
 
 
 @dataclass(frozen=True)
@@ -81,8 +87,11 @@ class Event:
     """One thing that happened in a run, as `on_event`, `--json` and `--events` see it.
 
     ``event`` is a worker transition (running, paused, stopped), an outcome
-    (finished, stopped, failed, crashed, killed), ``started`` for a worker
-    that came up, or ``broadcast`` (with ``state``) for a command sent to all.
+    (finished, stopped, failed, crashed, killed, hung), ``started`` for a worker
+    that came up, ``broadcast`` (with ``state``) for a command sent to all,
+    or supervision: ``hung`` (no heartbeat: about to be killed), ``restarting``
+    (with ``restarts``, the count it will have, and ``delay``), ``gave_up``
+    (the restart limit was reached: with the worker and its last ``error``).
     """
 
     t: float  # seconds since the controller started
@@ -96,6 +105,8 @@ class Event:
     total: float | None = None
     task: int | None = None  # the executor's task id, on task events
     node: str | None = None  # the Dask worker, in a cluster run
+    restarts: int | None = None  # on restarting and gave_up events
+    delay: float | None = None  # on restarting: seconds of backoff before the new process starts
 
     def to_dict(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if v is not None}

@@ -2,7 +2,9 @@
 
 One row per worker, time on the x axis.  A worker's "running" and "paused"
 events open a span of that state that lasts until its next event; an outcome
-event (finished, stopped, failed, crashed, killed) ends the row with a mark.
+event (finished, stopped, failed, crashed, killed, hung) ends the row with a
+mark, and a ``restarting`` event after it goes on with the worker's next
+incarnation on the same row.
 Broadcasts are dashed vertical lines.  Standard library only: the library must
 not pull in a display dependency.
 
@@ -29,8 +31,8 @@ __all__ = ["FORMATS", "OUTCOMES", "SPAN_STATES", "render_timeline", "timeline_fo
 #: File extensions render_timeline() can write.
 FORMATS = (".svg", ".html")
 SPAN_STATES = ("running", "paused")
-OUTCOMES = ("finished", "stopped", "failed", "crashed", "killed")
-PROBLEMS = frozenset({"failed", "crashed", "killed"})
+OUTCOMES = ("finished", "stopped", "failed", "crashed", "killed", "hung")
+PROBLEMS = frozenset({"failed", "crashed", "killed", "hung"})
 
 EventLike = Any  # a procctl.Event, or a mapping like its to_dict()
 
@@ -43,6 +45,7 @@ OUTCOME_COLOURS = {
     "failed": "#d7301f",
     "crashed": "#8e44ad",
     "killed": "#1b1b1b",
+    "hung": "#e6550d",
 }
 BROADCAST_COLOURS = {"running": "#1f5fa8", "paused": "#b07800", "stopped": "#c0392b"}
 INK, MUTED, GRID, STRIPE = "#222", "#666", "#e6e8eb", "#f4f6f8"
@@ -109,6 +112,8 @@ class Row:
     detail: str | None = None  # error line or exit code, for the tooltip
     open_state: str | None = None
     open_since: float = 0.0
+    #: Outcomes of earlier incarnations of a restarted worker: (outcome, t, detail).
+    earlier: list[tuple[str, float, str | None]] = field(default_factory=list)
 
     def close_span(self, t: float) -> None:
         if self.open_state is not None:
@@ -127,6 +132,8 @@ class Run:
         for row in self.rows:
             if row.outcome is not None:
                 counts[row.outcome] += 1
+            for outcome, _, _ in row.earlier:
+                counts[outcome] += 1
         return counts
 
 
@@ -180,6 +187,11 @@ def _summary_elapsed(dicts: Sequence[Mapping[str, Any]]) -> list[float]:
 
 
 def _apply(row: Row, kind: str, t: float, e: Mapping[str, Any]) -> None:
+    if kind == "restarting" and row.outcome is not None and row.outcome_t is not None:
+        # A new incarnation of the worker id: its row goes on, the mark stays.
+        row.earlier.append((row.outcome, row.outcome_t, row.detail))
+        row.outcome, row.outcome_t, row.detail = None, None, None
+        return
     if row.outcome is not None:
         return  # a worker's row ends at its outcome; nothing after it can be drawn
     if kind in SPAN_STATES:
@@ -417,15 +429,18 @@ def _row(index: int, row: Row, lay: Layout) -> str:
         out.append(f'<text class="label" x="{LEFT - 8}" y="{fy:.1f}">{row.worker}</text>')
     for i, span in enumerate(row.spans):
         out.append(_span(row, span, lay, bar_y, bar_h, last=i == len(row.spans) - 1))
+    marks = list(row.earlier)
     if row.outcome is not None and row.outcome_t is not None:
+        marks.append((row.outcome, row.outcome_t, row.detail))
+    for outcome, t, detail in marks:
         radius = min(7.0, max(2.6, lay.row_h * 0.42))  # small rows: marks no taller than a row
-        if row.outcome in PROBLEMS and lay.row_h < 12:
+        if outcome in PROBLEMS and lay.row_h < 12:
             radius = max(radius * 1.5, 4.0)  # among hundreds of rows, the failures must jump out
-        tip = f"worker {row.worker} {row.outcome} at {_secs(row.outcome_t)}"
-        if row.detail:
-            tip += f": {row.detail}"
-        out.append(_mark(row.outcome, lay.x(row.outcome_t), y + lay.row_h / 2, radius, tip,
-                         data=f' data-worker="{row.worker}" data-t="{row.outcome_t:g}"'))
+        tip = f"worker {row.worker} {outcome} at {_secs(t)}"
+        if detail:
+            tip += f": {detail}"
+        out.append(_mark(outcome, lay.x(t), y + lay.row_h / 2, radius, tip,
+                         data=f' data-worker="{row.worker}" data-t="{t:g}"'))
     out.append("</g>")
     return "".join(out)
 
@@ -477,7 +492,13 @@ def _diamond(cx: float, cy: float, r: float) -> str:
     return f"M{cx:.2f},{cy - r:.2f}L{cx + r:.2f},{cy:.2f}L{cx:.2f},{cy + r:.2f}L{cx - r:.2f},{cy:.2f}Z"
 
 
-_SHAPES = {"finished": _circle, "stopped": _square, "failed": _cross, "crashed": _triangle, "killed": _diamond}
+def _hourglass(cx: float, cy: float, r: float) -> str:
+    s = r * 0.85
+    return f"M{cx - s:.2f},{cy - s:.2f}h{2 * s:.2f}L{cx - s:.2f},{cy + s:.2f}h{2 * s:.2f}Z"
+
+
+_SHAPES = {"finished": _circle, "stopped": _square, "failed": _cross, "crashed": _triangle, "killed": _diamond,
+           "hung": _hourglass}
 
 
 def _broadcasts(run: Run, lay: Layout) -> list[str]:

@@ -24,14 +24,25 @@ from multiprocessing.reduction import ForkingPickler
 from typing import Any
 
 from . import containment
-from .channel import PROGRESS, RESULT, START_FAILED, Board, ControlEnd, InheritedFd, unpack_command
+from .channel import (
+    COMMAND_MASK,
+    PROGRESS,
+    RESULT,
+    START_FAILED,
+    Board,
+    ControlEnd,
+    InheritedFd,
+    probe_of,
+    unpack_command,
+)
 from .states import Outcome, State
 from .worker_plane import WorkEnd
 
 #: Signals the manager blocks while it starts a worker, so that none of its own
 #: handlers can run in the child before the child has reset them.
 MANAGED_SIGNALS = frozenset(
-    {signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2}
+    {signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2,
+     signal.SIGTTIN, signal.SIGTTOU}
 )
 
 #: How long an orphaned worker may take to return by itself before it exits.
@@ -110,6 +121,8 @@ class WorkerSpec:
     channels: dict[str, tuple[int, int]] = field(default_factory=dict)
     #: The manager collects garbage: so do we (it pauses its collector while forking).
     collect: bool = True
+    #: How many times this worker id has been restarted (ctx.restarts).
+    restarts: int = 0
 
 
 class WorkerContext:
@@ -117,9 +130,11 @@ class WorkerContext:
 
     def __init__(
         self, worker_id: int, end: ControlEnd, manager_fd: int | None,
-        workers: int = 1, work: WorkEnd | None = None,
+        workers: int = 1, work: WorkEnd | None = None, restarts: int = 0,
     ) -> None:
         self.worker_id = worker_id
+        #: How many times this worker id has been restarted (0 for the first process).
+        self.restarts = restarts
         #: How many workers the controller (or executor) has.
         self.workers = workers
         self._work = work
@@ -167,8 +182,8 @@ class WorkerContext:
         if not self.checkpoint():
             return False
         deadline = None if seconds == float("inf") else time.monotonic() + max(0.0, seconds)
-        applied = self._applied
-        while self._applied == applied and self.state is State.RUNNING:
+        applied = self._applied & COMMAND_MASK  # a heartbeat probe is not a command
+        while self._applied & COMMAND_MASK == applied and self.state is State.RUNNING:
             remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is not None and remaining <= 0:
                 break
@@ -190,7 +205,7 @@ class WorkerContext:
                 poller.register(other, select.POLLIN)
         ms = None if timeout is None else max(0, math.ceil(timeout * 1000))
         ready = poller.poll(ms)
-        applied, state = self._applied, self.state
+        applied, state = self._applied & COMMAND_MASK, self.state
         hit = False
         for ready_fd, _ in ready:
             if ready_fd == fd:
@@ -198,7 +213,7 @@ class WorkerContext:
             else:
                 self._on_wake(ready_fd)
         # A command that came with the data wins: the caller must see it first.
-        return hit and self._applied == applied and self.state is state
+        return hit and self._applied & COMMAND_MASK == applied and self.state is state
 
     def get(self, name: str, timeout: float | None = None) -> Any:
         """Take the next item of channel `name`; block while it is empty.
@@ -238,6 +253,8 @@ class WorkerContext:
         if not 0.0 <= d < _INF or not (total is None or 0.0 <= t < _INF):
             raise ValueError(_bad_progress(done, total))
         self._end.board.set_progress(self.worker_id, d, t)
+        if self._end.command() != self._applied:
+            self._answer_probe()  # progress is a sign of life too
         if info:
             self.info = info
             now = time.monotonic()
@@ -263,21 +280,30 @@ class WorkerContext:
         for other in self._sleep_fds:
             poller.register(other, select.POLLIN)
         ms = None if timeout is None else max(0, math.ceil(timeout * 1000))
-        applied, state = self._applied, self.state
+        applied, state = self._applied & COMMAND_MASK, self.state
         hit = False
         for ready_fd, _ in poller.poll(ms):
             if ready_fd == fd:
                 hit = True
             else:
                 self._on_wake(ready_fd)
-        return hit and self._applied == applied and self.state is state
+        return hit and self._applied & COMMAND_MASK == applied and self.state is state
+
+    def _answer_probe(self) -> None:
+        """Store the heartbeat probe of the command word: we are alive."""
+        self._end.board.set_beat(self.worker_id, probe_of(self._end.command()))
 
     def _apply(self) -> None:
         # Drain first, then read: a command posted in between rings again.
         self._end.drain_doorbell()
         word = self._end.command()
-        seq, state = unpack_command(word)
+        if word != self._applied:
+            self._end.board.set_beat(self.worker_id, probe_of(word))
+        probe_only = self._applied >= 0 and (word ^ self._applied) & COMMAND_MASK == 0
         self._applied = word
+        if probe_only:
+            return  # a heartbeat probe, answered: not a command
+        seq, state = unpack_command(word)
         if self.state is State.STOPPED:
             return
         self.state = State(state)
@@ -349,7 +375,10 @@ def _reset_signals(ctx: WorkerContext) -> None:
     # The manager decides what Ctrl-C means; its handlers (inherited under
     # fork) must never run here.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    for sig in (signal.SIGUSR1, signal.SIGUSR2):
+    # USR1/USR2 pause and resume, TTIN/TTOU resize: the manager's, and a
+    # worker must neither die of them nor stop (TTIN's default) when they
+    # are sent to the whole process group.
+    for sig in (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTTIN, signal.SIGTTOU):
         signal.signal(sig, signal.SIG_IGN)
     signal.signal(signal.SIGHUP, signal.SIG_DFL)
     signal.signal(signal.SIGTERM, ctx._on_sigterm)
@@ -481,7 +510,7 @@ def worker_main(spec: WorkerSpec) -> None:
     work = None
     if spec.work is not None:
         work = WorkEnd(socket.socket(fileno=spec.work.detach()), spec.channels)
-    ctx = WorkerContext(spec.worker_id, end, manager_fd, spec.workers, work)
+    ctx = WorkerContext(spec.worker_id, end, manager_fd, spec.workers, work, spec.restarts)
     global _current
     _current = ctx
     _reset_signals(ctx)

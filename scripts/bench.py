@@ -35,10 +35,12 @@ import bench_workers  # noqa: E402,F401
 
 from procctl import ProcessController, State  # noqa: E402,F401  (as the README's scripts do)
 
-CASE_ORDER = ["lifecycle", "broadcast", "stop", "paused", "throughput", "memory", "workplane", "cluster"]
+CASE_ORDER = ["lifecycle", "broadcast", "stop", "paused", "throughput", "memory", "workplane", "cluster",
+              "supervision"]
 #: Run only when asked (--cluster): they need procctl[dask].
 OPTIONAL_CASES = {"cluster"}
-ONE_METHOD_CASES = {"paused", "throughput", "workplane", "cluster"}  # the cost does not depend on the start method
+#: the cost does not depend on the start method
+ONE_METHOD_CASES = {"paused", "throughput", "workplane", "cluster", "supervision"}
 
 
 def params(quick: bool) -> dict[str, dict[str, Any]]:
@@ -55,6 +57,7 @@ def params(quick: bool) -> dict[str, dict[str, Any]]:
             "memory": dict(n=10, repeats=1),
             "workplane": dict(n=20_000, big=1_000_000, rounds=300, cpu=1000, queued=100_000, repeats=1),
             "cluster": dict(rounds=40, repeats=2, tasks=2000),
+            "supervision": dict(restarts=20, checkpoints=1_000_000, heartbeat=0.2, repeats=3),
         }
     return {
         "lifecycle": dict(ns=[10, 100, 500], repeats=5, peer_repeats=2, peer_max_n=100,
@@ -68,13 +71,14 @@ def params(quick: bool) -> dict[str, dict[str, Any]]:
         "memory": dict(n=10, repeats=3),
         "workplane": dict(n=50_000, big=2_000_000, rounds=1000, cpu=3000, queued=100_000, repeats=3),
         "cluster": dict(rounds=200, repeats=5, tasks=5000),
+        "supervision": dict(restarts=50, checkpoints=3_000_000, heartbeat=0.2, repeats=5),
     }
 
 
 def job_timeout(case: str, quick: bool) -> float:
     return {"lifecycle": 150, "broadcast": 120, "stop": 120, "paused": 60,
             "throughput": 120, "memory": 90, "workplane": 200,
-            "cluster": 240}[case] * (1 if quick else 2.5)
+            "cluster": 240, "supervision": 150}[case] * (1 if quick else 2.5)
 
 
 # =============================================================================
@@ -309,6 +313,8 @@ def floor_for(r: dict[str, Any], rows: list[dict[str, Any]]) -> list[dict[str, A
     if r["case"] == "throughput":
         batched = "batch" in r["name"] or "lists" in r["name"]
         floors = [f for f in floors if ("lists" in f["name"]) == batched]
+    if r["case"] == "supervision":
+        floors = [f for f in floors if f["unit"] == r["unit"]]
     return floors
 
 
@@ -351,6 +357,7 @@ SECTION = {
     "memory": "6. Memory: PSS per idle worker",
     "workplane": "7. Work plane: ProcessExecutor and channels against Pool, PPE, mp.Queue (2 workers)",
     "cluster": "8. Cluster (--cluster): procctl.cluster on a LocalCluster of 2 nodes x 4, beside Dask's own",
+    "supervision": "9. Supervision: restart latency against a raw fork, checkpoint cost with hang detection",
 }
 
 
@@ -471,6 +478,14 @@ def targets(rows: list[dict[str, Any]], methods: list[str]) -> list[dict[str, An
         a = next((r for r in rows if r["case"] == "cluster" and r["name"].startswith("client SIGKILL")), None)
         add("cluster: s from client SIGKILL to workers gone", a.get("median") if a else None, 4.0,
             why=why_missing(a))
+    for m in dict.fromkeys(r["method"] for r in rows if r["case"] == "supervision"):
+        sel = [r for r in rows if r["case"] == "supervision" and r["method"] == m]
+        pairs = [(a, b) for a in sel for b in sel if a["role"] == "procctl" and b["role"] == "floor"
+                 and a["unit"] == b["unit"]]
+        for a, b in pairs:
+            what = "restart latency" if a["unit"] == "s" else "heartbeat checkpoint cost"
+            add(f"supervision {m}: {what} / {'raw fork' if a['unit'] == 's' else 'no heartbeat'}",
+                ratio(a, b), 1.2 if a["unit"] == "s" else 1.05, why=why_missing(a, b))
     for m in dict.fromkeys(r["method"] for r in rows if r["case"] == "memory"):
         a = find(rows, "memory", m, 10, "procctl")
         b = find(rows, "memory", m, 10, "floor")

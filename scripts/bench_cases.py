@@ -35,7 +35,10 @@ from procctl import ProcessController
 
 perf = time.perf_counter
 
-HELPER_MARKS = ("forkserver import main", "resource_tracker import main", "semaphore_tracker import main")
+#: Long-lived helpers, one per process, not strays: multiprocessing's, and
+#: procctl's guardian (containment.py), which outlives a controller on purpose.
+HELPER_MARKS = ("forkserver import main", "resource_tracker import main", "semaphore_tracker import main",
+                "procctl.guardian import main")
 
 
 #: What sweep() found, for the notes.
@@ -1169,6 +1172,93 @@ def case_workplane(m: str, p: dict[str, Any]) -> list[dict[str, Any]]:
     return [r for r, _ in rows]
 
 
+# =============================================================================
+# 8. Supervision (issue 9): restart latency, heartbeat overhead
+# =============================================================================
+
+
+def restart_procctl(m: str, restarts: int, from_exit: bool) -> float:
+    """Median seconds from a worker's death to its replacement's first checkpoint.
+
+    The death is the moment the manager sees the process has ended (its
+    "crashed" event, after the reap), or with `from_exit` the moment the
+    worker called os._exit: that adds the kernel's teardown of the process,
+    which no start of a fresh Process pays.
+    """
+    starts, deaths = mp.RawArray("d", restarts + 1), mp.RawArray("d", restarts + 1)
+    seen: list[float] = []
+
+    def on_event(e: procctl.Event) -> None:
+        if e.event == "crashed":
+            seen.append(time.monotonic())
+
+    pc = ProcessController(bw.sup_restart, 1, args=(starts, deaths), start_method=m,
+                           initial_state=procctl.State.RUNNING, restart="on-failure", max_restarts=restarts + 1,
+                           backoff=(0.0, 0.0), on_event=on_event)
+    try:
+        pc.start()
+        if not pc.wait(60):
+            raise RuntimeError("the restarts did not finish within 60 s")
+        reports = pc.stop()
+    finally:
+        pc.close()
+    if reports[0].restarts != restarts or pc.gave_up:
+        raise RuntimeError(f"expected {restarts} restarts, got {reports[0].restarts}")
+    dead = list(deaths) if from_exit else seen
+    return statistics.median(starts[k + 1] - dead[k] for k in range(restarts))
+
+
+def restart_raw(m: str, restarts: int) -> float:
+    """Median seconds from Process.start() to the child's first instruction."""
+    ctx = mp.get_context(m)
+    stamps = mp.RawArray("d", restarts)
+    lat = []
+    for k in range(restarts):
+        p = ctx.Process(target=bw.raw_first, args=(stamps, k))
+        t0 = time.monotonic()
+        p.start()
+        try:
+            p.join(30)
+        finally:
+            _kill_all([p])
+        lat.append(stamps[k] - t0)
+    return statistics.median(lat)
+
+
+def checkpoints_procctl(m: str, n: int, heartbeat: float | None) -> float:
+    """Nanoseconds per checkpoint in a tight loop, with or without hang detection."""
+    pc = ProcessController(bw.sup_checkpoints, 1, args=(n,), start_method=m, heartbeat=heartbeat)
+    try:
+        pc.start()
+        pc.run()
+        if not pc.wait(120):
+            raise RuntimeError("the checkpoint loop did not finish within 120 s")
+        reports = pc.stop()
+    finally:
+        pc.close()
+    _check_reports(reports, 1, ("finished",))
+    return float(reports[0].result) / n * 1e9
+
+
+def case_supervision(m: str, p: dict[str, Any]) -> list[dict[str, Any]]:
+    k, n, beat = p["restarts"], p["checkpoints"], p["heartbeat"]
+    variants = [
+        (f"restart: exit seen -> first checkpoint (x{k})", "procctl", "s", lambda: restart_procctl(m, k, False)),
+        (f"raw Process start -> first instruction (x{k})", "floor", "s", lambda: restart_raw(m, k)),
+        (f"restart: os._exit -> first checkpoint (x{k})", "contrast", "s", lambda: restart_procctl(m, k, True)),
+        (f"checkpoint, heartbeat={beat}s", "procctl", "ns", lambda: checkpoints_procctl(m, n, beat)),
+        ("checkpoint, no heartbeat", "floor", "ns", lambda: checkpoints_procctl(m, n, None)),
+    ]
+    rows = []
+    for name, role, unit, fn in variants:
+        rows.append((row("supervision", m, 1, name, role, unit, note="medians; interleaved"), fn))
+    for _ in range(p["repeats"]):
+        for r, fn in rows:
+            progress(r, 1)
+            record(r, measure(r, fn, 150))
+    return [r for r, _ in rows]
+
+
 CASES = {
     "lifecycle": case_lifecycle,
     "broadcast": case_broadcast,
@@ -1178,4 +1268,5 @@ CASES = {
     "memory": case_memory,
     "workplane": case_workplane,
     "cluster": lambda m, p: __import__("bench_cluster").case_cluster(m, p),
+    "supervision": case_supervision,
 }

@@ -240,3 +240,28 @@ def mpq_consume(q):
     got = 0
     while q.get() is not None:
         got += 1
+
+
+# -- supervision (issue 9) ----------------------------------------------------------
+
+
+def sup_restart(ctx, starts, deaths) -> None:
+    """Each incarnation stamps its first checkpoint, then its death, and dies (os._exit)."""
+    ctx.checkpoint()
+    starts[ctx.restarts] = time.monotonic()
+    if ctx.restarts + 1 < len(starts):
+        deaths[ctx.restarts] = time.monotonic()
+        os._exit(1)
+
+
+def raw_first(stamps, k: int) -> None:
+    """A raw Process's first instruction."""
+    stamps[k] = time.monotonic()
+
+
+def sup_checkpoints(ctx, n: int) -> float:
+    """Seconds for `n` checkpoints in a tight loop."""
+    t0 = time.perf_counter()
+    for _ in range(n):
+        ctx.checkpoint()
+    return time.perf_counter() - t0

@@ -33,7 +33,7 @@ def test_state_values():
 
 def test_outcome_values():
     assert issubclass(Outcome, str)
-    assert {o.value for o in Outcome} == {"finished", "stopped", "failed", "crashed", "killed"}
+    assert {o.value for o in Outcome} == {"finished", "stopped", "failed", "crashed", "killed", "hung"}
     assert Outcome("crashed") is Outcome.CRASHED
     assert Outcome.FAILED == "failed"
 

@@ -126,7 +126,7 @@ def test_escalate_gives_up_after_sigkill():
 
 
 def _w(**kw):
-    base = dict(id=1, pid=1234, started=100.0, result=None, start_error=None, signalled=None)
+    base = dict(id=1, pid=1234, started=100.0, result=None, start_error=None, signalled=None, hung=False)
     base.update(kw)
     return SimpleNamespace(**base)
 

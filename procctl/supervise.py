@@ -1,0 +1,182 @@
+"""Supervision policy: when to restart a worker, how long to wait, when to give up.
+
+Pure bookkeeping, no processes: the controller asks `Supervisor.on_exit()`
+what to do about a worker that ended and acts on the `Decision` (schedule a
+restart after `delay`, or stop everything).  The vocabulary is Erlang/OTP's,
+named plainly:
+
+    restart="never"       OTP temporary: today's behaviour, nothing restarts
+    restart="on-failure"  OTP transient: restart after failed, crashed, killed, hung
+    restart="always"      OTP permanent: also after finished
+    strategy="one_for_one" / "one_for_all"
+
+Intensity: more than `max_restarts` restarts within `restart_window` seconds
+and the job is sick: give up.  Backoff (supervisord's BACKOFF): a worker's
+k-th restart within the window waits `min(backoff[1], backoff[0] * 2**k)`,
+so a worker that keeps crashing is restarted less and less often, and one
+that ran well for a window starts again from `backoff[0]`.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from collections import deque
+from collections.abc import Hashable
+from dataclasses import dataclass
+from typing import Any
+
+from .states import Outcome
+
+
+class Restart(str, enum.Enum):
+    """When an ended worker is restarted."""
+
+    NEVER = "never"
+    ON_FAILURE = "on-failure"
+    ALWAYS = "always"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class Strategy(str, enum.Enum):
+    """What else is restarted with it."""
+
+    ONE_FOR_ONE = "one_for_one"  # only the worker that ended
+    ONE_FOR_ALL = "one_for_all"  # every worker: stop the others gracefully, then restart all
+
+    def __str__(self) -> str:
+        return self.value
+
+
+#: Outcomes that count as a failure for restart="on-failure".
+FAILURES = frozenset({Outcome.FAILED, Outcome.CRASHED, Outcome.KILLED, Outcome.HUNG})
+
+
+def _seconds(name: str, value: Any, *, positive: bool, allow_inf: bool) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number of seconds, not {type(value).__name__}")
+    try:
+        seconds = float(value)
+    except OverflowError:
+        seconds = math.inf
+    if seconds != seconds:
+        raise ValueError(f"{name} must be a number of seconds, not NaN")
+    if seconds < 0 or (positive and seconds == 0):
+        raise ValueError(f"{name} must be {'> 0' if positive else '>= 0'}, not {value!r}")
+    if seconds == math.inf and not allow_inf:
+        raise ValueError(f"{name} must be finite, not {value!r}")
+    return seconds
+
+
+def _choice(name: str, value: Any, kind: type[enum.Enum]) -> Any:
+    names = ", ".join(repr(m.value) for m in kind)
+    if isinstance(value, kind):
+        return value
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be one of {names}, not {type(value).__name__}")
+    try:
+        return kind(value)
+    except ValueError:
+        raise ValueError(f"{name} must be one of {names}, not {value!r}") from None
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Checked supervision arguments (see `Plan.check`)."""
+
+    restart: Restart = Restart.NEVER
+    max_restarts: int = 5
+    restart_window: float = 60.0
+    backoff: tuple[float, float] = (0.1, 10.0)
+    strategy: Strategy = Strategy.ONE_FOR_ONE
+    #: Seconds a RUNNING worker may go without a checkpoint (None: no hang detection).
+    heartbeat: float | None = None
+
+    @classmethod
+    def check(cls, restart: Any = "never", max_restarts: Any = 5, restart_window: Any = 60.0,
+              backoff: Any = (0.1, 10.0), strategy: Any = "one_for_one", heartbeat: Any = None) -> Plan:
+        """Validate every argument; TypeError or ValueError names the bad one."""
+        policy = _choice("restart", restart, Restart)
+        kind = _choice("strategy", strategy, Strategy)
+        if isinstance(max_restarts, bool) or not isinstance(max_restarts, int):
+            raise TypeError(f"max_restarts must be an integer >= 0, not {type(max_restarts).__name__}")
+        if max_restarts < 0:
+            raise ValueError(f"max_restarts must be an integer >= 0, not {max_restarts!r}")
+        window = _seconds("restart_window", restart_window, positive=True, allow_inf=True)
+        if isinstance(backoff, (str, bytes)) or not isinstance(backoff, (tuple, list)) or len(backoff) != 2:
+            raise TypeError(f"backoff must be a pair (first, longest) of seconds, not {backoff!r:.60}")
+        low = _seconds("backoff[0]", backoff[0], positive=False, allow_inf=False)
+        high = _seconds("backoff[1]", backoff[1], positive=False, allow_inf=False)
+        if low > high:
+            raise ValueError(f"backoff must grow: backoff[0] ({low}) is more than backoff[1] ({high})")
+        beat = None
+        if heartbeat is not None:
+            beat = _seconds("heartbeat", heartbeat, positive=True, allow_inf=True)
+            if beat == math.inf:
+                beat = None  # never hung: no detection
+        return cls(policy, max_restarts, window, (low, high), kind, beat)
+
+    @property
+    def restarts(self) -> bool:
+        return self.restart is not Restart.NEVER
+
+    def wants_restart(self, outcome: Outcome) -> bool:
+        """Does this policy restart a worker that ended with `outcome`?"""
+        if self.restart is Restart.ALWAYS:
+            return outcome is not Outcome.STOPPED
+        if self.restart is Restart.ON_FAILURE:
+            return outcome in FAILURES
+        return False
+
+
+class Action(enum.Enum):
+    NONE = "none"  # leave it ended
+    RESTART = "restart"  # restart after `delay` seconds
+    GIVE_UP = "give_up"  # the intensity limit is reached: stop everything
+
+
+@dataclass(frozen=True)
+class Decision:
+    action: Action
+    delay: float = 0.0
+    #: Restarts within the window, this one included (for the event).
+    recent: int = 0
+
+
+class Supervisor:
+    """The restart decisions of one controller: intensity over all workers,
+    backoff per worker (or per group, for one_for_all).  Times are
+    time.monotonic() values passed in, so tests can drive it by hand."""
+
+    def __init__(self, plan: Plan) -> None:
+        self.plan = plan
+        self._recent: deque[float] = deque()  # every restart decided, oldest first
+        self._by_key: dict[Hashable, deque[float]] = {}
+        self.total = 0  # restarts decided so far
+
+    def _forget_before(self, times: deque[float], now: float) -> None:
+        horizon = now - self.plan.restart_window
+        while times and times[0] <= horizon:
+            times.popleft()
+
+    def on_exit(self, key: Hashable, outcome: Outcome, now: float) -> Decision:
+        """A worker (or, for one_for_all, the group `key`) ended with `outcome`."""
+        if not self.plan.wants_restart(outcome):
+            return Decision(Action.NONE)
+        self._forget_before(self._recent, now)
+        if len(self._recent) >= self.plan.max_restarts:
+            return Decision(Action.GIVE_UP, recent=len(self._recent))
+        mine = self._by_key.setdefault(key, deque())
+        self._forget_before(mine, now)
+        delay = self.backoff(len(mine))
+        self._recent.append(now)
+        mine.append(now)
+        self.total += 1
+        return Decision(Action.RESTART, delay, len(self._recent))
+
+    def backoff(self, earlier: int) -> float:
+        """The wait before a restart that follows `earlier` ones within the window."""
+        low, high = self.plan.backoff
+        return min(high, low * 2.0 ** min(earlier, 64))

@@ -1,0 +1,109 @@
+"""Worker targets for tests/test_supervision.py: importable by module name (spawn, forkserver)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+
+def fail_first(ctx, how="raise", times=1, then_finish=False):
+    """Fail the first `times` incarnations (how: raise, exit, kill, hang, finish); then
+    finish at once (`then_finish`) or loop until stopped. Returns ctx.restarts."""
+    ctx.checkpoint()
+    if ctx.restarts < times:
+        if how == "raise":
+            raise ValueError(f"incarnation {ctx.restarts} of worker {ctx.worker_id}")
+        if how == "exit":
+            os._exit(9)
+        if how == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        if how == "hang":
+            time.sleep(1000)  # a C call: no checkpoint, no signal handler runs until it returns
+        if how == "finish":
+            return ctx.restarts
+    if then_finish:
+        return ctx.restarts
+    while ctx.checkpoint():
+        ctx.sleep(0.05)
+    return ctx.restarts
+
+
+def always_fail(ctx):
+    ctx.checkpoint()
+    raise RuntimeError(f"always fails (restart {ctx.restarts})")
+
+
+def worker0_fails(ctx, times=1):
+    """Worker 0 raises in its first `times` incarnations; the others loop, counting their incarnations."""
+    ctx.checkpoint()
+    if ctx.worker_id == 0 and ctx.restarts < times:
+        raise ValueError("worker 0 fails")
+    while ctx.checkpoint():
+        ctx.sleep(0.05)
+    return ctx.restarts
+
+
+def gil_hog(ctx):
+    """Hangs in one long GIL-holding computation when first run."""
+    ctx.checkpoint()
+    if ctx.restarts == 0:
+        sum(range(10**12))  # minutes of pure C under the GIL
+    while ctx.checkpoint():
+        ctx.sleep(0.05)
+    return ctx.restarts
+
+
+def busy_checkpoints(ctx):
+    """A tight loop of checkpoints: never hung."""
+    n = 0
+    while ctx.checkpoint():
+        n += 1
+    return n
+
+
+def progress_only(ctx, seconds=1.6):
+    """Reports progress in a tight loop, with no checkpoint, for `seconds`; then checkpoints."""
+    end = time.monotonic() + seconds
+    i = 0
+    while time.monotonic() < end:
+        i += 1
+        ctx.progress(i)
+    while ctx.checkpoint():
+        ctx.sleep(0.05)
+    return i
+
+
+def long_sleep(ctx):
+    """Waits inside procctl (ctx.sleep): answers the heartbeat, never hung."""
+    while ctx.checkpoint():
+        ctx.sleep(1000)
+    return ctx.restarts
+
+
+def shard(ctx):
+    """Loops until stopped; returns (worker_id, ctx.workers)."""
+    while ctx.checkpoint():
+        ctx.sleep(0.05)
+    return ctx.worker_id, ctx.workers
+
+
+def fail_on_stop(ctx):
+    """Runs until stopped, then raises."""
+    while ctx.checkpoint():
+        ctx.sleep(0.05)
+    raise RuntimeError("fails as it stops")
+
+
+def c_sleep(ctx):
+    """Blocks in time.sleep (a C call, no checkpoint) when first run."""
+    ctx.checkpoint()
+    if ctx.restarts == 0:
+        time.sleep(1000)
+    return ctx.restarts
+
+
+def dispatch(ctx, targets, *args):
+    """Worker i runs targets[i] (those that take an argument get `args`)."""
+    target = targets[ctx.worker_id]
+    return target(ctx, *args) if target is progress_only else target(ctx)

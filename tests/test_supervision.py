@@ -1,0 +1,389 @@
+"""Supervision (issue 9, sections 1, 2 and 4): restart policies, intensity, backoff,
+one_for_all, hang detection, resize and per-worker commands; the CLI's flags and signals."""
+
+from __future__ import annotations
+
+import math
+import multiprocessing
+import os
+import signal
+import time
+
+import pytest
+import targets_supervision as ts
+from clihelp import LiveCli, json_events, run_cli
+
+from procctl import Outcome, ProcessController, State
+from procctl.states import Event, WorkerStatus
+from procctl.supervise import Action, Plan, Supervisor
+
+
+def ours() -> list:
+    return [p for p in multiprocessing.active_children() if p.name.startswith("procctl-worker")]
+
+
+def controller(target, workers=1, events=None, **kw) -> ProcessController:
+    kw.setdefault("start_method", "fork")
+    kw.setdefault("backoff", (0.0, 0.0))
+    kw.setdefault("grace", 1.0)
+    return ProcessController(target, workers, on_event=None if events is None else events.append, **kw)
+
+
+def reap_n(pc: ProcessController, n: int, timeout: float = 20.0) -> list:
+    """Block until `n` reports have come (each reap() blocks until one does)."""
+    got: list = []
+    end = time.monotonic() + timeout
+    while len(got) < n:
+        left = end - time.monotonic()
+        assert left > 0, f"only {len(got)} of {n} reports came: {got}"
+        got += pc.reap(timeout=left)
+    return got
+
+
+# -- the policy, without processes ------------------------------------------------
+
+
+def test_policy_table():
+    never, failure, always = (Plan.check(restart=r) for r in ("never", "on-failure", "always"))
+    for outcome in Outcome:
+        assert not never.wants_restart(outcome)
+        assert failure.wants_restart(outcome) == (outcome in (Outcome.FAILED, Outcome.CRASHED,
+                                                              Outcome.KILLED, Outcome.HUNG))
+        assert always.wants_restart(outcome) == (outcome is not Outcome.STOPPED)
+
+
+def test_intensity_and_backoff_by_hand():
+    sup = Supervisor(Plan.check(restart="on-failure", max_restarts=3, restart_window=10.0, backoff=(0.1, 0.3)))
+    delays = [sup.on_exit(0, Outcome.FAILED, t).delay for t in (0.0, 1.0, 2.0)]
+    assert delays == [0.1, 0.2, 0.3]  # doubling, capped at backoff[1]
+    assert sup.on_exit(1, Outcome.CRASHED, 3.0).action is Action.GIVE_UP  # a 4th within 10 s
+    assert sup.on_exit(1, Outcome.FINISHED, 3.0).action is Action.NONE
+    # Restarts older than the window are forgotten: by intensity, and by the backoff.
+    again = sup.on_exit(0, Outcome.FAILED, 12.5)
+    assert again.action is Action.RESTART and again.delay == 0.1
+    assert Supervisor(Plan.check(restart="always", max_restarts=0)).on_exit(0, Outcome.FINISHED, 0).action \
+        is Action.GIVE_UP
+
+
+# -- bad arguments: refused before any process starts ------------------------------------
+
+
+@pytest.mark.parametrize("kwargs, exc, name", [
+    ({"restart": "sometimes"}, ValueError, "restart"),
+    ({"restart": None}, TypeError, "restart"),
+    ({"strategy": "rest_for_one"}, ValueError, "strategy"),
+    ({"max_restarts": -1}, ValueError, "max_restarts"),
+    ({"max_restarts": 2.5}, TypeError, "max_restarts"),
+    ({"max_restarts": True}, TypeError, "max_restarts"),
+    ({"restart_window": 0}, ValueError, "restart_window"),
+    ({"restart_window": -1.0}, ValueError, "restart_window"),
+    ({"restart_window": math.nan}, ValueError, "restart_window"),
+    ({"backoff": (1.0, 0.5)}, ValueError, "backoff"),
+    ({"backoff": (-1.0, 1.0)}, ValueError, "backoff"),
+    ({"backoff": (math.nan, 1.0)}, ValueError, "backoff"),
+    ({"backoff": (0.1, math.inf)}, ValueError, "backoff"),
+    ({"backoff": 1.0}, TypeError, "backoff"),
+    ({"backoff": "1,2"}, TypeError, "backoff"),
+    ({"heartbeat": 0}, ValueError, "heartbeat"),
+    ({"heartbeat": -1.0}, ValueError, "heartbeat"),
+    ({"heartbeat": math.nan}, ValueError, "heartbeat"),
+    ({"heartbeat": "1"}, TypeError, "heartbeat"),
+])
+def test_bad_supervision_arguments(kwargs, exc, name):
+    with pytest.raises(exc, match=name):
+        ProcessController(ts.shard, 1, **kwargs)
+    assert ours() == []
+
+
+@pytest.mark.parametrize("n, exc", [(0, ValueError), (-2, ValueError), (True, ValueError),
+                                    ("2", TypeError), (2.0, TypeError), (None, TypeError)])
+def test_bad_resize_arguments(n, exc):
+    with controller(ts.shard, 2) as pc:
+        pids = pc.pids()
+        with pytest.raises(exc, match="n must be a positive integer"):
+            pc.resize(n)
+        assert pc.pids() == pids and pc.workers == 2
+        with pytest.raises(ValueError, match="workers"):
+            pc.pause(workers=[2])
+        with pytest.raises(TypeError, match="workers"):
+            pc.run(workers="0")
+
+
+# -- restarts: each way of dying, under each policy ----------------------------------------
+
+
+@pytest.mark.parametrize("restart", ["never", "on-failure", "always"])
+@pytest.mark.parametrize("how, outcome", [("raise", Outcome.FAILED), ("exit", Outcome.CRASHED),
+                                          ("kill", Outcome.CRASHED), ("hang", Outcome.HUNG),
+                                          ("finish", Outcome.FINISHED)])
+def test_restart_policy(how, outcome, restart):
+    events: list[Event] = []
+    # The second incarnation finishes at once; with "always" that restarts it too,
+    # until the limit (max_restarts=2) gives up: finite either way.
+    with controller(ts.fail_first, 1, events, args=(how, 1, True), restart=restart, max_restarts=2,
+                    heartbeat=0.3 if how == "hang" else None, grace=0.3) as pc:
+        pc.run()
+        assert pc.wait(20)
+        history = pc.history(0)
+    outcomes = [r.outcome for r in history]
+    assert outcomes[0] is outcome
+    assert [r.restarts for r in history] == list(range(len(history)))
+    restarted = restart == "always" or (restart == "on-failure" and how != "finish")
+    if not restarted:
+        assert len(history) == 1 and not any(e.event == "restarting" for e in events)
+    elif restart == "on-failure":
+        assert outcomes == [outcome, Outcome.FINISHED] and history[1].result == 1
+        assert len({r.pid for r in history}) == 2
+    else:  # always: finished is restarted too, until more than 2 restarts
+        assert outcomes == [outcome, Outcome.FINISHED, Outcome.FINISHED] and pc.gave_up
+    assert [e.restarts for e in events if e.event == "restarting"] == list(range(1, len(history)))
+    if how == "hang":
+        assert [e.worker for e in events if e.event == "hung"] == [0]
+
+
+def test_restart_after_an_outside_sigkill_in_each_start_method(start_method):
+    with controller(ts.shard, 2, restart="on-failure", start_method=start_method) as pc:
+        pc.run()
+        before = pc.status()
+        os.kill(before[1].pid, signal.SIGKILL)
+        [dead] = reap_n(pc, 1)
+        assert dead.worker_id == 1 and dead.outcome is Outcome.CRASHED and dead.exitcode == -signal.SIGKILL
+        pc.run()  # acknowledged by the new incarnation too
+        after = pc.status()
+        assert after[1].alive and after[1].restarts == 1 and after[1].pid != before[1].pid
+        assert after[1].state is State.RUNNING and after[0].pid == before[0].pid and after[0].restarts == 0
+        reports = pc.stop()
+    # (under spawn the new process may see the stop before its target runs: no result then)
+    assert reports[1].result in ((1, 2), None) and reports[1].restarts == 1
+    assert [r.outcome for r in pc.history(1)] == [Outcome.CRASHED, Outcome.STOPPED]
+
+
+def test_restarted_worker_starts_in_the_current_state_paused():
+    with controller(ts.shard, 1, restart="on-failure") as pc:  # started PAUSED, never run
+        pid = pc.pids()[0]
+        os.kill(pid, signal.SIGKILL)
+        reap_n(pc, 1)
+        pc.pause()  # acknowledged by the new process
+        [row] = pc.status()
+        assert row.alive and row.state is State.PAUSED and row.restarts == 1 and row.pid != pid
+        pc.run()
+        assert pc.status()[0].state is State.RUNNING
+
+
+def test_no_restart_after_stopped():
+    events: list[Event] = []
+    with controller(ts.fail_on_stop, 2, events, restart="always") as pc:
+        pc.run()
+        pc.stop(workers=[0])  # fails as it stops: not restarted
+        assert pc.status()[0].alive is False and pc.status()[1].alive
+        reports = pc.stop()  # fails as it stops: not restarted
+    assert all(r.outcome is Outcome.FAILED for r in reports.values())
+    assert not any(e.event == "restarting" for e in events)
+    assert all(len(pc.history(w)) == 1 for w in (0, 1))
+
+
+def test_intensity_limit_gives_up_and_stops_everything():
+    events: list[Event] = []
+    with controller(ts.worker0_fails, 3, events, args=(1000,), restart="on-failure", max_restarts=3) as pc:
+        pc.run()
+        assert pc.wait(20)  # returns: every worker was stopped
+        assert pc.gave_up
+        reports = pc.reports
+    assert [e.restarts for e in events if e.event == "restarting"] == [1, 2, 3]
+    [gave_up] = [e for e in events if e.event == "gave_up"]
+    assert gave_up.worker == 0 and "worker 0 fails" in (gave_up.error or "")
+    assert len(pc.history(0)) == 4 and reports[0].outcome is Outcome.FAILED
+    assert reports[1].outcome is Outcome.STOPPED and reports[2].outcome is Outcome.STOPPED
+    assert ours() == []
+
+
+def test_backoff_does_not_delay_the_others():
+    events: list[Event] = []
+    with controller(ts.worker0_fails, 2, events, args=(1000,), restart="on-failure", backoff=(30.0, 60.0)) as pc:
+        pc.run()
+        reap_n(pc, 1)
+        [restarting] = [e for e in events if e.event == "restarting"]
+        assert restarting.worker == 0 and restarting.delay == 30.0
+        t = time.monotonic()
+        for _ in range(5):  # the other worker goes on, and commands are answered at once
+            pc.pause(timeout=5)
+            pc.run(timeout=5)
+        assert time.monotonic() - t < 10
+        assert [s.alive for s in pc.status()] == [False, True]
+        assert not pc.wait(0.2)  # a restart is pending: not all ended
+        t = time.monotonic()
+        reports = pc.stop()  # the pending restart is dropped, not waited for
+        assert time.monotonic() - t < 10
+    assert len(pc.history(0)) == 1 and reports[1].outcome is Outcome.STOPPED
+
+
+def test_one_for_all_restarts_every_worker():
+    events: list[Event] = []
+    with controller(ts.worker0_fails, 3, events, args=(1,), restart="on-failure", strategy="one_for_all") as pc:
+        pc.run()
+        first = {s.worker_id: s.pid for s in pc.status()}
+        ended = reap_n(pc, 3)
+        assert sorted((r.worker_id, r.outcome) for r in ended) == [
+            (0, Outcome.FAILED), (1, Outcome.STOPPED), (2, Outcome.STOPPED)]
+        pc.run()
+        rows = pc.status()
+        assert all(r.alive and r.restarts == 1 and r.pid != first[r.worker_id] for r in rows)
+        reports = pc.stop()
+    assert all(r.restarts == 1 and r.outcome is Outcome.STOPPED for r in reports.values())
+    # ctx.restarts in each (None: the stop came before a new process ran its target)
+    assert all(r.result in (1, None) for r in reports.values())
+    assert sorted(e.worker for e in events if e.event == "restarting") == [0, 1, 2]
+
+
+# -- hang detection ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("target", [ts.gil_hog, ts.c_sleep])
+def test_worker_blocked_in_a_c_call_is_hung(target):
+    events: list[Event] = []
+    with controller(target, 1, events, heartbeat=0.3, grace=0.3) as pc:
+        pc.run()
+        assert pc.wait(20)
+        [report] = pc.reports.values()
+    assert report.outcome is Outcome.HUNG and "heartbeat" in (report.error or "")
+    if target is ts.gil_hog:  # holds the GIL: its SIGTERM handler never runs, SIGKILL ends it
+        assert report.exitcode == -signal.SIGKILL
+    assert [e.event for e in events if e.worker == 0][-1] == "hung"
+
+
+def test_live_workers_are_not_hung():
+    events: list[Event] = []
+    targets = [ts.busy_checkpoints, ts.progress_only, ts.long_sleep]
+    # (heartbeat well above what a loaded machine's scheduler may keep a process waiting)
+    with ProcessController(ts.dispatch, 3, args=(targets, 1.6), heartbeat=0.4, grace=0.3, on_event=events.append,
+                           start_method="fork") as pc:
+        pc.run()
+        assert not pc.wait(1.6)  # four heartbeat periods
+        assert all(s.alive and s.beat_age is not None and s.beat_age < 5.0 for s in pc.status())
+        pc.pause()
+        assert not pc.wait(0.9)  # a paused worker is never hung
+        assert all(s.alive and s.beat_age is None for s in pc.status())
+        pc.stop()
+    assert not any(e.event == "hung" for e in events)
+    assert all(r.outcome is Outcome.STOPPED for r in pc.reports.values())
+
+
+def test_live_view_marks_a_silent_worker():
+    pytest.importorskip("rich")
+    from procctl.live import LiveView
+
+    view = LiveView(lambda: [], "t", heartbeat=1.0)
+    row = WorkerStatus(0, 1, State.RUNNING, True, restarts=2, beat_age=0.7)
+    assert view.silent(row) and not view.silent(WorkerStatus(0, 1, State.RUNNING, True, beat_age=0.2))
+    assert "no beat" in str(view._cells(row)[0]) and "r2" in str(view._cells(row)[0])
+
+
+# -- resize and per-worker commands ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("state", [State.RUNNING, State.PAUSED])
+def test_resize_up_and_down(state):
+    with controller(ts.shard, 2, initial_state=state) as pc:
+        pc.resize(4)
+        rows = pc.status()
+        assert [r.worker_id for r in rows] == [0, 1, 2, 3] and all(r.alive for r in rows)
+        assert all(r.state is state for r in rows)
+        pc.resize(1)
+        assert [r.worker_id for r in pc.status()] == [0] and len(pc.pids()) == 1
+        assert {w: r.outcome for w, r in pc.reports.items()} == {w: Outcome.STOPPED for w in (1, 2, 3)}
+        pc.resize(2)  # the next free id again, a new worker
+        assert [r.alive for r in pc.status()] == [True, True]
+        pc.run()
+        reports = pc.stop()
+    assert reports[0].result == (0, 2)
+    # ctx.workers is the count when it started (started RUNNING, a new worker may
+    # see the stop before its target runs: no result then)
+    assert reports[1].result == (1, 2) or (state is State.RUNNING and reports[1].result is None)
+    assert [r.outcome for r in pc.history(1)] == [Outcome.STOPPED, Outcome.STOPPED]
+
+
+def test_per_worker_commands():
+    with controller(ts.shard, 3) as pc:
+        pc.run(workers=[0, 2])
+        assert [r.state for r in pc.status()] == [State.RUNNING, State.PAUSED, State.RUNNING]
+        pc.pause(workers=[2])
+        pc.run(workers=[1])
+        assert [r.state for r in pc.status()] == [State.RUNNING, State.RUNNING, State.PAUSED]
+        stopped = pc.stop(workers=[1])
+        assert list(stopped) == [1] and stopped[1].outcome is Outcome.STOPPED
+        assert [r.alive for r in pc.status()] == [True, False, True]
+        pc.run()  # a broadcast reaches the live ones
+        assert [r.state for r in pc.status() if r.alive] == [State.RUNNING, State.RUNNING]
+        reports = pc.stop()
+    assert all(r.outcome is Outcome.STOPPED for r in reports.values())
+
+
+# -- the command line ------------------------------------------------------------------------
+
+
+def test_cli_restart_limit_exits_1(tests_dir):
+    res = run_cli(["run", "--target", "targets_supervision:always_fail", "--workers", "2", "--schedule", "run",
+                   "--restart", "on-failure", "--max-restarts", "2", "--backoff", "0,0", "--json"],
+                  timeout=40, cwd=tests_dir)
+    assert res.returncode == 1, res.stderr
+    assert "restart limit was reached" in res.stderr and len(res.stderr.strip().splitlines()) == 1
+    events = json_events(res.stdout)
+    assert [e["event"] for e in events].count("restarting") == 2
+    assert any(e["event"] == "gave_up" for e in events) and events[-1].get("gave_up") is True
+
+
+def test_cli_heartbeat_finds_a_hung_worker(tests_dir):
+    res = run_cli(["run", "--target", "targets_supervision:c_sleep", "--workers", "1", "--schedule", "run",
+                   "--heartbeat", "0.3", "--grace", "0.3", "--json"], timeout=40, cwd=tests_dir)
+    assert res.returncode == 1, res.stderr
+    events = json_events(res.stdout)
+    assert any(e["event"] == "hung" and e["worker"] == 0 for e in events)
+    assert events[-1]["outcomes"] == {"hung": 1}
+
+
+@pytest.mark.parametrize("args", [["--restart", "sometimes"], ["--max-restarts", "-1"], ["--heartbeat", "0"],
+                                  ["--heartbeat", "nan"], ["--backoff", "2,1"], ["--strategy", "x"],
+                                  ["--max-workers", "1", "--workers", "2"]])
+def test_cli_bad_supervision_flags(args):
+    res = run_cli(["run", *args], timeout=30)
+    assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1, res.stderr
+    assert "Traceback" not in res.stderr and res.stdout == ""
+
+
+def test_cli_sigttin_sigttou_resize(tests_dir):
+    cli = LiveCli(["run", "--target", "targets_supervision:shard", "--workers", "2", "--schedule", "run",
+                   "--step", "0", "--json", "--max-workers", "3"], cwd=tests_dir)
+    try:
+        def running(ids):
+            return lambda lines: {e["worker"] for e in json_events("\n".join(lines))
+                                  if e["event"] == "running"} >= ids
+        cli.wait_for(running({0, 1}))
+        os.kill(cli.proc.pid, signal.SIGTTIN)
+        cli.wait_for(running({0, 1, 2}))
+        os.kill(cli.proc.pid, signal.SIGTTIN)  # over --max-workers: refused
+        os.kill(cli.proc.pid, signal.SIGTTOU)
+        cli.wait_for(lambda lines: any(e["event"] == "stopped" and e["worker"] == 2
+                                       for e in json_events("\n".join(lines))))
+        os.kill(cli.proc.pid, signal.SIGTERM)
+        code, out, err = cli.finish()
+    finally:
+        cli.kill()
+    assert code == 143
+    assert "--max-workers 3" in err
+    summary = json_events(out)[-1]
+    assert summary["workers"] == 2 and summary["outcomes"] == {"stopped": 3}
+
+
+def test_timeline_goes_on_after_a_restart(tmp_path):
+    from procctl.timeline import build_run, render_timeline
+
+    events = [{"t": 0.0, "event": "running", "worker": 0}, {"t": 0.5, "event": "failed", "worker": 0, "error": "E"},
+              {"t": 0.5, "event": "restarting", "worker": 0, "restarts": 1, "delay": 0.1},
+              {"t": 0.7, "event": "running", "worker": 0}, {"t": 1.0, "event": "hung", "worker": 0}]
+    run = build_run(events)
+    [row] = run.rows
+    assert [s.start for s in row.spans] == [0.0, 0.7] and row.outcome == "hung"
+    assert run.outcome_counts()["failed"] == 1 and run.outcome_counts()["hung"] == 1
+    render_timeline(events, tmp_path / "t.svg")
+    svg = (tmp_path / "t.svg").read_text()
+    assert 'class="outcome failed"' in svg and 'class="outcome hung"' in svg
