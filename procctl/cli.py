@@ -533,8 +533,8 @@ def _start(pc: ProcessController, bridge: SignalBridge) -> int | None:
 
 
 def _register_commands() -> None:
-    from .cli_map import map_command
     from .cli_control import COMMANDS
+    from .cli_map import map_command
     from .cli_sum import sum_command
     from .cli_timeline import timeline_command
 

@@ -85,7 +85,7 @@ class ControlPlan:
                 raise BadInput(f"--metrics-addr {host}:{port}: cannot listen: {exc.strerror or exc}") from None
         if self.announce:
             verb = self.job.split()[0]
-            by_signal = verb == "run"  # only `procctl run` maps SIGUSR1/SIGUSR2 to pause/resume
+            by_signal = verb in ("run", "map")  # these map SIGUSR1/SIGUSR2 to pause/resume
             usr1 = f" (or kill -USR1 {server.pid})" if by_signal else ""
             usr2 = f" (or kill -USR2 {server.pid})" if by_signal else ""
             reporter.note(f"procctl {verb}: name {server.name}, pid {server.pid}; pause with `procctl pause "

@@ -34,3 +34,11 @@ def print_then_crash(ctx):
         os._exit(9)
     while ctx.sleep(float("inf")):
         pass
+
+
+def slow_item(x):
+    """A procctl map item that takes a moment."""
+    import time
+
+    time.sleep(0.05)
+    return x

@@ -285,3 +285,25 @@ def test_metrics_over_http_and_a_script_with_control(env, tmp_path):
         cli.kill()
         lib.kill()
         lib.wait()
+
+
+def test_map_has_a_control_socket(env, tmp_path):
+    items = tmp_path / "items.jsonl"
+    items.write_text("".join(f"{i}\n" for i in range(2000)))
+    cli = LiveCli(["map", "targets_control:slow_item", "--items", str(items), "--workers", "2", "--name", "m"],
+                  cwd=TESTS, env=env)
+    try:
+        cli.wait_for(lambda lines: len(lines) >= 3)  # results are coming
+        status = ctl_json(env, "status", "m")
+        assert status["job"] == "map targets_control:slow_item" and len(status["workers"]) == 2
+        assert ctl(env, "pause", "m").returncode == 0
+        events = [json.loads(line) for line in ctl(env, "events", "m").stdout.splitlines()]
+        assert events[0]["event"] == "started"
+        res = ctl(env, "stop", "m")
+        assert res.returncode == 0, res.stderr
+        code, out, err = cli.finish()
+        assert code == 0, err
+        assert "paused" in err and "procctl stop: stopping" in err
+        assert "unfinished" in err.splitlines()[-1]
+    finally:
+        cli.kill()
