@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import math
 import os
@@ -10,11 +11,13 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
-from typing import Any
+from functools import partial
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from . import __version__
+from .cli_control import ControlPlan, ServedControl
 from .clitools import (
     EXIT_FAILED,
     EXIT_OK,
@@ -32,6 +35,9 @@ from .controller import ProcessController, WorkerStartError
 from .limits import LIMIT_ERRNOS, capacity_problem
 from .states import CLEAN_OUTCOMES, Event, Outcome, State, WorkerReport
 from .supervise import Plan, Restart, Strategy
+
+if TYPE_CHECKING:
+    from .capture import OutputCapture
 
 STEPS = {"run": State.RUNNING, "pause": State.PAUSED, "stop": State.STOPPED}
 #: How long the CLI waits for acknowledgements before it moves on; the
@@ -66,6 +72,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     except BadInput as exc:
         say(f"procctl: error: {exc}")
         code = EXIT_USAGE
+    except click.ClickException as exc:  # a live run refused a control command, or went away
+        say(f"procctl: error: {exc.format_message()}")
+        code = EXIT_FAILED
     except click.Abort:
         code = bridge.exit_code or 130
     if bridge.exit_code is not None and code != EXIT_USAGE:
@@ -178,8 +187,18 @@ class RunSession:
         self.bridge = bridge
         self.deadline = deadline
         self.timed_out = False
-        self.tick = tick  # redraws the live view between waits
         self.max_workers = max_workers  # SIGTTIN adds workers up to this
+        self.stop_asked = False  # by `procctl stop` or a key of the live view
+        self.stop_grace: float | None = None
+        self.tick = tick  # called between waits
+        self.view: Any = None  # the live view, for the keys' notes
+
+    def request_stop(self, grace: float | None = None) -> None:
+        """Stop gracefully, as the first SIGINT would (from any thread); `grace`
+        overrides the run's grace period (0: terminate at once)."""
+        self.stop_grace = grace
+        self.stop_asked = True
+        self.pc.wakeup()
 
     def run(self, steps: list[str], step_seconds: float) -> None:
         for step in steps:
@@ -194,7 +213,7 @@ class RunSession:
         """Wait `seconds`; 'elapsed', or 'ended' (all workers), 'stop' (signal), 'timeout'."""
         until = time.monotonic() + seconds
         while True:
-            if self.bridge.stop_requested():
+            if self.bridge.stop_requested() or self.stop_asked:
                 return "stop"
             for sig in self.bridge.take():
                 if sig in (signal.SIGTTIN, signal.SIGTTOU):
@@ -314,13 +333,19 @@ def exit_status(reports: dict[int, WorkerReport], bridge: SignalBridge, timed_ou
               help="A running worker that passes no checkpoint for this many seconds is hung: killed.")
 @click.option("--max-workers", type=int, default=None,
               help="SIGTTIN adds a worker, SIGTTOU removes one: at most this many (default: the system's limits).")
+@click.option("--trace", "trace_path", default=None, help="Write the run as a Chrome trace (FILE.json, for Perfetto).")
+@click.option("--name", default=None, help="Name of the run for procctl status/pause/... (default: its pid).")
+@click.option("--metrics-addr", default=None,
+              help="Serve Prometheus metrics on HOST:PORT/metrics (default host: 127.0.0.1).")
+@click.option("--log-dir", default=None, help="Also write each worker's output to DIR/worker-ID-PID.log.")
 def run_command(workers: int, target: str | None, schedule: str, step: float, finish_chance: float,
                 grace: float, timeout: float | None, start_method: str | None, seed: int | None,
                 json_lines: bool, quiet: bool, events_path: str | None, timeline_path: str | None,
                 cluster_address: str | None = None, workers_per_node: int = 4, restart: str = "never",
                 max_restarts: int = 5, restart_window: float = 60.0, backoff: str = "0.1,10",
                 strategy: str = "one_for_one", heartbeat: float | None = None,
-                max_workers: int | None = None) -> int:
+                max_workers: int | None = None, trace_path: str | None = None,
+                name: str | None = None, metrics_addr: str | None = None, log_dir: str | None = None) -> int:
     """Run workers under a controller through a schedule of states."""
     bridge = signal_bridge()
     steps = parse_schedule(schedule)
@@ -342,7 +367,10 @@ def run_command(workers: int, target: str | None, schedule: str, step: float, fi
         too_many = capacity_problem(max_workers)
         if too_many is not None:
             raise BadInput(f"--max-workers {max_workers}: {too_many}")
-    check_output_paths(events_path, timeline_path)
+    check_output_paths(events_path, timeline_path, trace_path)
+    control = ControlPlan.check(name, metrics_addr, job=f"run {target or 'demo'}", announce=not (json_lines or quiet))
+    if log_dir is not None and not (os.path.isdir(log_dir) and os.access(log_dir, os.W_OK | os.X_OK)):
+        raise BadInput(f"--log-dir {log_dir!r} is not a writable directory")
     args: tuple[Any, ...] = ()
     if target is not None:
         func = load_target(target)
@@ -353,6 +381,13 @@ def run_command(workers: int, target: str | None, schedule: str, step: float, fi
     live = sys.stdout.isatty() and not json_lines and not quiet
     reporter = Reporter(json_lines=json_lines, quiet=quiet or live, events_path=events_path)
     local_cluster: Any = None
+    # Output capture is local: workers on a cluster's nodes keep their own streams.
+    capture = None if cluster_spec is not None else _capture(
+        workers, log_dir, line_buffered=live or sys.stdout.isatty() or log_dir is not None)
+    if capture is not None:
+        from .capture_worker import run_captured
+
+        func, args = run_captured, (capture.spec, func, *args)
     try:
         if cluster_spec is None:
             def make(on_event: Callable[[Event], None]) -> Any:
@@ -372,9 +407,11 @@ def run_command(workers: int, target: str | None, schedule: str, step: float, fi
                     func, workers_per_node, address=address, args=args, grace=grace, on_event=on_event,
                     start_method=start_method or "fork", connect_timeout=CLUSTER_CONNECT_TIMEOUT)
 
-        code = _run(make, workers, steps, step, timeout, reporter, live, timeline_path, bridge,
-                    max_workers, plan.heartbeat)
+        code = _run(make, workers, steps, step, timeout, reporter, live, timeline_path, bridge, control,
+                    trace_path, capture, max_workers, plan.heartbeat)
     finally:
+        if capture is not None:
+            capture.close()
         reporter.close()
         if local_cluster is not None:
             local_cluster.close()
@@ -409,7 +446,31 @@ def parse_cluster(text: str) -> tuple[Any, str | None, int]:
     return cluster_mod, address, local
 
 
-def check_output_paths(events_path: str | None, timeline_path: str | None) -> None:
+def _capture(workers: int, log_dir: str | None, *, line_buffered: bool) -> OutputCapture | None:
+    """The capture of the workers' output, when the system lets the manager hold one more fd per worker.
+
+    Line-buffered as the workers' streams would be on the terminal, and for
+    --log-dir, so that a crash loses no printed line; else buffered as Python
+    buffers a pipe, so that a chatty worker runs as fast as without capture.
+    """
+    from .capture import OutputCapture
+    from .control import ControlError
+    from .limits import MANAGER_FDS_PER_WORKER
+
+    if capacity_problem(workers + workers // MANAGER_FDS_PER_WORKER + 1) is not None:
+        if log_dir is not None:
+            say("procctl: warning: too few file descriptors to capture the workers' output; --log-dir stays empty")
+        return None
+    try:
+        return OutputCapture(lambda lines: None, log_dir, line_buffered=line_buffered)
+    except (ControlError, OSError) as exc:
+        say(f"procctl: warning: the workers' output is not captured ({exc})")
+        return None
+
+
+def check_output_paths(events_path: str | None, timeline_path: str | None, trace_path: str | None = None) -> None:
+    if trace_path:
+        check_writable_file(trace_path, "--trace")
     if events_path:
         check_writable_file(events_path, "--events")
     if timeline_path:
@@ -424,43 +485,62 @@ def check_output_paths(events_path: str | None, timeline_path: str | None) -> No
 
 def _run(make: Callable[[Callable[[Event], None]], Any], workers: int, steps: list[str],
          step: float, timeout: float | None, reporter: Reporter, live: bool, timeline_path: str | None,
-         bridge: SignalBridge, max_workers: int | None = None, heartbeat: float | None = None) -> int:
+         bridge: SignalBridge, control: ControlPlan | None = None, trace_path: str | None = None,
+         capture: OutputCapture | None = None, max_workers: int | None = None,
+         heartbeat: float | None = None) -> int:
     history: list[Event] = []
     view = None
-    if live:
-        from .live import LiveView
-
-        view = LiveView(lambda: pc.status(), f"procctl run: {workers} workers", heartbeat=heartbeat)
+    keys: Any = None
+    served: ServedControl | None = None
 
     def on_event(event: Event) -> None:
         history.append(event)
-        if event.event != "broadcast":
-            reporter.emit(event.to_dict(), event_text(event))
+        # Broadcasts go to the event log only, so that a timeline drawn from it is whole.
+        reporter.emit(event.to_dict(), None if event.event == "broadcast" else event_text(event),
+                      to_json=event.event != "broadcast")
         if view is not None:
             view.on_event(event)
+        if served is not None:
+            served.record(event)
 
     pc = make(on_event)
     started = time.monotonic()
     deadline = None if timeout is None else started + timeout
-    session = RunSession(pc, bridge, deadline, tick=view.refresh if view else None, max_workers=max_workers)
-    with bridge.attach(wake=pc.wakeup, hurry=pc.kill):
-        failed = _start(pc, bridge)
-        if failed is not None:
-            return failed
-        try:
-            if view is not None:
-                view.__enter__()
-            if not bridge.stop_requested():  # a signal during the start stops at once
-                session.run(steps, step)
-        finally:
-            reports = pc.stop()
-            if view is not None:
-                view.__exit__(None, None, None)
-    elapsed = time.monotonic() - started
-    restarts = sum(r.restarts for r in reports.values())
-    gave_up = bool(getattr(pc, "gave_up", False))  # (a cluster controller does not restart)
-    record, text = summarize(reports, pc.workers, elapsed, restarts, gave_up)
-    reporter.summary(record, text)
+    session = RunSession(pc, bridge, deadline, max_workers=max_workers)
+    ready = False
+    if control is not None:
+        served = control.serve(lambda: pc if ready else None, session.request_stop, reporter)
+    if live:
+        from .live import KeyReader, LiveView
+
+        keys = KeyReader(partial(_on_key, session))
+        footer = f"run {served.name} · pid {os.getpid()} · {served.path}" if served and served.path else ""
+        view = LiveView(lambda: pc.status(), f"procctl run: {workers} workers", footer=footer,
+                        keys=keys.active or os.isatty(0), heartbeat=heartbeat)
+        session.view = view
+    if capture is not None:
+        capture.sink = view.output if view is not None else reporter.passthrough
+        capture.start()
+    try:
+        with bridge.attach(wake=pc.wakeup, hurry=pc.kill):
+            failed = _start(pc, bridge)
+            if failed is not None:
+                return failed
+            ready = True
+            with keys if keys is not None else contextlib.nullcontext():
+                reports = _drive(pc, session, view, steps, step)
+            if capture is not None:
+                capture.close()  # every worker has ended: their last lines come before the summary
+        elapsed = time.monotonic() - started
+        restarts = sum(r.restarts for r in reports.values())
+        gave_up = bool(getattr(pc, "gave_up", False))  # (a cluster controller does not restart)
+        record, text = summarize(reports, pc.workers, elapsed, restarts, gave_up)
+        reporter.summary(record, text)
+        if served is not None:
+            served.record(record)
+    finally:
+        if served is not None:
+            served.close()
     if gave_up:
         plan = pc.supervision
         say(f"procctl: the restart limit was reached (more than {plan.max_restarts} restarts"
@@ -470,7 +550,62 @@ def _run(make: Callable[[Callable[[Event], None]], Any], workers: int, steps: li
 
         render_timeline([e.to_dict() for e in history] + [record], timeline_path,
                         workers=pc.workers, title=f"procctl run: {pc.workers} workers")
+        say(f"procctl: wrote the timeline to {timeline_path}")
+    if trace_path:
+        from .trace import write_trace
+
+        write_trace([e.to_dict() for e in history] + [record], trace_path, title=f"procctl run: {pc.workers} workers")
+        say(f"procctl: wrote the Chrome trace to {trace_path}")
     return exit_status(reports, bridge, session.timed_out, gave_up)
+
+
+def _drive(pc: ProcessController, session: RunSession, view: Any, steps: list[str],
+           step: float) -> dict[int, WorkerReport]:
+    """Run the schedule under the live view (if any); stop and reap everything."""
+    try:
+        if view is not None:
+            view.__enter__()
+        if not session.bridge.stop_requested():  # a signal during the start stops at once
+            session.run(steps, step)
+    finally:
+        grace = session.stop_grace
+        if view is not None:
+            view.stopping(float(getattr(pc, "grace", 5.0)) if grace is None else grace)
+        reports = pc.stop() if grace is None else pc.stop(grace)
+        if view is not None:
+            view.__exit__(None, None, None)
+    return reports
+
+
+def _on_key(session: RunSession, key: str) -> None:
+    """A key of the live view (from the key reader's thread)."""
+    pc, view = session.pc, session.view
+    if key in "pr":
+        try:
+            pc.broadcast(State.PAUSED if key == "p" else State.RUNNING, timeout=ACK_WAIT)
+            note = "paused every worker" if key == "p" else "resumed every worker"
+        except TimeoutError as exc:
+            note = f"{exc}; the command stays posted"
+        except RuntimeError as exc:
+            note = str(exc)
+    elif key == "s":
+        session.request_stop()
+        note = "stopping gracefully"
+    elif key == "q":
+        session.request_stop(grace=0.0)
+        note = "stopping now"
+    elif key in "+-":
+        resize = getattr(pc, "resize", None)
+        if resize is None:
+            note = "this run cannot resize"
+        else:
+            live = sum(1 for s in pc.status() if s.alive)
+            resize(max(1, live + (1 if key == "+" else -1)))
+            note = f"resized to {max(1, live + (1 if key == '+' else -1))} workers"
+    else:
+        return
+    if view is not None:
+        view.message(note)
 
 
 def _start(pc: ProcessController, bridge: SignalBridge) -> int | None:
@@ -494,11 +629,16 @@ def _start(pc: ProcessController, bridge: SignalBridge) -> int | None:
 
 
 def _register_commands() -> None:
+    from .cli_control import COMMANDS
     from .cli_map import map_command
     from .cli_sum import sum_command
+    from .cli_timeline import timeline_command
 
     main_group.add_command(sum_command)
     main_group.add_command(map_command)
+    main_group.add_command(timeline_command)
+    for command in COMMANDS:
+        main_group.add_command(command)
 
 
 _register_commands()

@@ -52,6 +52,7 @@ from .controller import WorkerStartError
 from .executor import ProcessExecutor
 from .limits import LIMIT_ERRNOS, capacity_problem
 from .map_task import error_line, run_item
+from .states import State, WorkerStatus
 
 START_METHODS = ("fork", "spawn", "forkserver")
 #: How long a pause or resume waits for every worker's acknowledgement (procctl run's ACK_WAIT).
@@ -321,6 +322,8 @@ class MapSession:
         self._selector = selectors.DefaultSelector()
         self._selector.register(self._wake_r, selectors.EVENT_READ)
         self.on_state: Callable[[str], None] = lambda note: None  # the live view's note
+        self.on_record: Callable[[dict[str, Any]], None] = lambda record: None  # the control socket's log
+        self.stop_asked = False  # by `procctl stop`
 
     # -- the loop, as a table of contents
 
@@ -377,7 +380,8 @@ class MapSession:
         assert self.bridge is not None
         if self.deadline is not None and time.monotonic() >= self.deadline:
             self.timed_out = True
-        return self.bridge.stop_signal is not None or self.timed_out or self.results.broken
+        return (self.bridge.stop_signal is not None or self.timed_out or self.results.broken
+                or self.stop_asked)
 
     # -- steps
 
@@ -526,10 +530,17 @@ class MapSession:
         elif self.bridge.stop_signal is not None:
             name = signal.Signals(self.bridge.stop_signal).name
             self.emit(MapEvent(self.t(), "stopping", signal=name), f"{name}: stopping")
+        elif self.stop_asked:
+            self.emit(MapEvent(self.t(), "stopping"), "procctl stop: stopping")
         else:
             why = ("stdout failed" if self.results.error is not None
                    else "stdout was closed" if self.results.broken else "an error")
             self.emit(MapEvent(self.t(), "stopping"), f"{why}: stopping")
+
+    def request_stop(self) -> None:
+        """`procctl stop`: a graceful stop, as the first SIGINT (from the control server's thread)."""
+        self.stop_asked = True
+        self.wake()
 
     def hurry(self) -> None:
         """A second SIGINT/SIGTERM (in the signal handler): kill the workers at once.
@@ -562,6 +573,7 @@ class MapSession:
             text += f", {self.plan.skipped} skipped (done before)"
         text += f" in {elapsed:.2f}s ({record['rate']}/s)"
         self.reporter.summary(record, text)
+        self.on_record(record)
 
     def exit_status(self) -> int:
         assert self.bridge is not None
@@ -576,7 +588,9 @@ class MapSession:
         return EXIT_FAILED if self.failed else EXIT_OK
 
     def emit(self, event: MapEvent, text: str | None) -> None:
-        self.reporter.emit(event.to_dict(), text)
+        record = event.to_dict()
+        self.reporter.emit(record, text)
+        self.on_record(record)
 
     def t(self) -> float:
         return round(time.monotonic() - self.started, 6)
@@ -609,14 +623,19 @@ class MapSession:
 @click.option("--json", "json_lines", is_flag=True, help="Run events and the summary as JSON Lines on stdout too.")
 @click.option("--quiet", is_flag=True, help="No story on stderr: only results and the summary.")
 @click.option("--events", "events_path", default=None, help="Also write every event as JSON Lines to FILE.")
+@click.option("--name", default=None, help="Name of the run for procctl status/pause/... (default: its pid).")
+@click.option("--metrics-addr", default=None,
+              help="Serve Prometheus metrics on HOST:PORT/metrics (default host: 127.0.0.1).")
 def map_command(spec: str, items_path: str, raw_lines: bool, workers: int | None, ordered: bool, retries: int,
                 task_timeout: float | None, timeout: float | None, grace: float, joblog: str | None, resume: bool,
                 unfinished: str | None, start_method: str | None, json_lines: bool, quiet: bool,
-                events_path: str | None) -> int:
+                events_path: str | None, name: str | None = None, metrics_addr: str | None = None) -> int:
     """Call MODULE:FUNC on every item, in worker processes; results as JSON Lines on stdout."""
     from .cli import signal_bridge  # procctl.cli imports this module at its end
+    from .cli_control import ControlPlan
 
     bridge = signal_bridge()
+    control = ControlPlan.check(name, metrics_addr, job=f"map {spec}", announce=not (json_lines or quiet))
     plan = make_plan(spec, items_path, raw_lines, workers, ordered, retries, task_timeout, timeout, grace,
                      joblog, resume, unfinished, start_method, events_path, bridge)
     if joblog and not resume:
@@ -627,22 +646,60 @@ def map_command(spec: str, items_path: str, raw_lines: bool, workers: int | None
     reporter = Reporter(json_lines=json_lines, quiet=quiet or view_stream is not None,
                         stream=sys.stdout if json_lines else sys.stderr, events_path=events_path)
     try:
-        if view_stream is None:
-            session = MapSession(plan, reporter, ResultWriter(sys.stdout))
-            session.run(bridge)
-        else:
-            session = _run_live(plan, reporter, view_stream, bridge)
-        return session.report()
+        session = MapSession(plan, reporter, ResultWriter(sys.stdout))
+        served = control.serve(lambda: _MapControl(session, bridge), session.request_stop, reporter)
+        session.on_record = served.record
+        try:
+            if view_stream is None:
+                session.run(bridge)
+            else:
+                _run_live(session, view_stream, bridge)
+            return session.report()
+        finally:
+            served.close()
     finally:
         reporter.close()
 
 
-def _run_live(plan: MapPlan, reporter: Reporter, stream: IO[str], bridge: SignalBridge) -> MapSession:
+class _MapControl:
+    """A map run as the control server sees a controller (control.py's RunHooks)."""
+
+    def __init__(self, session: MapSession, bridge: SignalBridge) -> None:
+        self.session = session
+        self.bridge = bridge
+
+    @property
+    def workers(self) -> int:
+        return self.session.plan.workers
+
+    @property
+    def state(self) -> State:
+        if self.session.stop_asked or self.bridge.stop_requested():
+            return State.STOPPED
+        return State.PAUSED if self.session.paused else State.RUNNING
+
+    def status(self) -> list[WorkerStatus]:
+        executor = self.session.executor
+        return executor.status() if executor is not None else []
+
+    def pause(self, timeout: float | None = None) -> None:
+        self._command(signal.SIGUSR1)
+
+    def run(self, timeout: float | None = None) -> None:
+        self._command(signal.SIGUSR2)
+
+    def _command(self, sig: int) -> None:
+        # The loop pauses and resumes as for kill -USR1/-USR2, with its events and notes.
+        self.bridge.pending.append(sig)
+        self.session.wake()
+
+
+def _run_live(session: MapSession, stream: IO[str], bridge: SignalBridge) -> MapSession:
     from rich.console import Console
 
     from .live import MapLiveView
 
-    session = MapSession(plan, reporter, ResultWriter(sys.stdout))
+    plan = session.plan
     view = MapLiveView(f"procctl map {plan.spec}: {plan.workers} workers", len(plan.to_run),
                        session.counts, console=Console(file=stream))
     if stream is sys.stdout:

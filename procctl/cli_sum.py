@@ -117,15 +117,21 @@ def summary_text(result: SumResult) -> str:
 @click.option("--json", "json_lines", is_flag=True, help="JSON Lines events on stdout, the summary last.")
 @click.option("--quiet", is_flag=True, help="Print only the summary.")
 @click.option("--events", "events_path", default=None, help="Also write every event as JSON Lines to FILE.")
+@click.option("--name", default=None, help="Name of the run for procctl status/pause/... (default: its pid).")
+@click.option("--metrics-addr", default=None,
+              help="Serve Prometheus metrics on HOST:PORT/metrics (default host: 127.0.0.1).")
 def sum_command(producers: int, consumers: int, threshold: int, values_text: str, queue_size: int,
                 delay_text: str, batch: int, seed: int | None, timeout: float | None,
-                start_method: str | None, json_lines: bool, quiet: bool, events_path: str | None) -> int:
+                start_method: str | None, json_lines: bool, quiet: bool, events_path: str | None,
+                name: str | None, metrics_addr: str | None) -> int:
     """Producers fill one queue; the first consumer whose sum exceeds the threshold stops everyone."""
     from .cli import signal_bridge
+    from .cli_control import ControlPlan
 
     bridge = signal_bridge()
     if events_path:
         check_writable_file(events_path, "--events")
+    control = ControlPlan.check(name, metrics_addr, job="sum", announce=not (json_lines or quiet))
     live = sys.stdout.isatty() and not json_lines and not quiet
     view: Any = None
     if live and producers >= 1 and consumers >= 1:
@@ -134,11 +140,14 @@ def sum_command(producers: int, consumers: int, threshold: int, values_text: str
         view = SumLiveView(consumers, producers, threshold)
     reporter = Reporter(json_lines=json_lines, quiet=quiet or live, events_path=events_path)
     listening = json_lines or view is not None or events_path or not quiet
+    served: Any = None
 
     def on_event(event: dict[str, Any]) -> None:
         reporter.emit(event, event_text(event))
         if view is not None:
             view.on_event(event)
+        if served is not None:
+            served.record(event)
 
     try:
         job = SumJob(producers, consumers, threshold, values=parse_values(values_text), queue_size=queue_size,
@@ -146,13 +155,24 @@ def sum_command(producers: int, consumers: int, threshold: int, values_text: str
                      batch=batch, on_event=on_event if listening else None)
     except ValueError as exc:
         raise BadInput(_as_option(str(exc))) from None
+    stopped: list[bool] = []
+
+    def stop() -> None:  # `procctl stop`: a clean cancel, not a failure
+        stopped.append(True)
+        job.cancel()
+
     try:
-        return _run(job, reporter, bridge, view)
+        served = control.serve(lambda: job.controller, stop, reporter)
+        try:
+            return _run(job, reporter, bridge, view, stopped)
+        finally:
+            served.close()
     finally:
         reporter.close()
 
 
-def _run(job: SumJob, reporter: Reporter, bridge: SignalBridge, view: Any = None) -> int:
+def _run(job: SumJob, reporter: Reporter, bridge: SignalBridge, view: Any = None,
+         stopped: list[bool] | None = None) -> int:
     def on_signal() -> None:
         # SIGUSR1/2 only wake the bridge; SIGINT/SIGTERM mean a clean stop.
         if bridge.stop_signal is not None:
@@ -165,6 +185,10 @@ def _run(job: SumJob, reporter: Reporter, bridge: SignalBridge, view: Any = None
             with view if view is not None else contextlib.nullcontext():
                 result = job.run()  # the live view closes before the summary
         except SumCancelled:
+            if stopped and bridge.exit_code is None:
+                reporter.emit({"event": "cancelled", "by": "procctl stop"},
+                              "cancelled by procctl stop: everything stopped and cleaned up")
+                return EXIT_OK
             reporter.emit({"event": "cancelled", "signal": bridge.signal_name},
                           "cancelled: everything stopped and cleaned up")
             return bridge.exit_code or EXIT_SIGINT

@@ -231,6 +231,23 @@ class Reporter:
         self.emit(record, text)
         self.quiet = quiet
 
+    def passthrough(self, output: Any) -> None:
+        """A worker's output lines (a capture.Output), prefixed `[3] `: on stdout,
+        or on stderr with --json so that stdout stays JSON Lines."""
+        text = output.prefixed()
+        stream = sys.stderr if self.json_lines else self.stream
+        with self._lock:
+            try:
+                stream.write(text)
+                stream.flush()
+            except (OSError, ValueError):
+                pass
+
+    def note(self, line: str) -> None:
+        """A line for people, outside the story (shown unless --json or --quiet were given)."""
+        with self._lock:
+            self._write(line)
+
     def _write(self, line: str) -> None:
         if self._broken:
             return

@@ -286,6 +286,7 @@ class ProcessController:
         backoff: tuple[float, float] = (0.1, 10.0),
         strategy: str = "one_for_one",
         heartbeat: float | None = None,
+        control: bool | str = False,
     ) -> None:
         if not callable(target):
             raise TypeError(f"target must be callable, not {type(target).__name__}")
@@ -302,6 +303,12 @@ class ProcessController:
             raise TypeError(f"kwargs must be a mapping of str to values, not {kwargs!r:.80}")
         if on_event is not None and not callable(on_event):
             raise TypeError(f"on_event must be callable, not {type(on_event).__name__}")
+        if not isinstance(control, (bool, str)):
+            raise TypeError(f"control must be True, False or a run name, not {type(control).__name__}")
+        if isinstance(control, str):
+            from .control import check_name
+
+            check_name(control)  # ValueError naming the run name
         grace = check_timeout("grace", grace, allow_none=False)  # type: ignore[assignment]
         ack_timeout = check_timeout("ack_timeout", ack_timeout)
         if not isinstance(cgroup, bool):
@@ -354,6 +361,8 @@ class ProcessController:
         self._pumper: int | None = None
         self._plane: WorkPlane | None = None
         self._init_supervision(plan)
+        self._control_name = control
+        self._control: Any = None  # the ControlServer of control=True (control.py)
         #: The controller's channels, by name (see channels.py).
         self.channels: dict[str, Channel] = {}
         if channels is not None:
@@ -388,6 +397,8 @@ class ProcessController:
         self._t0 = time.monotonic()
         word = pack_command(0, self.initial_state)
         try:  # from the first resource: a start that fails (EMFILE, say) releases all
+            if self._control_name is not False:
+                self._serve_control()
             self._board = Board(self.workers)
             self._selector = selectors.DefaultSelector()
             self._wake_r, self._wake_w = os.pipe()
@@ -407,6 +418,21 @@ class ProcessController:
             raise
         self._begin_supervision()
         return self
+
+    def _serve_control(self) -> None:
+        """control=True: a control socket for `procctl status/pause/resume/stop`."""
+        from .control import ControlServer, RunHooks
+
+        name = self._control_name if isinstance(self._control_name, str) else None
+        job = f"script {getattr(self.target, '__qualname__', type(self.target).__name__)}"
+        self._control = ControlServer(RunHooks(job, lambda: self, self._stop_from_control), name).start()
+
+    def _stop_from_control(self) -> None:
+        # Post STOPPED and return: the script's own stop() or close() escalates and reaps.
+        with self._locked():
+            if self._phase is _STARTED and self._state is not State.STOPPED:
+                self._post(State.STOPPED)
+        self.wakeup()
 
     def _spawn(self, wid: int, restarts: int = 0) -> None:
         assert self._board is not None and self._selector is not None and self._trees is not None
@@ -557,6 +583,9 @@ class ProcessController:
         if self._board is not None:
             self._board.close()
             self._board = None
+        if self._control is not None:
+            self._control.close()
+            self._control = None
         self._phase = _CLOSED
         _open_controllers.discard(self)
 
@@ -1354,6 +1383,8 @@ class ProcessController:
         return round(time.monotonic() - self._t0, 6)
 
     def _emit(self, event: Event) -> None:
+        if self._control is not None:
+            self._control.record(event)
         if self._on_event is not None:
             try:
                 self._on_event(event)

@@ -7,7 +7,12 @@ Only the command line imports this (rich and psutil are CLI dependencies;
 from __future__ import annotations
 
 import math
+import os
+import selectors
+import termios
+import threading
 import time
+import tty
 from collections import Counter
 from collections.abc import Callable
 from typing import Any
@@ -19,11 +24,13 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
+from .capture import Output
 from .states import Event, WorkerStatus
 
 #: How often the view redraws (seconds).
 REFRESH = 0.25
-STATE_STYLE = {"running": "green", "paused": "yellow", "stopped": "cyan", "finished": "bold green",
+STATE_STYLE = {"stopping": "magenta",
+               "running": "green", "paused": "yellow", "stopped": "cyan", "finished": "bold green",
                "failed": "bold red", "crashed": "bold red", "killed": "magenta", "hung": "bold magenta"}
 
 
@@ -46,52 +53,132 @@ def _fmt_eta(seconds: float | None) -> str:
     return f"{seconds // 60}:{seconds % 60:02d}"
 
 
+#: Columns of the worker table with the room each needs, in the order they
+#: are given up when the terminal is narrow (the last first); worker and
+#: state always stay, and info takes what is left (at least 12).
+COLUMNS = (("worker", 7), ("state", 9), ("progress", 14), ("eta", 6), ("cpu %", 6), ("rss", 9), ("pid", 8),
+           ("info", 12))
+#: At most this many output lines are drawn per batch (the newest); the rest
+#: are counted (and kept in --log-dir files), so a chatty worker cannot drown the view.
+MAX_LINES_SHOWN = 400
+
+
 class LiveView:
-    """A rich Live display fed by controller events and status() snapshots."""
+    """A rich Live display fed by controller events, status() snapshots and worker output.
+
+    One lock serialises every write to the terminal: the redraws (from the
+    view's own refresh thread, so the view moves during a stop's grace
+    period too) and the workers' lines printed above the view, which are
+    therefore never torn.
+    """
 
     def __init__(self, status: Callable[[], list[WorkerStatus]], title: str, console: Console | None = None,
-                 heartbeat: float | None = None):
+                 *, footer: str = "", keys: bool = False, heartbeat: float | None = None) -> None:
         self._status = status
         self._heartbeat = heartbeat  # a worker silent for more than half of it is marked
         self._title = title
+        self._footer = footer
+        self._keys = keys
         self._console = console or Console()
-        self._last: dict[int, str] = {}
         self._procs: dict[int, psutil.Process] = {}
         self._t0 = time.monotonic()
         self._live: Live | None = None
+        self._draw = threading.RLock()
+        self._done = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._stop_at: float | None = None
+        self._grace = 0.0
+        self._message = ""
 
     def __enter__(self) -> LiveView:
-        self._live = Live(console=self._console, auto_refresh=False, transient=False)
-        self._live.__enter__()
+        self._live = Live(console=self._console, auto_refresh=False, transient=False,
+                          redirect_stdout=False, redirect_stderr=False)
+        with self._draw:
+            self._live.__enter__()
+        self._thread = threading.Thread(target=self._refresher, name="procctl-live", daemon=True)
+        self._thread.start()
         return self
 
     def __exit__(self, *exc: Any) -> None:
+        self._done.set()
+        if self._thread is not None:
+            self._thread.join(5.0)
         if self._live is not None:
             self.refresh()
-            self._live.__exit__(None, None, None)
+            with self._draw:
+                self._live.__exit__(None, None, None)
             self._live = None
 
+    def _refresher(self) -> None:
+        while not self._done.wait(REFRESH):  # a display's frame rate, not a wait for a condition
+            self.refresh()
+
     def on_event(self, event: Event) -> None:
-        if event.worker is not None:
-            self._last[event.worker] = event.event
+        pass  # the table shows the states; events only matter to the timeline
+
+    def stopping(self, grace: float) -> None:
+        """A stop began: count the grace period down, and show no more ETA."""
+        self._stop_at = time.monotonic()
+        self._grace = grace
+
+    def message(self, text: str) -> None:
+        """A short note in the footer (e.g. what a key did)."""
+        self._message = text
+
+    def output(self, output: Output) -> None:
+        """A worker's lines, printed above the view as `[3] text` (from any thread)."""
+        lines = output.lines()
+        shown = lines[-MAX_LINES_SHOWN:]  # the newest: the screen shows where the worker is now
+        hidden = len(lines) - len(shown)
+        text = Text("\n".join(f"[{output.worker}] {line}" for line in shown))
+        with self._draw:
+            if self._live is None:
+                return
+            if hidden:
+                self._live.console.print(Text(f"[procctl] {hidden} lines of worker {output.worker}'s output"
+                                              " not shown (--log-dir keeps them)", style="dim"))
+            self._live.console.print(text, soft_wrap=True, markup=False, highlight=False)
 
     def refresh(self) -> None:
-        if self._live is not None:
-            self._live.update(self.render(self._status()), refresh=True)
+        with self._draw:
+            if self._live is not None:
+                self._live.update(self.render(self._status()), refresh=True)
 
     # -- drawing ------------------------------------------------------------
 
     def render(self, rows: list[WorkerStatus]) -> Group:
-        return Group(self._header(rows), self._overall(rows), self._table(rows))
+        parts: list[Any] = [self._header(rows), self._overall(rows)]
+        if self._stop_at is not None:
+            parts.append(self._countdown(rows))
+        parts.append(self._table(rows))
+        parts.append(self._footer_text())
+        return Group(*parts)
 
     def _header(self, rows: list[WorkerStatus]) -> Text:
-        states = Counter(r.state.name.lower() for r in rows if r.alive)
+        states = Counter(self._state_name(r) for r in rows if r.alive)
         outcomes = Counter(r.outcome.value for r in rows if r.outcome is not None)
         text = Text(f"{self._title}  ", style="bold")
         text.append(f"{time.monotonic() - self._t0:6.1f}s  ")
         for name, n in list(states.items()) + list(outcomes.items()):
             text.append(f"{n} {name}  ", style=STATE_STYLE.get(name, ""))
         return text
+
+    def _state_name(self, r: WorkerStatus) -> str:
+        if r.outcome is not None:
+            return r.outcome.value
+        return "stopping" if self._stop_at is not None else r.state.name.lower()
+
+    def _countdown(self, rows: list[WorkerStatus]) -> Text:
+        assert self._stop_at is not None
+        left = self._grace - (time.monotonic() - self._stop_at)
+        running = [str(r.worker_id) for r in rows if r.alive]
+        who = ", ".join(running[:20]) + (" ..." if len(running) > 20 else "")
+        if not running:
+            return Text("stopped: every worker has ended", style="cyan")
+        if left > 0:
+            return Text(f"stopping: {left:4.1f}s of the {self._grace:g}s grace period left; "
+                        f"still running: {who}", style="magenta")
+        return Text(f"grace period over: terminating {who}", style="bold magenta")
 
     def _overall(self, rows: list[WorkerStatus]) -> Table | Text:
         with_total = [r for r in rows if r.total and r.done is not None and math.isfinite(r.total)]
@@ -103,42 +190,72 @@ class LiveView:
         done = sum((r.done or 0.0) / unit for r in with_total)
         total = sum((r.total or 0.0) / unit for r in with_total)
         rate = sum(r.rate / unit for r in with_total if r.rate and math.isfinite(r.rate))
-        eta = (total - done) / rate if rate > 0 and total > done else None
+        eta = (total - done) / rate if rate > 0 and total > done and self._stop_at is None else None
         grid = Table.grid(padding=(0, 1))
-        grid.add_row(ProgressBar(total=total, completed=min(done, total), width=40),
+        width = max(10, min(40, self._console.size.width - 20))
+        grid.add_row(ProgressBar(total=total, completed=min(done, total), width=width),
                      f"{100 * done / total:5.1f}%", f"ETA {_fmt_eta(eta)}" if eta is not None else "")
         return grid
 
+    def columns(self) -> list[str]:
+        """The columns that fit the terminal's width, in display order."""
+        room = self._console.size.width
+        kept: list[str] = []
+        used = 0
+        for name, width in COLUMNS:
+            if name in ("worker", "state") or used + width <= room:
+                kept.append(name)
+                used += width
+        order = ("worker", "pid", "state", "progress", "eta", "info", "cpu %", "rss")
+        return [name for name in order if name in kept]
+
     def _table(self, rows: list[WorkerStatus]) -> Group:
-        room = max(3, self._console.size.height - 8)
+        room = max(3, self._console.size.height - 10)
         shown = rows[:room]
+        columns = self.columns()
         table = Table(box=None, pad_edge=False, header_style="bold dim")
-        for column in ("worker", "pid", "state", "progress", "cpu %", "rss", "last event"):
-            table.add_column(column)
+        for column in columns:
+            if column == "state":
+                table.add_column(column, no_wrap=True, min_width=8)
+            elif column == "info":
+                table.add_column(column, no_wrap=True, overflow="ellipsis", max_width=30)
+            else:
+                table.add_column(column, no_wrap=True)
         for r in shown:
-            table.add_row(str(r.worker_id), str(r.pid or ""), *self._cells(r))
+            cells = self._cells(r)
+            table.add_row(*(cells[c] for c in columns))
         parts: list[Any] = [table]
         if len(rows) > len(shown):
-            rest = Counter((r.outcome.value if r.outcome else r.state.name.lower()) for r in rows[len(shown):])
+            rest = Counter(self._state_name(r) for r in rows[len(shown):])
             summary = ", ".join(f"{n} {name}" for name, n in rest.items())
             parts.append(Text(f"... and {len(rows) - len(shown)} more workers: {summary}", style="dim"))
         return Group(*parts)
 
-    def _cells(self, r: WorkerStatus) -> tuple[Any, ...]:
-        name = r.outcome.value if r.outcome else r.state.name.lower()
+    def _cells(self, r: WorkerStatus) -> dict[str, Any]:
+        name = self._state_name(r)
+        progress = ""
+        if r.done is not None:
+            progress = f"{_fmt_count(r.done)}/{_fmt_count(r.total)}" if r.total else _fmt_count(r.done)
+        eta = _fmt_eta(r.eta) if r.alive and self._stop_at is None else ""
+        info = " ".join(f"{k}={v}" for k, v in r.info.items()) if r.info else ""
+        cpu, rss = self._usage(r)
         state = Text(name, style=STATE_STYLE.get(name, ""))
         if r.restarts:
             state.append(f" r{r.restarts}", style="dim")
         if self.silent(r):
             state.append(f" no beat {r.beat_age:.1f}s", style="bold red")
-        if r.done is None:
-            progress: Any = ""
-        elif r.total:
-            progress = f"{_fmt_count(r.done)}/{_fmt_count(r.total)} {_fmt_eta(r.eta)}"
-        else:
-            progress = _fmt_count(r.done)
-        cpu, rss = self._usage(r)
-        return state, progress, cpu, rss, self._last.get(r.worker_id, "")
+        return {"worker": str(r.worker_id), "pid": str(r.pid or ""), "state": state,
+                "progress": progress, "eta": eta, "info": info, "cpu %": cpu, "rss": rss}
+
+    def _footer_text(self) -> Text:
+        text = Text()
+        if self._keys:
+            text.append("keys: p pause  r resume  s stop  q quit  +/- workers", style="bold")
+        if self._footer:
+            text.append(("  " if self._keys else "") + self._footer, style="dim")
+        if self._message:
+            text.append(f"\n{self._message}", style="yellow")
+        return text
 
     def silent(self, r: WorkerStatus) -> bool:
         """Is the worker's last heartbeat older than half the heartbeat period?"""
@@ -157,6 +274,68 @@ class LiveView:
             return f"{proc.cpu_percent(None):5.1f}", _fmt_bytes(proc.memory_info().rss)
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             return "", ""
+
+
+class KeyReader:
+    """The live view's keys: stdin in cbreak mode, one thread, each key to `on_key`.
+
+    Does nothing unless stdin is a terminal; the terminal's mode is restored on exit.
+    """
+
+    def __init__(self, on_key: Callable[[str], None]) -> None:
+        self.on_key = on_key
+        self._saved: Any = None
+        self._wake_r = self._wake_w = -1
+        self._thread: threading.Thread | None = None
+
+    @property
+    def active(self) -> bool:
+        return self._thread is not None
+
+    def __enter__(self) -> KeyReader:
+        if not os.isatty(0):
+            return self
+        try:
+            self._saved = termios.tcgetattr(0)
+            tty.setcbreak(0)
+        except termios.error:
+            return self
+        self._wake_r, self._wake_w = os.pipe()
+        self._thread = threading.Thread(target=self._loop, name="procctl-keys", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._thread is None:
+            return
+        os.write(self._wake_w, b"\0")
+        self._thread.join(5.0)
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+        self._thread = None
+        try:
+            termios.tcsetattr(0, termios.TCSADRAIN, self._saved)
+        except termios.error:
+            pass
+
+    def _loop(self) -> None:
+        with selectors.DefaultSelector() as sel:
+            sel.register(0, selectors.EVENT_READ)
+            sel.register(self._wake_r, selectors.EVENT_READ)
+            while True:
+                if any(key.fd == self._wake_r for key, _ in sel.select()):
+                    return
+                try:
+                    data = os.read(0, 64)
+                except OSError:
+                    return
+                if not data:
+                    return
+                for ch in data.decode(errors="ignore"):
+                    try:
+                        self.on_key(ch)
+                    except Exception:  # noqa: BLE001 - a key must never end the run
+                        pass
 
 
 class SumLiveView:

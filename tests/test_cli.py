@@ -183,7 +183,7 @@ def test_live_view_on_a_terminal():
                             cwd=os.path.join(os.path.dirname(TESTS), "examples"))
     assert code == 0
     assert "\x1b[" in out  # redrawn in place
-    for column in ("worker", "state", "progress", "cpu %", "rss", "last event"):
+    for column in ("worker", "state", "progress", "cpu %", "rss", "pid", "info"):
         assert column in out
     assert "/60000" in out  # per-worker progress from ctx.progress()
     assert "worker 0: running" not in out  # the view replaces the plain lines

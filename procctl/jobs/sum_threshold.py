@@ -501,6 +501,11 @@ class SumJob:
         self._used = False
         self._t0 = 0.0
 
+    @property
+    def controller(self) -> ProcessController | None:
+        """The controller of the run (None before run() made it), for status and pause/resume."""
+        return self._pc
+
     # -- control, from any thread or a signal handler -------------------------
 
     def cancel(self) -> None:

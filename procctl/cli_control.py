@@ -1,0 +1,404 @@
+"""`procctl ls/status/pause/resume/stop/scale/events/metrics`: talk to live runs,
+and the control plan a run command (run, sum) serves while it runs.
+
+procctl.cli registers the commands on the group; errors and exit codes are handled there.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import selectors
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import click
+
+from .clitools import EXIT_FAILED, EXIT_OK, EXIT_USAGE, BadInput, Reporter, json_line, say
+from .control import (
+    ControlError,
+    ControlServer,
+    Request,
+    RunHooks,
+    ask,
+    check_name,
+    connect,
+    read_line,
+    runtime_dir,
+    socket_path,
+    sockets,
+)
+from .states import Event
+
+# -- the run's side ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ControlPlan:
+    """What a run command will serve, checked before anything starts."""
+
+    name: str | None
+    metrics_addr: tuple[str, int] | None
+    job: str
+    announce: bool  # print the name, pid and hints at start
+
+    @classmethod
+    def check(cls, name: str | None, metrics_addr: str | None, *, job: str, announce: bool) -> ControlPlan:
+        from .metrics import parse_addr
+
+        if name is not None:
+            try:
+                check_name(name)
+            except ValueError as exc:
+                raise BadInput(f"--name: {exc}") from None
+        addr = None
+        if metrics_addr is not None:
+            try:
+                addr = parse_addr(metrics_addr)
+            except ValueError as exc:
+                raise BadInput(str(exc)) from None
+        return cls(name, addr, job, announce)
+
+    def serve(self, controller: Callable[[], Any], stop: Callable[[], None], reporter: Reporter) -> ServedControl:
+        """Start the control socket (and the metrics endpoint); BadInput if the name is taken."""
+        server = ControlServer(RunHooks(self.job, controller, stop), self.name)
+        try:
+            server.start()
+        except ControlError as exc:
+            if "already live" in str(exc):
+                raise BadInput(f"--name {self.name}: {exc}") from None
+            say(f"procctl: warning: no control socket ({exc}); going on without it")
+            return ServedControl(None, None)
+        except OSError as exc:
+            say(f"procctl: warning: no control socket ({exc.strerror or exc}); going on without it")
+            return ServedControl(None, None)
+        http = None
+        if self.metrics_addr is not None:
+            from .metrics import MetricsHTTP
+
+            try:
+                http = MetricsHTTP(self.metrics_addr, server.metrics_text).start()
+            except OSError as exc:
+                server.close()
+                host, port = self.metrics_addr
+                raise BadInput(f"--metrics-addr {host}:{port}: cannot listen: {exc.strerror or exc}") from None
+        if self.announce:
+            verb = self.job.split()[0]
+            by_signal = verb in ("run", "map")  # these map SIGUSR1/SIGUSR2 to pause/resume
+            usr1 = f" (or kill -USR1 {server.pid})" if by_signal else ""
+            usr2 = f" (or kill -USR2 {server.pid})" if by_signal else ""
+            reporter.note(f"procctl {verb}: name {server.name}, pid {server.pid}; pause with `procctl pause "
+                          f"{server.name}`{usr1}, resume with `procctl resume {server.name}`{usr2}; "
+                          f"control socket {server.path}")
+            if http is not None:
+                reporter.note(f"procctl {verb}: metrics on {http.url}")
+        return ServedControl(server, http)
+
+
+class ServedControl:
+    """The control socket and metrics endpoint of a live run (either may be missing)."""
+
+    def __init__(self, server: ControlServer | None, http: Any) -> None:
+        self.server = server
+        self.http = http
+
+    @property
+    def path(self) -> str | None:
+        return self.server.path if self.server is not None else None
+
+    @property
+    def name(self) -> str | None:
+        return self.server.name if self.server is not None else None
+
+    def record(self, event: Event | dict[str, Any]) -> None:
+        if self.server is not None:
+            self.server.record(event)
+
+    def close(self) -> None:
+        if self.http is not None:
+            self.http.close()
+            self.http = None
+        if self.server is not None:
+            self.server.close()
+
+
+# -- finding the run a command means ---------------------------------------------------
+
+
+def live_runs() -> list[dict[str, Any]]:
+    """Every live run of this user (its info); stale sockets met on the way are removed."""
+    runs = []
+    for path in sockets(_directory()):
+        try:
+            reply = ask(path, Request("info"), timeout=5.0)
+        except ControlError:
+            continue  # gone (and removed if stale)
+        if reply.get("ok"):
+            runs.append(reply)
+    return runs
+
+
+def _directory() -> str:
+    try:
+        return runtime_dir(create=False)
+    except ControlError as exc:
+        raise BadInput(str(exc)) from None
+
+
+def resolve(run: str | None, command: str) -> str:
+    """The socket of RUN (a name or a pid), or of the only live run when RUN is None."""
+    if run is not None:
+        try:
+            path = socket_path(run, _directory())
+        except ValueError:
+            path = ""
+        if path and os.path.lexists(path):
+            try:
+                connect(path, 5.0).close()
+                return path
+            except ControlError:
+                pass  # stale (and removed): maybe RUN is a pid
+        for info in live_runs():
+            if run in (info["name"], str(info["pid"])):
+                return str(info["socket"])
+        raise BadInput(f"no live run named {run!r} (see procctl ls)")
+    runs = live_runs()
+    if len(runs) == 1:
+        return str(runs[0]["socket"])
+    if not runs:
+        raise BadInput("no live procctl run of this user")
+    listed = ", ".join(f"{r['name']} (pid {r['pid']}, {r['job']})" for r in runs)
+    raise BadInput(f"{len(runs)} live runs, name one: {listed}")
+
+
+def _ask(path: str, request: Request, command: str) -> dict[str, Any]:
+    try:
+        reply = ask(path, request)
+    except ControlError as exc:
+        raise click.ClickException(str(exc)) from None
+    if not reply.get("ok"):
+        raise click.ClickException(str(reply.get("error", "the run refused the request")))
+    return reply
+
+
+def parse_workers(text: str | None) -> tuple[int, ...] | None:
+    if text is None:
+        return None
+    try:
+        ids = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise BadInput(f"--workers {text!r} must be a comma list of worker ids, e.g. 0,3") from None
+    if any(i < 0 for i in ids):
+        raise BadInput(f"--workers {text!r}: worker ids are >= 0")
+    return ids
+
+
+# -- the commands ---------------------------------------------------------------------------
+
+
+def _fmt(value: Any, spec: str = "") -> str:
+    if value is None:
+        return "-"
+    return format(value, spec) if spec else str(value)
+
+
+def _fmt_bytes(n: float | None) -> str:
+    if n is None:
+        return "-"
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024:
+            return f"{n:.0f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+@click.command("ls")
+@click.option("--json", "as_json", is_flag=True, help="A JSON array of runs.")
+def ls_command(as_json: bool) -> int:
+    """The user's live runs: name, pid, job, workers, state, elapsed."""
+    runs = live_runs()
+    keys = ("name", "pid", "job", "workers", "state", "elapsed", "socket")
+    if as_json:
+        click.echo(json.dumps([{k: r.get(k) for k in keys} for r in runs]))
+        return EXIT_OK
+    if runs:
+        click.echo(f"{'NAME':<16} {'PID':>7} {'JOB':<20} {'WORKERS':>7} {'STATE':<9} {'ELAPSED':>8}")
+    for r in runs:
+        click.echo(f"{r['name']:<16} {r['pid']:>7} {r['job']:<20} {r['workers']:>7} {r['state']:<9}"
+                   f" {r['elapsed']:>7.1f}s")
+    return EXIT_OK
+
+
+@click.command("status")
+@click.argument("run", required=False)
+@click.option("--json", "as_json", is_flag=True, help="One JSON object: the run and its workers.")
+def status_command(run: str | None, as_json: bool) -> int:
+    """Each worker of RUN: id, pid, state, outcome, restarts, progress, rate, ETA, info, CPU %, RSS."""
+    reply = _ask(resolve(run, "status"), Request("status"), "status")
+    reply.pop("ok", None)
+    if as_json:
+        click.echo(json_line(reply))
+        return EXIT_OK
+    click.echo(f"{reply['name']} (pid {reply['pid']}, {reply['job']}): {reply['state']}, "
+               f"{len(reply['workers'])} workers, {reply['elapsed']:.1f}s")
+    click.echo(f"{'ID':>4} {'PID':>7} {'STATE':<8} {'OUTCOME':<9} {'RESTARTS':>8} {'PROGRESS':>14} {'RATE':>9} "
+               f"{'ETA':>7} {'CPU%':>6} {'RSS':>10}  INFO")
+    for w in reply["workers"]:
+        done, total = w.get("done"), w.get("total")
+        progress = "-" if done is None else (f"{done:g}/{total:g}" if total else f"{done:g}")
+        info = " ".join(f"{k}={v}" for k, v in (w.get("info") or {}).items())
+        click.echo(f"{w['id']:>4} {_fmt(w['pid']):>7} {w['state']:<8} {_fmt(w['outcome']):<9} "
+                   f"{w['restarts']:>8} {progress:>14} {_fmt(w['rate'], '.1f'):>9} {_fmt(w['eta'], '.0f'):>7} "
+                   f"{_fmt(w['cpu_percent'], '.1f'):>6} {_fmt_bytes(w['rss']):>10}  {info}")
+    return EXIT_OK
+
+
+def _state_command(cmd: str, verb: str, imperative: str) -> click.Command:
+    @click.command(cmd)
+    @click.argument("run", required=False)
+    @click.option("--workers", "workers_text", default=None, help="Only these workers: a comma list of ids.")
+    def command(run: str | None, workers_text: str | None) -> int:
+        workers = parse_workers(workers_text)
+        path = resolve(run, cmd)
+        reply = _ask(path, Request(cmd, workers), cmd)
+        who = "every worker" if workers is None else "workers " + ",".join(map(str, workers))
+        if reply.get("acknowledged") is False:
+            say(f"procctl {cmd}: {reply.get('note')}; the command stays posted")
+        click.echo(f"{verb} {who} of {os.path.basename(path)[:-5]}")
+        return EXIT_OK
+
+    command.help = f"{imperative} the workers of RUN (all, or --workers 0,3)."
+    return command
+
+
+pause_command = _state_command("pause", "paused", "Pause")
+resume_command = _state_command("resume", "resumed", "Resume")
+
+
+@click.command("stop")
+@click.argument("run", required=False)
+@click.option("--workers", "workers_text", default=None, help="Only these workers: a comma list of ids.")
+@click.option("--no-wait", is_flag=True, help="Return once the stop began, not when the run has ended.")
+def stop_command(run: str | None, workers_text: str | None, no_wait: bool) -> int:
+    """Stop RUN gracefully (grace period, then SIGTERM, then SIGKILL); wait until it has ended."""
+    from .cli import signal_bridge
+
+    workers = parse_workers(workers_text)
+    path = resolve(run, "stop")
+    name = os.path.basename(path)[:-5]
+    wait = not no_wait and workers is None
+    sock = None
+    if wait:  # follow the events first, so that the end cannot be missed
+        sock = _open_stream(path, follow=True)
+    _ask(path, Request("stop", workers), "stop")
+    if sock is not None:
+        with sock:
+            _follow(sock, signal_bridge(), lambda line: None)
+        click.echo(f"stopped {name}")
+    else:
+        click.echo(f"stopping {'every worker' if workers is None else 'workers ' + workers_text} of {name}"
+                   if workers_text else f"stopping {name}")
+    return EXIT_OK
+
+
+@click.command("scale")
+@click.argument("run")
+@click.argument("n", type=click.IntRange(min=1))
+def scale_command(run: str, n: int) -> int:
+    """Resize RUN to N workers (when the run supports it)."""
+    _ask(resolve(run, "scale"), Request("scale", n=n), "scale")
+    click.echo(f"scaled {run} to {n} workers")
+    return EXIT_OK
+
+
+def _open_stream(path: str, follow: bool) -> Any:
+    try:
+        sock = connect(path)
+        sock.sendall(Request("events", follow=follow).to_line())
+    except (ControlError, OSError) as exc:
+        raise click.ClickException(str(exc)) from None
+    sock.settimeout(None)
+    return sock
+
+
+def _follow(sock: Any, bridge: Any, emit: Callable[[bytes], None]) -> bool:
+    """Read the event stream to its end (or a SIGINT/SIGTERM); False if the run refused."""
+    r, w = os.pipe()
+    buffer = bytearray()
+    header = True
+    try:
+        with selectors.DefaultSelector() as sel, bridge.attach(wake=lambda: _poke(w), hurry=lambda: None):
+            sel.register(sock, selectors.EVENT_READ)
+            sel.register(r, selectors.EVENT_READ)
+            while not bridge.stop_requested():
+                if any(key.fd == r for key, _ in sel.select()):
+                    break
+                try:
+                    chunk = sock.recv(1 << 16)
+                except OSError:
+                    break
+                if not chunk:
+                    break
+                buffer += chunk
+                while (cut := buffer.find(b"\n")) >= 0:
+                    line = bytes(buffer[:cut])
+                    del buffer[:cut + 1]
+                    if header:
+                        header = False
+                        reply = json.loads(line)
+                        if not reply.get("ok"):
+                            raise click.ClickException(str(reply.get("error")))
+                        continue
+                    emit(line)
+    finally:
+        os.close(r)
+        os.close(w)
+    return True
+
+
+def _poke(fd: int) -> None:
+    try:
+        os.write(fd, b"\0")
+    except OSError:
+        pass
+
+
+@click.command("events")
+@click.argument("run", required=False)
+@click.option("--follow", "-f", is_flag=True, help="After the events so far, go on with the live ones.")
+def events_command(run: str | None, follow: bool) -> int:
+    """RUN's events as JSON Lines from the start (and, with --follow, live until it ends)."""
+    from .cli import signal_bridge
+
+    bridge = signal_bridge()
+    with _open_stream(resolve(run, "events"), follow) as sock:
+        def emit(line: bytes) -> None:
+            click.echo(line.decode())
+
+        if follow:
+            _follow(sock, bridge, emit)
+        else:
+            buffer = bytearray()
+            header = read_line(sock, buffer)
+            reply = json.loads(header) if header else {"ok": False, "error": "the run ended"}
+            if not reply.get("ok"):
+                raise click.ClickException(str(reply.get("error")))
+            while (line := read_line(sock, buffer)) is not None:
+                emit(line)
+    return bridge.exit_code or EXIT_OK
+
+
+@click.command("metrics")
+@click.argument("run", required=False)
+def metrics_command(run: str | None) -> int:
+    """RUN's figures in the Prometheus text exposition format."""
+    reply = _ask(resolve(run, "metrics"), Request("metrics"), "metrics")
+    click.echo(reply["text"], nl=False)
+    return EXIT_OK
+
+
+COMMANDS = (ls_command, status_command, pause_command, resume_command, stop_command, scale_command,
+            events_command, metrics_command)
+
+__all__ = ["COMMANDS", "ControlPlan", "ServedControl", "EXIT_FAILED", "EXIT_USAGE"]

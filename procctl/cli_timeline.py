@@ -1,0 +1,88 @@
+"""`procctl timeline LOG`: draw a run from its event log (`--events`).
+
+The picture is the one `--timeline` draws (the log holds the broadcasts and
+the summary too); `--format chrome` writes the Chrome trace that `--trace` writes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import click
+
+from .clitools import EXIT_OK, BadInput, check_writable_file, say
+
+FORMATS = ("svg", "html", "chrome")
+
+
+def read_log(path: str) -> list[dict[str, Any]]:
+    """The records of an event log; a torn last line (a run killed mid-write) is skipped."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            lines = fh.read().splitlines()
+    except OSError as exc:
+        raise BadInput(f"cannot read the event log {path!r}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise BadInput(f"{path!r} is not an event log (not UTF-8 text)") from None
+    records = []
+    bad = 0
+    for line in lines:
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            bad += 1
+            continue
+        if isinstance(record, dict) and "event" in record:
+            records.append(record)
+        else:
+            bad += 1
+    if bad and not records:
+        raise BadInput(f"{path!r} is not an event log: no line is a JSON event")
+    return records
+
+
+def title_of(records: list[dict[str, Any]]) -> tuple[str | None, int | None]:
+    """The title and worker count `procctl run` used, from the log's summary."""
+    for record in reversed(records):
+        if record.get("event") == "summary" and isinstance(record.get("workers"), int):
+            n = record["workers"]
+            return f"procctl run: {n} workers", n
+    return None, None
+
+
+@click.command("timeline")
+@click.argument("log", type=click.Path(dir_okay=False))
+@click.option("-o", "--output", default=None, help="Output file (.svg, .html, or .json for chrome).")
+@click.option("--format", "fmt", type=click.Choice(FORMATS), default=None,
+              help="svg, html, or chrome (the trace event format). Default: from the output's extension, else html.")
+def timeline_command(log: str, output: str | None, fmt: str | None) -> int:
+    """Draw the run recorded in LOG (an --events file) as a Gantt chart or a Chrome trace."""
+    from .timeline import render_timeline, timeline_format
+    from .trace import write_trace
+
+    if fmt is None:
+        ext = os.path.splitext(output or "")[1].lower()
+        fmt = {".svg": "svg", ".html": "html", ".json": "chrome"}.get(ext, "html" if not output else "")
+        if not fmt:
+            raise BadInput(f"-o {output!r}: end it in .svg, .html or .json, or give --format")
+    if output is None:
+        output = os.path.splitext(log)[0] + {"svg": ".svg", "html": ".html", "chrome": ".json"}[fmt]
+    elif fmt != "chrome":
+        try:
+            if timeline_format(output) != "." + fmt:
+                raise BadInput(f"-o {output!r} does not match --format {fmt}")
+        except ValueError as exc:
+            raise BadInput(f"-o: {exc}") from None
+    check_writable_file(output, "-o")
+    records = read_log(log)
+    title, workers = title_of(records)
+    if fmt == "chrome":
+        write_trace(records, output, title=title)
+    else:
+        render_timeline(records, output, workers=workers, title=title)
+    say(f"procctl: wrote {output}")
+    return EXIT_OK

@@ -1,0 +1,758 @@
+"""The control socket of a run: where `procctl ls/status/pause/...` reach it.
+
+    procctl status RUN ---- newline-delimited JSON over a Unix socket ----> ControlServer (manager)
+        Request {"cmd": "status"}\\n                                        accept thread: SO_PEERCRED check
+        Reply   {"ok": true, ...}\\n   <------------------------------------  one thread per connection,
+                                                                            answering from the controller's
+                                                                            thread-safe public methods
+
+Each user has one directory of sockets (`runtime_dir()`, mode 0700); a run's
+socket (mode 0600) is `NAME.sock`, NAME being `--name` or the manager's pid.
+The protocol is JSON, never pickle: a request is one line of at most
+MAX_REQUEST bytes; a bad one gets an error reply and changes nothing.  A
+socket whose owner died is stale: whoever meets it first removes it.
+
+Only the command line and `ProcessController(..., control=True)` import this
+module; `import procctl` does not.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import math
+import os
+import re
+import selectors
+import socket
+import stat
+import struct
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from .states import Event, WorkerStatus
+
+log = logging.getLogger("procctl.control")
+
+#: The longest request line the server reads (bytes, newline included).
+MAX_REQUEST = 64 * 1024
+#: How long a connection may take to send one request.
+REQUEST_TIMEOUT = 10.0
+#: How long pause/resume wait for the workers' acknowledgements before replying.
+ACK_WAIT = 2.0
+#: How long a status snapshot is reused (any event or command invalidates it),
+#: so that a flood of requests costs the manager little.
+STATUS_CACHE = 0.05
+#: How often each worker's CPU % and RSS are measured at most.
+USAGE_INTERVAL = 0.5
+#: How long close() lets the event streams send their last events.
+FLUSH_TIMEOUT = 2.0
+#: Connections served at once; more are told the run is busy.
+MAX_CONNECTIONS = 64
+#: How much of an oversized request is read and thrown away, so that its
+#: sender finishes writing and reads the error reply.
+DISCARD_LIMIT = 64 * 1024 * 1024
+COMMANDS = ("info", "status", "pause", "resume", "stop", "scale", "events", "metrics")
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+SUFFIX = ".sock"
+#: struct ucred: pid, uid, gid.
+_UCRED = struct.Struct("3i")
+
+
+class ControlError(RuntimeError):
+    """A control socket that cannot be set up or reached (the message says why)."""
+
+
+class ProtocolError(ValueError):
+    """A request that is not what the protocol accepts."""
+
+
+# -- the protocol ----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Request:
+    """One request: `{"cmd": "pause", "workers": [0, 3]}`."""
+
+    cmd: str
+    workers: tuple[int, ...] | None = None  # pause/resume/stop: only these (None: all)
+    n: int | None = None  # scale: the new number of workers
+    follow: bool = False  # events: go on with the live events
+
+    def to_line(self) -> bytes:
+        body: dict[str, Any] = {"cmd": self.cmd}
+        if self.workers is not None:
+            body["workers"] = list(self.workers)
+        if self.n is not None:
+            body["n"] = self.n
+        if self.follow:
+            body["follow"] = True
+        return json.dumps(body).encode() + b"\n"
+
+    @classmethod
+    def parse(cls, line: bytes) -> Request:
+        try:
+            body = json.loads(line.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError) as exc:
+            raise ProtocolError(f"not a JSON request: {exc}") from None
+        if not isinstance(body, dict):
+            raise ProtocolError("a request is a JSON object like {\"cmd\": \"status\"}")
+        cmd = body.get("cmd")
+        if cmd not in COMMANDS:
+            raise ProtocolError(f"unknown command {cmd!r}; commands are {', '.join(COMMANDS)}")
+        workers = body.get("workers")
+        if workers is not None:
+            if not isinstance(workers, list) or not all(_is_count(w) for w in workers) or not workers:
+                raise ProtocolError("workers must be a non-empty list of worker ids (integers >= 0)")
+            workers = tuple(workers)
+        n = body.get("n")
+        if cmd == "scale" and not (isinstance(n, int) and _is_count(n) and n >= 1):
+            raise ProtocolError("scale needs n, a number of workers >= 1")
+        follow = body.get("follow", False)
+        if not isinstance(follow, bool):
+            raise ProtocolError("follow must be true or false")
+        return cls(cmd, workers, n if cmd == "scale" else None, follow)
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**31
+
+
+@dataclass(frozen=True)
+class Reply:
+    """One reply: `{"ok": true, ...data}` or `{"ok": false, "error": "..."}`."""
+
+    ok: bool
+    data: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None
+
+    def to_line(self) -> bytes:
+        body: dict[str, Any] = {"ok": self.ok, **self.data}
+        if self.error is not None:
+            body["error"] = self.error
+        return json_bytes(body)
+
+    @classmethod
+    def failure(cls, error: str) -> Reply:
+        return cls(False, {}, error)
+
+
+def json_bytes(body: dict[str, Any]) -> bytes:
+    """One strict JSON line: NaN and infinities (which JSON has no word for) are null."""
+    return json.dumps(_finite(body), default=str, allow_nan=False).encode() + b"\n"
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {str(k): _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+# -- where the sockets live ------------------------------------------------------
+
+
+def runtime_dir(create: bool = True) -> str:
+    """The user's directory of control sockets, mode 0700.
+
+    `$XDG_RUNTIME_DIR/procctl` where the session has one, else
+    `procctl-UID` under the temp dir. A directory that another user owns or
+    that others can enter is refused: it could hand our commands to them.
+    """
+    base = os.environ.get("XDG_RUNTIME_DIR")
+    if base and os.path.isdir(base):
+        path = os.path.join(base, "procctl")
+    else:
+        path = os.path.join(tempfile.gettempdir(), f"procctl-{os.getuid()}")
+    if create:
+        try:
+            os.mkdir(path, 0o700)
+        except FileExistsError:
+            pass
+        except OSError as exc:
+            raise ControlError(f"cannot create the control directory {path}: {exc.strerror}") from None
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return path
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():
+        raise ControlError(f"the control directory {path} is not a directory of this user")
+    if st.st_mode & 0o077:
+        try:
+            os.chmod(path, 0o700)
+        except OSError as exc:
+            raise ControlError(f"the control directory {path} is open to others: {exc.strerror}") from None
+    return path
+
+
+def check_name(name: str) -> str:
+    """A run name: letters, digits, '.', '_', '-', up to 64 characters."""
+    if not isinstance(name, str) or not NAME_RE.match(name):
+        raise ValueError(f"run name {name!r} must be 1-64 letters, digits, '.', '_' or '-', "
+                         "starting with a letter or digit")
+    return name
+
+
+def socket_path(name: str, directory: str | None = None) -> str:
+    return os.path.join(directory or runtime_dir(), check_name(name) + SUFFIX)
+
+
+# -- who may connect ---------------------------------------------------------------
+
+
+def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
+    """(pid, uid, gid) of the process at the other end of a Unix socket."""
+    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
+    pid, uid, gid = _UCRED.unpack(raw)
+    return pid, uid, gid
+
+
+def check_peer_uid(peer_uid: int, owner_uid: int | None = None) -> None:
+    """PermissionError unless `peer_uid` is the run's owner (root is not let in either)."""
+    owner = os.getuid() if owner_uid is None else owner_uid
+    if peer_uid != owner:
+        raise PermissionError(f"uid {peer_uid} is not the owner of this run (uid {owner})")
+
+
+# -- finding runs ------------------------------------------------------------------
+
+
+def is_live(path: str) -> bool:
+    """True if a run answers at `path`; a socket nobody listens on is removed (stale)."""
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(2.0)
+    try:
+        probe.connect(path)
+        return True
+    except (ConnectionRefusedError, FileNotFoundError):
+        remove_stale(path)
+        return False
+    except OSError:
+        return False
+    finally:
+        probe.close()
+
+
+def remove_stale(path: str) -> None:
+    try:
+        if stat.S_ISSOCK(os.lstat(path).st_mode):
+            os.unlink(path)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        log.debug("could not remove stale socket %s: %s", path, exc)
+
+
+def sockets(directory: str | None = None) -> list[str]:
+    """The sockets in the user's directory, live or not, by name."""
+    where = directory or runtime_dir(create=False)
+    try:
+        names = sorted(os.listdir(where))
+    except FileNotFoundError:
+        return []
+    return [os.path.join(where, n) for n in names if n.endswith(SUFFIX) and not n.startswith(".")]
+
+
+# -- the server --------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RunHooks:
+    """What the server asks of the run it serves (any of them from its threads).
+
+    `controller()` is the run's ProcessController (None before it starts);
+    `stop()` asks for a graceful stop and returns at once.
+    """
+
+    job: str
+    controller: Callable[[], Any]
+    stop: Callable[[], None]
+
+
+def listen(path: str) -> socket.socket:
+    """A listening socket at `path`, mode 0600, never replacing a live run's.
+
+    Bound and made private under a temporary name first, then linked into
+    place: nobody can connect before the mode is set, and the link fails if
+    the name was taken meanwhile.
+    """
+    directory, name = os.path.split(path)
+    if os.path.lexists(path) and is_live(path):
+        raise ControlError(f"a run named {name[:-len(SUFFIX)]!r} is already live ({path})")
+    tmp = os.path.join(directory, f".{os.getpid()}.{threading.get_ident()}.tmp")
+    remove_stale(tmp)
+    if len(os.fsencode(path)) > 107:
+        raise ControlError(f"the control socket path is too long for a Unix socket: {path}")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(tmp)
+        os.chmod(tmp, 0o600)
+        sock.listen(64)
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            if is_live(path):
+                raise ControlError(f"a run named {name[:-len(SUFFIX)]!r} is already live ({path})") from None
+            os.link(tmp, path)  # it was stale, and is gone now
+    except BaseException:
+        sock.close()
+        raise
+    finally:
+        remove_stale(tmp)
+    sock.set_inheritable(False)
+    return sock
+
+
+class ControlServer:
+    """Serve one run's control socket from a thread of the manager.
+
+    `record(event)` keeps the run's events for `events`; `close()` stops
+    serving, ends the followers' streams and removes the socket.
+    """
+
+    def __init__(self, hooks: RunHooks, name: str | None = None, directory: str | None = None) -> None:
+        self.hooks = hooks
+        self.pid = os.getpid()
+        self.name = check_name(name) if name is not None else str(self.pid)
+        self.path = socket_path(self.name, directory)
+        self.started = time.time()
+        self._t0 = time.monotonic()
+        self._events: list[dict[str, Any]] = []
+        self._cond = threading.Condition()
+        self._closed = False
+        self._stopping = False
+        self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+        self._usage = _Usage()
+        self._snapshot: tuple[float, dict[str, Any]] | None = None
+        self._snapshot_lock = threading.Lock()
+        self._streams: set[threading.Thread] = set()
+        self._encoded: tuple[dict[str, Any], bytes] | None = None
+        self._sock: socket.socket | None = None
+        self._inode = -1
+        self._wake_r, self._wake_w = -1, -1
+        self._thread: threading.Thread | None = None
+
+    # -- lifecycle -------------------------------------------------------------
+
+    def start(self) -> ControlServer:
+        self._sock = listen(self.path)
+        self._inode = os.stat(self.path).st_ino
+        self._wake_r, self._wake_w = os.pipe()
+        self._thread = threading.Thread(target=self._accept_loop, name="procctl-control", daemon=True)
+        self._thread.start()
+        return self
+
+    def close(self) -> None:
+        """Stop answering, end every follower's stream, remove the socket. Idempotent."""
+        with self._cond:
+            if self._closed:
+                return
+            self._closed = True
+            self._cond.notify_all()
+        try:
+            if os.stat(self.path).st_ino == self._inode:
+                os.unlink(self.path)
+        except OSError:
+            pass
+        if self._wake_w >= 0:
+            os.write(self._wake_w, b"\0")
+        if self._thread is not None:
+            self._thread.join(5.0)
+        # The followers get every event, the summary last, before the process may exit.
+        until = time.monotonic() + FLUSH_TIMEOUT
+        with self._cond:
+            streams = list(self._streams)
+        for stream in streams:
+            stream.join(max(0.0, until - time.monotonic()))
+        for fd in (self._wake_r, self._wake_w):
+            if fd >= 0:
+                os.close(fd)
+        self._wake_r = self._wake_w = -1
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+    def __enter__(self) -> ControlServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def record(self, event: Event | dict[str, Any]) -> None:
+        """Keep one event of the run (a procctl.Event or its dict) for `events`."""
+        body = event.to_dict() if isinstance(event, Event) else dict(event)
+        with self._cond:
+            self._events.append(body)
+            self._snapshot = None
+            self._cond.notify_all()
+
+    def mark_stopping(self) -> None:
+        self._stopping = True
+
+    # -- serving -----------------------------------------------------------------
+
+    def _accept_loop(self) -> None:
+        assert self._sock is not None
+        with selectors.DefaultSelector() as sel:
+            sel.register(self._sock, selectors.EVENT_READ)
+            sel.register(self._wake_r, selectors.EVENT_READ)
+            while not self._closed:
+                for key, _ in sel.select():
+                    if key.fd == self._wake_r or self._closed:
+                        return
+                    try:
+                        conn, _ = self._sock.accept()
+                    except OSError:
+                        continue
+                    self._admit(conn)
+
+    def _admit(self, conn: socket.socket) -> None:
+        try:
+            _, uid, _ = peer_credentials(conn)
+            check_peer_uid(uid)
+        except (OSError, PermissionError) as exc:
+            _send_quietly(conn, Reply.failure(f"refused: {exc}").to_line())
+            conn.close()
+            return
+        if not self._slots.acquire(blocking=False):
+            _send_quietly(conn, Reply.failure("busy: too many control connections; try again").to_line())
+            conn.close()
+            return
+        threading.Thread(target=self._serve, args=(conn,), name="procctl-control-conn", daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        try:
+            conn.settimeout(REQUEST_TIMEOUT)
+            for line in _lines(conn):
+                if isinstance(line, Reply):
+                    conn.sendall(line.to_line())
+                    if line.data.get("fatal"):
+                        _discard(conn)
+                        return
+                    continue
+                try:
+                    request = Request.parse(line)
+                except ProtocolError as exc:
+                    conn.sendall(Reply.failure(str(exc)).to_line())
+                    continue
+                if request.cmd == "events":
+                    me = threading.current_thread()
+                    with self._cond:
+                        self._streams.add(me)
+                    try:
+                        self._stream_events(conn, request.follow)
+                    finally:
+                        with self._cond:
+                            self._streams.discard(me)
+                    return
+                if request.cmd == "status":
+                    conn.sendall(self._status_line_or_error())
+                    continue
+                conn.sendall(self.answer(request).to_line())
+        except OSError:
+            pass  # the client went away or was too slow: nothing of the run depends on it
+        finally:
+            conn.close()
+            self._slots.release()
+
+    def _status_line_or_error(self) -> bytes:
+        try:
+            return self.status_line()
+        except Exception as exc:  # noqa: BLE001 - a request must never disturb the run
+            return Reply.failure(f"status failed: {exc}").to_line()
+
+    def answer(self, request: Request) -> Reply:
+        """The reply to one request (every command but events)."""
+        try:
+            handler = getattr(self, f"_do_{request.cmd}")
+            reply: Reply = handler(request)
+            if request.cmd not in ("info", "status", "metrics"):
+                self._snapshot = None
+            return reply
+        except Exception as exc:  # noqa: BLE001 - a request must never disturb the run
+            log.debug("control request %s failed", request, exc_info=True)
+            return Reply.failure(f"{request.cmd} failed: {exc}")
+
+    # -- commands ---------------------------------------------------------------
+
+    def info(self) -> dict[str, Any]:
+        pc = self.hooks.controller()
+        statuses: list[WorkerStatus] = pc.status() if pc is not None else []
+        return self._info(pc, statuses)
+
+    def _info(self, pc: Any, statuses: list[WorkerStatus]) -> dict[str, Any]:
+        if pc is None:
+            state = "starting"
+        elif statuses and not any(s.alive for s in statuses):
+            state = "ended"
+        elif self._stopping or pc.state.name == "STOPPED":
+            state = "stopping"
+        else:
+            state = pc.state.name.lower()
+        return {"name": self.name, "pid": self.pid, "job": self.hooks.job,
+                "workers": pc.workers if pc is not None else 0, "state": state,
+                "elapsed": round(time.monotonic() - self._t0, 3), "socket": self.path}
+
+    def _do_info(self, request: Request) -> Reply:
+        return Reply(True, self.info())
+
+    def _do_status(self, request: Request) -> Reply:
+        return Reply(True, dict(self.status()))
+
+    def status_line(self) -> bytes:
+        """The status reply, encoded once per snapshot."""
+        body = self.status()
+        with self._snapshot_lock:
+            cached = self._encoded
+            if cached is not None and cached[0] is body:
+                return cached[1]
+        line = Reply(True, dict(body)).to_line()
+        with self._snapshot_lock:
+            self._encoded = (body, line)
+        return line
+
+    def status(self) -> dict[str, Any]:
+        """The run and its workers, reused for STATUS_CACHE seconds unless something happened."""
+        with self._snapshot_lock:
+            now = time.monotonic()
+            if self._snapshot is not None and now - self._snapshot[0] < STATUS_CACHE:
+                return self._snapshot[1]
+            pc = self.hooks.controller()
+            statuses: list[WorkerStatus] = pc.status() if pc is not None else []
+            body = self._info(pc, statuses)
+            body["workers"] = [self._worker(s) for s in statuses]
+            self._snapshot = (now, body)
+            return body
+
+    def _worker(self, s: WorkerStatus) -> dict[str, Any]:
+        cpu, rss = self._usage.of(s)
+        fraction = None
+        if s.done is not None and s.total:
+            fraction = min(1.0, s.done / s.total)
+        return {"id": s.worker_id, "pid": s.pid, "state": s.state.name.lower() if s.alive else "ended",
+                "alive": s.alive, "outcome": s.outcome.value if s.outcome else None,
+                "restarts": int(getattr(s, "restarts", 0) or 0), "done": s.done, "total": s.total,
+                "progress": fraction, "rate": s.rate, "eta": s.eta, "info": dict(s.info),
+                "cpu_percent": cpu, "rss": rss}
+
+    def _do_pause(self, request: Request) -> Reply:
+        return self._broadcast(request, "pause")
+
+    def _do_resume(self, request: Request) -> Reply:
+        return self._broadcast(request, "run")
+
+    def _broadcast(self, request: Request, method: str) -> Reply:
+        pc = self._live_controller()
+        if isinstance(pc, Reply):
+            return pc
+        kwargs: dict[str, Any] = {"timeout": ACK_WAIT}
+        if request.workers is not None:
+            if not _accepts(getattr(pc, method), "workers"):
+                return Reply.failure(f"this run does not support {request.cmd} of single workers"
+                                     " (--workers); it needs a controller with per-worker commands")
+            kwargs["workers"] = list(request.workers)
+        try:
+            getattr(pc, method)(**kwargs)
+        except TimeoutError as exc:
+            # The command stays posted: busy workers apply it at their next checkpoint.
+            return Reply(True, {"acknowledged": False, "note": str(exc)})
+        except (RuntimeError, ValueError) as exc:
+            return Reply.failure(str(exc))
+        return Reply(True, {"acknowledged": True})
+
+    def _do_stop(self, request: Request) -> Reply:
+        if request.workers is not None:
+            pc = self._live_controller()
+            if isinstance(pc, Reply):
+                return pc
+            if not _accepts(pc.stop, "workers"):
+                return Reply.failure("this run does not support stop of single workers (--workers)")
+            pc.stop(workers=list(request.workers))
+            return Reply(True, {"stopping": list(request.workers)})
+        self._stopping = True
+        self.hooks.stop()
+        return Reply(True, {"stopping": "all"})
+
+    def _do_scale(self, request: Request) -> Reply:
+        pc = self._live_controller()
+        if isinstance(pc, Reply):
+            return pc
+        resize = getattr(pc, "resize", None)
+        if resize is None:
+            return Reply.failure("this run does not support scale: its controller cannot resize")
+        resize(request.n)
+        return Reply(True, {"workers": request.n})
+
+    def _do_metrics(self, request: Request) -> Reply:
+        return Reply(True, {"text": self.metrics_text()})
+
+    def metrics_text(self) -> str:
+        from .metrics import render_metrics
+
+        body = self.status()
+        return render_metrics(body, body["workers"])
+
+    def _live_controller(self) -> Any:
+        pc = self.hooks.controller()
+        if pc is None:
+            return Reply.failure("the run has not started its workers yet")
+        if self._stopping:
+            return Reply.failure("the run is stopping")
+        return pc
+
+    def _stream_events(self, conn: socket.socket, follow: bool) -> None:
+        """The events from the start; with `follow`, then live until the run ends."""
+        conn.settimeout(None)  # a follower may read slowly; the run never waits for it
+        conn.sendall(Reply(True, {"events": "follow" if follow else "all"}).to_line())
+        sent = 0
+        while True:
+            with self._cond:
+                while follow and sent == len(self._events) and not self._closed:
+                    self._cond.wait()
+                batch = self._events[sent:]
+                done = self._closed or not follow
+            sent += len(batch)
+            if batch:
+                conn.sendall(b"".join(json_bytes(e) for e in batch))
+            if done and sent == len(self._events):
+                return
+
+
+def _accepts(method: Any, name: str) -> bool:
+    import inspect
+
+    try:
+        return name in inspect.signature(method).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _lines(conn: socket.socket) -> Iterator[bytes | Reply]:
+    """The request lines of a connection; a Reply for a truncated or oversized one."""
+    buffer = b""
+    while True:
+        while b"\n" not in buffer:
+            if len(buffer) >= MAX_REQUEST:
+                yield Reply(False, {"fatal": True}, f"request too long: more than {MAX_REQUEST} bytes"
+                            " without a newline")
+                return
+            chunk = conn.recv(MAX_REQUEST)
+            if not chunk:
+                if buffer.strip():
+                    yield Reply.failure("truncated request: the connection ended before its newline")
+                return
+            buffer += chunk
+        line, buffer = buffer.split(b"\n", 1)
+        if len(line) >= MAX_REQUEST:
+            yield Reply(False, {"fatal": True}, f"request too long: more than {MAX_REQUEST} bytes")
+            return
+        if line.strip():
+            yield line
+
+
+def _discard(conn: socket.socket) -> None:
+    """Read and drop the rest of an oversized request (bounded), so the sender sees the reply."""
+    conn.shutdown(socket.SHUT_WR)
+    conn.settimeout(2.0)
+    dropped = 0
+    while dropped < DISCARD_LIMIT:
+        chunk = conn.recv(1 << 20)
+        if not chunk:
+            return
+        dropped += len(chunk)
+
+
+def _send_quietly(conn: socket.socket, data: bytes) -> None:
+    try:
+        conn.settimeout(1.0)
+        conn.sendall(data)
+    except OSError:
+        pass
+
+
+class _Usage:
+    """CPU % and RSS of each worker, measured with psutil at most every USAGE_INTERVAL."""
+
+    def __init__(self) -> None:
+        self._procs: dict[int, Any] = {}
+        self._last: dict[int, tuple[float, float, int]] = {}  # worker -> (when, cpu, rss)
+        self._lock = threading.Lock()
+
+    def of(self, s: WorkerStatus) -> tuple[float | None, int | None]:
+        import psutil
+
+        if not s.alive or s.pid is None:
+            return None, None
+        with self._lock:
+            now = time.monotonic()
+            proc = self._procs.get(s.worker_id)
+            last = self._last.get(s.worker_id)
+            if proc is not None and proc.pid == s.pid and last is not None and now - last[0] < USAGE_INTERVAL:
+                return last[1], last[2]
+            try:
+                if proc is None or proc.pid != s.pid:
+                    proc = self._procs[s.worker_id] = psutil.Process(s.pid)
+                    proc.cpu_percent(None)  # the first call only starts the count
+                cpu, rss = float(proc.cpu_percent(None)), int(proc.memory_info().rss)
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                return None, None
+            self._last[s.worker_id] = (now, cpu, rss)
+            return cpu, rss
+
+
+# -- the client ---------------------------------------------------------------------
+
+
+def connect(path: str, timeout: float = 10.0) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(timeout)
+    try:
+        sock.connect(path)
+    except (ConnectionRefusedError, FileNotFoundError):
+        sock.close()
+        remove_stale(path)
+        raise ControlError(f"the run at {path} is gone") from None
+    except OSError as exc:
+        sock.close()
+        raise ControlError(f"cannot reach the run at {path}: {exc.strerror or exc}") from None
+    return sock
+
+
+def read_line(sock: socket.socket, buffer: bytearray) -> bytes | None:
+    """The next line from `sock` (None at the end), keeping the rest in `buffer`."""
+    while True:
+        cut = buffer.find(b"\n")
+        if cut >= 0:
+            line = bytes(buffer[:cut])
+            del buffer[:cut + 1]
+            return line
+        chunk = sock.recv(1 << 16)
+        if not chunk:
+            return None
+        buffer += chunk
+
+
+def ask(path: str, request: Request, timeout: float = 10.0) -> dict[str, Any]:
+    """Send one request and return the reply's body; ControlError if there is none."""
+    sock = connect(path, timeout)
+    try:
+        sock.sendall(request.to_line())
+        line = read_line(sock, bytearray())
+    except OSError as exc:
+        if isinstance(exc, TimeoutError) or exc.errno == errno.ETIMEDOUT:
+            raise ControlError(f"the run at {path} did not answer within {timeout:g}s") from None
+        raise ControlError(f"the run at {path} went away: {exc.strerror or exc}") from None
+    finally:
+        sock.close()
+    if line is None:
+        raise ControlError(f"the run at {path} ended before it answered")
+    reply: dict[str, Any] = json.loads(line)
+    return reply

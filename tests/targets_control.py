@@ -1,0 +1,44 @@
+"""Targets for the control, timeline and live-view tests (importable by name for spawn)."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+
+def steady(ctx):
+    """Reports progress worker_id+1 of 10 with info, then waits for the next command."""
+    while ctx.checkpoint():
+        ctx.progress(ctx.worker_id + 1, 10, item=f"i{ctx.worker_id}")
+        ctx.sleep(float("inf"))
+
+
+def chatty(ctx, lines=2000):
+    """Writes numbered lines to stdout and stderr as fast as it can, then waits."""
+    for i in range(lines):
+        if not ctx.checkpoint():
+            return i
+        stream = sys.stdout if i % 2 == 0 else sys.stderr
+        stream.write(f"worker {ctx.worker_id} processed item {i}\n")
+    sys.stdout.flush()
+    while ctx.sleep(float("inf")):
+        pass
+    return lines
+
+
+def print_then_crash(ctx):
+    """Worker 0 writes two lines and dies without flushing or reporting; the others wait."""
+    if ctx.worker_id == 0:
+        print("before the crash, line 1")
+        sys.stderr.write("before the crash, line 2\n")
+        os._exit(9)
+    while ctx.sleep(float("inf")):
+        pass
+
+
+def slow_item(x):
+    """A procctl map item that takes a moment."""
+    import time
+
+    time.sleep(0.05)
+    return x

@@ -1,0 +1,309 @@
+"""The control socket: procctl ls/status/pause/resume/stop/events/metrics against live runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import stat
+import subprocess
+import threading
+import urllib.request
+
+import pytest
+from clihelp import CLI, LiveCli, assert_all_gone, json_events, worker_pids
+
+from procctl.control import MAX_REQUEST, check_peer_uid, peer_credentials
+
+TESTS = os.path.dirname(os.path.abspath(__file__))
+
+
+@pytest.fixture
+def env(tmp_path):
+    """A private runtime directory, so that only this test's runs are live."""
+    runtime = tmp_path / "xdg"
+    runtime.mkdir(mode=0o700)
+    return {**os.environ, "XDG_RUNTIME_DIR": str(runtime)}
+
+
+def ctl(env, *args, timeout=30):
+    return subprocess.run(CLI + list(args), capture_output=True, text=True, timeout=timeout, env=env, cwd=TESTS)
+
+
+def ctl_json(env, *args):
+    res = ctl(env, *args, "--json")
+    assert res.returncode == 0, res.stderr
+    return json.loads(res.stdout)
+
+
+def start_run(env, name, *extra, workers=3):
+    """A `procctl run` that waits for commands; returns once its workers are up."""
+    args = ["run", "--workers", str(workers), "--target", "targets_control:steady", "--schedule", "run",
+            "--step", "0", "--json", "--name", name, *extra]
+    cli = LiveCli(args, cwd=TESTS, env=env)
+    cli.wait_for(lambda lines: sum('"running"' in line for line in lines) >= workers)
+    return cli
+
+
+def socket_of(env, name):
+    return os.path.join(env["XDG_RUNTIME_DIR"], "procctl", name + ".sock")
+
+
+def test_ls_status_pause_resume_events_metrics_stop(env):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    cli = start_run(env, "job1")
+    try:
+        runs = ctl_json(env, "ls")
+        assert [(r["name"], r["pid"], r["workers"], r["state"]) for r in runs] == [
+            ("job1", cli.proc.pid, 3, "running")]
+        assert runs[0]["job"] == "run targets_control:steady" and runs[0]["elapsed"] >= 0
+
+        status = ctl_json(env, "status")  # RUN omitted: the only live run
+        workers = status["workers"]
+        assert [w["id"] for w in workers] == [0, 1, 2]
+        for w in workers:
+            assert w["state"] == "running" and w["outcome"] is None and w["restarts"] == 0
+            assert (w["done"], w["total"]) == (w["id"] + 1, 10)
+            assert w["info"] == {"item": f"i{w['id']}"}
+            assert w["rss"] > 0 and w["cpu_percent"] >= 0 and "eta" in w and "rate" in w
+
+        res = ctl(env, "pause", "job1")
+        assert res.returncode == 0, res.stderr
+        assert {w["state"] for w in ctl_json(env, "status", "job1")["workers"]} == {"paused"}
+        res = ctl(env, "resume", str(cli.proc.pid))  # a run is also known by its pid
+        assert res.returncode == 0, res.stderr
+        assert {w["state"] for w in ctl_json(env, "status", "job1")["workers"]} == {"running"}
+
+        text = ctl(env, "metrics", "job1").stdout
+        families = {f.name: f for f in text_string_to_metric_families(text)}
+        by_state = {s.labels["state"]: s.value for s in families["procctl_workers"].samples}
+        assert by_state["running"] == 3 and by_state["paused"] == 0
+        progress = {s.labels["worker"]: s.value for s in families["procctl_worker_progress"].samples}
+        assert progress == {str(w["id"]): w["done"] for w in workers}
+        assert families["procctl_tasks_done"].samples[0].value == sum(w["done"] for w in workers)
+
+        events = [json.loads(line) for line in ctl(env, "events", "job1").stdout.splitlines()]
+        assert [e["state"] for e in events if e["event"] == "broadcast"] == ["running", "paused", "running"]
+
+        follow = subprocess.Popen(CLI + ["events", "job1", "--follow"], stdout=subprocess.PIPE, text=True, env=env)
+        try:
+            assert json.loads(follow.stdout.readline())["event"] == "paused"  # from the start
+            res = ctl(env, "stop", "job1")  # waits until the run has ended
+            assert res.returncode == 0 and "stopped job1" in res.stdout, res.stderr
+            rest = [json.loads(line) for line in follow.communicate(timeout=20)[0].splitlines()]
+        finally:
+            follow.kill()
+            follow.wait()
+        assert rest[-1]["event"] == "summary" and rest[-1]["outcomes"] == {"stopped": 3}
+        assert follow.returncode == 0
+        code, out, err = cli.finish()
+        assert code == 0, err
+        assert json_events(out)[-1]["outcomes"] == {"stopped": 3}
+        assert not os.path.exists(socket_of(env, "job1"))  # removed when the run ended
+        assert_all_gone(worker_pids(json_events(out)))
+    finally:
+        cli.kill()
+
+
+def test_socket_is_private_and_foreign_uids_are_refused(env):
+    cli = start_run(env, "priv", workers=1)
+    try:
+        path = socket_of(env, "priv")
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+        assert stat.S_IMODE(os.stat(os.path.dirname(path)).st_mode) == 0o700
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.connect(path)
+            assert peer_credentials(sock)[:2] == (cli.proc.pid, os.getuid())
+        check_peer_uid(os.getuid())
+        with pytest.raises(PermissionError, match="not the owner"):
+            check_peer_uid(os.getuid() + 1)
+        with pytest.raises(PermissionError):
+            check_peer_uid(0, owner_uid=1000)  # not even root
+        # A second run may not take a live run's name.
+        res = ctl(env, "run", "--workers", "1", "--name", "priv")
+        assert res.returncode == 2 and "already live" in res.stderr and len(res.stderr.splitlines()) == 1
+        ctl(env, "stop", "priv")
+        assert cli.finish()[0] == 0
+    finally:
+        cli.kill()
+
+
+def exchange(path, payload, *, close_write=False):
+    """Send `payload` on a fresh connection and return the first reply line."""
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.settimeout(20)
+        sock.connect(path)
+        failed = []
+
+        def send():
+            try:
+                sock.sendall(payload)
+                if close_write:
+                    sock.shutdown(socket.SHUT_WR)
+            except OSError as exc:  # the server may stop reading a 10 MB request early
+                failed.append(exc)
+
+        sender = threading.Thread(target=send)
+        sender.start()
+        data = b""
+        while b"\n" not in data:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+        sender.join(20)
+        return json.loads(data.split(b"\n")[0])
+
+
+def test_bad_requests_get_errors_and_the_run_goes_on(env):
+    cli = start_run(env, "rough", workers=2)
+    try:
+        path = socket_of(env, "rough")
+        for payload, words in [
+            (b"this is not json\n", "not a JSON request"),
+            (b"[1, 2]\n", "JSON object"),
+            (b'{"cmd": "explode"}\n', "unknown command"),
+            (b'{"cmd": "pause", "workers": [-1]}\n', "workers"),
+            (b'{"cmd": "scale", "n": "many"}\n', "scale needs n"),
+            (b"\xff\xfe\n", "not a JSON request"),
+        ]:
+            reply = exchange(path, payload)
+            assert reply["ok"] is False and words in reply["error"], (payload, reply)
+        truncated = exchange(path, b'{"cmd": "sta', close_write=True)
+        assert truncated["ok"] is False and "truncated" in truncated["error"]
+        huge = exchange(path, b"x" * (10 * 1024 * 1024))
+        assert huge["ok"] is False and "too long" in huge["error"] and str(MAX_REQUEST) in huge["error"]
+        # Several requests on one connection, after an error: each answered.
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.connect(path)
+            sock.sendall(b'nonsense\n{"cmd": "info"}\n')
+            lines = b""
+            while lines.count(b"\n") < 2:
+                lines += sock.recv(65536)
+            first, second = (json.loads(x) for x in lines.splitlines()[:2])
+            assert first["ok"] is False and second["ok"] is True and second["name"] == "rough"
+        status = ctl_json(env, "status", "rough")
+        assert {w["state"] for w in status["workers"]} == {"running"}
+        assert ctl(env, "stop", "rough").returncode == 0
+        code, out, err = cli.finish()
+        assert code == 0, err
+        assert json_events(out)[-1]["outcomes"] == {"stopped": 2}
+    finally:
+        cli.kill()
+
+
+def test_stale_socket_is_cleaned_and_run_must_be_named_among_several(env):
+    first = start_run(env, "alpha", workers=1)
+    second = start_run(env, "beta", workers=1)
+    try:
+        res = ctl(env, "status")
+        assert res.returncode == 2
+        [line] = res.stderr.splitlines()
+        assert "2 live runs" in line and "alpha" in line and "beta" in line
+        assert ctl(env, "pause").returncode == 2
+
+        pids = worker_pids(json_events("\n".join(first.lines)))
+        os.kill(first.proc.pid, signal.SIGKILL)  # the manager dies; its workers follow it
+        first.proc.wait(10)
+        assert_all_gone(pids)
+        assert os.path.exists(socket_of(env, "alpha"))  # nobody removed it
+        runs = ctl_json(env, "ls")
+        assert [r["name"] for r in runs] == ["beta"]
+        assert not os.path.exists(socket_of(env, "alpha"))  # the stale one is gone
+        res = ctl(env, "status")  # now RUN may be omitted again
+        assert res.returncode == 0 and "beta" in res.stdout
+        res = ctl(env, "status", "alpha")
+        assert res.returncode == 2 and "no live run named 'alpha'" in res.stderr
+
+        ctl(env, "stop", "beta")
+        assert second.finish()[0] == 0
+    finally:
+        first.kill()
+        second.kill()
+    res = ctl(env, "status")
+    assert res.returncode == 2 and "no live procctl run" in res.stderr
+
+
+def test_per_worker_commands_and_scale_need_support(env):
+    cli = start_run(env, "plain", workers=2)
+    try:
+        from procctl import ProcessController
+
+        for args in (["pause", "plain", "--workers", "0"], ["scale", "plain", "3"]):
+            res = ctl(env, *args)
+            supported = (hasattr(ProcessController, "resize") if args[0] == "scale"
+                         else "workers" in ProcessController.pause.__code__.co_varnames)
+            if supported:
+                assert res.returncode == 0, res.stderr
+            else:
+                assert res.returncode == 1 and "does not support" in res.stderr, res.stderr
+        res = ctl(env, "pause", "plain", "--workers", "x")
+        assert res.returncode == 2 and len(res.stderr.splitlines()) == 1
+        ctl(env, "stop", "plain")
+        assert cli.finish()[0] == 0
+    finally:
+        cli.kill()
+
+
+def test_metrics_over_http_and_a_script_with_control(env, tmp_path):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    script = tmp_path / "script.py"
+    script.write_text(
+        "import sys\n"
+        f"sys.path.insert(0, {TESTS!r})\n"
+        "from procctl import ProcessController\n"
+        "from targets_control import steady\n"
+        "if __name__ == '__main__':\n"
+        "    with ProcessController(steady, 2, control='lib') as pc:\n"
+        "        pc.run()\n"
+        "        print('up', flush=True)\n"
+        "        pc.wait()\n"
+        "        print(sorted(r.outcome.value for r in pc.stop().values()), flush=True)\n")
+    lib = subprocess.Popen([CLI[0], str(script)], stdout=subprocess.PIPE, text=True, env=env)
+    cli = LiveCli(["run", "--workers", "2", "--target", "targets_control:steady", "--schedule", "run",
+                   "--step", "0", "--name", "web", "--metrics-addr", "127.0.0.1:0"], cwd=TESTS, env=env)
+    try:
+        assert lib.stdout.readline().strip() == "up"
+        status = ctl_json(env, "status", "lib")
+        assert status["job"] == "script steady" and [w["state"] for w in status["workers"]] == ["running"] * 2
+        assert ctl(env, "stop", "lib").returncode == 0
+        assert lib.communicate(timeout=20)[0].strip() == "['stopped', 'stopped']"
+
+        lines = cli.wait_for(lambda lines: any("metrics on http://" in line for line in lines))
+        assert any(line.startswith("procctl run: name web, pid ") and "procctl pause web" in line for line in lines)
+        url = next(line.split("metrics on ")[1] for line in lines if "metrics on http://" in line)
+        assert url.startswith("http://127.0.0.1:")
+        with urllib.request.urlopen(url, timeout=10) as reply:
+            families = {f.name: f for f in text_string_to_metric_families(reply.read().decode())}
+        assert sum(s.value for s in families["procctl_workers"].samples) == 2
+        ctl(env, "stop", "web")
+        assert cli.finish()[0] == 0
+    finally:
+        cli.kill()
+        lib.kill()
+        lib.wait()
+
+
+def test_map_has_a_control_socket(env, tmp_path):
+    items = tmp_path / "items.jsonl"
+    items.write_text("".join(f"{i}\n" for i in range(2000)))
+    cli = LiveCli(["map", "targets_control:slow_item", "--items", str(items), "--workers", "2", "--name", "m"],
+                  cwd=TESTS, env=env)
+    try:
+        cli.wait_for(lambda lines: len(lines) >= 3)  # results are coming
+        status = ctl_json(env, "status", "m")
+        assert status["job"] == "map targets_control:slow_item" and len(status["workers"]) == 2
+        assert ctl(env, "pause", "m").returncode == 0
+        events = [json.loads(line) for line in ctl(env, "events", "m").stdout.splitlines()]
+        assert events[0]["event"] == "started"
+        res = ctl(env, "stop", "m")
+        assert res.returncode == 0, res.stderr
+        code, out, err = cli.finish()
+        assert code == 0, err
+        assert "paused" in err and "procctl stop: stopping" in err
+        assert "unfinished" in err.splitlines()[-1]
+    finally:
+        cli.kill()

@@ -1,0 +1,165 @@
+"""The live view, version 2: worker output above the view, keys, the stop's countdown, narrow terminals."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import pty
+import re
+import selectors
+import struct
+import subprocess
+import termios
+import time
+
+import pytest
+from clihelp import CLI, run_cli
+
+TESTS = os.path.dirname(os.path.abspath(__file__))
+ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b\][^\x07]*\x07")
+
+
+class Pty:
+    """`procctl ...` on a pseudo-terminal of the given size."""
+
+    def __init__(self, args, tmp_path, cols=120, rows=40):
+        master, slave = pty.openpty()
+        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+        env = {**os.environ, "TERM": "xterm-256color", "COLUMNS": str(cols), "LINES": str(rows),
+               "XDG_RUNTIME_DIR": str(tmp_path)}
+        self.proc = subprocess.Popen(CLI + args, stdin=slave, stdout=slave, stderr=slave, cwd=TESTS, env=env,
+                                     start_new_session=True)
+        os.close(slave)
+        self.master = master
+        self.raw = b""
+
+    @property
+    def text(self):
+        return ANSI.sub("", self.raw.decode(errors="replace")).replace("\r", "\n")
+
+    def wait_for(self, what, timeout=20):
+        deadline = time.monotonic() + timeout
+        with selectors.DefaultSelector() as sel:
+            sel.register(self.master, selectors.EVENT_READ)
+            while what not in self.text:
+                left = deadline - time.monotonic()
+                assert left > 0, f"no {what!r} on the screen; last: {self.text[-1500:]}"
+                if sel.select(left) and not self._read():
+                    raise AssertionError(f"ended before {what!r}: {self.text[-1500:]}")
+
+    def _read(self):
+        try:
+            chunk = os.read(self.master, 65536)
+        except OSError:  # EIO: the other side is closed
+            return False
+        self.raw += chunk
+        return bool(chunk)
+
+    def key(self, ch):
+        os.write(self.master, ch.encode())
+
+    def finish(self, timeout=30):
+        deadline = time.monotonic() + timeout
+        while self._read():
+            assert time.monotonic() < deadline, "the run did not end"
+        code = self.proc.wait(timeout=max(1, deadline - time.monotonic()))
+        os.close(self.master)
+        return code
+
+    def kill(self):
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, 9)
+            self.proc.wait(10)
+
+
+@pytest.fixture
+def screen(tmp_path):
+    made = []
+
+    def make(args, **size):
+        made.append(Pty(args, tmp_path, **size))
+        return made[-1]
+
+    yield make
+    for p in made:
+        p.kill()
+
+
+def test_chatty_workers_never_tear_a_line_and_keys_p_r_s_work(screen):
+    term = screen(["run", "--workers", "2", "--target", "targets_control:chatty", "--schedule", "run",
+                   "--step", "0", "--name", "chat"])
+    term.wait_for("processed item 1999")  # both workers wrote everything; the view goes on
+    term.wait_for("keys: p pause")
+    term.key("p")
+    term.wait_for("paused every worker")
+    term.key("r")
+    term.wait_for("resumed every worker")
+    term.key("s")
+    assert term.finish() == 0
+    text = term.text
+    assert "run chat" in text and f"pid {term.proc.pid}" in text and "chat.sock" in text  # the footer
+    lines = [seg.strip() for seg in text.split("\n") if "processed item" in seg]
+    hidden = sum(int(n) for n in re.findall(r"\[procctl\] (\d+) lines of worker \d's output not shown", text))
+    assert len(lines) + hidden == 4000  # each line shown once whole, or counted
+    assert len(lines) >= 400
+    for line in lines:
+        assert re.fullmatch(r"\[(\d)\] worker \1 processed item \d+", line), repr(line)
+    assert "summary: 2 workers, 2 stopped" in text
+
+
+def test_q_stops_at_once_and_the_countdown_shows_during_a_grace(screen):
+    term = screen(["run", "--workers", "2", "--target", "targets:ignore_stop", "--schedule", "run",
+                   "--step", "0", "--grace", "1.5"])
+    term.wait_for("keys: p pause")
+    term.key("s")
+    term.wait_for("grace period left; still running: 0, 1")
+    assert term.finish() == 1  # the workers ignored the stop: killed after the grace
+    assert "2 killed" in term.text
+
+    term = screen(["run", "--workers", "2", "--target", "targets:ignore_stop", "--schedule", "run",
+                   "--step", "0", "--grace", "30"])
+    term.wait_for("keys: p pause")
+    started = time.monotonic()
+    term.key("q")
+    assert term.finish() == 1
+    assert time.monotonic() - started < 15  # not the 30 s grace
+    assert "stopping now" in term.text or "2 killed" in term.text
+
+
+def test_at_50_columns_columns_go_rather_than_the_state(screen):
+    term = screen(["run", "--workers", "3", "--target", "targets_control:steady", "--schedule", "run",
+                   "--step", "0"], cols=50)
+    term.wait_for("keys:")
+    term.wait_for("running")
+    text = term.text
+    rows = [line for line in text.split("\n") if re.match(r"\s*[0-2]\s+\S", line) and "running" in line]
+    assert rows, text[-2000:]
+    header = next(line for line in reversed(text.split("\n")) if "worker" in line and "state" in line)
+    assert "rss" not in header and "info" not in header  # dropped for the narrow screen
+    term.key("s")
+    assert term.finish() == 0
+
+
+def test_without_a_terminal_lines_are_prefixed_and_a_crash_loses_nothing(tmp_path):
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    res = run_cli(["run", "--workers", "3", "--target", "targets_control:print_then_crash", "--schedule", "run,stop",
+                   "--step", "0.3", "--log-dir", str(logs)], cwd=TESTS)
+    assert res.returncode == 1, res.stderr
+    assert "[0] before the crash, line 1\n[0] before the crash, line 2\n" in res.stdout
+    files = sorted(p.name for p in logs.iterdir())
+    assert len(files) == 3 and all(re.fullmatch(r"worker-[0-2]-\d+\.log", f) for f in files)
+    crashed = next(p for p in logs.iterdir() if p.name.startswith("worker-0-"))
+    assert crashed.read_text() == "before the crash, line 1\nbefore the crash, line 2\n"
+
+    res = run_cli(["run", "--workers", "2", "--target", "targets_control:chatty", "--schedule", "run,stop",
+                   "--step", "0.5", "--json"], cwd=TESTS)
+    assert res.returncode == 0, res.stderr
+    out = [line for line in res.stderr.splitlines() if "processed item" in line]
+    assert len(out) == 4000 and all(re.fullmatch(r"\[(\d)\] worker \1 processed item \d+", x) for x in out)
+    assert res.stdout.splitlines()[-1].startswith('{"event": "summary"')  # stdout stays JSON Lines
+
+
+def test_log_dir_must_be_a_writable_directory(tmp_path):
+    res = run_cli(["run", "--log-dir", str(tmp_path / "missing")])
+    assert res.returncode == 2 and len(res.stderr.splitlines()) == 1 and "--log-dir" in res.stderr

@@ -1,0 +1,67 @@
+"""The timeline from an event log: `procctl timeline` draws what --timeline drew; the Chrome trace."""
+
+from __future__ import annotations
+
+import json
+import os
+
+from clihelp import run_cli
+
+TESTS = os.path.dirname(os.path.abspath(__file__))
+
+
+def test_timeline_and_trace_from_the_log_equal_the_runs_own(tmp_path):
+    log, html, trace = tmp_path / "run.jsonl", tmp_path / "run.html", tmp_path / "run.json"
+    res = run_cli(["run", "--workers", "3", "--target", "targets_control:steady", "--schedule", "run,pause,run,stop",
+                   "--step", "0.2", "--quiet", "--events", str(log), "--timeline", str(html), "--trace", str(trace)],
+                  cwd=TESTS)
+    assert res.returncode == 0, res.stderr
+    assert f"wrote the timeline to {html}" in res.stderr and f"wrote the Chrome trace to {trace}" in res.stderr
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [r["state"] for r in records if r["event"] == "broadcast"] == ["running", "paused", "running", "stopped"]
+
+    again = tmp_path / "again.html"
+    res = run_cli(["timeline", str(log), "-o", str(again)])
+    assert res.returncode == 0, res.stderr
+    assert again.read_text() == html.read_text()
+    svg = tmp_path / "again.svg"
+    assert run_cli(["timeline", str(log), "-o", str(svg)]).returncode == 0
+    assert svg.read_text().count('class="broadcast ') == 4
+
+    chrome = tmp_path / "again.json"
+    res = run_cli(["timeline", str(log), "--format", "chrome", "-o", str(chrome)])
+    assert res.returncode == 0, res.stderr
+    assert chrome.read_text() == trace.read_text()
+    events = json.loads(trace.read_text())["traceEvents"]
+    assert {e["ph"] for e in events} == {"M", "X", "i", "C"}
+    spans = {(e["tid"], e["name"]) for e in events if e["ph"] == "X"}
+    assert {(tid, name) for tid in (1, 2, 3) for name in ("running", "paused", "grace")} <= spans
+    outcomes = [e for e in events if e["ph"] == "i" and e["cat"] == "outcome"]
+    assert sorted(e["name"] for e in outcomes) == ["stopped"] * 3
+    broadcasts = [e["name"] for e in events if e["ph"] == "i" and e["cat"] == "broadcast"]
+    assert broadcasts == ["broadcast running", "broadcast paused", "broadcast running", "broadcast stopped"]
+    counters = {e["name"]: e["args"] for e in events if e["ph"] == "C"}
+    assert counters["progress worker 2"] == {"done": 3, "total": 10}
+    for e in events:
+        if e["ph"] == "X":
+            assert e["dur"] >= 0 and e["ts"] >= 0
+
+
+def test_timeline_of_a_bad_log_is_one_line(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("not json\n")
+    res = run_cli(["timeline", str(bad)])
+    assert res.returncode == 2 and len(res.stderr.splitlines()) == 1 and "not an event log" in res.stderr
+    res = run_cli(["timeline", str(tmp_path / "missing.jsonl")])
+    assert res.returncode == 2 and len(res.stderr.splitlines()) == 1
+    res = run_cli(["timeline", str(bad), "-o", str(tmp_path / "x.png")])
+    assert res.returncode == 2 and len(res.stderr.splitlines()) == 1
+
+
+def test_a_log_torn_by_a_kill_still_draws(tmp_path):
+    log = tmp_path / "torn.jsonl"
+    log.write_text('{"t": 0.1, "event": "running", "worker": 0}\n{"t": 0.5, "event": "broadcast", "sta')
+    out = tmp_path / "torn.html"
+    res = run_cli(["timeline", str(log)])
+    assert res.returncode == 0, res.stderr
+    assert out.exists() and 'data-worker="0"' in out.read_text()
