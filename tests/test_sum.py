@@ -71,7 +71,7 @@ def _ours(proc: psutil.Process) -> bool:
     try:
         if proc.status() == psutil.STATUS_ZOMBIE:
             return False
-        return not any(h in " ".join(proc.cmdline()) for h in ("resource_tracker", "forkserver"))
+        return not any(h in " ".join(proc.cmdline()) for h in ("resource_tracker", "forkserver", "procctl.guardian"))
     except (psutil.NoSuchProcess, psutil.AccessDenied):
         return False  # ended while we looked
 

@@ -275,7 +275,7 @@ def test_live_view_marks_a_silent_worker():
     view = LiveView(lambda: [], "t", heartbeat=1.0)
     row = WorkerStatus(0, 1, State.RUNNING, True, restarts=2, beat_age=0.7)
     assert view.silent(row) and not view.silent(WorkerStatus(0, 1, State.RUNNING, True, beat_age=0.2))
-    assert "no beat" in str(view._cells(row)[0]) and "r2" in str(view._cells(row)[0])
+    assert "no beat" in str(view._cells(row)["state"]) and "r2" in str(view._cells(row)["state"])
 
 
 # -- resize and per-worker commands ---------------------------------------------------------
