@@ -9,7 +9,8 @@ import signal
 
 
 def main() -> None:
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2})
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2,
+                                              signal.SIGTTIN, signal.SIGTTOU})
     from .cli import main as cli_main
 
     cli_main()
