@@ -10,6 +10,7 @@ a get (`Closed`) or a put (False) at once.
 
 from __future__ import annotations
 
+import itertools
 import pickle
 import queue
 import select
@@ -42,7 +43,7 @@ class WorkEnd:
         self.channels = channels  # name -> (channel id, maxsize)
         self.credits: dict[int, int] = {}
         self.wanting: set[int] = set()
-        self.tasks: deque[Message] = deque()
+        self.tasks: deque[tuple[int, bytes, bytes]] = deque()
 
     # -- channels -----------------------------------------------------------
 
@@ -114,10 +115,12 @@ class WorkEnd:
 
     # -- tasks --------------------------------------------------------------
 
-    def next_task(self, ctx: WorkerContext) -> Message | None:
-        """The next task, or None if a command came first."""
-        # One message at a time: a task we have not read stays in the socket,
-        # where the manager takes it back if we die.
+    def next_task(self, ctx: WorkerContext) -> tuple[int, bytes, bytes] | None:
+        """The next task (id, pickled function, pickled call), or None if a command came first."""
+        # One message at a time: tasks we have not read stay in the socket,
+        # where the manager takes them back if we die.  Those of a message
+        # we have read run in order, each result sent before the next
+        # starts, so the manager can tell which one a death interrupted.
         while not self.tasks:
             try:
                 msg = workwire.recv(self.sock)
@@ -129,6 +132,13 @@ class WorkEnd:
                 return None
             self._absorb(msg)
         return self.tasks.popleft()
+
+    def return_tasks(self, ctx: WorkerContext) -> None:
+        """Give back the tasks read but not started (we are leaving)."""
+        if self.tasks:
+            ids = b"".join(workwire.TASK_IDS.pack(tid) for tid, _, _ in self.tasks)
+            self.tasks.clear()
+            self._send(ctx, Kind.RETURNED, payload=ids)
 
     # -- the wire -----------------------------------------------------------
 
@@ -169,7 +179,7 @@ class WorkEnd:
             self.credits[msg.channel] = self.credits.get(msg.channel, 0) + msg.tag
             self.wanting.discard(msg.channel)
         elif msg.kind is Kind.TASK:
-            self.tasks.append(msg)
+            self.tasks.extend(workwire.unpack_tasks(msg.payload))
         # A stray reply (ITEM, CLOSED, CANCELLED) cannot come: one request at a time.
 
     def _send(
@@ -221,37 +231,81 @@ def run_tasks(
             end._send(ctx, Kind.INIT_FAILED, payload=traceback.format_exc().encode())
             return 0
     done = 0
+    send, result = end._send, Kind.RESULT
+    functions: dict[bytes, Any] = {}
     while ctx.checkpoint():
-        msg = end.next_task(ctx)
-        if msg is None:
+        task = end.next_task(ctx)
+        if task is None:
             continue  # a command: checkpoint() applies it
-        payload = _run_task(ctx, msg.payload)
-        end._send(ctx, Kind.RESULT, tag=msg.tag, payload=payload)
+        send(ctx, result, tag=task[0], payload=_run_task(ctx, functions, task[1], task[2]))
         done += 1
         if max_tasks is not None and done >= max_tasks:
             break
+    end.return_tasks(ctx)
     return done
 
 
-def _run_task(ctx: WorkerContext, blob: bytes) -> bytes:
+#: What a pickled call is: one call (fn, args, kwargs), or a chunk of a map
+#: (fn, items, star): fn(item) or fn(*item) for each item.
+CALL, CHUNK = 0, 1
+#: A chunk checks for commands between blocks of items; a block grows while
+#: it takes less than this, so pause and stop stay prompt with tiny items.
+BLOCK_SECONDS = 0.001
+
+
+def _run_task(ctx: WorkerContext, functions: dict[bytes, Any], fn_blob: bytes, blob: bytes) -> bytes:
+    done: list[Any] = []  # a chunk's results so far, in whole blocks
     try:
-        fn, calls, chunk = pickle.loads(blob)
-        if chunk:
-            value: Any = [fn(*args, **kwargs) for args, kwargs in calls]
+        fn = functions.get(fn_blob)
+        if fn is None:
+            if len(functions) >= 64:
+                functions.clear()
+            fn = functions[fn_blob] = pickle.loads(fn_blob)
+        kind, a, b = pickle.loads(blob)
+        if kind == CHUNK:
+            value: Any = _run_chunk(ctx, fn, a, b, done)
         else:
-            args, kwargs = calls[0]
-            value = fn(*args, **kwargs)
+            value = fn(*a, **b)
     except BaseException as exc:  # noqa: BLE001 - the task's exception is its result
         if saw_stop(ctx):
-            return pickle.dumps((STOPPED, None, None))
+            return _dump_stopped(done, True)
         return _dump_error(exc, traceback.format_exc())
     if saw_stop(ctx):
-        return pickle.dumps((STOPPED, None, None))  # it saw STOPPED: cut short
+        # It saw STOPPED: cut short. A chunk says how far it got.
+        return _dump_stopped(done, value is not _BETWEEN)
     try:
         return pickle.dumps((OK, value, None), pickle.HIGHEST_PROTOCOL)
     except Exception as exc:  # noqa: BLE001 - pickling runs the result's own code
         err = TypeError(f"the result of type {type(value).__name__} could not be pickled: {exc!r}")
         return _dump_error(err, traceback.format_exc())
+
+
+_BETWEEN = object()  # a chunk stopped between two blocks: no item was interrupted
+
+
+def _run_chunk(ctx: WorkerContext, fn: Callable[..., Any], items: list[Any], star: bool,
+               done: list[Any]) -> Any:
+    """fn over the items, in blocks with a checkpoint between them (a paused
+    chunk waits there). At STOPPED, `done` holds the blocks that ran before it;
+    a block that saw STOPPED counts as interrupted (its first item as running)."""
+    clock = time.perf_counter
+    step, i, n = 1, 0, len(items)
+    while i < n:
+        if not ctx.checkpoint():
+            return _BETWEEN
+        t0 = clock()
+        block = items[i:i + step]
+        out = list(itertools.starmap(fn, block) if star else map(fn, block))
+        if saw_stop(ctx):
+            return None  # an item was told to stop
+        done.extend(out)
+        i += len(block)
+        took = clock() - t0
+        if took < BLOCK_SECONDS:
+            step *= 2
+        elif took > 2 * BLOCK_SECONDS and step > 1:
+            step //= 2
+    return done
 
 
 def saw_stop(ctx: WorkerContext) -> bool:
@@ -264,6 +318,15 @@ def saw_stop(ctx: WorkerContext) -> bool:
     to the task that was running when it was set.
     """
     return ctx._saw_stop
+
+
+def _dump_stopped(done: list[Any], interrupted: bool) -> bytes:
+    """A task cut short by STOPPED: the results of a chunk's first items, and
+    whether the next one had started."""
+    try:
+        return pickle.dumps((STOPPED, done, interrupted), pickle.HIGHEST_PROTOCOL)
+    except Exception:  # noqa: BLE001 - then none of them counts as done
+        return pickle.dumps((STOPPED, [], True))
 
 
 def _dump_error(exc: BaseException, tb: str) -> bytes:
