@@ -40,7 +40,7 @@ import threading
 import time
 import weakref
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from concurrent.futures import BrokenExecutor, CancelledError, Executor, Future, InvalidStateError
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
@@ -157,6 +157,22 @@ class _MapRun:
         if type(value) is _Raised:
             raise value.exc
         return value
+
+
+class _Chunks(itertools.chain):  # type: ignore[type-arg]
+    """map()'s results when they come in chunks: a chain over the chunks'
+    lists (C speed per item), that closes like the stdlib map's generator."""
+
+    _chunks: Generator[Any, None, None]
+
+    @classmethod
+    def of(cls, chunks: Generator[Any, None, None]) -> _Chunks:
+        it = cls.from_iterable(chunks)
+        it._chunks = chunks
+        return it
+
+    def close(self) -> None:
+        self._chunks.close()
 
 
 class _Task:
@@ -349,15 +365,22 @@ class ProcessExecutor(Executor):
         if timeout is not None:
             end_time = timeout + time.monotonic()
         star = len(iterables) != 1
-        items: list[Any] = list(zip(*iterables)) if star else list(iterables[0])  # noqa: B905 - as the stdlib's map: the shortest ends it
+        items: Sequence[Any]
+        if star:
+            items = list(zip(*iterables))  # noqa: B905 - as the stdlib's map: the shortest ends it
+        elif isinstance(iterables[0], (list, tuple, range)):
+            items = iterables[0]  # sliced below: each task gets its own copy
+        else:
+            items = list(iterables[0])
         if chunksize is None:
             chunksize = max(1, math.ceil(len(items) / (4 * self._max_workers)))
         fn_blob = self._pickled(fn)
         run = _MapRun(math.ceil(len(items) / chunksize))
         chunked = chunksize > 1
-        step = SUBMIT_SLICE * chunksize
+        # Whole chunks per slice; big chunks go out one by one, as soon as pickled.
+        step = chunksize * max(1, SUBMIT_SLICE // chunksize)
         for start in range(0, len(items), step):
-            part = items[start:start + step]
+            part: Any = items[start:start + step]
             first = start // chunksize
             if not chunked:
                 tasks = [self._new_task(fn_blob, (CALL, item if star else (item,), {}), [item], False,
@@ -375,17 +398,17 @@ class ProcessExecutor(Executor):
             try:
                 for i in range(len(run.values)):
                     value = run.wait(i, end)
-                    if chunked:
-                        yield from value
-                        if type(value) is _Cut:
-                            raise CancelledError()  # stop() cut the chunk: the rest was handed back
-                    else:
+                    if chunked and type(value) is _Cut:
                         yield value
+                        raise CancelledError()  # stop() cut the chunk: the rest was handed back
+                    yield value
                 i = len(run.values)
             finally:
                 for j in range(i, len(run.values)):
                     run.cancel(j)
 
+        if chunked:
+            return _Chunks.of(results())
         return results()
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:

@@ -82,6 +82,9 @@ def sleep_for(seconds):
 
 def until_stopped(tag):
     ctx = procctl.context()
+    started_dir = os.environ.get("WORKPLANE_STARTED_DIR")
+    if started_dir:  # tell the test it has started
+        open(os.path.join(started_dir, str(tag)), "w").close()
     while ctx.checkpoint():
         ctx.sleep(0.02)
     return tag
