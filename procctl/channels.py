@@ -6,12 +6,18 @@
                              +--------------------+
 
 The manager is the single owner of every channel: items live in its deques,
-and it sends one to a worker only when that worker asks (GET), so it knows
-at every moment which items each worker holds.  When a worker ends, for
-whatever reason, the broker reads back from its copy of the worker's socket
-whatever the worker never read (see workwire.py) and puts those items back
-at the head of their channel.  So, per channel, once the controller has
-stopped: ``put == got + drained``, exactly.
+and it sends a worker items only as far as that worker asked (GET carries a
+count: a consumer keeps a small window of items coming, so it never waits
+for a round trip per item), so it knows at every moment which items each
+worker may hold.  Items sent and not yet read wait in the worker's socket,
+where the broker can take them back: when the workers are PAUSED (a paused
+worker holds nothing; the requests stay, dormant, until RUNNING) and when a
+worker ends, for whatever reason, the broker reads back from its copy of the
+worker's socket whatever the worker never read (see workwire.py) and puts
+those items back at the head of their channel.  An item a worker had to
+read past (waiting for a put credit behind it) it gives back (UNGET) at
+PAUSED or STOPPED.  So, per channel, once the controller has stopped:
+``put == got + drained``, exactly.
 
 A bounded channel grants put credits to producers while it has room
 (``queued + credits <= maxsize``); a producer without credit waits for them,
@@ -65,7 +71,7 @@ class _Chan:
     def __init__(self, name: str, cid: int, maxsize: int) -> None:
         self.name, self.cid, self.maxsize = name, cid, maxsize
         self.items: deque[bytes] = deque()
-        self.consumers: deque[_Link] = deque()  # workers waiting with a GET
+        self.consumers: deque[_Link] = deque()  # workers with an open GET, served in turn
         self.wanting: deque[_Link] = deque()  # producers waiting for credits
         self.credits: dict[int, int] = {}  # worker id -> credits granted, unspent
         self.put = self.got = self.drained = 0
@@ -81,14 +87,15 @@ class _Chan:
 class _Link:
     """The broker's record of one worker's link."""
 
-    __slots__ = ("wid", "sock", "child", "waiting_on", "closed")
+    __slots__ = ("wid", "sock", "child", "asked", "stalled", "closed")
 
     def __init__(self, wid: int) -> None:
         self.wid = wid
         self.sock, self.child = workwire.pair()
         self.sock.setblocking(False)
         self.child.setblocking(False)
-        self.waiting_on: _Chan | None = None  # the channel of the worker's unanswered GET
+        self.asked: dict[int, int] = {}  # channel id -> items the worker asked for, not yet sent
+        self.stalled = False  # its socket is full: wait until it is writable
         self.closed = False
 
 
@@ -150,15 +157,16 @@ class ChannelPlane:
         (the workers withdraw them); STOPPED: wake the manager's blocked puts and gets."""
         with self._lock:
             if state is State.PAUSED:
+                # Nothing more goes out, and what the workers have not read comes back.
                 self._paused = True
+                for link in self._links.values():
+                    if not link.closed:
+                        self._take_back(link)
                 for chan in self._by_id:
-                    chan.consumers.clear()  # their requests stay, dormant, until withdrawn
+                    if chan.items:
+                        self._changed.notify_all()
             elif state is State.RUNNING:
                 self._paused = False
-                for link in self._links.values():
-                    wanted = link.waiting_on
-                    if wanted is not None and not link.closed and link not in wanted.consumers:
-                        wanted.consumers.append(link)
                 for chan in self._by_id:
                     self._serve_waiting(chan)
             else:
@@ -215,7 +223,7 @@ class ChannelPlane:
         selector = self._selector
         assert selector is not None
         while not self._quit:
-            for key, _ in selector.select():
+            for key, events in selector.select():
                 if key.data is None:
                     try:
                         while os.read(self._wake_r, 512):
@@ -225,8 +233,12 @@ class ChannelPlane:
                     continue
                 with self._lock:
                     link = key.data
-                    if not link.closed:
+                    if link.closed:
+                        continue
+                    if events & selectors.EVENT_READ:
                         self._read(link)
+                    if events & selectors.EVENT_WRITE and link.stalled and not link.closed:
+                        self._unstall(link)
 
     # -- messages (called with the lock held) -------------------------------------
 
@@ -243,22 +255,16 @@ class ChannelPlane:
                 chan.credits[link.wid] = credits - 1
             self._accept(chan, msg.payload)
         elif kind is Kind.GET:
-            if self._paused:
-                link.waiting_on = chan  # dormant: the worker withdraws it, or RUNNING wakes it
-            elif chan.items:
-                self._deliver(chan, link, chan.items.popleft())
-            elif chan.closed or self._stopping:
-                self._reply(link, Kind.CLOSED, chan.cid)
-            else:
-                link.waiting_on = chan
+            link.asked[chan.cid] = link.asked.get(chan.cid, 0) + max(1, msg.tag)
+            if link not in chan.consumers:
                 chan.consumers.append(link)
+            self._serve_waiting(chan)
         elif kind is Kind.CANCEL:
-            if link.waiting_on is chan:
-                link.waiting_on = None
-                if link in chan.consumers:
-                    chan.consumers.remove(link)
-                self._reply(link, Kind.CANCELLED, chan.cid)
-            # else the ITEM or CLOSED reply is already on its way: the worker sees it first
+            # Withdraw the whole request; items already sent arrive before the reply.
+            link.asked.pop(chan.cid, None)
+            if link in chan.consumers:
+                chan.consumers.remove(link)
+            self._reply(link, Kind.CANCELLED, chan.cid)
         elif kind is Kind.UNGET:
             chan.got -= 1
             chan.items.appendleft(msg.payload)
@@ -276,24 +282,68 @@ class ChannelPlane:
             chan.leftovers.append(payload)
             return
         chan.items.append(payload)
-        self._serve_waiting(chan)
-
-    def _serve_waiting(self, chan: _Chan) -> None:
-        while chan.items and chan.consumers:
-            self._deliver(chan, chan.consumers.popleft(), chan.items.popleft())
-        if chan.items:
+        if chan.consumers and not self._paused:
+            self._serve_waiting(chan)
+        else:
             self._changed.notify_all()
 
-    def _deliver(self, chan: _Chan, link: _Link, payload: bytes) -> None:
-        link.waiting_on = None
+    def _serve_waiting(self, chan: _Chan) -> None:
+        """Send queued items to the workers that asked, in turn; then tell those
+        still asking on a closed, empty channel that it is closed."""
+        if self._paused:
+            return
+        consumers, items, cid = chan.consumers, chan.items, chan.cid
+        sent = False
+        while items and consumers:
+            link = consumers.popleft()
+            if not self._deliver(chan, link, items[0]):
+                continue
+            items.popleft()
+            sent = True
+            left = link.asked[cid] - 1
+            if left:
+                link.asked[cid] = left
+                consumers.append(link)
+            else:
+                del link.asked[cid]
+        if items:
+            self._changed.notify_all()
+        elif chan.closed or self._stopping:
+            while consumers:
+                link = consumers.popleft()
+                link.asked.pop(cid, None)
+                self._reply(link, Kind.CLOSED, cid)
+        if sent:
+            self._grant(chan)
+
+    def _deliver(self, chan: _Chan, link: _Link, payload: bytes) -> bool:
+        if link.stalled:
+            return False
         try:
             workwire.send(link.sock, Kind.ITEM, chan.cid, 0, payload)
-        except OSError as exc:  # the worker's socket is gone or full: keep the item
+        except BlockingIOError:
+            # Its socket is full of items it has not read: serve it again
+            # once it is writable (the broker's selector says when).
+            link.stalled = True
+            if self._selector is not None and not link.closed:
+                self._selector.modify(link.sock, selectors.EVENT_READ | selectors.EVENT_WRITE, link)
+            return False
+        except OSError as exc:  # the worker is gone: _end_link takes its items back
             log.debug("channel %s: cannot send to worker %d (%r)", chan.name, link.wid, exc)
-            chan.items.appendleft(payload)
-            return
+            link.asked.pop(chan.cid, None)
+            return False
         chan.got += 1
-        self._grant(chan)
+        return True
+
+    def _unstall(self, link: _Link) -> None:
+        link.stalled = False
+        if self._selector is not None:
+            self._selector.modify(link.sock, selectors.EVENT_READ, link)
+        for cid in link.asked:
+            chan = self._by_id[cid]
+            if link not in chan.consumers:
+                chan.consumers.append(link)
+            self._serve_waiting(chan)
 
     def _grant(self, chan: _Chan) -> None:
         """Give credits to waiting producers while the channel has room."""
@@ -318,22 +368,43 @@ class ChannelPlane:
         except OSError as exc:
             log.debug("cannot reply %s to worker %d (%r)", kind.name, link.wid, exc)
 
+    def _take_back(self, link: _Link) -> None:
+        """Read back what the worker has not read: its items go first in line
+        again (their requests stay open), its other messages go back in order."""
+        msgs = workwire.recv_all(link.child)
+        for msg in reversed(msgs):
+            if msg.kind is Kind.ITEM:
+                self._unsend(link, msg)
+        others = [msg for msg in msgs if msg.kind is not Kind.ITEM]
+        for msg in others:
+            try:
+                workwire.send(link.sock, msg.kind, msg.channel, msg.tag, msg.payload)
+            except OSError as exc:
+                log.debug("cannot give back %s to worker %d (%r)", msg.kind.name, link.wid, exc)
+
+    def _unsend(self, link: _Link, msg: Message) -> None:
+        chan = self._by_id[msg.channel]
+        chan.got -= 1
+        chan.items.appendleft(msg.payload)
+        if not link.closed:
+            link.asked[chan.cid] = link.asked.get(chan.cid, 0) + 1
+            if link not in chan.consumers:
+                chan.consumers.append(link)
+
     def _end_link(self, link: _Link) -> None:
         """The worker is gone: read what it sent, take back what it never read."""
         self._read(link)
-        for msg in workwire.recv_all(link.child):
-            chan = self._by_id[msg.channel]
-            if msg.kind is Kind.ITEM:
-                chan.got -= 1
-                chan.items.appendleft(msg.payload)  # never taken: first in line again
         link.closed = True
+        for msg in reversed(workwire.recv_all(link.child)):
+            if msg.kind is Kind.ITEM:
+                self._unsend(link, msg)  # never taken: first in line again
         for chan in self._by_id:
             if link in chan.consumers:
                 chan.consumers.remove(link)
             if link in chan.wanting:
                 chan.wanting.remove(link)
             chan.credits.pop(link.wid, None)
-        link.waiting_on = None
+        link.asked.clear()
         if self._selector is not None:
             try:
                 self._selector.unregister(link.sock)
@@ -385,11 +456,7 @@ class ChannelPlane:
             if chan.closed:
                 return
             chan.closed = True
-            if not chan.items:
-                while chan.consumers:
-                    link = chan.consumers.popleft()
-                    link.waiting_on = None
-                    self._reply(link, Kind.CLOSED, chan.cid)
+            self._serve_waiting(chan)
             self._changed.notify_all()
 
     def drain(self, chan: _Chan) -> list[Any]:

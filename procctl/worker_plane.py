@@ -1,9 +1,11 @@
 """The child side of the work plane: channel get/put/iter, and the executor's task loop.
 
-A worker asks for an item (GET) and the manager sends one only then, so a
-worker never holds an item it did not ask for; a PAUSED or timed-out get
-withdraws its request (CANCEL) and gives back an item that crossed it
-(UNGET).  Puts to a bounded channel spend credits the manager grants while
+A worker asks for items (GET, PREFETCH at a time) and the manager sends
+them only then; they wait in the worker's socket until a get() reads one,
+and the manager takes back the unread ones at PAUSED or when the worker
+ends.  A timed-out get withdraws its request (CANCEL) and gives back an
+item that crossed it (UNGET); items read past (waiting for another reply)
+are given back at PAUSED and STOPPED.  Puts to a bounded channel spend credits the manager grants while
 the channel has room.  Every wait here also wakes on a command: STOPPED ends
 a get (`Closed`) or a put (False) at once.
 """
@@ -34,6 +36,11 @@ if TYPE_CHECKING:
 OK, ERR, STOPPED = "ok", "err", "stopped"
 
 
+#: A consumer asks for this many items of a channel at a time, and asks for
+#: more when half have come: items flow without a round trip per item.
+PREFETCH = 64
+
+
 class WorkEnd:
     """The worker's end of its work link."""
 
@@ -44,6 +51,9 @@ class WorkEnd:
         self.credits: dict[int, int] = {}
         self.wanting: set[int] = set()
         self.tasks: deque[tuple[int, bytes, bytes]] = deque()
+        #: channel id -> items asked for (GET) and not yet come; they wait in
+        #: the socket, where the manager can take them back.
+        self.asked: dict[int, int] = {}
 
     # -- channels -----------------------------------------------------------
 
@@ -58,31 +68,35 @@ class WorkEnd:
         cid, _ = self.channel(name)
         end = _deadline(timeout)
         while True:
-            if not ctx.checkpoint():
+            if not ctx.checkpoint():  # a paused worker waits here, holding nothing
                 raise Closed(name)
-            self._send(ctx, Kind.GET, cid)
+            asked = self.asked.get(cid, 0)
+            if asked <= PREFETCH // 2:
+                self._send(ctx, Kind.GET, cid, PREFETCH - asked)
+                self.asked[cid] = PREFETCH
             reply = self._await_reply(ctx, cid, end)
             if reply is not None:
-                if reply.kind is Kind.CLOSED:
-                    raise Closed(name)
-                return pickle.loads(reply.payload)
+                if reply.kind is Kind.ITEM:
+                    self.asked[cid] -= 1
+                    return pickle.loads(reply.payload)
+                self.asked.pop(cid, None)
+                raise Closed(name)
             if ctx.state is State.STOPPED:
                 raise Closed(name)
-            # Interrupted by PAUSED or the timeout: withdraw the request.
-            self._send(ctx, Kind.CANCEL, cid)
+            if ctx.state is State.PAUSED:
+                continue  # the manager takes back what we have not read
+            # The timeout: withdraw the request; an item that crossed it goes back.
+            self._withdraw(ctx, cid)
+            raise queue.Empty(f"nothing arrived on channel {name!r} within {timeout}s")
+
+    def _withdraw(self, ctx: WorkerContext, cid: int) -> None:
+        self._send(ctx, Kind.CANCEL, cid)
+        self.asked.pop(cid, None)
+        while True:
             reply = self._await_reply(ctx, cid, None, until=(Kind.ITEM, Kind.CLOSED, Kind.CANCELLED))
-            if reply is None:  # STOPPED came
-                raise Closed(name)
-            if reply.kind is Kind.CLOSED:
-                raise Closed(name)
-            paused = ctx.state is State.PAUSED
-            if reply.kind is Kind.ITEM:
-                if not paused:
-                    return pickle.loads(reply.payload)
-                # It crossed our CANCEL: a paused worker holds nothing.
-                self._send(ctx, Kind.UNGET, cid, payload=reply.payload)
-            elif not paused:
-                raise queue.Empty(f"nothing arrived on channel {name!r} within {timeout}s")
+            if reply is None or reply.kind is not Kind.ITEM:
+                return  # STOPPED (the manager takes back the rest), CLOSED or CANCELLED
+            self._send(ctx, Kind.UNGET, cid, payload=reply.payload)
 
     def put(self, ctx: WorkerContext, name: str, item: Any, timeout: float | None) -> bool:
         cid, maxsize = self.channel(name)
@@ -99,7 +113,7 @@ class WorkEnd:
                 if remaining is not None and remaining <= 0:
                     raise queue.Full(f"channel {name!r} stayed full for {timeout}s")
                 if ctx.wait_readable(self.sock, remaining):
-                    self._absorb_all()
+                    self._absorb_all(ctx)
                 elif ctx.state is not State.RUNNING and not ctx.checkpoint():
                     return False  # STOPPED: the item was not sent
             self.credits[cid] -= 1
@@ -130,7 +144,7 @@ class WorkEnd:
                 continue
             if msg is None:
                 return None
-            self._absorb(msg)
+            self._absorb(ctx, msg)
         return self.tasks.popleft()
 
     def return_tasks(self, ctx: WorkerContext) -> None:
@@ -146,15 +160,22 @@ class WorkEnd:
         self, ctx: WorkerContext, cid: int, end: float | None,
         until: tuple[Kind, ...] = (Kind.ITEM, Kind.CLOSED),
     ) -> Message | None:
-        """Wait for the reply to our request on `cid`; None if a command
-        (any, or with `until` including CANCELLED, only STOPPED) or the
-        deadline came first."""
+        """Wait for a reply on `cid`; None if a command (any, or with `until`
+        including CANCELLED, only STOPPED) or the deadline came first. Reads
+        one message at a time: what we do not read stays the manager's."""
         cancelling = Kind.CANCELLED in until
         while True:
-            for msg in self._recv_all():
+            try:
+                msg = workwire.recv(self.sock)
+            except BlockingIOError:
+                msg = None
+            except OSError:
+                return None
+            if msg is not None:
                 if msg.kind in until and msg.channel == cid:
                     return msg
-                self._absorb(msg)
+                self._absorb(ctx, msg)
+                continue
             remaining = _remaining(end)
             if remaining is not None and remaining <= 0:
                 return None
@@ -170,17 +191,27 @@ class WorkEnd:
         except OSError:
             return []
 
-    def _absorb_all(self) -> None:
+    def _absorb_all(self, ctx: WorkerContext) -> None:
         for msg in self._recv_all():
-            self._absorb(msg)
+            self._absorb(ctx, msg)
 
-    def _absorb(self, msg: Message) -> None:
-        if msg.kind is Kind.CREDIT:
+    def _absorb(self, ctx: WorkerContext, msg: Message) -> None:
+        kind = msg.kind
+        if kind is Kind.CREDIT:
             self.credits[msg.channel] = self.credits.get(msg.channel, 0) + msg.tag
             self.wanting.discard(msg.channel)
-        elif msg.kind is Kind.TASK:
+        elif kind is Kind.TASK:
             self.tasks.extend(workwire.unpack_tasks(msg.payload))
-        # A stray reply (ITEM, CLOSED, CANCELLED) cannot come: one request at a time.
+        elif kind is Kind.ITEM:
+            # An item we asked for earlier, read past while we wait for
+            # something else: we hold nothing we are not handing to the
+            # caller, so it goes back now, and so does the rest of that request.
+            if self.asked.pop(msg.channel, 0):
+                self._send(ctx, Kind.CANCEL, msg.channel)
+            self._send(ctx, Kind.UNGET, msg.channel, payload=msg.payload)
+        elif kind is Kind.CLOSED:
+            self.asked.pop(msg.channel, None)  # the next get asks again, and hears it again
+        # CANCELLED: the end of a request withdrawn above; nothing to do.
 
     def _send(
         self, ctx: WorkerContext, kind: Kind, cid: int = 0, tag: int = 0, payload: bytes = b"",
