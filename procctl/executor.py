@@ -169,6 +169,7 @@ class _Chunks(itertools.chain):  # type: ignore[type-arg]
     @classmethod
     def of(cls, chunks: Generator[Any, None, None]) -> _Chunks:
         it = cls.from_iterable(chunks)
+        assert isinstance(it, _Chunks)
         it._chunks = chunks
         return it
 
@@ -394,7 +395,7 @@ class ProcessExecutor(Executor):
             self._enqueue(tasks)
         end = None if timeout is None else end_time
 
-        def results() -> Iterator[Any]:
+        def results() -> Generator[Any, None, None]:
             i = 0
             try:
                 for i in range(len(run.values)):
@@ -786,7 +787,7 @@ class ProcessExecutor(Executor):
         # In submission order, with no object made per task (100,000 of them
         # would wake the garbage collector over every future): the queued
         # ones are in order already, the few the workers held merge in.
-        was_running = {task.tid for task, flag in held if flag}
+        interrupted = {task.tid for task, flag in held if flag}
         everything = queued + [task for task, _ in held]
         if held:
             everything.sort(key=operator.attrgetter("tid"))
@@ -797,12 +798,12 @@ class ProcessExecutor(Executor):
             left = task.items[len(task.done):] if task.done else task.items
             items.extend(left)
             if task.done:
-                if task.tid in was_running:
+                if task.tid in interrupted:
                     running.extend(left[:1])
             else:
                 if task.future is not None:
                     futures.append(task.future)
-                if task.tid in was_running:
+                if task.tid in interrupted:
                     running.extend(left)
         _live_executors.discard(self)
         return Unfinished(items, running, futures)
