@@ -36,9 +36,12 @@ if TYPE_CHECKING:
 OK, ERR, STOPPED = "ok", "err", "stopped"
 
 
-#: A consumer asks for this many items of a channel at a time, and asks for
-#: more when half have come: items flow without a round trip per item.
-PREFETCH = 64
+#: A consumer keeps up to PREFETCH items of a channel coming (it asks for
+#: more when half have come), so items flow without a round trip per item;
+#: but no more than about PREFETCH_SECONDS of its work, by the time it has
+#: been taking per item, so that a slow consumer leaves the items to others.
+PREFETCH = 128
+PREFETCH_SECONDS = 0.002
 
 
 class WorkEnd:
@@ -54,6 +57,8 @@ class WorkEnd:
         #: channel id -> items asked for (GET) and not yet come; they wait in
         #: the socket, where the manager can take them back.
         self.asked: dict[int, int] = {}
+        self.per_item = 1.0  # a running mean of the caller's seconds between two gets
+        self.last_get = 0.0
 
     # -- channels -----------------------------------------------------------
 
@@ -71,14 +76,17 @@ class WorkEnd:
             if not ctx.checkpoint():  # a paused worker waits here, holding nothing
                 raise Closed(name)
             asked = self.asked.get(cid, 0)
-            if asked <= PREFETCH // 2:
-                self._send(ctx, Kind.GET, cid, PREFETCH - asked)
-                self.asked[cid] = PREFETCH
+            window = self._window()
+            if asked <= window // 2:
+                self._send(ctx, Kind.GET, cid, window - asked)
+                self.asked[cid] = window
             reply = self._await_reply(ctx, cid, end)
             if reply is not None:
                 if reply.kind is Kind.ITEM:
                     self.asked[cid] -= 1
-                    return pickle.loads(reply.payload)
+                    value = pickle.loads(reply.payload)
+                    self.last_get = time.perf_counter()
+                    return value
                 self.asked.pop(cid, None)
                 raise Closed(name)
             if ctx.state is State.STOPPED:
@@ -88,6 +96,12 @@ class WorkEnd:
             # The timeout: withdraw the request; an item that crossed it goes back.
             self._withdraw(ctx, cid)
             raise queue.Empty(f"nothing arrived on channel {name!r} within {timeout}s")
+
+    def _window(self) -> int:
+        now = time.perf_counter()
+        if self.last_get:
+            self.per_item += (now - self.last_get - self.per_item) * 0.25
+        return max(1, min(PREFETCH, int(PREFETCH_SECONDS / max(self.per_item, 1e-7))))
 
     def _withdraw(self, ctx: WorkerContext, cid: int) -> None:
         self._send(ctx, Kind.CANCEL, cid)
