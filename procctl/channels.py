@@ -87,7 +87,7 @@ class _Chan:
 class _Link:
     """The broker's record of one worker's link."""
 
-    __slots__ = ("wid", "sock", "child", "asked", "stalled", "closed")
+    __slots__ = ("wid", "sock", "child", "asked", "stalled", "closed", "sending", "unsent")
 
     def __init__(self, wid: int) -> None:
         self.wid = wid
@@ -96,7 +96,27 @@ class _Link:
         self.child.setblocking(False)
         self.asked: dict[int, int] = {}  # channel id -> items the worker asked for, not yet sent
         self.stalled = False  # its socket is full: wait until it is writable
+        # Held from the moment a message for this worker is decided (under the
+        # plane's lock) until it is sent (after it): messages go out in the
+        # order they were decided, and a take-back waits for those in flight.
+        self.sending = threading.Lock()
+        self.unsent: list[tuple[Kind, int, int, bytes]] = []  # replies a full socket refused
         self.closed = False
+
+
+class _Locked:
+    """`with plane._locked():` (a class, not contextlib's: one per put)."""
+
+    __slots__ = ("plane",)
+
+    def __init__(self, plane: ChannelPlane) -> None:
+        self.plane = plane
+
+    def __enter__(self) -> None:
+        self.plane._lock.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.plane._unlock()
 
 
 class ChannelPlane:
@@ -114,12 +134,75 @@ class ChannelPlane:
         self.channels = {name: Channel(self, c) for name, c in self._chans.items()}
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
+        # Messages decided under the lock, sent after it is released, so that
+        # the broker's sends never hold up the caller's put() (and back).
+        self._outbox: list[tuple[_Link, Kind, int, int, bytes]] = []
+        self._claimed: list[_Link] = []
+        self._locked_cm = _Locked(self)
         self._links: dict[int, _Link] = {}
         self._stopping = False
         self._paused = False
         self._selector: selectors.BaseSelector | None = None
         self._wake_r = self._wake_w = -1
         self._thread: threading.Thread | None = None
+
+    def _locked(self) -> _Locked:
+        """The plane's lock; what was decided under it is sent once it is released."""
+        return self._locked_cm
+
+    def _unlock(self) -> None:
+        outbox, claimed = self._outbox, self._claimed
+        if outbox or claimed:
+            self._outbox, self._claimed = [], []
+        self._lock.release()
+        if outbox or claimed:
+            self._flush(outbox, claimed)
+
+    def _claim(self, link: _Link) -> None:
+        # Called under the lock: the lock orders the claims, the sends follow it.
+        if link not in self._claimed:
+            link.sending.acquire()
+            self._claimed.append(link)
+
+    def _post(self, link: _Link, kind: Kind, cid: int, tag: int = 0, payload: bytes = b"") -> None:
+        self._claim(link)
+        self._outbox.append((link, kind, cid, tag, payload))
+
+    def _flush(self, outbox: list[tuple[_Link, Kind, int, int, bytes]], claimed: list[_Link]) -> None:
+        refused: list[tuple[_Link, Kind, int, int, bytes]] = []
+        full: set[_Link] = set()
+        try:
+            for entry in outbox:
+                link = entry[0]
+                if link in full:
+                    refused.append(entry)  # keep the order: nothing after a refusal
+                    continue
+                try:
+                    workwire.send(link.sock, entry[1], entry[2], entry[3], entry[4])
+                except OSError as exc:  # full (BlockingIOError), or the worker is gone
+                    log.debug("cannot send %s to worker %d (%r)", entry[1].name, link.wid, exc)
+                    full.add(link)
+                    refused.append(entry)
+        finally:
+            for link in claimed:
+                link.sending.release()
+        if refused:
+            with self._locked():
+                self._refused(refused)
+
+    def _refused(self, refused: list[tuple[_Link, Kind, int, int, bytes]]) -> None:
+        """Messages a worker's socket did not take: items go back first in line
+        (asked for again), replies wait; the link is served again once writable."""
+        for link, kind, cid, tag, payload in reversed(refused):
+            if kind is Kind.ITEM:
+                self._unsend(link, cid, payload)
+            elif not link.closed:
+                link.unsent.insert(0, (kind, cid, tag, payload))
+        for link in {entry[0] for entry in refused}:
+            if not link.closed and not link.stalled:
+                link.stalled = True
+                if self._selector is not None:
+                    self._selector.modify(link.sock, selectors.EVENT_READ | selectors.EVENT_WRITE, link)
 
     # -- the controller's hooks --------------------------------------------------
 
@@ -132,7 +215,7 @@ class ChannelPlane:
         child, and the fd for the controller's selector (None: ours)."""
         self._start()
         link = _Link(wid)
-        with self._lock:
+        with self._locked():
             old = self._links.get(wid)
             if old is not None and not old.closed:
                 self._end_link(old)
@@ -147,7 +230,7 @@ class ChannelPlane:
 
     def ended(self, wid: int, report: Any = None) -> None:
         """Worker `wid` has ended: take back what it never read."""
-        with self._lock:
+        with self._locked():
             link = self._links.get(wid)
             if link is not None and not link.closed:
                 self._end_link(link)
@@ -155,7 +238,7 @@ class ChannelPlane:
     def posted(self, state: State) -> None:
         """A command was broadcast. PAUSED: serve no worker's get until RUNNING
         (the workers withdraw them); STOPPED: wake the manager's blocked puts and gets."""
-        with self._lock:
+        with self._locked():
             if state is State.PAUSED:
                 # Nothing more goes out, and what the workers have not read comes back.
                 self._paused = True
@@ -175,11 +258,13 @@ class ChannelPlane:
 
     def release(self) -> None:
         """Every worker has ended: drain what is left, stop the broker."""
-        with self._lock:
+        with self._locked():
             self._stopping = True
             for link in list(self._links.values()):
                 if not link.closed:
                     self._end_link(link)
+        # (Then: what was on its way to an ended worker is back in line.)
+        with self._locked():
             for chan in self._by_id:
                 self._drain_into_leftovers(chan)
             self._changed.notify_all()
@@ -231,7 +316,7 @@ class ChannelPlane:
                     except BlockingIOError:
                         pass
                     continue
-                with self._lock:
+                with self._locked():
                     link = key.data
                     if link.closed:
                         continue
@@ -317,21 +402,11 @@ class ChannelPlane:
             self._grant(chan)
 
     def _deliver(self, chan: _Chan, link: _Link, payload: bytes) -> bool:
-        if link.stalled:
+        if link.stalled or link.closed:
+            # Its socket is full of items it has not read: served again once
+            # it is writable (the broker's selector says when).
             return False
-        try:
-            workwire.send(link.sock, Kind.ITEM, chan.cid, 0, payload)
-        except BlockingIOError:
-            # Its socket is full of items it has not read: serve it again
-            # once it is writable (the broker's selector says when).
-            link.stalled = True
-            if self._selector is not None and not link.closed:
-                self._selector.modify(link.sock, selectors.EVENT_READ | selectors.EVENT_WRITE, link)
-            return False
-        except OSError as exc:  # the worker is gone: _end_link takes its items back
-            log.debug("channel %s: cannot send to worker %d (%r)", chan.name, link.wid, exc)
-            link.asked.pop(chan.cid, None)
-            return False
+        self._post(link, Kind.ITEM, chan.cid, 0, payload)
         chan.got += 1
         return True
 
@@ -339,6 +414,9 @@ class ChannelPlane:
         link.stalled = False
         if self._selector is not None:
             self._selector.modify(link.sock, selectors.EVENT_READ, link)
+        unsent, link.unsent = link.unsent, []
+        for kind, cid, tag, payload in unsent:
+            self._post(link, kind, cid, tag, payload)
         for cid in link.asked:
             chan = self._by_id[cid]
             if link not in chan.consumers:
@@ -363,29 +441,29 @@ class ChannelPlane:
         self._changed.notify_all()
 
     def _reply(self, link: _Link, kind: Kind, cid: int, tag: int = 0) -> None:
-        try:
-            workwire.send(link.sock, kind, cid, tag)
-        except OSError as exc:
-            log.debug("cannot reply %s to worker %d (%r)", kind.name, link.wid, exc)
+        if link.closed:
+            return
+        if link.stalled:
+            link.unsent.append((kind, cid, tag, b""))
+        else:
+            self._post(link, kind, cid, tag)
 
     def _take_back(self, link: _Link) -> None:
         """Read back what the worker has not read: its items go first in line
         again (their requests stay open), its other messages go back in order."""
+        self._claim(link)  # what is on its way to it arrives first
         msgs = workwire.recv_all(link.child)
         for msg in reversed(msgs):
             if msg.kind is Kind.ITEM:
-                self._unsend(link, msg)
-        others = [msg for msg in msgs if msg.kind is not Kind.ITEM]
-        for msg in others:
-            try:
-                workwire.send(link.sock, msg.kind, msg.channel, msg.tag, msg.payload)
-            except OSError as exc:
-                log.debug("cannot give back %s to worker %d (%r)", msg.kind.name, link.wid, exc)
+                self._unsend(link, msg.channel, msg.payload)
+        for msg in msgs:
+            if msg.kind is not Kind.ITEM:
+                self._reply(link, msg.kind, msg.channel, msg.tag)
 
-    def _unsend(self, link: _Link, msg: Message) -> None:
-        chan = self._by_id[msg.channel]
+    def _unsend(self, link: _Link, cid: int, payload: bytes) -> None:
+        chan = self._by_id[cid]
         chan.got -= 1
-        chan.items.appendleft(msg.payload)
+        chan.items.appendleft(payload)
         if not link.closed:
             link.asked[chan.cid] = link.asked.get(chan.cid, 0) + 1
             if link not in chan.consumers:
@@ -394,10 +472,11 @@ class ChannelPlane:
     def _end_link(self, link: _Link) -> None:
         """The worker is gone: read what it sent, take back what it never read."""
         self._read(link)
+        self._claim(link)  # what is on its way to it arrives first
         link.closed = True
         for msg in reversed(workwire.recv_all(link.child)):
             if msg.kind is Kind.ITEM:
-                self._unsend(link, msg)  # never taken: first in line again
+                self._unsend(link, msg.channel, msg.payload)  # never taken: first in line again
         for chan in self._by_id:
             if link in chan.consumers:
                 chan.consumers.remove(link)
@@ -426,7 +505,7 @@ class ChannelPlane:
     def put(self, chan: _Chan, item: Any, timeout: float | None) -> bool:
         payload = pickle.dumps(item, pickle.HIGHEST_PROTOCOL)
         end = _deadline(timeout)
-        with self._lock:
+        with self._locked():
             while True:
                 if chan.closed:
                     raise Closed(f"channel {chan.name!r} is closed")
@@ -440,7 +519,7 @@ class ChannelPlane:
 
     def get(self, chan: _Chan, timeout: float | None) -> Any:
         end = _deadline(timeout)
-        with self._lock:
+        with self._locked():
             while not chan.items:
                 if chan.closed or self._stopping:
                     raise Closed(f"channel {chan.name!r} is closed and empty")
@@ -452,7 +531,7 @@ class ChannelPlane:
         return pickle.loads(payload)
 
     def close(self, chan: _Chan) -> None:
-        with self._lock:
+        with self._locked():
             if chan.closed:
                 return
             chan.closed = True
@@ -460,18 +539,18 @@ class ChannelPlane:
             self._changed.notify_all()
 
     def drain(self, chan: _Chan) -> list[Any]:
-        with self._lock:
+        with self._locked():
             self._drain_into_leftovers(chan)
             blobs, chan.leftovers = chan.leftovers, []
             self._grant(chan)
         return [pickle.loads(b) for b in blobs]
 
     def stats(self, chan: _Chan) -> ChannelStats:
-        with self._lock:
+        with self._locked():
             return ChannelStats(chan.put, chan.got, chan.drained, len(chan.items))
 
     def closed(self, chan: _Chan) -> bool:
-        with self._lock:
+        with self._locked():
             return chan.closed
 
 
