@@ -417,7 +417,7 @@ class ChannelPlane:
         unsent, link.unsent = link.unsent, []
         for kind, cid, tag, payload in unsent:
             self._post(link, kind, cid, tag, payload)
-        for cid in link.asked:
+        for cid in list(link.asked):
             chan = self._by_id[cid]
             if link not in chan.consumers:
                 chan.consumers.append(link)

@@ -70,7 +70,10 @@ QUICK_TASK = 300e-6
 QUICK_WINDOW = 64
 QUICK_BATCH = 32
 BATCH_BYTES = 64 * 1024
-#: submit(): map() hands its tasks to the manager this many at a time, so
+#: The cluster executor's bound on its automatic map chunks (this executor's
+#: chunks follow Pool.map's rule: they pause and stop between their items).
+MAX_AUTO_CHUNK = 1024
+#: map() hands its tasks to the manager this many at a time, so
 #: the workers start while the caller still builds futures.
 SUBMIT_SLICE = 256
 

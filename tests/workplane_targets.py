@@ -135,3 +135,19 @@ def random_task(seconds):
 
 
 INIT_PATH = None
+
+
+def exit_at(x, bad):
+    """A quick task, but item `bad` kills its worker (os._exit)."""
+    if x == bad:
+        os._exit(7)
+    return x
+
+
+def slow_item(x):
+    time.sleep(0.005)
+    return x
+
+
+def sum_sizes(ctx, src="jobs"):
+    return sum(len(item) for item in ctx.iter(src))
