@@ -196,6 +196,9 @@ class ChannelPlane:
         for link, kind, cid, tag, payload in reversed(refused):
             if kind is Kind.ITEM:
                 self._unsend(link, cid, payload)
+            elif kind is Kind.CLOSED:
+                # Said again once the items put back have gone out.
+                self._unsend(link, cid, None)
             elif not link.closed:
                 link.unsent.insert(0, (kind, cid, tag, payload))
         for link in {entry[0] for entry in refused}:
@@ -456,14 +459,19 @@ class ChannelPlane:
         for msg in reversed(msgs):
             if msg.kind is Kind.ITEM:
                 self._unsend(link, msg.channel, msg.payload)
+            elif msg.kind is Kind.CLOSED:
+                self._unsend(link, msg.channel, None)  # said again after the items
         for msg in msgs:
-            if msg.kind is not Kind.ITEM:
+            if msg.kind is not Kind.ITEM and msg.kind is not Kind.CLOSED:
                 self._reply(link, msg.kind, msg.channel, msg.tag)
 
-    def _unsend(self, link: _Link, cid: int, payload: bytes) -> None:
+    def _unsend(self, link: _Link, cid: int, payload: bytes | None) -> None:
+        """An item (None: a CLOSED reply) that did not reach the worker: the
+        item goes first in line again, and the worker's request stays open."""
         chan = self._by_id[cid]
-        chan.got -= 1
-        chan.items.appendleft(payload)
+        if payload is not None:
+            chan.got -= 1
+            chan.items.appendleft(payload)
         if not link.closed:
             link.asked[chan.cid] = link.asked.get(chan.cid, 0) + 1
             if link not in chan.consumers:
