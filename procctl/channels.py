@@ -134,6 +134,7 @@ class ChannelPlane:
         self.channels = {name: Channel(self, c) for name, c in self._chans.items()}
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
+        self._waiters = 0  # manager threads waiting on _changed (none: no notify per item)
         # Messages decided under the lock, sent after it is released, so that
         # the broker's sends never hold up the caller's put() (and back).
         self._outbox: list[tuple[_Link, Kind, int, int, bytes]] = []
@@ -157,6 +158,17 @@ class ChannelPlane:
         self._lock.release()
         if outbox or claimed:
             self._flush(outbox, claimed)
+
+    def _notify(self) -> None:
+        if self._waiters:
+            self._changed.notify_all()
+
+    def _wait(self, end: float | None) -> bool:
+        self._waiters += 1
+        try:
+            return self._changed.wait(_remaining(end))
+        finally:
+            self._waiters -= 1
 
     def _claim(self, link: _Link) -> None:
         # Called under the lock: the lock orders the claims, the sends follow it.
@@ -250,14 +262,14 @@ class ChannelPlane:
                         self._take_back(link)
                 for chan in self._by_id:
                     if chan.items:
-                        self._changed.notify_all()
+                        self._notify()
             elif state is State.RUNNING:
                 self._paused = False
                 for chan in self._by_id:
                     self._serve_waiting(chan)
             else:
                 self._stopping = True
-            self._changed.notify_all()
+            self._notify()
 
     def release(self) -> None:
         """Every worker has ended: drain what is left, stop the broker."""
@@ -270,7 +282,7 @@ class ChannelPlane:
         with self._locked():
             for chan in self._by_id:
                 self._drain_into_leftovers(chan)
-            self._changed.notify_all()
+            self._notify()
         thread = self._thread
         if thread is not None:
             self._wake(stop=True)
@@ -373,7 +385,7 @@ class ChannelPlane:
         if chan.consumers and not self._paused:
             self._serve_waiting(chan)
         else:
-            self._changed.notify_all()
+            self._notify()
 
     def _serve_waiting(self, chan: _Chan) -> None:
         """Send queued items to the workers that asked, in turn; then tell those
@@ -395,7 +407,7 @@ class ChannelPlane:
             else:
                 del link.asked[cid]
         if items:
-            self._changed.notify_all()
+            self._notify()
         elif chan.closed or self._stopping:
             while consumers:
                 link = consumers.popleft()
@@ -441,7 +453,7 @@ class ChannelPlane:
             n = min(room, max(1, chan.maxsize // 8))
             chan.credits[link.wid] = chan.credits.get(link.wid, 0) + n
             self._reply(link, Kind.CREDIT, chan.cid, n)
-        self._changed.notify_all()
+        self._notify()
 
     def _reply(self, link: _Link, kind: Kind, cid: int, tag: int = 0) -> None:
         if link.closed:
@@ -522,7 +534,7 @@ class ChannelPlane:
                 if chan.room() > 0:
                     self._accept(chan, payload)
                     return True
-                if not self._changed.wait(_remaining(end)) and _expired(end):
+                if not self._wait(end) and _expired(end):
                     raise queue.Full(f"channel {chan.name!r} stayed full for {timeout}s")
 
     def get(self, chan: _Chan, timeout: float | None) -> Any:
@@ -531,7 +543,7 @@ class ChannelPlane:
             while not chan.items:
                 if chan.closed or self._stopping:
                     raise Closed(f"channel {chan.name!r} is closed and empty")
-                if not self._changed.wait(_remaining(end)) and _expired(end):
+                if not self._wait(end) and _expired(end):
                     raise queue.Empty(f"nothing arrived on channel {chan.name!r} within {timeout}s")
             payload = chan.items.popleft()
             chan.got += 1
@@ -544,7 +556,7 @@ class ChannelPlane:
                 return
             chan.closed = True
             self._serve_waiting(chan)
-            self._changed.notify_all()
+            self._notify()
 
     def drain(self, chan: _Chan) -> list[Any]:
         with self._locked():
