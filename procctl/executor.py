@@ -30,6 +30,7 @@ its first items, so that `stop()` hands back only the items that did not run.
 from __future__ import annotations
 
 import atexit
+import gc
 import itertools
 import logging
 import math
@@ -739,6 +740,18 @@ class ProcessExecutor(Executor):
 
     def _finish(self, grace: float) -> Unfinished:
         """Stop every worker, account for every task, leave."""
+        # A stop that hands back 100,000 tasks makes and drops objects by the
+        # hundred thousand: the collector would walk every future meanwhile,
+        # for nothing (as while forking, controller.py, it waits until we are done).
+        collect = gc.isenabled()
+        gc.disable()
+        try:
+            return self._stop_and_account(grace)
+        finally:
+            if collect:
+                gc.enable()
+
+    def _stop_and_account(self, grace: float) -> Unfinished:
         self._stopping = True
         with self._lock:
             self._shutdown = True
@@ -750,10 +763,17 @@ class ProcessExecutor(Executor):
                 self._pc._post(State.STOPPED)
         except Exception:  # noqa: BLE001 - stop() below posts it again and escalates
             log.debug("posting STOPPED early failed", exc_info=True)
-        queued = [task for task in pending
-                  if (task.future.cancel() if task.future is not None else task.cancel())]
+        queued: list[_Task] = []
+        runs: set[_MapRun] = set()
+        for task in pending:
+            if task.future is not None:
+                if task.future.cancel():
+                    queued.append(task)
+            elif task.cancel():
+                queued.append(task)
+                runs.add(task.run)  # type: ignore[arg-type]
         self._cancelled += len(queued)
-        for run in {task.run for task in queued if task.run is not None}:
+        for run in runs:
             run.wake()
         try:
             self._pc.stop(self._wait_grace(grace))
@@ -790,24 +810,21 @@ class ProcessExecutor(Executor):
         # In submission order, with no object made per task (100,000 of them
         # would wake the garbage collector over every future): the queued
         # ones are in order already, the few the workers held merge in.
-        interrupted = {task.tid for task, flag in held if flag}
-        everything = queued + [task for task, _ in held]
-        if held:
-            everything.sort(key=operator.attrgetter("tid"))
-        items: list[Any] = []
-        running: list[Any] = []
-        futures: list[Future[Any]] = []
-        for task in everything:
-            left = task.items[len(task.done):] if task.done else task.items
-            items.extend(left)
-            if task.done:
-                if task.tid in interrupted:
-                    running.extend(left[:1])
-            else:
-                if task.future is not None:
-                    futures.append(task.future)
-                if task.tid in interrupted:
-                    running.extend(left)
+        tid = operator.attrgetter("tid")
+        interrupted = sorted((task for task, flag in held if flag), key=tid)
+        others = sorted((task for task, _ in held), key=tid)
+        if not others or (queued and tid(others[-1]) < tid(queued[0])):
+            everything = others + queued  # as a rule, workers hold the first ones
+        else:
+            everything = queued + others
+            everything.sort(key=tid)
+        left = [task.items[len(task.done):] if task.done else task.items for task in others]
+        for task, rest in zip(others, left, strict=True):
+            task.items = rest  # a cut chunk: only what did not run goes back
+        items = [item for task in everything for item in task.items]
+        futures = [task.future for task in everything if task.future is not None and not task.done]
+        running = [item for task in interrupted
+                   for item in (task.items[:1] if task.done else task.items)]
         _live_executors.discard(self)
         return Unfinished(items, running, futures)
 
