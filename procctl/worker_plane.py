@@ -36,6 +36,8 @@ if TYPE_CHECKING:
 OK, ERR, STOPPED = "ok", "err", "stopped"
 
 
+_REPLIES = (Kind.ITEM, Kind.CLOSED)
+
 #: A consumer keeps up to PREFETCH items of a channel coming (it asks for
 #: more when half have come), so items flow without a round trip per item;
 #: but no more than about PREFETCH_SECONDS of its work, by the time it has
@@ -70,8 +72,9 @@ class WorkEnd:
             raise ValueError(f"no channel named {name!r} (channels: {known})") from None
 
     def get(self, ctx: WorkerContext, name: str, timeout: float | None) -> Any:
-        cid, _ = self.channel(name)
-        end = _deadline(timeout)
+        spec = self.channels.get(name)
+        cid = spec[0] if spec is not None else self.channel(name)[0]
+        end = None if timeout is None else _deadline(timeout)
         while True:
             if not ctx.checkpoint():  # a paused worker waits here, holding nothing
                 raise Closed(name)
@@ -80,7 +83,17 @@ class WorkEnd:
             if asked <= window // 2:
                 self._send(ctx, Kind.GET, cid, window - asked)
                 self.asked[cid] = window
-            reply = self._await_reply(ctx, cid, end)
+            try:  # as a rule the item is there already
+                reply = workwire.recv(self.sock)
+            except BlockingIOError:
+                reply = None
+            except OSError:
+                reply = None
+            if reply is not None and (reply.channel != cid or reply.kind not in _REPLIES):
+                self._absorb(ctx, reply)
+                reply = None
+            if reply is None:
+                reply = self._await_reply(ctx, cid, end)
             if reply is not None:
                 if reply.kind is Kind.ITEM:
                     self.asked[cid] -= 1
