@@ -183,16 +183,20 @@ class ChannelPlane:
     def _flush(self, outbox: list[tuple[_Link, Kind, int, int, bytes]], claimed: list[_Link]) -> None:
         refused: list[tuple[_Link, Kind, int, int, bytes]] = []
         full: set[_Link] = set()
+        pack, inline = workwire.HEADER.pack, workwire.MAX_INLINE
         try:
             for entry in outbox:
-                link = entry[0]
+                link, kind, cid, tag, payload = entry
                 if link in full:
                     refused.append(entry)  # keep the order: nothing after a refusal
                     continue
                 try:
-                    workwire.send(link.sock, entry[1], entry[2], entry[3], entry[4])
+                    if len(payload) <= inline:
+                        link.sock.send(pack(kind, cid, tag) + payload)  # (workwire.send, inline)
+                    else:
+                        workwire.send(link.sock, kind, cid, tag, payload)
                 except OSError as exc:  # full (BlockingIOError), or the worker is gone
-                    log.debug("cannot send %s to worker %d (%r)", entry[1].name, link.wid, exc)
+                    log.debug("cannot send %s to worker %d (%r)", kind.name, link.wid, exc)
                     full.add(link)
                     refused.append(entry)
         finally:
@@ -393,13 +397,19 @@ class ChannelPlane:
         if self._paused:
             return
         consumers, items, cid = chan.consumers, chan.items, chan.cid
-        sent = False
+        outbox, claimed, item = self._outbox, self._claimed, Kind.ITEM
+        sent = 0
         while items and consumers:
             link = consumers.popleft()
-            if not self._deliver(chan, link, items[0]):
+            if link.stalled or link.closed:
+                # Its socket is full of items it has not read: served again
+                # once it is writable (the broker's selector says when).
                 continue
-            items.popleft()
-            sent = True
+            if link not in claimed:  # (_claim, inline: this is the path of every item)
+                link.sending.acquire()
+                claimed.append(link)
+            outbox.append((link, item, cid, 0, items.popleft()))
+            sent += 1
             left = link.asked[cid] - 1
             if left:
                 link.asked[cid] = left
@@ -414,16 +424,8 @@ class ChannelPlane:
                 link.asked.pop(cid, None)
                 self._reply(link, Kind.CLOSED, cid)
         if sent:
+            chan.got += sent
             self._grant(chan)
-
-    def _deliver(self, chan: _Chan, link: _Link, payload: bytes) -> bool:
-        if link.stalled or link.closed:
-            # Its socket is full of items it has not read: served again once
-            # it is writable (the broker's selector says when).
-            return False
-        self._post(link, Kind.ITEM, chan.cid, 0, payload)
-        chan.got += 1
-        return True
 
     def _unstall(self, link: _Link) -> None:
         link.stalled = False
