@@ -600,6 +600,8 @@ class ProcessExecutor(Executor):
                     for task in pending:
                         if task.cancel():
                             self._cancelled += 1
+                    for run in {task.run for task in pending if task.run is not None}:
+                        run.wake()  # a map's caller waiting on one of them sees it cancelled
                 fut.set_result(None)
             elif name == "stop":
                 fut.set_result(self._finish(arg))

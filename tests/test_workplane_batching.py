@@ -4,6 +4,7 @@ between items, consumers' windows of items taken back at PAUSED, full sockets.""
 from __future__ import annotations
 
 import concurrent.futures as cf
+import threading
 import time
 
 import pytest
@@ -91,3 +92,28 @@ def test_items_larger_than_a_consumers_socket_window_all_arrive():
     assert sum(r.result for r in reports.values()) == 300 * len(big)
     s = pc.channels["jobs"].stats()
     assert (s.put, s.got, s.drained) == (300, 300, 0)
+
+
+def test_shutdown_cancel_futures_wakes_a_map_waiting_on_a_cancelled_item():
+    ex = ProcessExecutor(1)
+    busy = ex.submit(t.sleep_for, 0.5)  # the worker's window: this one and the next
+    ahead = ex.map(t.sleep_for, [0.0] * 3, chunksize=1)
+    waiting = ex.map(t.square, [7], chunksize=1)  # queued behind them
+    outcome = []
+
+    def consume():
+        try:
+            outcome.append(list(waiting))
+        except cf.CancelledError:
+            outcome.append("cancelled")
+
+    th = threading.Thread(target=consume)
+    th.start()
+    th.join(0.1)  # it waits on a queued item
+    ex.shutdown(wait=False, cancel_futures=True)
+    th.join(10)
+    assert not th.is_alive() and outcome == ["cancelled"]
+    assert busy.result(10) == 0.5
+    with pytest.raises(cf.CancelledError):
+        list(ahead)
+    ex.shutdown(wait=True)
