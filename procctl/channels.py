@@ -6,12 +6,18 @@
                              +--------------------+
 
 The manager is the single owner of every channel: items live in its deques,
-and it sends one to a worker only when that worker asks (GET), so it knows
-at every moment which items each worker holds.  When a worker ends, for
-whatever reason, the broker reads back from its copy of the worker's socket
-whatever the worker never read (see workwire.py) and puts those items back
-at the head of their channel.  So, per channel, once the controller has
-stopped: ``put == got + drained``, exactly.
+and it sends a worker items only as far as that worker asked (GET carries a
+count: a consumer keeps a small window of items coming, so it never waits
+for a round trip per item), so it knows at every moment which items each
+worker may hold.  Items sent and not yet read wait in the worker's socket,
+where the broker can take them back: when the workers are PAUSED (a paused
+worker holds nothing; the requests stay, dormant, until RUNNING) and when a
+worker ends, for whatever reason, the broker reads back from its copy of the
+worker's socket whatever the worker never read (see workwire.py) and puts
+those items back at the head of their channel.  An item a worker had to
+read past (waiting for a put credit behind it) it gives back (UNGET) at
+PAUSED or STOPPED.  So, per channel, once the controller has stopped:
+``put == got + drained``, exactly.
 
 A bounded channel grants put credits to producers while it has room
 (``queued + credits <= maxsize``); a producer without credit waits for them,
@@ -65,7 +71,7 @@ class _Chan:
     def __init__(self, name: str, cid: int, maxsize: int) -> None:
         self.name, self.cid, self.maxsize = name, cid, maxsize
         self.items: deque[bytes] = deque()
-        self.consumers: deque[_Link] = deque()  # workers waiting with a GET
+        self.consumers: deque[_Link] = deque()  # workers with an open GET, served in turn
         self.wanting: deque[_Link] = deque()  # producers waiting for credits
         self.credits: dict[int, int] = {}  # worker id -> credits granted, unspent
         self.put = self.got = self.drained = 0
@@ -81,15 +87,36 @@ class _Chan:
 class _Link:
     """The broker's record of one worker's link."""
 
-    __slots__ = ("wid", "sock", "child", "waiting_on", "closed")
+    __slots__ = ("wid", "sock", "child", "asked", "stalled", "closed", "sending", "unsent")
 
     def __init__(self, wid: int) -> None:
         self.wid = wid
         self.sock, self.child = workwire.pair()
         self.sock.setblocking(False)
         self.child.setblocking(False)
-        self.waiting_on: _Chan | None = None  # the channel of the worker's unanswered GET
+        self.asked: dict[int, int] = {}  # channel id -> items the worker asked for, not yet sent
+        self.stalled = False  # its socket is full: wait until it is writable
+        # Held from the moment a message for this worker is decided (under the
+        # plane's lock) until it is sent (after it): messages go out in the
+        # order they were decided, and a take-back waits for those in flight.
+        self.sending = threading.Lock()
+        self.unsent: list[tuple[Kind, int, int, bytes]] = []  # replies a full socket refused
         self.closed = False
+
+
+class _Locked:
+    """`with plane._locked():` (a class, not contextlib's: one per put)."""
+
+    __slots__ = ("plane",)
+
+    def __init__(self, plane: ChannelPlane) -> None:
+        self.plane = plane
+
+    def __enter__(self) -> None:
+        self.plane._lock.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.plane._unlock()
 
 
 class ChannelPlane:
@@ -107,12 +134,94 @@ class ChannelPlane:
         self.channels = {name: Channel(self, c) for name, c in self._chans.items()}
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
+        self._waiters = 0  # manager threads waiting on _changed (none: no notify per item)
+        # Messages decided under the lock, sent after it is released, so that
+        # the broker's sends never hold up the caller's put() (and back).
+        self._outbox: list[tuple[_Link, Kind, int, int, bytes]] = []
+        self._claimed: list[_Link] = []
+        self._locked_cm = _Locked(self)
         self._links: dict[int, _Link] = {}
         self._stopping = False
         self._paused = False
         self._selector: selectors.BaseSelector | None = None
         self._wake_r = self._wake_w = -1
         self._thread: threading.Thread | None = None
+
+    def _locked(self) -> _Locked:
+        """The plane's lock; what was decided under it is sent once it is released."""
+        return self._locked_cm
+
+    def _unlock(self) -> None:
+        outbox, claimed = self._outbox, self._claimed
+        if outbox or claimed:
+            self._outbox, self._claimed = [], []
+        self._lock.release()
+        if outbox or claimed:
+            self._flush(outbox, claimed)
+
+    def _notify(self) -> None:
+        if self._waiters:
+            self._changed.notify_all()
+
+    def _wait(self, end: float | None) -> bool:
+        self._waiters += 1
+        try:
+            return self._changed.wait(_remaining(end))
+        finally:
+            self._waiters -= 1
+
+    def _claim(self, link: _Link) -> None:
+        # Called under the lock: the lock orders the claims, the sends follow it.
+        if link not in self._claimed:
+            link.sending.acquire()
+            self._claimed.append(link)
+
+    def _post(self, link: _Link, kind: Kind, cid: int, tag: int = 0, payload: bytes = b"") -> None:
+        self._claim(link)
+        self._outbox.append((link, kind, cid, tag, payload))
+
+    def _flush(self, outbox: list[tuple[_Link, Kind, int, int, bytes]], claimed: list[_Link]) -> None:
+        refused: list[tuple[_Link, Kind, int, int, bytes]] = []
+        full: set[_Link] = set()
+        pack, inline = workwire.HEADER.pack, workwire.MAX_INLINE
+        try:
+            for entry in outbox:
+                link, kind, cid, tag, payload = entry
+                if link in full:
+                    refused.append(entry)  # keep the order: nothing after a refusal
+                    continue
+                try:
+                    if len(payload) <= inline:
+                        link.sock.send(pack(kind, cid, tag) + payload)  # (workwire.send, inline)
+                    else:
+                        workwire.send(link.sock, kind, cid, tag, payload)
+                except OSError as exc:  # full (BlockingIOError), or the worker is gone
+                    log.debug("cannot send %s to worker %d (%r)", kind.name, link.wid, exc)
+                    full.add(link)
+                    refused.append(entry)
+        finally:
+            for link in claimed:
+                link.sending.release()
+        if refused:
+            with self._locked():
+                self._refused(refused)
+
+    def _refused(self, refused: list[tuple[_Link, Kind, int, int, bytes]]) -> None:
+        """Messages a worker's socket did not take: items go back first in line
+        (asked for again), replies wait; the link is served again once writable."""
+        for link, kind, cid, tag, payload in reversed(refused):
+            if kind is Kind.ITEM:
+                self._unsend(link, cid, payload)
+            elif kind is Kind.CLOSED:
+                # Said again once the items put back have gone out.
+                self._unsend(link, cid, None)
+            elif not link.closed:
+                link.unsent.insert(0, (kind, cid, tag, payload))
+        for link in {entry[0] for entry in refused}:
+            if not link.closed and not link.stalled:
+                link.stalled = True
+                if self._selector is not None:
+                    self._selector.modify(link.sock, selectors.EVENT_READ | selectors.EVENT_WRITE, link)
 
     # -- the controller's hooks --------------------------------------------------
 
@@ -125,7 +234,7 @@ class ChannelPlane:
         child, and the fd for the controller's selector (None: ours)."""
         self._start()
         link = _Link(wid)
-        with self._lock:
+        with self._locked():
             old = self._links.get(wid)
             if old is not None and not old.closed:
                 self._end_link(old)
@@ -140,7 +249,7 @@ class ChannelPlane:
 
     def ended(self, wid: int, report: Any = None) -> None:
         """Worker `wid` has ended: take back what it never read."""
-        with self._lock:
+        with self._locked():
             link = self._links.get(wid)
             if link is not None and not link.closed:
                 self._end_link(link)
@@ -148,33 +257,36 @@ class ChannelPlane:
     def posted(self, state: State) -> None:
         """A command was broadcast. PAUSED: serve no worker's get until RUNNING
         (the workers withdraw them); STOPPED: wake the manager's blocked puts and gets."""
-        with self._lock:
+        with self._locked():
             if state is State.PAUSED:
+                # Nothing more goes out, and what the workers have not read comes back.
                 self._paused = True
+                for link in self._links.values():
+                    if not link.closed:
+                        self._take_back(link)
                 for chan in self._by_id:
-                    chan.consumers.clear()  # their requests stay, dormant, until withdrawn
+                    if chan.items:
+                        self._notify()
             elif state is State.RUNNING:
                 self._paused = False
-                for link in self._links.values():
-                    wanted = link.waiting_on
-                    if wanted is not None and not link.closed and link not in wanted.consumers:
-                        wanted.consumers.append(link)
                 for chan in self._by_id:
                     self._serve_waiting(chan)
             else:
                 self._stopping = True
-            self._changed.notify_all()
+            self._notify()
 
     def release(self) -> None:
         """Every worker has ended: drain what is left, stop the broker."""
-        with self._lock:
+        with self._locked():
             self._stopping = True
             for link in list(self._links.values()):
                 if not link.closed:
                     self._end_link(link)
+        # (Then: what was on its way to an ended worker is back in line.)
+        with self._locked():
             for chan in self._by_id:
                 self._drain_into_leftovers(chan)
-            self._changed.notify_all()
+            self._notify()
         thread = self._thread
         if thread is not None:
             self._wake(stop=True)
@@ -215,7 +327,7 @@ class ChannelPlane:
         selector = self._selector
         assert selector is not None
         while not self._quit:
-            for key, _ in selector.select():
+            for key, events in selector.select():
                 if key.data is None:
                     try:
                         while os.read(self._wake_r, 512):
@@ -223,10 +335,14 @@ class ChannelPlane:
                     except BlockingIOError:
                         pass
                     continue
-                with self._lock:
+                with self._locked():
                     link = key.data
-                    if not link.closed:
+                    if link.closed:
+                        continue
+                    if events & selectors.EVENT_READ:
                         self._read(link)
+                    if events & selectors.EVENT_WRITE and link.stalled and not link.closed:
+                        self._unstall(link)
 
     # -- messages (called with the lock held) -------------------------------------
 
@@ -243,22 +359,16 @@ class ChannelPlane:
                 chan.credits[link.wid] = credits - 1
             self._accept(chan, msg.payload)
         elif kind is Kind.GET:
-            if self._paused:
-                link.waiting_on = chan  # dormant: the worker withdraws it, or RUNNING wakes it
-            elif chan.items:
-                self._deliver(chan, link, chan.items.popleft())
-            elif chan.closed or self._stopping:
-                self._reply(link, Kind.CLOSED, chan.cid)
-            else:
-                link.waiting_on = chan
+            link.asked[chan.cid] = link.asked.get(chan.cid, 0) + max(1, msg.tag)
+            if link not in chan.consumers:
                 chan.consumers.append(link)
+            self._serve_waiting(chan)
         elif kind is Kind.CANCEL:
-            if link.waiting_on is chan:
-                link.waiting_on = None
-                if link in chan.consumers:
-                    chan.consumers.remove(link)
-                self._reply(link, Kind.CANCELLED, chan.cid)
-            # else the ITEM or CLOSED reply is already on its way: the worker sees it first
+            # Withdraw the whole request; items already sent arrive before the reply.
+            link.asked.pop(chan.cid, None)
+            if link in chan.consumers:
+                chan.consumers.remove(link)
+            self._reply(link, Kind.CANCELLED, chan.cid)
         elif kind is Kind.UNGET:
             chan.got -= 1
             chan.items.appendleft(msg.payload)
@@ -276,24 +386,59 @@ class ChannelPlane:
             chan.leftovers.append(payload)
             return
         chan.items.append(payload)
-        self._serve_waiting(chan)
+        if chan.consumers and not self._paused:
+            self._serve_waiting(chan)
+        else:
+            self._notify()
 
     def _serve_waiting(self, chan: _Chan) -> None:
-        while chan.items and chan.consumers:
-            self._deliver(chan, chan.consumers.popleft(), chan.items.popleft())
-        if chan.items:
-            self._changed.notify_all()
-
-    def _deliver(self, chan: _Chan, link: _Link, payload: bytes) -> None:
-        link.waiting_on = None
-        try:
-            workwire.send(link.sock, Kind.ITEM, chan.cid, 0, payload)
-        except OSError as exc:  # the worker's socket is gone or full: keep the item
-            log.debug("channel %s: cannot send to worker %d (%r)", chan.name, link.wid, exc)
-            chan.items.appendleft(payload)
+        """Send queued items to the workers that asked, in turn; then tell those
+        still asking on a closed, empty channel that it is closed."""
+        if self._paused:
             return
-        chan.got += 1
-        self._grant(chan)
+        consumers, items, cid = chan.consumers, chan.items, chan.cid
+        outbox, claimed, item = self._outbox, self._claimed, Kind.ITEM
+        sent = 0
+        while items and consumers:
+            link = consumers.popleft()
+            if link.stalled or link.closed:
+                # Its socket is full of items it has not read: served again
+                # once it is writable (the broker's selector says when).
+                continue
+            if link not in claimed:  # (_claim, inline: this is the path of every item)
+                link.sending.acquire()
+                claimed.append(link)
+            outbox.append((link, item, cid, 0, items.popleft()))
+            sent += 1
+            left = link.asked[cid] - 1
+            if left:
+                link.asked[cid] = left
+                consumers.append(link)
+            else:
+                del link.asked[cid]
+        if items:
+            self._notify()
+        elif chan.closed or self._stopping:
+            while consumers:
+                link = consumers.popleft()
+                link.asked.pop(cid, None)
+                self._reply(link, Kind.CLOSED, cid)
+        if sent:
+            chan.got += sent
+            self._grant(chan)
+
+    def _unstall(self, link: _Link) -> None:
+        link.stalled = False
+        if self._selector is not None:
+            self._selector.modify(link.sock, selectors.EVENT_READ, link)
+        unsent, link.unsent = link.unsent, []
+        for kind, cid, tag, payload in unsent:
+            self._post(link, kind, cid, tag, payload)
+        for cid in list(link.asked):
+            chan = self._by_id[cid]
+            if link not in chan.consumers:
+                chan.consumers.append(link)
+            self._serve_waiting(chan)
 
     def _grant(self, chan: _Chan) -> None:
         """Give credits to waiting producers while the channel has room."""
@@ -310,30 +455,57 @@ class ChannelPlane:
             n = min(room, max(1, chan.maxsize // 8))
             chan.credits[link.wid] = chan.credits.get(link.wid, 0) + n
             self._reply(link, Kind.CREDIT, chan.cid, n)
-        self._changed.notify_all()
+        self._notify()
 
     def _reply(self, link: _Link, kind: Kind, cid: int, tag: int = 0) -> None:
-        try:
-            workwire.send(link.sock, kind, cid, tag)
-        except OSError as exc:
-            log.debug("cannot reply %s to worker %d (%r)", kind.name, link.wid, exc)
+        if link.closed:
+            return
+        if link.stalled:
+            link.unsent.append((kind, cid, tag, b""))
+        else:
+            self._post(link, kind, cid, tag)
+
+    def _take_back(self, link: _Link) -> None:
+        """Read back what the worker has not read: its items go first in line
+        again (their requests stay open), its other messages go back in order."""
+        self._claim(link)  # what is on its way to it arrives first
+        msgs = workwire.recv_all(link.child)
+        for msg in reversed(msgs):
+            if msg.kind is Kind.ITEM:
+                self._unsend(link, msg.channel, msg.payload)
+            elif msg.kind is Kind.CLOSED:
+                self._unsend(link, msg.channel, None)  # said again after the items
+        for msg in msgs:
+            if msg.kind is not Kind.ITEM and msg.kind is not Kind.CLOSED:
+                self._reply(link, msg.kind, msg.channel, msg.tag)
+
+    def _unsend(self, link: _Link, cid: int, payload: bytes | None) -> None:
+        """An item (None: a CLOSED reply) that did not reach the worker: the
+        item goes first in line again, and the worker's request stays open."""
+        chan = self._by_id[cid]
+        if payload is not None:
+            chan.got -= 1
+            chan.items.appendleft(payload)
+        if not link.closed:
+            link.asked[chan.cid] = link.asked.get(chan.cid, 0) + 1
+            if link not in chan.consumers:
+                chan.consumers.append(link)
 
     def _end_link(self, link: _Link) -> None:
         """The worker is gone: read what it sent, take back what it never read."""
         self._read(link)
-        for msg in workwire.recv_all(link.child):
-            chan = self._by_id[msg.channel]
-            if msg.kind is Kind.ITEM:
-                chan.got -= 1
-                chan.items.appendleft(msg.payload)  # never taken: first in line again
+        self._claim(link)  # what is on its way to it arrives first
         link.closed = True
+        for msg in reversed(workwire.recv_all(link.child)):
+            if msg.kind is Kind.ITEM:
+                self._unsend(link, msg.channel, msg.payload)  # never taken: first in line again
         for chan in self._by_id:
             if link in chan.consumers:
                 chan.consumers.remove(link)
             if link in chan.wanting:
                 chan.wanting.remove(link)
             chan.credits.pop(link.wid, None)
-        link.waiting_on = None
+        link.asked.clear()
         if self._selector is not None:
             try:
                 self._selector.unregister(link.sock)
@@ -355,7 +527,7 @@ class ChannelPlane:
     def put(self, chan: _Chan, item: Any, timeout: float | None) -> bool:
         payload = pickle.dumps(item, pickle.HIGHEST_PROTOCOL)
         end = _deadline(timeout)
-        with self._lock:
+        with self._locked():
             while True:
                 if chan.closed:
                     raise Closed(f"channel {chan.name!r} is closed")
@@ -364,16 +536,16 @@ class ChannelPlane:
                 if chan.room() > 0:
                     self._accept(chan, payload)
                     return True
-                if not self._changed.wait(_remaining(end)) and _expired(end):
+                if not self._wait(end) and _expired(end):
                     raise queue.Full(f"channel {chan.name!r} stayed full for {timeout}s")
 
     def get(self, chan: _Chan, timeout: float | None) -> Any:
         end = _deadline(timeout)
-        with self._lock:
+        with self._locked():
             while not chan.items:
                 if chan.closed or self._stopping:
                     raise Closed(f"channel {chan.name!r} is closed and empty")
-                if not self._changed.wait(_remaining(end)) and _expired(end):
+                if not self._wait(end) and _expired(end):
                     raise queue.Empty(f"nothing arrived on channel {chan.name!r} within {timeout}s")
             payload = chan.items.popleft()
             chan.got += 1
@@ -381,30 +553,26 @@ class ChannelPlane:
         return pickle.loads(payload)
 
     def close(self, chan: _Chan) -> None:
-        with self._lock:
+        with self._locked():
             if chan.closed:
                 return
             chan.closed = True
-            if not chan.items:
-                while chan.consumers:
-                    link = chan.consumers.popleft()
-                    link.waiting_on = None
-                    self._reply(link, Kind.CLOSED, chan.cid)
-            self._changed.notify_all()
+            self._serve_waiting(chan)
+            self._notify()
 
     def drain(self, chan: _Chan) -> list[Any]:
-        with self._lock:
+        with self._locked():
             self._drain_into_leftovers(chan)
             blobs, chan.leftovers = chan.leftovers, []
             self._grant(chan)
         return [pickle.loads(b) for b in blobs]
 
     def stats(self, chan: _Chan) -> ChannelStats:
-        with self._lock:
+        with self._locked():
             return ChannelStats(chan.put, chan.got, chan.drained, len(chan.items))
 
     def closed(self, chan: _Chan) -> bool:
-        with self._lock:
+        with self._locked():
             return chan.closed
 
 

@@ -10,20 +10,31 @@
 One manager thread owns the ProcessController (which is not thread-safe),
 as CPython's _ExecutorManagerThread owns its pool: the caller's methods
 queue work and commands, then wake it.  Each worker's link (workwire.py)
-carries its tasks; the manager sends a worker at most WINDOW of them and
-knows which ones each worker holds, in order: the first has started, the
-rest wait unread in the worker's socket.  When a worker dies the manager
-reads the unread ones back (they go first in line again) and fails or
-retries only the one that had started.  Futures stay pending until their
+carries its tasks, several to a message when tasks are quick; the manager
+keeps a worker's window full (a few tasks when they are slow, many when
+they are quick) and knows which ones each worker holds, in order.  The
+worker runs them in that order and sends each result before it starts the
+next, so the first task without a result is the only one that can have
+started; the rest wait in the worker's memory or unread in its socket.
+When a worker dies the manager reads the unread ones back, puts them and
+the unstarted ones first in line again, and fails or retries only the one
+that had started; a worker that leaves on its own gives back (RETURNED)
+the ones it read and did not start.  Futures stay pending until their
 result comes, so that `stop()` can cancel every one that did not complete.
+
+A map chunk is one task that checks for commands between blocks of its
+items: a paused chunk waits there, and a stopped one reports the results of
+its first items, so that `stop()` hands back only the items that did not run.
 """
 
 from __future__ import annotations
 
 import atexit
+import gc
 import itertools
 import logging
 import math
+import operator
 import os
 import pickle
 import signal
@@ -31,8 +42,9 @@ import threading
 import time
 import weakref
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import BrokenExecutor, Executor, Future
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
+from concurrent.futures import BrokenExecutor, CancelledError, Executor, Future, InvalidStateError
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,17 +54,33 @@ from .controller import ProcessController
 from .errors import RemoteTraceback, TaskTimeout, WorkerCrashed
 from .shutdown import describe_exit, signal_name
 from .states import Event, Outcome, State, WorkerReport, WorkerStatus
-from .worker_plane import ERR, OK, run_tasks
+from .worker_plane import CALL, CHUNK, ERR, OK, run_tasks
 from .workwire import Kind
 
 log = logging.getLogger("procctl")
 
-#: Tasks in flight per worker: the one running and the next, so a worker
-#: never waits for the manager between two tasks.
+#: Tasks in flight per worker when tasks are slow: the one running and the
+#: next, so a worker never waits for the manager between two tasks, and an
+#: idle worker can take over what waits behind a long one.
 WINDOW = 2
-#: Automatic map chunks: at most this many items each, so that pause and stop
-#: keep a fine grain.
+#: When tasks take less than QUICK_TASK seconds, a worker holds up to
+#: QUICK_WINDOW of them, sent up to QUICK_BATCH (and BATCH_BYTES) a message,
+#: so that the worker never waits for the manager and the manager sends one
+#: message for many tasks.
+QUICK_TASK = 300e-6
+QUICK_WINDOW = 64
+QUICK_BATCH = 32
+BATCH_BYTES = 64 * 1024
+#: The cluster executor's bound on its automatic map chunks (this executor's
+#: chunks follow Pool.map's rule: they pause and stop between their items).
 MAX_AUTO_CHUNK = 1024
+#: map() hands its tasks to the manager this many at a time, so
+#: the workers start while the caller still builds futures.
+SUBMIT_SLICE = 256
+
+
+class _Cut(list):  # type: ignore[type-arg]
+    """The result of a map chunk that stop() cut short: its first items' results."""
 
 
 @dataclass(frozen=True)
@@ -81,23 +109,137 @@ class TaskCounts:
     queued: int
 
 
-class _Task:
-    __slots__ = ("tid", "future", "blob", "items", "chunk", "attempts", "started")
+class _Raised:
+    __slots__ = ("exc",)
 
-    def __init__(self, tid: int, future: Future[Any], blob: bytes, items: list[Any], chunk: bool) -> None:
+    def __init__(self, exc: BaseException) -> None:
+        self.exc = exc
+
+
+_PENDING = object()
+_CANCELLED = object()
+
+
+class _MapRun:
+    """The outcomes of one map() call, in order, in one list under one
+    condition: the manager sets many per pass and wakes the caller once,
+    where a Future per item would cost a lock, a condition and a wakeup each."""
+
+    __slots__ = ("values", "cond")
+
+    def __init__(self, n: int) -> None:
+        self.values: list[Any] = [_PENDING] * n
+        self.cond = threading.Condition()
+
+    def set(self, i: int, value: Any) -> bool:
+        if self.values[i] is not _PENDING:
+            return False  # cancelled: the caller let go of it
+        self.values[i] = value
+        return True
+
+    def cancel(self, i: int) -> bool:
+        value = self.values[i]
+        if value is _PENDING:
+            self.values[i] = _CANCELLED
+            return True
+        return value is _CANCELLED
+
+    def wake(self) -> None:
+        with self.cond:
+            self.cond.notify_all()
+
+    def wait(self, i: int, end: float | None) -> Any:
+        value = self.values[i]
+        if value is _PENDING:
+            with self.cond:
+                while (value := self.values[i]) is _PENDING:
+                    remaining = None if end is None else end - time.monotonic()
+                    if remaining is not None and remaining <= 0:
+                        raise FutureTimeout()
+                    self.cond.wait(remaining)
+        if value is _CANCELLED:
+            raise CancelledError()
+        if type(value) is _Raised:
+            raise value.exc
+        return value
+
+
+class _Chunks(itertools.chain):  # type: ignore[type-arg]
+    """map()'s results when they come in chunks: a chain over the chunks'
+    lists (C speed per item), that closes like the stdlib map's generator."""
+
+    _chunks: Generator[Any, None, None]
+
+    @classmethod
+    def of(cls, chunks: Generator[Any, None, None]) -> _Chunks:
+        it = cls.from_iterable(chunks)
+        assert isinstance(it, _Chunks)
+        it._chunks = chunks
+        return it
+
+    def close(self) -> None:
+        self._chunks.close()
+
+
+class _Task:
+    __slots__ = ("tid", "future", "run", "index", "fn", "blob", "items", "chunk", "attempts", "started", "done")
+
+    def __init__(self, tid: int, future: Future[Any] | None, fn: bytes, blob: bytes, items: list[Any],
+                 chunk: bool, run: _MapRun | None = None, index: int = 0) -> None:
         self.tid = tid
-        self.future = future
-        self.blob = blob
+        self.future = future  # submit()'s, or None for a map() item (then its outcome is run[index])
+        self.run = run
+        self.index = index
+        self.fn = fn  # the pickled function (shared by a map's tasks)
+        self.blob = blob  # the pickled call: (CALL, args, kwargs) or (CHUNK, items, star)
         self.items = items  # the submitted items this task carries (one, or a map chunk)
         self.chunk = chunk
         self.attempts = 0
         self.started = 0.0  # monotonic time it began running (first in its worker's line)
+        self.done: list[Any] = []  # a chunk cut short by stop(): its first items' results
+
+    # The future's side, for a submitted task and a map item alike.
+
+    def cancelled(self) -> bool:
+        if self.run is None:
+            assert self.future is not None
+            return self.future.cancelled()
+        return self.run.values[self.index] is _CANCELLED
+
+    def cancel(self) -> bool:
+        if self.run is None:
+            assert self.future is not None
+            return self.future.cancel()
+        return self.run.cancel(self.index)
+
+    def set_result(self, value: Any) -> bool:
+        """False if it was cancelled. A map item's caller is woken by _MapRun.wake()."""
+        if self.run is not None:
+            return self.run.set(self.index, value)
+        assert self.future is not None
+        try:
+            self.future.set_result(value)
+        except InvalidStateError:
+            return False
+        return True
+
+    def set_exception(self, exc: BaseException) -> bool:
+        if self.run is not None:
+            ok = self.run.set(self.index, _Raised(exc))
+            self.run.wake()
+            return ok
+        assert self.future is not None
+        try:
+            self.future.set_exception(exc)
+        except InvalidStateError:
+            return False
+        return True
 
 
 class _WorkerLine:
     """The manager's view of one worker's link and the tasks it holds."""
 
-    __slots__ = ("wid", "sock", "child", "held", "done", "timed_out", "closed")
+    __slots__ = ("wid", "sock", "child", "held", "done", "sent", "timed_out", "closed")
 
     def __init__(self, wid: int) -> None:
         self.wid = wid
@@ -106,6 +248,7 @@ class _WorkerLine:
         self.child.setblocking(False)
         self.held: deque[_Task] = deque()
         self.done = 0
+        self.sent = 0  # tasks sent to this worker (max_tasks_per_worker caps it)
         self.timed_out: _Task | None = None
         self.closed = False
 
@@ -187,6 +330,8 @@ class ProcessExecutor(Executor):
         self._lines: dict[int, _WorkerLine] = {}
         self._respawn: set[int] = set()
         self._unfinished: list[tuple[_Task, bool]] = []  # (task, was running)
+        self._max_tasks = max_tasks_per_worker
+        self._task_time = 1.0  # a running mean of seconds per task (slow until measured)
         self._submitted = self._completed = self._failed = self._cancelled = 0
         self._t0 = time.monotonic()
         self._pc = ProcessController(
@@ -208,45 +353,68 @@ class ProcessExecutor(Executor):
 
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
         """Schedule `fn(*args, **kwargs)`; return its Future."""
-        return self._submit_calls(fn, [(args, kwargs)], [_item_of(args, kwargs)], chunk=False)[0]
+        task = self._new_task(self._pickled(fn), (CALL, args, kwargs), [_item_of(args, kwargs)], False)
+        self._enqueue([task])
+        assert task.future is not None
+        return task.future
 
     def map(
         self, fn: Callable[..., Any], *iterables: Iterable[Any],
         timeout: float | None = None, chunksize: int | None = None,
     ) -> Iterator[Any]:
         """Results of `fn` over the items, in order. `chunksize` None picks one
-        (as Pool.map does); `timeout` counts from this call, as the stdlib's."""
+        as Pool.map does (len / (4 * workers)); a chunk still pauses and stops
+        between its items. `timeout` counts from this call, as the stdlib's."""
         if chunksize is not None and (isinstance(chunksize, bool) or not isinstance(chunksize, int)
                                       or chunksize < 1):
             raise ValueError(f"chunksize must be a positive integer or None, not {chunksize!r}")
         if timeout is not None:
             end_time = timeout + time.monotonic()
-        calls: list[tuple[tuple[Any, ...], dict[str, Any]]] = [(args, {}) for args in zip(*iterables)]  # noqa: B905 - as the stdlib's map: the shortest ends it
-        items = [args[0] if len(iterables) == 1 else args for args, _ in calls]
-        if chunksize is None:
-            chunksize = max(1, min(MAX_AUTO_CHUNK, math.ceil(len(calls) / (4 * self._max_workers))))
-        if chunksize == 1:
-            futures = self._submit_calls(fn, calls, items, chunk=False)
+        star = len(iterables) != 1
+        items: Sequence[Any]
+        if star:
+            items = list(zip(*iterables))  # noqa: B905 - as the stdlib's map: the shortest ends it
+        elif isinstance(iterables[0], (list, tuple, range)):
+            items = iterables[0]  # sliced below: each task gets its own copy
         else:
-            futures = self._submit_chunks(fn, calls, items, chunksize)
+            items = list(iterables[0])
+        if chunksize is None:
+            chunksize = max(1, math.ceil(len(items) / (4 * self._max_workers)))
+        fn_blob = self._pickled(fn)
+        run = _MapRun(math.ceil(len(items) / chunksize))
         chunked = chunksize > 1
+        # Whole chunks per slice; big chunks go out one by one, as soon as pickled.
+        step = chunksize * max(1, SUBMIT_SLICE // chunksize)
+        for start in range(0, len(items), step):
+            part: Any = items[start:start + step]
+            first = start // chunksize
+            if not chunked:
+                tasks = [self._new_task(fn_blob, (CALL, item if star else (item,), {}), [item], False,
+                                        run, first + i)
+                         for i, item in enumerate(part)]
+            else:
+                tasks = [self._new_task(fn_blob, (CHUNK, part[i:i + chunksize], star), part[i:i + chunksize],
+                                        True, run, first + i // chunksize)
+                         for i in range(0, len(part), chunksize)]
+            self._enqueue(tasks)
+        end = None if timeout is None else end_time
 
-        def results() -> Iterator[Any]:
+        def results() -> Generator[Any, None, None]:
+            i = 0
             try:
-                futures.reverse()
-                while futures:
-                    fut = futures[-1]
-                    value = fut.result() if timeout is None else fut.result(end_time - time.monotonic())
-                    futures.pop()
-                    if chunked:
-                        yield from value
-                    else:
+                for i in range(len(run.values)):
+                    value = run.wait(i, end)
+                    if chunked and type(value) is _Cut:
                         yield value
-                    del fut
+                        raise CancelledError()  # stop() cut the chunk: the rest was handed back
+                    yield value
+                i = len(run.values)
             finally:
-                for fut in futures:
-                    fut.cancel()
+                for j in range(i, len(run.values)):
+                    run.cancel(j)
 
+        if chunked:
+            return _Chunks.of(results())
         return results()
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
@@ -332,33 +500,26 @@ class ProcessExecutor(Executor):
         self._pc.wakeup()
         return fut
 
-    def _submit_calls(
-        self, fn: Callable[..., Any], calls: list[tuple[tuple[Any, ...], dict[str, Any]]],
-        items: list[Any], chunk: bool,
-    ) -> list[Future[Any]]:
-        tasks = []
-        for call, item in zip(calls, items, strict=True):
-            tasks.append(self._new_task(fn, [call], [item], chunk))
-        self._enqueue(tasks)
-        return [t.future for t in tasks]
-
-    def _submit_chunks(
-        self, fn: Callable[..., Any], calls: list[tuple[tuple[Any, ...], dict[str, Any]]],
-        items: list[Any], size: int,
-    ) -> list[Future[Any]]:
-        tasks = [self._new_task(fn, calls[i:i + size], items[i:i + size], True)
-                 for i in range(0, len(calls), size)]
-        self._enqueue(tasks)
-        return [t.future for t in tasks]
-
-    def _new_task(self, fn: Callable[..., Any], calls: list[Any], items: list[Any], chunk: bool) -> _Task:
-        future: Future[Any] = Future()
+    def _pickled(self, fn: Callable[..., Any]) -> bytes | BaseException:
+        """`fn` pickled (once for a map's tasks), or why it cannot be."""
         try:
-            blob = pickle.dumps((fn, calls, chunk), pickle.HIGHEST_PROTOCOL)
+            return pickle.dumps(fn, pickle.HIGHEST_PROTOCOL)
+        except Exception as exc:  # noqa: BLE001 - the futures carry it, as ProcessPoolExecutor's do
+            return exc
+
+    def _new_task(self, fn: bytes | BaseException, call: tuple[Any, ...], items: list[Any], chunk: bool,
+                  run: _MapRun | None = None, index: int = 0) -> _Task:
+        task = _Task(next(self._tids), Future() if run is None else None, b"", b"", items, chunk, run, index)
+        if isinstance(fn, BaseException):
+            task.set_exception(fn)
+            return task
+        try:
+            task.blob = pickle.dumps(call, pickle.HIGHEST_PROTOCOL)
         except Exception as exc:  # noqa: BLE001 - the future carries it, as ProcessPoolExecutor's does
-            future.set_exception(exc)
-            blob = b""
-        return _Task(next(self._tids), future, blob, items, chunk)
+            task.set_exception(exc)
+            return task
+        task.fn = fn
+        return task
 
     def _enqueue(self, tasks: list[_Task]) -> None:
         with self._lock:
@@ -411,7 +572,11 @@ class ProcessExecutor(Executor):
     def _has_room(self) -> bool:
         if self._paused or self._stopping:
             return False
-        return any(len(line.held) < WINDOW and not line.closed for line in self._lines.values())
+        window = self._window()
+        return any(len(line.held) < window and not line.closed for line in self._lines.values())
+
+    def _window(self) -> int:
+        return QUICK_WINDOW if self._task_time < QUICK_TASK else WINDOW
 
     def _take_commands(self) -> bool:
         """Run queued commands; True once the executor has stopped."""
@@ -433,8 +598,10 @@ class ProcessExecutor(Executor):
                     with self._lock:
                         pending, self._pending = self._pending, deque()
                     for task in pending:
-                        if task.future.cancel():
+                        if task.cancel():
                             self._cancelled += 1
+                    for run in {task.run for task in pending if task.run is not None}:
+                        run.wake()  # a map's caller waiting on one of them sees it cancelled
                 fut.set_result(None)
             elif name == "stop":
                 fut.set_result(self._finish(arg))
@@ -478,7 +645,7 @@ class ProcessExecutor(Executor):
         self._steal_for_idle()
 
     def _steal_for_idle(self) -> None:
-        """An idle worker takes over a task still unread behind another's long one."""
+        """An idle worker takes over tasks still unread behind another's long one."""
         idle = [line for line in self._lines.values() if not line.held and not line.closed]
         if not idle:
             return
@@ -496,31 +663,57 @@ class ProcessExecutor(Executor):
                 continue
             if msg is None or msg.kind is not Kind.TASK:
                 continue
-            task = next(t for t in line.held if t.tid == msg.tag)
-            line.held.remove(task)
-            with self._lock:
-                self._pending.appendleft(task)
+            self._take_back(line, set(workwire.task_ids(msg)))
             self._fill(idle.pop(), 1)
 
-    def _fill(self, line: _WorkerLine, window: int = WINDOW) -> None:
-        """Send `line` tasks up to the window."""
-        while len(line.held) < window:
+    def _take_back(self, line: _WorkerLine, tids: set[int]) -> None:
+        """Tasks `line` holds and will never start go first in line again."""
+        back = [t for t in line.held if t.tid in tids]
+        line.held = deque(t for t in line.held if t.tid not in tids)
+        line.sent -= len(back)
+        if self._stopping:
+            self._unfinished.extend((t, False) for t in back)
+        else:
             with self._lock:
-                if not self._pending:
-                    return
-                task = self._pending.popleft()
-            if task.future.cancelled():
-                self._cancelled += 1
+                self._pending.extendleft(reversed(back))
+
+    def _fill(self, line: _WorkerLine, window: int | None = None) -> None:
+        """Send `line` tasks up to the window, several to a message when tasks are quick."""
+        room = (window or self._window()) - len(line.held)
+        if self._max_tasks is not None:
+            room = min(room, self._max_tasks - line.sent)
+        batch = QUICK_BATCH if self._task_time < QUICK_TASK else 1
+        while room > 0:
+            tasks: list[_Task] = []
+            size = 0
+            with self._lock:
+                pending = self._pending
+                while pending and len(tasks) < room and len(tasks) < batch and size < BATCH_BYTES:
+                    task = pending.popleft()
+                    tasks.append(task)
+                    size += len(task.blob) + len(task.fn)
+            if not tasks:
+                return
+            live = []
+            for task in tasks:
+                if task.cancelled():
+                    self._cancelled += 1
+                else:
+                    live.append(task)
+            if not live:
                 continue
             try:
-                workwire.send(line.sock, Kind.TASK, 0, task.tid, task.blob)
+                workwire.send(line.sock, Kind.TASK, 0, len(live),
+                              workwire.pack_tasks([(t.tid, t.fn, t.blob) for t in live]))
             except OSError:
                 with self._lock:
-                    self._pending.appendleft(task)
+                    self._pending.extendleft(reversed(live))
                 return
             if not line.held:
-                task.started = time.monotonic()
-            line.held.append(task)
+                live[0].started = time.monotonic()
+            line.held.extend(live)
+            line.sent += len(live)
+            room -= len(live)
 
     def _expire(self) -> None:
         if self.task_timeout is None or self._paused:
@@ -549,13 +742,41 @@ class ProcessExecutor(Executor):
 
     def _finish(self, grace: float) -> Unfinished:
         """Stop every worker, account for every task, leave."""
+        # A stop that hands back 100,000 tasks makes and drops objects by the
+        # hundred thousand: the collector would walk every future meanwhile,
+        # for nothing (as while forking, controller.py, it waits until we are done).
+        collect = gc.isenabled()
+        gc.disable()
+        try:
+            return self._stop_and_account(grace)
+        finally:
+            if collect:
+                gc.enable()
+
+    def _stop_and_account(self, grace: float) -> Unfinished:
         self._stopping = True
         with self._lock:
             self._shutdown = True
             pending, self._pending = self._pending, deque()
             commands, self._commands = self._commands, deque()
+        try:
+            # Tell the workers first: they stop while we cancel the queued futures.
+            if self._pc._state is not State.STOPPED and self._pc._board is not None:
+                self._pc._post(State.STOPPED)
+        except Exception:  # noqa: BLE001 - stop() below posts it again and escalates
+            log.debug("posting STOPPED early failed", exc_info=True)
+        queued: list[_Task] = []
+        runs: set[_MapRun] = set()
         for task in pending:
-            self._unfinished.append((task, False))
+            if task.future is not None:
+                if task.future.cancel():
+                    queued.append(task)
+            elif task.cancel():
+                queued.append(task)
+                runs.add(task.run)  # type: ignore[arg-type]
+        self._cancelled += len(queued)
+        for run in runs:
+            run.wake()
         try:
             self._pc.stop(self._wait_grace(grace))
         finally:
@@ -574,18 +795,38 @@ class ProcessExecutor(Executor):
                     fut.set_result(None)
                 else:
                     fut.set_exception(RuntimeError("the executor stopped"))
-        unfinished = sorted(self._unfinished, key=lambda pair: pair[0].tid)
-        items: list[Any] = []
-        running: list[Any] = []
-        futures: list[Future[Any]] = []
-        for task, was_running in unfinished:
-            if task.future.cancel():
+        held: list[tuple[_Task, bool]] = []
+        for task, was_running in self._unfinished:
+            if task.done and task.chunk:
+                # A chunk cut short: its first items completed, the rest go back.
+                if not task.set_result(_Cut(task.done)):
+                    continue
                 self._cancelled += 1
-                items.extend(task.items)
-                futures.append(task.future)
-                if was_running:
-                    running.extend(task.items)
+                held.append((task, was_running))
+            elif task.cancel():
+                self._cancelled += 1
+                held.append((task, was_running))
+            if task.run is not None:
+                task.run.wake()
         self._unfinished = []
+        # In submission order, with no object made per task (100,000 of them
+        # would wake the garbage collector over every future): the queued
+        # ones are in order already, the few the workers held merge in.
+        tid = operator.attrgetter("tid")
+        interrupted = sorted((task for task, flag in held if flag), key=tid)
+        others = sorted((task for task, _ in held), key=tid)
+        if not others or (queued and tid(others[-1]) < tid(queued[0])):
+            everything = others + queued  # as a rule, workers hold the first ones
+        else:
+            everything = queued + others
+            everything.sort(key=tid)
+        left = [task.items[len(task.done):] if task.done else task.items for task in others]
+        for task, rest in zip(others, left, strict=True):
+            task.items = rest  # a cut chunk: only what did not run goes back
+        items = [item for task in everything for item in task.items]
+        futures = [task.future for task in everything if task.future is not None and not task.done]
+        running = [item for task in interrupted
+                   for item in (task.items[:1] if task.done else task.items)]
         _live_executors.discard(self)
         return Unfinished(items, running, futures)
 
@@ -635,8 +876,13 @@ class ProcessExecutor(Executor):
     def readable(self, wid: int) -> None:
         line = self._lines.get(wid)
         if line is not None and not line.closed:
-            for msg in workwire.recv_all(line.sock):
-                self._on_message(line, msg)
+            msgs = workwire.recv_all(line.sock)
+            results = [msg for msg in msgs if msg.kind is Kind.RESULT]
+            if len(results) == len(msgs):
+                self._on_results(line, results)
+            else:
+                for msg in msgs:
+                    self._on_message(line, msg)
             if not self._stopping and not self._paused:
                 self._fill(line)
 
@@ -658,57 +904,76 @@ class ProcessExecutor(Executor):
 
     def _on_message(self, line: _WorkerLine, msg: workwire.Message) -> None:
         if msg.kind is Kind.RESULT:
-            self._on_result(line, msg)
+            self._on_results(line, [msg])
+        elif msg.kind is Kind.RETURNED:
+            self._take_back(line, set(workwire.task_ids(msg)))
         elif msg.kind is Kind.INIT_FAILED:
             self._break(f"the initializer failed in worker {line.wid}:\n"
                         f"{msg.payload.decode(errors='replace')}")
 
-    def _on_result(self, line: _WorkerLine, msg: workwire.Message) -> None:
-        if not line.held or line.held[0].tid != msg.tag:
-            log.error("worker %d answered task %d it does not hold", line.wid, msg.tag)
+    def _on_results(self, line: _WorkerLine, msgs: list[workwire.Message]) -> None:
+        held = line.held
+        now = time.monotonic()
+        mean = self._task_time
+        runs: set[_MapRun] = set()
+        for msg in msgs:
+            if not held or held[0].tid != msg.tag:
+                log.error("worker %d answered task %d it does not hold", line.wid, msg.tag)
+                continue
+            task = held.popleft()
+            # A running mean of the time a task holds the head of its line.
+            mean += (now - task.started - mean) * 0.25
+            if held:
+                held[0].started = now
+            line.done += 1
+            try:
+                status, value, tb = pickle.loads(msg.payload)
+            except Exception as exc:  # noqa: BLE001 - unpickling runs the result's own code
+                status, value, tb = ERR, exc, f"the result could not be unpickled here: {exc!r}\n"
+            if status == OK:
+                if task.run is not None:
+                    runs.add(task.run)
+                if not task.set_result(value):  # cancelled by the caller while it ran
+                    self._cancelled += 1
+                    continue
+                self._completed += 1
+                if self._on_event is not None:
+                    self._task_event("task-done", line, task)
+            elif status == ERR:
+                self._on_error(line, task, value, tb)
+            else:  # stopped: it saw STOPPED and did not complete (a chunk: not all of it)
+                task.done = value
+                self._unfinished.append((task, bool(tb)))
+        self._task_time = mean
+        for run in runs:
+            run.wake()
+
+    def _on_error(self, line: _WorkerLine, task: _Task, value: Any, tb: str) -> None:
+        if isinstance(value, BaseException):
+            value.__cause__ = RemoteTraceback(tb)
+        else:
+            value = RuntimeError(str(value))
+        if not task.set_exception(value):
+            self._cancelled += 1
             return
-        task = line.held.popleft()
-        if line.held:
-            line.held[0].started = time.monotonic()
-        line.done += 1
-        try:
-            status, value, tb = pickle.loads(msg.payload)
-        except Exception as exc:  # noqa: BLE001 - unpickling runs the result's own code
-            status, value, tb = ERR, exc, f"the result could not be unpickled here: {exc!r}\n"
-        fut = task.future
-        if status == OK:
-            if fut.cancelled():
-                self._cancelled += 1
-                return
-            fut.set_result(value)
-            self._completed += 1
-            self._task_event("task-done", line, task)
-        elif status == ERR:
-            if fut.cancelled():
-                self._cancelled += 1
-                return
-            if isinstance(value, BaseException):
-                value.__cause__ = RemoteTraceback(tb)
-            else:
-                value = RuntimeError(str(value))
-            fut.set_exception(value)
-            self._failed += 1
-            self._task_event("task-failed", line, task, error=_last_line(tb))
-        else:  # stopped: it saw STOPPED at a checkpoint and did not complete
-            self._unfinished.append((task, True))
+        self._failed += 1
+        self._task_event("task-failed", line, task, error=_last_line(tb))
 
     def _end_line(self, line: _WorkerLine, report: WorkerReport | None) -> None:
         """The worker is gone: results it sent count, unread tasks go back in
         line, the task it was running fails, is retried or is unfinished."""
         for msg in workwire.recv_all(line.sock):
             self._on_message(line, msg)
-        unread = [msg.tag for msg in workwire.recv_all(line.child) if msg.kind is Kind.TASK]
+        unread = {tid for msg in workwire.recv_all(line.child) if msg.kind is Kind.TASK
+                  for tid in workwire.task_ids(msg)}
         line.closed = True
         self._pc._unregister(line.sock.fileno())
         line.sock.close()
         line.child.close()
-        back = [t for t in line.held if t.tid in set(unread)]
-        started = [t for t in line.held if t.tid not in set(unread)]
+        # The worker ran its tasks in order, each result sent before the next
+        # began: of those it read, only the first without a result can have started.
+        started = [t for t in line.held if t.tid not in unread][:1]
+        back = [t for t in line.held if t not in started]
         line.held.clear()
         if self._stopping:
             self._unfinished.extend((t, False) for t in back)
@@ -747,10 +1012,9 @@ class ProcessExecutor(Executor):
                 self._pending.appendleft(task)
             self._task_event("task-retry", line, task, error=str(error))
             return
-        if task.future.cancelled():
+        if not task.set_exception(error):
             self._cancelled += 1
             return
-        task.future.set_exception(error)
         self._failed += 1
         self._task_event(name, line, task, error=str(error))
 
@@ -766,8 +1030,7 @@ class ProcessExecutor(Executor):
         for line in self._lines.values():
             line.held.clear()
         for task in list(pending) + held:
-            if task.future.set_running_or_notify_cancel():
-                task.future.set_exception(BrokenExecutor(why))
+            if task.set_exception(BrokenExecutor(why)):
                 self._failed += 1
             else:
                 self._cancelled += 1

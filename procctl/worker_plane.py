@@ -1,15 +1,18 @@
 """The child side of the work plane: channel get/put/iter, and the executor's task loop.
 
-A worker asks for an item (GET) and the manager sends one only then, so a
-worker never holds an item it did not ask for; a PAUSED or timed-out get
-withdraws its request (CANCEL) and gives back an item that crossed it
-(UNGET).  Puts to a bounded channel spend credits the manager grants while
+A worker asks for items (GET, PREFETCH at a time) and the manager sends
+them only then; they wait in the worker's socket until a get() reads one,
+and the manager takes back the unread ones at PAUSED or when the worker
+ends.  A timed-out get withdraws its request (CANCEL) and gives back an
+item that crossed it (UNGET); items read past (waiting for another reply)
+are given back at PAUSED and STOPPED.  Puts to a bounded channel spend credits the manager grants while
 the channel has room.  Every wait here also wakes on a command: STOPPED ends
 a get (`Closed`) or a put (False) at once.
 """
 
 from __future__ import annotations
 
+import itertools
 import pickle
 import queue
 import select
@@ -33,6 +36,16 @@ if TYPE_CHECKING:
 OK, ERR, STOPPED = "ok", "err", "stopped"
 
 
+_REPLIES = (Kind.ITEM, Kind.CLOSED)
+
+#: A consumer keeps up to PREFETCH items of a channel coming (it asks for
+#: more when half have come), so items flow without a round trip per item;
+#: but no more than about PREFETCH_SECONDS of its work, by the time it has
+#: been taking per item, so that a slow consumer leaves the items to others.
+PREFETCH = 128
+PREFETCH_SECONDS = 0.002
+
+
 class WorkEnd:
     """The worker's end of its work link."""
 
@@ -42,7 +55,12 @@ class WorkEnd:
         self.channels = channels  # name -> (channel id, maxsize)
         self.credits: dict[int, int] = {}
         self.wanting: set[int] = set()
-        self.tasks: deque[Message] = deque()
+        self.tasks: deque[tuple[int, bytes, bytes]] = deque()
+        #: channel id -> items asked for (GET) and not yet come; they wait in
+        #: the socket, where the manager can take them back.
+        self.asked: dict[int, int] = {}
+        self.per_item = 1.0  # a running mean of the caller's seconds between two gets
+        self.last_get = 0.0
 
     # -- channels -----------------------------------------------------------
 
@@ -54,34 +72,58 @@ class WorkEnd:
             raise ValueError(f"no channel named {name!r} (channels: {known})") from None
 
     def get(self, ctx: WorkerContext, name: str, timeout: float | None) -> Any:
-        cid, _ = self.channel(name)
-        end = _deadline(timeout)
+        spec = self.channels.get(name)
+        cid = spec[0] if spec is not None else self.channel(name)[0]
+        end = None if timeout is None else _deadline(timeout)
         while True:
-            if not ctx.checkpoint():
+            if not ctx.checkpoint():  # a paused worker waits here, holding nothing
                 raise Closed(name)
-            self._send(ctx, Kind.GET, cid)
-            reply = self._await_reply(ctx, cid, end)
+            asked = self.asked.get(cid, 0)
+            window = self._window()
+            if asked <= window // 2:
+                self._send(ctx, Kind.GET, cid, window - asked)
+                self.asked[cid] = window
+            try:  # as a rule the item is there already
+                reply = workwire.recv(self.sock)
+            except BlockingIOError:
+                reply = None
+            except OSError:
+                reply = None
+            if reply is not None and (reply.channel != cid or reply.kind not in _REPLIES):
+                self._absorb(ctx, reply)
+                reply = None
+            if reply is None:
+                reply = self._await_reply(ctx, cid, end)
             if reply is not None:
-                if reply.kind is Kind.CLOSED:
-                    raise Closed(name)
-                return pickle.loads(reply.payload)
+                if reply.kind is Kind.ITEM:
+                    self.asked[cid] -= 1
+                    value = pickle.loads(reply.payload)
+                    self.last_get = time.perf_counter()
+                    return value
+                self.asked.pop(cid, None)
+                raise Closed(name)
             if ctx.state is State.STOPPED:
                 raise Closed(name)
-            # Interrupted by PAUSED or the timeout: withdraw the request.
-            self._send(ctx, Kind.CANCEL, cid)
+            if ctx.state is State.PAUSED:
+                continue  # the manager takes back what we have not read
+            # The timeout: withdraw the request; an item that crossed it goes back.
+            self._withdraw(ctx, cid)
+            raise queue.Empty(f"nothing arrived on channel {name!r} within {timeout}s")
+
+    def _window(self) -> int:
+        now = time.perf_counter()
+        if self.last_get:
+            self.per_item += (now - self.last_get - self.per_item) * 0.25
+        return max(1, min(PREFETCH, int(PREFETCH_SECONDS / max(self.per_item, 1e-7))))
+
+    def _withdraw(self, ctx: WorkerContext, cid: int) -> None:
+        self._send(ctx, Kind.CANCEL, cid)
+        self.asked.pop(cid, None)
+        while True:
             reply = self._await_reply(ctx, cid, None, until=(Kind.ITEM, Kind.CLOSED, Kind.CANCELLED))
-            if reply is None:  # STOPPED came
-                raise Closed(name)
-            if reply.kind is Kind.CLOSED:
-                raise Closed(name)
-            paused = ctx.state is State.PAUSED
-            if reply.kind is Kind.ITEM:
-                if not paused:
-                    return pickle.loads(reply.payload)
-                # It crossed our CANCEL: a paused worker holds nothing.
-                self._send(ctx, Kind.UNGET, cid, payload=reply.payload)
-            elif not paused:
-                raise queue.Empty(f"nothing arrived on channel {name!r} within {timeout}s")
+            if reply is None or reply.kind is not Kind.ITEM:
+                return  # STOPPED (the manager takes back the rest), CLOSED or CANCELLED
+            self._send(ctx, Kind.UNGET, cid, payload=reply.payload)
 
     def put(self, ctx: WorkerContext, name: str, item: Any, timeout: float | None) -> bool:
         cid, maxsize = self.channel(name)
@@ -98,7 +140,7 @@ class WorkEnd:
                 if remaining is not None and remaining <= 0:
                     raise queue.Full(f"channel {name!r} stayed full for {timeout}s")
                 if ctx.wait_readable(self.sock, remaining):
-                    self._absorb_all()
+                    self._absorb_all(ctx)
                 elif ctx.state is not State.RUNNING and not ctx.checkpoint():
                     return False  # STOPPED: the item was not sent
             self.credits[cid] -= 1
@@ -114,10 +156,12 @@ class WorkEnd:
 
     # -- tasks --------------------------------------------------------------
 
-    def next_task(self, ctx: WorkerContext) -> Message | None:
-        """The next task, or None if a command came first."""
-        # One message at a time: a task we have not read stays in the socket,
-        # where the manager takes it back if we die.
+    def next_task(self, ctx: WorkerContext) -> tuple[int, bytes, bytes] | None:
+        """The next task (id, pickled function, pickled call), or None if a command came first."""
+        # One message at a time: tasks we have not read stay in the socket,
+        # where the manager takes them back if we die.  Those of a message
+        # we have read run in order, each result sent before the next
+        # starts, so the manager can tell which one a death interrupted.
         while not self.tasks:
             try:
                 msg = workwire.recv(self.sock)
@@ -127,8 +171,15 @@ class WorkEnd:
                 continue
             if msg is None:
                 return None
-            self._absorb(msg)
+            self._absorb(ctx, msg)
         return self.tasks.popleft()
+
+    def return_tasks(self, ctx: WorkerContext) -> None:
+        """Give back the tasks read but not started (we are leaving)."""
+        if self.tasks:
+            ids = b"".join(workwire.TASK_IDS.pack(tid) for tid, _, _ in self.tasks)
+            self.tasks.clear()
+            self._send(ctx, Kind.RETURNED, payload=ids)
 
     # -- the wire -----------------------------------------------------------
 
@@ -136,15 +187,22 @@ class WorkEnd:
         self, ctx: WorkerContext, cid: int, end: float | None,
         until: tuple[Kind, ...] = (Kind.ITEM, Kind.CLOSED),
     ) -> Message | None:
-        """Wait for the reply to our request on `cid`; None if a command
-        (any, or with `until` including CANCELLED, only STOPPED) or the
-        deadline came first."""
+        """Wait for a reply on `cid`; None if a command (any, or with `until`
+        including CANCELLED, only STOPPED) or the deadline came first. Reads
+        one message at a time: what we do not read stays the manager's."""
         cancelling = Kind.CANCELLED in until
         while True:
-            for msg in self._recv_all():
+            try:
+                msg = workwire.recv(self.sock)
+            except BlockingIOError:
+                msg = None
+            except OSError:
+                return None
+            if msg is not None:
                 if msg.kind in until and msg.channel == cid:
                     return msg
-                self._absorb(msg)
+                self._absorb(ctx, msg)
+                continue
             remaining = _remaining(end)
             if remaining is not None and remaining <= 0:
                 return None
@@ -160,17 +218,27 @@ class WorkEnd:
         except OSError:
             return []
 
-    def _absorb_all(self) -> None:
+    def _absorb_all(self, ctx: WorkerContext) -> None:
         for msg in self._recv_all():
-            self._absorb(msg)
+            self._absorb(ctx, msg)
 
-    def _absorb(self, msg: Message) -> None:
-        if msg.kind is Kind.CREDIT:
+    def _absorb(self, ctx: WorkerContext, msg: Message) -> None:
+        kind = msg.kind
+        if kind is Kind.CREDIT:
             self.credits[msg.channel] = self.credits.get(msg.channel, 0) + msg.tag
             self.wanting.discard(msg.channel)
-        elif msg.kind is Kind.TASK:
-            self.tasks.append(msg)
-        # A stray reply (ITEM, CLOSED, CANCELLED) cannot come: one request at a time.
+        elif kind is Kind.TASK:
+            self.tasks.extend(workwire.unpack_tasks(msg.payload))
+        elif kind is Kind.ITEM:
+            # An item we asked for earlier, read past while we wait for
+            # something else: we hold nothing we are not handing to the
+            # caller, so it goes back now, and so does the rest of that request.
+            if self.asked.pop(msg.channel, 0):
+                self._send(ctx, Kind.CANCEL, msg.channel)
+            self._send(ctx, Kind.UNGET, msg.channel, payload=msg.payload)
+        elif kind is Kind.CLOSED:
+            self.asked.pop(msg.channel, None)  # the next get asks again, and hears it again
+        # CANCELLED: the end of a request withdrawn above; nothing to do.
 
     def _send(
         self, ctx: WorkerContext, kind: Kind, cid: int = 0, tag: int = 0, payload: bytes = b"",
@@ -221,37 +289,81 @@ def run_tasks(
             end._send(ctx, Kind.INIT_FAILED, payload=traceback.format_exc().encode())
             return 0
     done = 0
+    send, result = end._send, Kind.RESULT
+    functions: dict[bytes, Any] = {}
     while ctx.checkpoint():
-        msg = end.next_task(ctx)
-        if msg is None:
+        task = end.next_task(ctx)
+        if task is None:
             continue  # a command: checkpoint() applies it
-        payload = _run_task(ctx, msg.payload)
-        end._send(ctx, Kind.RESULT, tag=msg.tag, payload=payload)
+        send(ctx, result, tag=task[0], payload=_run_task(ctx, functions, task[1], task[2]))
         done += 1
         if max_tasks is not None and done >= max_tasks:
             break
+    end.return_tasks(ctx)
     return done
 
 
-def _run_task(ctx: WorkerContext, blob: bytes) -> bytes:
+#: What a pickled call is: one call (fn, args, kwargs), or a chunk of a map
+#: (fn, items, star): fn(item) or fn(*item) for each item.
+CALL, CHUNK = 0, 1
+#: A chunk checks for commands between blocks of items; a block grows while
+#: it takes less than this, so pause and stop stay prompt with tiny items.
+BLOCK_SECONDS = 0.001
+
+
+def _run_task(ctx: WorkerContext, functions: dict[bytes, Any], fn_blob: bytes, blob: bytes) -> bytes:
+    done: list[Any] = []  # a chunk's results so far, in whole blocks
     try:
-        fn, calls, chunk = pickle.loads(blob)
-        if chunk:
-            value: Any = [fn(*args, **kwargs) for args, kwargs in calls]
+        fn = functions.get(fn_blob)
+        if fn is None:
+            if len(functions) >= 64:
+                functions.clear()
+            fn = functions[fn_blob] = pickle.loads(fn_blob)
+        kind, a, b = pickle.loads(blob)
+        if kind == CHUNK:
+            value: Any = _run_chunk(ctx, fn, a, b, done)
         else:
-            args, kwargs = calls[0]
-            value = fn(*args, **kwargs)
+            value = fn(*a, **b)
     except BaseException as exc:  # noqa: BLE001 - the task's exception is its result
         if saw_stop(ctx):
-            return pickle.dumps((STOPPED, None, None))
+            return _dump_stopped(done, True)
         return _dump_error(exc, traceback.format_exc())
     if saw_stop(ctx):
-        return pickle.dumps((STOPPED, None, None))  # it saw STOPPED: cut short
+        # It saw STOPPED: cut short. A chunk says how far it got.
+        return _dump_stopped(done, value is not _BETWEEN)
     try:
         return pickle.dumps((OK, value, None), pickle.HIGHEST_PROTOCOL)
     except Exception as exc:  # noqa: BLE001 - pickling runs the result's own code
         err = TypeError(f"the result of type {type(value).__name__} could not be pickled: {exc!r}")
         return _dump_error(err, traceback.format_exc())
+
+
+_BETWEEN = object()  # a chunk stopped between two blocks: no item was interrupted
+
+
+def _run_chunk(ctx: WorkerContext, fn: Callable[..., Any], items: list[Any], star: bool,
+               done: list[Any]) -> Any:
+    """fn over the items, in blocks with a checkpoint between them (a paused
+    chunk waits there). At STOPPED, `done` holds the blocks that ran before it;
+    a block that saw STOPPED counts as interrupted (its first item as running)."""
+    clock = time.perf_counter
+    step, i, n = 1, 0, len(items)
+    while i < n:
+        if not ctx.checkpoint():
+            return _BETWEEN
+        t0 = clock()
+        block = items[i:i + step]
+        out = list(itertools.starmap(fn, block) if star else map(fn, block))
+        if saw_stop(ctx):
+            return None  # an item was told to stop
+        done.extend(out)
+        i += len(block)
+        took = clock() - t0
+        if took < BLOCK_SECONDS:
+            step *= 2
+        elif took > 2 * BLOCK_SECONDS and step > 1:
+            step //= 2
+    return done
 
 
 def saw_stop(ctx: WorkerContext) -> bool:
@@ -264,6 +376,15 @@ def saw_stop(ctx: WorkerContext) -> bool:
     to the task that was running when it was set.
     """
     return ctx._saw_stop
+
+
+def _dump_stopped(done: list[Any], interrupted: bool) -> bytes:
+    """A task cut short by STOPPED: the results of a chunk's first items, and
+    whether the next one had started."""
+    try:
+        return pickle.dumps((STOPPED, done, interrupted), pickle.HIGHEST_PROTOCOL)
+    except Exception:  # noqa: BLE001 - then none of them counts as done
+        return pickle.dumps((STOPPED, [], True))
 
 
 def _dump_error(exc: BaseException, tb: str) -> bytes:

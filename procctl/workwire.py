@@ -26,7 +26,7 @@ import os
 import socket
 import struct
 import threading
-from dataclasses import dataclass
+from typing import NamedTuple
 
 HEADER = struct.Struct("!BxxxIq")  # kind, channel id, tag (task id, count)
 BIG = 0x80  # flag on kind: the payload is in the passed memfd
@@ -46,20 +46,55 @@ class Kind(enum.IntEnum):
     WANT = 5  # ask for put credits on a bounded `channel`
     RESULT = 6  # the outcome of task `tag`
     INIT_FAILED = 7  # the executor's initializer raised (payload: traceback text)
+    RETURNED = 8  # tasks read but never started, given back (payload: TASK_IDS)
     # manager -> worker
     ITEM = 16  # reply to GET: one item
     CLOSED = 17  # reply to GET: closed and empty
     CANCELLED = 18  # reply to CANCEL when no item was sent
     CREDIT = 19  # `tag` put credits on `channel`
-    TASK = 20  # task `tag` to run
+    TASK = 20  # `tag` tasks to run, in order (payload: task frames, see pack_tasks)
 
 
-@dataclass(frozen=True)
-class Message:
+class Message(NamedTuple):
+    # A named tuple, not a dataclass: the manager builds one per item.
     kind: Kind
     channel: int
     tag: int
     payload: bytes
+
+
+_KINDS: dict[int, Kind] = {int(k): k for k in Kind}
+#: One task in a TASK message: task id, length of its pickled function, of
+#: its pickled call; then the two.  A map's tasks share one pickled function
+#: (the worker unpickles it once).
+TASK_FRAME = struct.Struct("!qII")
+TASK_IDS = struct.Struct("!q")
+
+
+def pack_tasks(tasks: list[tuple[int, bytes, bytes]]) -> bytes:
+    """The payload of a TASK message: (task id, pickled function, pickled call) frames."""
+    frame = TASK_FRAME.pack
+    return b"".join([part for tid, fn, call in tasks for part in (frame(tid, len(fn), len(call)), fn, call)])
+
+
+def unpack_tasks(payload: bytes) -> list[tuple[int, bytes, bytes]]:
+    out = []
+    view = memoryview(payload)
+    offset, size, unpack = 0, TASK_FRAME.size, TASK_FRAME.unpack_from
+    while offset < len(payload):
+        tid, fn_len, call_len = unpack(view, offset)
+        offset += size
+        fn_end = offset + fn_len
+        out.append((tid, bytes(view[offset:fn_end]), bytes(view[fn_end:fn_end + call_len])))
+        offset = fn_end + call_len
+    return out
+
+
+def task_ids(msg: Message) -> list[int]:
+    """The task ids a TASK or RETURNED message carries, in order."""
+    if msg.kind is Kind.TASK:
+        return [tid for tid, _, _ in unpack_tasks(msg.payload)]
+    return [TASK_IDS.unpack_from(msg.payload, i)[0] for i in range(0, len(msg.payload), TASK_IDS.size)]
 
 
 def pair() -> tuple[socket.socket, socket.socket]:
@@ -94,10 +129,10 @@ def recv(sock: socket.socket) -> Message | None:
     size, ancdata, _flags, _addr = sock.recvmsg_into([buf], _FD_SPACE)
     if not size:
         return None
-    data = bytes(memoryview(buf)[:size])
-    raw_kind, channel, tag = HEADER.unpack_from(data)
+    raw_kind, channel, tag = HEADER.unpack_from(buf)
     if not raw_kind & BIG:
-        return Message(Kind(raw_kind), channel, tag, data[HEADER.size:])
+        return Message(_KINDS[raw_kind], channel, tag, bytes(memoryview(buf)[HEADER.size:size]))
+    data = bytes(memoryview(buf)[:size])
     fds = _fds(ancdata)
     try:
         (length,) = BIG_BODY.unpack_from(data, HEADER.size)
@@ -105,7 +140,7 @@ def recv(sock: socket.socket) -> Message | None:
     finally:
         for fd in fds:
             os.close(fd)
-    return Message(Kind(raw_kind & ~BIG), channel, tag, payload)
+    return Message(_KINDS[raw_kind & ~BIG], channel, tag, payload)
 
 
 _local = threading.local()

@@ -55,7 +55,7 @@ def params(quick: bool) -> dict[str, dict[str, Any]]:
             "throughput": dict(threshold=40_000, batch_threshold=4_000_000, batch=1000,
                                queue_size=1000, repeats=1),
             "memory": dict(n=10, repeats=1),
-            "workplane": dict(n=20_000, big=1_000_000, rounds=300, cpu=1000, queued=100_000, repeats=1),
+            "workplane": dict(n=20_000, big=1_000_000, rounds=300, cpu=1000, queued=100_000, repeats=3),
             "cluster": dict(rounds=40, repeats=2, tasks=2000),
             "supervision": dict(restarts=20, checkpoints=1_000_000, heartbeat=0.2, repeats=3),
         }
@@ -490,11 +490,45 @@ def targets(rows: list[dict[str, Any]], methods: list[str]) -> list[dict[str, An
         a = find(rows, "memory", m, 10, "procctl")
         b = find(rows, "memory", m, 10, "floor")
         add(f"memory {m}: PSS procctl / raw", ratio(a, b), 1.2, why=why_missing(a, b))
+    for m in dict.fromkeys(r["method"] for r in rows if r["case"] == "workplane"):
+        workplane_targets(rows, m, add, why_missing)
     return out
+
+
+#: The work plane's figures (issue 8): (label, ours, theirs, limit, at_least),
+#: each a same-run ratio (the median of per-repetition ratios when repeated).
+WORKPLANE_TARGETS = [
+    ("map chunksize=1: procctl / Pool.imap_unordered", "ProcessExecutor.map chunksize=1",
+     "Pool.imap_unordered chunksize=1", 1.0, True),
+    ("map automatic chunks: procctl / Pool.map", "ProcessExecutor.map automatic chunks",
+     "Pool.map automatic chunks", 1.0, True),
+    ("submit->result p50: procctl / PPE", "ProcessExecutor submit->result p50",
+     "ProcessPoolExecutor submit->result p50", 1.0, False),
+    ("1 ms CPU tasks: procctl / Pool", "ProcessExecutor 1 ms CPU tasks", "Pool 1 ms CPU tasks", 1.0, True),
+    ("1 ms CPU tasks: procctl / PPE", "ProcessExecutor 1 ms CPU tasks",
+     "ProcessPoolExecutor 1 ms CPU tasks", 1.0, True),
+    ("stop() 100k queued: procctl / PPE cancel_futures", "ProcessExecutor.stop() with 100000 queued",
+     "PPE shutdown(cancel_futures=True) with 100000 queued", 1.0, False),
+    ("channel put/get: procctl / mp.Queue", "channel put/get, 2 consumers", "mp.Queue put/get, 2 consumers",
+     1.0, True),
+]
+
+
+def workplane_targets(rows, m, add, why_missing) -> None:
+    for label, ours, theirs, limit, at_least in WORKPLANE_TARGETS:
+        a = find(rows, "workplane", m, 2, name=ours)
+        b = find(rows, "workplane", m, 2, name=theirs)
+        value = (paired(a, b) if a and b and len(a["samples"]) > 1 else None) or ratio(a, b)
+        add(f"workplane {m}: {label}", value, limit, at_least=at_least, why=why_missing(a, b))
+    idle = find(rows, "workplane", m, 2, name="2 consumers blocked in get, over 1 s")
+    if idle:
+        add(f"workplane {m}: CPU-s of 2 workers blocked in get, 1 s", idle.get("median"), 0.01,
+            why=why_missing(idle))
 
 
 def print_targets(ts: list[dict[str, Any]], out=sys.stdout) -> None:
     out.write("\nTargets (ratios from this run)\n")
+    width = max([52] + [len(t["target"]) for t in ts])
     for t in ts:
         v = t["value"]
         if v is None:
@@ -507,7 +541,7 @@ def print_targets(ts: list[dict[str, Any]], out=sys.stdout) -> None:
             shown = f"{v:.2f}x"
         lim = f"{t['limit'] / 1e6:.0f}M/s" if t["limit"] >= 1e6 else f"{t['limit']:g}"
         extra = f"  ({t['why']})" if t["verdict"] == "n/a" and t["why"] else ""
-        out.write(f"  {t['verdict']:<4}  {t['target']:<52} {shown:>10} {t['op']} {lim}{extra}\n")
+        out.write(f"  {t['verdict']:<4}  {t['target']:<{width}} {shown:>10} {t['op']} {lim}{extra}\n")
 
 
 # =============================================================================

@@ -1141,6 +1141,21 @@ def mpq_rate(m: str, n: int) -> float:
         q.join_thread()
 
 
+def chan_blocked_cpu(m: str, window: float) -> float:
+    """CPU-seconds two consumers burn over `window` while blocked in get on an empty channel."""
+    with ProcessController(bw.chan_consume, 2, args=(0,), start_method=m, channels={"jobs": 0}) as pc:
+        pc.run()
+        pc.channels["jobs"].put(0)  # one item through: both are in their get loop
+        pids = pc.pids()
+        deadline = time.monotonic() + 10
+        while pc.channels["jobs"].stats().got < 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        cpu = _cpu_over({"procctl": pids}, window)["procctl"]
+        pc.channels["jobs"].close()
+        pc.wait(10)
+    return cpu
+
+
 def case_workplane(m: str, p: dict[str, Any]) -> list[dict[str, Any]]:
     n, big, rounds, cpu, queued = p["n"], p["big"], p["rounds"], p["cpu"], p["queued"]
     variants = [
@@ -1160,6 +1175,7 @@ def case_workplane(m: str, p: dict[str, Any]) -> list[dict[str, Any]]:
          lambda: ppe_cancel_queued(m, queued)),
         ("channel put/get, 2 consumers", "procctl", "items/s", True, lambda: chan_rate(m, n)),
         ("mp.Queue put/get, 2 consumers", "floor", "items/s", True, lambda: mpq_rate(m, n)),
+        ("2 consumers blocked in get, over 1 s", "procctl", "CPU-s", False, lambda: chan_blocked_cpu(m, 1.0)),
     ]
     rows = []
     for name, role, unit, higher, fn in variants:

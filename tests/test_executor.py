@@ -170,11 +170,13 @@ def test_stop_accounting_under_random_timing():
         _check_stop_accounting(ex, futs, left)
 
 
-def test_stop_hands_back_running_items_and_queued_ones():
+def test_stop_hands_back_running_items_and_queued_ones(tmp_path, monkeypatch):
+    monkeypatch.setenv("WORKPLANE_STARTED_DIR", str(tmp_path))
     ex = ProcessExecutor(2)
     long = [ex.submit(t.until_stopped, i) for i in range(2)]
     queued = [ex.submit(t.square, i) for i in range(100, 110)]
-    while not ex.counts().running:
+    end = time.monotonic() + 20
+    while len(os.listdir(tmp_path)) < 2 and time.monotonic() < end:  # both have started
         time.sleep(0.01)
     left = ex.stop(grace=2)
     assert sorted(left.running) == [0, 1]

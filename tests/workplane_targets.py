@@ -82,6 +82,9 @@ def sleep_for(seconds):
 
 def until_stopped(tag):
     ctx = procctl.context()
+    started_dir = os.environ.get("WORKPLANE_STARTED_DIR")
+    if started_dir:  # tell the test it has started
+        open(os.path.join(started_dir, str(tag)), "w").close()
     while ctx.checkpoint():
         ctx.sleep(0.02)
     return tag
@@ -132,3 +135,19 @@ def random_task(seconds):
 
 
 INIT_PATH = None
+
+
+def exit_at(x, bad):
+    """A quick task, but item `bad` kills its worker (os._exit)."""
+    if x == bad:
+        os._exit(7)
+    return x
+
+
+def slow_item(x):
+    time.sleep(0.005)
+    return x
+
+
+def sum_sizes(ctx, src="jobs"):
+    return sum(len(item) for item in ctx.iter(src))
