@@ -36,7 +36,7 @@ import bench_workers  # noqa: E402,F401
 from procctl import ProcessController, State  # noqa: E402,F401  (as the README's scripts do)
 
 CASE_ORDER = ["lifecycle", "broadcast", "stop", "paused", "throughput", "memory", "workplane", "cluster",
-              "supervision"]
+              "supervision", "containment"]
 #: Run only when asked (--cluster): they need procctl[dask].
 OPTIONAL_CASES = {"cluster"}
 #: the cost does not depend on the start method
@@ -58,6 +58,7 @@ def params(quick: bool) -> dict[str, dict[str, Any]]:
             "workplane": dict(n=20_000, big=1_000_000, rounds=300, cpu=1000, queued=100_000, repeats=3),
             "cluster": dict(rounds=40, repeats=2, tasks=2000),
             "supervision": dict(restarts=20, checkpoints=1_000_000, heartbeat=0.2, repeats=3),
+            "containment": dict(ns=[100], grandchildren=2, repeats=3, timeout=20, timeout_per_n=0.3),
         }
     return {
         "lifecycle": dict(ns=[10, 100, 500], repeats=5, peer_repeats=2, peer_max_n=100,
@@ -72,13 +73,14 @@ def params(quick: bool) -> dict[str, dict[str, Any]]:
         "workplane": dict(n=50_000, big=2_000_000, rounds=1000, cpu=3000, queued=100_000, repeats=3),
         "cluster": dict(rounds=200, repeats=5, tasks=5000),
         "supervision": dict(restarts=50, checkpoints=3_000_000, heartbeat=0.2, repeats=5),
+        "containment": dict(ns=[10, 100], grandchildren=2, repeats=5, timeout=20, timeout_per_n=0.3),
     }
 
 
 def job_timeout(case: str, quick: bool) -> float:
     return {"lifecycle": 150, "broadcast": 120, "stop": 120, "paused": 60,
             "throughput": 120, "memory": 90, "workplane": 200,
-            "cluster": 240, "supervision": 150}[case] * (1 if quick else 2.5)
+            "cluster": 240, "supervision": 150, "containment": 150}[case] * (1 if quick else 2.5)
 
 
 # =============================================================================
@@ -358,6 +360,7 @@ SECTION = {
     "workplane": "7. Work plane: ProcessExecutor and channels against Pool, PPE, mp.Queue (2 workers)",
     "cluster": "8. Cluster (--cluster): procctl.cluster on a LocalCluster of 2 nodes x 4, beside Dask's own",
     "supervision": "9. Supervision: restart latency against a raw fork, checkpoint cost with hang detection",
+    "containment": "10. Containment: stop() of busy workers with and without grandchildren, all reaped",
 }
 
 
@@ -382,7 +385,8 @@ def print_table(rows: list[dict[str, Any]], out=sys.stdout) -> None:
                              "8 plain Dask tasks": "tasks", "Client.map 1 ms tasks": "Client.map",
                              "raw Process+Pipe": "raw", "raw Event per unit": "raw",
                              "per-worker Pipe": "Pipe", "shared Condition+counters": "Cond",
-                             "raw blocked in Queue.get()": "blocked"}.get(f["name"], "raw")
+                             "raw blocked in Queue.get()": "blocked",
+                             "stop(), no grandchildren": "without"}.get(f["name"], "raw")
                     ratios.append(f"{x:.2f}x {label}")
             second = r.get("best") if case == "throughput" else r.get("min")
             note = r["error"] or r["note"]
@@ -486,6 +490,11 @@ def targets(rows: list[dict[str, Any]], methods: list[str]) -> list[dict[str, An
             what = "restart latency" if a["unit"] == "s" else "heartbeat checkpoint cost"
             add(f"supervision {m}: {what} / {'raw fork' if a['unit'] == 's' else 'no heartbeat'}",
                 ratio(a, b), 1.2 if a["unit"] == "s" else 1.05, why=why_missing(a, b))
+    for m in dict.fromkeys(r["method"] for r in rows if r["case"] == "containment"):
+        a = find(rows, "containment", m, 100, "procctl")
+        b = find(rows, "containment", m, 100, "floor")
+        add(f"containment {m} N=100: stop with 2 grandchildren / without", ratio(a, b), 1.3,
+            why=why_missing(a, b))
     for m in dict.fromkeys(r["method"] for r in rows if r["case"] == "memory"):
         a = find(rows, "memory", m, 10, "procctl")
         b = find(rows, "memory", m, 10, "floor")

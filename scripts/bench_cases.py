@@ -1275,6 +1275,68 @@ def case_supervision(m: str, p: dict[str, Any]) -> list[dict[str, Any]]:
     return [r for r, _ in rows]
 
 
+# =============================================================================
+# 9. Containment (issue 9): a stop that also ends every worker's children
+# =============================================================================
+
+
+def _check_gone(pids: list[int]) -> None:
+    """Raise if one of `pids` (grandchildren) still runs after the stop."""
+    for pid in pids:
+        try:
+            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                raise RuntimeError(f"grandchild {pid} survived the stop")
+        except psutil.NoSuchProcess:
+            pass
+
+
+def contain_procctl(m: str, n: int, k: int) -> float:
+    """Seconds for stop() of `n` busy workers, each with `k` grandchildren, until all are reaped."""
+    ctx = mp.get_context(m)
+    ready = ctx.Semaphore(0)
+    pids = mp.RawArray("i", max(1, n * k))
+    # Start PAUSED (the grandchildren are started before the first checkpoint),
+    # so that busy early workers do not starve the manager while it starts the
+    # rest (13 s for 100 workers started RUNNING on 2 cores); then run(), wait
+    # until every worker did a unit, and stop RUNNING workers.
+    pc = ProcessController(bw.pc_busy_with_children, n, args=(ready, pids, k), start_method=m, grace=30.0)
+    try:
+        pc.start()
+        pc.run()
+        _wait_ready(ready, n, 60)
+        t0 = perf()
+        reports = pc.stop()
+        t = perf() - t0
+    finally:
+        pc.close()
+    _check_reports(reports, n, ("stopped",))
+    if k and 0 in pids[:n * k]:
+        raise RuntimeError("a worker did not record its grandchildren")
+    _check_gone(list(pids[:n * k]))
+    return t
+
+
+def case_containment(m: str, p: dict[str, Any]) -> list[dict[str, Any]]:
+    k = p["grandchildren"]
+    rows = []
+    for n in p["ns"]:
+        variants = [
+            (f"stop(), {k} grandchildren each", "procctl", lambda: contain_procctl(m, n, k)),
+            ("stop(), no grandchildren", "floor", lambda: contain_procctl(m, n, 0)),
+        ]
+        entries = [(row("containment", m, n, name, role, "s", note="busy workers; interleaved"), fn)
+                   for name, role, fn in variants]
+        w = row("warmup", m, 2, "", "", "s")
+        measure(w, lambda: contain_procctl(m, 2, k), 60)
+        timeout = p["timeout"] + n * p["timeout_per_n"]
+        for _ in range(p["repeats"]):
+            for r, fn in entries:
+                progress(r, n)
+                record(r, measure(r, fn, timeout))
+        rows += [r for r, _ in entries]
+    return rows
+
+
 CASES = {
     "lifecycle": case_lifecycle,
     "broadcast": case_broadcast,
@@ -1285,4 +1347,5 @@ CASES = {
     "workplane": case_workplane,
     "cluster": lambda m, p: __import__("bench_cluster").case_cluster(m, p),
     "supervision": case_supervision,
+    "containment": case_containment,
 }

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import queue
 import random
+import subprocess
 import time
 
 UNIT = 0.001  # one unit of work: 1 ms of this thread's CPU time
@@ -60,6 +61,14 @@ def pc_busy(ctx, ready) -> int:
         if units == 1:
             ready.release()
     return units
+
+
+def pc_busy_with_children(ctx, ready, pids, k: int) -> int:
+    """pc_busy after starting `k` grandchildren (`sleep 1000`), their pids in `pids`."""
+    kids = [subprocess.Popen(["sleep", "1000"], stdin=subprocess.DEVNULL) for _ in range(k)]
+    for j, kid in enumerate(kids):
+        pids[ctx.worker_id * k + j] = kid.pid
+    return pc_busy(ctx, ready)
 
 
 # -- raw floors --------------------------------------------------------------
