@@ -39,7 +39,8 @@ __all__ = ["no_leftover_processes", "process_controller"]
 #: The entry points of multiprocessing's long-lived helpers (fork server, resource
 #: tracker) and procctl's guardian: a *direct* child of ours started with one of these is the helper itself,
 #: started once per session, not a leak.  Its children (forkserver workers share its
-#: command line) are judged like any other process.
+#: command line) are judged like any other process, and so is any process that is
+#: one of procctl's workers, whatever its command line.
 HELPER_ENTRIES = ("from multiprocessing.forkserver import main", "from multiprocessing.resource_tracker import main",
                   "from procctl.guardian import main")
 #: Set in the environment while a checked test runs: processes it starts carry it,
@@ -86,7 +87,7 @@ def _import_psutil() -> Any:
 
 def _helper_pids(psutil: Any) -> set[int]:
     """multiprocessing's helpers and procctl's guardian, by pid: the processes
-    themselves, not what they start."""
+    themselves, not what they start, and never one of procctl's workers."""
     helpers = set()
     guardian = sys.modules.get("procctl.guardian")
     if guardian is not None and guardian.guardian_pid() is not None:
@@ -102,7 +103,18 @@ def _helper_pids(psutil: Any) -> set[int]:
             continue
         if any(entry in cmdline for entry in HELPER_ENTRIES):
             helpers.add(proc.pid)
-    return helpers
+    # A command line says what a process was started as, not what it is: a
+    # forkserver worker carries the fork server's. The controllers know their
+    # workers by pid, and those are never helpers.
+    return helpers - _worker_pids()
+
+
+def _worker_pids() -> set[int]:
+    """The pids of the live workers of this process's open controllers."""
+    controller = sys.modules.get("procctl.controller")
+    if controller is None:
+        return set()
+    return {pid for pc in list(controller._open_controllers) for pid in pc.pids()}
 
 
 class Snapshot:

@@ -341,3 +341,87 @@ def test_a_grandchild_reparented_away_is_caught_with_pid_and_command_line(pytest
         pid = read_pids(pidfile)[0]
         result.stdout.fnmatch_lines([f"*pid {pid} (*sleep 1000)*"])
         assert gone([pid])
+
+
+# -- forkserver workers ----------------------------------------------------------------------
+
+# The inner module starts the fork server itself (a fresh interpreter): the server
+# is a direct child with a helper's command line, and its children, procctl's
+# workers, carry that same command line.
+FORKSERVER = """
+import os
+import psutil, pytest
+from procctl import ProcessController
+
+held = []
+
+def idle(ctx):
+    while ctx.sleep(3600.0):
+        pass
+
+def pids_to(path, pc):
+    (pid,) = pc.pids()
+    with open(path, "w") as fh:
+        fh.write(f"{pid} {psutil.Process(pid).ppid()}")
+"""
+
+
+def forkserver_module(pytester, pidfile, body):
+    pytester.makepyfile(test_forkserver=FORKSERVER + textwrap.dedent(body).format(pidfile=str(pidfile)))
+
+
+def test_a_leaked_forkserver_worker_is_caught_and_killed(pytester, tmp_path):
+    pidfile = tmp_path / "pids"
+    forkserver_module(pytester, pidfile, """
+        @pytest.mark.usefixtures("no_leftover_processes")
+        def test_leaks_a_worker():
+            pc = ProcessController(idle, 1, start_method="forkserver")
+            held.append(pc)  # a live reference: nothing closes it before the check
+            pc.start()
+            pids_to({pidfile!r}, pc)
+
+        def test_the_worker_was_killed():
+            worker, _ = map(int, open({pidfile!r}).read().split())
+            assert not psutil.pid_exists(worker) or psutil.Process(worker).status() == psutil.STATUS_ZOMBIE
+        """)
+    result = pytester.runpytest_subprocess(*plugin_args(), timeout=SUBPROCESS_TIMEOUT)
+    worker, server = read_pids(pidfile)
+    result.assert_outcomes(passed=2, errors=1)
+    result.stdout.fnmatch_lines(["*ERROR at teardown of test_leaks_a_worker*",
+                                 "*left 1 child process(es) behind*",
+                                 f"*pid {worker} ({sys.executable} *-c from multiprocessing.forkserver*"])
+    assert f"pid {server} " not in result.stdout.str()  # the fork server is a helper
+
+
+def test_a_closed_forkserver_controller_passes(pytester, tmp_path):
+    forkserver_module(pytester, tmp_path / "pids", """
+        @pytest.mark.usefixtures("no_leftover_processes")
+        def test_closes_its_controller():
+            with ProcessController(idle, 2, start_method="forkserver") as pc:
+                pc.run()
+            assert pc.pids() == []
+        """)
+    result = pytester.runpytest_subprocess(*plugin_args(), timeout=SUBPROCESS_TIMEOUT)
+    result.assert_outcomes(passed=1)
+
+
+def _idle(ctx):
+    while ctx.sleep(3600.0):
+        pass
+
+
+def test_a_worker_is_no_helper_whatever_its_command_line(monkeypatch):
+    """Helpers are told from workers by identity: a fork worker shares our command
+    line, and here that command line is a 'helper' entry; the worker is still found."""
+    from procctl import ProcessController
+    from procctl import pytest_plugin
+
+    monkeypatch.setattr(pytest_plugin, "HELPER_ENTRIES", (" ".join(psutil.Process().cmdline()),))
+    snapshot = pytest_plugin.Snapshot(psutil)
+    try:
+        with ProcessController(_idle, 1, start_method="fork") as pc:
+            (worker,) = pc.pids()
+            assert psutil.Process(worker).cmdline() == psutil.Process().cmdline()
+            assert worker in {p.pid for p in snapshot.new_processes(psutil)}
+    finally:
+        snapshot.restore()
