@@ -413,8 +413,7 @@ def _idle(ctx):
 def test_a_worker_is_no_helper_whatever_its_command_line(monkeypatch):
     """Helpers are told from workers by identity: a fork worker shares our command
     line, and here that command line is a 'helper' entry; the worker is still found."""
-    from procctl import ProcessController
-    from procctl import pytest_plugin
+    from procctl import ProcessController, pytest_plugin
 
     monkeypatch.setattr(pytest_plugin, "HELPER_ENTRIES", (" ".join(psutil.Process().cmdline()),))
     snapshot = pytest_plugin.Snapshot(psutil)
