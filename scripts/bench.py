@@ -58,7 +58,7 @@ def params(quick: bool) -> dict[str, dict[str, Any]]:
             "workplane": dict(n=20_000, big=1_000_000, rounds=300, cpu=1000, queued=100_000, repeats=3),
             "cluster": dict(rounds=40, repeats=2, tasks=2000),
             "supervision": dict(restarts=20, checkpoints=1_000_000, heartbeat=0.2, repeats=3),
-            "containment": dict(ns=[100], grandchildren=2, repeats=3, timeout=20, timeout_per_n=0.3),
+            "containment": dict(ns=[100], grandchildren=2, repeats=5, timeout=20, timeout_per_n=0.3),
         }
     return {
         "lifecycle": dict(ns=[10, 100, 500], repeats=5, peer_repeats=2, peer_max_n=100,
@@ -73,7 +73,7 @@ def params(quick: bool) -> dict[str, dict[str, Any]]:
         "workplane": dict(n=50_000, big=2_000_000, rounds=1000, cpu=3000, queued=100_000, repeats=3),
         "cluster": dict(rounds=200, repeats=5, tasks=5000),
         "supervision": dict(restarts=50, checkpoints=3_000_000, heartbeat=0.2, repeats=5),
-        "containment": dict(ns=[10, 100], grandchildren=2, repeats=5, timeout=20, timeout_per_n=0.3),
+        "containment": dict(ns=[10, 100], grandchildren=2, repeats=9, timeout=20, timeout_per_n=0.3),
     }
 
 
