@@ -20,11 +20,13 @@ import pytest
 
 from procctl import ProcessController, State
 from procctl.jobs import SumCancelled, SumJob, SumJobError, SumResult, sum_threshold
+from procctl.jobs.sum_ledger import Ledger
 
 # procctl.jobs re-exports the function under the module's name: fetch the module itself.
 job_module = importlib.import_module("procctl.jobs.sum_threshold")
+worker_module = importlib.import_module("procctl.jobs.sum_worker")
 
-HELPER_THREADS = ("QueueFeederThread", "sum-drainer", "sum-events")
+HELPER_THREADS = ("QueueFeederThread", "sum-drainer", "sum-events", "procctl-channels")
 
 
 # -- helpers ------------------------------------------------------------------------
@@ -178,12 +180,14 @@ def test_two_consumers_crossing_at_once_give_exactly_one_winner():
     assert crossings >= 1, "no run had two consumers crossing"
 
 
-def race_claims(ctx, barrier, claims):
+def race_claims(ctx, barrier, ledgers):
     """Every worker tries to claim every round at the same instant."""
     wins = []
-    for claim in claims:
+    for passed in ledgers:
+        ledger = Ledger.attach(passed, 1)
         barrier.wait(10)
-        wins.append(job_module._claim(claim, ctx.worker_id))
+        wins.append(ledger.claim(ctx.worker_id))
+        ledger.close()
     return wins
 
 
@@ -192,22 +196,26 @@ def test_claim_is_atomic_under_a_simultaneous_race():
 
     mp = multiprocessing.get_context("fork")
     rounds, workers = 50, 6
-    claims = [mp.Value("i", -1) for _ in range(rounds)]
+    ledgers = [Ledger(1) for _ in range(rounds)]
     barrier = mp.Barrier(workers)
-    with ProcessController(race_claims, workers, args=(barrier, claims), start_method="fork",
-                           initial_state=State.RUNNING) as pc:
-        assert pc.wait(30)
-        reports = pc.stop()
-    for r in range(rounds):
-        winners = [w for w, rep in reports.items() if rep.result[r]]
-        assert winners == [claims[r].value]
+    try:
+        with ProcessController(race_claims, workers, args=(barrier, [lg.handoff() for lg in ledgers]),
+                               start_method="fork", initial_state=State.RUNNING) as pc:
+            assert pc.wait(30)
+            reports = pc.stop()
+        for r in range(rounds):
+            winners = [w for w, rep in reports.items() if rep.result[r]]
+            assert winners == [ledgers[r].winner()]
+    finally:
+        for lg in ledgers:
+            lg.close()
 
 
 def test_a_failing_worker_is_an_error_not_a_hang(monkeypatch):
     def broken(*args):
         raise RuntimeError("consumer broke")
 
-    monkeypatch.setattr(job_module, "_consume", broken)  # inherited by forked workers
+    monkeypatch.setattr(worker_module, "_consume", broken)  # inherited by forked workers
     with pytest.raises(SumJobError, match="consumer broke"):
         sum_threshold(2, 2, 10, start_method="fork")
 
