@@ -22,6 +22,7 @@ channel's totals say whether it did (`_settle`).  Hence
 from __future__ import annotations
 
 import enum
+import itertools
 import logging
 import signal
 import threading
@@ -35,7 +36,7 @@ from ..controller import ProcessController
 from ..states import CLEAN_OUTCOMES, Outcome, State, WorkerReport
 from ..worker import MANAGED_SIGNALS
 from .sum_events import ChannelClosed, ConsumerStopped, Drained, JobEvent, ProducerStopped
-from .sum_ledger import MASK, Ledger
+from .sum_ledger import MASK, Ledger, SlotRecord
 from .sum_plan import (
     EVENTS,
     GRACE,
@@ -57,6 +58,8 @@ log = logging.getLogger("procctl")
 
 #: How long the manager waits for its event relay thread to finish.
 JOIN_TIMEOUT = 10.0
+#: Producers that died inside put() at once, beyond which _went_in() does not search.
+SEARCH_LIMIT = 12
 
 EventSink = Callable[[JobEvent], None]
 
@@ -175,6 +178,15 @@ class SumJob:
         if self._pc is not None:
             self._pc.kill()
             self._pc.wakeup()
+
+    def pids(self) -> tuple[list[int | None], list[int | None]]:
+        """(producer pids, consumer pids) while the run goes (None for one not
+        started); empty lists before run()."""
+        pc = self._pc
+        if pc is None:
+            return [], []
+        pids: list[int | None] = [w.pid for w in pc.status()]
+        return pids[: self.plan.producers], pids[self.plan.producers :]
 
     # -- the run ---------------------------------------------------------------
 
@@ -341,20 +353,22 @@ def _settle(plan: SumPlan, reports: dict[int, WorkerReport], ledger: Ledger, ite
     consumers = [_tally(reports.get(plan.producers + i), ConsumerTally) for i in range(plan.consumers)]
     records = {i: ledger.read(i) for i, t in enumerate(producers) if t is None}
     settled_p = [t or ProducerTally(i, records[i].items, records[i].value_sum) for i, t in enumerate(producers)]
-    # Puts that went in but were never written down: the pending ones, as many as the channel says.
-    untold = stats.put * plan.batch - sum(p.produced for p in settled_p)
-    for i, rec in records.items():
-        if rec.pending_items and untold >= rec.pending_items:
-            untold -= rec.pending_items
-            settled_p[i] = ProducerTally(i, rec.items + rec.pending_items, (rec.value_sum + rec.pending_sum) & MASK)
+    drained_sum = sum(map(worth, leftovers))
     lost = [i for i, t in enumerate(consumers) if t is None]
+    # Puts that went in but were never written down: some of the pending ones, as many as the channel says.
+    untold = stats.put * plan.batch - sum(p.produced for p in settled_p)
+    if untold:
+        pending = [i for i, rec in records.items() if rec.pending_items]
+        known_out = None if lost else sum(c.sum for c in consumers if c is not None) + drained_sum
+        for i in _went_in(pending, records, untold, sum(p.value_sum for p in settled_p), known_out):
+            rec = records[i]
+            settled_p[i] = ProducerTally(i, rec.items + rec.pending_items, (rec.value_sum + rec.pending_sum) & MASK)
     settled_c = []
     for i, t in enumerate(consumers):
         if t is None:
             rec = ledger.read(plan.producers + i)
             t = ConsumerTally(i, rec.value_sum, rec.items, rec.value_sum > plan.threshold, winner == i)
         settled_c.append(t)
-    drained_sum = sum(map(worth, leftovers))
     if lost:
         # Gets that took an item its consumer did not live to write down: credited to
         # the consumer that died (the first, if two died inside a get at once).
@@ -368,6 +382,26 @@ def _settle(plan: SumPlan, reports: dict[int, WorkerReport], ledger: Ledger, ite
     books = _Books(tuple(settled_p), tuple(settled_c), stats.drained * plan.batch, winner)
     _check_books(plan, books, stats, drained_sum)
     return books
+
+
+def _went_in(pending: list[int], records: dict[int, SlotRecord], untold: int, values_in: int,
+             values_out: int | None) -> list[int]:
+    """Which pending puts went in: `untold` items' worth of them.  When several
+    producers died inside put() at once, the one choice whose values balance
+    the books (known when no consumer was lost too); else the first ones."""
+    by_count = [i for i in pending if records[i].pending_items <= untold]
+    if values_out is not None and len(by_count) <= SEARCH_LIMIT:
+        for n in range(1, len(by_count) + 1):
+            for chosen in itertools.combinations(by_count, n):
+                if (sum(records[i].pending_items for i in chosen) == untold
+                        and (values_in + sum(records[i].pending_sum for i in chosen) - values_out) & MASK == 0):
+                    return list(chosen)
+    chosen_first: list[int] = []
+    for i in by_count:
+        if untold >= records[i].pending_items:
+            untold -= records[i].pending_items
+            chosen_first.append(i)
+    return chosen_first
 
 
 T = TypeVar("T", ProducerTally, ConsumerTally)

@@ -106,9 +106,10 @@ def _produce(ctx: WorkerContext, plan: SumPlan, ledger: Ledger, index: int) -> P
         produced += per_put
         values += worth
         slot.commit(produced, values)
+        slot.clear_pending()
         if high > 0 and not ctx.sleep(rng.uniform(low, high) if high > low else low):
+            slot.clear_pending()
             break
-    slot.clear_pending()
     return ProducerTally(index, produced, values)
 
 
