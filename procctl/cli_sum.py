@@ -102,7 +102,7 @@ def event_text(event: SumEvent) -> str | None:
             return (f"consumer {event.consumer} {event.outcome}: {event.error} (sum {event.sum} after "
                     f"{event.received} items)")
         case Drained():
-            return f"cleanup: drained {event.items} items left in the queue"
+            return f"cleanup: drained {event.count} items left in the queue"
         case ChannelClosed():
             return "cleanup: queue closed, every process reaped"
         case Cancelled():

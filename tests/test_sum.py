@@ -113,6 +113,23 @@ def test_story_events_match_the_result():
         check_story(result, events)
 
 
+def test_events_are_typed_and_read_as_their_json_form():
+    from procctl.jobs import sum_events as ev
+
+    events: list = []
+    result = sum_threshold(2, 2, 30, seed=5, on_event=events.append, start_method="fork")
+    kinds = {type(e) for e in events}
+    assert {ev.Received, ev.Crossed, ev.ProducerStopped, ev.ConsumerStopped, ev.Drained, ev.ChannelClosed} >= kinds
+    assert {ev.Received, ev.ProducerStopped, ev.Drained, ev.ChannelClosed} <= kinds
+    for e in events:
+        assert isinstance(e, ev.SumEvent) and e.kind.value == e["event"]
+        assert dict(e) == e.to_dict() == json.loads(json.dumps(e.to_dict())) and e == e.to_dict()
+    drained = next(e for e in events if isinstance(e, ev.Drained))
+    assert drained.count == drained["items"] == result.drained
+    summary = ev.Summary(result).to_dict()
+    assert summary == {"event": "summary", **result.to_dict()}
+
+
 def test_batches_keep_accounting_exact():
     for batch in (2, 17, 256):
         events: list[dict] = []

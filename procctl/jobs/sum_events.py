@@ -10,6 +10,7 @@ have always been given, and `--json` prints exactly that form.
 from __future__ import annotations
 
 import enum
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -36,12 +37,16 @@ class SumEventKind(str, enum.Enum):
         return self.value
 
 
-class SumEvent:
-    """What every event of the job has: its kind, its JSON form, read access by field name."""
+class SumEvent(Mapping[str, Any]):
+    """What every event of the job has: its kind, and its JSON form, which it
+    also reads as (a read-only mapping: ``event["sum"]``, ``dict(event)``,
+    ``event == {...}``)."""
 
     kind: ClassVar[SumEventKind]
     #: Fields left out of the JSON form when they are None.
     optional: ClassVar[frozenset[str]] = frozenset()
+    #: Fields whose JSON name differs (one that would hide a Mapping method).
+    renamed: ClassVar[dict[str, str]] = {}
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -53,22 +58,28 @@ class SumEvent:
                 out["t"] = round(value, 6)
                 out["event"] = self.kind.value
             else:
-                out[f.name] = value.value if isinstance(value, enum.Enum) else value
+                out[self.renamed.get(f.name, f.name)] = value.value if isinstance(value, enum.Enum) else value
         out.setdefault("event", self.kind.value)
         return out
 
-    # Read access as the dicts the job's callbacks used to receive.
     def __getitem__(self, key: str) -> Any:
         return self.to_dict()[key]
 
-    def get(self, key: str, default: Any = None) -> Any:
-        return self.to_dict().get(key, default)
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.to_dict())
 
-    def __contains__(self, key: object) -> bool:
-        return key in self.to_dict()
+    def __len__(self) -> int:
+        return len(self.to_dict())
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Mapping):
+            return NotImplemented
+        return self.to_dict() == dict(other)
+
+    __hash__ = None  # type: ignore[assignment]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Received(SumEvent):
     """Consumer `consumer` took `value` off the channel; its sum is now `sum`."""
 
@@ -79,7 +90,7 @@ class Received(SumEvent):
     sum: int
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Crossed(SumEvent):
     """Consumer `consumer`'s sum went past the threshold; `winner` if its claim came first."""
 
@@ -91,7 +102,7 @@ class Crossed(SumEvent):
     winner: bool
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class ProducerStopped(SumEvent):
     """A producer ended; `error` says why when it did not end cleanly."""
 
@@ -104,7 +115,7 @@ class ProducerStopped(SumEvent):
     error: str | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class ConsumerStopped(SumEvent):
     """A consumer ended; `error` says why when it did not end cleanly."""
 
@@ -119,16 +130,17 @@ class ConsumerStopped(SumEvent):
     error: str | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Drained(SumEvent):
-    """Cleanup: `items` values were left in the channel, taken by nobody."""
+    """Cleanup: `count` values (JSON: "items") were left in the channel, taken by nobody."""
 
     kind: ClassVar[SumEventKind] = SumEventKind.DRAINED
+    renamed: ClassVar[dict[str, str]] = {"count": "items"}
     t: float
-    items: int
+    count: int
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class ChannelClosed(SumEvent):
     """Cleanup done: the channels are closed and every process is reaped."""
 
@@ -136,7 +148,7 @@ class ChannelClosed(SumEvent):
     t: float
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Cancelled(SumEvent):
     """The command line stopped the run on a signal (everything was cleaned up first)."""
 
@@ -144,7 +156,7 @@ class Cancelled(SumEvent):
     signal: str | None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class TimedOut(SumEvent):
     """Nobody crossed within `timeout` seconds (everything was cleaned up first)."""
 
@@ -152,7 +164,7 @@ class TimedOut(SumEvent):
     timeout: float | None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Summary(SumEvent):
     """The last record of a successful run: the result."""
 

@@ -244,7 +244,7 @@ class SumJob:
                 if report.outcome is Outcome.FAILED:
                     return _Verdict.FAILED
                 # Killed or crashed: its counts are in the ledger; the others go on.
-                log.warning("sum job: %s %d ended early: %s", *plan.role(report.worker_id),
+                log.info("sum job: %s %d ended early: %s", *plan.role(report.worker_id),
                             report.error_line or report.outcome.value)
                 if report.worker_id < plan.producers:
                     producers -= 1
