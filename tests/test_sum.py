@@ -70,11 +70,12 @@ def check_story(result: SumResult, events: list[dict]) -> None:
 
 
 def _ours(proc: psutil.Process) -> bool:
-    """A live process of ours: not a multiprocessing helper, not a zombie on its way out."""
+    """A live process of ours: not a multiprocessing or procctl helper, not a zombie on its way out."""
     try:
         if proc.status() == psutil.STATUS_ZOMBIE:
             return False
-        return not any(h in " ".join(proc.cmdline()) for h in ("resource_tracker", "forkserver"))
+        helpers = ("resource_tracker", "forkserver", "procctl.guardian")  # long-lived, by design
+        return not any(h in " ".join(proc.cmdline()) for h in helpers)
     except (psutil.NoSuchProcess, psutil.AccessDenied):
         return False  # ended while we looked
 
