@@ -35,7 +35,8 @@ from procctl import ProcessController
 
 perf = time.perf_counter
 
-HELPER_MARKS = ("forkserver import main", "resource_tracker import main", "semaphore_tracker import main")
+HELPER_MARKS = ("forkserver import main", "resource_tracker import main", "semaphore_tracker import main",
+                "procctl.guardian import main")
 
 
 #: What sweep() found, for the notes.
