@@ -239,8 +239,8 @@ def test_a_failing_worker_is_an_error_not_a_hang(monkeypatch):
         sum_threshold(2, 2, 10, start_method="fork")
 
 
-@pytest.mark.parametrize("batch", [1, 16])
-def test_sigkilled_producer_and_consumer_mid_run_keep_the_accounting(batch, start_method):
+@pytest.mark.parametrize("start_method,batch", [("fork", 1), ("fork", 16), ("spawn", 1), ("forkserver", 1)])
+def test_sigkilled_producer_and_consumer_mid_run_keep_the_accounting(start_method, batch):
     """SIGKILL a producer and a consumer while items flow, at a different moment
     each run: the others finish the race, and every item is accounted for,
     the killed workers' too (their last put or get included)."""
