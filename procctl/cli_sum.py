@@ -24,7 +24,21 @@ from .clitools import (
     say,
 )
 from .controller import WorkerStartError
-from .jobs.sum_threshold import Delay, SumCancelled, SumJob, SumJobError, SumResult
+from .jobs.sum_events import (
+    Cancelled,
+    ChannelClosed,
+    ConsumerStopped,
+    Crossed,
+    Drained,
+    JobEvent,
+    ProducerStopped,
+    Received,
+    SumEvent,
+    Summary,
+    TimedOut,
+)
+from .jobs.sum_plan import Delay, SumCancelled, SumJobError, SumResult, make_plan
+from .jobs.sum_threshold import SumJob
 from .limits import LIMIT_ERRNOS
 
 START_METHODS = ("fork", "spawn", "forkserver")
@@ -68,28 +82,35 @@ def _as_option(message: str) -> str:
 # -- the story --------------------------------------------------------------------
 
 
-def event_text(event: dict[str, Any]) -> str | None:
+def event_text(event: SumEvent) -> str | None:
     """The human line for one event of the job."""
-    kind = event["event"]
-    if kind == "received":
-        return f"consumer {event['consumer']} received {event['value']} (sum {event['sum']})"
-    if kind == "crossed":
-        if event["winner"]:
-            return (f"consumer {event['consumer']} crossed the threshold {event['threshold']} with sum "
-                    f"{event['sum']}: it wins, stopping everyone")
-        return f"consumer {event['consumer']} crossed too (sum {event['sum']}), but another consumer won first"
-    if kind == "producer_stopped":
-        if "produced" in event:
-            return f"producer {event['producer']} stopped after {event['produced']} items"
-        return f"producer {event['producer']} {event['outcome']}: {event.get('error')}"
-    if kind == "consumer_stopped":
-        if "sum" in event:
-            return f"consumer {event['consumer']} stopped with sum {event['sum']} after {event['received']} items"
-        return f"consumer {event['consumer']} {event['outcome']}: {event.get('error')}"
-    if kind == "drained":
-        return f"cleanup: drained {event['items']} items left in the queue"
-    if kind == "closed":
-        return "cleanup: queue closed, its feeder joined, every process reaped"
+    match event:
+        case Received():
+            return f"consumer {event.consumer} received {event.value} (sum {event.sum})"
+        case Crossed(winner=True):
+            return (f"consumer {event.consumer} crossed the threshold {event.threshold} with sum "
+                    f"{event.sum}: it wins, stopping everyone")
+        case Crossed():
+            return f"consumer {event.consumer} crossed too (sum {event.sum}), but another consumer won first"
+        case ProducerStopped(error=None):
+            return f"producer {event.producer} stopped after {event.produced} items"
+        case ProducerStopped():
+            return f"producer {event.producer} {event.outcome}: {event.error} (after {event.produced} items)"
+        case ConsumerStopped(error=None):
+            return f"consumer {event.consumer} stopped with sum {event.sum} after {event.received} items"
+        case ConsumerStopped():
+            return (f"consumer {event.consumer} {event.outcome}: {event.error} (sum {event.sum} after "
+                    f"{event.received} items)")
+        case Drained():
+            return f"cleanup: drained {event.count} items left in the queue"
+        case ChannelClosed():
+            return "cleanup: queue closed, every process reaped"
+        case Cancelled(by=None):
+            return "cancelled: everything stopped and cleaned up"
+        case Cancelled():
+            return f"cancelled by {event.by}: everything stopped and cleaned up"
+        case Summary():
+            return summary_text(event.result)
     return None
 
 
@@ -132,29 +153,31 @@ def sum_command(producers: int, consumers: int, threshold: int, values_text: str
     if events_path:
         check_writable_file(events_path, "--events")
     control = ControlPlan.check(name, metrics_addr, job="sum", announce=not (json_lines or quiet))
+    try:
+        # Checked once; the live view and the job both get the checked plan.
+        plan = make_plan(producers, consumers, threshold, values=parse_values(values_text), queue_size=queue_size,
+                         delay=parse_delay(delay_text), seed=seed, start_method=start_method, timeout=timeout,
+                         batch=batch)
+    except ValueError as exc:
+        raise BadInput(_as_option(str(exc))) from None
     live = sys.stdout.isatty() and not json_lines and not quiet
     view: Any = None
-    if live and producers >= 1 and consumers >= 1:
+    if live:
         from .live import SumLiveView
 
-        view = SumLiveView(consumers, producers, threshold)
+        view = SumLiveView(plan)
     reporter = Reporter(json_lines=json_lines, quiet=quiet or live, events_path=events_path)
     listening = json_lines or view is not None or events_path or not quiet
     served: Any = None
 
-    def on_event(event: dict[str, Any]) -> None:
-        reporter.emit(event, event_text(event))
+    def on_event(event: JobEvent) -> None:
+        tell(reporter, event)
         if view is not None:
             view.on_event(event)
         if served is not None:
-            served.record(event)
+            served.record(event.to_dict())
 
-    try:
-        job = SumJob(producers, consumers, threshold, values=parse_values(values_text), queue_size=queue_size,
-                     delay=parse_delay(delay_text), seed=seed, start_method=start_method, timeout=timeout,
-                     batch=batch, on_event=on_event if listening else None)
-    except ValueError as exc:
-        raise BadInput(_as_option(str(exc))) from None
+    job = SumJob.from_plan(plan, on_event=on_event if listening else None)
     stopped: list[bool] = []
 
     def stop() -> None:  # `procctl stop`: a clean cancel, not a failure
@@ -169,6 +192,10 @@ def sum_command(producers: int, consumers: int, threshold: int, values_text: str
             served.close()
     finally:
         reporter.close()
+
+
+def tell(reporter: Reporter, event: SumEvent) -> None:
+    reporter.emit(event.to_dict(), event_text(event))
 
 
 def _run(job: SumJob, reporter: Reporter, bridge: SignalBridge, view: Any = None,
@@ -186,25 +213,23 @@ def _run(job: SumJob, reporter: Reporter, bridge: SignalBridge, view: Any = None
                 result = job.run()  # the live view closes before the summary
         except SumCancelled:
             if stopped and bridge.exit_code is None:
-                reporter.emit({"event": "cancelled", "by": "procctl stop"},
-                              "cancelled by procctl stop: everything stopped and cleaned up")
+                tell(reporter, Cancelled(None, by="procctl stop"))
                 return EXIT_OK
-            reporter.emit({"event": "cancelled", "signal": bridge.signal_name},
-                          "cancelled: everything stopped and cleaned up")
+            tell(reporter, Cancelled(bridge.signal_name))
             return bridge.exit_code or EXIT_SIGINT
         except TimeoutError as exc:
-            reporter.emit({"event": "timeout", "timeout": job.plan.timeout}, None)
+            reporter.emit(TimedOut(job.plan.timeout).to_dict(), None)
             say(f"procctl sum: {exc}")
             return EXIT_TIMEOUT
         except (SumJobError, WorkerStartError, OSError) as exc:
             if bridge.exit_code is not None:  # a second signal killed the workers: the signal's doing
-                reporter.emit({"event": "cancelled", "signal": bridge.signal_name},
-                              "cancelled: everything stopped and cleaned up")
+                tell(reporter, Cancelled(bridge.signal_name))
                 return bridge.exit_code
             say(f"procctl sum: error: {exc}")
             cause = exc if isinstance(exc, OSError) else exc.__cause__
             if isinstance(cause, OSError) and cause.errno in LIMIT_ERRNOS:
                 return EXIT_USAGE  # more workers than the system allows
             return EXIT_FAILED
-    reporter.summary({"event": "summary", **result.to_dict()}, summary_text(result))
+    summary = Summary(result)
+    reporter.summary(summary.to_dict(), summary_text(result))
     return EXIT_OK

@@ -25,6 +25,8 @@ from rich.table import Table
 from rich.text import Text
 
 from .capture import Output
+from .jobs.sum_events import ChannelClosed, ConsumerStopped, Crossed, JobEvent, Received
+from .jobs.sum_plan import SumPlan
 from .states import Event, WorkerStatus
 
 #: How often the view redraws (seconds).
@@ -341,16 +343,17 @@ class KeyReader:
 class SumLiveView:
     """The live view of `procctl sum`: each consumer's sum racing to the threshold.
 
-    Fed by the job's events; rich redraws it from its own refresh thread, so
-    the elapsed time moves even while no item arrives.
+    Built from the checked plan, fed by the job's events; rich redraws it
+    from its own refresh thread, so the elapsed time moves even while no
+    item arrives.
     """
 
-    def __init__(self, consumers: int, producers: int, threshold: int, console: Console | None = None):
-        self._threshold = threshold
-        self._producers = producers
-        self._sums = [0] * consumers
-        self._received = [0] * consumers
-        self._last = [""] * consumers
+    def __init__(self, plan: SumPlan, console: Console | None = None):
+        self._threshold = plan.threshold
+        self._producers = plan.producers
+        self._sums = [0] * plan.consumers
+        self._received = [0] * plan.consumers
+        self._last = [""] * plan.consumers
         self._note = "running"
         self._t0 = time.monotonic()
         self._live = Live(self, console=console or Console(), refresh_per_second=1 / REFRESH)
@@ -362,20 +365,24 @@ class SumLiveView:
     def __exit__(self, *exc: Any) -> None:
         self._live.__exit__(None, None, None)
 
-    def on_event(self, event: dict[str, Any]) -> None:
-        kind = event.get("event")
-        if kind == "received":
-            c = event["consumer"]
-            self._sums[c] = event["sum"]
+    def on_event(self, event: JobEvent) -> None:
+        if isinstance(event, Received):
+            c = event.consumer
+            self._sums[c] = event.sum
             self._received[c] += 1
-            self._last[c] = f"got {event['value']}"
-        elif kind == "crossed":
-            c = event["consumer"]
-            self._last[c] = "WON" if event.get("winner") else "crossed too late"
-            if event.get("winner"):
+            self._last[c] = f"got {event.value}"
+        elif isinstance(event, Crossed):
+            c = event.consumer
+            self._last[c] = "WON" if event.winner else "crossed too late"
+            if event.winner:
                 self._note = f"consumer {c} won: stopping everyone"
-        elif kind in ("drained", "closed"):
-            self._note = "cleanup: queue drained and closed" if kind == "closed" else self._note
+        elif isinstance(event, ConsumerStopped):
+            c = event.consumer
+            self._sums[c], self._received[c] = event.sum, event.received
+            if event.error is not None:
+                self._last[c] = event.outcome.value
+        elif isinstance(event, ChannelClosed):
+            self._note = "cleanup: queue drained and closed"
 
     def __rich__(self) -> Group:
         head = Text(f"procctl sum: {self._producers} producers, {len(self._sums)} consumers, "

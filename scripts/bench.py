@@ -464,11 +464,11 @@ def targets(rows: list[dict[str, Any]], methods: list[str]) -> list[dict[str, An
         per = find(rows, "throughput", m, 3, name="procctl.sum_threshold per item")
         if per:
             raw = find(rows, "throughput", m, 3, name="raw mp.Queue per item")
-            add(f"sum throughput {m}: per item procctl / raw Queue", ratio(per, raw), 0.8,
+            add(f"sum throughput {m}: per item procctl / raw Queue", ratio(per, raw), 1.0,
                 at_least=True, why=why_missing(per, raw))
             bat = next((r for r in rows if r["case"] == "throughput" and r["method"] == m
                         and r["role"] == "procctl" and "batch" in r["name"]), None)
-            add(f"sum throughput {m}: batched items/s", bat.get("median") if bat else None, 1e7,
+            add(f"sum throughput {m}: batched items/s", bat.get("median") if bat else None, 3e7,
                 at_least=True, why=why_missing(bat))
     for m in dict.fromkeys(r["method"] for r in rows if r["case"] == "cluster"):
         def c(name, m=m):

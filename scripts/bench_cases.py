@@ -914,6 +914,28 @@ def procctl_sum(m: str, threshold: int, batch: int | None, queue_size: int, seed
     return res
 
 
+def channels_3x3(m: str, items: int, batch: int, queue_size: int) -> dict[str, Any]:
+    """The sum job's traffic on bare channels (no job): items/s over the same shape."""
+    from procctl import ProcessController, State
+
+    per = max(1, items // batch // 3)
+    t0 = perf()
+    with ProcessController(bw.chan_3x3, 6, args=(per, batch), start_method=m, initial_state=State.RUNNING,
+                           channels={"items": queue_size}) as pc:
+        ended = 0
+        while ended < 3:  # the producers
+            ended += sum(r.worker_id < 3 for r in pc.reap(timeout=60))
+        pc.channels["items"].close()
+        if not pc.wait(60):
+            raise TimeoutError("the consumers did not finish")
+        elapsed = perf() - t0
+        reports = pc.stop()
+    got = sum(r.result for w, r in reports.items() if w >= 3)
+    if got != 3 * per:
+        raise RuntimeError(f"channels lost items: {got} of {3 * per}")
+    return {"produced": [got * batch], "elapsed": elapsed}
+
+
 def case_throughput(m: str, p: dict[str, Any]) -> list[dict[str, Any]]:
     unit = "items/s"
     qs = p["queue_size"]
@@ -932,6 +954,10 @@ def case_throughput(m: str, p: dict[str, Any]) -> list[dict[str, Any]]:
          lambda s: procctl_sum(m, p["batch_threshold"], pbatch, qs, s)),
         (f"raw mp.Queue lists of {p['batch']}", "floor",
          lambda s: raw_sum(m, p["batch_threshold"], p["batch"], qs, s)),
+        # What the job runs on, alone: where its per-item figure comes from.
+        ("channels alone per item", "peer", lambda s: channels_3x3(m, p["threshold"], 1, qs)),
+        (f"channels alone batch={pbatch}", "peer",
+         lambda s: channels_3x3(m, p["batch_threshold"], pbatch, qs)),
     ]
     rows = []
     entries = []

@@ -245,6 +245,20 @@ def chan_consume(ctx, n):
     return got
 
 
+def chan_3x3(ctx, per_producer, batch):
+    """The sum job's traffic on bare channels: workers 0-2 put, 3-5 take until closed."""
+    if ctx.worker_id < 3:
+        item = 2 if batch == 1 else bytes([2]) * batch
+        sent = 0
+        while sent < per_producer and ctx.put("items", item):
+            sent += 1
+        return sent
+    got = 0
+    for _ in ctx.iter("items"):
+        got += 1
+    return got
+
+
 def mpq_consume(q):
     got = 0
     while q.get() is not None:

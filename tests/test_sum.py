@@ -18,13 +18,16 @@ import time
 import psutil
 import pytest
 
-from procctl import ProcessController, State
+from procctl import ChannelStats, Outcome, ProcessController, State, WorkerReport
 from procctl.jobs import SumCancelled, SumJob, SumJobError, SumResult, sum_threshold
+from procctl.jobs.sum_ledger import Ledger
+from procctl.jobs.sum_plan import ConsumerTally, ProducerTally
 
 # procctl.jobs re-exports the function under the module's name: fetch the module itself.
 job_module = importlib.import_module("procctl.jobs.sum_threshold")
+worker_module = importlib.import_module("procctl.jobs.sum_worker")
 
-HELPER_THREADS = ("QueueFeederThread", "sum-drainer", "sum-events")
+HELPER_THREADS = ("QueueFeederThread", "sum-drainer", "sum-events", "procctl-channels")
 
 
 # -- helpers ------------------------------------------------------------------------
@@ -67,11 +70,12 @@ def check_story(result: SumResult, events: list[dict]) -> None:
 
 
 def _ours(proc: psutil.Process) -> bool:
-    """A live process of ours: not a multiprocessing helper, not a zombie on its way out."""
+    """A live process of ours: not a multiprocessing or procctl helper, not a zombie on its way out."""
     try:
         if proc.status() == psutil.STATUS_ZOMBIE:
             return False
-        return not any(h in " ".join(proc.cmdline()) for h in ("resource_tracker", "forkserver", "procctl.guardian"))
+        helpers = ("resource_tracker", "forkserver", "procctl.guardian")  # long-lived, by design
+        return not any(h in " ".join(proc.cmdline()) for h in helpers)
     except (psutil.NoSuchProcess, psutil.AccessDenied):
         return False  # ended while we looked
 
@@ -108,6 +112,23 @@ def test_story_events_match_the_result():
         result = sum_threshold(3, 3, 40, seed=seed, on_event=events.append, start_method="fork")
         check(result, 3, 3, 40)
         check_story(result, events)
+
+
+def test_events_are_typed_and_read_as_their_json_form():
+    from procctl.jobs import sum_events as ev
+
+    events: list = []
+    result = sum_threshold(2, 2, 30, seed=5, on_event=events.append, start_method="fork")
+    kinds = {type(e) for e in events}
+    assert {ev.Received, ev.Crossed, ev.ProducerStopped, ev.ConsumerStopped, ev.Drained, ev.ChannelClosed} >= kinds
+    assert {ev.Received, ev.ProducerStopped, ev.Drained, ev.ChannelClosed} <= kinds
+    for e in events:
+        assert isinstance(e, ev.SumEvent) and e.kind.value == e["event"]
+        assert dict(e) == e.to_dict() == json.loads(json.dumps(e.to_dict())) and e == e.to_dict()
+    drained = next(e for e in events if isinstance(e, ev.Drained))
+    assert drained.count == drained["items"] == result.drained
+    summary = ev.Summary(result).to_dict()
+    assert summary == {"event": "summary", **result.to_dict()}
 
 
 def test_batches_keep_accounting_exact():
@@ -178,12 +199,14 @@ def test_two_consumers_crossing_at_once_give_exactly_one_winner():
     assert crossings >= 1, "no run had two consumers crossing"
 
 
-def race_claims(ctx, barrier, claims):
+def race_claims(ctx, barrier, ledgers):
     """Every worker tries to claim every round at the same instant."""
     wins = []
-    for claim in claims:
+    for passed in ledgers:
+        ledger = Ledger.attach(passed, 1)
         barrier.wait(10)
-        wins.append(job_module._claim(claim, ctx.worker_id))
+        wins.append(ledger.claim(ctx.worker_id))
+        ledger.close()
     return wins
 
 
@@ -192,24 +215,155 @@ def test_claim_is_atomic_under_a_simultaneous_race():
 
     mp = multiprocessing.get_context("fork")
     rounds, workers = 50, 6
-    claims = [mp.Value("i", -1) for _ in range(rounds)]
+    ledgers = [Ledger(1) for _ in range(rounds)]
     barrier = mp.Barrier(workers)
-    with ProcessController(race_claims, workers, args=(barrier, claims), start_method="fork",
-                           initial_state=State.RUNNING) as pc:
-        assert pc.wait(30)
-        reports = pc.stop()
-    for r in range(rounds):
-        winners = [w for w, rep in reports.items() if rep.result[r]]
-        assert winners == [claims[r].value]
+    try:
+        with ProcessController(race_claims, workers, args=(barrier, [lg.handoff() for lg in ledgers]),
+                               start_method="fork", initial_state=State.RUNNING) as pc:
+            assert pc.wait(30)
+            reports = pc.stop()
+        for r in range(rounds):
+            winners = [w for w, rep in reports.items() if rep.result[r]]
+            assert winners == [ledgers[r].winner()]
+    finally:
+        for lg in ledgers:
+            lg.close()
 
 
 def test_a_failing_worker_is_an_error_not_a_hang(monkeypatch):
     def broken(*args):
         raise RuntimeError("consumer broke")
 
-    monkeypatch.setattr(job_module, "_consume", broken)  # inherited by forked workers
+    monkeypatch.setattr(worker_module, "_consume", broken)  # inherited by forked workers
     with pytest.raises(SumJobError, match="consumer broke"):
         sum_threshold(2, 2, 10, start_method="fork")
+
+
+@pytest.mark.parametrize("start_method,batch", [("fork", 1), ("fork", 16), ("spawn", 1), ("forkserver", 1)])
+def test_sigkilled_producer_and_consumer_mid_run_keep_the_accounting(start_method, batch):
+    """SIGKILL a producer and a consumer while items flow, at a different moment
+    each run: the others finish the race, and every item is accounted for,
+    the killed workers' too (their last put or get included)."""
+    import random
+
+    rng = random.Random(batch)
+    runs = 3  # fork: three moments; spawned workers come up slowly: up to three tries
+    threshold = 6_000 * (2 if batch > 1 else 1)
+    both_killed = produced_by_the_dead = 0
+    for _ in range(runs):
+        if both_killed and start_method != "fork":
+            break
+        left = [rng.randint(1, 20) * batch]  # values consumer 2 receives before the kill
+        hit: list[str] = []
+        events: list = []
+        jobs: list[SumJob] = []
+
+        def on_event(event, left=left, hit=hit, events=events, jobs=jobs):
+            events.append(event)
+            if event["event"] == "received" and event["consumer"] == 2:
+                left[0] -= 1
+                if left[0] == 0:
+                    producers, consumers = jobs[0].pids()
+                    for key, pid in (("producer_stopped", producers[1]), ("consumer_stopped", consumers[2])):
+                        try:
+                            os.kill(pid, signal.SIGKILL)
+                            hit.append(key)
+                        except ProcessLookupError:
+                            pass  # the event came late: that worker had already ended
+
+        job = SumJob(3, 3, threshold, batch=batch, queue_size=rng.choice([1, 8, 100]),
+                     start_method=start_method, timeout=40, on_event=on_event)
+        jobs.append(job)
+        result = job.run()
+        check(result, 3, 3, threshold)
+        stopped = {e["event"]: e for e in events if e["event"] in ("producer_stopped", "consumer_stopped")
+                   and e.get("producer", e.get("consumer")) == {"producer_stopped": 1}.get(e["event"], 2)}
+        assert stopped["producer_stopped"]["produced"] == result.produced[1]
+        assert stopped["consumer_stopped"]["received"] == result.received[2]
+        crashed = [k for k, e in stopped.items() if e["outcome"] == "crashed"]
+        assert set(crashed) <= set(hit)
+        assert all("SIGKILL" in stopped[k]["error"] for k in crashed)
+        if len(crashed) == 2:
+            both_killed += 1
+            produced_by_the_dead += result.produced[1]
+            assert result.winner != 2
+        # The survivors' stories match their counts exactly.
+        for c in (0, 1):
+            got = [e for e in events if e["event"] == "received" and e["consumer"] == c]
+            assert (len(got), sum(e["value"] for e in got)) == (result.received[c], result.sums[c])
+    assert both_killed, "no run had both victims killed while it ran"
+    if start_method == "fork":
+        assert produced_by_the_dead > 0, "the killed producers never had items to account for"
+
+
+class _DrainedChannel:
+    """What _settle reads of the ITEMS channel once the controller has stopped."""
+
+    def __init__(self, put, got, leftovers):
+        self.stats_ = ChannelStats(put, got, len(leftovers), 0)
+        self.leftovers = leftovers
+
+    def drain(self):
+        return self.leftovers
+
+    def stats(self):
+        return self.stats_
+
+
+@pytest.mark.parametrize("case", ["two producers died in put", "a consumer died after a get"])
+def test_settling_credits_the_last_put_and_get_of_killed_workers(case):
+    """The ledger and the channel's counts settle what killed workers never wrote
+    down. Producers put 8 items worth 16; consumers took 3 worth 7 (the winner)
+    and 3 worth 6; 2 worth 3 were drained."""
+    plan = job_module.make_plan(2, 2, 6, values=(1, 2, 3))
+    ledger = Ledger(plan.workers)
+    crashed = {}
+    try:
+        if case == "two producers died in put":
+            # Both died inside put(): only producer 1's item (worth 3) went in.
+            ledger.slot(0).commit(4, 8)
+            ledger.slot(0).pend(1, 1)
+            crashed[0] = WorkerReport(0, 1, Outcome.CRASHED)
+            c1 = ConsumerTally(1, 6, 3, False, False)
+        else:
+            # Consumer 1 took an item worth 3 and died before writing it down.
+            ledger.slot(3).commit(1, 1)
+            ledger.slot(3).commit(2, 3)
+            crashed[3] = WorkerReport(3, 4, Outcome.CRASHED)
+            c1 = None
+        ledger.slot(1).commit(3, 5)
+        ledger.slot(1).pend(1, 3)
+        ledger.claim(0)
+        reports = {
+            0: WorkerReport(0, 1, Outcome.STOPPED, ProducerTally(0, 4, 8)),
+            1: WorkerReport(1, 2, Outcome.CRASHED),
+            2: WorkerReport(2, 3, Outcome.FINISHED, ConsumerTally(0, 7, 3, True, True)),
+            3: WorkerReport(3, 4, Outcome.STOPPED, c1),
+            **crashed,
+        }
+        books = job_module._settle(plan, reports, ledger, _DrainedChannel(8, 6, [1, 2]))
+    finally:
+        ledger.close()
+    assert [(p.produced, p.value_sum) for p in books.producers] == [(4, 8), (4, 8)]
+    assert [(c.received, c.sum, c.won) for c in books.consumers] == [(3, 7, True), (3, 6, False)]
+    assert (books.drained, books.winner) == (2, 0)
+
+
+def test_a_run_with_every_consumer_killed_is_an_error_not_a_hang():
+    killed: list[int] = []
+    jobs: list[SumJob] = []
+
+    def on_event(event):
+        if not killed:
+            killed.extend(jobs[0].pids()[1])
+            for pid in killed:
+                os.kill(pid, signal.SIGKILL)
+
+    jobs.append(SumJob(2, 2, 10**9, start_method="fork", on_event=on_event))
+    job = jobs[0]
+    with pytest.raises(SumJobError, match="no consumer could win"):
+        job.run()
+    assert not children()
 
 
 # -- timeout, cancel, bad arguments ----------------------------------------------------

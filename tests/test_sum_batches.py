@@ -8,7 +8,7 @@ from collections import Counter
 
 from procctl import sum_threshold
 
-job = importlib.import_module("procctl.jobs.sum_threshold")
+job = importlib.import_module("procctl.jobs.sum_worker")
 
 
 def test_byte_batches_hold_only_the_values_in_equal_shares():
