@@ -307,3 +307,21 @@ def test_map_has_a_control_socket(env, tmp_path):
         assert "unfinished" in err.splitlines()[-1]
     finally:
         cli.kill()
+
+
+def test_procctl_stop_cancels_a_sum_run_cleanly(env):
+    # The sum job serves the control socket too; `procctl stop` is a clean cancel (exit 0), told as a typed event.
+    cli = LiveCli(["sum", "--threshold", "1000000000", "--delay", "0.01", "--json", "--name", "sum1"],
+                  cwd=TESTS, env=env)
+    try:
+        cli.wait_for(lambda lines: any('"received"' in line for line in lines))
+        res = ctl(env, "stop", "sum1")
+        assert res.returncode == 0, res.stderr
+        code, out, err = cli.finish()
+    finally:
+        cli.kill()
+    assert code == 0, err
+    events = json_events(out)
+    assert [e["event"] for e in events[-3:]] == ["drained", "closed", "cancelled"]
+    assert events[-1] == {"event": "cancelled", "by": "procctl stop"}
+    assert not os.path.exists(socket_of(env, "sum1"))
