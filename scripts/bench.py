@@ -53,7 +53,7 @@ def params(quick: bool) -> dict[str, dict[str, Any]]:
                          timeout=20, timeout_per_n=0.2, quick=True),
             "paused": dict(n=100, window=3.0, naive_window=0.5, repeats=1),
             "throughput": dict(threshold=40_000, batch_threshold=4_000_000, batch=1000,
-                               queue_size=1000, repeats=1),
+                               queue_size=1000, repeats=3),
             "memory": dict(n=10, repeats=1),
             "workplane": dict(n=20_000, big=1_000_000, rounds=300, cpu=1000, queued=100_000, repeats=3),
             "cluster": dict(rounds=40, repeats=2, tasks=2000),
