@@ -150,10 +150,17 @@ class ChannelClosed(SumEvent):
 
 @dataclass(frozen=True, eq=False)
 class Cancelled(SumEvent):
-    """The command line stopped the run on a signal (everything was cleaned up first)."""
+    """The command line stopped the run on a signal, or `by` a request such as
+    ``procctl stop`` (then the JSON form has no signal); everything was cleaned up first."""
 
     kind: ClassVar[SumEventKind] = SumEventKind.CANCELLED
     signal: str | None
+    by: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        if self.by is not None:
+            return {"event": self.kind.value, "by": self.by}
+        return {"event": self.kind.value, "signal": self.signal}
 
 
 @dataclass(frozen=True, eq=False)
