@@ -1466,14 +1466,18 @@ def _preload_in_fork_server() -> None:
     Else, when the script only did `import procctl` (names load lazily),
     every forkserver worker would import procctl.worker after its fork: time
     at each start and private memory in each worker. Takes effect only if the
-    fork server has not started yet; keeps what the user asked to preload.
+    fork server has not started yet. The list becomes `["__main__",
+    "procctl.forkserver_preload"]`: the main module, as by default, whose own
+    imports preload the user's modules (multiprocessing offers no public way
+    to read a list set earlier and add to it).
     """
     from multiprocessing import forkserver
 
-    server: Any = forkserver._forkserver  # private, but set_forkserver_preload() only replaces the list
-    modules = list(getattr(server, "_preload_modules", None) or ["__main__"])
-    if "procctl.forkserver_preload" not in modules:
-        forkserver.set_forkserver_preload(modules + ["procctl.forkserver_preload"])
+    forkserver.set_forkserver_preload(list(FORK_SERVER_PRELOAD))
+
+
+#: What the fork server imports before it forks any worker.
+FORK_SERVER_PRELOAD = ("__main__", "procctl.forkserver_preload")
 
 
 _open_controllers: weakref.WeakSet[ProcessController] = weakref.WeakSet()

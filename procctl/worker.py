@@ -419,21 +419,47 @@ def _die_with_parent() -> None:
 
 
 def _release_fork_server() -> None:
-    """Close our copy of the fork server's alive pipe.
+    """Let go of our copy of the manager's end of the fork server's alive pipe.
 
     multiprocessing hands every forkserver child a copy of it; while any
     worker holds one, the fork server never sees the manager go, never exits,
-    and our parent-death signal never fires. Forgetting the address too makes
-    a worker that uses forkserver itself start its own.
+    and our parent-death signal never fires. multiprocessing keeps its number
+    in private state, so it is found by what the kernel says: the pipe we
+    hold open for writing whose read end our parent, the fork server, holds.
+    Its number is pointed at /dev/null rather than closed, so that nothing
+    that still knows the number can reach another file that reuses it.
     """
-    from multiprocessing import forkserver
+    parent = os.getppid()
+    theirs = _pipe_ends(parent)
+    mine = _pipe_ends(os.getpid())
+    devnull = -1
+    for fd, (pipe, writes) in mine.items():
+        if fd > 2 and writes and any(p == pipe and not w for p, w in theirs.values()):
+            if devnull < 0:
+                devnull = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
+            os.dup2(devnull, fd, inheritable=False)
+    if devnull >= 0:
+        os.close(devnull)
 
-    server: Any = forkserver._forkserver  # private state, see the docstring
-    fd = server._forkserver_alive_fd
-    if fd is not None:
-        os.close(fd)
-    server._forkserver_alive_fd = None
-    server._forkserver_address = None
+
+def _pipe_ends(pid: int) -> dict[int, tuple[str, bool]]:
+    """A process's pipe descriptors: fd -> (pipe, opened for writing)."""
+    ends: dict[int, tuple[str, bool]] = {}
+    try:
+        names = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return ends
+    for name in names:
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{name}")
+            if not target.startswith("pipe:"):
+                continue
+            with open(f"/proc/{pid}/fdinfo/{name}") as info:
+                flags = next(int(line.split()[1], 8) for line in info if line.startswith("flags:"))
+        except (OSError, StopIteration, ValueError):
+            continue
+        ends[int(name)] = (target, flags & os.O_ACCMODE == os.O_WRONLY)
+    return ends
 
 
 def _watch_manager(manager_pid: int) -> int | None:
