@@ -5,8 +5,9 @@ procctl.cli registers it on the group; errors and exit codes are handled there.
     items (file or stdin) --read, check all--> MapPlan --submit, one future per item--> executor
     stdout <-- {"item", "result"|"error"} <-- collect() <-- wake pipe <-- future done-callbacks
     joblog <-- the worker appends each item's record as its task returns (procctl.map_task)
+           <-- with --cluster, collect() appends it as the result arrives (workers may be elsewhere)
 
-Every input is checked before a worker starts. The loop blocks on one wake
+Every input is checked before a worker starts (and before --cluster connects). The loop blocks on one wake
 pipe that future callbacks and signal handlers write to; it keeps a bounded
 window of futures in flight and owns the item -> future bookkeeping, so the
 order, the joblog and the unfinished items are exact whatever the executor does.
@@ -30,8 +31,8 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent import futures
 from concurrent.futures import Future
-from dataclasses import asdict, dataclass
-from typing import IO, Any
+from dataclasses import asdict, dataclass, replace
+from typing import IO, TYPE_CHECKING, Any
 
 import click
 
@@ -53,6 +54,10 @@ from .executor import ProcessExecutor
 from .limits import LIMIT_ERRNOS, capacity_problem
 from .map_task import error_line, run_item
 from .states import State, WorkerStatus
+
+if TYPE_CHECKING:
+    from .cli_control import ControlPlan
+    from .cluster import ClusterExecutor
 
 START_METHODS = ("fork", "spawn", "forkserver")
 #: How long a pause or resume waits for every worker's acknowledgement (procctl run's ACK_WAIT).
@@ -76,6 +81,16 @@ class Item:
 
 
 @dataclass(frozen=True)
+class ClusterPlan:
+    """--cluster, checked: the scheduler to connect to, or how many local Dask workers to start."""
+
+    text: str  # as given, for messages
+    address: str | None  # tcp://HOST:PORT; None with local_nodes
+    local_nodes: int  # local:N: start a LocalCluster of N worker processes
+    workers_per_node: int
+
+
+@dataclass(frozen=True)
 class MapPlan:
     """Every input checked once; the session and the views take their facts from here."""
 
@@ -94,6 +109,7 @@ class MapPlan:
     resume: bool
     unfinished: str | None
     start_method: str | None
+    cluster: ClusterPlan | None = None  # None: the workers run here, `workers` of them
 
     @property
     def skipped(self) -> int:
@@ -191,12 +207,14 @@ def _finite_float(text: str) -> float:
 def make_plan(spec: str, items_path: str, raw_lines: bool, workers: int | None, ordered: bool, retries: int,
               task_timeout: float | None, timeout: float | None, grace: float, joblog: str | None, resume: bool,
               unfinished: str | None, start_method: str | None, events_path: str | None,
-              bridge: SignalBridge) -> MapPlan:
+              bridge: SignalBridge, cluster_address: str | None = None,
+              workers_per_node: int | None = None) -> MapPlan:
     task_timeout = seconds("--task-timeout", task_timeout, positive=True)
     timeout = seconds("--timeout", timeout)
     checked_grace = seconds("--grace", grace)
     if resume and not joblog:
         raise BadInput("--resume needs --joblog FILE (the log of the run to resume)")
+    cluster = check_cluster(cluster_address, workers, workers_per_node)
     if workers is not None:
         too_many = capacity_problem(workers)
         if too_many is not None:
@@ -213,19 +231,80 @@ def make_plan(spec: str, items_path: str, raw_lines: bool, workers: int | None, 
         except maplog.JoblogError as exc:
             raise BadInput(f"--joblog {joblog!r} {exc}") from None
     to_run = [item for item in items if item.line not in done]
+    if cluster is not None:  # on each node: no more workers than there are items
+        cluster = replace(cluster, workers_per_node=max(1, min(cluster.workers_per_node, len(to_run))))
+        workers = cluster.workers_per_node
     return MapPlan(
         spec=spec, func=func, items=items, to_run=to_run, raw_lines=raw_lines,
         workers=max(1, min(workers or os.cpu_count() or 1, len(to_run))), ordered=ordered, retries=retries,
         task_timeout=task_timeout, timeout=timeout, grace=math.inf if checked_grace is None else checked_grace,
-        joblog=joblog, resume=resume, unfinished=unfinished, start_method=start_method)
+        joblog=joblog, resume=resume, unfinished=unfinished, start_method=start_method, cluster=cluster)
+
+
+def check_cluster(text: str | None, workers: int | None, workers_per_node: int | None) -> ClusterPlan | None:
+    """--cluster and --workers-per-node, checked without connecting (procctl.cli.parse_cluster's rules)."""
+    if text is None:
+        if workers_per_node is not None:
+            raise BadInput("--workers-per-node works with --cluster; on one machine use --workers")
+        return None
+    from .cli import parse_cluster  # procctl.cli imports this module at its end
+
+    if workers is not None:
+        raise BadInput("--workers is for one machine; with --cluster use --workers-per-node")
+    per_node = DEFAULT_WORKERS_PER_NODE if workers_per_node is None else workers_per_node
+    too_many = capacity_problem(per_node)
+    if too_many is not None:
+        raise BadInput(f"--workers-per-node {per_node}: {too_many}")
+    _, address, local_nodes = parse_cluster(text)
+    return ClusterPlan(text.strip(), address, local_nodes, per_node)
 
 
 # -- the executor ---------------------------------------------------------------------
 
 
+#: Worker processes on each Dask worker when --cluster comes without --workers-per-node (procctl run's).
+DEFAULT_WORKERS_PER_NODE = 4
+
+
 def make_executor(plan: MapPlan) -> ProcessExecutor:
     return ProcessExecutor(plan.workers, retries=plan.retries, task_timeout=plan.task_timeout,
                            start_method=plan.start_method, grace=plan.grace)
+
+
+class ClusterStartFailed(click.ClickException):
+    """The cluster was reached, but its nodes could not run the workers (exit 1, one line)."""
+
+
+def connect_cluster(plan: MapPlan, cluster: ClusterPlan) -> tuple[ClusterExecutor, Any]:
+    """A ClusterExecutor with its agents up on every node, and the LocalCluster started for
+    local:N (else None). BadInput (exit 2) if the scheduler cannot be reached in
+    CLUSTER_CONNECT_TIMEOUT; ClusterStartFailed (exit 1) if its nodes cannot start the workers."""
+    from concurrent.futures import BrokenExecutor
+
+    from .cli import CLUSTER_CONNECT_TIMEOUT
+    from .cluster import ClusterExecutor
+    from .cluster.session import local_cluster
+
+    local: Any = None
+    try:
+        address = cluster.address
+        if cluster.local_nodes:
+            local = local_cluster(cluster.local_nodes)
+            address = local.scheduler_address
+        executor = ClusterExecutor(
+            address=address, workers_per_node=cluster.workers_per_node, retries=plan.retries,
+            task_timeout=plan.task_timeout, grace=plan.grace, start_method=plan.start_method or "fork",
+            connect_timeout=CLUSTER_CONNECT_TIMEOUT)
+    except BaseException as exc:
+        if local is not None:
+            local.close()
+        why = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if isinstance(exc, (ConnectionError, ValueError)):
+            raise BadInput(f"--cluster {cluster.text!r}: {why}") from None
+        if isinstance(exc, (BrokenExecutor, OSError)):  # TimeoutError: the agents did not come up
+            raise ClusterStartFailed(f"--cluster {cluster.text!r}: the workers could not start: {why}") from None
+        raise
+    return executor, local
 
 
 # -- events and output ---------------------------------------------------------------
@@ -247,6 +326,7 @@ class MapEvent:
     items: int | None = None
     skipped: int | None = None
     workers: int | None = None
+    nodes: int | None = None  # --cluster: the Dask workers the run's workers are spread over
     signal: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
@@ -295,15 +375,25 @@ class ResultWriter:
 
 
 class MapSession:
-    """Runs a plan on an executor: submit, wait, collect, act on signals, stop."""
+    """Runs a plan on an executor: submit, wait, collect, act on signals, stop.
 
-    def __init__(self, plan: MapPlan, reporter: Reporter, results: ResultWriter) -> None:
+    On one machine it starts its ProcessExecutor; with --cluster it is handed a
+    connected ClusterExecutor (None if a stop came first), stops it the same
+    way, and writes every joblog record itself.
+    """
+
+    def __init__(self, plan: MapPlan, reporter: Reporter, results: ResultWriter,
+                 executor: ClusterExecutor | None = None) -> None:
         self.plan = plan
         self.reporter = reporter
         self.results = results
         self.started = time.monotonic()
         self.deadline = None if plan.timeout is None else self.started + plan.timeout
-        self.executor: ProcessExecutor | None = None
+        self.executor: ProcessExecutor | ClusterExecutor | None = executor
+        self.on_cluster = plan.cluster is not None
+        #: Worker processes in all (on a cluster: nodes x per node; none if it never connected).
+        self.workers = plan.workers if not self.on_cluster else executor.workers if executor is not None else 0
+        self.nodes = len(executor.nodes) if executor is not None else None
         self.bridge: SignalBridge | None = None
         self.next = 0  # position in plan.to_run of the next item to submit
         self.futures: dict[int, Future[Any]] = {}  # position -> future, while in flight
@@ -317,7 +407,8 @@ class MapSession:
         self.start_failed: int | None = None  # the exit status when the workers could not start
         self.hurried = False  # a second stop signal came before the executor was there to kill
         self.paused = False
-        self.window = max(MIN_WINDOW, WINDOW_PER_WORKER * plan.workers)
+        self.joblog_error: OSError | None = None  # --cluster: a record could not be written
+        self.window = max(MIN_WINDOW, WINDOW_PER_WORKER * self.workers)
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._selector = selectors.DefaultSelector()
         self._selector.register(self._wake_r, selectors.EVENT_READ)
@@ -332,10 +423,11 @@ class MapSession:
         self.bridge = bridge
         with bridge.attach(wake=self.wake, hurry=self.hurry):
             try:
+                where = f" on {self.nodes} nodes" if self.nodes is not None else ""
                 self.emit(MapEvent(self.t(), "started", items=len(self.plan.items), skipped=self.plan.skipped,
-                                   workers=self.plan.workers),
-                          f"procctl map {self.plan.spec}: {len(self.plan.to_run)} items, {self.plan.workers} "
-                          f"workers" + (f" ({self.plan.skipped} already done)" if self.plan.skipped else ""))
+                                   workers=self.workers, nodes=self.nodes),
+                          f"procctl map {self.plan.spec}: {len(self.plan.to_run)} items, {self.workers} "
+                          f"workers{where}" + (f" ({self.plan.skipped} already done)" if self.plan.skipped else ""))
                 if self.plan.to_run and not self.should_stop() and self.start():
                     while self.busy() and not self.should_stop():
                         self.fill()
@@ -351,6 +443,10 @@ class MapSession:
 
     def start(self) -> bool:
         """Start the workers; False (and the exit status noted) if they cannot run."""
+        if self.on_cluster:  # connected before the run (connect_cluster), unless a stop came first
+            if self.hurried and self.executor is not None:
+                self.executor.kill()
+            return self.executor is not None
         try:
             self.executor = make_executor(self.plan)
         except (WorkerStartError, OSError, ValueError) as exc:
@@ -381,7 +477,7 @@ class MapSession:
         if self.deadline is not None and time.monotonic() >= self.deadline:
             self.timed_out = True
         return (self.bridge.stop_signal is not None or self.timed_out or self.results.broken
-                or self.stop_asked)
+                or self.stop_asked or self.joblog_error is not None)
 
     # -- steps
 
@@ -392,9 +488,11 @@ class MapSession:
         while self.next < len(plan.to_run) and len(self.futures) < self.window:
             pos, item = self.next, plan.to_run[self.next]
             self.next += 1
-            head = maplog.record_head(item.line, item.value, item.text) if plan.joblog else None
+            # On a cluster the worker cannot reach the joblog file: record() writes the record.
+            joblog = None if self.on_cluster else plan.joblog
+            head = maplog.record_head(item.line, item.value, item.text) if joblog else None
             try:
-                future = self.executor.submit(run_item, plan.func, item.value, plan.joblog, head)
+                future = self.executor.submit(run_item, plan.func, item.value, joblog, head)
             except RuntimeError as exc:  # the executor broke or shut down under us
                 self.record(pos, maplog.ItemOutcome(False, error_line(exc)), logged=False)
                 continue
@@ -455,18 +553,22 @@ class MapSession:
                 self.record(pos, *self.outcome(future))
         self.results.flush()
 
-    @staticmethod
-    def outcome(future: Future[Any]) -> tuple[maplog.ItemOutcome, bool]:
-        """The item's outcome, and whether the worker logged it (it did unless the task never returned)."""
+    def outcome(self, future: Future[Any]) -> tuple[maplog.ItemOutcome, bool]:
+        """The item's outcome, and whether the worker logged it (on one machine, unless
+        the task never returned; on a cluster, never: record() does)."""
         exc = future.exception()
         if exc is None:
             result: maplog.ItemOutcome = future.result()
-            return result, True
+            return result, not self.on_cluster
         return maplog.ItemOutcome(False, error_line(exc)), False
 
     def record(self, pos: int, outcome: maplog.ItemOutcome, logged: bool) -> None:
         item = self.plan.to_run[pos]
         self.ended.add(pos)
+        if self.plan.joblog and not logged:
+            # Crashed or timed out (the worker could not log it), or any item on a
+            # cluster: written before its result goes out, so a result seen was logged.
+            self.log_record(item, outcome)
         if outcome.ok:
             self.done += 1
             line = f'{{"item": {item.text}, "result": {outcome.text}}}'
@@ -474,12 +576,23 @@ class MapSession:
         else:
             self.failed += 1
             line = f'{{"item": {item.text}, "error": {json.dumps(outcome.text)}}}'
-            if self.plan.joblog and not logged:  # crashed or timed out: the worker could not log it
-                maplog.append(self.plan.joblog, maplog.record_head(item.line, item.value, item.text)
-                              + maplog.record_tail(outcome, None, None, None))
             self.reporter.emit(MapEvent(self.t(), "failed", line=item.line, error=outcome.text).to_dict(),
                                f"line {item.line} failed: {outcome.text}", to_json=False)
         self.output(pos, line)
+
+    def log_record(self, item: Item, outcome: maplog.ItemOutcome) -> None:
+        """Append the item's joblog record; a joblog that cannot be written stops the run (exit 1)."""
+        assert self.plan.joblog is not None
+        if self.joblog_error is not None:
+            return
+        try:
+            maplog.append(self.plan.joblog, maplog.record_head(item.line, item.value, item.text)
+                          + maplog.record_tail(outcome))
+        except OSError as exc:
+            # Going on would run items that --resume could not skip: stop; the
+            # results that came still go out, and --unfinished still says the rest.
+            self.joblog_error = exc
+            say(f"procctl map: error: the joblog {self.plan.joblog!r} cannot be written ({exc.strerror})")
 
     def output(self, pos: int, line: str) -> None:
         if not self.plan.ordered:
@@ -510,8 +623,9 @@ class MapSession:
 
     def recover_logged(self) -> None:
         """Items that completed and logged themselves, but whose result the stop cut off on its
-        way back (the worker ended first): the joblog is the record, so they are done."""
-        if not self.plan.joblog:
+        way back (the worker ended first): the joblog is the record, so they are done.
+        (On a cluster only this loop writes records: it has seen every item logged.)"""
+        if not self.plan.joblog or self.on_cluster:
             return
         lines = {self.plan.to_run[pos].line: pos for pos in range(self.next) if pos not in self.ended}
         if not lines:
@@ -534,7 +648,8 @@ class MapSession:
             self.emit(MapEvent(self.t(), "stopping"), "procctl stop: stopping")
         else:
             why = ("stdout failed" if self.results.error is not None
-                   else "stdout was closed" if self.results.broken else "an error")
+                   else "stdout was closed" if self.results.broken
+                   else "the joblog failed" if self.joblog_error is not None else "an error")
             self.emit(MapEvent(self.t(), "stopping"), f"{why}: stopping")
 
     def request_stop(self) -> None:
@@ -581,6 +696,8 @@ class MapSession:
             return self.bridge.exit_code
         if self.start_failed is not None:
             return self.start_failed
+        if self.joblog_error is not None:
+            return EXIT_FAILED
         if self.results.broken:
             return EXIT_PIPE if self.results.error is None else EXIT_FAILED
         if self.timed_out:
@@ -609,6 +726,10 @@ class MapSession:
 @click.option("--lines", "raw_lines", is_flag=True, help="Each input line is an item, as text (not JSON).")
 @click.option("--workers", type=click.IntRange(min=1), default=None,
               help="Worker processes (default: the number of CPUs).")
+@click.option("--cluster", "cluster_address", default=None, metavar="tcp://HOST:PORT|local:N",
+              help="Run on every worker of this Dask cluster (needs procctl[dask]); local:N starts N local ones.")
+@click.option("--workers-per-node", type=click.IntRange(min=1), default=None,
+              help=f"With --cluster: worker processes on each Dask worker (default: {DEFAULT_WORKERS_PER_NODE}).")
 @click.option("--ordered", is_flag=True, help="Results in input order (default: as they complete).")
 @click.option("--retries", type=click.IntRange(min=0), default=0, show_default=True,
               help="Retry an item whose worker crashed or timed out, on a fresh worker.")
@@ -629,7 +750,8 @@ class MapSession:
 def map_command(spec: str, items_path: str, raw_lines: bool, workers: int | None, ordered: bool, retries: int,
                 task_timeout: float | None, timeout: float | None, grace: float, joblog: str | None, resume: bool,
                 unfinished: str | None, start_method: str | None, json_lines: bool, quiet: bool,
-                events_path: str | None, name: str | None = None, metrics_addr: str | None = None) -> int:
+                events_path: str | None, name: str | None = None, metrics_addr: str | None = None,
+                cluster_address: str | None = None, workers_per_node: int | None = None) -> int:
     """Call MODULE:FUNC on every item, in worker processes; results as JSON Lines on stdout."""
     from .cli import signal_bridge  # procctl.cli imports this module at its end
     from .cli_control import ControlPlan
@@ -637,8 +759,28 @@ def map_command(spec: str, items_path: str, raw_lines: bool, workers: int | None
     bridge = signal_bridge()
     control = ControlPlan.check(name, metrics_addr, job=f"map {spec}", announce=not (json_lines or quiet))
     plan = make_plan(spec, items_path, raw_lines, workers, ordered, retries, task_timeout, timeout, grace,
-                     joblog, resume, unfinished, start_method, events_path, bridge)
-    if joblog and not resume:
+                     joblog, resume, unfinished, start_method, events_path, bridge, cluster_address,
+                     workers_per_node)
+    executor: ClusterExecutor | None = None
+    local_cluster: Any = None
+    if plan.cluster is not None and not bridge.stop_requested():
+        # Everything is checked: connect now, before the joblog is truncated or a line
+        # is printed, so that an address that cannot be reached is one line and exit 2
+        # (also when there is nothing to run: the address is input like any other).
+        executor, local_cluster = connect_cluster(plan, plan.cluster)
+    try:
+        return _map(plan, bridge, control, executor, json_lines, quiet, events_path)
+    finally:
+        if executor is not None:
+            executor.stop(0.0)  # the session has stopped it, unless something failed before it ran
+        if local_cluster is not None:
+            local_cluster.close()
+
+
+def _map(plan: MapPlan, bridge: SignalBridge, control: ControlPlan, executor: ClusterExecutor | None, json_lines: bool,
+         quiet: bool, events_path: str | None) -> int:
+    joblog = plan.joblog
+    if joblog and not plan.resume:
         open(joblog, "w").close()  # a fresh run starts a fresh log (GNU parallel does the same)
     view_stream = None
     if not json_lines and not quiet:
@@ -646,7 +788,7 @@ def map_command(spec: str, items_path: str, raw_lines: bool, workers: int | None
     reporter = Reporter(json_lines=json_lines, quiet=quiet or view_stream is not None,
                         stream=sys.stdout if json_lines else sys.stderr, events_path=events_path)
     try:
-        session = MapSession(plan, reporter, ResultWriter(sys.stdout))
+        session = MapSession(plan, reporter, ResultWriter(sys.stdout), executor)
         served = control.serve(lambda: _MapControl(session, bridge), session.request_stop, reporter)
         session.on_record = served.record
         try:
@@ -670,7 +812,7 @@ class _MapControl:
 
     @property
     def workers(self) -> int:
-        return self.session.plan.workers
+        return self.session.workers
 
     @property
     def state(self) -> State:
@@ -700,7 +842,8 @@ def _run_live(session: MapSession, stream: IO[str], bridge: SignalBridge) -> Map
     from .live import MapLiveView
 
     plan = session.plan
-    view = MapLiveView(f"procctl map {plan.spec}: {plan.workers} workers", len(plan.to_run),
+    where = f" on {session.nodes} nodes" if session.nodes is not None else ""
+    view = MapLiveView(f"procctl map {plan.spec}: {session.workers} workers{where}", len(plan.to_run),
                        session.counts, console=Console(file=stream))
     if stream is sys.stdout:
         session.results.printer = view.print  # results print above the view

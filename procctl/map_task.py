@@ -4,7 +4,9 @@ The command line submits `run_item` once per item. It never raises for the
 user's exception (a task that raises is a failed item, not a broken worker):
 it returns an ItemOutcome with the result already encoded as JSON, so the
 encoding work is spread over the workers and a result that is not JSON fails
-its item here, with a clear message.
+its item here, with a clear message. The outcome carries the call's start,
+runtime and pid, so whoever writes the joblog record (this worker, or the
+command line for a worker on another machine) writes the same record.
 """
 
 from __future__ import annotations
@@ -23,24 +25,28 @@ from .worker_plane import saw_stop
 
 def run_item(fn: Callable[[Any], Any], item: Any, joblog: str | None = None,
              head: str | None = None) -> ItemOutcome:
-    """fn(item) as an ItemOutcome; with a joblog, append the item's record before returning."""
+    """fn(item) as an ItemOutcome; with a joblog, append the item's record before returning.
+
+    Without one (--cluster: the joblog is on the command line's machine) the
+    command line writes the record from the outcome when it arrives."""
     start = time.time()
     t0 = time.perf_counter()
     try:
         value = fn(item)
     except Exception as exc:  # noqa: BLE001 - any exception of the task fails its item
-        outcome = ItemOutcome(False, error_line(exc), traceback.format_exc())
+        ok, text, tb = False, error_line(exc), traceback.format_exc()
     else:
         try:
-            outcome = ItemOutcome(True, json.dumps(value, allow_nan=False))
+            ok, text, tb = True, json.dumps(value, allow_nan=False), None
         except (TypeError, ValueError) as exc:
-            outcome = ItemOutcome(False, f"result is not JSON: {error_line(exc)}")
+            ok, text, tb = False, f"result is not JSON: {error_line(exc)}", None
     if _interrupted():
         # It was told to stop (a checkpoint returned False): the executor counts
         # the item unfinished, so it is neither done nor failed, and not logged.
         return ItemOutcome(False, "stopped")
+    outcome = ItemOutcome(ok, text, tb, start, time.perf_counter() - t0, os.getpid())
     if joblog is not None and head is not None:
-        append(joblog, head + record_tail(outcome, start, time.perf_counter() - t0, os.getpid()))
+        append(joblog, head + record_tail(outcome))
     return outcome
 
 

@@ -1,10 +1,12 @@
 """`procctl map`'s joblog: one JSON Lines record per item that ended.
 
-Both sides of the process boundary use this format: a worker appends the
-record of an item it ran (right after the task returns, so a SIGKILL of the
-command line cannot lose a finished item's record in transit), and the command
-line appends the record of an item whose worker crashed or timed out, and reads
-the file back for --resume.
+Both sides of the process boundary use this format: on one machine a worker
+appends the record of an item it ran (right after the task returns, so a
+SIGKILL of the command line cannot lose a finished item's record in transit),
+and the command line appends the record of an item whose worker crashed or
+timed out, and reads the file back for --resume. With --cluster the workers
+may be on other machines: the command line writes every record, from the
+ItemOutcome (which carries the start, runtime and pid) as it arrives.
 
 A record, in the spirit of GNU parallel's joblog (Seq, Starttime, JobRuntime,
 Exitval, Command), keyed by the item's input line number and a digest of it::
@@ -33,11 +35,15 @@ FAILED = "failed"
 
 @dataclass(frozen=True)
 class ItemOutcome:
-    """What a worker sends back for one item: the result as JSON text, or the error."""
+    """What a worker sends back for one item: the result as JSON text, or the error,
+    and when, how long and in which process it ran (for a record written elsewhere)."""
 
     ok: bool
     text: str  # the result encoded as JSON, or "ExceptionType: message"
     traceback: str | None = None
+    start: float | None = None  # wall-clock time the call began
+    runtime: float | None = None  # seconds the call took
+    pid: int | None = None  # the worker process that ran it
 
 
 def canonical(item: Any) -> str:
@@ -54,10 +60,10 @@ def record_head(line: int, item: Any, item_text: str) -> str:
     return f'{{"line": {line}, "sha": "{digest(item)}", "item": {item_text}'
 
 
-def record_tail(outcome: ItemOutcome, start: float | None, runtime: float | None, pid: int | None) -> str:
-    """The outcome and the rest of a record; None where the writer cannot know (a crashed worker's item)."""
-    tail = f', "status": "{DONE if outcome.ok else FAILED}", "start": {_number(start)}'
-    tail += f', "runtime": {_number(runtime)}, "pid": {json.dumps(pid)}'
+def record_tail(outcome: ItemOutcome) -> str:
+    """The outcome and the rest of a record; null where the outcome cannot know (a crashed worker's item)."""
+    tail = f', "status": "{DONE if outcome.ok else FAILED}", "start": {_number(outcome.start)}'
+    tail += f', "runtime": {_number(outcome.runtime)}, "pid": {json.dumps(outcome.pid)}'
     if outcome.ok:
         return tail + f', "result": {outcome.text}}}\n'
     tail += f', "error": {json.dumps(outcome.text)}'

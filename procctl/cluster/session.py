@@ -413,5 +413,7 @@ def local_cluster(n_workers: int, threads_per_worker: int = 2) -> Any:
 
     with dask.config.set({"distributed.scheduler.allowed-failures": 0,
                           "distributed.worker.daemon": False}):
+        # No dashboard, and the scheduler's HTTP server (which it starts all the same)
+        # on a free port: its default, 8787, taken by another cluster is a warning on stderr.
         return LocalCluster(n_workers=n_workers, threads_per_worker=threads_per_worker, processes=True,
-                            dashboard_address=None)
+                            dashboard_address=None, scheduler_kwargs={"dashboard_address": "127.0.0.1:0"})
