@@ -69,3 +69,14 @@ def crash_on_5_hang_on_3(x):
     if x == 3:
         time.sleep(60)
     return x
+
+
+def nap(item):
+    """Sleep item["s"] seconds and return item["n"]: the item says how long, since
+    the workers of a --cluster run do not see the command line's environment.
+    With item["fifo"], first say "started" on that FIFO, which the test reads."""
+    if "fifo" in item:
+        with open(item["fifo"], "w") as f:
+            f.write(f"started {item['n']}\n")
+    time.sleep(item["s"])
+    return item["n"]

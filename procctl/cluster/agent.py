@@ -100,6 +100,8 @@ class Agent:
         self.stopping = threading.Event()
         self.expired = threading.Event()
         self.expire_lock = threading.Lock()
+        self.answer_lock = threading.Lock()
+        self.stopper: threading.Thread | None = None
 
     def serve(self) -> None:
         """Apply commands until STOP, or until the lease runs out.
@@ -122,21 +124,45 @@ class Agent:
                 if not isinstance(cmd, Command) or cmd.op in (Op.LEASE, Op.EXPIRED):
                     continue
                 if cmd.seq <= self.last_seq:
-                    if cmd.seq in self.answers:  # its answer was lost: say it again
-                        self.outbox.say(Up.ACK, cmd.seq, self.answers[cmd.seq])
+                    with self.answer_lock:
+                        if cmd.seq in self.answers:  # its answer was lost: say it again
+                            self.outbox.say(Up.ACK, cmd.seq, self.answers[cmd.seq])
                     continue
                 self.last_seq = cmd.seq
-                try:
-                    answer = self.apply(cmd)
-                except Exception as exc:  # noqa: BLE001 - the client raises it
-                    answer = ("error", f"{type(exc).__name__}: {exc}")
-                self.answers[cmd.seq] = answer
-                while len(self.answers) > KEPT_ANSWERS:
-                    self.answers.popitem(last=False)
-                self.outbox.say(Up.ACK, cmd.seq, answer)
+                if cmd.op is Op.STOP and self.stopper is None:
+                    # A stop lasts up to its grace and the escalation: in its own thread,
+                    # so that a KILL (a second Ctrl-C) and the lease renewals still come through.
+                    self.stopper = threading.Thread(target=self._stop, args=(cmd,), name="procctl-agent-stop",
+                                                    daemon=True)
+                    self.stopper.start()
+                    continue
+                self._answer(cmd)
         finally:
             self.stopping.set()
+            if self.stopper is not None:
+                self.stopper.join()  # its answer goes out before the agent's GONE
             watchdog.join(FLUSH_TIMEOUT)
+
+    def _answer(self, cmd: Command) -> None:
+        try:
+            answer = self.apply(cmd)
+        except Exception as exc:  # noqa: BLE001 - the client raises it
+            answer = ("error", f"{type(exc).__name__}: {exc}")
+        with self.answer_lock:
+            self.answers[cmd.seq] = answer
+            while len(self.answers) > KEPT_ANSWERS:
+                self.answers.popitem(last=False)
+        self.outbox.say(Up.ACK, cmd.seq, answer)
+
+    def _stop(self, cmd: Command) -> None:
+        try:
+            self._answer(cmd)
+        finally:
+            self.done = True
+            try:  # wakes the main thread's get, to end the agent
+                self.commands.put(Command(0, Op.EXPIRED), timeout=FLUSH_TIMEOUT)
+            except Exception:  # noqa: BLE001 - the scheduler is gone: the get fails all the same
+                pass
 
     def _watch_lease(self) -> None:
         while not self.stopping.wait(self.spec.beat):
