@@ -31,15 +31,16 @@ def run_item(fn: Callable[[Any], Any], item: Any, joblog: str | None = None,
     command line writes the record from the outcome when it arrives."""
     start = time.time()
     t0 = time.perf_counter()
+    tb: str | None = None
     try:
         value = fn(item)
     except Exception as exc:  # noqa: BLE001 - any exception of the task fails its item
         ok, text, tb = False, error_line(exc), traceback.format_exc()
     else:
         try:
-            ok, text, tb = True, json.dumps(value, allow_nan=False), None
+            ok, text = True, json.dumps(value, allow_nan=False)
         except (TypeError, ValueError) as exc:
-            ok, text, tb = False, f"result is not JSON: {error_line(exc)}", None
+            ok, text = False, f"result is not JSON: {error_line(exc)}"
     if _interrupted():
         # It was told to stop (a checkpoint returned False): the executor counts
         # the item unfinished, so it is neither done nor failed, and not logged.

@@ -21,7 +21,7 @@ pytest.importorskip("distributed")
 
 import maptargets  # noqa: E402
 from clihelp import LiveCli, json_events  # noqa: E402
-from test_map_cli import TESTS, map_cli, marks, results, write_items  # noqa: E402
+from test_map_cli import TESTS, map_cli, results, write_items  # noqa: E402
 
 from procctl.cluster import ClusterExecutor  # noqa: E402
 from procctl.cluster.session import local_cluster  # noqa: E402

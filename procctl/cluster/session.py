@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import math
+import signal
 import threading
 import time
 import uuid
@@ -24,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import dask
-from distributed import Client, Future, Queue
+from distributed import Client, Future, Queue, WorkerPlugin
 from distributed import Event as DaskEvent
 
 from ..controller import check_timeout
@@ -415,5 +416,23 @@ def local_cluster(n_workers: int, threads_per_worker: int = 2) -> Any:
                           "distributed.worker.daemon": False}):
         # No dashboard, and the scheduler's HTTP server (which it starts all the same)
         # on a free port: its default, 8787, taken by another cluster is a warning on stderr.
-        return LocalCluster(n_workers=n_workers, threads_per_worker=threads_per_worker, processes=True,
-                            dashboard_address=None, scheduler_kwargs={"dashboard_address": "127.0.0.1:0"})
+        cluster = LocalCluster(n_workers=n_workers, threads_per_worker=threads_per_worker, processes=True,
+                               dashboard_address=None, scheduler_kwargs={"dashboard_address": "127.0.0.1:0"})
+    try:
+        with Client(cluster, set_as_default=False) as client:
+            client.register_plugin(IgnoreSigint(), name="procctl-ignore-sigint")
+    except BaseException:
+        cluster.close()
+        raise
+    return cluster
+
+
+class IgnoreSigint(WorkerPlugin):
+    """A Ctrl-C at a terminal reaches the whole foreground process group: a local
+    cluster's worker processes leave it to whoever owns the cluster (`procctl map
+    --cluster local:N` stops its run, then closes them), instead of each dying
+    with a traceback under the run."""
+
+    def setup(self, worker: Any) -> None:
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
