@@ -93,7 +93,7 @@ def test_outcomes_name_the_node(cluster):
     assert reports[0].result == "done"
 
     with ClusterController(cluster_targets.crash, 1, cluster=cluster, lease=5, initial_state=State.RUNNING) as cc:
-        assert cc.wait(timeout=20)
+        assert cc.wait(timeout=45)  # a bound against a hang, generous under load
         reports = cc.stop()
     assert {r.outcome for r in reports.values()} == {Outcome.CRASHED}
     assert {r.exitcode for r in reports.values()} == {3}
