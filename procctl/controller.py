@@ -1376,6 +1376,8 @@ class ProcessController:
         )
 
     def _worker_event(self, w: _Worker, name: str, **fields: Any) -> None:
+        if self._on_event is None and self._control is None:
+            return  # nobody listens: no event to build (a broadcast's acks are on the hot path)
         done, total = self._progress_of(w)
         self._emit(Event(self._elapsed(), name, worker=w.id, pid=w.pid, done=done, total=total, **fields))
 
