@@ -42,3 +42,7 @@ def slow_square(x):
 
 def fail(x):
     raise ValueError(f"bad {x}")
+
+
+def crash_at_once(ctx):
+    os._exit(3)

@@ -284,3 +284,15 @@ def test_import_procctl_loads_no_dask():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
     assert proc.returncode == 1
     assert "pip install 'procctl[dask]'" in proc.stderr
+
+
+def test_workers_that_end_during_the_start_are_reported(cluster):
+    """A worker that ends while its node is still starting the others: its report
+    reaches the client (it was dropped when it came before the node's HELLO)."""
+    with ClusterController(cluster_targets.crash_at_once, 3, cluster=cluster, lease=5,
+                           initial_state=State.RUNNING) as cc:
+        assert cc.wait(timeout=45)  # a bound against a hang
+        reports = cc.stop()
+    assert len(reports) == 6
+    assert {r.outcome for r in reports.values()} == {Outcome.CRASHED}
+    assert {r.exitcode for r in reports.values()} == {3}

@@ -210,10 +210,20 @@ class ControllerAgent(Agent):
         super().__init__(spec)
         self.pc = ProcessController(on_event=self._on_event, **pc_args)
         self.watcher: threading.Thread | None = None
+        # What happens during start() (a worker that ends at once) is held
+        # until HELLO has told the client which workers there are: a report
+        # of a worker it does not know yet would be dropped.
+        self._early: list[tuple[Up, Any]] | None = []
+        self._early_lock = threading.Lock()
 
     def start(self) -> None:
         self.pc.start()
-        self.outbox.say(Up.HELLO, body=[s.pid for s in self.pc.status()])
+        pids = [s.pid for s in self.pc.status()]  # (may pump: events land in _early)
+        with self._early_lock:
+            self.outbox.say(Up.HELLO, body=pids)
+            early, self._early = self._early or [], None
+            for kind, body in early:
+                self.outbox.say(kind, body=body)
         # One thread pumps the controller, so that ends are seen as they happen.
         self.watcher = threading.Thread(target=self.pc.wait_ended, args=(None,),
                                         name="procctl-agent-watch", daemon=True)
@@ -222,11 +232,17 @@ class ControllerAgent(Agent):
     def _on_event(self, event: Event) -> None:
         if event.event == "broadcast":
             return  # the client says its own
-        self.outbox.say(Up.EVENT, body=(time.time(), event))
+        said = [(Up.EVENT, (time.time(), event))]
         if event.worker is not None and event.event in ("finished", "stopped", "failed", "crashed", "killed"):
             report = self.pc.reports.get(event.worker)
             if report is not None:
-                self.outbox.say(Up.REPORT, body=_picklable_report(report))
+                said.append((Up.REPORT, _picklable_report(report)))
+        with self._early_lock:
+            if self._early is not None:
+                self._early.extend(said)
+                return
+        for kind, body in said:
+            self.outbox.say(kind, body=body)
 
     def apply(self, cmd: Command) -> Any:
         if cmd.op is Op.BROADCAST:
