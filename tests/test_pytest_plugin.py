@@ -251,6 +251,7 @@ def test_factory_closes_on_a_signal_timeout(pytester, tmp_path):
     assert gone(read_pids(tmp_path / "pids"))
 
 
+@pytest.mark.soak  # the signal method is checked in CI; this one takes 6 s
 def test_factory_kills_workers_on_a_thread_timeout(pytester, tmp_path):
     # The thread method ends the inner pytest with os._exit(): no teardown runs,
     # so the plugin kills the workers from the timer thread first.
