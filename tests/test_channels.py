@@ -136,7 +136,10 @@ def test_accounting_exact_when_workers_are_sigkilled(victim):
     # between its get and its put (held by the worker that died: counted as got on jobs).
     seen = out + leftovers + jobs_left
     assert len(seen) == len(set(seen))
-    assert jobs.put - jobs.drained - outs.put <= 2 * 2  # at most one item held per killed worker... or in-flight
+    # Taken from jobs and never put to out: a killed worker may hold two (the one
+    # its code holds, and one it read past while waiting for a put credit and
+    # had not yet handed back), a worker stopped inside put one.
+    assert jobs.put - jobs.drained - outs.put <= 2 * 2 + 2 * 1
     assert not feeder.is_alive()
 
 
