@@ -62,7 +62,8 @@ def _load_prctl() -> Any:
         return None
 
 
-_prctl = _load_prctl()
+#: prctl(2) through ctypes, or None off Linux (worker.py uses it too).
+PRCTL = _load_prctl()
 
 
 # -- the worker's side --------------------------------------------------------------
@@ -74,8 +75,8 @@ def contain_worker(cgroup: str | None = None) -> None:
     member of the cgroup directory `cgroup`."""
     with contextlib.suppress(OSError):
         os.setpgid(0, 0)
-    if _prctl is not None:
-        _prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+    if PRCTL is not None:
+        PRCTL(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
     if cgroup is not None:
         try:
             with open(os.path.join(cgroup, "cgroup.procs"), "w") as f:

@@ -389,21 +389,9 @@ def _reset_signals(ctx: WorkerContext) -> None:
     signal.pthread_sigmask(signal.SIG_UNBLOCK, MANAGED_SIGNALS)
 
 
-def _load_prctl() -> Any:
-    # Resolved at import, in the manager: fork children (and the fork server,
-    # which preloads this module) then share ctypes' pages instead of each
-    # loading its own copy.
-    if not sys.platform.startswith("linux"):
-        return None
-    import ctypes
-
-    try:
-        return ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):  # pragma: no cover - no prctl here
-        return None
-
-
-_prctl = _load_prctl()
+#: prctl(2), resolved once at import in the manager (containment.py), so that
+#: fork children and the fork server share ctypes' pages.
+_prctl = containment.PRCTL
 
 
 def _die_with_parent() -> None:
