@@ -22,6 +22,7 @@ import threading
 import time
 import traceback
 from collections import OrderedDict
+from collections.abc import Callable
 from concurrent.futures import Future as LocalFuture
 from functools import partial
 from typing import Any
@@ -195,6 +196,12 @@ class Agent:
     def lease_lost(self) -> None:
         raise NotImplementedError
 
+    def start(self) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
 
 def _allow_children() -> None:
     # A Dask worker process is daemonic by default, and multiprocessing
@@ -286,11 +293,16 @@ def _picklable_report(report: Any) -> Any:
 
 def run_controller_agent(spec: AgentSpec, pc_args: dict[str, Any]) -> str:
     """The Dask task of one node of a ClusterController."""
+    return _run_agent(spec, lambda: ControllerAgent(spec, pc_args))
+
+
+def _run_agent(spec: AgentSpec, make: Callable[[], Agent]) -> str:
+    """What every agent's Dask task does: claim, start, serve until the end, clean up."""
     secede()  # a long-running task: it does not hold one of the worker's task slots
     if not claim(spec.claim):
         return "already ran"
     _allow_children()
-    agent = ControllerAgent(spec, pc_args)
+    agent = make()
     try:
         try:
             agent.start()
@@ -390,19 +402,4 @@ def _portable(exc: BaseException) -> BaseException:
 
 def run_executor_agent(spec: AgentSpec, ex_args: dict[str, Any]) -> str:
     """The Dask task of one node of a ClusterExecutor."""
-    secede()
-    if not claim(spec.claim):
-        return "already ran"
-    _allow_children()
-    agent = ExecutorAgent(spec, ex_args)
-    try:
-        try:
-            agent.start()
-        except BaseException as exc:
-            agent.gone_why = f"{type(exc).__name__}: {exc}"
-            raise
-        agent.serve()
-    finally:
-        agent.close()
-        agent.finish()
-    return agent.gone_why or "stopped"
+    return _run_agent(spec, lambda: ExecutorAgent(spec, ex_args))
