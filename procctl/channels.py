@@ -166,7 +166,7 @@ class ChannelPlane:
     def _wait(self, end: float | None) -> bool:
         self._waiters += 1
         try:
-            return self._changed.wait(_remaining(end))
+            return self._changed.wait(workwire.remaining(end))
         finally:
             self._waiters -= 1
 
@@ -526,7 +526,7 @@ class ChannelPlane:
 
     def put(self, chan: _Chan, item: Any, timeout: float | None) -> bool:
         payload = pickle.dumps(item, pickle.HIGHEST_PROTOCOL)
-        end = _deadline(timeout)
+        end = workwire.deadline(timeout)
         with self._locked():
             while True:
                 if chan.closed:
@@ -540,7 +540,7 @@ class ChannelPlane:
                     raise queue.Full(f"channel {chan.name!r} stayed full for {timeout}s")
 
     def get(self, chan: _Chan, timeout: float | None) -> Any:
-        end = _deadline(timeout)
+        end = workwire.deadline(timeout)
         with self._locked():
             while not chan.items:
                 if chan.closed or self._stopping:
@@ -635,17 +635,6 @@ class Channel:
         s = self.stats()
         return f"<Channel {self.name!r} maxsize={self.maxsize} queued={s.queued} put={s.put} got={s.got}>"
 
-
-def _deadline(timeout: float | None) -> float | None:
-    if timeout is None or timeout == float("inf"):
-        return None
-    if timeout != timeout:
-        raise ValueError("timeout must be a number of seconds, not NaN")
-    return time.monotonic() + max(0.0, timeout)
-
-
-def _remaining(end: float | None) -> float | None:
-    return None if end is None else max(0.0, end - time.monotonic())
 
 
 def _expired(end: float | None) -> bool:

@@ -74,7 +74,7 @@ class WorkEnd:
     def get(self, ctx: WorkerContext, name: str, timeout: float | None) -> Any:
         spec = self.channels.get(name)
         cid = spec[0] if spec is not None else self.channel(name)[0]
-        end = None if timeout is None else _deadline(timeout)
+        end = None if timeout is None else workwire.deadline(timeout)
         while True:
             if not ctx.checkpoint():  # a paused worker waits here, holding nothing
                 raise Closed(name)
@@ -130,13 +130,13 @@ class WorkEnd:
         if not ctx.checkpoint():
             return False
         payload = pickle.dumps(item, pickle.HIGHEST_PROTOCOL)
-        end = _deadline(timeout)
+        end = workwire.deadline(timeout)
         if maxsize:
             while not self.credits.get(cid):
                 if cid not in self.wanting:
                     self._send(ctx, Kind.WANT, cid)
                     self.wanting.add(cid)
-                remaining = _remaining(end)
+                remaining = workwire.remaining(end)
                 if remaining is not None and remaining <= 0:
                     raise queue.Full(f"channel {name!r} stayed full for {timeout}s")
                 if ctx.wait_readable(self.sock, remaining):
@@ -203,7 +203,7 @@ class WorkEnd:
                     return msg
                 self._absorb(ctx, msg)
                 continue
-            remaining = _remaining(end)
+            remaining = workwire.remaining(end)
             if remaining is not None and remaining <= 0:
                 return None
             if not ctx.wait_readable(self.sock, remaining):
@@ -256,17 +256,6 @@ class WorkEnd:
                 if stoppable and ctx.state is State.STOPPED:
                     return False
 
-
-def _deadline(timeout: float | None) -> float | None:
-    if timeout is None or timeout == float("inf"):
-        return None
-    if timeout != timeout:
-        raise ValueError("timeout must be a number of seconds, not NaN")
-    return time.monotonic() + max(0.0, timeout)
-
-
-def _remaining(end: float | None) -> float | None:
-    return None if end is None else max(0.0, end - time.monotonic())
 
 
 # -- the executor's task loop --------------------------------------------------

@@ -26,6 +26,7 @@ import os
 import socket
 import struct
 import threading
+import time
 from typing import NamedTuple
 
 HEADER = struct.Struct("!BxxxIq")  # kind, channel id, tag (task id, count)
@@ -191,3 +192,17 @@ def recv_all(sock: socket.socket) -> list[Message]:
             break
         out.append(msg)
     return out
+
+
+def deadline(timeout: float | None) -> float | None:
+    """The monotonic time a timeout ends (None: no limit, also for inf)."""
+    if timeout is None or timeout == float("inf"):
+        return None
+    if timeout != timeout:
+        raise ValueError("timeout must be a number of seconds, not NaN")
+    return time.monotonic() + max(0.0, timeout)
+
+
+def remaining(end: float | None) -> float | None:
+    """Seconds left until `end` (None: no limit)."""
+    return None if end is None else max(0.0, end - time.monotonic())
