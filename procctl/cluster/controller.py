@@ -105,8 +105,6 @@ class ClusterController(Session):
         self._workers: dict[int, _Remote] = {}
         self._reports: dict[int, WorkerReport] = {}
         self._new_reports: list[WorkerReport] = []
-        self._events: list[Event] = []
-        self._emitting = threading.RLock()
         self._woken = False
         self._ops = threading.RLock()  # one command at a time
 
@@ -157,19 +155,6 @@ class ClusterController(Session):
         w.report = report
         self._reports[w.id] = report
         self._new_reports.append(report)
-
-    def _emit_events(self) -> None:
-        # One thread at a time, so that on_event sees the events in order.
-        with self._emitting:
-            with self.cond:
-                events, self._events = self._events, []
-            if self._on_event is None:
-                return
-            for event in events:
-                try:
-                    self._on_event(event)
-                except Exception:
-                    log.exception("on_event callback failed for %s", event)
 
     # -- context manager and lifecycle ------------------------------------------------
 

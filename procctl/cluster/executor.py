@@ -106,8 +106,6 @@ class ClusterExecutor(Session, Executor):
         self._held: dict[int, dict[int, _Task]] = {}
         self._tids = itertools.count()
         self._settle: list[tuple[_Task, bool, Any, str | None, str]] = []
-        self._events: list[Event] = []
-        self._emitting = threading.RLock()
         self._submitted = self._completed = self._failed = self._cancelled = self._retried = 0
         self._shutdown = False
         self._stopped = False
@@ -421,19 +419,6 @@ class ClusterExecutor(Session, Executor):
         if self._on_event is not None:
             with self.cond:
                 self._events.append(Event(self.elapsed(), name, task=task.tid, node=node or None, error=error))
-
-    def _emit_events(self) -> None:
-        # One thread at a time, so that on_event sees the events in order.
-        with self._emitting:
-            with self.cond:
-                events, self._events = self._events, []
-            if self._on_event is None:
-                return
-            for event in events:
-                try:
-                    self._on_event(event)
-                except Exception:
-                    log.exception("on_event callback failed for %s", event)
 
     def _check_open(self) -> None:
         if self._stopped:

@@ -29,6 +29,7 @@ from distributed import Client, Future, Queue, WorkerPlugin
 from distributed import Event as DaskEvent
 
 from ..controller import check_timeout
+from ..states import Event
 from .wire import AgentSpec, Command, Message, Op, Up, queue_names
 
 log = logging.getLogger("procctl")
@@ -127,6 +128,10 @@ class Session:
         self._lease_sent = 0.0
         self._wall0 = time.time()
         self._t0 = time.monotonic()
+        #: Events waiting for on_event (appended holding `cond`), told by `_emit_events`.
+        self._events: list[Event] = []
+        self._emitting = threading.RLock()
+        self._on_event: Callable[[Event], None] | None = None
 
     # -- what subclasses give --------------------------------------------------------
 
@@ -138,6 +143,19 @@ class Session:
 
     def on_lost(self, node: Node, why: str) -> None:
         raise NotImplementedError
+
+    def _emit_events(self) -> None:
+        # One thread at a time, so that on_event sees the events in order.
+        with self._emitting:
+            with self.cond:
+                events, self._events = self._events, []
+            if self._on_event is None:
+                return
+            for event in events:
+                try:
+                    self._on_event(event)
+                except Exception:
+                    log.exception("on_event callback failed for %s", event)
 
     def after_pass(self) -> None:
         """Called by the inbox thread after each pass, without the lock."""
