@@ -218,6 +218,7 @@ class WorkerLink:
         self.report_fd = ours.detach()
         self.doorbell_fd = self.report_fd
         self._child = theirs.detach()
+        self._child_end: ControlEnd | None = None
         os.set_blocking(self.report_fd, False)
         self._buffer = bytearray()
         self.eof = False
@@ -228,9 +229,21 @@ class WorkerLink:
         end = InheritedFd(self._child)
         return end, end  # one object: pickled once, passed to the child once
 
+    def child_end(self, worker: int, board: Board) -> ControlEnd:
+        """The worker's ControlEnd, made here for a child about to be forked.
+
+        A forked child starts with a copy of it: it need not build one, and
+        every page it would have written to do so stays shared.
+        """
+        self._child_end = ControlEnd(worker, board, self._child, self._child)
+        return self._child_end
+
     def release_child_fds(self) -> None:
         """Close our copy of the child's end once the child has it."""
-        if self._child >= 0:
+        if self._child_end is not None:
+            self._child_end.close()  # our copy of it, and with it the descriptor
+            self._child_end = None
+        elif self._child >= 0:
             os.close(self._child)
         self._child = -1
 

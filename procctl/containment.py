@@ -73,8 +73,10 @@ def contain_worker(cgroup: str | None = None) -> None:
     """Make the calling process (a fresh worker) the root of a containable tree:
     leader of its own process group, child subreaper, and, if given, the only
     member of the cgroup directory `cgroup`."""
-    with contextlib.suppress(OSError):
+    try:  # (not contextlib.suppress: each page a fork child touches is copied)
         os.setpgid(0, 0)
+    except OSError:
+        pass
     if PRCTL is not None:
         PRCTL(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
     if cgroup is not None:

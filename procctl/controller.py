@@ -154,6 +154,28 @@ class _Worker:
         return self.report is None
 
 
+@dataclasses.dataclass
+class _Birth:
+    """A worker about to be started: what its process takes along."""
+
+    wid: int
+    restarts: int
+    cgroup: str | None
+    link: WorkerLink
+    process: Any
+    work_fd: int | None
+
+
+def _deliver(births: list[_Birth], started: list[int]) -> None:
+    """Start the processes of `births` in turn, noting each in `started`
+    (the caller's count if one fails); each child's ends are let go of as
+    soon as it has them."""
+    for birth in births:
+        birth.process.start()
+        started.append(birth.wid)
+        birth.link.release_child_fds()
+
+
 class _Deadline:
     """The time left of a timeout (None: no limit, also for float('inf')).
 
@@ -411,7 +433,7 @@ class ProcessController:
             with _quiet_collector(self.start_method):
                 for wid in range(self.workers):
                     self._board.post(wid, word)
-                    self._spawn(wid)
+                self._spawn(range(self.workers))
             self._await_ready()
         except BaseException:
             self._abort()
@@ -434,51 +456,80 @@ class ProcessController:
                 self._post(State.STOPPED)
         self.wakeup()
 
-    def _spawn(self, wid: int, restarts: int = 0) -> None:
-        assert self._board is not None and self._selector is not None and self._trees is not None
-        cgroup = self._trees.worker_cgroup(wid)
+    def _spawn(self, wids: Iterable[int], restarts: int = 0) -> None:
+        """Start a process for each worker id in `wids`.
+
+        In three passes: everything the children need is made first, then
+        the processes are forked back to back, then the manager records
+        them. Under fork, each fork makes every page of the manager
+        copy-on-write again, and whatever the manager writes before the
+        next fork is copied once more; with nothing but the forks in the
+        middle pass, the bookkeeping of N workers is copied once, not N times.
+        """
+        births: list[_Birth] = []
+        started: list[int] = []
         try:
-            link = WorkerLink()
-        except OSError as exc:
-            raise WorkerStartError(f"cannot start worker {wid}: {limits.describe_start_failure(exc) or exc}") from exc
+            for wid in wids:
+                try:
+                    births.append(self._conceive(wid, restarts))
+                except OSError as exc:
+                    why = limits.describe_start_failure(exc) or exc
+                    raise WorkerStartError(f"cannot start worker {wid}: {why}") from exc
+            try:
+                # The kernel's parent-death signal fires when the *thread* that
+                # forked exits: only the main thread (or the fork server) lives
+                # as long as the process, so other threads have the spawner fork.
+                if self.start_method != "forkserver" and threading.current_thread() is not threading.main_thread():
+                    _spawner.call(partial(_deliver, births, started))
+                else:
+                    with _signals_blocked():
+                        _deliver(births, started)
+            except Exception as exc:
+                # A limit (EMFILE, EAGAIN) is the system's refusal; anything
+                # else here comes from pickling what the child must receive.
+                why = limits.describe_start_failure(exc) or (
+                    f"the target or its arguments cannot be sent to the child ({exc!r})"
+                )
+                raise WorkerStartError(
+                    f"cannot start worker {births[len(started)].wid} with start method"
+                    f" {self.start_method!r}: {why}"
+                ) from exc
+        finally:
+            for birth in births[len(started):]:
+                birth.link.close()
+            for birth in births[: len(started)]:
+                self._adopt(birth)
+
+    def _conceive(self, wid: int, restarts: int) -> _Birth:
+        """The links and the (unstarted) process of one worker."""
+        assert self._board is not None and self._trees is not None
+        cgroup = self._trees.worker_cgroup(wid)
+        link = WorkerLink()
         doorbell, report = link.child_fds()
-        work, work_fd = self._attach_work_link(wid)
+        try:
+            work, work_fd = self._attach_work_link(wid)
+        except BaseException:
+            link.close()
+            raise
         spec = WorkerSpec(
             wid, self.workers, self._payload, InheritedFd(self._board.fd), doorbell, report, os.getpid(),
             die_with_parent=True, forkserver=self.start_method == "forkserver", collect=self._collect,
             work=work, channels=self._plane.wire_spec() if self._plane is not None else {},
             cgroup=cgroup,
             restarts=restarts,
+            end=link.child_end(wid, self._board) if self.start_method == "fork" else None,
         )
         process = self._mp.Process(target=worker_main, args=(spec,), name=f"procctl-worker-{wid}")
-        # The kernel's parent-death signal fires when the *thread* that forked
-        # exits: only the main thread (or the fork server) lives as long as
-        # the process, so other threads have the spawner fork for them.
-        use_spawner = (
-            self.start_method != "forkserver" and threading.current_thread() is not threading.main_thread()
-        )
-        try:
-            if use_spawner:
-                _spawner.call(process.start)
-            else:
-                with _signals_blocked():
-                    process.start()
-        except Exception as exc:
-            link.close()
-            # A limit (EMFILE, EAGAIN) is the system's refusal; anything else
-            # here comes from pickling what the child must receive.
-            why = limits.describe_start_failure(exc) or (
-                f"the target or its arguments cannot be sent to the child ({exc!r})"
-            )
-            raise WorkerStartError(
-                f"cannot start worker {wid} with start method {self.start_method!r}: {why}"
-            ) from exc
-        finally:
-            link.release_child_fds()
-        worker = _Worker(wid, process, link)
-        worker.restarts = restarts
-        worker.pidfd = _open_pidfd(process.pid, self.start_method)
-        worker.cgroup = cgroup
+        return _Birth(wid, restarts, cgroup, link, process, work_fd)
+
+    def _adopt(self, birth: _Birth) -> None:
+        """Record a started worker and watch it."""
+        assert self._selector is not None and self._trees is not None
+        wid, link = birth.wid, birth.link
+        worker = _Worker(wid, birth.process, link)
+        worker.restarts = birth.restarts
+        worker.pidfd = _open_pidfd(birth.process.pid, self.start_method)
+        worker.cgroup = birth.cgroup
         self._trees.started(worker.pid)
         if wid < len(self._workers):
             self._workers[wid] = worker  # a new incarnation (see _respawn)
@@ -487,8 +538,8 @@ class ProcessController:
         self._live += 1
         self._selector.register(link.report_fd, selectors.EVENT_READ, (_REPORT, worker))
         self._selector.register(worker.watch_fd, selectors.EVENT_READ, (_SENTINEL, worker))
-        if work_fd is not None:
-            self._selector.register(work_fd, selectors.EVENT_READ, (_LINK, worker))
+        if birth.work_fd is not None:
+            self._selector.register(birth.work_fd, selectors.EVENT_READ, (_LINK, worker))
 
     # -- the work plane's hooks (channels, executor; see WorkPlane) ------------
 
@@ -509,7 +560,7 @@ class ProcessController:
             raise RuntimeError("the workers were stopped; STOPPED is final")
         self._board.reset(wid, pack_command(self._seq, self._state_of(wid)))
         with _quiet_collector(self.start_method):  # restart latency: no collection around the fork
-            self._spawn(wid, self._workers[wid].restarts + 1)
+            self._spawn([wid], self._workers[wid].restarts + 1)
 
     def _kill_worker(self, wid: int) -> None:
         """SIGKILL one live worker now; it is reported as killed."""
@@ -1052,7 +1103,7 @@ class ProcessController:
                 self._restart_at.pop(wid, None)
                 self._board.reset(wid, word)
                 self.workers = wid + 1  # before the spawn: the new worker's ctx.workers
-                self._spawn(wid)
+                self._spawn([wid])
         up = [self._workers[wid] for wid in new]
         if not self._pump_until(lambda: all(w.acked_seq >= 0 or not w.alive for w in up), self.start_timeout):
             late = [w.id for w in up if w.acked_seq < 0 and w.alive]

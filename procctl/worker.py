@@ -123,6 +123,8 @@ class WorkerSpec:
     collect: bool = True
     #: How many times this worker id has been restarted (ctx.restarts).
     restarts: int = 0
+    #: Under fork: the worker's end, made by the manager (WorkerLink.child_end).
+    end: ControlEnd | None = None
 
 
 class WorkerContext:
@@ -513,8 +515,10 @@ def worker_main(spec: WorkerSpec) -> None:
     containment.contain_worker(spec.cgroup)
     if spec.collect and not gc.isenabled():
         gc.enable()
-    board = Board(spec.workers, fd=spec.board.detach())
-    end = ControlEnd(spec.worker_id, board, spec.doorbell.detach(), spec.report.detach())
+    end = spec.end
+    if end is None:
+        board = Board(spec.workers, fd=spec.board.detach())
+        end = ControlEnd(spec.worker_id, board, spec.doorbell.detach(), spec.report.detach())
     if spec.forkserver:
         _release_fork_server()
     if spec.die_with_parent:
@@ -528,11 +532,12 @@ def worker_main(spec: WorkerSpec) -> None:
     global _current
     _current = ctx
     _reset_signals(ctx)
-    finished = threading.Event()
+    finished = None
     # With the kernel's parent-death signal set, the watch thread would add
     # nothing but its cost: a paused worker still sees the manager go through
     # the pidfd in its own wait, and the signal covers every other case.
     if manager_fd is not None and not spec.die_with_parent:
+        finished = threading.Event()
         threading.Thread(
             target=_orphan_watch, args=(manager_fd, finished), name="procctl-orphan-watch", daemon=True
         ).start()
@@ -551,7 +556,8 @@ def worker_main(spec: WorkerSpec) -> None:
     if not ctx._manager_gone:
         _send_result(end, outcome, result, error)
     end.let_go()
-    finished.set()
+    if finished is not None:
+        finished.set()
     _end_despite_threads()
 
 
