@@ -97,6 +97,21 @@ def non_negative(name: str, value: float | None) -> None:
         raise BadInput(f"{name} must be a non-negative number of seconds, not {value}")
 
 
+#: A node's lease when --lease is not given (ClusterController's and ClusterExecutor's default).
+DEFAULT_LEASE = 10.0
+
+
+def check_lease(lease: float | None, cluster: bool) -> float:
+    """--lease, checked: the seconds a node keeps its workers once this process is gone."""
+    if lease is None:
+        return DEFAULT_LEASE
+    if not cluster:
+        raise BadInput("--lease works with --cluster (how long a node outlives a lost client)")
+    if not 0 < lease < math.inf:  # also rejects NaN
+        raise BadInput(f"--lease must be a finite number of seconds > 0, not {lease}")
+    return lease
+
+
 def parse_schedule(text: str) -> list[str]:
     steps = [s.strip().lower() for s in text.split(",")]
     if not steps or any(not s for s in steps):
@@ -320,6 +335,9 @@ def exit_status(reports: dict[int, WorkerReport], bridge: SignalBridge, timed_ou
               help="Run on every worker of this Dask cluster (needs procctl[dask]); local:N starts N local ones.")
 @click.option("--workers-per-node", type=click.IntRange(min=1), default=4, show_default=True,
               help="With --cluster: worker processes on each Dask worker (--workers is then not used).")
+@click.option("--lease", type=float, default=None,
+              help=f"With --cluster: seconds a node keeps its workers once this process is gone"
+                   f" (default {DEFAULT_LEASE:g}).")
 @click.option("--restart", type=click.Choice([r.value for r in Restart]), default="never", show_default=True,
               help="Restart workers that end: never, on-failure (failed, crashed, killed, hung), always.")
 @click.option("--max-restarts", type=int, default=5, show_default=True,
@@ -345,7 +363,8 @@ def run_command(workers: int, target: str | None, schedule: str, step: float, fi
                 max_restarts: int = 5, restart_window: float = 60.0, backoff: str = "0.1,10",
                 strategy: str = "one_for_one", heartbeat: float | None = None,
                 max_workers: int | None = None, trace_path: str | None = None,
-                name: str | None = None, metrics_addr: str | None = None, log_dir: str | None = None) -> int:
+                name: str | None = None, metrics_addr: str | None = None, log_dir: str | None = None,
+                lease: float | None = None) -> int:
     """Run workers under a controller through a schedule of states."""
     bridge = signal_bridge()
     steps = parse_schedule(schedule)
@@ -355,6 +374,7 @@ def run_command(workers: int, target: str | None, schedule: str, step: float, fi
     if not 0.0 <= finish_chance <= 1.0:
         raise BadInput(f"--finish-chance must be between 0 and 1, not {finish_chance}")
     cluster_spec = parse_cluster(cluster_address) if cluster_address is not None else None
+    node_lease = check_lease(lease, cluster_spec is not None)
     too_many = capacity_problem(workers if cluster_spec is None else workers_per_node)
     if too_many is not None:
         raise BadInput(f"--workers {workers}: {too_many}")
@@ -405,6 +425,7 @@ def run_command(workers: int, target: str | None, schedule: str, step: float, fi
             def make(on_event: Callable[[Event], None]) -> Any:
                 return cluster_mod.ClusterController(
                     func, workers_per_node, address=address, args=args, grace=grace, on_event=on_event,
+                    lease=node_lease,
                     start_method=start_method or "fork", connect_timeout=CLUSTER_CONNECT_TIMEOUT)
 
         code = _run(make, workers, steps, step, timeout, reporter, live, timeline_path, bridge, control,

@@ -88,6 +88,7 @@ class ClusterPlan:
     address: str | None  # tcp://HOST:PORT; None with local_nodes
     local_nodes: int  # local:N: start a LocalCluster of N worker processes
     workers_per_node: int
+    lease: float  # seconds a node keeps its workers once the client is gone
 
 
 @dataclass(frozen=True)
@@ -208,13 +209,13 @@ def make_plan(spec: str, items_path: str, raw_lines: bool, workers: int | None, 
               task_timeout: float | None, timeout: float | None, grace: float, joblog: str | None, resume: bool,
               unfinished: str | None, start_method: str | None, events_path: str | None,
               bridge: SignalBridge, cluster_address: str | None = None,
-              workers_per_node: int | None = None) -> MapPlan:
+              workers_per_node: int | None = None, lease: float | None = None) -> MapPlan:
     task_timeout = seconds("--task-timeout", task_timeout, positive=True)
     timeout = seconds("--timeout", timeout)
     checked_grace = seconds("--grace", grace)
     if resume and not joblog:
         raise BadInput("--resume needs --joblog FILE (the log of the run to resume)")
-    cluster = check_cluster(cluster_address, workers, workers_per_node)
+    cluster = check_cluster(cluster_address, workers, workers_per_node, lease)
     if workers is not None:
         too_many = capacity_problem(workers)
         if too_many is not None:
@@ -241,13 +242,16 @@ def make_plan(spec: str, items_path: str, raw_lines: bool, workers: int | None, 
         joblog=joblog, resume=resume, unfinished=unfinished, start_method=start_method, cluster=cluster)
 
 
-def check_cluster(text: str | None, workers: int | None, workers_per_node: int | None) -> ClusterPlan | None:
-    """--cluster and --workers-per-node, checked without connecting (procctl.cli.parse_cluster's rules)."""
+def check_cluster(text: str | None, workers: int | None, workers_per_node: int | None,
+                  lease: float | None = None) -> ClusterPlan | None:
+    """--cluster, --workers-per-node and --lease, checked without connecting (procctl.cli's rules)."""
+    from .cli import check_lease, parse_cluster  # procctl.cli imports this module at its end
+
+    node_lease = check_lease(lease, text is not None)
     if text is None:
         if workers_per_node is not None:
             raise BadInput("--workers-per-node works with --cluster; on one machine use --workers")
         return None
-    from .cli import parse_cluster  # procctl.cli imports this module at its end
 
     if workers is not None:
         raise BadInput("--workers is for one machine; with --cluster use --workers-per-node")
@@ -256,7 +260,7 @@ def check_cluster(text: str | None, workers: int | None, workers_per_node: int |
     if too_many is not None:
         raise BadInput(f"--workers-per-node {per_node}: {too_many}")
     _, address, local_nodes = parse_cluster(text)
-    return ClusterPlan(text.strip(), address, local_nodes, per_node)
+    return ClusterPlan(text.strip(), address, local_nodes, per_node, node_lease)
 
 
 # -- the executor ---------------------------------------------------------------------
@@ -292,7 +296,7 @@ def connect_cluster(plan: MapPlan, cluster: ClusterPlan) -> tuple[ClusterExecuto
             local = local_cluster(cluster.local_nodes)
             address = local.scheduler_address
         executor = ClusterExecutor(
-            address=address, workers_per_node=cluster.workers_per_node, retries=plan.retries,
+            address=address, workers_per_node=cluster.workers_per_node, retries=plan.retries, lease=cluster.lease,
             task_timeout=plan.task_timeout, grace=plan.grace, start_method=plan.start_method or "fork",
             connect_timeout=CLUSTER_CONNECT_TIMEOUT)
     except BaseException as exc:
@@ -730,6 +734,8 @@ class MapSession:
               help="Run on every worker of this Dask cluster (needs procctl[dask]); local:N starts N local ones.")
 @click.option("--workers-per-node", type=click.IntRange(min=1), default=None,
               help=f"With --cluster: worker processes on each Dask worker (default: {DEFAULT_WORKERS_PER_NODE}).")
+@click.option("--lease", type=float, default=None,
+              help="With --cluster: seconds a node keeps its workers once this process is gone (default 10).")
 @click.option("--ordered", is_flag=True, help="Results in input order (default: as they complete).")
 @click.option("--retries", type=click.IntRange(min=0), default=0, show_default=True,
               help="Retry an item whose worker crashed or timed out, on a fresh worker.")
@@ -751,7 +757,8 @@ def map_command(spec: str, items_path: str, raw_lines: bool, workers: int | None
                 task_timeout: float | None, timeout: float | None, grace: float, joblog: str | None, resume: bool,
                 unfinished: str | None, start_method: str | None, json_lines: bool, quiet: bool,
                 events_path: str | None, name: str | None = None, metrics_addr: str | None = None,
-                cluster_address: str | None = None, workers_per_node: int | None = None) -> int:
+                cluster_address: str | None = None, workers_per_node: int | None = None,
+                lease: float | None = None) -> int:
     """Call MODULE:FUNC on every item, in worker processes; results as JSON Lines on stdout."""
     from .cli import signal_bridge  # procctl.cli imports this module at its end
     from .cli_control import ControlPlan
@@ -760,7 +767,7 @@ def map_command(spec: str, items_path: str, raw_lines: bool, workers: int | None
     control = ControlPlan.check(name, metrics_addr, job=f"map {spec}", announce=not (json_lines or quiet))
     plan = make_plan(spec, items_path, raw_lines, workers, ordered, retries, task_timeout, timeout, grace,
                      joblog, resume, unfinished, start_method, events_path, bridge, cluster_address,
-                     workers_per_node)
+                     workers_per_node, lease)
     executor: ClusterExecutor | None = None
     local_cluster: Any = None
     if plan.cluster is not None and not bridge.stop_requested():

@@ -217,13 +217,32 @@ sys.stdin.read()
 """
 
 
-def test_a_killed_client_leaves_no_worker_behind(cluster, tests_dir):
-    before = dask_worker_pids(cluster.scheduler_address)
-    proc = subprocess.Popen([sys.executable, "-c", CLIENT, cluster.scheduler_address, str(LEASE)],
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd=tests_dir, text=True)
-    try:
+def _client_pids(proc, how: str) -> list[int]:
+    """The pids of the client's 4 workers: its first line (library), or its running events (CLI)."""
+    if how == "library":
+        return json.loads(proc.stdout.readline())
+    pids: set[int] = set()
+    while len(pids) < 4:
         line = proc.stdout.readline()
-        pids = json.loads(line)
+        assert line, "the CLI ended before its workers ran"
+        event = json.loads(line)
+        if event.get("event") == "running":
+            pids.add(event["pid"])
+    return sorted(pids)
+
+
+@pytest.mark.parametrize("how", ["library", "cli"])
+def test_a_killed_client_leaves_no_worker_behind(cluster, tests_dir, how):
+    before = dask_worker_pids(cluster.scheduler_address)
+    if how == "library":
+        argv = [sys.executable, "-c", CLIENT, cluster.scheduler_address, str(LEASE)]
+    else:  # --lease must reach the nodes: the default (10 s) would leave them running past the bound
+        argv = [sys.executable, "-m", "procctl", "run", "--cluster", cluster.scheduler_address,
+                "--workers-per-node", "2", "--lease", str(LEASE), "--target", "cluster_targets:loop",
+                "--schedule", "run", "--step", "0", "--json"]
+    proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd=tests_dir, text=True)
+    try:
+        pids = _client_pids(proc, how)
         assert len(pids) == 4 and still_running(pids, timeout=0) != []
         proc.kill()
         killed = time.monotonic()
@@ -255,13 +274,21 @@ def test_bad_address_and_arguments():
         ClusterExecutor(address="tcp://127.0.0.1:9", workers_per_node=0)
 
 
-@pytest.mark.parametrize("spec", ["tcp://127.0.0.1:9", "nonsense", "local:0"])
-def test_cli_bad_cluster_is_one_line_and_exit_2(spec):
+@pytest.mark.parametrize("args, says", [
+    (["--cluster", "tcp://127.0.0.1:9"], "127.0.0.1:9"),
+    (["--cluster", "nonsense"], "nonsense"),
+    (["--cluster", "local:0"], "local:0"),
+    (["--cluster", "local:1", "--lease", "nan"], "--lease"),
+    (["--cluster", "local:1", "--lease", "0"], "--lease"),
+    (["--cluster", "local:1", "--lease", "inf"], "--lease"),
+    (["--lease", "5"], "--lease works with --cluster"),
+])
+def test_cli_bad_cluster_is_one_line_and_exit_2(args, says):
     started = time.monotonic()
-    proc = subprocess.run([sys.executable, "-m", "procctl", "run", "--cluster", spec],
+    proc = subprocess.run([sys.executable, "-m", "procctl", "run"] + args,
                           capture_output=True, text=True, timeout=30)
     assert proc.returncode == 2, proc.stderr
-    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and says in proc.stderr, proc.stderr
     assert time.monotonic() - started < 20
 
 

@@ -169,6 +169,8 @@ def test_bad_address_is_one_line_and_exit_2_before_anything_is_written(tmp_path,
     (["--items", "{bad json"], "line 1 is not JSON"),
     (["--workers", "2"], "--workers is for one machine"),
     (["--workers-per-node", "0"], "--workers-per-node"),
+    (["--lease", "-1"], "--lease"),
+    (["--lease", "nan"], "--lease"),
 ])
 def test_input_is_checked_before_connecting(tmp_path, args, says):
     bad = tmp_path / "bad.jsonl"
@@ -183,7 +185,8 @@ def test_input_is_checked_before_connecting(tmp_path, args, says):
     assert not called, "it connected before it checked its input"
 
 
-def test_workers_per_node_needs_a_cluster():
-    res = map_cli(["maptargets:square", "--workers-per-node", "2"], input="1\n")
-    assert res.returncode == 2 and "--workers-per-node works with --cluster" in res.stderr, res.stderr
+@pytest.mark.parametrize("option", ["--workers-per-node", "--lease"])
+def test_cluster_options_need_a_cluster(option):
+    res = map_cli(["maptargets:square", option, "2"], input="1\n")
+    assert res.returncode == 2 and f"{option} works with --cluster" in res.stderr, res.stderr
 
