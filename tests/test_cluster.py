@@ -303,6 +303,35 @@ def test_cli_local_cluster():
     assert len({r["node"] for r in lines if r.get("event") == "running"}) == 2
 
 
+@pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_cli_local_cluster_stops_gracefully_on_a_group_signal(tests_dir, sig, code):
+    # The Dask workers of local:N are in the command's process group: the
+    # signal reaches them too, and must not take the run's workers with them.
+    proc = subprocess.Popen([sys.executable, "-m", "procctl", "run", "--cluster", "local:2",
+                             "--workers-per-node", "1", "--target", "cluster_targets:loop", "--schedule", "run",
+                             "--step", "0", "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            cwd=tests_dir, text=True, start_new_session=True)
+    try:
+        pids = set()
+        while len(pids) < 2:
+            line = proc.stdout.readline()
+            assert line, proc.stderr.read()
+            event = json.loads(line)
+            if event["event"] == "running":
+                pids.add(event["pid"])
+        os.killpg(proc.pid, sig)
+        out, err = proc.communicate(timeout=40)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate(timeout=10)
+    assert proc.returncode == code, err
+    summary = json.loads(out.splitlines()[-1])
+    assert summary["outcomes"] == {"stopped": 2}, out
+    assert "Traceback" not in err and "ERROR" not in err, err
+    assert still_running(sorted(pids), timeout=5) == []
+
+
 def test_import_procctl_loads_no_dask():
     code = ("import sys, procctl, procctl.cli; procctl.ProcessController; procctl.ProcessExecutor;"
             "assert not [m for m in sys.modules if m.split('.')[0] in ('dask', 'distributed')]")

@@ -438,19 +438,22 @@ def local_cluster(n_workers: int, threads_per_worker: int = 2) -> Any:
                                dashboard_address=None, scheduler_kwargs={"dashboard_address": "127.0.0.1:0"})
     try:
         with Client(cluster, set_as_default=False) as client:
-            client.register_plugin(IgnoreSigint(), name="procctl-ignore-sigint")
+            client.register_plugin(IgnoreGroupSignals(), name="procctl-ignore-group-signals")
     except BaseException:
         cluster.close()
         raise
     return cluster
 
 
-class IgnoreSigint(WorkerPlugin):
-    """A Ctrl-C at a terminal reaches the whole foreground process group: a local
-    cluster's worker processes leave it to whoever owns the cluster (`procctl map
-    --cluster local:N` stops its run, then closes them), instead of each dying
-    with a traceback under the run."""
+class IgnoreGroupSignals(WorkerPlugin):
+    """A Ctrl-C at a terminal, or a SIGTERM to the whole process group, reaches
+    a local cluster's worker processes too: they leave it to whoever owns the
+    cluster (`procctl run/map --cluster local:N` stops its run gracefully, then
+    closes them), instead of dying under the run and taking its workers with
+    them. Closing the cluster does not need either signal: the nanny asks its
+    worker process to stop, then kills it."""
 
     def setup(self, worker: Any) -> None:
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGINT, signal.SIG_IGN)
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
