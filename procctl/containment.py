@@ -403,19 +403,24 @@ class WorkerTrees:
 
     def started(self, pid: int | None) -> None:
         if pid is not None:
-            self._guardian.send("+", pid)
+            self._guardian.note("+", pid)
+
+    def flush(self) -> None:
+        """Tell the guardian what started and ended since the last flush."""
+        self._guardian.flush()
 
     def ended(self, pid: int | None, cgroup: str | None) -> None:
         """A worker ended (however): kill what it left. Call before reaping it,
         while its zombie still holds the pid (see the module docstring)."""
         if pid is not None:
             kill_group(pid)
-            self._guardian.send("-", pid)
+            self._guardian.note("-", pid)
         if cgroup is not None:
             kill_cgroup(cgroup)
             remove_cgroup(cgroup, 0)  # what is still dying goes at close()
 
     def close(self, timeout: float) -> None:
+        self.flush()
         if self.cgroup is not None:
             kill_cgroup(self.cgroup)
             remove_cgroup(self.cgroup, timeout)

@@ -499,6 +499,8 @@ class ProcessController:
                 birth.link.close()
             for birth in births[: len(started)]:
                 self._adopt(birth)
+            if self._trees is not None:
+                self._trees.flush()
 
     def _conceive(self, wid: int, restarts: int) -> _Birth:
         """The links and the (unstarted) process of one worker."""
@@ -927,6 +929,8 @@ class ProcessController:
                 except BlockingIOError:
                     pass
                 self._wakes += 1
+        if self._trees is not None:
+            self._trees.flush()  # the workers reaped in this pass, in one message
 
     def _read_reports(self, w: _Worker) -> None:
         frames, eof = w.link.read_frames()

@@ -110,6 +110,7 @@ class Link:
         self.process: subprocess.Popen[bytes] | None = None
         self._w = -1
         self._lock = threading.Lock()
+        self._pending: list[str] = []
         r, w = os.pipe()
         package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         code = (f"import sys; sys.path.insert(0, {package_root!r}); "
@@ -133,12 +134,34 @@ class Link:
     def pid(self) -> int | None:
         return self.process.pid if self.process is not None else None
 
-    def send(self, kind: str, arg: object) -> None:
+    def note(self, kind: str, arg: object) -> None:
+        """Queue a message for the next flush().
+
+        Each write wakes the guardian, which then takes a CPU from the
+        manager at the worst moment (a hundred workers ending): the starts
+        and ends of workers are noted, and flushed once per batch or pass.
+        """
         if self._w < 0 or os.getpid() != self.owner:
             return
         with self._lock:
+            self._pending.append(f"{kind}{arg}\n")
+
+    def send(self, kind: str, arg: object) -> None:
+        """Send a message now (with whatever was noted before it)."""
+        self.note(kind, arg)
+        self.flush()
+
+    def flush(self) -> None:
+        if self._w < 0 or os.getpid() != self.owner:
+            return
+        with self._lock:
+            if not self._pending:
+                return
+            view = memoryview("".join(self._pending).encode())
+            self._pending.clear()
             try:
-                os.write(self._w, f"{kind}{arg}\n".encode())
+                while view:
+                    view = view[os.write(self._w, view) :]
             except OSError as exc:
                 log.warning("the guardian is gone (%s): what workers start may outlive a killed manager", exc)
                 with contextlib.suppress(OSError):
