@@ -239,7 +239,7 @@ class _Task:
 class _WorkerLine:
     """The manager's view of one worker's link and the tasks it holds."""
 
-    __slots__ = ("wid", "sock", "child", "held", "done", "sent", "timed_out", "closed")
+    __slots__ = ("wid", "sock", "child", "held", "done", "sent", "timed_out", "closed", "up")
 
     def __init__(self, wid: int) -> None:
         self.wid = wid
@@ -251,6 +251,9 @@ class _WorkerLine:
         self.sent = 0  # tasks sent to this worker (max_tasks_per_worker caps it)
         self.timed_out: _Task | None = None
         self.closed = False
+        #: The worker said UP: it is past its start (and initializer), and the
+        #: task_timeout of its first task counts from then.
+        self.up = False
 
 
 def _item_of(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -564,7 +567,7 @@ class ProcessExecutor(Executor):
             self._idle = True
         if self.task_timeout is None or self._paused:
             return None
-        starts = [line.held[0].started for line in self._lines.values() if line.held and not line.closed]
+        starts = [line.held[0].started for line in self._lines.values() if line.held and line.up and not line.closed]
         if not starts:
             return None
         return max(0.0, min(starts) + self.task_timeout - time.monotonic())
@@ -720,7 +723,7 @@ class ProcessExecutor(Executor):
             return
         now = time.monotonic()
         for line in self._lines.values():
-            if line.held and not line.closed and line.timed_out is None:
+            if line.held and line.up and not line.closed and line.timed_out is None:
                 task = line.held[0]
                 if now - task.started >= self.task_timeout:
                     line.timed_out = task
@@ -883,7 +886,9 @@ class ProcessExecutor(Executor):
             else:
                 for msg in msgs:
                     self._on_message(line, msg)
-            if not self._stopping and not self._paused:
+            # UP frees no room: the tasks go out in _dispatch's order (one to
+            # each idle worker first), not to whichever worker said UP first.
+            if not self._stopping and not self._paused and any(msg.kind is not Kind.UP for msg in msgs):
                 self._fill(line)
 
     def posted(self, state: State) -> None:
@@ -907,6 +912,10 @@ class ProcessExecutor(Executor):
             self._on_results(line, [msg])
         elif msg.kind is Kind.RETURNED:
             self._take_back(line, set(workwire.task_ids(msg)))
+        elif msg.kind is Kind.UP:
+            line.up = True
+            if line.held:
+                line.held[0].started = time.monotonic()  # a slow start is not the task's time
         elif msg.kind is Kind.INIT_FAILED:
             self._break(f"the initializer failed in worker {line.wid}:\n"
                         f"{msg.payload.decode(errors='replace')}")

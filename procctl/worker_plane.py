@@ -277,6 +277,7 @@ def run_tasks(
         except BaseException:  # noqa: BLE001 - reported; the executor is then broken
             end._send(ctx, Kind.INIT_FAILED, payload=traceback.format_exc().encode())
             return 0
+    end._send(ctx, Kind.UP)  # task timeouts count from here, not from our start
     done = 0
     send, result = end._send, Kind.RESULT
     functions: dict[bytes, Any] = {}

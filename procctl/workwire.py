@@ -48,6 +48,7 @@ class Kind(enum.IntEnum):
     RESULT = 6  # the outcome of task `tag`
     INIT_FAILED = 7  # the executor's initializer raised (payload: traceback text)
     RETURNED = 8  # tasks read but never started, given back (payload: TASK_IDS)
+    UP = 9  # an executor worker is ready for tasks (its initializer, if any, has run)
     # manager -> worker
     ITEM = 16  # reply to GET: one item
     CLOSED = 17  # reply to GET: closed and empty

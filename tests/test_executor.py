@@ -92,6 +92,15 @@ def test_a_crash_costs_one_task_and_the_pool_goes_on(start_method, how):
         assert len({ex.submit(t.pid_of, i).result(20) for i in range(6)}) >= 1
 
 
+def test_task_timeout_counts_from_when_the_worker_is_up():
+    # The first task is sent while the worker is still in its initializer:
+    # that time is the worker's, not the task's.
+    with ProcessExecutor(1, task_timeout=0.5, initializer=t.sleep_for, initargs=(1.2,)) as ex:
+        assert ex.submit(t.square, 3).result(20) == 9
+        with pytest.raises(TaskTimeout):
+            ex.submit(t.sleep_for, 30).result(20)  # once up, the timeout holds
+
+
 def test_sigkill_from_outside_mid_task_fails_that_task_only():
     ex = ProcessExecutor(2)
     try:
