@@ -169,7 +169,7 @@ class OutputCapture:
             self._handshake(conn, conn.sock)
             return
         try:
-            data = os.read(conn.fd, 1 << 20)
+            data = os.read(conn.fd, 1 << 16)  # (os.read allocates what it asks for: not 1 MiB a line)
         except BlockingIOError:
             return
         except OSError:

@@ -60,7 +60,13 @@ RESULT = 2  # payload: pickled (outcome, result, error)
 START_FAILED = 3  # payload: traceback text (utf-8)
 PROGRESS = 4  # payload: pickled dict of the last progress() keywords
 ACK_BODY = struct.Struct("!qB")
+#: A whole ACK frame (header and body), packed in one call on the worker's hot path.
+ACK_FRAME = struct.Struct("!BQqB")
 
+#: Report reads ask for SMALL_READ bytes, or up to READ_CHUNK while a large
+#: frame is coming: os.read() allocates what it is asked for, and a 1 MiB
+#: buffer for an 18-byte acknowledgement cost more than the read itself.
+SMALL_READ = 1 << 16
 READ_CHUNK = 1 << 20
 SMALL_FRAME = 1 << 16
 
@@ -257,8 +263,9 @@ class WorkerLink:
         """Read what is available without blocking: (frames, at_eof)."""
         eof = False
         while True:
+            want = self._want()
             try:
-                chunk = os.read(self.report_fd, READ_CHUNK)
+                chunk = os.read(self.report_fd, want)
             except BlockingIOError:
                 break
             except ConnectionResetError:
@@ -269,9 +276,19 @@ class WorkerLink:
                 eof = True
                 break
             self._buffer += chunk
-            if len(chunk) < READ_CHUNK:
+            if len(chunk) < want:
                 break
         return self._split_frames(), eof
+
+    def _want(self) -> int:
+        """How much to read: SMALL_READ, or more while a large frame is under way."""
+        buf = self._buffer
+        if len(buf) >= FRAME_HEADER.size:
+            length: int = FRAME_HEADER.unpack_from(buf, 0)[1]
+            missing = FRAME_HEADER.size + length - len(buf)
+            if missing > SMALL_READ:
+                return min(missing, READ_CHUNK)
+        return SMALL_READ
 
     def _split_frames(self) -> list[tuple[int, bytes]]:
         frames = []
@@ -351,9 +368,11 @@ class ControlEnd:
                 self._write_all(payload)  # no copy of a large result
 
     def _write_all(self, data: bytes) -> None:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(self.report_fd, view) :]
+        sent = os.write(self.report_fd, data)  # all of it, but for a large frame
+        if sent < len(data):
+            view = memoryview(data)[sent:]
+            while view:
+                view = view[os.write(self.report_fd, view) :]
 
     def try_send(self, kind: int, payload: bytes) -> bool:
         """Send a small frame only if it fits in the pipe now; never block."""
@@ -374,4 +393,6 @@ class ControlEnd:
             self._send_lock.release()
 
     def ack(self, seq: int, state: int) -> None:
-        self.send(ACK, ACK_BODY.pack(seq, state))
+        frame = ACK_FRAME.pack(ACK, ACK_BODY.size, seq, state)
+        with self._send_lock:
+            self._write_all(frame)

@@ -60,7 +60,7 @@ from .channel import (
     with_probe,
 )
 from .channels import Channel, ChannelPlane
-from .states import CLEAN_OUTCOMES, Event, Outcome, State, WorkerReport, WorkerStatus
+from .states import CLEAN_OUTCOMES, STATES, Event, Outcome, State, WorkerReport, WorkerStatus
 from .supervise import Action, Plan, Strategy, Supervisor
 from .worker import MANAGED_SIGNALS, Payload, WorkerSpec, worker_main
 
@@ -174,6 +174,10 @@ def _deliver(births: list[_Birth], started: list[int]) -> None:
         birth.process.start()
         started.append(birth.wid)
         birth.link.release_child_fds()
+
+
+#: The event a worker's acknowledgement of a state is.
+_EVENT_OF = {State.RUNNING: "running", State.PAUSED: "paused"}
 
 
 class _Deadline:
@@ -937,7 +941,7 @@ class ProcessController:
         for kind, payload in frames:
             if kind == ACK:
                 seq, state = ACK_BODY.unpack(payload)
-                self._on_ack(w, seq, State(state))
+                self._on_ack(w, seq, STATES[state])
             elif kind == RESULT:
                 try:
                     w.result = pickle.loads(payload)
@@ -962,7 +966,7 @@ class ProcessController:
         if state is not w.state or seq == 0:
             w.state = state
             if state is not State.STOPPED:
-                self._worker_event(w, state.name.lower())
+                self._worker_event(w, _EVENT_OF[state])
             if state is State.RUNNING and self._heartbeat is not None and not w.retiring:
                 self._probe(w, time.monotonic())  # silence counts from now
 

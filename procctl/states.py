@@ -15,6 +15,10 @@ class State(enum.IntEnum):
     RUNNING = 2
 
 
+#: State by value, for the hot paths of acknowledgements (State(n) is a slow call).
+STATES = (State.STOPPED, State.PAUSED, State.RUNNING)
+
+
 class Outcome(str, enum.Enum):
     """How a worker ended."""
 

@@ -35,7 +35,7 @@ from .channel import (
     probe_of,
     unpack_command,
 )
-from .states import Outcome, State
+from .states import STATES, Outcome, State
 from .worker_plane import WorkEnd
 
 #: Signals the manager blocks while it starts a worker, so that none of its own
@@ -308,7 +308,7 @@ class WorkerContext:
         seq, state = unpack_command(word)
         if self.state is State.STOPPED:
             return
-        self.state = State(state)
+        self.state = STATES[state]
         if self.state is State.STOPPED:
             return  # our exit is the acknowledgement: one less wakeup for the manager
         try:
