@@ -285,11 +285,13 @@ def connect_cluster(plan: MapPlan, cluster: ClusterPlan) -> tuple[ClusterExecuto
     CLUSTER_CONNECT_TIMEOUT; ClusterStartFailed (exit 1) if its nodes cannot start the workers."""
     from concurrent.futures import BrokenExecutor
 
-    from .cli import CLUSTER_CONNECT_TIMEOUT
+    from .cli import CLUSTER_CONNECT_TIMEOUT, check_reachable
     from .cluster import ClusterExecutor
     from .cluster.session import local_cluster
 
     local: Any = None
+    if cluster.address is not None:
+        check_reachable(cluster.text, cluster.address)
     try:
         address = cluster.address
         if cluster.local_nodes:
