@@ -22,8 +22,10 @@ pytest_timeout are imported when a fixture or hook needs them).
 from __future__ import annotations
 
 import os
+import select
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -191,15 +193,55 @@ def _kill_all(procs: list[psutil.Process], psutil: Any) -> None:
         mp.active_children()  # let multiprocessing forget the processes it started
 
 
+def wait_ended(procs: list[psutil.Process], timeout: float, psutil: Any) -> list[psutil.Process]:
+    """Those of `procs` that have not ended within `timeout` seconds.
+
+    Our own children are waited for and reaped. Any other process counts as
+    ended once it has: its zombie is for its parent (init, a subreaper) to
+    reap, which can take seconds, and psutil would wait for that. Its pidfd
+    says when it ended.
+    """
+    me = os.getpid()
+    ours: list[psutil.Process] = []
+    others: list[psutil.Process] = []
+    for proc in procs:
+        try:
+            (ours if proc.ppid() == me else others).append(proc)
+        except psutil.NoSuchProcess:
+            pass
+    alive: list[psutil.Process] = list(psutil.wait_procs(ours, timeout=timeout)[1])
+    fds: dict[int, psutil.Process] = {}
+    for proc in others:
+        try:
+            fds[os.pidfd_open(proc.pid)] = proc
+        except ProcessLookupError:
+            pass
+        except (AttributeError, OSError):  # no pidfds here: psutil's wait
+            alive += psutil.wait_procs([proc], timeout=timeout)[1]
+    poller = select.poll()
+    for fd in fds:
+        poller.register(fd, select.POLLIN)
+    deadline = time.monotonic() + timeout
+    try:
+        while fds and (left := deadline - time.monotonic()) > 0:
+            for fd, _ in poller.poll(left * 1000):
+                poller.unregister(fd)
+                os.close(fd)
+                del fds[fd]
+        return alive + list(fds.values())
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
 def _check_leftovers(snapshot: Snapshot, psutil: Any) -> None:
     new = snapshot.new_processes(psutil)
     if not new:
         return
     # Describe them now: once they are gone their command lines are too.
     described = {p.pid: _describe(p, psutil) for p in new}
-    # Exiting children get a moment; direct children that already exited are reaped here.
-    _, alive = psutil.wait_procs(new, timeout=LEFTOVER_WAIT)
-    alive = [p for p in alive if _running(p, psutil)]
+    # Exiting processes get a moment; direct children that already exited are reaped here.
+    alive = [p for p in wait_ended(new, LEFTOVER_WAIT, psutil) if _running(p, psutil)]
     if not alive:
         return
     _kill_all(alive, psutil)

@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-import select
 import sys
-import time
 
 import psutil
 import pytest
 
-from procctl.pytest_plugin import Snapshot
+from procctl.pytest_plugin import Snapshot, wait_ended
 
 START_METHODS = ["fork", "spawn", "forkserver"]
 
@@ -34,11 +32,8 @@ def no_process_left_behind():
         return
     described = {p.pid: _describe(p) for p in left}
     # Our children are waited for (and reaped); any other process counts as
-    # gone once it has ended: its zombie is for its parent (init, a
-    # subreaper) to reap, which can take seconds.
-    ours = {c.pid for c in psutil.Process().children()}
-    _, alive = psutil.wait_procs([p for p in left if p.pid in ours], timeout=2.0)
-    alive += _still_running([p for p in left if p.pid not in ours], timeout=2.0)
+    # gone once it has ended (see wait_ended).
+    alive = wait_ended(left, 2.0, psutil)
     mine = {c.pid for c in psutil.Process().children()}
     zombies = [p for p in left if p not in alive and p.pid in mine]
     alive = [p for p in alive if _running(p) or p.pid in mine]
@@ -51,31 +46,6 @@ def no_process_left_behind():
     multiprocessing.active_children()  # join what multiprocessing knows of
     if alive or zombies:
         pytest.fail(f"test left processes behind: {[described[p.pid] for p in alive + zombies]}")
-
-
-def _still_running(procs: list[psutil.Process], timeout: float) -> list[psutil.Process]:
-    """Those of `procs` that have not ended within `timeout` (pidfds: an ended
-    process's pidfd is readable whether or not it was reaped)."""
-    fds = {}
-    for proc in procs:
-        try:
-            fds[os.pidfd_open(proc.pid)] = proc
-        except ProcessLookupError:
-            pass
-    poller = select.poll()
-    for fd in fds:
-        poller.register(fd, select.POLLIN)
-    deadline = time.monotonic() + timeout
-    try:
-        while fds and (left := deadline - time.monotonic()) > 0:
-            for fd, _ in poller.poll(left * 1000):
-                poller.unregister(fd)
-                os.close(fd)
-                del fds[fd]
-        return list(fds.values())
-    finally:
-        for fd in fds:
-            os.close(fd)
 
 
 def _running(proc: psutil.Process) -> bool:
