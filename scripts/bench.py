@@ -46,10 +46,11 @@ ONE_METHOD_CASES = {"paused", "throughput", "workplane", "cluster", "supervision
 def params(quick: bool) -> dict[str, dict[str, Any]]:
     if quick:
         return {
-            "lifecycle": dict(ns=[10, 100], repeats=3, peer_repeats=1, peer_max_n=10,
+            # 7 repetitions of the procctl and raw rows: medians of 3 moved by 30% here.
+            "lifecycle": dict(ns=[10, 100], repeats=7, peer_repeats=1, peer_max_n=10,
                               timeout=20, timeout_per_n=0.3),
             "broadcast": dict(ns=[10, 100], rounds=40, timeout=30, timeout_per_n=0.3),
-            "stop": dict(ns=[10, 100], repeats=3, peer_repeats=1, peer_max_n=10,
+            "stop": dict(ns=[10, 100], repeats=7, peer_repeats=1, peer_max_n=10,
                          timeout=20, timeout_per_n=0.2, quick=True),
             "paused": dict(n=100, window=3.0, naive_window=0.5, repeats=1),
             "throughput": dict(threshold=40_000, batch_threshold=4_000_000, batch=1000,
