@@ -380,13 +380,21 @@ def case_lifecycle(m: str, p: dict[str, Any]) -> list[dict[str, Any]]:
                 if w["error"] and "not available" in w["error"]:
                     _["error"] = w["error"]
         # N=500 under forkserver is seconds a repetition: three keep the full run under 10 minutes.
-        for rep in range(p["repeats"] if n < 500 else min(3, p["repeats"])):
-            for r, fn in entries:
-                if r["role"] == "peer" and rep >= (p["peer_repeats"] if n <= 10 else 1):
-                    continue
+        _repeat(entries, m, n, p, p["repeats"] if n < 500 else min(3, p["repeats"]), timeout)
+    return rows
+
+
+def _repeat(entries: list[tuple[dict[str, Any], Any]], m: str, n: int, p: dict[str, Any], reps: int,
+            timeout: float) -> None:
+    """procctl and its floor, interleaved, `reps` times; then the peers. A slow
+    peer (or one that times out) must not cost the targets their repetitions."""
+    own = [(r, fn) for r, fn in entries if r["role"] != "peer"]
+    peers = [(r, fn) for r, fn in entries if r["role"] == "peer"]
+    for group, times in ((own, reps), (peers, min(reps, p["peer_repeats"] if n <= 10 else 1))):
+        for _ in range(times):
+            for r, fn in group:
                 progress(r, n)
                 record(r, measure(r, lambda fn=fn: fn(m, n), timeout))
-    return rows
 
 
 # =============================================================================
@@ -708,12 +716,7 @@ def case_stop(m: str, p: dict[str, Any]) -> list[dict[str, Any]]:
                 measure(w, lambda fn=fn: fn(m, 2), 60)
                 if w["error"] and "not available" in w["error"]:
                     r["error"] = w["error"]
-        for rep in range(p["repeats"]):
-            for r, fn in entries:
-                if r["role"] == "peer" and rep >= (p["peer_repeats"] if n <= 10 else 1):
-                    continue
-                progress(r, n)
-                record(r, measure(r, lambda fn=fn: fn(m, n), timeout))
+        _repeat(entries, m, n, p, p["repeats"], timeout)
     return rows
 
 
