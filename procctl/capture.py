@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable
 from typing import IO, NamedTuple
 
+from . import threads
 from .capture_worker import CaptureSpec
 from .control import check_peer_uid, peer_credentials, remove_stale, runtime_dir
 
@@ -96,7 +97,7 @@ class OutputCapture:
         self._listener = listener
         self._sel.register(listener, selectors.EVENT_READ, None)
         self._sel.register(self._wake_r, selectors.EVENT_READ, None)
-        self._thread.start()
+        threads.start(self._thread)
         return self
 
     def close(self) -> None:

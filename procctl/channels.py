@@ -39,7 +39,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
-from . import workwire
+from . import threads, workwire
 from .channel import InheritedFd
 from .errors import Closed
 from .states import State
@@ -312,7 +312,7 @@ class ChannelPlane:
         self._selector.register(self._wake_r, selectors.EVENT_READ, None)
         self._quit = False
         self._thread = threading.Thread(target=self._serve, name="procctl-channels", daemon=True)
-        self._thread.start()
+        threads.start(self._thread)
 
     def _wake(self, stop: bool = False) -> None:
         if stop:

@@ -35,6 +35,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from . import threads
 from .states import Event, WorkerStatus
 
 log = logging.getLogger("procctl.control")
@@ -347,7 +348,7 @@ class ControlServer:
         self._inode = os.stat(self.path).st_ino
         self._wake_r, self._wake_w = os.pipe()
         self._thread = threading.Thread(target=self._accept_loop, name="procctl-control", daemon=True)
-        self._thread.start()
+        threads.start(self._thread)
         return self
 
     def close(self) -> None:
@@ -426,7 +427,7 @@ class ControlServer:
             _send_quietly(conn, Reply.failure("busy: too many control connections; try again").to_line())
             conn.close()
             return
-        threading.Thread(target=self._serve, args=(conn,), name="procctl-control-conn", daemon=True).start()
+        threads.start(threading.Thread(target=self._serve, args=(conn,), name="procctl-control-conn", daemon=True))
 
     def _serve(self, conn: socket.socket) -> None:
         try:

@@ -62,7 +62,8 @@ from .channel import (
 from .channels import Channel, ChannelPlane
 from .states import CLEAN_OUTCOMES, STATES, Event, Outcome, State, WorkerReport, WorkerStatus
 from .supervise import Action, Plan, Strategy, Supervisor
-from .worker import MANAGED_SIGNALS, Payload, WorkerSpec, worker_main
+from .threads import MANAGED_SIGNALS
+from .worker import Payload, WorkerSpec, worker_main
 
 log = logging.getLogger("procctl")
 
@@ -266,9 +267,12 @@ class _Spawner:
 
     @staticmethod
     def _loop(jobs: queue.SimpleQueue[tuple[Callable[[], None], threading.Event, list[BaseException]]]) -> None:
-        # No handler of the manager may ever run in a child: keep them blocked here for good.
-        signal.pthread_sigmask(signal.SIG_BLOCK, MANAGED_SIGNALS)
+        # No handler of the manager may ever run in a child, and no signal may
+        # land in this thread (see threads.py): keep them blocked here for good,
+        # again after each job, as multiprocessing unblocks SIGINT and SIGTERM
+        # in the thread that starts its resource tracker (under spawn).
         while True:
+            signal.pthread_sigmask(signal.SIG_BLOCK, MANAGED_SIGNALS)
             fn, done, errors = jobs.get()
             try:
                 fn()

@@ -48,7 +48,7 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import workwire
+from . import threads, workwire
 from .channel import InheritedFd
 from .controller import ProcessController
 from .errors import RemoteTraceback, TaskTimeout, WorkerCrashed
@@ -345,7 +345,7 @@ class ProcessExecutor(Executor):
         self._pc._plane = self
         self._pc.start()
         self._thread = threading.Thread(target=self._manage, name="procctl-executor", daemon=True)
-        self._thread.start()
+        threads.start(self._thread)
         _live_executors.add(self)
 
     @property

@@ -24,6 +24,7 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
+from . import threads
 from .capture import Output
 from .jobs.sum_events import ChannelClosed, ConsumerStopped, Crossed, JobEvent, Received
 from .jobs.sum_plan import SumPlan
@@ -98,7 +99,7 @@ class LiveView:
         with self._draw:
             self._live.__enter__()
         self._thread = threading.Thread(target=self._refresher, name="procctl-live", daemon=True)
-        self._thread.start()
+        threads.start(self._thread)
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -304,7 +305,7 @@ class KeyReader:
             return self
         self._wake_r, self._wake_w = os.pipe()
         self._thread = threading.Thread(target=self._loop, name="procctl-keys", daemon=True)
-        self._thread.start()
+        threads.start(self._thread)
         return self
 
     def __exit__(self, *exc: object) -> None:

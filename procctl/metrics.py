@@ -14,6 +14,8 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
+from . import threads
+
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 STATES = ("running", "paused", "stopping")
 OUTCOMES = ("finished", "stopped", "failed", "crashed", "killed")
@@ -136,7 +138,7 @@ class MetricsHTTP:
         return f"http://{host if ':' not in str(host) else f'[{host}]'}:{port}/metrics"
 
     def start(self) -> MetricsHTTP:
-        self._thread.start()
+        threads.start(self._thread)
         return self
 
     def close(self) -> None:

@@ -36,14 +36,8 @@ from .channel import (
     unpack_command,
 )
 from .states import STATES, Outcome, State
+from .threads import MANAGED_SIGNALS  # blocked around a fork: no handler of the manager's runs in the child
 from .worker_plane import WorkEnd
-
-#: Signals the manager blocks while it starts a worker, so that none of its own
-#: handlers can run in the child before the child has reset them.
-MANAGED_SIGNALS = frozenset(
-    {signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2,
-     signal.SIGTTIN, signal.SIGTTOU}
-)
 
 #: How long an orphaned worker may take to return by itself before it exits.
 ORPHAN_GRACE = 0.5

@@ -28,6 +28,7 @@ import dask
 from distributed import Client, Future, Queue, WorkerPlugin
 from distributed import Event as DaskEvent
 
+from .. import threads
 from ..controller import check_timeout
 from ..states import Event
 from .wire import AgentSpec, Command, Message, Op, Up, queue_names
@@ -191,9 +192,9 @@ class Session:
             )
             node.future.add_done_callback(lambda fut, n=node: self._agent_done(n, fut))
         self._inbox = threading.Thread(target=self._serve_inbox, name="procctl-cluster-inbox", daemon=True)
-        self._inbox.start()
+        threads.start(self._inbox)
         self._keeper = threading.Thread(target=self._keep, name="procctl-cluster-lease", daemon=True)
-        self._keeper.start()
+        threads.start(self._keeper)
         with self.cond:
             ok = self.cond.wait_for(lambda: all(n.hello is not None or n.ended for n in self.nodes),
                                     start_timeout)

@@ -24,17 +24,16 @@ from __future__ import annotations
 import enum
 import itertools
 import logging
-import signal
 import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import TypeVar
 
+from .. import threads
 from ..channels import Channel, ChannelStats
 from ..controller import ProcessController
 from ..states import CLEAN_OUTCOMES, Outcome, State, WorkerReport
-from ..worker import MANAGED_SIGNALS
 from .sum_events import ChannelClosed, ConsumerStopped, Drained, JobEvent, ProducerStopped
 from .sum_ledger import MASK, Ledger, SlotRecord
 from .sum_plan import (
@@ -88,16 +87,6 @@ class _Books:
 
 
 # -- the event relay -------------------------------------------------------------------
-
-
-def _start_thread(thread: threading.Thread) -> None:
-    # Started with the managed signals blocked, so the thread inherits a mask
-    # that leaves every signal to the main thread (which the handlers must wake).
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, MANAGED_SIGNALS)
-    try:
-        thread.start()
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 class _Relay(threading.Thread):
@@ -216,7 +205,7 @@ class SumJob:
             pc.start()
             if plan.listen:
                 relay = _Relay(pc.channels[EVENTS], self._emit)
-                _start_thread(relay)
+                threads.start(relay)
             verdict = self._await_verdict(pc, ledger)
         except BaseException:
             try:

@@ -1,0 +1,31 @@
+"""The manager's own threads start with the operator's signals blocked.
+
+CPython runs signal handlers in the main thread only. When the kernel hands a
+signal to another thread, Python's C handler there marks it pending but does
+not wake the main thread: a main thread asleep in a wait (the controller's
+epoll, `reap()` without a timeout) runs the handler only when something else
+wakes it, which may be never. With every thread procctl starts blocking these
+signals, the kernel delivers them to the main thread, or keeps them pending
+while the main thread itself holds them blocked (as it does around a fork) and
+delivers them the moment it lets them go.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+
+#: The signals an operator sends the manager (and a worker resets for its own).
+MANAGED_SIGNALS = frozenset(
+    {signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2,
+     signal.SIGTTIN, signal.SIGTTOU}
+)
+
+
+def start(thread: threading.Thread) -> None:
+    """`thread.start()`, the new thread inheriting a mask that blocks MANAGED_SIGNALS."""
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, MANAGED_SIGNALS)
+    try:
+        thread.start()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
