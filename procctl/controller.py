@@ -45,7 +45,7 @@ from contextlib import contextmanager
 from functools import partial
 from typing import Any, Protocol
 
-from . import containment, limits, shutdown
+from . import containment, limits, shutdown, threads
 from .channel import (
     ACK,
     ACK_BODY,
@@ -220,17 +220,6 @@ def check_timeout(name: str, value: Any, *, allow_none: bool = True) -> float | 
     if seconds < 0:
         raise ValueError(f"{name} must be >= 0, not {value!r}")
     return seconds
-
-
-@contextmanager
-def _signals_blocked() -> Iterator[None]:
-    # Blocked while the child is created, so that no handler of ours runs in
-    # it; the child resets its handlers, then unblocks (see worker.py).
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, MANAGED_SIGNALS)
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 class _Spawner:
@@ -490,7 +479,9 @@ class ProcessController:
                 if self.start_method != "forkserver" and threading.current_thread() is not threading.main_thread():
                     _spawner.call(partial(_deliver, births, started))
                 else:
-                    with _signals_blocked():
+                    # Blocked while the children are made, so that no handler of ours
+                    # runs in one; each resets its handlers, then unblocks (worker.py).
+                    with threads.blocked():
                         _deliver(births, started)
             except Exception as exc:
                 # A limit (EMFILE, EAGAIN) is the system's refusal; anything

@@ -19,6 +19,13 @@ from . import threads
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 STATES = ("running", "paused", "stopping")
 OUTCOMES = ("finished", "stopped", "failed", "crashed", "killed")
+#: One gauge per worker: (metric, field of the worker's status, help).
+PER_WORKER_GAUGES = (
+    ("procctl_worker_progress", "done", "Each worker's last ctx.progress() value."),
+    ("procctl_worker_progress_total", "total", "Each worker's progress total, where known."),
+    ("procctl_worker_cpu_percent", "cpu_percent", "CPU use of each live worker, in percent of one core."),
+    ("procctl_worker_rss_bytes", "rss", "Resident memory of each live worker."),
+)
 
 
 def _label(value: Any) -> str:
@@ -70,18 +77,10 @@ def render_metrics(info: dict[str, Any], workers: list[dict[str, Any]]) -> str:
     out.sample("procctl_restarts_total", sum(int(w.get("restarts") or 0) for w in workers))
     out.family("procctl_tasks_done_total", "counter", "Work units done: the sum of the workers' progress.")
     out.sample("procctl_tasks_done_total", sum(float(w["done"]) for w in workers if w.get("done") is not None))
-    out.family("procctl_worker_progress", "gauge", "Each worker's last ctx.progress() value.")
-    for w in workers:
-        out.sample("procctl_worker_progress", w.get("done"), worker=w["id"])
-    out.family("procctl_worker_progress_total", "gauge", "Each worker's progress total, where known.")
-    for w in workers:
-        out.sample("procctl_worker_progress_total", w.get("total"), worker=w["id"])
-    out.family("procctl_worker_cpu_percent", "gauge", "CPU use of each live worker, in percent of one core.")
-    for w in workers:
-        out.sample("procctl_worker_cpu_percent", w.get("cpu_percent"), worker=w["id"])
-    out.family("procctl_worker_rss_bytes", "gauge", "Resident memory of each live worker.")
-    for w in workers:
-        out.sample("procctl_worker_rss_bytes", w.get("rss"), worker=w["id"])
+    for name, key, help_text in PER_WORKER_GAUGES:
+        out.family(name, "gauge", help_text)
+        for w in workers:
+            out.sample(name, w.get(key), worker=w["id"])
     return "\n".join(out.lines) + "\n"
 
 

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import signal
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 #: The signals an operator sends the manager (and a worker resets for its own).
 MANAGED_SIGNALS = frozenset(
@@ -22,10 +24,18 @@ MANAGED_SIGNALS = frozenset(
 )
 
 
-def start(thread: threading.Thread) -> None:
-    """`thread.start()`, the new thread inheriting a mask that blocks MANAGED_SIGNALS."""
+@contextmanager
+def blocked() -> Iterator[None]:
+    """MANAGED_SIGNALS blocked in the calling thread for the block: what it
+    starts meanwhile (a thread, a forked child) inherits the mask."""
     old = signal.pthread_sigmask(signal.SIG_BLOCK, MANAGED_SIGNALS)
     try:
-        thread.start()
+        yield
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+def start(thread: threading.Thread) -> None:
+    """`thread.start()`, the new thread inheriting a mask that blocks MANAGED_SIGNALS."""
+    with blocked():
+        thread.start()

@@ -537,12 +537,14 @@ def _wait_ready(sem, n: int, timeout: float) -> None:
             raise TimeoutError(f"only {i} of {n} workers got busy")
 
 
-def stop_procctl(m: str, n: int) -> float:
-    ctx = mp.get_context(m)
-    ready = ctx.Semaphore(0)
-    # Start PAUSED, so that early workers do not starve the manager while it
-    # starts the rest; run(), wait until every worker did a unit, then stop.
-    pc = ProcessController(bw.pc_busy, n, args=(ready,), start_method=m, grace=30.0)
+def _time_stop(m: str, n: int, target: Any, args: tuple[Any, ...], ready: Any) -> float:
+    """Seconds of stop() of `n` busy workers, every one of which released `ready`.
+
+    Started PAUSED, so that busy early workers do not starve the manager while
+    it starts the rest (13 s for 100 workers started RUNNING on 2 cores); then
+    run(), wait until every worker did a unit, and stop them RUNNING.
+    """
+    pc = ProcessController(target, n, args=args, start_method=m, grace=30.0)
     try:
         pc.start()
         pc.run()
@@ -554,6 +556,11 @@ def stop_procctl(m: str, n: int) -> float:
         pc.close()
     _check_reports(reports, n, ("stopped",))
     return t
+
+
+def stop_procctl(m: str, n: int) -> float:
+    ready = mp.get_context(m).Semaphore(0)
+    return _time_stop(m, n, bw.pc_busy, (ready,), ready)
 
 
 def stop_raw(m: str, n: int) -> float:
@@ -1324,21 +1331,7 @@ def contain_procctl(m: str, n: int, k: int) -> float:
     ctx = mp.get_context(m)
     ready = ctx.Semaphore(0)
     pids = mp.RawArray("i", max(1, n * k))
-    # Start PAUSED (the grandchildren are started before the first checkpoint),
-    # so that busy early workers do not starve the manager while it starts the
-    # rest (13 s for 100 workers started RUNNING on 2 cores); then run(), wait
-    # until every worker did a unit, and stop RUNNING workers.
-    pc = ProcessController(bw.pc_busy_with_children, n, args=(ready, pids, k), start_method=m, grace=30.0)
-    try:
-        pc.start()
-        pc.run()
-        _wait_ready(ready, n, 60)
-        t0 = perf()
-        reports = pc.stop()
-        t = perf() - t0
-    finally:
-        pc.close()
-    _check_reports(reports, n, ("stopped",))
+    t = _time_stop(m, n, bw.pc_busy_with_children, (ready, pids, k), ready)
     if k and 0 in pids[:n * k]:
         raise RuntimeError("a worker did not record its grandchildren")
     _check_gone(list(pids[:n * k]))

@@ -8,6 +8,7 @@ import sys
 
 import psutil
 import pytest
+from procs import running
 
 from procctl.pytest_plugin import Snapshot, wait_ended
 
@@ -36,7 +37,7 @@ def no_process_left_behind():
     alive = wait_ended(left, 2.0, psutil)
     mine = {c.pid for c in psutil.Process().children()}
     zombies = [p for p in left if p not in alive and p.pid in mine]
-    alive = [p for p in alive if _running(p) or p.pid in mine]
+    alive = [p for p in alive if running(p) or p.pid in mine]
     for p in alive:
         try:
             p.kill()
@@ -46,13 +47,6 @@ def no_process_left_behind():
     multiprocessing.active_children()  # join what multiprocessing knows of
     if alive or zombies:
         pytest.fail(f"test left processes behind: {[described[p.pid] for p in alive + zombies]}")
-
-
-def _running(proc: psutil.Process) -> bool:
-    try:
-        return proc.status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
 
 
 @pytest.fixture(params=START_METHODS)

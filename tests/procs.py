@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import os
 import select
+import signal
 
 import psutil
+
+from procctl.pytest_plugin import wait_ended
 
 
 def wait_dead(pid: int, timeout: float = 5.0) -> None:
@@ -45,11 +48,24 @@ def still_running(pids, timeout: float = 5.0) -> list[psutil.Process]:
             procs.append(psutil.Process(pid))
         except psutil.NoSuchProcess:
             pass
-    _, alive = psutil.wait_procs(procs, timeout=timeout)
-    return [p for p in alive if _running(p)]
+    return [p for p in wait_ended(procs, timeout, psutil) if running(p)]
 
 
-def _running(proc: psutil.Process) -> bool:
+def end_session(proc) -> None:
+    """Kill whatever is left in the session of `proc` (a script started with
+    start_new_session), reap it, close its pipes."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    proc.wait(timeout=10)
+    for stream in (proc.stdin, proc.stdout, proc.stderr):
+        if stream is not None and not stream.closed:
+            stream.close()
+
+
+def running(proc: psutil.Process) -> bool:
+    """Not ended: a zombie has ended, whether or not its parent reaped it."""
     try:
         return proc.status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:

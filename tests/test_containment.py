@@ -23,7 +23,7 @@ import time
 import pytest
 import targets_tree
 from clihelp import LiveCli, json_events, worker_pids
-from procs import still_running
+from procs import end_session, still_running
 
 from procctl import Outcome, ProcessController, containment
 
@@ -221,13 +221,7 @@ def test_descendants_die_when_the_manager_is_sigkilled(start_method, cgroup, tes
         # documented gap; it may also die with what it shared: not asserted.)
     finally:
         _survivors([p for pids in locals().get("started", {}).values() for p in pids], timeout=0)
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        proc.wait(timeout=10)
-        for stream in (proc.stdin, proc.stdout, proc.stderr):
-            stream.close()
+        end_session(proc)
 
 
 def test_sigterm_to_the_process_group_is_a_graceful_stop(start_method):

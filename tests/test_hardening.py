@@ -15,7 +15,7 @@ import time
 import pytest
 import targets
 import targets_hardening as th
-from procs import still_running
+from procs import end_session, still_running
 
 from procctl import Outcome, ProcessController
 
@@ -98,13 +98,7 @@ def test_thread_started_controller_workers_die_with_the_manager(method, tests_di
         proc.wait(timeout=10)
         assert still_running(workers, timeout=2.0) == []
     finally:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        proc.wait(timeout=10)
-        for s in (proc.stdin, proc.stdout, proc.stderr):
-            s.close()
+        end_session(proc)
 
 
 # -- 4. report frames stay whole whatever thread writes them ------------------

@@ -16,6 +16,7 @@ import psutil
 import pytest
 import targets
 import targets_extra
+from procs import end_session
 from procs import session_members as _session_members
 
 from procctl import Outcome, ProcessController, State
@@ -76,18 +77,6 @@ class Exits:
         for fd in self.fds.values():
             os.close(fd)
         self.fds = {}
-
-
-def _end_session(proc) -> None:
-    """Kill whatever is left in the manager script's session, reap it, close its pipes."""
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-    proc.wait(timeout=10)
-    for stream in (proc.stdin, proc.stdout, proc.stderr):
-        if stream is not None and not stream.closed:
-            stream.close()
 
 
 def _start_manager(tests_dir, target, run, method, workers=2):
@@ -169,7 +158,7 @@ def _assert_orphans_exit(tests_dir, target, method, timeout):
         finally:
             exits.close()
     finally:
-        _end_session(proc)
+        end_session(proc)
 
 
 def test_manager_exiting_normally_without_close_leaves_no_orphan(tests_dir):
@@ -185,7 +174,7 @@ def test_manager_exiting_normally_without_close_leaves_no_orphan(tests_dir):
             exits.close()
         assert time.monotonic() - t0 < 5
     finally:
-        _end_session(proc)
+        end_session(proc)
 
 
 # -- SIGINT ----------------------------------------------------------------------
