@@ -564,7 +564,7 @@ def _run(make: Callable[[Callable[[Event], None]], Any], workers: int, steps: li
         capture.sink = view.output if view is not None else reporter.passthrough
         capture.start()
     try:
-        with bridge.attach(wake=pc.wakeup, hurry=pc.kill):
+        with bridge.attach(wake=pc.wakeup, hurry=pc.kill, nudge=pc.wakeup):
             failed = _start(pc, bridge)
             if failed is not None:
                 return failed

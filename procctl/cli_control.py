@@ -11,6 +11,7 @@ import os
 import selectors
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import click
@@ -328,7 +329,8 @@ def _follow(sock: Any, bridge: Any, emit: Callable[[bytes], None]) -> bool:
     buffer = bytearray()
     header = True
     try:
-        with selectors.DefaultSelector() as sel, bridge.attach(wake=lambda: _poke(w), hurry=lambda: None):
+        poke = partial(_poke, w)
+        with selectors.DefaultSelector() as sel, bridge.attach(wake=poke, hurry=lambda: None, nudge=poke):
             sel.register(sock, selectors.EVENT_READ)
             sel.register(r, selectors.EVENT_READ)
             while not bridge.stop_requested():

@@ -427,7 +427,7 @@ class MapSession:
     def run(self, bridge: SignalBridge) -> None:
         """Run every item, or until a stop; the summary and exit status come after (report())."""
         self.bridge = bridge
-        with bridge.attach(wake=self.wake, hurry=self.hurry):
+        with bridge.attach(wake=self.wake, hurry=self.hurry, nudge=self.wake):
             try:
                 where = f" on {self.nodes} nodes" if self.nodes is not None else ""
                 self.emit(MapEvent(self.t(), "started", items=len(self.plan.items), skipped=self.plan.skipped,

@@ -205,7 +205,7 @@ def _run(job: SumJob, reporter: Reporter, bridge: SignalBridge, view: Any = None
         if bridge.stop_signal is not None:
             job.cancel()
 
-    with bridge.attach(wake=on_signal, hurry=job.kill):
+    with bridge.attach(wake=on_signal, hurry=job.kill, nudge=job.wakeup):
         try:
             if bridge.stop_requested():  # came before anything started: start nothing
                 raise SumCancelled("cancelled before the run started")

@@ -13,6 +13,8 @@ from contextlib import contextmanager
 from types import FrameType
 from typing import IO, Any
 
+from . import threads
+
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
@@ -108,14 +110,18 @@ class SignalBridge:
     def __init__(self) -> None:
         self._wake: Callable[[], None] = _nothing
         self._hurry: Callable[[], None] = _nothing
+        self._nudge: Callable[[], None] = _nothing
         self.stop_signal: int | None = None
         self.pending: list[int] = []
         self._saved: dict[int, Any] = {}
+        self._wakeup_w = -1
+        self._old_wakeup = -1
 
     def install(self) -> SignalBridge:
         """Take over the signals, then deliver those that came while held."""
         for sig in self.HANDLED:
             self._saved[sig] = signal.signal(sig, self._handle)
+        self._watch_wakeups()
         signal.pthread_sigmask(signal.SIG_UNBLOCK, HELD_SIGNALS)
         return self
 
@@ -123,6 +129,41 @@ class SignalBridge:
         for sig, old in self._saved.items():
             signal.signal(sig, old)
         self._saved.clear()
+        if self._wakeup_w >= 0:
+            signal.set_wakeup_fd(self._old_wakeup)
+            os.close(self._wakeup_w)  # the watcher reads its end of file and ends
+            self._wakeup_w = -1
+
+    def _watch_wakeups(self) -> None:
+        """A thread that nudges the command's wait whenever a signal arrives.
+
+        Python runs a handler in the main thread at its next bytecode. A
+        signal that lands just before the main thread enters a wait's system
+        call (between the last check and epoll_wait) does not interrupt that
+        call, and the handler would wait for the next event, maybe for ever.
+        The C-level handler writes each signal's number to the wakeup fd
+        wherever it lands; this thread reads it and calls the attached
+        `nudge`, which makes the wait return, and the handler runs.
+        """
+        r, w = os.pipe()
+        os.set_blocking(w, False)
+        try:
+            self._old_wakeup = signal.set_wakeup_fd(w, warn_on_full_buffer=False)
+        except ValueError:  # not the main thread: no handler runs here either
+            os.close(r)
+            os.close(w)
+            return
+        self._wakeup_w = w
+        threads.start(threading.Thread(target=self._watch, args=(r,), name="procctl-signals", daemon=True))
+
+    def _watch(self, r: int) -> None:
+        try:
+            while os.read(r, 64):
+                self._nudge()
+        except OSError:
+            pass
+        finally:
+            os.close(r)
 
     __enter__ = install
 
@@ -130,13 +171,19 @@ class SignalBridge:
         self.uninstall()
 
     @contextmanager
-    def attach(self, wake: Callable[[], None], hurry: Callable[[], None]) -> Iterator[SignalBridge]:
-        """Wire the signals to a running job for the duration of the block."""
-        self._wake, self._hurry = wake, hurry
+    def attach(self, wake: Callable[[], None], hurry: Callable[[], None],
+               nudge: Callable[[], None] = _nothing) -> Iterator[SignalBridge]:
+        """Wire the signals to a running job for the duration of the block.
+
+        `wake` and `hurry` run in the handler. `nudge`, called from another
+        thread as each signal arrives, must only make the block's wait
+        return (write to the pipe it waits on), so that the handler runs.
+        """
+        self._wake, self._hurry, self._nudge = wake, hurry, nudge
         try:
             yield self
         finally:
-            self._wake = self._hurry = _nothing
+            self._wake = self._hurry = self._nudge = _nothing
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         if signum in EXIT_FOR_SIGNAL:
