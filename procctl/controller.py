@@ -245,7 +245,7 @@ class _Spawner:
                 self._thread = threading.Thread(target=self._loop, args=(self._jobs,),
                                                 name="procctl-spawner", daemon=True)
                 self._pid = os.getpid()
-                self._thread.start()
+                threads.start(self._thread)
             jobs = self._jobs
         done = threading.Event()
         errors: list[BaseException] = []
