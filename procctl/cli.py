@@ -231,11 +231,16 @@ class RunSession:
         while True:
             if self.bridge.stop_requested() or self.stop_asked:
                 return "stop"
-            for sig in self.bridge.take():
+            taken = self.bridge.take()
+            for sig in taken:
                 if sig in (signal.SIGTTIN, signal.SIGTTOU):
                     self.resize(+1 if sig == signal.SIGTTIN else -1)
                 else:
                     self.broadcast(State.PAUSED if sig == signal.SIGUSR1 else State.RUNNING)
+            if taken:
+                # A signal handled during those broadcasts had its wakeup read by
+                # their waits: look again before waiting, or it waits for the next event.
+                continue
             now = time.monotonic()
             limit = until if self.deadline is None else min(until, self.deadline)
             if self.deadline is not None and now >= self.deadline:

@@ -148,7 +148,8 @@ def test_without_a_terminal_lines_are_prefixed_and_a_crash_loses_nothing(tmp_pat
     assert res.returncode == 1, res.stderr
     # Each line is handed on as the worker writes it: the manager's own lines may come between.
     lines = res.stdout.splitlines()
-    assert [x for x in lines if x.startswith("[0] ")] == ["[0] before the crash, line 1", "[0] before the crash, line 2"]
+    ours = [x for x in lines if x.startswith("[0] ")]
+    assert ours == ["[0] before the crash, line 1", "[0] before the crash, line 2"]
     files = sorted(p.name for p in logs.iterdir())
     assert len(files) == 3 and all(re.fullmatch(r"worker-[0-2]-\d+\.log", f) for f in files)
     crashed = next(p for p in logs.iterdir() if p.name.startswith("worker-0-"))
