@@ -111,6 +111,7 @@ class SignalBridge:
         self._wake: Callable[[], None] = _nothing
         self._hurry: Callable[[], None] = _nothing
         self._nudge: Callable[[], None] = _nothing
+        self._nudging = threading.Lock()
         self.stop_signal: int | None = None
         self.pending: list[int] = []
         self._saved: dict[int, Any] = {}
@@ -159,7 +160,11 @@ class SignalBridge:
     def _watch(self, r: int) -> None:
         try:
             while os.read(r, 64):
-                self._nudge()
+                with self._nudging:  # attach() lets go of a job only between two nudges
+                    try:
+                        self._nudge()
+                    except Exception:  # noqa: BLE001 - the job's pipe is gone: nothing left to wake
+                        pass
         except OSError:
             pass
         finally:
@@ -183,7 +188,8 @@ class SignalBridge:
         try:
             yield self
         finally:
-            self._wake = self._hurry = self._nudge = _nothing
+            with self._nudging:  # after this, no nudge reaches the job (whose pipe may close next)
+                self._wake = self._hurry = self._nudge = _nothing
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         if signum in EXIT_FOR_SIGNAL:
