@@ -45,7 +45,7 @@ from contextlib import contextmanager
 from functools import partial
 from typing import Any, Protocol
 
-from . import containment, limits, shutdown, threads
+from . import containment, limits, registry, shutdown, threads
 from .channel import (
     ACK,
     ACK_BODY,
@@ -1536,7 +1536,7 @@ def _preload_in_fork_server() -> None:
 FORK_SERVER_PRELOAD = ("__main__", "procctl.forkserver_preload")
 
 
-_open_controllers: weakref.WeakSet[ProcessController] = weakref.WeakSet()
+_open_controllers: weakref.WeakSet[ProcessController] = registry.open_controllers
 
 
 def _close_at_exit() -> None:

@@ -31,6 +31,8 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
+from . import registry
+
 if TYPE_CHECKING:
     import psutil
 
@@ -113,10 +115,7 @@ def _helper_pids(psutil: Any) -> set[int]:
 
 def _worker_pids() -> set[int]:
     """The pids of the live workers of this process's open controllers."""
-    controller = sys.modules.get("procctl.controller")
-    if controller is None:
-        return set()
-    return {pid for pc in list(controller._open_controllers) for pid in pc.pids()}
+    return {pid for pc in list(registry.open_controllers) for pid in pc.pids()}
 
 
 class Snapshot:
