@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -354,3 +355,29 @@ def test_workers_that_end_during_the_start_are_reported(cluster):
     assert len(reports) == 6
     assert {r.outcome for r in reports.values()} == {Outcome.CRASHED}
     assert {r.exitcode for r in reports.values()} == {3}
+
+
+def test_a_wakeup_while_another_thread_holds_the_lock_still_wakes_the_wait(cluster):
+    # A signal's wakeup can come while the keeper or a send holds the lock for
+    # a moment: it must still reach the wait, not wait for the next message of
+    # a node (a quarter of the lease: 15 s here).
+    with ClusterController(cluster_targets.loop, 1, cluster=cluster, lease=60) as cc:
+        assert not cc._woken
+        waiting, woken = threading.Event(), threading.Event()
+
+        def wait() -> None:
+            with cc.cond:
+                waiting.set()
+                if cc.cond.wait_for(lambda: cc._woken, 30):
+                    woken.set()
+
+        waiter = threading.Thread(target=wait)
+        waiter.start()
+        assert waiting.wait(10)
+        with cc.cond:  # taken only once the waiter waits (and let go of it)
+            waker = threading.Thread(target=cc.wakeup)
+            waker.start()
+            waker.join(10)  # it could not take the lock: we hold it
+        assert woken.wait(5)
+        waiter.join(10)
+        cc.stop(grace=5)

@@ -17,7 +17,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import replace
 from typing import Any
 
-from .. import shutdown
+from .. import shutdown, threads
 from ..controller import ACK_TIMEOUT, WorkerStartError, check_timeout
 from ..states import CLEAN_OUTCOMES, Event, Outcome, State, WorkerReport, WorkerStatus
 from .agent import run_controller_agent
@@ -295,6 +295,16 @@ class ClusterController(Session):
                 self.cond.notify_all()
             finally:
                 self.cond.release()
+        else:
+            # Another thread holds the lock for a moment (the keeper, a send):
+            # a thread of ours notifies once it lets go, as a signal handler
+            # must not block here. Else the wait would last until the next
+            # message from a node, up to a quarter of the lease.
+            threads.start(threading.Thread(target=self._notify, name="procctl-cluster-wakeup", daemon=True))
+
+    def _notify(self) -> None:
+        with self.cond:
+            self.cond.notify_all()
 
     # -- waiting and reaping --------------------------------------------------------------
 
