@@ -39,7 +39,6 @@ import signal
 import sys
 import threading
 import time
-import weakref
 from collections.abc import Callable, Generator, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from functools import partial
@@ -424,7 +423,7 @@ class ProcessController:
             os.set_blocking(self._wake_r, False)
             os.set_blocking(self._wake_w, False)
             self._selector.register(self._wake_r, selectors.EVENT_READ, (_WAKE, None))
-            _open_controllers.add(self)
+            registry.open_controllers.add(self)
             self._trees = containment.WorkerTrees(self.cgroup)
             self._collect = gc.isenabled()
             with _quiet_collector(self.start_method):
@@ -639,7 +638,7 @@ class ProcessController:
             self._control.close()
             self._control = None
         self._phase = _CLOSED
-        _open_controllers.discard(self)
+        registry.open_controllers.discard(self)
 
     # -- commands -----------------------------------------------------------
 
@@ -1536,14 +1535,11 @@ def _preload_in_fork_server() -> None:
 FORK_SERVER_PRELOAD = ("__main__", "procctl.forkserver_preload")
 
 
-_open_controllers: weakref.WeakSet[ProcessController] = registry.open_controllers
-
-
 def _close_at_exit() -> None:
     # atexit runs hooks last-registered first: multiprocessing.util is imported
     # above, so this runs before it joins its children, and a script that
     # forgot close() does not hang on paused workers.
-    for controller in list(_open_controllers):
+    for controller in list(registry.open_controllers):
         try:
             controller.close()
         except Exception:

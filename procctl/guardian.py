@@ -152,7 +152,9 @@ class Link:
         self.flush()
 
     def flush(self) -> None:
-        if self._w < 0 or os.getpid() != self.owner:
+        # Called after each pass of the controller's loop: nothing noted is the
+        # common case, answered without a system call or the lock.
+        if not self._pending or self._w < 0 or os.getpid() != self.owner:
             return
         with self._lock:
             if not self._pending:
@@ -167,7 +169,6 @@ class Link:
                 with contextlib.suppress(OSError):
                     os.close(self._w)
                 self._w = -1
-
 
     def release(self, timeout: float = 2.0) -> None:
         """At the manager's clean exit: let the guardian clean up and end, and reap it."""
