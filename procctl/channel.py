@@ -31,8 +31,9 @@ from multiprocessing import reduction
 from typing import Any
 
 # Board slot layout (int64/float64 words): command word, progress done, total,
-# the terminate mark the controller sets before it sends SIGTERM, and the beat.
-SLOT_WORDS = 5
+# the terminate mark the controller sets before it sends SIGTERM, the beat,
+# and the item clock (the executor's task_timeout inside a map chunk).
+SLOT_WORDS = 6
 WORD = 8
 #: Heartbeat (see supervise.py, ProcessController heartbeat=): the controller
 #: asks a RUNNING worker for a sign of life by changing the probe bits of its
@@ -174,6 +175,7 @@ class Board:
         base = worker * SLOT_WORDS
         self._words[base + 3] = 0
         self._words[base + 4] = 0
+        self._floats[base + 5] = 0.0
         self._floats[base + 1] = 0.0
         self._floats[base + 2] = 0.0
         self._words[base] = word
@@ -190,6 +192,14 @@ class Board:
 
     def set_beat(self, worker: int, probe: int) -> None:
         self._words[worker * SLOT_WORDS + 4] = probe
+
+    def item_started(self, worker: int) -> float:
+        """When the item the worker runs began (time.monotonic(), which is
+        the same clock in every process here), as it last said; 0.0 if never."""
+        return self._floats[worker * SLOT_WORDS + 5]
+
+    def set_item_started(self, worker: int, when: float) -> None:
+        self._floats[worker * SLOT_WORDS + 5] = when
 
     def set_progress(self, worker: int, done: float, total: float) -> None:
         base = worker * SLOT_WORDS

@@ -50,7 +50,7 @@ from typing import Any
 
 from . import threads, workwire
 from .channel import InheritedFd
-from .controller import ProcessController
+from .controller import MAX_WAIT, ProcessController
 from .errors import RemoteTraceback, TaskTimeout, WorkerCrashed
 from .shutdown import describe_exit, signal_name
 from .states import Event, Outcome, State, WorkerReport, WorkerStatus
@@ -156,7 +156,7 @@ class _MapRun:
                     remaining = None if end is None else end - time.monotonic()
                     if remaining is not None and remaining <= 0:
                         raise FutureTimeout()
-                    self.cond.wait(remaining)
+                    self.cond.wait(None if remaining is None else min(remaining, MAX_WAIT))
         if value is _CANCELLED:
             raise CancelledError()
         if type(value) is _Raised:
@@ -181,10 +181,68 @@ class _Chunks(itertools.chain):  # type: ignore[type-arg]
         self._chunks.close()
 
 
+class _TaskFuture(Future):  # type: ignore[type-arg]
+    """A submitted task's Future: running() once the task went to a worker,
+    and then cancel() refuses, as ProcessPoolExecutor's futures do.
+
+    Its stdlib state stays PENDING while the task runs, so that stop() can
+    still cancel it when it hands the task back. A cancelled future is
+    notified at once: `wait()` and `as_completed()` see it, as they see the
+    stdlib executors' cancelled futures once their queue reaches them.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._procctl_lock = threading.RLock()  # re-entrant: done-callbacks run under it
+        self._procctl_sent = False
+        self._procctl_notified = False
+
+    def running(self) -> bool:
+        return self._procctl_sent and not self.done()
+
+    def cancel(self) -> bool:
+        with self._procctl_lock:
+            if self._procctl_sent:
+                return False
+            return self._cancel_and_notify()
+
+    def __repr__(self) -> str:
+        text = super().__repr__()
+        return text.replace("state=pending", "state=running") if self.running() else text
+
+    def _cancel_and_notify(self) -> bool:
+        if not Future.cancel(self):
+            return False
+        if not self._procctl_notified:
+            self._procctl_notified = True
+            self.set_running_or_notify_cancel()
+        return True
+
+    def claim(self) -> bool:
+        """The manager sends the task: False if it was cancelled first."""
+        with self._procctl_lock:
+            if self.done():
+                self._notify_if_cancelled()
+                return False
+            self._procctl_sent = True
+            return True
+
+    def revoke(self) -> bool:
+        """stop() hands the task back: cancel it, sent or not."""
+        with self._procctl_lock:
+            self._procctl_sent = False
+            return self._cancel_and_notify()
+
+    def _notify_if_cancelled(self) -> None:
+        if self.cancelled() and not self._procctl_notified:
+            self._procctl_notified = True
+            self.set_running_or_notify_cancel()
+
+
 class _Task:
     __slots__ = ("tid", "future", "run", "index", "fn", "blob", "items", "chunk", "attempts", "started", "done")
 
-    def __init__(self, tid: int, future: Future[Any] | None, fn: bytes, blob: bytes, items: list[Any],
+    def __init__(self, tid: int, future: _TaskFuture | None, fn: bytes, blob: bytes, items: list[Any],
                  chunk: bool, run: _MapRun | None = None, index: int = 0) -> None:
         self.tid = tid
         self.future = future  # submit()'s, or None for a map() item (then its outcome is run[index])
@@ -200,17 +258,19 @@ class _Task:
 
     # The future's side, for a submitted task and a map item alike.
 
-    def cancelled(self) -> bool:
-        if self.run is None:
-            assert self.future is not None
-            return self.future.cancelled()
-        return self.run.values[self.index] is _CANCELLED
-
     def cancel(self) -> bool:
+        """The manager cancels it (a queued or a handed-back task), sent or not."""
         if self.run is None:
             assert self.future is not None
-            return self.future.cancel()
+            return self.future.revoke()
         return self.run.cancel(self.index)
+
+    def claim(self) -> bool:
+        """It goes to a worker: False if it was cancelled meanwhile."""
+        if self.run is None:
+            assert self.future is not None
+            return self.future.claim()
+        return self.run.values[self.index] is not _CANCELLED
 
     def set_result(self, value: Any) -> bool:
         """False if it was cancelled. A map item's caller is woken by _MapRun.wake()."""
@@ -307,10 +367,18 @@ class ProcessExecutor(Executor):
             raise ValueError(f"max_tasks_per_worker must be a positive integer, not {max_tasks_per_worker!r}")
         if initializer is not None and not callable(initializer):
             raise TypeError("initializer must be callable")
+        try:
+            initargs = tuple(initargs)
+        except TypeError:
+            raise TypeError(f"initargs must be a tuple of arguments, not {type(initargs).__name__}") from None
         if mp_context is not None:
             if start_method is not None:
                 raise ValueError("give start_method or mp_context, not both")
-            start_method = mp_context.get_start_method()
+            get_start_method = getattr(mp_context, "get_start_method", None)
+            if not callable(get_start_method):
+                raise TypeError(f"mp_context must be a multiprocessing context (multiprocessing.get_context(...)), "
+                                f"not {mp_context!r}")
+            start_method = get_start_method()
         self.retries = retries
         self.task_timeout = task_timeout
         self.grace = float(grace)
@@ -323,6 +391,7 @@ class ProcessExecutor(Executor):
         self._idle = False  # the manager sleeps: wake it up
         self._shutdown = False
         self._broken: str | None = None
+        self._broken_told = False  # a submit() or map() after the break has returned
         self._paused = False
         self._paused_at = 0.0
         self._stopping = False
@@ -338,7 +407,7 @@ class ProcessExecutor(Executor):
         self._submitted = self._completed = self._failed = self._cancelled = 0
         self._t0 = time.monotonic()
         self._pc = ProcessController(
-            run_tasks, max_workers, args=(initializer, tuple(initargs), max_tasks_per_worker),
+            run_tasks, max_workers, args=(initializer, initargs, max_tasks_per_worker, task_timeout is not None),
             start_method=start_method, grace=self.grace, initial_state=State.RUNNING,
             on_event=on_event, ack_timeout=None,
         )
@@ -358,6 +427,7 @@ class ProcessExecutor(Executor):
         """Schedule `fn(*args, **kwargs)`; return its Future."""
         task = self._new_task(self._pickled(fn), (CALL, args, kwargs), [_item_of(args, kwargs)], False)
         self._enqueue([task])
+        self._broken_told = self._broken is not None
         assert task.future is not None
         return task.future
 
@@ -372,7 +442,16 @@ class ProcessExecutor(Executor):
                                       or chunksize < 1):
             raise ValueError(f"chunksize must be a positive integer or None, not {chunksize!r}")
         if timeout is not None:
-            end_time = timeout + time.monotonic()
+            if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
+                raise TypeError(f"timeout must be a number of seconds or None, not {type(timeout).__name__}")
+            if timeout != timeout:
+                raise ValueError("timeout must be a number of seconds, not NaN")
+            try:
+                end_time = float(timeout) + time.monotonic()
+            except OverflowError:
+                end_time = math.inf
+            if math.isinf(end_time) and end_time > 0:
+                timeout = None  # no limit
         star = len(iterables) != 1
         items: Sequence[Any]
         if star:
@@ -400,6 +479,7 @@ class ProcessExecutor(Executor):
                                         True, run, first + i // chunksize)
                          for i in range(0, len(part), chunksize)]
             self._enqueue(tasks)
+        self._broken_told = self._broken is not None
         end = None if timeout is None else end_time
 
         def results() -> Generator[Any, None, None]:
@@ -473,11 +553,14 @@ class ProcessExecutor(Executor):
         return self._paused
 
     def counts(self) -> TaskCounts:
-        """Submitted tasks, by where they are now."""
+        """Submitted tasks, by where they are now; a map counts each of its
+        items as a task, whatever its chunks."""
         with self._lock:
-            queued = len(self._pending)
-        held = sum(len(line.held) for line in list(self._lines.values()))
-        return TaskCounts(self._submitted, self._completed, self._failed, self._cancelled, held, queued)
+            submitted, completed, failed, cancelled = (
+                self._submitted, self._completed, self._failed, self._cancelled)
+            held = sum(len(task.items) for line in list(self._lines.values()) for task in list(line.held))
+        queued = max(0, submitted - completed - failed - cancelled - held)
+        return TaskCounts(submitted, completed, failed, cancelled, held, queued)
 
     def status(self) -> list[WorkerStatus]:
         """Each worker's status; `done` counts its completed tasks, and the
@@ -512,7 +595,7 @@ class ProcessExecutor(Executor):
 
     def _new_task(self, fn: bytes | BaseException, call: tuple[Any, ...], items: list[Any], chunk: bool,
                   run: _MapRun | None = None, index: int = 0) -> _Task:
-        task = _Task(next(self._tids), Future() if run is None else None, b"", b"", items, chunk, run, index)
+        task = _Task(next(self._tids), _TaskFuture() if run is None else None, b"", b"", items, chunk, run, index)
         if isinstance(fn, BaseException):
             task.set_exception(fn)
             return task
@@ -527,12 +610,21 @@ class ProcessExecutor(Executor):
     def _enqueue(self, tasks: list[_Task]) -> None:
         with self._lock:
             if self._broken is not None:
-                raise BrokenExecutor(self._broken)
+                if self._broken_told:
+                    raise BrokenExecutor(self._broken)
+                # The pool broke (its initializer failed) before this call
+                # could know: as ProcessPoolExecutor's first submit, which
+                # starts the workers, the futures carry it; later calls raise.
+                for task in tasks:
+                    task.set_exception(BrokenExecutor(self._broken))
+                self._submitted += sum(len(t.items) for t in tasks)
+                self._failed += sum(len(t.items) for t in tasks)
+                return
             if self._shutdown:
                 raise RuntimeError("cannot schedule new futures after shutdown")
-            self._submitted += len(tasks)
+            self._submitted += sum(len(t.items) for t in tasks)
             self._pending.extend(t for t in tasks if t.blob)
-            self._failed += sum(1 for t in tasks if not t.blob)
+            self._failed += sum(len(t.items) for t in tasks if not t.blob)
             wake, self._idle = self._idle, False
         if wake:
             self._pc.wakeup()
@@ -567,7 +659,8 @@ class ProcessExecutor(Executor):
             self._idle = True
         if self.task_timeout is None or self._paused:
             return None
-        starts = [line.held[0].started for line in self._lines.values() if line.held and line.up and not line.closed]
+        starts = [self._head_started(line) for line in self._lines.values()
+                  if line.held and line.up and not line.closed]
         if not starts:
             return None
         return max(0.0, min(starts) + self.task_timeout - time.monotonic())
@@ -602,7 +695,7 @@ class ProcessExecutor(Executor):
                         pending, self._pending = self._pending, deque()
                     for task in pending:
                         if task.cancel():
-                            self._cancelled += 1
+                            self._cancelled += len(task.items)
                     for run in {task.run for task in pending if task.run is not None}:
                         run.wake()  # a map's caller waiting on one of them sees it cancelled
                 fut.set_result(None)
@@ -623,7 +716,7 @@ class ProcessExecutor(Executor):
             shift = time.monotonic() - self._paused_at
             for line in self._lines.values():
                 if line.held:
-                    line.held[0].started += shift
+                    line.held[0].started = self._head_started(line) + shift
         self._paused = pausing
         self._pc._post(state)
         if fut is not None:
@@ -699,10 +792,10 @@ class ProcessExecutor(Executor):
                 return
             live = []
             for task in tasks:
-                if task.cancelled():
-                    self._cancelled += 1
-                else:
+                if task.claim():
                     live.append(task)
+                else:
+                    self._cancelled += len(task.items)
             if not live:
                 continue
             try:
@@ -725,9 +818,18 @@ class ProcessExecutor(Executor):
         for line in self._lines.values():
             if line.held and line.up and not line.closed and line.timed_out is None:
                 task = line.held[0]
-                if now - task.started >= self.task_timeout:
+                if now - self._head_started(line) >= self.task_timeout:
                     line.timed_out = task
                     self._pc._kill_worker(line.wid)
+
+    def _head_started(self, line: _WorkerLine) -> float:
+        """When what `line`'s worker runs began: its first task, or inside a
+        map chunk, the block of items it is at (the worker says so on the
+        board), so that task_timeout counts per item, not per chunk."""
+        task = line.held[0]
+        if not task.chunk or self._pc._board is None:
+            return task.started
+        return max(task.started, self._pc._board.item_started(line.wid))
 
     def _replace_ended(self) -> None:
         if self._stopping or self._broken is not None:
@@ -771,13 +873,11 @@ class ProcessExecutor(Executor):
         queued: list[_Task] = []
         runs: set[_MapRun] = set()
         for task in pending:
-            if task.future is not None:
-                if task.future.cancel():
-                    queued.append(task)
-            elif task.cancel():
+            if task.cancel():
                 queued.append(task)
-                runs.add(task.run)  # type: ignore[arg-type]
-        self._cancelled += len(queued)
+                if task.run is not None:
+                    runs.add(task.run)
+        self._cancelled += sum(len(task.items) for task in queued)
         for run in runs:
             run.wake()
         try:
@@ -804,10 +904,11 @@ class ProcessExecutor(Executor):
                 # A chunk cut short: its first items completed, the rest go back.
                 if not task.set_result(_Cut(task.done)):
                     continue
-                self._cancelled += 1
+                self._completed += len(task.done)
+                self._cancelled += len(task.items) - len(task.done)
                 held.append((task, was_running))
             elif task.cancel():
-                self._cancelled += 1
+                self._cancelled += len(task.items)
                 held.append((task, was_running))
             if task.run is not None:
                 task.run.wake()
@@ -827,7 +928,7 @@ class ProcessExecutor(Executor):
         for task, rest in zip(others, left, strict=True):
             task.items = rest  # a cut chunk: only what did not run goes back
         items = [item for task in everything for item in task.items]
-        futures = [task.future for task in everything if task.future is not None and not task.done]
+        futures: list[Future[Any]] = [task.future for task in everything if task.future is not None and not task.done]
         running = [item for task in interrupted
                    for item in (task.items[:1] if task.done else task.items)]
         _live_executors.discard(self)
@@ -934,21 +1035,25 @@ class ProcessExecutor(Executor):
             mean += (now - task.started - mean) * 0.25
             if held:
                 held[0].started = now
-            line.done += 1
             try:
                 status, value, tb = pickle.loads(msg.payload)
             except Exception as exc:  # noqa: BLE001 - unpickling runs the result's own code
                 status, value, tb = ERR, exc, f"the result could not be unpickled here: {exc!r}\n"
             if status == OK:
+                line.done += len(task.items)
                 if task.run is not None:
                     runs.add(task.run)
                 if not task.set_result(value):  # cancelled by the caller while it ran
-                    self._cancelled += 1
+                    self._cancelled += len(task.items)
                     continue
-                self._completed += 1
-                if self._on_event is not None:
-                    self._task_event("task-done", line, task)
+                if self._on_event is None:
+                    self._completed += len(task.items)
+                else:
+                    for _ in task.items:  # one event an item, also in a map chunk
+                        self._completed += 1
+                        self._task_event("task-done", line, task)
             elif status == ERR:
+                line.done += len(task.items)
                 self._on_error(line, task, value, tb)
             else:  # stopped: it saw STOPPED and did not complete (a chunk: not all of it)
                 task.done = value
@@ -963,9 +1068,9 @@ class ProcessExecutor(Executor):
         else:
             value = RuntimeError(str(value))
         if not task.set_exception(value):
-            self._cancelled += 1
+            self._cancelled += len(task.items)
             return
-        self._failed += 1
+        self._failed += len(task.items)
         self._task_event("task-failed", line, task, error=_last_line(tb))
 
     def _end_line(self, line: _WorkerLine, report: WorkerReport | None) -> None:
@@ -1022,9 +1127,9 @@ class ProcessExecutor(Executor):
             self._task_event("task-retry", line, task, error=str(error))
             return
         if not task.set_exception(error):
-            self._cancelled += 1
+            self._cancelled += len(task.items)
             return
-        self._failed += 1
+        self._failed += len(task.items)
         self._task_event(name, line, task, error=str(error))
 
     def _break(self, why: str) -> None:
@@ -1038,19 +1143,21 @@ class ProcessExecutor(Executor):
         held = [t for line in self._lines.values() for t in line.held]
         for line in self._lines.values():
             line.held.clear()
+        if pending or held:
+            self._broken_told = True  # their futures say so: later calls raise
         for task in list(pending) + held:
             if task.set_exception(BrokenExecutor(why)):
-                self._failed += 1
+                self._failed += len(task.items)
             else:
-                self._cancelled += 1
+                self._cancelled += len(task.items)
         self._closing = True
 
     # -- status and events -----------------------------------------------------------
 
     def _statuses(self) -> list[WorkerStatus]:
         base = {s.worker_id: s for s in self._pc._snapshot()}
-        with self._lock:
-            queued = len(self._pending)
+        counts = self.counts()
+        queued = counts.queued
         live = [line for line in self._lines.values() if not line.closed] or list(self._lines.values())
         share = queued / max(1, len(live))
         out = []
@@ -1059,7 +1166,7 @@ class ProcessExecutor(Executor):
             s = base.get(wid)
             if s is None:
                 continue
-            total = line.done + len(line.held) + share
+            total = line.done + sum(len(task.items) for task in line.held) + share
             rate = line.done / (now - self._t0) if now > self._t0 else None
             eta = (total - line.done) / rate if rate else None
             out.append(WorkerStatus(wid, s.pid, s.state, s.alive, s.outcome, float(line.done),

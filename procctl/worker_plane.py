@@ -266,11 +266,15 @@ def run_tasks(
     initializer: Callable[..., Any] | None,
     initargs: tuple[Any, ...],
     max_tasks: int | None,
+    timed: bool = False,
 ) -> int:
     """The target of every executor worker: run tasks until STOPPED, or
-    until `max_tasks` are done (the executor then starts a fresh worker)."""
+    until `max_tasks` are done (the executor then starts a fresh worker).
+    With `timed` (the executor has a task_timeout), a map chunk says on the
+    board when each block of its items starts: the timeout is per item."""
     end = ctx._work
     assert end is not None
+    ctx._timed_items = timed
     if initializer is not None:
         try:
             initializer(*initargs)
@@ -338,9 +342,12 @@ def _run_chunk(ctx: WorkerContext, fn: Callable[..., Any], items: list[Any], sta
     a block that saw STOPPED counts as interrupted (its first item as running)."""
     clock = time.perf_counter
     step, i, n = 1, 0, len(items)
+    timed = ctx._timed_items
     while i < n:
         if not ctx.checkpoint():
             return _BETWEEN
+        if timed:
+            ctx._end.board.set_item_started(ctx.worker_id, time.monotonic())
         t0 = clock()
         block = items[i:i + step]
         out = list(itertools.starmap(fn, block) if star else map(fn, block))

@@ -196,12 +196,22 @@ def recv_all(sock: socket.socket) -> list[Message]:
 
 
 def deadline(timeout: float | None) -> float | None:
-    """The monotonic time a timeout ends (None: no limit, also for inf)."""
-    if timeout is None or timeout == float("inf"):
+    """The monotonic time a timeout ends (None: no limit, also for inf).
+
+    As queue.Queue's get and put: a negative timeout is a ValueError."""
+    if timeout is None:
         return None
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
+        raise TypeError(f"timeout must be a number of seconds, not {type(timeout).__name__}")
     if timeout != timeout:
         raise ValueError("timeout must be a number of seconds, not NaN")
-    return time.monotonic() + max(0.0, timeout)
+    if timeout < 0:
+        raise ValueError(f"timeout must be a non-negative number, not {timeout!r}")
+    try:
+        end = time.monotonic() + float(timeout)
+    except OverflowError:  # an int beyond a float: no limit
+        return None
+    return None if end == float("inf") else end
 
 
 def remaining(end: float | None) -> float | None:

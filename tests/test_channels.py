@@ -63,6 +63,11 @@ def test_get_timeout_raises_empty_and_bad_channel_name():
     with ProcessController(t.consumer, 1, channels={"jobs": 0}) as pc:
         with pytest.raises(queue.Empty):
             pc.channels["jobs"].get(timeout=0.05)
+        for bad in (-1, float("nan")):
+            with pytest.raises(ValueError, match="timeout"):
+                pc.channels["jobs"].get(timeout=bad)
+            with pytest.raises(ValueError, match="timeout"):
+                pc.channels["jobs"].put(1, timeout=bad)
 
 
 def test_paused_worker_takes_nothing():

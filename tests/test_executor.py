@@ -189,21 +189,39 @@ def test_stop_hands_back_running_items_and_queued_ones(tmp_path, monkeypatch):
     end = time.monotonic() + 20
     while len(os.listdir(tmp_path)) < 2 and time.monotonic() < end:  # both have started
         time.sleep(0.01)
+    # As ProcessPoolExecutor's: a task on its way is running and cannot be cancelled.
+    assert all(f.running() for f in long) and not long[0].cancel()
+    assert queued[-1].cancel() and not queued[-1].running()
     left = ex.stop(grace=2)
     assert sorted(left.running) == [0, 1]
     assert sorted(left.items) == [0, 1] + list(range(100, 110))
     assert all(f.cancelled() for f in long + queued)
+    # wait() and as_completed() see the cancelled futures at once.
+    done, not_done = cf.wait(long + queued, timeout=5)
+    assert not not_done
+    assert len(list(cf.as_completed(long + queued, timeout=5))) == 12
     with pytest.raises(RuntimeError):
         ex.submit(t.square, 1)
 
 
-def test_task_events_and_status():
+@pytest.mark.parametrize("chunksize", [1, None])
+def test_task_events_status_and_counts_are_per_item(chunksize):
     events = []
     with ProcessExecutor(2, on_event=events.append) as ex:
-        list(ex.map(t.square, range(10), chunksize=1))
+        list(ex.map(t.square, range(40), chunksize=chunksize))  # None: chunks of 5
         status = ex.status()
-    assert sum(s.done for s in status) == 10
-    assert sum(1 for e in events if e.event == "task-done") == 10
+        counts = ex.counts()
+    assert sum(s.done for s in status) == 40
+    assert sum(1 for e in events if e.event == "task-done") == 40
+    assert (counts.submitted, counts.completed, counts.queued, counts.running) == (40, 40, 0, 0)
+
+
+def test_task_timeout_is_per_item_in_a_map_chunk():
+    with ProcessExecutor(1, task_timeout=0.5) as ex:
+        # One chunk of 25 items of 30 ms: longer than the timeout, each item far shorter.
+        assert list(ex.map(t.sleep_for, [0.03] * 25, chunksize=25)) == [0.03] * 25
+        with pytest.raises(TaskTimeout):
+            list(ex.map(t.sleep_for, [0.01, 30], chunksize=2))
 
 
 def test_bad_arguments():
@@ -215,9 +233,17 @@ def test_bad_arguments():
         ProcessExecutor(1, task_timeout=float("nan"))
     with pytest.raises(ValueError, match="grace"):
         ProcessExecutor(1, grace=-1)
+    with pytest.raises(TypeError, match="initargs"):
+        ProcessExecutor(1, initargs=5)
+    with pytest.raises(TypeError, match="mp_context"):
+        ProcessExecutor(1, mp_context="fork")
     with ProcessExecutor(1) as ex:
         with pytest.raises(ValueError, match="chunksize"):
             ex.map(t.square, [1], chunksize=0)
+        with pytest.raises(ValueError, match="timeout"):
+            ex.map(t.square, [1], timeout=float("nan"))
+        assert list(ex.map(t.square, [3], timeout=float("inf"))) == [9]
+        assert list(ex.map(t.square, [4], timeout=1e12)) == [16]
 
 
 def test_manager_sigkill_during_map_leaves_no_orphans(tmp_path):

@@ -45,6 +45,12 @@ def get_with_timeout(ctx):
     import queue
 
     try:
+        ctx.get("jobs", timeout=-1)  # as queue.Queue: a ValueError
+    except ValueError:
+        pass
+    else:
+        return "a negative timeout was taken"
+    try:
         ctx.get("jobs", timeout=0.2)
     except queue.Empty:
         return "empty"
