@@ -316,6 +316,24 @@ class _WorkerLine:
         self.up = False
 
 
+def map_deadline(timeout: Any) -> float | None:
+    """When map()'s `timeout` ends (monotonic; None: no limit, also for inf).
+
+    As the stdlib's, it counts from the call and a negative one has passed
+    already; NaN or a non-number is refused."""
+    if timeout is None:
+        return None
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
+        raise TypeError(f"timeout must be a number of seconds or None, not {type(timeout).__name__}")
+    if timeout != timeout:
+        raise ValueError("timeout must be a number of seconds, not NaN")
+    try:
+        end = float(timeout) + time.monotonic()
+    except OverflowError:  # an int beyond a float
+        return None if timeout > 0 else -math.inf
+    return None if end == math.inf else end
+
+
 def _item_of(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     """What `Unfinished.items` holds for one call: the single argument, else
     the argument tuple, else (args, kwargs)."""
@@ -441,17 +459,7 @@ class ProcessExecutor(Executor):
         if chunksize is not None and (isinstance(chunksize, bool) or not isinstance(chunksize, int)
                                       or chunksize < 1):
             raise ValueError(f"chunksize must be a positive integer or None, not {chunksize!r}")
-        if timeout is not None:
-            if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
-                raise TypeError(f"timeout must be a number of seconds or None, not {type(timeout).__name__}")
-            if timeout != timeout:
-                raise ValueError("timeout must be a number of seconds, not NaN")
-            try:
-                end_time = float(timeout) + time.monotonic()
-            except OverflowError:
-                end_time = math.inf
-            if math.isinf(end_time) and end_time > 0:
-                timeout = None  # no limit
+        end = map_deadline(timeout)
         star = len(iterables) != 1
         items: Sequence[Any]
         if star:
@@ -480,7 +488,6 @@ class ProcessExecutor(Executor):
                          for i in range(0, len(part), chunksize)]
             self._enqueue(tasks)
         self._broken_told = self._broken is not None
-        end = None if timeout is None else end_time
 
         def results() -> Generator[Any, None, None]:
             i = 0

@@ -29,9 +29,9 @@ from typing import Any
 import cloudpickle
 
 from .. import shutdown
-from ..controller import check_timeout
+from ..controller import MAX_WAIT, check_timeout
 from ..errors import RemoteTraceback
-from ..executor import MAX_AUTO_CHUNK, TaskCounts, Unfinished, _item_of
+from ..executor import MAX_AUTO_CHUNK, TaskCounts, Unfinished, _item_of, _TaskFuture, map_deadline
 from ..states import Event, State, WorkerStatus
 from .agent import run_executor_agent
 from .session import CONNECT_TIMEOUT, SLACK, Node, Session
@@ -47,7 +47,7 @@ WINDOW_PER_WORKER = 8
 class _Task:
     __slots__ = ("tid", "future", "blob", "items", "node", "retries", "answered")
 
-    def __init__(self, tid: int, future: Future[Any], blob: bytes, items: list[Any]) -> None:
+    def __init__(self, tid: int, future: _TaskFuture, blob: bytes, items: list[Any]) -> None:
         self.tid = tid
         self.future = future
         self.blob = blob
@@ -149,7 +149,7 @@ class ClusterExecutor(Session, Executor):
         if chunksize is not None and (isinstance(chunksize, bool) or not isinstance(chunksize, int)
                                       or chunksize < 1):
             raise ValueError(f"chunksize must be a positive integer or None, not {chunksize!r}")
-        end_time = None if timeout is None else timeout + time.monotonic()
+        end_time = map_deadline(timeout)
         calls: list[tuple[tuple[Any, ...], dict[str, Any]]] = [(args, {}) for args in zip(*iterables)]  # noqa: B905 - the shortest ends it, as the stdlib's
         items = [args[0] if len(iterables) == 1 else args for args, _ in calls]
         if chunksize is None:
@@ -165,7 +165,8 @@ class ClusterExecutor(Session, Executor):
                 futures.reverse()
                 while futures:
                     fut = futures[-1]
-                    value = fut.result() if end_time is None else fut.result(end_time - time.monotonic())
+                    value = fut.result() if end_time is None else fut.result(
+                        max(0.0, min(end_time - time.monotonic(), MAX_WAIT)))
                     futures.pop()
                     if chunked:
                         yield from value
@@ -186,8 +187,8 @@ class ClusterExecutor(Session, Executor):
             if cancel_futures:
                 while self._pending:
                     task = self._pending.popleft()
-                    if task.future.cancel():
-                        self._cancelled += 1
+                    if task.future.revoke():
+                        self._cancelled += len(task.items)
         if self._paused and not self._stopped:
             self.resume()
         if wait:
@@ -254,8 +255,8 @@ class ClusterExecutor(Session, Executor):
             running: list[Any] = []
             futures: list[Future[Any]] = []
             for task in left:
-                if task.future.cancel():
-                    self._cancelled += 1
+                if task.future.revoke():
+                    self._cancelled += len(task.items)
                 items.extend(task.items)
                 if task.tid in running_tids:
                     running.extend(task.items)
@@ -273,11 +274,12 @@ class ClusterExecutor(Session, Executor):
         return self._paused
 
     def counts(self) -> TaskCounts:
-        """Submitted tasks, by where they are now."""
+        """Submitted tasks, by where they are now; a map counts each of its
+        items as a task, whatever its chunks."""
         with self.cond:
-            held = sum(len(h) for h in self._held.values())
-            return TaskCounts(self._submitted, self._completed, self._failed, self._cancelled, held,
-                              len(self._pending))
+            held = sum(len(t.items) for h in self._held.values() for t in h.values())
+            queued = sum(len(t.items) for t in self._pending)
+            return TaskCounts(self._submitted, self._completed, self._failed, self._cancelled, held, queued)
 
     @property
     def retried(self) -> int:
@@ -300,7 +302,7 @@ class ClusterExecutor(Session, Executor):
     # -- tasks --------------------------------------------------------------------------------------
 
     def _new_task(self, fn: Callable[..., Any], calls: list[Any], items: list[Any], chunk: bool) -> _Task:
-        future: Future[Any] = Future()
+        future = _TaskFuture()
         try:
             blob = cloudpickle.dumps((fn, calls, chunk))
         except Exception as exc:  # noqa: BLE001 - the future carries it, as ProcessPoolExecutor's does
@@ -314,9 +316,9 @@ class ClusterExecutor(Session, Executor):
                 raise BrokenExecutor(self._broken)
             if self._shutdown:
                 raise RuntimeError("cannot schedule new futures after shutdown")
-            self._submitted += len(tasks)
+            self._submitted += sum(len(t.items) for t in tasks)
             self._pending.extend(t for t in tasks if t.blob)
-            self._failed += sum(1 for t in tasks if not t.blob)
+            self._failed += sum(len(t.items) for t in tasks if not t.blob)
         self._dispatch()
 
     def _dispatch(self) -> None:
@@ -336,8 +338,8 @@ class ClusterExecutor(Session, Executor):
                     batch = []
                     while self._pending and len(held) < room:
                         task = self._pending.popleft()
-                        if task.future.cancelled():
-                            self._cancelled += 1
+                        if not task.future.claim():  # cancelled meanwhile
+                            self._cancelled += len(task.items)
                             continue
                         task.node = node.index
                         held[task.tid] = task
@@ -400,19 +402,20 @@ class ClusterExecutor(Session, Executor):
         for task, ok, value, tb, node in settle:
             fut = task.future
             if fut.cancelled():
-                self._cancelled += 1
+                self._cancelled += len(task.items)
                 continue
             if ok:
                 fut.set_result(value)
-                self._completed += 1
-                self._event("task-done", task, node)
+                for _ in task.items:  # one event an item, also in a map chunk
+                    self._completed += 1
+                    self._event("task-done", task, node)
             else:
                 if not isinstance(value, BaseException):
                     value = RuntimeError(str(value))
                 if tb:
                     value.__cause__ = RemoteTraceback(tb)
                 fut.set_exception(value)
-                self._failed += 1
+                self._failed += len(task.items)
                 self._event("task-failed", task, node, error=f"{type(value).__name__}: {value}")
 
     def _event(self, name: str, task: _Task, node: str, error: str | None = None) -> None:
