@@ -615,25 +615,30 @@ class ProcessExecutor(Executor):
         return task
 
     def _enqueue(self, tasks: list[_Task]) -> None:
+        items = sum(len(t.items) for t in tasks)
+        wake = False
         with self._lock:
-            if self._broken is not None:
+            broken = self._broken
+            if broken is not None:
                 if self._broken_told:
-                    raise BrokenExecutor(self._broken)
-                # The pool broke (its initializer failed) before this call
-                # could know: as ProcessPoolExecutor's first submit, which
-                # starts the workers, the futures carry it; later calls raise.
-                for task in tasks:
-                    task.set_exception(BrokenExecutor(self._broken))
-                self._submitted += sum(len(t.items) for t in tasks)
-                self._failed += sum(len(t.items) for t in tasks)
-                return
-            if self._shutdown:
-                raise RuntimeError("cannot schedule new futures after shutdown")
-            self._submitted += sum(len(t.items) for t in tasks)
-            self._pending.extend(t for t in tasks if t.blob)
-            self._failed += sum(len(t.items) for t in tasks if not t.blob)
-            wake, self._idle = self._idle, False
-        if wake:
+                    raise BrokenExecutor(broken)
+                self._submitted += items
+                self._failed += items
+            else:
+                if self._shutdown:
+                    raise RuntimeError("cannot schedule new futures after shutdown")
+                self._submitted += items
+                self._pending.extend(t for t in tasks if t.blob)
+                self._failed += sum(len(t.items) for t in tasks if not t.blob)
+                wake, self._idle = self._idle, False
+        if broken is not None:
+            # The pool broke (its initializer failed) before this call could
+            # know: as with ProcessPoolExecutor's first submit, which starts
+            # the workers, the futures carry it; later calls raise. (Outside
+            # the lock: a done-callback may submit.)
+            for task in tasks:
+                task.set_exception(BrokenExecutor(broken))
+        elif wake:
             self._pc.wakeup()
 
     # -- the manager thread ------------------------------------------------------
