@@ -181,6 +181,12 @@ class _Chunks(itertools.chain):  # type: ignore[type-arg]
         self._chunks.close()
 
 
+#: Makes "not sent yet, so cancel" (a caller's cancel()) and "not cancelled,
+#: so send" (the manager's claim()) exclusive; one lock for every future, held
+#: for two attribute reads or writes and never while a callback runs.
+_SENDING = threading.Lock()
+
+
 class _TaskFuture(Future):  # type: ignore[type-arg]
     """A submitted task's Future: running() once the task went to a worker,
     and then cancel() refuses, as ProcessPoolExecutor's futures do.
@@ -193,18 +199,19 @@ class _TaskFuture(Future):  # type: ignore[type-arg]
 
     def __init__(self) -> None:
         super().__init__()
-        self._procctl_lock = threading.RLock()  # re-entrant: done-callbacks run under it
         self._procctl_sent = False
-        self._procctl_notified = False
+        self._procctl_cancelling = False
+        self._procctl_unnotified = True  # popped by the one thread that notifies
 
     def running(self) -> bool:
         return self._procctl_sent and not self.done()
 
     def cancel(self) -> bool:
-        with self._procctl_lock:
+        with _SENDING:
             if self._procctl_sent:
                 return False
-            return self._cancel_and_notify()
+            self._procctl_cancelling = True
+        return self._cancel_and_notify()
 
     def __repr__(self) -> str:
         text = super().__repr__()
@@ -213,30 +220,27 @@ class _TaskFuture(Future):  # type: ignore[type-arg]
     def _cancel_and_notify(self) -> bool:
         if not Future.cancel(self):
             return False
-        if not self._procctl_notified:
-            self._procctl_notified = True
+        # dict.pop is atomic: of two threads that cancel, one notifies.
+        if self.__dict__.pop("_procctl_unnotified", False):
             self.set_running_or_notify_cancel()
         return True
 
     def claim(self) -> bool:
         """The manager sends the task: False if it was cancelled first."""
-        with self._procctl_lock:
-            if self.done():
-                self._notify_if_cancelled()
+        with _SENDING:
+            if self._procctl_cancelling:
                 return False
             self._procctl_sent = True
-            return True
+        if self.done():  # failed before it could go (a broken pool)
+            self._procctl_sent = False
+            return False
+        return True
 
     def revoke(self) -> bool:
         """stop() hands the task back: cancel it, sent or not."""
-        with self._procctl_lock:
-            self._procctl_sent = False
-            return self._cancel_and_notify()
-
-    def _notify_if_cancelled(self) -> None:
-        if self.cancelled() and not self._procctl_notified:
-            self._procctl_notified = True
-            self.set_running_or_notify_cancel()
+        self._procctl_sent = False
+        self._procctl_cancelling = True
+        return self._cancel_and_notify()
 
 
 class _Task:
