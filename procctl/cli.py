@@ -263,6 +263,10 @@ class RunSession:
         except RuntimeError:
             pass  # the controller gave up and stopped everything: the loop ends
 
+    def scale(self, n: int) -> None:
+        """`procctl scale RUN N` (from the control server's thread)."""
+        self.pc.resize(n)
+
     def resize(self, step: int) -> None:
         """SIGTTIN: one worker more (up to --max-workers); SIGTTOU: one fewer (down to 1)."""
         if not hasattr(self.pc, "resize"):
@@ -556,7 +560,8 @@ def _run(make: Callable[[Callable[[Event], None]], Any], workers: int, steps: li
     session = RunSession(pc, bridge, deadline, max_workers=max_workers)
     ready = False
     if control is not None:
-        served = control.serve(lambda: pc if ready else None, session.request_stop, reporter)
+        served = control.serve(lambda: pc if ready else None, session.request_stop, reporter,
+                               scale=session.scale if hasattr(pc, "resize") else None)
     if live:
         from .live import KeyReader, LiveView
 

@@ -61,9 +61,12 @@ class ControlPlan:
                 raise BadInput(str(exc)) from None
         return cls(name, addr, job, announce)
 
-    def serve(self, controller: Callable[[], Any], stop: Callable[[], None], reporter: Reporter) -> ServedControl:
-        """Start the control socket (and the metrics endpoint); BadInput if the name is taken."""
-        server = ControlServer(RunHooks(self.job, controller, stop), self.name)
+    def serve(self, controller: Callable[[], Any], stop: Callable[[], None], reporter: Reporter,
+              scale: Callable[[int], None] | None = None) -> ServedControl:
+        """Start the control socket (and the metrics endpoint); BadInput if the name is taken.
+
+        `scale(n)` resizes the run (None: the run cannot, and `procctl scale` is refused)."""
+        server = ControlServer(RunHooks(self.job, controller, stop, scale), self.name)
         try:
             server.start()
         except ControlError as exc:

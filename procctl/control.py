@@ -270,12 +270,16 @@ class RunHooks:
     """What the server asks of the run it serves (any of them from its threads).
 
     `controller()` is the run's ProcessController (None before it starts);
-    `stop()` asks for a graceful stop and returns at once.
+    `stop()` asks for a graceful stop and returns at once; `scale(n)` resizes
+    the run to n workers (ValueError or RuntimeError, whose message the
+    client shows, when it refuses), or is None for a run that cannot resize
+    (the sum job's books, a map's executor are sized once).
     """
 
     job: str
     controller: Callable[[], Any]
     stop: Callable[[], None]
+    scale: Callable[[int], None] | None = None
 
 
 def listen(path: str) -> socket.socket:
@@ -586,10 +590,15 @@ class ControlServer:
         pc = self._live_controller()
         if isinstance(pc, Reply):
             return pc
-        resize = getattr(pc, "resize", None)
-        if resize is None:
-            return Reply.failure("this run does not support scale: its controller cannot resize")
-        resize(request.n)
+        if self.hooks.scale is None:
+            kind = self.hooks.job.split()[0] if self.hooks.job else "this"
+            return Reply.failure(f"this run does not support scale: a procctl {kind} run keeps the number"
+                                 " of workers it started with")
+        assert request.n is not None  # Request.parse requires n for scale
+        try:
+            self.hooks.scale(request.n)
+        except (RuntimeError, ValueError) as exc:
+            return Reply.failure(str(exc))
         return Reply(True, {"workers": request.n})
 
     def _do_metrics(self, request: Request) -> Reply:

@@ -247,6 +247,14 @@ def test_per_worker_commands_and_scale_need_support(env):
         cli.kill()
 
 
+def assert_scale_refused(env, run):
+    """`procctl scale` on a run that cannot resize: one line, the refusal's exit status, nothing changed."""
+    res = ctl(env, "scale", run, "8")
+    assert res.returncode == 1 and res.stdout == "", (res.stdout, res.stderr)
+    [line] = res.stderr.splitlines()
+    assert "this run does not support scale" in line
+
+
 def test_metrics_over_http_and_a_script_with_control(env, tmp_path):
     from prometheus_client.parser import text_string_to_metric_families
 
@@ -297,6 +305,7 @@ def test_map_has_a_control_socket(env, tmp_path):
         status = ctl_json(env, "status", "m")
         assert status["job"] == "map targets_control:slow_item" and len(status["workers"]) == 2
         assert ctl(env, "pause", "m").returncode == 0
+        assert_scale_refused(env, "m")
         events = [json.loads(line) for line in ctl(env, "events", "m").stdout.splitlines()]
         assert events[0]["event"] == "started"
         res = ctl(env, "stop", "m")
@@ -315,6 +324,10 @@ def test_procctl_stop_cancels_a_sum_run_cleanly(env):
                   cwd=TESTS, env=env)
     try:
         cli.wait_for(lambda lines: any('"received"' in line for line in lines))
+        before = [(w["id"], w["pid"]) for w in ctl_json(env, "status", "sum1")["workers"]]
+        assert_scale_refused(env, "sum1")  # its books are sized once: a resize would break the job
+        assert [(w["id"], w["pid"], w["alive"]) for w in ctl_json(env, "status", "sum1")["workers"]] == [
+            (i, pid, True) for i, pid in before]
         res = ctl(env, "stop", "sum1")
         assert res.returncode == 0, res.stderr
         code, out, err = cli.finish()
