@@ -226,19 +226,17 @@ def test_stale_socket_is_cleaned_and_run_must_be_named_among_several(env):
     assert res.returncode == 2 and "no live procctl run" in res.stderr
 
 
-def test_per_worker_commands_and_scale_need_support(env):
-    cli = start_run(env, "plain", workers=2)
+def test_per_worker_commands_and_scale_within_max_workers(env):
+    cli = start_run(env, "plain", "--max-workers", "3", workers=2)
     try:
-        from procctl import ProcessController
-
         for args in (["pause", "plain", "--workers", "0"], ["scale", "plain", "3"]):
             res = ctl(env, *args)
-            supported = (hasattr(ProcessController, "resize") if args[0] == "scale"
-                         else "workers" in ProcessController.pause.__code__.co_varnames)
-            if supported:
-                assert res.returncode == 0, res.stderr
-            else:
-                assert res.returncode == 1 and "does not support" in res.stderr, res.stderr
+            assert res.returncode == 0, res.stderr
+        res = ctl(env, "scale", "plain", "4")  # over --max-workers: refused, as SIGTTIN is
+        assert res.returncode == 1 and res.stdout == "", res.stderr
+        [line] = res.stderr.splitlines()
+        assert "--max-workers 3" in line
+        assert [w["alive"] for w in ctl_json(env, "status", "plain")["workers"]] == [True] * 3
         res = ctl(env, "pause", "plain", "--workers", "x")
         assert res.returncode == 2 and len(res.stderr.splitlines()) == 1
         ctl(env, "stop", "plain")
