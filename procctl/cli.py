@@ -294,8 +294,12 @@ class RunSession:
             return f"resized to {self.pc.workers} workers"
 
 
-def summarize(reports: dict[int, WorkerReport], workers: int, elapsed: float,
+def summarize(reports: dict[int, WorkerReport], elapsed: float,
               restarts: int = 0, gave_up: bool = False) -> tuple[dict[str, Any], str]:
+    """The summary record and text. `reports` has each worker id's last
+    incarnation, those a shrink removed included: `workers` counts the ids
+    the run had, so that the outcomes add up to it."""
+    workers = len(reports)
     counts = Counter(r.outcome.value for r in reports.values())
     outcomes = {o.value: counts[o.value] for o in Outcome if counts[o.value]}
     record: dict[str, Any] = {"event": "summary", "workers": workers, "outcomes": outcomes,
@@ -592,7 +596,7 @@ def _run(make: Callable[[Callable[[Event], None]], Any], workers: int, steps: li
         elapsed = time.monotonic() - started
         restarts = sum(r.restarts for r in reports.values())
         gave_up = bool(getattr(pc, "gave_up", False))  # (a cluster controller does not restart)
-        record, text = summarize(reports, pc.workers, elapsed, restarts, gave_up)
+        record, text = summarize(reports, elapsed, restarts, gave_up)
         reporter.summary(record, text)
         if served is not None:
             served.record(record)
@@ -603,16 +607,17 @@ def _run(make: Callable[[Callable[[Event], None]], Any], workers: int, steps: li
         plan = pc.supervision
         say(f"procctl: the restart limit was reached (more than {plan.max_restarts} restarts"
             f" in {plan.restart_window:g}s): stopped every worker")
+    had = record["workers"] or pc.workers  # (none started: the rows it would have had)
     if timeline_path:
         from .timeline import render_timeline
 
         render_timeline([e.to_dict() for e in history] + [record], timeline_path,
-                        workers=pc.workers, title=f"procctl run: {pc.workers} workers")
+                        workers=had, title=f"procctl run: {had} workers")
         say(f"procctl: wrote the timeline to {timeline_path}")
     if trace_path:
         from .trace import write_trace
 
-        write_trace([e.to_dict() for e in history] + [record], trace_path, title=f"procctl run: {pc.workers} workers")
+        write_trace([e.to_dict() for e in history] + [record], trace_path, title=f"procctl run: {had} workers")
         say(f"procctl: wrote the Chrome trace to {trace_path}")
     return exit_status(reports, bridge, session.timed_out, gave_up)
 

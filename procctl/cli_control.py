@@ -312,7 +312,7 @@ def stop_command(run: str | None, workers_text: str | None, no_wait: bool) -> in
 def scale_command(run: str, n: int) -> int:
     """Resize RUN to N workers (when the run supports it)."""
     _ask(resolve(run, "scale"), Request("scale", n=n), "scale")
-    click.echo(f"scaled {run} to {n} workers")
+    click.echo(f"scaled {run} to {n} worker{'s' if n != 1 else ''}")
     return EXIT_OK
 
 

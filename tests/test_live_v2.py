@@ -139,7 +139,7 @@ def test_plus_and_minus_keys_resize_from_the_size_within_max_workers(screen):
     term.key("s")
     assert term.finish() == 0
     assert "Traceback" not in term.text
-    assert "2 finished, 3 stopped" in term.text  # 2 and 3 at the stop, 4 by the shrink
+    assert "summary: 5 workers, 2 finished, 3 stopped" in term.text  # 2 and 3 at the stop, 4 by the shrink
 
 
 def test_at_50_columns_columns_go_rather_than_the_state(screen):
