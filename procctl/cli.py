@@ -607,7 +607,7 @@ def _run(make: Callable[[Callable[[Event], None]], Any], workers: int, steps: li
         plan = pc.supervision
         say(f"procctl: the restart limit was reached (more than {plan.max_restarts} restarts"
             f" in {plan.restart_window:g}s): stopped every worker")
-    had = record["workers"] or pc.workers  # (none started: the rows it would have had)
+    had = record["workers"]  # as the summary in the event log says, for `procctl timeline LOG`
     if timeline_path:
         from .timeline import render_timeline
 
