@@ -62,7 +62,7 @@ def trace_events(events: Iterable[EventLike], *, title: str | None = None) -> di
     for d in sorted((d for d in dicts if usable(d)), key=lambda d: float(d["t"])):
         done, total = d.get("done"), d.get("total")
         if d.get("worker") is not None and number(done, math.inf) is not None:
-            args: dict[str, float] = {"done": done}
+            args: dict[str, Any] = {"done": done}  # as logged: 3 stays 3
             if number(total, math.inf) is not None:
                 args["total"] = total
             out.append({"ph": "C", "name": f"progress worker {d['worker']}", "pid": PID,
