@@ -268,7 +268,9 @@ def _state_command(cmd: str, verb: str, imperative: str) -> click.Command:
         reply = _ask(path, Request(cmd, workers), cmd)
         who = "every worker" if workers is None else "workers " + ",".join(map(str, workers))
         if reply.get("acknowledged") is False:
+            # Not done (yet): no success line; busy workers apply it at their next checkpoint.
             say(f"procctl {cmd}: {reply.get('note')}; the command stays posted")
+            return EXIT_FAILED
         click.echo(f"{verb} {who} of {os.path.basename(path)[:-5]}")
         return EXIT_OK
 

@@ -37,9 +37,9 @@ def ctl_json(env, *args):
     return json.loads(res.stdout)
 
 
-def start_run(env, name, *extra, workers=3):
+def start_run(env, name, *extra, workers=3, target="targets_control:steady"):
     """A `procctl run` that waits for commands; returns once its workers are up."""
-    args = ["run", "--workers", str(workers), "--target", "targets_control:steady", "--schedule", "run",
+    args = ["run", "--workers", str(workers), "--target", target, "--schedule", "run",
             "--step", "0", "--json", "--name", name, *extra]
     cli = LiveCli(args, cwd=TESTS, env=env)
     cli.wait_for(lambda lines: sum('"running"' in line for line in lines) >= workers)
@@ -241,6 +241,20 @@ def test_per_worker_commands_and_scale_within_max_workers(env):
         assert res.returncode == 2 and len(res.stderr.splitlines()) == 1
         ctl(env, "stop", "plain")
         assert cli.finish()[0] == 0
+    finally:
+        cli.kill()
+
+
+def test_pause_that_a_worker_does_not_acknowledge_is_a_failure(env):
+    # The workers are stuck in a C call (time.sleep): they never reach a checkpoint to acknowledge.
+    cli = start_run(env, "stuck", "--grace", "0.2", workers=2, target="targets_supervision:c_sleep")
+    try:
+        res = ctl(env, "pause", "stuck")
+        assert res.returncode == 1 and res.stdout == "", (res.stdout, res.stderr)
+        [line] = res.stderr.splitlines()
+        assert "did not acknowledge" in line and "stays posted" in line
+        assert ctl(env, "stop", "stuck").returncode == 0
+        cli.finish()
     finally:
         cli.kill()
 
