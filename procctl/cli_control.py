@@ -290,6 +290,8 @@ def stop_command(run: str | None, workers_text: str | None, no_wait: bool) -> in
     """Stop RUN gracefully (grace period, then SIGTERM, then SIGKILL); wait until it has ended."""
     from .cli import signal_bridge
 
+    bridge = signal_bridge()
+    bridge.stop_note = None  # a Ctrl-C here ends the wait, not the run: nothing to say
     workers = parse_workers(workers_text)
     path = resolve(run, "stop")
     name = os.path.basename(path)[:-5]
@@ -300,7 +302,9 @@ def stop_command(run: str | None, workers_text: str | None, no_wait: bool) -> in
     _ask(path, Request("stop", workers), "stop")
     if sock is not None:
         with sock:
-            _follow(sock, signal_bridge(), lambda line: None)
+            _follow(sock, bridge, lambda line: None)
+        if bridge.stop_requested():
+            return bridge.exit_code or EXIT_FAILED  # no longer waiting; the run goes on stopping
         click.echo(f"stopped {name}")
     else:
         click.echo(f"stopping {'every worker' if workers is None else 'workers ' + workers_text} of {name}"
@@ -379,6 +383,7 @@ def events_command(run: str | None, follow: bool) -> int:
     from .cli import signal_bridge
 
     bridge = signal_bridge()
+    bridge.stop_note = None  # a Ctrl-C only stops the following: no worker of ours to stop
     with _open_stream(resolve(run, "events"), follow) as sock:
         def emit(line: bytes) -> None:
             click.echo(line.decode())

@@ -245,6 +245,27 @@ def test_per_worker_commands_and_scale_within_max_workers(env):
         cli.kill()
 
 
+def test_a_signal_to_events_follow_only_ends_the_following(env):
+    cli = start_run(env, "watched", workers=1)
+    try:
+        for sig, code in ((signal.SIGINT, 130), (signal.SIGTERM, 143)):
+            follow = subprocess.Popen(CLI + ["events", "watched", "--follow"], stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True, env=env)
+            try:
+                assert json.loads(follow.stdout.readline())["worker"] == 0  # following now
+                follow.send_signal(sig)
+                _, err = follow.communicate(timeout=20)
+            finally:
+                follow.kill()
+                follow.wait()
+            assert follow.returncode == code and err == "", err  # no "stopping the workers": it has none
+        assert [w["alive"] for w in ctl_json(env, "status", "watched")["workers"]] == [True]
+        assert ctl(env, "stop", "watched").returncode == 0
+        assert cli.finish()[0] == 0
+    finally:
+        cli.kill()
+
+
 def test_pause_that_a_worker_does_not_acknowledge_is_a_failure(env):
     # The workers are stuck in a C call (time.sleep): they never reach a checkpoint to acknowledge.
     cli = start_run(env, "stuck", "--grace", "0.2", workers=2, target="targets_supervision:c_sleep")
