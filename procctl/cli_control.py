@@ -19,6 +19,7 @@ import click
 from .clitools import EXIT_FAILED, EXIT_OK, EXIT_USAGE, BadInput, Reporter, json_line, say
 from .control import (
     ControlError,
+    MAX_COUNT,
     ControlServer,
     Request,
     RunHooks,
@@ -312,9 +313,9 @@ def stop_command(run: str | None, workers_text: str | None, no_wait: bool) -> in
     return EXIT_OK
 
 
-@click.command("scale")
+@click.command("scale", context_settings={"ignore_unknown_options": True})  # `scale RUN -1`: a bad N, not an option
 @click.argument("run")
-@click.argument("n", type=click.IntRange(min=1))
+@click.argument("n", type=click.IntRange(min=1, max=MAX_COUNT))
 def scale_command(run: str, n: int) -> int:
     """Resize RUN to N workers (when the run supports it)."""
     _ask(resolve(run, "scale"), Request("scale", n=n), "scale")

@@ -58,6 +58,8 @@ MAX_CONNECTIONS = 64
 #: How much of an oversized request is read and thrown away, so that its
 #: sender finishes writing and reads the error reply.
 DISCARD_LIMIT = 64 * 1024 * 1024
+#: The largest worker count or id a request may carry (a C int, as the kernel counts processes).
+MAX_COUNT = 2**31 - 1
 COMMANDS = ("info", "status", "pause", "resume", "stop", "scale", "events", "metrics")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 SUFFIX = ".sock"
@@ -121,7 +123,7 @@ class Request:
 
 
 def _is_count(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**31
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_COUNT
 
 
 @dataclass(frozen=True)

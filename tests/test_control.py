@@ -280,6 +280,14 @@ def test_pause_that_a_worker_does_not_acknowledge_is_a_failure(env):
         cli.kill()
 
 
+@pytest.mark.parametrize("n", ["99999999999999999999", "0", "-1", "nan", "abc", "1.5"])
+def test_scale_to_a_bad_size_is_bad_usage(env, n):
+    res = ctl(env, "scale", "somerun", n)  # checked before any run is looked for
+    assert res.returncode == 2 and res.stdout == "", res.stderr
+    [line] = res.stderr.splitlines()
+    assert n in line and ("range" in line or "integer" in line), line
+
+
 def assert_scale_refused(env, run):
     """`procctl scale` on a run that cannot resize: one line, the refusal's exit status, nothing changed."""
     res = ctl(env, "scale", run, "8")
