@@ -254,14 +254,37 @@ def remove_stale(path: str) -> None:
         log.debug("could not remove stale socket %s: %s", path, exc)
 
 
+#: A run's private sockets: `.PID.ID.output` (output capture), `.PID.ID.tmp` (listen() before its link).
+PRIVATE_RE = re.compile(r"^\.(\d+)\.[0-9a-f]+\.(output|tmp)$")
+
+
 def sockets(directory: str | None = None) -> list[str]:
-    """The sockets in the user's directory, live or not, by name."""
+    """The sockets in the user's directory, live or not, by name.
+
+    The private sockets of runs that died without removing them (SIGKILL)
+    are removed on the way: their owner pid is in the name.
+    """
     where = directory or runtime_dir(create=False)
     try:
         names = sorted(os.listdir(where))
     except FileNotFoundError:
         return []
+    for name in names:
+        found = PRIVATE_RE.match(name)
+        if found is not None and not _pid_alive(int(found.group(1))):
+            remove_stale(os.path.join(where, name))
     return [os.path.join(where, n) for n in names if n.endswith(SUFFIX) and not n.startswith(".")]
+
+
+def _pid_alive(pid: int) -> bool:
+    """Is there a process `pid`? (A reused pid keeps a stale socket a while longer: harmless.)"""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True  # someone's: not ours to judge
+    return True
 
 
 # -- the server --------------------------------------------------------------------
@@ -350,6 +373,7 @@ class ControlServer:
     # -- lifecycle -------------------------------------------------------------
 
     def start(self) -> ControlServer:
+        sockets(os.path.dirname(self.path))  # a run starting meets the directory: clean what dead runs left
         self._sock = listen(self.path)
         self._inode = os.stat(self.path).st_ino
         self._wake_r, self._wake_w = os.pipe()

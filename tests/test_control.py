@@ -205,13 +205,19 @@ def test_stale_socket_is_cleaned_and_run_must_be_named_among_several(env):
         assert ctl(env, "pause").returncode == 2
 
         pids = worker_pids(json_events("\n".join(first.lines)))
+        directory = os.path.dirname(socket_of(env, "alpha"))
+        capture = [n for n in os.listdir(directory) if n.startswith(f".{first.proc.pid}.") and n.endswith(".output")]
+        assert len(capture) == 1  # alpha's output capture socket
         os.kill(first.proc.pid, signal.SIGKILL)  # the manager dies; its workers follow it
         first.proc.wait(10)
         assert_all_gone(pids)
         assert os.path.exists(socket_of(env, "alpha"))  # nobody removed it
+        assert os.path.exists(os.path.join(directory, capture[0]))
         runs = ctl_json(env, "ls")
         assert [r["name"] for r in runs] == ["beta"]
         assert not os.path.exists(socket_of(env, "alpha"))  # the stale one is gone
+        assert sorted(n for n in os.listdir(directory) if n.startswith(".")) == [  # and so is its capture socket
+            n for n in sorted(os.listdir(directory)) if n.startswith(f".{second.proc.pid}.")]
         res = ctl(env, "status")  # now RUN may be omitted again
         assert res.returncode == 0 and "beta" in res.stdout
         res = ctl(env, "status", "alpha")
