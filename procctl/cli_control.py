@@ -18,8 +18,8 @@ import click
 
 from .clitools import EXIT_FAILED, EXIT_OK, EXIT_USAGE, BadInput, Reporter, json_line, say
 from .control import (
-    ControlError,
     MAX_COUNT,
+    ControlError,
     ControlServer,
     Request,
     RunHooks,
