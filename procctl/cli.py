@@ -9,6 +9,7 @@ import os
 import signal
 import socket
 import sys
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -203,11 +204,12 @@ class RunSession:
         self.bridge = bridge
         self.deadline = deadline
         self.timed_out = False
-        self.max_workers = max_workers  # SIGTTIN adds workers up to this
+        self.max_workers = max_workers  # no resize goes beyond this
         self.stop_asked = False  # by `procctl stop` or a key of the live view
         self.stop_grace: float | None = None
         self.tick = tick  # called between waits
         self.view: Any = None  # the live view, for the keys' notes
+        self._resizing = threading.RLock()
 
     def request_stop(self, grace: float | None = None) -> None:
         """Stop gracefully, as the first SIGINT would (from any thread); `grace`
@@ -234,7 +236,8 @@ class RunSession:
             taken = self.bridge.take()
             for sig in taken:
                 if sig in (signal.SIGTTIN, signal.SIGTTOU):
-                    self.resize(+1 if sig == signal.SIGTTIN else -1)
+                    note = self.resize(+1 if sig == signal.SIGTTIN else -1)
+                    say(f"procctl: {signal.Signals(sig).name}: {note}")
                 else:
                     self.broadcast(State.PAUSED if sig == signal.SIGUSR1 else State.RUNNING)
             if taken:
@@ -263,29 +266,40 @@ class RunSession:
         except RuntimeError:
             pass  # the controller gave up and stopped everything: the loop ends
 
-    def resize(self, step: int) -> None:
-        """SIGTTIN: one worker more (up to --max-workers); SIGTTOU: one fewer (down to 1)."""
-        if not hasattr(self.pc, "resize"):
-            say("procctl: SIGTTIN/SIGTTOU: this controller cannot resize")
-            return
-        n = self.pc.workers + step
-        if n < 1:
-            say("procctl: SIGTTOU: one worker left; not removing it")
-            return
-        if self.max_workers is not None and n > self.max_workers:
-            say(f"procctl: SIGTTIN: already at --max-workers {self.max_workers}")
-            return
-        try:
+    def scale(self, n: int) -> None:
+        """Resize to `n` workers, from 1 up to --max-workers: every way of resizing
+        a run (SIGTTIN/SIGTTOU, the +/- keys, `procctl scale`) comes here, from
+        any thread. ValueError or RuntimeError, with a message for the user, when
+        it is refused or fails; the run goes on either way."""
+        with self._resizing:  # a key, a signal and `procctl scale` at once: one after the other
+            if not hasattr(self.pc, "resize"):
+                raise ValueError("this run cannot resize")
+            if self.stop_asked or self.bridge.stop_requested():
+                raise RuntimeError("the run is stopping")
+            if n < 1:
+                raise ValueError(f"cannot resize to {n} workers: a run keeps at least 1")
+            if self.max_workers is not None and n > self.max_workers:
+                raise ValueError(f"cannot resize to {n} workers: more than --max-workers {self.max_workers}")
             self.pc.resize(n)
-        except (ValueError, WorkerStartError) as exc:
-            say(f"procctl: cannot resize to {n} workers: {exc}")
-        except RuntimeError:
-            return  # stopped meanwhile
-        say(f"procctl: now {self.pc.workers} workers")
+
+    def resize(self, step: int) -> str:
+        """One worker more (+1) or fewer (-1) than the run's current size
+        (SIGTTIN/SIGTTOU, the +/- keys); a line saying what happened."""
+        with self._resizing:
+            n = self.pc.workers + step  # the size, not the live count: finished workers keep their ids
+            try:
+                self.scale(n)
+            except (ValueError, RuntimeError, OSError) as exc:  # WorkerStartError is a RuntimeError
+                return str(exc)
+            return f"resized to {self.pc.workers} workers"
 
 
-def summarize(reports: dict[int, WorkerReport], workers: int, elapsed: float,
+def summarize(reports: dict[int, WorkerReport], elapsed: float,
               restarts: int = 0, gave_up: bool = False) -> tuple[dict[str, Any], str]:
+    """The summary record and text. `reports` has each worker id's last
+    incarnation, those a shrink removed included: `workers` counts the ids
+    the run had, so that the outcomes add up to it."""
+    workers = len(reports)
     counts = Counter(r.outcome.value for r in reports.values())
     outcomes = {o.value: counts[o.value] for o in Outcome if counts[o.value]}
     record: dict[str, Any] = {"event": "summary", "workers": workers, "outcomes": outcomes,
@@ -556,7 +570,8 @@ def _run(make: Callable[[Callable[[Event], None]], Any], workers: int, steps: li
     session = RunSession(pc, bridge, deadline, max_workers=max_workers)
     ready = False
     if control is not None:
-        served = control.serve(lambda: pc if ready else None, session.request_stop, reporter)
+        served = control.serve(lambda: pc if ready else None, session.request_stop, reporter,
+                               scale=session.scale if hasattr(pc, "resize") else None)
     if live:
         from .live import KeyReader, LiveView
 
@@ -581,7 +596,7 @@ def _run(make: Callable[[Callable[[Event], None]], Any], workers: int, steps: li
         elapsed = time.monotonic() - started
         restarts = sum(r.restarts for r in reports.values())
         gave_up = bool(getattr(pc, "gave_up", False))  # (a cluster controller does not restart)
-        record, text = summarize(reports, pc.workers, elapsed, restarts, gave_up)
+        record, text = summarize(reports, elapsed, restarts, gave_up)
         reporter.summary(record, text)
         if served is not None:
             served.record(record)
@@ -592,16 +607,17 @@ def _run(make: Callable[[Callable[[Event], None]], Any], workers: int, steps: li
         plan = pc.supervision
         say(f"procctl: the restart limit was reached (more than {plan.max_restarts} restarts"
             f" in {plan.restart_window:g}s): stopped every worker")
+    had = record["workers"]  # as the summary in the event log says, for `procctl timeline LOG`
     if timeline_path:
         from .timeline import render_timeline
 
         render_timeline([e.to_dict() for e in history] + [record], timeline_path,
-                        workers=pc.workers, title=f"procctl run: {pc.workers} workers")
+                        workers=had, title=f"procctl run: {had} workers")
         say(f"procctl: wrote the timeline to {timeline_path}")
     if trace_path:
         from .trace import write_trace
 
-        write_trace([e.to_dict() for e in history] + [record], trace_path, title=f"procctl run: {pc.workers} workers")
+        write_trace([e.to_dict() for e in history] + [record], trace_path, title=f"procctl run: {had} workers")
         say(f"procctl: wrote the Chrome trace to {trace_path}")
     return exit_status(reports, bridge, session.timed_out, gave_up)
 
@@ -642,13 +658,7 @@ def _on_key(session: RunSession, key: str) -> None:
         session.request_stop(grace=0.0)
         note = "stopping now"
     elif key in "+-":
-        resize = getattr(pc, "resize", None)
-        if resize is None:
-            note = "this run cannot resize"
-        else:
-            live = sum(1 for s in pc.status() if s.alive)
-            resize(max(1, live + (1 if key == "+" else -1)))
-            note = f"resized to {max(1, live + (1 if key == '+' else -1))} workers"
+        note = session.resize(+1 if key == "+" else -1)  # as SIGTTIN/SIGTTOU
     else:
         return
     if view is not None:

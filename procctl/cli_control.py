@@ -18,6 +18,7 @@ import click
 
 from .clitools import EXIT_FAILED, EXIT_OK, EXIT_USAGE, BadInput, Reporter, json_line, say
 from .control import (
+    MAX_COUNT,
     ControlError,
     ControlServer,
     Request,
@@ -61,9 +62,12 @@ class ControlPlan:
                 raise BadInput(str(exc)) from None
         return cls(name, addr, job, announce)
 
-    def serve(self, controller: Callable[[], Any], stop: Callable[[], None], reporter: Reporter) -> ServedControl:
-        """Start the control socket (and the metrics endpoint); BadInput if the name is taken."""
-        server = ControlServer(RunHooks(self.job, controller, stop), self.name)
+    def serve(self, controller: Callable[[], Any], stop: Callable[[], None], reporter: Reporter,
+              scale: Callable[[int], None] | None = None) -> ServedControl:
+        """Start the control socket (and the metrics endpoint); BadInput if the name is taken.
+
+        `scale(n)` resizes the run (None: the run cannot, and `procctl scale` is refused)."""
+        server = ControlServer(RunHooks(self.job, controller, stop, scale), self.name)
         try:
             server.start()
         except ControlError as exc:
@@ -265,7 +269,9 @@ def _state_command(cmd: str, verb: str, imperative: str) -> click.Command:
         reply = _ask(path, Request(cmd, workers), cmd)
         who = "every worker" if workers is None else "workers " + ",".join(map(str, workers))
         if reply.get("acknowledged") is False:
+            # Not done (yet): no success line; busy workers apply it at their next checkpoint.
             say(f"procctl {cmd}: {reply.get('note')}; the command stays posted")
+            return EXIT_FAILED
         click.echo(f"{verb} {who} of {os.path.basename(path)[:-5]}")
         return EXIT_OK
 
@@ -285,6 +291,8 @@ def stop_command(run: str | None, workers_text: str | None, no_wait: bool) -> in
     """Stop RUN gracefully (grace period, then SIGTERM, then SIGKILL); wait until it has ended."""
     from .cli import signal_bridge
 
+    bridge = signal_bridge()
+    bridge.stop_note = None  # a Ctrl-C here ends the wait, not the run: nothing to say
     workers = parse_workers(workers_text)
     path = resolve(run, "stop")
     name = os.path.basename(path)[:-5]
@@ -295,7 +303,9 @@ def stop_command(run: str | None, workers_text: str | None, no_wait: bool) -> in
     _ask(path, Request("stop", workers), "stop")
     if sock is not None:
         with sock:
-            _follow(sock, signal_bridge(), lambda line: None)
+            _follow(sock, bridge, lambda line: None)
+        if bridge.stop_requested():
+            return bridge.exit_code or EXIT_FAILED  # no longer waiting; the run goes on stopping
         click.echo(f"stopped {name}")
     else:
         click.echo(f"stopping {'every worker' if workers is None else 'workers ' + workers_text} of {name}"
@@ -303,13 +313,13 @@ def stop_command(run: str | None, workers_text: str | None, no_wait: bool) -> in
     return EXIT_OK
 
 
-@click.command("scale")
+@click.command("scale", context_settings={"ignore_unknown_options": True})  # `scale RUN -1`: a bad N, not an option
 @click.argument("run")
-@click.argument("n", type=click.IntRange(min=1))
+@click.argument("n", type=click.IntRange(min=1, max=MAX_COUNT))
 def scale_command(run: str, n: int) -> int:
     """Resize RUN to N workers (when the run supports it)."""
     _ask(resolve(run, "scale"), Request("scale", n=n), "scale")
-    click.echo(f"scaled {run} to {n} workers")
+    click.echo(f"scaled {run} to {n} worker{'s' if n != 1 else ''}")
     return EXIT_OK
 
 
@@ -374,6 +384,7 @@ def events_command(run: str | None, follow: bool) -> int:
     from .cli import signal_bridge
 
     bridge = signal_bridge()
+    bridge.stop_note = None  # a Ctrl-C only stops the following: no worker of ours to stop
     with _open_stream(resolve(run, "events"), follow) as sock:
         def emit(line: bytes) -> None:
             click.echo(line.decode())

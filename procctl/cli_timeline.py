@@ -18,7 +18,8 @@ FORMATS = ("svg", "html", "chrome")
 
 
 def read_log(path: str) -> list[dict[str, Any]]:
-    """The records of an event log; a torn last line (a run killed mid-write) is skipped."""
+    """The records of an event log; a torn last line (a run killed mid-write) is skipped,
+    and the renderers skip events whose values they cannot draw (timeline.usable)."""
     try:
         with open(path, encoding="utf-8") as fh:
             lines = fh.read().splitlines()
@@ -33,7 +34,7 @@ def read_log(path: str) -> list[dict[str, Any]]:
             continue
         try:
             record = json.loads(line)
-        except ValueError:
+        except (ValueError, RecursionError):  # (a line nested thousands deep)
             bad += 1
             continue
         if isinstance(record, dict) and "event" in record:
@@ -46,10 +47,13 @@ def read_log(path: str) -> list[dict[str, Any]]:
 
 
 def title_of(records: list[dict[str, Any]]) -> tuple[str | None, int | None]:
-    """The title and worker count `procctl run` used, from the log's summary."""
+    """The title and worker count `procctl run` used, from the log's summary
+    (a count that no run can have is left out, as the events that are not usable)."""
+    from .timeline import MAX_WORKERS, worker_id
+
     for record in reversed(records):
-        if record.get("event") == "summary" and isinstance(record.get("workers"), int):
-            n = record["workers"]
+        n = record.get("workers")
+        if record.get("event") == "summary" and (n == MAX_WORKERS or worker_id(n) is not None):
             return f"procctl run: {n} workers", n
     return None, None
 

@@ -117,6 +117,9 @@ class SignalBridge:
         self._saved: dict[int, Any] = {}
         self._wakeup_w = -1
         self._old_wakeup = -1
+        #: What the first SIGINT/SIGTERM says; None for a command that has no
+        #: workers to stop (`procctl events --follow`: the signal only ends it).
+        self.stop_note: bytes | None = b"procctl: stopping the workers (again to kill them at once)\n"
 
     def install(self) -> SignalBridge:
         """Take over the signals, then deliver those that came while held."""
@@ -195,7 +198,8 @@ class SignalBridge:
         if signum in EXIT_FOR_SIGNAL:
             if self.stop_signal is None:
                 self.stop_signal = signum
-                _raw_say(b"procctl: stopping the workers (again to kill them at once)\n")
+                if self.stop_note is not None:
+                    _raw_say(self.stop_note)
             else:
                 self._hurry()
         else:

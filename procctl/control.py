@@ -58,6 +58,8 @@ MAX_CONNECTIONS = 64
 #: How much of an oversized request is read and thrown away, so that its
 #: sender finishes writing and reads the error reply.
 DISCARD_LIMIT = 64 * 1024 * 1024
+#: The largest worker count or id a request may carry (a C int, as the kernel counts processes).
+MAX_COUNT = 2**31 - 1
 COMMANDS = ("info", "status", "pause", "resume", "stop", "scale", "events", "metrics")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 SUFFIX = ".sock"
@@ -121,7 +123,7 @@ class Request:
 
 
 def _is_count(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**31
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_COUNT
 
 
 @dataclass(frozen=True)
@@ -252,14 +254,37 @@ def remove_stale(path: str) -> None:
         log.debug("could not remove stale socket %s: %s", path, exc)
 
 
+#: A run's private sockets: `.PID.ID.output` (output capture), `.PID.ID.tmp` (listen() before its link).
+PRIVATE_RE = re.compile(r"^\.(\d+)\.[0-9a-f]+\.(output|tmp)$")
+
+
 def sockets(directory: str | None = None) -> list[str]:
-    """The sockets in the user's directory, live or not, by name."""
+    """The sockets in the user's directory, live or not, by name.
+
+    The private sockets of runs that died without removing them (SIGKILL)
+    are removed on the way: their owner pid is in the name.
+    """
     where = directory or runtime_dir(create=False)
     try:
         names = sorted(os.listdir(where))
     except FileNotFoundError:
         return []
+    for name in names:
+        found = PRIVATE_RE.match(name)
+        if found is not None and not _pid_alive(int(found.group(1))):
+            remove_stale(os.path.join(where, name))
     return [os.path.join(where, n) for n in names if n.endswith(SUFFIX) and not n.startswith(".")]
+
+
+def _pid_alive(pid: int) -> bool:
+    """Is there a process `pid`? (A reused pid keeps a stale socket a while longer: harmless.)"""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True  # someone's: not ours to judge
+    return True
 
 
 # -- the server --------------------------------------------------------------------
@@ -270,12 +295,16 @@ class RunHooks:
     """What the server asks of the run it serves (any of them from its threads).
 
     `controller()` is the run's ProcessController (None before it starts);
-    `stop()` asks for a graceful stop and returns at once.
+    `stop()` asks for a graceful stop and returns at once; `scale(n)` resizes
+    the run to n workers (ValueError or RuntimeError, whose message the
+    client shows, when it refuses), or is None for a run that cannot resize
+    (the sum job's books, a map's executor are sized once).
     """
 
     job: str
     controller: Callable[[], Any]
     stop: Callable[[], None]
+    scale: Callable[[int], None] | None = None
 
 
 def listen(path: str) -> socket.socket:
@@ -344,6 +373,7 @@ class ControlServer:
     # -- lifecycle -------------------------------------------------------------
 
     def start(self) -> ControlServer:
+        sockets(os.path.dirname(self.path))  # a run starting meets the directory: clean what dead runs left
         self._sock = listen(self.path)
         self._inode = os.stat(self.path).st_ino
         self._wake_r, self._wake_w = os.pipe()
@@ -586,10 +616,15 @@ class ControlServer:
         pc = self._live_controller()
         if isinstance(pc, Reply):
             return pc
-        resize = getattr(pc, "resize", None)
-        if resize is None:
-            return Reply.failure("this run does not support scale: its controller cannot resize")
-        resize(request.n)
+        if self.hooks.scale is None:
+            kind = self.hooks.job.split()[0] if self.hooks.job else "this"
+            return Reply.failure(f"this run does not support scale: a procctl {kind} run keeps the number"
+                                 " of workers it started with")
+        assert request.n is not None  # Request.parse requires n for scale
+        try:
+            self.hooks.scale(request.n)
+        except (RuntimeError, ValueError) as exc:
+            return Reply.failure(str(exc))
         return Reply(True, {"workers": request.n})
 
     def _do_metrics(self, request: Request) -> Reply:

@@ -443,7 +443,8 @@ class ProcessController:
 
         name = self._control_name if isinstance(self._control_name, str) else None
         job = f"script {getattr(self.target, '__qualname__', type(self.target).__name__)}"
-        self._control = ControlServer(RunHooks(job, lambda: self, self._stop_from_control), name).start()
+        self._control = ControlServer(RunHooks(job, lambda: self, self._stop_from_control, self.resize),
+                                      name).start()
 
     def _stop_from_control(self) -> None:
         # Post STOPPED and return: the script's own stop() or close() escalates and reaps.

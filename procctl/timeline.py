@@ -160,22 +160,55 @@ def _detail(e: Mapping[str, Any]) -> str | None:
     return None
 
 
+#: The latest time (seconds since the run began) an event may carry: far beyond
+#: any run, and small enough that the axis, and microseconds in a trace, stay finite.
+MAX_T = 1e15
+#: No run has more workers than the kernel has process ids (pid_max is at most 2**22).
+MAX_WORKERS = 2**22
+
+
+def number(value: Any, limit: float = MAX_T) -> float | None:
+    """`value` as a float if it is a real number (not a bool) within +-limit; else None."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    try:
+        f = float(value)
+    except OverflowError:  # an integer beyond the float range
+        return None
+    return f if math.isfinite(f) and abs(f) <= limit else None
+
+
+def worker_id(value: Any) -> int | None:
+    """`value` if it is a worker id (an int from 0 below MAX_WORKERS); else None."""
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < MAX_WORKERS:
+        return value
+    return None
+
+
+def usable(e: Mapping[str, Any]) -> bool:
+    """Can the event be drawn? An event log may hold anything (a hand-edited or
+    foreign line): one without a finite time, or whose worker is not an id,
+    is skipped, as a torn line is."""
+    return number(e.get("t")) is not None and (e.get("worker") is None or worker_id(e["worker"]) is not None)
+
+
 def build_run(events: Iterable[EventLike], workers: int | Iterable[int] | None = None) -> Run:
-    """Fold the events into rows of spans, outcomes and broadcast moments."""
+    """Fold the events into rows of spans, outcomes and broadcast moments
+    (events that are not `usable` are skipped)."""
     rows: dict[int, Row] = {}
     if workers is not None:
         for wid in range(workers) if isinstance(workers, int) else workers:
             rows[int(wid)] = Row(int(wid))
     dicts = [_as_dict(e) for e in events]
-    timed = sorted((d for d in dicts if d.get("t") is not None), key=lambda d: float(d["t"]))
+    timed = sorted(((float(d["t"]), d) for d in dicts if usable(d)), key=lambda pair: pair[0])
     broadcasts: list[tuple[float, str]] = []
-    end = max([0.0] + [float(d["t"]) for d in timed] + _summary_elapsed(dicts))
-    for e in timed:
-        t, kind = max(0.0, float(e["t"])), str(e.get("event"))
+    end = max([0.0] + [t for t, _ in timed] + _summary_elapsed(dicts))
+    for t, e in timed:
+        t, kind = max(0.0, t), str(e.get("event"))
         if kind == "broadcast":
             broadcasts.append((t, str(e.get("state") or "")))
         elif e.get("worker") is not None:
-            row = rows.setdefault(int(e["worker"]), Row(int(e["worker"])))
+            row = rows.setdefault(e["worker"], Row(e["worker"]))
             _apply(row, kind, t, e)
     for row in rows.values():
         row.close_span(end)
@@ -183,7 +216,8 @@ def build_run(events: Iterable[EventLike], workers: int | Iterable[int] | None =
 
 
 def _summary_elapsed(dicts: Sequence[Mapping[str, Any]]) -> list[float]:
-    return [float(d["elapsed"]) for d in dicts if d.get("event") == "summary" and d.get("elapsed") is not None]
+    found = (number(d.get("elapsed")) for d in dicts if d.get("event") == "summary")
+    return [e for e in found if e is not None]
 
 
 def _apply(row: Row, kind: str, t: float, e: Mapping[str, Any]) -> None:

@@ -21,7 +21,7 @@ import os
 from collections.abc import Iterable
 from typing import Any
 
-from .timeline import EventLike, _as_dict, build_run
+from .timeline import EventLike, _as_dict, build_run, number, usable
 
 __all__ = ["PHASES", "trace_events", "write_trace"]
 
@@ -59,15 +59,14 @@ def trace_events(events: Iterable[EventLike], *, title: str | None = None) -> di
     for t, state in run.broadcasts:
         out.append({"ph": "i", "s": "g", "cat": "broadcast", "name": f"broadcast {state}", "pid": PID, "tid": 0,
                     "ts": _us(t), "args": {"state": state}})
-    for d in sorted((d for d in dicts if d.get("t") is not None), key=lambda d: float(d["t"])):
-        done = d.get("done")
-        if d.get("worker") is not None and isinstance(done, (int, float)) and math.isfinite(done):
-            args: dict[str, float] = {"done": done}
-            total = d.get("total")
-            if isinstance(total, (int, float)) and math.isfinite(total):
+    for d in sorted((d for d in dicts if usable(d)), key=lambda d: float(d["t"])):
+        done, total = d.get("done"), d.get("total")
+        if d.get("worker") is not None and number(done, math.inf) is not None:
+            args: dict[str, Any] = {"done": done}  # as logged: 3 stays 3
+            if number(total, math.inf) is not None:
                 args["total"] = total
             out.append({"ph": "C", "name": f"progress worker {d['worker']}", "pid": PID,
-                        "tid": int(d["worker"]) + 1, "ts": _us(max(0.0, float(d["t"]))), "args": args})
+                        "tid": d["worker"] + 1, "ts": _us(max(0.0, float(d["t"]))), "args": args})
     return {"traceEvents": out, "displayTimeUnit": "ms"}
 
 

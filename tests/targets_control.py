@@ -42,3 +42,12 @@ def slow_item(x):
 
     time.sleep(0.05)
     return x
+
+
+def first_two_finish(ctx):
+    """Workers 0 and 1 finish at once; the others wait for the next command."""
+    if ctx.worker_id < 2:
+        return ctx.worker_id
+    while ctx.checkpoint():
+        ctx.sleep(float("inf"))
+    return ctx.worker_id

@@ -37,9 +37,9 @@ def ctl_json(env, *args):
     return json.loads(res.stdout)
 
 
-def start_run(env, name, *extra, workers=3):
+def start_run(env, name, *extra, workers=3, target="targets_control:steady"):
     """A `procctl run` that waits for commands; returns once its workers are up."""
-    args = ["run", "--workers", str(workers), "--target", "targets_control:steady", "--schedule", "run",
+    args = ["run", "--workers", str(workers), "--target", target, "--schedule", "run",
             "--step", "0", "--json", "--name", name, *extra]
     cli = LiveCli(args, cwd=TESTS, env=env)
     cli.wait_for(lambda lines: sum('"running"' in line for line in lines) >= workers)
@@ -205,13 +205,19 @@ def test_stale_socket_is_cleaned_and_run_must_be_named_among_several(env):
         assert ctl(env, "pause").returncode == 2
 
         pids = worker_pids(json_events("\n".join(first.lines)))
+        directory = os.path.dirname(socket_of(env, "alpha"))
+        capture = [n for n in os.listdir(directory) if n.startswith(f".{first.proc.pid}.") and n.endswith(".output")]
+        assert len(capture) == 1  # alpha's output capture socket
         os.kill(first.proc.pid, signal.SIGKILL)  # the manager dies; its workers follow it
         first.proc.wait(10)
         assert_all_gone(pids)
         assert os.path.exists(socket_of(env, "alpha"))  # nobody removed it
+        assert os.path.exists(os.path.join(directory, capture[0]))
         runs = ctl_json(env, "ls")
         assert [r["name"] for r in runs] == ["beta"]
         assert not os.path.exists(socket_of(env, "alpha"))  # the stale one is gone
+        assert sorted(n for n in os.listdir(directory) if n.startswith(".")) == [  # and so is its capture socket
+            n for n in sorted(os.listdir(directory)) if n.startswith(f".{second.proc.pid}.")]
         res = ctl(env, "status")  # now RUN may be omitted again
         assert res.returncode == 0 and "beta" in res.stdout
         res = ctl(env, "status", "alpha")
@@ -226,25 +232,74 @@ def test_stale_socket_is_cleaned_and_run_must_be_named_among_several(env):
     assert res.returncode == 2 and "no live procctl run" in res.stderr
 
 
-def test_per_worker_commands_and_scale_need_support(env):
-    cli = start_run(env, "plain", workers=2)
+def test_per_worker_commands_and_scale_within_max_workers(env):
+    cli = start_run(env, "plain", "--max-workers", "3", workers=2)
     try:
-        from procctl import ProcessController
-
         for args in (["pause", "plain", "--workers", "0"], ["scale", "plain", "3"]):
             res = ctl(env, *args)
-            supported = (hasattr(ProcessController, "resize") if args[0] == "scale"
-                         else "workers" in ProcessController.pause.__code__.co_varnames)
-            if supported:
-                assert res.returncode == 0, res.stderr
-            else:
-                assert res.returncode == 1 and "does not support" in res.stderr, res.stderr
+            assert res.returncode == 0, res.stderr
+        res = ctl(env, "scale", "plain", "4")  # over --max-workers: refused, as SIGTTIN is
+        assert res.returncode == 1 and res.stdout == "", res.stderr
+        [line] = res.stderr.splitlines()
+        assert "--max-workers 3" in line
+        assert [w["alive"] for w in ctl_json(env, "status", "plain")["workers"]] == [True] * 3
         res = ctl(env, "pause", "plain", "--workers", "x")
         assert res.returncode == 2 and len(res.stderr.splitlines()) == 1
         ctl(env, "stop", "plain")
         assert cli.finish()[0] == 0
     finally:
         cli.kill()
+
+
+def test_a_signal_to_events_follow_only_ends_the_following(env):
+    cli = start_run(env, "watched", workers=1)
+    try:
+        for sig, code in ((signal.SIGINT, 130), (signal.SIGTERM, 143)):
+            follow = subprocess.Popen(CLI + ["events", "watched", "--follow"], stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True, env=env)
+            try:
+                assert json.loads(follow.stdout.readline())["worker"] == 0  # following now
+                follow.send_signal(sig)
+                _, err = follow.communicate(timeout=20)
+            finally:
+                follow.kill()
+                follow.wait()
+            assert follow.returncode == code and err == "", err  # no "stopping the workers": it has none
+        assert [w["alive"] for w in ctl_json(env, "status", "watched")["workers"]] == [True]
+        assert ctl(env, "stop", "watched").returncode == 0
+        assert cli.finish()[0] == 0
+    finally:
+        cli.kill()
+
+
+def test_pause_that_a_worker_does_not_acknowledge_is_a_failure(env):
+    # The workers are stuck in a C call (time.sleep): they never reach a checkpoint to acknowledge.
+    cli = start_run(env, "stuck", "--grace", "0.2", workers=2, target="targets_supervision:c_sleep")
+    try:
+        res = ctl(env, "pause", "stuck")
+        assert res.returncode == 1 and res.stdout == "", (res.stdout, res.stderr)
+        [line] = res.stderr.splitlines()
+        assert "did not acknowledge" in line and "stays posted" in line
+        assert ctl(env, "stop", "stuck").returncode == 0
+        cli.finish()
+    finally:
+        cli.kill()
+
+
+@pytest.mark.parametrize("n", ["99999999999999999999", "0", "-1", "nan", "abc", "1.5"])
+def test_scale_to_a_bad_size_is_bad_usage(env, n):
+    res = ctl(env, "scale", "somerun", n)  # checked before any run is looked for
+    assert res.returncode == 2 and res.stdout == "", res.stderr
+    [line] = res.stderr.splitlines()
+    assert n in line and ("range" in line or "integer" in line), line
+
+
+def assert_scale_refused(env, run):
+    """`procctl scale` on a run that cannot resize: one line, the refusal's exit status, nothing changed."""
+    res = ctl(env, "scale", run, "8")
+    assert res.returncode == 1 and res.stdout == "", (res.stdout, res.stderr)
+    [line] = res.stderr.splitlines()
+    assert "this run does not support scale" in line
 
 
 def test_metrics_over_http_and_a_script_with_control(env, tmp_path):
@@ -297,6 +352,7 @@ def test_map_has_a_control_socket(env, tmp_path):
         status = ctl_json(env, "status", "m")
         assert status["job"] == "map targets_control:slow_item" and len(status["workers"]) == 2
         assert ctl(env, "pause", "m").returncode == 0
+        assert_scale_refused(env, "m")
         events = [json.loads(line) for line in ctl(env, "events", "m").stdout.splitlines()]
         assert events[0]["event"] == "started"
         res = ctl(env, "stop", "m")
@@ -315,6 +371,10 @@ def test_procctl_stop_cancels_a_sum_run_cleanly(env):
                   cwd=TESTS, env=env)
     try:
         cli.wait_for(lambda lines: any('"received"' in line for line in lines))
+        before = [(w["id"], w["pid"]) for w in ctl_json(env, "status", "sum1")["workers"]]
+        assert_scale_refused(env, "sum1")  # its books are sized once: a resize would break the job
+        assert [(w["id"], w["pid"], w["alive"]) for w in ctl_json(env, "status", "sum1")["workers"]] == [
+            (i, pid, True) for i, pid in before]
         res = ctl(env, "stop", "sum1")
         assert res.returncode == 0, res.stderr
         code, out, err = cli.finish()

@@ -126,6 +126,22 @@ def test_q_stops_at_once_and_the_countdown_shows_during_a_grace(screen):
     assert "stopping now" in term.text or "2 killed" in term.text
 
 
+def test_plus_and_minus_keys_resize_from_the_size_within_max_workers(screen):
+    # Workers 0 and 1 finish at once: + and - count from the run's size (4), not its live workers (2).
+    term = screen(["run", "--workers", "4", "--max-workers", "5", "--target", "targets_control:first_two_finish",
+                   "--schedule", "run", "--step", "0"])
+    term.wait_for("keys: p pause")
+    term.wait_for("2 finished")
+    for key, note in [("+", "resized to 5 workers"), ("+", "cannot resize to 6 workers: more than --max-workers 5"),
+                      ("-", "resized to 4 workers")]:
+        term.key(key)
+        term.wait_for(note)
+    term.key("s")
+    assert term.finish() == 0
+    assert "Traceback" not in term.text
+    assert "summary: 5 workers, 2 finished, 3 stopped" in term.text  # 2 and 3 at the stop, 4 by the shrink
+
+
 def test_at_50_columns_columns_go_rather_than_the_state(screen):
     term = screen(["run", "--workers", "3", "--target", "targets_control:steady", "--schedule", "run",
                    "--step", "0"], cols=50)

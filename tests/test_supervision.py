@@ -371,7 +371,8 @@ def test_cli_sigttin_sigttou_resize(tests_dir):
     assert code == 143
     assert "--max-workers 3" in err
     summary = json_events(out)[-1]
-    assert summary["workers"] == 2 and summary["outcomes"] == {"stopped": 3}
+    # Three worker ids, each counted once with its last outcome (2 by the shrink, 0 and 1 at the end).
+    assert summary["workers"] == 3 and summary["outcomes"] == {"stopped": 3}
 
 
 def test_timeline_goes_on_after_a_restart(tmp_path):

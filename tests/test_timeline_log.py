@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
+import pytest
 from clihelp import run_cli
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
@@ -65,3 +67,41 @@ def test_a_log_torn_by_a_kill_still_draws(tmp_path):
     res = run_cli(["timeline", str(log)])
     assert res.returncode == 0, res.stderr
     assert out.exists() and 'data-worker="0"' in out.read_text()
+
+
+BAD_LINES = [  # each skipped as a torn line is: no finite time, or a worker that is not an id
+    '{"t": 1e400, "event": "running", "worker": 5}',
+    '{"t": NaN, "event": "running", "worker": 5}',
+    '{"t": "x", "event": "running", "worker": 5}',
+    '{"t": true, "event": "running", "worker": 5}',
+    '{"t": 1' + "0" * 400 + ', "event": "running", "worker": 5}',
+    '{"t": 0.3, "event": "running", "worker": "a"}',
+    '{"t": 0.3, "event": "running", "worker": -1}',
+    '{"t": 0.3, "event": "running", "worker": 1.5}',
+    '{"t": 0.3, "event": "running", "worker": 1' + "0" * 30 + '}',
+    '{"t": 0.3, "event": "broadcast", "state": "paused", "worker": {}}',
+    '{"event": "summary", "workers": 1' + "0" * 30 + ', "elapsed": Infinity}',
+    "[" * 100_000,
+]
+
+
+@pytest.mark.parametrize("fmt", ["svg", "chrome"])
+@pytest.mark.parametrize("good", [True, False], ids=["with-good-lines", "nothing-usable"])
+def test_bad_values_in_a_log_are_skipped(tmp_path, fmt, good):
+    log = tmp_path / "bad.jsonl"
+    lines = (['{"t": 0.1, "event": "running", "worker": 0}', '{"t": 0.2, "event": "broadcast", "state": "paused"}',
+              '{"t": 0.4, "event": "running", "worker": 0, "done": 1e400, "total": "x"}']  # progress: not numbers
+             if good else [])
+    log.write_text("\n".join(lines + BAD_LINES) + "\n")
+    out = tmp_path / ("out.svg" if fmt == "svg" else "out.json")
+    res = run_cli(["timeline", str(log), "--format", fmt, "-o", str(out)])
+    assert res.returncode == 0 and "Traceback" not in res.stderr, res.stderr
+    text = out.read_text()
+    if fmt == "chrome":
+        events = json.loads(text)["traceEvents"]
+        workers = {e["tid"] - 1 for e in events if e["tid"]}
+        assert workers == ({0} if good else set())
+        assert not [e for e in events if e["ph"] == "C"]  # the progress there was not a number
+    else:
+        assert re.findall(r'data-worker="([^"]*)"', text) == (["0"] if good else [])
+        assert text.count('class="broadcast ') == (1 if good else 0)
