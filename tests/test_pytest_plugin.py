@@ -239,7 +239,7 @@ def test_check_torn_down_before_the_factory_sees_no_workers(pytester, tmp_path):
 
 
 def test_factory_closes_on_a_signal_timeout(pytester, tmp_path):
-    pytester.makeini(CHECKED_INI + "timeout = 5\ntimeout_method = signal\n")
+    pytester.makeini(CHECKED_INI + "timeout = 3\ntimeout_method = signal\n")
     controlled_module(pytester, f"""
         def test_hangs(process_controller):
             start(process_controller, {str(tmp_path / "pids")!r})
