@@ -46,3 +46,9 @@ def fail(x):
 
 def crash_at_once(ctx):
     os._exit(3)
+
+
+def parent_pid(x):
+    """The pid of the process that started this worker: its node's Dask worker."""
+    time.sleep(0.01)
+    return os.getppid()

@@ -139,6 +139,14 @@ def test_executor_map_submit_pause_status(cluster):
     assert any(e.event == "task-failed" and e.node for e in events)
 
 
+def test_executor_spreads_tasks_over_the_nodes(cluster):
+    nodes = set(dask_worker_pids(cluster.scheduler_address).values())
+    with ClusterExecutor(cluster=cluster, workers_per_node=2, lease=5) as ex:
+        assert set(ex.map(cluster_targets.parent_pid, range(16))) == nodes
+        futs = [ex.submit(cluster_targets.parent_pid, i) for i in range(8)]
+        assert {f.result(timeout=20) for f in futs} == nodes
+
+
 def test_stop_hands_back_each_unfinished_item_once(cluster):
     with ClusterExecutor(cluster=cluster, workers_per_node=2, lease=5) as ex:
         futs = [ex.submit(cluster_targets.slow_square, i) for i in range(200)]

@@ -1,9 +1,10 @@
 """ClusterExecutor: ProcessExecutor's API over every node of a Dask cluster.
 
     caller threads              client (this module)                  node agents (agent.py)
-    submit()/map() -> pending   dispatch(): TASKS batches, at most     local ProcessExecutor
-                                WINDOW_PER_WORKER per node worker --->  (crash costs one task,
-    Future <- settle() -------  inbox: RESULT (tid, ok, value)  <----    retries, task_timeout)
+    submit()/map() -> pending   dispatch(): each task to the least     local ProcessExecutor
+                                loaded node (at most WINDOW_PER_WORKER (crash costs one task,
+                                per worker), one TASKS put a node ---> retries, task_timeout)
+    Future <- settle() -------  inbox: RESULT (tid, ok, value)  <----
                                 node lost: its tasks go back in line (counted as retries)
 
 The client knows which tasks each node holds. A task's future completes once,
@@ -112,6 +113,7 @@ class ClusterExecutor(Session, Executor):
         self._paused = False
         self._broken: str | None = None
         self._dispatching = threading.Lock()
+        self._turn = 0  # the node that gets the next task when loads are equal
         self._ops = threading.Lock()
         try:
             self.open(grace_s)
@@ -322,30 +324,32 @@ class ClusterExecutor(Session, Executor):
         self._dispatch()
 
     def _dispatch(self) -> None:
-        """Send waiting tasks to the nodes with room, in batches (one put per node)."""
+        """Deal waiting tasks to the live nodes with room, one at a time to the
+        least loaded (ties taken in turn), then send each node its batch in one put."""
         with self._dispatching:
             sends: list[tuple[Node, list[tuple[int, bytes]]]] = []
             with self.cond:
-                if self._paused or self._stopped:
+                if self._paused or self._stopped or not self._pending:
                     return
                 room = WINDOW_PER_WORKER * self.workers_per_node
-                for node in self.nodes:
-                    if not self._pending:
-                        break
-                    if node.ended or node.lost is not None:
-                        continue
+                live = [n for n in self.nodes if not n.ended and n.lost is None]
+                batches: dict[int, list[tuple[int, bytes]]] = {n.index: [] for n in live}
+                turn = self._turn
+                while self._pending and live:
+                    node = min(live, key=lambda n: (len(self._held[n.index]), (n.index - turn) % len(self.nodes)))
                     held = self._held[node.index]
-                    batch = []
-                    while self._pending and len(held) < room:
-                        task = self._pending.popleft()
-                        if not task.future.claim():  # cancelled meanwhile
-                            self._cancelled += len(task.items)
-                            continue
-                        task.node = node.index
-                        held[task.tid] = task
-                        batch.append((task.tid, task.blob))
-                    if batch:
-                        sends.append((node, batch))
+                    if len(held) >= room:
+                        break
+                    task = self._pending.popleft()
+                    if not task.future.claim():  # cancelled meanwhile
+                        self._cancelled += len(task.items)
+                        continue
+                    task.node = node.index
+                    held[task.tid] = task
+                    batches[node.index].append((task.tid, task.blob))
+                    turn = node.index + 1
+                self._turn = turn
+                sends = [(n, batches[n.index]) for n in live if batches[n.index]]
             for node, batch in sends:
                 self.send(node, Op.TASKS, batch, keep_answer=False)
 
