@@ -7,7 +7,6 @@ import importlib
 import math
 import os
 import signal
-import socket
 import sys
 import threading
 import time
@@ -438,8 +437,6 @@ def run_command(workers: int, target: str | None, schedule: str, step: float, fi
                                          heartbeat=plan.heartbeat)
         else:
             cluster_mod, address, local_nodes = cluster_spec
-            if address is not None:
-                check_reachable(cluster_address or address, address)
             if local_nodes:
                 local_cluster = cluster_mod.session.local_cluster(local_nodes)
                 address = local_cluster.scheduler_address
@@ -463,24 +460,6 @@ def run_command(workers: int, target: str | None, schedule: str, step: float, fi
 
 #: How long `run --cluster` waits for the scheduler before it gives up (exit 2).
 CLUSTER_CONNECT_TIMEOUT = 5.0
-
-
-def check_reachable(text: str, address: str) -> None:
-    """BadInput (exit 2) at once if nothing listens at a tcp:// (or tls://)
-    scheduler address; Dask's client would retry for CLUSTER_CONNECT_TIMEOUT
-    before it said so. Other failures are left to the client's own connect."""
-    scheme, _, rest = address.rpartition("://")
-    if scheme not in ("", "tcp", "tls"):
-        return
-    host, _, port = rest.rpartition(":")
-    try:
-        with socket.create_connection((host.strip("[]"), int(port)), timeout=CLUSTER_CONNECT_TIMEOUT):
-            return
-    except ConnectionRefusedError:
-        why = "connection refused"
-    except (OSError, ValueError):
-        return  # a name that does not resolve, a timeout: the client's connect says what
-    raise BadInput(f"--cluster {text!r}: cannot reach the Dask scheduler at {address}: {why}")
 
 
 def parse_cluster(text: str) -> tuple[Any, str | None, int]:
@@ -584,7 +563,13 @@ def _run(make: Callable[[Callable[[Event], None]], Any], workers: int, steps: li
         capture.sink = view.output if view is not None else reporter.passthrough
         capture.start()
     try:
-        with bridge.attach(wake=pc.wakeup, hurry=pc.kill, nudge=pc.wakeup):
+        def wake() -> None:
+            cancel_open = getattr(pc, "cancel_open", None)  # a cluster's connect and start give up at once
+            if bridge.stop_requested() and not ready and cancel_open is not None:
+                cancel_open()
+            pc.wakeup()
+
+        with bridge.attach(wake=wake, hurry=pc.kill, nudge=pc.wakeup):
             failed = _start(pc, bridge)
             if failed is not None:
                 return failed

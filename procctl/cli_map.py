@@ -279,31 +279,40 @@ class ClusterStartFailed(click.ClickException):
     """The cluster was reached, but its nodes could not run the workers (exit 1, one line)."""
 
 
-def connect_cluster(plan: MapPlan, cluster: ClusterPlan) -> tuple[ClusterExecutor, Any]:
+def connect_cluster(plan: MapPlan, cluster: ClusterPlan,
+                    bridge: SignalBridge) -> tuple[ClusterExecutor | None, Any]:
     """A ClusterExecutor with its agents up on every node, and the LocalCluster started for
     local:N (else None). BadInput (exit 2) if the scheduler cannot be reached in
-    CLUSTER_CONNECT_TIMEOUT; ClusterStartFailed (exit 1) if its nodes cannot start the workers."""
+    CLUSTER_CONNECT_TIMEOUT; ClusterStartFailed (exit 1) if its nodes cannot start the workers.
+    (None, None) when SIGINT or SIGTERM came meanwhile: the connect gives up at once."""
     from concurrent.futures import BrokenExecutor
 
-    from .cli import CLUSTER_CONNECT_TIMEOUT, check_reachable
+    from .cli import CLUSTER_CONNECT_TIMEOUT
     from .cluster import ClusterExecutor
-    from .cluster.session import local_cluster
+    from .cluster.session import cancel_opening, local_cluster
+
+    def wake() -> None:
+        if bridge.stop_requested():
+            cancel_opening()
 
     local: Any = None
-    if cluster.address is not None:
-        check_reachable(cluster.text, cluster.address)
     try:
         address = cluster.address
         if cluster.local_nodes:
             local = local_cluster(cluster.local_nodes)
             address = local.scheduler_address
-        executor = ClusterExecutor(
-            address=address, workers_per_node=cluster.workers_per_node, retries=plan.retries, lease=cluster.lease,
-            task_timeout=plan.task_timeout, grace=plan.grace, start_method=plan.start_method or "fork",
-            connect_timeout=CLUSTER_CONNECT_TIMEOUT)
+        with bridge.attach(wake=wake, hurry=lambda: None):
+            if bridge.stop_requested():
+                raise InterruptedError("stopped before the connect")
+            executor = ClusterExecutor(
+                address=address, workers_per_node=cluster.workers_per_node, retries=plan.retries,
+                lease=cluster.lease, task_timeout=plan.task_timeout, grace=plan.grace,
+                start_method=plan.start_method or "fork", connect_timeout=CLUSTER_CONNECT_TIMEOUT)
     except BaseException as exc:
         if local is not None:
             local.close()
+        if isinstance(exc, InterruptedError) and bridge.stop_requested():
+            return None, None  # the run says it stopped before it started
         why = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         if isinstance(exc, (ConnectionError, ValueError)):
             raise BadInput(f"--cluster {cluster.text!r}: {why}") from None
@@ -776,7 +785,7 @@ def map_command(spec: str, items_path: str, raw_lines: bool, workers: int | None
         # Everything is checked: connect now, before the joblog is truncated or a line
         # is printed, so that an address that cannot be reached is one line and exit 2
         # (also when there is nothing to run: the address is input like any other).
-        executor, local_cluster = connect_cluster(plan, plan.cluster)
+        executor, local_cluster = connect_cluster(plan, plan.cluster, bridge)
     try:
         return _map(plan, bridge, control, executor, json_lines, quiet, events_path)
     finally:

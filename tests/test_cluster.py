@@ -10,6 +10,7 @@ import concurrent.futures
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -285,6 +286,50 @@ def test_bad_address_and_arguments():
         ClusterController(cluster_targets.loop, address="tcp://127.0.0.1:9", lease=float("nan"))
     with pytest.raises(ValueError, match="workers_per_node"):
         ClusterExecutor(address="tcp://127.0.0.1:9", workers_per_node=0)
+
+
+@pytest.fixture
+def silent_address():
+    """An address that accepts TCP connections but never speaks Dask."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(8)
+        yield sock, f"tcp://127.0.0.1:{sock.getsockname()[1]}"
+
+
+def test_an_address_that_does_not_speak_dask_is_a_connection_error(silent_address):
+    _, address = silent_address
+    started = time.monotonic()
+    with pytest.raises(ConnectionError, match=address):
+        ClusterController(cluster_targets.loop, address=address, connect_timeout=1).start()
+    with pytest.raises(ConnectionError, match=address):
+        ClusterExecutor(address=address, connect_timeout=1)
+    assert time.monotonic() - started < 8  # about connect_timeout each; Dask's own client hangs
+
+
+def test_cli_on_an_address_that_does_not_speak_dask(silent_address, tests_dir, tmp_path):
+    sock, address = silent_address
+    # A SIGTERM while it connects ends it at once (it used to wait for the socket to close).
+    (tmp_path / "items").write_text("1\n")
+    proc = subprocess.Popen([sys.executable, "-m", "procctl", "map", "cluster_targets:square", "--items",
+                             str(tmp_path / "items"), "--cluster", address, "--quiet"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, cwd=tests_dir, text=True)
+    try:
+        sock.settimeout(20)
+        check, _ = sock.accept()  # its refusal check
+        handshake, _ = sock.accept()  # it waits for the handshake now
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=3)
+        check.close()
+        handshake.close()
+    finally:
+        proc.kill()
+        proc.communicate(timeout=10)
+    assert proc.returncode == 143, err
+    # Else one line and exit 2 after its connect timeout.
+    res = subprocess.run([sys.executable, "-m", "procctl", "run", "--cluster", address, "--workers-per-node", "1",
+                          "--quiet"], capture_output=True, text=True, timeout=30)
+    assert res.returncode == 2 and len(res.stderr.splitlines()) == 1 and address in res.stderr, res.stderr
 
 
 @pytest.mark.parametrize("args, says", [

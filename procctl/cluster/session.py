@@ -14,9 +14,13 @@ node that has said nothing for longer than its lease.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
+import os
+import select
 import signal
+import socket
 import threading
 import time
 import uuid
@@ -27,6 +31,7 @@ from typing import Any
 import dask
 from distributed import Client, Future, Queue, WorkerPlugin
 from distributed import Event as DaskEvent
+from distributed.comm.core import connect as comm_connect
 
 from .. import threads
 from ..controller import check_timeout
@@ -65,18 +70,134 @@ def scheduler_address(address: str | None, cluster: Any) -> str:
 
 
 def connect(address: str | None = None, cluster: Any = None, *, timeout: float = CONNECT_TIMEOUT) -> Client:
-    """A Dask client for the scheduler at `address`, or ConnectionError within `timeout` seconds."""
+    """A Dask client for the scheduler at `address`, or ConnectionError within about `timeout` seconds
+    (also from an address that accepts the connection but does not answer as a Dask scheduler)."""
     address = scheduler_address(address, cluster)
     seconds = check_timeout("timeout", timeout, allow_none=False)
     assert seconds is not None
-    if math.isinf(seconds):
-        seconds = 86400.0
+    attempt = Connecting(address, seconds)
     try:
-        return Client(address, timeout=seconds, set_as_default=False)
-    except ValueError as exc:
-        raise ValueError(f"address {address!r} is not a Dask scheduler address: {exc}") from None
-    except (OSError, TimeoutError) as exc:
-        raise ConnectionError(f"cannot reach the Dask scheduler at {address}: {exc}") from None
+        return attempt.wait()
+    finally:
+        attempt.close()
+
+
+class Connecting:
+    """One connect to a scheduler, in a helper thread: the caller's wait ends
+    after the timeout, or at once on `cancel()`, whatever the other side does.
+
+    Dask's own client waits without a bound for the scheduler's handshake, so
+    a socket that listens but never speaks Dask would hang it, and one that
+    answers in another protocol can make it allocate exabytes: the thread
+    first shakes hands with Dask's own `comm.connect`, under a deadline, then
+    opens the client. A client that comes after the caller gave up is closed.
+    """
+
+    def __init__(self, address: str, seconds: float) -> None:
+        self.address = address
+        self.seconds = 86400.0 if math.isinf(seconds) else seconds
+        self._r, self._w = os.pipe()
+        os.set_blocking(self._w, False)
+        self._lock = threading.Lock()
+        self._abandoned = False
+        self._done = False
+        self._closed = False
+        self._client: Client | None = None
+        self._error: BaseException | None = None
+        threads.start(threading.Thread(target=self._attempt, name="procctl-cluster-connect", daemon=True))
+
+    def _attempt(self) -> None:
+        client: Client | None = None
+        error: BaseException | None = None
+        deadline = time.monotonic() + self.seconds
+        try:
+            _refused_at_once(self.address, self.seconds)
+            asyncio.run(_shake_hands(self.address, self.seconds))
+            client = Client(self.address, timeout=max(0.1, deadline - time.monotonic()), set_as_default=False)
+        except ValueError as exc:
+            error = ValueError(f"address {self.address!r} is not a Dask scheduler address: {exc}")
+        except (OSError, asyncio.TimeoutError) as exc:
+            why = str(exc) or f"no answer as a Dask scheduler within {self.seconds:g}s"
+            error = ConnectionError(f"cannot reach the Dask scheduler at {self.address}: {why}")
+        except BaseException as exc:  # noqa: BLE001 - garbage on the wire (a MemoryError from a bogus length)
+            error = ConnectionError(f"{self.address} does not answer as a Dask scheduler "
+                                    f"({type(exc).__name__}: {exc!s:.80})")
+        with self._lock:
+            if not self._abandoned:
+                self._client, self._error, self._done = client, error, True
+                self._wake(b"d")
+                return
+        if client is not None:  # the caller gave up on it
+            _close_quietly(client)
+
+    def _wake(self, byte: bytes) -> None:
+        try:
+            os.write(self._w, byte)
+        except OSError:  # the pipe is full: the caller is woken all the same
+            pass
+
+    def cancel(self) -> None:
+        """Make wait() give up at once (InterruptedError). Safe from a signal handler."""
+        if not self._closed:
+            self._wake(b"c")
+
+    def wait(self) -> Client:
+        """The client; ConnectionError after the timeout, InterruptedError on cancel()."""
+        deadline = time.monotonic() + self.seconds + 1.0  # the thread's own bounds come first
+        cancelled = False
+        while not cancelled:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([self._r], [], [], left)[0]:
+                break
+            cancelled = b"c" in os.read(self._r, 64)
+            with self._lock:
+                if self._done:
+                    break
+        with self._lock:
+            if self._done:
+                if self._error is not None:
+                    raise self._error
+                assert self._client is not None
+                return self._client
+            self._abandoned = True
+        if cancelled:
+            raise InterruptedError(f"the connection to the Dask scheduler at {self.address} was cancelled")
+        raise ConnectionError(f"the Dask scheduler at {self.address} did not answer within {self.seconds:g}s")
+
+    def close(self) -> None:
+        with self._lock:
+            self._abandoned = True  # no write to the pipe from here on
+        self._closed = True
+        os.close(self._r)
+        os.close(self._w)
+
+
+def _refused_at_once(address: str, seconds: float) -> None:
+    """ConnectionRefusedError at once when nothing listens at a tcp:// address
+    (Dask's connect would try again until its timeout)."""
+    scheme, _, rest = address.rpartition("://")
+    if scheme not in ("", "tcp"):
+        return
+    host, _, port = rest.rpartition(":")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=seconds):
+            return
+    except ConnectionRefusedError:
+        raise
+    except (OSError, ValueError):
+        return  # a name that does not resolve, a timeout: Dask's connect says what
+
+
+async def _shake_hands(address: str, seconds: float) -> None:
+    comm = await asyncio.wait_for(comm_connect(address, timeout=seconds), seconds)
+    await comm.close()
+
+
+def _close_quietly(client: Client) -> None:
+    try:
+        client.close(timeout=SLACK)
+    except Exception:  # noqa: BLE001 - closing a client of a dead scheduler
+        log.debug("closing the Dask client failed", exc_info=True)
 
 
 @dataclass
@@ -126,6 +247,8 @@ class Session:
         self._keeper_stop = threading.Event()  # the keeper's stop
         self._closing = False
         self._kill_requested = False
+        self._open_cancelled = False
+        self._connecting: Connecting | None = None
         self._lease_sent = 0.0
         self._wall0 = time.time()
         self._t0 = time.monotonic()
@@ -164,8 +287,45 @@ class Session:
     # -- start and close ---------------------------------------------------------------
 
     def open(self, grace: float, start_timeout: float = START_TIMEOUT) -> None:
-        """Connect, start one agent per node, and return once each said hello."""
-        self.client = connect(self._address, self._cluster, timeout=self.connect_timeout)
+        """Connect, start one agent per node, and return once each said hello.
+
+        InterruptedError when `cancel_open()` (or `cancel_opening()`) came meanwhile."""
+        _OPENING.add(self)
+        try:
+            self._open(grace, start_timeout)
+        finally:
+            _OPENING.discard(self)
+
+    def cancel_open(self) -> None:
+        """Make an open() under way give up at once (InterruptedError). Safe from a signal handler."""
+        self._open_cancelled = True
+        attempt = self._connecting
+        if attempt is not None:
+            attempt.cancel()
+        if self.cond.acquire(blocking=False):
+            try:
+                self.cond.notify_all()
+            finally:
+                self.cond.release()
+        else:  # held for a moment by another thread: a thread of ours notifies once it lets go
+            threads.start(threading.Thread(target=self._notify_all, name="procctl-cluster-cancel", daemon=True))
+
+    def _notify_all(self) -> None:
+        with self.cond:
+            self.cond.notify_all()
+
+    def _open(self, grace: float, start_timeout: float) -> None:
+        address = scheduler_address(self._address, self._cluster)
+        seconds = check_timeout("connect_timeout", self.connect_timeout, allow_none=False)
+        assert seconds is not None
+        attempt = self._connecting = Connecting(address, seconds)
+        try:
+            if self._open_cancelled:
+                attempt.cancel()
+            self.client = attempt.wait()
+        finally:
+            self._connecting = None
+            attempt.close()
         try:
             self.client.wait_for_workers(1, timeout=self.connect_timeout)
         except TimeoutError:
@@ -196,8 +356,10 @@ class Session:
         self._keeper = threading.Thread(target=self._keep, name="procctl-cluster-lease", daemon=True)
         threads.start(self._keeper)
         with self.cond:
-            ok = self.cond.wait_for(lambda: all(n.hello is not None or n.ended for n in self.nodes),
-                                    start_timeout)
+            ok = self.cond.wait_for(lambda: self._open_cancelled
+                                    or all(n.hello is not None or n.ended for n in self.nodes), start_timeout)
+        if self._open_cancelled:
+            raise InterruptedError("the start of the node agents was cancelled")
         if not ok:
             slow = [n.address for n in self.nodes if n.hello is None]
             raise TimeoutError(f"the node agents on {slow} did not start within {start_timeout:.0f}s")
@@ -405,6 +567,18 @@ class Session:
     def t_of(self, wall: float) -> float:
         """An agent's wall-clock time as seconds since this run started."""
         return round(max(0.0, wall - self._wall0), 6)
+
+
+#: The sessions whose open() is under way, for cancel_opening().
+_OPENING: set[Session] = set()
+
+
+def cancel_opening() -> None:
+    """Make every ClusterController start and ClusterExecutor construction under
+    way in this process give up at once (InterruptedError): the command line's
+    answer to SIGINT or SIGTERM while it connects. Safe from a signal handler."""
+    for session in list(_OPENING):
+        session.cancel_open()
 
 
 def close_queue(q: Any) -> None:
