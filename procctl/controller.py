@@ -201,6 +201,15 @@ class _Deadline:
         return min(MAX_WAIT, max(0.0, self.at - time.monotonic()))
 
 
+def check_start_method(start_method: Any) -> str | None:
+    """`start_method`, if this system has it (or None: its default); else ValueError naming it."""
+    methods = multiprocessing.get_all_start_methods()
+    if start_method is not None and start_method not in methods:
+        raise ValueError(f"start_method must be one of {', '.join(map(repr, methods))} or None, "
+                         f"not {start_method!r}")
+    return start_method  # type: ignore[no-any-return]
+
+
 def check_timeout(name: str, value: Any, *, allow_none: bool = True) -> float | None:
     """Validate a timeout argument: None (if allowed), or a number >= 0;
     float('inf') means no limit. NaN and negative numbers raise ValueError."""
@@ -335,7 +344,7 @@ class ProcessController:
         if initial_state is State.STOPPED:
             raise ValueError("initial_state must be PAUSED or RUNNING")
         plan = Plan.check(restart, max_restarts, restart_window, backoff, strategy, heartbeat)
-        self._mp: Any = multiprocessing.get_context(start_method)  # typeshed's BaseContext lacks Process
+        self._mp: Any = multiprocessing.get_context(check_start_method(start_method))  # (typeshed lacks Process)
         self.start_method: str = self._mp.get_start_method()
         self.target = target
         self.workers = workers

@@ -50,7 +50,7 @@ from typing import Any
 
 from . import threads, workwire
 from .channel import InheritedFd
-from .controller import MAX_WAIT, ProcessController
+from .controller import MAX_WAIT, ProcessController, check_start_method
 from .errors import RemoteTraceback, TaskTimeout, WorkerCrashed
 from .shutdown import describe_exit, signal_name
 from .states import Event, Outcome, State, WorkerReport, WorkerStatus
@@ -320,6 +320,27 @@ class _WorkerLine:
         self.up = False
 
 
+def check_task_timeout(task_timeout: Any) -> float | None:
+    """`task_timeout` in seconds (None: no limit, as is infinity); else TypeError/ValueError naming it."""
+    if task_timeout is None:
+        return None
+    if isinstance(task_timeout, bool) or not isinstance(task_timeout, (int, float)):
+        raise TypeError(f"task_timeout must be a number of seconds, not {task_timeout!r}")
+    if not task_timeout > 0 or math.isnan(task_timeout):
+        raise ValueError(f"task_timeout must be > 0, not {task_timeout!r}")
+    return None if math.isinf(task_timeout) else task_timeout
+
+
+def check_initializer(initializer: Any, initargs: Any) -> tuple[Any, ...]:
+    """`initargs` as a tuple, once `initializer` is None or callable; else TypeError naming them."""
+    if initializer is not None and not callable(initializer):
+        raise TypeError("initializer must be callable")
+    try:
+        return tuple(initargs)
+    except TypeError:
+        raise TypeError(f"initargs must be a tuple of arguments, not {type(initargs).__name__}") from None
+
+
 def map_deadline(timeout: Any) -> float | None:
     """When map()'s `timeout` ends (monotonic; None: no limit, also for inf).
 
@@ -371,13 +392,7 @@ class ProcessExecutor(Executor):
             raise ValueError(f"max_workers must be a positive integer, not {max_workers!r}")
         if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
             raise ValueError(f"retries must be an integer >= 0, not {retries!r}")
-        if task_timeout is not None:
-            if isinstance(task_timeout, bool) or not isinstance(task_timeout, (int, float)):
-                raise TypeError(f"task_timeout must be a number of seconds, not {task_timeout!r}")
-            if not task_timeout > 0 or math.isnan(task_timeout):
-                raise ValueError(f"task_timeout must be > 0, not {task_timeout!r}")
-            if math.isinf(task_timeout):
-                task_timeout = None
+        task_timeout = check_task_timeout(task_timeout)
         if isinstance(grace, bool) or not isinstance(grace, (int, float)) or not grace >= 0:
             raise ValueError(f"grace must be a number of seconds >= 0, not {grace!r}")
         if max_tasks_per_worker is None:
@@ -387,12 +402,7 @@ class ProcessExecutor(Executor):
             or max_tasks_per_worker < 1
         ):
             raise ValueError(f"max_tasks_per_worker must be a positive integer, not {max_tasks_per_worker!r}")
-        if initializer is not None and not callable(initializer):
-            raise TypeError("initializer must be callable")
-        try:
-            initargs = tuple(initargs)
-        except TypeError:
-            raise TypeError(f"initargs must be a tuple of arguments, not {type(initargs).__name__}") from None
+        initargs = check_initializer(initializer, initargs)
         if mp_context is not None:
             if start_method is not None:
                 raise ValueError("give start_method or mp_context, not both")
@@ -401,6 +411,7 @@ class ProcessExecutor(Executor):
                 raise TypeError(f"mp_context must be a multiprocessing context (multiprocessing.get_context(...)), "
                                 f"not {mp_context!r}")
             start_method = get_start_method()
+        check_start_method(start_method)
         self.retries = retries
         self.task_timeout = task_timeout
         self.grace = float(grace)

@@ -25,7 +25,7 @@ import dask  # noqa: E402
 from distributed import Client, LocalCluster  # noqa: E402
 from procs import still_running  # noqa: E402
 
-from procctl import Outcome, State  # noqa: E402
+from procctl import Outcome, State, WorkerStartError  # noqa: E402
 from procctl.cluster import ClusterController, ClusterExecutor  # noqa: E402
 from procctl.cluster.session import claim, local_cluster  # noqa: E402
 
@@ -330,6 +330,29 @@ def test_cli_on_an_address_that_does_not_speak_dask(silent_address, tests_dir, t
     res = subprocess.run([sys.executable, "-m", "procctl", "run", "--cluster", address, "--workers-per-node", "1",
                           "--quiet"], capture_output=True, text=True, timeout=30)
     assert res.returncode == 2 and len(res.stderr.splitlines()) == 1 and address in res.stderr, res.stderr
+
+
+@pytest.mark.parametrize("kwargs, error, says", [
+    ({"task_timeout": -1}, ValueError, "task_timeout"),
+    ({"task_timeout": float("nan")}, ValueError, "task_timeout"),
+    ({"initializer": 3}, TypeError, "initializer"),
+    ({"start_method": "bogus"}, ValueError, "start_method"),
+    ({"workers_per_node": 10**6}, ValueError, "workers_per_node"),
+])
+def test_arguments_are_checked_before_connecting(kwargs, error, says):
+    # The address would be a ConnectionError: the check comes first.
+    with pytest.raises(error, match=says):
+        ClusterExecutor(address="tcp://127.0.0.1:9", **kwargs)
+    if "start_method" in kwargs or "workers_per_node" in kwargs:
+        with pytest.raises(error, match=says):
+            ClusterController(cluster_targets.loop, address="tcp://127.0.0.1:9", **kwargs)
+
+
+def test_a_node_that_cannot_start_says_why(cluster, monkeypatch):
+    # Past the client's own check, the node's ProcessController refuses it: its error, not a timeout.
+    monkeypatch.setattr("procctl.cluster.controller.check_start_method", lambda method: method, raising=False)
+    with pytest.raises(WorkerStartError, match="ValueError: start_method must be one of"):
+        ClusterController(cluster_targets.loop, 1, cluster=cluster, start_method="bogus").start()
 
 
 @pytest.mark.parametrize("args, says", [

@@ -215,7 +215,8 @@ def _allow_children() -> None:
 class ControllerAgent(Agent):
     def __init__(self, spec: AgentSpec, pc_args: dict[str, Any]) -> None:
         super().__init__(spec)
-        self.pc = ProcessController(on_event=self._on_event, **pc_args)
+        self.pc_args = pc_args
+        self.pc: ProcessController | None = None
         self.watcher: threading.Thread | None = None
         # What happens during start() (a worker that ends at once) is held
         # until HELLO has told the client which workers there are: a report
@@ -224,6 +225,8 @@ class ControllerAgent(Agent):
         self._early_lock = threading.Lock()
 
     def start(self) -> None:
+        # Made here, not in __init__: its errors (a bad argument) go to the client in GONE.
+        self.pc = ProcessController(on_event=self._on_event, **self.pc_args)
         self.pc.start()
         pids = [s.pid for s in self.pc.status()]  # (may pump: events land in _early)
         with self._early_lock:
@@ -240,7 +243,8 @@ class ControllerAgent(Agent):
         if event.event == "broadcast":
             return  # the client says its own
         said = [(Up.EVENT, (time.time(), event))]
-        if event.worker is not None and event.event in ("finished", "stopped", "failed", "crashed", "killed"):
+        if self.pc is not None and event.worker is not None and event.event in (
+                "finished", "stopped", "failed", "crashed", "killed"):
             report = self.pc.reports.get(event.worker)
             if report is not None:
                 said.append((Up.REPORT, _picklable_report(report)))
@@ -252,6 +256,7 @@ class ControllerAgent(Agent):
             self.outbox.say(kind, body=body)
 
     def apply(self, cmd: Command) -> Any:
+        assert self.pc is not None
         if cmd.op is Op.BROADCAST:
             state, timeout = cmd.arg
             try:
@@ -273,10 +278,12 @@ class ControllerAgent(Agent):
         raise ValueError(f"unknown command {cmd.op}")
 
     def lease_lost(self) -> None:
-        self.pc.stop()
+        if self.pc is not None:
+            self.pc.stop()
 
     def close(self) -> None:
-        self.pc.close()
+        if self.pc is not None:
+            self.pc.close()
         if self.watcher is not None:
             self.watcher.join(FLUSH_TIMEOUT)
 
@@ -306,9 +313,9 @@ def _run_agent(spec: AgentSpec, make: Callable[[], Agent]) -> str:
     try:
         try:
             agent.start()
-        except BaseException as exc:
+        except Exception as exc:  # noqa: BLE001 - told to the client (GONE), which raises it
             agent.gone_why = f"{type(exc).__name__}: {exc}"
-            raise
+            return agent.gone_why
         agent.serve()
     finally:
         agent.close()

@@ -18,7 +18,8 @@ from dataclasses import replace
 from typing import Any
 
 from .. import shutdown, threads
-from ..controller import ACK_TIMEOUT, WorkerStartError, check_timeout
+from ..controller import ACK_TIMEOUT, WorkerStartError, check_start_method, check_timeout
+from ..limits import capacity_problem
 from ..states import CLEAN_OUTCOMES, Event, Outcome, State, WorkerReport, WorkerStatus
 from .agent import run_controller_agent
 from .session import CONNECT_TIMEOUT, SLACK, START_TIMEOUT, Node, Session, connect
@@ -76,6 +77,10 @@ class ClusterController(Session):
             raise TypeError(f"target must be callable, not {type(target).__name__}")
         if isinstance(workers_per_node, bool) or not isinstance(workers_per_node, int) or workers_per_node < 1:
             raise ValueError(f"workers_per_node must be a positive integer, not {workers_per_node!r}")
+        too_many = capacity_problem(workers_per_node)
+        if too_many is not None:
+            raise ValueError(f"workers_per_node={workers_per_node} is more than this system lets us start: {too_many}")
+        check_start_method(start_method)  # (the nodes check it too, but only once connected)
         if isinstance(args, (str, bytes)) or not isinstance(args, (tuple, list)):
             raise TypeError(f"args must be a tuple or list of arguments, not {type(args).__name__}")
         if kwargs is not None and not (isinstance(kwargs, Mapping) and all(isinstance(k, str) for k in kwargs)):

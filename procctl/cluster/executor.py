@@ -30,9 +30,19 @@ from typing import Any
 import cloudpickle
 
 from .. import shutdown
-from ..controller import MAX_WAIT, check_timeout
+from ..controller import MAX_WAIT, check_start_method, check_timeout
 from ..errors import RemoteTraceback
-from ..executor import MAX_AUTO_CHUNK, TaskCounts, Unfinished, _item_of, _TaskFuture, map_deadline
+from ..executor import (
+    MAX_AUTO_CHUNK,
+    TaskCounts,
+    Unfinished,
+    _item_of,
+    _TaskFuture,
+    check_initializer,
+    check_task_timeout,
+    map_deadline,
+)
+from ..limits import capacity_problem
 from ..states import Event, State, WorkerStatus
 from .agent import run_executor_agent
 from .session import CONNECT_TIMEOUT, SLACK, Node, Session
@@ -89,10 +99,17 @@ class ClusterExecutor(Session, Executor):
             raise ValueError(f"workers_per_node must be a positive integer, not {workers_per_node!r}")
         if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
             raise ValueError(f"retries must be an integer >= 0, not {retries!r}")
+        too_many = capacity_problem(workers_per_node)
+        if too_many is not None:
+            raise ValueError(f"workers_per_node={workers_per_node} is more than this system lets us start: {too_many}")
         if on_event is not None and not callable(on_event):
             raise TypeError(f"on_event must be callable, not {type(on_event).__name__}")
         grace_s = check_timeout("grace", grace, allow_none=False)
         assert grace_s is not None
+        # The nodes' ProcessExecutors check them all the same, but only once connected.
+        task_timeout = check_task_timeout(task_timeout)
+        initargs = check_initializer(initializer, initargs)
+        check_start_method(start_method)
         super().__init__(address, cluster, lease, connect_timeout)
         self.workers_per_node = workers_per_node
         self.grace = grace_s

@@ -521,16 +521,14 @@ class Session:
             self.on_message(node, msg)
 
     def _agent_done(self, node: Node, fut: Future[Any]) -> None:
-        # In the client's event loop thread: only bookkeeping here.
-        why = None
+        # In the client's event loop thread: only bookkeeping here. A failed
+        # agent's exception is fetched by a thread of ours: fetching it here
+        # would wait on this very loop (a "timed out after 0 s" instead of the error).
         if fut.status == "error":
-            try:
-                exc = fut.exception(timeout=0)
-            except Exception as err:  # noqa: BLE001
-                exc = err
-            why = f"{type(exc).__name__}: {exc}"
-        elif fut.status == "cancelled":
-            why = "its agent was cancelled"
+            threads.start(threading.Thread(target=self._agent_failed, args=(node, fut),
+                                           name="procctl-cluster-agent-error", daemon=True))
+            return
+        why = "its agent was cancelled" if fut.status == "cancelled" else None
         with self.cond:
             if not node.ended:
                 if why is None:
@@ -540,6 +538,17 @@ class Session:
                 else:
                     node.ended = True
                     self._lose(node, why)
+            self.cond.notify_all()
+
+    def _agent_failed(self, node: Node, fut: Future[Any]) -> None:
+        try:
+            exc = fut.exception(timeout=SLACK)
+        except Exception as err:  # noqa: BLE001 - the scheduler is gone meanwhile
+            exc = err
+        with self.cond:
+            if not node.ended:
+                node.ended = True
+                self._lose(node, f"{type(exc).__name__}: {exc}")
             self.cond.notify_all()
 
     def _lose(self, node: Node, why: str) -> None:
