@@ -348,6 +348,11 @@ class ProcessController:
         self.start_method: str = self._mp.get_start_method()
         self.target = target
         self.workers = workers
+        #: What the workers' ctx.worker_id and ctx.workers say: (base, total) makes them
+        #: base + worker id, of total (None: self.workers). A cluster node's agent sets it
+        #: before start(), so that its workers see their global ids; everything else here
+        #: (reports, status, events) keeps the local ids.
+        self.context_ids: tuple[int, int | None] = (0, None)
         self.grace = grace
         self.initial_state: State = initial_state
         self.ack_timeout = ack_timeout
@@ -528,6 +533,7 @@ class ProcessController:
             cgroup=cgroup,
             restarts=restarts,
             end=link.child_end(wid, self._board) if self.start_method == "fork" else None,
+            id_base=self.context_ids[0], total=self.context_ids[1],
         )
         process = self._mp.Process(target=worker_main, args=(spec,), name=f"procctl-worker-{wid}")
         return _Birth(wid, restarts, cgroup, link, process, work_fd)

@@ -119,6 +119,10 @@ class WorkerSpec:
     restarts: int = 0
     #: Under fork: the worker's end, made by the manager (WorkerLink.child_end).
     end: ControlEnd | None = None
+    #: What ctx.worker_id and ctx.workers say, when not worker_id and workers: a
+    #: cluster node's workers are numbered id_base + local id, of all the nodes' workers.
+    id_base: int = 0
+    total: int | None = None
 
 
 class WorkerContext:
@@ -249,7 +253,7 @@ class WorkerContext:
         # One chained comparison each; NaN fails it too.
         if not 0.0 <= d < _INF or not (total is None or 0.0 <= t < _INF):
             raise ValueError(_bad_progress(done, total))
-        self._end.board.set_progress(self.worker_id, d, t)
+        self._end.board.set_progress(self._end.worker, d, t)
         if self._end.command() != self._applied:
             self._answer_probe()  # progress is a sign of life too
         if info:
@@ -288,14 +292,14 @@ class WorkerContext:
 
     def _answer_probe(self) -> None:
         """Store the heartbeat probe of the command word: we are alive."""
-        self._end.board.set_beat(self.worker_id, probe_of(self._end.command()))
+        self._end.board.set_beat(self._end.worker, probe_of(self._end.command()))
 
     def _apply(self) -> None:
         # Drain first, then read: a command posted in between rings again.
         self._end.drain_doorbell()
         word = self._end.command()
         if word != self._applied:
-            self._end.board.set_beat(self.worker_id, probe_of(word))
+            self._end.board.set_beat(self._end.worker, probe_of(word))
         probe_only = self._applied >= 0 and (word ^ self._applied) & COMMAND_MASK == 0
         self._applied = word
         if probe_only:
@@ -341,7 +345,7 @@ class WorkerContext:
         # after the grace period): then die of it. An unmarked SIGTERM came
         # from elsewhere (a SIGTERM to the whole process group, say) and asks
         # for a graceful stop, as the manager will ask too; a second one kills.
-        if self._term_requested or self._end.board.terminate_marked(self.worker_id):
+        if self._term_requested or self._end.board.terminate_marked(self._end.worker):
             containment.end_descendants()
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             os.kill(os.getpid(), signal.SIGTERM)
@@ -523,7 +527,8 @@ def worker_main(spec: WorkerSpec) -> None:
     work = None
     if spec.work is not None:
         work = WorkEnd(socket.socket(fileno=spec.work.detach()), spec.channels)
-    ctx = WorkerContext(spec.worker_id, end, manager_fd, spec.workers, work, spec.restarts)
+    ctx = WorkerContext(spec.id_base + spec.worker_id, end, manager_fd, spec.total or spec.workers, work,
+                        spec.restarts)
     global _current
     _current = ctx
     _reset_signals(ctx)

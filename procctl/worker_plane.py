@@ -347,7 +347,7 @@ def _run_chunk(ctx: WorkerContext, fn: Callable[..., Any], items: list[Any], sta
         if not ctx.checkpoint():
             return _BETWEEN
         if timed:
-            ctx._end.board.set_item_started(ctx.worker_id, time.monotonic())
+            ctx._end.board.set_item_started(ctx._end.worker, time.monotonic())
         t0 = clock()
         block = items[i:i + step]
         out = list(itertools.starmap(fn, block) if star else map(fn, block))

@@ -10,13 +10,13 @@ def loop(ctx):
     """Run until stopped; ctx.sleep keeps it responsive."""
     while ctx.checkpoint():
         ctx.sleep(0.01)
-    return ctx.worker_id
+    return ctx.worker_id, ctx.workers
 
 
 def by_id(ctx):
-    """Local worker 0 finishes, 1 fails, 2 crashes (node 1's worker 0 and 1 ...)."""
+    """With 3 workers a node: each node's first worker finishes, its second fails, its third runs until stopped."""
     ctx.checkpoint()
-    kind = ctx.worker_id
+    kind = ctx.worker_id % 3
     if kind == 0:
         return "done"
     if kind == 1:

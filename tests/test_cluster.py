@@ -69,7 +69,7 @@ def test_run_pause_stop_across_two_nodes(cluster):
     for wid, r in reports.items():
         assert r.outcome is Outcome.STOPPED
         assert r.node == nodes[wid // 2]
-        assert r.result == wid % 2  # the local id, as the target returns it
+        assert r.result == (wid, 4)  # ctx.worker_id is the global id; ctx.workers counts every node's
     assert still_running(pids, timeout=5) == []
     seen = {(e.worker, e.event) for e in events if e.worker is not None}
     assert {(w, "running") for w in range(4)} <= seen

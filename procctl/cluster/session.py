@@ -341,7 +341,7 @@ class Session:
             self.nodes.append(node)
         for node in self.nodes:
             spec = AgentSpec(self.run_id, node.index, names[node.index], up, self.lease, beat, grace,
-                             f"procctl-{self.run_id}-claim-{node.index}")
+                             f"procctl-{self.run_id}-claim-{node.index}", len(self.nodes))
             fn, args = self.agent_call(spec)
             # A node agent runs once, on its node: never on another worker, never
             # again after its worker died (the claim Event guards the scheduler's

@@ -67,6 +67,7 @@ class AgentSpec:
     beat: float  # seconds between two BEATs when nothing else is said
     grace: float
     claim: str  # the name of the Event that marks this agent as started once
+    nodes: int = 1  # how many nodes the run has (a worker's ctx.workers counts them all)
 
 
 def queue_names(run: str, nodes: int) -> tuple[list[str], str]:
