@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
+import logging
 import os
 import signal
 import socket
@@ -161,6 +162,22 @@ def test_stop_hands_back_each_unfinished_item_once(cluster):
     assert all(f.cancelled() for f in left.futures)
     done, not_done = concurrent.futures.wait(futs, timeout=5)  # the cancelled ones count as done
     assert not not_done
+
+
+def test_the_wire_needs_no_fallback_serialization(cluster, caplog):
+    # Dask logs "Failed to serialize ... falling back to pickle" for each put
+    # of an object msgpack does not know: procctl's commands and messages must not be.
+    logger = logging.getLogger("distributed.protocol.core")
+    logger.addHandler(caplog.handler)
+    try:
+        with caplog.at_level(logging.INFO, logger="distributed.protocol.core"):
+            with ClusterController(cluster_targets.loop, 1, address=cluster.scheduler_address, lease=5) as cc:
+                cc.run()
+                cc.pause()
+                cc.stop(grace=5)
+    finally:
+        logger.removeHandler(caplog.handler)
+    assert not [r for r in caplog.records if "serialize" in r.getMessage()], caplog.text
 
 
 def test_claim_runs_an_agent_once(cluster):

@@ -33,7 +33,7 @@ from ..controller import ProcessController
 from ..executor import ProcessExecutor
 from ..states import Event, State
 from .session import claim, close_queue
-from .wire import AgentSpec, Command, Message, Op, Up
+from .wire import AgentSpec, Command, Message, Op, Up, decode, encode
 
 log = logging.getLogger("procctl")
 
@@ -77,7 +77,7 @@ class Outbox:
                     batch.append(more)
             if batch:
                 try:
-                    self._up.put(batch, timeout=FLUSH_TIMEOUT)
+                    self._up.put([encode(msg) for msg in batch], timeout=FLUSH_TIMEOUT)  # each on its own
                 except Exception as exc:  # noqa: BLE001 - the client side is gone: the lease ends us
                     log.debug("agent %d: up queue put failed: %r", self._node, exc)
             if last:
@@ -116,7 +116,7 @@ class Agent:
         try:
             while not self.done and not self.expired.is_set():
                 try:
-                    cmd = self.commands.get()
+                    cmd = decode(self.commands.get())
                 except Exception as exc:  # noqa: BLE001 - our worker's link to the scheduler is gone
                     self.gone_why = f"command queue failed: {exc!r:.120}"
                     self._expire()
@@ -161,7 +161,7 @@ class Agent:
         finally:
             self.done = True
             try:  # wakes the main thread's get, to end the agent
-                self.commands.put(Command(0, Op.EXPIRED), timeout=FLUSH_TIMEOUT)
+                self.commands.put(encode(Command(0, Op.EXPIRED)), timeout=FLUSH_TIMEOUT)
             except Exception:  # noqa: BLE001 - the scheduler is gone: the get fails all the same
                 pass
 
@@ -173,7 +173,7 @@ class Agent:
                 log.warning("procctl agent on node %d: %s; stopping its workers", self.spec.node, self.gone_why)
                 self._expire()
                 try:  # wakes the main thread's get, if the scheduler still answers
-                    self.commands.put(Command(0, Op.EXPIRED), timeout=FLUSH_TIMEOUT)
+                    self.commands.put(encode(Command(0, Op.EXPIRED)), timeout=FLUSH_TIMEOUT)
                 except Exception:  # noqa: BLE001 - it is cut off: the workers are stopped all the same
                     pass
                 return

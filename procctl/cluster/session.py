@@ -36,7 +36,7 @@ from distributed.comm.core import connect as comm_connect
 from .. import threads
 from ..controller import check_timeout
 from ..states import Event
-from .wire import AgentSpec, Command, Message, Op, Up, queue_names
+from .wire import AgentSpec, Command, Message, Op, Up, decode, encode, queue_names
 
 log = logging.getLogger("procctl")
 
@@ -431,7 +431,7 @@ class Session:
 
     def _put(self, node: Node, cmd: Command) -> None:
         try:
-            node.queue.put(cmd, timeout=SLACK)
+            node.queue.put(encode(cmd), timeout=SLACK)
         except Exception as exc:  # noqa: BLE001 - a lost put is sent again, or the node lost
             log.debug("command %s to %s not sent: %r", cmd, node.address, exc)
 
@@ -457,7 +457,12 @@ class Session:
             with self.cond:
                 if self._closing:
                     return
-                for msg in batch or ():
+                for data in batch or ():
+                    try:
+                        msg = decode(data)
+                    except Exception:  # noqa: BLE001 - one that cannot be read here (a class we cannot import)
+                        log.exception("procctl: cannot read a message from a node")
+                        continue
                     if isinstance(msg, Message) and 0 <= msg.node < len(self.nodes):
                         node = self.nodes[msg.node]
                         node.heard = now

@@ -5,11 +5,18 @@ applies a number once and answers each copy, so the client can send one
 again when its answer is missing (a put into a Dask queue can be lost when a
 worker dies). Everything an agent says goes up one queue shared by the run,
 in batches (one put carries every message that was waiting).
+
+What goes into a queue is pickled here first (`encode`; a batch: each message
+on its own, so that one the client cannot read costs only itself): the scheduler passes
+bytes through as they are, where an object msgpack does not know would be
+pickled by Dask's fallback, with an INFO line in the log for every put (and
+a scheduler that must import procctl to pass it on).
 """
 
 from __future__ import annotations
 
 import enum
+import pickle
 from dataclasses import dataclass
 from typing import Any
 
@@ -72,3 +79,13 @@ class AgentSpec:
 
 def queue_names(run: str, nodes: int) -> tuple[list[str], str]:
     return [f"procctl-{run}-cmd-{i}" for i in range(nodes)], f"procctl-{run}-up"
+
+
+def encode(obj: Any) -> bytes:
+    """What goes into a Dask queue: `obj` pickled."""
+    return pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def decode(data: Any) -> Any:
+    """What came out of a Dask queue, as it was put."""
+    return pickle.loads(data) if isinstance(data, bytes) else data
