@@ -352,8 +352,8 @@ def exit_status(reports: dict[int, WorkerReport], bridge: SignalBridge, timed_ou
 @click.option("--timeline", "timeline_path", default=None, help="Draw the run as a Gantt chart (.svg or .html).")
 @click.option("--cluster", "cluster_address", default=None, metavar="tcp://HOST:PORT|local:N",
               help="Run on every worker of this Dask cluster (needs procctl[dask]); local:N starts N local ones.")
-@click.option("--workers-per-node", type=click.IntRange(min=1), default=4, show_default=True,
-              help="With --cluster: worker processes on each Dask worker (--workers is then not used).")
+@click.option("--workers-per-node", type=click.IntRange(min=1), default=None,
+              help="With --cluster: worker processes on each Dask worker (default 4; --workers is then not used).")
 @click.option("--lease", type=float, default=None,
               help=f"With --cluster: seconds a node keeps its workers once this process is gone"
                    f" (default {DEFAULT_LEASE:g}).")
@@ -378,7 +378,7 @@ def exit_status(reports: dict[int, WorkerReport], bridge: SignalBridge, timed_ou
 def run_command(workers: int, target: str | None, schedule: str, step: float, finish_chance: float,
                 grace: float, timeout: float | None, start_method: str | None, seed: int | None,
                 json_lines: bool, quiet: bool, events_path: str | None, timeline_path: str | None,
-                cluster_address: str | None = None, workers_per_node: int = 4, restart: str = "never",
+                cluster_address: str | None = None, workers_per_node: int | None = None, restart: str = "never",
                 max_restarts: int = 5, restart_window: float = 60.0, backoff: str = "0.1,10",
                 strategy: str = "one_for_one", heartbeat: float | None = None,
                 max_workers: int | None = None, trace_path: str | None = None,
@@ -394,9 +394,19 @@ def run_command(workers: int, target: str | None, schedule: str, step: float, fi
         raise BadInput(f"--finish-chance must be between 0 and 1, not {finish_chance}")
     cluster_spec = parse_cluster(cluster_address) if cluster_address is not None else None
     node_lease = check_lease(lease, cluster_spec is not None)
-    too_many = capacity_problem(workers if cluster_spec is None else workers_per_node)
-    if too_many is not None:
-        raise BadInput(f"--workers {workers}: {too_many}")
+    if cluster_spec is None:
+        if workers_per_node is not None:
+            raise BadInput("--workers-per-node works with --cluster; on one machine use --workers")
+        too_many = capacity_problem(workers)
+        if too_many is not None:
+            raise BadInput(f"--workers {workers}: {too_many}")
+    else:
+        from .cli_map import DEFAULT_WORKERS_PER_NODE
+
+        workers_per_node = DEFAULT_WORKERS_PER_NODE if workers_per_node is None else workers_per_node
+        too_many = capacity_problem(workers_per_node)
+        if too_many is not None:
+            raise BadInput(f"--workers-per-node {workers_per_node}: {too_many}")
     plan = check_supervision(restart, max_restarts, restart_window, backoff, strategy, heartbeat)
     if cluster_spec is not None and (plan.restarts or plan.heartbeat is not None or max_workers is not None):
         raise BadInput("--restart, --heartbeat and --max-workers work on one machine, not with --cluster")
@@ -483,6 +493,11 @@ def parse_cluster(text: str) -> tuple[Any, str | None, int]:
         import procctl.cluster.session  # noqa: F401 - local_cluster
     except ImportError as exc:
         raise BadInput(f"--cluster: {exc}") from None
+    if address is not None:
+        try:
+            cluster_mod.session.check_address(address)  # a scheme Dask does not know (http://)
+        except ValueError as exc:
+            raise BadInput(f"--cluster {text!r}: {exc}") from None
     return cluster_mod, address, local
 
 
@@ -660,7 +675,8 @@ def _start(pc: ProcessController, bridge: SignalBridge) -> int | None:
         pc.close()  # the controller has killed and reaped what it had started
         if bridge.stop_requested():
             return None  # a second signal killed them while they started: the signal's doing
-        say(f"procctl: error: {exc}")
+        text = str(exc).strip()  # one line: a node's error may have more
+        say(f"procctl: error: {text.splitlines()[0] if text else type(exc).__name__}")
         if isinstance(exc, ConnectionError):
             return EXIT_USAGE  # --cluster names no scheduler we can reach
         cause = exc if isinstance(exc, OSError) else exc.__cause__

@@ -303,6 +303,13 @@ def test_bad_address_and_arguments():
         ClusterController(cluster_targets.loop, address="tcp://127.0.0.1:9", lease=float("nan"))
     with pytest.raises(ValueError, match="workers_per_node"):
         ClusterExecutor(address="tcp://127.0.0.1:9", workers_per_node=0)
+    started = time.monotonic()
+    for address in ("http://127.0.0.1:8786", "tcp://127.0.0.1:99999"):
+        with pytest.raises(ValueError, match=f"address '{address}'"):
+            ClusterController(cluster_targets.loop, address=address)
+        with pytest.raises(ValueError, match=f"address '{address}'"):
+            ClusterExecutor(address=address)
+    assert time.monotonic() - started < 2  # at once: no connect
 
 
 @pytest.fixture
@@ -380,6 +387,10 @@ def test_a_node_that_cannot_start_says_why(cluster, monkeypatch):
     (["--cluster", "local:1", "--lease", "0"], "--lease"),
     (["--cluster", "local:1", "--lease", "inf"], "--lease"),
     (["--lease", "5"], "--lease works with --cluster"),
+    (["--cluster", "http://127.0.0.1:8786"], "'http'"),
+    (["--cluster", "tcp://127.0.0.1:99999"], "99999"),
+    (["--workers-per-node", "3"], "--workers-per-node works with --cluster"),
+    (["--cluster", "local:1", "--workers-per-node", "100000"], "--workers-per-node 100000:"),
 ])
 def test_cli_bad_cluster_is_one_line_and_exit_2(args, says):
     started = time.monotonic()
@@ -387,7 +398,7 @@ def test_cli_bad_cluster_is_one_line_and_exit_2(args, says):
                           capture_output=True, text=True, timeout=30)
     assert proc.returncode == 2, proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and says in proc.stderr, proc.stderr
-    if "127.0.0.1:9" in args:  # nothing listens there: said at once, not after the 5 s connect timeout
+    if {"tcp://127.0.0.1:9", "http://127.0.0.1:8786"} & set(args):  # said at once, not after the connect timeout
         assert time.monotonic() - started < 4, "a refused connection waited for the timeout"
     assert time.monotonic() - started < 20
 

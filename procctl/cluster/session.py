@@ -31,7 +31,9 @@ from typing import Any
 import dask
 from distributed import Client, Future, Queue, WorkerPlugin
 from distributed import Event as DaskEvent
+from distributed.comm.addressing import parse_address
 from distributed.comm.core import connect as comm_connect
+from distributed.comm.registry import get_backend
 
 from .. import threads
 from ..controller import check_timeout
@@ -66,7 +68,24 @@ def scheduler_address(address: str | None, cluster: Any) -> str:
         raise TypeError(f"address must be a str such as 'tcp://HOST:PORT', not {type(address).__name__}")
     if not address.strip():
         raise ValueError("address must not be empty")
+    check_address(address)
     return address
+
+
+def check_address(address: str) -> None:
+    """ValueError naming `address` if Dask could not connect to it whatever listens
+    there: a scheme Dask does not know (http://), a tcp port out of range."""
+    scheme, loc = parse_address(address)
+    try:
+        get_backend(scheme)
+    except ValueError:
+        raise ValueError(f"address {address!r} is not a Dask scheduler address: unknown scheme {scheme!r}"
+                         f" (use tcp://HOST:PORT)") from None
+    if scheme in ("tcp", "tls"):
+        host, colon, port = loc.rpartition(":")
+        if colon and not loc.endswith("]") and (not host or not port.isdigit() or not 0 < int(port) < 65536):
+            raise ValueError(f"address {address!r} is not a Dask scheduler address: "
+                             f"the port must be a number from 1 to 65535")
 
 
 def connect(address: str | None = None, cluster: Any = None, *, timeout: float = CONNECT_TIMEOUT) -> Client:
