@@ -194,6 +194,25 @@ def release_at_exit() -> None:
         current.release()
 
 
+def release_if_unused() -> None:
+    """Let this process's guardian go now if no controller here is open.
+
+    For a process that runs controllers now and then and lives on between
+    them (a Dask worker running procctl's node agents): it keeps no guardian
+    between two runs; the next controller starts a new one. A controller
+    registers itself as open before it takes the link, so one starting
+    meanwhile either keeps this guardian or starts its own."""
+    global _link
+    from . import registry
+
+    with _link_lock:
+        current = _link
+        if current is None or current.owner != os.getpid() or len(registry.open_controllers):
+            return
+        _link = None
+    current.release()
+
+
 def link() -> Link:
     """This process's guardian link, started on first use."""
     global _link

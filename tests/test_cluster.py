@@ -7,6 +7,7 @@ own, since its nanny starts a new worker process in its place.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import json
 import logging
 import os
@@ -17,6 +18,7 @@ import sys
 import threading
 import time
 
+import psutil
 import pytest
 
 pytest.importorskip("distributed")
@@ -36,9 +38,9 @@ LEASE = 2.0
 @pytest.fixture(scope="module")
 def cluster():
     cl = local_cluster(2, threads_per_worker=2)
-    # Each Dask worker process, as a procctl manager, starts its guardian
-    # with its first controller and keeps it for its lifetime: start them
-    # here, so that no test counts them as its own leftovers.
+    # One run first, so that the Dask workers have imported procctl and the
+    # targets before a test's bounds count. (A node keeps no procctl process
+    # between runs: its guardian ends with the run's agent.)
     with ClusterController(cluster_targets.loop, 1, cluster=cl, lease=5) as cc:
         cc.stop(grace=5)
     yield cl
@@ -180,6 +182,31 @@ def test_the_wire_needs_no_fallback_serialization(cluster, caplog):
     assert not [r for r in caplog.records if "serialize" in r.getMessage()], caplog.text
 
 
+def guardians(pids) -> list[int]:
+    """procctl guardians the processes `pids` started."""
+    out = []
+    for pid in pids:
+        for child in psutil.Process(pid).children():
+            with contextlib.suppress(psutil.Error):
+                if "procctl.guardian" in " ".join(child.cmdline()) and child.status() != psutil.STATUS_ZOMBIE:
+                    out.append(child.pid)
+    return out
+
+
+def test_nothing_procctl_started_outlives_a_run_on_a_node(cluster):
+    nodes = list(dask_worker_pids(cluster.scheduler_address).values())
+    with ClusterController(cluster_targets.loop, 1, cluster=cluster, lease=5) as cc:
+        cc.run()
+        running = guardians(nodes)
+        assert len(running) == 2  # one a node, while its workers run
+        cc.stop(grace=5)
+    assert still_running(running, timeout=5) == []
+    with ClusterExecutor(cluster=cluster, workers_per_node=1, lease=5) as ex:
+        assert list(ex.map(cluster_targets.square, range(4))) == [0, 1, 4, 9]
+        running = guardians(nodes)
+    assert running and still_running(running, timeout=5) == []
+
+
 def test_claim_runs_an_agent_once(cluster):
     with Client(cluster, set_as_default=False) as client:
         name = f"procctl-test-claim-{os.getpid()}-{time.monotonic_ns()}"
@@ -275,11 +302,13 @@ def test_a_killed_client_leaves_no_worker_behind(cluster, tests_dir, how):
     try:
         pids = _client_pids(proc, how)
         assert len(pids) == 4 and still_running(pids, timeout=0) != []
+        helpers = guardians(before.values())
         proc.kill()
         killed = time.monotonic()
         proc.wait(5)
         left = still_running(pids, timeout=LEASE + 2)
         assert left == [], f"workers still running {time.monotonic() - killed:.1f}s after the client died"
+        assert still_running(helpers, timeout=5) == []  # the nodes' guardians too
     finally:
         proc.kill()
         proc.wait(5)

@@ -1,7 +1,7 @@
 """procctl map --cluster, as a user runs it: on a LocalCluster of 2 Dask workers, 1 procctl worker each.
 
-One cluster serves the module (started as tests/test_cluster.py does, its
-guardians up before any test counts processes); one test has the command
+One cluster serves the module (started as tests/test_cluster.py does);
+one test has the command
 start its own (`--cluster local:2`). The joblog is the command line's to
 write here: each test checks it against what stdout said.
 """
@@ -30,8 +30,9 @@ from procctl.cluster.session import local_cluster  # noqa: E402
 @pytest.fixture(scope="module")
 def address():
     cl = local_cluster(2, threads_per_worker=2)
-    # Each Dask worker keeps the guardian its first procctl workers started:
-    # start them here, so that no test counts them as its own leftovers.
+    # One run first, so that the Dask workers have imported procctl and the
+    # targets before a test's bounds count. (A node keeps no procctl process
+    # between runs: its guardian ends with the run's agent.)
     with ClusterExecutor(cluster=cl, workers_per_node=1, lease=5) as ex:
         assert list(ex.map(maptargets.square, range(4), chunksize=1)) == [0, 1, 4, 9]
     yield cl.scheduler_address

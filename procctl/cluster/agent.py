@@ -29,6 +29,7 @@ from typing import Any
 
 from distributed import Queue, get_client, secede
 
+from .. import guardian
 from ..controller import ProcessController
 from ..executor import ProcessExecutor
 from ..states import Event, State
@@ -321,6 +322,9 @@ def _run_agent(spec: AgentSpec, make: Callable[[], Agent]) -> str:
         agent.serve()
     finally:
         agent.close()
+        # The Dask worker lives on after the run: nothing procctl started may (the
+        # guardian of its controllers), unless another run's agent still uses it.
+        guardian.release_if_unused()
         agent.finish()
     return agent.gone_why or "stopped"
 
