@@ -207,6 +207,24 @@ def test_nothing_procctl_started_outlives_a_run_on_a_node(cluster):
     assert running and still_running(running, timeout=5) == []
 
 
+def test_shutdown_cancels_what_did_not_start_and_ends_the_agents(cluster):
+    ex = ClusterExecutor(cluster=cluster, workers_per_node=2, lease=5)
+    futs = [ex.submit(cluster_targets.slow_square, i) for i in range(40)]
+    next(concurrent.futures.as_completed(futs, timeout=30))
+    ex.shutdown(wait=True, cancel_futures=True)
+    cancelled = [f for f in futs if f.cancelled()]
+    assert all(f.result() == i * i for i, f in enumerate(futs) if not f.cancelled())
+    # Also those a node held but had not started (a node holds 16 here: 32 of 40).
+    assert len(cancelled) > 20 and ex.counts().cancelled == len(cancelled)
+
+    ex = ClusterExecutor(cluster=cluster, workers_per_node=1, lease=5)
+    pids = [s.pid for s in ex.status()]
+    futs = [ex.submit(cluster_targets.square, i) for i in range(4)]
+    ex.shutdown(wait=False)
+    assert [f.result(timeout=20) for f in futs] == [0, 1, 4, 9]
+    assert still_running(pids, timeout=10) == []  # the agents stop with the last task, not at our exit
+
+
 def test_claim_runs_an_agent_once(cluster):
     with Client(cluster, set_as_default=False) as client:
         name = f"procctl-test-claim-{os.getpid()}-{time.monotonic_ns()}"

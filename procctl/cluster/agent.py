@@ -346,7 +346,7 @@ class ExecutorAgent(Agent):
         super().__init__(spec)
         self.ex_args = ex_args
         self.ex: ProcessExecutor | None = None
-        self.tids: dict[LocalFuture[Any], int] = {}
+        self.futures: dict[int, LocalFuture[Any]] = {}  # by tid, until done
 
     def start(self) -> None:
         self.ex = ProcessExecutor(**self.ex_args)
@@ -357,8 +357,11 @@ class ExecutorAgent(Agent):
         if cmd.op is Op.TASKS:
             for tid, blob in cmd.arg:
                 fut = self.ex.submit(run_task, tid, blob)
+                self.futures[tid] = fut
                 fut.add_done_callback(partial(self._done, tid))
             return None
+        if cmd.op is Op.CANCEL:  # those not sent to a worker yet, as shutdown(cancel_futures=True) does
+            return [tid for tid, fut in list(self.futures.items()) if fut.cancel()]
         if cmd.op is Op.PAUSE:
             self.ex.pause()
             return None
@@ -378,6 +381,7 @@ class ExecutorAgent(Agent):
         raise ValueError(f"unknown command {cmd.op}")
 
     def _done(self, tid: int, fut: LocalFuture[Any]) -> None:
+        self.futures.pop(tid, None)
         if fut.cancelled():
             return  # stop() hands it back as unfinished
         exc = fut.exception()

@@ -29,7 +29,7 @@ from typing import Any
 
 import cloudpickle
 
-from .. import shutdown
+from .. import shutdown, threads
 from ..controller import MAX_WAIT, check_start_method, check_timeout
 from ..errors import RemoteTraceback
 from ..executor import (
@@ -131,6 +131,7 @@ class ClusterExecutor(Session, Executor):
         self._broken: str | None = None
         self._dispatching = threading.Lock()
         self._turn = 0  # the node that gets the next task when loads are equal
+        self._stop_when_idle = False  # shutdown(wait=False): stop once the last task is done
         self._ops = threading.Lock()
         try:
             self.open(grace_s)
@@ -200,7 +201,9 @@ class ClusterExecutor(Session, Executor):
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         """As the stdlib's: no new tasks; with `cancel_futures`, cancel those not
-        yet sent to a node; the rest run (a paused pool is resumed)."""
+        yet started (waiting here, or on a node); the rest run (a paused pool is
+        resumed). Without `wait`, the nodes' agents and workers stop once the
+        last task is done, as ProcessExecutor's workers do."""
         with self.cond:
             self._shutdown = True
             if cancel_futures:
@@ -208,6 +211,16 @@ class ClusterExecutor(Session, Executor):
                     task = self._pending.popleft()
                     if task.future.revoke():
                         self._cancelled += len(task.items)
+        if cancel_futures and not self._stopped:
+            with self._ops:
+                answers = self.ask_all(Op.CANCEL, None, self.lease + SLACK)
+            with self.cond:
+                for index, tids in answers.items():
+                    held = self._held.get(index, {})
+                    for tid in tids if isinstance(tids, list) else ():
+                        was_held = held.pop(tid, None)
+                        if was_held is not None and not was_held.answered and was_held.future.revoke():
+                            self._cancelled += len(was_held.items)
         if self._paused and not self._stopped:
             self.resume()
         if wait:
@@ -216,6 +229,20 @@ class ClusterExecutor(Session, Executor):
                 outstanding += [t.future for held in self._held.values() for t in held.values()]
             wait_futures(outstanding)
             self.stop(self.grace)
+        else:
+            with self.cond:
+                self._stop_when_idle = True
+            self._stop_if_idle()
+
+    def _stop_if_idle(self) -> None:
+        """After shutdown(wait=False): stop (in a thread of its own) once no task is left."""
+        with self.cond:
+            if (not self._stop_when_idle or self._stopped or self._pending
+                    or any(self._held.values()) or self._settle):
+                return
+            self._stop_when_idle = False
+        threads.start(threading.Thread(target=self.stop, args=(self.grace,), name="procctl-cluster-shutdown",
+                                       daemon=True))
 
     # -- pause, resume, stop ----------------------------------------------------------------------
 
@@ -416,6 +443,7 @@ class ClusterExecutor(Session, Executor):
         self._emit_events()
         if self._pending and not self._paused and not self._stopped:
             self._dispatch()
+        self._stop_if_idle()
 
     def _apply_settlements(self) -> None:
         with self.cond:

@@ -32,6 +32,7 @@ class Op(str, enum.Enum):
     TASKS = "tasks"  # executor: arg: list of (tid, fn, calls, chunk)
     PAUSE = "pause"  # executor
     RESUME = "resume"  # executor
+    CANCEL = "cancel"  # executor: cancel the tasks not yet started; answer: their tids
     EXPIRED = "expired"  # from the agent's own watchdog: its lease ran out
 
 
