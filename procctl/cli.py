@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import logging
 import math
 import os
 import signal
@@ -54,6 +55,17 @@ def main_group() -> None:
     """Run N worker processes you can pause, resume and stop, leaving nothing behind."""
 
 
+def _say_library_warnings() -> None:
+    """The library's warnings (a worker that ignored SIGTERM...) as the
+    command's other lines: one line each, `procctl: ...`, on stderr."""
+    log = logging.getLogger("procctl")
+    if not log.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("procctl: %(message)s"))
+        handler.setLevel(logging.WARNING)
+        log.addHandler(handler)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Console entry point: every bad input is one line on stderr and exit 2.
 
@@ -63,6 +75,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     """
     hold_signals()
     ensure_std_fds()
+    _say_library_warnings()
     bridge = SignalBridge().install()
     try:
         code = main_group.main(args=argv, prog_name="procctl", standalone_mode=False, obj=bridge)

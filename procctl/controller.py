@@ -63,6 +63,7 @@ from .states import CLEAN_OUTCOMES, STATES, Event, Outcome, State, WorkerReport,
 from .supervise import Action, Plan, Strategy, Supervisor
 from .threads import MANAGED_SIGNALS
 from .worker import Payload, WorkerSpec, worker_main
+from .workwire import MAX_WAIT
 
 log = logging.getLogger("procctl")
 
@@ -70,9 +71,6 @@ log = logging.getLogger("procctl")
 ACK_TIMEOUT = 10.0
 #: How long start() waits for the workers to come up.
 START_TIMEOUT = 60.0
-#: The longest single wait handed to the kernel (epoll takes about 24.8 days);
-#: a longer timeout is waited out in several of these.
-MAX_WAIT = 86400.0
 
 _REPORT, _SENTINEL, _WAKE, _LINK = "report", "sentinel", "wake", "link"
 _NEW, _STARTED, _CLOSED = "new", "started", "closed"
@@ -204,10 +202,21 @@ class _Deadline:
 def check_start_method(start_method: Any) -> str | None:
     """`start_method`, if this system has it (or None: its default); else ValueError naming it."""
     methods = multiprocessing.get_all_start_methods()
+    if start_method is not None and not isinstance(start_method, str):
+        raise TypeError(f"start_method must be a string such as 'fork', or None, not {type(start_method).__name__}")
     if start_method is not None and start_method not in methods:
         raise ValueError(f"start_method must be one of {', '.join(map(repr, methods))} or None, "
                          f"not {start_method!r}")
-    return start_method  # type: ignore[no-any-return]
+    return start_method
+
+
+def check_state(name: str, value: Any) -> State:
+    """A State argument (the member or its value, 'paused'); else ValueError naming it."""
+    try:
+        return State(value)
+    except ValueError:
+        raise ValueError(f"{name} must be a procctl.State ({', '.join(s.name for s in State)}), "
+                         f"not {value!r}") from None
 
 
 def check_timeout(name: str, value: Any, *, allow_none: bool = True) -> float | None:
@@ -340,7 +349,7 @@ class ProcessController:
         ack_timeout = check_timeout("ack_timeout", ack_timeout)
         if not isinstance(cgroup, bool):
             raise TypeError(f"cgroup must be True or False, not {cgroup!r}")
-        initial_state = State(initial_state)
+        initial_state = check_state("initial_state", initial_state)
         if initial_state is State.STOPPED:
             raise ValueError("initial_state must be PAUSED or RUNNING")
         plan = Plan.check(restart, max_restarts, restart_window, backoff, strategy, heartbeat)
@@ -668,7 +677,7 @@ class ProcessController:
         have not acknowledged.  `workers` (worker ids) sends it to those only;
         STOPPED to some workers is `stop(workers=...)`.
         """
-        state = State(state)
+        state = check_state("state", state)
         timeout = check_timeout("timeout", timeout)
         with self._locked():
             self._require_started()

@@ -50,12 +50,12 @@ from typing import Any
 
 from . import threads, workwire
 from .channel import InheritedFd
-from .controller import MAX_WAIT, ProcessController, check_start_method
+from .controller import ProcessController, check_start_method
 from .errors import RemoteTraceback, TaskTimeout, WorkerCrashed
 from .shutdown import describe_exit, signal_name
 from .states import Event, Outcome, State, WorkerReport, WorkerStatus
 from .worker_plane import CALL, CHUNK, ERR, OK, run_tasks
-from .workwire import Kind
+from .workwire import MAX_WAIT, Kind
 
 log = logging.getLogger("procctl")
 

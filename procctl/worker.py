@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from multiprocessing.reduction import ForkingPickler
 from typing import Any
 
-from . import containment
+from . import containment, workwire
 from .channel import (
     COMMAND_MASK,
     PROGRESS,
@@ -180,12 +180,12 @@ class WorkerContext:
     def sleep(self, seconds: float) -> bool:
         """Sleep up to `seconds` (math.inf: until the next command); a command
         cuts it short. Then return checkpoint()."""
+        deadline = workwire.deadline(seconds, "seconds")  # as time.sleep: not negative, not NaN
         if not self.checkpoint():
             return False
-        deadline = None if seconds == float("inf") else time.monotonic() + max(0.0, seconds)
         applied = self._applied & COMMAND_MASK  # a heartbeat probe is not a command
         while self._applied & COMMAND_MASK == applied and self.state is State.RUNNING:
-            remaining = None if deadline is None else deadline - time.monotonic()
+            remaining = workwire.remaining(deadline)
             if remaining is not None and remaining <= 0:
                 break
             self._block(remaining)
@@ -197,6 +197,7 @@ class WorkerContext:
 
         True means `obj` is readable; call checkpoint() after a False.
         """
+        end = workwire.deadline(timeout)
         fd = obj if isinstance(obj, int) else obj.fileno()
         poller = self._polls.get(fd)
         if poller is None:
@@ -204,8 +205,10 @@ class WorkerContext:
             poller.register(fd, select.POLLIN)
             for other in self._sleep_fds:
                 poller.register(other, select.POLLIN)
-        ms = None if timeout is None else max(0, math.ceil(timeout * 1000))
-        ready = poller.poll(ms)
+        while True:
+            ready = poller.poll(workwire.poll_ms(workwire.remaining(end)))
+            if ready or end is None or time.monotonic() >= end:
+                break  # (an empty poll before the end: a turn of a long timeout)
         applied, state = self._applied & COMMAND_MASK, self.state
         hit = False
         for ready_fd, _ in ready:
@@ -280,10 +283,9 @@ class WorkerContext:
         poller.register(fd, events)
         for other in self._sleep_fds:
             poller.register(other, select.POLLIN)
-        ms = None if timeout is None else max(0, math.ceil(timeout * 1000))
         applied, state = self._applied & COMMAND_MASK, self.state
         hit = False
-        for ready_fd, _ in poller.poll(ms):
+        for ready_fd, _ in poller.poll(workwire.poll_ms(timeout)):
             if ready_fd == fd:
                 hit = True
             else:
@@ -320,8 +322,7 @@ class WorkerContext:
         timeout. True if woken by something other than the timeout."""
         # poll(), not select(): forked workers inherit the manager's fds, and
         # with hundreds of workers ours are past select()'s limit of 1024.
-        ms = None if timeout is None else max(0, math.ceil(timeout * 1000))
-        ready = self._sleeper.poll(ms)
+        ready = self._sleeper.poll(workwire.poll_ms(timeout))
         for fd, _ in ready:
             self._on_wake(fd)
         return bool(ready)

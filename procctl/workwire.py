@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import array
 import enum
+import math
 import os
 import socket
 import struct
@@ -195,18 +196,23 @@ def recv_all(sock: socket.socket) -> list[Message]:
     return out
 
 
-def deadline(timeout: float | None) -> float | None:
+#: The longest one kernel wait takes: poll() and epoll count milliseconds
+#: in an int (about 24.8 days); a longer timeout is waited out in turns.
+MAX_WAIT = 86400.0
+
+
+def deadline(timeout: float | None, name: str = "timeout") -> float | None:
     """The monotonic time a timeout ends (None: no limit, also for inf).
 
     As queue.Queue's get and put: a negative timeout is a ValueError."""
     if timeout is None:
         return None
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
-        raise TypeError(f"timeout must be a number of seconds, not {type(timeout).__name__}")
+        raise TypeError(f"{name} must be a number of seconds, not {type(timeout).__name__}")
     if timeout != timeout:
-        raise ValueError("timeout must be a number of seconds, not NaN")
+        raise ValueError(f"{name} must be a number of seconds, not NaN")
     if timeout < 0:
-        raise ValueError(f"timeout must be a non-negative number, not {timeout!r}")
+        raise ValueError(f"{name} must be a non-negative number, not {timeout!r}")
     try:
         end = time.monotonic() + float(timeout)
     except OverflowError:  # an int beyond a float: no limit
@@ -215,5 +221,11 @@ def deadline(timeout: float | None) -> float | None:
 
 
 def remaining(end: float | None) -> float | None:
-    """Seconds left until `end` (None: no limit)."""
-    return None if end is None else max(0.0, end - time.monotonic())
+    """Seconds left until `end` (None: no limit), at most MAX_WAIT: what one
+    wait may take (the caller waits again while `end` has not come)."""
+    return None if end is None else min(MAX_WAIT, max(0.0, end - time.monotonic()))
+
+
+def poll_ms(timeout: float | None) -> int | None:
+    """A timeout in seconds as poll() takes it: ms, rounded up, at most MAX_WAIT."""
+    return None if timeout is None else max(0, math.ceil(min(timeout, MAX_WAIT) * 1000))

@@ -66,3 +66,21 @@ def collector_on(ctx):
 
     ctx.checkpoint()
     return gc.isenabled()
+
+
+def worker_waits(ctx):
+    """The worker side's timeouts: bad ones refused, huge ones waited (until the stop)."""
+    refused = []
+    r, w = os.pipe()
+    for call in (lambda: ctx.sleep(float("nan")), lambda: ctx.sleep(-1), lambda: ctx.sleep("x"),
+                 lambda: ctx.wait_readable(r, float("nan")), lambda: ctx.wait_readable(r, -1)):
+        try:
+            call()
+        except (ValueError, TypeError) as exc:
+            refused.append(type(exc).__name__)
+    os.write(w, b"x")
+    readable = ctx.wait_readable(r, 3e6)  # ready at once: a huge timeout is no error
+    os.close(r)
+    os.close(w)
+    stopped = not ctx.sleep(1e10)  # until the stop
+    return refused, readable, stopped

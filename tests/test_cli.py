@@ -121,6 +121,14 @@ def test_second_sigint_kills_at_once():
     assert "Traceback" not in out + err
 
 
+def test_the_escalation_warning_is_one_procctl_line():
+    res = run_cli(["run", "--workers", "2", "--target", "targets:ignore_stop", "--schedule", "run",
+                   "--step", "0", "--timeout", "0.3", "--grace", "0.2", "--json"], timeout=30, cwd=TESTS)
+    assert res.returncode == 124, res.stderr
+    assert "procctl: workers [0, 1] ignored SIGTERM: sent SIGKILL" in res.stderr.splitlines()
+    assert json_events(res.stdout)[-1]["outcomes"] == {"killed": 2}
+
+
 def test_sigusr1_pauses_and_sigusr2_resumes():
     cli = LiveCli(["run", "--workers", "3", "--schedule", "run", "--finish-chance", "0", "--step", "0",
                    "--json"])

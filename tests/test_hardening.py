@@ -17,7 +17,7 @@ import targets
 import targets_hardening as th
 from procs import end_session, still_running
 
-from procctl import Outcome, ProcessController
+from procctl import Outcome, ProcessController, sum_threshold
 
 
 def _quick(pc: ProcessController) -> ProcessController:
@@ -136,7 +136,13 @@ def test_nan_timeouts_are_refused():
             pc.stop(grace=NAN)
         with pytest.raises(ValueError, match="grace"):
             pc.stop(grace=-1)
+        with pytest.raises(ValueError, match="state"):
+            pc.broadcast(5)
         assert pc.pids()  # nothing was stopped by the refused calls
+    with pytest.raises(ValueError, match="initial_state"):
+        ProcessController(targets.loop, 1, initial_state=5)
+    with pytest.raises(TypeError, match="start_method"):
+        ProcessController(targets.loop, 1, start_method=5)
 
 
 def test_huge_timeouts_wait_as_long_as_needed():
@@ -153,6 +159,19 @@ def test_huge_timeouts_wait_as_long_as_needed():
         reports = pc.stop(grace=3e6)
         assert time.monotonic() - t0 < 5
     assert {r.outcome for r in reports.values()} == {Outcome.STOPPED}
+
+
+def test_the_worker_sides_waits_refuse_bad_timeouts_and_take_huge_ones():
+    with ProcessController(th.worker_waits, 1, start_method="fork") as pc:
+        pc.run()
+        assert not pc.wait(timeout=0.3)  # in its 1e10 s sleep
+        reports = pc.stop(grace=5)
+    refused, readable, stopped = reports[0].result
+    assert refused == ["ValueError", "ValueError", "TypeError", "ValueError", "ValueError"]
+    assert readable and stopped
+    # The sum job sleeps on the worker side: a huge delay is that long, cut by its timeout.
+    with pytest.raises(TimeoutError):
+        sum_threshold(threshold=10, delay=3e6, timeout=0.5)
 
 
 # -- 14. a target that leaves a non-daemon thread running ---------------------

@@ -30,7 +30,7 @@ from typing import Any
 import cloudpickle
 
 from .. import shutdown, threads
-from ..controller import MAX_WAIT, check_start_method, check_timeout
+from ..controller import check_start_method, check_timeout
 from ..errors import RemoteTraceback
 from ..executor import (
     MAX_AUTO_CHUNK,
@@ -44,6 +44,7 @@ from ..executor import (
 )
 from ..limits import capacity_problem
 from ..states import Event, State, WorkerStatus
+from ..workwire import MAX_WAIT
 from .agent import run_executor_agent
 from .session import CONNECT_TIMEOUT, SLACK, Node, Session
 from .wire import AgentSpec, Message, Op, Up
