@@ -71,8 +71,8 @@ def test_map_timeout_raises_timeout_error_and_as_completed_wait_work():
         ex.stop(grace=0)
 
 
-@pytest.mark.parametrize("start_method", ["fork", "spawn"])
-@pytest.mark.parametrize("how", ["exit", "sigkill", "timeout"])
+@pytest.mark.parametrize("start_method, how", [("fork", "exit"), ("fork", "sigkill"), ("fork", "timeout"),
+                                               ("spawn", "sigkill")])
 def test_a_crash_costs_one_task_and_the_pool_goes_on(start_method, how):
     # A task_timeout only where it is the crash under test: on a loaded machine a
     # trivial task can wait a second for a CPU, and would time out too.
