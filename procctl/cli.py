@@ -93,7 +93,22 @@ def main(argv: Sequence[str] | None = None) -> None:
         code = bridge.exit_code or 130
     if bridge.exit_code is not None and code != EXIT_USAGE:
         code = bridge.exit_code  # a signal that came after the job ended still ends the command
-    sys.exit(code or 0)
+    sys.exit(_exit_status_held(code or 0))
+
+
+def _exit_status_held(code: int) -> int:
+    """Block the operator's signals for the interpreter's shutdown, which puts
+    the default actions back: one that comes now stays pending and never kills
+    us by its default action. One that came after the command ended, before
+    this, still makes the exit status 130 or 143."""
+    hold_signals()
+    if code == EXIT_OK:
+        pending = signal.sigpending()
+        if signal.SIGINT in pending:
+            return 130
+        if signal.SIGTERM in pending:
+            return 143
+    return code
 
 
 def signal_bridge() -> SignalBridge:
@@ -222,6 +237,8 @@ class RunSession:
         self.tick = tick  # called between waits
         self.view: Any = None  # the live view, for the keys' notes
         self._resizing = threading.RLock()
+        # A broadcast that waits for acknowledgements gives way to a stop.
+        pc._interrupt_waits = lambda: self.stop_asked or bridge.stop_requested()
 
     def request_stop(self, grace: float | None = None) -> None:
         """Stop gracefully, as the first SIGINT would (from any thread); `grace`
@@ -271,10 +288,16 @@ class RunSession:
                 return "ended"
 
     def broadcast(self, state: State) -> None:
+        """Send `state` and wait up to ACK_WAIT for the acknowledgements, but
+        not past --timeout, and not once a stop was asked (the wait ends at once)."""
+        wait = ACK_WAIT
+        if self.deadline is not None:
+            wait = max(0.0, min(wait, self.deadline - time.monotonic()))
         try:
-            self.pc.broadcast(state, timeout=ACK_WAIT)
+            self.pc.broadcast(state, timeout=wait)
         except TimeoutError as exc:
-            say(f"procctl: {exc}; going on")
+            if self.deadline is None or time.monotonic() < self.deadline:  # else --timeout ends the run
+                say(f"procctl: {exc}; going on")
         except RuntimeError:
             pass  # the controller gave up and stopped everything: the loop ends
 

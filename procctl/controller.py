@@ -401,6 +401,9 @@ class ProcessController:
         self._owner: int | None = None
         self._pumper: int | None = None
         self._plane: WorkPlane | None = None
+        #: A predicate (the CLI's: a stop was asked) that ends a broadcast's
+        #: wait for acknowledgements early; the command stays posted.
+        self._interrupt_waits: Callable[[], bool] | None = None
         self._init_supervision(plan)
         self._control_name = control
         self._control: Any = None  # the ControlServer of control=True (control.py)
@@ -692,8 +695,10 @@ class ProcessController:
             seq = self._seq
             limit = self.ack_timeout if timeout is None else timeout
             # Done when every worker acknowledged this command, or a later
-            # command (another thread's) superseded it.
-            if not self._pump_until(lambda: not self._awaiting or self._awaiting_seq != seq, limit):
+            # command (another thread's) superseded it, or the caller gave way.
+            interrupt = self._interrupt_waits or (lambda: False)
+            if not self._pump_until(lambda: not self._awaiting or self._awaiting_seq != seq or interrupt(),
+                                    limit):
                 raise TimeoutError(
                     f"workers {sorted(self._awaiting)} did not acknowledge {state.name} within {limit}s"
                 )

@@ -50,7 +50,7 @@ from typing import Any
 
 from . import threads, workwire
 from .channel import InheritedFd
-from .controller import ProcessController, check_start_method
+from .controller import ProcessController, check_start_method, check_timeout
 from .errors import RemoteTraceback, TaskTimeout, WorkerCrashed
 from .shutdown import describe_exit, signal_name
 from .states import Event, Outcome, State, WorkerReport, WorkerStatus
@@ -538,11 +538,11 @@ class ProcessExecutor(Executor):
     def pause(self, timeout: float | None = None) -> None:
         """Start no new task; return once every worker acknowledged (a task that
         never checkpoints pauses when it ends). TimeoutError after `timeout`."""
-        self._command("pause", None).result(timeout)
+        _result_within(self._command("pause", None), check_timeout("timeout", timeout))
 
     def resume(self, timeout: float | None = None) -> None:
         """Let the pool run again; return once every worker acknowledged."""
-        self._command("resume", None).result(timeout)
+        _result_within(self._command("resume", None), check_timeout("timeout", timeout))
 
     def stop(self, grace: float | None = None) -> Unfinished:
         """Take no new task, stop the running ones (checkpoint() returns False),
@@ -1214,6 +1214,20 @@ class ProcessExecutor(Executor):
         c = self.counts()
         return (f"<ProcessExecutor {self._max_workers} workers, {c.submitted} submitted, "
                 f"{c.completed} completed, {c.queued} queued{', paused' if self._paused else ''}>")
+
+
+def _result_within(fut: Future[Any], timeout: float | None) -> Any:
+    """fut.result(timeout), with inf as no limit and a huge timeout waited
+    out in turns of MAX_WAIT (a Future's wait takes no more at once)."""
+    if timeout is None or math.isinf(timeout):
+        return fut.result()
+    end = time.monotonic() + timeout
+    while True:
+        try:
+            return fut.result(min(MAX_WAIT, max(0.0, end - time.monotonic())))
+        except FutureTimeout:
+            if time.monotonic() >= end:
+                raise
 
 
 def _last_line(tb: str | None) -> str | None:

@@ -326,6 +326,37 @@ def test_second_signal_while_spawn_workers_start_exits_130(tmp_path):
     assert summary["event"] == "summary" and set(summary["outcomes"]) <= {"killed", "failed", "crashed"}
 
 
+@pytest.mark.parametrize("gap", [0.03, 0.05])
+def test_a_signal_while_the_command_exits_is_its_exit_status_not_its_death(gap):
+    # The second SIGTERM kills at once, and the command ends within tens of ms:
+    # a signal then lands in the interpreter's shutdown, which has put the
+    # default actions back (it died by SIGTERM, -15, every time).
+    cli = LiveCli(["run", "--workers", "4", "--step", "0.2"], cwd=TESTS)
+    try:
+        cli.wait_for(lambda lines: sum("running" in line for line in lines) >= 4)
+        os.kill(cli.proc.pid, signal.SIGTERM)
+        time.sleep(gap)  # the moment under test, not a synchronisation
+        os.kill(cli.proc.pid, signal.SIGTERM)
+        rc, _, err = cli.finish(timeout=30)
+    finally:
+        cli.kill()
+    assert rc == 143, err
+    assert "Traceback" not in err
+
+
+def test_a_pause_nobody_acknowledges_gives_way_to_timeout():
+    # A worker that closed its descriptors never acknowledges the pause: the
+    # schedule's wait for it (2 s) must not hold up --timeout.
+    t0 = time.monotonic()
+    res = run_cli(["run", "--target", "targets_hardening:close_fds_and_sleep", "--workers", "1",
+                   "--schedule", "run,pause", "--step", "0.2", "--timeout", "0.8", "--grace", "0.2", "--json"],
+                  timeout=30, cwd=TESTS)
+    took = time.monotonic() - t0
+    assert res.returncode == 124, res.stderr
+    assert took < 2.3, took  # it waited out the pause's 2 s first: about 2.6 s
+    assert json_events(res.stdout)[-1]["outcomes"] == {"killed": 1}
+
+
 # -- 12: broken and closed output streams ------------------------------------------
 
 

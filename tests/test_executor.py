@@ -244,6 +244,11 @@ def test_bad_arguments():
             ex.map(t.square, [1], timeout=float("nan"))
         assert list(ex.map(t.square, [3], timeout=float("inf"))) == [9]
         assert list(ex.map(t.square, [4], timeout=1e12)) == [16]
+        for bad in (float("nan"), -1):
+            with pytest.raises(ValueError, match="timeout"):
+                ex.pause(timeout=bad)
+        ex.pause(timeout=float("inf"))  # no limit, and a huge one is that long
+        ex.resume(timeout=1e300)
 
 
 def test_manager_sigkill_during_map_leaves_no_orphans(tmp_path):
