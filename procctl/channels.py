@@ -275,6 +275,15 @@ class ChannelPlane:
                 self._stopping = True
             self._notify()
 
+    def settle(self) -> None:
+        """Every worker acknowledged a broadcast. What each sent before its
+        acknowledgement (puts, items given back) is in its socket by now:
+        read it here, so that when pause() returns the channels count it."""
+        with self._locked():
+            for link in self._links.values():
+                if not link.closed:
+                    self._read(link)
+
     def release(self) -> None:
         """Every worker has ended: drain what is left, stop the broker."""
         with self._locked():

@@ -93,6 +93,8 @@ class WorkPlane(Protocol):
 
     def posted(self, state: State) -> None: ...
 
+    def settle(self) -> None: ...
+
     def release(self) -> None: ...
 
 
@@ -702,6 +704,8 @@ class ProcessController:
                 raise TimeoutError(
                     f"workers {sorted(self._awaiting)} did not acknowledge {state.name} within {limit}s"
                 )
+            if self._plane is not None and not self._awaiting:
+                self._plane.settle()
 
     def run(self, *, timeout: float | None = None, workers: Iterable[int] | None = None) -> None:
         """Broadcast RUNNING (to `workers` only, when given)."""

@@ -1028,6 +1028,9 @@ class ProcessExecutor(Executor):
         if line is not None and not line.closed:
             self._end_line(line, report)
 
+    def settle(self) -> None:
+        pass  # the manager thread reads every result as it comes
+
     def release(self) -> None:
         for line in self._lines.values():
             if not line.closed:
