@@ -49,7 +49,33 @@ START_METHODS = ("fork", "spawn", "forkserver")
 TICK = 0.25  # live view refresh
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+#: The subcommands defined in other modules, imported only when one is named
+#: (or listed, for --help and completion): `procctl run` and a bad input
+#: start without importing the executor, the map or the sum job.
+_ELSEWHERE = {
+    "map": ("procctl.cli_map", "map_command"),
+    "sum": ("procctl.cli_sum", "sum_command"),
+    "timeline": ("procctl.cli_timeline", "timeline_command"),
+    **{name: ("procctl.cli_control", f"{name}_command")
+       for name in ("ls", "status", "pause", "resume", "stop", "scale", "events", "metrics")},
+}
+
+
+class _Commands(click.Group):
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(set(super().list_commands(ctx)) | set(_ELSEWHERE))
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        command = super().get_command(ctx, name)
+        if command is None and name in _ELSEWHERE:
+            module, attribute = _ELSEWHERE[name]
+            command = getattr(importlib.import_module(module), attribute)
+            assert isinstance(command, click.Command) and command.name == name
+            self.add_command(command)
+        return command
+
+
+@click.group(cls=_Commands, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, "--version", prog_name="procctl")
 def main_group() -> None:
     """Run N worker processes you can pause, resume and stop, leaving nothing behind."""
@@ -722,17 +748,3 @@ def _start(pc: ProcessController, bridge: SignalBridge) -> int | None:
     return None
 
 
-def _register_commands() -> None:
-    from .cli_control import COMMANDS
-    from .cli_map import map_command
-    from .cli_sum import sum_command
-    from .cli_timeline import timeline_command
-
-    main_group.add_command(sum_command)
-    main_group.add_command(map_command)
-    main_group.add_command(timeline_command)
-    for command in COMMANDS:
-        main_group.add_command(command)
-
-
-_register_commands()
