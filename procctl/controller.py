@@ -363,7 +363,7 @@ class ProcessController:
         #: base + worker id, of total (None: self.workers). A cluster node's agent sets it
         #: before start(), so that its workers see their global ids; everything else here
         #: (reports, status, events) keeps the local ids.
-        self.context_ids: tuple[int, int | None] = (0, None)
+        self._context_ids: tuple[int, int | None] = (0, None)
         self.grace = grace
         self.initial_state: State = initial_state
         self.ack_timeout = ack_timeout
@@ -547,7 +547,7 @@ class ProcessController:
             cgroup=cgroup,
             restarts=restarts,
             end=link.child_end(wid, self._board) if self.start_method == "fork" else None,
-            id_base=self.context_ids[0], total=self.context_ids[1],
+            id_base=self._context_ids[0], total=self._context_ids[1],
         )
         process = self._mp.Process(target=worker_main, args=(spec,), name=f"procctl-worker-{wid}")
         return _Birth(wid, restarts, cgroup, link, process, work_fd)

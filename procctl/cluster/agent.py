@@ -229,7 +229,7 @@ class ControllerAgent(Agent):
         # Made here, not in __init__: its errors (a bad argument) go to the client in GONE.
         self.pc = ProcessController(on_event=self._on_event, **self.pc_args)
         workers = self.pc.workers
-        self.pc.context_ids = (self.spec.node * workers, self.spec.nodes * workers)  # the global ids
+        self.pc._context_ids = (self.spec.node * workers, self.spec.nodes * workers)  # the global ids
         self.pc.start()
         pids = [s.pid for s in self.pc.status()]  # (may pump: events land in _early)
         with self._early_lock:
