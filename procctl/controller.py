@@ -797,6 +797,8 @@ class ProcessController:
         """As wait(), but wakeup() does not cut it short."""
         timeout = check_timeout("timeout", timeout)
         with self._locked():
+            if self._phase is _NEW:
+                raise RuntimeError("the controller is not started; call start() or use a with block")
             if self._selector is None:
                 return True
             return self._pump_until(self._all_ended, timeout)

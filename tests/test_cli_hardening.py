@@ -430,7 +430,8 @@ def test_library_accepts_a_list_of_args_and_a_mapping_of_kwargs():
 
 def test_wait_before_start_is_an_error():
     pc = ProcessController(_noop, 1)
-    with pytest.raises(RuntimeError, match="not started"):
-        pc.wait()
+    for wait in (pc.wait, lambda: pc.wait_ended(0.1)):
+        with pytest.raises(RuntimeError, match="not started"):
+            wait()
     pc.close()
     assert pc.wait() is True  # closed: nothing left to wait for
