@@ -5,12 +5,16 @@ and its dependencies load, so that a Ctrl-C or SIGTERM at any moment reaches
 the command's handlers (cli.main installs them, then lets the signals in).
 """
 
+import atexit
 import signal
 
 
 def main() -> None:
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2,
                                               signal.SIGTTIN, signal.SIGTTOU})
+    from .clitools import late_signal_status
+
+    atexit.register(late_signal_status)  # before any other: the last to run at exit
     from .cli import main as cli_main
 
     cli_main()

@@ -23,6 +23,7 @@ from .cli_control import ControlPlan, ServedControl
 from .clitools import (
     EXIT_FAILED,
     EXIT_OK,
+    EXIT_STATUS,
     EXIT_TIMEOUT,
     EXIT_USAGE,
     BadInput,
@@ -131,9 +132,10 @@ def _exit_status_held(code: int) -> int:
     if code == EXIT_OK:
         pending = signal.sigpending()
         if signal.SIGINT in pending:
-            return 130
-        if signal.SIGTERM in pending:
-            return 143
+            code = 130
+        elif signal.SIGTERM in pending:
+            code = 143
+    EXIT_STATUS[:] = [code]  # late_signal_status() looks again at the very end
     return code
 
 

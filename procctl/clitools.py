@@ -39,6 +39,32 @@ def _nothing() -> None:
     pass
 
 
+#: The exit status cli.main ends with, for late_signal_status().
+EXIT_STATUS: list[int] = []
+
+
+def late_signal_status() -> None:
+    """At exit, after every other exit handler (registered first: they run in
+    reverse), a SIGINT or SIGTERM that came while the interpreter shut down,
+    held since cli.main held the signals for the shutdown, makes a command
+    that succeeded end with 130 or 143. Then the process ends at once: what
+    the interpreter would still do (tear its modules down) changes nothing
+    for a command, and a signal that came meanwhile would be lost."""
+    if not EXIT_STATUS:
+        return  # not the command line's exit (or it failed before its end)
+    code = EXIT_STATUS[0]
+    if code == EXIT_OK:
+        pending = signal.sigpending()
+        code = 130 if signal.SIGINT in pending else 143 if signal.SIGTERM in pending else EXIT_OK
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            if stream is not None:
+                stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
+
+
 def hold_signals() -> None:
     """Block the operator's signals; `SignalBridge.install()` releases them."""
     signal.pthread_sigmask(signal.SIG_BLOCK, HELD_SIGNALS)

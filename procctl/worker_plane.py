@@ -342,15 +342,16 @@ def _run_chunk(ctx: WorkerContext, fn: Callable[..., Any], items: list[Any], sta
     a block that saw STOPPED counts as interrupted (its first item as running)."""
     clock = time.perf_counter
     step, i, n = 1, 0, len(items)
-    timed = ctx._timed_items
+    timed = _timed_call(ctx, fn, star) if ctx._timed_items else None
     while i < n:
         if not ctx.checkpoint():
             return _BETWEEN
-        if timed:
-            ctx._end.board.set_item_started(ctx._end.worker, time.monotonic())
         t0 = clock()
         block = items[i:i + step]
-        out = list(itertools.starmap(fn, block) if star else map(fn, block))
+        if timed is not None:
+            out = list(map(timed, block))
+        else:
+            out = list(itertools.starmap(fn, block) if star else map(fn, block))
         if saw_stop(ctx):
             return None  # an item was told to stop
         done.extend(out)
@@ -361,6 +362,18 @@ def _run_chunk(ctx: WorkerContext, fn: Callable[..., Any], items: list[Any], sta
         elif took > 2 * BLOCK_SECONDS and step > 1:
             step //= 2
     return done
+
+
+def _timed_call(ctx: WorkerContext, fn: Callable[..., Any], star: bool) -> Callable[[Any], Any]:
+    """fn for one item, that first says on the board when the item starts:
+    the executor's task_timeout is per item, whatever the items around it take."""
+    mark, slot, now = ctx._end.board.set_item_started, ctx._end.worker, time.monotonic
+
+    def call(item: Any) -> Any:
+        mark(slot, now())
+        return fn(*item) if star else fn(item)
+
+    return call
 
 
 def saw_stop(ctx: WorkerContext) -> bool:

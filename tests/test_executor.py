@@ -218,8 +218,10 @@ def test_task_events_status_and_counts_are_per_item(chunksize):
 
 def test_task_timeout_is_per_item_in_a_map_chunk():
     with ProcessExecutor(1, task_timeout=0.5) as ex:
-        # One chunk of 25 items of 30 ms: longer than the timeout, each item far shorter.
-        assert list(ex.map(t.sleep_for, [0.03] * 25, chunksize=25)) == [0.03] * 25
+        # One chunk of 25 items of 30 ms: longer than the timeout, each item far shorter;
+        # after 2000 quick items, in one block of the chunk's (blocks grow while quick).
+        items = [0.0] * 5000 + [0.03] * 25
+        assert list(ex.map(t.nap, items, chunksize=len(items))) == items
         with pytest.raises(TaskTimeout):
             list(ex.map(t.sleep_for, [0.01, 30], chunksize=2))
 
