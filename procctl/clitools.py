@@ -56,13 +56,7 @@ def late_signal_status() -> None:
     if code == EXIT_OK:
         pending = signal.sigpending()
         code = 130 if signal.SIGINT in pending else 143 if signal.SIGTERM in pending else EXIT_OK
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            if stream is not None:
-                stream.flush()
-        except (OSError, ValueError):
-            pass
-    os._exit(code)
+    threads.exit_now(code)
 
 
 def hold_signals() -> None:

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from multiprocessing.reduction import ForkingPickler
 from typing import Any
 
-from . import containment, workwire
+from . import containment, threads, workwire
 from .channel import (
     COMMAND_MASK,
     PROGRESS,
@@ -571,10 +571,4 @@ def _end_despite_threads() -> None:
     """
     me = threading.current_thread()
     if any(t is not me and t.is_alive() and not t.daemon for t in threading.enumerate()):
-        for stream in (sys.stdout, sys.stderr):
-            try:
-                if stream is not None:
-                    stream.flush()
-            except (OSError, ValueError):
-                pass
-        os._exit(0)
+        threads.exit_now(0)
