@@ -354,7 +354,8 @@ class RunSession:
                 self.scale(n)
             except (ValueError, RuntimeError, OSError) as exc:  # WorkerStartError is a RuntimeError
                 return str(exc)
-            return f"resized to {self.pc.workers} workers"
+            n = self.pc.workers
+            return f"resized to {n} worker{'s' if n != 1 else ''}"
 
 
 def summarize(reports: dict[int, WorkerReport], elapsed: float,

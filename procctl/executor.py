@@ -576,13 +576,14 @@ class ProcessExecutor(Executor):
 
     def counts(self) -> TaskCounts:
         """Submitted tasks, by where they are now; a map counts each of its
-        items as a task, whatever its chunks."""
+        items as a task, whatever its chunks. `running` is one a busy worker
+        (a worker runs one item at a time); the rest not done are `queued`."""
         with self._lock:
             submitted, completed, failed, cancelled = (
                 self._submitted, self._completed, self._failed, self._cancelled)
-            held = sum(len(task.items) for line in list(self._lines.values()) for task in list(line.held))
-        queued = max(0, submitted - completed - failed - cancelled - held)
-        return TaskCounts(submitted, completed, failed, cancelled, held, queued)
+            running = sum(1 for line in list(self._lines.values()) if line.held and not line.closed)
+        queued = max(0, submitted - completed - failed - cancelled - running)
+        return TaskCounts(submitted, completed, failed, cancelled, running, queued)
 
     def status(self) -> list[WorkerStatus]:
         """Each worker's status; `done` counts its completed tasks, and the
@@ -1187,7 +1188,8 @@ class ProcessExecutor(Executor):
     def _statuses(self) -> list[WorkerStatus]:
         base = {s.worker_id: s for s in self._pc._snapshot()}
         counts = self.counts()
-        queued = counts.queued
+        held = sum(len(task.items) for line in list(self._lines.values()) for task in list(line.held))
+        queued = max(0, counts.submitted - counts.completed - counts.failed - counts.cancelled - held)
         live = [line for line in self._lines.values() if not line.closed] or list(self._lines.values())
         share = queued / max(1, len(live))
         out = []

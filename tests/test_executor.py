@@ -151,6 +151,8 @@ def test_pause_with_a_backlog_starts_no_task():
         done_then = sum(f.done() for f in futs)
         time.sleep(0.3)  # a window in which nothing may start
         assert sum(f.done() for f in futs) <= done_then + 2 * 2  # only those already in flight
+        c = ex.counts()  # what two workers hold is not all running: one each at most
+        assert c.running <= 2 and c.completed + c.running + c.queued == c.submitted == 20_000
         ex.resume()
         started = [f.result(60)[1] for f in futs[-10:]]
         assert min(started) > paused_at
