@@ -326,7 +326,10 @@ class ClusterExecutor(Session, Executor):
         with self.cond:
             held = sum(len(t.items) for h in self._held.values() for t in h.values())
             queued = sum(len(t.items) for t in self._pending)
-            return TaskCounts(self._submitted, self._completed, self._failed, self._cancelled, held, queued)
+            # As ProcessExecutor's: one item at a time per worker runs; the rest held waits.
+            running = min(held, self.workers)
+            return TaskCounts(self._submitted, self._completed, self._failed, self._cancelled, running,
+                              queued + held - running)
 
     @property
     def retried(self) -> int:
