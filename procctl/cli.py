@@ -43,6 +43,8 @@ if TYPE_CHECKING:
     from .capture import OutputCapture
 
 STEPS = {"run": State.RUNNING, "pause": State.PAUSED, "stop": State.STOPPED}
+#: The grace period of the live view's `q` (stop and quit now), at most the run's.
+QUIT_GRACE = 1.0
 #: How long the CLI waits for acknowledgements before it moves on; the
 #: command stays posted and busy workers apply it at their next checkpoint.
 ACK_WAIT = 2.0
@@ -720,7 +722,9 @@ def _on_key(session: RunSession, key: str) -> None:
         session.request_stop()
         note = "stopping gracefully"
     elif key == "q":
-        session.request_stop(grace=0.0)
+        # Now, but a worker that checkpoints still stops cleanly (its next
+        # checkpoint is moments away); one that does not is killed after QUIT_GRACE.
+        session.request_stop(grace=min(QUIT_GRACE, float(getattr(pc, "grace", QUIT_GRACE))))
         note = "stopping now"
     elif key in "+-":
         note = session.resize(+1 if key == "+" else -1)  # as SIGTTIN/SIGTTOU

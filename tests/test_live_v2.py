@@ -125,6 +125,13 @@ def test_q_stops_at_once_and_the_countdown_shows_during_a_grace(screen):
     assert time.monotonic() - started < 15  # not the 30 s grace
     assert "stopping now" in term.text or "2 killed" in term.text
 
+    # Workers that checkpoint stop cleanly on q: exit 0.
+    term = screen(["run", "--workers", "2", "--schedule", "run", "--step", "0", "--finish-chance", "0"])
+    term.wait_for("keys: p pause")
+    term.key("q")
+    assert term.finish() == 0
+    assert "2 stopped" in term.text
+
 
 def test_plus_and_minus_keys_resize_from_the_size_within_max_workers(screen):
     # Workers 0 and 1 finish at once: + and - count from the run's size (4), not its live workers (2).
