@@ -243,6 +243,10 @@ def _check_leftovers(snapshot: Snapshot, psutil: Any) -> None:
     alive = [p for p in wait_ended(new, LEFTOVER_WAIT, psutil) if _running(p, psutil)]
     if not alive:
         return
+    for p in alive:  # one caught in the middle of an exec had no command line yet: it has now
+        later = _describe(p, psutil)
+        if len(later) > len(described[p.pid]):
+            described[p.pid] = later
     _kill_all(alive, psutil)
     lines = "\n  ".join(described[p.pid] for p in alive)
     pytest.fail(f"test left {len(alive)} child process(es) behind (now killed):\n  {lines}", pytrace=False)
