@@ -19,11 +19,12 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from . import __version__
+from .cli_control import COMMANDS as CONTROL_COMMANDS
 from .cli_control import ControlPlan, ServedControl
 from .clitools import (
+    DEFAULT_WORKERS_PER_NODE,
     EXIT_FAILED,
     EXIT_OK,
-    EXIT_STATUS,
     EXIT_TIMEOUT,
     EXIT_USAGE,
     BadInput,
@@ -31,6 +32,7 @@ from .clitools import (
     SignalBridge,
     check_writable_file,
     ensure_std_fds,
+    exit_holding_signals,
     hold_signals,
     say,
 )
@@ -52,15 +54,13 @@ START_METHODS = ("fork", "spawn", "forkserver")
 TICK = 0.25  # live view refresh
 
 
-#: The subcommands defined in other modules, imported only when one is named
-#: (or listed, for --help and completion): `procctl run` and a bad input
-#: start without importing the executor, the map or the sum job.
+#: The subcommands defined in modules `run` does not need, imported only when
+#: one is named (or listed, for --help and completion): `procctl run` and a
+#: bad input start without importing the executor, the map or the sum job.
 _ELSEWHERE = {
     "map": ("procctl.cli_map", "map_command"),
     "sum": ("procctl.cli_sum", "sum_command"),
     "timeline": ("procctl.cli_timeline", "timeline_command"),
-    **{name: ("procctl.cli_control", f"{name}_command")
-       for name in ("ls", "status", "pause", "resume", "stop", "scale", "events", "metrics")},
 }
 
 
@@ -82,6 +82,10 @@ class _Commands(click.Group):
 @click.version_option(__version__, "--version", prog_name="procctl")
 def main_group() -> None:
     """Run N worker processes you can pause, resume and stop, leaving nothing behind."""
+
+
+for _command in CONTROL_COMMANDS:  # cli_control is imported for `run`'s control socket anyway
+    main_group.add_command(_command)
 
 
 def _say_library_warnings() -> None:
@@ -122,23 +126,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         code = bridge.exit_code or 130
     if bridge.exit_code is not None and code != EXIT_USAGE:
         code = bridge.exit_code  # a signal that came after the job ended still ends the command
-    sys.exit(_exit_status_held(code or 0))
-
-
-def _exit_status_held(code: int) -> int:
-    """Block the operator's signals for the interpreter's shutdown, which puts
-    the default actions back: one that comes now stays pending and never kills
-    us by its default action. One that came after the command ended, before
-    this, still makes the exit status 130 or 143."""
-    hold_signals()
-    if code == EXIT_OK:
-        pending = signal.sigpending()
-        if signal.SIGINT in pending:
-            code = 130
-        elif signal.SIGTERM in pending:
-            code = 143
-    EXIT_STATUS[:] = [code]  # late_signal_status() looks again at the very end
-    return code
+    exit_holding_signals(code or 0)
 
 
 def signal_bridge() -> SignalBridge:
@@ -468,8 +456,6 @@ def run_command(workers: int, target: str | None, schedule: str, step: float, fi
         if too_many is not None:
             raise BadInput(f"--workers {workers}: {too_many}")
     else:
-        from .cli_map import DEFAULT_WORKERS_PER_NODE
-
         workers_per_node = DEFAULT_WORKERS_PER_NODE if workers_per_node is None else workers_per_node
         too_many = capacity_problem(workers_per_node)
         if too_many is not None:

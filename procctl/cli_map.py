@@ -38,6 +38,7 @@ import click
 
 from . import maplog
 from .clitools import (
+    DEFAULT_WORKERS_PER_NODE,
     EXIT_FAILED,
     EXIT_OK,
     EXIT_TIMEOUT,
@@ -267,7 +268,6 @@ def check_cluster(text: str | None, workers: int | None, workers_per_node: int |
 
 
 #: Worker processes on each Dask worker when --cluster comes without --workers-per-node (procctl run's).
-DEFAULT_WORKERS_PER_NODE = 4
 
 
 def make_executor(plan: MapPlan) -> ProcessExecutor:

@@ -11,10 +11,12 @@ import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from types import FrameType
-from typing import IO, Any
+from typing import IO, Any, NoReturn
 
 from . import threads
 
+#: Worker processes per Dask worker with --cluster, unless --workers-per-node says.
+DEFAULT_WORKERS_PER_NODE = 4
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
@@ -39,17 +41,27 @@ def _nothing() -> None:
     pass
 
 
-#: The exit status cli.main ends with, for late_signal_status().
+#: The exit status the command line ends with, for late_signal_status().
 EXIT_STATUS: list[int] = []
+
+
+def exit_holding_signals(code: int) -> NoReturn:
+    """End the command with `code`, the operator's signals held for the
+    interpreter's shutdown, which puts their default actions back: one that
+    comes now stays pending, never kills us by its default action, and
+    late_signal_status() makes it the exit status."""
+    hold_signals()
+    EXIT_STATUS[:] = [code]
+    sys.exit(code)
 
 
 def late_signal_status() -> None:
     """At exit, after every other exit handler (registered first: they run in
-    reverse), a SIGINT or SIGTERM that came while the interpreter shut down,
-    held since cli.main held the signals for the shutdown, makes a command
-    that succeeded end with 130 or 143. Then the process ends at once: what
-    the interpreter would still do (tear its modules down) changes nothing
-    for a command, and a signal that came meanwhile would be lost."""
+    reverse), a SIGINT or SIGTERM held since exit_holding_signals() (or still
+    held from before) makes a command that succeeded end with 130 or 143.
+    Then the process ends at once: what the interpreter would still do (tear
+    its modules down) changes nothing for a command, and a signal that came
+    meanwhile would be lost."""
     if not EXIT_STATUS:
         return  # not the command line's exit (or it failed before its end)
     code = EXIT_STATUS[0]

@@ -63,7 +63,7 @@ from .states import CLEAN_OUTCOMES, STATES, Event, Outcome, State, WorkerReport,
 from .supervise import Action, Plan, Strategy, Supervisor
 from .threads import MANAGED_SIGNALS
 from .worker import Payload, WorkerSpec, worker_main
-from .workwire import MAX_WAIT
+from .workwire import MAX_WAIT, check_timeout
 
 log = logging.getLogger("procctl")
 
@@ -219,26 +219,6 @@ def check_state(name: str, value: Any) -> State:
     except ValueError:
         raise ValueError(f"{name} must be a procctl.State ({', '.join(s.name for s in State)}), "
                          f"not {value!r}") from None
-
-
-def check_timeout(name: str, value: Any, *, allow_none: bool = True) -> float | None:
-    """Validate a timeout argument: None (if allowed), or a number >= 0;
-    float('inf') means no limit. NaN and negative numbers raise ValueError."""
-    if value is None:
-        if allow_none:
-            return None
-        raise TypeError(f"{name} must be a number of seconds, not None")
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number of seconds, not {type(value).__name__}")
-    try:
-        seconds = float(value)
-    except OverflowError:  # an int beyond a float: longer than anyone will wait
-        seconds = float("inf")
-    if seconds != seconds:
-        raise ValueError(f"{name} must be a number of seconds, not NaN")
-    if seconds < 0:
-        raise ValueError(f"{name} must be >= 0, not {value!r}")
-    return seconds
 
 
 class _Spawner:

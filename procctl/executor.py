@@ -50,12 +50,12 @@ from typing import Any
 
 from . import threads, workwire
 from .channel import InheritedFd
-from .controller import ProcessController, check_start_method, check_timeout
+from .controller import ProcessController, check_start_method
 from .errors import RemoteTraceback, TaskTimeout, WorkerCrashed
 from .shutdown import describe_exit, signal_name
 from .states import Event, Outcome, State, WorkerReport, WorkerStatus
 from .worker_plane import CALL, CHUNK, ERR, OK, run_tasks
-from .workwire import MAX_WAIT, Kind
+from .workwire import MAX_WAIT, Kind, check_timeout
 
 log = logging.getLogger("procctl")
 
@@ -231,10 +231,7 @@ class _TaskFuture(Future):  # type: ignore[type-arg]
             if self._procctl_cancelling:
                 return False
             self._procctl_sent = True
-        if self.done():  # failed before it could go (a broken pool)
-            self._procctl_sent = False
-            return False
-        return True
+            return True
 
     def revoke(self) -> bool:
         """stop() hands the task back: cancel it, sent or not."""
@@ -631,19 +628,17 @@ class ProcessExecutor(Executor):
         return task
 
     def _enqueue(self, tasks: list[_Task]) -> None:
-        items = sum(len(t.items) for t in tasks)
         wake = False
         with self._lock:
             broken = self._broken
+            if broken is not None and self._broken_told:
+                raise BrokenExecutor(broken)
+            if broken is None and self._shutdown:
+                raise RuntimeError("cannot schedule new futures after shutdown")
+            self._submitted += sum(len(t.items) for t in tasks)
             if broken is not None:
-                if self._broken_told:
-                    raise BrokenExecutor(broken)
-                self._submitted += items
-                self._failed += items
+                self._failed += sum(len(t.items) for t in tasks)
             else:
-                if self._shutdown:
-                    raise RuntimeError("cannot schedule new futures after shutdown")
-                self._submitted += items
                 self._pending.extend(t for t in tasks if t.blob)
                 self._failed += sum(len(t.items) for t in tasks if not t.blob)
                 wake, self._idle = self._idle, False
@@ -852,8 +847,8 @@ class ProcessExecutor(Executor):
 
     def _head_started(self, line: _WorkerLine) -> float:
         """When what `line`'s worker runs began: its first task, or inside a
-        map chunk, the block of items it is at (the worker says so on the
-        board), so that task_timeout counts per item, not per chunk."""
+        map chunk, the item it is at (the worker says so on the board), so
+        that task_timeout counts per item, not per chunk."""
         task = line.held[0]
         if not task.chunk or self._pc._board is None:
             return task.started
@@ -1188,8 +1183,8 @@ class ProcessExecutor(Executor):
     def _statuses(self) -> list[WorkerStatus]:
         base = {s.worker_id: s for s in self._pc._snapshot()}
         counts = self.counts()
-        held = sum(len(task.items) for line in list(self._lines.values()) for task in list(line.held))
-        queued = max(0, counts.submitted - counts.completed - counts.failed - counts.cancelled - held)
+        held = {wid: sum(len(task.items) for task in list(line.held)) for wid, line in list(self._lines.items())}
+        queued = max(0, counts.running + counts.queued - sum(held.values()))  # not in a worker's hands
         live = [line for line in self._lines.values() if not line.closed] or list(self._lines.values())
         share = queued / max(1, len(live))
         out = []
@@ -1198,7 +1193,7 @@ class ProcessExecutor(Executor):
             s = base.get(wid)
             if s is None:
                 continue
-            total = line.done + sum(len(task.items) for task in line.held) + share
+            total = line.done + held.get(wid, 0) + share
             rate = line.done / (now - self._t0) if now > self._t0 else None
             eta = (total - line.done) / rate if rate else None
             out.append(WorkerStatus(wid, s.pid, s.state, s.alive, s.outcome, float(line.done),

@@ -149,7 +149,6 @@ class WorkerContext:
         # that was told is interrupted; one that was not and returned has
         # completed, even if STOPPED came meanwhile (a SIGTERM to the group).
         self._saw_stop = False
-        self._timed_items = False  # the executor times each item of a map chunk (worker_plane.py)
         self._info_sent = -INFO_INTERVAL
         self._polls: dict[int, Any] = {}
         #: The keyword arguments of the last progress() call.

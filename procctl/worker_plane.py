@@ -271,10 +271,9 @@ def run_tasks(
     """The target of every executor worker: run tasks until STOPPED, or
     until `max_tasks` are done (the executor then starts a fresh worker).
     With `timed` (the executor has a task_timeout), a map chunk says on the
-    board when each block of its items starts: the timeout is per item."""
+    board when each of its items starts: the timeout is per item."""
     end = ctx._work
     assert end is not None
-    ctx._timed_items = timed
     if initializer is not None:
         try:
             initializer(*initargs)
@@ -289,7 +288,7 @@ def run_tasks(
         task = end.next_task(ctx)
         if task is None:
             continue  # a command: checkpoint() applies it
-        send(ctx, result, tag=task[0], payload=_run_task(ctx, functions, task[1], task[2]))
+        send(ctx, result, tag=task[0], payload=_run_task(ctx, functions, task[1], task[2], timed))
         done += 1
         if max_tasks is not None and done >= max_tasks:
             break
@@ -305,7 +304,7 @@ CALL, CHUNK = 0, 1
 BLOCK_SECONDS = 0.001
 
 
-def _run_task(ctx: WorkerContext, functions: dict[bytes, Any], fn_blob: bytes, blob: bytes) -> bytes:
+def _run_task(ctx: WorkerContext, functions: dict[bytes, Any], fn_blob: bytes, blob: bytes, timed: bool) -> bytes:
     done: list[Any] = []  # a chunk's results so far, in whole blocks
     try:
         fn = functions.get(fn_blob)
@@ -315,7 +314,7 @@ def _run_task(ctx: WorkerContext, functions: dict[bytes, Any], fn_blob: bytes, b
             fn = functions[fn_blob] = pickle.loads(fn_blob)
         kind, a, b = pickle.loads(blob)
         if kind == CHUNK:
-            value: Any = _run_chunk(ctx, fn, a, b, done)
+            value: Any = _run_chunk(ctx, fn, a, b, done, timed)
         else:
             value = fn(*a, **b)
     except BaseException as exc:  # noqa: BLE001 - the task's exception is its result
@@ -336,20 +335,20 @@ _BETWEEN = object()  # a chunk stopped between two blocks: no item was interrupt
 
 
 def _run_chunk(ctx: WorkerContext, fn: Callable[..., Any], items: list[Any], star: bool,
-               done: list[Any]) -> Any:
+               done: list[Any], timed: bool) -> Any:
     """fn over the items, in blocks with a checkpoint between them (a paused
     chunk waits there). At STOPPED, `done` holds the blocks that ran before it;
     a block that saw STOPPED counts as interrupted (its first item as running)."""
     clock = time.perf_counter
     step, i, n = 1, 0, len(items)
-    timed = _timed_call(ctx, fn, star) if ctx._timed_items else None
+    call = _timed_call(ctx, fn, star) if timed else None
     while i < n:
         if not ctx.checkpoint():
             return _BETWEEN
         t0 = clock()
         block = items[i:i + step]
-        if timed is not None:
-            out = list(map(timed, block))
+        if call is not None:
+            out = list(map(call, block))
         else:
             out = list(itertools.starmap(fn, block) if star else map(fn, block))
         if saw_stop(ctx):

@@ -28,7 +28,7 @@ import socket
 import struct
 import threading
 import time
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 HEADER = struct.Struct("!BxxxIq")  # kind, channel id, tag (task id, count)
 BIG = 0x80  # flag on kind: the payload is in the passed memfd
@@ -201,23 +201,32 @@ def recv_all(sock: socket.socket) -> list[Message]:
 MAX_WAIT = 86400.0
 
 
-def deadline(timeout: float | None, name: str = "timeout") -> float | None:
-    """The monotonic time a timeout ends (None: no limit, also for inf).
-
-    As queue.Queue's get and put: a negative timeout is a ValueError."""
-    if timeout is None:
-        return None
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
-        raise TypeError(f"{name} must be a number of seconds, not {type(timeout).__name__}")
-    if timeout != timeout:
-        raise ValueError(f"{name} must be a number of seconds, not NaN")
-    if timeout < 0:
-        raise ValueError(f"{name} must be a non-negative number, not {timeout!r}")
+def check_timeout(name: str, value: Any, *, allow_none: bool = True) -> float | None:
+    """Validate a timeout argument: None (if allowed), or a number >= 0;
+    float('inf') means no limit. NaN and negative numbers raise ValueError."""
+    if value is None:
+        if allow_none:
+            return None
+        raise TypeError(f"{name} must be a number of seconds, not None")
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number of seconds, not {type(value).__name__}")
     try:
-        end = time.monotonic() + float(timeout)
-    except OverflowError:  # an int beyond a float: no limit
-        return None
-    return None if end == float("inf") else end
+        seconds = float(value)
+    except OverflowError:  # an int beyond a float: longer than anyone will wait
+        seconds = float("inf")
+    if seconds != seconds:
+        raise ValueError(f"{name} must be a number of seconds, not NaN")
+    if seconds < 0:
+        raise ValueError(f"{name} must be >= 0, not {value!r}")
+    return seconds
+
+
+def deadline(timeout: float | None, name: str = "timeout") -> float | None:
+    """The monotonic time a timeout ends (None: no limit, also for inf), the
+    timeout checked as check_timeout() does (as queue.Queue's get and put: a
+    negative one is a ValueError)."""
+    seconds = check_timeout(name, timeout)
+    return None if seconds is None or seconds == math.inf else time.monotonic() + seconds
 
 
 def remaining(end: float | None) -> float | None:

@@ -17,12 +17,12 @@ from collections.abc import Callable, Mapping
 from dataclasses import replace
 from typing import Any
 
-from .. import shutdown, threads
-from ..controller import ACK_TIMEOUT, WorkerStartError, check_start_method, check_timeout
-from ..limits import capacity_problem
+from .. import shutdown
+from ..controller import ACK_TIMEOUT, WorkerStartError, check_start_method
 from ..states import CLEAN_OUTCOMES, Event, Outcome, State, WorkerReport, WorkerStatus
+from ..workwire import check_timeout
 from .agent import run_controller_agent
-from .session import CONNECT_TIMEOUT, SLACK, START_TIMEOUT, Node, Session, connect
+from .session import CONNECT_TIMEOUT, SLACK, START_TIMEOUT, Node, Session, check_workers_per_node, connect
 from .wire import AgentSpec, Message, Op, Up
 
 __all__ = ["ClusterController", "connect"]
@@ -75,11 +75,7 @@ class ClusterController(Session):
     ) -> None:
         if not callable(target):
             raise TypeError(f"target must be callable, not {type(target).__name__}")
-        if isinstance(workers_per_node, bool) or not isinstance(workers_per_node, int) or workers_per_node < 1:
-            raise ValueError(f"workers_per_node must be a positive integer, not {workers_per_node!r}")
-        too_many = capacity_problem(workers_per_node)
-        if too_many is not None:
-            raise ValueError(f"workers_per_node={workers_per_node} is more than this system lets us start: {too_many}")
+        check_workers_per_node(workers_per_node)
         check_start_method(start_method)  # (the nodes check it too, but only once connected)
         if isinstance(args, (str, bytes)) or not isinstance(args, (tuple, list)):
             raise TypeError(f"args must be a tuple or list of arguments, not {type(args).__name__}")
@@ -295,21 +291,7 @@ class ClusterController(Session):
     def wakeup(self) -> None:
         """Make a blocked wait() or reap() return early. Safe from a signal handler."""
         self._woken = True
-        if self.cond.acquire(blocking=False):
-            try:
-                self.cond.notify_all()
-            finally:
-                self.cond.release()
-        else:
-            # Another thread holds the lock for a moment (the keeper, a send):
-            # a thread of ours notifies once it lets go, as a signal handler
-            # must not block here. Else the wait would last until the next
-            # message from a node, up to a quarter of the lease.
-            threads.start(threading.Thread(target=self._notify, name="procctl-cluster-wakeup", daemon=True))
-
-    def _notify(self) -> None:
-        with self.cond:
-            self.cond.notify_all()
+        self.notify_soon()
 
     # -- waiting and reaping --------------------------------------------------------------
 

@@ -30,7 +30,7 @@ from typing import Any
 import cloudpickle
 
 from .. import shutdown, threads
-from ..controller import check_start_method, check_timeout
+from ..controller import check_start_method
 from ..errors import RemoteTraceback
 from ..executor import (
     MAX_AUTO_CHUNK,
@@ -42,11 +42,10 @@ from ..executor import (
     check_task_timeout,
     map_deadline,
 )
-from ..limits import capacity_problem
 from ..states import Event, State, WorkerStatus
-from ..workwire import MAX_WAIT
+from ..workwire import MAX_WAIT, check_timeout
 from .agent import run_executor_agent
-from .session import CONNECT_TIMEOUT, SLACK, Node, Session
+from .session import CONNECT_TIMEOUT, SLACK, Node, Session, check_workers_per_node
 from .wire import AgentSpec, Message, Op, Up
 
 log = logging.getLogger("procctl")
@@ -96,13 +95,9 @@ class ClusterExecutor(Session, Executor):
         initargs: tuple[Any, ...] = (),
         connect_timeout: float = CONNECT_TIMEOUT,
     ) -> None:
-        if isinstance(workers_per_node, bool) or not isinstance(workers_per_node, int) or workers_per_node < 1:
-            raise ValueError(f"workers_per_node must be a positive integer, not {workers_per_node!r}")
+        check_workers_per_node(workers_per_node)
         if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
             raise ValueError(f"retries must be an integer >= 0, not {retries!r}")
-        too_many = capacity_problem(workers_per_node)
-        if too_many is not None:
-            raise ValueError(f"workers_per_node={workers_per_node} is more than this system lets us start: {too_many}")
         if on_event is not None and not callable(on_event):
             raise TypeError(f"on_event must be callable, not {type(on_event).__name__}")
         grace_s = check_timeout("grace", grace, allow_none=False)

@@ -36,8 +36,9 @@ from distributed.comm.core import connect as comm_connect
 from distributed.comm.registry import get_backend
 
 from .. import threads
-from ..controller import check_timeout
+from ..limits import capacity_problem
 from ..states import Event
+from ..workwire import check_timeout
 from .wire import AgentSpec, Command, Message, Op, Up, decode, encode, queue_names
 
 log = logging.getLogger("procctl")
@@ -321,13 +322,22 @@ class Session:
         attempt = self._connecting
         if attempt is not None:
             attempt.cancel()
+        self.notify_soon()
+
+    def notify_soon(self) -> None:
+        """Wake every wait on `cond` without blocking (safe from a signal handler).
+
+        When another thread holds the lock for a moment (the keeper, a send),
+        a thread of ours notifies once it lets go; else the wait would last
+        until the next message from a node, up to a quarter of the lease.
+        """
         if self.cond.acquire(blocking=False):
             try:
                 self.cond.notify_all()
             finally:
                 self.cond.release()
-        else:  # held for a moment by another thread: a thread of ours notifies once it lets go
-            threads.start(threading.Thread(target=self._notify_all, name="procctl-cluster-cancel", daemon=True))
+        else:
+            threads.start(threading.Thread(target=self._notify_all, name="procctl-cluster-notify", daemon=True))
 
     def _notify_all(self) -> None:
         with self.cond:
@@ -600,6 +610,16 @@ class Session:
     def t_of(self, wall: float) -> float:
         """An agent's wall-clock time as seconds since this run started."""
         return round(max(0.0, wall - self._wall0), 6)
+
+
+def check_workers_per_node(workers_per_node: Any) -> None:
+    """ValueError naming `workers_per_node` unless it is a count this machine can start
+    (each node is a machine like it, as a rule; the nodes check again)."""
+    if isinstance(workers_per_node, bool) or not isinstance(workers_per_node, int) or workers_per_node < 1:
+        raise ValueError(f"workers_per_node must be a positive integer, not {workers_per_node!r}")
+    too_many = capacity_problem(workers_per_node)
+    if too_many is not None:
+        raise ValueError(f"workers_per_node={workers_per_node} is more than this system lets us start: {too_many}")
 
 
 #: The sessions whose open() is under way, for cancel_opening().

@@ -87,6 +87,6 @@ def encode(obj: Any) -> bytes:
     return pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
 
 
-def decode(data: Any) -> Any:
+def decode(data: bytes) -> Any:
     """What came out of a Dask queue, as it was put."""
-    return pickle.loads(data) if isinstance(data, bytes) else data
+    return pickle.loads(data)
