@@ -40,6 +40,11 @@ def slow_square(x):
     return x * x
 
 
+def slower_square(x):
+    time.sleep(0.3)
+    return x * x
+
+
 def fail(x):
     raise ValueError(f"bad {x}")
 

@@ -209,7 +209,8 @@ def test_nothing_procctl_started_outlives_a_run_on_a_node(cluster):
 
 def test_shutdown_cancels_what_did_not_start_and_ends_the_agents(cluster):
     ex = ClusterExecutor(cluster=cluster, workers_per_node=2, lease=5)
-    futs = [ex.submit(cluster_targets.slow_square, i) for i in range(40)]
+    # Tasks long enough that a loaded machine cannot run all 40 before the cancel.
+    futs = [ex.submit(cluster_targets.slower_square, i) for i in range(40)]
     next(concurrent.futures.as_completed(futs, timeout=30))
     ex.shutdown(wait=True, cancel_futures=True)
     cancelled = [f for f in futs if f.cancelled()]
