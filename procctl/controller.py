@@ -124,7 +124,7 @@ class _Worker:
         self.start_error: str | None = None
         self.signalled: int | None = None
         self.report: WorkerReport | None = None
-        self.progress_first: tuple[float, float] | None = None  # (monotonic, done)
+        self.progress_first: tuple[float, float] | None = None  # (monotonic, done): the rate's origin
         self.info: dict[str, Any] = {}
         self.final_progress: tuple[float | None, float | None] = (None, None)
         #: What the controller watches for the process's end: a pidfd where the
@@ -977,8 +977,12 @@ class ProcessController:
             w.state = state
             if state is not State.STOPPED:
                 self._worker_event(w, _EVENT_OF[state])
-            if state is State.RUNNING and self._heartbeat is not None and not w.retiring:
-                self._probe(w, time.monotonic())  # silence counts from now
+            if state is State.RUNNING:
+                if w.progress_first is None:
+                    # Its rate counts from its first run: status() has one at its first call.
+                    w.progress_first = (time.monotonic(), 0.0)
+                if self._heartbeat is not None and not w.retiring:
+                    self._probe(w, time.monotonic())  # silence counts from now
 
     def _reap_worker(self, w: _Worker) -> None:
         if not w.link.closed:

@@ -25,7 +25,8 @@ def test_progress_is_cheap_and_reaches_status_and_events():
         reports = pc.stop()
     for r in rows:
         assert r.total == 50_000 and r.state is State.RUNNING and r.alive
-        assert r.rate is None or r.rate > 0
+        # A rate and an ETA at the first status() call: counted from the worker's first run.
+        assert r.rate is not None and r.rate > 0 and r.eta is not None and r.eta >= 0
     assert info[0].get("phase") == "counting" and info[1].get("worker") == 1
     # 50,000 calls: shared-memory stores, far under a second in all.
     assert all(r.result < 1.0 for r in reports.values())

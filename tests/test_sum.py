@@ -199,6 +199,46 @@ def test_two_consumers_crossing_at_once_give_exactly_one_winner():
     assert crossings >= 1, "no run had two consumers crossing"
 
 
+class _EndlessChannels:
+    """A worker context whose channels never run dry nor fill up, counting every call."""
+
+    def __init__(self, worker_id):
+        self.worker_id = worker_id
+        self.calls = 0
+
+    def get(self, name, timeout=None):
+        self._count()
+        return 1
+
+    def put(self, name, item, timeout=None):
+        self._count()
+        return True
+
+    def _count(self):
+        self.calls += 1
+        if self.calls > 100:
+            raise AssertionError("still taking or putting items after the race was won")
+
+
+@pytest.mark.parametrize("role", ["producer", "consumer"])
+def test_once_a_consumer_won_nobody_takes_or_puts_another_item(role):
+    """'As soon as any consumer's sum exceeds the threshold ... every producer and
+    consumer stops': not only at the manager's STOPPED, which comes after it has
+    seen the winner end. A consumer that had gone on taking items could end above
+    the threshold, or above the winner."""
+    plan = job_module.make_plan(1, 2, 10**9, values=(1,))
+    ledger = Ledger(plan.workers)
+    try:
+        assert ledger.claim(1)  # consumer 1 won
+        ctx = _EndlessChannels(0 if role == "producer" else 1)  # producer 0, consumer 0
+        tally = (worker_module._produce(ctx, plan, ledger, 0) if role == "producer"
+                 else worker_module._consume(ctx, plan, ledger, 0))
+    finally:
+        ledger.close()
+    assert ctx.calls == 0
+    assert tally == (ProducerTally(0, 0, 0) if role == "producer" else ConsumerTally(0, 0, 0, False, False))
+
+
 def race_claims(ctx, barrier, ledgers):
     """Every worker tries to claim every round at the same instant."""
     wins = []

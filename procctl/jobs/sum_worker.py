@@ -113,7 +113,8 @@ def _produce(ctx: WorkerContext, plan: SumPlan, ledger: Ledger, index: int) -> P
     slot = ledger.slot(ctx.worker_id)
     low, high = plan.delay
     produced = values = 0
-    while True:
+    won_by = ledger.winner
+    while won_by() < 0:  # a winner ends the race for producers too
         item = make_item()
         worth = item if total is None else total(item)
         # Pending first: if we die inside put(), the manager learns from the
@@ -141,7 +142,10 @@ def _consume(ctx: WorkerContext, plan: SumPlan, ledger: Ledger, index: int) -> C
     slot = ledger.slot(ctx.worker_id)
     story = _Story(ctx, plan.t0, index) if plan.listen else None
     total = received = 0
-    while True:
+    won_by = ledger.winner
+    # Once a consumer has won, the others take nothing more: the race is over
+    # (the manager's STOPPED follows, but only after it has seen the winner end).
+    while won_by() < 0:
         try:
             # Blocks while empty (and while PAUSED); Closed at STOPPED.
             item = get(ITEMS)
