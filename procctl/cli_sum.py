@@ -37,7 +37,7 @@ from .jobs.sum_events import (
     Summary,
     TimedOut,
 )
-from .jobs.sum_plan import Delay, SumCancelled, SumJobError, SumResult, make_plan
+from .jobs.sum_plan import Delay, SumCancelled, SumJobError, SumResult, SumTimeout, make_plan
 from .jobs.sum_threshold import SumJob
 from .limits import LIMIT_ERRNOS
 
@@ -115,7 +115,9 @@ def event_text(event: SumEvent) -> str | None:
 
 
 def summary_text(result: SumResult) -> str:
-    return (f"summary: consumer {result.winner} won with sum {result.sums[result.winner]} > {result.threshold}; "
+    verdict = (f"consumer {result.winner} won with sum {result.sums[result.winner]} > {result.threshold}"
+               if result.winner >= 0 else f"nobody exceeded {result.threshold}")
+    return (f"summary: {verdict}; "
             f"sums {list(result.sums)}, received {list(result.received)}, produced {list(result.produced)}, "
             f"drained {result.drained}, {result.elapsed:.2f}s")
 
@@ -220,6 +222,9 @@ def _run(job: SumJob, reporter: Reporter, bridge: SignalBridge, view: Any = None
         except TimeoutError as exc:
             reporter.emit(TimedOut(job.plan.timeout).to_dict(), None)
             say(f"procctl sum: {exc}")
+            if isinstance(exc, SumTimeout):  # the counts all the same, as the last line: nobody won
+                summary = Summary(exc.result)
+                reporter.summary(summary.to_dict(), summary_text(exc.result))
             return EXIT_TIMEOUT
         except (SumJobError, WorkerStartError, OSError) as exc:
             if bridge.exit_code is not None:  # a second signal killed the workers: the signal's doing

@@ -411,9 +411,12 @@ def test_a_run_with_every_consumer_killed_is_an_error_not_a_hang():
 
 def test_timeout_stops_cleanly_and_raises():
     started = time.monotonic()
-    with pytest.raises(TimeoutError, match="within 0.5s"):
+    with pytest.raises(TimeoutError, match="within 0.5s") as info:
         sum_threshold(2, 2, 10**9, delay=0.01, timeout=0.5, start_method="fork")
     assert time.monotonic() - started < 3
+    counts = info.value.result  # a SumTimeout: the run's counts, nobody won
+    assert counts.winner == -1 and max(counts.sums) <= 10**9 and len(counts.produced) == 2
+    assert sum(counts.produced) == sum(counts.received) + counts.drained > 0
     assert not children()
     assert not [t.name for t in threading.enumerate() if t.name in HELPER_THREADS]
 
@@ -504,7 +507,11 @@ def test_cli_bad_input_is_one_line_and_exit_2(args):
 def test_cli_timeout_exits_124():
     res = run_sum("--threshold", "1000000000", "--delay", "0.01", "--timeout", "0.5", "--json")
     assert res.returncode == 124, res.stderr
-    assert json.loads(res.stdout.splitlines()[-1])["event"] == "timeout"
+    *_, timed_out, summary = map(json.loads, res.stdout.splitlines())
+    assert timed_out == {"event": "timeout", "timeout": 0.5}
+    # The last line is the summary, as on a win: nobody won, the counts add up.
+    assert summary["event"] == "summary" and summary["winner"] is None
+    assert sum(summary["produced"]) == sum(summary["received"]) + summary["drained"] > 0
     assert "within 0.5s" in res.stderr
 
 

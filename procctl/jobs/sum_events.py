@@ -173,13 +173,16 @@ class TimedOut(SumEvent):
 
 @dataclass(frozen=True, eq=False)
 class Summary(SumEvent):
-    """The last record of a successful run: the result."""
+    """The last record of a run: the result (after a timeout, its counts, no winner)."""
 
     kind: ClassVar[SumEventKind] = SumEventKind.SUMMARY
     result: SumResult
 
     def to_dict(self) -> dict[str, Any]:
-        return {"event": self.kind.value, **self.result.to_dict()}
+        out = {"event": self.kind.value, **self.result.to_dict()}
+        if self.result.winner < 0:  # a timeout's counts: nobody won
+            out["winner"] = None
+        return out
 
 
 #: Events the consumers send while the run goes.

@@ -77,6 +77,17 @@ class SumResult:
                 "drained": self.drained, "elapsed": round(self.elapsed, 3)}
 
 
+class SumTimeout(TimeoutError):
+    """Nobody crossed within the timeout; everything was stopped and cleaned up first.
+
+    `result` holds the run's counts as they were settled (its `winner` is -1:
+    nobody won), with the same accounting as a won run's."""
+
+    def __init__(self, message: str, result: SumResult) -> None:
+        super().__init__(message)
+        self.result = result
+
+
 class SumJobError(RuntimeError):
     """A producer or consumer failed (raised), or none of a role was left to finish the race."""
 

@@ -48,6 +48,7 @@ from .sum_plan import (
     SumJobError,
     SumPlan,
     SumResult,
+    SumTimeout,
     check_seconds,
     make_plan,
 )
@@ -298,8 +299,8 @@ class SumJob:
                 lines.append(f"{role} {index} (worker {r.worker_id}) failed: {r.error_line or '-'}")
             raise SumJobError("; ".join(lines))
         if verdict is _Verdict.TIMEOUT:
-            raise TimeoutError(f"no consumer's sum exceeded {plan.threshold} within {plan.timeout}s;"
-                               " everything was stopped and cleaned up")
+            raise SumTimeout(f"no consumer's sum exceeded {plan.threshold} within {plan.timeout}s;"
+                             " everything was stopped and cleaned up", self._result(-1, books))
         if verdict is _Verdict.STARVED:
             gone = [f"{' '.join(map(str, plan.role(r.worker_id)))} {r.outcome.value}" for r in reports.values()
                     if r.outcome not in CLEAN_OUTCOMES]
@@ -307,9 +308,12 @@ class SumJob:
         winner = books.winner
         if winner < 0 or books.consumers[winner].sum <= plan.threshold:
             raise SumJobError(f"the run ended without a valid winner (claim {winner}, verdict {verdict.value})")
+        return self._result(winner, books)
+
+    def _result(self, winner: int, books: _Books) -> SumResult:
         return SumResult(
             winner=winner,
-            threshold=plan.threshold,
+            threshold=self.plan.threshold,
             sums=tuple(c.sum for c in books.consumers),
             received=tuple(c.received for c in books.consumers),
             produced=tuple(p.produced for p in books.producers),
@@ -441,8 +445,8 @@ def sum_threshold(producers: int = 3, consumers: int = 3, threshold: int = 10, *
     closed, every process reaped.  A producer or consumer that is killed
     does not end the run while the others can finish it; its counts are
     kept.  ValueError for bad arguments (before any process starts);
-    TimeoutError after a clean stop when nobody crossed within `timeout`
-    seconds; SumJobError when a worker failed (raised) or no producer or
+    TimeoutError (a SumTimeout: its `result` has the counts, winner -1)
+    after a clean stop when nobody crossed within `timeout` seconds; SumJobError when a worker failed (raised) or no producer or
     no consumer is left.
 
     `on_event(event)` gets the story as events of procctl.jobs.sum_events
