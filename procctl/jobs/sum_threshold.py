@@ -64,6 +64,7 @@ SEARCH_LIMIT = 12
 EventSink = Callable[[JobEvent], None]
 
 __all__ = ["GRACE", "MAX_BATCH", "Delay", "SumCancelled", "SumJob", "SumJobError", "SumPlan", "SumResult",
+           "SumTimeout",
            "make_plan", "sum_threshold"]
 
 
