@@ -447,8 +447,9 @@ def sum_threshold(producers: int = 3, consumers: int = 3, threshold: int = 10, *
     does not end the run while the others can finish it; its counts are
     kept.  ValueError for bad arguments (before any process starts);
     TimeoutError (a SumTimeout: its `result` has the counts, winner -1)
-    after a clean stop when nobody crossed within `timeout` seconds; SumJobError when a worker failed (raised) or no producer or
-    no consumer is left.
+    after a clean stop when nobody crossed within `timeout` seconds;
+    SumJobError when a worker failed (raised) or no producer or no consumer
+    is left.
 
     `on_event(event)` gets the story as events of procctl.jobs.sum_events
     (each also reads as a dict: ``event["consumer"]``, ``event.to_dict()``):
