@@ -7,7 +7,10 @@ the worker side in a spawned child) does not pay for the whole library.
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING, Any
+
+# Not typing's: importing typing costs about 10 ms, and `procctl` (the command)
+# holds its signals only once this module has run (see __main__.py).
+TYPE_CHECKING = False
 
 __version__ = "0.1.0"
 
@@ -40,6 +43,8 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
+    from typing import Any
+
     from .channels import Channel, ChannelStats
     from .controller import ProcessController, WorkerStartError
     from .errors import Closed, TaskTimeout, WorkerCrashed
