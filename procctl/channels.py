@@ -47,6 +47,10 @@ from .workwire import Kind, Message
 
 log = logging.getLogger("procctl")
 
+#: Credits a producer gets at a time on an unbounded channel (on a bounded one,
+#: an eighth of its room, up to this many).
+UNBOUNDED_GRANT = 1 << 20
+
 
 @dataclass(frozen=True)
 class ChannelStats:
@@ -454,14 +458,16 @@ class ChannelPlane:
         if not chan.maxsize:
             while chan.wanting:
                 link = chan.wanting.popleft()
-                self._reply(link, Kind.CREDIT, chan.cid, 1 << 20)
+                self._reply(link, Kind.CREDIT, chan.cid, UNBOUNDED_GRANT)
             return
         while chan.wanting:
             room = chan.room()
             if room <= 0:
                 break
             link = chan.wanting.popleft()
-            n = min(room, max(1, chan.maxsize // 8))
+            # An eighth of the room at a time, at most as much as an unbounded
+            # channel's grant (a frame's tag holds it, whatever the maxsize).
+            n = min(room, max(1, chan.maxsize // 8), UNBOUNDED_GRANT)
             chan.credits[link.wid] = chan.credits.get(link.wid, 0) + n
             self._reply(link, Kind.CREDIT, chan.cid, n)
         self._notify()

@@ -55,6 +55,7 @@ from .executor import ProcessExecutor
 from .limits import LIMIT_ERRNOS, capacity_problem
 from .map_task import error_line, run_item
 from .states import State, WorkerStatus
+from .workwire import remaining
 
 if TYPE_CHECKING:
     from .cli_control import ControlPlan
@@ -528,8 +529,7 @@ class MapSession:
         """Block until a future completes, a signal comes or the deadline passes."""
         if self.completed:
             return
-        timeout = None if self.deadline is None else max(0.0, self.deadline - time.monotonic())
-        self._selector.select(timeout)
+        self._selector.select(remaining(self.deadline))  # (at most a day: the loop comes round again)
         with contextlib.suppress(BlockingIOError):
             os.read(self._wake_r, 65536)
 

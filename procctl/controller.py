@@ -819,6 +819,10 @@ class ProcessController:
 
     def signal_live(self, sig: int) -> list[int]:
         """Send `sig` to every live worker; they will be reported as killed."""
+        if isinstance(sig, bool) or not isinstance(sig, int):
+            raise TypeError(f"sig must be a signal number, not {type(sig).__name__}")
+        if not 0 < sig < signal.NSIG:
+            raise ValueError(f"sig must be a signal number from 1 to {signal.NSIG - 1}, not {sig!r}")
         hit = []
         pids = []
         for w in self._workers:

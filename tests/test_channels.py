@@ -34,6 +34,20 @@ def test_pipeline_delivers_every_item_once(start_method):
     assert _totals(pc, "out") == (500, 500, 0, 0)
 
 
+@pytest.mark.parametrize("maxsize", [2**64, 10**30])
+def test_a_huge_maxsize_is_that_big(maxsize):
+    # The grant of credits to a producer once overflowed its frame: the channels'
+    # thread died with a traceback, and producers waited for credits for ever.
+    with ProcessController(t.relay, 1, channels={"jobs": maxsize, "out": maxsize}, start_method="fork") as pc:
+        pc.run()
+        for i in range(20):
+            assert pc.channels["jobs"].put(i) is True
+        pc.channels["jobs"].close()
+        got = sorted(pc.channels["out"].get(timeout=10) for _ in range(20))
+        assert pc.wait(timeout=10)
+    assert got == list(range(20)) and pc.reports[0].result == 20
+
+
 def test_iter_ends_when_closed_and_empty_and_get_raises_closed():
     with ProcessController(t.consumer, 2, channels={"jobs": 0}) as pc:
         pc.run()

@@ -63,6 +63,16 @@ def test_bad_arguments_rejected_before_any_process(kwargs, exc):
     assert ours() == []
 
 
+def test_signal_live_refuses_what_is_not_a_signal():
+    with ProcessController(targets.loop, 1, start_method="fork") as pc:
+        for bad, exc in [(-1, ValueError), (0, ValueError), (10**30, ValueError), (float("nan"), TypeError),
+                         (True, TypeError), ("TERM", TypeError)]:
+            with pytest.raises(exc, match="sig must be a signal number"):
+                pc.signal_live(bad)
+        assert all(s.alive for s in pc.status())  # nothing was sent
+    assert ours() == []
+
+
 def test_target_must_be_callable():
     with pytest.raises(TypeError):
         ProcessController("targets:loop", 1)

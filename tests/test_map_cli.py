@@ -53,6 +53,16 @@ def test_results_as_json_lines(tmp_path, method):
     assert "summary: 20 items: 20 done, 0 failed, 0 unfinished" in res.stderr
 
 
+@pytest.mark.parametrize("huge", ["3e6", "1e300"])
+def test_huge_timeouts_are_that_long(tmp_path, huge):
+    # --timeout 3e6 once overflowed the wait of the command's loop (a traceback, exit 1).
+    items = write_items(tmp_path / "in.jsonl", range(5))
+    res = map_cli(["maptargets:square", "--items", items, "--workers", "2", "--timeout", huge,
+                   "--task-timeout", huge, "--grace", huge])
+    assert res.returncode == 0, res.stderr
+    assert sorted(r["result"] for r in json_events(res.stdout)) == [i * i for i in range(5)]
+
+
 def test_any_json_value_is_an_item_and_blank_lines_are_skipped(tmp_path):
     values = [{"a": [1, 2]}, "text", 3.5, None, [True, False], {"nested": {"x": "é"}}]
     path = tmp_path / "in.jsonl"
