@@ -429,7 +429,8 @@ def exit_status(reports: dict[int, WorkerReport], bridge: SignalBridge, timed_ou
 @click.option("--name", default=None, help="Name of the run for procctl status/pause/... (default: its pid).")
 @click.option("--metrics-addr", default=None,
               help="Serve Prometheus metrics on HOST:PORT/metrics (default host: 127.0.0.1).")
-@click.option("--log-dir", default=None, help="Also write each worker's output to DIR/worker-ID-PID.log.")
+@click.option("--log-dir", default=None,
+              help="Also write each worker's output to DIR/worker-ID-PID.log (DIR is created if need be).")
 def run_command(workers: int, target: str | None, schedule: str, step: float, finish_chance: float,
                 grace: float, timeout: float | None, start_method: str | None, seed: int | None,
                 json_lines: bool, quiet: bool, events_path: str | None, timeline_path: str | None,
@@ -471,8 +472,13 @@ def run_command(workers: int, target: str | None, schedule: str, step: float, fi
             raise BadInput(f"--max-workers {max_workers}: {too_many}")
     check_output_paths(events_path, timeline_path, trace_path)
     control = ControlPlan.check(name, metrics_addr, job=f"run {target or 'demo'}", announce=not (json_lines or quiet))
-    if log_dir is not None and not (os.path.isdir(log_dir) and os.access(log_dir, os.W_OK | os.X_OK)):
-        raise BadInput(f"--log-dir {log_dir!r} is not a writable directory")
+    if log_dir is not None:
+        try:
+            os.makedirs(log_dir, exist_ok=True)
+        except OSError as exc:
+            raise BadInput(f"--log-dir {log_dir!r} cannot be created: {exc.strerror or exc}") from None
+        if not (os.path.isdir(log_dir) and os.access(log_dir, os.W_OK | os.X_OK)):
+            raise BadInput(f"--log-dir {log_dir!r} is not a writable directory")
     args: tuple[Any, ...] = ()
     if target is not None:
         func = load_target(target)

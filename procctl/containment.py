@@ -376,24 +376,26 @@ class WorkerTrees:
 
     _serial = 0
 
-    def __init__(self, use_cgroup: bool) -> None:
+    def __init__(self, use_cgroup: bool | None) -> None:
+        """`use_cgroup`: None, a cgroup where one is writable; True, the same,
+        with a warning where none is; False, process groups only."""
         from . import guardian
 
         self._guardian = guardian.link()
         self.cgroup: str | None = None
-        if use_cgroup:
+        if use_cgroup is not False:
             WorkerTrees._serial += 1
             parent = own_cgroup_dir()
             name = f"procctl-{os.getpid()}-{WorkerTrees._serial}"
             self.cgroup = make_cgroup(parent, name) if parent is not None else None
-            if self.cgroup is None:
+            if self.cgroup is not None:
+                self._guardian.send("c", self.cgroup)
+            elif use_cgroup:
                 import logging
 
                 logging.getLogger("procctl").warning(
                     "no writable cgroup v2 here: containing worker trees with process groups only"
                 )
-            else:
-                self._guardian.send("c", self.cgroup)
 
     def worker_cgroup(self, worker_id: int) -> str | None:
         """A fresh cgroup directory for a worker (None without cgroups)."""

@@ -297,7 +297,7 @@ class ProcessController:
         on_event: Callable[[Event], None] | None = None,
         ack_timeout: float | None = ACK_TIMEOUT,
         channels: dict[str, int] | None = None,
-        cgroup: bool = False,
+        cgroup: bool | None = None,
         restart: str = "never",
         max_restarts: int = 5,
         restart_window: float = 60.0,
@@ -329,8 +329,8 @@ class ProcessController:
             check_name(control)  # ValueError naming the run name
         grace = check_timeout("grace", grace, allow_none=False)  # type: ignore[assignment]
         ack_timeout = check_timeout("ack_timeout", ack_timeout)
-        if not isinstance(cgroup, bool):
-            raise TypeError(f"cgroup must be True or False, not {cgroup!r}")
+        if cgroup is not None and not isinstance(cgroup, bool):
+            raise TypeError(f"cgroup must be None (where writable), True or False, not {cgroup!r}")
         initial_state = check_state("initial_state", initial_state)
         if initial_state is State.STOPPED:
             raise ValueError("initial_state must be PAUSED or RUNNING")
@@ -347,7 +347,8 @@ class ProcessController:
         self.grace = grace
         self.initial_state: State = initial_state
         self.ack_timeout = ack_timeout
-        #: Contain each worker's tree in a cgroup v2 too, where one is writable.
+        #: Contain each worker's tree in a cgroup v2 too: None where one is
+        #: writable, True the same but say so where none is, False never.
         self.cgroup = cgroup
         self._trees: containment.WorkerTrees | None = None
         #: Escalation timeouts after the grace period; tests may shrink them.

@@ -186,6 +186,13 @@ def test_without_a_terminal_lines_are_prefixed_and_a_crash_loses_nothing(tmp_pat
     assert res.stdout.splitlines()[-1].startswith('{"event": "summary"')  # stdout stays JSON Lines
 
 
-def test_log_dir_must_be_a_writable_directory(tmp_path):
-    res = run_cli(["run", "--log-dir", str(tmp_path / "missing")])
-    assert res.returncode == 2 and len(res.stderr.splitlines()) == 1 and "--log-dir" in res.stderr
+def test_log_dir_is_created_or_one_line_and_exit_2(tmp_path):
+    (tmp_path / "file").write_text("")
+    for bad in (tmp_path / "file", tmp_path / "file" / "sub"):
+        res = run_cli(["run", "--log-dir", str(bad)])
+        assert res.returncode == 2 and len(res.stderr.splitlines()) == 1 and "--log-dir" in res.stderr
+    made = tmp_path / "new" / "logs"  # created, as GNU parallel's --results does
+    res = run_cli(["run", "--workers", "2", "--schedule", "run,stop", "--step", "0.1", "--quiet",
+                   "--log-dir", str(made)])
+    assert res.returncode == 0, res.stderr
+    assert sorted(p.name.split("-")[1] for p in made.iterdir()) == ["0", "1"]
