@@ -80,9 +80,12 @@ def contain_worker(cgroup: str | None = None) -> None:
     if PRCTL is not None:
         PRCTL(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
     if cgroup is not None:
-        try:
-            with open(os.path.join(cgroup, "cgroup.procs"), "w") as f:
-                f.write("0")
+        try:  # (no file object: fewer pages touched, copied after the fork)
+            fd = os.open(os.path.join(cgroup, "cgroup.procs"), os.O_WRONLY | os.O_CLOEXEC)
+            try:
+                os.write(fd, b"0")
+            finally:
+                os.close(fd)
         except OSError:
             pass  # the controller's process group and tree kills still hold
 
@@ -284,8 +287,9 @@ def own_cgroup_dir() -> str | None:
     return None
 
 
-def make_cgroup(parent: str, name: str) -> str | None:
-    """Create cgroup directory `parent/name`; None if that cannot be done here."""
+def make_cgroup(parent: str, name: str, *, checked: bool = False) -> str | None:
+    """Create cgroup directory `parent/name`; None if that cannot be done here
+    (`checked`: `parent` was made here, so its children are ours to use)."""
     path = os.path.join(parent, name)
     try:
         os.mkdir(path)
@@ -293,7 +297,7 @@ def make_cgroup(parent: str, name: str) -> str | None:
         pass
     except OSError:
         return None
-    if not os.access(os.path.join(path, "cgroup.procs"), os.W_OK):
+    if not checked and not os.access(os.path.join(path, "cgroup.procs"), os.W_OK):
         remove_cgroup(path, 0)
         return None
     return path
@@ -401,7 +405,7 @@ class WorkerTrees:
         """A fresh cgroup directory for a worker (None without cgroups)."""
         if self.cgroup is None:
             return None
-        return make_cgroup(self.cgroup, f"w{worker_id}")
+        return make_cgroup(self.cgroup, f"w{worker_id}", checked=True)
 
     def started(self, pid: int | None) -> None:
         if pid is not None:
@@ -418,8 +422,13 @@ class WorkerTrees:
             kill_group(pid)
             self._guardian.note("-", pid)
         if cgroup is not None:
-            kill_cgroup(cgroup)
-            remove_cgroup(cgroup, 0)  # what is still dying goes at close()
+            try:
+                os.rmdir(cgroup)  # the rule: the worker left nothing (an exited worker is no member)
+            except FileNotFoundError:
+                pass
+            except OSError:  # busy: something it started lives on
+                kill_cgroup(cgroup)
+                remove_cgroup(cgroup, 0)  # what is still dying goes at close()
 
     def close(self, timeout: float) -> None:
         self.flush()
