@@ -273,23 +273,30 @@ class _Task:
             return self.future.claim()
         return self.run.values[self.index] is not _CANCELLED
 
-    def set_result(self, value: Any) -> bool:
-        """False if it was cancelled. A map item's caller is woken by _MapRun.wake()."""
+    def set_result(self, value: Any, later: deque[Any] | None = None) -> bool:
+        """False if it was cancelled. A map item's caller is woken by _MapRun.wake().
+        With `later` (the manager's), a future is completed there, in order."""
         if self.run is not None:
             return self.run.set(self.index, value)
         assert self.future is not None
+        if later is not None:
+            later.append((self.future, value, False, len(self.items)))
+            return True
         try:
             self.future.set_result(value)
         except InvalidStateError:
             return False
         return True
 
-    def set_exception(self, exc: BaseException) -> bool:
+    def set_exception(self, exc: BaseException, later: deque[Any] | None = None) -> bool:
         if self.run is not None:
             ok = self.run.set(self.index, _Raised(exc))
             self.run.wake()
             return ok
         assert self.future is not None
+        if later is not None:
+            later.append((self.future, exc, True, len(self.items)))
+            return True
         try:
             self.future.set_exception(exc)
         except InvalidStateError:
@@ -428,6 +435,13 @@ class ProcessExecutor(Executor):
         self._closing = False
         self._kill_asked = False  # kill() was called: the manager SIGKILLs the workers
         self._killed = False
+        self._finishing = False  # the manager stops the workers and accounts for every task
+        self._finished = False  # ... and has: it leaves
+        #: Futures the manager completes and events it tells, in order: it
+        #: delivers them where its own state is whole (_deliver), so that a
+        #: done callback or on_event, which run in the manager thread, may call
+        #: any method of the executor (a stop() there runs inline).
+        self._later: deque[Any] = deque()
         self._pause_waiters: list[tuple[State, Future[Any]]] = []
         self._lines: dict[int, _WorkerLine] = {}
         self._respawn: set[int] = set()
@@ -439,7 +453,7 @@ class ProcessExecutor(Executor):
         self._pc = ProcessController(
             run_tasks, max_workers, args=(initializer, initargs, max_tasks_per_worker, task_timeout is not None),
             start_method=start_method, grace=self.grace, initial_state=State.RUNNING,
-            on_event=on_event, ack_timeout=None,
+            on_event=None if on_event is None else self._event, ack_timeout=None,
         )
         self._pc._plane = self
         self._pc.start()
@@ -524,6 +538,12 @@ class ProcessExecutor(Executor):
         not yet sent to a worker; the rest run (a paused pool is resumed)."""
         with self._lock:
             self._shutdown = True
+        if self._in_manager():
+            self._inline("shutdown", cancel_futures)
+            if wait:  # as the stdlib's, whose callbacks run in its manager thread too
+                raise RuntimeError("shutdown(wait=True) cannot wait from a done callback or on_event: they run "
+                                   "in the executor's own thread (the shutdown goes on; use wait=False there)")
+            return
         # The manager first sends out what it can, as ProcessPoolExecutor
         # has its call queue filled, then cancels the rest.
         self._command("shutdown", cancel_futures)
@@ -534,23 +554,43 @@ class ProcessExecutor(Executor):
 
     def pause(self, timeout: float | None = None) -> None:
         """Start no new task; return once every worker acknowledged (a task that
-        never checkpoints pauses when it ends). TimeoutError after `timeout`."""
-        _result_within(self._command("pause", None), check_timeout("timeout", timeout))
+        never checkpoints pauses when it ends). TimeoutError after `timeout`.
+
+        From a done callback or on_event (the executor's own thread, which
+        reads the acknowledgements) it returns once PAUSED is posted: no task
+        is sent from then on."""
+        timeout = check_timeout("timeout", timeout)
+        if self._in_manager():
+            self._inline("pause", None)
+            return
+        _result_within(self._command("pause", None), timeout)
 
     def resume(self, timeout: float | None = None) -> None:
-        """Let the pool run again; return once every worker acknowledged."""
-        _result_within(self._command("resume", None), check_timeout("timeout", timeout))
+        """Let the pool run again; return once every worker acknowledged
+        (from a done callback or on_event: once RUNNING is posted)."""
+        timeout = check_timeout("timeout", timeout)
+        if self._in_manager():
+            self._inline("resume", None)
+            return
+        _result_within(self._command("resume", None), timeout)
 
     def stop(self, grace: float | None = None) -> Unfinished:
         """Take no new task, stop the running ones (checkpoint() returns False),
         escalate after `grace` seconds, and hand back every item that did not
-        complete, once each. Their futures are cancelled."""
+        complete, once each. Their futures are cancelled.
+
+        From a done callback or on_event it runs there and then, in the
+        executor's own thread (a second stop() returns an empty Unfinished)."""
         if grace is not None and (isinstance(grace, bool) or not isinstance(grace, (int, float))
                                   or not grace >= 0):
             raise ValueError(f"grace must be a number of seconds >= 0, not {grace!r}")
         with self._lock:
             self._shutdown = True
-        fut = self._command("stop", self.grace if grace is None else float(grace))
+        seconds = self.grace if grace is None else float(grace)
+        if self._in_manager():
+            done: Unfinished = self._inline("stop", seconds)
+            return done
+        fut = self._command("stop", seconds)
         result: Unfinished = fut.result()
         self._thread.join()
         return result
@@ -585,6 +625,8 @@ class ProcessExecutor(Executor):
     def status(self) -> list[WorkerStatus]:
         """Each worker's status; `done` counts its completed tasks, and the
         totals add up to every task submitted."""
+        if self._in_manager():
+            return list(self._inline("status", None))
         if not self._thread.is_alive():
             return []
         return list(self._command("status", None).result())
@@ -594,17 +636,30 @@ class ProcessExecutor(Executor):
     def _command(self, name: str, arg: Any) -> Future[Any]:
         fut: Future[Any] = Future()
         if not self._thread.is_alive():
-            if name == "stop":
-                fut.set_result(Unfinished())
-            elif name in ("pause", "resume"):
-                fut.set_exception(RuntimeError("the executor is shut down"))
-            else:
-                fut.set_result(None)
+            _answer_stopped(name, fut, "the executor is shut down")
             return fut
         with self._lock:
             self._commands.append((name, arg, fut))
         self._pc.wakeup()
         return fut
+
+    def _in_manager(self) -> bool:
+        """Called from the manager thread: from a done callback or on_event."""
+        return threading.current_thread() is self._thread
+
+    def _inline(self, name: str, arg: Any) -> Any:
+        """Run a command here in the manager thread (where a done callback or
+        on_event runs, at a point where the manager's state is whole): waiting
+        for the manager would wait for ourselves. A pause or resume is
+        acknowledged later, where nobody can wait for it."""
+        fut: Future[Any] = Future()
+        if self._finishing and name == "status":
+            fut.set_result(self._statuses())
+        elif self._finishing:
+            _answer_stopped(name, fut, "the executor is stopping")
+        else:
+            self._run_command(name, arg, fut)
+        return fut.result() if fut.done() else None
 
     def _pickled(self, fn: Callable[..., Any]) -> bytes | BaseException:
         """`fn` pickled (once for a map's tasks), or why it cannot be."""
@@ -656,7 +711,7 @@ class ProcessExecutor(Executor):
 
     def _manage(self) -> None:
         try:
-            while True:
+            while not self._finished:
                 self._pc._pump(self._sleep_for())
                 if self._kill_asked:
                     self._kill_now()
@@ -666,9 +721,9 @@ class ProcessExecutor(Executor):
                 self._dispatch()
                 self._expire()
                 self._settle_broadcasts()
-                if self._closing and (self._drained() or self._killed):
+                self._deliver()  # a callback there may stop us: then we are finished
+                if not self._finished and self._closing and (self._drained() or self._killed):
                     self._finish(self.grace)
-                    break
         except BaseException:  # noqa: BLE001 - never leave workers or callers behind
             log.exception("the executor's manager thread failed")
             self._finish(0.0)
@@ -677,7 +732,7 @@ class ProcessExecutor(Executor):
     def _sleep_for(self) -> float | None:
         """How long the manager may sleep: until the next task deadline."""
         with self._lock:
-            if self._commands or (self._pending and self._has_room()):
+            if self._commands or self._later or (self._pending and self._has_room()):
                 return 0.0
             self._idle = True
         if self.task_timeout is None or self._paused:
@@ -699,32 +754,35 @@ class ProcessExecutor(Executor):
 
     def _take_commands(self) -> bool:
         """Run queued commands; True once the executor has stopped."""
-        while True:
+        while not self._finished:
             with self._lock:
                 if not self._commands:
                     return False
                 name, arg, fut = self._commands.popleft()
-            if name == "pause" or name == "resume":
-                self._broadcast(State.PAUSED if name == "pause" else State.RUNNING, fut)
-            elif name == "status":
-                fut.set_result(self._statuses())
-            elif name == "shutdown":
-                self._closing = True
-                if self._paused:
-                    self._broadcast(State.RUNNING, None)
-                if arg:
-                    self._dispatch()
-                    with self._lock:
-                        pending, self._pending = self._pending, deque()
-                    for task in pending:
-                        if task.cancel():
-                            self._cancelled += len(task.items)
-                    for run in {task.run for task in pending if task.run is not None}:
-                        run.wake()  # a map's caller waiting on one of them sees it cancelled
-                fut.set_result(None)
-            elif name == "stop":
-                fut.set_result(self._finish(arg))
-                return True
+            self._run_command(name, arg, fut)
+        return True
+
+    def _run_command(self, name: str, arg: Any, fut: Future[Any]) -> None:
+        if name == "pause" or name == "resume":
+            self._broadcast(State.PAUSED if name == "pause" else State.RUNNING, fut)
+        elif name == "status":
+            fut.set_result(self._statuses())
+        elif name == "shutdown":
+            self._closing = True
+            if self._paused:
+                self._broadcast(State.RUNNING, None)
+            if arg:
+                self._dispatch()
+                with self._lock:
+                    pending, self._pending = self._pending, deque()
+                for task in pending:
+                    if task.cancel():
+                        self._cancelled += len(task.items)
+                for run in {task.run for task in pending if task.run is not None}:
+                    run.wake()  # a map's caller waiting on one of them sees it cancelled
+            fut.set_result(None)
+        elif name == "stop":
+            fut.set_result(self._finish(arg))
 
     def _broadcast(self, state: State, fut: Future[Any] | None) -> None:
         if self._stopping:
@@ -875,11 +933,14 @@ class ProcessExecutor(Executor):
         # for nothing (as while forking, controller.py, it waits until we are done).
         collect = gc.isenabled()
         gc.disable()
+        self._finishing = True
         try:
+            self._deliver()  # what came before the stop, in order, before what comes in it
             return self._stop_and_account(grace)
         finally:
             if collect:
                 gc.enable()
+            self._finished = True
 
     def _stop_and_account(self, grace: float) -> Unfinished:
         self._stopping = True
@@ -913,14 +974,7 @@ class ProcessExecutor(Executor):
                 fut.set_exception(RuntimeError("the executor stopped"))
             self._pause_waiters = []
             for name, _, fut in commands:
-                if name == "stop":
-                    fut.set_result(Unfinished())
-                elif name == "status":
-                    fut.set_result([])
-                elif name == "shutdown":
-                    fut.set_result(None)
-                else:
-                    fut.set_exception(RuntimeError("the executor stopped"))
+                _answer_stopped(name, fut, "the executor stopped")
         held: list[tuple[_Task, bool]] = []
         for task, was_running in self._unfinished:
             if task.done and task.chunk:
@@ -1069,7 +1123,7 @@ class ProcessExecutor(Executor):
                 line.done += len(task.items)
                 if task.run is not None:
                     runs.add(task.run)
-                if not task.set_result(value):  # cancelled by the caller while it ran
+                if not task.set_result(value, self._outbox()):  # cancelled by the caller while it ran
                     self._cancelled += len(task.items)
                     continue
                 if self._on_event is None:
@@ -1093,7 +1147,7 @@ class ProcessExecutor(Executor):
             value.__cause__ = RemoteTraceback(tb)
         else:
             value = RuntimeError(str(value))
-        if not task.set_exception(value):
+        if not task.set_exception(value, self._outbox()):
             self._cancelled += len(task.items)
             return
         self._failed += len(task.items)
@@ -1152,7 +1206,7 @@ class ProcessExecutor(Executor):
                 self._pending.appendleft(task)
             self._task_event("task-retry", line, task, error=str(error))
             return
-        if not task.set_exception(error):
+        if not task.set_exception(error, self._outbox()):
             self._cancelled += len(task.items)
             return
         self._failed += len(task.items)
@@ -1172,7 +1226,7 @@ class ProcessExecutor(Executor):
         if pending or held:
             self._broken_told = True  # their futures say so: later calls raise
         for task in list(pending) + held:
-            if task.set_exception(BrokenExecutor(why)):
+            if task.set_exception(BrokenExecutor(why), self._outbox()):
                 self._failed += len(task.items)
             else:
                 self._cancelled += len(task.items)
@@ -1203,17 +1257,69 @@ class ProcessExecutor(Executor):
     def _task_event(self, name: str, line: _WorkerLine, task: _Task, error: str | None = None) -> None:
         if self._on_event is None:
             return
+        self._event(Event(round(time.monotonic() - self._t0, 6), name, worker=line.wid,
+                          error=error, done=float(self._completed + self._failed),
+                          total=float(self._submitted), task=task.tid))
+
+    def _outbox(self) -> deque[Any] | None:
+        """Where the manager puts what it completes: _later, or during the
+        final stop (where a second stop() returns at once) nowhere: it is done
+        there and then, so that a task completing in the grace is seen then."""
+        return None if self._finishing else self._later
+
+    def _event(self, event: Event) -> None:
+        """An event of ours or of the controller: for on_event, in order."""
+        if self._finishing:
+            self._tell(event)
+        else:
+            self._later.append(event)
+
+    def _tell(self, event: Event) -> None:
+        assert self._on_event is not None
         try:
-            self._on_event(Event(round(time.monotonic() - self._t0, 6), name, worker=line.wid,
-                                 error=error, done=float(self._completed + self._failed),
-                                 total=float(self._submitted), task=task.tid))
+            self._on_event(event)
         except Exception:
-            log.exception("on_event callback failed for %s", name)
+            log.exception("on_event callback failed for %s", event.event)
+
+    def _deliver(self) -> None:
+        """Complete the futures and tell on_event what the manager queued, in
+        order, here where its own state is whole: a callback may call any
+        method (a stop() runs inline, and then we are finished)."""
+        later = self._later
+        while later:
+            entry = later.popleft()
+            if isinstance(entry, Event):
+                self._tell(entry)
+                continue
+            fut, value, failed, n = entry
+            try:
+                if failed:
+                    fut.set_exception(value)
+                else:
+                    fut.set_result(value)
+            except InvalidStateError:  # the caller cancelled it before it was sent
+                if failed:
+                    self._failed -= n
+                else:
+                    self._completed -= n
+                self._cancelled += n
 
     def __repr__(self) -> str:
         c = self.counts()
         return (f"<ProcessExecutor {self._max_workers} workers, {c.submitted} submitted, "
                 f"{c.completed} completed, {c.queued} queued{', paused' if self._paused else ''}>")
+
+
+def _answer_stopped(name: str, fut: Future[Any], why: str) -> None:
+    """Answer a command the manager will not run: it has stopped (or is stopping)."""
+    if name == "stop":
+        fut.set_result(Unfinished())
+    elif name == "status":
+        fut.set_result([])
+    elif name == "shutdown":
+        fut.set_result(None)
+    else:
+        fut.set_exception(RuntimeError(why))
 
 
 def _result_within(fut: Future[Any], timeout: float | None) -> Any:

@@ -226,6 +226,40 @@ def test_shutdown_cancels_what_did_not_start_and_ends_the_agents(cluster):
     assert still_running(pids, timeout=10) == []  # the agents stop with the last task, not at our exit
 
 
+def test_executor_methods_work_from_a_done_callback(cluster):
+    """A done callback may pause, ask the status, stop at the first failure:
+    they wait for the nodes' answers, which another thread than the
+    callback's reads."""
+    out: dict = {}
+    called = threading.Event()
+    ex = ClusterExecutor(cluster=cluster, workers_per_node=2, lease=5)
+
+    def stop_at_the_failure(fut):
+        out["thread"] = threading.current_thread().name
+        try:
+            out["status"] = len(ex.status())
+            ex.pause(timeout=5)
+            ex.resume(timeout=5)
+            out["left"] = ex.stop(grace=1)
+            with pytest.raises(RuntimeError, match="cannot wait"):
+                ex.shutdown(wait=True)
+        except BaseException as exc:  # noqa: BLE001 - the test reports it
+            out["error"] = repr(exc)
+        called.set()
+
+    try:
+        first = [ex.submit(cluster_targets.slower_square, i) for i in range(4)]
+        ex.submit(cluster_targets.fail, 1).add_done_callback(stop_at_the_failure)
+        rest = [ex.submit(cluster_targets.slower_square, i) for i in range(40)]
+        assert called.wait(30), out
+    finally:
+        ex.stop(grace=1)
+    assert "error" not in out and out["thread"] != threading.current_thread().name, out
+    assert out["status"] == 4
+    assert len(out["left"].items) > 20 and all(f.cancelled() for f in out["left"].futures)
+    assert all(f.done() for f in first + rest)
+
+
 def test_claim_runs_an_agent_once(cluster):
     with Client(cluster, set_as_default=False) as client:
         name = f"procctl-test-claim-{os.getpid()}-{time.monotonic_ns()}"

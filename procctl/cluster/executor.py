@@ -219,6 +219,13 @@ class ClusterExecutor(Session, Executor):
                             self._cancelled += len(was_held.items)
         if self._paused and not self._stopped:
             self.resume()
+        if wait and self.in_deliverer():
+            # As the stdlib's: its callbacks run in its manager thread, which cannot join itself.
+            with self.cond:
+                self._stop_when_idle = True
+            self._stop_if_idle()
+            raise RuntimeError("shutdown(wait=True) cannot wait from a done callback or on_event: they run "
+                               "in the thread that completes the futures (the shutdown goes on; use wait=False)")
         if wait:
             with self.cond:
                 outstanding = [t.future for t in self._pending]

@@ -264,6 +264,11 @@ class Session:
         self._up: Any = None
         self._inbox: threading.Thread | None = None
         self._keeper: threading.Thread | None = None
+        #: Runs after_pass (done callbacks, on_event) after each pass of the
+        #: inbox or the keeper: a callback may then call a method that waits
+        #: for the nodes' answers, which the inbox reads meanwhile.
+        self._deliverer: threading.Thread | None = None
+        self._pass_due = False
         self._keeper_stop = threading.Event()  # the keeper's stop
         self._closing = False
         self._kill_requested = False
@@ -302,7 +307,12 @@ class Session:
                     log.exception("on_event callback failed for %s", event)
 
     def after_pass(self) -> None:
-        """Called by the inbox thread after each pass, without the lock."""
+        """Called by the deliverer thread after each pass of the inbox or the
+        keeper, without the lock."""
+
+    def in_deliverer(self) -> bool:
+        """Called from the thread that runs after_pass (a done callback, on_event)."""
+        return threading.current_thread() is self._deliverer
 
     # -- start and close ---------------------------------------------------------------
 
@@ -384,6 +394,8 @@ class Session:
         threads.start(self._inbox)
         self._keeper = threading.Thread(target=self._keep, name="procctl-cluster-lease", daemon=True)
         threads.start(self._keeper)
+        self._deliverer = threading.Thread(target=self._deliver, name="procctl-cluster-deliver", daemon=True)
+        threads.start(self._deliverer)
         with self.cond:
             ok = self.cond.wait_for(lambda: self._open_cancelled
                                     or all(n.hello is not None or n.ended for n in self.nodes), start_timeout)
@@ -415,6 +427,8 @@ class Session:
                 pass
         if self._inbox is not None and self._inbox is not threading.current_thread():
             self._inbox.join(self.tick + SLACK)
+        if self._deliverer is not None and self._deliverer is not threading.current_thread():
+            self._deliverer.join(self.tick + SLACK)
         if self.client is not None:
             for node in self.nodes:
                 if node.future is not None and not node.future.done():
@@ -499,8 +513,8 @@ class Session:
                             self._take(node, msg)
                         except Exception:  # one bad message must not end the inbox
                             log.exception("procctl: cannot take %r", msg)
+                self._pass_due = True
                 self.cond.notify_all()
-            self.after_pass()
 
     def _keep(self) -> None:
         """Each tick: renew the leases, send again what was not answered, send
@@ -534,6 +548,18 @@ class Session:
                 self._lease_sent = now
                 for node in live:
                     self._put(node, Command(0, Op.LEASE))
+            with self.cond:
+                self._pass_due = True
+                self.cond.notify_all()
+
+    def _deliver(self) -> None:
+        """after_pass after each pass, until release()."""
+        while True:
+            with self.cond:
+                self.cond.wait_for(lambda: self._pass_due or self._closing)
+                if self._closing:
+                    return
+                self._pass_due = False
             self.after_pass()
 
     def _take(self, node: Node, msg: Message) -> None:

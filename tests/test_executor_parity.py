@@ -1,0 +1,136 @@
+"""ProcessExecutor against concurrent.futures' less obvious guarantees: callbacks
+that call the executor, references the map iterator lets go of, results that
+cannot be unpickled, an executor dropped without shutdown()."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+HERE = os.path.dirname(__file__)
+
+# Done callbacks and on_event run in the executor's manager thread: a call
+# there that waits for the manager would wait for itself. Run in a child
+# process, so that the old deadlock fails the test in seconds, not the suite.
+CALLBACK_CHILD = textwrap.dedent("""
+    import json, os, sys, threading
+    sys.path.insert(0, {here!r})
+    import workplane_targets as t
+    from procctl import ProcessExecutor
+
+    def run(call):
+        ex = ProcessExecutor(2, start_method="fork")
+        returned, out = threading.Event(), {{}}
+        def callback(fut):
+            out["thread"] = threading.current_thread() is not threading.main_thread()
+            try:
+                value = eval(call, {{"ex": ex}})
+                out["value"] = repr(value) if not hasattr(value, "items") else sorted(value.items)
+            except BaseException as exc:
+                out["raised"] = type(exc).__name__
+            returned.set()
+        first = ex.submit(t.sleep_for, 0.1)
+        first.add_done_callback(callback)
+        rest = [ex.submit(t.sleep_for, 0.1) for i in range(6)]
+        out["returned"] = returned.wait(10)
+        if not out["returned"]:
+            return out  # deadlocked: the workers die with us, at os._exit
+        ex.shutdown(wait=True)
+        out["done"] = sum(f.done() for f in rest)
+        out["cancelled"] = sum(f.cancelled() for f in rest)
+        return out
+
+    # One executor a call, all at once: their tasks mostly sleep.
+    results = {{}}
+    threads = [threading.Thread(target=lambda c=c: results.__setitem__(c, run(c))) for c in sys.argv[1:]]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(20)
+    for call in sys.argv[1:]:
+        print(json.dumps(results.get(call, {{"returned": False}})), flush=True)
+    os._exit(0)
+""")
+
+
+def _run_child(code: str, *args: str) -> list[dict]:
+    proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=40)
+    assert proc.returncode == 0, (proc.stdout, proc.stderr[-2000:])
+    return [json.loads(line) for line in proc.stdout.splitlines()]
+
+
+CALLS = ["ex.status()", "ex.counts()", "ex.pause()", "ex.resume()", "ex.pause(timeout=1)", "ex.kill()",
+         "ex.submit(pow, 2, 3).done()", "ex.shutdown(wait=False)", "ex.stop(grace=1)", "ex.shutdown()"]
+
+
+def test_every_method_works_from_a_done_callback():
+    outs = _run_child(CALLBACK_CHILD.format(here=HERE), *CALLS)
+    assert len(outs) == len(CALLS), outs
+    by_call = dict(zip(CALLS, outs, strict=True))
+    for call, out in by_call.items():
+        assert out["thread"] and out["returned"], (call, out)
+        assert out["done"] == 6, (call, out)  # every other future ends, none hangs
+    for call in CALLS[:-1]:
+        assert "raised" not in by_call[call], (call, by_call[call])
+    # stop() there hands back what had not run (the first task is done; six wait)...
+    stopped = by_call["ex.stop(grace=1)"]
+    assert stopped["value"] and len(stopped["value"]) <= 6 and stopped["cancelled"] == len(stopped["value"])
+    # ... and shutdown(wait=True) cannot wait there, as the stdlib's cannot: it says so at once.
+    assert by_call["ex.shutdown()"]["raised"] == "RuntimeError"
+    assert by_call["ex.shutdown()"]["cancelled"] == 0
+
+
+def test_stop_at_the_first_failure_from_on_event():
+    code = textwrap.dedent(f"""
+        import json, os, sys, threading
+        sys.path.insert(0, {HERE!r})
+        import workplane_targets as t
+        from procctl import ProcessExecutor
+        holder, out, told = {{}}, [], threading.Event()
+        def on_event(event):
+            if event.event == "task-crashed" and not out:
+                out.append(holder["ex"].stop(grace=1))
+                told.set()
+        ex = holder["ex"] = ProcessExecutor(2, start_method="fork", on_event=on_event)
+        crash = ex.submit(t.exit_now, 3)
+        rest = [ex.submit(t.sleep_for, 0.3) for _ in range(10)]
+        if not told.wait(10):
+            os._exit(1)  # on_event did not return: the workers die with us
+        ex.shutdown()
+        left = out[0]
+        print(json.dumps({{"left": len(left.items), "cancelled": sum(f.cancelled() for f in rest),
+                          "done": sum(f.done() for f in rest), "crash": type(crash.exception()).__name__}}))
+    """)
+    (out,) = _run_child(code)
+    assert out["crash"] == "WorkerCrashed"
+    assert out["done"] == 10
+    assert 8 <= out["left"] <= 10 and out["cancelled"] == out["left"], out
+
+
+def test_stop_at_the_first_failure_from_a_done_callback():
+    code = textwrap.dedent(f"""
+        import json, os, sys, threading
+        sys.path.insert(0, {HERE!r})
+        import workplane_targets as t
+        from procctl import ProcessExecutor
+        ex = ProcessExecutor(2, start_method="fork")
+        out, told = [], threading.Event()
+        def callback(fut):
+            if fut.exception() is not None:
+                out.append(ex.stop(grace=1))
+            told.set()
+        futs = [ex.submit(t.sleep_for, 0.2), ex.submit(t.boom, 1)]
+        futs[1].add_done_callback(callback)
+        futs += [ex.submit(t.sleep_for, 0.2) for _ in range(20)]
+        if not told.wait(10):
+            os._exit(1)  # the callback did not return: the workers die with us
+        ex.shutdown()
+        print(json.dumps({{"ran": sum(f.done() and not f.cancelled() for f in futs), "left": len(out[0].items),
+                          "cancelled": sum(f.cancelled() for f in futs), "all": all(f.done() for f in futs)}}))
+    """)
+    (out,) = _run_child(code)
+    assert out["all"], out
+    assert out["ran"] + out["cancelled"] == 22 and out["left"] == out["cancelled"] >= 15, out
