@@ -148,6 +148,13 @@ class _MapRun:
         with self.cond:
             self.cond.notify_all()
 
+    def take(self, i: int, end: float | None) -> Any:
+        """Outcome i, once it is there; the run lets go of it (as the stdlib's
+        map lets go of each result it yields: bpo-14406)."""
+        value = self.wait(i, end)
+        self.values[i] = None
+        return value
+
     def wait(self, i: int, end: float | None) -> Any:
         value = self.values[i]
         if value is _PENDING:
@@ -164,9 +171,20 @@ class _MapRun:
         return value
 
 
+_END = object()
+
+
+def _popping(chunk: list[Any]) -> Iterator[Any]:
+    """A chunk's items in order, each dropped from the list as it is yielded,
+    at C speed: the list reversed, then popped until the end mark."""
+    chunk.append(_END)
+    chunk.reverse()
+    return iter(chunk.pop, _END)
+
+
 class _Chunks(itertools.chain):  # type: ignore[type-arg]
     """map()'s results when they come in chunks: a chain over the chunks'
-    lists (C speed per item), that closes like the stdlib map's generator."""
+    items (C speed per item), that closes like the stdlib map's generator."""
 
     _chunks: Generator[Any, None, None]
 
@@ -516,14 +534,20 @@ class ProcessExecutor(Executor):
         self._broken_told = self._broken is not None
 
         def results() -> Generator[Any, None, None]:
+            # Nothing here holds an outcome once it is yielded: a chunk's items
+            # are popped off its list as they go (_Chunks chains the pops).
             i = 0
             try:
-                for i in range(len(run.values)):
-                    value = run.wait(i, end)
-                    if chunked and type(value) is _Cut:
-                        yield value
-                        raise CancelledError()  # stop() cut the chunk: the rest was handed back
-                    yield value
+                if not chunked:
+                    for i in range(len(run.values)):
+                        yield run.take(i, end)
+                else:
+                    for i in range(len(run.values)):
+                        chunk = run.take(i, end)
+                        if type(chunk) is _Cut:
+                            yield _popping(chunk)
+                            raise CancelledError()  # stop() cut the chunk: the rest was handed back
+                        yield _popping(chunk)
                 i = len(run.values)
             finally:
                 for j in range(i, len(run.values)):

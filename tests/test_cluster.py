@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import gc
 import json
 import logging
 import os
@@ -17,6 +18,7 @@ import subprocess
 import sys
 import threading
 import time
+import weakref
 
 import psutil
 import pytest
@@ -258,6 +260,17 @@ def test_executor_methods_work_from_a_done_callback(cluster):
     assert out["status"] == 4
     assert len(out["left"].items) > 20 and all(f.cancelled() for f in out["left"].futures)
     assert all(f.done() for f in first + rest)
+
+
+@pytest.mark.parametrize("chunksize", [1, 5])
+def test_executor_map_lets_go_of_the_results_it_yielded(cluster, chunksize):
+    """As the stdlib's map (bpo-14406): a yielded result lives as long as the caller keeps it."""
+    with ClusterExecutor(cluster=cluster, workers_per_node=1, lease=5) as ex:
+        it = ex.map(cluster_targets.make_dummy, range(20), chunksize=chunksize)
+        refs = [weakref.ref(next(it)) for _ in range(12)]
+        gc.collect()
+        assert [r for r in refs if r() is not None] == []  # while the iterator lives
+        assert len(list(it)) == 8
 
 
 def test_claim_runs_an_agent_once(cluster):

@@ -4,11 +4,18 @@ cannot be unpickled, an executor dropped without shutdown()."""
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import subprocess
 import sys
 import textwrap
+import weakref
+
+import pytest
+import workplane_targets as t
+
+from procctl import ProcessExecutor
 
 HERE = os.path.dirname(__file__)
 
@@ -134,3 +141,14 @@ def test_stop_at_the_first_failure_from_a_done_callback():
     (out,) = _run_child(code)
     assert out["all"], out
     assert out["ran"] + out["cancelled"] == 22 and out["left"] == out["cancelled"] >= 15, out
+
+
+@pytest.mark.parametrize("chunksize", [1, None, 5])
+def test_map_lets_go_of_the_results_it_yielded(chunksize):
+    """As the stdlib's map (bpo-14406): a yielded result lives as long as the caller keeps it."""
+    with ProcessExecutor(2, start_method="fork") as ex:
+        it = ex.map(t.make_dummy, range(50), chunksize=chunksize)
+        refs = [weakref.ref(next(it)) for _ in range(41)]
+        gc.collect()
+        assert [r for r in refs if r() is not None] == []  # while the iterator lives
+        assert len(list(it)) == 9

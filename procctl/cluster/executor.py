@@ -177,18 +177,18 @@ class ClusterExecutor(Session, Executor):
         chunked = chunksize > 1
 
         def results() -> Iterator[Any]:
+            # As the stdlib's: nothing here holds a result once it is yielded
+            # (bpo-14406); a chunk's items are popped off its list as they go.
             try:
                 futures.reverse()
                 while futures:
-                    fut = futures[-1]
-                    value = fut.result() if end_time is None else fut.result(
-                        max(0.0, min(end_time - time.monotonic(), MAX_WAIT)))
-                    futures.pop()
-                    if chunked:
-                        yield from value
-                    else:
-                        yield value
-                    del fut
+                    if not chunked:
+                        yield _take(futures, end_time)
+                        continue
+                    chunk = _take(futures, end_time)
+                    chunk.reverse()
+                    while chunk:
+                        yield chunk.pop()
             finally:
                 for fut in futures:
                     fut.cancel()
@@ -484,6 +484,14 @@ class ClusterExecutor(Session, Executor):
 
     def __repr__(self) -> str:
         return f"<ClusterExecutor {len(self.nodes)} nodes x {self.workers_per_node}>"
+
+
+def _take(futures: list[Future[Any]], end_time: float | None) -> Any:
+    """The result of the last future in `futures` (before `end_time`), which it drops."""
+    fut = futures[-1]
+    value = fut.result() if end_time is None else fut.result(max(0.0, min(end_time - time.monotonic(), MAX_WAIT)))
+    futures.pop()
+    return value
 
 
 __all__ = ["ClusterExecutor", "State"]
