@@ -40,6 +40,7 @@ import pickle
 import signal
 import threading
 import time
+import traceback
 import weakref
 from collections import deque
 from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
@@ -1141,8 +1142,10 @@ class ProcessExecutor(Executor):
                 held[0].started = now
             try:
                 status, value, tb = pickle.loads(msg.payload)
-            except Exception as exc:  # noqa: BLE001 - unpickling runs the result's own code
-                status, value, tb = ERR, exc, f"the result could not be unpickled here: {exc!r}\n"
+            except BaseException as exc:  # noqa: BLE001 - unpickling runs the result's own code, even sys.exit()
+                # That task's error, as a task's own SystemExit would be; the pool goes on.
+                status, value, tb = ERR, exc, ("the result could not be unpickled in the executor's process:\n"
+                                               + traceback.format_exc())
             if status == OK:
                 line.done += len(task.items)
                 if task.run is not None:
@@ -1302,7 +1305,7 @@ class ProcessExecutor(Executor):
         assert self._on_event is not None
         try:
             self._on_event(event)
-        except Exception:
+        except BaseException:  # noqa: BLE001 - even its sys.exit() must not end the manager thread
             log.exception("on_event callback failed for %s", event.event)
 
     def _deliver(self) -> None:
@@ -1327,6 +1330,8 @@ class ProcessExecutor(Executor):
                 else:
                     self._completed -= n
                 self._cancelled += n
+            except BaseException:  # noqa: BLE001 - a callback's sys.exit() (the Future logs the others)
+                log.exception("a done callback of %r failed", fut)
 
     def __repr__(self) -> str:
         c = self.counts()

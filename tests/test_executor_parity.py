@@ -152,3 +152,15 @@ def test_map_lets_go_of_the_results_it_yielded(chunksize):
         gc.collect()
         assert [r for r in refs if r() is not None] == []  # while the iterator lives
         assert len(list(it)) == 9
+
+
+def test_a_result_that_cannot_be_unpickled_fails_its_own_future_only():
+    with ProcessExecutor(2, start_method="fork") as ex:
+        slow = [ex.submit(t.sleep_for, 0.2) for _ in range(4)]
+        bad = ex.submit(t.exit_when_unpickled, 0)
+        error = bad.exception(timeout=10)
+        assert type(error) is SystemExit and error.code == 3
+        assert "could not be unpickled" in str(error.__cause__)
+        assert [f.result(timeout=10) for f in slow] == [0.2] * 4
+        assert ex.submit(t.square, 3).result(timeout=10) == 9  # the pool goes on
+        assert ex.counts().failed == 1

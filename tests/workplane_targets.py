@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import time
 
 import procctl
@@ -172,3 +173,14 @@ class Dummy:
 
 def make_dummy(_):
     return Dummy()
+
+
+class ExitWhenUnpickled:
+    """A result whose unpickling (in the executor's process) calls sys.exit(3)."""
+
+    def __reduce__(self):
+        return sys.exit, (3,)
+
+
+def exit_when_unpickled(_):
+    return ExitWhenUnpickled()

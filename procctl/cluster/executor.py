@@ -486,7 +486,7 @@ class ClusterExecutor(Session, Executor):
         return f"<ClusterExecutor {len(self.nodes)} nodes x {self.workers_per_node}>"
 
 
-def _take(futures: list[Future[Any]], end_time: float | None) -> Any:
+def _take(futures: list[_TaskFuture], end_time: float | None) -> Any:
     """The result of the last future in `futures` (before `end_time`), which it drops."""
     fut = futures[-1]
     value = fut.result() if end_time is None else fut.result(max(0.0, min(end_time - time.monotonic(), MAX_WAIT)))

@@ -503,7 +503,8 @@ class Session:
                 for data in batch or ():
                     try:
                         msg = decode(data)
-                    except Exception:  # noqa: BLE001 - one that cannot be read here (a class we cannot import)
+                    except BaseException:  # noqa: BLE001 - one that cannot be read here (a class we
+                        # cannot import, one whose unpickling calls sys.exit): never the end of the inbox
                         log.exception("procctl: cannot read a message from a node")
                         continue
                     if isinstance(msg, Message) and 0 <= msg.node < len(self.nodes):
