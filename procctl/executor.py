@@ -1204,7 +1204,10 @@ class ProcessExecutor(Executor):
         for task in started:
             self._task_lost(line, task, report)
         if report is not None and not self._stopping:
-            if report.outcome is Outcome.FAILED and line.done == 0 and self._broken is None:
+            # A worker that never said UP failed in its start (its initializer
+            # says INIT_FAILED): the pool cannot run tasks. One that said UP
+            # failed in a task, its first or not: that task's loss, above.
+            if report.outcome is Outcome.FAILED and not line.up and self._broken is None:
                 self._break(f"worker {line.wid} could not start: {report.error_line}")
             else:
                 self._respawn.add(line.wid)
@@ -1223,6 +1226,8 @@ class ProcessExecutor(Executor):
             how = describe_exit(exitcode)
             if exitcode is not None and exitcode < 0:
                 how = f"was killed by {signal_name(-exitcode)}"
+            elif report is not None and report.outcome is Outcome.FAILED and report.error_line:
+                how = f"failed ({report.error_line})"  # its exit code says nothing then
             error = WorkerCrashed(
                 f"worker {line.wid} (pid {report.pid if report else '?'}) {how} while running this task "
                 f"(exit code {exitcode})")

@@ -326,7 +326,8 @@ def _run_task(ctx: WorkerContext, functions: dict[bytes, Any], fn_blob: bytes, b
         return _dump_stopped(done, value is not _BETWEEN)
     try:
         return pickle.dumps((OK, value, None), pickle.HIGHEST_PROTOCOL)
-    except Exception as exc:  # noqa: BLE001 - pickling runs the result's own code
+    except BaseException as exc:  # noqa: BLE001 - pickling runs the result's own code, even sys.exit()
+        # The task's error, as ProcessPoolExecutor sends it: the worker goes on.
         err = TypeError(f"the result of type {type(value).__name__} could not be pickled: {exc!r}")
         return _dump_error(err, traceback.format_exc())
 
@@ -392,12 +393,13 @@ def _dump_stopped(done: list[Any], interrupted: bool) -> bytes:
     whether the next one had started."""
     try:
         return pickle.dumps((STOPPED, done, interrupted), pickle.HIGHEST_PROTOCOL)
-    except Exception:  # noqa: BLE001 - then none of them counts as done
+    except BaseException:  # noqa: BLE001 - then none of them counts as done
         return pickle.dumps((STOPPED, [], True))
 
 
 def _dump_error(exc: BaseException, tb: str) -> bytes:
     try:
         return pickle.dumps((ERR, exc, tb), pickle.HIGHEST_PROTOCOL)
-    except Exception:  # noqa: BLE001 - an exception that cannot travel travels as text
+    except BaseException:  # noqa: BLE001 - an exception that cannot travel (even one whose pickling
+        # calls sys.exit()) travels as text
         return pickle.dumps((ERR, RuntimeError(f"{type(exc).__name__}: {exc}"), tb))

@@ -164,3 +164,13 @@ def test_a_result_that_cannot_be_unpickled_fails_its_own_future_only():
         assert [f.result(timeout=10) for f in slow] == [0.2] * 4
         assert ex.submit(t.square, 3).result(timeout=10) == 9  # the pool goes on
         assert ex.counts().failed == 1
+
+
+def test_a_first_task_whose_result_cannot_be_pickled_does_not_break_a_fresh_pool():
+    """An initializer failure breaks the pool; a first task's failure (here its
+    result's pickling calls sys.exit) is that task's, as any task's is."""
+    with ProcessExecutor(2, start_method="fork") as ex:
+        error = ex.submit(t.exit_when_pickled, 0).exception(timeout=10)
+        assert type(error) is TypeError and "could not be pickled: SystemExit(1)" in str(error), error
+        assert [ex.submit(t.square, i).result(timeout=10) for i in range(3)] == [0, 1, 4]
+        assert ex.counts().failed == 1

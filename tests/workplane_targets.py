@@ -184,3 +184,14 @@ class ExitWhenUnpickled:
 
 def exit_when_unpickled(_):
     return ExitWhenUnpickled()
+
+
+class ExitWhenPickled:
+    """A result whose pickling (in the worker) calls sys.exit(1)."""
+
+    def __reduce__(self):
+        sys.exit(1)
+
+
+def exit_when_pickled(_):
+    return ExitWhenPickled()
