@@ -390,9 +390,11 @@ def _item_of(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     return args[0] if len(args) == 1 else args
 
 
-class ProcessExecutor(Executor):
-    """A process pool with the `concurrent.futures` API, plus pause, resume and a stop
-    that hands back the unfinished work. A crashed worker fails only its task."""
+class _Pool:
+    """A ProcessExecutor's workers, tasks and manager thread. The manager
+    thread holds this, never the ProcessExecutor (as ProcessPoolExecutor's
+    manager holds a weak reference to its executor): an executor dropped
+    without shutdown() is collected, and its pool then shuts down."""
 
     def __init__(
         self,
@@ -476,6 +478,7 @@ class ProcessExecutor(Executor):
         )
         self._pc._plane = self
         self._pc.start()
+        self._owner: weakref.ref[Any] | None = None  # the ProcessExecutor, once watch() is called
         self._thread = threading.Thread(target=self._manage, name="procctl-executor", daemon=True)
         threads.start(self._thread)
         _live_executors.add(self)
@@ -483,6 +486,12 @@ class ProcessExecutor(Executor):
     @property
     def workers(self) -> int:
         return self._max_workers
+
+    def watch(self, owner: object) -> None:
+        """Shut down, as shutdown(wait=False), once `owner` is collected: its
+        collection wakes the manager, which finds the reference dead."""
+        wakeup = self._pc.wakeup
+        self._owner = weakref.ref(owner, lambda _: wakeup())
 
     # -- the Executor API -----------------------------------------------------
 
@@ -738,6 +747,8 @@ class ProcessExecutor(Executor):
         try:
             while not self._finished:
                 self._pc._pump(self._sleep_for())
+                if self._owner is not None and self._owner() is None:
+                    self._abandoned()
                 if self._kill_asked:
                     self._kill_now()
                 if self._take_commands():
@@ -753,6 +764,15 @@ class ProcessExecutor(Executor):
             log.exception("the executor's manager thread failed")
             self._finish(0.0)
             raise
+
+    def _abandoned(self) -> None:
+        """The ProcessExecutor was collected without shutdown(): shut down as
+        shutdown(wait=False) does (the tasks submitted still run, for whoever
+        holds their futures; then the workers stop and this thread ends)."""
+        self._owner = None
+        with self._lock:
+            self._shutdown = True
+        self._run_command("shutdown", False, Future())
 
     def _sleep_for(self) -> float | None:
         """How long the manager may sleep: until the next task deadline."""
@@ -1344,6 +1364,93 @@ class ProcessExecutor(Executor):
                 f"{c.completed} completed, {c.queued} queued{', paused' if self._paused else ''}>")
 
 
+class ProcessExecutor(Executor):
+    """A process pool with the `concurrent.futures` API, plus pause, resume and a stop
+    that hands back the unfinished work. A crashed worker fails only its task.
+
+    Dropped without shutdown(), it shuts down when it is collected (the tasks
+    submitted still run; then its workers stop), as ProcessPoolExecutor does.
+    """
+
+    def __init__(
+        self,
+        max_workers: int | None = None,
+        mp_context: Any = None,
+        initializer: Callable[..., Any] | None = None,
+        initargs: tuple[Any, ...] = (),
+        *,
+        start_method: str | None = None,
+        retries: int = 0,
+        task_timeout: float | None = None,
+        on_event: Callable[[Event], None] | None = None,
+        grace: float = 5.0,
+        max_tasks_per_worker: int | None = None,
+        max_tasks_per_child: int | None = None,
+    ) -> None:
+        self._pool = _Pool(max_workers, mp_context, initializer, initargs, start_method=start_method,
+                           retries=retries, task_timeout=task_timeout, on_event=on_event, grace=grace,
+                           max_tasks_per_worker=max_tasks_per_worker, max_tasks_per_child=max_tasks_per_child)
+        self._pool.watch(self)
+
+    @property
+    def workers(self) -> int:
+        return self._pool.workers
+
+    @property
+    def retries(self) -> int:
+        return self._pool.retries
+
+    @property
+    def task_timeout(self) -> float | None:
+        return self._pool.task_timeout
+
+    @property
+    def grace(self) -> float:
+        return self._pool.grace
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
+        return self._pool.submit(fn, *args, **kwargs)
+
+    def map(
+        self, fn: Callable[..., Any], *iterables: Iterable[Any],
+        timeout: float | None = None, chunksize: int | None = None,
+    ) -> Iterator[Any]:
+        return self._pool.map(fn, *iterables, timeout=timeout, chunksize=chunksize)
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        self._pool.shutdown(wait, cancel_futures=cancel_futures)
+
+    def pause(self, timeout: float | None = None) -> None:
+        self._pool.pause(timeout)
+
+    def resume(self, timeout: float | None = None) -> None:
+        self._pool.resume(timeout)
+
+    def stop(self, grace: float | None = None) -> Unfinished:
+        return self._pool.stop(grace)
+
+    def kill(self) -> None:
+        self._pool.kill()
+
+    @property
+    def paused(self) -> bool:
+        return self._pool.paused
+
+    def counts(self) -> TaskCounts:
+        return self._pool.counts()
+
+    def status(self) -> list[WorkerStatus]:
+        return self._pool.status()
+
+    def __repr__(self) -> str:
+        return repr(self._pool)
+
+
+# One text for each public method: the pool's, where the behaviour is.
+for _name in ("submit", "map", "shutdown", "pause", "resume", "stop", "kill", "counts", "status"):
+    getattr(ProcessExecutor, _name).__doc__ = getattr(_Pool, _name).__doc__
+
+
 def _answer_stopped(name: str, fut: Future[Any], why: str) -> None:
     """Answer a command the manager will not run: it has stopped (or is stopping)."""
     if name == "stop":
@@ -1377,7 +1484,7 @@ def _last_line(tb: str | None) -> str | None:
     return lines[-1].strip() if lines else None
 
 
-_live_executors: weakref.WeakSet[ProcessExecutor] = weakref.WeakSet()
+_live_executors: weakref.WeakSet[_Pool] = weakref.WeakSet()
 
 
 def _shutdown_at_exit() -> None:

@@ -110,7 +110,7 @@ def test_sigkill_from_outside_mid_task_fails_that_task_only():
         others = [ex.submit(t.context_facts, i) for i in range(20)]
         facts = [f.result(20) for f in others]  # all on the other worker, even those queued behind
         assert len({pid for _, _, pid in facts}) == 1
-        pid = next(p for p in ex._pc.pids() if p != facts[0][2])
+        pid = next(p for p in ex._pool._pc.pids() if p != facts[0][2])
         os.kill(pid, signal.SIGKILL)
         with pytest.raises(WorkerCrashed):
             victim.result(20)
@@ -265,7 +265,7 @@ def test_manager_sigkill_during_map_leaves_no_orphans(tmp_path):
         ex = ProcessExecutor(3)
         it = ex.map(t.sleep_for, [0.05] * 10000, chunksize=1)
         next(it)
-        print(" ".join(map(str, ex._pc.pids())), flush=True)
+        print(" ".join(map(str, ex._pool._pc.pids())), flush=True)
         for _ in it:
             pass
     """))

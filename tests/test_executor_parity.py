@@ -14,6 +14,7 @@ import weakref
 
 import pytest
 import workplane_targets as t
+from procs import still_running
 
 from procctl import ProcessExecutor
 
@@ -174,3 +175,17 @@ def test_a_first_task_whose_result_cannot_be_pickled_does_not_break_a_fresh_pool
         assert type(error) is TypeError and "could not be pickled: SystemExit(1)" in str(error), error
         assert [ex.submit(t.square, i).result(timeout=10) for i in range(3)] == [0, 1, 4]
         assert ex.counts().failed == 1
+
+
+def test_an_executor_dropped_without_shutdown_runs_its_tasks_then_stops():
+    """As ProcessPoolExecutor: its manager does not keep the executor alive;
+    once collected, it shuts down as shutdown(wait=False) does."""
+    ex = ProcessExecutor(2, start_method="fork")
+    futs = [ex.submit(t.sleep_for, 0.1) for _ in range(4)]
+    pids, manager = ex._pool._pc.pids(), ex._pool._thread
+    del ex
+    gc.collect()
+    assert [f.result(timeout=10) for f in futs] == [0.1] * 4  # submitted, so they run
+    manager.join(10)
+    assert not manager.is_alive()
+    assert still_running(pids, timeout=5) == []
