@@ -9,7 +9,11 @@
 
 One manager thread owns the ProcessController (which is not thread-safe),
 as CPython's _ExecutorManagerThread owns its pool: the caller's methods
-queue work and commands, then wake it.  Each worker's link (workwire.py)
+queue work and commands, then wake it.  It holds the _Pool, never the
+ProcessExecutor in front of it, so that a dropped executor is collected
+(and its pool shut down).  It completes futures and tells on_event at the
+end of each pass, where its own state is whole: a done callback, which runs
+in this thread, may call any method (a command from there runs inline).  Each worker's link (workwire.py)
 carries its tasks, several to a message when tasks are quick; the manager
 keeps a worker's window full (a few tasks when they are slow, many when
 they are quick) and knows which ones each worker holds, in order.  The
