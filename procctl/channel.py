@@ -32,8 +32,10 @@ from typing import Any
 
 # Board slot layout (int64/float64 words): command word, progress done, total,
 # the terminate mark the controller sets before it sends SIGTERM, the beat,
-# and the item clock (the executor's task_timeout inside a map chunk).
-SLOT_WORDS = 6
+# the item clock (the executor's task_timeout inside a map chunk), and where
+# in a map chunk the worker is (its task id + 1, and the items it runs:
+# first << 32 | count), so that a crash there costs the item, not the chunk.
+SLOT_WORDS = 8
 WORD = 8
 #: Heartbeat (see supervise.py, ProcessController heartbeat=): the controller
 #: asks a RUNNING worker for a sign of life by changing the probe bits of its
@@ -176,6 +178,8 @@ class Board:
         self._words[base + 3] = 0
         self._words[base + 4] = 0
         self._floats[base + 5] = 0.0
+        self._words[base + 6] = 0
+        self._words[base + 7] = 0
         self._floats[base + 1] = 0.0
         self._floats[base + 2] = 0.0
         self._words[base] = word
@@ -200,6 +204,20 @@ class Board:
 
     def set_item_started(self, worker: int, when: float) -> None:
         self._floats[worker * SLOT_WORDS + 5] = when
+
+    def items_running(self, worker: int, task: int) -> tuple[int, int] | None:
+        """Which items of map chunk `task` the worker runs, as it last said:
+        (first, count), count 0 between two blocks; None if it said nothing of `task`."""
+        base = worker * SLOT_WORDS
+        if self._words[base + 6] != task + 1:
+            return None
+        where = self._words[base + 7]
+        return where >> 32, where & 0xFFFFFFFF
+
+    def set_items_running(self, worker: int, task: int, first: int, count: int) -> None:
+        base = worker * SLOT_WORDS
+        self._words[base + 7] = first << 32 | count
+        self._words[base + 6] = task + 1
 
     def set_progress(self, worker: int, done: float, total: float) -> None:
         base = worker * SLOT_WORDS

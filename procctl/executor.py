@@ -59,7 +59,7 @@ from .controller import ProcessController, check_start_method
 from .errors import RemoteTraceback, TaskTimeout, WorkerCrashed
 from .shutdown import describe_exit, signal_name
 from .states import Event, Outcome, State, WorkerReport, WorkerStatus
-from .worker_plane import CALL, CHUNK, ERR, OK, run_tasks
+from .worker_plane import CALL, CHUNK, ERR, OK, PRECISE, run_tasks
 from .workwire import MAX_WAIT, Kind, check_timeout
 
 log = logging.getLogger("procctl")
@@ -86,6 +86,41 @@ SUBMIT_SLICE = 256
 
 class _Cut(list):  # type: ignore[type-arg]
     """The result of a map chunk that stop() cut short: its first items' results."""
+
+
+class _Failed(list):  # type: ignore[type-arg]
+    """The result of a map chunk one of whose items crashed (or timed out):
+    the results of the items before it, and its error, which map() raises there."""
+
+    def __init__(self, results: list[Any], error: BaseException) -> None:
+        super().__init__(results)
+        self.error = error
+
+
+class _Rerun:
+    """A map chunk whose worker died in it, as it goes again: where its
+    remaining items are in the chunk, those that failed (by place), how often
+    each crashed, and the places of a block in which a crash came that no
+    item could be told from (its PRECISE run tells which, if it crashes again)."""
+
+    __slots__ = ("where", "errors", "crashes", "suspects", "star")
+
+    def __init__(self, n: int, star: bool) -> None:
+        self.where = list(range(n))
+        self.errors: dict[int, BaseException] = {}
+        self.crashes: dict[int, int] = {}
+        self.suspects: set[int] = set()
+        self.star = star
+
+    def outcome(self, results: list[Any], cut: bool) -> Any:
+        """The chunk's value once its last run gave `results` (a prefix if `cut` by stop())."""
+        if self.errors:
+            first = min(self.errors)
+            before = [r for place, r in zip(self.where, results) if place < first]  # noqa: B905 - a cut: shorter
+            if not cut or len(before) == sum(1 for place in self.where if place < first):
+                return _Failed(before, self.errors[first])
+            return _Cut(before)
+        return _Cut(results) if cut else results
 
 
 @dataclass(frozen=True)
@@ -264,7 +299,8 @@ class _TaskFuture(Future):  # type: ignore[type-arg]
 
 
 class _Task:
-    __slots__ = ("tid", "future", "run", "index", "fn", "blob", "items", "chunk", "attempts", "started", "done")
+    __slots__ = ("tid", "future", "run", "index", "fn", "blob", "items", "chunk", "attempts", "started", "done",
+                 "rerun")
 
     def __init__(self, tid: int, future: _TaskFuture | None, fn: bytes, blob: bytes, items: list[Any],
                  chunk: bool, run: _MapRun | None = None, index: int = 0) -> None:
@@ -279,6 +315,7 @@ class _Task:
         self.attempts = 0
         self.started = 0.0  # monotonic time it began running (first in its worker's line)
         self.done: list[Any] = []  # a chunk cut short by stop(): its first items' results
+        self.rerun: _Rerun | None = None  # a map chunk that goes again after a crash in it
 
     # The future's side, for a submitted task and a map item alike.
 
@@ -561,6 +598,10 @@ class _Pool:
                         if type(chunk) is _Cut:
                             yield _popping(chunk)
                             raise CancelledError()  # stop() cut the chunk: the rest was handed back
+                        if type(chunk) is _Failed:
+                            error = chunk.error
+                            yield _popping(chunk)
+                            raise error  # an item of the chunk crashed: the ones before it are yielded
                         yield _popping(chunk)
                 i = len(run.values)
             finally:
@@ -1028,7 +1069,7 @@ class _Pool:
         for task, was_running in self._unfinished:
             if task.done and task.chunk:
                 # A chunk cut short: its first items completed, the rest go back.
-                if not task.set_result(_Cut(task.done)):
+                if not task.set_result(_Cut(task.done) if task.rerun is None else task.rerun.outcome(task.done, True)):
                     continue
                 self._completed += len(task.done)
                 self._cancelled += len(task.items) - len(task.done)
@@ -1174,6 +1215,8 @@ class _Pool:
                 line.done += len(task.items)
                 if task.run is not None:
                     runs.add(task.run)
+                if task.rerun is not None:
+                    value = task.rerun.outcome(value, False)
                 if not task.set_result(value, self._outbox()):  # cancelled by the caller while it ran
                     self._cancelled += len(task.items)
                     continue
@@ -1256,6 +1299,8 @@ class _Pool:
                 f"worker {line.wid} (pid {report.pid if report else '?'}) {how} while running this task "
                 f"(exit code {exitcode})")
             name = "task-crashed"
+        if task.chunk and not self._stopping and self._item_lost(line, task, error, name):
+            return
         if task.attempts < self.retries and not self._stopping:
             task.attempts += 1
             with self._lock:
@@ -1267,6 +1312,49 @@ class _Pool:
             return
         self._failed += len(task.items)
         self._task_event(name, line, task, error=str(error))
+
+    def _item_lost(self, line: _WorkerLine, task: _Task, error: BaseException, name: str) -> bool:
+        """A map chunk's worker died in it: the item it ran fails (or is
+        retried), the others go first in line again, those that ran too (their
+        results died with the worker), none of it counted as a retry. False if
+        the board does not say which items ran (the chunk then fails whole)."""
+        board = self._pc._board
+        at = None if board is None else board.items_running(line.wid, task.tid)
+        if at is None or at[1] == 0 or at[0] >= len(task.items):
+            return False  # it died before its first item, or between two (its results' pickling)
+        first, count = at
+        if task.rerun is None:
+            task.rerun = _Rerun(len(task.items), pickle.loads(task.blob)[2])
+        rerun = task.rerun
+        if count > 1:
+            # Somewhere in a block of quick items: run them again one by one, saying each.
+            rerun.suspects.update(rerun.where[first:first + count])
+            log.info("worker %d died in a block of %d items of map chunk %d: running them again one by one",
+                     line.wid, count, task.tid)
+        else:
+            place = rerun.where[first]
+            # A crash in a block this item was in was its too (the one that made us look).
+            crashes = rerun.crashes.get(place, 0) + 1 + (place in rerun.suspects)
+            rerun.crashes[place] = crashes
+            rerun.suspects = {p for p in rerun.suspects if p > place}
+            if crashes <= self.retries:
+                self._task_event("task-retry", line, task, error=str(error))
+            else:
+                rerun.errors[place] = error
+                del rerun.where[first]
+                del task.items[first]
+                self._failed += 1
+                self._task_event(name, line, task, error=str(error))
+        if not task.items:  # it was the last one
+            task.set_result(rerun.outcome([], False))
+            if task.run is not None:
+                task.run.wake()
+            return True
+        kind = PRECISE if rerun.suspects else CHUNK
+        task.blob = pickle.dumps((kind, task.items, rerun.star), pickle.HIGHEST_PROTOCOL)
+        with self._lock:
+            self._pending.appendleft(task)
+        return True
 
     def _break(self, why: str) -> None:
         """The pool cannot run tasks (its initializer fails): fail them all."""

@@ -288,7 +288,7 @@ def run_tasks(
         task = end.next_task(ctx)
         if task is None:
             continue  # a command: checkpoint() applies it
-        send(ctx, result, tag=task[0], payload=_run_task(ctx, functions, task[1], task[2], timed))
+        send(ctx, result, tag=task[0], payload=_run_task(ctx, functions, task, timed))
         done += 1
         if max_tasks is not None and done >= max_tasks:
             break
@@ -297,14 +297,18 @@ def run_tasks(
 
 
 #: What a pickled call is: one call (fn, args, kwargs), or a chunk of a map
-#: (fn, items, star): fn(item) or fn(*item) for each item.
-CALL, CHUNK = 0, 1
+#: (fn, items, star): fn(item) or fn(*item) for each item. A chunk says on
+#: the board which block of its items it runs, so that a crash costs an item,
+#: not the chunk; a PRECISE one (what a crash in a block of several left, run
+#: again) says each item, as a chunk does when the executor has a task_timeout.
+CALL, CHUNK, PRECISE = 0, 1, 2
 #: A chunk checks for commands between blocks of items; a block grows while
 #: it takes less than this, so pause and stop stay prompt with tiny items.
 BLOCK_SECONDS = 0.001
 
 
-def _run_task(ctx: WorkerContext, functions: dict[bytes, Any], fn_blob: bytes, blob: bytes, timed: bool) -> bytes:
+def _run_task(ctx: WorkerContext, functions: dict[bytes, Any], task: tuple[int, bytes, bytes], timed: bool) -> bytes:
+    tid, fn_blob, blob = task
     done: list[Any] = []  # a chunk's results so far, in whole blocks
     try:
         fn = functions.get(fn_blob)
@@ -313,8 +317,8 @@ def _run_task(ctx: WorkerContext, functions: dict[bytes, Any], fn_blob: bytes, b
                 functions.clear()
             fn = functions[fn_blob] = pickle.loads(fn_blob)
         kind, a, b = pickle.loads(blob)
-        if kind == CHUNK:
-            value: Any = _run_chunk(ctx, fn, a, b, done, timed)
+        if kind != CALL:
+            value: Any = _run_chunk(ctx, fn, a, b, done, tid, timed or kind == PRECISE)
         else:
             value = fn(*a, **b)
     except BaseException as exc:  # noqa: BLE001 - the task's exception is its result
@@ -336,22 +340,27 @@ _BETWEEN = object()  # a chunk stopped between two blocks: no item was interrupt
 
 
 def _run_chunk(ctx: WorkerContext, fn: Callable[..., Any], items: list[Any], star: bool,
-               done: list[Any], timed: bool) -> Any:
+               done: list[Any], tid: int, one_by_one: bool) -> Any:
     """fn over the items, in blocks with a checkpoint between them (a paused
     chunk waits there). At STOPPED, `done` holds the blocks that ran before it;
-    a block that saw STOPPED counts as interrupted (its first item as running)."""
+    a block that saw STOPPED counts as interrupted (its first item as running).
+    The board says which block runs (with `one_by_one`, which item, and when
+    it started: the executor's task_timeout is per item)."""
     clock = time.perf_counter
     step, i, n = 1, 0, len(items)
-    call = _timed_call(ctx, fn, star) if timed else None
+    say, slot = ctx._end.board.set_items_running, ctx._end.worker
+    call = _marking_call(ctx, fn, star, tid) if one_by_one else None
     while i < n:
         if not ctx.checkpoint():
             return _BETWEEN
         t0 = clock()
         block = items[i:i + step]
         if call is not None:
-            out = list(map(call, block))
+            out = [call(k, item) for k, item in enumerate(block, i)]
         else:
+            say(slot, tid, i, len(block))
             out = list(itertools.starmap(fn, block) if star else map(fn, block))
+        say(slot, tid, i + len(block), 0)  # between items: a crash now is no item's
         if saw_stop(ctx):
             return None  # an item was told to stop
         done.extend(out)
@@ -364,12 +373,15 @@ def _run_chunk(ctx: WorkerContext, fn: Callable[..., Any], items: list[Any], sta
     return done
 
 
-def _timed_call(ctx: WorkerContext, fn: Callable[..., Any], star: bool) -> Callable[[Any], Any]:
-    """fn for one item, that first says on the board when the item starts:
-    the executor's task_timeout is per item, whatever the items around it take."""
-    mark, slot, now = ctx._end.board.set_item_started, ctx._end.worker, time.monotonic
+def _marking_call(ctx: WorkerContext, fn: Callable[..., Any], star: bool, tid: int) -> Callable[[int, Any], Any]:
+    """fn for item k, that first says on the board which item starts, and
+    when: the executor's task_timeout is per item, whatever the items around
+    it take, and a crash is that item's."""
+    board, slot, now = ctx._end.board, ctx._end.worker, time.monotonic
+    say, mark = board.set_items_running, board.set_item_started
 
-    def call(item: Any) -> Any:
+    def call(k: int, item: Any) -> Any:
+        say(slot, tid, k, 1)
         mark(slot, now())
         return fn(*item) if star else fn(item)
 

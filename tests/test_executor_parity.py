@@ -16,7 +16,7 @@ import pytest
 import workplane_targets as t
 from procs import still_running
 
-from procctl import ProcessExecutor
+from procctl import ProcessExecutor, TaskTimeout, WorkerCrashed
 
 HERE = os.path.dirname(__file__)
 
@@ -189,3 +189,29 @@ def test_an_executor_dropped_without_shutdown_runs_its_tasks_then_stops():
     manager.join(10)
     assert not manager.is_alive()
     assert still_running(pids, timeout=5) == []
+
+
+@pytest.mark.parametrize("retries", [0, 1])
+def test_a_crash_in_an_automatic_map_chunk_costs_one_item(retries):
+    """Item 210 of 400 kills its worker (in chunks of 50): map yields the 210
+    before it, then raises WorkerCrashed there; every other item completes,
+    those its chunk had run before the crash run again."""
+    with ProcessExecutor(2, start_method="fork", retries=retries) as ex:
+        it = ex.map(t.exit_at, range(400), [210] * 400)
+        got = [next(it) for _ in range(210)]
+        with pytest.raises(WorkerCrashed):
+            next(it)
+        counts = ex.counts()
+    assert got == list(range(210))
+    assert (counts.completed, counts.failed) == (399, 1), counts
+
+
+def test_a_timeout_in_a_map_chunk_costs_one_item():
+    with ProcessExecutor(2, start_method="fork", task_timeout=0.5) as ex:
+        items = [0.0] * 32 + [30.0] + [0.0] * 7  # chunks of 5: the long one is the third of its chunk
+        it = ex.map(t.nap, items)
+        assert [next(it) for _ in range(32)] == [0.0] * 32
+        with pytest.raises(TaskTimeout):
+            next(it)
+        counts = ex.counts()
+    assert (counts.completed, counts.failed) == (39, 1), counts
