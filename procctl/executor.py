@@ -211,15 +211,11 @@ class _MapRun:
         return value
 
 
-_END = object()
-
-
 def _popping(chunk: list[Any]) -> Iterator[Any]:
     """A chunk's items in order, each dropped from the list as it is yielded,
-    at C speed: the list reversed, then popped until the end mark."""
-    chunk.append(_END)
+    at C speed: the list reversed, then popped as many times as it is long."""
     chunk.reverse()
-    return iter(chunk.pop, _END)
+    return itertools.starmap(chunk.pop, itertools.repeat((), len(chunk)))
 
 
 class _Chunks(itertools.chain):  # type: ignore[type-arg]
