@@ -1485,6 +1485,10 @@ class ProcessExecutor(Executor):
         return self._pool.workers
 
     @property
+    def _max_workers(self) -> int:  # as ProcessPoolExecutor's, which code written for it reads
+        return self._pool.workers
+
+    @property
     def retries(self) -> int:
         return self._pool.retries
 
