@@ -48,8 +48,9 @@ import traceback
 import weakref
 from collections import deque
 from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
-from concurrent.futures import BrokenExecutor, CancelledError, Executor, Future, InvalidStateError
+from concurrent.futures import CancelledError, Executor, Future, InvalidStateError
 from concurrent.futures import TimeoutError as FutureTimeout
+from concurrent.futures.process import BrokenProcessPool  # a BrokenExecutor, as ProcessPoolExecutor's
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -450,8 +451,10 @@ class _Pool:
     ) -> None:
         if max_workers is None:
             max_workers = os.cpu_count() or 1
-        if isinstance(max_workers, bool) or not isinstance(max_workers, int) or max_workers < 1:
+        if isinstance(max_workers, bool) or not isinstance(max_workers, int):
             raise ValueError(f"max_workers must be a positive integer, not {max_workers!r}")
+        if max_workers < 1:  # the stdlib's words, which code written for it may match
+            raise ValueError(f"max_workers must be greater than 0, not {max_workers!r}")
         if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
             raise ValueError(f"retries must be an integer >= 0, not {retries!r}")
         task_timeout = check_task_timeout(task_timeout)
@@ -762,7 +765,7 @@ class _Pool:
         with self._lock:
             broken = self._broken
             if broken is not None and self._broken_told:
-                raise BrokenExecutor(broken)
+                raise BrokenProcessPool(broken)
             if broken is None and self._shutdown:
                 raise RuntimeError("cannot schedule new futures after shutdown")
             self._submitted += sum(len(t.items) for t in tasks)
@@ -778,7 +781,7 @@ class _Pool:
             # the workers, the futures carry it; later calls raise. (Outside
             # the lock: a done-callback may submit.)
             for task in tasks:
-                task.set_exception(BrokenExecutor(broken))
+                task.set_exception(BrokenProcessPool(broken))
         elif wake:
             self._pc.wakeup()
 
@@ -1366,7 +1369,7 @@ class _Pool:
         if pending or held:
             self._broken_told = True  # their futures say so: later calls raise
         for task in list(pending) + held:
-            if task.set_exception(BrokenExecutor(why), self._outbox()):
+            if task.set_exception(BrokenProcessPool(why), self._outbox()):
                 self._failed += len(task.items)
             else:
                 self._cancelled += len(task.items)

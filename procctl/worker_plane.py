@@ -331,9 +331,10 @@ def _run_task(ctx: WorkerContext, functions: dict[bytes, Any], task: tuple[int, 
     try:
         return pickle.dumps((OK, value, None), pickle.HIGHEST_PROTOCOL)
     except BaseException as exc:  # noqa: BLE001 - pickling runs the result's own code, even sys.exit()
-        # The task's error, as ProcessPoolExecutor sends it: the worker goes on.
-        err = TypeError(f"the result of type {type(value).__name__} could not be pickled: {exc!r}")
-        return _dump_error(err, traceback.format_exc())
+        # The task's error, as ProcessPoolExecutor sends it (the exception
+        # itself, even a SystemExit): the worker goes on.
+        exc.add_note(f"(the result of type {type(value).__name__} could not be pickled)")
+        return _dump_error(exc, traceback.format_exc())
 
 
 _BETWEEN = object()  # a chunk stopped between two blocks: no item was interrupted

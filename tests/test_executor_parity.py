@@ -168,11 +168,14 @@ def test_a_result_that_cannot_be_unpickled_fails_its_own_future_only():
 
 
 def test_a_first_task_whose_result_cannot_be_pickled_does_not_break_a_fresh_pool():
-    """An initializer failure breaks the pool; a first task's failure (here its
-    result's pickling calls sys.exit) is that task's, as any task's is."""
+    """An initializer failure breaks the pool (BrokenProcessPool, as the
+    stdlib's); a first task's failure (here its result's pickling calls
+    sys.exit) is that task's, as any task's is."""
     with ProcessExecutor(2, start_method="fork") as ex:
         error = ex.submit(t.exit_when_pickled, 0).exception(timeout=10)
-        assert type(error) is TypeError and "could not be pickled: SystemExit(1)" in str(error), error
+        # As ProcessPoolExecutor's: the exception itself, here with a note.
+        assert type(error) is SystemExit and error.code == 1, error
+        assert "could not be pickled" in " ".join(error.__notes__)
         assert [ex.submit(t.square, i).result(timeout=10) for i in range(3)] == [0, 1, 4]
         assert ex.counts().failed == 1
 
@@ -215,3 +218,14 @@ def test_a_timeout_in_a_map_chunk_costs_one_item():
             next(it)
         counts = ex.counts()
     assert (counts.completed, counts.failed) == (39, 1), counts
+
+
+def test_a_failing_initializer_is_a_broken_process_pool_and_max_workers_says_as_the_stdlib():
+    from concurrent.futures.process import BrokenProcessPool
+
+    with ProcessExecutor(1, start_method="fork", initializer=t.init_fails) as ex:
+        with pytest.raises(BrokenProcessPool, match="initializer"):
+            ex.submit(t.square, 1).result(timeout=10)
+    for bad in (0, -1):
+        with pytest.raises(ValueError, match="max_workers must be greater than 0"):
+            ProcessExecutor(bad)
