@@ -13,10 +13,11 @@ queue work and commands, then wake it.  It holds the _Pool, never the
 ProcessExecutor in front of it, so that a dropped executor is collected
 (and its pool shut down).  It completes futures and tells on_event at the
 end of each pass, where its own state is whole: a done callback, which runs
-in this thread, may call any method (a command from there runs inline).  Each worker's link (workwire.py)
-carries its tasks, several to a message when tasks are quick; the manager
-keeps a worker's window full (a few tasks when they are slow, many when
-they are quick) and knows which ones each worker holds, in order.  The
+in this thread, may call any method (a command from there runs inline).
+Each worker's link (workwire.py) carries its tasks, several to a message
+when tasks are quick; the manager keeps a worker's window full (a few tasks
+when they are slow, many when they are quick) and knows which ones each
+worker holds, in order.  The
 worker runs them in that order and sends each result before it starts the
 next, so the first task without a result is the only one that can have
 started; the rest wait in the worker's memory or unread in its socket.
@@ -29,6 +30,8 @@ result comes, so that `stop()` can cancel every one that did not complete.
 A map chunk is one task that checks for commands between blocks of its
 items: a paused chunk waits there, and a stopped one reports the results of
 its first items, so that `stop()` hands back only the items that did not run.
+It says on the board which block it runs: a crash in it costs the item that
+ran (_item_lost), and the chunk's other items go again.
 """
 
 from __future__ import annotations
