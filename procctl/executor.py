@@ -63,7 +63,7 @@ from .controller import ProcessController, check_start_method
 from .errors import RemoteTraceback, TaskTimeout, WorkerCrashed
 from .shutdown import describe_exit, signal_name
 from .states import Event, Outcome, State, WorkerReport, WorkerStatus
-from .worker_plane import CALL, CHUNK, ERR, OK, PRECISE, run_tasks
+from .worker_plane import CALL, CHUNK, ERR, ERR_AT, OK, PRECISE, run_tasks
 from .workwire import MAX_WAIT, Kind, check_timeout
 
 log = logging.getLogger("procctl")
@@ -1231,6 +1231,9 @@ class _Pool:
             elif status == ERR:
                 line.done += len(task.items)
                 self._on_error(line, task, value, tb)
+            elif status == ERR_AT:
+                line.done += len(task.items)
+                self._on_item_error(line, task, value, tb)
             else:  # stopped: it saw STOPPED and did not complete (a chunk: not all of it)
                 task.done = value
                 self._unfinished.append((task, bool(tb)))
@@ -1247,6 +1250,34 @@ class _Pool:
             self._cancelled += len(task.items)
             return
         self._failed += len(task.items)
+        self._task_event("task-failed", line, task, error=_last_line(tb))
+
+    def _on_item_error(self, line: _WorkerLine, task: _Task, value: tuple[BaseException, list[Any]],
+                       tb: str) -> None:
+        """An item of a map chunk raised: map() yields the results of the items
+        before it, then raises its exception there (as the stdlib's map does
+        with one item a task); the chunk's items after it did not run and
+        fail with it, as a chunk's items did."""
+        exc, before = value
+        if len(before) >= len(task.items):
+            self._on_error(line, task, exc, tb)
+            return
+        exc.__cause__ = RemoteTraceback(tb)
+        if task.rerun is not None:
+            task.rerun.errors.setdefault(task.rerun.where[len(before)], exc)
+            outcome = task.rerun.outcome(before, False)
+        else:
+            outcome = _Failed(before, exc)
+        ok = task.set_result(outcome)
+        if task.run is not None:
+            task.run.wake()
+        if not ok:
+            self._cancelled += len(task.items)
+            return
+        for _ in before:
+            self._completed += 1
+            self._task_event("task-done", line, task)
+        self._failed += len(task.items) - len(before)
         self._task_event("task-failed", line, task, error=_last_line(tb))
 
     def _end_line(self, line: _WorkerLine, report: WorkerReport | None) -> None:

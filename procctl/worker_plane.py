@@ -32,8 +32,9 @@ if TYPE_CHECKING:
     from .worker import WorkerContext
 
 #: A task's result: ok (value), err (exception, traceback text), stopped (the
-#: task saw STOPPED at a checkpoint: it did not complete).
-OK, ERR, STOPPED = "ok", "err", "stopped"
+#: task saw STOPPED at a checkpoint: it did not complete), err_at (an item of
+#: a map chunk raised: the exception and the results of the items before it).
+OK, ERR, STOPPED, ERR_AT = "ok", "err", "stopped", "err_at"
 
 
 _REPLIES = (Kind.ITEM, Kind.CLOSED)
@@ -310,6 +311,8 @@ BLOCK_SECONDS = 0.001
 def _run_task(ctx: WorkerContext, functions: dict[bytes, Any], task: tuple[int, bytes, bytes], timed: bool) -> bytes:
     tid, fn_blob, blob = task
     done: list[Any] = []  # a chunk's results so far, in whole blocks
+    block: list[Any] = []  # ... and those of the block it runs
+    kind = CALL
     try:
         fn = functions.get(fn_blob)
         if fn is None:
@@ -318,12 +321,14 @@ def _run_task(ctx: WorkerContext, functions: dict[bytes, Any], task: tuple[int, 
             fn = functions[fn_blob] = pickle.loads(fn_blob)
         kind, a, b = pickle.loads(blob)
         if kind != CALL:
-            value: Any = _run_chunk(ctx, fn, a, b, done, tid, timed or kind == PRECISE)
+            value: Any = _run_chunk(ctx, fn, a, b, done, block, tid, timed or kind == PRECISE)
         else:
             value = fn(*a, **b)
     except BaseException as exc:  # noqa: BLE001 - the task's exception is its result
         if saw_stop(ctx):
             return _dump_stopped(done, True)
+        if kind != CALL:  # an item raised: the ones before it have their results
+            return _dump_item_error(exc, traceback.format_exc(), done + block)
         return _dump_error(exc, traceback.format_exc())
     if saw_stop(ctx):
         # It saw STOPPED: cut short. A chunk says how far it got.
@@ -341,10 +346,12 @@ _BETWEEN = object()  # a chunk stopped between two blocks: no item was interrupt
 
 
 def _run_chunk(ctx: WorkerContext, fn: Callable[..., Any], items: list[Any], star: bool,
-               done: list[Any], tid: int, one_by_one: bool) -> Any:
+               done: list[Any], out: list[Any], tid: int, one_by_one: bool) -> Any:
     """fn over the items, in blocks with a checkpoint between them (a paused
     chunk waits there). At STOPPED, `done` holds the blocks that ran before it;
     a block that saw STOPPED counts as interrupted (its first item as running).
+    When an item raises, `out` holds the results of its block's items before it
+    (list.extend keeps what an iterator gave before it raised).
     The board says which block runs (with `one_by_one`, which item, and when
     it started: the executor's task_timeout is per item)."""
     clock = time.perf_counter
@@ -357,14 +364,15 @@ def _run_chunk(ctx: WorkerContext, fn: Callable[..., Any], items: list[Any], sta
         t0 = clock()
         block = items[i:i + step]
         if call is not None:
-            out = [call(k, item) for k, item in enumerate(block, i)]
+            out.extend(call(k, item) for k, item in enumerate(block, i))
         else:
             say(slot, tid, i, len(block))
-            out = list(itertools.starmap(fn, block) if star else map(fn, block))
+            out.extend(itertools.starmap(fn, block) if star else map(fn, block))
         say(slot, tid, i + len(block), 0)  # between items: a crash now is no item's
         if saw_stop(ctx):
             return None  # an item was told to stop
         done.extend(out)
+        out.clear()
         i += len(block)
         took = clock() - t0
         if took < BLOCK_SECONDS:
@@ -408,6 +416,14 @@ def _dump_stopped(done: list[Any], interrupted: bool) -> bytes:
         return pickle.dumps((STOPPED, done, interrupted), pickle.HIGHEST_PROTOCOL)
     except BaseException:  # noqa: BLE001 - then none of them counts as done
         return pickle.dumps((STOPPED, [], True))
+
+
+def _dump_item_error(exc: BaseException, tb: str, before: list[Any]) -> bytes:
+    """An item of a map chunk raised: its exception, and the results of the items before it."""
+    try:
+        return pickle.dumps((ERR_AT, (exc, before), tb), pickle.HIGHEST_PROTOCOL)
+    except BaseException:  # noqa: BLE001 - then the chunk fails as a whole
+        return _dump_error(exc, tb)
 
 
 def _dump_error(exc: BaseException, tb: str) -> bytes:

@@ -195,3 +195,10 @@ class ExitWhenPickled:
 
 def exit_when_pickled(_):
     return ExitWhenPickled()
+
+
+def fail_at(x, bad):
+    """A quick task, but item `bad` raises ValueError."""
+    if x == bad:
+        raise ValueError(f"bad {x}")
+    return x
