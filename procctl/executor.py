@@ -1238,6 +1238,7 @@ class _Pool:
                 task.done = value
                 self._unfinished.append((task, bool(tb)))
         self._task_time = mean
+        value = None  # the caller who takes the last result may be its only holder (bpo-14406)
         for run in runs:
             run.wake()
 

@@ -454,29 +454,35 @@ class ClusterExecutor(Session, Executor):
     def _apply_settlements(self) -> None:
         with self.cond:
             settle, self._settle = self._settle, []
-        for task, ok, value, tb, node in settle:
-            fut = task.future
+        settle.reverse()
+        while settle:
+            # Popped, and let go of once set: the caller who takes a result
+            # may be its only holder (as the stdlib's manager, bpo-14406).
+            task, ok, value, tb, node = settle.pop()
+            fut, tid, n = task.future, task.tid, len(task.items)
+            del task
             if fut.cancelled():
-                self._cancelled += len(task.items)
+                self._cancelled += n
                 continue
             if ok:
                 fut.set_result(value)
-                for _ in task.items:  # one event an item, also in a map chunk
+                del fut, value
+                for _ in range(n):  # one event an item, also in a map chunk
                     self._completed += 1
-                    self._event("task-done", task, node)
+                    self._event("task-done", tid, node)
             else:
                 if not isinstance(value, BaseException):
                     value = RuntimeError(str(value))
                 if tb:
                     value.__cause__ = RemoteTraceback(tb)
                 fut.set_exception(value)
-                self._failed += len(task.items)
-                self._event("task-failed", task, node, error=f"{type(value).__name__}: {value}")
+                self._failed += n
+                self._event("task-failed", tid, node, error=f"{type(value).__name__}: {value}")
 
-    def _event(self, name: str, task: _Task, node: str, error: str | None = None) -> None:
+    def _event(self, name: str, tid: int, node: str, error: str | None = None) -> None:
         if self._on_event is not None:
             with self.cond:
-                self._events.append(Event(self.elapsed(), name, task=task.tid, node=node or None, error=error))
+                self._events.append(Event(self.elapsed(), name, task=tid, node=node or None, error=error))
 
     def _check_open(self) -> None:
         if self._stopped:

@@ -516,6 +516,10 @@ class Session:
                             log.exception("procctl: cannot take %r", msg)
                 self._pass_due = True
                 self.cond.notify_all()
+            # Hold no result while we wait for the next batch: the caller who
+            # took it may be its only holder (as ProcessPoolExecutor's manager
+            # drops its result_item, bpo-14406).
+            batch = data = msg = None
 
     def _keep(self) -> None:
         """Each tick: renew the leases, send again what was not answered, send
