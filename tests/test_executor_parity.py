@@ -160,7 +160,7 @@ def test_a_result_that_cannot_be_unpickled_fails_its_own_future_only():
         slow = [ex.submit(t.sleep_for, 0.2) for _ in range(4)]
         bad = ex.submit(t.exit_when_unpickled, 0)
         error = bad.exception(timeout=10)
-        assert type(error) is SystemExit and error.code == 3
+        assert type(error) is SystemExit and error.args == (3,)
         assert "could not be unpickled" in str(error.__cause__)
         assert [f.result(timeout=10) for f in slow] == [0.2] * 4
         assert ex.submit(t.square, 3).result(timeout=10) == 9  # the pool goes on
@@ -174,7 +174,7 @@ def test_a_first_task_whose_result_cannot_be_pickled_does_not_break_a_fresh_pool
     with ProcessExecutor(2, start_method="fork") as ex:
         error = ex.submit(t.exit_when_pickled, 0).exception(timeout=10)
         # As ProcessPoolExecutor's: the exception itself, here with a note.
-        assert type(error) is SystemExit and error.code == 1, error
+        assert type(error) is SystemExit and error.args == (1,), error
         assert "could not be pickled" in " ".join(error.__notes__)
         assert [ex.submit(t.square, i).result(timeout=10) for i in range(3)] == [0, 1, 4]
         assert ex.counts().failed == 1
