@@ -461,8 +461,8 @@ class _Pool:
         if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
             raise ValueError(f"retries must be an integer >= 0, not {retries!r}")
         task_timeout = check_task_timeout(task_timeout)
-        if isinstance(grace, bool) or not isinstance(grace, (int, float)) or not grace >= 0:
-            raise ValueError(f"grace must be a number of seconds >= 0, not {grace!r}")
+        grace_s = check_timeout("grace", grace, allow_none=False)  # as ProcessController's
+        assert grace_s is not None
         if max_tasks_per_worker is None:
             max_tasks_per_worker = max_tasks_per_child
         if max_tasks_per_worker is not None and (
@@ -482,7 +482,7 @@ class _Pool:
         check_start_method(start_method)
         self.retries = retries
         self.task_timeout = task_timeout
-        self.grace = float(grace)
+        self.grace = grace_s
         self._max_workers = max_workers
         self._on_event = on_event
         self._lock = threading.Lock()
@@ -662,12 +662,10 @@ class _Pool:
 
         From a done callback or on_event it runs there and then, in the
         executor's own thread (a second stop() returns an empty Unfinished)."""
-        if grace is not None and (isinstance(grace, bool) or not isinstance(grace, (int, float))
-                                  or not grace >= 0):
-            raise ValueError(f"grace must be a number of seconds >= 0, not {grace!r}")
+        given = None if grace is None else check_timeout("grace", grace, allow_none=False)
         with self._lock:
             self._shutdown = True
-        seconds = self.grace if grace is None else float(grace)
+        seconds = self.grace if given is None else given
         if self._in_manager():
             done: Unfinished = self._inline("stop", seconds)
             return done

@@ -237,6 +237,8 @@ def test_bad_arguments():
         ProcessExecutor(1, task_timeout=float("nan"))
     with pytest.raises(ValueError, match="grace"):
         ProcessExecutor(1, grace=-1)
+    with pytest.raises(TypeError, match="grace"):  # a wrong type is a TypeError, as ProcessController's
+        ProcessExecutor(1, grace="5")
     with pytest.raises(TypeError, match="initargs"):
         ProcessExecutor(1, initargs=5)
     with pytest.raises(TypeError, match="mp_context"):
