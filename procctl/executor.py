@@ -1081,9 +1081,12 @@ class _Pool:
                 task.run.wake()
         self._unfinished = []
         # In submission order, with no object made per task (100,000 of them
-        # would wake the garbage collector over every future): the queued
-        # ones are in order already, the few the workers held merge in.
+        # would wake the garbage collector over every future). The queued ones
+        # are in order as a rule (a sort of a sorted list is one pass in C), but
+        # not always: what a worker gave back or a retry goes first in line
+        # again. The few the workers held merge in.
         tid = operator.attrgetter("tid")
+        queued.sort(key=tid)
         interrupted = sorted((task for task, flag in held if flag), key=tid)
         others = sorted((task for task, _ in held), key=tid)
         if not others or (queued and tid(others[-1]) < tid(queued[0])):

@@ -160,7 +160,10 @@ def test_pause_with_a_backlog_starts_no_task():
     assert isinstance(left, Unfinished)
 
 
-def _check_stop_accounting(ex, futs, left):
+def _check_stop_accounting(ex, futs, left, items=None):
+    if items is not None:  # handed back in submission order (a retry or a window given back goes
+        place = {x: i for i, x in enumerate(items)}  # first in line again: not in the queue's order)
+        assert [place[x] for x in left.items] == sorted(place[x] for x in left.items)
     completed = sum(1 for f in futs if f.done() and not f.cancelled() and f.exception() is None)
     failed = sum(1 for f in futs if f.done() and not f.cancelled() and f.exception() is not None)
     assert all(f.done() for f in futs)
@@ -175,12 +178,13 @@ def _check_stop_accounting(ex, futs, left):
 def test_stop_accounting_under_random_timing():
     rng = random.Random(8)
     for _ in range(50):
-        ex = ProcessExecutor(2)
-        items = [rng.choice([0.0, 0.0, 0.001, 0.01]) + i * 1e-9 for i in range(rng.randint(0, 30))]
+        ex = ProcessExecutor(2, retries=rng.choice([0, 1]))
+        # (a negative one crashes its worker)
+        items = [rng.choice([0.0, 0.0, 0.001, 0.01, -1]) + i * 1e-9 for i in range(rng.randint(0, 30))]
         futs = [ex.submit(t.random_task, x) for x in items]
         time.sleep(rng.choice([0, 0.001, 0.01, 0.03]))
         left = ex.stop(grace=rng.choice([0, 0.01, 1]))
-        _check_stop_accounting(ex, futs, left)
+        _check_stop_accounting(ex, futs, left, items)
 
 
 def test_stop_hands_back_running_items_and_queued_ones(tmp_path, monkeypatch):

@@ -132,6 +132,8 @@ def pid_of(_):
 
 
 def random_task(seconds):
+    if seconds < 0:  # a crash
+        os._exit(3)
     ctx = procctl.context()
     end = time.monotonic() + seconds
     while time.monotonic() < end:
