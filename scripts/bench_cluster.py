@@ -50,10 +50,19 @@ def _under_nodes(node_pids: list[int]) -> list[psutil.Process]:
     out = []
     for pid in node_pids:
         try:
-            out += [p for p in psutil.Process(pid).children(recursive=True) if not bc.is_helper(p)]
+            out += [p for p in psutil.Process(pid).children(recursive=True) if not bc.is_helper(p) and _alive(p)]
         except psutil.NoSuchProcess:
             pass
     return out
+
+
+def _alive(p: psutil.Process) -> bool:
+    # An exiting helper (a guardian its agent let go) is a zombie for a moment,
+    # whose command line can no longer tell it is a helper: it has ended.
+    try:
+        return p.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 def measure(r: dict[str, Any], fn: Any, timeout: float, node_pids: list[int]) -> Any:
