@@ -87,6 +87,9 @@ class SumTimeout(TimeoutError):
         super().__init__(message)
         self.result = result
 
+    def __reduce__(self) -> tuple[Any, ...]:  # it pickles with its counts
+        return (type(self), (str(self), self.result))
+
 
 class SumJobError(RuntimeError):
     """A producer or consumer failed (raised), or none of a role was left to finish the race."""
