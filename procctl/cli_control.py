@@ -227,8 +227,10 @@ def ls_command(as_json: bool) -> int:
     if as_json:
         click.echo(json.dumps([{k: r.get(k) for k in keys} for r in runs]))
         return EXIT_OK
-    if runs:
-        click.echo(f"{'NAME':<16} {'PID':>7} {'JOB':<20} {'WORKERS':>7} {'STATE':<9} {'ELAPSED':>8}")
+    if not runs:  # (on stderr, as kubectl's "No resources found": stdout has no run)
+        say("procctl: no live runs of this user")
+        return EXIT_OK
+    click.echo(f"{'NAME':<16} {'PID':>7} {'JOB':<20} {'WORKERS':>7} {'STATE':<9} {'ELAPSED':>8}")
     for r in runs:
         click.echo(f"{r['name']:<16} {r['pid']:>7} {r['job']:<20} {r['workers']:>7} {r['state']:<9}"
                    f" {r['elapsed']:>7.1f}s")

@@ -50,6 +50,12 @@ def socket_of(env, name):
     return os.path.join(env["XDG_RUNTIME_DIR"], "procctl", name + ".sock")
 
 
+def test_ls_without_runs_says_so_on_stderr(env):
+    res = ctl(env, "ls")
+    assert (res.returncode, res.stdout) == (0, "") and "no live runs" in res.stderr
+    assert ctl_json(env, "ls") == []
+
+
 def test_ls_status_pause_resume_events_metrics_stop(env):
     from prometheus_client.parser import text_string_to_metric_families
 
