@@ -179,8 +179,10 @@ def test_producers_blocked_on_a_full_queue_at_cancellation():
 def test_feeder_threads_holding_items_do_not_keep_producers_alive():
     # 1000 batches of 256 values is far more than a pipe holds: the feeder
     # threads are blocked writing when the stop comes; exit needs them flushed.
-    result = sum_threshold(4, 1, 10, queue_size=1000, batch=256, start_method="fork")
-    check(result, 4, 1, 10)
+    # (A threshold the one consumer crosses only once four producers have
+    # filled the channel: once someone won, producers put nothing more.)
+    result = sum_threshold(4, 1, 400_000, queue_size=1000, batch=256, start_method="fork")
+    check(result, 4, 1, 400_000)
     assert result.drained > 64 * 1024 // 3  # more than a pipe's worth of items
     assert result.elapsed < job_module.GRACE
 
