@@ -6,6 +6,7 @@ own, since its nanny starts a new worker process in its place.
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import contextlib
 import gc
@@ -18,6 +19,7 @@ import subprocess
 import sys
 import threading
 import time
+import types
 import weakref
 
 import psutil
@@ -32,7 +34,9 @@ from procs import still_running  # noqa: E402
 
 from procctl import Outcome, State, WorkerStartError  # noqa: E402
 from procctl.cluster import ClusterController, ClusterExecutor  # noqa: E402
+from procctl.cluster.agent import Agent  # noqa: E402
 from procctl.cluster.session import claim, local_cluster  # noqa: E402
+from procctl.cluster.wire import Command, Op, Up, encode  # noqa: E402
 
 LEASE = 2.0
 
@@ -582,3 +586,58 @@ def test_a_wakeup_while_another_thread_holds_the_lock_still_wakes_the_wait(clust
         assert woken.wait(5)
         waiter.join(10)
         cc.stop(grace=5)
+
+
+class _Commands:
+    """A node's command queue that hands out what the client put, in the order given."""
+
+    def __init__(self, commands):
+        self.items = [encode(c) for c in commands]
+
+    def get(self):
+        if not self.items:
+            raise ConnectionError("the test's queue is empty")  # ends serve()
+        return self.items.pop(0)
+
+
+class _Said:
+    def __init__(self):
+        self.said = []
+
+    def say(self, kind, seq=0, body=None):
+        self.said.append((kind, seq))
+
+
+class _RecordingAgent(Agent):
+    def __init__(self, commands):  # no Dask: what serve() uses
+        self.spec = types.SimpleNamespace(node=0, beat=60.0, lease=60.0)
+        self.commands = _Commands(commands)
+        self.outbox = _Said()
+        self.answers = collections.OrderedDict()
+        self.seen = set()
+        self.done = False
+        self.gone_why = None
+        self.heard = time.monotonic()
+        self.stopping = threading.Event()
+        self.expired = threading.Event()
+        self.expire_lock = threading.Lock()
+        self.answer_lock = threading.Lock()
+        self.stopper = None
+        self.applied = []
+
+    def apply(self, cmd):
+        self.applied.append(cmd.seq)
+        return cmd.seq
+
+    def lease_lost(self):
+        pass
+
+
+def test_an_agent_applies_a_command_that_overtook_another_once_each():
+    # Two threads of the client (a dispatch, a shutdown's CANCEL) put their commands
+    # in either order: a high-water mark dropped the lower one as a duplicate, and a
+    # shutdown(wait=True) then waited for ever on the tasks it carried.
+    agent = _RecordingAgent([Command(2, Op.STATUS), Command(1, Op.STATUS), Command(2, Op.STATUS)])
+    agent.serve()
+    assert agent.applied == [2, 1]
+    assert [seq for kind, seq in agent.outbox.said if kind is Up.ACK] == [2, 1, 2]  # the copy answered again

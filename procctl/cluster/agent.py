@@ -95,7 +95,9 @@ class Agent:
         self.up = Queue(spec.up, client=client)
         self.outbox = Outbox(self.up, spec.node)
         self.answers: OrderedDict[int, Any] = OrderedDict()
-        self.last_seq = 0
+        #: The sequence numbers applied: a command is applied once, whatever
+        #: order the client's threads' puts reach the queue in.
+        self.seen: set[int] = set()
         self.done = False
         self.gone_why: str | None = None
         self.heard = time.monotonic()
@@ -125,12 +127,14 @@ class Agent:
                 self.heard = time.monotonic()
                 if not isinstance(cmd, Command) or cmd.op in (Op.LEASE, Op.EXPIRED):
                     continue
-                if cmd.seq <= self.last_seq:
+                if cmd.seq in self.seen:
                     with self.answer_lock:
                         if cmd.seq in self.answers:  # its answer was lost: say it again
                             self.outbox.say(Up.ACK, cmd.seq, self.answers[cmd.seq])
                     continue
-                self.last_seq = cmd.seq
+                # (Not a high-water mark: a command put by one thread of the client can
+                # overtake one with a lower number put by another, and must not drop it.)
+                self.seen.add(cmd.seq)
                 if cmd.op is Op.STOP and self.stopper is None:
                     # A stop lasts up to its grace and the escalation: in its own thread,
                     # so that a KILL (a second Ctrl-C) and the lease renewals still come through.
