@@ -243,10 +243,13 @@ def _check_leftovers(snapshot: Snapshot, psutil: Any) -> None:
     alive = [p for p in wait_ended(new, LEFTOVER_WAIT, psutil) if _running(p, psutil)]
     if not alive:
         return
-    for p in alive:  # one caught in the middle of an exec had no command line yet: it has now
-        later = _describe(p, psutil)
-        if len(later) > len(described[p.pid]):
-            described[p.pid] = later
+    for p in alive:  # as it is now, if it has a command line: one seen in the middle of
+        try:  # an exec had none yet, or its parent's (a shell that then ran the command)
+            now = bool(p.cmdline())
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            now = False
+        if now:
+            described[p.pid] = _describe(p, psutil)
     _kill_all(alive, psutil)
     lines = "\n  ".join(described[p.pid] for p in alive)
     pytest.fail(f"test left {len(alive)} child process(es) behind (now killed):\n  {lines}", pytrace=False)
