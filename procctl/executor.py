@@ -1060,8 +1060,10 @@ class _Pool:
             for line in list(self._lines.values()):
                 if not line.closed:
                     self._end_line(line, None)
+            # A pause or resume overtaken by a stop returns: no task starts
+            # from now on, which is all either could still promise.
             for _, fut in self._pause_waiters:
-                fut.set_exception(RuntimeError("the executor stopped"))
+                fut.set_result(None)
             self._pause_waiters = []
             for name, _, fut in commands:
                 _answer_stopped(name, fut, "the executor stopped")

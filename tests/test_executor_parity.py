@@ -130,9 +130,11 @@ def test_stop_at_the_first_failure_from_a_done_callback():
             if fut.exception() is not None:
                 out.append(ex.stop(grace=1))
             told.set()
+        ex.pause()  # all is submitted before the failure: no submit after the callback's stop
         futs = [ex.submit(t.sleep_for, 0.2), ex.submit(t.boom, 1)]
         futs[1].add_done_callback(callback)
         futs += [ex.submit(t.sleep_for, 0.2) for _ in range(20)]
+        ex.resume()
         if not told.wait(10):
             os._exit(1)  # the callback did not return: the workers die with us
         ex.shutdown()
