@@ -451,7 +451,10 @@ class _Pool:
         grace: float = 5.0,
         max_tasks_per_worker: int | None = None,
         max_tasks_per_child: int | None = None,
+        place: tuple[int, int, str] | None = None,
     ) -> None:
+        """`place`, for a node of a ClusterExecutor: its first global worker id,
+        the run's number of workers and the node's name (ids and errors say them)."""
         if max_workers is None:
             max_workers = os.cpu_count() or 1
         if isinstance(max_workers, bool) or not isinstance(max_workers, int):
@@ -520,6 +523,9 @@ class _Pool:
             on_event=None if on_event is None else self._event, ack_timeout=None,
         )
         self._pc._plane = self
+        self._place = place
+        if place is not None:
+            self._pc._context_ids = place[:2]
         self._pc.start()
         self._owner: weakref.ref[Any] | None = None  # the ProcessExecutor, once watch() is called
         self._thread = threading.Thread(target=self._manage, name="procctl-executor", daemon=True)
@@ -1193,7 +1199,7 @@ class _Pool:
             if line.held:
                 line.held[0].started = time.monotonic()  # a slow start is not the task's time
         elif msg.kind is Kind.INIT_FAILED:
-            self._break(f"the initializer failed in worker {line.wid}:\n"
+            self._break(f"the initializer failed in {self._name(line.wid)}:\n"
                         f"{msg.payload.decode(errors='replace')}")
 
     def _on_results(self, line: _WorkerLine, msgs: list[workwire.Message]) -> None:
@@ -1312,9 +1318,15 @@ class _Pool:
             # says INIT_FAILED): the pool cannot run tasks. One that said UP
             # failed in a task, its first or not: that task's loss, above.
             if report.outcome is Outcome.FAILED and not line.up and self._broken is None:
-                self._break(f"worker {line.wid} could not start: {report.error_line}")
+                self._break(f"{self._name(line.wid)} could not start: {report.error_line}")
             else:
                 self._respawn.add(line.wid)
+
+    def _name(self, wid: int) -> str:
+        """How errors name a worker: its id (on a cluster node, the global one and the node)."""
+        if self._place is None:
+            return f"worker {wid}"
+        return f"worker {self._place[0] + wid} on node {self._place[2]}"
 
     def _task_lost(self, line: _WorkerLine, task: _Task, report: WorkerReport | None) -> None:
         if self._stopping and line.timed_out is not task:
@@ -1323,7 +1335,7 @@ class _Pool:
         if line.timed_out is task:
             error: BaseException = TaskTimeout(
                 f"the task ran longer than task_timeout={self.task_timeout}s; "
-                f"worker {line.wid} (pid {report.pid if report else '?'}) was killed")
+                f"{self._name(line.wid)} (pid {report.pid if report else '?'}) was killed")
             name = "task-timeout"
         else:
             exitcode = report.exitcode if report is not None else None
@@ -1333,7 +1345,7 @@ class _Pool:
             elif report is not None and report.outcome is Outcome.FAILED and report.error_line:
                 how = f"failed ({report.error_line})"  # its exit code says nothing then
             error = WorkerCrashed(
-                f"worker {line.wid} (pid {report.pid if report else '?'}) {how} while running this task "
+                f"{self._name(line.wid)} (pid {report.pid if report else '?'}) {how} while running this task "
                 f"(exit code {exitcode})")
             name = "task-crashed"
         if task.chunk and not self._stopping and self._item_lost(line, task, error, name):

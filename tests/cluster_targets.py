@@ -26,6 +26,16 @@ def by_id(ctx):
     return "stopped"
 
 
+def deaf(ctx):
+    """Runs, then never looks at a checkpoint again."""
+    ctx.checkpoint()
+    time.sleep(100)
+
+
+def deaf_task(seconds):
+    time.sleep(seconds)
+
+
 def crash(ctx):
     ctx.checkpoint()
     os._exit(3)
@@ -65,3 +75,24 @@ class Dummy:
 
 def make_dummy(_):
     return Dummy()
+
+
+def long_units(ctx, seconds):
+    """Checkpoints only between units of `seconds`: a pause waits for the unit's end."""
+    while ctx.checkpoint():
+        time.sleep(seconds)
+    return "stopped"
+
+
+def exit_if(x, bad):
+    """x, or the worker dies (os._exit(7)) for the item `bad`."""
+    if x == bad:
+        os._exit(7)
+    time.sleep(0.01)
+    return x
+
+
+def where_am_i(_):
+    import procctl
+    ctx = procctl.context()
+    return ctx.worker_id, ctx.workers, os.getpid()

@@ -6,13 +6,13 @@ own, since its nanny starts a new worker process in its place.
 
 from __future__ import annotations
 
-import collections
 import concurrent.futures
 import contextlib
 import gc
 import json
 import logging
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -32,7 +32,7 @@ import dask  # noqa: E402
 from distributed import Client, LocalCluster  # noqa: E402
 from procs import still_running  # noqa: E402
 
-from procctl import Outcome, State, WorkerStartError  # noqa: E402
+from procctl import Outcome, State, WorkerCrashed, WorkerStartError  # noqa: E402
 from procctl.cluster import ClusterController, ClusterExecutor  # noqa: E402
 from procctl.cluster.agent import Agent  # noqa: E402
 from procctl.cluster.session import claim, local_cluster  # noqa: E402
@@ -147,6 +147,48 @@ def test_executor_map_submit_pause_status(cluster):
     assert (counts.submitted, counts.completed, counts.failed) == (322, 321, 1)
     assert sum(e.event == "task-done" for e in events) == 321
     assert any(e.event == "task-failed" and e.node for e in events)
+
+
+@pytest.mark.parametrize("kind", ["controller", "executor"])
+def test_a_pause_that_waits_longer_than_the_lease_keeps_the_run(cluster, kind):
+    """The agent applies a pause in its own thread and goes on reading: the
+    client's renewals keep its lease while the workers finish their units."""
+    lease, unit = 1.0, 2.5
+    if kind == "controller":
+        with ClusterController(cluster_targets.long_units, 1, args=(unit,), cluster=cluster, lease=lease,
+                               initial_state=State.RUNNING) as cc:
+            started = time.monotonic()
+            cc.pause(timeout=30)
+            assert time.monotonic() - started > lease
+            assert all(s.alive and s.state is State.PAUSED for s in cc.status())
+            cc.run()
+            reports = cc.stop(grace=10)
+        assert {r.outcome for r in reports.values()} == {Outcome.STOPPED}
+        return
+    with ClusterExecutor(cluster=cluster, workers_per_node=1, lease=lease) as ex:
+        first = [ex.submit(cluster_targets.deaf_task, unit) for _ in range(2)]
+        assert ex.status() != []
+        ex.pause(timeout=30)  # acknowledged as each task ends (their results may come just after)
+        assert all(f.exception(timeout=10) is None for f in first)
+        later = ex.submit(cluster_targets.square, 4)
+        with pytest.raises(concurrent.futures.TimeoutError):
+            later.result(timeout=0.5)  # a paused pool starts nothing
+        ex.resume()
+        assert later.result(timeout=20) == 16
+
+
+def test_a_crash_names_the_global_worker_and_its_node(cluster):
+    with ClusterExecutor(cluster=cluster, workers_per_node=2, lease=5) as ex:
+        ids = {ex.submit(cluster_targets.where_am_i, i).result(timeout=20)[:2] for i in range(16)}
+        assert {w for w, _ in ids} <= {0, 1, 2, 3} and {n for _, n in ids} == {4}
+        by_pid = {s.pid: s for s in ex.status()}
+        fut = ex.submit(cluster_targets.exit_if, 1, 1)
+        with pytest.raises(WorkerCrashed) as info:
+            fut.result(timeout=20)
+    said = re.search(r"worker (\d+) on node (\S+) \(pid (\d+)\)", str(info.value))
+    assert said, str(info.value)
+    status = by_pid[int(said[3])]
+    assert (int(said[1]), said[2]) == (status.worker_id, status.node)
 
 
 def test_executor_spreads_tasks_over_the_nodes(cluster):
@@ -336,18 +378,25 @@ def test_a_dask_worker_sigkilled(own_cluster):
 CLIENT = """
 import json, sys
 import cluster_targets
-from procctl.cluster import ClusterController
-cc = ClusterController(cluster_targets.loop, 2, address=sys.argv[1], lease=float(sys.argv[2]))
-cc.start()
-cc.run()
-print(json.dumps([s.pid for s in cc.status()]), flush=True)
+from procctl.cluster import ClusterController, ClusterExecutor
+address, lease, kind = sys.argv[1], float(sys.argv[2]), sys.argv[3]
+if kind == "executor":  # tasks that never checkpoint, with the default grace (5 s)
+    ex = ClusterExecutor(address=address, workers_per_node=2, lease=lease)
+    futs = [ex.submit(cluster_targets.deaf_task, 100) for _ in range(4)]
+    print(json.dumps([s.pid for s in ex.status()]), flush=True)
+else:
+    target = cluster_targets.loop if kind == "library" else cluster_targets.deaf
+    cc = ClusterController(target, 2, address=address, lease=lease)
+    cc.start()
+    cc.run()
+    print(json.dumps([s.pid for s in cc.status()]), flush=True)
 sys.stdin.read()
 """
 
 
 def _client_pids(proc, how: str) -> list[int]:
     """The pids of the client's 4 workers: its first line (library), or its running events (CLI)."""
-    if how == "library":
+    if how != "cli":
         return json.loads(proc.stdout.readline())
     pids: set[int] = set()
     while len(pids) < 4:
@@ -359,11 +408,13 @@ def _client_pids(proc, how: str) -> list[int]:
     return sorted(pids)
 
 
-@pytest.mark.parametrize("how", ["library", "cli"])
+@pytest.mark.parametrize("how", ["library", "deaf", "executor", "cli"])
 def test_a_killed_client_leaves_no_worker_behind(cluster, tests_dir, how):
+    """Within lease + 2 s, whatever the workers do: the lease's stop has a short
+    grace (deaf: a target that never checkpoints; executor: tasks that do not)."""
     before = dask_worker_pids(cluster.scheduler_address)
-    if how == "library":
-        argv = [sys.executable, "-c", CLIENT, cluster.scheduler_address, str(LEASE)]
+    if how != "cli":
+        argv = [sys.executable, "-c", CLIENT, cluster.scheduler_address, str(LEASE), how]
     else:  # --lease must reach the nodes: the default (10 s) would leave them running past the bound
         argv = [sys.executable, "-m", "procctl", "run", "--cluster", cluster.scheduler_address,
                 "--workers-per-node", "2", "--lease", str(LEASE), "--target", "cluster_targets:loop",
@@ -610,19 +661,7 @@ class _Said:
 
 class _RecordingAgent(Agent):
     def __init__(self, commands):  # no Dask: what serve() uses
-        self.spec = types.SimpleNamespace(node=0, beat=60.0, lease=60.0)
-        self.commands = _Commands(commands)
-        self.outbox = _Said()
-        self.answers = collections.OrderedDict()
-        self.seen = set()
-        self.done = False
-        self.gone_why = None
-        self.heard = time.monotonic()
-        self.stopping = threading.Event()
-        self.expired = threading.Event()
-        self.expire_lock = threading.Lock()
-        self.answer_lock = threading.Lock()
-        self.stopper = None
+        self._setup(types.SimpleNamespace(node=0, beat=60.0, lease=60.0), _Commands(commands), _Said())
         self.applied = []
 
     def apply(self, cmd):

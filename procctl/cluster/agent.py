@@ -27,11 +27,11 @@ from concurrent.futures import Future as LocalFuture
 from functools import partial
 from typing import Any
 
-from distributed import Queue, get_client, secede
+from distributed import Queue, get_client, get_worker, secede
 
 from .. import guardian
 from ..controller import ProcessController
-from ..executor import ProcessExecutor
+from ..executor import _Pool
 from ..states import Event, State
 from .session import claim, close_queue
 from .wire import AgentSpec, Command, Message, Op, Up, decode, encode
@@ -42,6 +42,12 @@ log = logging.getLogger("procctl")
 KEPT_ANSWERS = 64
 #: How long the agent waits for its last messages to reach the scheduler.
 FLUSH_TIMEOUT = 5.0
+#: The commands applied in the agent's applier thread (see Agent.slow).
+SLOW = frozenset({Op.BROADCAST, Op.PAUSE, Op.RESUME})
+#: The grace of the stop when the lease runs out, whatever the run's: the
+#: client is gone, and its workers must be gone within lease + 2 s (a local
+#: worker whose manager died has as long: worker.ORPHAN_GRACE).
+LEASE_GRACE = 0.5
 
 
 class Outbox:
@@ -89,11 +95,15 @@ class Agent:
     """What every agent does: listen, answer once per sequence number, keep the lease."""
 
     def __init__(self, spec: AgentSpec) -> None:
-        self.spec = spec
         client = get_client()
-        self.commands = Queue(spec.commands, client=client)
         self.up = Queue(spec.up, client=client)
-        self.outbox = Outbox(self.up, spec.node)
+        self._setup(spec, Queue(spec.commands, client=client), Outbox(self.up, spec.node))
+
+    def _setup(self, spec: Any, commands: Any, outbox: Any) -> None:
+        """Everything but the Dask objects (a test's agent has none)."""
+        self.spec = spec
+        self.commands = commands
+        self.outbox = outbox
         self.answers: OrderedDict[int, Any] = OrderedDict()
         #: The sequence numbers applied: a command is applied once, whatever
         #: order the client's threads' puts reach the queue in.
@@ -106,6 +116,12 @@ class Agent:
         self.expire_lock = threading.Lock()
         self.answer_lock = threading.Lock()
         self.stopper: threading.Thread | None = None
+        # Commands that wait on the workers (a pause waits for each to reach a
+        # checkpoint) are applied by this thread, in order, so that the loop
+        # in serve() goes on reading: its reads renew the lease, and a KILL
+        # or STOP must get through a pause that is still waiting.
+        self.slow: queue.SimpleQueue[Command | None] = queue.SimpleQueue()
+        self.applier = threading.Thread(target=self._apply_slow, name="procctl-agent-apply", daemon=True)
 
     def serve(self) -> None:
         """Apply commands until STOP, or until the lease runs out.
@@ -116,6 +132,7 @@ class Agent:
         self.heard = time.monotonic()
         watchdog = threading.Thread(target=self._watch_lease, name="procctl-agent-lease", daemon=True)
         watchdog.start()
+        self.applier.start()
         try:
             while not self.done and not self.expired.is_set():
                 try:
@@ -142,12 +159,22 @@ class Agent:
                                                     daemon=True)
                     self.stopper.start()
                     continue
-                self._answer(cmd)
+                if cmd.op in SLOW:
+                    self.slow.put(cmd)
+                else:
+                    self._answer(cmd)
         finally:
             self.stopping.set()
+            self.slow.put(None)
             if self.stopper is not None:
                 self.stopper.join()  # its answer goes out before the agent's GONE
+            # Stopped workers acknowledge nothing: a pause still waiting returns.
+            self.applier.join(FLUSH_TIMEOUT)
             watchdog.join(FLUSH_TIMEOUT)
+
+    def _apply_slow(self) -> None:
+        while (cmd := self.slow.get()) is not None:
+            self._answer(cmd)
 
     def _answer(self, cmd: Command) -> None:
         try:
@@ -286,7 +313,10 @@ class ControllerAgent(Agent):
 
     def lease_lost(self) -> None:
         if self.pc is not None:
-            self.pc.stop()
+            if self.stopper is not None:
+                self.pc.kill()  # a stop with the client's grace runs: the client is gone, end it now
+            else:
+                self.pc.stop(grace=LEASE_GRACE)
 
     def close(self) -> None:
         if self.pc is not None:
@@ -349,11 +379,15 @@ class ExecutorAgent(Agent):
     def __init__(self, spec: AgentSpec, ex_args: dict[str, Any]) -> None:
         super().__init__(spec)
         self.ex_args = ex_args
-        self.ex: ProcessExecutor | None = None
+        self.ex: _Pool | None = None
         self.futures: dict[int, LocalFuture[Any]] = {}  # by tid, until done
 
     def start(self) -> None:
-        self.ex = ProcessExecutor(**self.ex_args)
+        # The pool itself (ProcessExecutor's inside): its workers' ids and
+        # its errors name the run's global worker ids and this node.
+        per_node = self.ex_args["max_workers"]
+        place = (self.spec.node * per_node, self.spec.nodes * per_node, get_worker().address)
+        self.ex = _Pool(**self.ex_args, place=place)
         self.outbox.say(Up.HELLO, body=[s.pid for s in self.ex.status()])
 
     def apply(self, cmd: Command) -> Any:
@@ -366,11 +400,11 @@ class ExecutorAgent(Agent):
             return None
         if cmd.op is Op.CANCEL:  # those not sent to a worker yet, as shutdown(cancel_futures=True) does
             return [tid for tid, fut in list(self.futures.items()) if fut.cancel()]
-        if cmd.op is Op.PAUSE:
-            self.ex.pause()
-            return None
-        if cmd.op is Op.RESUME:
-            self.ex.resume()
+        if cmd.op in (Op.PAUSE, Op.RESUME):
+            try:
+                (self.ex.pause if cmd.op is Op.PAUSE else self.ex.resume)(cmd.arg)
+            except TimeoutError:
+                return ("timeout", None)
             return None
         if cmd.op is Op.STATUS:
             return self.ex.status()
@@ -404,7 +438,10 @@ class ExecutorAgent(Agent):
 
     def lease_lost(self) -> None:
         if self.ex is not None:
-            self.ex.stop()
+            if self.stopper is not None:
+                self.ex.kill()  # a stop with the client's grace runs: the client is gone, end it now
+            else:
+                self.ex.stop(grace=LEASE_GRACE)
 
     def close(self) -> None:
         if self.ex is not None:

@@ -265,9 +265,17 @@ class ClusterExecutor(Session, Executor):
     def _command(self, op: Op, timeout: float | None) -> None:
         timeout = check_timeout("timeout", timeout)
         with self._ops:
-            answers = self.ask_all(op, None, timeout)
+            # Each node waits as long for its workers (a pause, for their checkpoints).
+            wait = None if timeout is None or math.isinf(timeout) else timeout + SLACK
+            answers = self.ask_all(op, timeout, wait)
+        late = []
         with self.cond:
-            late = [n.address for n in self.nodes if n.index not in answers and not n.ended and n.lost is None]
+            for n in self.nodes:
+                answer = answers.get(n.index, ("timeout", None))
+                if isinstance(answer, tuple) and answer[0] == "error":
+                    raise RuntimeError(f"node {n.address}: {answer[1]}")
+                if isinstance(answer, tuple) and answer[0] == "timeout" and not n.ended and n.lost is None:
+                    late.append(n.address)
         if late:
             raise TimeoutError(f"nodes {late} did not acknowledge {op.value} within {timeout}s")
 
