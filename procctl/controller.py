@@ -221,6 +221,28 @@ def check_state(name: str, value: Any) -> State:
                          f"not {value!r}") from None
 
 
+def check_signal(sig: Any) -> int:
+    """A signal number argument; else TypeError/ValueError naming it."""
+    if isinstance(sig, bool) or not isinstance(sig, int):
+        raise TypeError(f"sig must be a signal number, not {type(sig).__name__}")
+    if not 0 < sig < signal.NSIG:
+        raise ValueError(f"sig must be a signal number from 1 to {signal.NSIG - 1}, not {sig!r}")
+    return sig
+
+
+def check_worker_ids(workers: Any, count: int) -> list[int]:
+    """A `workers=` argument: worker ids from 0 to count - 1, sorted, once each."""
+    if isinstance(workers, (str, bytes)) or not isinstance(workers, Iterable):
+        raise TypeError(f"workers must be a list of worker ids, not {type(workers).__name__}")
+    ids = list(workers)
+    for wid in ids:
+        if isinstance(wid, bool) or not isinstance(wid, int):
+            raise TypeError(f"workers must be a list of worker ids (ints), not {ids!r:.80}")
+        if not 0 <= wid < count:
+            raise ValueError(f"workers: {wid} is not a worker id (0 to {count - 1})")
+    return sorted(set(ids))
+
+
 class _Spawner:
     """One long-lived thread that starts the workers of controllers used from other threads.
 
@@ -820,10 +842,7 @@ class ProcessController:
 
     def signal_live(self, sig: int) -> list[int]:
         """Send `sig` to every live worker; they will be reported as killed."""
-        if isinstance(sig, bool) or not isinstance(sig, int):
-            raise TypeError(f"sig must be a signal number, not {type(sig).__name__}")
-        if not 0 < sig < signal.NSIG:
-            raise ValueError(f"sig must be a signal number from 1 to {signal.NSIG - 1}, not {sig!r}")
+        check_signal(sig)
         hit = []
         pids = []
         for w in self._workers:
@@ -1164,15 +1183,7 @@ class ProcessController:
         return grace + self.term_timeout + self.kill_timeout + 1.0
 
     def _check_ids(self, workers: Iterable[int]) -> list[int]:
-        if isinstance(workers, (str, bytes)) or not isinstance(workers, Iterable):
-            raise TypeError(f"workers must be a list of worker ids, not {type(workers).__name__}")
-        ids = list(workers)
-        for wid in ids:
-            if isinstance(wid, bool) or not isinstance(wid, int):
-                raise TypeError(f"workers must be a list of worker ids (ints), not {ids!r:.80}")
-            if not 0 <= wid < self.workers:
-                raise ValueError(f"workers: {wid} is not a worker id (0 to {self.workers - 1})")
-        return sorted(set(ids))
+        return check_worker_ids(workers, self.workers)
 
     def _state_of(self, wid: int) -> State:
         """The state worker `wid` was last told: a per-worker command, or the broadcast."""

@@ -86,6 +86,31 @@ def test_run_pause_stop_across_two_nodes(cluster):
     assert all(e.node in nodes for e in events if e.worker is not None)
 
 
+def test_the_local_methods_on_a_subset_of_the_workers(cluster):
+    with ClusterController(cluster_targets.loop, 2, cluster=cluster, lease=5) as cc:
+        cc.run(workers=[1, 2])  # one on each node
+        assert [s.state for s in cc.status()] == [State.PAUSED, State.RUNNING, State.RUNNING, State.PAUSED]
+        assert cc.state is State.PAUSED  # the broadcast state: a subset leaves it
+        cc.pause(workers=[2])
+        assert [s.state for s in cc.status()] == [State.PAUSED, State.RUNNING, State.PAUSED, State.PAUSED]
+        with pytest.raises(ValueError, match="workers: 9"):
+            cc.pause(workers=[9])
+        with pytest.raises(TypeError, match="workers"):
+            cc.run(workers="12")
+        stopped = cc.stop(grace=5, workers=[1, 3])
+        assert sorted(stopped) == [1, 3] and {r.outcome for r in stopped.values()} == {Outcome.STOPPED}
+        assert cc.history(1) == [stopped[1]] and cc.history(0) == [] and not cc.gave_up
+        assert [s.alive for s in cc.status()] == [True, False, True, False]
+        with pytest.raises(ValueError, match="sig"):
+            cc.signal_live(0)
+        live = cc.pids()
+        assert live == [s.pid for s in cc.status() if s.alive] and len(live) == 2
+        assert cc.signal_live(signal.SIGKILL) == [0, 2]  # the live ones
+        assert cc.wait_ended(20)
+        assert {wid: r.outcome for wid, r in cc.reports.items()} == {
+            0: Outcome.KILLED, 1: Outcome.STOPPED, 2: Outcome.KILLED, 3: Outcome.STOPPED}
+
+
 def test_outcomes_name_the_node(cluster):
     with ClusterController(cluster_targets.by_id, 3, cluster=cluster, lease=5) as cc:
         nodes = [n.address for n in cc.nodes]

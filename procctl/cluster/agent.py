@@ -43,7 +43,7 @@ KEPT_ANSWERS = 64
 #: How long the agent waits for its last messages to reach the scheduler.
 FLUSH_TIMEOUT = 5.0
 #: The commands applied in the agent's applier thread (see Agent.slow).
-SLOW = frozenset({Op.BROADCAST, Op.PAUSE, Op.RESUME})
+SLOW = frozenset({Op.BROADCAST, Op.PAUSE, Op.RESUME, Op.STOP_SOME})
 #: The grace of the stop when the lease runs out, whatever the run's: the
 #: client is gone, and its workers must be gone within lease + 2 s (a local
 #: worker whose manager died has as long: worker.ORPHAN_GRACE).
@@ -292,12 +292,19 @@ class ControllerAgent(Agent):
     def apply(self, cmd: Command) -> Any:
         assert self.pc is not None
         if cmd.op is Op.BROADCAST:
-            state, timeout = cmd.arg
+            state, timeout, ids = cmd.arg
             try:
-                self.pc.broadcast(State(state), timeout=timeout)
+                self.pc.broadcast(State(state), timeout=timeout, workers=ids)
             except TimeoutError:
-                return ("timeout", [s.worker_id for s in self.pc.status() if s.alive])
+                return ("timeout", [s.worker_id for s in self.pc.status()
+                                    if s.alive and (ids is None or s.worker_id in ids)])
             return None
+        if cmd.op is Op.STOP_SOME:
+            grace, ids = cmd.arg
+            reports = self.pc.stop(grace, workers=ids)
+            return {wid: _picklable_report(r) for wid, r in reports.items()}
+        if cmd.op is Op.SIGNAL:
+            return self.pc.signal_live(cmd.arg)
         if cmd.op is Op.STATUS:
             return self.pc.status()
         if cmd.op is Op.KILL:

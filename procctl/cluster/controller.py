@@ -13,12 +13,19 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import replace
 from typing import Any
 
 from .. import shutdown
-from ..controller import ACK_TIMEOUT, WorkerStartError, check_start_method
+from ..controller import (
+    ACK_TIMEOUT,
+    WorkerStartError,
+    check_signal,
+    check_start_method,
+    check_state,
+    check_worker_ids,
+)
 from ..states import CLEAN_OUTCOMES, Event, Outcome, State, WorkerReport, WorkerStatus
 from ..workwire import check_timeout
 from .agent import run_controller_agent
@@ -213,26 +220,38 @@ class ClusterController(Session):
 
     # -- commands ---------------------------------------------------------------------------
 
-    def broadcast(self, state: State, *, timeout: float | None = None) -> None:
+    def broadcast(self, state: State, *, timeout: float | None = None,
+                  workers: Iterable[int] | None = None) -> None:
         """Send `state` to every live worker on every node; return once each
-        acknowledged it or ended. TimeoutError names the workers that did not."""
-        state = State(state)
+        acknowledged it or ended. TimeoutError names the workers that did not.
+        `workers` (global ids) sends it to those only; STOPPED to some
+        workers is `stop(workers=...)`."""
+        state = check_state("state", state)
         timeout = check_timeout("timeout", timeout)
         with self._ops:
             self._require_started()
+            ids = None if workers is None else self._check_ids(workers)
+            if ids is not None and state is State.STOPPED:
+                self._stop_some(ids, self.grace)
+                return
             if self._state is State.STOPPED and state is not State.STOPPED:
                 raise RuntimeError("the workers were stopped; STOPPED is final")
             limit = self.ack_timeout if timeout is None else timeout
-            self._state = state
-            with self.cond:
-                self._events.append(Event(self.elapsed(), "broadcast", state=state.name.lower()))
-            self._emit_events()
+            only = None if ids is None else {
+                node: (state.value, limit, local) for node, local in self._by_node(ids).items()}
+            if ids is None:
+                self._state = state
+                with self.cond:
+                    self._events.append(Event(self.elapsed(), "broadcast", state=state.name.lower()))
+                self._emit_events()
             wait = None if limit is None or math.isinf(limit) else limit + SLACK
-            answers = self.ask_all(Op.BROADCAST, (state.value, limit), wait)
+            answers = self.ask_all(Op.BROADCAST, (state.value, limit, None), wait, only)
             self._emit_events()
             late: list[int] = []
             with self.cond:
                 for node in self.nodes:
+                    if only is not None and node.index not in only:
+                        continue
                     if node.index in answers:
                         answer = answers[node.index]
                         if isinstance(answer, tuple) and answer[0] == "timeout":
@@ -240,23 +259,30 @@ class ClusterController(Session):
                         elif isinstance(answer, tuple) and answer[0] == "error":
                             raise RuntimeError(f"node {node.address}: {answer[1]}")
                     elif not node.ended and node.lost is None:
-                        late.extend(w.id for w in self._workers.values() if w.node is node and w.report is None)
+                        late.extend(w.id for w in self._workers.values() if w.node is node and w.report is None
+                                    and (ids is None or w.id in ids))
             if late:
                 raise TimeoutError(f"workers {sorted(late)} did not acknowledge {state.name} within {limit}s")
 
-    def run(self, *, timeout: float | None = None) -> None:
-        """Broadcast RUNNING."""
-        self.broadcast(State.RUNNING, timeout=timeout)
+    def run(self, *, timeout: float | None = None, workers: Iterable[int] | None = None) -> None:
+        """Broadcast RUNNING (to `workers` only, when given)."""
+        self.broadcast(State.RUNNING, timeout=timeout, workers=workers)
 
-    def pause(self, *, timeout: float | None = None) -> None:
-        """Broadcast PAUSED."""
-        self.broadcast(State.PAUSED, timeout=timeout)
+    def pause(self, *, timeout: float | None = None, workers: Iterable[int] | None = None) -> None:
+        """Broadcast PAUSED (to `workers` only, when given)."""
+        self.broadcast(State.PAUSED, timeout=timeout, workers=workers)
 
-    def stop(self, grace: float | None = None) -> dict[int, WorkerReport]:
+    def stop(self, grace: float | None = None, *,
+             workers: Iterable[int] | None = None) -> dict[int, WorkerReport]:
         """Broadcast STOPPED, wait up to `grace`, escalate (on each node), reap all,
-        close all; every worker's report by global worker id."""
+        close all; every worker's report by global worker id. With `workers`
+        (global ids), stop only those and return their reports; the run goes on."""
         grace_s = self.grace if grace is None else check_timeout("grace", grace, allow_none=False)
         assert grace_s is not None
+        if workers is not None:
+            with self._ops:
+                self._require_started()
+                return self._stop_some(self._check_ids(workers), grace_s)
         with self._ops:
             if self._phase is _NEW:
                 self._phase = _CLOSED
@@ -281,6 +307,44 @@ class ClusterController(Session):
                 self._phase = _CLOSED
                 self._emit_events()
             return self.reports
+
+    def _stop_some(self, ids: list[int], grace: float) -> dict[int, WorkerReport]:
+        """stop(workers=ids): each node stops its own, each worker escalated on its own."""
+        only = {node: (grace, local) for node, local in self._by_node(ids).items()}
+        bound = grace + shutdown.TERM_TIMEOUT + shutdown.KILL_TIMEOUT + SLACK
+        answers = self.ask_all(Op.STOP_SOME, None, bound, only)
+        with self.cond:
+            for index, answer in answers.items():
+                if isinstance(answer, tuple) and answer[0] == "error":
+                    raise RuntimeError(f"node {self.nodes[index].address}: {answer[1]}")
+                for report in answer.values():
+                    self._take_report(self.nodes[index], report)
+            out = {wid: self._reports[wid] for wid in ids if wid in self._reports}
+        self._emit_events()
+        return out
+
+    def _by_node(self, ids: list[int]) -> dict[int, list[int]]:
+        """Global ids -> {node index: local ids}, for the live nodes."""
+        out: dict[int, list[int]] = {}
+        with self.cond:
+            for wid in ids:
+                w = self._workers[wid]
+                if not w.node.ended and w.node.lost is None:
+                    out.setdefault(w.node.index, []).append(w.local)
+        return out
+
+    def _check_ids(self, workers: Iterable[int]) -> list[int]:
+        return check_worker_ids(workers, len(self._workers))
+
+    def signal_live(self, sig: int) -> list[int]:
+        """Send `sig` to every live worker on every node (they will be reported
+        as killed); the ids of the workers signalled."""
+        check_signal(sig)
+        with self._ops:
+            self._require_started()
+            answers = self.ask_all(Op.SIGNAL, sig, self.lease + SLACK)
+        return sorted(self._gid(self.nodes[index], local)
+                      for index, answer in answers.items() if isinstance(answer, list) for local in answer)
 
     def kill(self) -> None:
         """SIGKILL every live worker on every node (sent by the inbox thread within
@@ -311,6 +375,32 @@ class ClusterController(Session):
             done = self._live() == 0
         self._emit_events()
         return done
+
+    def wait_ended(self, timeout: float | None) -> bool:
+        """As wait(), but wakeup() does not cut it short."""
+        timeout = check_timeout("timeout", timeout)
+        if self._phase is _NEW:
+            raise RuntimeError("the controller is not started; call start() or use a with block")
+        with self.cond:
+            done = self.cond.wait_for(lambda: self._live() == 0, _bounded(timeout))
+        self._emit_events()
+        return done
+
+    @property
+    def gave_up(self) -> bool:
+        """Always False: a cluster run restarts no worker (a lost node's are reported crashed)."""
+        return False
+
+    def history(self, worker_id: int) -> list[WorkerReport]:
+        """The report of every ended incarnation of worker `worker_id`: on a
+        cluster, which restarts none, its report once it ended."""
+        if isinstance(worker_id, bool) or not isinstance(worker_id, int):
+            raise TypeError(f"worker_id must be an int, not {type(worker_id).__name__}")
+        with self.cond:
+            if worker_id not in self._workers:
+                raise ValueError(f"worker_id {worker_id} is not a worker of this controller")
+            report = self._reports.get(worker_id)
+        return [] if report is None else [report]
 
     def reap(self, timeout: float | None = 0.0) -> list[WorkerReport]:
         """Reports of workers that ended since the last reap(); with a timeout
@@ -357,13 +447,12 @@ class ClusterController(Session):
         """The state last broadcast."""
         return self._state
 
-    def pids(self) -> dict[str, list[int]]:
-        """Process ids of the live workers, by node."""
-        out: dict[str, list[int]] = {}
-        for w in self._workers.values():
-            if w.report is None and w.pid is not None:
-                out.setdefault(w.node.address, []).append(w.pid)
-        return out
+    def pids(self) -> list[int]:
+        """Process ids of the live workers, in worker id order (each on its
+        node's machine: `status()` says which)."""
+        with self.cond:
+            return [w.pid for w in sorted(self._workers.values(), key=lambda w: w.id)
+                    if w.report is None and w.pid is not None]
 
     def _require_started(self) -> None:
         if self._phase is _NEW:

@@ -24,7 +24,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -453,13 +453,15 @@ class Session:
         self._put(node, cmd)
         return seq
 
-    def ask_all(self, op: Op, arg: Any, timeout: float | None) -> dict[int, Any]:
-        """Send `op` to every live node; {node index: answer} of those that answered
-        within `timeout` (None: no limit), lost nodes left out."""
+    def ask_all(self, op: Op, arg: Any, timeout: float | None,
+                only: Mapping[int, Any] | None = None) -> dict[int, Any]:
+        """Send `op` to every live node (with `only`, to the nodes it names, each
+        with its own arg); {node index: answer} of those that answered within
+        `timeout` (None: no limit), lost nodes left out."""
         if timeout is not None and math.isinf(timeout):
             timeout = None
-        live = [n for n in self.nodes if not n.ended and n.lost is None]
-        seqs = {n.index: self.send(n, op, arg) for n in live}
+        live = [n for n in self.nodes if not n.ended and n.lost is None and (only is None or n.index in only)]
+        seqs = {n.index: self.send(n, op, arg if only is None else only[n.index]) for n in live}
         with self.cond:
             self.cond.wait_for(
                 lambda: all(s in self.nodes[i].answers or self.nodes[i].ended or self.nodes[i].lost

@@ -29,6 +29,8 @@ class Op(str, enum.Enum):
     STATUS = "status"
     KILL = "kill"
     STOP = "stop"  # arg: grace seconds; the agent exits after it
+    STOP_SOME = "stop-some"  # arg: (grace, local ids); those workers only, the agent goes on
+    SIGNAL = "signal"  # arg: a signal number, sent to every live worker; answer: their pids
     TASKS = "tasks"  # executor: arg: list of (tid, fn, calls, chunk)
     PAUSE = "pause"  # executor
     RESUME = "resume"  # executor
