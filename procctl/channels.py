@@ -69,7 +69,7 @@ class ChannelStats:
 
 
 class _Chan:
-    __slots__ = ("name", "cid", "maxsize", "items", "consumers", "wanting", "credits",
+    __slots__ = ("name", "cid", "maxsize", "items", "consumers", "wanting", "credits", "reclaiming",
                  "put", "got", "drained", "closed", "leftovers")
 
     def __init__(self, name: str, cid: int, maxsize: int) -> None:
@@ -78,6 +78,7 @@ class _Chan:
         self.consumers: deque[_Link] = deque()  # workers with an open GET, served in turn
         self.wanting: deque[_Link] = deque()  # producers waiting for credits
         self.credits: dict[int, int] = {}  # worker id -> credits granted, unspent
+        self.reclaiming: set[int] = set()  # workers asked to give back their credits, not yet answered
         self.put = self.got = self.drained = 0
         self.closed = False
         self.leftovers: list[bytes] = []  # drained by stop(), for drain()
@@ -86,6 +87,10 @@ class _Chan:
         if not self.maxsize:
             return 1 << 30
         return self.maxsize - len(self.items) - sum(self.credits.values())
+
+    def hoarded(self) -> bool:
+        """Full only by the credits workers hold: there is room for items."""
+        return bool(self.maxsize) and len(self.items) < self.maxsize and self.room() <= 0
 
 
 class _Link:
@@ -390,6 +395,18 @@ class ChannelPlane:
             if link not in chan.wanting:
                 chan.wanting.append(link)
             self._grant(chan)
+        elif kind is Kind.UNWANT:
+            if link in chan.wanting:
+                chan.wanting.remove(link)
+            self._reply(link, Kind.UNWANTED, chan.cid)
+        elif kind is Kind.RETURN:
+            left = chan.credits.get(link.wid, 0) - msg.tag
+            if left > 0:
+                chan.credits[link.wid] = left
+            else:
+                chan.credits.pop(link.wid, None)
+            chan.reclaiming.discard(link.wid)
+            self._grant(chan)
 
     def _accept(self, chan: _Chan, payload: bytes) -> None:
         chan.put += 1
@@ -470,7 +487,25 @@ class ChannelPlane:
             n = min(room, max(1, chan.maxsize // 8), UNBOUNDED_GRANT)
             chan.credits[link.wid] = chan.credits.get(link.wid, 0) + n
             self._reply(link, Kind.CREDIT, chan.cid, n)
+        if chan.wanting and chan.hoarded():
+            self._reclaim(chan)
         self._notify()
+
+    def _reclaim(self, chan: _Chan) -> bool:
+        """A producer waits while the channel has room that other workers hold
+        as credits (granted ahead, for a put they may never make): ask them
+        back. Each gives back what it does not need now, at its next read of
+        its link (a worker keeps the one its own waiting put needs). True
+        if it asked anyone."""
+        asked = False
+        for wid, n in chan.credits.items():
+            if n > 0 and wid not in chan.reclaiming:
+                link = self._links.get(wid)
+                if link is not None and not link.closed:
+                    chan.reclaiming.add(wid)
+                    self._reply(link, Kind.RECLAIM, chan.cid)
+                    asked = True
+        return asked
 
     def _reply(self, link: _Link, kind: Kind, cid: int, tag: int = 0) -> None:
         if link.closed:
@@ -520,6 +555,7 @@ class ChannelPlane:
             if link in chan.wanting:
                 chan.wanting.remove(link)
             chan.credits.pop(link.wid, None)
+            chan.reclaiming.discard(link.wid)
         link.asked.clear()
         if self._selector is not None:
             try:
@@ -551,6 +587,10 @@ class ChannelPlane:
                 if chan.room() > 0:
                     self._accept(chan, payload)
                     return True
+                if chan.hoarded() and self._reclaim(chan):
+                    self._unlock()  # the RECLAIMs go out now, not once we are done waiting
+                    self._lock.acquire()
+                    continue
                 if not self._wait(end) and _expired(end):
                     raise queue.Full(f"channel {chan.name!r} stayed full for {timeout}s")
 

@@ -319,6 +319,8 @@ class WorkerContext:
     def _block(self, timeout: float | None) -> bool:
         """Sleep in the kernel until a command, the manager's death or the
         timeout. True if woken by something other than the timeout."""
+        if self._work is not None and self._work.credits:
+            self._work.give_back(self)  # room we hold while we sleep is room nobody can use
         # poll(), not select(): forked workers inherit the manager's fds, and
         # with hundreds of workers ours are past select()'s limit of 1024.
         ready = self._sleeper.poll(workwire.poll_ms(timeout))

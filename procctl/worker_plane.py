@@ -6,8 +6,10 @@ and the manager takes back the unread ones at PAUSED or when the worker
 ends.  A timed-out get withdraws its request (CANCEL) and gives back an
 item that crossed it (UNGET); items read past (waiting for another reply)
 are given back at PAUSED and STOPPED.  Puts to a bounded channel spend credits the manager grants while
-the channel has room.  Every wait here also wakes on a command: STOPPED ends
-a get (`Closed`) or a put (False) at once.
+the channel has room; credits not spent go back (RETURN) when a put times
+out (after UNWANT), when the worker sleeps or pauses, and when the manager
+asks (RECLAIM: another sender waits).  Every wait here also wakes on a
+command: STOPPED ends a get (`Closed`) or a put (False) at once.
 """
 
 from __future__ import annotations
@@ -56,6 +58,7 @@ class WorkEnd:
         self.channels = channels  # name -> (channel id, maxsize)
         self.credits: dict[int, int] = {}
         self.wanting: set[int] = set()
+        self.putting = -1  # the channel a put waits for a credit on (it keeps one at a RECLAIM)
         self.tasks: deque[tuple[int, bytes, bytes]] = deque()
         #: channel id -> items asked for (GET) and not yet come; they wait in
         #: the socket, where the manager can take them back.
@@ -132,20 +135,46 @@ class WorkEnd:
             return False
         payload = pickle.dumps(item, pickle.HIGHEST_PROTOCOL)
         end = workwire.deadline(timeout)
+        if maxsize and not self.credits.get(cid):
+            self.putting = cid
+            try:
+                while not self.credits.get(cid):
+                    if cid not in self.wanting:
+                        self._send(ctx, Kind.WANT, cid)
+                        self.wanting.add(cid)
+                    remaining = workwire.remaining(end)
+                    if remaining is not None and remaining <= 0:
+                        self._unwant(ctx, cid)
+                        raise queue.Full(f"channel {name!r} stayed full for {timeout}s")
+                    if ctx.wait_readable(self.sock, remaining):
+                        self._absorb_all(ctx)
+                    elif ctx.state is not State.RUNNING and not ctx.checkpoint():
+                        return False  # STOPPED: the item was not sent
+            finally:
+                self.putting = -1
         if maxsize:
-            while not self.credits.get(cid):
-                if cid not in self.wanting:
-                    self._send(ctx, Kind.WANT, cid)
-                    self.wanting.add(cid)
-                remaining = workwire.remaining(end)
-                if remaining is not None and remaining <= 0:
-                    raise queue.Full(f"channel {name!r} stayed full for {timeout}s")
-                if ctx.wait_readable(self.sock, remaining):
-                    self._absorb_all(ctx)
-                elif ctx.state is not State.RUNNING and not ctx.checkpoint():
-                    return False  # STOPPED: the item was not sent
             self.credits[cid] -= 1
         return self._send(ctx, Kind.PUT, cid, payload=payload, stoppable=True)
+
+    def _unwant(self, ctx: WorkerContext, cid: int) -> None:
+        """A put that timed out withdraws its request for room, and gives back
+        a credit that crossed the withdrawal: it holds no room it will not use
+        (a room held could keep every other sender waiting on an empty channel)."""
+        if cid in self.wanting:
+            self._send(ctx, Kind.UNWANT, cid)
+            self._await_reply(ctx, cid, None, until=(Kind.UNWANTED,))  # a crossing CREDIT is absorbed
+            self.wanting.discard(cid)
+        given = self.credits.pop(cid, 0)
+        if given:
+            self._send(ctx, Kind.RETURN, cid, given)
+
+    def give_back(self, ctx: WorkerContext) -> None:
+        """Give back every put credit held (the worker is about to sleep or
+        pause: a sender waiting for that room must not wait for us)."""
+        for cid, n in list(self.credits.items()):
+            if n:
+                self._send(ctx, Kind.RETURN, cid, n)
+        self.credits.clear()
 
     def iter(self, ctx: WorkerContext, name: str) -> Iterator[Any]:
         self.channel(name)
@@ -191,7 +220,7 @@ class WorkEnd:
         """Wait for a reply on `cid`; None if a command (any, or with `until`
         including CANCELLED, only STOPPED) or the deadline came first. Reads
         one message at a time: what we do not read stays the manager's."""
-        cancelling = Kind.CANCELLED in until
+        cancelling = Kind.CANCELLED in until or Kind.UNWANTED in until
         while True:
             try:
                 msg = workwire.recv(self.sock)
@@ -239,6 +268,12 @@ class WorkEnd:
             self._send(ctx, Kind.UNGET, msg.channel, payload=msg.payload)
         elif kind is Kind.CLOSED:
             self.asked.pop(msg.channel, None)  # the next get asks again, and hears it again
+        elif kind is Kind.RECLAIM:
+            # Another producer waits for room we hold: give back what we do not need now.
+            have = self.credits.get(msg.channel, 0)
+            keep = min(have, 1) if self.putting == msg.channel else 0
+            self.credits[msg.channel] = keep
+            self._send(ctx, Kind.RETURN, msg.channel, have - keep)
         # CANCELLED: the end of a request withdrawn above; nothing to do.
 
     def _send(

@@ -50,12 +50,16 @@ class Kind(enum.IntEnum):
     INIT_FAILED = 7  # the executor's initializer raised (payload: traceback text)
     RETURNED = 8  # tasks read but never started, given back (payload: TASK_IDS)
     UP = 9  # an executor worker is ready for tasks (its initializer, if any, has run)
+    UNWANT = 10  # withdraw the WANT on `channel` (a put timed out)
+    RETURN = 11  # give back `tag` unused put credits on `channel`
     # manager -> worker
     ITEM = 16  # reply to GET: one item
     CLOSED = 17  # reply to GET: closed and empty
     CANCELLED = 18  # reply to CANCEL when no item was sent
     CREDIT = 19  # `tag` put credits on `channel`
     TASK = 20  # `tag` tasks to run, in order (payload: task frames, see pack_tasks)
+    UNWANTED = 21  # reply to UNWANT: no credit follows (one that crossed it came first)
+    RECLAIM = 22  # give back the put credits on `channel` you do not need now
 
 
 class Message(NamedTuple):

@@ -98,6 +98,30 @@ def test_paused_worker_takes_nothing():
     assert sorted(r.result[1] for r in reports.values()) == [0, 1]
 
 
+@pytest.mark.parametrize("idle", ["get", "sleep"])
+@pytest.mark.parametrize("case", ["timed-out put", "surplus credits"])
+def test_room_a_worker_does_not_use_is_given_back(case, idle):
+    """A sender blocked on a channel that has room is blocked for ever: a put
+    that timed out holds no room, nor does a producer that stopped putting
+    (room granted ahead of its puts comes back when another sender waits)."""
+    maxsize, timeout = (1, 0.3) if case == "timed-out put" else (16, None)
+    with ProcessController(t.put_then_idle, workers=1, args=(timeout, idle), start_method="fork",
+                           channels={"jobs": maxsize, "out": 0, "hold": 0}) as pc:
+        jobs = pc.channels["jobs"]
+        if case == "timed-out put":
+            jobs.put("m")  # full
+        pc.run()
+        assert pc.channels["out"].get(timeout=10) == ("full" if case == "timed-out put" else "sent")
+        if case == "timed-out put":
+            assert jobs.get(timeout=5) == "m"  # empty now: its room must be ours
+        for i in range(maxsize - len(jobs)):
+            assert jobs.put(i, timeout=5)  # queue.Full here: room held by the idle worker
+        assert len(jobs) == maxsize
+        pc.stop(grace=5)
+        stats = jobs.stats()
+    assert stats.put == stats.got + stats.drained + stats.queued
+
+
 def test_stop_wakes_blocked_get_and_put_and_accounts():
     with ProcessController(t.producer, 2, args=(10_000,), channels={"jobs": 5}) as pc:
         pc.run()

@@ -204,3 +204,23 @@ def fail_at(x, bad):
     if x == bad:
         raise ValueError(f"bad {x}")
     return x
+
+
+def put_then_idle(ctx, timeout, idle):
+    """One put on "jobs" (queue.Full after `timeout`), said on "out"; then idle
+    without putting again: blocked in a get on "hold", or asleep."""
+    import queue
+
+    try:
+        ctx.put("jobs", "w", timeout=timeout)
+        said = "sent"
+    except queue.Full:
+        said = "full"
+    ctx.put("out", said)
+    if idle == "get":
+        for _ in ctx.iter("hold"):
+            pass
+    else:
+        while ctx.sleep(60):
+            pass
+    return said
