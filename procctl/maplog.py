@@ -118,6 +118,36 @@ def read_records(path: str) -> Iterator[tuple[int, dict[str, Any]]]:
         yield number, record
 
 
+def cut_torn_tail(path: str) -> None:
+    """Cut a last record that was cut short (no newline after it) off the
+    joblog, so that the next record starts a line of its own (that item is
+    not done: it runs again)."""
+    try:
+        with open(path, "rb+") as f:
+            size = f.seek(0, os.SEEK_END)
+            if size == 0:
+                return
+            f.seek(size - 1)
+            if f.read(1) == b"\n":
+                return
+            keep = 0
+            step = 65536
+            end = size
+            while end > 0:  # back to the last newline, a block at a time
+                start = max(0, end - step)
+                f.seek(start)
+                at = f.read(end - start).rfind(b"\n")
+                if at >= 0:
+                    keep = start + at + 1
+                    break
+                end = start
+            f.truncate(keep)
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise JoblogError(f"cannot be repaired: {exc.strerror}") from None
+
+
 def read_done(path: str, digests: dict[int, str]) -> set[int]:
     """Input line numbers the joblog at `path` records as done.
 

@@ -212,6 +212,23 @@ def test_joblog_records_every_item_and_resume_reruns_only_failures(tmp_path):
     assert json_events(res.stdout)[-1]["skipped"] == 5
 
 
+def test_resume_after_a_torn_last_record_keeps_the_joblog_whole(tmp_path):
+    """A record cut short (a full disk, a power cut) is cut off at the next resume:
+    its item runs again, and the next record starts a line of its own."""
+    items = write_items(tmp_path / "in.jsonl", range(1, 6))
+    log = tmp_path / "log"
+    whole = write_items(tmp_path / "first.jsonl", range(1, 4))
+    assert map_cli(["maptargets:square", "--items", whole, "--joblog", str(log)]).returncode == 0
+    with open(log, "a") as f:
+        f.write('{"line": 4, "sha')  # torn
+    for skipped in (3, 5):  # the second resume reads what the first wrote
+        res = map_cli(["maptargets:square", "--items", items, "--joblog", str(log), "--resume", "--json"])
+        assert res.returncode == 0, res.stderr
+        assert json_events(res.stdout)[-1]["skipped"] == skipped
+    records = json_events(log.read_text())
+    assert sorted(r["line"] for r in records) == [1, 2, 3, 4, 5]
+
+
 def test_sigkill_mid_run_then_resume_does_every_item_exactly_once(tmp_path):
     n = 40
     items = write_items(tmp_path / "in.jsonl", range(n))
