@@ -634,7 +634,8 @@ class ControlServer:
         from .metrics import render_metrics
 
         body = self.status()
-        return render_metrics(body, body["workers"])
+        # The run's own count: the workers' sum loses the restarts of those a shrink removed.
+        return render_metrics(body, body["workers"], getattr(self.hooks.controller(), "_restarts_total", None))
 
     def _live_controller(self) -> Any:
         pc = self.hooks.controller()

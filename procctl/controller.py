@@ -594,6 +594,7 @@ class ProcessController:
         self._board.reset(wid, pack_command(self._seq, self._state_of(wid)))
         with _quiet_collector(self.start_method):  # restart latency: no collection around the fork
             self._spawn([wid], self._workers[wid].restarts + 1)
+        self._restarts_total += 1
 
     def _kill_worker(self, wid: int) -> None:
         """SIGKILL one live worker now; it is reported as killed."""
@@ -994,10 +995,11 @@ class ProcessController:
             self._unregister(w.link.report_fd)
 
     def _on_ack(self, w: _Worker, seq: int, state: State) -> None:
-        w.acked_seq = seq
         if seq >= self._awaiting_seq:
             self._awaiting.discard(w.id)
-        if state is not w.state or seq == 0:
+        first = w.acked_seq < 0  # this incarnation's first: it says its state, even PAUSED
+        w.acked_seq = seq
+        if state is not w.state or first:
             w.state = state
             if state is not State.STOPPED:
                 self._worker_event(w, _EVENT_OF[state])
@@ -1099,6 +1101,7 @@ class ProcessController:
         self._group_delay = 0.0
         self._held: set[int] = set()  # stopped on request: never restarted
         self._gave_up = False
+        self._restarts_total = 0  # every restart so far, of workers a shrink removed too (the metric)
         self._due: float | None = None  # the nearest timer (see _next_deadline)
 
     @property
@@ -1458,8 +1461,10 @@ class ProcessController:
                 rate = (done - d0) / (now - t0)
                 if total is not None:
                     eta = max(0.0, (total - done) / rate)
+        # A worker not yet up (restarted, added) is in the state it was started in.
+        state = (w.state if w.acked_seq >= 0 else self._state_of(w.id)) if w.alive else State.STOPPED
         return WorkerStatus(
-            w.id, w.pid, w.state if w.alive else State.STOPPED, w.alive,
+            w.id, w.pid, state, w.alive,
             w.report.outcome if w.report else None, done, total, rate, eta, dict(w.info),
             restarts=w.restarts, beat_age=self._beat_age(w),
         )

@@ -57,9 +57,9 @@ class _Text:
         self.lines.append(f"{name}{{{pairs}}} {_number(float(value))}")
 
 
-def render_metrics(info: dict[str, Any], workers: list[dict[str, Any]]) -> str:
+def render_metrics(info: dict[str, Any], workers: list[dict[str, Any]], restarts: int | None = None) -> str:
     """The text for one run: `info` as the control server describes it, `workers`
-    its per-worker status records."""
+    its per-worker status records, `restarts` its restarts so far if it counts them."""
     out = _Text(str(info.get("name", "")))
     live = Counter(w["state"] for w in workers if w.get("alive"))
     ended = Counter(w["outcome"] for w in workers if w.get("outcome"))
@@ -74,7 +74,9 @@ def render_metrics(info: dict[str, Any], workers: list[dict[str, Any]]) -> str:
     for outcome in sorted(set(OUTCOMES) | set(ended)):
         out.sample("procctl_workers_ended", ended.get(outcome, 0), outcome=outcome)
     out.family("procctl_restarts_total", "counter", "Worker restarts by the supervisor.")
-    out.sample("procctl_restarts_total", sum(int(w.get("restarts") or 0) for w in workers))
+    if restarts is None:
+        restarts = sum(int(w.get("restarts") or 0) for w in workers)
+    out.sample("procctl_restarts_total", restarts)
     out.family("procctl_tasks_done_total", "counter", "Work units done: the sum of the workers' progress.")
     out.sample("procctl_tasks_done_total", sum(float(w["done"]) for w in workers if w.get("done") is not None))
     for name, key, help_text in PER_WORKER_GAUGES:

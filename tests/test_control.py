@@ -391,3 +391,30 @@ def test_procctl_stop_cancels_a_sum_run_cleanly(env):
     assert [e["event"] for e in events[-3:]] == ["drained", "closed", "cancelled"]
     assert events[-1] == {"event": "cancelled", "by": "procctl stop"}
     assert not os.path.exists(socket_of(env, "sum1"))
+
+
+def test_the_restarts_counter_never_goes_down(env, monkeypatch):
+    """procctl_restarts_total is a counter: a shrink that removes a restarted
+    worker does not take its restarts away."""
+    from prometheus_client.parser import text_string_to_metric_families
+    from targets_control import steady
+
+    from procctl import ProcessController
+
+    def restarts() -> float:
+        res = ctl(env, "metrics", "counted")
+        assert res.returncode == 0, res.stderr
+        families = {f.name: f for f in text_string_to_metric_families(res.stdout)}
+        return families["procctl_restarts"].samples[0].value
+
+    monkeypatch.setenv("XDG_RUNTIME_DIR", env["XDG_RUNTIME_DIR"])
+    with ProcessController(steady, 2, control="counted", restart="on-failure", backoff=(0.0, 0.0),
+                           start_method="fork") as pc:
+        pc.run()
+        for _ in range(2):
+            os.kill(pc.status()[1].pid, signal.SIGKILL)
+            pc.reap(timeout=20)  # and restarted at once
+        assert restarts() == 2
+        pc.resize(1)
+        assert restarts() == 2
+        pc.stop()

@@ -148,6 +148,9 @@ def test_restart_after_an_outside_sigkill_in_each_start_method(start_method):
         os.kill(before[1].pid, signal.SIGKILL)
         [dead] = reap_n(pc, 1)
         assert dead.worker_id == 1 and dead.outcome is Outcome.CRASHED and dead.exitcode == -signal.SIGKILL
+        # Restarted at once (no backoff), in the job's state, before it has said so itself.
+        now = pc.status()[1]
+        assert now.restarts == 1 and now.alive and now.state is State.RUNNING
         pc.run()  # acknowledged by the new incarnation too
         after = pc.status()
         assert after[1].alive and after[1].restarts == 1 and after[1].pid != before[1].pid
@@ -159,13 +162,17 @@ def test_restart_after_an_outside_sigkill_in_each_start_method(start_method):
 
 
 def test_restarted_worker_starts_in_the_current_state_paused():
-    with controller(ts.shard, 1, restart="on-failure") as pc:  # started PAUSED, never run
+    events: list[Event] = []
+    with controller(ts.shard, 1, events, restart="on-failure") as pc:  # started PAUSED, never run
         pid = pc.pids()[0]
         os.kill(pid, signal.SIGKILL)
         reap_n(pc, 1)
         pc.pause()  # acknowledged by the new process
         [row] = pc.status()
         assert row.alive and row.state is State.PAUSED and row.restarts == 1 and row.pid != pid
+        # Each incarnation says its first state, PAUSED too (the timeline draws its span from it).
+        assert [(e.event, e.pid) for e in events if e.event in ("paused", "running")] == [
+            ("paused", pid), ("paused", row.pid)]
         pc.run()
         assert pc.status()[0].state is State.RUNNING
 
@@ -283,11 +290,15 @@ def test_live_view_marks_a_silent_worker():
 
 @pytest.mark.parametrize("state", [State.RUNNING, State.PAUSED])
 def test_resize_up_and_down(state):
-    with controller(ts.shard, 2, initial_state=state) as pc:
+    events: list[Event] = []
+    with controller(ts.shard, 2, events, initial_state=state) as pc:
+        pc.broadcast(state)  # (a command after the first: the new workers start from it)
         pc.resize(4)
         rows = pc.status()
         assert [r.worker_id for r in rows] == [0, 1, 2, 3] and all(r.alive for r in rows)
         assert all(r.state is state for r in rows)
+        said = state.name.lower()
+        assert sorted(e.worker for e in events if e.event == said) == [0, 1, 2, 3]  # the new ones too
         pc.resize(1)
         assert [r.worker_id for r in pc.status()] == [0] and len(pc.pids()) == 1
         assert {w: r.outcome for w, r in pc.reports.items()} == {w: Outcome.STOPPED for w in (1, 2, 3)}
