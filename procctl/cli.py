@@ -499,11 +499,13 @@ def run_command(workers: int, target: str | None, schedule: str, step: float, fi
     try:
         if cluster_spec is None:
             def make(on_event: Callable[[Event], None]) -> Any:
-                return ProcessController(func, workers, args=args, start_method=start_method, grace=grace,
-                                         on_event=on_event, restart=plan.restart.value,
-                                         max_restarts=plan.max_restarts, restart_window=plan.restart_window,
-                                         backoff=plan.backoff, strategy=plan.strategy.value,
-                                         heartbeat=plan.heartbeat)
+                pc = ProcessController(func, workers, args=args, start_method=start_method, grace=grace,
+                                       on_event=on_event, restart=plan.restart.value,
+                                       max_restarts=plan.max_restarts, restart_window=plan.restart_window,
+                                       backoff=plan.backoff, strategy=plan.strategy.value,
+                                       heartbeat=plan.heartbeat)
+                pc._background = False  # the command's own loop pumps it, and draws the view in its thread
+                return pc
         else:
             cluster_mod, address, local_nodes = cluster_spec
             if local_nodes:

@@ -405,6 +405,13 @@ class ProcessController:
         self._cond = threading.Condition(self._lock)
         self._owner: int | None = None
         self._pumper: int | None = None
+        # A thread of our own that pumps while the script does something else
+        # (feeds a channel, sleeps): restarts, hang detection, a dead consumer's
+        # items taken back. None: one when supervision or channels need it;
+        # the executor and the command line, which pump all the time, say False.
+        self._background: bool | None = None
+        self._bg_thread: threading.Thread | None = None
+        self._bg_quit = False
         self._plane: WorkPlane | None = None
         #: A predicate (the CLI's: a stop was asked) that ends a broadcast's
         #: wait for acknowledgements early; the command stays posted.
@@ -466,7 +473,51 @@ class ProcessController:
             self._abort()
             raise
         self._begin_supervision()
+        self._start_background()
         return self
+
+    def _start_background(self) -> None:
+        wanted = self._background
+        if wanted is None:
+            wanted = self._supervisor is not None or self._heartbeat is not None or self._plane is not None
+        if not wanted:
+            return
+        self._bg_quit = False
+        self._bg_thread = threading.Thread(target=self._pump_in_background, name="procctl-supervisor",
+                                           daemon=True)
+        threads.start(self._bg_thread)
+
+    def _pump_in_background(self) -> None:
+        """The background thread: pump until told to quit (it takes the pump
+        only when no caller has it; a caller's wait takes its turn as ever)."""
+        try:
+            with self._locked():
+                while not self._bg_quit and self._phase is _STARTED and self._selector is not None:
+                    self._pump_until(lambda: self._bg_quit, None)
+        except Exception:  # noqa: BLE001 - never a traceback from a daemon thread at exit
+            log.debug("the background pump ended", exc_info=True)
+
+    def _stop_background(self) -> None:
+        """End the background thread before the selector it waits on is closed.
+        Not from that thread, nor holding the lock (it needs the lock to end):
+        then it is not in its wait (we are the pumper) and ends by itself."""
+        thread = self._bg_thread
+        if thread is None:
+            return
+        self._bg_quit = True
+        self._nudge()
+        if thread is threading.current_thread() or self._owner == threading.get_ident():
+            return
+        thread.join()
+        self._bg_thread = None
+
+    def _nudge(self) -> None:
+        """Wake the pumper to look at its timers and flags again (not a wakeup())."""
+        if self._wake_w >= 0:
+            try:
+                os.write(self._wake_w, b"\1")
+            except (BlockingIOError, OSError):
+                pass
 
     def _serve_control(self) -> None:
         """control=True: a control socket for `procctl status/pause/resume/stop`."""
@@ -631,6 +682,7 @@ class ProcessController:
         """Stop what still runs, reap everything, release every resource. Idempotent."""
         if self._phase is _CLOSED or os.getpid() != self._owner_pid:
             return
+        self._stop_background()
         with self._locked():
             if self._phase is _NEW:
                 self._phase = _CLOSED
@@ -644,6 +696,7 @@ class ProcessController:
 
     def _abort(self) -> None:
         """Kill every live worker now, reap and release."""
+        self._stop_background()
         self.kill()
         self._pump_until(lambda: self._live == 0, self.kill_timeout)
         self._release()
@@ -733,6 +786,8 @@ class ProcessController:
             with self._locked():
                 self._require_started()
                 return self._stop_some(self._check_ids(workers), grace)
+        if os.getpid() == self._owner_pid:
+            self._stop_background()
         with self._locked():
             if self._phase is _STARTED and os.getpid() == self._owner_pid:
                 self._supervising = False
@@ -962,12 +1017,14 @@ class ProcessController:
                 if worker.alive and self._plane is not None:
                     self._plane.readable(worker.id)
             elif self._wake_r >= 0:
+                woken = False
                 try:
-                    while os.read(self._wake_r, 512):
-                        pass
+                    while data := os.read(self._wake_r, 512):
+                        woken = woken or data.count(1) != len(data)  # b"\0": wakeup(); b"\1": a nudge
                 except BlockingIOError:
                     pass
-                self._wakes += 1
+                if woken:
+                    self._wakes += 1
         if self._trees is not None:
             self._trees.flush()  # the workers reaped in this pass, in one message
 
@@ -1312,6 +1369,8 @@ class ProcessController:
     def _schedule(self, at: float) -> None:
         if self._due is None or at < self._due:
             self._due = at
+            if self._pumper is not None and self._pumper != threading.get_ident():
+                self._nudge()  # another thread waits in the pump, with the old timer
 
     def _run_timers(self) -> None:
         if self._due is None:

@@ -523,6 +523,7 @@ class _Pool:
             on_event=None if on_event is None else self._event, ack_timeout=None,
         )
         self._pc._plane = self
+        self._pc._background = False  # the manager thread pumps it
         self._place = place
         if place is not None:
             self._pc._context_ids = place[:2]

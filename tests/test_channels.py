@@ -122,6 +122,28 @@ def test_room_a_worker_does_not_use_is_given_back(case, idle):
     assert stats.put == stats.got + stats.drained + stats.queued
 
 
+@pytest.mark.parametrize("restart", ["never", "on-failure"])
+def test_a_consumer_that_dies_costs_its_item_while_the_script_only_feeds(restart):
+    """The script only puts and gets (no wait(), no status()): the items a dead
+    consumer had not read come back at once, and with a restart policy the
+    worker is restarted meanwhile; neither waits for the script's next call."""
+    n, bad = 400, 300
+    with ProcessController(t.consume_or_die, workers=2, args=(bad,), start_method="fork", restart=restart,
+                           backoff=(0.0, 0.0), channels={"jobs": 8, "out": 0}) as pc:
+        pc.run()
+        out = pc.channels["out"]
+        got = []
+        for i in range(n):
+            pc.channels["jobs"].put(i, timeout=10)  # Full: no consumer came back
+            while len(out):
+                got.append(out.get())
+        got += [out.get(timeout=10) for _ in range(n - 1 - len(got))]  # Empty: items held by the dead one
+        restarted = sum(s.restarts for s in pc.status())
+        pc.stop()
+    assert sorted(got) == [i * i for i in range(n) if i != bad]
+    assert restarted == (1 if restart == "on-failure" else 0)
+
+
 def test_stop_wakes_blocked_get_and_put_and_accounts():
     with ProcessController(t.producer, 2, args=(10_000,), channels={"jobs": 5}) as pc:
         pc.run()

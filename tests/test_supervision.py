@@ -258,6 +258,27 @@ def test_worker_blocked_in_a_c_call_is_hung(target):
     assert [e.event for e in events if e.worker == 0][-1] == "hung"
 
 
+def test_a_hung_worker_is_killed_and_restarted_while_the_script_does_something_else():
+    """Supervision needs no call of the script's: the controller's own thread
+    pumps (the script here only waits on its own Event)."""
+    import threading
+
+    restarted = threading.Event()
+
+    def on_event(e: Event) -> None:
+        if e.event == "running" and e.worker == 0 and pc.status()[0].restarts == 1:
+            restarted.set()
+
+    with ProcessController(ts.c_sleep, 1, on_event=on_event, heartbeat=0.3, restart="on-failure",
+                           backoff=(0.0, 0.0), start_method="fork", grace=0.5) as pc:
+        first = pc.pids()[0]
+        pc.run()
+        assert restarted.wait(15), "no restart without a call of the script's"
+        assert first not in pc.pids()
+        [report] = pc.history(0)[:1]
+        assert report.outcome is Outcome.HUNG
+
+
 def test_live_workers_are_not_hung():
     events: list[Event] = []
     targets = [ts.busy_checkpoints, ts.progress_only, ts.long_sleep]

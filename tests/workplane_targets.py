@@ -224,3 +224,11 @@ def put_then_idle(ctx, timeout, idle):
         while ctx.sleep(60):
             pass
     return said
+
+
+def consume_or_die(ctx, bad):
+    """Square what comes on "jobs" into "out"; the process dies at the item `bad`."""
+    for item in ctx.iter("jobs"):
+        if item == bad:
+            os._exit(3)
+        ctx.put("out", item * item)

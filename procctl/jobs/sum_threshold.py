@@ -206,6 +206,7 @@ class SumJob:
         except BaseException:
             ledger.close()
             raise
+        pc._background = False  # _await_verdict pumps it (reap)
         self._pc = pc
         relay: _Relay | None = None
         try:
