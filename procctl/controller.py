@@ -513,9 +513,12 @@ class ProcessController:
 
     def _nudge(self) -> None:
         """Wake the pumper to look at its timers and flags again (not a wakeup())."""
+        self._ring(b"\1")
+
+    def _ring(self, byte: bytes) -> None:
         if self._wake_w >= 0:
             try:
-                os.write(self._wake_w, b"\1")
+                os.write(self._wake_w, byte)
             except (BlockingIOError, OSError):
                 pass
 
@@ -809,11 +812,7 @@ class ProcessController:
 
     def wakeup(self) -> None:
         """Make a blocked wait() return early. Safe from a signal handler."""
-        if self._wake_w >= 0:
-            try:
-                os.write(self._wake_w, b"\0")
-            except (BlockingIOError, OSError):
-                pass
+        self._ring(b"\0")
 
     def _post(self, state: State, ids: list[int] | None = None) -> None:
         """Post `state` to every live worker (or to `ids`) and await their acks."""
