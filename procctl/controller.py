@@ -39,6 +39,7 @@ import signal
 import sys
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Generator, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from functools import partial
@@ -411,7 +412,9 @@ class ProcessController:
         # the executor and the command line, which pump all the time, say False.
         self._background: bool | None = None
         self._bg_thread: threading.Thread | None = None
-        self._bg_quit = False
+        self._bg_quit = threading.Event()
+        self._dispatching = 0  # inside a pass: events wait in _told until its end
+        self._told: deque[Event] = deque()
         self._plane: WorkPlane | None = None
         #: A predicate (the CLI's: a stop was asked) that ends a broadcast's
         #: wait for acknowledgements early; the command stays posted.
@@ -482,34 +485,42 @@ class ProcessController:
             wanted = self._supervisor is not None or self._heartbeat is not None or self._plane is not None
         if not wanted:
             return
-        self._bg_quit = False
+        self._bg_quit.clear()
         self._bg_thread = threading.Thread(target=self._pump_in_background, name="procctl-supervisor",
                                            daemon=True)
         threads.start(self._bg_thread)
 
     def _pump_in_background(self) -> None:
         """The background thread: pump until told to quit (it takes the pump
-        only when no caller has it; a caller's wait takes its turn as ever)."""
+        only when no caller has it; a caller's wait takes its turn as ever).
+
+        It restarts workers itself: their parent-death signal is tied to this
+        thread, which therefore ends only once every worker has (_end_background),
+        and never earlier, not even on an error."""
+        quit_ = self._bg_quit
         try:
             with self._locked():
-                while not self._bg_quit and self._phase is _STARTED and self._selector is not None:
-                    self._pump_until(lambda: self._bg_quit, None)
-        except Exception:  # noqa: BLE001 - never a traceback from a daemon thread at exit
-            log.debug("the background pump ended", exc_info=True)
+                while not quit_.is_set() and self._phase is _STARTED and self._selector is not None:
+                    self._pump_until(quit_.is_set, None)
+        except Exception:  # noqa: BLE001 - the script's own calls pump on; this thread waits to end
+            log.warning("procctl: the controller's background thread stopped pumping", exc_info=True)
+            quit_.wait()
 
-    def _stop_background(self) -> None:
-        """End the background thread before the selector it waits on is closed.
-        Not from that thread, nor holding the lock (it needs the lock to end):
-        then it is not in its wait (we are the pumper) and ends by itself."""
+    def _end_background(self) -> None:
+        """End the background thread: called holding the lock, once every
+        worker has ended, before the selector it may wait on is closed."""
         thread = self._bg_thread
         if thread is None:
             return
-        self._bg_quit = True
+        self._bg_quit.set()
+        if thread is threading.current_thread():
+            return  # (stop() from on_event in this thread: it ends once that returns)
         self._nudge()
-        if thread is threading.current_thread() or self._owner == threading.get_ident():
-            return
-        thread.join()
-        self._bg_thread = None
+        if self._pumper == thread.ident:
+            # It waits in the selector (we hold the lock: it is not dispatching):
+            # let it take the lock, finish its pass and end.
+            self._unlocked_wait(partial(thread.join, None))
+        self._bg_thread = None  # otherwise it waits for the lock or a pass: _release() notifies it
 
     def _nudge(self) -> None:
         """Wake the pumper to look at its timers and flags again (not a wakeup())."""
@@ -560,8 +571,11 @@ class ProcessController:
             try:
                 # The kernel's parent-death signal fires when the *thread* that
                 # forked exits: only the main thread (or the fork server) lives
-                # as long as the process, so other threads have the spawner fork.
-                if self.start_method != "forkserver" and threading.current_thread() is not threading.main_thread():
+                # as long as the process, so other threads have the spawner fork;
+                # but our background thread, which ends only after the workers.
+                me = threading.current_thread()
+                if self.start_method != "forkserver" and me is not threading.main_thread() and (
+                        me is not self._bg_thread):
                     _spawner.call(partial(_deliver, births, started))
                 else:
                     # Blocked while the children are made, so that no handler of ours
@@ -685,7 +699,6 @@ class ProcessController:
         """Stop what still runs, reap everything, release every resource. Idempotent."""
         if self._phase is _CLOSED or os.getpid() != self._owner_pid:
             return
-        self._stop_background()
         with self._locked():
             if self._phase is _NEW:
                 self._phase = _CLOSED
@@ -699,12 +712,14 @@ class ProcessController:
 
     def _abort(self) -> None:
         """Kill every live worker now, reap and release."""
-        self._stop_background()
         self.kill()
         self._pump_until(lambda: self._live == 0, self.kill_timeout)
+        self._end_background()
         self._release()
 
     def _release(self) -> None:
+        if self._phase is _CLOSED:
+            return  # (a stop() from on_event, inside another stop's wait, released all)
         for w in self._workers:
             if w.alive:
                 # Survived SIGKILL (uninterruptible sleep): report and let go.
@@ -729,6 +744,7 @@ class ProcessController:
             self._control = None
         self._phase = _CLOSED
         registry.open_controllers.discard(self)
+        self._cond.notify_all()  # a background thread waiting for a pass: there is none to come
 
     # -- commands -----------------------------------------------------------
 
@@ -785,19 +801,20 @@ class ProcessController:
         """
         grace = self.grace if grace is None else check_timeout("grace", grace, allow_none=False)
         assert grace is not None
+        if os.getpid() != self._owner_pid:
+            return dict(sorted(self._reports.items()))  # (a forked child's copy: nothing of it is ours)
         if workers is not None:
             with self._locked():
                 self._require_started()
                 return self._stop_some(self._check_ids(workers), grace)
-        if os.getpid() == self._owner_pid:
-            self._stop_background()
         with self._locked():
-            if self._phase is _STARTED and os.getpid() == self._owner_pid:
+            if self._phase is _STARTED:
                 self._supervising = False
                 self._poll()
                 if self._state is not State.STOPPED:
                     self._post(State.STOPPED)
                 shutdown.escalate(self, grace, self.term_timeout, self.kill_timeout)
+                self._end_background()
                 self._release()
             elif self._phase is _NEW:
                 self._phase = _CLOSED
@@ -927,6 +944,11 @@ class ProcessController:
         if self._owner == me:
             yield
             return
+        if os.getpid() != self._owner_pid:
+            # A child the script forked: its copy of the lock may be held by a
+            # thread that does not exist here, and the workers are not its own.
+            raise RuntimeError(f"this controller belongs to process {self._owner_pid}; "
+                               "a process forked from it cannot use it")
         self._lock.acquire()
         self._owner = me
         try:
@@ -961,27 +983,36 @@ class ProcessController:
         while not done():
             if self._selector is None or (until_wakeup and self._wakes != wakes):
                 break
-            if (deadline.expired and not first) or self._pumper == me:
-                break  # (the pumper itself re-entered from an on_event callback: no nested wait)
+            if deadline.expired and not first:
+                break
             first = False
-            if self._pumper is not None:
+            if self._pumper is not None and self._pumper != me:
                 self._owner = None
                 try:
                     self._cond.wait(deadline.remaining())  # releases the lock while it waits
                 finally:
                     self._owner = me
                 continue
+            # (The pumper itself, re-entered from an on_event callback of its own
+            # pass, pumps on: a stop() there waits for the workers as any other.)
+            outer = self._pumper
             self._pumper = me
             try:
                 wait = deadline.remaining()
                 if self._due is not None:  # a supervision timer comes first
                     wait = min(wait, max(0.0, self._due - time.monotonic()))
                 ready = self._unlocked_wait(partial(self._selector.select, wait))
-                self._dispatch(ready)
-                self._run_timers()
+                self._dispatching += 1
+                try:
+                    self._dispatch(ready)
+                    self._run_timers()
+                finally:
+                    self._dispatching -= 1
+                if self._told and not self._dispatching:
+                    self._tell()
             finally:
                 self._passes += 1
-                self._pumper = None
+                self._pumper = outer
                 self._cond.notify_all()
         return done()
 
@@ -1539,11 +1570,29 @@ class ProcessController:
     def _emit(self, event: Event) -> None:
         if self._control is not None:
             self._control.record(event)
-        if self._on_event is not None:
+        if self._on_event is None:
+            return
+        self._told.append(event)
+        if not self._dispatching:
+            self._tell()
+
+    def _tell(self) -> None:
+        """Give on_event the events said so far, in order. Never in the middle of
+        a pass (a worker's frames half read): a callback may call any method,
+        and one that waits (stop()) pumps on from there."""
+        assert self._on_event is not None
+        told = self._told
+        while told:
+            event = told.popleft()
             try:
                 self._on_event(event)
             except Exception:
                 log.exception("on_event callback failed for %s", event)
+            except SystemExit:
+                if threading.current_thread() is not self._bg_thread:
+                    raise  # the script's own thread: it exits, as it asked
+                # In our thread it would only end supervision, silently.
+                log.exception("on_event callback called sys.exit() in the controller's thread: ignored")
 
     def _require_started(self) -> None:
         if self._phase is _NEW:

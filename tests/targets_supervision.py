@@ -107,3 +107,11 @@ def dispatch(ctx, targets, *args):
     """Worker i runs targets[i] (those that take an argument get `args`)."""
     target = targets[ctx.worker_id]
     return target(ctx, *args) if target is progress_only else target(ctx)
+
+
+def first_crashes(ctx):
+    """Worker 0 dies at once (os._exit(3)); the others run until stopped."""
+    ctx.checkpoint()
+    if ctx.worker_id == 0:
+        os._exit(3)
+    return shard(ctx)

@@ -279,6 +279,36 @@ def test_a_hung_worker_is_killed_and_restarted_while_the_script_does_something_e
         assert report.outcome is Outcome.HUNG
 
 
+@pytest.mark.parametrize("where", ["script", "background"])
+def test_stop_from_on_event_stops_the_others_gracefully(where):
+    """"Stop at the first failure" from on_event, whichever thread runs it: the
+    stop waits for the workers as any stop does (it was SIGKILLing them at
+    once, reported killed, with "ignored SIGTERM" in the log)."""
+    import threading
+
+    said: dict = {}
+    done = threading.Event()
+
+    def on_event(e: Event) -> None:
+        if e.event == "crashed" and not said:
+            said["thread"] = threading.current_thread().name
+            said["reports"] = pc.stop(grace=10)
+            done.set()
+
+    # A heartbeat gives the controller its own thread; without one, only the script's calls pump.
+    with ProcessController(ts.first_crashes, 3, on_event=on_event, start_method="fork",
+                           heartbeat=30.0 if where == "background" else None) as pc:
+        pc.run()
+        if where == "script":
+            pc.wait(20)
+        assert done.wait(20)
+    assert (said["thread"] == "MainThread") == (where == "script")
+    reports = said["reports"]
+    assert reports[0].outcome is Outcome.CRASHED
+    assert [(reports[w].outcome, reports[w].result) for w in (1, 2)] == [
+        (Outcome.STOPPED, (1, 3)), (Outcome.STOPPED, (2, 3))]
+
+
 def test_live_workers_are_not_hung():
     events: list[Event] = []
     targets = [ts.busy_checkpoints, ts.progress_only, ts.long_sleep]

@@ -92,3 +92,34 @@ def test_a_signal_that_does_not_interrupt_the_commands_wait_still_wakes_it():
     for t in watchers:
         t.join(10)
         assert not t.is_alive()  # uninstall() ended it
+
+
+def test_a_process_forked_from_the_script_cannot_use_the_controller():
+    """With the controller's own thread (here: a heartbeat), a child forked while
+    that thread held the lock would wait for it for ever: a clear error instead,
+    at once, and the child's close() leaves the parent's workers alone."""
+    import os
+    import select
+
+    with ProcessController(targets.loop, 2, start_method="fork", heartbeat=30.0) as pc:
+        pc.run()
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child
+            try:
+                pc.status()
+                said = b"no error"
+            except RuntimeError as exc:
+                said = str(exc).encode()
+            pc.close()
+            os.write(w, said)
+            os._exit(0)
+        os.close(w)
+        assert select.select([r], [], [], 20)[0], "the child hung"
+        said = os.read(r, 500).decode()
+        os.close(r)
+        assert os.waitpid(pid, 0)[1] == 0
+        assert "a process forked from it cannot use it" in said
+        assert all(s.alive for s in pc.status())
+        reports = pc.stop()
+    assert {r.outcome for r in reports.values()} == {Outcome.STOPPED}
