@@ -124,6 +124,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         code = EXIT_FAILED
     except click.Abort:
         code = bridge.exit_code or 130
+    except OSError as exc:
+        if isinstance(exc, BrokenPipeError):
+            raise  # (a reader that went away: handled where the output is written)
+        # The output cannot be written (a full disk, /dev/full): one line, as GNU tools say it.
+        where = f": {exc.filename}" if exc.filename else ""
+        say(f"procctl: error: cannot write the output{where}: {exc.strerror or exc}")
+        code = EXIT_FAILED
     if bridge.exit_code is not None and code != EXIT_USAGE:
         code = bridge.exit_code  # a signal that came after the job ended still ends the command
     exit_holding_signals(code or 0)

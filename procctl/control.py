@@ -110,8 +110,12 @@ class Request:
             raise ProtocolError(f"unknown command {cmd!r}; commands are {', '.join(COMMANDS)}")
         workers = body.get("workers")
         if workers is not None:
-            if not isinstance(workers, list) or not all(_is_count(w) for w in workers) or not workers:
+            if not isinstance(workers, list) or not workers or not all(
+                    isinstance(w, int) and not isinstance(w, bool) and w >= 0 for w in workers):
                 raise ProtocolError("workers must be a non-empty list of worker ids (integers >= 0)")
+            for w in workers:
+                if not _is_count(w):  # (one past any run's size: the run's own check names its range)
+                    raise ProtocolError(f"workers: {w} is not a worker id")
             workers = tuple(workers)
         n = body.get("n")
         if cmd == "scale" and not (isinstance(n, int) and _is_count(n) and n >= 1):
@@ -715,6 +719,19 @@ def _send_quietly(conn: socket.socket, data: bytes) -> None:
         pass
 
 
+def _age(pid: int) -> float | None:
+    """Seconds since process `pid` started, to a clock tick: /proc's own clock
+    (psutil's create_time() adds the boot time, which /proc gives in whole seconds)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            start = int(f.read().rsplit(b")", 1)[1].split()[19])  # field 22, starttime
+        with open("/proc/uptime", "rb") as f:
+            up = float(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    return up - start / os.sysconf("SC_CLK_TCK")
+
+
 class _Usage:
     """CPU % and RSS of each worker, measured with psutil at most every USAGE_INTERVAL."""
 
@@ -737,8 +754,15 @@ class _Usage:
             try:
                 if proc is None or proc.pid != s.pid:
                     proc = self._procs[s.worker_id] = psutil.Process(s.pid)
-                    proc.cpu_percent(None)  # the first call only starts the count
-                cpu, rss = float(proc.cpu_percent(None)), int(proc.memory_info().rss)
+                    # psutil's first call only starts its count (it says 0.0): the
+                    # first figure is the mean since the process started instead.
+                    proc.cpu_percent(None)
+                    times = proc.cpu_times()
+                    age = max(_age(s.pid) or time.time() - proc.create_time(), 0.01)
+                    cpu = min(100.0 * (times.user + times.system) / age, 100.0 * (os.cpu_count() or 1))
+                else:
+                    cpu = float(proc.cpu_percent(None))
+                rss = int(proc.memory_info().rss)
             except (psutil.NoSuchProcess, psutil.AccessDenied):
                 return None, None
             self._last[s.worker_id] = (now, cpu, rss)

@@ -50,6 +50,14 @@ INFO_INTERVAL = 0.25
 
 _INF = math.inf
 _NO_TOTAL = math.nan  # on the board: no total given
+_PLAIN = frozenset({int, float})  # progress()'s fast path; other numbers are checked (numbers.Real)
+
+
+def _is_number(value: Any) -> bool:
+    """A real number that is not a bool, a str or bytes ("3" is not a count)."""
+    import numbers
+
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def _bad_progress(done: Any, total: Any) -> str:
@@ -59,7 +67,7 @@ def _bad_progress(done: Any, total: Any) -> str:
         if name == "total" and value is None:
             continue
         try:
-            ok = 0.0 <= float(value) < _INF
+            ok = _is_number(value) and 0.0 <= float(value) < _INF
         except (TypeError, ValueError, OverflowError):
             ok = False
         if not ok:
@@ -248,6 +256,9 @@ class WorkerContext:
         `done` and `total` must be finite numbers >= 0 (ValueError otherwise:
         NaN, infinities, negatives, ints past float range, non-numbers)."""
         try:
+            if type(done) not in _PLAIN and not _is_number(done) or (
+                    total is not None and type(total) not in _PLAIN and not _is_number(total)):
+                raise TypeError
             d = float(done)
             t = _NO_TOTAL if total is None else float(total)
         except (TypeError, ValueError, OverflowError):

@@ -51,3 +51,9 @@ def first_two_finish(ctx):
     while ctx.checkpoint():
         ctx.sleep(float("inf"))
     return ctx.worker_id
+
+
+def spin(ctx):
+    """All CPU, a checkpoint at a time, until stopped."""
+    while ctx.checkpoint():
+        pass

@@ -4,6 +4,7 @@ process. The command line runs as a real subprocess (`python -m procctl`)."""
 
 from __future__ import annotations
 
+import fractions
 import io
 import json
 import os
@@ -176,7 +177,8 @@ def test_progress_accepts_finite_non_negative_numbers_and_names_the_rest():
     for wid, (done, total) in enumerate(PROGRESS_CASES):
         report = reports[wid]
         bad = [name for name, value in (("done", done), ("total", total))
-               if value is not None and not (isinstance(value, (int, float)) and 0 <= value < float("inf")
+               if value is not None and not (isinstance(value, (int, float, fractions.Fraction))
+                                             and not isinstance(value, bool) and 0 <= value < float("inf")
                                              and value == value and value < 10**309)]
         if bad:
             assert report.outcome is Outcome.FAILED, (done, total)

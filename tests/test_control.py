@@ -418,3 +418,26 @@ def test_the_restarts_counter_never_goes_down(env, monkeypatch):
         pc.resize(1)
         assert restarts() == 2
         pc.stop()
+
+
+def test_the_first_status_has_the_cpu_a_busy_worker_used(env, monkeypatch):
+    """psutil's first cpu_percent() is 0.0: a single `procctl status` (or a
+    scraper's first scrape) said 0 % for a worker that spins."""
+    from targets_control import spin
+
+    from procctl import ProcessController
+
+    monkeypatch.setenv("XDG_RUNTIME_DIR", env["XDG_RUNTIME_DIR"])
+    with ProcessController(spin, 1, control="spinning", start_method="fork") as pc:
+        pc.run()
+        [worker] = ctl_json(env, "status", "spinning")["workers"]  # (the command's start-up: ~0.2 s)
+        pc.stop()
+    assert worker["cpu_percent"] > 5, worker  # (0.0 before; nearer 100 on a quiet machine)
+
+
+def test_output_that_cannot_be_written_is_one_line_not_a_traceback(env):
+    with open("/dev/full", "w") as full:
+        res = subprocess.run(CLI + ["ls", "--json"], stdout=full, stderr=subprocess.PIPE, text=True,
+                             timeout=30, env=env, cwd=TESTS)
+    assert res.returncode == 1
+    assert res.stderr.strip().splitlines() == ["procctl: error: cannot write the output: No space left on device"]
