@@ -14,7 +14,16 @@ from __future__ import annotations
 import os
 import signal
 
-from . import worker  # noqa: F401 - the preload itself
+# A Ctrl-C (SIGINT to the whole process group) while the fork server loads
+# the worker side would print a KeyboardInterrupt traceback from it, and
+# take it down: ignored for the time of the import. Its children then get
+# what the server had before (multiprocessing keeps that for them).
+_was = signal.signal(signal.SIGINT, signal.SIG_IGN) if os.getpid() != 1 else None
+
+from . import worker  # noqa: E402, F401 - the preload itself
+
+if _was is not None:
+    signal.signal(signal.SIGINT, _was)
 
 if os.getpid() != 1:  # never alter what a pid-1 init does with signals
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
