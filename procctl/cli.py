@@ -639,7 +639,7 @@ def _run(make: Callable[[Callable[[Event], None]], Any], workers: int, steps: li
 
         keys = KeyReader(partial(_on_key, session))
         footer = f"run {served.name} · pid {os.getpid()} · {served.path}" if served and served.path else ""
-        view = LiveView(lambda: pc.status(), f"procctl run: {workers} workers", footer=footer,
+        view = LiveView(lambda: pc.status(), lambda: f"procctl run: {pc.workers} workers", footer=footer,
                         keys=keys.active or os.isatty(0), heartbeat=heartbeat)
         session.view = view
     if capture is not None:

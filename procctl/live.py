@@ -75,7 +75,8 @@ class LiveView:
     therefore never torn.
     """
 
-    def __init__(self, status: Callable[[], list[WorkerStatus]], title: str, console: Console | None = None,
+    def __init__(self, status: Callable[[], list[WorkerStatus]], title: str | Callable[[], str],
+                 console: Console | None = None,
                  *, footer: str = "", keys: bool = False, heartbeat: float | None = None) -> None:
         self._status = status
         self._heartbeat = heartbeat  # a worker silent for more than half of it is marked
@@ -160,7 +161,8 @@ class LiveView:
     def _header(self, rows: list[WorkerStatus]) -> Text:
         states = Counter(self._state_name(r) for r in rows if r.alive)
         outcomes = Counter(r.outcome.value for r in rows if r.outcome is not None)
-        text = Text(f"{self._title}  ", style="bold")
+        title = self._title() if callable(self._title) else self._title  # (a run that resizes)
+        text = Text(f"{title}  ", style="bold")
         text.append(f"{time.monotonic() - self._t0:6.1f}s  ")
         for name, n in list(states.items()) + list(outcomes.items()):
             text.append(f"{n} {name}  ", style=STATE_STYLE.get(name, ""))

@@ -143,6 +143,8 @@ def test_plus_and_minus_keys_resize_from_the_size_within_max_workers(screen):
                       ("-", "resized to 4 workers")]:
         term.key(key)
         term.wait_for(note)
+        if note == "resized to 5 workers":
+            term.wait_for("procctl run: 5 workers")  # the header follows the size
     term.key("s")
     assert term.finish() == 0
     assert "Traceback" not in term.text
