@@ -323,7 +323,8 @@ def test_metrics_over_http_and_a_script_with_control(env, tmp_path):
         "        print('up', flush=True)\n"
         "        pc.wait()\n"
         "        print(sorted(r.outcome.value for r in pc.stop().values()), flush=True)\n")
-    lib = subprocess.Popen([CLI[0], str(script)], stdout=subprocess.PIPE, text=True, env=env)
+    lib = subprocess.Popen([CLI[0], str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                           env=env)
     cli = LiveCli(["run", "--workers", "2", "--target", "targets_control:steady", "--schedule", "run",
                    "--step", "0", "--name", "web", "--metrics-addr", "127.0.0.1:0"], cwd=TESTS, env=env)
     try:
@@ -331,7 +332,8 @@ def test_metrics_over_http_and_a_script_with_control(env, tmp_path):
         status = ctl_json(env, "status", "lib")
         assert status["job"] == "script steady" and [w["state"] for w in status["workers"]] == ["running"] * 2
         assert ctl(env, "stop", "lib").returncode == 0
-        assert lib.communicate(timeout=20)[0].strip() == "['stopped', 'stopped']"
+        out, err = lib.communicate(timeout=20)
+        assert out.strip() == "['stopped', 'stopped']", (out, err[-3000:])
 
         lines = cli.wait_for(lambda lines: any("metrics on http://" in line for line in lines))
         assert any(line.startswith("procctl run: name web, pid ") and "procctl pause web" in line for line in lines)
@@ -345,7 +347,7 @@ def test_metrics_over_http_and_a_script_with_control(env, tmp_path):
     finally:
         cli.kill()
         lib.kill()
-        lib.wait()
+        lib.communicate(timeout=10)
 
 
 def test_map_has_a_control_socket(env, tmp_path):
