@@ -231,7 +231,6 @@ def make_plan(spec: str, items_path: str, raw_lines: bool, workers: int | None, 
     if joblog and resume:
         try:
             done = maplog.read_done(joblog, {item.line: maplog.digest(item.value) for item in items})
-            maplog.cut_torn_tail(joblog)
         except maplog.JoblogError as exc:
             raise BadInput(f"--joblog {joblog!r} {exc}") from None
     to_run = [item for item in items if item.line not in done]

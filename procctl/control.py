@@ -110,11 +110,13 @@ class Request:
             raise ProtocolError(f"unknown command {cmd!r}; commands are {', '.join(COMMANDS)}")
         workers = body.get("workers")
         if workers is not None:
-            if not isinstance(workers, list) or not workers or not all(
-                    isinstance(w, int) and not isinstance(w, bool) and w >= 0 for w in workers):
-                raise ProtocolError("workers must be a non-empty list of worker ids (integers >= 0)")
+            bad = ProtocolError("workers must be a non-empty list of worker ids (integers >= 0)")
+            if not isinstance(workers, list) or not workers:
+                raise bad
             for w in workers:
-                if not _is_count(w):  # (one past any run's size: the run's own check names its range)
+                if not isinstance(w, int) or isinstance(w, bool) or w < 0:
+                    raise bad
+                if not _is_count(w):  # (past any run's size: the run's own check names its range)
                     raise ProtocolError(f"workers: {w} is not a worker id")
             workers = tuple(workers)
         n = body.get("n")

@@ -244,6 +244,32 @@ def check_worker_ids(workers: Any, count: int) -> list[int]:
     return sorted(set(ids))
 
 
+def check_worker_id(worker_id: Any, count: int) -> int:
+    """One worker id (history()): an int from 0 to count - 1."""
+    if isinstance(worker_id, bool) or not isinstance(worker_id, int):
+        raise TypeError(f"worker_id must be an int, not {type(worker_id).__name__}")
+    if not 0 <= worker_id < count:
+        raise ValueError(f"worker_id {worker_id} is not a worker of this controller")
+    return worker_id
+
+
+class Shortcuts:
+    """run() and pause() as broadcasts, for both controllers (local and cluster)."""
+
+    def broadcast(self, state: State, *, timeout: float | None = None,
+                  workers: Iterable[int] | None = None) -> None:
+        raise NotImplementedError
+
+    def run(self, *, timeout: float | None = None, workers: Iterable[int] | None = None) -> None:
+        """Broadcast RUNNING (to `workers` only, when given)."""
+        self.broadcast(State.RUNNING, timeout=timeout, workers=workers)
+
+    def pause(self, *, timeout: float | None = None, workers: Iterable[int] | None = None) -> None:
+        """Broadcast PAUSED (to `workers` only, when given): they block in checkpoint()
+        until the next command."""
+        self.broadcast(State.PAUSED, timeout=timeout, workers=workers)
+
+
 class _Spawner:
     """One long-lived thread that starts the workers of controllers used from other threads.
 
@@ -296,7 +322,7 @@ class _Spawner:
 _spawner = _Spawner()
 
 
-class ProcessController:
+class ProcessController(Shortcuts):
     """Run `target(ctx, *args, **kwargs)` in `workers` processes under control.
 
     Workers start PAUSED (see `initial_state`); `run()`, `pause()` and
@@ -783,14 +809,6 @@ class ProcessController:
             if self._plane is not None and not self._awaiting:
                 self._plane.settle()
 
-    def run(self, *, timeout: float | None = None, workers: Iterable[int] | None = None) -> None:
-        """Broadcast RUNNING (to `workers` only, when given)."""
-        self.broadcast(State.RUNNING, timeout=timeout, workers=workers)
-
-    def pause(self, *, timeout: float | None = None, workers: Iterable[int] | None = None) -> None:
-        """Broadcast PAUSED: workers block in checkpoint() until the next command."""
-        self.broadcast(State.PAUSED, timeout=timeout, workers=workers)
-
     def stop(self, grace: float | None = None, *,
              workers: Iterable[int] | None = None) -> dict[int, WorkerReport]:
         """Broadcast STOPPED, wait up to `grace`, escalate, reap all, close all.
@@ -1198,11 +1216,8 @@ class ProcessController:
 
     def history(self, worker_id: int) -> list[WorkerReport]:
         """The report of every ended incarnation of worker `worker_id`, oldest first."""
-        if isinstance(worker_id, bool) or not isinstance(worker_id, int):
-            raise TypeError(f"worker_id must be an int, not {type(worker_id).__name__}")
         with self._locked():
-            if not 0 <= worker_id < max(self.workers, len(self._workers)):
-                raise ValueError(f"worker_id {worker_id} is not a worker of this controller")
+            check_worker_id(worker_id, max(self.workers, len(self._workers)))
             return list(self._history.get(worker_id, []))
 
     def resize(self, n: int) -> None:

@@ -91,19 +91,24 @@ class JoblogError(ValueError):
     """The joblog cannot be read or does not belong to this input."""
 
 
-def read_records(path: str) -> Iterator[tuple[int, dict[str, Any]]]:
-    """(joblog line number, record) for each record of the joblog at `path` (none if it does not exist).
+def _contents(path: str) -> bytes:
+    """The joblog's bytes (none if it does not exist)."""
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except FileNotFoundError:
+        return b""
+    except OSError as exc:
+        raise JoblogError(f"cannot be read: {exc.strerror}") from None
+
+
+def read_records(path: str, raw: bytes | None = None) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(joblog line number, record) for each record of the joblog at `path`
+    (or of its bytes `raw`, already read); none if it does not exist.
 
     A last line cut short (the disk filled up mid-write) is skipped.
     """
-    try:
-        with open(path, "rb") as f:
-            raw = f.read()
-    except FileNotFoundError:
-        return
-    except OSError as exc:
-        raise JoblogError(f"cannot be read: {exc.strerror}") from None
-    lines = raw.split(b"\n")
+    lines = (_contents(path) if raw is None else raw).split(b"\n")
     for number, data in enumerate(lines, start=1):
         if not data.strip():
             continue
@@ -118,49 +123,28 @@ def read_records(path: str) -> Iterator[tuple[int, dict[str, Any]]]:
         yield number, record
 
 
-def cut_torn_tail(path: str) -> None:
-    """Cut a last record that was cut short (no newline after it) off the
-    joblog, so that the next record starts a line of its own (that item is
-    not done: it runs again)."""
-    try:
-        with open(path, "rb+") as f:
-            size = f.seek(0, os.SEEK_END)
-            if size == 0:
-                return
-            f.seek(size - 1)
-            if f.read(1) == b"\n":
-                return
-            keep = 0
-            step = 65536
-            end = size
-            while end > 0:  # back to the last newline, a block at a time
-                start = max(0, end - step)
-                f.seek(start)
-                at = f.read(end - start).rfind(b"\n")
-                if at >= 0:
-                    keep = start + at + 1
-                    break
-                end = start
-            f.truncate(keep)
-    except FileNotFoundError:
-        return
-    except OSError as exc:
-        raise JoblogError(f"cannot be repaired: {exc.strerror}") from None
-
-
 def read_done(path: str, digests: dict[int, str]) -> set[int]:
     """Input line numbers the joblog at `path` records as done.
 
     `digests` maps each input line number to its item's digest; a record that
     names a line whose item differs means the joblog is from another input,
-    and resuming from it would skip the wrong items: JoblogError.
+    and resuming from it would skip the wrong items: JoblogError. A last
+    record cut short is cut off the file once the rest is found to be this
+    input's, so that the next record starts a line of its own (that item is
+    not done: it runs again).
     """
+    raw = _contents(path)
     done: set[int] = set()
-    for number, record in read_records(path):
+    for number, record in read_records(path, raw):
         line = record["line"]
         if isinstance(line, bool) or not isinstance(line, int) or digests.get(line) != record["sha"]:
             raise JoblogError(f"line {number} records input line {line} with another item than the input has "
                               "there: this joblog is from another input")
         if record["status"] == DONE:
             done.add(line)
+    if raw and not raw.endswith(b"\n"):
+        try:
+            os.truncate(path, raw.rfind(b"\n") + 1)
+        except OSError as exc:
+            raise JoblogError(f"cannot be repaired: {exc.strerror}") from None
     return done

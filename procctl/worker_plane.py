@@ -164,17 +164,16 @@ class WorkEnd:
             self._send(ctx, Kind.UNWANT, cid)
             self._await_reply(ctx, cid, None, until=(Kind.UNWANTED,))  # a crossing CREDIT is absorbed
             self.wanting.discard(cid)
-        given = self.credits.pop(cid, 0)
-        if given:
-            self._send(ctx, Kind.RETURN, cid, given)
+        self.give_back(ctx, cid)
 
-    def give_back(self, ctx: WorkerContext) -> None:
-        """Give back every put credit held (the worker is about to sleep or
-        pause: a sender waiting for that room must not wait for us)."""
-        for cid, n in list(self.credits.items()):
+    def give_back(self, ctx: WorkerContext, cid: int | None = None) -> None:
+        """Give back the put credits held on channel `cid`, or on every channel
+        (the worker is about to sleep or pause: a sender waiting for that room
+        must not wait for us)."""
+        for held in [cid] if cid is not None else list(self.credits):
+            n = self.credits.pop(held, 0)
             if n:
-                self._send(ctx, Kind.RETURN, cid, n)
-        self.credits.clear()
+                self._send(ctx, Kind.RETURN, held, n)
 
     def iter(self, ctx: WorkerContext, name: str) -> Iterator[Any]:
         self.channel(name)

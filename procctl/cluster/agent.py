@@ -226,6 +226,18 @@ class Agent:
         raise NotImplementedError
 
     def lease_lost(self) -> None:
+        """The client is gone: end the workers within LEASE_GRACE (at once if a
+        stop with the client's own grace is under way)."""
+        local = self.local()
+        if local is None:
+            return
+        if self.stopper is not None:
+            local.kill()
+        else:
+            local.stop(grace=LEASE_GRACE)
+
+    def local(self) -> ProcessController | _Pool | None:
+        """The node's own controller or pool, once started."""
         raise NotImplementedError
 
     def start(self) -> None:
@@ -318,12 +330,8 @@ class ControllerAgent(Agent):
             return {wid: _picklable_report(r) for wid, r in reports.items()}
         raise ValueError(f"unknown command {cmd.op}")
 
-    def lease_lost(self) -> None:
-        if self.pc is not None:
-            if self.stopper is not None:
-                self.pc.kill()  # a stop with the client's grace runs: the client is gone, end it now
-            else:
-                self.pc.stop(grace=LEASE_GRACE)
+    def local(self) -> ProcessController | None:
+        return self.pc
 
     def close(self) -> None:
         if self.pc is not None:
@@ -443,12 +451,8 @@ class ExecutorAgent(Agent):
             tb = getattr(cause, "tb", None) or "".join(traceback.format_exception(exc))
             self.outbox.say(Up.RESULT, body=(tid, False, _portable(exc), tb))
 
-    def lease_lost(self) -> None:
-        if self.ex is not None:
-            if self.stopper is not None:
-                self.ex.kill()  # a stop with the client's grace runs: the client is gone, end it now
-            else:
-                self.ex.stop(grace=LEASE_GRACE)
+    def local(self) -> _Pool | None:
+        return self.ex
 
     def close(self) -> None:
         if self.ex is not None:

@@ -20,16 +20,27 @@ from typing import Any
 from .. import shutdown
 from ..controller import (
     ACK_TIMEOUT,
+    Shortcuts,
     WorkerStartError,
     check_signal,
     check_start_method,
     check_state,
+    check_worker_id,
     check_worker_ids,
 )
 from ..states import CLEAN_OUTCOMES, Event, Outcome, State, WorkerReport, WorkerStatus
 from ..workwire import check_timeout
 from .agent import run_controller_agent
-from .session import CONNECT_TIMEOUT, SLACK, START_TIMEOUT, Node, Session, check_workers_per_node, connect
+from .session import (
+    CONNECT_TIMEOUT,
+    SLACK,
+    START_TIMEOUT,
+    Node,
+    Session,
+    check_answer,
+    check_workers_per_node,
+    connect,
+)
 from .wire import AgentSpec, Message, Op, Up
 
 __all__ = ["ClusterController", "connect"]
@@ -53,7 +64,7 @@ class _Remote:
         self.state = state
 
 
-class ClusterController(Session):
+class ClusterController(Shortcuts, Session):
     """Run `target(ctx, *args, **kwargs)` in `workers_per_node` processes on every
     node of a Dask cluster, under one controller with ProcessController's API.
 
@@ -253,24 +264,14 @@ class ClusterController(Session):
                     if only is not None and node.index not in only:
                         continue
                     if node.index in answers:
-                        answer = answers[node.index]
+                        answer = check_answer(node, answers[node.index])
                         if isinstance(answer, tuple) and answer[0] == "timeout":
                             late.extend(self._gid(node, local) for local in answer[1])
-                        elif isinstance(answer, tuple) and answer[0] == "error":
-                            raise RuntimeError(f"node {node.address}: {answer[1]}")
                     elif not node.ended and node.lost is None:
                         late.extend(w.id for w in self._workers.values() if w.node is node and w.report is None
                                     and (ids is None or w.id in ids))
             if late:
                 raise TimeoutError(f"workers {sorted(late)} did not acknowledge {state.name} within {limit}s")
-
-    def run(self, *, timeout: float | None = None, workers: Iterable[int] | None = None) -> None:
-        """Broadcast RUNNING (to `workers` only, when given)."""
-        self.broadcast(State.RUNNING, timeout=timeout, workers=workers)
-
-    def pause(self, *, timeout: float | None = None, workers: Iterable[int] | None = None) -> None:
-        """Broadcast PAUSED (to `workers` only, when given)."""
-        self.broadcast(State.PAUSED, timeout=timeout, workers=workers)
 
     def stop(self, grace: float | None = None, *,
              workers: Iterable[int] | None = None) -> dict[int, WorkerReport]:
@@ -315,9 +316,7 @@ class ClusterController(Session):
         answers = self.ask_all(Op.STOP_SOME, None, bound, only)
         with self.cond:
             for index, answer in answers.items():
-                if isinstance(answer, tuple) and answer[0] == "error":
-                    raise RuntimeError(f"node {self.nodes[index].address}: {answer[1]}")
-                for report in answer.values():
+                for report in check_answer(self.nodes[index], answer).values():
                     self._take_report(self.nodes[index], report)
             out = {wid: self._reports[wid] for wid in ids if wid in self._reports}
         self._emit_events()
@@ -367,22 +366,22 @@ class ClusterController(Session):
         timeout = check_timeout("timeout", timeout)
         if self._phase is _NEW:
             raise RuntimeError("the controller is not started; call start() or use a with block")
-        if self._phase is _CLOSED:
-            return True
         self._woken = False
-        with self.cond:
-            self.cond.wait_for(lambda: self._live() == 0 or self._woken, _bounded(timeout))
-            done = self._live() == 0
-        self._emit_events()
-        return done
+        return self._wait_ended(timeout, lambda: self._woken)
 
     def wait_ended(self, timeout: float | None) -> bool:
         """As wait(), but wakeup() does not cut it short."""
         timeout = check_timeout("timeout", timeout)
         if self._phase is _NEW:
             raise RuntimeError("the controller is not started; call start() or use a with block")
+        return self._wait_ended(timeout, lambda: False)
+
+    def _wait_ended(self, timeout: float | None, woken: Callable[[], bool]) -> bool:
+        if self._phase is _CLOSED:
+            return True
         with self.cond:
-            done = self.cond.wait_for(lambda: self._live() == 0, _bounded(timeout))
+            self.cond.wait_for(lambda: self._live() == 0 or woken(), _bounded(timeout))
+            done = self._live() == 0
         self._emit_events()
         return done
 
@@ -394,11 +393,8 @@ class ClusterController(Session):
     def history(self, worker_id: int) -> list[WorkerReport]:
         """The report of every ended incarnation of worker `worker_id`: on a
         cluster, which restarts none, its report once it ended."""
-        if isinstance(worker_id, bool) or not isinstance(worker_id, int):
-            raise TypeError(f"worker_id must be an int, not {type(worker_id).__name__}")
         with self.cond:
-            if worker_id not in self._workers:
-                raise ValueError(f"worker_id {worker_id} is not a worker of this controller")
+            check_worker_id(worker_id, len(self._workers))
             report = self._reports.get(worker_id)
         return [] if report is None else [report]
 

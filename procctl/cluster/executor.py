@@ -45,7 +45,7 @@ from ..executor import (
 from ..states import Event, State, WorkerStatus
 from ..workwire import MAX_WAIT, check_timeout
 from .agent import run_executor_agent
-from .session import CONNECT_TIMEOUT, SLACK, Node, Session, check_workers_per_node
+from .session import CONNECT_TIMEOUT, SLACK, Node, Session, check_answer, check_workers_per_node
 from .wire import AgentSpec, Message, Op, Up
 
 log = logging.getLogger("procctl")
@@ -271,9 +271,7 @@ class ClusterExecutor(Session, Executor):
         late = []
         with self.cond:
             for n in self.nodes:
-                answer = answers.get(n.index, ("timeout", None))
-                if isinstance(answer, tuple) and answer[0] == "error":
-                    raise RuntimeError(f"node {n.address}: {answer[1]}")
+                answer = check_answer(n, answers.get(n.index, ("timeout", None)))
                 if isinstance(answer, tuple) and answer[0] == "timeout" and not n.ended and n.lost is None:
                     late.append(n.address)
         if late:

@@ -645,6 +645,13 @@ class Session:
         return round(max(0.0, wall - self._wall0), 6)
 
 
+def check_answer(node: Node, answer: Any) -> Any:
+    """A node's answer to a command; RuntimeError if applying it raised there."""
+    if isinstance(answer, tuple) and answer[:1] == ("error",):
+        raise RuntimeError(f"node {node.address}: {answer[1]}")
+    return answer
+
+
 def check_workers_per_node(workers_per_node: Any) -> None:
     """ValueError naming `workers_per_node` unless it is a count this machine can start
     (each node is a machine like it, as a rule; the nodes check again)."""
