@@ -771,6 +771,8 @@ class ProcessController(Shortcuts):
         self._phase = _CLOSED
         registry.open_controllers.discard(self)
         self._cond.notify_all()  # a background thread waiting for a pass: there is none to come
+        if self._told and not self._dispatching:
+            self._tell()  # (said in a pass an exception cut short): all is told before stop() returns
 
     # -- commands -----------------------------------------------------------
 

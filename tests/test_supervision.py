@@ -433,6 +433,7 @@ def test_cli_sigttin_sigttou_resize(tests_dir):
     assert code == 143
     assert "--max-workers 3" in err
     summary = json_events(out)[-1]
+    assert summary["event"] == "summary", out[-3000:]
     # Three worker ids, each counted once with its last outcome (2 by the shrink, 0 and 1 at the end).
     assert summary["workers"] == 3 and summary["outcomes"] == {"stopped": 3}
 
