@@ -512,7 +512,8 @@ def _run_target(ctx: WorkerContext, payload: Payload) -> tuple[Outcome, Any, str
 def _send_result(end: ControlEnd, outcome: Outcome, result: Any, error: str | None) -> None:
     try:
         payload = pickle.dumps((outcome.value, result, error), pickle.HIGHEST_PROTOCOL)
-    except Exception as exc:  # noqa: BLE001 - pickling runs the result's own code
+    except BaseException as exc:  # noqa: BLE001 - pickling runs the result's own code (even a
+        # SystemExit from a __reduce__ is the result's fault, not a reason to die unreported)
         note = f"the result of type {type(result).__name__} could not be pickled: {exc!r}"
         payload = pickle.dumps((Outcome.FAILED.value, None, note))
     try:

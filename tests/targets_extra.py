@@ -129,6 +129,16 @@ def reduce_raises_result(ctx):
     return _ReduceRaises()
 
 
+class _ReduceExits:
+    def __reduce__(self):
+        raise SystemExit(4)
+
+
+def reduce_exits_result(ctx):
+    """A result whose pickling raises SystemExit: the result's fault, not the worker's end."""
+    return _ReduceExits()
+
+
 def recursion_result(ctx):
     """A result too deeply nested to pickle (RecursionError)."""
     x = []

@@ -193,10 +193,11 @@ def test_keyboard_interrupt_raised_in_target_is_failed():
     [
         (targets.unpicklable_result, ["pickle", "function"]),
         (targets_extra.reduce_raises_result, ["pickle", "refuse to be pickled"]),
+        (targets_extra.reduce_exits_result, ["could not be pickled", "SystemExit(4)"]),
         (targets_extra.unloadable_result, ["unpickle", "cannot rebuild"]),
         (targets_extra.recursion_result, ["pickle"]),
     ],
-    ids=["lambda", "reduce-raises", "fails-to-load", "too-deep"],
+    ids=["lambda", "reduce-raises", "reduce-exits", "fails-to-load", "too-deep"],
 )
 def test_bad_result_is_a_clear_error_not_a_hang(target, words):
     t0 = time.monotonic()
