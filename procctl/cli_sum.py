@@ -210,15 +210,22 @@ def _run(job: SumJob, reporter: Reporter, bridge: SignalBridge, view: Any = None
     with bridge.attach(wake=on_signal, hurry=job.kill, nudge=job.wakeup):
         try:
             if bridge.stop_requested():  # came before anything started: start nothing
-                raise SumCancelled("cancelled before the run started")
+                plan = job.plan  # nothing ran: every count is 0
+                raise SumCancelled("cancelled before the run started", SumResult(
+                    -1, plan.threshold, (0,) * plan.consumers, (0,) * plan.consumers, (0,) * plan.producers, 0, 0.0))
             with view if view is not None else contextlib.nullcontext():
                 result = job.run()  # the live view closes before the summary
-        except SumCancelled:
+        except SumCancelled as exc:
             if stopped and bridge.exit_code is None:
                 tell(reporter, Cancelled(None, by="procctl stop"))
-                return EXIT_OK
-            tell(reporter, Cancelled(bridge.signal_name))
-            return bridge.exit_code or EXIT_SIGINT
+                code = EXIT_OK
+            else:
+                tell(reporter, Cancelled(bridge.signal_name))
+                code = bridge.exit_code or EXIT_SIGINT
+            if exc.result is not None:  # the counts all the same, as the last line: nobody won
+                summary = Summary(exc.result)
+                reporter.summary(summary.to_dict(), summary_text(exc.result))
+            return code
         except TimeoutError as exc:
             reporter.emit(TimedOut(job.plan.timeout).to_dict(), None)
             say(f"procctl sum: {exc}")

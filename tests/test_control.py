@@ -390,8 +390,9 @@ def test_procctl_stop_cancels_a_sum_run_cleanly(env):
         cli.kill()
     assert code == 0, err
     events = json_events(out)
-    assert [e["event"] for e in events[-3:]] == ["drained", "closed", "cancelled"]
-    assert events[-1] == {"event": "cancelled", "by": "procctl stop"}
+    assert [e["event"] for e in events[-4:]] == ["drained", "closed", "cancelled", "summary"]
+    assert events[-2] == {"event": "cancelled", "by": "procctl stop"}
+    assert events[-1]["winner"] is None
     assert not os.path.exists(socket_of(env, "sum1"))
 
 

@@ -428,10 +428,13 @@ def test_cancel_from_another_thread():
     timer = threading.Timer(0.3, job.cancel)
     timer.start()
     try:
-        with pytest.raises(SumCancelled):
+        with pytest.raises(SumCancelled) as caught:
             job.run()
     finally:
         timer.cancel()
+    counts = caught.value.result  # the counts as settled, as a timeout's
+    assert counts is not None and counts.winner == -1 and len(counts.sums) == 3
+    assert sum(counts.produced) == sum(counts.received) + counts.drained
     assert not children()
 
 
@@ -554,7 +557,11 @@ def test_cli_signal_stops_cleanly(sig, code, group):
     assert proc.returncode == code, err
     assert b"Traceback" not in err
     events = [json.loads(line) for line in out.splitlines()]
-    assert [e["event"] for e in events[-3:]] == ["drained", "closed", "cancelled"]
+    # The last line is the summary, as issue 3 says, with the counts and no winner.
+    assert [e["event"] for e in events[-4:]] == ["drained", "closed", "cancelled", "summary"]
+    summary = events[-1]
+    assert summary["winner"] is None and summary["threshold"] == 1000000000
+    assert sum(summary["produced"]) == sum(summary["received"]) + summary["drained"] > 0
     _, alive = psutil.wait_procs(workers, timeout=5)
     assert not alive
 

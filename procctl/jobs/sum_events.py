@@ -180,7 +180,7 @@ class Summary(SumEvent):
 
     def to_dict(self) -> dict[str, Any]:
         out = {"event": self.kind.value, **self.result.to_dict()}
-        if self.result.winner < 0:  # a timeout's counts: nobody won
+        if self.result.winner < 0:  # a timeout's or a cancel's counts: nobody won
             out["winner"] = None
         return out
 

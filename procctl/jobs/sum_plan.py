@@ -96,7 +96,17 @@ class SumJobError(RuntimeError):
 
 
 class SumCancelled(RuntimeError):
-    """cancel() was called (e.g. on SIGINT); everything was stopped and cleaned up first."""
+    """cancel() was called (e.g. on SIGINT); everything was stopped and cleaned up first.
+
+    `result` holds the run's counts as they were settled (its `winner` is -1),
+    as SumTimeout's does; None when the run was cancelled before it started."""
+
+    def __init__(self, message: str, result: SumResult | None = None) -> None:
+        super().__init__(message)
+        self.result = result
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (str(self), self.result))
 
 
 @dataclass(frozen=True)

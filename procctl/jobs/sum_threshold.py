@@ -292,7 +292,8 @@ class SumJob:
     def _conclude(self, verdict: _Verdict, reports: dict[int, WorkerReport], books: _Books) -> SumResult:
         plan = self.plan
         if verdict is _Verdict.CANCELLED:
-            raise SumCancelled("the sum-threshold run was cancelled; everything was stopped and cleaned up")
+            raise SumCancelled("the sum-threshold run was cancelled; everything was stopped and cleaned up",
+                               self._result(-1, books))
         failed = [r for r in reports.values() if r.outcome is Outcome.FAILED]
         if failed:
             lines = []
