@@ -38,6 +38,7 @@ from .clitools import (
 )
 from .controller import ProcessController, WorkerStartError
 from .limits import LIMIT_ERRNOS, capacity_problem
+from .named_target import NamedTarget, remember
 from .states import CLEAN_OUTCOMES, Event, Outcome, State, WorkerReport
 from .supervise import Plan, Restart, Strategy
 
@@ -187,7 +188,9 @@ def load_target(spec: str, option: str = "--target") -> Callable[..., Any]:
     if cwd not in sys.path:
         sys.path.insert(0, cwd)
     try:
-        module = importlib.import_module(module_name)
+        # What the module prints as it loads is not the command's output (JSON Lines, map's results).
+        with contextlib.redirect_stdout(sys.stderr):
+            module = importlib.import_module(module_name)
     except ImportError as exc:
         raise BadInput(f"{option} {spec!r}: cannot import module {module_name!r}: {exc}") from None
     except SystemExit as exc:
@@ -489,6 +492,9 @@ def run_command(workers: int, target: str | None, schedule: str, step: float, fi
     args: tuple[Any, ...] = ()
     if target is not None:
         func = load_target(target)
+        if cluster_spec is None:  # the workers resolve the name (named_target.py)
+            remember(target, func)
+            func = NamedTarget(target, os.getcwd())
     else:
         from .jobs.demo import demo_worker
 

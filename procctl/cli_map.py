@@ -53,7 +53,8 @@ from .clitools import (
 from .controller import WorkerStartError
 from .executor import ProcessExecutor
 from .limits import LIMIT_ERRNOS, capacity_problem
-from .map_task import error_line, run_item
+from .map_task import error_line, output_to_stderr, run_item
+from .named_target import NamedTarget, remember
 from .states import State, WorkerStatus
 from .workwire import remaining
 
@@ -129,20 +130,24 @@ def seconds(option: str, value: float | None, *, positive: bool = False) -> floa
     return None if value == math.inf else value
 
 
-def load_function(spec: str) -> Callable[[Any], Any]:
+def load_function(spec: str, local: bool) -> Callable[[Any], Any]:
+    """The checked function; on one machine, sent to the workers by its name (named_target.py)."""
     from .cli import load_target  # procctl.cli imports this module at its end
 
     func = load_target(spec, option="MODULE:FUNC")
-    try:
-        pickle.dumps(func)
-    except Exception as exc:  # noqa: BLE001 - whatever pickle raises, workers cannot get it
-        raise BadInput(f"MODULE:FUNC {spec!r} cannot be sent to worker processes: {exc}") from None
     try:
         inspect.signature(func).bind(None)
     except TypeError:
         raise BadInput(f"MODULE:FUNC {spec!r} must take one argument (the item)") from None
     except ValueError:
         pass  # no signature to read (some builtins): let the call tell
+    if local:
+        remember(spec, func)
+        return NamedTarget(spec, os.getcwd())
+    try:
+        pickle.dumps(func)
+    except Exception as exc:  # noqa: BLE001 - whatever pickle raises, workers cannot get it
+        raise BadInput(f"MODULE:FUNC {spec!r} cannot be sent to worker processes: {exc}") from None
     return func
 
 
@@ -225,7 +230,7 @@ def make_plan(spec: str, items_path: str, raw_lines: bool, workers: int | None, 
     for path, option in ((joblog, "--joblog"), (unfinished, "--unfinished"), (events_path, "--events")):
         if path:
             check_writable_file(path, option)
-    func = load_function(spec)
+    func = load_function(spec, local=cluster is None)
     items = read_items(items_path, raw_lines, bridge)
     done: set[int] = set()
     if joblog and resume:
@@ -272,8 +277,9 @@ def check_cluster(text: str | None, workers: int | None, workers_per_node: int |
 
 
 def make_executor(plan: MapPlan) -> ProcessExecutor:
+    # stdout carries the results: what the function prints goes to stderr.
     return ProcessExecutor(plan.workers, retries=plan.retries, task_timeout=plan.task_timeout,
-                           start_method=plan.start_method, grace=plan.grace)
+                           start_method=plan.start_method, grace=plan.grace, initializer=output_to_stderr)
 
 
 class ClusterStartFailed(click.ClickException):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 import traceback
 from collections.abc import Callable
@@ -49,6 +50,22 @@ def run_item(fn: Callable[[Any], Any], item: Any, joblog: str | None = None,
     if joblog is not None and head is not None:
         append(joblog, head + record_tail(outcome))
     return outcome
+
+
+def output_to_stderr() -> None:
+    """Point this worker's stdout (file descriptor 1 and sys.stdout) at its stderr:
+    the command's stdout carries the results, one JSON value a line."""
+    if sys.stdout is not None:
+        try:
+            sys.stdout.flush()
+        except (OSError, ValueError):
+            pass
+    try:
+        os.dup2(2, 1)
+    except OSError:  # no stderr (closed): then the output goes nowhere rather than into the results
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 1)
+        os.close(devnull)
 
 
 def _interrupted() -> bool:

@@ -60,6 +60,29 @@ def test_user_target_from_current_directory(method):
     assert json_events(res.stdout)[-1]["outcomes"] == {"stopped": 2}
 
 
+NOISY_MODULE = """
+import sys
+print("importing noisy")
+print("importing noisy (stderr)", file=sys.stderr)
+lam = lambda ctx: ctx.worker_id  # noqa: E731 - a target pickle cannot send by reference
+"""
+
+
+@pytest.mark.parametrize("method", ["spawn", "forkserver"])
+def test_target_module_output_and_a_lambda_target_under_every_start_method(tmp_path, method):
+    # The workers get the target's name and import it once their output is
+    # captured: what the module prints as it loads is prefixed on stderr, never
+    # on --json's stdout; and a lambda runs as it does under fork.
+    (tmp_path / "noisy.py").write_text(NOISY_MODULE)
+    res = run_cli(["run", "--workers", "2", "--target", "noisy:lam", "--step", "0.05", "--schedule", "run",
+                   "--start-method", method, "--json"], cwd=str(tmp_path))
+    assert res.returncode == 0, res.stderr
+    events = json_events(res.stdout)  # every stdout line is JSON
+    assert events[-1]["outcomes"] == {"finished": 2}
+    assert "[0] importing noisy" in res.stderr and "[1] importing noisy (stderr)" in res.stderr
+    assert "importing noisy\n" in res.stderr.replace("[0] ", "").replace("[1] ", "")
+
+
 def test_failing_target_exits_1_and_shows_the_error_once():
     res = run_cli(["run", "--workers", "2", "--target", "targets:raise_error", "--step", "0.05"], cwd=TESTS)
     assert res.returncode == 1

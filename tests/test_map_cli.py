@@ -53,6 +53,31 @@ def test_results_as_json_lines(tmp_path, method):
     assert "summary: 20 items: 20 done, 0 failed, 0 unfinished" in res.stderr
 
 
+CHATTY_MODULE = """
+print("importing chatty")
+def double(x):
+    print("doubling", x)
+    return 2 * x
+triple = lambda x: 3 * x  # noqa: E731
+"""
+
+
+@pytest.mark.parametrize("func, method, factor", [("double", "fork", 2), ("double", "spawn", 2),
+                                                  ("triple", "forkserver", 3)])
+def test_stdout_has_only_the_results_whatever_the_function_prints(tmp_path, func, method, factor):
+    # What the function (or its module, as a worker imports it) prints goes to
+    # stderr; the function is sent by name, so a lambda runs under every method.
+    (tmp_path / "chatty.py").write_text(CHATTY_MODULE)
+    items = write_items(tmp_path / "in.jsonl", range(6))
+    res = run_cli(["map", f"chatty:{func}", "--items", items, "--workers", "2", "--start-method", method],
+                  cwd=str(tmp_path))
+    assert res.returncode == 0, res.stderr
+    got = [json.loads(line) for line in res.stdout.splitlines()]
+    assert sorted(got, key=lambda r: r["item"]) == [{"item": i, "result": factor * i} for i in range(6)]
+    if func == "double":
+        assert res.stderr.count("doubling") == 6  # (two workers: their lines may interleave)
+
+
 @pytest.mark.parametrize("huge", ["3e6", "1e300"])
 def test_huge_timeouts_are_that_long(tmp_path, huge):
     # --timeout 3e6 once overflowed the wait of the command's loop (a traceback, exit 1).
