@@ -504,6 +504,43 @@ def test_an_address_that_does_not_speak_dask_is_a_connection_error(silent_addres
     assert time.monotonic() - started < 8  # about connect_timeout each; Dask's own client hangs
 
 
+@pytest.fixture
+def garbage_address():
+    """An address that answers every connection with bytes that are not Dask's (which its
+    decoder read as an absurd array shape: a ValueError, once taken for a bad address)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(8)
+        sock.settimeout(30)
+        conns = []
+
+        def serve():
+            try:
+                while True:
+                    conn, _ = sock.accept()
+                    conns.append(conn)
+                    conn.sendall(b"\xff" * 64)
+            except OSError:
+                pass  # the test is over
+
+        server = threading.Thread(target=serve, daemon=True)
+        server.start()
+        yield f"tcp://127.0.0.1:{sock.getsockname()[1]}"
+        sock.shutdown(socket.SHUT_RDWR)
+    server.join(5)
+    for conn in conns:
+        conn.close()
+
+
+def test_an_address_that_answers_garbage_is_a_connection_error(garbage_address, tests_dir):
+    with pytest.raises(ConnectionError, match=garbage_address):
+        ClusterExecutor(address=garbage_address, connect_timeout=2)
+    res = subprocess.run([sys.executable, "-m", "procctl", "run", "--cluster", garbage_address, "--json"],
+                         capture_output=True, text=True, timeout=30, cwd=tests_dir)
+    assert res.returncode == 2, res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1 and "Traceback" not in res.stderr, res.stderr
+
+
 def test_cli_on_an_address_that_does_not_speak_dask(silent_address, tests_dir, tmp_path):
     sock, address = silent_address
     # A SIGTERM while it connects ends it at once (it used to wait for the socket to close).

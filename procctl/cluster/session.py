@@ -134,12 +134,11 @@ class Connecting:
             _refused_at_once(self.address, self.seconds)
             asyncio.run(_shake_hands(self.address, self.seconds))
             client = Client(self.address, timeout=max(0.1, deadline - time.monotonic()), set_as_default=False)
-        except ValueError as exc:
-            error = ValueError(f"address {self.address!r} is not a Dask scheduler address: {exc}")
         except (OSError, asyncio.TimeoutError) as exc:
             why = str(exc) or f"no answer as a Dask scheduler within {self.seconds:g}s"
             error = ConnectionError(f"cannot reach the Dask scheduler at {self.address}: {why}")
-        except BaseException as exc:  # noqa: BLE001 - garbage on the wire (a MemoryError from a bogus length)
+        except BaseException as exc:  # noqa: BLE001 - garbage on the wire (a MemoryError from a bogus
+            # length, a ValueError from a bogus shape: the address itself was checked before)
             error = ConnectionError(f"{self.address} does not answer as a Dask scheduler "
                                     f"({type(exc).__name__}: {exc!s:.80})")
         with self._lock:
