@@ -297,6 +297,17 @@ def test_shutdown_cancels_what_did_not_start_and_ends_the_agents(cluster):
     assert [f.result(timeout=20) for f in futs] == [0, 1, 4, 9]
     assert still_running(pids, timeout=10) == []  # the agents stop with the last task, not at our exit
 
+    # Dropped without shutdown(): collected, and then as shutdown(wait=False), as ProcessExecutor.
+    ex = ClusterExecutor(cluster=cluster, workers_per_node=1, lease=5)
+    pids = [s.pid for s in ex.status()]
+    futs = [ex.submit(cluster_targets.square, i) for i in range(4)]
+    dropped = weakref.ref(ex)
+    del ex
+    gc.collect()
+    assert dropped() is None
+    assert [f.result(timeout=20) for f in futs] == [0, 1, 4, 9]
+    assert still_running(pids, timeout=10) == []
+
 
 def test_executor_methods_work_from_a_done_callback(cluster):
     """A done callback may pause, ask the status, stop at the first failure:
@@ -391,6 +402,12 @@ def test_a_dask_worker_sigkilled(own_cluster):
         assert [f.result(timeout=30) for f in futs] == [i * i for i in range(80)]
         assert ex.retried > 0
         assert any(e.event == "task-retry" and e.node == ex.nodes[1].address for e in events)
+        # The lost node's workers stay in status(), crashed, with their node; ids stay stable.
+        status = ex.status()
+        assert [s.worker_id for s in status] == [0, 1, 2, 3]
+        assert [(s.alive, s.outcome, s.node) for s in status[2:]] == [
+            (False, Outcome.CRASHED, ex.nodes[1].address)] * 2
+        assert sum(s.total for s in status) == 80
         more = [ex.submit(cluster_targets.slow_square, i) for i in range(100)]
         next(concurrent.futures.as_completed(more, timeout=30))
         left = ex.stop(grace=2)

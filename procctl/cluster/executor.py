@@ -20,6 +20,7 @@ import logging
 import math
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import BrokenExecutor, Executor, Future
@@ -42,7 +43,7 @@ from ..executor import (
     check_task_timeout,
     map_deadline,
 )
-from ..states import Event, State, WorkerStatus
+from ..states import Event, Outcome, State, WorkerStatus
 from ..workwire import MAX_WAIT, check_timeout
 from .agent import run_executor_agent
 from .session import CONNECT_TIMEOUT, SLACK, Node, Session, check_answer, check_workers_per_node
@@ -68,16 +69,9 @@ class _Task:
         self.answered = False
 
 
-class ClusterExecutor(Session, Executor):
-    """A process pool over every node of a Dask cluster with the ProcessExecutor API:
-    submit, map, pause, resume, stop (the unfinished items, once each), counts, status.
-
-    Each node runs `workers_per_node` local worker processes under a local
-    ProcessExecutor (a crash there costs one task; `retries` and
-    `task_timeout` apply per node). A node that is lost (its Dask worker died,
-    or it went silent for `lease` seconds) gives its tasks back to the others:
-    they run again elsewhere, counted as retries.
-    """
+class _ClusterPool(Session):
+    """What a ClusterExecutor does; its threads hold this, never the ClusterExecutor,
+    so that a ClusterExecutor dropped without shutdown() is collected (and shuts down)."""
 
     def __init__(
         self,
@@ -129,6 +123,9 @@ class ClusterExecutor(Session, Executor):
         self._turn = 0  # the node that gets the next task when loads are equal
         self._stop_when_idle = False  # shutdown(wait=False): stop once the last task is done
         self._ops = threading.Lock()
+        #: Each node's workers as status() last saw them; items completed on each node (by address).
+        self._last_seen: dict[int, list[WorkerStatus]] = {}
+        self._done_at: dict[str, int] = {}
         try:
             self.open(grace_s)
             error = self.agent_error()
@@ -351,11 +348,34 @@ class ClusterExecutor(Session, Executor):
         with self._ops:
             answers = self.ask_all(Op.STATUS, None, self.lease + SLACK)
         out: list[WorkerStatus] = []
-        for node in self.nodes:
-            for status in answers.get(node.index) or []:
-                out.append(replace(status, worker_id=node.index * self.workers_per_node + status.worker_id,
-                                   node=node.address))
+        with self.cond:
+            for node in self.nodes:
+                got = answers.get(node.index)
+                if isinstance(got, list) and got:
+                    seen = [replace(status, worker_id=node.index * self.workers_per_node + status.worker_id,
+                                    node=node.address) for status in got]
+                    self._last_seen[node.index] = seen
+                    out += seen
+                elif node.ended or node.lost is not None:
+                    out += self._lost_workers(node)
         return out
+
+    def _lost_workers(self, node: Node) -> list[WorkerStatus]:
+        """The workers of a lost node, as ClusterController reports them: crashed,
+        with the node; their `done` and `total` are the tasks they completed (those
+        they held run elsewhere), as last seen, so that the totals still add up."""
+        first = node.index * self.workers_per_node
+        seen = {s.worker_id: s for s in self._last_seen.get(node.index, [])}
+        pids = node.hello if isinstance(node.hello, list) else []
+        done = [int(seen[first + i].done or 0) if first + i in seen else 0 for i in range(self.workers_per_node)]
+        # What completed there since the last look, spread over its workers.
+        extra = max(0, self._done_at.get(node.address, 0) - sum(done))
+        for i in range(self.workers_per_node):
+            done[i] += extra // self.workers_per_node + (1 if i < extra % self.workers_per_node else 0)
+        return [WorkerStatus(first + i, seen[first + i].pid if first + i in seen else (
+                    pids[i] if i < len(pids) else None), State.STOPPED, False, Outcome.CRASHED,
+                    done=float(done[i]), total=float(done[i]), node=node.address)
+                for i in range(self.workers_per_node)]
 
     # -- tasks --------------------------------------------------------------------------------------
 
@@ -467,6 +487,8 @@ class ClusterExecutor(Session, Executor):
             task, ok, value, tb, node = settle.pop()
             fut, tid, n = task.future, task.tid, len(task.items)
             del task
+            if node:
+                self._done_at[node] = self._done_at.get(node, 0) + n
             if fut.cancelled():
                 self._cancelled += n
                 continue
@@ -496,6 +518,107 @@ class ClusterExecutor(Session, Executor):
 
     def __repr__(self) -> str:
         return f"<ClusterExecutor {len(self.nodes)} nodes x {self.workers_per_node}>"
+
+
+class ClusterExecutor(Executor):
+    """A process pool over every node of a Dask cluster with the ProcessExecutor API:
+    submit, map, pause, resume, stop (the unfinished items, once each), counts, status.
+
+    Each node runs `workers_per_node` local worker processes under a local
+    ProcessExecutor (a crash there costs one task; `retries` and
+    `task_timeout` apply per node). A node that is lost (its Dask worker died,
+    or it went silent for `lease` seconds) gives its tasks back to the others:
+    they run again elsewhere, counted as retries.
+
+    Dropped without shutdown(), it shuts down when it is collected (the tasks
+    submitted still run; then the nodes' workers stop), as ProcessExecutor does.
+    """
+
+    def __init__(
+        self,
+        address: str | None = None,
+        workers_per_node: int = 4,
+        *,
+        cluster: Any = None,
+        lease: float = 10.0,
+        retries: int = 0,
+        task_timeout: float | None = None,
+        on_event: Callable[[Event], None] | None = None,
+        grace: float = 5.0,
+        start_method: str | None = "fork",
+        initializer: Callable[..., Any] | None = None,
+        initargs: tuple[Any, ...] = (),
+        connect_timeout: float = CONNECT_TIMEOUT,
+    ) -> None:
+        self._pool = _ClusterPool(
+            address, workers_per_node, cluster=cluster, lease=lease, retries=retries, task_timeout=task_timeout,
+            on_event=on_event, grace=grace, start_method=start_method, initializer=initializer,
+            initargs=initargs, connect_timeout=connect_timeout)
+        weakref.finalize(self, _dropped, self._pool).atexit = False
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
+        return self._pool.submit(fn, *args, **kwargs)
+
+    def map(
+        self, fn: Callable[..., Any], *iterables: Iterable[Any],
+        timeout: float | None = None, chunksize: int | None = None,
+    ) -> Iterator[Any]:
+        return self._pool.map(fn, *iterables, timeout=timeout, chunksize=chunksize)
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        self._pool.shutdown(wait, cancel_futures=cancel_futures)
+
+    def pause(self, timeout: float | None = None) -> None:
+        self._pool.pause(timeout)
+
+    def resume(self, timeout: float | None = None) -> None:
+        self._pool.resume(timeout)
+
+    def stop(self, grace: float | None = None) -> Unfinished:
+        return self._pool.stop(grace)
+
+    def kill(self) -> None:
+        self._pool.kill()
+
+    @property
+    def paused(self) -> bool:
+        return self._pool.paused
+
+    def counts(self) -> TaskCounts:
+        return self._pool.counts()
+
+    @property
+    def retried(self) -> int:
+        return self._pool.retried
+
+    def status(self) -> list[WorkerStatus]:
+        return self._pool.status()
+
+    @property
+    def workers(self) -> int:
+        return self._pool.workers
+
+    def __getattr__(self, name: str) -> Any:
+        # The rest of what the pool shows (nodes, lease, workers_per_node, grace, retries, client).
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return getattr(self._pool, name)
+
+    def __repr__(self) -> str:
+        return repr(self._pool)
+
+
+# One text for each public method: the pool's, where the behaviour is.
+for _name in ("submit", "map", "shutdown", "pause", "resume", "stop", "kill", "counts", "status"):
+    getattr(ClusterExecutor, _name).__doc__ = getattr(_ClusterPool, _name).__doc__
+
+
+def _dropped(pool: _ClusterPool) -> None:
+    """A ClusterExecutor was collected: shutdown(wait=False), from a thread of its own
+    (a collection may run in any thread, the pool's own included)."""
+    if not pool._stopped:
+        threads.start(threading.Thread(target=pool.shutdown, args=(False,), name="procctl-cluster-dropped",
+                                       daemon=True))
 
 
 def _take(futures: list[_TaskFuture], end_time: float | None) -> Any:
