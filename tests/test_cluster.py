@@ -202,17 +202,29 @@ def test_a_pause_that_waits_longer_than_the_lease_keeps_the_run(cluster, kind):
 
 
 def test_a_crash_names_the_global_worker_and_its_node(cluster):
-    with ClusterExecutor(cluster=cluster, workers_per_node=2, lease=5) as ex:
+    events = []
+    with ClusterExecutor(cluster=cluster, workers_per_node=2, lease=5, retries=1, on_event=events.append) as ex:
         ids = {ex.submit(cluster_targets.where_am_i, i).result(timeout=20)[:2] for i in range(16)}
         assert {w for w, _ in ids} <= {0, 1, 2, 3} and {n for _, n in ids} == {4}
         by_pid = {s.pid: s for s in ex.status()}
         fut = ex.submit(cluster_targets.exit_if, 1, 1)
         with pytest.raises(WorkerCrashed) as info:
             fut.result(timeout=20)
-    said = re.search(r"worker (\d+) on node (\S+) \(pid (\d+)\)", str(info.value))
-    assert said, str(info.value)
-    status = by_pid[int(said[3])]
-    assert (int(said[1]), said[2]) == (status.worker_id, status.node)
+        retried = ex.retried
+    retry = next(e for e in events if e.event == "task-retry")
+    for text in (str(info.value), retry.error):
+        said = re.search(r"worker (\d+) on node (\S+) \(pid (\d+)\)", text)
+        assert said, text
+    status = by_pid[int(said[3])]  # the first crash's worker (the retry ran on its replacement)
+    assert (int(said[1]), said[2]) == (status.worker_id, status.node) == (retry.worker, retry.node)
+    # The events ProcessExecutor gives: the retry on the node, the workers' crashes
+    # (global ids, the node), the task's end named as locally.
+    names = [e.event for e in events]
+    assert names.count("task-retry") == 1 == retried and names.count("task-crashed") == 1
+    crashed = [e for e in events if e.event == "crashed"]
+    assert len(crashed) == 2 and all(e.worker in (0, 1, 2, 3) and e.node for e in crashed)
+    end = next(e for e in events if e.event == "task-crashed")
+    assert (end.done, end.total) == (17.0, 17.0)
 
 
 def test_executor_spreads_tasks_over_the_nodes(cluster):

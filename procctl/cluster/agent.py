@@ -24,6 +24,7 @@ import traceback
 from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import Future as LocalFuture
+from dataclasses import replace
 from functools import partial
 from typing import Any
 
@@ -344,7 +345,6 @@ def _picklable_report(report: Any) -> Any:
     try:
         pickle.dumps(report.result)
     except Exception as exc:  # noqa: BLE001 - a result that cannot cross to the client
-        from dataclasses import replace
 
         return replace(report, result=None, error=(report.error or "") + f"result not sent: {exc!r:.200}")
     return report
@@ -402,8 +402,15 @@ class ExecutorAgent(Agent):
         # its errors name the run's global worker ids and this node.
         per_node = self.ex_args["max_workers"]
         place = (self.spec.node * per_node, self.spec.nodes * per_node, get_worker().address)
-        self.ex = _Pool(**self.ex_args, place=place)
+        self.ex = _Pool(**self.ex_args, place=place, on_event=self._on_pool_event)
         self.outbox.say(Up.HELLO, body=[s.pid for s in self.ex.status()])
+
+    def _on_pool_event(self, event: Event) -> None:
+        """Tell the client what its own results cannot: the workers' events, and a
+        retry here (after a crash or a timeout); it tells a task's end itself."""
+        if event.event == "broadcast" or (event.event.startswith("task-") and event.event != "task-retry"):
+            return
+        self.outbox.say(Up.EVENT, body=(time.time(), replace(event, task=None)))  # (its task id is the pool's)
 
     def apply(self, cmd: Command) -> Any:
         assert self.ex is not None

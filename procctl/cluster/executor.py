@@ -32,7 +32,7 @@ import cloudpickle
 
 from .. import shutdown, threads
 from ..controller import check_start_method
-from ..errors import RemoteTraceback
+from ..errors import RemoteTraceback, TaskTimeout, WorkerCrashed
 from ..executor import (
     MAX_AUTO_CHUNK,
     TaskCounts,
@@ -338,7 +338,8 @@ class _ClusterPool(Session):
 
     @property
     def retried(self) -> int:
-        """Tasks sent again after their node was lost."""
+        """Tasks sent again: after their node was lost, or on their node after
+        a crash or a timeout (`retries`)."""
         return self._retried
 
     def status(self) -> list[WorkerStatus]:
@@ -435,6 +436,15 @@ class _ClusterPool(Session):
         return run_executor_agent, (self._ex_args,)
 
     def on_message(self, node: Node, msg: Message) -> None:
+        if msg.kind is Up.EVENT:  # a worker's, or a retry on the node: with the global id and the node
+            wall, event = msg.body
+            if event.event == "task-retry":
+                self._retried += 1
+                event = replace(event, done=float(self._completed + self._failed), total=float(self._submitted))
+            if self._on_event is not None:
+                wid = None if event.worker is None else node.index * self.workers_per_node + event.worker
+                self._events.append(replace(event, t=self.t_of(wall), worker=wid, node=node.address))
+            return
         if msg.kind is not Up.RESULT:
             return
         tid, ok, value, tb = msg.body
@@ -458,7 +468,8 @@ class _ClusterPool(Session):
             self._pending.appendleft(task)
             self._retried += 1
             self._events.append(Event(self.elapsed(), "task-retry", task=task.tid, node=node.address,
-                                      error=f"node {node.address} was lost: {why}"))
+                                      error=f"node {node.address} was lost: {why}",
+                                      done=float(self._completed + self._failed), total=float(self._submitted)))
         if all(n.ended or n.lost is not None for n in self.nodes):
             self._break(f"every node of the cluster was lost (the last: {node.address}: {why})")
 
@@ -505,12 +516,17 @@ class _ClusterPool(Session):
                     value.__cause__ = RemoteTraceback(tb)
                 fut.set_exception(value)
                 self._failed += n
-                self._event("task-failed", tid, node, error=f"{type(value).__name__}: {value}")
+                # Named as ProcessExecutor names them.
+                name = ("task-crashed" if isinstance(value, WorkerCrashed)
+                        else "task-timeout" if isinstance(value, TaskTimeout) else "task-failed")
+                self._event(name, tid, node, error=f"{type(value).__name__}: {value}")
 
     def _event(self, name: str, tid: int, node: str, error: str | None = None) -> None:
         if self._on_event is not None:
             with self.cond:
-                self._events.append(Event(self.elapsed(), name, task=tid, node=node or None, error=error))
+                self._events.append(Event(self.elapsed(), name, task=tid, node=node or None, error=error,
+                                          done=float(self._completed + self._failed),
+                                          total=float(self._submitted)))
 
     def _check_open(self) -> None:
         if self._stopped:
