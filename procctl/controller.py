@@ -1021,7 +1021,13 @@ class ProcessController(Shortcuts):
                 wait = deadline.remaining()
                 if self._due is not None:  # a supervision timer comes first
                     wait = min(wait, max(0.0, self._due - time.monotonic()))
-                ready = self._unlocked_wait(partial(self._selector.select, wait))
+                selector = self._selector
+                try:
+                    ready = self._unlocked_wait(partial(selector.select, wait))
+                except (OSError, ValueError):
+                    if self._selector is not selector:  # released meanwhile (a close() at exit)
+                        break
+                    raise
                 self._dispatching += 1
                 try:
                     self._dispatch(ready)

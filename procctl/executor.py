@@ -45,6 +45,7 @@ import operator
 import os
 import pickle
 import signal
+import sys
 import threading
 import time
 import traceback
@@ -1588,8 +1589,31 @@ class ProcessExecutor(Executor):
     def status(self) -> list[WorkerStatus]:
         return self._pool.status()
 
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        """As the stdlib's, shutdown(wait=True); but leaving the block by Ctrl-C (or a
+        test's timeout, pytest's outcomes) stops the tasks instead of waiting for them."""
+        if exc_type is not None and not issubclass(exc_type, (Exception, SystemExit, GeneratorExit)):
+            interrupted(self._pool)
+            return
+        try:
+            self._pool.shutdown(True)
+        except KeyboardInterrupt:  # Ctrl-C while it waits for the tasks
+            interrupted(self._pool)
+            raise
+
     def __repr__(self) -> str:
         return repr(self._pool)
+
+
+def interrupted(pool: _Pool) -> None:
+    """What Ctrl-C means for a pool: stop (grace, then escalation), and a second one
+    while that stop waits kills the workers at once. The workers ignore SIGINT: the
+    manager decides, as a ProcessController's close() does."""
+    try:
+        pool.stop(pool.grace)
+    except KeyboardInterrupt:
+        pool.kill()
+        raise
 
 
 # One text for each public method: the pool's, where the behaviour is.
@@ -1635,10 +1659,23 @@ _live_executors: weakref.WeakSet[_Pool] = weakref.WeakSet()
 
 def _shutdown_at_exit() -> None:
     # As ProcessPoolExecutor: the work submitted is done before the
-    # interpreter exits (registered after the controller's hook: runs first).
+    # interpreter exits (registered after the controller's hook: runs first);
+    # unless the script ends by Ctrl-C (its KeyboardInterrupt is sys.last_value
+    # by now), which stops the tasks instead, as ProcessExecutor's `with` does.
+    by_ctrl_c = isinstance(getattr(sys, "last_value", None), KeyboardInterrupt)
     for ex in list(_live_executors):
         try:
-            ex.shutdown(wait=True)
+            if not by_ctrl_c:
+                try:
+                    ex.shutdown(wait=True)
+                    continue
+                except KeyboardInterrupt:  # Ctrl-C while it waits: a stop, for it and the rest
+                    by_ctrl_c = True
+            interrupted(ex)
+        except KeyboardInterrupt:  # one more: kill what is left (the script's own traceback was said)
+            for left in list(_live_executors):
+                left.kill()
+            return
         except Exception:
             log.exception("shutting down %r at exit failed", ex)
 

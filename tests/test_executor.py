@@ -286,3 +286,56 @@ def test_manager_sigkill_during_map_leaves_no_orphans(tmp_path):
         proc.kill()
         proc.wait(10)
         proc.stdout.close()
+
+
+CTRL_C_SCRIPT = """
+import atexit, sys, time
+from procctl import ProcessExecutor
+
+# Runs just before procctl's exit hook (atexit: last registered, first run).
+atexit.register(lambda: print("exiting", file=sys.stderr, flush=True))
+
+def stuck(_):
+    while True:
+        time.sleep(0.5)  # never looks at a checkpoint
+
+ex = ProcessExecutor(2, grace=float(sys.argv[1]), start_method="fork")  # never shut down: the exit hook's
+futures = [ex.submit(stuck, i) for i in range(3)]
+print(" ".join(str(s.pid) for s in ex.status()), flush=True)
+time.sleep(60)
+"""
+
+
+@pytest.mark.parametrize("presses", [1, 2])
+def test_ctrl_c_ends_a_script_whose_executor_runs_endless_tasks(tmp_path, presses):
+    # The workers ignore SIGINT (the manager decides): a script ended by Ctrl-C
+    # stops its executor's tasks at exit (grace, then SIGTERM) instead of waiting
+    # for them as shutdown(wait=True) does, and a second Ctrl-C kills them at once.
+    script = tmp_path / "script.py"
+    script.write_text(CTRL_C_SCRIPT)
+    grace = 1.0 if presses == 1 else 60.0  # the second press must not wait it out
+    proc = subprocess.Popen([sys.executable, str(script), str(grace)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    t0 = time.monotonic()
+    try:
+        pids = [int(p) for p in proc.stdout.readline().split()]
+        assert len(pids) == 2
+        os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C on a terminal: the whole group
+        said = ""
+        if presses == 2:  # once the exit hooks run: procctl's waits out the grace
+            while not said.endswith("exiting\n"):
+                line = proc.stderr.readline()
+                assert line, said
+                said += line
+            time.sleep(0.2)  # a moment later, as a person presses: the hook printing that has returned
+            os.killpg(proc.pid, signal.SIGINT)
+        _, err = proc.communicate(timeout=30)
+        err = said + err
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate(timeout=10)
+    assert proc.returncode == -signal.SIGINT, err
+    assert time.monotonic() - t0 < 30
+    assert err.count("Traceback") == 1 and err.endswith("KeyboardInterrupt\nexiting\n"), err  # the script's own
+    assert still_running(pids, timeout=5) == []

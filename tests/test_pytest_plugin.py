@@ -251,6 +251,31 @@ def test_factory_closes_on_a_signal_timeout(pytester, tmp_path):
     assert gone(read_pids(tmp_path / "pids"))
 
 
+def test_an_executor_block_ends_on_a_signal_timeout(pytester, tmp_path):
+    # Leaving `with ProcessExecutor()` by a timeout stops its tasks (grace, then
+    # SIGTERM): waiting for them, as shutdown(wait=True) would, hung the suite.
+    pytester.makeini("[pytest]\ntimeout = 3\ntimeout_method = signal\n")
+    pytester.makepyfile(test_stuck=textwrap.dedent(f"""
+        import os, time
+        from procctl import ProcessExecutor
+
+        def stuck(_):
+            while True:
+                time.sleep(0.5)  # never looks at a checkpoint
+
+        def test_hangs():
+            with ProcessExecutor(2, grace=0.5, start_method="fork") as ex:
+                ex.submit(stuck, 0), ex.submit(stuck, 1)
+                with open({str(tmp_path / "pids")!r}, "w") as fh:
+                    fh.write(" ".join(str(s.pid) for s in ex.status()))
+                ex.submit(stuck, 2).result()  # until pytest-timeout's alarm raises here
+        """))
+    result = pytester.runpytest_subprocess(*plugin_args(), timeout=SUBPROCESS_TIMEOUT)
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(["*Timeout*"])
+    assert gone(read_pids(tmp_path / "pids"))
+
+
 @pytest.mark.soak  # the signal method is checked in CI; this one takes 6 s
 def test_factory_kills_workers_on_a_thread_timeout(pytester, tmp_path):
     # The thread method ends the inner pytest with os._exit(): no teardown runs,
