@@ -250,9 +250,31 @@ def _check_leftovers(snapshot: Snapshot, psutil: Any) -> None:
             now = False
         if now:
             described[p.pid] = _describe(p, psutil)
+    _end_owners({p.pid for p in alive})
     _kill_all(alive, psutil)
     lines = "\n  ".join(described[p.pid] for p in alive)
     pytest.fail(f"test left {len(alive)} child process(es) behind (now killed):\n  {lines}", pytrace=False)
+
+
+def _end_owners(pids: set[int]) -> None:
+    """Stop the open executors and controllers that these leftovers are workers of:
+    killed alone, they would be replaced (an executor's crashed worker, a
+    restart) and the replacement charged to the next test."""
+    executor = sys.modules.get("procctl.executor")
+    for pool in list(executor._live_executors) if executor is not None else []:
+        try:
+            if pids & {s.pid for s in pool.status()}:
+                pool.kill()
+                pool.stop(0.0)
+        except Exception:  # noqa: BLE001 - a broken leftover: its processes are killed below
+            pass
+    for pc in list(registry.open_controllers):
+        try:
+            if pids & set(pc.pids()):
+                pc.kill()
+                pc.close()
+        except Exception:  # noqa: BLE001 - as above
+            pass
 
 
 def _running(proc: psutil.Process, psutil: Any) -> bool:

@@ -124,6 +124,34 @@ def test_ini_option_checks_every_test(pytester, tmp_path):
     assert not psutil.pid_exists(read_pids(pidfile)[0])
 
 
+def test_a_leaked_executor_is_stopped_not_just_its_workers_killed(pytester):
+    # Killed alone, its workers were replaced (a crashed worker is), and the
+    # replacements blamed on the next test.
+    pytester.makeini("[pytest]\nprocctl_check_leftovers = true\n")
+    pytester.makepyfile(test_leak="""
+        import operator
+        from procctl import ProcessExecutor, ProcessController
+        KEEP = []
+
+        def idle(ctx):
+            ctx.sleep(60)
+
+        def test_leaks_an_executor_and_a_controller():
+            ex = ProcessExecutor(2, start_method="fork")
+            assert ex.submit(operator.neg, 3).result() == -3
+            pc = ProcessController(idle, 1, restart="always", start_method="fork")
+            pc.start()
+            KEEP.extend([ex, pc])
+
+        def test_next_one_finds_them_ended():
+            ex, pc = KEEP
+            assert ex.status() == [] and pc.pids() == []
+        """)
+    result = pytester.runpytest(*plugin_args())
+    result.assert_outcomes(passed=2, errors=1)  # the leak errors at teardown of the first
+    result.stdout.fnmatch_lines(["*ERROR at teardown of test_leaks_an_executor_and_a_controller*"])
+
+
 def test_without_the_option_or_the_fixture_nothing_is_checked(pytester, tmp_path):
     pidfile = tmp_path / "pid"
     pytester.makepyfile(test_leak=LEAK + f"\ndef test_leaks():\n    leak({str(pidfile)!r})\n")
