@@ -62,6 +62,7 @@ from . import threads, workwire
 from .channel import InheritedFd
 from .controller import ProcessController, check_start_method
 from .errors import RemoteTraceback, TaskTimeout, WorkerCrashed
+from .limits import capacity_problem
 from .shutdown import describe_exit, signal_name
 from .states import Event, Outcome, State, WorkerReport, WorkerStatus
 from .worker_plane import CALL, CHUNK, ERR, ERR_AT, OK, PRECISE, run_tasks
@@ -391,15 +392,21 @@ def check_task_timeout(task_timeout: Any) -> float | None:
         return None
     if isinstance(task_timeout, bool) or not isinstance(task_timeout, (int, float)):
         raise TypeError(f"task_timeout must be a number of seconds, not {task_timeout!r}")
-    if not task_timeout > 0 or math.isnan(task_timeout):
+    if not task_timeout > 0:  # (NaN too)
         raise ValueError(f"task_timeout must be > 0, not {task_timeout!r}")
-    return None if math.isinf(task_timeout) else task_timeout
+    try:
+        seconds = float(task_timeout)
+    except OverflowError:  # an int beyond any float: no limit, as infinity
+        return None
+    return None if math.isinf(seconds) else seconds
 
 
 def check_initializer(initializer: Any, initargs: Any) -> tuple[Any, ...]:
     """`initargs` as a tuple, once `initializer` is None or callable; else TypeError naming them."""
     if initializer is not None and not callable(initializer):
         raise TypeError("initializer must be callable")
+    if isinstance(initargs, (str, bytes)):  # ('a', 'b') from 'ab' is never what was meant
+        raise TypeError(f"initargs must be a tuple of arguments, not {type(initargs).__name__}")
     try:
         return tuple(initargs)
     except TypeError:
@@ -462,18 +469,26 @@ class _Pool:
             raise ValueError(f"max_workers must be a positive integer, not {max_workers!r}")
         if max_workers < 1:  # the stdlib's words, which code written for it may match
             raise ValueError(f"max_workers must be greater than 0, not {max_workers!r}")
+        too_many = capacity_problem(max_workers)
+        if too_many is not None:
+            raise ValueError(f"max_workers={max_workers} is more than this system lets us start: {too_many}")
         if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
             raise ValueError(f"retries must be an integer >= 0, not {retries!r}")
         task_timeout = check_task_timeout(task_timeout)
         grace_s = check_timeout("grace", grace, allow_none=False)  # as ProcessController's
         assert grace_s is not None
+        if on_event is not None and not callable(on_event):
+            raise TypeError(f"on_event must be callable, not {type(on_event).__name__}")
         if max_tasks_per_worker is None:
             max_tasks_per_worker = max_tasks_per_child
+        elif max_tasks_per_child is not None:
+            raise ValueError("give max_tasks_per_worker or max_tasks_per_child (its stdlib name), not both")
+        name = "max_tasks_per_worker" if max_tasks_per_child is None else "max_tasks_per_child"
         if max_tasks_per_worker is not None and (
             isinstance(max_tasks_per_worker, bool) or not isinstance(max_tasks_per_worker, int)
             or max_tasks_per_worker < 1
         ):
-            raise ValueError(f"max_tasks_per_worker must be a positive integer, not {max_tasks_per_worker!r}")
+            raise ValueError(f"{name} must be a positive integer, not {max_tasks_per_worker!r}")
         initargs = check_initializer(initializer, initargs)
         if mp_context is not None:
             if start_method is not None:
@@ -576,7 +591,7 @@ class _Pool:
         if chunksize is None:
             chunksize = max(1, math.ceil(len(items) / (4 * self._max_workers)))
         fn_blob = self._pickled(fn)
-        run = _MapRun(math.ceil(len(items) / chunksize))
+        run = _MapRun(-(-len(items) // chunksize))  # (integers: a chunksize of 10**400 is one chunk)
         chunked = chunksize > 1
         # Whole chunks per slice; big chunks go out one by one, as soon as pickled.
         step = chunksize * max(1, SUBMIT_SLICE // chunksize)

@@ -245,11 +245,21 @@ def test_bad_arguments():
         ProcessExecutor(1, grace="5")
     with pytest.raises(TypeError, match="initargs"):
         ProcessExecutor(1, initargs=5)
+    with pytest.raises(TypeError, match="initargs"):  # not ('a', 'b')
+        ProcessExecutor(1, initializer=t.init_flag, initargs="ab")
+    with pytest.raises(TypeError, match="on_event"):
+        ProcessExecutor(1, on_event=5)
+    with pytest.raises(ValueError, match="max_workers"):
+        ProcessExecutor(10**9)
+    with pytest.raises(ValueError, match="max_tasks_per_child"):
+        ProcessExecutor(1, max_tasks_per_child=0)
     with pytest.raises(TypeError, match="mp_context"):
         ProcessExecutor(1, mp_context="fork")
-    with ProcessExecutor(1) as ex:
+    with ProcessExecutor(1, task_timeout=10**400) as ex:  # beyond any float: no limit, as inf
+        assert ex.task_timeout is None
         with pytest.raises(ValueError, match="chunksize"):
             ex.map(t.square, [1], chunksize=0)
+        assert list(ex.map(t.square, range(5), chunksize=10**400)) == [0, 1, 4, 9, 16]  # one chunk
         with pytest.raises(ValueError, match="timeout"):
             ex.map(t.square, [1], timeout=float("nan"))
         assert list(ex.map(t.square, [3], timeout=float("inf"))) == [9]

@@ -411,6 +411,10 @@ def test_a_run_with_every_consumer_killed_is_an_error_not_a_hang():
 # -- timeout, cancel, bad arguments ----------------------------------------------------
 
 
+def test_a_timeout_beyond_any_float_is_no_limit():
+    assert sum_threshold(2, 2, 10, timeout=10**400, start_method="fork").winner >= 0  # (an OverflowError once)
+
+
 def test_timeout_stops_cleanly_and_raises():
     started = time.monotonic()
     with pytest.raises(TimeoutError, match="within 0.5s") as info:
@@ -445,7 +449,7 @@ BAD_ARGUMENTS = [
     {"values": 3}, {"queue_size": 0}, {"queue_size": -3}, {"delay": -0.1}, {"delay": (2, 1)},
     {"delay": (-1, 1)}, {"delay": (1, 2, 3)}, {"delay": float("nan")}, {"delay": "1"},
     {"timeout": 0}, {"timeout": -1}, {"seed": "x"}, {"start_method": "thread"},
-    {"batch": 0}, {"batch": 100_001}, {"on_event": 3},
+    {"batch": 0}, {"batch": 100_001}, {"on_event": 3}, {"delay": 2**1024}, {"delay": (0, 10**400)},
 ]
 
 

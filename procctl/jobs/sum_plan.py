@@ -145,8 +145,16 @@ def _count(name: str, value: Any, low: int = 1, high: int | None = None) -> int:
     return int(value)
 
 
+def _as_float(value: Real) -> float:
+    """`value` as a float; an int beyond any float is infinite (math.isfinite would overflow)."""
+    try:
+        return float(value)
+    except OverflowError:
+        return math.inf if value > 0 else -math.inf
+
+
 def check_seconds(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value) or value < 0:
+    if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(_as_float(value)) or value < 0:
         raise ValueError(f"{name} must be a finite number of seconds >= 0, not {value!r}")
     return float(value)
 
@@ -178,9 +186,10 @@ def _delay(delay: Any) -> tuple[float, float]:
 def _timeout(timeout: Any) -> float | None:
     if timeout is None:
         return None
-    if isinstance(timeout, bool) or not isinstance(timeout, Real) or not float(timeout) > 0:
+    if isinstance(timeout, bool) or not isinstance(timeout, Real) or not _as_float(timeout) > 0:
         raise ValueError(f"timeout must be a positive number of seconds, not {timeout!r}")
-    return float(timeout)
+    seconds = _as_float(timeout)
+    return None if math.isinf(seconds) else seconds  # no limit, as None
 
 
 def make_plan(producers: Any = 3, consumers: Any = 3, threshold: Any = 10, *, values: Any = (1, 2, 3),
