@@ -145,8 +145,8 @@ def _count(name: str, value: Any, low: int = 1, high: int | None = None) -> int:
     return int(value)
 
 
-def _as_float(value: Real) -> float:
-    """`value` as a float; an int beyond any float is infinite (math.isfinite would overflow)."""
+def _as_float(value: Any) -> float:
+    """`value` (a Real) as a float; an int beyond any float is infinite (math.isfinite would overflow)."""
     try:
         return float(value)
     except OverflowError:
