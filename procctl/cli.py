@@ -598,11 +598,11 @@ def _capture(workers: int, log_dir: str | None, *, line_buffered: bool) -> Outpu
 
 
 def check_output_paths(events_path: str | None, timeline_path: str | None, trace_path: str | None = None) -> None:
-    if trace_path:
+    if trace_path is not None:
         check_writable_file(trace_path, "--trace")
-    if events_path:
+    if events_path is not None:
         check_writable_file(events_path, "--events")
-    if timeline_path:
+    if timeline_path is not None:
         from .timeline import timeline_format
 
         try:

@@ -152,7 +152,10 @@ def load_function(spec: str, local: bool) -> Callable[[Any], Any]:
 
 
 def read_stdin(bridge: SignalBridge) -> bytes:
-    """All of stdin; a stop signal while we wait for it (Ctrl-C at the terminal) ends the command."""
+    """All of stdin; a stop signal while we wait for it (Ctrl-C at the terminal) ends the command.
+    A closed stdin (`<&-`) has no items."""
+    if sys.stdin is None:
+        return b""
     if sys.stdin.isatty():
         say("procctl map: reading items from the terminal; end with Ctrl-D")
 
@@ -179,6 +182,8 @@ def read_items(path: str, raw_lines: bool, bridge: SignalBridge) -> list[Item]:
                 data = f.read()
         except OSError as exc:
             raise BadInput(f"--items {path!r} cannot be read: {exc.strerror}") from None
+        except MemoryError:  # a file without end (/dev/zero)
+            raise BadInput(f"--items {path!r} is too large to read") from None
     chunks = data.split(b"\n")
     if chunks and chunks[-1] == b"":
         chunks.pop()  # the newline that ends the last line
@@ -197,6 +202,8 @@ def read_items(path: str, raw_lines: bool, bridge: SignalBridge) -> list[Item]:
             value = json.loads(text, parse_constant=_no_constant, parse_float=_finite_float)
         except ValueError as exc:
             raise BadInput(f"--items {where} line {number} is not JSON: {exc}") from None
+        except RecursionError:
+            raise BadInput(f"--items {where} line {number} is nested too deeply to read") from None
         items.append(Item(number, value, json.dumps(value)))
     return items
 
@@ -228,7 +235,7 @@ def make_plan(spec: str, items_path: str, raw_lines: bool, workers: int | None, 
         if too_many is not None:
             raise BadInput(f"--workers {workers}: {too_many}")
     for path, option in ((joblog, "--joblog"), (unfinished, "--unfinished"), (events_path, "--events")):
-        if path:
+        if path is not None:
             check_writable_file(path, option)
     func = load_function(spec, local=cluster is None)
     items = read_items(items_path, raw_lines, bridge)

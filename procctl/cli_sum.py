@@ -152,7 +152,7 @@ def sum_command(producers: int, consumers: int, threshold: int, values_text: str
     from .cli_control import ControlPlan
 
     bridge = signal_bridge()
-    if events_path:
+    if events_path is not None:
         check_writable_file(events_path, "--events")
     control = ControlPlan.check(name, metrics_addr, job="sum", announce=not (json_lines or quiet))
     try:

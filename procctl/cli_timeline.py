@@ -27,6 +27,8 @@ def read_log(path: str) -> list[dict[str, Any]]:
         raise BadInput(f"cannot read the event log {path!r}: {exc.strerror}") from None
     except UnicodeDecodeError:
         raise BadInput(f"{path!r} is not an event log (not UTF-8 text)") from None
+    except MemoryError:  # a file without end (/dev/zero)
+        raise BadInput(f"the event log {path!r} is too large to read") from None
     records = []
     bad = 0
     for line in lines:

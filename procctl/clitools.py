@@ -372,6 +372,8 @@ class Reporter:
 
 def check_writable_file(path: str, option: str) -> None:
     """Bad input unless `path` can be written: try it, as only trying tells."""
+    if not path.strip():
+        raise BadInput(f"{option} needs a file name, not {path!r}")
     directory = os.path.dirname(os.path.abspath(path)) or "."
     if os.path.isdir(path):
         raise BadInput(f"{option} {path!r} is a directory")

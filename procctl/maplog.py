@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -92,9 +93,12 @@ class JoblogError(ValueError):
 
 
 def _contents(path: str) -> bytes:
-    """The joblog's bytes (none if it does not exist)."""
+    """The joblog's bytes (none if it does not exist, or is not a regular file: a
+    device such as /dev/full or /dev/zero would give bytes without end)."""
     try:
         with open(path, "rb") as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                return b""
             return f.read()
     except FileNotFoundError:
         return b""

@@ -179,6 +179,8 @@ BAD = [
     (["maptargets:mark", "--grace", "nan"], "--grace"),
     (["maptargets:mark", "--joblog", "/no/such/dir/log"], "--joblog"),
     (["maptargets:mark", "--unfinished", "{dir}"], "is a directory"),
+    (["maptargets:mark", "--joblog", ""], "--joblog needs a file name"),
+    (["maptargets:mark", "--items", "{deep}"], "line 1 is nested too deeply to read"),
 ]
 
 
@@ -192,7 +194,9 @@ def test_bad_input_is_one_line_exit_2_and_nothing_runs(tmp_path, args, message):
     nan.write_text("1\nNaN\n")
     huge = tmp_path / "huge.jsonl"
     huge.write_text("1\n1e999\n")
-    args = [a.format(bad=bad, nan=nan, huge=huge, dir=tmp_path) for a in args]
+    deep = tmp_path / "deep.jsonl"
+    deep.write_text("[" * 100_000 + "]" * 100_000 + "\n")  # (a RecursionError once)
+    args = [a.format(bad=bad, nan=nan, huge=huge, dir=tmp_path, deep=deep) for a in args]
     if "--items" not in args:
         args += ["--items", str(good)]
     marks_file = tmp_path / "marks"
@@ -457,6 +461,24 @@ def test_a_closed_output_stream_is_not_a_crash(tmp_path, stream):
     assert "Traceback" not in res.stderr + res.stdout
     assert strict_json(log.read_text().splitlines()[-1])["done"] == 5
     assert len(json_events(joblog.read_text())) == 5
+
+
+def test_a_joblog_on_a_full_disk_stops_the_run(tmp_path):
+    # /dev/full: every write fails; reading it back (to recover what was logged)
+    # once read zeros without end, the memory growing by gigabytes.
+    items = write_items(tmp_path / "in.jsonl", range(5))
+    res = map_cli(["maptargets:square", "--items", items, "--workers", "1", "--quiet", "--joblog", "/dev/full"],
+                  timeout=30)
+    assert res.returncode == 1, res.stderr
+    assert "Traceback" not in res.stderr
+    assert "the joblog '/dev/full' cannot be written" in res.stderr
+
+
+def test_a_closed_stdin_has_no_items():
+    res = subprocess.run(CLI + ["map", "maptargets:square", "--json"], cwd=TESTS, capture_output=True, text=True,
+                         timeout=60, stdin=subprocess.DEVNULL, preexec_fn=lambda: os.close(0))
+    assert res.returncode == 0, res.stderr
+    assert json_events(res.stdout)[-1]["items"] == 0
 
 
 def test_stdout_on_a_full_disk_stops_the_run_with_one_line(tmp_path):
