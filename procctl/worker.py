@@ -6,6 +6,7 @@ back into the controller's module.
 
 from __future__ import annotations
 
+import errno
 import gc
 import math
 import os
@@ -187,6 +188,8 @@ class WorkerContext:
     def sleep(self, seconds: float) -> bool:
         """Sleep up to `seconds` (math.inf: until the next command); a command
         cuts it short. Then return checkpoint()."""
+        if seconds is None:  # as time.sleep (math.inf says "until the next command")
+            raise TypeError("seconds must be a number of seconds, not None")
         deadline = workwire.deadline(seconds, "seconds")  # as time.sleep: not negative, not NaN
         if not self.checkpoint():
             return False
@@ -205,7 +208,11 @@ class WorkerContext:
         True means `obj` is readable; call checkpoint() after a False.
         """
         end = workwire.deadline(timeout)
+        if isinstance(obj, bool) or not isinstance(obj, int) and not callable(getattr(obj, "fileno", None)):
+            raise TypeError(f"obj must be a file descriptor or have fileno(), not {type(obj).__name__}")
         fd = obj if isinstance(obj, int) else obj.fileno()
+        if isinstance(fd, bool) or not isinstance(fd, int) or not 0 <= fd < 2**31:
+            raise ValueError(f"obj: {fd!r} is not a file descriptor")
         poller = self._polls.get(fd)
         if poller is None:
             poller = self._polls[fd] = select.poll()
@@ -218,8 +225,11 @@ class WorkerContext:
                 break  # (an empty poll before the end: a turn of a long timeout)
         applied, state = self._applied & COMMAND_MASK, self.state
         hit = False
-        for ready_fd, _ in ready:
+        for ready_fd, events in ready:
             if ready_fd == fd:
+                if events & select.POLLNVAL:  # as select() says it
+                    del self._polls[fd]
+                    raise OSError(errno.EBADF, f"file descriptor {fd} is not open")
                 hit = True
             else:
                 self._on_wake(ready_fd)

@@ -73,10 +73,13 @@ def worker_waits(ctx):
     refused = []
     r, w = os.pipe()
     for call in (lambda: ctx.sleep(float("nan")), lambda: ctx.sleep(-1), lambda: ctx.sleep("x"),
-                 lambda: ctx.wait_readable(r, float("nan")), lambda: ctx.wait_readable(r, -1)):
+                 lambda: ctx.sleep(None), lambda: ctx.wait_readable(r, float("nan")),
+                 lambda: ctx.wait_readable(r, -1), lambda: ctx.wait_readable("x"), lambda: ctx.wait_readable(None),
+                 lambda: ctx.wait_readable(10**30), lambda: ctx.wait_readable(99999, 1)):
         try:
             call()
-        except (ValueError, TypeError) as exc:
+            refused.append(None)
+        except (ValueError, TypeError, OSError) as exc:
             refused.append(type(exc).__name__)
     os.write(w, b"x")
     readable = ctx.wait_readable(r, 3e6)  # ready at once: a huge timeout is no error

@@ -167,7 +167,8 @@ def test_the_worker_sides_waits_refuse_bad_timeouts_and_take_huge_ones():
         assert not pc.wait(timeout=0.3)  # in its 1e10 s sleep
         reports = pc.stop(grace=5)
     refused, readable, stopped = reports[0].result
-    assert refused == ["ValueError", "ValueError", "TypeError", "ValueError", "ValueError"]
+    assert refused == ["ValueError", "ValueError", "TypeError", "TypeError", "ValueError", "ValueError",
+                       "TypeError", "TypeError", "ValueError", "OSError"]  # (99999: not open, not readable)
     assert readable and stopped
     # The sum job sleeps on the worker side: a huge delay is that long, cut by its timeout.
     with pytest.raises(TimeoutError):
