@@ -505,6 +505,8 @@ def test_bad_address_and_arguments():
         ClusterController(cluster_targets.loop, address="tcp://127.0.0.1:9", lease=float("nan"))
     with pytest.raises(ValueError, match="workers_per_node"):
         ClusterExecutor(address="tcp://127.0.0.1:9", workers_per_node=0)
+    with pytest.raises(ValueError, match="initial_state"):
+        ClusterController(cluster_targets.loop, address="tcp://127.0.0.1:9", initial_state="x")
     started = time.monotonic()
     for address in ("http://127.0.0.1:8786", "tcp://127.0.0.1:99999"):
         with pytest.raises(ValueError, match=f"address '{address}'"):

@@ -104,7 +104,7 @@ class ClusterController(Shortcuts, Session):
         grace_s = check_timeout("grace", grace, allow_none=False)
         assert grace_s is not None
         self.ack_timeout = check_timeout("ack_timeout", ack_timeout)
-        initial_state = State(initial_state)
+        initial_state = check_state("initial_state", initial_state)
         if initial_state is State.STOPPED:
             raise ValueError("initial_state must be PAUSED or RUNNING")
         super().__init__(address, cluster, lease, connect_timeout)
