@@ -651,6 +651,7 @@ def test_cli_local_cluster():
     lines = [json.loads(line) for line in proc.stdout.splitlines()]
     assert lines[-1]["event"] == "summary" and lines[-1]["outcomes"] == {"stopped": 2}
     assert len({r["node"] for r in lines if r.get("event") == "running"}) == 2
+    assert "WARNING" not in proc.stderr  # Dask's own, as its cluster closes: not the run's
 
 
 @pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])

@@ -701,8 +701,11 @@ def local_cluster(n_workers: int, threads_per_worker: int = 2) -> Any:
                           "distributed.worker.daemon": False}):
         # No dashboard, and the scheduler's HTTP server (which it starts all the same)
         # on a free port: its default, 8787, taken by another cluster is a warning on stderr.
+        # Dask's warnings as a cluster closes (a node agent's task cancelled) are not the run's:
+        # errors only, as for --quiet a terminal wants nothing else.
         cluster = LocalCluster(n_workers=n_workers, threads_per_worker=threads_per_worker, processes=True,
-                               dashboard_address=None, scheduler_kwargs={"dashboard_address": "127.0.0.1:0"})
+                               dashboard_address=None, scheduler_kwargs={"dashboard_address": "127.0.0.1:0"},
+                               silence_logs=logging.ERROR)
     try:
         with Client(cluster, set_as_default=False) as client:
             client.register_plugin(IgnoreGroupSignals(), name="procctl-ignore-group-signals")
