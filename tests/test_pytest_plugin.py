@@ -282,7 +282,7 @@ def test_factory_closes_on_a_signal_timeout(pytester, tmp_path):
 def test_an_executor_block_ends_on_a_signal_timeout(pytester, tmp_path):
     # Leaving `with ProcessExecutor()` by a timeout stops its tasks (grace, then
     # SIGTERM): waiting for them, as shutdown(wait=True) would, hung the suite.
-    pytester.makeini("[pytest]\ntimeout = 3\ntimeout_method = signal\n")
+    pytester.makeini("[pytest]\ntimeout = 2\ntimeout_method = signal\n")
     pytester.makepyfile(test_stuck=textwrap.dedent(f"""
         import os, time
         from procctl import ProcessExecutor
