@@ -159,6 +159,7 @@ class WorkerContext:
         # completed, even if STOPPED came meanwhile (a SIGTERM to the group).
         self._saw_stop = False
         self._info_sent = -INFO_INTERVAL
+        self._info_pending = False
         self._polls: dict[int, Any] = {}
         #: The keyword arguments of the last progress() call.
         self.info: dict[str, Any] = {}
@@ -281,13 +282,18 @@ class WorkerContext:
             self._answer_probe()  # progress is a sign of life too
         if info:
             self.info = info
-            now = time.monotonic()
-            if now - self._info_sent >= INFO_INTERVAL:
-                self._info_sent = now
-                try:
-                    self._end.try_send(PROGRESS, pickle.dumps(info))
-                except Exception:  # noqa: BLE001 - unpicklable info is the caller's loss, not a crash
-                    pass
+            if time.monotonic() - self._info_sent >= INFO_INTERVAL:
+                self._send_info()
+            else:
+                self._info_pending = True  # sent when the worker next sleeps or its target returns
+
+    def _send_info(self) -> None:
+        self._info_sent = time.monotonic()
+        self._info_pending = False
+        try:
+            self._end.try_send(PROGRESS, pickle.dumps(self.info))
+        except Exception:  # noqa: BLE001 - unpicklable info is the caller's loss, not a crash
+            pass
 
     # -- internals ----------------------------------------------------------
 
@@ -342,6 +348,8 @@ class WorkerContext:
         timeout. True if woken by something other than the timeout."""
         if self._work is not None and self._work.credits:
             self._work.give_back(self)  # room we hold while we sleep is room nobody can use
+        if self._info_pending:  # the last info a tight loop gave, held back by the interval
+            self._send_info()
         # poll(), not select(): forked workers inherit the manager's fds, and
         # with hundreds of workers ours are past select()'s limit of 1024.
         ready = self._sleeper.poll(workwire.poll_ms(timeout))
@@ -578,6 +586,8 @@ def worker_main(spec: WorkerSpec) -> None:
     # Everything the target started ends with it, before we report.
     containment.end_descendants()
     if not ctx._manager_gone:
+        if ctx._info_pending:
+            ctx._send_info()
         _send_result(end, outcome, result, error)
     end.let_go()
     if finished is not None:

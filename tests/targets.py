@@ -94,3 +94,14 @@ def report_progress(ctx, counted, total=50_000):
     counted.release()
     ctx.sleep(float("inf"))  # hold still until stopped, so status() can be read
     return spent
+
+
+def tight_info(ctx, then_return: bool):
+    """1000 progress calls with info in a tight loop (one info sent per interval), then idle or return."""
+    for i in range(1000):
+        ctx.progress(i + 1, 1000, cur=i)
+    if then_return:
+        return "done"
+    while ctx.sleep(3600.0):
+        pass
+    return "stopped"

@@ -33,3 +33,16 @@ def test_progress_is_cheap_and_reaches_status_and_events():
     ends = [e for e in events if e.event == "stopped"]
     assert len(ends) == 2 and all(e.done == 50_000 and e.total == 50_000 for e in ends)
     assert any(e.event == "broadcast" and e.state == "running" for e in events)
+
+
+def test_the_last_info_of_a_tight_loop_is_not_lost():
+    # progress() sends info at most every INFO_INTERVAL: the last one waits for
+    # the worker's next sleep, or its return; it was dropped for good.
+    with ProcessController(targets.tight_info, 1, args=(False,), start_method="fork") as pc:
+        pc.run()
+        pc.pause(timeout=30)  # acknowledged from its sleep, after the info it held back
+        assert pc.status()[0].info == {"cur": 999}
+    with ProcessController(targets.tight_info, 1, args=(True,), start_method="fork") as pc:
+        pc.run()
+        assert pc.wait(timeout=30)
+        assert pc.status()[0].info == {"cur": 999}
