@@ -242,7 +242,8 @@ class LiveView:
         if r.done is not None:
             progress = f"{_fmt_count(r.done)}/{_fmt_count(r.total)}" if r.total else _fmt_count(r.done)
         eta = _fmt_eta(r.eta) if r.alive and self._stop_at is None else ""
-        info = " ".join(f"{k}={v}" for k, v in r.info.items()) if r.info else ""
+        # A Text, not a str: rich would read "[/]" or "[red]" in the worker's info as markup.
+        info = Text(" ".join(f"{k}={v}" for k, v in r.info.items())) if r.info else ""
         cpu, rss = self._usage(r)
         state = Text(name, style=STATE_STYLE.get(name, ""))
         if r.restarts:

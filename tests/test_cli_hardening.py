@@ -199,6 +199,18 @@ def test_live_view_draws_totals_past_the_float_range():
     assert "50.0%" in console.file.getvalue()
 
 
+def test_live_view_shows_brackets_in_info_as_they_are():
+    # rich would read them as markup: "[/]" raised MarkupError and ended the run, "[red]" vanished.
+    from rich.console import Console
+
+    from procctl.live import LiveView
+
+    rows = [WorkerStatus(0, None, State.RUNNING, True, None, 1.0, 10.0, info={"note": "[/]", "file": "[red]x"})]
+    console = Console(file=io.StringIO(), width=100, height=30)
+    console.print(LiveView(lambda: rows, "t", console=console).render(rows))
+    assert "note=[/] file=[red]x" in console.file.getvalue()
+
+
 def test_json_lines_never_hold_nan_or_infinity():
     out = io.StringIO()
     reporter = Reporter(json_lines=True, stream=out)
