@@ -30,6 +30,7 @@ from .clitools import (
     BadInput,
     Reporter,
     SignalBridge,
+    check_distinct_files,
     check_writable_file,
     ensure_std_fds,
     exit_holding_signals,
@@ -598,6 +599,7 @@ def _capture(workers: int, log_dir: str | None, *, line_buffered: bool) -> Outpu
 
 
 def check_output_paths(events_path: str | None, timeline_path: str | None, trace_path: str | None = None) -> None:
+    check_distinct_files({"--events": events_path, "--timeline": timeline_path, "--trace": trace_path})
     if trace_path is not None:
         check_writable_file(trace_path, "--trace")
     if events_path is not None:

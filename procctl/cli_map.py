@@ -47,6 +47,7 @@ from .clitools import (
     Reporter,
     SignalBridge,
     _silence,
+    check_distinct_files,
     check_writable_file,
     say,
 )
@@ -234,6 +235,7 @@ def make_plan(spec: str, items_path: str, raw_lines: bool, workers: int | None, 
         too_many = capacity_problem(workers)
         if too_many is not None:
             raise BadInput(f"--workers {workers}: {too_many}")
+    check_distinct_files({"--joblog": joblog, "--unfinished": unfinished, "--events": events_path})
     for path, option in ((joblog, "--joblog"), (unfinished, "--unfinished"), (events_path, "--events")):
         if path is not None:
             check_writable_file(path, option)

@@ -341,7 +341,11 @@ class Reporter:
         if self._broken:
             return
         try:
-            self.stream.write(line + "\n")
+            try:
+                self.stream.write(line + "\n")
+            except UnicodeEncodeError:  # a lone surrogate (a file name's undecodable byte) in an error
+                encoding = getattr(self.stream, "encoding", None) or "utf-8"
+                self.stream.write(line.encode(encoding, "backslashreplace").decode(encoding) + "\n")
             self.stream.flush()
         except (OSError, ValueError):
             # The reader went away (| head): stop writing, exit quietly.
@@ -368,6 +372,18 @@ class Reporter:
                     say(f"procctl: warning: the event log {self.events_path!r} could not be written"
                         f" ({exc.strerror})")
                 self._events = None
+
+
+def check_distinct_files(paths: dict[str, str | None]) -> None:
+    """Bad input if two of the options (option: path) name the same file: one would overwrite the other."""
+    seen: dict[str, str] = {}
+    for option, path in paths.items():
+        if path is None or not path.strip():
+            continue
+        key = os.path.realpath(path)
+        if key in seen:
+            raise BadInput(f"{seen[key]} and {option} name the same file {path!r}")
+        seen[key] = option
 
 
 def check_writable_file(path: str, option: str) -> None:

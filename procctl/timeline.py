@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -90,7 +91,12 @@ def render_timeline(
     svg = render_svg(run, title=title)
     text = _html_page(svg, title or _default_title(run)) if fmt == ".html" else _XML_DECL + svg
     with open(path, "w", encoding="utf-8") as fh:
-        fh.write(text)
+        fh.write(_NOT_XML.sub("\ufffd", text))
+
+
+#: What XML 1.0 cannot hold, even escaped: C0 controls but tab and newlines (an error's ANSI
+#: colours), and lone surrogates (an undecodable byte of a file name, as os.fsdecode gives it).
+_NOT_XML = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff]")
 
 
 # -- the model ------------------------------------------------------------------

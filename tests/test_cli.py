@@ -190,6 +190,7 @@ BAD_INPUTS = [
     ["--step", "-1"], ["--grace", "-1"], ["--timeout", "-1"],
     ["--finish-chance", "1.5"], ["--finish-chance", "-0.1"], ["--start-method", "thread"],
     ["--events", "/no/such/dir/events.jsonl"], ["--events", ""], ["--trace", " "],
+    ["--events", "same.svg", "--timeline", "same.svg"],
 ]
 
 

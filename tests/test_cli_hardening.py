@@ -211,6 +211,17 @@ def test_live_view_shows_brackets_in_info_as_they_are():
     assert "note=[/] file=[red]x" in console.file.getvalue()
 
 
+def test_a_lone_surrogate_in_a_line_does_not_end_the_output():
+    # An error naming a file with an undecodable byte (os.fsdecode): the human
+    # output stopped there, as if stdout's reader had gone (no failed line, no summary).
+    raw = io.BytesIO()
+    stream = io.TextIOWrapper(raw, encoding="utf-8", write_through=True)
+    reporter = Reporter(stream=stream)
+    reporter.emit({"event": "failed"}, "worker 0: failed: cannot parse data-\udcff.csv")
+    reporter.summary({"event": "summary"}, "summary: 1 failed")
+    assert raw.getvalue().decode() == "worker 0: failed: cannot parse data-\\udcff.csv\nsummary: 1 failed\n"
+
+
 def test_json_lines_never_hold_nan_or_infinity():
     out = io.StringIO()
     reporter = Reporter(json_lines=True, stream=out)

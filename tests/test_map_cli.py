@@ -180,6 +180,7 @@ BAD = [
     (["maptargets:mark", "--joblog", "/no/such/dir/log"], "--joblog"),
     (["maptargets:mark", "--unfinished", "{dir}"], "is a directory"),
     (["maptargets:mark", "--joblog", ""], "--joblog needs a file name"),
+    (["maptargets:mark", "--joblog", "{dir}/log", "--unfinished", "{dir}/log"], "name the same file"),
     (["maptargets:mark", "--items", "{deep}"], "line 1 is nested too deeply to read"),
 ]
 

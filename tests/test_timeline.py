@@ -146,6 +146,20 @@ def test_workers_argument_adds_silent_rows(tmp_path):
     assert sorted(rows(parse(path))) == [0, 1, 2, 3]
 
 
+@pytest.mark.parametrize("name", ["t.svg", "t.html"])
+def test_an_error_with_control_characters_or_a_lone_surrogate_still_renders(tmp_path, name):
+    # ANSI colours in an exception's message, and a file name's undecodable byte
+    # (os.fsdecode): the SVG was not well-formed XML, or not written at all (UnicodeEncodeError).
+    events = synthetic()
+    failed = next(e for e in events if e["event"] == "failed")
+    failed["error"] = "ValueError: \x1b[31mred\x1b[0m \x00 cannot parse data-\udcff.csv"
+    render_timeline(events, tmp_path / name)
+    text = (tmp_path / name).read_text(encoding="utf-8")
+    assert "cannot parse data-\ufffd.csv" in text and "\x1b" not in text
+    if name.endswith(".svg"):
+        assert rows(parse(tmp_path / name)).keys() == {0, 1, 2}
+
+
 def test_empty_log_still_renders(tmp_path):
     path = tmp_path / "t.svg"
     render_timeline([], path, title="nothing <yet>")

@@ -60,6 +60,17 @@ def test_timeline_of_a_bad_log_is_one_line(tmp_path):
     assert res.returncode == 2 and len(res.stderr.splitlines()) == 1
 
 
+def test_the_log_is_never_overwritten_by_its_own_drawing(tmp_path):
+    log = tmp_path / "run.json"
+    text = '{"t": 0.1, "event": "running", "worker": 0}\n'
+    log.write_text(text)
+    res = run_cli(["timeline", str(log), "--format", "chrome"])  # the default name would be run.json
+    assert res.returncode == 0, res.stderr
+    assert log.read_text() == text and json.loads((tmp_path / "run.trace.json").read_text())
+    res = run_cli(["timeline", str(log), "-o", str(log)])
+    assert res.returncode == 2 and "is the event log itself" in res.stderr and log.read_text() == text
+
+
 def test_a_log_torn_by_a_kill_still_draws(tmp_path):
     log = tmp_path / "torn.jsonl"
     log.write_text('{"t": 0.1, "event": "running", "worker": 0}\n{"t": 0.5, "event": "broadcast", "sta')
