@@ -136,12 +136,12 @@ class LiveView:
         hidden = len(lines) - len(shown)
         text = Text("\n".join(f"[{output.worker}] {line}" for line in shown))
         with self._draw:
-            if self._live is None:
-                return
+            # Also before the view opens and after it closed: the capture drains what the
+            # workers wrote last once they have ended (it was dropped, neither shown nor counted).
             if hidden:
-                self._live.console.print(Text(f"[procctl] {hidden} lines of worker {output.worker}'s output"
-                                              " not shown (--log-dir keeps them)", style="dim"))
-            self._live.console.print(text, soft_wrap=True, markup=False, highlight=False)
+                self._console.print(Text(f"[procctl] {hidden} lines of worker {output.worker}'s output"
+                                         " not shown (--log-dir keeps them)", style="dim"))
+            self._console.print(text, soft_wrap=True, markup=False, highlight=False)
 
     def refresh(self) -> None:
         with self._draw:

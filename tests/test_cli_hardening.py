@@ -211,6 +211,24 @@ def test_live_view_shows_brackets_in_info_as_they_are():
     assert "note=[/] file=[red]x" in console.file.getvalue()
 
 
+def test_worker_output_after_the_live_view_closed_is_still_shown():
+    # The capture drains what the workers wrote last once they ended, after the
+    # view closed: those lines were dropped, neither shown nor counted.
+    from rich.console import Console
+
+    from procctl.capture import Output
+    from procctl.live import MAX_LINES_SHOWN, LiveView
+
+    console = Console(file=io.StringIO(), width=100, height=30, force_terminal=True)
+    view = LiveView(lambda: [], "t", console=console)
+    with view:
+        pass
+    lines = [f"line {i}" for i in range(MAX_LINES_SHOWN + 5)] + ["LAST-LINE"]
+    view.output(Output(0, 1, "\n".join(lines) + "\n"))
+    out = console.file.getvalue()
+    assert "[0] LAST-LINE" in out and "[procctl] 6 lines of worker 0's output not shown" in out
+
+
 def test_a_lone_surrogate_in_a_line_does_not_end_the_output():
     # An error naming a file with an undecodable byte (os.fsdecode): the human
     # output stopped there, as if stdout's reader had gone (no failed line, no summary).
