@@ -640,8 +640,12 @@ class ControlServer:
         from .metrics import render_metrics
 
         body = self.status()
-        # The run's own count: the workers' sum loses the restarts of those a shrink removed.
-        return render_metrics(body, body["workers"], getattr(self.hooks.controller(), "_restarts_total", None))
+        # The run's own counts (counters never go down): the workers' sums lose the restarts
+        # of those a shrink removed, and the work of earlier incarnations.
+        pc = self.hooks.controller()
+        done = getattr(pc, "_tasks_done_total", None)
+        return render_metrics(body, body["workers"], getattr(pc, "_restarts_total", None),
+                              done() if callable(done) else None)
 
     def _live_controller(self) -> Any:
         pc = self.hooks.controller()

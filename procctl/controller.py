@@ -918,6 +918,13 @@ class ProcessController(Shortcuts):
                 self._poll()
             return [self._status_of(w) for w in self._workers[: self.workers]]
 
+    def _tasks_done_total(self) -> float:
+        """The work done so far, for the metrics' counter: the progress of every ended
+        incarnation (a restarted worker's earlier ones, those a shrink removed) and of
+        the live workers; in a run without restarts or shrinks, the sum of status()'s."""
+        with self._locked():
+            return self._done_ended + sum(self._progress_of(w)[0] or 0.0 for w in self._workers if w.alive)
+
     @property
     def reports(self) -> dict[int, WorkerReport]:
         """Reports of the workers that have ended, by worker id."""
@@ -1141,6 +1148,7 @@ class ProcessController(Shortcuts):
 
     def _finish(self, w: _Worker, exitcode: int | None) -> None:
         w.final_progress = self._progress_of(w)
+        self._done_ended += w.final_progress[0] or 0.0
         report = self._decode(w, exitcode)
         if w.restarts:
             report = dataclasses.replace(report, restarts=w.restarts)
@@ -1215,6 +1223,7 @@ class ProcessController(Shortcuts):
         self._held: set[int] = set()  # stopped on request: never restarted
         self._gave_up = False
         self._restarts_total = 0  # every restart so far, of workers a shrink removed too (the metric)
+        self._done_ended = 0.0  # the progress of every ended incarnation (see tasks_done_total)
         self._due: float | None = None  # the nearest timer (see _next_deadline)
 
     @property

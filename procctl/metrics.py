@@ -57,9 +57,11 @@ class _Text:
         self.lines.append(f"{name}{{{pairs}}} {_number(float(value))}")
 
 
-def render_metrics(info: dict[str, Any], workers: list[dict[str, Any]], restarts: int | None = None) -> str:
+def render_metrics(info: dict[str, Any], workers: list[dict[str, Any]], restarts: int | None = None,
+                   done: float | None = None) -> str:
     """The text for one run: `info` as the control server describes it, `workers`
-    its per-worker status records, `restarts` its restarts so far if it counts them."""
+    its per-worker status records, `restarts` its restarts so far and `done` its
+    work done so far, if it counts them."""
     out = _Text(str(info.get("name", "")))
     live = Counter(w["state"] for w in workers if w.get("alive"))
     ended = Counter(w["outcome"] for w in workers if w.get("outcome"))
@@ -78,7 +80,9 @@ def render_metrics(info: dict[str, Any], workers: list[dict[str, Any]], restarts
         restarts = sum(int(w.get("restarts") or 0) for w in workers)
     out.sample("procctl_restarts_total", restarts)
     out.family("procctl_tasks_done_total", "counter", "Work units done: the sum of the workers' progress.")
-    out.sample("procctl_tasks_done_total", sum(float(w["done"]) for w in workers if w.get("done") is not None))
+    if done is None:
+        done = sum(float(w["done"]) for w in workers if w.get("done") is not None)
+    out.sample("procctl_tasks_done_total", done)
     for name, key, help_text in PER_WORKER_GAUGES:
         out.family(name, "gauge", help_text)
         for w in workers:

@@ -396,30 +396,33 @@ def test_procctl_stop_cancels_a_sum_run_cleanly(env):
     assert not os.path.exists(socket_of(env, "sum1"))
 
 
-def test_the_restarts_counter_never_goes_down(env, monkeypatch):
-    """procctl_restarts_total is a counter: a shrink that removes a restarted
-    worker does not take its restarts away."""
+def test_the_counters_never_go_down(env, monkeypatch):
+    """procctl_restarts_total and procctl_tasks_done_total are counters: a restart
+    (whose new incarnation starts from 0) or a shrink that removes a worker does
+    not take its restarts or its work away."""
     from prometheus_client.parser import text_string_to_metric_families
     from targets_control import steady
 
     from procctl import ProcessController
 
-    def restarts() -> float:
+    def counters() -> tuple[float, float]:
         res = ctl(env, "metrics", "counted")
         assert res.returncode == 0, res.stderr
         families = {f.name: f for f in text_string_to_metric_families(res.stdout)}
-        return families["procctl_restarts"].samples[0].value
+        return families["procctl_restarts"].samples[0].value, families["procctl_tasks_done"].samples[0].value
 
     monkeypatch.setenv("XDG_RUNTIME_DIR", env["XDG_RUNTIME_DIR"])
     with ProcessController(steady, 2, control="counted", restart="on-failure", backoff=(0.0, 0.0),
                            start_method="fork") as pc:
         pc.run()
+        pc.pause()  # acknowledged from their sleeps: workers 0 and 1 reported 1 and 2
+        assert counters() == (0, 3)
         for _ in range(2):
             os.kill(pc.status()[1].pid, signal.SIGKILL)
-            pc.reap(timeout=20)  # and restarted at once
-        assert restarts() == 2
+            pc.reap(timeout=20)  # and restarted at once, paused: no progress yet
+        assert counters() == (2, 3)
         pc.resize(1)
-        assert restarts() == 2
+        assert counters() == (2, 3)
         pc.stop()
 
 
