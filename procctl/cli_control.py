@@ -67,8 +67,8 @@ class ControlPlan:
         """Start the control socket (and the metrics endpoint); BadInput if the name is taken.
 
         `scale(n)` resizes the run (None: the run cannot, and `procctl scale` is refused)."""
-        server = ControlServer(RunHooks(self.job, controller, stop, scale), self.name)
         try:
+            server = ControlServer(RunHooks(self.job, controller, stop, scale), self.name)  # (its directory)
             server.start()
         except ControlError as exc:
             if "already live" in str(exc):

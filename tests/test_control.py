@@ -8,6 +8,7 @@ import signal
 import socket
 import stat
 import subprocess
+import sys
 import threading
 import urllib.request
 
@@ -447,3 +448,17 @@ def test_output_that_cannot_be_written_is_one_line_not_a_traceback(env):
                              timeout=30, env=env, cwd=TESTS)
     assert res.returncode == 1
     assert res.stderr.strip().splitlines() == ["procctl: error: cannot write the output: No space left on device"]
+
+
+def test_an_unusable_control_directory_is_a_warning_not_a_traceback(tmp_path):
+    # A symlink where the control directory should be is refused (it could hand
+    # our commands to another), as a warning: the run goes on without its socket.
+    runtime = tmp_path / "runtime"
+    runtime.mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    (runtime / "procctl").symlink_to(tmp_path / "elsewhere")
+    res = subprocess.run([sys.executable, "-m", "procctl", "run", "--workers", "1", "--schedule", "run",
+                          "--step", "0", "--finish-chance", "1"], capture_output=True, text=True, timeout=60,
+                         env={**os.environ, "XDG_RUNTIME_DIR": str(runtime)})
+    assert res.returncode == 0, res.stderr
+    assert "Traceback" not in res.stderr and "no control socket" in res.stderr
