@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable
 from typing import IO, NamedTuple
 
-from . import threads
+from . import listeners, threads
 from .capture_worker import CaptureSpec
 from .control import check_peer_uid, peer_credentials, remove_stale, runtime_dir
 
@@ -94,6 +94,7 @@ class OutputCapture:
         os.chmod(self.path, 0o600)
         listener.listen(1024)
         listener.setblocking(False)
+        listeners.close_in_children(listener)
         self._listener = listener
         self._sel.register(listener, selectors.EVENT_READ, None)
         self._sel.register(self._wake_r, selectors.EVENT_READ, None)

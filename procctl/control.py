@@ -35,7 +35,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import threads
+from . import listeners, threads
 from .states import Event, WorkerStatus
 
 log = logging.getLogger("procctl.control")
@@ -381,6 +381,7 @@ class ControlServer:
     def start(self) -> ControlServer:
         sockets(os.path.dirname(self.path))  # a run starting meets the directory: clean what dead runs left
         self._sock = listen(self.path)
+        listeners.close_in_children(self._sock)
         self._inode = os.stat(self.path).st_ino
         self._wake_r, self._wake_w = os.pipe()
         self._thread = threading.Thread(target=self._accept_loop, name="procctl-control", daemon=True)

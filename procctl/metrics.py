@@ -14,7 +14,7 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
-from . import threads
+from . import listeners, threads
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 STATES = ("running", "paused", "stopping")
@@ -133,6 +133,7 @@ class MetricsHTTP:
 
             server_class = V6
         self._server = server_class(addr, Handler)
+        listeners.close_in_children(self._server.socket)
         self._server.daemon_threads = True
         self._thread = threading.Thread(target=self._server.serve_forever, name="procctl-metrics", daemon=True)
 

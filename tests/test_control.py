@@ -12,6 +12,7 @@ import sys
 import threading
 import urllib.request
 
+import psutil
 import pytest
 from clihelp import CLI, LiveCli, assert_all_gone, json_events, worker_pids
 
@@ -343,6 +344,11 @@ def test_metrics_over_http_and_a_script_with_control(env, tmp_path):
         with urllib.request.urlopen(url, timeout=10) as reply:
             families = {f.name: f for f in text_string_to_metric_families(reply.read().decode())}
         assert sum(s.value for s in families["procctl_workers"].samples) == 2
+        # The workers hold no copy of the manager's listener (the port stayed bound while one lived).
+        for w in ctl_json(env, "status", "web")["workers"]:
+            listening = [c for c in psutil.Process(w["pid"]).net_connections("inet")
+                         if c.status == psutil.CONN_LISTEN]
+            assert listening == [], listening
         ctl(env, "stop", "web")
         assert cli.finish()[0] == 0
     finally:
