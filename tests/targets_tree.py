@@ -53,6 +53,8 @@ def start_children(kind, pidfile, count=1):
             pids.append(subprocess.Popen(SLEEP, stdin=subprocess.DEVNULL).pid)
         elif kind == "setsid":
             pids.append(subprocess.Popen(SLEEP, stdin=subprocess.DEVNULL, start_new_session=True).pid)
+        elif kind == "pgroup":  # a process group of its own, in the worker's session
+            pids.append(subprocess.Popen(SLEEP, stdin=subprocess.DEVNULL, preexec_fn=os.setpgrp).pid)  # (3.10)
         elif kind == "multiprocessing":
             p = multiprocessing.get_context("fork").Process(target=_sleep_forever, daemon=False)
             p.start()

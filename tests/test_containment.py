@@ -6,7 +6,7 @@ a new session); each worker tells the test the pids it started through a
 FIFO, then ends the way the case says. Every case proves that none of those
 pids still runs. Without a writable cgroup v2 exactly one case is not
 covered, and a test says so: descendants that left the worker's process
-group (a new session) when the worker dies abruptly.
+group (their own group, or a new session) when the worker dies abruptly.
 """
 
 from __future__ import annotations
@@ -27,9 +27,10 @@ from procs import end_session, still_running
 
 from procctl import Outcome, ProcessController, containment
 
-KINDS = ["popen", "setsid", "multiprocessing", "fork", "daemon", "daemon_setsid"]
+KINDS = ["popen", "setsid", "pgroup", "multiprocessing", "fork", "daemon", "daemon_setsid"]
 #: Kinds that leave the worker's process group: beyond reach of a worker that dies abruptly, without cgroups.
-NEW_SESSION = {"setsid", "daemon_setsid"}
+#: Those that left the worker's process group (a new session leaves it too).
+NEW_SESSION = {"setsid", "pgroup", "daemon_setsid"}
 ENDS = ["stop", "finish", "fail", "crash", "sigkill"]
 ABRUPT = {"crash", "sigkill"}
 
@@ -151,7 +152,7 @@ def test_descendants_die_with_their_worker(start_method, end, fifo):
         assert {r.outcome for r in reports.values()} == {expected}
     everyone = {p for pids in started.values() for p in pids}
     # The one case process groups and subreaping cannot cover (README): a
-    # descendant in a session of its own when its worker dies abruptly.
+    # descendant in a process group (or session) of its own when its worker dies abruptly.
     uncovered = set()
     if end in ABRUPT:
         uncovered = {p for wid, pids in started.items() if KINDS[wid] in NEW_SESSION for p in pids}
