@@ -1346,7 +1346,13 @@ class ProcessController(Shortcuts):
             return
         one_for_all = self._supervisor.plan.strategy is Strategy.ONE_FOR_ALL
         key = "all" if one_for_all else w.id
-        decision = self._supervisor.on_exit(key, report.outcome, time.monotonic())
+        outcome = report.outcome
+        if outcome is Outcome.STOPPED:
+            # Stopped, but not by us (no STOPPED broadcast, no stop of this worker): a SIGTERM
+            # from outside (`kill PID`). A normal end, as a return: "always" restarts it
+            # (OTP's permanent child), "on-failure" does not.
+            outcome = Outcome.FINISHED
+        decision = self._supervisor.on_exit(key, outcome, time.monotonic())
         if decision.action is Action.GIVE_UP:
             self._give_up(w, report)
         elif decision.action is Action.RESTART:

@@ -141,6 +141,20 @@ def test_restart_policy(how, outcome, restart):
         assert [e.worker for e in events if e.event == "hung"] == [0]
 
 
+@pytest.mark.parametrize("restart, again", [("always", True), ("on-failure", False)])
+def test_an_outside_sigterm_is_a_normal_end_for_the_policy(restart, again):
+    # SIGTERM to one worker (`kill PID`, no stop of ours): it stops gracefully; "always"
+    # restarts it as OTP does a permanent child (it was never restarted), "on-failure" not.
+    with controller(ts.shard, 2, restart=restart) as pc:
+        pc.run()
+        os.kill(pc.status()[1].pid, signal.SIGTERM)
+        [ended] = reap_n(pc, 1)
+        assert ended.worker_id == 1 and ended.outcome is Outcome.STOPPED
+        now = pc.status()[1]
+        assert (now.alive, now.restarts) == ((True, 1) if again else (False, 0))
+        pc.stop()
+
+
 def test_restart_after_an_outside_sigkill_in_each_start_method(start_method):
     with controller(ts.shard, 2, restart="on-failure", start_method=start_method) as pc:
         pc.run()
