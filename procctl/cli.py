@@ -7,6 +7,7 @@ import importlib
 import logging
 import math
 import os
+import re
 import signal
 import sys
 import threading
@@ -232,7 +233,8 @@ def event_text(event: Event) -> str | None:
 
 def parse_backoff(text: str) -> tuple[float, float]:
     """--backoff MIN,MAX (or MIN-MAX): seconds before the first restart, and the most."""
-    parts = text.replace("-", ",").split(",")
+    # MIN-MAX: a '-' that is not a sign (first, or after a ',' or an exponent's 'e').
+    parts = (text if "," in text else re.sub(r"(?<=[0-9.])-", ",", text)).split(",")
     try:
         low, high = (float(p) for p in parts)
     except ValueError:

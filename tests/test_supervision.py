@@ -426,6 +426,16 @@ def test_cli_bad_supervision_flags(args):
     assert "Traceback" not in res.stderr and res.stdout == ""
 
 
+def test_cli_backoff_takes_what_the_library_takes():
+    from procctl.cli import parse_backoff
+
+    # An exponent's '-' is not the MIN-MAX form's (1e-3,0.5 was refused).
+    assert parse_backoff("1e-3,0.5") == (0.001, 0.5) and parse_backoff("0.1,1E-1") == (0.1, 0.1)
+    assert parse_backoff("0.1-10") == (0.1, 10.0) and parse_backoff("1e-3-0.5") == (0.001, 0.5)
+    res = run_cli(["run", "--backoff", "-1,2"], timeout=30)
+    assert res.returncode == 2 and "must be >= 0" in res.stderr, res.stderr  # (not "must look like")
+
+
 def test_cli_sigttin_sigttou_resize(tests_dir):
     cli = LiveCli(["run", "--target", "targets_supervision:shard", "--workers", "2", "--schedule", "run",
                    "--step", "0", "--json", "--max-workers", "3"], cwd=tests_dir)
