@@ -39,7 +39,7 @@ from .clitools import (
     say,
 )
 from .controller import ProcessController, WorkerStartError
-from .limits import LIMIT_ERRNOS, capacity_problem
+from .limits import COMMAND_FDS, LIMIT_ERRNOS, capacity_problem
 from .named_target import NamedTarget, remember
 from .states import CLEAN_OUTCOMES, Event, Outcome, State, WorkerReport
 from .supervise import Plan, Restart, Strategy
@@ -466,7 +466,7 @@ def run_command(workers: int, target: str | None, schedule: str, step: float, fi
     if cluster_spec is None:
         if workers_per_node is not None:
             raise BadInput("--workers-per-node works with --cluster; on one machine use --workers")
-        too_many = capacity_problem(workers)
+        too_many = capacity_problem(workers, reserve=COMMAND_FDS)
         if too_many is not None:
             raise BadInput(f"--workers {workers}: {too_many}")
     else:
@@ -480,7 +480,7 @@ def run_command(workers: int, target: str | None, schedule: str, step: float, fi
     if max_workers is not None:
         if max_workers < workers:
             raise BadInput(f"--max-workers {max_workers} is less than --workers {workers}")
-        too_many = capacity_problem(max_workers)
+        too_many = capacity_problem(max_workers, reserve=COMMAND_FDS)
         if too_many is not None:
             raise BadInput(f"--max-workers {max_workers}: {too_many}")
     check_output_paths(events_path, timeline_path, trace_path)

@@ -53,7 +53,7 @@ from .clitools import (
 )
 from .controller import WorkerStartError
 from .executor import ProcessExecutor
-from .limits import LIMIT_ERRNOS, capacity_problem
+from .limits import COMMAND_FDS, LIMIT_ERRNOS, WORK_FDS_PER_WORKER, capacity_problem
 from .map_task import error_line, output_to_stderr, run_item
 from .named_target import NamedTarget, remember
 from .states import State, WorkerStatus
@@ -232,7 +232,7 @@ def make_plan(spec: str, items_path: str, raw_lines: bool, workers: int | None, 
         raise BadInput("--resume needs --joblog FILE (the log of the run to resume)")
     cluster = check_cluster(cluster_address, workers, workers_per_node, lease)
     if workers is not None:
-        too_many = capacity_problem(workers)
+        too_many = capacity_problem(workers, WORK_FDS_PER_WORKER, COMMAND_FDS)  # (an executor's)
         if too_many is not None:
             raise BadInput(f"--workers {workers}: {too_many}")
     check_distinct_files({"--joblog": joblog, "--unfinished": unfinished, "--events": events_path})

@@ -233,6 +233,9 @@ def _run(job: SumJob, reporter: Reporter, bridge: SignalBridge, view: Any = None
                 summary = Summary(exc.result)
                 reporter.summary(summary.to_dict(), summary_text(exc.result))
             return EXIT_TIMEOUT
+        except ValueError as exc:  # the controller's own look at the limits, with what is open by then
+            say(f"procctl sum: error: {exc}")
+            return EXIT_USAGE
         except (SumJobError, WorkerStartError, OSError) as exc:
             if bridge.exit_code is not None:  # a second signal killed the workers: the signal's doing
                 tell(reporter, Cancelled(bridge.signal_name))

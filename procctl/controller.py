@@ -359,7 +359,8 @@ class ProcessController(Shortcuts):
             raise TypeError(f"target must be callable, not {type(target).__name__}")
         if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
             raise ValueError(f"workers must be a positive integer, not {workers!r}")
-        too_many = limits.capacity_problem(workers)
+        too_many = limits.capacity_problem(
+            workers, limits.MANAGER_FDS_PER_WORKER if channels is None else limits.WORK_FDS_PER_WORKER)
         if too_many is not None:
             raise ValueError(f"workers={workers} is more than this system lets us start: {too_many}")
         if isinstance(args, (str, bytes)) or not isinstance(args, (tuple, list)):
@@ -1252,7 +1253,8 @@ class ProcessController(Shortcuts):
             if self._state is State.STOPPED:
                 raise RuntimeError("the workers were stopped; STOPPED is final")
             if n > self.workers:
-                too_many = limits.capacity_problem(n - self.workers)
+                too_many = limits.capacity_problem(n - self.workers, limits.MANAGER_FDS_PER_WORKER
+                                                   if self._plane is None else limits.WORK_FDS_PER_WORKER)
                 if too_many is not None:
                     raise ValueError(f"resize(n): n={n} is more than this system lets us start: {too_many}")
                 self._grow(n)

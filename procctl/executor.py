@@ -62,7 +62,7 @@ from . import threads, workwire
 from .channel import InheritedFd
 from .controller import ProcessController, check_start_method
 from .errors import RemoteTraceback, TaskTimeout, WorkerCrashed
-from .limits import capacity_problem
+from .limits import WORK_FDS_PER_WORKER, capacity_problem
 from .shutdown import describe_exit, signal_name
 from .states import Event, Outcome, State, WorkerReport, WorkerStatus
 from .worker_plane import CALL, CHUNK, ERR, ERR_AT, OK, PRECISE, run_tasks
@@ -469,7 +469,7 @@ class _Pool:
             raise ValueError(f"max_workers must be a positive integer, not {max_workers!r}")
         if max_workers < 1:  # the stdlib's words, which code written for it may match
             raise ValueError(f"max_workers must be greater than 0, not {max_workers!r}")
-        too_many = capacity_problem(max_workers)
+        too_many = capacity_problem(max_workers, WORK_FDS_PER_WORKER)
         if too_many is not None:
             raise ValueError(f"max_workers={max_workers} is more than this system lets us start: {too_many}")
         if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:

@@ -16,11 +16,18 @@ import os
 #: controller watches (not under forkserver). Update this when the
 #: controller's channels change.
 MANAGER_FDS_PER_WORKER = 4
+#: With a work plane (channels, ProcessExecutor), each worker's work link adds
+#: its socket and the pipe a worker's stop wakes (measured: 6.1 and 6.2).
+WORK_FDS_PER_WORKER = 7
 #: Descriptors beyond the per-worker ones: the controller's board, selector
 #: and wakeup pipe, those in use while one worker starts (its ends of the
 #: pipes, multiprocessing's), the few a forked worker opens for itself on top
 #: of the manager's it inherits, and an event log.
 START_FDS = 16
+#: What a command line opens after its first look at the limits (its control
+#: socket and selector, the output capture, the signal pipe): the controller's
+#: own look comes then, and must not be the one that refuses.
+COMMAND_FDS = 10
 #: Errors of a process or pipe creation that mean "a system limit was hit".
 LIMIT_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.EAGAIN, errno.ENOMEM})
 
@@ -63,15 +70,16 @@ def _user_processes() -> int:
     return count
 
 
-def capacity_problem(workers: int) -> str | None:
-    """Why this process cannot start `workers` more workers, or None if it can.
+def capacity_problem(workers: int, fds_per_worker: int = MANAGER_FDS_PER_WORKER, reserve: int = 0) -> str | None:
+    """Why this process cannot start `workers` more workers, or None if it can
+    (`fds_per_worker`: WORK_FDS_PER_WORKER for channels and executors).
 
     Reads the soft RLIMIT_NOFILE (against the descriptors open now) and
     RLIMIT_NPROC (against our user's processes; the kernel exempts root).
     """
     fd_limit = _soft_limit("RLIMIT_NOFILE")
     if fd_limit is not None:
-        need = workers * MANAGER_FDS_PER_WORKER + START_FDS
+        need = workers * fds_per_worker + START_FDS + reserve
         in_use = _open_fds()
         if need + in_use > fd_limit:
             return (f"{workers} workers need about {need} file descriptors; the limit is {fd_limit}"

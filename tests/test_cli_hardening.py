@@ -74,6 +74,30 @@ def test_worker_count_beyond_the_fd_limit_names_the_limit(args):
     assert "200 workers need about" in line and "file descriptors; the limit is 256" in line
 
 
+EXECUTOR_AT_THE_LIMIT = """
+import resource
+from procctl import ProcessController, ProcessExecutor
+resource.setrlimit(resource.RLIMIT_NOFILE, (256, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+for make in (lambda: ProcessExecutor(40), lambda: ProcessController(print, 40, channels={"c": 0})):
+    try:
+        make()
+    except ValueError as exc:
+        print("refused:", exc)
+"""
+
+
+def test_executors_and_channels_count_their_work_links_against_the_fd_limit():
+    # A worker with a work link costs the manager about 6 descriptors, not 4: the
+    # check let 40 through under 256, and the start failed part-way (worker tracebacks).
+    res = subprocess.run([sys.executable, "-c", EXECUTOR_AT_THE_LIMIT], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0 and "Traceback" not in res.stderr, res.stderr
+    lines = res.stdout.splitlines()
+    assert len(lines) == 2 and lines[0].startswith("refused: max_workers=40") and "workers=40" in lines[1], lines
+    res = subprocess.run(CLI + ["sum", "--producers", "29", "--consumers", "29"], capture_output=True, text=True,
+                         timeout=30, preexec_fn=with_limit(resource.RLIMIT_NOFILE, 256))
+    assert res.returncode == 2 and "file descriptors; the limit is 256" in one_error_line(res.stderr)
+
+
 def test_the_fd_check_lets_through_what_fits():
     # The estimate is not so careful that it refuses what the system can do.
     res = subprocess.run(CLI + ["run", "--workers", "40", "--step", "0", "--quiet"], capture_output=True,

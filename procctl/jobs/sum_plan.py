@@ -202,7 +202,7 @@ def make_plan(producers: Any = 3, consumers: Any = 3, threshold: Any = 10, *, va
         methods = ", ".join(multiprocessing.get_all_start_methods())
         raise ValueError(f"start_method must be one of {methods}, not {start_method!r}")
     workers = _count("producers", producers) + _count("consumers", consumers)
-    too_many = limits.capacity_problem(workers)
+    too_many = limits.capacity_problem(workers, limits.WORK_FDS_PER_WORKER)  # (its channels)
     if too_many is not None:
         raise ValueError(f"too many workers ({producers} producers and {consumers} consumers): {too_many}")
     return SumPlan(
