@@ -88,6 +88,9 @@ MAX_AUTO_CHUNK = 1024
 #: map() hands its tasks to the manager this many at a time, so
 #: the workers start while the caller still builds futures.
 SUBMIT_SLICE = 256
+#: Workers in a row that die before they are up (no initializer: with one, the first
+#: such death) before the pool is broken rather than started again for ever.
+EARLY_DEATHS = 3
 
 
 class _Cut(list):  # type: ignore[type-arg]
@@ -503,6 +506,8 @@ class _Pool:
         self.task_timeout = task_timeout
         self.grace = grace_s
         self._max_workers = max_workers
+        self._has_initializer = initializer is not None
+        self._early_deaths = 0  # workers in a row that died before they were up (see _end_line)
         self._on_event = on_event
         self._lock = threading.Lock()
         self._pending: deque[_Task] = deque()
@@ -1336,7 +1341,14 @@ class _Pool:
             # failed in a task, its first or not: that task's loss, above.
             if report.outcome is Outcome.FAILED and not line.up and self._broken is None:
                 self._break(f"{self._name(line.wid)} could not start: {report.error_line}")
+            elif not line.up and report.outcome is not Outcome.FAILED and self._broken is None and (
+                    self._has_initializer or self._early_deaths >= EARLY_DEATHS):
+                # It died before it was up, in its initializer (an os._exit, a segfault) or
+                # again and again: started anew, it would die anew, for ever.
+                self._break(f"{self._name(line.wid)} died before it was up: "
+                            f"{report.error_line or describe_exit(report.exitcode)}")
             else:
+                self._early_deaths = 0 if line.up else self._early_deaths + 1
                 self._respawn.add(line.wid)
 
     def _name(self, wid: int) -> str:
@@ -1408,6 +1420,8 @@ class _Pool:
             else:
                 rerun.errors[place] = error
                 del rerun.where[first]
+                if not isinstance(task.items, list):  # map() keeps a range or a tuple as it is
+                    task.items = list(task.items)
                 del task.items[first]
                 self._failed += 1
                 self._task_event(name, line, task, error=str(error))
