@@ -471,8 +471,10 @@ class ChannelPlane:
             self._serve_waiting(chan)
 
     def _grant(self, chan: _Chan) -> None:
-        """Give credits to waiting producers while the channel has room."""
-        if not chan.maxsize:
+        """Give credits to waiting producers while the channel has room (a closed
+        one has room for all: what is put there is drained, and no sender may stay
+        blocked on a channel nobody will read)."""
+        if not chan.maxsize or chan.closed:
             while chan.wanting:
                 link = chan.wanting.popleft()
                 self._reply(link, Kind.CREDIT, chan.cid, UNBOUNDED_GRANT)
@@ -613,6 +615,7 @@ class ChannelPlane:
                 return
             chan.closed = True
             self._serve_waiting(chan)
+            self._grant(chan)  # the producers blocked on a full channel go on (their items drained)
             self._notify()
 
     def drain(self, chan: _Chan) -> list[Any]:

@@ -157,6 +157,19 @@ def test_stop_wakes_blocked_get_and_put_and_accounts():
     assert s.put == s.got + s.drained
 
 
+def test_closing_a_full_channel_releases_its_blocked_producers():
+    # No sender stays blocked on a channel nobody will read: its put goes through
+    # (the item drained, as any put into a closed channel); it waited for its timeout.
+    with ProcessController(t.put_past_a_close, 1, channels={"jobs": 1, "out": 0}, start_method="fork") as pc:
+        pc.run()
+        pc.channels["jobs"].close()
+        sent, waited = pc.channels["out"].get(timeout=20)
+        pc.stop()
+    assert sent is True and waited < 10
+    put, got, drained, queued = _totals(pc, "jobs")
+    assert put == 2 and put == got + drained + queued
+
+
 def test_manager_put_blocked_on_full_channel_returns_false_at_stop():
     with ProcessController(t.consumer, 1, channels={"jobs": 2}) as pc:
         for i in range(2):

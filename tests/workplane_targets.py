@@ -237,3 +237,13 @@ def consume_or_die(ctx, bad):
 def init_exits():
     """An initializer that ends its process (os._exit), as a crash in it would."""
     os._exit(7)
+
+
+def put_past_a_close(ctx):
+    """Fill `jobs` (maxsize 1), then put once more: blocked until the channel is closed."""
+    ctx.put("jobs", 0)
+    t0 = time.monotonic()
+    sent = ctx.put("jobs", 1, timeout=30)
+    ctx.put("out", (sent, time.monotonic() - t0))
+    while ctx.sleep(3600):
+        pass
