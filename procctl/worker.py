@@ -338,6 +338,8 @@ class WorkerContext:
         self.state = STATES[state]
         if self.state is State.STOPPED:
             return  # our exit is the acknowledgement: one less wakeup for the manager
+        if self._info_pending:  # before the acknowledgement: who waited for it sees the info too
+            self._send_info()
         try:
             self._end.ack(seq, state)
         except OSError:
