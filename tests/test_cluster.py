@@ -459,8 +459,8 @@ def _client_pids(proc, how: str) -> list[int]:
     return sorted(pids)
 
 
-@pytest.mark.parametrize("how", ["library", "cli"])
-def test_a_killed_client_leaves_no_worker_behind(cluster, tests_dir, how):
+@pytest.mark.parametrize("how", ["library", pytest.param("cli", marks=pytest.mark.soak)])  # (CI time: the
+def test_a_killed_client_leaves_no_worker_behind(cluster, tests_dir, how):  # lease is the same for both)
     """Within lease + 2 s, whatever the workers do: the lease's stop has a short
     grace (library: a controller's target and an executor's tasks that never
     checkpoint; cli: workers that checkpoint)."""
