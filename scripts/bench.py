@@ -559,7 +559,7 @@ def print_targets(ts: list[dict[str, Any]], out=sys.stdout) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="a smaller run, under 60 s on 2 cores")
+    ap.add_argument("--quick", action="store_true", help="a smaller run: about 90 s on 2 quiet cores (fork and forkserver)")
     ap.add_argument("--json", metavar="FILE", help="write header, rows and targets as JSON")
     default_cases = [c for c in CASE_ORDER if c not in OPTIONAL_CASES]
     ap.add_argument("--cases", default=None,
@@ -585,6 +585,8 @@ def main(argv: list[str] | None = None) -> int:
     bad = [c for c in cases if c not in CASE_ORDER]
     if bad:
         ap.error(f"unknown case(s) {bad}; choose from {CASE_ORDER}")
+    if not cases:
+        ap.error(f"--cases names no case; choose from {CASE_ORDER}")
     import multiprocessing
 
     available = multiprocessing.get_all_start_methods()
@@ -592,6 +594,14 @@ def main(argv: list[str] | None = None) -> int:
     bad = [m for m in methods if m not in available]
     if bad:
         ap.error(f"start method(s) {bad} not available here ({available})")
+    if not methods:
+        ap.error(f"--start-methods names no start method ({available})")
+    if args.json:  # before a run of minutes, not after it
+        try:
+            with open(args.json, "a"):
+                pass
+        except OSError as exc:
+            ap.error(f"--json {args.json!r} cannot be written: {exc.strerror}")
     mem_methods = list(methods)
     if args.start_methods is None and "spawn" in available:
         mem_methods.append("spawn")
@@ -640,4 +650,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:  # Ctrl-C: the case processes got it too and are reaped (subreaper)
+        print("bench: interrupted", file=sys.stderr)
+        sys.exit(130)
