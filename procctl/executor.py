@@ -1536,13 +1536,92 @@ class _Pool:
                 f"{c.completed} completed, {c.queued} queued{', paused' if self._paused else ''}>")
 
 
-class ProcessExecutor(Executor):
+class PoolFront(Executor):
+    """What ProcessExecutor and ClusterExecutor show of their pool (`_pool`): the
+    calls, passed on. The pool's threads hold the pool, never this front, so that
+    a front dropped without shutdown() is collected, and its pool shut down."""
+
+    _pool: Any
+
+    @property
+    def workers(self) -> int:
+        return int(self._pool.workers)
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
+        future: Future[Any] = self._pool.submit(fn, *args, **kwargs)
+        return future
+
+    def map(
+        self, fn: Callable[..., Any], *iterables: Iterable[Any],
+        timeout: float | None = None, chunksize: int | None = None,
+    ) -> Iterator[Any]:
+        results: Iterator[Any] = self._pool.map(fn, *iterables, timeout=timeout, chunksize=chunksize)
+        return results
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        self._pool.shutdown(wait, cancel_futures=cancel_futures)
+
+    def pause(self, timeout: float | None = None) -> None:
+        self._pool.pause(timeout)
+
+    def resume(self, timeout: float | None = None) -> None:
+        self._pool.resume(timeout)
+
+    def stop(self, grace: float | None = None) -> Unfinished:
+        left: Unfinished = self._pool.stop(grace)
+        return left
+
+    def kill(self) -> None:
+        self._pool.kill()
+
+    @property
+    def paused(self) -> bool:
+        return bool(self._pool.paused)
+
+    def counts(self) -> TaskCounts:
+        counts: TaskCounts = self._pool.counts()
+        return counts
+
+    def status(self) -> list[WorkerStatus]:
+        rows: list[WorkerStatus] = self._pool.status()
+        return rows
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        """As the stdlib's, shutdown(wait=True); but leaving the block by Ctrl-C (or a
+        test's timeout, pytest's outcomes) stops the tasks instead of waiting for them."""
+        if exc_type is not None and not issubclass(exc_type, (Exception, SystemExit, GeneratorExit)):
+            interrupted(self._pool)
+            return
+        try:
+            self._pool.shutdown(True)
+        except KeyboardInterrupt:  # Ctrl-C while it waits for the tasks
+            interrupted(self._pool)
+            raise
+
+    def __repr__(self) -> str:
+        return repr(self._pool)
+
+
+def interrupted(pool: Any) -> None:
+    """What Ctrl-C means for a pool: stop (grace, then escalation), and a second one
+    while that stop waits kills the workers at once. The workers ignore SIGINT: the
+    manager decides, as a ProcessController's close() does."""
+    try:
+        pool.stop(pool.grace)
+    except KeyboardInterrupt:
+        pool.kill()
+        raise
+
+
+class ProcessExecutor(PoolFront):
     """A process pool with the `concurrent.futures` API, plus pause, resume and a stop
     that hands back the unfinished work. A crashed worker fails only its task.
 
     Dropped without shutdown(), it shuts down when it is collected (the tasks
     submitted still run; then its workers stop), as ProcessPoolExecutor does.
     """
+
+    _pool: _Pool
 
     def __init__(
         self,
@@ -1565,10 +1644,6 @@ class ProcessExecutor(Executor):
         self._pool.watch(self)
 
     @property
-    def workers(self) -> int:
-        return self._pool.workers
-
-    @property
     def _max_workers(self) -> int:  # as ProcessPoolExecutor's, which code written for it reads
         return self._pool.workers
 
@@ -1584,70 +1659,10 @@ class ProcessExecutor(Executor):
     def grace(self) -> float:
         return self._pool.grace
 
-    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
-        return self._pool.submit(fn, *args, **kwargs)
-
-    def map(
-        self, fn: Callable[..., Any], *iterables: Iterable[Any],
-        timeout: float | None = None, chunksize: int | None = None,
-    ) -> Iterator[Any]:
-        return self._pool.map(fn, *iterables, timeout=timeout, chunksize=chunksize)
-
-    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
-        self._pool.shutdown(wait, cancel_futures=cancel_futures)
-
-    def pause(self, timeout: float | None = None) -> None:
-        self._pool.pause(timeout)
-
-    def resume(self, timeout: float | None = None) -> None:
-        self._pool.resume(timeout)
-
-    def stop(self, grace: float | None = None) -> Unfinished:
-        return self._pool.stop(grace)
-
-    def kill(self) -> None:
-        self._pool.kill()
-
-    @property
-    def paused(self) -> bool:
-        return self._pool.paused
-
-    def counts(self) -> TaskCounts:
-        return self._pool.counts()
-
-    def status(self) -> list[WorkerStatus]:
-        return self._pool.status()
-
-    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
-        """As the stdlib's, shutdown(wait=True); but leaving the block by Ctrl-C (or a
-        test's timeout, pytest's outcomes) stops the tasks instead of waiting for them."""
-        if exc_type is not None and not issubclass(exc_type, (Exception, SystemExit, GeneratorExit)):
-            interrupted(self._pool)
-            return
-        try:
-            self._pool.shutdown(True)
-        except KeyboardInterrupt:  # Ctrl-C while it waits for the tasks
-            interrupted(self._pool)
-            raise
-
-    def __repr__(self) -> str:
-        return repr(self._pool)
-
-
-def interrupted(pool: _Pool) -> None:
-    """What Ctrl-C means for a pool: stop (grace, then escalation), and a second one
-    while that stop waits kills the workers at once. The workers ignore SIGINT: the
-    manager decides, as a ProcessController's close() does."""
-    try:
-        pool.stop(pool.grace)
-    except KeyboardInterrupt:
-        pool.kill()
-        raise
-
 
 # One text for each public method: the pool's, where the behaviour is.
 for _name in ("submit", "map", "shutdown", "pause", "resume", "stop", "kill", "counts", "status"):
-    getattr(ProcessExecutor, _name).__doc__ = getattr(_Pool, _name).__doc__
+    getattr(PoolFront, _name).__doc__ = getattr(_Pool, _name).__doc__
 
 
 def _answer_stopped(name: str, fut: Future[Any], why: str) -> None:

@@ -559,7 +559,7 @@ def print_targets(ts: list[dict[str, Any]], out=sys.stdout) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="a smaller run: about 90 s on 2 quiet cores (fork and forkserver)")
+    ap.add_argument("--quick", action="store_true", help="a smaller run: about 90 s on 2 quiet cores")
     ap.add_argument("--json", metavar="FILE", help="write header, rows and targets as JSON")
     default_cases = [c for c in CASE_ORDER if c not in OPTIONAL_CASES]
     ap.add_argument("--cases", default=None,

@@ -23,7 +23,7 @@ import time
 import weakref
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import BrokenExecutor, Executor, Future
+from concurrent.futures import BrokenExecutor, Future
 from concurrent.futures import wait as wait_futures
 from dataclasses import replace
 from typing import Any
@@ -35,6 +35,7 @@ from ..controller import check_start_method
 from ..errors import RemoteTraceback, TaskTimeout, WorkerCrashed
 from ..executor import (
     MAX_AUTO_CHUNK,
+    PoolFront,
     TaskCounts,
     Unfinished,
     _item_of,
@@ -536,7 +537,7 @@ class _ClusterPool(Session):
         return f"<ClusterExecutor {len(self.nodes)} nodes x {self.workers_per_node}>"
 
 
-class ClusterExecutor(Executor):
+class ClusterExecutor(PoolFront):
     """A process pool over every node of a Dask cluster with the ProcessExecutor API:
     submit, map, pause, resume, stop (the unfinished items, once each), counts, status.
 
@@ -549,6 +550,8 @@ class ClusterExecutor(Executor):
     Dropped without shutdown(), it shuts down when it is collected (the tasks
     submitted still run; then the nodes' workers stop), as ProcessExecutor does.
     """
+
+    _pool: _ClusterPool
 
     def __init__(
         self,
@@ -572,61 +575,17 @@ class ClusterExecutor(Executor):
             initargs=initargs, connect_timeout=connect_timeout)
         weakref.finalize(self, _dropped, self._pool).atexit = False
 
-    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
-        return self._pool.submit(fn, *args, **kwargs)
-
-    def map(
-        self, fn: Callable[..., Any], *iterables: Iterable[Any],
-        timeout: float | None = None, chunksize: int | None = None,
-    ) -> Iterator[Any]:
-        return self._pool.map(fn, *iterables, timeout=timeout, chunksize=chunksize)
-
-    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
-        self._pool.shutdown(wait, cancel_futures=cancel_futures)
-
-    def pause(self, timeout: float | None = None) -> None:
-        self._pool.pause(timeout)
-
-    def resume(self, timeout: float | None = None) -> None:
-        self._pool.resume(timeout)
-
-    def stop(self, grace: float | None = None) -> Unfinished:
-        return self._pool.stop(grace)
-
-    def kill(self) -> None:
-        self._pool.kill()
-
-    @property
-    def paused(self) -> bool:
-        return self._pool.paused
-
-    def counts(self) -> TaskCounts:
-        return self._pool.counts()
-
     @property
     def retried(self) -> int:
+        """Tasks sent again: after their node was lost, or on their node after
+        a crash or a timeout (`retries`)."""
         return self._pool.retried
-
-    def status(self) -> list[WorkerStatus]:
-        return self._pool.status()
-
-    @property
-    def workers(self) -> int:
-        return self._pool.workers
 
     def __getattr__(self, name: str) -> Any:
         # The rest of what the pool shows (nodes, lease, workers_per_node, grace, retries, client).
         if name.startswith("_"):
             raise AttributeError(name)
         return getattr(self._pool, name)
-
-    def __repr__(self) -> str:
-        return repr(self._pool)
-
-
-# One text for each public method: the pool's, where the behaviour is.
-for _name in ("submit", "map", "shutdown", "pause", "resume", "stop", "kill", "counts", "status"):
-    getattr(ClusterExecutor, _name).__doc__ = getattr(_ClusterPool, _name).__doc__
 
 
 def _dropped(pool: _ClusterPool) -> None:
