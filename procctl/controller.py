@@ -110,7 +110,7 @@ class _Worker:
         "id", "process", "pid", "link", "started", "state", "acked_seq",
         "result", "start_error", "signalled", "report", "progress_first", "info",
         "final_progress", "pidfd", "cgroup", "restarts", "probe", "probe_at", "suspect", "hung", "escalation",
-        "retiring",
+        "retiring", "ended_at",
     )
 
     def __init__(self, wid: int, process: Any, link: WorkerLink) -> None:
@@ -128,6 +128,7 @@ class _Worker:
         self.progress_first: tuple[float, float] | None = None  # (monotonic, done): the rate's origin
         self.info: dict[str, Any] = {}
         self.final_progress: tuple[float | None, float | None] = (None, None)
+        self.ended_at: float | None = None  # monotonic: the rate of an ended worker stays its last
         #: What the controller watches for the process's end: a pidfd where the
         #: kernel has them, which nothing the worker does can hold open.
         self.pidfd = -1
@@ -1149,6 +1150,7 @@ class ProcessController(Shortcuts):
 
     def _finish(self, w: _Worker, exitcode: int | None) -> None:
         w.final_progress = self._progress_of(w)
+        w.ended_at = time.monotonic()
         self._done_ended += w.final_progress[0] or 0.0
         report = self._decode(w, exitcode)
         if w.restarts:
@@ -1582,13 +1584,13 @@ class ProcessController(Shortcuts):
         done, total = self._progress_of(w)
         rate = eta = None
         if done is not None:
-            now = time.monotonic()
+            now = time.monotonic() if w.ended_at is None else w.ended_at  # an ended worker's: as it ended
             if w.progress_first is None:
                 w.progress_first = (now, done)
             t0, d0 = w.progress_first
             if now > t0 and done > d0:
                 rate = (done - d0) / (now - t0)
-                if total is not None:
+                if total is not None and w.ended_at is None:  # nothing is left to come of an ended one
                     eta = max(0.0, (total - done) / rate)
         # A worker not yet up (restarted, added) is in the state it was started in.
         state = (w.state if w.acked_seq >= 0 else self._state_of(w.id)) if w.alive else State.STOPPED

@@ -105,3 +105,11 @@ def tight_info(ctx, then_return: bool):
     while ctx.sleep(3600.0):
         pass
     return "stopped"
+
+
+def half_then_return(ctx):
+    """10 of 100 done, then (after the next command and a run) 50 of 100, and return."""
+    ctx.progress(10, 100)
+    ctx.sleep(3600.0)
+    ctx.progress(50, 100)
+    return "half"

@@ -46,3 +46,17 @@ def test_the_last_info_of_a_tight_loop_is_not_lost():
         pc.run()
         assert pc.wait(timeout=30)
         assert pc.status()[0].info == {"cur": 999}
+
+
+def test_an_ended_workers_rate_stays_as_it_ended_and_it_has_no_eta():
+    # The rate kept falling after the end (its clock ran on), and an ETA was shown for what never comes.
+    with ProcessController(targets.half_then_return, 1, start_method="fork") as pc:
+        pc.run()
+        pc.pause()  # acknowledged from its sleep, at 10 of 100
+        assert pc.status()[0].done == 10  # (the rate's origin)
+        pc.run()
+        assert pc.wait(timeout=30)
+        first = pc.status()[0]
+        again = pc.status()[0]
+    assert first.done == 50 and first.rate is not None and first.rate > 0
+    assert (again.rate, first.eta, again.eta) == (first.rate, None, None)

@@ -319,8 +319,10 @@ def test_stop_from_on_event_stops_the_others_gracefully(where):
     assert (said["thread"] == "MainThread") == (where == "script")
     reports = said["reports"]
     assert reports[0].outcome is Outcome.CRASHED
-    assert [(reports[w].outcome, reports[w].result) for w in (1, 2)] == [
-        (Outcome.STOPPED, (1, 3)), (Outcome.STOPPED, (2, 3))]
+    # Stopped gracefully, not killed; a worker the STOPPED reached before its RUN (worker
+    # 0's crash can come while run() waits for the others) stops before its target: no result.
+    assert [reports[w].outcome for w in (1, 2)] == [Outcome.STOPPED] * 2
+    assert reports[1].result in ((1, 3), None) and reports[2].result in ((2, 3), None)
 
 
 def test_live_workers_are_not_hung():
