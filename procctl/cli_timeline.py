@@ -12,7 +12,7 @@ from typing import Any
 
 import click
 
-from .clitools import EXIT_OK, BadInput, check_writable_file, say
+from .clitools import EXIT_OK, BadInput, check_writable_file, same_file, say
 
 FORMATS = ("svg", "html", "chrome")
 
@@ -60,13 +60,6 @@ def title_of(records: list[dict[str, Any]]) -> tuple[str | None, int | None]:
     return None, None
 
 
-def _same_file(a: str, b: str) -> bool:
-    try:
-        return os.path.samefile(a, b)
-    except OSError:  # one of them does not exist (yet)
-        return os.path.abspath(a) == os.path.abspath(b)
-
-
 @click.command("timeline")
 @click.argument("log", type=click.Path(dir_okay=False))
 @click.option("-o", "--output", default=None, help="Output file (.svg, .html, or .json for chrome).")
@@ -84,9 +77,9 @@ def timeline_command(log: str, output: str | None, fmt: str | None) -> int:
             raise BadInput(f"-o {output!r}: end it in .svg, .html or .json, or give --format")
     if output is None:
         output = os.path.splitext(log)[0] + {"svg": ".svg", "html": ".html", "chrome": ".json"}[fmt]
-        if _same_file(output, log):  # run.json: its trace must not take its place
+        if same_file(output, log):  # run.json: its trace must not take its place
             output = os.path.splitext(log)[0] + ".trace.json"
-    elif _same_file(output, log):
+    elif same_file(output, log):
         raise BadInput(f"-o {output!r} is the event log itself: give another file")
     elif fmt != "chrome":
         try:

@@ -374,16 +374,21 @@ class Reporter:
                 self._events = None
 
 
+def same_file(a: str, b: str) -> bool:
+    """Whether paths `a` and `b` name one file (through links too; one that does not exist yet by its path)."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return os.path.realpath(a) == os.path.realpath(b)
+
+
 def check_distinct_files(paths: dict[str, str | None]) -> None:
     """Bad input if two of the options (option: path) name the same file: one would overwrite the other."""
-    seen: dict[str, str] = {}
-    for option, path in paths.items():
-        if path is None or not path.strip():
-            continue
-        key = os.path.realpath(path)
-        if key in seen:
-            raise BadInput(f"{seen[key]} and {option} name the same file {path!r}")
-        seen[key] = option
+    given = [(option, path) for option, path in paths.items() if path is not None and path.strip()]
+    for i, (option, path) in enumerate(given):
+        for other, earlier in given[:i]:
+            if same_file(earlier, path):
+                raise BadInput(f"{other} and {option} name the same file {path!r}")
 
 
 def check_writable_file(path: str, option: str) -> None:

@@ -1339,14 +1339,13 @@ class _Pool:
             # A worker that never said UP failed in its start (its initializer
             # says INIT_FAILED): the pool cannot run tasks. One that said UP
             # failed in a task, its first or not: that task's loss, above.
-            if report.outcome is Outcome.FAILED and not line.up and self._broken is None:
-                self._break(f"{self._name(line.wid)} could not start: {report.error_line}")
-            elif not line.up and report.outcome is not Outcome.FAILED and self._broken is None and (
-                    self._has_initializer or self._early_deaths >= EARLY_DEATHS):
-                # It died before it was up, in its initializer (an os._exit, a segfault) or
-                # again and again: started anew, it would die anew, for ever.
-                self._break(f"{self._name(line.wid)} died before it was up: "
-                            f"{report.error_line or describe_exit(report.exitcode)}")
+            # One that died before it was up without a word (an os._exit, a segfault) died in
+            # its initializer, or, without one, again and again: started anew, it would die anew.
+            failed = report.outcome is Outcome.FAILED
+            if not line.up and self._broken is None and (
+                    failed or self._has_initializer or self._early_deaths >= EARLY_DEATHS):
+                how = "could not start" if failed else "died before it was up"
+                self._break(f"{self._name(line.wid)} {how}: {report.error_line or describe_exit(report.exitcode)}")
             else:
                 self._early_deaths = 0 if line.up else self._early_deaths + 1
                 self._respawn.add(line.wid)

@@ -596,12 +596,15 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"start method(s) {bad} not available here ({available})")
     if not methods:
         ap.error(f"--start-methods names no start method ({available})")
-    if args.json:  # before a run of minutes, not after it
+    if args.json:  # before a run of minutes, not after it (and without leaving a file behind)
+        existed = os.path.exists(args.json)
         try:
             with open(args.json, "a"):
                 pass
         except OSError as exc:
             ap.error(f"--json {args.json!r} cannot be written: {exc.strerror}")
+        if not existed:
+            os.unlink(args.json)
     mem_methods = list(methods)
     if args.start_methods is None and "spawn" in available:
         mem_methods.append("spawn")

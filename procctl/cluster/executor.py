@@ -366,18 +366,19 @@ class _ClusterPool(Session):
         """The workers of a lost node, as ClusterController reports them: crashed,
         with the node; their `done` and `total` are the tasks they completed (those
         they held run elsewhere), as last seen, so that the totals still add up."""
-        first = node.index * self.workers_per_node
-        seen = {s.worker_id: s for s in self._last_seen.get(node.index, [])}
+        n, first = self.workers_per_node, node.index * self.workers_per_node
+        seen = {s.worker_id - first: s for s in self._last_seen.get(node.index, [])}
         pids = node.hello if isinstance(node.hello, list) else []
-        done = [int(seen[first + i].done or 0) if first + i in seen else 0 for i in range(self.workers_per_node)]
+        done = [int(seen[i].done or 0) if i in seen else 0 for i in range(n)]
         # What completed there since the last look, spread over its workers.
         extra = max(0, self._done_at.get(node.address, 0) - sum(done))
-        for i in range(self.workers_per_node):
-            done[i] += extra // self.workers_per_node + (1 if i < extra % self.workers_per_node else 0)
-        return [WorkerStatus(first + i, seen[first + i].pid if first + i in seen else (
-                    pids[i] if i < len(pids) else None), State.STOPPED, False, Outcome.CRASHED,
-                    done=float(done[i]), total=float(done[i]), node=node.address)
-                for i in range(self.workers_per_node)]
+        out = []
+        for i in range(n):
+            d = float(done[i] + extra // n + (i < extra % n))
+            pid = seen[i].pid if i in seen else (pids[i] if i < len(pids) else None)
+            out.append(WorkerStatus(first + i, pid, State.STOPPED, False, Outcome.CRASHED, done=d, total=d,
+                                    node=node.address))
+        return out
 
     # -- tasks --------------------------------------------------------------------------------------
 
@@ -441,7 +442,8 @@ class _ClusterPool(Session):
             wall, event = msg.body
             if event.event == "task-retry":
                 self._retried += 1
-                event = replace(event, done=float(self._completed + self._failed), total=float(self._submitted))
+                done, total = self._tally()
+                event = replace(event, done=done, total=total)
             if self._on_event is not None:
                 wid = None if event.worker is None else node.index * self.workers_per_node + event.worker
                 self._events.append(replace(event, t=self.t_of(wall), worker=wid, node=node.address))
@@ -468,9 +470,7 @@ class _ClusterPool(Session):
             task.node = None
             self._pending.appendleft(task)
             self._retried += 1
-            self._events.append(Event(self.elapsed(), "task-retry", task=task.tid, node=node.address,
-                                      error=f"node {node.address} was lost: {why}",
-                                      done=float(self._completed + self._failed), total=float(self._submitted)))
+            self._event("task-retry", task.tid, node.address, error=f"node {node.address} was lost: {why}")
         if all(n.ended or n.lost is not None for n in self.nodes):
             self._break(f"every node of the cluster was lost (the last: {node.address}: {why})")
 
@@ -525,9 +525,13 @@ class _ClusterPool(Session):
     def _event(self, name: str, tid: int, node: str, error: str | None = None) -> None:
         if self._on_event is not None:
             with self.cond:
+                done, total = self._tally()
                 self._events.append(Event(self.elapsed(), name, task=tid, node=node or None, error=error,
-                                          done=float(self._completed + self._failed),
-                                          total=float(self._submitted)))
+                                          done=done, total=total))
+
+    def _tally(self) -> tuple[float, float]:
+        """A task event's `done` and `total`, as ProcessExecutor's: items ended, items submitted."""
+        return float(self._completed + self._failed), float(self._submitted)
 
     def _check_open(self) -> None:
         if self._stopped:
