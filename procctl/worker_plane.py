@@ -241,14 +241,20 @@ class WorkEnd:
                 if not cancelling and ctx.state is State.PAUSED:
                     return None
 
-    def _recv_all(self) -> list[Message]:
-        try:
-            return workwire.recv_all(self.sock)
-        except OSError:
-            return []
-
     def _absorb_all(self, ctx: WorkerContext) -> None:
-        for msg in self._recv_all():
+        # One message at a time, each dealt with before the next is read: an
+        # item read past goes back (UNGET) before another leaves the socket,
+        # so a worker killed here loses at most the one in hand (items still
+        # in the socket are the manager's to take back).
+        while True:
+            try:
+                msg = workwire.recv(self.sock)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                return
+            if msg is None:
+                return
             self._absorb(ctx, msg)
 
     def _absorb(self, ctx: WorkerContext, msg: Message) -> None:
