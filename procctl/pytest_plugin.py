@@ -27,6 +27,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import pytest
@@ -118,6 +119,15 @@ def _worker_pids() -> set[int]:
     return {pid for pc in list(registry.open_controllers) for pid in pc.pids()}
 
 
+@dataclass(frozen=True)
+class Whoami:
+    """The test process, as its leftovers' lines of parents are judged."""
+
+    pgid: int
+    cmdline: list[str]
+    ancestors: set[int]
+
+
 class Snapshot:
     """What ran before a test, and the mark its processes will carry."""
 
@@ -142,24 +152,51 @@ class Snapshot:
         orphans re-parented away that are in our process group or carry the mark."""
         helpers = _helper_pids(psutil)
         found = {p.pid: p for p in _descendants(psutil) if p.pid not in self.before and p.pid not in helpers}
-        pgid = os.getpgid(0)
-        me = os.getpid()
-        for pid in set(psutil.pids()) - self.existing - set(found) - helpers - {me}:
+        me = psutil.Process()
+        try:
+            whoami = Whoami(os.getpgid(0), me.cmdline(), {p.pid for p in me.parents()} | {0, 1})
+        except psutil.Error:
+            return list(found.values())
+        for pid in set(psutil.pids()) - self.existing - set(found) - helpers - {me.pid}:
             try:
                 proc = psutil.Process(pid)
             except psutil.NoSuchProcess:
                 continue
-            if self._ours(proc, pgid, psutil):
+            if self._ours(proc, whoami, found, psutil):
                 found[pid] = proc
         return list(found.values())
 
-    def _ours(self, proc: psutil.Process, pgid: int, psutil: Any) -> bool:
+    def _ours(self, proc: psutil.Process, whoami: Whoami, found: dict[int, Any], psutil: Any) -> bool:
         try:
-            if os.getpgid(proc.pid) == pgid:
-                return True  # forked (no exec) and orphaned: still in our group
-            return proc.environ().get(MARKER) == self.mark
+            if proc.environ().get(MARKER) == self.mark:
+                return True
+            if os.getpgid(proc.pid) != whoami.pgid:
+                return False
+            return self._forked_orphan(proc, whoami, found, psutil)
         except (OSError, psutil.Error):
             return False
+
+    def _forked_orphan(self, proc: psutil.Process, whoami: Whoami, found: dict[int, Any], psutil: Any) -> bool:
+        """A process of our group, started since the snapshot, that is no longer
+        our descendant is ours if it or a process it descends from was forked
+        from us (our command line) and orphaned: its line of parents, all started
+        since the snapshot, ends at init or at one of our ancestors (a subreaper).
+        Not a process our shell started meanwhile (`sleep` beside pytest), nor one
+        of another session in our group (pytest-xdist's workers, two pytest runs
+        of one shell script): their lines reach a process older than the snapshot
+        that is not our ancestor, or have none of our command line."""
+        forked = False
+        for _ in range(64):
+            forked = forked or proc.cmdline() == whoami.cmdline
+            ppid = proc.ppid()
+            if ppid in found:
+                return True
+            if ppid in whoami.ancestors:
+                return forked
+            if ppid in self.existing:
+                return False
+            proc = psutil.Process(ppid)
+        return False
 
 
 def _descendants(psutil: Any) -> list[psutil.Process]:

@@ -10,9 +10,11 @@ alarms and os._exit() stay out of this process.
 from __future__ import annotations
 
 import os
+import select
 import subprocess
 import sys
 import textwrap
+import threading
 
 import psutil
 import pytest
@@ -395,6 +397,42 @@ def test_a_grandchild_reparented_away_is_caught_with_pid_and_command_line(pytest
         pid = read_pids(pidfile)[0]
         result.stdout.fnmatch_lines([f"*pid {pid} (*sleep 1000)*"])
         assert gone([pid])
+
+
+def test_a_process_of_another_session_in_our_group_is_not_ours(pytester, tmp_path):
+    """What another session in our process group starts meanwhile (pytest-xdist's
+    workers, two pytest runs of one shell script, the shell's own `sleep`) is
+    not a leftover of our test: it was reported, and killed."""
+    ready, go = tmp_path / "ready", tmp_path / "go"
+    os.mkfifo(ready)
+    os.mkfifo(go)
+    pytester.makepyfile(test_neighbour=textwrap.dedent(f"""
+        import pytest
+
+        @pytest.mark.usefixtures("no_leftover_processes")
+        def test_while_a_neighbour_starts():
+            with open({str(ready)!r}, "w") as fh:
+                fh.write("x")
+            open({str(go)!r}).read()
+        """))
+    result = []
+    inner = threading.Thread(
+        target=lambda: result.append(pytester.runpytest_subprocess(*plugin_args(), timeout=SUBPROCESS_TIMEOUT)))
+    fd = os.open(ready, os.O_RDONLY | os.O_NONBLOCK)
+    inner.start()
+    neighbour = None
+    try:
+        assert select.select([fd], [], [], 30)[0], "the inner test did not start"  # its snapshot is taken
+        neighbour = subprocess.Popen(["sleep", "60"])  # our group, not its descendant
+        open(go, "w").close()  # the inner test goes on (it waits to read it)
+        inner.join(SUBPROCESS_TIMEOUT)
+        assert neighbour.poll() is None, "the inner session killed its neighbour"
+        result[0].assert_outcomes(passed=1)
+    finally:
+        os.close(fd)
+        if neighbour is not None:
+            neighbour.kill()
+            neighbour.wait()
 
 
 # -- forkserver workers ----------------------------------------------------------------------
