@@ -162,10 +162,13 @@ class ChannelPlane:
 
     def _unlock(self) -> None:
         outbox, claimed = self._outbox, self._claimed
-        if outbox or claimed:
+        # Decided under the lock: once it is released, lists left in place (this
+        # session posted nothing) are another thread's to fill and to flush.
+        posted = bool(outbox or claimed)
+        if posted:
             self._outbox, self._claimed = [], []
         self._lock.release()
-        if outbox or claimed:
+        if posted:
             self._flush(outbox, claimed)
 
     def _notify(self) -> None:
@@ -217,10 +220,13 @@ class ChannelPlane:
 
     def _refused(self, refused: list[tuple[_Link, Kind, int, int, bytes]]) -> None:
         """Messages a worker's socket did not take: items go back first in line
-        (asked for again), replies wait; the link is served again once writable."""
+        (asked for again), replies wait; the link is served again once writable,
+        and the items back in line go to the other workers that asked meanwhile."""
+        returned: set[int] = set()
         for link, kind, cid, tag, payload in reversed(refused):
             if kind is Kind.ITEM:
                 self._unsend(link, cid, payload)
+                returned.add(cid)
             elif kind is Kind.CLOSED:
                 # Said again once the items put back have gone out.
                 self._unsend(link, cid, None)
@@ -231,6 +237,11 @@ class ChannelPlane:
                 link.stalled = True
                 if self._selector is not None:
                     self._selector.modify(link.sock, selectors.EVENT_READ | selectors.EVENT_WRITE, link)
+        # Nothing else may come to serve them: the refused worker may have ended
+        # meanwhile (its take-back ran before these were back in line), and the
+        # others wait for the items they asked for, the channel full with them.
+        for cid in returned:
+            self._serve_waiting(self._by_id[cid])
 
     # -- the controller's hooks --------------------------------------------------
 

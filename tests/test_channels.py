@@ -12,7 +12,7 @@ import pytest
 import workplane_targets as t
 
 import procctl
-from procctl import Closed, ProcessController, State
+from procctl import Closed, ProcessController, State, workwire
 
 
 def _totals(pc, name):
@@ -243,7 +243,6 @@ def test_items_read_past_while_a_put_waits_go_back_one_by_one():
     loses at most the one in hand (all were read first: CI lost three)."""
     import socket
 
-    from procctl import workwire
     from procctl.worker_plane import WorkEnd
     from procctl.workwire import Kind
 
@@ -275,6 +274,77 @@ def test_items_read_past_while_a_put_waits_go_back_one_by_one():
         assert order == ["recv", "UNGET", "recv", "UNGET", "recv", "UNGET"]
         back = [workwire.recv(theirs) for _ in range(3)]
     assert [(m.kind, pickle.loads(m.payload)) for m in back] == [(Kind.UNGET, i) for i in range(3)]
+
+
+def test_items_a_dead_workers_socket_refused_go_to_the_others_that_asked():
+    """A send to a worker fails (its socket full: it died, unread) while the worker
+    is being taken back: the items come back in line after the take-back, and go
+    to the worker that asked meanwhile (they stayed queued: with the channel full
+    of them, nothing came to serve them, and the script's put waited for ever)."""
+    import select
+
+    from procctl.channels import ChannelPlane
+    from procctl.workwire import Kind
+
+    plane = ChannelPlane({"jobs": 8})
+    try:
+        plane.attach(0)
+        plane.attach(1)
+        live, dead = plane._links[0], plane._links[1]
+        workwire.send(live.child, Kind.GET, 0, 4)  # worker 0 asks, and waits
+        plane.settle()
+        plane.ended(1)  # worker 1 is taken back ...
+        with plane._locked():  # ... and then the send to it that failed comes back
+            plane._chans["jobs"].got += 1
+            plane._refused([(dead, Kind.ITEM, 0, 0, pickle.dumps("x"))])
+        assert select.select([live.child], [], [], 10)[0], "the item stayed in line"
+        msg = workwire.recv(live.child)
+        assert (msg.kind, pickle.loads(msg.payload)) == (Kind.ITEM, "x")
+    finally:
+        plane.release()
+
+
+def test_a_session_that_posted_nothing_does_not_send_what_another_posted():
+    """The plane's lock is released before what a session decided is sent; one
+    that decided nothing once looked again after the release, found what another
+    thread had decided meanwhile, and sent it a second time (an item delivered
+    twice, a link's send lock released twice: RuntimeError)."""
+    from procctl.channels import ChannelPlane
+    from procctl.workwire import Kind
+
+    plane = ChannelPlane({"jobs": 0})
+    try:
+        plane.attach(0)
+        link = plane._links[0]
+
+        def other_session():
+            with plane._locked():
+                plane._post(link, Kind.CREDIT, 0, 7)
+
+        class Interleaved:  # the plane's lock; another session runs right after one release
+            def __init__(self):
+                self.lock, self.armed = threading.Lock(), False
+
+            def acquire(self):
+                self.lock.acquire()
+
+            def release(self):
+                self.lock.release()
+                if self.armed:
+                    self.armed = False
+                    th = threading.Thread(target=other_session)
+                    th.start()
+                    th.join(10)
+
+        plane._lock = Interleaved()
+        plane._lock.armed = True
+        with plane._locked():
+            pass  # posts nothing
+        got = workwire.recv_all(link.child)
+        assert [(m.kind, m.tag) for m in got] == [(Kind.CREDIT, 7)]
+    finally:
+        plane._lock = threading.Lock()
+        plane.release()
 
 
 def test_ctx_workers_and_examples_tasks_do_not_depend_on_worker_count():
