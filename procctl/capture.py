@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable
 from typing import IO, NamedTuple
 
-from . import listeners, threads
+from . import listeners, threads, unixpath
 from .capture_worker import CaptureSpec
 from .control import check_peer_uid, peer_credentials, remove_stale, runtime_dir
 
@@ -90,7 +90,7 @@ class OutputCapture:
     def start(self) -> OutputCapture:
         remove_stale(self.path)
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        listener.bind(self.path)
+        unixpath.bind(listener, self.path)
         os.chmod(self.path, 0o600)
         listener.listen(1024)
         listener.setblocking(False)

@@ -18,6 +18,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from . import unixpath
+
 #: How long the worker waits for the capture server to accept it.
 HANDSHAKE_TIMEOUT = 5.0
 #: The output pipe's capacity, asked for (Linux: F_SETPIPE_SZ).
@@ -55,7 +57,7 @@ def redirect_output(spec: CaptureSpec, worker_id: int) -> bool:
         except OSError:
             pass  # over /proc/sys/fs/pipe-max-size: the default is fine
         sock.settimeout(HANDSHAKE_TIMEOUT)
-        sock.connect(spec.path)
+        unixpath.connect(sock, spec.path)
         header = json.dumps({"worker": worker_id, "pid": os.getpid()}).encode() + b"\n"
         socket.send_fds(sock, [header], [r])
         if sock.recv(1) != b"+":  # accepted: from here on the manager reads us

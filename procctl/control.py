@@ -35,7 +35,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import listeners, threads
+from . import listeners, threads, unixpath
 from .states import Event, WorkerStatus
 
 log = logging.getLogger("procctl.control")
@@ -239,7 +239,7 @@ def is_live(path: str) -> bool:
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     probe.settimeout(2.0)
     try:
-        probe.connect(path)
+        unixpath.connect(probe, path)
         return True
     except (ConnectionRefusedError, FileNotFoundError):
         remove_stale(path)
@@ -325,11 +325,9 @@ def listen(path: str) -> socket.socket:
         raise ControlError(f"a run named {name[:-len(SUFFIX)]!r} is already live ({path})")
     tmp = os.path.join(directory, f".{os.getpid()}.{threading.get_ident()}.tmp")
     remove_stale(tmp)
-    if len(os.fsencode(path)) > 107:
-        raise ControlError(f"the control socket path is too long for a Unix socket: {path}")
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        sock.bind(tmp)
+        unixpath.bind(sock, tmp)
         os.chmod(tmp, 0o600)
         sock.listen(64)
         try:
@@ -783,7 +781,7 @@ def connect(path: str, timeout: float = 10.0) -> socket.socket:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.settimeout(timeout)
     try:
-        sock.connect(path)
+        unixpath.connect(sock, path)
     except (ConnectionRefusedError, FileNotFoundError):
         sock.close()
         remove_stale(path)

@@ -49,7 +49,10 @@ class LiveCli:
             for key, _ in self._sel.select(remaining):
                 chunk = os.read(key.fileobj.fileno(), 65536)
                 if not chunk:
-                    raise AssertionError(f"procctl exited early ({self.proc.wait()}); output: {self.lines[-20:]}")
+                    code = self.proc.wait()
+                    err = (self.err + self.proc.stderr.read()).decode(errors="replace")
+                    raise AssertionError(
+                        f"procctl exited early ({code}); output: {self.lines[-20:]}; stderr: {err[-2000:]}")
                 if key.fileobj is self.proc.stderr:
                     self.err += chunk
                 else:

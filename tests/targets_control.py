@@ -26,6 +26,13 @@ def chatty(ctx, lines=2000):
     return lines
 
 
+def say_then_wait(ctx):
+    """Prints one line, then waits for the next command."""
+    print(f"worker {ctx.worker_id} says hello", flush=True)
+    while ctx.sleep(float("inf")):
+        pass
+
+
 def print_then_crash(ctx):
     """Worker 0 writes two lines and dies without flushing or reporting; the others wait."""
     if ctx.worker_id == 0:

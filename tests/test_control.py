@@ -58,6 +58,28 @@ def test_ls_without_runs_says_so_on_stderr(env):
     assert ctl_json(env, "ls") == []
 
 
+def test_a_runtime_directory_past_the_unix_socket_path_limit(tmp_path):
+    """A deep $XDG_RUNTIME_DIR (pytest-xdist's temporary trees) makes socket paths
+    longer than a socket address holds: the run exited 1 ("cannot write the output:
+    AF_UNIX path too long", from its output capture) after warning it would go on
+    without its control socket. Both work, through the directory."""
+    runtime = tmp_path / ("d" * 60) / ("e" * 60)
+    runtime.mkdir(parents=True, mode=0o700)
+    env = {**os.environ, "XDG_RUNTIME_DIR": str(runtime)}
+    assert len(socket_of(env, "job1")) > 108
+    cli = start_run(env, "job1", workers=2, target="targets_control:say_then_wait")
+    try:
+        assert [w["state"] for w in ctl_json(env, "status", "job1")["workers"]] == ["running", "running"]
+        assert ctl(env, "stop", "job1").returncode == 0
+        code, out, err = cli.finish()
+    finally:
+        cli.kill()
+    assert code == 0, err
+    assert "no control socket" not in err
+    assert "[1] worker 1 says hello" in err  # the workers' output, captured ([id] prefix)
+    assert_all_gone(worker_pids(json_events(out)))
+
+
 def test_ls_status_pause_resume_events_metrics_stop(env):
     from prometheus_client.parser import text_string_to_metric_families
 
