@@ -192,9 +192,11 @@ class WorkerContext:
         if seconds is None:  # as time.sleep (math.inf says "until the next command")
             raise TypeError("seconds must be a number of seconds, not None")
         deadline = workwire.deadline(seconds, "seconds")  # as time.sleep: not negative, not NaN
+        # Counted before the first checkpoint: a pause taken there, and the run
+        # that ends it, came during this call and cut it short as any other.
+        applied = self._applied & COMMAND_MASK  # a heartbeat probe is not a command
         if not self.checkpoint():
             return False
-        applied = self._applied & COMMAND_MASK  # a heartbeat probe is not a command
         while self._applied & COMMAND_MASK == applied and self.state is State.RUNNING:
             remaining = workwire.remaining(deadline)
             if remaining is not None and remaining <= 0:

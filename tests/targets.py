@@ -107,6 +107,12 @@ def tight_info(ctx, then_return: bool):
     return "stopped"
 
 
+def read_then_sleep(ctx, fd):
+    """Reads a byte from `fd` (no checkpoint), then sleeps an hour: the sleep's result."""
+    os.read(fd, 1)
+    return ctx.sleep(3600.0)
+
+
 def half_then_return(ctx):
     """10 of 100 done, then (after the next command and a run) 50 of 100, and return."""
     ctx.progress(10, 100)

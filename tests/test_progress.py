@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import multiprocessing
+import os
 
 import targets
 
@@ -46,6 +47,28 @@ def test_the_last_info_of_a_tight_loop_is_not_lost():
         pc.run()
         assert pc.wait(timeout=30)
         assert pc.status()[0].info == {"cur": 999}
+
+
+def test_a_pause_taken_as_a_sleep_begins_cuts_it_short():
+    """The pause reached the worker before its sleep did (CI: the 'rate' test below
+    hung so); the sleep paused at its start, and after the run slept its hour."""
+    r, w = os.pipe()
+
+    def on_event(event):
+        if (event.event, event.state) == ("broadcast", "paused"):
+            os.write(w, b"x")  # posted: now the worker goes on to its sleep
+
+    try:
+        with ProcessController(targets.read_then_sleep, 1, args=(r,), start_method="fork", on_event=on_event) as pc:
+            pc.run()
+            pc.pause()
+            pc.run()
+            assert pc.wait(timeout=10)
+            reports = pc.stop()
+    finally:
+        os.close(r)
+        os.close(w)
+    assert reports[0].result is True
 
 
 def test_an_ended_workers_rate_stays_as_it_ended_and_it_has_no_eta():
