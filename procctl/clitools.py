@@ -65,10 +65,39 @@ def late_signal_status() -> None:
     if not EXIT_STATUS:
         return  # not the command line's exit (or it failed before its end)
     code = EXIT_STATUS[0]
+    if not flush_output() and code == EXIT_OK:
+        code = EXIT_FAILED
     if code == EXIT_OK:
         pending = signal.sigpending()
         code = 130 if signal.SIGINT in pending else 143 if signal.SIGTERM in pending else EXIT_OK
     threads.exit_now(code)
+
+
+#: Set once the command's output could not be written (not a reader that went away).
+OUTPUT_LOST: list[str] = []
+
+
+def output_lost(exc: OSError) -> None:
+    """Say once that the output cannot be written; the command will exit 1."""
+    if not OUTPUT_LOST:
+        OUTPUT_LOST.append(exc.strerror or str(exc))
+        say(f"procctl: error: cannot write the output: {OUTPUT_LOST[0]}")
+
+
+def flush_output() -> bool:
+    """Flush what is left of stdout; False if the output was lost (a full
+    disk, /dev/full) now or earlier. A reader that went away is no error here."""
+    try:
+        if sys.stdout is not None:
+            sys.stdout.flush()
+    except BrokenPipeError:
+        _silence(sys.stdout)
+    except OSError as exc:
+        _silence(sys.stdout)
+        output_lost(exc)
+    except ValueError:  # closed
+        pass
+    return not OUTPUT_LOST
 
 
 def hold_signals() -> None:
@@ -329,7 +358,10 @@ class Reporter:
             try:
                 stream.write(text)
                 stream.flush()
-            except (OSError, ValueError):
+            except OSError as exc:
+                if stream is self.stream:
+                    self._lost(exc)
+            except ValueError:
                 pass
 
     def note(self, line: str) -> None:
@@ -347,10 +379,21 @@ class Reporter:
                 encoding = getattr(self.stream, "encoding", None) or "utf-8"
                 self.stream.write(line.encode(encoding, "backslashreplace").decode(encoding) + "\n")
             self.stream.flush()
-        except (OSError, ValueError):
-            # The reader went away (| head): stop writing, exit quietly.
+        except OSError as exc:
+            self._lost(exc)
+        except ValueError:
             self._broken = True
-            _silence(self.stream)
+
+    def _lost(self, exc: OSError) -> None:
+        """The output cannot be written: the reader went away (| head: stop
+        writing, exit quietly), or it is lost (a full disk, /dev/full: stop
+        writing, say so, and the command fails)."""
+        if self._broken:
+            return
+        self._broken = True
+        _silence(self.stream)
+        if not isinstance(exc, BrokenPipeError):
+            output_lost(exc)
 
     def _drop_events(self, exc: OSError) -> None:
         events, self._events = self._events, None

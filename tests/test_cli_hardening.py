@@ -457,6 +457,20 @@ def test_a_closed_output_stream_is_not_a_crash(command, stream, tmp_path):
     assert strict_json(log.read_text().splitlines()[-1])["event"] == "summary"
 
 
+@pytest.mark.parametrize("command", ["run", "sum", "map"])
+def test_output_to_a_full_device_is_one_error_line_and_exit_1(command, tmp_path):
+    """Output that cannot be written (a full disk): one line, exit 1, as GNU tools
+    do; a short output was lost silently (exit 0), a long one failed mid-run."""
+    args = ["map", "math:sqrt"] if command == "map" else COMMANDS[command] + ["--json"]
+    with open("/dev/full", "w") as full:
+        res = subprocess.run(CLI + args, stdout=full, stderr=subprocess.PIPE, text=True, timeout=60,
+                             input="1\n4\n", cwd=str(tmp_path))
+    assert res.returncode == 1, res.stderr
+    assert "Traceback" not in res.stderr
+    lost = [line for line in res.stderr.splitlines() if "cannot be written" in line or "cannot write" in line]
+    assert len(lost) == 1 and "No space left on device" in lost[0], res.stderr
+
+
 # -- 13: targets that exit or interrupt at import; library arguments ---------------
 
 

@@ -103,14 +103,17 @@ def test_task_timeout_counts_from_when_the_worker_is_up():
             ex.submit(t.sleep_for, 30).result(20)  # once up, the timeout holds
 
 
-def test_sigkill_from_outside_mid_task_fails_that_task_only():
+def test_sigkill_from_outside_mid_task_fails_that_task_only(tmp_path):
+    fifo = str(tmp_path / "pid")
+    os.mkfifo(fifo)
     ex = ProcessExecutor(2)
     try:
-        victim = ex.submit(t.until_stopped, "x")
+        victim = ex.submit(t.pid_then_until_stopped, fifo)
         others = [ex.submit(t.context_facts, i) for i in range(20)]
-        facts = [f.result(20) for f in others]  # all on the other worker, even those queued behind
-        assert len({pid for _, _, pid in facts}) == 1
-        pid = next(p for p in ex._pool._pc.pids() if p != facts[0][2])
+        facts = [f.result(20) for f in others]  # none waits behind the endless one
+        assert len(facts) == 20
+        with open(fifo) as fh:  # the victim has started, in this process
+            pid = int(fh.read())
         os.kill(pid, signal.SIGKILL)
         with pytest.raises(WorkerCrashed):
             victim.result(20)

@@ -97,6 +97,13 @@ def until_stopped(tag):
     return tag
 
 
+def pid_then_until_stopped(fifo):
+    """Write our pid to `fifo` (the test waits to read it), then run until stopped."""
+    with open(fifo, "w") as fh:
+        fh.write(str(os.getpid()))
+    return until_stopped("pid")
+
+
 def context_facts(_):
     ctx = procctl.context()
     return ctx.worker_id, ctx.workers, os.getpid()
