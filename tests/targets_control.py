@@ -26,6 +26,15 @@ def chatty(ctx, lines=2000):
     return lines
 
 
+def reports_then_waits(ctx):
+    """In its first incarnation reports worker_id+1 of 10 as it starts (before any
+    command: whatever comes when), then waits for commands."""
+    if ctx.restarts == 0:
+        ctx.progress(ctx.worker_id + 1, 10)
+    while ctx.sleep(float("inf")):
+        pass
+
+
 def say_then_wait(ctx):
     """Prints one line, then waits for the next command."""
     print(f"worker {ctx.worker_id} says hello", flush=True)

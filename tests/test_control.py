@@ -430,7 +430,7 @@ def test_the_counters_never_go_down(env, monkeypatch):
     (whose new incarnation starts from 0) or a shrink that removes a worker does
     not take its restarts or its work away."""
     from prometheus_client.parser import text_string_to_metric_families
-    from targets_control import steady
+    from targets_control import reports_then_waits
 
     from procctl import ProcessController
 
@@ -441,10 +441,10 @@ def test_the_counters_never_go_down(env, monkeypatch):
         return families["procctl_restarts"].samples[0].value, families["procctl_tasks_done"].samples[0].value
 
     monkeypatch.setenv("XDG_RUNTIME_DIR", env["XDG_RUNTIME_DIR"])
-    with ProcessController(steady, 2, control="counted", restart="on-failure", backoff=(0.0, 0.0),
+    with ProcessController(reports_then_waits, 2, control="counted", restart="on-failure", backoff=(0.0, 0.0),
                            start_method="fork") as pc:
         pc.run()
-        pc.pause()  # acknowledged from their sleeps: workers 0 and 1 reported 1 and 2
+        pc.pause()  # workers 0 and 1 reported 1 and 2 before they acknowledged anything
         assert counters() == (0, 3)
         for _ in range(2):
             os.kill(pc.status()[1].pid, signal.SIGKILL)
