@@ -154,9 +154,10 @@ class Snapshot:
         found = {p.pid: p for p in _descendants(psutil) if p.pid not in self.before and p.pid not in helpers}
         me = psutil.Process()
         try:
-            whoami = Whoami(os.getpgid(0), me.cmdline(), {p.pid for p in me.parents()} | {0, 1})
+            cmdline = me.cmdline()
         except psutil.Error:
-            return list(found.values())
+            cmdline = []  # (then only the mark tells an orphan)
+        whoami = Whoami(os.getpgid(0), cmdline, _ancestors(psutil))
         for pid in set(psutil.pids()) - self.existing - set(found) - helpers - {me.pid}:
             try:
                 proc = psutil.Process(pid)
@@ -187,7 +188,7 @@ class Snapshot:
         that is not our ancestor, or have none of our command line."""
         forked = False
         for _ in range(64):
-            forked = forked or proc.cmdline() == whoami.cmdline
+            forked = forked or bool(whoami.cmdline) and proc.cmdline() == whoami.cmdline
             ppid = proc.ppid()
             if ppid in found:
                 return True
@@ -197,6 +198,22 @@ class Snapshot:
                 return False
             proc = psutil.Process(ppid)
         return False
+
+
+def _ancestors(psutil: Any) -> set[int]:
+    """Our parent, its parent, and so on to init (0 and 1 always): one that
+    ended as we looked ends the line, it does not end the check."""
+    found = {0, 1}
+    pid = os.getppid()
+    for _ in range(64):
+        if pid in found:
+            break
+        found.add(pid)
+        try:
+            pid = psutil.Process(pid).ppid()
+        except psutil.Error:
+            break
+    return found
 
 
 def _descendants(psutil: Any) -> list[psutil.Process]:
