@@ -169,15 +169,20 @@ class Snapshot:
 
     def _ours(self, proc: psutil.Process, whoami: Whoami, found: dict[int, Any], psutil: Any) -> bool:
         try:
-            if proc.environ().get(MARKER) == self.mark:
+            environ = proc.environ()
+            if environ.get(MARKER) == self.mark:
                 return True
             if os.getpgid(proc.pid) != whoami.pgid:
                 return False
-            return self._forked_orphan(proc, whoami, found, psutil)
+            # An empty environment is one not yet in place (read in the middle of
+            # an exec, as a loaded machine shows it): then the group and the line
+            # of parents tell, as for a fork.
+            return self._forked_orphan(proc, whoami, found, psutil, unknown=not environ)
         except (OSError, psutil.Error):
             return False
 
-    def _forked_orphan(self, proc: psutil.Process, whoami: Whoami, found: dict[int, Any], psutil: Any) -> bool:
+    def _forked_orphan(self, proc: psutil.Process, whoami: Whoami, found: dict[int, Any], psutil: Any,
+                       unknown: bool = False) -> bool:
         """A process of our group, started since the snapshot, that is no longer
         our descendant is ours if it or a process it descends from was forked
         from us (our command line) and orphaned: its line of parents, all started
@@ -186,7 +191,7 @@ class Snapshot:
         of another session in our group (pytest-xdist's workers, two pytest runs
         of one shell script): their lines reach a process older than the snapshot
         that is not our ancestor, or have none of our command line."""
-        forked = False
+        forked = unknown
         for _ in range(64):
             forked = forked or bool(whoami.cmdline) and proc.cmdline() == whoami.cmdline
             ppid = proc.ppid()
