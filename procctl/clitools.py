@@ -90,14 +90,19 @@ def flush_output() -> bool:
     try:
         if sys.stdout is not None:
             sys.stdout.flush()
-    except BrokenPipeError:
-        _silence(sys.stdout)
     except OSError as exc:
-        _silence(sys.stdout)
-        output_lost(exc)
+        stream_failed(sys.stdout, exc)
     except ValueError:  # closed
         pass
     return not OUTPUT_LOST
+
+
+def stream_failed(stream: IO[str], exc: OSError) -> None:
+    """`stream` cannot be written: its reader went away (| head: the rest goes
+    to /dev/null, quietly), or the output is lost (a full disk: said once)."""
+    _silence(stream)
+    if not isinstance(exc, BrokenPipeError):
+        output_lost(exc)
 
 
 def hold_signals() -> None:
@@ -385,15 +390,10 @@ class Reporter:
             self._broken = True
 
     def _lost(self, exc: OSError) -> None:
-        """The output cannot be written: the reader went away (| head: stop
-        writing, exit quietly), or it is lost (a full disk, /dev/full: stop
-        writing, say so, and the command fails)."""
-        if self._broken:
-            return
-        self._broken = True
-        _silence(self.stream)
-        if not isinstance(exc, BrokenPipeError):
-            output_lost(exc)
+        """The output cannot be written: stop writing (stream_failed says why, once)."""
+        if not self._broken:
+            self._broken = True
+            stream_failed(self.stream, exc)
 
     def _drop_events(self, exc: OSError) -> None:
         events, self._events = self._events, None

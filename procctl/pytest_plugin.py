@@ -149,7 +149,7 @@ class Snapshot:
 
     def new_processes(self, psutil: Any) -> list[psutil.Process]:
         """Processes the test started that still exist: descendants of ours, and
-        orphans re-parented away that are in our process group or carry the mark."""
+        orphans re-parented away that carry the mark or were forked from us."""
         helpers = _helper_pids(psutil)
         found = {p.pid: p for p in _descendants(psutil) if p.pid not in self.before and p.pid not in helpers}
         me = psutil.Process()

@@ -249,9 +249,7 @@ class WorkEnd:
         while True:
             try:
                 msg = workwire.recv(self.sock)
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError:
+            except OSError:  # nothing more waiting (BlockingIOError), or the link is gone
                 return
             if msg is None:
                 return
