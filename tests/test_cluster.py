@@ -516,6 +516,27 @@ def test_bad_address_and_arguments():
     assert time.monotonic() - started < 2  # at once: no connect
 
 
+def test_a_client_that_trips_on_the_schedulers_first_batch_is_opened_again(cluster, monkeypatch):
+    # Dask's client asserts that the scheduler's first batch holds one message;
+    # a loaded scheduler may batch two. The connect asks again while time is left.
+    from procctl.cluster import session
+
+    calls = []
+
+    def tripping_client(*args, **kwargs):
+        calls.append(args)
+        if len(calls) == 1:
+            raise AssertionError
+        return Client(*args, **kwargs)
+
+    monkeypatch.setattr(session, "Client", tripping_client)
+    client = session.connect(cluster.scheduler_address, timeout=30)
+    try:
+        assert len(calls) == 2 and client.status == "running"
+    finally:
+        client.close()
+
+
 @pytest.fixture
 def silent_address():
     """An address that accepts TCP connections but never speaks Dask."""

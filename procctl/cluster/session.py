@@ -133,7 +133,7 @@ class Connecting:
         try:
             _refused_at_once(self.address, self.seconds)
             asyncio.run(_shake_hands(self.address, self.seconds))
-            client = Client(self.address, timeout=max(0.1, deadline - time.monotonic()), set_as_default=False)
+            client = _open_client(self.address, deadline)
         except (OSError, asyncio.TimeoutError) as exc:
             why = str(exc) or f"no answer as a Dask scheduler within {self.seconds:g}s"
             error = ConnectionError(f"cannot reach the Dask scheduler at {self.address}: {why}")
@@ -205,6 +205,19 @@ def _refused_at_once(address: str, seconds: float) -> None:
         raise
     except (OSError, ValueError):
         return  # a name that does not resolve, a timeout: Dask's connect says what
+
+
+def _open_client(address: str, deadline: float) -> Client:
+    """Dask's client, once the scheduler has shaken hands: asked again while
+    time is left if the client trips on its own first message (it asserts that
+    the scheduler's first batch holds exactly one message, which a loaded
+    scheduler may break by batching another with it)."""
+    while True:
+        try:
+            return Client(address, timeout=max(0.1, deadline - time.monotonic()), set_as_default=False)
+        except AssertionError:
+            if time.monotonic() >= deadline:
+                raise
 
 
 async def _shake_hands(address: str, seconds: float) -> None:
