@@ -69,25 +69,34 @@ PRCTL = _load_prctl()
 # -- the worker's side --------------------------------------------------------------
 
 
-def contain_worker(cgroup: str | None = None) -> None:
+def contain_worker() -> None:
     """Make the calling process (a fresh worker) the root of a containable tree:
-    leader of its own process group, child subreaper, and, if given, the only
-    member of the cgroup directory `cgroup`."""
+    leader of its own process group and child subreaper."""
     try:  # (not contextlib.suppress: each page a fork child touches is copied)
         os.setpgid(0, 0)
     except OSError:
         pass
     if PRCTL is not None:
         PRCTL(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
-    if cgroup is not None:
-        try:  # (no file object: fewer pages touched, copied after the fork)
-            fd = os.open(os.path.join(cgroup, "cgroup.procs"), os.O_WRONLY | os.O_CLOEXEC)
-            try:
-                os.write(fd, b"0")
-            finally:
-                os.close(fd)
-        except OSError:
-            pass  # the controller's process group and tree kills still hold
+
+
+def join_cgroup(cgroup: str) -> None:
+    """Make the calling process (a worker, before its target runs) the only
+    member of the cgroup directory `cgroup`.
+
+    The write can wait for the kernel's RCU grace period (10-15 ms for the
+    first of a burst of workers, well under a millisecond for the others):
+    the worker does it after it has told the controller it is up, so that
+    the wait overlaps the start of the others instead of holding up start().
+    """
+    try:  # (no file object: fewer pages touched, copied after the fork)
+        fd = os.open(os.path.join(cgroup, "cgroup.procs"), os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            os.write(fd, b"0")
+        finally:
+            os.close(fd)
+    except OSError:
+        pass  # the controller's process group and tree kills still hold
 
 
 def end_descendants(timeout: float = END_TIMEOUT) -> None:

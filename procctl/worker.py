@@ -515,10 +515,12 @@ def _orphan_watch(fd: int, finished: threading.Event) -> None:
     os._exit(EXIT_ORPHANED)
 
 
-def _run_target(ctx: WorkerContext, payload: Payload) -> tuple[Outcome, Any, str | None]:
+def _run_target(ctx: WorkerContext, payload: Payload, cgroup: str | None) -> tuple[Outcome, Any, str | None]:
     target, args, kwargs = payload.load()
     try:
         ctx._apply()  # acknowledge the initial command: we are ready
+        if cgroup is not None:
+            containment.join_cgroup(cgroup)
         if not ctx.checkpoint():  # workers start paused: wait for the first run
             return Outcome.STOPPED, None, None
         result = target(ctx, *args, **kwargs)
@@ -546,8 +548,9 @@ def _send_result(end: ControlEnd, outcome: Outcome, result: Any, error: str | No
 
 def worker_main(spec: WorkerSpec) -> None:
     """Entry point of every worker process."""
-    # First: whatever the target starts must be in our tree (containment.py).
-    containment.contain_worker(spec.cgroup)
+    # First: whatever the target starts must be in our tree (containment.py);
+    # the cgroup, before the target runs (_run_target).
+    containment.contain_worker()
     if spec.collect and not gc.isenabled():
         gc.enable()
     end = spec.end
@@ -578,7 +581,7 @@ def worker_main(spec: WorkerSpec) -> None:
             target=_orphan_watch, args=(manager_fd, finished), name="procctl-orphan-watch", daemon=True
         ).start()
     try:
-        outcome, result, error = _run_target(ctx, spec.payload)
+        outcome, result, error = _run_target(ctx, spec.payload, spec.cgroup)
     except BaseException:  # noqa: BLE001 - reported to the controller, then we exit
         # The payload could not be loaded here (not importable under spawn).
         try:

@@ -100,3 +100,9 @@ def _end(ctx, then):
     while ctx.sleep(float("inf")):
         pass
     return "stopped"
+
+
+def own_cgroup(ctx):
+    """The cgroup v2 path this worker runs its target in."""
+    with open("/proc/self/cgroup") as f:
+        return f.read().strip().rsplit(":", 1)[1]

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import selectors
 import signal
 import subprocess
@@ -25,7 +26,7 @@ import targets_tree
 from clihelp import LiveCli, json_events, worker_pids
 from procs import end_session, still_running
 
-from procctl import Outcome, ProcessController, containment
+from procctl import Outcome, ProcessController, State, containment
 
 KINDS = ["popen", "setsid", "pgroup", "multiprocessing", "fork", "daemon", "daemon_setsid"]
 #: Kinds that leave the worker's process group: beyond reach of a worker that dies abruptly, without cgroups.
@@ -240,3 +241,31 @@ def test_sigterm_to_the_process_group_is_a_graceful_stop(start_method):
     events = json_events(out)
     assert events[-1]["outcomes"] == {"stopped": 4}, err
     assert not still_running(worker_pids(events))
+
+
+@needs_cgroup
+def test_start_does_not_wait_for_the_cgroup_move_but_the_target_does(monkeypatch):
+    # The move can wait for the kernel's RCU grace period (10-15 ms for the
+    # first of a burst): a worker says it is up first, and runs its target only
+    # once it is in its cgroup. Here every move is held until the test lets go.
+    release_r, release_w = os.pipe()
+    real = containment.join_cgroup
+
+    def held(cgroup):
+        select.select([release_r], [], [], 30.0)
+        real(cgroup)
+
+    monkeypatch.setattr(containment, "join_cgroup", held)  # inherited by fork children
+    try:
+        with ProcessController(targets_tree.own_cgroup, 3, start_method="fork", cgroup=True) as pc:
+            assert {s.state for s in pc.status()} == {State.PAUSED}  # up, every move still held
+            os.write(release_w, b"go")
+            pc.run()
+            assert pc.wait(timeout=30)
+            reports = pc.reports
+    finally:
+        os.close(release_r)
+        os.close(release_w)
+    for wid, report in reports.items():
+        assert report.outcome is Outcome.FINISHED
+        assert report.result.endswith(f"/w{wid}"), report.result
