@@ -19,6 +19,7 @@ import pickle
 import queue
 import select
 import socket
+import sys
 import time
 import traceback
 from collections import deque
@@ -376,8 +377,14 @@ def _run_task(ctx: WorkerContext, functions: dict[bytes, Any], task: tuple[int, 
     except BaseException as exc:  # noqa: BLE001 - pickling runs the result's own code, even sys.exit()
         # The task's error, as ProcessPoolExecutor sends it (the exception
         # itself, even a SystemExit): the worker goes on.
-        exc.add_note(f"(the result of type {type(value).__name__} could not be pickled)")
-        return _dump_error(exc, traceback.format_exc())
+        note = f"(the result of type {type(value).__name__} could not be pickled)"
+        if sys.version_info >= (3, 11):  # whose tracebacks print the notes
+            exc.add_note(note)
+            text = traceback.format_exc()
+        else:  # 3.10: the same attribute (3.10's typing does not know it), and the note in the text
+            setattr(exc, "__notes__", [*getattr(exc, "__notes__", ()), note])  # noqa: B010
+            text = traceback.format_exc() + note + "\n"
+        return _dump_error(exc, text)
 
 
 _BETWEEN = object()  # a chunk stopped between two blocks: no item was interrupted
