@@ -360,7 +360,7 @@ def test_a_signal_at_a_random_moment_is_a_clean_stop(command, sig, code, tmp_pat
             assert proc.returncode == code, err.decode()
             assert b"Traceback" not in err
             log = [strict_json(line) for line in open(events).read().splitlines()]
-            assert log and log[-1]["event"] in ("summary", "cancelled"), log
+            assert log and log[-1]["event"] in ("summary", "cancelled"), (log[-3:], err.decode())
             assert_all_gone(worker_pids(log))
     finally:
         for proc, _, _ in runs:

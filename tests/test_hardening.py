@@ -251,11 +251,12 @@ def test_garbage_collector_state_survives_a_start(enabled):
     import gc
 
     was = gc.isenabled()
+    frozen = gc.get_freeze_count()  # 0, but Python 3.12.1 starts with a few hundred
     (gc.enable if enabled else gc.disable)()
     try:
         with ProcessController(th.collector_on, 2, start_method="fork") as pc:
             assert gc.isenabled() is enabled
-            assert gc.get_freeze_count() == 0
+            assert gc.get_freeze_count() == frozen
             pc.run()
             assert pc.wait(timeout=15)
             reports = pc.stop()
