@@ -96,3 +96,10 @@ def where_am_i(_):
     import procctl
     ctx = procctl.context()
     return ctx.worker_id, ctx.workers, os.getpid()
+
+
+def deaf_task_telling(fifo, seconds):
+    """Say "started" through the FIFO at `fifo`, then sleep without a checkpoint."""
+    with open(fifo, "w") as f:
+        f.write("started\n")
+    time.sleep(seconds)

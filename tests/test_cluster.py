@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import re
+import select
 import signal
 import socket
 import subprocess
@@ -175,7 +176,7 @@ def test_executor_map_submit_pause_status(cluster):
 
 
 @pytest.mark.parametrize("kind", ["controller", "executor"])
-def test_a_pause_that_waits_longer_than_the_lease_keeps_the_run(cluster, kind):
+def test_a_pause_that_waits_longer_than_the_lease_keeps_the_run(cluster, kind, tmp_path):
     """The agent applies a pause in its own thread and goes on reading: the
     client's renewals keep its lease while the workers finish their units."""
     lease, unit = 0.5, 1.5
@@ -190,10 +191,20 @@ def test_a_pause_that_waits_longer_than_the_lease_keeps_the_run(cluster, kind):
         assert {r.outcome for r in reports.values()} == {Outcome.STOPPED}
         return
     with ClusterExecutor(cluster=cluster, workers_per_node=1, lease=lease) as ex:
-        first = [ex.submit(cluster_targets.deaf_task, unit) for _ in range(2)]
-        assert ex.status() != []
-        ex.pause(timeout=30)  # acknowledged as each task ends (their results may come just after)
-        assert all(f.exception(timeout=10) is None for f in first)
+        # One task: a second could wait in the same node's window, which a
+        # paused pool rightly does not start.
+        fifo = str(tmp_path / "started")
+        os.mkfifo(fifo)
+        told = os.open(fifo, os.O_RDWR | os.O_NONBLOCK)  # (opening never blocks the task's open)
+        try:
+            first = ex.submit(cluster_targets.deaf_task_telling, fifo, unit)
+            assert select.select([told], [], [], 30)[0], "the task never started"
+        finally:
+            os.close(told)
+        started = time.monotonic()
+        ex.pause(timeout=30)  # acknowledged once the task ends (its result may come just after)
+        assert time.monotonic() - started > lease
+        assert first.exception(timeout=10) is None
         later = ex.submit(cluster_targets.square, 4)
         with pytest.raises(concurrent.futures.TimeoutError):
             later.result(timeout=0.5)  # a paused pool starts nothing
