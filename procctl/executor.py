@@ -512,6 +512,7 @@ class _Pool:
         self._lock = threading.Lock()
         self._pending: deque[_Task] = deque()
         self._commands: deque[tuple[str, Any, Future[Any]]] = deque()
+        self._commands_closed = False  # the manager thread has ended: nobody runs a command
         self._tids = itertools.count()
         self._idle = False  # the manager sleeps: wake it up
         self._shutdown = False
@@ -742,12 +743,16 @@ class _Pool:
 
     def _command(self, name: str, arg: Any) -> Future[Any]:
         fut: Future[Any] = Future()
-        if not self._thread.is_alive():
-            _answer_stopped(name, fut, "the executor is shut down")
-            return fut
         with self._lock:
-            self._commands.append((name, arg, fut))
-        self._pc.wakeup()
+            if not self._commands_closed:
+                self._commands.append((name, arg, fut))
+                closed = False
+            else:
+                closed = True
+        if closed:
+            _answer_stopped(name, fut, "the executor is shut down")
+        else:
+            self._pc.wakeup()
         return fut
 
     def _in_manager(self) -> bool:
@@ -837,6 +842,14 @@ class _Pool:
             log.exception("the executor's manager thread failed")
             self._finish(0.0)
             raise
+        finally:
+            # A command that came while the stop ran (a second stop(), a
+            # shutdown at exit after a Ctrl-C) is answered, not left waiting.
+            with self._lock:
+                self._commands_closed = True
+                left, self._commands = self._commands, deque()
+            for name, _, fut in left:
+                _answer_stopped(name, fut, "the executor stopped")
 
     def _abandoned(self) -> None:
         """The ProcessExecutor was collected without shutdown(): shut down as

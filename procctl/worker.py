@@ -369,7 +369,12 @@ class WorkerContext:
         elif self._end.command() != self._applied:
             self._apply()
         else:
+            # A ring for a command we had already read. Drain first, then look
+            # again: a command posted between our look and the drain rang too,
+            # and that ring is drained here with the stale one.
             self._end.drain_doorbell()
+            if self._end.command() != self._applied:
+                self._apply()
 
     def _lost_manager(self) -> None:
         self._manager_gone = True

@@ -387,3 +387,27 @@ def test_outcome_str_is_its_value():
 
 def test_event_to_dict_drops_none():
     assert Event(0.5, "running", worker=3).to_dict() == {"t": 0.5, "event": "running", "worker": 3}
+
+
+def test_a_command_posted_while_a_stale_ring_is_drained_is_not_missed():
+    """A worker woken by a ring for a command it had already read drains the
+    doorbell; a command posted between its look at the board and that drain
+    rang too, and its ring goes with the stale one: the worker must look again
+    (else it sleeps on, and the command's broadcast times out)."""
+    from procctl.worker import WorkerContext
+
+    class End:
+        word = 5
+
+        def command(self):
+            return self.word
+
+        def drain_doorbell(self):
+            self.word = 6  # the manager posted (and rang) just before this drain
+
+    applied = []
+    ctx = WorkerContext.__new__(WorkerContext)
+    ctx._manager_fd, ctx._term_r, ctx._end, ctx._applied = 100, 101, End(), 5
+    ctx._apply = lambda: applied.append(ctx._end.command())
+    ctx._on_wake(102)  # the doorbell
+    assert applied == [6]

@@ -319,6 +319,51 @@ time.sleep(60)
 """
 
 
+WITH_CTRL_C_SCRIPT = """
+import sys, time
+from procctl import ProcessExecutor
+
+def stuck(_):
+    while True:
+        time.sleep(0.5)  # never looks at a checkpoint
+
+def said_stop(event):
+    if event.event == "broadcast" and event.state == "stopped":
+        print("stopping", file=sys.stderr, flush=True)
+
+with ProcessExecutor(2, grace=60.0, start_method="fork", on_event=said_stop) as ex:
+    futures = [ex.submit(stuck, i) for i in range(4)]
+    print(" ".join(str(s.pid) for s in ex.status()), flush=True)
+    time.sleep(60)
+"""
+
+
+def test_a_second_ctrl_c_while_the_with_block_stops_ends_the_script(tmp_path):
+    # The first Ctrl-C leaves the block: a stop with its grace (60 s); the
+    # second kills the workers and the script ends, at once. The exit hook's
+    # own stop of the same executor once waited for ever for an answer.
+    script = tmp_path / "script.py"
+    script.write_text(WITH_CTRL_C_SCRIPT)
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    t0 = time.monotonic()
+    try:
+        pids = [int(p) for p in proc.stdout.readline().split()]
+        assert len(pids) == 2
+        os.killpg(proc.pid, signal.SIGINT)
+        said = proc.stderr.readline()
+        assert said == "stopping\n", said
+        os.killpg(proc.pid, signal.SIGINT)
+        _, err = proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate(timeout=10)
+    assert proc.returncode == -signal.SIGINT, err
+    assert time.monotonic() - t0 < 20
+    assert still_running(pids, timeout=5) == []
+
+
 @pytest.mark.parametrize("presses", [1, 2])
 def test_ctrl_c_ends_a_script_whose_executor_runs_endless_tasks(tmp_path, presses):
     # The workers ignore SIGINT (the manager decides): a script ended by Ctrl-C
