@@ -609,9 +609,13 @@ class ControlServer:
             pc = self._live_controller()
             if isinstance(pc, Reply):
                 return pc
-            if not _accepts(pc.stop, "workers"):
+            stop = getattr(pc, "stop", None)  # (a map run's hooks have none: it stops as a whole)
+            if stop is None or not _accepts(stop, "workers"):
                 return Reply.failure("this run does not support stop of single workers (--workers)")
-            pc.stop(workers=list(request.workers))
+            try:
+                stop(workers=list(request.workers))
+            except (RuntimeError, ValueError) as exc:
+                return Reply.failure(str(exc))
             return Reply(True, {"stopping": list(request.workers)})
         self._stopping = True
         self.hooks.stop()

@@ -390,6 +390,10 @@ def test_map_has_a_control_socket(env, tmp_path):
         assert status["job"] == "map targets_control:slow_item" and len(status["workers"]) == 2
         assert ctl(env, "pause", "m").returncode == 0
         assert_scale_refused(env, "m")
+        for cmd in ("stop", "pause"):  # a map run is stopped and paused as a whole
+            res = ctl(env, cmd, "m", "--workers", "1")
+            assert res.returncode == 1 and f"does not support {cmd} of single workers" in res.stderr, res.stderr
+            assert "Traceback" not in res.stderr and "attribute" not in res.stderr
         events = [json.loads(line) for line in ctl(env, "events", "m").stdout.splitlines()]
         assert events[0]["event"] == "started"
         res = ctl(env, "stop", "m")
