@@ -1142,8 +1142,8 @@ class _Pool:
             task.items = rest  # a cut chunk: only what did not run goes back
         items = [item for task in everything for item in task.items]
         futures: list[Future[Any]] = [task.future for task in everything if task.future is not None and not task.done]
-        running = [item for task in interrupted
-                   for item in (task.items[:1] if task.done else task.items)]
+        # Of a chunk, only the item it was in (the first of its block) ran.
+        running = [task.items[0] for task in interrupted if task.items]
         _live_executors.discard(self)
         return Unfinished(items, running, futures)
 

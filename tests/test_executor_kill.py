@@ -6,6 +6,7 @@ reads (the read blocks until the task is in it): no polling, no sleeps.
 
 from __future__ import annotations
 
+import concurrent.futures as cf
 import os
 import signal
 import threading
@@ -130,3 +131,16 @@ def test_kill_then_shutdown_does_not_wait_for_the_work(fifo):
     ex.kill()
     ex.shutdown(wait=True)
     assert all(f.cancelled() for f in futs)
+
+
+def test_a_stopped_chunk_hands_back_only_its_started_item_as_running(fifo):
+    # Two chunks of ten, one per worker: each worker is in its chunk's first
+    # item when the stop comes; the other nine of each never started.
+    with ProcessExecutor(2) as ex:
+        results = ex.map(told_to_stop, [fifo] * 20, range(20), chunksize=10)
+        started_pids(fifo, 2)
+        left = ex.stop(grace=10)
+    assert left.items == [(fifo, x) for x in range(20)]
+    assert left.running == [(fifo, 0), (fifo, 10)]
+    with pytest.raises(cf.CancelledError):  # as at any unfinished item
+        next(results)
