@@ -20,7 +20,7 @@ import pytest
 pytest.importorskip("distributed")
 
 import maptargets  # noqa: E402
-from clihelp import LiveCli, json_events  # noqa: E402
+from clihelp import LiveCli, json_events, run_cli  # noqa: E402
 from test_map_cli import TESTS, map_cli, results, write_items  # noqa: E402
 
 from procctl.cluster import ClusterExecutor  # noqa: E402
@@ -60,6 +60,17 @@ def test_local_cluster_ordered_with_a_joblog(tmp_path):
     assert sorted(records) == list(range(1, 17))
     assert all(r["status"] == "done" and r["item"] == r["result"] == line - 1 for line, r in records.items())
     assert all(isinstance(r["pid"], int) and r["runtime"] >= 0 and r["start"] > 0 for r in records.values())
+
+
+def test_a_lambda_is_sent_by_name_to_the_nodes(tmp_path, address):
+    # As on one machine: the nodes import FUNC's module by name (from the
+    # directory the command ran in, when it is theirs too), so a lambda runs.
+    (tmp_path / "lambdas.py").write_text("triple = lambda x: 3 * x  # noqa: E731\n")
+    items = write_items(tmp_path / "in.jsonl", range(6))
+    res = run_cli(["map", "lambdas:triple", "--items", items, "--cluster", address, "--workers-per-node", "1",
+                   "--ordered"], cwd=str(tmp_path))
+    assert res.returncode == 0, res.stderr
+    assert [(r["item"], r["result"]) for r in results(res.stdout)] == [(i, 3 * i) for i in range(6)]
 
 
 def test_a_failing_item_exits_1_and_resume_runs_only_what_is_not_done(tmp_path, address):
