@@ -207,10 +207,11 @@ class LiveView:
         room = self._console.size.width
         kept: list[str] = []
         used = 0
-        for name, width in COLUMNS:
-            if name in ("worker", "state") or used + width <= room:
-                kept.append(name)
-                used += width
+        for name, width in COLUMNS:  # in the order they are kept: the first that does not fit
+            if name not in ("worker", "state") and used + width > room:
+                break  # goes, and every one after it (a narrower one after it would jump the order)
+            kept.append(name)
+            used += width
         order = ("worker", "pid", "state", "progress", "eta", "info", "cpu %", "rss")
         return [name for name in order if name in kept]
 
