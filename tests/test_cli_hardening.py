@@ -390,7 +390,8 @@ def test_second_signal_while_spawn_workers_start_exits_130(tmp_path):
     assert rc == 130, err
     assert "importable" not in err and "Traceback" not in err
     summary = json_events(out)[-1]
-    assert summary["event"] == "summary" and set(summary["outcomes"]) <= {"killed", "failed", "crashed"}
+    # (A worker that came up before the second signal stopped as the first asked: seen once under load.)
+    assert summary["event"] == "summary" and set(summary["outcomes"]) <= {"killed", "failed", "crashed", "stopped"}
 
 
 @pytest.mark.parametrize("gap", [0.03, 0.05])
