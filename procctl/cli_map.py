@@ -230,7 +230,9 @@ def make_plan(spec: str, items_path: str, raw_lines: bool, workers: int | None, 
         too_many = capacity_problem(workers, WORK_FDS_PER_WORKER, COMMAND_FDS)  # (an executor's)
         if too_many is not None:
             raise BadInput(f"--workers {workers}: {too_many}")
-    check_distinct_files({"--joblog": joblog, "--unfinished": unfinished, "--events": events_path})
+    # The items first: a log written over them would lose them (`--joblog items.jsonl`).
+    check_distinct_files({"--items": None if items_path in (None, "-") else items_path, "--joblog": joblog,
+                          "--unfinished": unfinished, "--events": events_path})
     for path, option in ((joblog, "--joblog"), (unfinished, "--unfinished"), (events_path, "--events")):
         if path is not None:
             check_writable_file(path, option)

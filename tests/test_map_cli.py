@@ -182,6 +182,8 @@ BAD = [
     (["maptargets:mark", "--joblog", ""], "--joblog needs a file name"),
     (["maptargets:mark", "--joblog", "{dir}/log", "--unfinished", "{dir}/log"], "name the same file"),
     (["maptargets:mark", "--items", "{deep}"], "line 1 is nested too deeply to read"),
+    (["maptargets:mark", "--items", "{good}", "--joblog", "{good}"], "--items and --joblog name the same file"),
+    (["maptargets:mark", "--items", "{good}", "--unfinished", "{good}"], "--items and --unfinished name the same"),
 ]
 
 
@@ -197,7 +199,8 @@ def test_bad_input_is_one_line_exit_2_and_nothing_runs(tmp_path, args, message):
     huge.write_text("1\n1e999\n")
     deep = tmp_path / "deep.jsonl"
     deep.write_text("[" * 100_000 + "]" * 100_000 + "\n")  # (a RecursionError once)
-    args = [a.format(bad=bad, nan=nan, huge=huge, dir=tmp_path, deep=deep) for a in args]
+    args = [a.format(bad=bad, nan=nan, huge=huge, dir=tmp_path, deep=deep, good=good) for a in args]
+    before = good.read_text()
     if "--items" not in args:
         args += ["--items", str(good)]
     marks_file = tmp_path / "marks"
@@ -208,6 +211,7 @@ def test_bad_input_is_one_line_exit_2_and_nothing_runs(tmp_path, args, message):
     assert res.stdout == ""
     assert not marks_file.exists()  # no item ran: the input was checked before any worker started
     assert not (tmp_path / "events").exists()
+    assert good.read_text() == before  # (a joblog named as the items once wrote over them)
 
 
 def test_resume_refuses_a_joblog_of_another_input(tmp_path):
