@@ -77,8 +77,9 @@ def timeline_command(log: str, output: str | None, fmt: str | None) -> int:
             raise BadInput(f"-o {output!r}: end it in .svg, .html or .json, or give --format")
     if output is None:
         output = os.path.splitext(log)[0] + {"svg": ".svg", "html": ".html", "chrome": ".json"}[fmt]
-        if same_file(output, log):  # run.json: its trace must not take its place
-            output = os.path.splitext(log)[0] + ".trace.json"
+        if same_file(output, log):  # run.json (or run.svg): the picture must not take its place
+            output = os.path.splitext(log)[0] + {"svg": ".timeline.svg", "html": ".timeline.html",
+                                                 "chrome": ".trace.json"}[fmt]
     elif same_file(output, log):
         raise BadInput(f"-o {output!r} is the event log itself: give another file")
     elif fmt != "chrome":

@@ -69,6 +69,12 @@ def test_the_log_is_never_overwritten_by_its_own_drawing(tmp_path):
     assert log.read_text() == text and json.loads((tmp_path / "run.trace.json").read_text())
     res = run_cli(["timeline", str(log), "-o", str(log)])
     assert res.returncode == 2 and "is the event log itself" in res.stderr and log.read_text() == text
+    for fmt in ("svg", "html"):  # a log named as its picture would be (a traceback once)
+        own = tmp_path / f"run.{fmt}"
+        own.write_text(text)
+        res = run_cli(["timeline", str(own), "--format", fmt])
+        assert res.returncode == 0, res.stderr
+        assert own.read_text() == text and (tmp_path / f"run.timeline.{fmt}").stat().st_size > 0
 
 
 def test_a_log_torn_by_a_kill_still_draws(tmp_path):
