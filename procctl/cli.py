@@ -477,6 +477,12 @@ def run_command(workers: int, target: str | None, schedule: str, step: float, fi
     plan = check_supervision(restart, max_restarts, restart_window, backoff, strategy, heartbeat)
     if cluster_spec is not None and (plan.restarts or plan.heartbeat is not None or max_workers is not None):
         raise BadInput("--restart, --heartbeat and --max-workers work on one machine, not with --cluster")
+    if cluster_spec is not None:
+        given = [option for option, param in (("--max-restarts", "max_restarts"), ("--restart-window", "restart_window"),
+                                              ("--backoff", "backoff"), ("--strategy", "strategy"))
+                 if _given(param)]
+        if given:  # (else accepted and without effect: a node's workers are never restarted)
+            raise BadInput(f"{given[0]} goes with --restart, which works on one machine, not with --cluster")
     if max_workers is not None:
         if max_workers < workers:
             raise BadInput(f"--max-workers {max_workers} is less than --workers {workers}")
@@ -743,6 +749,12 @@ def _on_key(session: RunSession, key: str) -> None:
         return
     if view is not None:
         view.message(note)
+
+
+def _given(param: str) -> bool:
+    """Whether the command line gave the option `param` (not its default)."""
+    ctx = click.get_current_context(silent=True)
+    return ctx is not None and ctx.get_parameter_source(param) is click.core.ParameterSource.COMMANDLINE
 
 
 def _start(pc: ProcessController, bridge: SignalBridge) -> int | None:

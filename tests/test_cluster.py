@@ -662,6 +662,9 @@ def test_a_node_that_cannot_start_says_why(cluster, monkeypatch):
     (["--cluster", "tcp://127.0.0.1:99999"], "99999"),
     (["--workers-per-node", "3"], "--workers-per-node works with --cluster"),
     (["--cluster", "local:1", "--workers-per-node", "100000"], "--workers-per-node 100000:"),
+    (["--cluster", "local:1", "--restart", "always"], "not with --cluster"),
+    (["--cluster", "local:1", "--backoff", "1,2"], "--backoff goes with --restart"),  # (once accepted, no effect)
+    (["--cluster", "local:1", "--strategy", "one_for_all"], "--strategy goes with --restart"),
 ])
 def test_cli_bad_cluster_is_one_line_and_exit_2(args, says):
     started = time.monotonic()
