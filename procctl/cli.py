@@ -478,9 +478,9 @@ def run_command(workers: int, target: str | None, schedule: str, step: float, fi
     if cluster_spec is not None and (plan.restarts or plan.heartbeat is not None or max_workers is not None):
         raise BadInput("--restart, --heartbeat and --max-workers work on one machine, not with --cluster")
     if cluster_spec is not None:
-        given = [option for option, param in (("--max-restarts", "max_restarts"), ("--restart-window", "restart_window"),
-                                              ("--backoff", "backoff"), ("--strategy", "strategy"))
-                 if _given(param)]
+        restart_options = (("--max-restarts", "max_restarts"), ("--restart-window", "restart_window"),
+                           ("--backoff", "backoff"), ("--strategy", "strategy"))
+        given = [option for option, param in restart_options if _given(param)]
         if given:  # (else accepted and without effect: a node's workers are never restarted)
             raise BadInput(f"{given[0]} goes with --restart, which works on one machine, not with --cluster")
     if max_workers is not None:
