@@ -343,7 +343,7 @@ class Reporter:
                 except OSError as exc:
                     self._drop_events(exc)
             if self.json_lines:
-                if to_json:
+                if to_json and not self.quiet:  # --json --quiet: the summary record alone
                     self._write(line)
             elif text is not None and not self.quiet:
                 self._write(text)

@@ -266,3 +266,14 @@ def test_sum_quiet_prints_only_the_summary(tmp_path):
     assert len(res.stdout.strip().splitlines()) == 1 and res.stdout.startswith("summary: consumer")
     events = json_events(log.read_text())
     assert events[-1]["event"] == "summary" and any(e["event"] == "received" for e in events)
+
+
+@pytest.mark.parametrize("args", [["run", "--workers", "2", "--schedule", "run,stop", "--step", "0"],
+                                  ["sum", "--threshold", "1000"],
+                                  ["map", "maptargets:square"]], ids=["run", "sum", "map"])
+def test_quiet_json_prints_only_the_summary(args):
+    # --quiet: "Print only the summary", --json or not (a map's results too).
+    res = run_cli(args + ["--quiet", "--json"], cwd=TESTS, input="1\n2\n")
+    assert res.returncode == 0, res.stderr
+    events = [e for e in json_events(res.stdout) if "event" in e]
+    assert [e["event"] for e in events] == ["summary"], res.stdout
