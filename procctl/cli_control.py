@@ -183,6 +183,8 @@ def _ask(path: str, request: Request, command: str) -> dict[str, Any]:
     except ControlError as exc:
         raise click.ClickException(str(exc)) from None
     if not reply.get("ok"):
+        if reply.get("bad_input"):
+            raise BadInput(str(reply.get("error")))  # exit 2, as for any bad argument
         raise click.ClickException(str(reply.get("error", "the run refused the request")))
     return reply
 

@@ -150,6 +150,17 @@ class Reply:
     def failure(cls, error: str) -> Reply:
         return cls(False, {}, error)
 
+    @classmethod
+    def bad_input(cls, error: str) -> Reply:
+        """A request whose arguments the run cannot take (a worker id it does not have)."""
+        return cls(False, {"bad_input": True}, error)
+
+
+def _bad_workers(exc: ValueError) -> Reply:
+    """A --workers id the run does not have: bad input, in the option's own name."""
+    text = str(exc)
+    return Reply.bad_input("--" + text if text.startswith("workers:") else text)
+
 
 def json_bytes(body: dict[str, Any]) -> bytes:
     """One strict JSON line: NaN and infinities (which JSON has no word for) are null."""
@@ -600,7 +611,9 @@ class ControlServer:
         except TimeoutError as exc:
             # The command stays posted: busy workers apply it at their next checkpoint.
             return Reply(True, {"acknowledged": False, "note": str(exc)})
-        except (RuntimeError, ValueError) as exc:
+        except ValueError as exc:
+            return _bad_workers(exc)
+        except RuntimeError as exc:
             return Reply.failure(str(exc))
         return Reply(True, {"acknowledged": True})
 
@@ -614,7 +627,9 @@ class ControlServer:
                 return Reply.failure("this run does not support stop of single workers (--workers)")
             try:
                 stop(workers=list(request.workers))
-            except (RuntimeError, ValueError) as exc:
+            except ValueError as exc:
+                return _bad_workers(exc)
+            except RuntimeError as exc:
                 return Reply.failure(str(exc))
             return Reply(True, {"stopping": list(request.workers)})
         self._stopping = True

@@ -275,6 +275,11 @@ def test_per_worker_commands_and_scale_within_max_workers(env):
         assert [w["alive"] for w in ctl_json(env, "status", "plain")["workers"]] == [True] * 3
         res = ctl(env, "pause", "plain", "--workers", "x")
         assert res.returncode == 2 and len(res.stderr.splitlines()) == 1
+        for cmd in ("pause", "resume", "stop"):  # an id the run does not have: bad input too
+            res = ctl(env, cmd, "plain", "--workers", "7")
+            assert res.returncode == 2 and res.stderr.splitlines() == [
+                "procctl: error: --workers: 7 is not a worker id (0 to 2)"], res.stderr
+        assert [w["alive"] for w in ctl_json(env, "status", "plain")["workers"]] == [True] * 3
         ctl(env, "stop", "plain")
         assert cli.finish()[0] == 0
     finally:
