@@ -384,7 +384,10 @@ def _poke(fd: int) -> None:
 @click.argument("run", required=False)
 @click.option("--follow", "-f", is_flag=True, help="After the events so far, go on with the live ones.")
 def events_command(run: str | None, follow: bool) -> int:
-    """RUN's events as JSON Lines from the start (and, with --follow, live until it ends)."""
+    """RUN's events as JSON Lines from the start (and, with --follow, live until it ends).
+
+    A map run's are its run-level ones (not one per item); a sum run started
+    with --quiet alone listens to none."""
     from .cli import signal_bridge
 
     bridge = signal_bridge()
