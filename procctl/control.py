@@ -649,6 +649,9 @@ class ControlServer:
             self.hooks.scale(request.n)
         except (RuntimeError, ValueError) as exc:
             return Reply.failure(str(exc))
+        now = getattr(pc, "workers", request.n)
+        if now != request.n:  # a stop came while it grew: it grew no further
+            return Reply.failure(f"the run began to stop while it grew: {now} workers, not {request.n}")
         return Reply(True, {"workers": request.n})
 
     def _do_metrics(self, request: Request) -> Reply:

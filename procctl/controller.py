@@ -1268,16 +1268,22 @@ class ProcessController(Shortcuts):
         self._board.grow(n)
         word = pack_command(self._seq, self._state)
         new = list(range(self.workers, n))
+        # A stop asked for meanwhile (the command line's SIGTERM, `procctl stop`)
+        # ends the growth where it is: thousands of workers take a while to start.
+        interrupt = self._interrupt_waits or (lambda: False)
         with _quiet_collector(self.start_method):
             for wid in new:
+                if interrupt():
+                    break
                 self._held.discard(wid)
                 self._overrides.pop(wid, None)
                 self._restart_at.pop(wid, None)
                 self._board.reset(wid, word)
                 self.workers = wid + 1  # before the spawn: the new worker's ctx.workers
                 self._spawn([wid])
-        up = [self._workers[wid] for wid in new]
-        if not self._pump_until(lambda: all(w.acked_seq >= 0 or not w.alive for w in up), self.start_timeout):
+        up = [self._workers[wid] for wid in new if wid < self.workers]
+        if not self._pump_until(lambda: all(w.acked_seq >= 0 or not w.alive for w in up) or interrupt(),
+                                self.start_timeout) and not interrupt():
             late = [w.id for w in up if w.acked_seq < 0 and w.alive]
             raise WorkerStartError(f"workers {late} did not come up within {self.start_timeout:.0f}s")
 

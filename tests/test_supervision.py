@@ -443,6 +443,18 @@ def test_cli_backoff_takes_what_the_library_takes():
     assert res.returncode == 2 and "must be >= 0" in res.stderr, res.stderr  # (not "must look like")
 
 
+def test_a_stop_asked_for_while_it_grows_ends_the_growth():
+    # The command line's stop (a SIGTERM, `procctl stop`) may come while
+    # thousands of workers start: the growth ends there, without an error.
+    events: list[Event] = []
+    with controller(ts.shard, 1, events, initial_state=State.PAUSED) as pc:
+        pc._interrupt_waits = lambda: len(pc._workers) >= 4  # "a stop came" once 4 exist
+        pc.resize(40)
+        assert pc.workers == 4 and all(r.alive for r in pc.status())
+        reports = pc.stop()
+    assert sorted(reports) == [0, 1, 2, 3]
+
+
 def test_cli_sigttin_sigttou_resize(tests_dir):
     cli = LiveCli(["run", "--target", "targets_supervision:shard", "--workers", "2", "--schedule", "run",
                    "--step", "0", "--json", "--max-workers", "3"], cwd=tests_dir)
