@@ -70,6 +70,8 @@ def timeline_command(log: str, output: str | None, fmt: str | None) -> int:
     from .timeline import render_timeline, timeline_format
     from .trace import write_trace
 
+    if output is not None and not output.strip():
+        raise BadInput(f"-o needs a file name, not {output!r}")
     if fmt is None:
         ext = os.path.splitext(output or "")[1].lower()
         fmt = {".svg": "svg", ".html": "html", ".json": "chrome"}.get(ext, "html" if not output else "")

@@ -58,6 +58,8 @@ def test_timeline_of_a_bad_log_is_one_line(tmp_path):
     assert res.returncode == 2 and len(res.stderr.splitlines()) == 1
     res = run_cli(["timeline", str(bad), "-o", str(tmp_path / "x.png")])
     assert res.returncode == 2 and len(res.stderr.splitlines()) == 1
+    res = run_cli(["timeline", str(bad), "-o", ""])
+    assert res.returncode == 2 and res.stderr == "procctl: error: -o needs a file name, not ''\n", res.stderr
 
 
 def test_the_log_is_never_overwritten_by_its_own_drawing(tmp_path):
