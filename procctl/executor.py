@@ -744,11 +744,9 @@ class _Pool:
     def _command(self, name: str, arg: Any) -> Future[Any]:
         fut: Future[Any] = Future()
         with self._lock:
-            if not self._commands_closed:
+            closed = self._commands_closed
+            if not closed:
                 self._commands.append((name, arg, fut))
-                closed = False
-            else:
-                closed = True
         if closed:
             _answer_stopped(name, fut, "the executor is shut down")
         else:

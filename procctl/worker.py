@@ -366,15 +366,12 @@ class WorkerContext:
             self._lost_manager()
         elif fd == self._term_r:
             self.state = State.STOPPED
-        elif self._end.command() != self._applied:
-            self._apply()
         else:
-            # A ring for a command we had already read. Drain first, then look
-            # again: a command posted between our look and the drain rang too,
-            # and that ring is drained here with the stale one.
-            self._end.drain_doorbell()
-            if self._end.command() != self._applied:
-                self._apply()
+            # The doorbell: _apply drains it, then reads the board (a ring for a
+            # command already read changes nothing). Never look before the
+            # drain: a command posted between the look and the drain would lose
+            # its ring with the stale one, and wait for the next command.
+            self._apply()
 
     def _lost_manager(self) -> None:
         self._manager_gone = True

@@ -391,23 +391,33 @@ def test_event_to_dict_drops_none():
 
 def test_a_command_posted_while_a_stale_ring_is_drained_is_not_missed():
     """A worker woken by a ring for a command it had already read drains the
-    doorbell; a command posted between its look at the board and that drain
-    rang too, and its ring goes with the stale one: the worker must look again
-    (else it sleeps on, and the command's broadcast times out)."""
+    doorbell; a command posted between a look at the board and that drain
+    rang too, and its ring goes with the stale one: the worker must read the
+    board after the drain (else it sleeps on, and the command's broadcast
+    times out)."""
+    from procctl.channel import pack_command
     from procctl.worker import WorkerContext
 
+    paused, running = pack_command(5, State.PAUSED.value), pack_command(6, State.RUNNING.value)
+
     class End:
-        word = 5
+        worker = 0
+        word = paused
+        board = SimpleNamespace(set_beat=lambda worker, probe: None)
+        acked: list = []
 
         def command(self):
             return self.word
 
         def drain_doorbell(self):
-            self.word = 6  # the manager posted (and rang) just before this drain
+            self.word = running  # the manager posted (and rang) just before this drain
 
-    applied = []
+        def ack(self, seq, state):
+            self.acked.append((seq, state))
+
     ctx = WorkerContext.__new__(WorkerContext)
-    ctx._manager_fd, ctx._term_r, ctx._end, ctx._applied = 100, 101, End(), 5
-    ctx._apply = lambda: applied.append(ctx._end.command())
+    ctx._manager_fd, ctx._term_r, ctx._end, ctx._applied = 100, 101, End(), paused
+    ctx.state, ctx._info_pending = State.PAUSED, False
     ctx._on_wake(102)  # the doorbell
-    assert applied == [6]
+    applied = [seq for seq, _ in ctx._end.acked]
+    assert applied == [6] and ctx.state is State.RUNNING

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
 import os
 import random
 import signal
@@ -319,6 +320,24 @@ time.sleep(60)
 """
 
 
+@contextlib.contextmanager
+def _script(tmp_path, text, *args):
+    """A script that prints its executor's 2 worker pids, in a session of its
+    own (Ctrl-C reaches its whole group); killed with its group if still there."""
+    script = tmp_path / "script.py"
+    script.write_text(text)
+    proc = subprocess.Popen([sys.executable, str(script), *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        pids = [int(p) for p in proc.stdout.readline().split()]
+        assert len(pids) == 2
+        yield proc, pids
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate(timeout=10)
+
+
 WITH_CTRL_C_SCRIPT = """
 import sys, time
 from procctl import ProcessExecutor
@@ -342,23 +361,13 @@ def test_a_second_ctrl_c_while_the_with_block_stops_ends_the_script(tmp_path):
     # The first Ctrl-C leaves the block: a stop with its grace (60 s); the
     # second kills the workers and the script ends, at once. The exit hook's
     # own stop of the same executor once waited for ever for an answer.
-    script = tmp_path / "script.py"
-    script.write_text(WITH_CTRL_C_SCRIPT)
-    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
     t0 = time.monotonic()
-    try:
-        pids = [int(p) for p in proc.stdout.readline().split()]
-        assert len(pids) == 2
+    with _script(tmp_path, WITH_CTRL_C_SCRIPT) as (proc, pids):
         os.killpg(proc.pid, signal.SIGINT)
         said = proc.stderr.readline()
         assert said == "stopping\n", said
         os.killpg(proc.pid, signal.SIGINT)
         _, err = proc.communicate(timeout=20)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.communicate(timeout=10)
     assert proc.returncode == -signal.SIGINT, err
     assert time.monotonic() - t0 < 20
     assert still_running(pids, timeout=5) == []
@@ -369,15 +378,9 @@ def test_ctrl_c_ends_a_script_whose_executor_runs_endless_tasks(tmp_path, presse
     # The workers ignore SIGINT (the manager decides): a script ended by Ctrl-C
     # stops its executor's tasks at exit (grace, then SIGTERM) instead of waiting
     # for them as shutdown(wait=True) does, and a second Ctrl-C kills them at once.
-    script = tmp_path / "script.py"
-    script.write_text(CTRL_C_SCRIPT)
     grace = 1.0 if presses == 1 else 60.0  # the second press must not wait it out
-    proc = subprocess.Popen([sys.executable, str(script), str(grace)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
     t0 = time.monotonic()
-    try:
-        pids = [int(p) for p in proc.stdout.readline().split()]
-        assert len(pids) == 2
+    with _script(tmp_path, CTRL_C_SCRIPT, str(grace)) as (proc, pids):
         os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C on a terminal: the whole group
         said = ""
         if presses == 2:  # once the exit hooks run: procctl's waits out the grace
@@ -389,10 +392,6 @@ def test_ctrl_c_ends_a_script_whose_executor_runs_endless_tasks(tmp_path, presse
             os.killpg(proc.pid, signal.SIGINT)
         _, err = proc.communicate(timeout=30)
         err = said + err
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.communicate(timeout=10)
     assert proc.returncode == -signal.SIGINT, err
     assert time.monotonic() - t0 < 30
     assert err.count("Traceback") == 1 and err.endswith("KeyboardInterrupt\nexiting\n"), err  # the script's own
