@@ -63,7 +63,7 @@ from .channels import Channel, ChannelPlane
 from .states import CLEAN_OUTCOMES, STATES, Event, Outcome, State, WorkerReport, WorkerStatus
 from .supervise import Action, Plan, Strategy, Supervisor
 from .threads import MANAGED_SIGNALS
-from .worker import Payload, WorkerSpec, worker_main
+from .worker import WORKER_NAME_PREFIX, Payload, WorkerSpec, worker_main
 from .workwire import MAX_WAIT, check_timeout
 
 log = logging.getLogger("procctl")
@@ -168,14 +168,40 @@ class _Birth:
     work_fd: int | None
 
 
-def _deliver(births: list[_Birth], started: list[int]) -> None:
+def _deliver(births: list[_Birth], started: list[int], start_method: str) -> None:
     """Start the processes of `births` in turn, noting each in `started`
     (the caller's count if one fails); each child's ends are let go of as
-    soon as it has them."""
+    soon as it has them. The caller has MANAGED_SIGNALS blocked."""
     for birth in births:
+        if start_method != "fork":
+            _helpers_first(start_method)
         birth.process.start()
         started.append(birth.wid)
         birth.link.release_child_fds()
+
+
+def _helpers_first(start_method: str) -> None:
+    """Have multiprocessing's resource tracker (and fork server) running, then
+    block MANAGED_SIGNALS again, before a worker is exec'd.
+
+    A fresh interpreter inherits the signal mask across exec: started with
+    MANAGED_SIGNALS blocked, a spawn worker (or the fork server) holds a
+    Ctrl-C to the process group until the worker has set its own handlers
+    (worker.py), through the interpreter's start-up and the import of the
+    parent's main module. But multiprocessing unblocks SIGINT and SIGTERM in
+    the calling thread once it has started its resource tracker, which it
+    does at the first start in a process: every worker exec'd after that
+    started with them unblocked and died of such a Ctrl-C with a
+    KeyboardInterrupt traceback.
+    """
+    from multiprocessing import resource_tracker
+
+    resource_tracker.ensure_running()
+    signal.pthread_sigmask(signal.SIG_BLOCK, MANAGED_SIGNALS)
+    if start_method == "forkserver":
+        from multiprocessing import forkserver
+
+        forkserver.ensure_running()
 
 
 #: The event a worker's acknowledgement of a state is.
@@ -604,12 +630,12 @@ class ProcessController(Shortcuts):
                 me = threading.current_thread()
                 if self.start_method != "forkserver" and me is not threading.main_thread() and (
                         me is not self._bg_thread):
-                    _spawner.call(partial(_deliver, births, started))
+                    _spawner.call(partial(_deliver, births, started, self.start_method))
                 else:
                     # Blocked while the children are made, so that no handler of ours
                     # runs in one; each resets its handlers, then unblocks (worker.py).
                     with threads.blocked():
-                        _deliver(births, started)
+                        _deliver(births, started, self.start_method)
             except Exception as exc:
                 # A limit (EMFILE, EAGAIN) is the system's refusal; anything
                 # else here comes from pickling what the child must receive.
@@ -648,7 +674,7 @@ class ProcessController(Shortcuts):
             end=link.child_end(wid, self._board) if self.start_method == "fork" else None,
             id_base=self._context_ids[0], total=self._context_ids[1],
         )
-        process = self._mp.Process(target=worker_main, args=(spec,), name=f"procctl-worker-{wid}")
+        process = self._mp.Process(target=worker_main, args=(spec,), name=f"{WORKER_NAME_PREFIX}{wid}")
         return _Birth(wid, restarts, cgroup, link, process, work_fd)
 
     def _adopt(self, birth: _Birth) -> None:

@@ -11,6 +11,8 @@ fork server still exits as soon as its manager is gone.
 
 from __future__ import annotations
 
+import multiprocessing
+import multiprocessing.util
 import os
 import signal
 
@@ -21,11 +23,38 @@ import signal
 _was = signal.signal(signal.SIGINT, signal.SIG_IGN) if os.getpid() != 1 else None
 
 from . import worker  # noqa: E402, F401 - the preload itself
+from .threads import MANAGED_SIGNALS  # noqa: E402
+from .worker import WORKER_NAME_PREFIX  # noqa: E402
 
 if _was is not None:
     signal.signal(signal.SIGINT, _was)
 
+
+class _Hook:
+    """What multiprocessing's after-fork registry holds on to (it keeps weak references)."""
+
+
+_hook = _Hook()
+
+
+def _child_signals() -> None:
+    # The fork server was started with the operator's signals blocked
+    # (controller._helpers_first) and keeps them so: a Ctrl-C, SIGHUP or
+    # SIGUSR1 to the process group never ends it. Its children (ours and
+    # anyone's) keep them blocked through their start (a forkserver child
+    # imports the parent's main module again) and get SIGTERM's default.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def _unblock_unless_ours(_: object) -> None:
+    # Run by multiprocessing in each child just before its target: anyone's
+    # process gets the usual mask back; ours keeps it until the worker has
+    # its own handlers (worker.py), so a Ctrl-C meanwhile is held, not raised.
+    if not multiprocessing.current_process().name.startswith(WORKER_NAME_PREFIX):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, MANAGED_SIGNALS)
+
+
 if os.getpid() != 1:  # never alter what a pid-1 init does with signals
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    # Children of the fork server (ours and anyone's) get the default back at once.
-    os.register_at_fork(after_in_child=lambda: signal.signal(signal.SIGTERM, signal.SIG_DFL))
+    os.register_at_fork(after_in_child=_child_signals)
+    multiprocessing.util.register_after_fork(_hook, _unblock_unless_ours)

@@ -400,6 +400,9 @@ class WorkerContext:
 
 _current: WorkerContext | None = None
 
+#: The name of every worker's multiprocessing Process (its number follows).
+WORKER_NAME_PREFIX = "procctl-worker-"
+
 
 def context() -> WorkerContext:
     """The WorkerContext of this worker process (inside a task of ProcessExecutor,

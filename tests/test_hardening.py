@@ -101,6 +101,45 @@ def test_thread_started_controller_workers_die_with_the_manager(method, tests_di
         end_session(proc)
 
 
+# A Ctrl-C to the process group while exec'd children start (a spawn worker,
+# the fork server) importing the parent's main module: held until the worker
+# has its own handlers, never a KeyboardInterrupt traceback or a lost worker.
+CTRL_C_WHILE_IMPORTING = textwrap.dedent("""
+    import json, os, signal, sys
+    sys.path.insert(0, {tests!r})
+    if __name__ == "__mp_main__":  # a spawn worker or the fork server, importing this script
+        os.killpg(0, signal.SIGINT)
+    if __name__ == "__main__":
+        import targets
+        from procctl import ProcessController
+        seen = []
+        signal.signal(signal.SIGINT, lambda signum, frame: seen.append(signum))
+        with ProcessController(targets.finish_at_once, 3, start_method={method!r}) as pc:
+            pc.run()
+            assert pc.wait(timeout=60)
+            reports = pc.stop()
+        print(json.dumps({{"outcomes": sorted(r.outcome.value for r in reports.values()),
+                          "manager_saw": len(seen)}}))
+""")
+
+
+@pytest.mark.parametrize("method", ["spawn", "forkserver"])
+def test_ctrl_c_while_exec_children_import_is_held_for_the_worker(method, tests_dir, tmp_path):
+    script = tmp_path / "ctrl_c_script.py"
+    script.write_text(CTRL_C_WHILE_IMPORTING.format(tests=tests_dir, method=method))
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=90)
+        assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
+        assert proc.returncode == 0, err
+        got = json.loads(out)
+        assert got["outcomes"] == ["finished"] * 3
+        assert got["manager_saw"] >= 1  # the signal was sent, and the manager had it
+    finally:
+        end_session(proc)
+
+
 # -- 4. report frames stay whole whatever thread writes them ------------------
 
 def test_progress_from_a_thread_never_corrupts_the_result():
