@@ -7,7 +7,6 @@ import importlib
 import logging
 import math
 import os
-import re
 import signal
 import sys
 import threading
@@ -37,6 +36,7 @@ from .clitools import (
     exit_holding_signals,
     hold_signals,
     say,
+    split_range,
 )
 from .controller import ProcessController, WorkerStartError
 from .limits import COMMAND_FDS, LIMIT_ERRNOS, capacity_problem
@@ -233,8 +233,7 @@ def event_text(event: Event) -> str | None:
 
 def parse_backoff(text: str) -> tuple[float, float]:
     """--backoff MIN,MAX (or MIN-MAX): seconds before the first restart, and the most."""
-    # MIN-MAX: a '-' that is not a sign (first, or after a ',' or an exponent's 'e').
-    parts = (text if "," in text else re.sub(r"(?<=[0-9.])-", ",", text)).split(",")
+    parts = text.split(",") if "," in text else split_range(text)
     try:
         low, high = (float(p) for p in parts)
     except ValueError:

@@ -22,6 +22,7 @@ from .clitools import (
     SignalBridge,
     check_writable_file,
     say,
+    split_range,
 )
 from .controller import WorkerStartError
 from .jobs.sum_events import (
@@ -62,10 +63,10 @@ def parse_delay(text: str) -> Delay:
         return float(text)
     except ValueError:
         pass
-    low, sep, high = text.partition("-")
+    parts = split_range(text)
     try:
-        if sep:
-            return float(low), float(high)
+        if len(parts) == 2:
+            return float(parts[0]), float(parts[1])
     except ValueError:
         pass
     raise BadInput(f"--delay {text!r} must be SECONDS or MIN-MAX, e.g. 0.5 or 1-2")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import signal
 import sys
 import threading
@@ -415,6 +416,12 @@ class Reporter:
                     say(f"procctl: warning: the event log {self.events_path!r} could not be written"
                         f" ({exc.strerror})")
                 self._events = None
+
+
+def split_range(text: str) -> list[str]:
+    """'MIN-MAX' -> ['MIN', 'MAX']: split at a '-' that is not a sign (one
+    after a digit or a point, not first nor after an exponent's 'e')."""
+    return re.split(r"(?<=[0-9.])-", text)
 
 
 def same_file(a: str, b: str) -> bool:

@@ -499,9 +499,19 @@ def test_cli_json_lines_end_with_the_summary():
 BAD_CLI = [
     ["--producers", "0"], ["--consumers", "abc"], ["--threshold", "-1"], ["--threshold", "1.5"],
     ["--values", ""], ["--values", "1,x"], ["--values", "0"], ["--queue-size", "0"], ["--delay", "-1"],
-    ["--delay", "2-1"], ["--delay", "soon"], ["--timeout", "-2"], ["--start-method", "thread"],
+    ["--delay", "2-1"], ["--delay", "soon"], ["--delay", "1-2-3"], ["--delay", "1e-3-"],
+    ["--timeout", "-2"], ["--start-method", "thread"],
     ["--batch", "0"], ["--seed", "x"], ["--bogus"],
 ]
+
+
+@pytest.mark.parametrize("text, delay", [("0.5", 0.5), ("1-2", (1.0, 2.0)), ("1e-3-2e-3", (0.001, 0.002)),
+                                         ("5e-4-0.01", (0.0005, 0.01)), ("0-1E-3", (0.0, 0.001))])
+def test_cli_delay_min_max_takes_exponents(text, delay):
+    from procctl.cli_sum import parse_delay
+
+    # The exponent's '-' is not MIN-MAX's ('1e-3-2e-3' was refused).
+    assert parse_delay(text) == delay
 
 
 @pytest.mark.parametrize("args", BAD_CLI, ids=[" ".join(a) for a in BAD_CLI])
