@@ -605,6 +605,10 @@ def worker_main(spec: WorkerSpec) -> None:
     if finished is not None:
         finished.set()
     _end_despite_threads()
+    if work is not None:
+        # Its unread items stay with the manager's copy of this end. Closed
+        # here, not left to the interpreter's exit ("unclosed socket" under -X dev).
+        work.sock.close()
 
 
 def _end_despite_threads() -> None:

@@ -151,8 +151,12 @@ SCRIPT_CLEAN = textwrap.dedent("""
     import os, sys
     sys.path.insert(0, {tests!r})
     import targets
-    from procctl import ProcessController
+    from procctl import ProcessController, ProcessExecutor, sum_threshold
     for method in ("fork", "spawn", "forkserver"):
+        # the work plane's link too (ResourceWarning: unclosed socket, under spawn)
+        sum_threshold(2, 2, 50, start_method=method, timeout=30)
+        with ProcessExecutor(max_workers=2, start_method=method) as ex:
+            assert list(ex.map(abs, [-1, -2, 3])) == [1, 2, 3]
         with ProcessController(targets.sleep_units, 2, start_method=method) as pc:
             pc.run()
             pc.pause()
