@@ -441,6 +441,7 @@ class WorkerTrees:
 
     def close(self, timeout: float) -> None:
         self.flush()
+        self._guardian.settle()  # its go-between reaped: no process of ours left below the manager
         if self.cgroup is not None:
             kill_cgroup(self.cgroup)
             remove_cgroup(self.cgroup, timeout)

@@ -7,7 +7,10 @@ over a pipe, which process groups and cgroups its workers lead; when the
 manager dies the guardian kills them all and exits. It runs in its own
 session, so a signal to the manager's process group leaves it standing, and
 it is a fresh interpreter (not a fork of the manager), so it holds none of
-the manager's memory.
+the manager's memory. It is not the manager's child: a go-between starts it
+and exits at once, so that after close() the manager has no process of
+procctl's below it (a user's "no child left" check, psutil's children()),
+while the guardian stays for the next controller.
 
     manager (guardian.Link)  -- pipe: "+pid" "-pid" "c/path" "u/path" -->  guardian.main()
     manager exits            -- pidfd readable ----------------------->  kill groups, cgroups; exit
@@ -26,6 +29,7 @@ import select
 import subprocess
 import sys
 import threading
+from typing import IO
 
 from . import containment
 
@@ -38,30 +42,40 @@ CGROUP_WAIT = 2.0
 # -- the guardian process ------------------------------------------------------------
 
 
-def main(manager_pid: int, fd: int) -> None:
-    """Entry point of the guardian process."""
+def main(manager_pid: int, manager: int, fd: int) -> None:
+    """Entry point of the go-between, which forks the guardian and exits.
+
+    `manager` is a pidfd of the manager (opened by the manager itself: no
+    pid can be reused under it), or -1 where there is none; `fd` the read end
+    of the manager's messages. The guardian's standard output stays the
+    pipe the go-between writes its pid to: the manager sees its end close
+    when the guardian has exited.
+    """
     import signal
 
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2):
         signal.signal(sig, signal.SIG_IGN)
+    pid = os.fork()
+    if pid:
+        os.write(1, b"%d\n" % pid)
+        os._exit(0)
+    _guard(manager, fd)
+
+
+def _guard(manager: int, fd: int) -> None:
     groups: set[int] = set()
     cgroups: set[str] = set()
     buffer = b""
-    try:
-        manager = os.pidfd_open(manager_pid)
-        if os.getppid() != manager_pid:  # gone before we looked: the pid may be another's
-            os.close(manager)
-            manager = -1
-    except OSError:
-        manager = -1
     os.set_blocking(fd, False)
     poller = select.poll()
     poller.register(fd, select.POLLIN)
     if manager >= 0:
         poller.register(manager, select.POLLIN)
     while True:
-        ready = {f for f, _ in poller.poll()} if manager >= 0 else {manager}
+        ready = {f for f, _ in poller.poll()}
         buffer, released = _read(fd, buffer, groups, cgroups)
+        # Without a pidfd, the end of the message pipe is the manager's end
+        # (later, if a child of the manager's still holds a copy).
         if manager in ready or released:
             break
     for pgid in groups:
@@ -81,7 +95,7 @@ def _read(fd: int, buffer: bytes, groups: set[int], cgroups: set[str]) -> tuple[
         except BlockingIOError:
             break
         if not chunk:
-            break
+            return buffer, True  # the manager is gone (every copy of its end closed)
         buffer += chunk
     *lines, buffer = buffer.split(b"\n")
     for line in lines:
@@ -107,19 +121,28 @@ class Link:
 
     def __init__(self) -> None:
         self.owner = os.getpid()
+        #: The go-between (our child until it exits, right after it forked the guardian).
         self.process: subprocess.Popen[bytes] | None = None
+        self._pid: int | None = None
+        #: The read end the guardian holds the other end of: closed when it has exited.
+        self._out: IO[bytes] | None = None
         self._w = -1
         self._lock = threading.Lock()
+        self._settling = threading.Lock()
         self._pending: list[str] = []
         r, w = os.pipe()
+        try:
+            me = os.pidfd_open(self.owner)
+        except (AttributeError, OSError):  # pragma: no cover - no pidfd here
+            me = -1
         package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         code = (f"import sys; sys.path.insert(0, {package_root!r}); "
-                f"from procctl.guardian import main; main({self.owner}, {r})")
+                f"from procctl.guardian import main; main({self.owner}, {me}, {r})")
         try:
             # -I -S: no user site, no PYTHON* variables, no site: a fast, plain start.
             self.process = subprocess.Popen(
-                [sys.executable, "-I", "-S", "-c", code], pass_fds=(r,), start_new_session=True,
-                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                [sys.executable, "-I", "-S", "-c", code], pass_fds=(r,) if me < 0 else (r, me),
+                start_new_session=True, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
             )
         except OSError as exc:
             log.warning("cannot start the guardian (%s): what workers start may outlive a killed manager", exc)
@@ -127,12 +150,36 @@ class Link:
         else:
             self._w = w
             os.set_inheritable(w, False)
+            self._out = self.process.stdout
         finally:
             os.close(r)
+            if me >= 0:
+                os.close(me)
 
     @property
     def pid(self) -> int | None:
-        return self.process.pid if self.process is not None else None
+        """The guardian's pid (waits for the go-between, at most a few seconds)."""
+        self.settle()
+        return self._pid
+
+    def settle(self, timeout: float = 5.0) -> None:
+        """Reap the go-between once it has said the guardian's pid: after
+        this no process of ours is the manager's child."""
+        if self.process is None or os.getpid() != self.owner:
+            return
+        with self._settling:
+            process = self.process
+            if process is None or self._out is None:
+                return
+            line = _read_line(self._out.fileno(), timeout)
+            try:
+                self._pid = int(line)
+            except ValueError:
+                log.warning("the guardian did not start: what workers start may outlive a killed manager")
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                process.wait(timeout)
+            if process.returncode is not None:
+                self.process = None
 
     def note(self, kind: str, arg: object) -> None:
         """Queue a message for the next flush().
@@ -171,16 +218,34 @@ class Link:
                 self._w = -1
 
     def release(self, timeout: float = 2.0) -> None:
-        """At the manager's clean exit: let the guardian clean up and end, and reap it."""
+        """At the manager's clean exit: let the guardian clean up and end, and wait for it."""
         if self._w < 0 or os.getpid() != self.owner:
             return
         self.send("x", "")
         with self._lock, contextlib.suppress(OSError):
             os.close(self._w)
         self._w = -1
-        if self.process is not None:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.process.wait(timeout)
+        self.settle(timeout)
+        with self._settling:
+            if self.process is None and self._out is not None:
+                _read_line(self._out.fileno(), timeout)  # "" once the guardian has exited: its end closed
+                self._out.close()
+                self._out = None
+
+
+def _read_line(fd: int, timeout: float) -> str:
+    """What comes on `fd` up to a newline or its end, waiting at most `timeout`."""
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    data = b""
+    while not data.endswith(b"\n"):
+        if not poller.poll(max(0, int(timeout * 1000))):
+            break
+        chunk = os.read(fd, 64)
+        if not chunk:
+            break
+        data += chunk
+    return data.decode(errors="replace").strip()
 
 
 _link: Link | None = None

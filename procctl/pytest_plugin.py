@@ -42,7 +42,8 @@ if TYPE_CHECKING:
 __all__ = ["no_leftover_processes", "process_controller"]
 
 #: The entry points of multiprocessing's long-lived helpers (fork server, resource
-#: tracker) and procctl's guardian: a *direct* child of ours started with one of these is the helper itself,
+#: tracker) and procctl's guardian (its go-between; the guardian itself is known by pid): a *direct* child of
+#: ours started with one of these is the helper itself,
 #: started once per session, not a leak.  Its children (forkserver workers share its
 #: command line) are judged like any other process, and so is any process that is
 #: one of procctl's workers, whatever its command line.

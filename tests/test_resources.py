@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import json
 import multiprocessing
 import os
 import signal
@@ -17,7 +18,7 @@ import psutil
 import pytest
 import targets
 import targets_extra
-from procs import session_members
+from procs import session_members, still_running
 
 from procctl import Outcome, ProcessController, WorkerStartError
 
@@ -213,6 +214,34 @@ def _session_left(sid: int) -> list[psutil.Process]:
 def _assert_quiet(stderr: str) -> None:
     for bad in ("leaked", "resource_tracker", "Traceback", "Warning", "Exception ignored"):
         assert bad not in stderr, stderr
+
+
+SCRIPT_NO_CHILD = textwrap.dedent("""
+    import json, sys
+    sys.path.insert(0, {tests!r})
+    import psutil, targets
+    from procctl import ProcessController, ProcessExecutor, guardian
+    with ProcessController(targets.finish_at_once, 2, start_method="fork") as pc:
+        pc.run()
+        pc.wait(timeout=30)
+    first = [p.pid for p in psutil.Process().children(recursive=True)]
+    with ProcessExecutor(max_workers=2, start_method="fork") as ex:
+        assert list(ex.map(abs, [-1, 2])) == [1, 2]
+    print(json.dumps({{"children": first + [p.pid for p in psutil.Process().children(recursive=True)],
+                      "guardian": guardian.guardian_pid()}}), flush=True)
+""")
+
+
+def test_close_leaves_the_manager_no_child_process(tests_dir):
+    # What a user's own "no child left" check sees (psutil's children()):
+    # procctl's guardian lives on for the next controller, but not as a child.
+    res, took, sid = _run_script(SCRIPT_NO_CHILD, tests_dir)
+    assert res.returncode == 0, res.stderr
+    got = json.loads(res.stdout)
+    assert got["children"] == []
+    assert got["guardian"] is not None
+    assert still_running([got["guardian"]], timeout=5) == []  # gone with its manager
+    _assert_quiet(res.stderr)
 
 
 def test_no_leaked_semaphore_warning_at_exit(tests_dir):
