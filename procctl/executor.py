@@ -1261,7 +1261,10 @@ class _Pool:
                     runs.add(task.run)
                 if task.rerun is not None:
                     value = task.rerun.outcome(value, False)
-                if not task.set_result(value, self._outbox()):  # cancelled by the caller while it ran
+                # A map item whose caller let go while it ran (its map() ended
+                # early) still completed, as a running future the stdlib's map
+                # cannot cancel: counted so, its result dropped.
+                if not task.set_result(value, self._outbox()) and task.run is None:  # a future handed back
                     self._cancelled += len(task.items)
                     continue
                 if self._on_event is None:
@@ -1289,7 +1292,7 @@ class _Pool:
             value.__cause__ = RemoteTraceback(tb)
         else:
             value = RuntimeError(str(value))
-        if not task.set_exception(value, self._outbox()):
+        if not task.set_exception(value, self._outbox()) and task.run is None:  # (a map item: see _on_results)
             self._cancelled += len(task.items)
             return
         self._failed += len(task.items)
@@ -1314,7 +1317,7 @@ class _Pool:
         ok = task.set_result(outcome)
         if task.run is not None:
             task.run.wake()
-        if not ok:
+        if not ok and task.run is None:  # (a map item: see _on_results)
             self._cancelled += len(task.items)
             return
         for _ in before:

@@ -59,6 +59,23 @@ def test_shutdown_semantics_match_the_stdlib():
         ex2.shutdown(wait=True)
 
 
+@pytest.mark.parametrize("chunksize", [1, 5])
+def test_items_that_ran_after_map_ended_early_count_as_completed(chunksize, tmp_path):
+    # map() ends at item 3's error; the items its workers already held run
+    # on (a running future is not cancelled, as with the stdlib's map): they
+    # count as completed, each with its task-done event, not as cancelled.
+    events = []
+    with ProcessExecutor(max_workers=2, start_method="fork", on_event=events.append) as ex:
+        with pytest.raises(ValueError):
+            list(ex.map(t.touch_unless, range(10), [str(tmp_path)] * 10, [3] * 10, chunksize=chunksize))
+        ex.shutdown(wait=True)
+        counts = ex.counts()
+    ran = len(os.listdir(tmp_path))
+    assert counts.completed == ran
+    assert sum(e.event == "task-done" for e in events) == ran
+    assert counts.completed + counts.failed + counts.cancelled == counts.submitted == 10
+
+
 def test_map_timeout_raises_timeout_error_and_as_completed_wait_work():
     with ProcessExecutor(2) as ex:
         it = ex.map(t.sleep_for, [0.0, 5.0], timeout=0.3, chunksize=1)

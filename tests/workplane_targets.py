@@ -254,3 +254,12 @@ def put_past_a_close(ctx):
     ctx.put("out", (sent, time.monotonic() - t0))
     while ctx.sleep(3600):
         pass
+
+
+def touch_unless(i, where, bad):
+    """Item `bad` raises; the others take a moment, then leave a file named after them."""
+    if i == bad:
+        raise ValueError(f"item {i}")
+    time.sleep(0.05)
+    open(os.path.join(where, str(i)), "w").close()
+    return i
