@@ -673,7 +673,7 @@ class _Pool:
         if self._in_manager():
             self._inline("pause", None)
             return
-        _result_within(self._command("pause", None), timeout)
+        self._acknowledged(self._command("pause", None), timeout, State.PAUSED)
 
     def resume(self, timeout: float | None = None) -> None:
         """Let the pool run again; return once every worker acknowledged
@@ -682,7 +682,20 @@ class _Pool:
         if self._in_manager():
             self._inline("resume", None)
             return
-        _result_within(self._command("resume", None), timeout)
+        self._acknowledged(self._command("resume", None), timeout, State.RUNNING)
+
+    def _acknowledged(self, fut: Future[Any], timeout: float | None, state: State) -> None:
+        """Wait for a pause or resume; a TimeoutError names the workers that
+        did not acknowledge, as the controller's does."""
+        try:
+            _result_within(fut, timeout)
+        except FutureTimeout:
+            try:
+                late = sorted(self._pc._awaiting)  # read from this thread: a copy, for the message only
+            except RuntimeError:  # it changed meanwhile
+                late = []
+            who = f"workers {late}" if late else "the executor's workers"
+            raise TimeoutError(f"{who} did not acknowledge {state.name} within {timeout}s") from None
 
     def stop(self, grace: float | None = None) -> Unfinished:
         """Take no new task, stop the running ones (checkpoint() returns False),

@@ -76,6 +76,20 @@ def test_items_that_ran_after_map_ended_early_count_as_completed(chunksize, tmp_
     assert counts.completed + counts.failed + counts.cancelled == counts.submitted == 10
 
 
+def test_pause_timeout_names_the_workers_that_did_not_acknowledge():
+    with ProcessExecutor(max_workers=2, start_method="fork") as ex:
+        assert ex.submit(abs, -1).result(timeout=30) == 1
+        pid = next(s.pid for s in ex.status() if s.worker_id == 1)
+        os.kill(pid, signal.SIGSTOP)  # it cannot answer
+        try:
+            with pytest.raises(TimeoutError, match=r"workers \[1\] did not acknowledge PAUSED within 0.2s"):
+                ex.pause(timeout=0.2)
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        ex.resume(timeout=30)
+        assert ex.submit(abs, -2).result(timeout=30) == 2
+
+
 def test_map_timeout_raises_timeout_error_and_as_completed_wait_work():
     with ProcessExecutor(2) as ex:
         it = ex.map(t.sleep_for, [0.0, 5.0], timeout=0.3, chunksize=1)
