@@ -436,6 +436,7 @@ class MapSession:
         self.hurried = False  # a second stop signal came before the executor was there to kill
         self.paused = False
         self.joblog_error: OSError | None = None  # --cluster: a record could not be written
+        self.unfinished_error: OSError | None = None
         self.window = max(MIN_WINDOW, WINDOW_PER_WORKER * self.workers)
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._selector = selectors.DefaultSelector()
@@ -699,9 +700,13 @@ class MapSession:
         return (item for pos, item in enumerate(self.plan.to_run) if pos not in self.ended)
 
     def write_unfinished(self, path: str) -> None:
-        with open(path, "w", encoding="utf-8") as f:
-            for item in self.unfinished_items():
-                f.write((item.value if self.plan.raw_lines else item.text) + "\n")
+        try:
+            with open(path, "w", encoding="utf-8") as f:
+                for item in self.unfinished_items():
+                    f.write((item.value if self.plan.raw_lines else item.text) + "\n")
+        except OSError as exc:  # (checked writable before the run: a disk that filled up, /dev/full)
+            say(f"procctl map: error: --unfinished {path!r} cannot be written ({exc.strerror or exc})")
+            self.unfinished_error = exc
 
     def summary(self) -> None:
         elapsed = time.monotonic() - self.started
@@ -723,7 +728,7 @@ class MapSession:
             return self.bridge.exit_code
         if self.start_failed is not None:
             return self.start_failed
-        if self.joblog_error is not None:
+        if self.joblog_error is not None or self.unfinished_error is not None:
             return EXIT_FAILED
         if self.results.broken:
             return EXIT_PIPE if self.results.error is None else EXIT_FAILED

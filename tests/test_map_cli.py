@@ -479,6 +479,15 @@ def test_a_joblog_on_a_full_disk_stops_the_run(tmp_path):
     assert "the joblog '/dev/full' cannot be written" in res.stderr
 
 
+def test_an_unfinished_file_on_a_full_disk_is_named(tmp_path):
+    items = write_items(tmp_path / "in.jsonl", range(3))
+    res = map_cli(["maptargets:square", "--items", items, "--quiet", "--timeout", "0", "--unfinished", "/dev/full"],
+                  timeout=30)
+    assert res.returncode == 1, res.stderr
+    assert "Traceback" not in res.stderr
+    assert "--unfinished '/dev/full' cannot be written (No space left on device)" in res.stderr
+
+
 def test_a_closed_stdin_has_no_items():
     res = subprocess.run(CLI + ["map", "maptargets:square", "--json"], cwd=TESTS, capture_output=True, text=True,
                          timeout=60, stdin=subprocess.DEVNULL, preexec_fn=lambda: os.close(0))
