@@ -744,8 +744,9 @@ class _Pool:
         return TaskCounts(submitted, completed, failed, cancelled, running, queued)
 
     def status(self) -> list[WorkerStatus]:
-        """Each worker's status; `done` counts its completed tasks, and the
-        totals add up to every task submitted."""
+        """Each worker's status; `done` counts the tasks it ended (completed
+        or failed, a replaced worker's too), and the totals add up to every
+        task submitted but the cancelled."""
         if self._in_manager():
             return list(self._inline("status", None))
         if not self._thread.is_alive():
@@ -1195,6 +1196,8 @@ class _Pool:
         if old is not None and not old.closed:
             self._end_line(old, None)
         line = _WorkerLine(wid)
+        if old is not None:  # a new incarnation of worker `wid`: its tally goes on (status() adds up)
+            line.done = old.done
         self._lines[wid] = line
         return InheritedFd(line.child.fileno()), line.sock.fileno()
 
@@ -1415,6 +1418,7 @@ class _Pool:
             self._cancelled += len(task.items)
             return
         self._failed += len(task.items)
+        line.done += len(task.items)  # its worker's, as a task that raised is
         self._task_event(name, line, task, error=str(error))
 
     def _item_lost(self, line: _WorkerLine, task: _Task, error: BaseException, name: str) -> bool:
@@ -1450,6 +1454,7 @@ class _Pool:
                     task.items = list(task.items)
                 del task.items[first]
                 self._failed += 1
+                line.done += 1
                 self._task_event(name, line, task, error=str(error))
         if not task.items:  # it was the last one
             task.set_result(rerun.outcome([], False))

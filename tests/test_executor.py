@@ -90,6 +90,19 @@ def test_pause_timeout_names_the_workers_that_did_not_acknowledge():
         assert ex.submit(abs, -2).result(timeout=30) == 2
 
 
+def test_status_totals_add_up_after_a_worker_crashed():
+    # The replaced worker's tally goes on, and the task that crashed it counts.
+    with ProcessExecutor(max_workers=2, start_method="fork") as ex:
+        assert list(ex.map(abs, range(20))) == list(range(20))
+        futures = [ex.submit(t.exit_at, i, 5) for i in range(20)]
+        cf.wait(futures, timeout=60)
+        assert isinstance(futures[5].exception(), WorkerCrashed)
+        counts = ex.counts()
+        rows = ex.status()
+    assert (counts.submitted, counts.completed, counts.failed) == (40, 39, 1)
+    assert sum(r.done for r in rows) == sum(r.total for r in rows) == 40
+
+
 def test_map_timeout_raises_timeout_error_and_as_completed_wait_work():
     with ProcessExecutor(2) as ex:
         it = ex.map(t.sleep_for, [0.0, 5.0], timeout=0.3, chunksize=1)
