@@ -59,7 +59,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import threads, workwire
-from .channel import InheritedFd
+from .channel import Board, InheritedFd
 from .controller import ProcessController, check_start_method
 from .errors import RemoteTraceback, TaskTimeout, WorkerCrashed
 from .limits import WORK_FDS_PER_WORKER, capacity_problem
@@ -735,11 +735,14 @@ class _Pool:
     def counts(self) -> TaskCounts:
         """Submitted tasks, by where they are now; a map counts each of its
         items as a task, whatever its chunks. `running` is one a busy worker
-        (a worker runs one item at a time); the rest not done are `queued`."""
+        (a worker runs one item at a time, and a task it holds runs once it
+        has begun it: a paused worker's next tasks wait); the rest not done
+        are `queued`."""
+        board = self._pc._board
         with self._lock:
             submitted, completed, failed, cancelled = (
                 self._submitted, self._completed, self._failed, self._cancelled)
-            running = sum(1 for line in list(self._lines.values()) if line.held and not line.closed)
+            running = sum(1 for line in list(self._lines.values()) if not line.closed and _begun(line, board))
         queued = max(0, submitted - completed - failed - cancelled - running)
         return TaskCounts(submitted, completed, failed, cancelled, running, queued)
 
@@ -1706,6 +1709,15 @@ def _answer_stopped(name: str, fut: Future[Any], why: str) -> None:
         fut.set_result(None)
     else:
         fut.set_exception(RuntimeError(why))
+
+
+def _begun(line: _WorkerLine, board: Board | None) -> bool:
+    """Whether the worker has begun the first task it holds, as it said on the board."""
+    try:
+        head = line.held[0]
+    except IndexError:  # (the manager thread may take it meanwhile)
+        return False
+    return board is None or board.items_running(line.wid, head.tid) is not None
 
 
 def _result_within(fut: Future[Any], timeout: float | None) -> Any:

@@ -362,6 +362,7 @@ def _run_task(ctx: WorkerContext, functions: dict[bytes, Any], task: tuple[int, 
         if kind != CALL:
             value: Any = _run_chunk(ctx, fn, a, b, done, block, tid, timed or kind == PRECISE)
         else:
+            ctx._end.board.set_items_running(ctx._end.worker, tid, 0, 1)  # started (counts(): running)
             value = fn(*a, **b)
     except BaseException as exc:  # noqa: BLE001 - the task's exception is its result
         if saw_stop(ctx):

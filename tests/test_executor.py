@@ -103,6 +103,20 @@ def test_status_totals_add_up_after_a_worker_crashed():
     assert sum(r.done for r in rows) == sum(r.total for r in rows) == 40
 
 
+def test_a_paused_pool_counts_no_task_running():
+    # The tasks its workers hold wait at their checkpoint: queued, not running.
+    with ProcessExecutor(max_workers=2, start_method="fork") as ex:
+        futures = [ex.submit(time.sleep, 0.2) for _ in range(12)]
+        ex.pause(timeout=30)  # acknowledged once the two running tasks end
+        counts = ex.counts()
+        assert counts.running == 0, counts
+        assert counts.queued == 12 - counts.completed > 0
+        assert not any(f.done() for f in futures[4:])
+        ex.resume(timeout=30)
+        cf.wait(futures, timeout=60)
+        assert ex.counts().completed == 12
+
+
 def test_map_timeout_raises_timeout_error_and_as_completed_wait_work():
     with ProcessExecutor(2) as ex:
         it = ex.map(t.sleep_for, [0.0, 5.0], timeout=0.3, chunksize=1)
