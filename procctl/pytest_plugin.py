@@ -174,7 +174,9 @@ class Snapshot:
             if environ.get(MARKER) == self.mark:
                 return True
             if os.getpgid(proc.pid) != whoami.pgid:
-                return False
+                # Out of our group: only one forked from us without an exec
+                # (a daemon's setsid) can be ours; our command line tells it.
+                return self._forked_orphan(proc, whoami, found, psutil)
             # An empty environment is one not yet in place (read in the middle of
             # an exec, as a loaded machine shows it): then the group and the line
             # of parents tell, as for a fork.

@@ -368,15 +368,26 @@ def test_an_interrupted_close_kills_then_reaps_and_propagates():
     assert pc.calls == [("stop", TEARDOWN_GRACE), ("kill", None), ("stop", 0)]
 
 
-@pytest.mark.parametrize("how", ["setsid", "fork"])
+@pytest.mark.parametrize("how", ["setsid", "fork", "fork-setsid"])
 def test_a_grandchild_reparented_away_is_caught_with_pid_and_command_line(pytester, tmp_path, how):
     """A double-forked daemon is no longer our descendant: the plugin still finds it, by
-    the mark it inherited (exec'd) or by our process group (forked without exec)."""
+    the mark it inherited (exec'd), or forked without exec, by our command line it
+    carries (its environment is the one of our exec, without the mark), in our
+    process group or out of it (the classic daemon's setsid)."""
     pidfile = tmp_path / "pid"
     daemon = {
         "setsid": f"subprocess.run(['sh', '-c', 'setsid sleep 1000 </dev/null >/dev/null 2>&1 & echo $! > {pidfile}'])",
         "fork": textwrap.dedent(f"""\
             if os.fork() == 0:
+                if os.fork() == 0:
+                    os.closerange(3, 1024)
+                    time.sleep(1000)
+                os._exit(0)
+            os.wait()
+            open({str(pidfile)!r}, "w").write("x")"""),
+        "fork-setsid": textwrap.dedent(f"""\
+            if os.fork() == 0:
+                os.setsid()
                 if os.fork() == 0:
                     os.closerange(3, 1024)
                     time.sleep(1000)
