@@ -1232,21 +1232,23 @@ def case_workplane(m: str, p: dict[str, Any]) -> list[dict[str, Any]]:
 def restart_procctl(m: str, restarts: int, from_exit: bool) -> float:
     """Median seconds from a worker's death to its replacement's first checkpoint.
 
-    The death is the moment the manager sees the process has ended (its
-    "crashed" event, after the reap), or with `from_exit` the moment the
+    The death is the moment the kernel says the process has ended (its pidfd
+    turns readable), as a watcher process of ours sees it: apart from the
+    controller, whose own "crashed" event comes after it has started the
+    replacement, and from its process, whose GIL would hold a watcher thread
+    back while the manager forks. With `from_exit` it is the moment the
     worker called os._exit: that adds the kernel's teardown of the process,
     which no start of a fresh Process pays.
     """
+    ctx = mp.get_context(m)
     starts, deaths = mp.RawArray("d", restarts + 1), mp.RawArray("d", restarts + 1)
-    seen: list[float] = []
-
-    def on_event(e: procctl.Event) -> None:
-        if e.event == "crashed":
-            seen.append(time.monotonic())
-
-    pc = ProcessController(bw.sup_restart, 1, args=(starts, deaths), start_method=m,
+    pids, ended = mp.RawArray("q", restarts + 1), mp.RawArray("d", restarts)
+    up, armed = ctx.Semaphore(0), ctx.Semaphore(0)
+    watcher = mp.get_context("fork").Process(target=bw.watch_deaths, args=(pids, ended, up, armed), daemon=True)
+    watcher.start()
+    pc = ProcessController(bw.sup_restart, 1, args=(starts, deaths, pids, up, armed), start_method=m,
                            initial_state=procctl.State.RUNNING, restart="on-failure", max_restarts=restarts + 1,
-                           backoff=(0.0, 0.0), on_event=on_event)
+                           backoff=(0.0, 0.0))
     try:
         pc.start()
         if not pc.wait(60):
@@ -1254,9 +1256,13 @@ def restart_procctl(m: str, restarts: int, from_exit: bool) -> float:
         reports = pc.stop()
     finally:
         pc.close()
+        watcher.join(10)
+        _kill_all([watcher])
     if reports[0].restarts != restarts or pc.gave_up:
         raise RuntimeError(f"expected {restarts} restarts, got {reports[0].restarts}")
-    dead = list(deaths) if from_exit else seen
+    dead = list(deaths) if from_exit else list(ended)
+    if not all(dead[:restarts]):
+        raise RuntimeError("a death was not seen")
     return statistics.median(starts[k + 1] - dead[k] for k in range(restarts))
 
 
@@ -1295,7 +1301,7 @@ def checkpoints_procctl(m: str, n: int, heartbeat: float | None) -> float:
 def case_supervision(m: str, p: dict[str, Any]) -> list[dict[str, Any]]:
     k, n, beat = p["restarts"], p["checkpoints"], p["heartbeat"]
     variants = [
-        (f"restart: exit seen -> first checkpoint (x{k})", "procctl", "s", lambda: restart_procctl(m, k, False)),
+        (f"restart: process ended -> first checkpoint (x{k})", "procctl", "s", lambda: restart_procctl(m, k, False)),
         (f"raw Process start -> first instruction (x{k})", "floor", "s", lambda: restart_raw(m, k)),
         (f"restart: os._exit -> first checkpoint (x{k})", "contrast", "s", lambda: restart_procctl(m, k, True)),
         (f"checkpoint, heartbeat={beat}s", "procctl", "ns", lambda: checkpoints_procctl(m, n, beat)),

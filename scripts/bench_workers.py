@@ -268,13 +268,37 @@ def mpq_consume(q):
 # -- supervision (issue 9) ----------------------------------------------------------
 
 
-def sup_restart(ctx, starts, deaths) -> None:
-    """Each incarnation stamps its first checkpoint, then its death, and dies (os._exit)."""
+def sup_restart(ctx, starts, deaths, pids, up, armed) -> None:
+    """Each incarnation stamps its first checkpoint; then, once the bench
+    watches its pid (`up`, `armed`), its death, and dies (os._exit)."""
     ctx.checkpoint()
     starts[ctx.restarts] = time.monotonic()
     if ctx.restarts + 1 < len(starts):
+        pids[ctx.restarts] = os.getpid()
+        up.release()
+        armed.acquire()
         deaths[ctx.restarts] = time.monotonic()
         os._exit(1)
+
+
+def watch_deaths(pids, ended, up, armed) -> None:
+    """A process apart: for each incarnation `up` announces, watch its pidfd
+    (then `armed` lets it die) and stamp in `ended` when the kernel says it ended."""
+    import select
+
+    for k in range(len(ended)):
+        if not up.acquire(timeout=60):
+            return
+        fd = os.pidfd_open(pids[k])
+        armed.release()
+        try:
+            poller = select.poll()
+            poller.register(fd, select.POLLIN)
+            if not poller.poll(60_000):
+                return
+            ended[k] = time.monotonic()
+        finally:
+            os.close(fd)
 
 
 def raw_first(stamps, k: int) -> None:
