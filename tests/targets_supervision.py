@@ -115,3 +115,14 @@ def first_crashes(ctx):
     if ctx.worker_id == 0:
         os._exit(3)
     return shard(ctx)
+
+
+def beats_then_silent(ctx, silent, quiet):
+    """Checkpoints for 0.3 s (answering every probe), says so on `silent`, then
+    passes no checkpoint for `quiet` seconds, and returns."""
+    end = time.monotonic() + 0.3
+    while time.monotonic() < end:
+        ctx.checkpoint()
+    silent.set()
+    time.sleep(quiet)
+    return ctx.checkpoint()
