@@ -468,24 +468,19 @@ def test_a_closed_output_stream_is_not_a_crash(tmp_path, stream):
     assert len(json_events(joblog.read_text())) == 5
 
 
-def test_a_joblog_on_a_full_disk_stops_the_run(tmp_path):
-    # /dev/full: every write fails; reading it back (to recover what was logged)
-    # once read zeros without end, the memory growing by gigabytes.
+@pytest.mark.parametrize("args, said", [
+    # the joblog stops the run; /dev/full once read back (to recover what was
+    # logged) gave zeros without end, the memory growing by gigabytes
+    (["--workers", "1", "--joblog", "/dev/full"], "the joblog '/dev/full' cannot be written"),
+    (["--timeout", "0", "--unfinished", "/dev/full"],
+     "--unfinished '/dev/full' cannot be written (No space left on device)"),
+], ids=["joblog", "unfinished"])
+def test_a_log_on_a_full_disk_is_named_and_fails_the_run(tmp_path, args, said):
     items = write_items(tmp_path / "in.jsonl", range(5))
-    res = map_cli(["maptargets:square", "--items", items, "--workers", "1", "--quiet", "--joblog", "/dev/full"],
-                  timeout=30)
+    res = map_cli(["maptargets:square", "--items", items, "--quiet", *args], timeout=30)
     assert res.returncode == 1, res.stderr
     assert "Traceback" not in res.stderr
-    assert "the joblog '/dev/full' cannot be written" in res.stderr
-
-
-def test_an_unfinished_file_on_a_full_disk_is_named(tmp_path):
-    items = write_items(tmp_path / "in.jsonl", range(3))
-    res = map_cli(["maptargets:square", "--items", items, "--quiet", "--timeout", "0", "--unfinished", "/dev/full"],
-                  timeout=30)
-    assert res.returncode == 1, res.stderr
-    assert "Traceback" not in res.stderr
-    assert "--unfinished '/dev/full' cannot be written (No space left on device)" in res.stderr
+    assert said in res.stderr
 
 
 def test_a_closed_stdin_has_no_items():

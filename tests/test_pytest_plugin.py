@@ -377,24 +377,15 @@ def test_a_grandchild_reparented_away_is_caught_with_pid_and_command_line(pytest
     pidfile = tmp_path / "pid"
     daemon = {
         "setsid": f"subprocess.run(['sh', '-c', 'setsid sleep 1000 </dev/null >/dev/null 2>&1 & echo $! > {pidfile}'])",
-        "fork": textwrap.dedent(f"""\
+    }.get(how) or textwrap.dedent(f"""\
             if os.fork() == 0:
+                {"os.setsid()" if how == "fork-setsid" else "pass"}
                 if os.fork() == 0:
                     os.closerange(3, 1024)
                     time.sleep(1000)
                 os._exit(0)
             os.wait()
-            open({str(pidfile)!r}, "w").write("x")"""),
-        "fork-setsid": textwrap.dedent(f"""\
-            if os.fork() == 0:
-                os.setsid()
-                if os.fork() == 0:
-                    os.closerange(3, 1024)
-                    time.sleep(1000)
-                os._exit(0)
-            os.wait()
-            open({str(pidfile)!r}, "w").write("x")"""),
-    }[how]
+            open({str(pidfile)!r}, "w").write("x")""")
     pytester.makepyfile(test_orphan=textwrap.dedent("""
         import os, subprocess, time, pytest
 
