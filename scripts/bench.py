@@ -20,7 +20,9 @@ import ctypes
 import json
 import os
 import platform
+import re
 import signal
+import stat
 import statistics
 import subprocess
 import sys
@@ -52,13 +54,13 @@ def params(quick: bool) -> dict[str, dict[str, Any]]:
             "lifecycle": dict(ns=[10, 100], repeats=5, peer_repeats=1, peer_max_n=10,
                               timeout=20, timeout_per_n=0.3),
             "broadcast": dict(ns=[10, 100], rounds=40, timeout=30, timeout_per_n=0.3),
-            "stop": dict(ns=[10, 100], repeats=5, peer_repeats=1, peer_max_n=10,
+            "stop": dict(ns=[10, 100], repeats=3, peer_repeats=1, peer_max_n=10,
                          timeout=20, timeout_per_n=0.2, quick=True),
             "paused": dict(n=100, window=3.0, naive_window=0.5, repeats=1),
             "throughput": dict(threshold=40_000, batch_threshold=4_000_000, batch=1000,
                                queue_size=1000, repeats=2),
             "memory": dict(n=10, repeats=1),
-            "workplane": dict(n=10_000, big=500_000, rounds=200, cpu=600, queued=50_000, repeats=2),
+            "workplane": dict(n=5_000, big=300_000, rounds=100, cpu=400, queued=50_000, repeats=2, timeout=30),
             "cluster": dict(rounds=40, repeats=2, tasks=2000),
             "supervision": dict(restarts=20, checkpoints=1_000_000, heartbeat=0.2, repeats=3),
             "containment": dict(ns=[100], grandchildren=2, repeats=3, timeout=20, timeout_per_n=0.3),
@@ -199,14 +201,14 @@ def run_job(case: str, method: str, p: dict[str, Any], timeout: float,
         except (ProcessLookupError, PermissionError):
             pass
         strays = reap_leftovers()
-    rows: list[dict[str, Any]] = []
-    try:
-        with open(out) as f:
-            rows = json.load(f)
-    except (OSError, ValueError):
-        pass
-    finally:
-        os.unlink(out)
+        rows: list[dict[str, Any]] = []
+        try:
+            with open(out) as f:
+                rows = json.load(f)
+        except (OSError, ValueError):
+            pass
+        finally:
+            os.unlink(out)  # (also when interrupted)
     if not rows:
         rows = [{"case": case, "method": method, "n": None, "name": "(case)", "role": "floor",
                  "unit": "", "higher": False, "samples": [], "error": error or "no result",
@@ -290,7 +292,7 @@ def stats(r: dict[str, Any]) -> None:
     if r["case"] == "broadcast":
         r["p50"] = r["median"]
         r["p99"] = percentile(s, 0.99) if s else None
-        r["min"] = r["p99"]
+        r["min"] = min(s) if s else None
         r["samples_count"] = len(s)
     elif r["higher"]:
         r["min"] = min(s) if s else None
@@ -320,6 +322,10 @@ def floor_for(r: dict[str, Any], rows: list[dict[str, Any]]) -> list[dict[str, A
         floors = [f for f in floors if ("lists" in f["name"]) == batched]
     if r["case"] == "supervision":
         floors = [f for f in floors if f["unit"] == r["unit"]]
+    if r["case"] == "workplane":  # each procctl row against its own counterpart (WORKPLANE_TARGETS)
+        ours = _workplane_name(r["name"])
+        theirs = [_workplane_name(t[2]) for t in WORKPLANE_TARGETS if _workplane_name(t[1]) == ours]
+        return [f for f in rows if key(f) == key(r) and _workplane_name(f["name"]) in theirs]
     return floors
 
 
@@ -391,7 +397,7 @@ def print_table(rows: list[dict[str, Any]], out=sys.stdout) -> None:
                              "raw blocked in Queue.get()": "blocked",
                              "stop(), no grandchildren": "without"}.get(f["name"], "raw")
                     ratios.append(f"{x:.2f}x {label}")
-            second = r.get("best") if case == "throughput" else r.get("min")
+            second = r.get("best") if case == "throughput" else r.get("p99") if case == "broadcast" else r.get("min")
             note = r["error"] or r["note"]
             if r["stray"]:
                 note = f"STRAY {r['stray']}! " + note
@@ -520,18 +526,28 @@ WORKPLANE_TARGETS = [
     ("1 ms CPU tasks: procctl / PPE", "ProcessExecutor 1 ms CPU tasks",
      "ProcessPoolExecutor 1 ms CPU tasks", 1.0, True),
     ("stop() 100k queued: procctl / PPE cancel_futures", "ProcessExecutor.stop() with 100000 queued",
-     "PPE shutdown(cancel_futures=True) with 100000 queued", 1.0, False),
+     "PPE shutdown(cancel_futures=True) with 100000 queued", 1.0, False),  # (the count as the case ran it)
     ("channel put/get: procctl / mp.Queue", "channel put/get, 2 consumers", "mp.Queue put/get, 2 consumers",
      1.0, True),
 ]
 
 
+def _workplane_name(name: str) -> str:
+    """A work-plane row's name without its queued count (the quick mode's may differ)."""
+    return re.sub(r"with \d+ queued", "with N queued", name)
+
+
 def workplane_targets(rows, m, add, why_missing) -> None:
+    def named(name: str) -> dict[str, Any] | None:
+        return next((r for r in rows if r["case"] == "workplane" and r["method"] == m
+                     and _workplane_name(r["name"]) == _workplane_name(name)), None)
+
     for label, ours, theirs, limit, at_least in WORKPLANE_TARGETS:
-        a = find(rows, "workplane", m, 2, name=ours)
-        b = find(rows, "workplane", m, 2, name=theirs)
-        value = (paired(a, b) if a and b and len(a["samples"]) > 1 else None) or ratio(a, b)
-        add(f"workplane {m}: {label}", value, limit, at_least=at_least, why=why_missing(a, b))
+        a, b = named(ours), named(theirs)
+        queued = re.search(r"with (\d+) queued", a["name"]) if a else None
+        if queued:  # the count the case ran (the quick mode's is smaller)
+            label = label.replace("100k", f"{int(queued.group(1)) // 1000}k")
+        add(f"workplane {m}: {label}", ratio(a, b), limit, at_least=at_least, why=why_missing(a, b))
     idle = find(rows, "workplane", m, 2, name="2 consumers blocked in get, over 1 s")
     if idle:
         add(f"workplane {m}: CPU-s of 2 workers blocked in get, 1 s", idle.get("median"), 0.01,
@@ -595,17 +611,21 @@ def main(argv: list[str] | None = None) -> int:
 
     available = multiprocessing.get_all_start_methods()
     default_methods = "fork" if args.quick else "fork,forkserver"
-    methods = [m.strip() for m in (args.start_methods or default_methods).split(",") if m.strip()]
+    methods = list(dict.fromkeys(m.strip() for m in (
+        default_methods if args.start_methods is None else args.start_methods).split(",") if m.strip()))
     bad = [m for m in methods if m not in available]
     if bad:
         ap.error(f"start method(s) {bad} not available here ({available})")
     if not methods:
         ap.error(f"--start-methods names no start method ({available})")
-    if args.json:  # before a run of minutes, not after it (and without leaving a file behind)
+    if args.json is not None:  # before a run of minutes, not after it (and without leaving a file behind)
+        if not args.json:
+            ap.error("--json needs a file name")
         existed = os.path.exists(args.json)
         try:
-            with open(args.json, "a"):
-                pass
+            with open(args.json, "a") as probe:
+                if stat.S_ISCHR(os.fstat(probe.fileno()).st_mode):  # a device (/dev/full): only a write tells
+                    probe.write("\n")
         except OSError as exc:
             ap.error(f"--json {args.json!r} cannot be written: {exc.strerror}")
         if not existed:
@@ -649,7 +669,7 @@ def main(argv: list[str] | None = None) -> int:
     total = time.monotonic() - t_start
     strays = sum(r["stray"] for r in rows)
     print(f"\ntotal {total:.1f}s; stray processes found and reaped: {strays}")
-    if args.json:
+    if args.json is not None:
         with open(args.json, "w") as f:
             json.dump({"header": head, "rows": rows, "targets": ts, "total_seconds": total}, f,
                       indent=1, default=str)
@@ -657,9 +677,21 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+class Terminated(Exception):
+    """SIGTERM (a `timeout`, a CI's cancel): end as Ctrl-C does, case processes killed."""
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    raise Terminated()
+
+
 if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         sys.exit(main())
-    except KeyboardInterrupt:  # Ctrl-C: the case processes got it too and are reaped (subreaper)
+    except KeyboardInterrupt:  # Ctrl-C: each case process's session is killed on the way out
         print("bench: interrupted", file=sys.stderr)
         sys.exit(130)
+    except Terminated:
+        print("bench: terminated", file=sys.stderr)
+        sys.exit(143)

@@ -1220,7 +1220,7 @@ def case_workplane(m: str, p: dict[str, Any]) -> list[dict[str, Any]]:
     for _ in range(p["repeats"]):
         for r, fn in rows:
             progress(r, 2)
-            record(r, measure(r, fn, 120))
+            record(r, measure(r, fn, p.get("timeout", 120)))
     return [r for r, _ in rows]
 
 
