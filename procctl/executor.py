@@ -569,11 +569,19 @@ class _Pool:
 
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
         """Schedule `fn(*args, **kwargs)`; return its Future."""
-        task = self._new_task(self._pickled(fn), (CALL, args, kwargs), [_item_of(args, kwargs)], False)
+        return self._submit(self._new_task(self._pickled(fn), (CALL, args, kwargs), [_item_of(args, kwargs)], False))
+
+    def _submit(self, task: _Task) -> Future[Any]:
         self._enqueue([task])
         self._broken_told = self._broken is not None
         assert task.future is not None
         return task.future
+
+    def submit_counted(self, count: int, fn: Callable[..., Any], /, *args: Any) -> Future[Any]:
+        """submit(), the task counted as `count` items in counts(), status() and
+        its events (a ClusterExecutor node's task that runs a map chunk)."""
+        return self._submit(self._new_task(self._pickled(fn), (CALL, args, {}), [_item_of(args, {})] * max(1, count),
+                                           False))
 
     def map(
         self, fn: Callable[..., Any], *iterables: Iterable[Any],

@@ -59,6 +59,17 @@ def dask_worker_pids(address: str) -> dict[str, int]:
         return client.run(os.getpid)
 
 
+def test_huge_seconds_mean_that_long(cluster):
+    # lease, timeouts and grace past what a wait takes (about 9e9 s): as locally, no OverflowError
+    with ClusterController(cluster_targets.loop, 1, cluster=cluster, lease=1e300, grace=1e300) as cc:
+        cc.run(timeout=1e300)
+        cc.pause(timeout=1e300)
+        assert len(cc.status()) == 2
+        assert not cc.wait(timeout=0.1)
+        reports = cc.stop(grace=1e300)
+    assert [r.outcome for r in reports.values()] == [Outcome.STOPPED] * 2
+
+
 def test_run_pause_stop_across_two_nodes(cluster):
     events = []
     with ClusterController(cluster_targets.loop, 2, cluster=cluster, lease=5, on_event=events.append) as cc:
@@ -163,12 +174,14 @@ def test_executor_map_submit_pause_status(cluster):
         status = ex.status()
         assert [s.worker_id for s in status] == [0, 1, 2, 3]
         assert len({s.node for s in status}) == 2
-        ex.pause()
+        ex.pause(timeout=1e300)  # huge: "that long", as locally (it overflowed a wait)
         assert ex.paused
         fut = ex.submit(cluster_targets.square, 3)
-        ex.resume()
+        ex.resume(timeout=1e300)
         assert fut.result(timeout=20) == 9
         counts = ex.counts()
+        # status() counts items too, not the chunks a node ran (it said 15 for 300 items)
+        assert sum(s.done for s in ex.status()) == 322
     # Items, not chunks: 300 + 20 + 1 + 1.
     assert (counts.submitted, counts.completed, counts.failed) == (322, 321, 1)
     assert sum(e.event == "task-done" for e in events) == 321
@@ -427,6 +440,8 @@ def test_a_dask_worker_sigkilled(own_cluster):
         assert [f.result(timeout=30) for f in futs] == [i * i for i in range(80)]
         assert ex.retried > 0
         assert any(e.event == "task-retry" and e.node == ex.nodes[1].address for e in events)
+        # Its workers went with it: crashed, each with its global id and the node (as ClusterController says).
+        assert sorted(e.worker for e in events if e.event == "crashed" and e.node == ex.nodes[1].address) == [2, 3]
         # The lost node's workers stay in status(), crashed, with their node; ids stay stable.
         status = ex.status()
         assert [s.worker_id for s in status] == [0, 1, 2, 3]
@@ -521,7 +536,7 @@ def test_bad_address_and_arguments():
     with pytest.raises(ValueError, match="initial_state"):
         ClusterController(cluster_targets.loop, address="tcp://127.0.0.1:9", initial_state="x")
     started = time.monotonic()
-    for address in ("http://127.0.0.1:8786", "tcp://127.0.0.1:99999"):
+    for address in ("http://127.0.0.1:8786", "tcp://127.0.0.1:99999", "nonsense", "tcp://127.0.0.1"):
         with pytest.raises(ValueError, match=f"address '{address}'"):
             ClusterController(cluster_targets.loop, address=address)
         with pytest.raises(ValueError, match=f"address '{address}'"):

@@ -415,8 +415,9 @@ class ExecutorAgent(Agent):
     def apply(self, cmd: Command) -> Any:
         assert self.ex is not None
         if cmd.op is Op.TASKS:
-            for tid, blob in cmd.arg:
-                fut = self.ex.submit(run_task, tid, blob)
+            for tid, blob, items in cmd.arg:
+                # Counted as the items it carries (a map chunk): status() counts items, as locally.
+                fut = self.ex.submit_counted(items, run_task, tid, blob)
                 self.futures[tid] = fut
                 fut.add_done_callback(partial(self._done, tid))
             return None
@@ -437,7 +438,9 @@ class ExecutorAgent(Agent):
             self.outbox.say(Up.ACK, cmd.seq, ("accepted", None))
             left = self.ex.stop(grace=cmd.arg)
             self.done = True
-            return ([item[0] for item in left.items], [item[0] for item in left.running])
+            # (a chunk's tid once, however many items it was counted as)
+            return (list(dict.fromkeys(item[0] for item in left.items)),
+                    list(dict.fromkeys(item[0] for item in left.running)))
         raise ValueError(f"unknown command {cmd.op}")
 
     def _done(self, tid: int, fut: LocalFuture[Any]) -> None:

@@ -40,6 +40,7 @@ from .session import (
     check_answer,
     check_workers_per_node,
     connect,
+    wait_for,
 )
 from .wire import AgentSpec, Message, Op, Up
 
@@ -380,7 +381,7 @@ class ClusterController(Shortcuts, Session):
         if self._phase is _CLOSED:
             return True
         with self.cond:
-            self.cond.wait_for(lambda: self._live() == 0 or woken(), _bounded(timeout))
+            wait_for(self.cond, lambda: self._live() == 0 or woken(), timeout)
             done = self._live() == 0
         self._emit_events()
         return done
@@ -405,8 +406,7 @@ class ClusterController(Shortcuts, Session):
         self._woken = False
         with self.cond:
             if self._phase is _STARTED:
-                self.cond.wait_for(lambda: bool(self._new_reports) or self._live() == 0 or self._woken,
-                                   _bounded(timeout))
+                wait_for(self.cond, lambda: bool(self._new_reports) or self._live() == 0 or self._woken, timeout)
             reports, self._new_reports = self._new_reports, []
         self._emit_events()
         return reports
@@ -464,6 +464,3 @@ class ClusterController(Shortcuts, Session):
 def clean(report: WorkerReport) -> bool:
     return report.outcome in CLEAN_OUTCOMES
 
-
-def _bounded(timeout: float | None) -> float | None:
-    return None if timeout is None or math.isinf(timeout) else timeout

@@ -406,13 +406,13 @@ class _ClusterPool(Session):
         """Deal waiting tasks to the live nodes with room, one at a time to the
         least loaded (ties taken in turn), then send each node its batch in one put."""
         with self._dispatching:
-            sends: list[tuple[Node, list[tuple[int, bytes]]]] = []
+            sends: list[tuple[Node, list[tuple[int, bytes, int]]]] = []
             with self.cond:
                 if self._paused or self._stopped or not self._pending:
                     return
                 room = WINDOW_PER_WORKER * self.workers_per_node
                 live = [n for n in self.nodes if not n.ended and n.lost is None]
-                batches: dict[int, list[tuple[int, bytes]]] = {n.index: [] for n in live}
+                batches: dict[int, list[tuple[int, bytes, int]]] = {n.index: [] for n in live}
                 turn = self._turn
                 while self._pending and live:
                     node = min(live, key=lambda n: (len(self._held[n.index]), (n.index - turn) % len(self.nodes)))
@@ -425,7 +425,7 @@ class _ClusterPool(Session):
                         continue
                     task.node = node.index
                     held[task.tid] = task
-                    batches[node.index].append((task.tid, task.blob))
+                    batches[node.index].append((task.tid, task.blob, len(task.items)))  # (the node counts items)
                     turn = node.index + 1
                 self._turn = turn
                 sends = [(n, batches[n.index]) for n in live if batches[n.index]]
@@ -465,6 +465,14 @@ class _ClusterPool(Session):
         if self._stopped:
             self._pending.extend(back)  # stop() hands them back as unfinished
             return
+        if self._on_event is not None:  # its workers went with it, as ClusterController reports them
+            pids = node.hello if isinstance(node.hello, list) else []
+            seen = {s.worker_id: s.pid for s in self._last_seen.get(node.index, [])}
+            for i in range(self.workers_per_node):
+                gid = node.index * self.workers_per_node + i
+                pid = seen.get(gid, pids[i] if i < len(pids) else None)
+                self._events.append(Event(self.elapsed(), "crashed", worker=gid, pid=pid,
+                                          error=f"node {node.address} was lost: {why}", node=node.address))
         for task in reversed(back):
             task.retries += 1
             task.node = None

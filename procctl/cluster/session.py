@@ -38,7 +38,7 @@ from distributed.comm.registry import get_backend
 from .. import threads
 from ..limits import capacity_problem
 from ..states import Event
-from ..workwire import check_timeout
+from ..workwire import MAX_WAIT, check_timeout
 from .wire import AgentSpec, Command, Message, Op, Up, decode, encode, queue_names
 
 log = logging.getLogger("procctl")
@@ -73,6 +73,19 @@ def scheduler_address(address: str | None, cluster: Any) -> str:
     return address
 
 
+def wait_for(cond: threading.Condition, predicate: Callable[[], Any], timeout: float | None) -> Any:
+    """cond.wait_for(predicate, timeout), with inf as no limit and a huge
+    timeout waited out in turns of MAX_WAIT (a Condition's wait overflows
+    past about 9e9 s); the caller holds `cond`."""
+    if timeout is None or math.isinf(timeout):
+        return cond.wait_for(predicate)
+    end = time.monotonic() + timeout
+    while True:
+        result = cond.wait_for(predicate, min(MAX_WAIT, max(0.0, end - time.monotonic())))
+        if result or time.monotonic() >= end:
+            return result
+
+
 def check_address(address: str) -> None:
     """ValueError naming `address` if Dask could not connect to it whatever listens
     there: a scheme Dask does not know (http://), a tcp port out of range."""
@@ -84,7 +97,10 @@ def check_address(address: str) -> None:
                          f" (use tcp://HOST:PORT)") from None
     if scheme in ("tcp", "tls"):
         host, colon, port = loc.rpartition(":")
-        if colon and not loc.endswith("]") and (not host or not port.isdigit() or not 0 < int(port) < 65536):
+        if not colon or loc.endswith("]"):
+            raise ValueError(f"address {address!r} is not a Dask scheduler address: it has no port"
+                             f" (use tcp://HOST:PORT)")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
             raise ValueError(f"address {address!r} is not a Dask scheduler address: "
                              f"the port must be a number from 1 to 65535")
 
@@ -265,11 +281,13 @@ class Session:
         assert lease_s is not None
         if not 0 < lease_s < math.inf:
             raise ValueError(f"lease must be a finite number of seconds > 0, not {lease!r}")
-        check_timeout("connect_timeout", connect_timeout, allow_none=False)
+        connect_s = check_timeout("connect_timeout", connect_timeout, allow_none=False)
+        assert connect_s is not None
         scheduler_address(address, cluster)  # checks the arguments before anything starts
-        self.lease = lease_s
-        self.connect_timeout = connect_timeout
-        self.tick = min(0.25, lease_s / 4)
+        # Huge but finite: "that long", as far as a timer can wait (a day).
+        self.lease = min(lease_s, MAX_WAIT)
+        self.connect_timeout = min(connect_s, MAX_WAIT)
+        self.tick = min(0.25, self.lease / 4)
         self.run_id = uuid.uuid4().hex[:12]
         self.cond = threading.Condition()
         self.nodes: list[Node] = []
@@ -471,14 +489,11 @@ class Session:
         """Send `op` to every live node (with `only`, to the nodes it names, each
         with its own arg); {node index: answer} of those that answered within
         `timeout` (None: no limit), lost nodes left out."""
-        if timeout is not None and math.isinf(timeout):
-            timeout = None
         live = [n for n in self.nodes if not n.ended and n.lost is None and (only is None or n.index in only)]
         seqs = {n.index: self.send(n, op, arg if only is None else only[n.index]) for n in live}
         with self.cond:
-            self.cond.wait_for(
-                lambda: all(s in self.nodes[i].answers or self.nodes[i].ended or self.nodes[i].lost
-                            for i, s in seqs.items()), timeout)
+            wait_for(self.cond, lambda: all(s in self.nodes[i].answers or self.nodes[i].ended or self.nodes[i].lost
+                                            for i, s in seqs.items()), timeout)
             out = {}
             for i, s in seqs.items():
                 node = self.nodes[i]
