@@ -1417,6 +1417,7 @@ class _Pool:
                 f"{self._name(line.wid)} (pid {report.pid if report else '?'}) {how} while running this task "
                 f"(exit code {exitcode})")
             name = "task-crashed"
+        error.worker_id = line.wid + (self._place[0] if self._place is not None else 0)  # type: ignore[attr-defined]
         if task.chunk and not self._stopping and self._item_lost(line, task, error, name):
             return
         if task.attempts < self.retries and not self._stopping:

@@ -186,6 +186,8 @@ def test_executor_map_submit_pause_status(cluster):
     assert (counts.submitted, counts.completed, counts.failed) == (322, 321, 1)
     assert sum(e.event == "task-done" for e in events) == 321
     assert any(e.event == "task-failed" and e.node for e in events)
+    # each names the worker that ran it, by its global id, as locally
+    assert {e.worker for e in events if e.event.startswith("task-")} <= {0, 1, 2, 3}
 
 
 @pytest.mark.parametrize("kind", ["controller", "executor"])
@@ -249,6 +251,7 @@ def test_a_crash_names_the_global_worker_and_its_node(cluster):
     assert len(crashed) == 2 and all(e.worker in (0, 1, 2, 3) and e.node for e in crashed)
     end = next(e for e in events if e.event == "task-crashed")
     assert (end.done, end.total) == (17.0, 17.0)
+    assert end.worker in (0, 1, 2, 3) and end.node  # the worker that died in it (its replacement's id)
 
 
 def test_executor_spreads_tasks_over_the_nodes(cluster):

@@ -14,6 +14,7 @@ workers (grace, then escalation) and returns; the Dask worker stays up.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing
 import pickle
@@ -34,6 +35,7 @@ from .. import guardian
 from ..controller import ProcessController
 from ..executor import _Pool
 from ..states import Event, State
+from ..worker import context
 from .session import claim, close_queue
 from .wire import AgentSpec, Command, Message, Op, Up, decode, encode
 
@@ -382,12 +384,20 @@ def _run_agent(spec: AgentSpec, make: Callable[[], Agent]) -> str:
 
 
 def run_task(tid: int, blob: bytes) -> Any:
-    """Run in a local worker: one task (or a map chunk) of the ClusterExecutor."""
+    """Run in a local worker: one task (or a map chunk) of the ClusterExecutor.
+    Returns (the worker's global id, the outcome); an exception carries the id
+    as `worker_id` (the client's task events name the worker, as locally)."""
+    wid = context().worker_id
     fn, calls, chunk = pickle.loads(blob)
-    if chunk:
-        return [fn(*args, **kwargs) for args, kwargs in calls]
-    args, kwargs = calls[0]
-    return fn(*args, **kwargs)
+    try:
+        if chunk:
+            return wid, [fn(*args, **kwargs) for args, kwargs in calls]
+        args, kwargs = calls[0]
+        return wid, fn(*args, **kwargs)
+    except BaseException as exc:
+        with contextlib.suppress(Exception):
+            exc.worker_id = wid  # type: ignore[attr-defined]
+        raise
 
 
 class ExecutorAgent(Agent):
@@ -449,17 +459,18 @@ class ExecutorAgent(Agent):
             return  # stop() hands it back as unfinished
         exc = fut.exception()
         if exc is None:
-            value = fut.result()
+            wid, value = fut.result()
             try:
                 pickle.dumps(value)
             except Exception as err:  # noqa: BLE001 - the future fails with it instead
-                self.outbox.say(Up.RESULT, body=(tid, False, _portable(err), None))
+                self.outbox.say(Up.RESULT, body=(tid, False, _portable(err), None, wid))
                 return
-            self.outbox.say(Up.RESULT, body=(tid, True, value, None))
+            self.outbox.say(Up.RESULT, body=(tid, True, value, None, wid))
         else:
             cause = exc.__cause__
             tb = getattr(cause, "tb", None) or "".join(traceback.format_exception(exc))
-            self.outbox.say(Up.RESULT, body=(tid, False, _portable(exc), tb))
+            wid = getattr(exc, "worker_id", None)
+            self.outbox.say(Up.RESULT, body=(tid, False, _portable(exc), tb, wid if isinstance(wid, int) else None))
 
     def local(self) -> _Pool | None:
         return self.ex

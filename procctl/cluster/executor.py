@@ -114,7 +114,8 @@ class _ClusterPool(Session):
         self._pending: deque[_Task] = deque()
         self._held: dict[int, dict[int, _Task]] = {}
         self._tids = itertools.count()
-        self._settle: list[tuple[_Task, bool, Any, str | None, str]] = []
+        #: (task, ok, outcome, traceback, node, worker that ran it)
+        self._settle: list[tuple[_Task, bool, Any, str | None, str, int | None]] = []
         self._submitted = self._completed = self._failed = self._cancelled = self._retried = 0
         self._shutdown = False
         self._stopped = False
@@ -450,13 +451,13 @@ class _ClusterPool(Session):
             return
         if msg.kind is not Up.RESULT:
             return
-        tid, ok, value, tb = msg.body
+        tid, ok, value, tb, wid = msg.body
         task = self._held.get(node.index, {}).pop(tid, None)
         if task is None or task.answered:
             log.debug("node %s answered task %s it does not hold", node.address, tid)
             return
         task.answered = True
-        self._settle.append((task, ok, value, tb, node.address))
+        self._settle.append((task, ok, value, tb, node.address, wid))
 
     def on_lost(self, node: Node, why: str) -> None:
         held = self._held.get(node.index, {})
@@ -488,7 +489,7 @@ class _ClusterPool(Session):
         while self._pending:
             task = self._pending.popleft()
             if not task.future.done():
-                self._settle.append((task, False, BrokenExecutor(why), None, ""))
+                self._settle.append((task, False, BrokenExecutor(why), None, "", None))
 
     def after_pass(self) -> None:
         self._apply_settlements()
@@ -504,7 +505,7 @@ class _ClusterPool(Session):
         while settle:
             # Popped, and let go of once set: the caller who takes a result
             # may be its only holder (as the stdlib's manager, bpo-14406).
-            task, ok, value, tb, node = settle.pop()
+            task, ok, value, tb, node, wid = settle.pop()
             fut, tid, n = task.future, task.tid, len(task.items)
             del task
             if node:
@@ -517,7 +518,7 @@ class _ClusterPool(Session):
                 del fut, value
                 for _ in range(n):  # one event an item, also in a map chunk
                     self._completed += 1
-                    self._event("task-done", tid, node)
+                    self._event("task-done", tid, node, worker=wid)
             else:
                 if not isinstance(value, BaseException):
                     value = RuntimeError(str(value))
@@ -528,14 +529,14 @@ class _ClusterPool(Session):
                 # Named as ProcessExecutor names them.
                 name = ("task-crashed" if isinstance(value, WorkerCrashed)
                         else "task-timeout" if isinstance(value, TaskTimeout) else "task-failed")
-                self._event(name, tid, node, error=f"{type(value).__name__}: {value}")
+                self._event(name, tid, node, error=f"{type(value).__name__}: {value}", worker=wid)
 
-    def _event(self, name: str, tid: int, node: str, error: str | None = None) -> None:
+    def _event(self, name: str, tid: int, node: str, error: str | None = None, worker: int | None = None) -> None:
         if self._on_event is not None:
             with self.cond:
                 done, total = self._tally()
-                self._events.append(Event(self.elapsed(), name, task=tid, node=node or None, error=error,
-                                          done=done, total=total))
+                self._events.append(Event(self.elapsed(), name, worker=worker, task=tid, node=node or None,
+                                          error=error, done=done, total=total))
 
     def _tally(self) -> tuple[float, float]:
         """A task event's `done` and `total`, as ProcessExecutor's: items ended, items submitted."""
