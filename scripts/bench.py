@@ -30,12 +30,13 @@ import tempfile
 import time
 from typing import Any
 
-# Imported here as a user's script would: under forkserver the server preloads
-# __main__, so procctl and the worker functions are preloaded for everyone.
+# The worker functions, imported here: under forkserver the server preloads
+# __main__, so they are preloaded for everyone. Not procctl: a spawn child
+# imports __main__ again, and the raw floors' workers must not carry procctl's
+# modules (procctl's own workers load them, and under forkserver procctl has
+# the server preload its worker side, as for any user's script).
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_workers  # noqa: E402,F401
-
-from procctl import ProcessController, State  # noqa: E402,F401  (as the README's scripts do)
 
 CASE_ORDER = ["lifecycle", "broadcast", "stop", "paused", "throughput", "memory", "workplane", "cluster",
               "supervision", "containment"]
