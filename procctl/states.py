@@ -2,39 +2,14 @@
 
 from __future__ import annotations
 
-import enum
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-
-class State(enum.IntEnum):
-    """What the controller asks of a worker. STOPPED is final."""
-
-    STOPPED = 0
-    PAUSED = 1
-    RUNNING = 2
-
-
-#: State by value, for the hot paths of acknowledgements (State(n) is a slow call).
-STATES = (State.STOPPED, State.PAUSED, State.RUNNING)
-
-
-class Outcome(str, enum.Enum):
-    """How a worker ended."""
-
-    FINISHED = "finished"  # the target returned by itself
-    STOPPED = "stopped"  # the target returned after STOPPED was broadcast
-    FAILED = "failed"  # the target raised; the report's error holds the traceback
-    CRASHED = "crashed"  # the process died without reporting
-    KILLED = "killed"  # the controller terminated it after the grace period
-    HUNG = "hung"  # no heartbeat within `heartbeat` seconds while RUNNING: killed by the controller
-
-    def __str__(self) -> str:
-        return self.value
-
-
-#: Outcomes that count as success for the command line's exit status.
-CLEAN_OUTCOMES = frozenset({Outcome.FINISHED, Outcome.STOPPED})
+# The public names live here too (the worker side imports statecodes alone).
+from .statecodes import CLEAN_OUTCOMES as CLEAN_OUTCOMES
+from .statecodes import STATES as STATES
+from .statecodes import Outcome as Outcome
+from .statecodes import State as State
 
 
 @dataclass(frozen=True)

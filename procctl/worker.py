@@ -18,9 +18,7 @@ import socket
 import sys
 import threading
 import time
-import traceback
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from multiprocessing.reduction import ForkingPickler
 from typing import Any
 
@@ -36,7 +34,8 @@ from .channel import (
     probe_of,
     unpack_command,
 )
-from .states import STATES, Outcome, State
+from .errors import format_exc
+from .statecodes import STATES, Outcome, State
 from .threads import MANAGED_SIGNALS  # blocked around a fork: no handler of the manager's runs in the child
 from .worker_plane import WorkEnd
 
@@ -104,34 +103,57 @@ class _DeferredPayload:
         return target, args, kwargs
 
 
-@dataclass
 class WorkerSpec:
-    worker_id: int
-    workers: int
-    payload: Payload
-    board: InheritedFd
-    doorbell: InheritedFd
-    report: InheritedFd
-    manager_pid: int
-    #: Ask the kernel to SIGKILL us when our parent dies (see _die_with_parent).
-    die_with_parent: bool = False
-    #: Started by the fork server: let go of its alive pipe (see _release_fork_server).
-    forkserver: bool = False
-    #: The cgroup directory to join, if the controller made one (containment.py).
-    cgroup: str | None = None
-    #: The worker's end of its work link (channels, executor tasks), and the channels.
-    work: InheritedFd | None = None
-    channels: dict[str, tuple[int, int]] = field(default_factory=dict)
-    #: The manager collects garbage: so do we (it pauses its collector while forking).
-    collect: bool = True
-    #: How many times this worker id has been restarted (ctx.restarts).
-    restarts: int = 0
-    #: Under fork: the worker's end, made by the manager (WorkerLink.child_end).
-    end: ControlEnd | None = None
-    #: What ctx.worker_id and ctx.workers say, when not worker_id and workers: a
-    #: cluster node's workers are numbered id_base + local id, of all the nodes' workers.
-    id_base: int = 0
-    total: int | None = None
+    """What a worker process is given. (A plain class: a spawn worker then
+    need not import dataclasses.)"""
+
+    def __init__(
+        self,
+        worker_id: int,
+        workers: int,
+        payload: Payload,
+        board: InheritedFd,
+        doorbell: InheritedFd,
+        report: InheritedFd,
+        manager_pid: int,
+        *,
+        die_with_parent: bool = False,
+        forkserver: bool = False,
+        cgroup: str | None = None,
+        work: InheritedFd | None = None,
+        channels: dict[str, tuple[int, int]] | None = None,
+        collect: bool = True,
+        restarts: int = 0,
+        end: ControlEnd | None = None,
+        id_base: int = 0,
+        total: int | None = None,
+    ) -> None:
+        self.worker_id = worker_id
+        self.workers = workers
+        self.payload = payload
+        self.board = board
+        self.doorbell = doorbell
+        self.report = report
+        self.manager_pid = manager_pid
+        #: Ask the kernel to SIGKILL us when our parent dies (see _die_with_parent).
+        self.die_with_parent = die_with_parent
+        #: Started by the fork server: let go of its alive pipe (see _release_fork_server).
+        self.forkserver = forkserver
+        #: The cgroup directory to join, if the controller made one (containment.py).
+        self.cgroup = cgroup
+        #: The worker's end of its work link (channels, executor tasks), and the channels.
+        self.work = work
+        self.channels = {} if channels is None else channels
+        #: The manager collects garbage: so do we (it pauses its collector while forking).
+        self.collect = collect
+        #: How many times this worker id has been restarted (ctx.restarts).
+        self.restarts = restarts
+        #: Under fork: the worker's end, made by the manager (WorkerLink.child_end).
+        self.end = end
+        #: What ctx.worker_id and ctx.workers say, when not worker_id and workers: a
+        #: cluster node's workers are numbered id_base + local id, of all the nodes' workers.
+        self.id_base = id_base
+        self.total = total
 
 
 class WorkerContext:
@@ -530,10 +552,10 @@ def _run_target(ctx: WorkerContext, payload: Payload, cgroup: str | None) -> tup
             return Outcome.STOPPED, None, None
         result = target(ctx, *args, **kwargs)
     except SystemExit as exc:
-        text = traceback.format_exc()
+        text = format_exc()
         return Outcome.FAILED, None, f"{text}the target called sys.exit({exc.code!r})\n"
     except BaseException:  # noqa: BLE001 - whatever the target raises is its report
-        return Outcome.FAILED, None, traceback.format_exc()
+        return Outcome.FAILED, None, format_exc()
     outcome = Outcome.STOPPED if ctx._stop_was_broadcast() else Outcome.FINISHED
     return outcome, result, None
 
@@ -590,7 +612,7 @@ def worker_main(spec: WorkerSpec) -> None:
     except BaseException:  # noqa: BLE001 - reported to the controller, then we exit
         # The payload could not be loaded here (not importable under spawn).
         try:
-            end.send(START_FAILED, traceback.format_exc().encode())
+            end.send(START_FAILED, format_exc().encode())
         except OSError:
             pass
         end.let_go()

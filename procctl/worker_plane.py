@@ -21,14 +21,13 @@ import select
 import socket
 import sys
 import time
-import traceback
 from collections import deque
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from . import workwire
-from .errors import Closed
-from .states import State
+from .errors import Closed, format_exc
+from .statecodes import State
 from .workwire import Kind, Message
 
 if TYPE_CHECKING:
@@ -318,7 +317,7 @@ def run_tasks(
         try:
             initializer(*initargs)
         except BaseException:  # noqa: BLE001 - reported; the executor is then broken
-            end._send(ctx, Kind.INIT_FAILED, payload=traceback.format_exc().encode())
+            end._send(ctx, Kind.INIT_FAILED, payload=format_exc().encode())
             return 0
     end._send(ctx, Kind.UP)  # task timeouts count from here, not from our start
     done = 0
@@ -368,8 +367,8 @@ def _run_task(ctx: WorkerContext, functions: dict[bytes, Any], task: tuple[int, 
         if saw_stop(ctx):
             return _dump_stopped(done, True)
         if kind != CALL:  # an item raised: the ones before it have their results
-            return _dump_item_error(exc, traceback.format_exc(), done + block)
-        return _dump_error(exc, traceback.format_exc())
+            return _dump_item_error(exc, format_exc(), done + block)
+        return _dump_error(exc, format_exc())
     if saw_stop(ctx):
         # It saw STOPPED: cut short. A chunk says how far it got.
         return _dump_stopped(done, value is not _BETWEEN)
@@ -381,10 +380,10 @@ def _run_task(ctx: WorkerContext, functions: dict[bytes, Any], task: tuple[int, 
         note = f"(the result of type {type(value).__name__} could not be pickled)"
         if sys.version_info >= (3, 11):  # whose tracebacks print the notes
             exc.add_note(note)
-            text = traceback.format_exc()
+            text = format_exc()
         else:  # 3.10: the same attribute (3.10's typing does not know it), and the note in the text
             setattr(exc, "__notes__", [*getattr(exc, "__notes__", ()), note])  # noqa: B010
-            text = traceback.format_exc() + note + "\n"
+            text = format_exc() + note + "\n"
         return _dump_error(exc, text)
 
 
