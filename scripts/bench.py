@@ -84,6 +84,10 @@ def params(quick: bool) -> dict[str, dict[str, Any]]:
 
 
 def job_timeout(case: str, quick: bool) -> float:
+    if quick and case == "stop":
+        # Its peers run last (the targets' rows are in by then), and one of them
+        # (the stdlib Pool's terminate()) hangs now and then under load.
+        return 60
     return {"lifecycle": 150, "broadcast": 120, "stop": 120, "paused": 60,
             "throughput": 120, "memory": 90, "workplane": 200,
             "cluster": 240, "supervision": 150, "containment": 150}[case] * (1 if quick else 2.5)
