@@ -1556,6 +1556,11 @@ class ProcessController(Shortcuts):
                     self._probe(w, now)
                 else:
                     self._schedule(w.probe_at + self._heartbeat / 4)
+            elif w.suspect is not None and now < w.suspect[0] + self._heartbeat / 4:
+                # The second look is a quarter period after the first (other
+                # workers' timers may run this sooner): the scheduler's counts
+                # need that long to tell a worker that waits for a CPU.
+                self._schedule(w.suspect[0] + self._heartbeat / 4)
             elif now - w.probe_at >= self._heartbeat:
                 self._confirm_hang(w, now)
             else:  # look again within a quarter period: an answer then starts the next probe

@@ -35,6 +35,10 @@ class _Hook:
 
 
 _hook = _Hook()
+#: The fork server. Both hooks are inherited by every process below it (the
+#: registries are the process's state), but they are for its own children:
+#: what those fork later keeps the mask and handlers its parent gave it.
+_SERVER = os.getpid()
 
 
 def _child_signals() -> None:
@@ -43,14 +47,15 @@ def _child_signals() -> None:
     # SIGUSR1 to the process group never ends it. Its children (ours and
     # anyone's) keep them blocked through their start (a forkserver child
     # imports the parent's main module again) and get SIGTERM's default.
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    if os.getppid() == _SERVER:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def _unblock_unless_ours(_: object) -> None:
     # Run by multiprocessing in each child just before its target: anyone's
     # process gets the usual mask back; ours keeps it until the worker has
     # its own handlers (worker.py), so a Ctrl-C meanwhile is held, not raised.
-    if not multiprocessing.current_process().name.startswith(WORKER_NAME_PREFIX):
+    if os.getppid() == _SERVER and not multiprocessing.current_process().name.startswith(WORKER_NAME_PREFIX):
         signal.pthread_sigmask(signal.SIG_UNBLOCK, MANAGED_SIGNALS)
 
 

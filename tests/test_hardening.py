@@ -140,6 +140,55 @@ def test_ctrl_c_while_exec_children_import_is_held_for_the_worker(method, tests_
         end_session(proc)
 
 
+MASK_BELOW_THE_FORK_SERVER = textwrap.dedent("""
+    import json, multiprocessing as mp, signal, sys
+    sys.path.insert(0, {tests!r})
+
+    def blocked():
+        for line in open("/proc/self/status"):
+            if line.startswith("SigBlk"):
+                return int(line.split()[1], 16) >> (signal.SIGUSR1 - 1) & 1
+
+    def grandchild(q):
+        q.put(("grandchild", blocked()))
+
+    def child(q):
+        q.put(("child", blocked()))
+        signal.pthread_sigmask(signal.SIG_BLOCK, {{signal.SIGUSR1}})
+        g = mp.get_context("fork").Process(target=grandchild, args=(q,))
+        g.start()
+        g.join(30)
+
+    if __name__ == "__main__":
+        import targets
+        from procctl import ProcessController
+        with ProcessController(targets.finish_at_once, 1, start_method="forkserver") as pc:
+            pc.run()
+            pc.wait(timeout=30)
+        q = mp.get_context("forkserver").SimpleQueue()
+        p = mp.get_context("forkserver").Process(target=child, args=(q,))
+        p.start()
+        p.join(60)
+        print(json.dumps(dict(q.get() for _ in range(2))))
+""")
+
+
+def test_a_fork_server_child_of_anyone_has_the_usual_mask_and_passes_its_own_on(tests_dir, tmp_path):
+    # The fork server procctl starts holds the operator's signals blocked; a
+    # user's forkserver process gets the usual mask (SIGUSR1 not blocked), and
+    # what it forks keeps the mask it gave it (SIGUSR1 blocked, for sigwait).
+    script = tmp_path / "mask_script.py"
+    script.write_text(MASK_BELOW_THE_FORK_SERVER.format(tests=tests_dir))
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=90)
+        assert proc.returncode == 0, err
+        assert json.loads(out) == {"child": 0, "grandchild": 1}
+    finally:
+        end_session(proc)
+
+
 # -- 4. report frames stay whole whatever thread writes them ------------------
 
 def test_progress_from_a_thread_never_corrupts_the_result():

@@ -362,6 +362,28 @@ def test_beat_age_follows_the_silence_within_a_quarter_period():
     assert pc.reports[0].outcome is Outcome.FINISHED
 
 
+def test_the_second_look_at_a_silent_worker_comes_a_quarter_period_after_the_first(monkeypatch):
+    # Other workers' probes run the timer every few milliseconds: the deciding
+    # look must still wait T/4 (the scheduler's counts say nothing sooner); it
+    # came 0-30 ms after the first, and live workers short of a CPU were killed as hung.
+    gaps: list[float] = []
+    confirm = ProcessController._confirm_hang
+
+    def looked(self, w, now):
+        if w.suspect is not None:
+            gaps.append(now - w.suspect[0])
+        return confirm(self, w, now)
+
+    monkeypatch.setattr(ProcessController, "_confirm_hang", looked)
+    targets = [ts.c_sleep] + [ts.long_sleep] * 5
+    with ProcessController(ts.dispatch, 6, args=(targets,), heartbeat=0.8, grace=0.3, start_method="fork") as pc:
+        pc.run()
+        ended = pc.reap(timeout=30)  # the hung one, killed (no restart policy)
+        pc.stop()
+    assert [(r.worker_id, r.outcome) for r in ended] == [(0, Outcome.HUNG)]
+    assert gaps and min(gaps) >= 0.8 / 4 * 0.9, gaps
+
+
 def test_live_view_marks_a_silent_worker():
     pytest.importorskip("rich")
     from procctl.live import LiveView
