@@ -691,7 +691,10 @@ def _on_sigterm(signum: int, frame: Any) -> None:
 
 
 if __name__ == "__main__":
-    signal.signal(signal.SIGTERM, _on_sigterm)
+    if "--_case" not in sys.argv:
+        # The harness only: a case process's forked peers (Pool, mpire) must die
+        # of the SIGTERM their terminate() sends, not raise this in the worker.
+        signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         sys.exit(main())
     except KeyboardInterrupt:  # Ctrl-C: each case process's session is killed on the way out
