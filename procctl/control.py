@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import listeners, threads, unixpath
+from .limits import BeyondCapacity
 from .states import Event, WorkerStatus
 
 log = logging.getLogger("procctl.control")
@@ -647,7 +648,9 @@ class ControlServer:
         assert request.n is not None  # Request.parse requires n for scale
         try:
             self.hooks.scale(request.n)
-        except (RuntimeError, ValueError) as exc:
+        except BeyondCapacity as exc:  # more than the system lets it start: bad input, as `run --workers`'s
+            return Reply.bad_input(str(exc))
+        except (RuntimeError, ValueError) as exc:  # the run's refusal (--max-workers, a stop)
             return Reply.failure(str(exc))
         now = getattr(pc, "workers", request.n)
         if now != request.n:  # a stop came while it grew: it grew no further

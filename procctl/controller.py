@@ -1284,7 +1284,7 @@ class ProcessController(Shortcuts):
                 too_many = limits.capacity_problem(n - self.workers, limits.MANAGER_FDS_PER_WORKER
                                                    if self._plane is None else limits.WORK_FDS_PER_WORKER)
                 if too_many is not None:
-                    raise ValueError(f"resize(n): n={n} is more than this system lets us start: {too_many}")
+                    raise limits.BeyondCapacity(f"resize(n): n={n} is more than this system lets us start: {too_many}")
                 self._grow(n)
             elif n < self.workers:
                 self._shrink(n)

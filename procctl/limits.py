@@ -70,6 +70,10 @@ def _user_processes() -> int:
     return count
 
 
+class BeyondCapacity(ValueError):
+    """More workers than this system lets one manager start (fds, processes)."""
+
+
 def capacity_problem(workers: int, fds_per_worker: int = MANAGER_FDS_PER_WORKER, reserve: int = 0) -> str | None:
     """Why this process cannot start `workers` more workers, or None if it can
     (`fds_per_worker`: WORK_FDS_PER_WORKER for channels and executors).

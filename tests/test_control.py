@@ -286,6 +286,21 @@ def test_per_worker_commands_and_scale_within_max_workers(env):
         cli.kill()
 
 
+def test_a_scale_past_what_the_system_lets_it_start_is_bad_input(env):
+    # As `procctl run --workers` past the limits: one line naming it, exit 2 (it was 1, a refusal).
+    cli = start_run(env, "big", workers=1)
+    try:
+        res = ctl(env, "scale", "big", "1000000")
+        assert res.returncode == 2 and res.stdout == "", res.stderr
+        [line] = res.stderr.splitlines()
+        assert "file descriptors" in line and "1000000" in line
+        assert len(ctl_json(env, "status", "big")["workers"]) == 1
+        ctl(env, "stop", "big")
+        assert cli.finish()[0] == 0
+    finally:
+        cli.kill()
+
+
 def test_a_signal_to_events_follow_only_ends_the_following(env):
     cli = start_run(env, "watched", workers=1)
     try:
