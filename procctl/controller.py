@@ -172,9 +172,9 @@ def _deliver(births: list[_Birth], started: list[int], start_method: str) -> Non
     """Start the processes of `births` in turn, noting each in `started`
     (the caller's count if one fails); each child's ends are let go of as
     soon as it has them. The caller has MANAGED_SIGNALS blocked."""
+    if births and start_method != "fork":
+        _helpers_first(start_method)
     for birth in births:
-        if start_method != "fork":
-            _helpers_first(start_method)
         birth.process.start()
         started.append(birth.wid)
         birth.link.release_child_fds()
@@ -192,7 +192,8 @@ def _helpers_first(start_method: str) -> None:
     the calling thread once it has started its resource tracker, which it
     does at the first start in a process: every worker exec'd after that
     started with them unblocked and died of such a Ctrl-C with a
-    KeyboardInterrupt traceback.
+    KeyboardInterrupt traceback. (Once running, the tracker's later checks,
+    one at each start, leave the mask alone.)
     """
     from multiprocessing import resource_tracker
 

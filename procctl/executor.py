@@ -1391,11 +1391,15 @@ class _Pool:
                 self._early_deaths = 0 if line.up else self._early_deaths + 1
                 self._respawn.add(line.wid)
 
+    def _global_id(self, wid: int) -> int:
+        """A worker's id as the run knows it (on a cluster node, counted over all the nodes)."""
+        return wid if self._place is None else self._place[0] + wid
+
     def _name(self, wid: int) -> str:
         """How errors name a worker: its id (on a cluster node, the global one and the node)."""
         if self._place is None:
             return f"worker {wid}"
-        return f"worker {self._place[0] + wid} on node {self._place[2]}"
+        return f"worker {self._global_id(wid)} on node {self._place[2]}"
 
     def _task_lost(self, line: _WorkerLine, task: _Task, report: WorkerReport | None) -> None:
         if self._stopping and line.timed_out is not task:
@@ -1417,7 +1421,7 @@ class _Pool:
                 f"{self._name(line.wid)} (pid {report.pid if report else '?'}) {how} while running this task "
                 f"(exit code {exitcode})")
             name = "task-crashed"
-        error.worker_id = line.wid + (self._place[0] if self._place is not None else 0)  # type: ignore[attr-defined]
+        error.worker_id = self._global_id(line.wid)  # type: ignore[attr-defined]
         if task.chunk and not self._stopping and self._item_lost(line, task, error, name):
             return
         if task.attempts < self.retries and not self._stopping:

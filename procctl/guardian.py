@@ -45,6 +45,7 @@ CGROUP_WAIT = 2.0
 def main(manager_pid: int, manager: int, fd: int) -> None:
     """Entry point of the go-between, which forks the guardian and exits.
 
+    `manager_pid` only names the manager in the command line (`ps`, tests);
     `manager` is a pidfd of the manager (opened by the manager itself: no
     pid can be reused under it), or -1 where there is none; `fd` the read end
     of the manager's messages. The guardian's standard output stays the

@@ -38,7 +38,7 @@ from distributed.comm.registry import get_backend
 from .. import threads
 from ..limits import capacity_problem
 from ..states import Event
-from ..workwire import MAX_WAIT, check_timeout
+from ..workwire import MAX_WAIT, check_timeout, deadline, remaining
 from .wire import AgentSpec, Command, Message, Op, Up, decode, encode, queue_names
 
 log = logging.getLogger("procctl")
@@ -77,12 +77,10 @@ def wait_for(cond: threading.Condition, predicate: Callable[[], Any], timeout: f
     """cond.wait_for(predicate, timeout), with inf as no limit and a huge
     timeout waited out in turns of MAX_WAIT (a Condition's wait overflows
     past about 9e9 s); the caller holds `cond`."""
-    if timeout is None or math.isinf(timeout):
-        return cond.wait_for(predicate)
-    end = time.monotonic() + timeout
+    end = deadline(timeout)
     while True:
-        result = cond.wait_for(predicate, min(MAX_WAIT, max(0.0, end - time.monotonic())))
-        if result or time.monotonic() >= end:
+        result = cond.wait_for(predicate, remaining(end))
+        if result or (end is not None and time.monotonic() >= end):
             return result
 
 
