@@ -31,7 +31,8 @@ from multiprocessing import reduction
 from typing import Any
 
 # Board slot layout (int64/float64 words): command word, progress done, total,
-# the terminate mark the controller sets before it sends SIGTERM, the beat,
+# the controller's marks (bit 0: set before it sends SIGTERM; the bits above:
+# how many times the executor asked for the tasks read and not started), the beat,
 # the item clock (the executor's task_timeout inside a map chunk), and where
 # in a map chunk the worker is (its task id + 1, and the items it runs:
 # first << 32 | count), so that a crash there costs the item, not the chunk.
@@ -184,11 +185,22 @@ class Board:
         self._floats[base + 2] = 0.0
         self._words[base] = word
 
+    # Word 3 is written by the controller only (one writer: no lost update).
+
     def mark_terminate(self, worker: int) -> None:
-        self._words[worker * SLOT_WORDS + 3] = 1
+        self._words[worker * SLOT_WORDS + 3] |= 1
 
     def terminate_marked(self, worker: int) -> bool:
-        return self._words[worker * SLOT_WORDS + 3] == 1
+        return self._words[worker * SLOT_WORDS + 3] & 1 == 1
+
+    def ask_back(self, worker: int) -> None:
+        """Ask the worker for the tasks it read and has not started (the
+        executor's; it gives them back before it starts another)."""
+        self._words[worker * SLOT_WORDS + 3] += 2
+
+    def asked_back(self, worker: int) -> int:
+        """How many times the worker was asked for its unstarted tasks."""
+        return self._words[worker * SLOT_WORDS + 3] >> 1
 
     def beat(self, worker: int) -> int:
         """The last heartbeat probe the worker answered."""

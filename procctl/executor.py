@@ -24,7 +24,8 @@ started; the rest wait in the worker's memory or unread in its socket.
 When a worker dies the manager reads the unread ones back, puts them and
 the unstarted ones first in line again, and fails or retries only the one
 that had started; a worker that leaves on its own gives back (RETURNED)
-the ones it read and did not start.  Futures stay pending until their
+the ones it read and did not start, as does one the manager asks (on the
+board) when a slow task runs ahead of a quick window's.  Futures stay pending until their
 result comes, so that `stop()` can cancel every one that did not complete.
 
 A map chunk is one task that checks for commands between blocks of its
@@ -80,6 +81,10 @@ WINDOW = 2
 #: message for many tasks.
 QUICK_TASK = 300e-6
 QUICK_WINDOW = 64
+#: A task that has run this long at the head of a quick window is not quick:
+#: the window shrinks to WINDOW at once, and the tasks sent behind it (which
+#: its worker would hold until it is done) are taken back for the others.
+SLOW_HEAD = 0.01
 QUICK_BATCH = 32
 BATCH_BYTES = 64 * 1024
 #: The cluster executor's bound on its automatic map chunks (this executor's
@@ -296,6 +301,11 @@ class _TaskFuture(Future):  # type: ignore[type-arg]
             self._procctl_sent = True
             return True
 
+    def unclaim(self) -> None:
+        """The task came back from a worker unstarted: pending (cancellable) again."""
+        with _SENDING:
+            self._procctl_sent = False
+
     def revoke(self) -> bool:
         """stop() hands the task back: cancel it, sent or not."""
         self._procctl_sent = False
@@ -330,6 +340,11 @@ class _Task:
             assert self.future is not None
             return self.future.revoke()
         return self.run.cancel(self.index)
+
+    def unclaim(self) -> None:
+        """It came back from a worker unstarted."""
+        if self.future is not None:
+            self.future.unclaim()
 
     def claim(self) -> bool:
         """It goes to a worker: False if it was cancelled meanwhile."""
@@ -372,7 +387,7 @@ class _Task:
 class _WorkerLine:
     """The manager's view of one worker's link and the tasks it holds."""
 
-    __slots__ = ("wid", "sock", "child", "held", "done", "sent", "timed_out", "closed", "up")
+    __slots__ = ("wid", "sock", "child", "held", "done", "sent", "timed_out", "closed", "up", "asked_back")
 
     def __init__(self, wid: int) -> None:
         self.wid = wid
@@ -387,6 +402,8 @@ class _WorkerLine:
         #: The worker said UP: it is past its start (and initializer), and the
         #: task_timeout of its first task counts from then.
         self.up = False
+        #: The task at the head when the worker was last asked for the ones behind it.
+        self.asked_back: _Task | None = None
 
 
 def check_task_timeout(task_timeout: Any) -> float | None:
@@ -537,6 +554,8 @@ class _Pool:
         self._unfinished: list[tuple[_Task, bool]] = []  # (task, was running)
         self._max_tasks = max_tasks_per_worker
         self._task_time = 1.0  # a running mean of seconds per task (slow until measured)
+        #: shutdown(cancel_futures=True) came: a task given back by a worker is cancelled.
+        self._cancel_unstarted = False
         self._submitted = self._completed = self._failed = self._cancelled = 0
         self._t0 = time.monotonic()
         self._pc = ProcessController(
@@ -857,6 +876,7 @@ class _Pool:
                 self._replace_ended()
                 self._dispatch()
                 self._expire()
+                self._shrink_slow_windows()
                 self._settle_broadcasts()
                 self._deliver()  # a callback there may stop us: then we are finished
                 if not self._finished and self._closing and (self._drained() or self._killed):
@@ -889,13 +909,14 @@ class _Pool:
             if self._commands or self._later or (self._pending and self._has_room()):
                 return 0.0
             self._idle = True
-        if self.task_timeout is None or self._paused:
+        if self._paused:
             return None
-        starts = [self._head_started(line) for line in self._lines.values()
-                  if line.held and line.up and not line.closed]
-        if not starts:
+        due = [self._head_started(line) + self.task_timeout for line in self._lines.values()
+               if line.held and line.up and not line.closed] if self.task_timeout is not None else []
+        due += [line.held[0].started + SLOW_HEAD for line in self._lines.values() if self._may_shrink(line)]
+        if not due:
             return None
-        return max(0.0, min(starts) + self.task_timeout - time.monotonic())
+        return max(0.0, min(due) - time.monotonic())
 
     def _has_room(self) -> bool:
         if self._paused or self._stopping:
@@ -926,14 +947,15 @@ class _Pool:
             if self._paused:
                 self._broadcast(State.RUNNING, None)
             if arg:
-                self._dispatch()
+                # As the stdlib's, cancel what has not started; here also the
+                # tasks the workers hold behind the one they run.
+                self._cancel_unstarted = True
+                self._dispatch()  # an idle worker takes one first, as the stdlib's call queue holds some
                 with self._lock:
                     pending, self._pending = self._pending, deque()
-                for task in pending:
-                    if task.cancel():
-                        self._cancelled += len(task.items)
-                for run in {task.run for task in pending if task.run is not None}:
-                    run.wake()  # a map's caller waiting on one of them sees it cancelled
+                self._cancel_tasks(pending)
+                for line in self._lines.values():
+                    self._ask_back(line)
             fut.set_result(None)
         elif name == "stop":
             fut.set_result(self._finish(arg))
@@ -998,15 +1020,87 @@ class _Pool:
             self._fill(idle.pop(), 1)
 
     def _take_back(self, line: _WorkerLine, tids: set[int]) -> None:
-        """Tasks `line` holds and will never start go first in line again."""
+        """Tasks `line` holds and will never start go first in line again
+        (after shutdown(cancel_futures=True), they are cancelled)."""
+        head = line.held[0] if line.held else None
         back = [t for t in line.held if t.tid in tids]
         line.held = deque(t for t in line.held if t.tid not in tids)
         line.sent -= len(back)
+        if line.held and line.held[0] is not head:
+            line.held[0].started = time.monotonic()
         if self._stopping:
             self._unfinished.extend((t, False) for t in back)
+            return
+        for task in back:
+            task.unclaim()
+        if self._cancel_unstarted:
+            self._cancel_tasks(back)
         else:
             with self._lock:
                 self._pending.extendleft(reversed(back))
+
+    def _cancel_tasks(self, tasks: Iterable[_Task]) -> None:
+        runs = set()
+        for task in tasks:
+            if task.cancel():
+                self._cancelled += len(task.items)
+            if task.run is not None:
+                runs.add(task.run)
+        for run in runs:
+            run.wake()  # a map's caller waiting on one of them sees it cancelled
+
+    def _may_shrink(self, line: _WorkerLine) -> bool:
+        """`line` holds more than a slow window behind a head it was not asked about."""
+        return (len(line.held) > WINDOW and line.up and not line.closed
+                and line.asked_back is not line.held[0])
+
+    def _shrink_slow_windows(self) -> None:
+        """A head that has run SLOW_HEAD or more: tasks are not quick (any more),
+        so the window is a slow one, and the tasks behind the head go back."""
+        if self._paused or self._stopping:
+            return
+        now = time.monotonic()
+        for line in self._lines.values():
+            if self._may_shrink(line):
+                ran = now - self._head_started(line)
+                if ran >= SLOW_HEAD:
+                    self._task_time = max(self._task_time, ran)
+                    self._ask_back(line)
+
+    def _ask_back(self, line: _WorkerLine) -> None:
+        """Take back what `line`'s worker holds and has not started: the tasks
+        it has not read now, the ones it read once it ends the one it runs
+        (it gives them back, RETURNED, before it starts another)."""
+        if not line.held or line.closed:
+            return
+        head = line.asked_back = line.held[0]
+        unread: set[int] = set()
+        while True:
+            try:
+                msg = workwire.recv(line.child)  # atomic: the worker reads it or we do
+            except (BlockingIOError, InterruptedError, OSError):
+                break
+            if msg is None:
+                break
+            if msg.kind is Kind.TASK:
+                unread.update(workwire.task_ids(msg))
+        if head.tid in unread:
+            # Sent, so running as far as its future says (as the stdlib's in its
+            # call queue): it stays, alone in the socket again.
+            unread.discard(head.tid)
+            self._take_back(line, unread)
+            try:
+                self._send(line, [head])
+            except OSError:
+                pass  # the worker is gone: its end fails or retries the head
+        else:
+            self._take_back(line, unread)
+            if len(line.held) > 1 and self._pc._board is not None:
+                self._pc._board.ask_back(line.wid)
+
+    def _send(self, line: _WorkerLine, tasks: list[_Task]) -> None:
+        """One TASK message to `line`'s worker (OSError if its socket is full or gone)."""
+        workwire.send(line.sock, Kind.TASK, 0, len(tasks), workwire.pack_tasks([(t.tid, t.fn, t.blob) for t in tasks]))
 
     def _fill(self, line: _WorkerLine, window: int | None = None) -> None:
         """Send `line` tasks up to the window, several to a message when tasks are quick."""
@@ -1034,8 +1128,7 @@ class _Pool:
             if not live:
                 continue
             try:
-                workwire.send(line.sock, Kind.TASK, 0, len(live),
-                              workwire.pack_tasks([(t.tid, t.fn, t.blob) for t in live]))
+                self._send(line, live)
             except OSError:
                 with self._lock:
                     self._pending.extendleft(reversed(live))

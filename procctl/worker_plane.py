@@ -60,6 +60,8 @@ class WorkEnd:
         self.wanting: set[int] = set()
         self.putting = -1  # the channel a put waits for a credit on (it keeps one at a RECLAIM)
         self.tasks: deque[tuple[int, bytes, bytes]] = deque()
+        #: The executor's requests for our unstarted tasks, as many as we answered.
+        self.asks_answered = 0
         #: channel id -> items asked for (GET) and not yet come; they wait in
         #: the socket, where the manager can take them back.
         self.asked: dict[int, int] = {}
@@ -191,6 +193,12 @@ class WorkEnd:
         # where the manager takes them back if we die.  Those of a message
         # we have read run in order, each result sent before the next
         # starts, so the manager can tell which one a death interrupted.
+        # The manager may ask for those back (its window shrank: they were
+        # sent while tasks were quick, and a slow one runs ahead of them).
+        asks = ctx._end.board.asked_back(ctx._end.worker)
+        if asks != self.asks_answered:
+            self.asks_answered = asks
+            self.return_tasks(ctx)
         while not self.tasks:
             try:
                 msg = workwire.recv(self.sock)
@@ -204,7 +212,7 @@ class WorkEnd:
         return self.tasks.popleft()
 
     def return_tasks(self, ctx: WorkerContext) -> None:
-        """Give back the tasks read but not started (we are leaving)."""
+        """Give back the tasks read but not started (we are leaving, or asked)."""
         if self.tasks:
             ids = b"".join(workwire.TASK_IDS.pack(tid) for tid, _, _ in self.tasks)
             self.tasks.clear()

@@ -59,6 +59,45 @@ def test_shutdown_semantics_match_the_stdlib():
         ex2.shutdown(wait=True)
 
 
+def _quick_then_slow(ex, quick=3000, slow=200, seconds=0.1):
+    """Quick tasks (each worker's window grows to its quick size), then slow ones."""
+    quick_futs = [ex.submit(t.square, i) for i in range(quick)]
+    slow_futs = [ex.submit(t.sleep_for, seconds) for _ in range(slow)]
+    cf.wait(quick_futs, timeout=60)
+    return slow_futs
+
+
+def test_slow_tasks_after_quick_ones_are_not_held_by_the_workers():
+    # The window a worker holds while tasks are quick (dozens) shrinks once a
+    # slow task runs at its head: the tasks sent behind it come back, pending
+    # again (not running, cancellable), as the stdlib's hold about one extra.
+    workers = 2
+    with ProcessExecutor(workers, start_method="fork") as ex:
+        slow = _quick_then_slow(ex)
+        slow[2 * workers].result(timeout=30)  # slow ones have run on every worker
+        left = [f for f in slow if not f.done()]
+        assert sum(f.running() for f in left) <= 2 * workers
+        assert all(f.cancel() for f in left[-50:])
+        ex.shutdown(cancel_futures=True)
+
+
+def test_shutdown_cancel_futures_cancels_what_the_workers_hold_unstarted():
+    workers = 2
+    with ProcessExecutor(workers, start_method="fork") as ex:
+        slow = _quick_then_slow(ex)
+        slow[0].result(timeout=30)
+        done_before = sum(f.done() for f in slow)
+        t0 = time.monotonic()
+        ex.shutdown(wait=True, cancel_futures=True)
+        took = time.monotonic() - t0
+        ran = sum(not f.cancelled() for f in slow)
+        assert all(f.done() for f in slow)
+    # What ran: what was done, and at most the task each worker ran and the one it held.
+    assert ran <= done_before + 2 * workers, (ran, done_before)
+    assert took < 10 * 0.1 + 5  # a bound against a hang (it held dozens of 0.1 s tasks before)
+    assert ex.counts().cancelled == len(slow) - ran
+
+
 @pytest.mark.parametrize("chunksize", [1, 5])
 def test_items_that_ran_after_map_ended_early_count_as_completed(chunksize, tmp_path):
     # map() ends at item 3's error; the items its workers already held run
