@@ -733,7 +733,11 @@ class ProcessController(Shortcuts):
             raise WorkerStartError(
                 f"workers {sorted(self._awaiting)} did not come up within {self.start_timeout:.0f}s"
             )
-        failed = [w for w in self._workers if w.report is not None and w.acked_seq < 0]
+        # A worker that stopped before it was up was told to by a SIGTERM from
+        # outside (to the whole process group, say): a graceful stop, not a
+        # failure to start; the others go on.
+        failed = [w for w in self._workers
+                  if w.report is not None and w.acked_seq < 0 and w.report.outcome is not Outcome.STOPPED]
         if failed:
             w = failed[0]
             why = (w.start_error or "").strip().splitlines()
@@ -1376,7 +1380,8 @@ class ProcessController(Shortcuts):
                 self._restart_group()
             return
         if not self._supervising:
-            if self._phase is _STARTED and self._state is not State.STOPPED and w.acked_seq >= 0:
+            if self._phase is _STARTED and self._state is not State.STOPPED and (
+                    w.acked_seq >= 0 or report.outcome is Outcome.STOPPED):
                 self._starting_exits.append((w, report))  # ended while start() waits for the others
             return
         if w.retiring or w.id in self._held or w.id >= self.workers:

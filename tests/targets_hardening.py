@@ -87,3 +87,23 @@ def worker_waits(ctx):
     os.close(w)
     stopped = not ctx.sleep(1e10)  # until the stop
     return refused, readable, stopped
+
+
+def cooperative(ctx, *_):
+    """Checkpoints until told to stop."""
+    while ctx.checkpoint():
+        ctx.sleep(0.01)
+    return "stopped"
+
+
+def _sigterm_self():
+    os.kill(os.getpid(), signal.SIGTERM)
+    return None
+
+
+class SigtermOnLoad:
+    """An argument that sends SIGTERM to the worker that unpickles it (spawn,
+    forkserver): a SIGTERM from outside before the worker is up."""
+
+    def __reduce__(self):
+        return _sigterm_self, ()

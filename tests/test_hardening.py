@@ -203,6 +203,44 @@ def test_progress_from_a_thread_never_corrupts_the_result():
             assert r.result == bytes([wid % 251]) * (16 << 20)
 
 
+# -- 5. a SIGTERM from outside while workers start is a graceful stop ---------
+
+# Each worker gets a SIGTERM before it is up: under fork from an at-fork hook
+# (held, as every managed signal, until the worker has its handlers), under
+# spawn and forkserver while it unpickles its arguments.
+SIGTERM_WHILE_STARTING = textwrap.dedent("""
+    import json, os, signal, sys
+    sys.path.insert(0, {tests!r})
+    if __name__ == "__main__":
+        import targets_hardening as th
+        from procctl import ProcessController
+        args = ()
+        if {method!r} == "fork":
+            os.register_at_fork(after_in_child=lambda: os.kill(os.getpid(), signal.SIGTERM))
+        else:
+            args = (th.SigtermOnLoad(),)
+        pc = ProcessController(th.cooperative, 3, start_method={method!r}, args=args)
+        pc.start()  # no WorkerStartError, nobody killed
+        reports = pc.stop()
+        pc.close()
+        print(json.dumps(sorted((r.outcome.value, r.exitcode) for r in reports.values())))
+""")
+
+
+@pytest.mark.parametrize("method", ["fork", "spawn", "forkserver"])
+def test_sigterm_from_outside_while_workers_start_stops_them_gracefully(method, tests_dir, tmp_path):
+    script = tmp_path / "sigterm_while_starting.py"
+    script.write_text(SIGTERM_WHILE_STARTING.format(tests=tests_dir, method=method))
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=90)
+        assert proc.returncode == 0, err
+        assert json.loads(out) == [["stopped", 0]] * 3, err
+    finally:
+        end_session(proc)
+
+
 # -- 6, 7. NaN is refused; huge timeouts mean "that long" -----------------------
 
 NAN = float("nan")
