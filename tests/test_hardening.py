@@ -125,17 +125,23 @@ CTRL_C_WHILE_IMPORTING = textwrap.dedent("""
 
 @pytest.mark.parametrize("method", ["spawn", "forkserver"])
 def test_ctrl_c_while_exec_children_import_is_held_for_the_worker(method, tests_dir, tmp_path):
-    script = tmp_path / "ctrl_c_script.py"
-    script.write_text(CTRL_C_WHILE_IMPORTING.format(tests=tests_dir, method=method))
-    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE,
+    out, err = _run_script(tmp_path / "ctrl_c_script.py", CTRL_C_WHILE_IMPORTING.format(tests=tests_dir, method=method))
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
+    got = json.loads(out)
+    assert got["outcomes"] == ["finished"] * 3
+    assert got["manager_saw"] >= 1  # the signal was sent, and the manager had it
+
+
+def _run_script(path, text: str) -> tuple[str, str]:
+    """Run a script in its own session (bounded, its processes ended); its stdout and stderr.
+    It must exit 0."""
+    path.write_text(text)
+    proc = subprocess.Popen([sys.executable, str(path)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         out, err = proc.communicate(timeout=90)
-        assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
         assert proc.returncode == 0, err
-        got = json.loads(out)
-        assert got["outcomes"] == ["finished"] * 3
-        assert got["manager_saw"] >= 1  # the signal was sent, and the manager had it
+        return out, err
     finally:
         end_session(proc)
 
@@ -229,16 +235,9 @@ SIGTERM_WHILE_STARTING = textwrap.dedent("""
 
 @pytest.mark.parametrize("method", ["fork", "spawn", "forkserver"])
 def test_sigterm_from_outside_while_workers_start_stops_them_gracefully(method, tests_dir, tmp_path):
-    script = tmp_path / "sigterm_while_starting.py"
-    script.write_text(SIGTERM_WHILE_STARTING.format(tests=tests_dir, method=method))
-    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=90)
-        assert proc.returncode == 0, err
-        assert json.loads(out) == [["stopped", 0]] * 3, err
-    finally:
-        end_session(proc)
+    out, err = _run_script(tmp_path / "sigterm_while_starting.py",
+                           SIGTERM_WHILE_STARTING.format(tests=tests_dir, method=method))
+    assert json.loads(out) == [["stopped", 0]] * 3, err
 
 
 # -- 6, 7. NaN is refused; huge timeouts mean "that long" -----------------------
