@@ -96,7 +96,7 @@ class _Chan:
 class _Link:
     """The broker's record of one worker's link."""
 
-    __slots__ = ("wid", "sock", "child", "asked", "stalled", "closed", "sending", "unsent")
+    __slots__ = ("wid", "sock", "child", "asked", "stalled", "closed", "sending", "unsent", "refused")
 
     def __init__(self, wid: int) -> None:
         self.wid = wid
@@ -110,6 +110,10 @@ class _Link:
         # order they were decided, and a take-back waits for those in flight.
         self.sending = threading.Lock()
         self.unsent: list[tuple[Kind, int, int, bytes]] = []  # replies a full socket refused
+        #: Messages its full socket refused, in order, not yet put back (by the
+        #: flush that was refused, or first by a take-back that follows it):
+        #: written only by whoever holds `sending`, taken under the plane's lock.
+        self.refused: list[tuple[_Link, Kind, int, int, bytes]] = []
         self.closed = False
 
 
@@ -193,14 +197,16 @@ class ChannelPlane:
         self._outbox.append((link, kind, cid, tag, payload))
 
     def _flush(self, outbox: list[tuple[_Link, Kind, int, int, bytes]], claimed: list[_Link]) -> None:
-        refused: list[tuple[_Link, Kind, int, int, bytes]] = []
         full: set[_Link] = set()
         pack, inline = workwire.HEADER.pack, workwire.MAX_INLINE
         try:
             for entry in outbox:
                 link, kind, cid, tag, payload = entry
-                if link in full:
-                    refused.append(entry)  # keep the order: nothing after a refusal
+                if link in full or link.refused:
+                    # Keep the order: nothing after a refusal, this flush's or
+                    # an earlier one's whose messages are not back in line yet.
+                    link.refused.append(entry)
+                    full.add(link)
                     continue
                 try:
                     if len(payload) <= inline:
@@ -210,13 +216,23 @@ class ChannelPlane:
                 except OSError as exc:  # full (BlockingIOError), or the worker is gone
                     log.debug("cannot send %s to worker %d (%r)", kind.name, link.wid, exc)
                     full.add(link)
-                    refused.append(entry)
+                    link.refused.append(entry)
         finally:
             for link in claimed:
                 link.sending.release()
-        if refused:
+        if full:
             with self._locked():
-                self._refused(refused)
+                # (A take-back may have put them back first: then there is nothing left here.)
+                refused = [entry for link in full for entry in self._take_refused(link)]
+                if refused:
+                    self._refused(refused)
+
+    def _take_refused(self, link: _Link) -> list[tuple[_Link, Kind, int, int, bytes]]:
+        """What `link`'s socket refused, taken once no flush to it is under way
+        (one may be adding to it); called under the lock."""
+        self._claim(link)
+        refused, link.refused = link.refused, []
+        return refused
 
     def _refused(self, refused: list[tuple[_Link, Kind, int, int, bytes]]) -> None:
         """Messages a worker's socket did not take: items go back first in line
@@ -279,14 +295,9 @@ class ChannelPlane:
         (the workers withdraw them); STOPPED: wake the manager's blocked puts and gets."""
         with self._locked():
             if state is State.PAUSED:
-                # Nothing more goes out, and what the workers have not read comes back.
+                # Nothing more goes out; what each worker has not read comes
+                # back once it has paused (acknowledged).
                 self._paused = True
-                for link in self._links.values():
-                    if not link.closed:
-                        self._take_back(link)
-                for chan in self._by_id:
-                    if chan.items:
-                        self._notify()
             elif state is State.RUNNING:
                 self._paused = False
                 for chan in self._by_id:
@@ -294,6 +305,21 @@ class ChannelPlane:
             else:
                 self._stopping = True
             self._notify()
+
+    def acknowledged(self, wid: int, state: State) -> None:
+        """Worker `wid` has paused: what it has not read comes back, first in
+        line. Not before: a worker that has not seen PAUSED yet still reads its
+        link, and two readers of one socket would split the items between
+        them, out of order."""
+        if state is not State.PAUSED:
+            return
+        with self._locked():
+            link = self._links.get(wid)
+            if self._paused and link is not None and not link.closed:
+                self._take_back(link)
+                for chan in self._by_id:
+                    if chan.items:
+                        self._notify()
 
     def settle(self) -> None:
         """Every worker acknowledged a broadcast. What each sent before its
@@ -532,15 +558,17 @@ class ChannelPlane:
         """Read back what the worker has not read: its items go first in line
         again (their requests stay open), its other messages go back in order."""
         self._claim(link)  # what is on its way to it arrives first
-        msgs = workwire.recv_all(link.child)
-        for msg in reversed(msgs):
-            if msg.kind is Kind.ITEM:
-                self._unsend(link, msg.channel, msg.payload)
-            elif msg.kind is Kind.CLOSED:
-                self._unsend(link, msg.channel, None)  # said again after the items
-        for msg in msgs:
-            if msg.kind is not Kind.ITEM and msg.kind is not Kind.CLOSED:
-                self._reply(link, msg.kind, msg.channel, msg.tag)
+        # In the order they were sent: what its socket holds, then what it refused.
+        msgs = [(m.kind, m.channel, m.tag, m.payload) for m in workwire.recv_all(link.child)]
+        msgs += [entry[1:] for entry in self._take_refused(link)]
+        for kind, cid, _, payload in reversed(msgs):
+            if kind is Kind.ITEM:
+                self._unsend(link, cid, payload)
+            elif kind is Kind.CLOSED:
+                self._unsend(link, cid, None)  # said again after the items
+        for kind, cid, tag, _ in msgs:
+            if kind is not Kind.ITEM and kind is not Kind.CLOSED:
+                self._reply(link, kind, cid, tag)
 
     def _unsend(self, link: _Link, cid: int, payload: bytes | None) -> None:
         """An item (None: a CLOSED reply) that did not reach the worker: the
@@ -559,9 +587,11 @@ class ChannelPlane:
         self._read(link)
         self._claim(link)  # what is on its way to it arrives first
         link.closed = True
-        for msg in reversed(workwire.recv_all(link.child)):
-            if msg.kind is Kind.ITEM:
-                self._unsend(link, msg.channel, msg.payload)  # never taken: first in line again
+        msgs = [(m.kind, m.channel, m.payload) for m in workwire.recv_all(link.child)]
+        msgs += [(kind, cid, payload) for _, kind, cid, _, payload in self._take_refused(link)]
+        for kind, cid, payload in reversed(msgs):
+            if kind is Kind.ITEM:
+                self._unsend(link, cid, payload)  # never taken: first in line again
         for chan in self._by_id:
             if link in chan.consumers:
                 chan.consumers.remove(link)

@@ -57,6 +57,7 @@ from .channel import (
     InheritedFd,
     WorkerLink,
     pack_command,
+    unpack_command,
     with_probe,
 )
 from .channels import Channel, ChannelPlane
@@ -93,6 +94,10 @@ class WorkPlane(Protocol):
     def ended(self, wid: int, report: WorkerReport) -> None: ...
 
     def posted(self, state: State) -> None: ...
+
+    def acknowledged(self, wid: int, state: State) -> None:
+        """Worker `wid` applied `state`, the last command it was given
+        (PAUSED: it reads nothing more from its link until the next one)."""
 
     def settle(self) -> None: ...
 
@@ -1152,6 +1157,9 @@ class ProcessController(Shortcuts):
             self._awaiting.discard(w.id)
         first = w.acked_seq < 0  # this incarnation's first: it says its state, even PAUSED
         w.acked_seq = seq
+        if self._plane is not None and self._board is not None and (
+                unpack_command(self._board.command(w.id))[0] == seq):
+            self._plane.acknowledged(w.id, state)
         if state is not w.state or first:
             w.state = state
             if state is not State.STOPPED:

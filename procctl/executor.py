@@ -1332,6 +1332,9 @@ class _Pool:
         if line is not None and not line.closed:
             self._end_line(line, report)
 
+    def acknowledged(self, wid: int, state: State) -> None:
+        pass  # a paused worker's tasks stay with it (it runs them once resumed)
+
     def settle(self) -> None:
         pass  # the manager thread reads every result as it comes
 

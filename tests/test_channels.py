@@ -99,6 +99,24 @@ def test_paused_worker_takes_nothing():
     assert sorted(r.result[1] for r in reports.values()) == [0, 1]
 
 
+def test_one_consumer_gets_the_items_in_order_through_pauses():
+    # At PAUSED what the worker has not read comes back first in line: only
+    # once it has paused, or the manager and a worker still reading would
+    # split the socket's items between them, out of order.
+    n = 3000
+    with ProcessController(t.take_all, 1, start_method="fork", channels={"jobs": 0}) as pc:
+        for i in range(n):
+            pc.channels["jobs"].put(i)
+        pc.run()
+        for _ in range(30):
+            pc.pause()
+            pc.run()
+        pc.channels["jobs"].close()
+        assert pc.wait(timeout=60)
+        got = pc.stop()[0].result
+    assert got == list(range(n))
+
+
 @pytest.mark.parametrize("idle", ["get", "sleep"])
 @pytest.mark.parametrize("case", ["timed-out put", "surplus credits"])
 def test_room_a_worker_does_not_use_is_given_back(case, idle):
