@@ -587,7 +587,7 @@ class MapSession:
         exc = future.exception()
         if exc is None:
             result: maplog.ItemOutcome = future.result()
-            return result, not self.on_cluster
+            return result, not self.on_cluster and result.log_error is None
         return maplog.ItemOutcome(False, error_line(exc)), False
 
     def record(self, pos: int, outcome: maplog.ItemOutcome, logged: bool) -> None:

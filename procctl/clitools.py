@@ -100,10 +100,21 @@ def flush_output() -> bool:
 
 def stream_failed(stream: IO[str], exc: OSError) -> None:
     """`stream` cannot be written: its reader went away (| head: the rest goes
-    to /dev/null, quietly), or the output is lost (a full disk: said once)."""
+    to /dev/null, quietly), or the output is lost (a full disk: said once).
+    Stderr is no output: the story a command tells there (procctl map's) is
+    dropped, and the exit status stays the job's."""
     _silence(stream)
-    if not isinstance(exc, BrokenPipeError):
+    if not isinstance(exc, BrokenPipeError) and not _is_stderr(stream):
         output_lost(exc)
+
+
+def _is_stderr(stream: IO[str]) -> bool:
+    if stream is sys.stderr or stream is sys.__stderr__:
+        return True
+    try:
+        return stream.fileno() == 2
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def hold_signals() -> None:

@@ -11,6 +11,7 @@ command line for a worker on another machine) writes the same record.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -48,7 +49,10 @@ def run_item(fn: Callable[[Any], Any], item: Any, joblog: str | None = None,
         return ItemOutcome(False, "stopped")
     outcome = ItemOutcome(ok, text, tb, start, time.perf_counter() - t0, os.getpid())
     if joblog is not None and head is not None:
-        append(joblog, head + record_tail(outcome))
+        try:
+            append(joblog, head + record_tail(outcome))
+        except OSError as exc:  # the log's fault, not the item's: its outcome stands
+            outcome = dataclasses.replace(outcome, log_error=exc.strerror or str(exc))
     return outcome
 
 

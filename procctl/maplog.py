@@ -45,6 +45,9 @@ class ItemOutcome:
     start: float | None = None  # wall-clock time the call began
     runtime: float | None = None  # seconds the call took
     pid: int | None = None  # the worker process that ran it
+    #: The worker could not append the item's record to the joblog (why):
+    #: the command line tries again, and stops the run if it cannot either.
+    log_error: str | None = None
 
 
 def canonical(item: Any) -> str:

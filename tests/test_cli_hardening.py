@@ -472,6 +472,17 @@ def test_output_to_a_full_device_is_one_error_line_and_exit_1(command, tmp_path)
     assert len(lost) == 1 and "No space left on device" in lost[0], res.stderr
 
 
+@pytest.mark.parametrize("command", ["run", "sum", "map"])
+def test_stderr_on_a_full_device_does_not_change_the_exit_status(command, tmp_path):
+    """Stderr is no output: the story and the summary a command writes there
+    are dropped when it is full, and the job's exit status stays (map said 1)."""
+    args = ["map", "math:sqrt"] if command == "map" else COMMANDS[command]
+    with open("/dev/full", "w") as full:
+        res = subprocess.run(CLI + args, stdout=subprocess.DEVNULL, stderr=full, timeout=60,
+                             input="1\n4\n", text=True, cwd=str(tmp_path))
+    assert res.returncode == 0
+
+
 # -- 13: targets that exit or interrupt at import; library arguments ---------------
 
 

@@ -481,6 +481,8 @@ def test_a_log_on_a_full_disk_is_named_and_fails_the_run(tmp_path, args, said):
     assert res.returncode == 1, res.stderr
     assert "Traceback" not in res.stderr
     assert said in res.stderr
+    # The log's failure is not the items': one that ran has its result.
+    assert all("result" in r for r in results(res.stdout)), res.stdout
 
 
 def test_a_closed_stdin_has_no_items():
