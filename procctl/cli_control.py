@@ -207,6 +207,8 @@ def parse_workers(text: str | None) -> tuple[int, ...] | None:
 def _fmt(value: Any, spec: str = "") -> str:
     if value is None:
         return "-"
+    if spec and isinstance(value, float) and abs(value) >= 1e7:
+        return f"{value:.3g}"  # (1e308 in full is 309 digits: a column holds 9)
     return format(value, spec) if spec else str(value)
 
 

@@ -53,7 +53,25 @@ def exit_holding_signals(code: int) -> NoReturn:
     late_signal_status() makes it the exit status."""
     hold_signals()
     EXIT_STATUS[:] = [code]
+    left = [t.name for t in threading.enumerate()
+            if t is not threading.current_thread() and not t.daemon and t.is_alive()]
+    if left:
+        # A thread the target's module started here when procctl imported it:
+        # the interpreter would wait for it before any exit handler, for ever,
+        # with the signals held. The run has ended: end the command.
+        say(f"procctl: not waiting for {len(left)} thread(s) the target's module left running in"
+            f" procctl's own process ({', '.join(left[:3])})")
+        _end_at_exit()
+        late_signal_status()
     sys.exit(code)
+
+
+def _end_at_exit() -> None:
+    """What procctl's own exit handlers do (close what is left open, let the guardian go)."""
+    for name, hook in (("procctl.executor", "_shutdown_at_exit"), ("procctl.controller", "_close_at_exit")):
+        module = sys.modules.get(name)
+        if module is not None:
+            getattr(module, hook)()
 
 
 def late_signal_status() -> None:

@@ -54,10 +54,14 @@ _PLAIN = frozenset({int, float})  # progress()'s fast path; other numbers are ch
 
 
 def _is_number(value: Any) -> bool:
-    """A real number that is not a bool, a str or bytes ("3" is not a count)."""
+    """A real number (a Decimal too) that is not a bool, a str or bytes ("3" is not a count)."""
     import numbers
 
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+    if isinstance(value, bool):
+        return False
+    # Decimal is a Number but not a Real (it does not mix with floats): a count all the same.
+    return isinstance(value, numbers.Real) or (
+        isinstance(value, numbers.Number) and not isinstance(value, numbers.Complex))
 
 
 def _bad_progress(done: Any, total: Any) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import decimal
 import fractions
 import multiprocessing
 import os
@@ -11,7 +12,8 @@ PROGRESS_CASES: list[tuple[object, object]] = [
     (10**400, None), (float("nan"), None), (float("inf"), None), (-1, None), ("abc", None),
     (1, float("inf")), (1, float("nan")), (1, -5), (1, 10**400),
     ("3", None), (True, None), (1, b"3"),  # not numbers (float() would take them)
-    (5, 10), (0, None), (1e308, 1e308), (fractions.Fraction(1, 2), 2),  # accepted
+    (5, 10), (0, None), (1e308, 1e308), (fractions.Fraction(1, 2), 2), (decimal.Decimal("1.5"), 3),  # accepted
+    (decimal.Decimal("NaN"), None), (1, decimal.Decimal("-1")), (1j, None),
 ]
 
 

@@ -73,3 +73,10 @@ def spin(ctx):
     """All CPU, a checkpoint at a time, until stopped."""
     while ctx.checkpoint():
         pass
+
+
+def huge_progress(ctx):
+    """Reports 1e307 of 1e308 done at once (a rate and an ETA past 1e300), then waits."""
+    ctx.progress(1e307, 1e308)
+    while ctx.checkpoint():
+        ctx.sleep(float("inf"))

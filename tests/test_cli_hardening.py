@@ -4,6 +4,7 @@ process. The command line runs as a real subprocess (`python -m procctl`)."""
 
 from __future__ import annotations
 
+import decimal
 import fractions
 import io
 import json
@@ -191,6 +192,16 @@ def test_a_disk_that_fills_mid_run_is_one_warning(args, tmp_path):
 # -- 10: progress values, the live view, strict JSON ------------------------------
 
 
+def _a_count(value) -> bool:
+    """What progress() takes: a real number (not a bool), finite and >= 0."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, fractions.Fraction, decimal.Decimal)):
+        return False
+    try:
+        return 0 <= float(value) < float("inf")
+    except OverflowError:  # an int past the float range
+        return False
+
+
 def test_progress_accepts_finite_non_negative_numbers_and_names_the_rest():
     from targets_cli import PROGRESS_CASES, report_progress
 
@@ -201,9 +212,7 @@ def test_progress_accepts_finite_non_negative_numbers_and_names_the_rest():
     for wid, (done, total) in enumerate(PROGRESS_CASES):
         report = reports[wid]
         bad = [name for name, value in (("done", done), ("total", total))
-               if value is not None and not (isinstance(value, (int, float, fractions.Fraction))
-                                             and not isinstance(value, bool) and 0 <= value < float("inf")
-                                             and value == value and value < 10**309)]
+               if value is not None and not _a_count(value)]
         if bad:
             assert report.outcome is Outcome.FAILED, (done, total)
             assert report.error_line.startswith(f"ValueError: progress(): {bad[0]} must be a finite number")
@@ -495,6 +504,27 @@ def test_target_module_that_exits_at_import_is_bad_input(body, says, tmp_path):
     assert res.returncode == 2 and res.stdout == ""
     line = one_error_line(res.stderr)
     assert "leaves" in line and says in line
+
+
+LEAVES_A_THREAD = """
+import threading
+threading.Thread(target=threading.Event().wait, name="left-behind").start()  # not a daemon: it never ends
+def f(ctx):
+    return 1
+def g(item):
+    return item
+"""
+
+
+@pytest.mark.parametrize("args", [["run", "--workers", "2", "--target", "leaves:f"], ["map", "leaves:g"]],
+                         ids=["run", "map"])
+def test_a_thread_the_target_module_leaves_in_the_manager_does_not_hold_the_exit(args, tmp_path):
+    # procctl imports the target's module too: the interpreter waited for its
+    # thread at exit, for ever, with the signals held: only a SIGKILL ended it.
+    (tmp_path / "leaves.py").write_text(LEAVES_A_THREAD)
+    res = run_cli(args, cwd=str(tmp_path), input="1\n", timeout=60)
+    assert res.returncode == 0, res.stderr
+    assert "left-behind" in res.stderr
 
 
 def _noop(ctx):

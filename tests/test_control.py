@@ -80,6 +80,21 @@ def test_a_runtime_directory_past_the_unix_socket_path_limit(tmp_path):
     assert_all_gone(worker_pids(json_events(out)))
 
 
+def test_status_keeps_huge_figures_in_their_columns(env):
+    cli = start_run(env, "huge", workers=1, target="targets_control:huge_progress")
+    try:
+        assert ctl_json(env, "status", "huge")["workers"][0]["rate"] > 1e300
+        res = ctl(env, "status", "huge")
+        assert res.returncode == 0, res.stderr
+        row = res.stdout.splitlines()[2]
+        assert len(row) < 120, row  # the rate was printed in full: 309 digits
+        assert "e+30" in row
+        assert ctl(env, "stop", "huge").returncode == 0
+        assert cli.finish()[0] == 0
+    finally:
+        cli.kill()
+
+
 def test_ls_status_pause_resume_events_metrics_stop(env):
     from prometheus_client.parser import text_string_to_metric_families
 
