@@ -77,9 +77,14 @@ def make_dummy(_):
     return Dummy()
 
 
-def long_units(ctx, seconds):
-    """Checkpoints only between units of `seconds`: a pause waits for the unit's end."""
+def long_units(ctx, seconds, fifo=None):
+    """Checkpoints only between units of `seconds`: a pause waits for the unit's end.
+    With `fifo`, says "started" through it as its first unit begins."""
     while ctx.checkpoint():
+        if fifo is not None:
+            with open(fifo, "w") as f:
+                f.write("started\n")
+            fifo = None
         time.sleep(seconds)
     return "stopped"
 
