@@ -1422,8 +1422,10 @@ class ProcessController(Shortcuts):
     def _stop_group(self, first: _Worker, delay: float) -> None:
         """one_for_all: stop every other worker gracefully, restart all once they have ended."""
         members = [w for w in self._workers[: self.workers] if w.id not in self._held]
+        # (Added to a group restart under way: two that ended together, say
+        # while start() waited, are both restarted.)
+        self._group_ids = self._group_ids | {first.id} | {w.id for w in members if w.alive}
         self._group = {w.id for w in members if w.alive}
-        self._group_ids = {first.id} | self._group
         self._group_delay = delay
         for w in members:
             if w.alive:

@@ -947,15 +947,14 @@ class _Pool:
             if self._paused:
                 self._broadcast(State.RUNNING, None)
             if arg:
-                # As the stdlib's, cancel what has not started; here also the
-                # tasks the workers hold behind the one they run.
+                # As the stdlib's: what has not gone to a worker is cancelled
+                # (an idle worker takes one first, as the stdlib's call queue
+                # holds some), and so is what a worker gives back from now on.
                 self._cancel_unstarted = True
-                self._dispatch()  # an idle worker takes one first, as the stdlib's call queue holds some
+                self._dispatch()
                 with self._lock:
                     pending, self._pending = self._pending, deque()
                 self._cancel_tasks(pending)
-                for line in self._lines.values():
-                    self._ask_back(line)
             fut.set_result(None)
         elif name == "stop":
             fut.set_result(self._finish(arg))
@@ -1073,7 +1072,7 @@ class _Pool:
         (it gives them back, RETURNED, before it starts another)."""
         if not line.held or line.closed:
             return
-        head = line.asked_back = line.held[0]
+        line.asked_back = line.held[0]
         unread: set[int] = set()
         while True:
             try:
@@ -1084,19 +1083,13 @@ class _Pool:
                 break
             if msg.kind is Kind.TASK:
                 unread.update(workwire.task_ids(msg))
-        if head.tid in unread:
-            # Sent, so running as far as its future says (as the stdlib's in its
-            # call queue): it stays, alone in the socket again.
-            unread.discard(head.tid)
-            self._take_back(line, unread)
-            try:
-                self._send(line, [head])
-            except OSError:
-                pass  # the worker is gone: its end fails or retries the head
-        else:
-            self._take_back(line, unread)
-            if len(line.held) > 1 and self._pc._board is not None:
-                self._pc._board.ask_back(line.wid)
+        # Every task of what we read comes back, the head too if it was there
+        # (then it had not started): the worker may read the next message
+        # meanwhile, and runs what it holds in the order sent, so only whole
+        # messages taken out keep that order the manager's.
+        self._take_back(line, unread)
+        if len(line.held) > 1 and self._pc._board is not None:
+            self._pc._board.ask_back(line.wid)
 
     def _send(self, line: _WorkerLine, tasks: list[_Task]) -> None:
         """One TASK message to `line`'s worker (OSError if its socket is full or gone)."""

@@ -240,6 +240,51 @@ def test_sigterm_from_outside_while_workers_start_stops_them_gracefully(method, 
     assert json.loads(out) == [["stopped", 0]] * 3, err
 
 
+# Two of three workers SIGTERMed before they are up, under one_for_all: both
+# are restarted (the second's group restart replaced the first's).
+ONE_FOR_ALL_BEFORE_UP = textwrap.dedent("""
+    import json, os, signal, sys, threading
+    sys.path.insert(0, {tests!r})
+    if __name__ == "__main__":
+        import targets_hardening as th
+        from procctl import ProcessController
+        marks = [os.path.join({tmp!r}, f"term{{i}}") for i in range(2)]
+        for mark in marks:
+            open(mark, "w").close()
+        def sigterm_first_two():  # in each forked child: the first two claim a mark
+            for mark in marks:
+                try:
+                    os.unlink(mark)
+                except FileNotFoundError:
+                    continue
+                os.kill(os.getpid(), signal.SIGTERM)
+                return
+        os.register_at_fork(after_in_child=sigterm_first_two)
+        up, restarting, restarted = threading.Event(), set(), set()
+        def on_event(e):
+            if e.event == "restarting":
+                restarting.add(e.worker)
+            elif e.event == "running" and e.worker in restarting:
+                restarted.add(e.worker)
+                if len(restarted) == 3:
+                    up.set()
+                    pc.wakeup()
+        pc = ProcessController(th.cooperative, 3, start_method="fork", restart="always",
+                               strategy="one_for_all", backoff=(0, 0), on_event=on_event)
+        pc.start()
+        pc.run()
+        pc.wait(timeout=30)
+        print(json.dumps({{"restarted": sorted(restarted), "alive": [s.alive for s in pc.status()]}}))
+        pc.stop()
+        pc.close()
+""")
+
+
+def test_one_for_all_restarts_every_worker_that_ended_while_starting(tests_dir, tmp_path):
+    out, err = _run_script(tmp_path / "one_for_all_before_up.py", ONE_FOR_ALL_BEFORE_UP.format(tests=tests_dir, tmp=str(tmp_path)))
+    assert json.loads(out) == {"restarted": [0, 1, 2], "alive": [True, True, True]}, err
+
+
 # -- 6, 7. NaN is refused; huge timeouts mean "that long" -----------------------
 
 NAN = float("nan")
