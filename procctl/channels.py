@@ -70,7 +70,7 @@ class ChannelStats:
 
 class _Chan:
     __slots__ = ("name", "cid", "maxsize", "items", "consumers", "wanting", "credits", "reclaiming",
-                 "put", "got", "drained", "closed", "leftovers")
+                 "put", "got", "drained", "closed", "leftovers", "ungot")
 
     def __init__(self, name: str, cid: int, maxsize: int) -> None:
         self.name, self.cid, self.maxsize = name, cid, maxsize
@@ -82,6 +82,9 @@ class _Chan:
         self.put = self.got = self.drained = 0
         self.closed = False
         self.leftovers: list[bytes] = []  # drained by stop(), for drain()
+        #: The worker whose items read past (UNGET) are the first in line, and
+        #: how many: its next one goes behind them, so they stay in order.
+        self.ungot: tuple[_Link, int] | None = None
 
     def room(self) -> int:
         if not self.maxsize:
@@ -426,7 +429,13 @@ class ChannelPlane:
             self._reply(link, Kind.CANCELLED, chan.cid)
         elif kind is Kind.UNGET:
             chan.got -= 1
-            chan.items.appendleft(msg.payload)
+            ungot = chan.ungot
+            if ungot is not None and ungot[0] is link:
+                chan.items.insert(ungot[1], msg.payload)
+                chan.ungot = (link, ungot[1] + 1)
+            else:
+                chan.items.appendleft(msg.payload)
+                chan.ungot = (link, 1)
             self._serve_waiting(chan)
         elif kind is Kind.WANT:
             if link not in chan.wanting:
@@ -492,6 +501,7 @@ class ChannelPlane:
                 self._reply(link, Kind.CLOSED, cid)
         if sent:
             chan.got += sent
+            chan.ungot = None  # (the first in line went out)
             self._grant(chan)
 
     def _unstall(self, link: _Link) -> None:
@@ -576,7 +586,11 @@ class ChannelPlane:
         chan = self._by_id[cid]
         if payload is not None:
             chan.got -= 1
-            chan.items.appendleft(payload)
+            # Behind the items this worker read past and gave back (it read
+            # them first), ahead of the rest; callers go from the last item
+            # to the first, so each lands before the one sent after it.
+            ungot = chan.ungot
+            chan.items.insert(ungot[1] if ungot is not None and ungot[0] is link else 0, payload)
         if not link.closed:
             link.asked[chan.cid] = link.asked.get(chan.cid, 0) + 1
             if link not in chan.consumers:
@@ -612,6 +626,7 @@ class ChannelPlane:
             self._grant(chan)
 
     def _drain_into_leftovers(self, chan: _Chan) -> None:
+        chan.ungot = None
         chan.drained += len(chan.items)
         chan.leftovers.extend(chan.items)
         chan.items.clear()
@@ -647,6 +662,7 @@ class ChannelPlane:
                     raise queue.Empty(f"nothing arrived on channel {chan.name!r} within {timeout}s")
             payload = chan.items.popleft()
             chan.got += 1
+            chan.ungot = None
             self._grant(chan)
         return pickle.loads(payload)
 

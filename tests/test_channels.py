@@ -117,6 +117,28 @@ def test_one_consumer_gets_the_items_in_order_through_pauses():
     assert got == list(range(n))
 
 
+@pytest.mark.parametrize("pause_every", [0, 100])
+def test_a_relay_keeps_the_order_of_the_items_it_reads_past(pause_every):
+    # A worker waiting for room to put into "out" reads past the items of
+    # "jobs" already on their way and gives them back, one by one: they went
+    # first in line each, so back in reverse (26, 27, 29, 31, ..., then 28, 30).
+    n = 2000
+    with ProcessController(t.relay, 1, start_method="fork", channels={"jobs": 0, "out": 2}) as pc:
+        pc.run()
+        for i in range(n):
+            pc.channels["jobs"].put(i)
+        pc.channels["jobs"].close()
+        got = []
+        for k in range(n):
+            got.append(pc.channels["out"].get(timeout=30))
+            if pause_every and k % pause_every == 0:
+                pc.pause()
+                pc.run()
+        assert pc.wait(timeout=30)
+        pc.stop()
+    assert got == list(range(n))
+
+
 @pytest.mark.parametrize("idle", ["get", "sleep"])
 @pytest.mark.parametrize("case", ["timed-out put", "surplus credits"])
 def test_room_a_worker_does_not_use_is_given_back(case, idle):
