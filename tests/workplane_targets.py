@@ -268,13 +268,3 @@ def touch_unless(i, where, bad):
 def take_all(ctx, name="jobs"):
     """Every item of channel `name`, in the order they came."""
     return list(ctx.iter(name))
-
-
-def relay(ctx, src="jobs", dst="out"):
-    """Every item of `src` into `dst` (bounded: its puts wait for room, reading past items of `src`)."""
-    n = 0
-    for item in ctx.iter(src):
-        if not ctx.put(dst, item):
-            break
-        n += 1
-    return n
