@@ -1263,6 +1263,7 @@ class ProcessController(Shortcuts):
         self._group_ids: set[int] = set()  # one_for_all: the ids to restart once they have
         self._group_delay = 0.0
         self._held: set[int] = set()  # stopped on request: never restarted
+        self._resizes = 0  # resize() calls so far: a later one supersedes one still under way
         self._gave_up = False
         self._restarts_total = 0  # every restart so far, of workers a shrink removed too (the metric)
         self._done_ended = 0.0  # the progress of every ended incarnation (see tasks_done_total)
@@ -1293,17 +1294,30 @@ class ProcessController(Shortcuts):
             self._require_started()
             if self._state is State.STOPPED:
                 raise RuntimeError("the workers were stopped; STOPPED is final")
+            # The last resize asked for wins: one that waits (for new workers to come up, removed
+            # ones to end, from another thread) gives way to a later one, and starts no more.
+            self._resizes += 1
             if n > self.workers:
                 too_many = limits.capacity_problem(n - self.workers, limits.MANAGER_FDS_PER_WORKER
                                                    if self._plane is None else limits.WORK_FDS_PER_WORKER)
                 if too_many is not None:
                     raise limits.BeyondCapacity(f"resize(n): n={n} is more than this system lets us start: {too_many}")
-                self._grow(n)
+                self._grow(n, self._resizes)
             elif n < self.workers:
                 self._shrink(n)
 
-    def _grow(self, n: int) -> None:
+    def _grow(self, n: int, mine: int) -> None:
         assert self._board is not None
+        # A shrink under way (another thread's) may still be stopping the last
+        # processes of these ids: an id is taken again once its process has
+        # ended, or that stop (its escalation) would reach the new one.
+        old = [w for w in self._workers[self.workers:n] if w.alive]
+        if old:
+            self._pump_until(lambda: not any(w.alive for w in old), self._escalation_bound(self.grace))
+            if self._state is State.STOPPED:
+                raise RuntimeError("the workers were stopped; STOPPED is final")
+        if n <= self.workers or self._resizes != mine:
+            return  # another resize came meanwhile
         self._board.grow(n)
         word = pack_command(self._seq, self._state)
         new = list(range(self.workers, n))
@@ -1312,7 +1326,7 @@ class ProcessController(Shortcuts):
         interrupt = self._interrupt_waits or (lambda: False)
         with _quiet_collector(self.start_method):
             for wid in new:
-                if interrupt():
+                if interrupt() or self._resizes != mine:
                     break
                 self._held.discard(wid)
                 self._overrides.pop(wid, None)

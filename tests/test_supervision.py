@@ -422,6 +422,25 @@ def test_resize_up_and_down(state):
     assert [r.outcome for r in pc.history(1)] == [Outcome.STOPPED, Outcome.STOPPED]
 
 
+def test_resizes_from_several_threads_leave_every_worker_alive():
+    # A grow from one thread reused ids whose processes a shrink from another
+    # was still stopping: that stop's escalation then SIGKILLed the new ones.
+    import threading
+
+    for _ in range(5):
+        with ProcessController(ts.shard, 2, initial_state=State.RUNNING) as pc:
+            threads = [threading.Thread(target=pc.resize, args=(n,)) for n in (5, 1, 4, 3, 6)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(60)
+            rows = pc.status()
+            assert [r.worker_id for r in rows] == list(range(len(rows)))
+            assert all(r.alive for r in rows), rows
+            assert all(r.outcome is Outcome.STOPPED for r in pc.reports.values()), pc.reports  # (by shrinks)
+            pc.stop()
+
+
 def test_per_worker_commands():
     with controller(ts.shard, 3) as pc:
         pc.run(workers=[0, 2])
