@@ -691,18 +691,31 @@ def _run(make: Callable[[Callable[[Event], None]], Any], workers: int, steps: li
         say(f"procctl: the restart limit was reached (more than {plan.max_restarts} restarts"
             f" in {plan.restart_window:g}s): stopped every worker")
     had = record["workers"]  # as the summary in the event log says, for `procctl timeline LOG`
+    written = True
     if timeline_path:
         from .timeline import render_timeline
 
-        render_timeline([e.to_dict() for e in history] + [record], timeline_path,
-                        workers=had, title=f"procctl run: {had} workers")
-        say(f"procctl: wrote the timeline to {timeline_path}")
+        written &= _write_file("--timeline", timeline_path, "the timeline", lambda: render_timeline(
+            [e.to_dict() for e in history] + [record], timeline_path, workers=had,
+            title=f"procctl run: {had} workers"))
     if trace_path:
         from .trace import write_trace
 
-        write_trace([e.to_dict() for e in history] + [record], trace_path, title=f"procctl run: {had} workers")
-        say(f"procctl: wrote the Chrome trace to {trace_path}")
-    return exit_status(reports, bridge, session.timed_out, gave_up)
+        written &= _write_file("--trace", trace_path, "the Chrome trace", lambda: write_trace(
+            [e.to_dict() for e in history] + [record], trace_path, title=f"procctl run: {had} workers"))
+    status = exit_status(reports, bridge, session.timed_out, gave_up)
+    return EXIT_FAILED if status == EXIT_OK and not written else status
+
+
+def _write_file(option: str, path: str, what: str, write: Callable[[], Any]) -> bool:
+    """Write one of the run's files after it (a full disk: one line naming it; the command exits 1)."""
+    try:
+        write()
+    except OSError as exc:
+        say(f"procctl: error: {option} {path!r} cannot be written ({exc.strerror or exc})")
+        return False
+    say(f"procctl: wrote {what} to {path}")
+    return True
 
 
 def _drive(pc: ProcessController, session: RunSession, view: Any, steps: list[str],

@@ -492,6 +492,13 @@ def test_stderr_on_a_full_device_does_not_change_the_exit_status(command, tmp_pa
     assert res.returncode == 0
 
 
+def test_a_trace_on_a_full_disk_is_named():
+    res = run_cli(QUICK_RUN + ["--trace", "/dev/full"])
+    assert res.returncode == 1, res.stderr
+    assert "Traceback" not in res.stderr
+    assert "--trace '/dev/full' cannot be written (No space left on device)" in res.stderr
+
+
 # -- 13: targets that exit or interrupt at import; library arguments ---------------
 
 
