@@ -125,7 +125,8 @@ CTRL_C_WHILE_IMPORTING = textwrap.dedent("""
 
 @pytest.mark.parametrize("method", ["spawn", "forkserver"])
 def test_ctrl_c_while_exec_children_import_is_held_for_the_worker(method, tests_dir, tmp_path):
-    out, err = _run_script(tmp_path / "ctrl_c_script.py", CTRL_C_WHILE_IMPORTING.format(tests=tests_dir, method=method))
+    out, err = _run_script(tmp_path / "ctrl_c_script.py",
+                           CTRL_C_WHILE_IMPORTING.format(tests=tests_dir, method=method))
     assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
     got = json.loads(out)
     assert got["outcomes"] == ["finished"] * 3
@@ -281,7 +282,8 @@ ONE_FOR_ALL_BEFORE_UP = textwrap.dedent("""
 
 
 def test_one_for_all_restarts_every_worker_that_ended_while_starting(tests_dir, tmp_path):
-    out, err = _run_script(tmp_path / "one_for_all_before_up.py", ONE_FOR_ALL_BEFORE_UP.format(tests=tests_dir, tmp=str(tmp_path)))
+    out, err = _run_script(tmp_path / "one_for_all_before_up.py",
+                           ONE_FOR_ALL_BEFORE_UP.format(tests=tests_dir, tmp=str(tmp_path)))
     assert json.loads(out) == {"restarted": [0, 1, 2], "alive": [True, True, True]}, err
 
 
