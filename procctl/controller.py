@@ -742,7 +742,9 @@ class ProcessController(Shortcuts):
         # outside (to the whole process group, say): a graceful stop, not a
         # failure to start; the others go on.
         failed = [w for w in self._workers
-                  if w.report is not None and w.acked_seq < 0 and w.report.outcome is not Outcome.STOPPED]
+                  if w.report is not None and w.acked_seq < 0 and w.report.outcome is not Outcome.STOPPED
+                  and not (self._kills_at_start_ok and w.start_error is None and w.signalled is None
+                           and (w.report.exitcode or 0) < 0)]
         if failed:
             w = failed[0]
             why = (w.start_error or "").strip().splitlines()
@@ -1264,6 +1266,9 @@ class ProcessController(Shortcuts):
         self._group_delay = 0.0
         self._held: set[int] = set()  # stopped on request: never restarted
         self._resizes = 0  # resize() calls so far: a later one supersedes one still under way
+        #: A job that goes on without a worker killed from outside (the sum job) has it
+        #: reported, not raised, when that happens before the worker is up.
+        self._kills_at_start_ok = False
         self._gave_up = False
         self._restarts_total = 0  # every restart so far, of workers a shrink removed too (the metric)
         self._done_ended = 0.0  # the progress of every ended incarnation (see tasks_done_total)

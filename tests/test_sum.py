@@ -391,6 +391,39 @@ def test_settling_credits_the_last_put_and_get_of_killed_workers(case):
     assert (books.drained, books.winner) == (2, 0)
 
 
+# One worker SIGKILLed as it is forked, before it is up (an at-fork hook: one
+# child claims the one mark): the run goes on with the others, as for a worker
+# killed mid-run; it was a WorkerStartError, and the others were killed.
+KILLED_WHILE_STARTING = """
+import json, os, signal, sys
+if __name__ == "__main__":
+    from procctl.jobs import SumJob
+    mark = os.path.join({tmp!r}, "kill-one")
+    open(mark, "w").close()
+    def kill_one():
+        try:
+            os.unlink(mark)
+        except FileNotFoundError:
+            return
+        os.kill(os.getpid(), signal.SIGKILL)
+    os.register_at_fork(after_in_child=kill_one)
+    r = SumJob(3, 3, 300, start_method="fork", timeout=60).run()
+    print(json.dumps({{"winner": r.winner, "won": r.sums[r.winner] > r.threshold,
+                       "balanced": sum(r.produced) == sum(r.received) + r.drained}}))
+"""
+
+
+def test_a_worker_killed_while_the_job_starts_does_not_end_the_run(tmp_path):
+    script = tmp_path / "killed_while_starting.py"
+    script.write_text(KILLED_WHILE_STARTING.format(tmp=str(tmp_path)))
+    res = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=90,
+                         start_new_session=True)
+    assert res.returncode == 0, res.stderr
+    assert not os.path.exists(tmp_path / "kill-one")  # a worker took it: one was killed
+    got = json.loads(res.stdout)
+    assert got["winner"] >= 0 and got["won"] and got["balanced"], got
+
+
 def test_a_run_with_every_consumer_killed_is_an_error_not_a_hang():
     killed: list[int] = []
     jobs: list[SumJob] = []

@@ -207,6 +207,7 @@ class SumJob:
             ledger.close()
             raise
         pc._background = False  # _await_verdict pumps it (reap)
+        pc._kills_at_start_ok = True  # one killed while starting is one killed: the run goes on
         self._pc = pc
         relay: _Relay | None = None
         try:
