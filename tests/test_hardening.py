@@ -269,12 +269,11 @@ ONE_FOR_ALL_BEFORE_UP = textwrap.dedent("""
                 restarted.add(e.worker)
                 if len(restarted) == 3:
                     up.set()
-                    pc.wakeup()
         pc = ProcessController(th.cooperative, 3, start_method="fork", restart="always",
                                strategy="one_for_all", backoff=(0, 0), on_event=on_event)
         pc.start()
         pc.run()
-        pc.wait(timeout=30)
+        up.wait(timeout=30)  # (the supervisor's thread tells on_event)
         print(json.dumps({{"restarted": sorted(restarted), "alive": [s.alive for s in pc.status()]}}))
         pc.stop()
         pc.close()
