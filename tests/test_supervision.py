@@ -427,7 +427,7 @@ def test_resizes_from_several_threads_leave_every_worker_alive():
     # was still stopping: that stop's escalation then SIGKILLed the new ones.
     import threading
 
-    for _ in range(5):
+    for _ in range(3):
         with ProcessController(ts.shard, 2, initial_state=State.RUNNING) as pc:
             threads = [threading.Thread(target=pc.resize, args=(n,)) for n in (5, 1, 4, 3, 6)]
             for t in threads:
