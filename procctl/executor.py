@@ -913,7 +913,7 @@ class _Pool:
             return None
         due = [self._head_started(line) + self.task_timeout for line in self._lines.values()
                if line.held and line.up and not line.closed] if self.task_timeout is not None else []
-        due += [line.held[0].started + SLOW_HEAD for line in self._lines.values() if self._may_shrink(line)]
+        due += [self._head_started(line) + SLOW_HEAD for line in self._lines.values() if self._may_shrink(line)]
         if not due:
             return None
         return max(0.0, min(due) - time.monotonic())
