@@ -161,9 +161,15 @@ def resolve(run: str | None, command: str) -> str:
         if path and os.path.lexists(path):
             try:
                 connect(path, 5.0).close()
-                return path
             except ControlError:
                 pass  # stale (and removed): maybe RUN is a pid
+            else:
+                if run.isdigit():  # a name that is another live run's pid is no answer
+                    other = [i for i in live_runs() if str(i["pid"]) == run and i["socket"] != path]
+                    if other:
+                        raise BadInput(f"{run!r} is the name of one live run and the pid of another"
+                                       f" (named {other[0]['name']!r}): name the run")
+                return path
         for info in live_runs():
             if run in (info["name"], str(info["pid"])):
                 return str(info["socket"])

@@ -239,6 +239,23 @@ def test_bad_requests_get_errors_and_the_run_goes_on(env):
         cli.kill()
 
 
+def test_a_name_that_is_another_runs_pid_is_ambiguous(env):
+    first = start_run(env, "alpha", workers=1)
+    second = start_run(env, str(first.proc.pid), workers=1)  # named with the first one's pid
+    try:
+        res = ctl(env, "stop", str(first.proc.pid))
+        assert res.returncode == 2, res.stdout  # it stopped the second run, not the first
+        [line] = res.stderr.splitlines()
+        assert "name the run" in line and "'alpha'" in line
+        assert sorted(r["name"] for r in ctl_json(env, "ls")) == sorted(["alpha", str(first.proc.pid)])
+        assert ctl(env, "stop", "alpha").returncode == 0
+        assert ctl(env, "stop", str(first.proc.pid)).returncode == 0  # now only the second's name
+        assert first.finish()[0] == 0 and second.finish()[0] == 0
+    finally:
+        first.kill()
+        second.kill()
+
+
 def test_stale_socket_is_cleaned_and_run_must_be_named_among_several(env):
     first = start_run(env, "alpha", workers=1)
     second = start_run(env, "beta", workers=1)
