@@ -769,6 +769,9 @@ class _Pool:
         with self._lock:
             submitted, completed, failed, cancelled = (
                 self._submitted, self._completed, self._failed, self._cancelled)
+            # A future its caller cancelled is counted once the manager meets it
+            # in the queue (it skips it there): until then, here.
+            cancelled += sum(1 for task in self._pending if task.future is not None and task.future.cancelled())
             running = sum(1 for line in list(self._lines.values()) if not line.closed and _begun(line, board))
         queued = max(0, submitted - completed - failed - cancelled - running)
         return TaskCounts(submitted, completed, failed, cancelled, running, queued)
@@ -955,6 +958,11 @@ class _Pool:
                 with self._lock:
                     pending, self._pending = self._pending, deque()
                 self._cancel_tasks(pending)
+                # And what a busy worker holds behind the task it has begun (a
+                # worker not yet at its first keeps it: it is about to start it).
+                for line in self._lines.values():
+                    if len(line.held) > 1 and not line.closed and _begun(line, self._pc._board):
+                        self._ask_back(line)
             fut.set_result(None)
         elif name == "stop":
             fut.set_result(self._finish(arg))

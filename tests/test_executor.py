@@ -98,6 +98,37 @@ def test_shutdown_cancel_futures_cancels_what_the_workers_hold_unstarted():
     assert ex.counts().cancelled == len(slow) - ran
 
 
+def test_shutdown_cancel_futures_does_not_start_the_next_task_a_busy_worker_holds(tmp_path):
+    import select
+
+    workers = 2
+    fifo = str(tmp_path / "begun")
+    os.mkfifo(fifo)
+    told = os.open(fifo, os.O_RDWR | os.O_NONBLOCK)  # (opening never blocks the tasks' opens)
+    try:
+        with ProcessExecutor(workers, start_method="fork") as ex:
+            futs = [ex.submit(t.tell_then_sleep, fifo, 0.5) for _ in range(12)]
+            begun = b""
+            while len(begun) < workers:  # each worker has begun its first (and holds the next)
+                assert select.select([told], [], [], 30)[0], "the tasks never began"
+                begun += os.read(told, 16)
+            ex.shutdown(wait=True, cancel_futures=True)
+    finally:
+        os.close(told)
+    ran = [i for i, f in enumerate(futs) if not f.cancelled()]
+    assert ran == list(range(workers)), ran  # the next one each held was started after the shutdown
+
+
+def test_a_future_cancelled_in_the_queue_is_counted_at_once():
+    with ProcessExecutor(1, start_method="fork") as ex:
+        futs = [ex.submit(t.sleep_for, 0.2) for _ in range(20)]
+        assert futs[-1].cancel()
+        counts = ex.counts()
+        assert counts.cancelled == 1, counts  # it stayed queued until the manager met it
+        assert counts.cancelled + counts.queued + counts.running + counts.completed == 20
+        ex.shutdown(cancel_futures=True)
+
+
 @pytest.mark.parametrize("chunksize", [1, 5])
 def test_items_that_ran_after_map_ended_early_count_as_completed(chunksize, tmp_path):
     # map() ends at item 3's error; the items its workers already held run

@@ -268,3 +268,11 @@ def touch_unless(i, where, bad):
 def take_all(ctx, name="jobs"):
     """Every item of channel `name`, in the order they came."""
     return list(ctx.iter(name))
+
+
+def tell_then_sleep(fifo, seconds):
+    """Write one byte to the FIFO at `fifo` (it has begun), then sleep `seconds` without a checkpoint."""
+    with open(fifo, "wb") as f:
+        f.write(b"x")
+    time.sleep(seconds)
+    return seconds
