@@ -329,6 +329,16 @@ def test_nothing_procctl_started_outlives_a_run_on_a_node(cluster):
     assert still_running(guardians(nodes), timeout=5) == []
 
 
+def test_a_future_cancelled_in_the_clients_queue_is_counted_at_once(cluster):
+    with ClusterExecutor(cluster=cluster, workers_per_node=1, lease=5) as ex:
+        futs = [ex.submit(cluster_targets.slower_square, i) for i in range(60)]
+        assert futs[-1].cancel()  # still in the client's queue (a node is dealt a few)
+        counts = ex.counts()
+        assert counts.cancelled == 1, counts
+        assert counts.completed + counts.failed + counts.cancelled + counts.running + counts.queued == 60, counts
+        ex.shutdown(cancel_futures=True)
+
+
 def test_shutdown_cancels_what_did_not_start_and_ends_the_agents(cluster):
     ex = ClusterExecutor(cluster=cluster, workers_per_node=2, lease=5)
     # Tasks long enough that a loaded machine cannot run all 40 before the cancel.

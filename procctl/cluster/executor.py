@@ -333,10 +333,12 @@ class _ClusterPool(Session):
         with self.cond:
             held = sum(len(t.items) for h in self._held.values() for t in h.values())
             queued = sum(len(t.items) for t in self._pending)
+            # A future its caller cancelled in the queue: counted at once, as locally.
+            late = sum(len(t.items) for t in self._pending if t.future.cancelled())
             # As ProcessExecutor's: one item at a time per worker runs; the rest held waits.
             running = min(held, self.workers)
-            return TaskCounts(self._submitted, self._completed, self._failed, self._cancelled, running,
-                              queued + held - running)
+            return TaskCounts(self._submitted, self._completed, self._failed, self._cancelled + late, running,
+                              queued - late + held - running)
 
     @property
     def retried(self) -> int:
