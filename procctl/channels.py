@@ -567,10 +567,7 @@ class ChannelPlane:
     def _take_back(self, link: _Link) -> None:
         """Read back what the worker has not read: its items go first in line
         again (their requests stay open), its other messages go back in order."""
-        self._claim(link)  # what is on its way to it arrives first
-        # In the order they were sent: what its socket holds, then what it refused.
-        msgs = [(m.kind, m.channel, m.tag, m.payload) for m in workwire.recv_all(link.child)]
-        msgs += [entry[1:] for entry in self._take_refused(link)]
+        msgs = self._unread(link)
         for kind, cid, _, payload in reversed(msgs):
             if kind is Kind.ITEM:
                 self._unsend(link, cid, payload)
@@ -579,6 +576,14 @@ class ChannelPlane:
         for kind, cid, tag, _ in msgs:
             if kind is not Kind.ITEM and kind is not Kind.CLOSED:
                 self._reply(link, kind, cid, tag)
+
+    def _unread(self, link: _Link) -> list[tuple[Kind, int, int, bytes]]:
+        """What never reached `link`'s worker, in the order it was sent: what
+        its socket holds (read back here), then what the socket refused.
+        Once what is on its way to it has arrived (the claim)."""
+        self._claim(link)
+        msgs = [(m.kind, m.channel, m.tag, m.payload) for m in workwire.recv_all(link.child)]
+        return msgs + [entry[1:] for entry in self._take_refused(link)]
 
     def _unsend(self, link: _Link, cid: int, payload: bytes | None) -> None:
         """An item (None: a CLOSED reply) that did not reach the worker: the
@@ -599,11 +604,8 @@ class ChannelPlane:
     def _end_link(self, link: _Link) -> None:
         """The worker is gone: read what it sent, take back what it never read."""
         self._read(link)
-        self._claim(link)  # what is on its way to it arrives first
         link.closed = True
-        msgs = [(m.kind, m.channel, m.payload) for m in workwire.recv_all(link.child)]
-        msgs += [(kind, cid, payload) for _, kind, cid, _, payload in self._take_refused(link)]
-        for kind, cid, payload in reversed(msgs):
+        for kind, cid, _, payload in reversed(self._unread(link)):
             if kind is Kind.ITEM:
                 self._unsend(link, cid, payload)  # never taken: first in line again
         for chan in self._by_id:

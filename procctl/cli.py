@@ -692,17 +692,18 @@ def _run(make: Callable[[Callable[[Event], None]], Any], workers: int, steps: li
             f" in {plan.restart_window:g}s): stopped every worker")
     had = record["workers"]  # as the summary in the event log says, for `procctl timeline LOG`
     written = True
+    log_records = [e.to_dict() for e in history] + [record] if timeline_path or trace_path else []
+    title = f"procctl run: {had} workers"
     if timeline_path:
         from .timeline import render_timeline
 
-        written &= _write_file("--timeline", timeline_path, "the timeline", lambda: render_timeline(
-            [e.to_dict() for e in history] + [record], timeline_path, workers=had,
-            title=f"procctl run: {had} workers"))
+        written &= _write_file("--timeline", timeline_path, "the timeline",
+                               lambda: render_timeline(log_records, timeline_path, workers=had, title=title))
     if trace_path:
         from .trace import write_trace
 
-        written &= _write_file("--trace", trace_path, "the Chrome trace", lambda: write_trace(
-            [e.to_dict() for e in history] + [record], trace_path, title=f"procctl run: {had} workers"))
+        written &= _write_file("--trace", trace_path, "the Chrome trace",
+                               lambda: write_trace(log_records, trace_path, title=title))
     status = exit_status(reports, bridge, session.timed_out, gave_up)
     return EXIT_FAILED if status == EXIT_OK and not written else status
 

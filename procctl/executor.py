@@ -1081,27 +1081,13 @@ class _Pool:
         if not line.held or line.closed:
             return
         line.asked_back = line.held[0]
-        unread: set[int] = set()
-        while True:
-            try:
-                msg = workwire.recv(line.child)  # atomic: the worker reads it or we do
-            except (BlockingIOError, InterruptedError, OSError):
-                break
-            if msg is None:
-                break
-            if msg.kind is Kind.TASK:
-                unread.update(workwire.task_ids(msg))
         # Every task of what we read comes back, the head too if it was there
         # (then it had not started): the worker may read the next message
         # meanwhile, and runs what it holds in the order sent, so only whole
         # messages taken out keep that order the manager's.
-        self._take_back(line, unread)
+        self._take_back(line, _unread(line))
         if len(line.held) > 1 and self._pc._board is not None:
             self._pc._board.ask_back(line.wid)
-
-    def _send(self, line: _WorkerLine, tasks: list[_Task]) -> None:
-        """One TASK message to `line`'s worker (OSError if its socket is full or gone)."""
-        workwire.send(line.sock, Kind.TASK, 0, len(tasks), workwire.pack_tasks([(t.tid, t.fn, t.blob) for t in tasks]))
 
     def _fill(self, line: _WorkerLine, window: int | None = None) -> None:
         """Send `line` tasks up to the window, several to a message when tasks are quick."""
@@ -1129,7 +1115,8 @@ class _Pool:
             if not live:
                 continue
             try:
-                self._send(line, live)
+                workwire.send(line.sock, Kind.TASK, 0, len(live),
+                              workwire.pack_tasks([(t.tid, t.fn, t.blob) for t in live]))
             except OSError:
                 with self._lock:
                     self._pending.extendleft(reversed(live))
@@ -1455,8 +1442,7 @@ class _Pool:
         line, the task it was running fails, is retried or is unfinished."""
         for msg in workwire.recv_all(line.sock):
             self._on_message(line, msg)
-        unread = {tid for msg in workwire.recv_all(line.child) if msg.kind is Kind.TASK
-                  for tid in workwire.task_ids(msg)}
+        unread = _unread(line)
         line.closed = True
         self._pc._unregister(line.sock.fileno())
         line.sock.close()
@@ -1464,13 +1450,8 @@ class _Pool:
         # The worker ran its tasks in order, each result sent before the next
         # began: of those it read, only the first without a result can have started.
         started = [t for t in line.held if t.tid not in unread][:1]
-        back = [t for t in line.held if t not in started]
+        self._take_back(line, {t.tid for t in line.held if t not in started})
         line.held.clear()
-        if self._stopping:
-            self._unfinished.extend((t, False) for t in back)
-        else:
-            with self._lock:
-                self._pending.extendleft(reversed(back))
         for task in started:
             self._task_lost(line, task, report)
         if report is not None and not self._stopping:
@@ -1819,6 +1800,12 @@ def _answer_stopped(name: str, fut: Future[Any], why: str) -> None:
         fut.set_result(None)
     else:
         fut.set_exception(RuntimeError(why))
+
+
+def _unread(line: _WorkerLine) -> set[int]:
+    """The tasks waiting unread in `line`'s worker's socket, read back here
+    (each message whole: the worker reads it or we do)."""
+    return {tid for msg in workwire.recv_all(line.child) if msg.kind is Kind.TASK for tid in workwire.task_ids(msg)}
 
 
 def _begun(line: _WorkerLine, board: Board | None) -> bool:
