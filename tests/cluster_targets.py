@@ -55,6 +55,11 @@ def slower_square(x):
     return x * x
 
 
+def napping_square(x, seconds):
+    time.sleep(seconds)
+    return x * x
+
+
 def fail(x):
     raise ValueError(f"bad {x}")
 

@@ -339,6 +339,26 @@ def test_a_future_cancelled_in_the_clients_queue_is_counted_at_once(cluster):
         ex.shutdown(cancel_futures=True)
 
 
+def test_a_node_gives_back_the_slow_tasks_it_has_not_started(cluster):
+    # As ProcessPoolExecutor: once tasks are slow, a node holds what its workers run and a
+    # few more (2 a worker here); the rest wait in the client's queue: pending, cancellable.
+    with ClusterExecutor(cluster=cluster, workers_per_node=2, lease=5) as ex:
+        futs = [ex.submit(cluster_targets.napping_square, i, 1.0) for i in range(40)]
+        done = 0
+        for _ in concurrent.futures.as_completed(futs, timeout=30):  # the second round of tasks
+            done += 1
+            if done == 5:
+                break
+        running = [i for i, f in enumerate(futs) if f.running()]
+        assert len(running) <= 2 * 2 * 2, running  # (a node held 16 before they were seen slow)
+        cancelled = [i for i, f in enumerate(futs) if f.cancel()]
+        assert len(cancelled) >= 40 - 5 - 2 * 2 * 2 - 4, cancelled
+        assert not set(cancelled) & set(running)
+        ex.shutdown(wait=True)
+    assert all(f.result() == i * i for i, f in enumerate(futs) if i not in cancelled)
+    assert ex.counts().cancelled == len(cancelled)
+
+
 def test_shutdown_cancels_what_did_not_start_and_ends_the_agents(cluster):
     ex = ClusterExecutor(cluster=cluster, workers_per_node=2, lease=5)
     # Tasks long enough that a loaded machine cannot run all 40 before the cancel.

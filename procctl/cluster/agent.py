@@ -433,6 +433,16 @@ class ExecutorAgent(Agent):
             return None
         if cmd.op is Op.CANCEL:  # those not sent to a worker yet, as shutdown(cancel_futures=True) does
             return [tid for tid, fut in list(self.futures.items()) if fut.cancel()]
+        if cmd.op is Op.GIVE_BACK:  # tasks are slow: the client deals them again, from its own queue
+            keep = cmd.arg
+            unfinished = [(tid, fut) for tid, fut in list(self.futures.items()) if not fut.done()]
+            back: list[int] = []
+            for tid, fut in reversed(unfinished):
+                if len(unfinished) - len(back) <= keep:
+                    break
+                if fut.cancel():
+                    back.append(tid)
+            return sorted(back)
         if cmd.op in (Op.PAUSE, Op.RESUME):
             try:
                 (self.ex.pause if cmd.op is Op.PAUSE else self.ex.resume)(cmd.arg)

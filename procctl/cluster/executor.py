@@ -52,13 +52,22 @@ from .wire import AgentSpec, Message, Op, Up
 
 log = logging.getLogger("procctl")
 
-#: Tasks a node holds per local worker: enough that its workers never wait for
-#: a round trip through the scheduler, few enough to keep pause and stop fine.
+#: Tasks a node holds per local worker while tasks are quick: enough that its
+#: workers never wait for a round trip through the scheduler, few enough to
+#: keep pause and stop fine.
 WINDOW_PER_WORKER = 8
+#: A task a node has held this long (seconds) unanswered says tasks are slow
+#: there: the node keeps what it runs and one more (ProcessPoolExecutor's
+#: call queue holds as many), and gives back the rest, which were waiting
+#: there: pending again here, and cancellable, as in ProcessPoolExecutor.
+SLOW_AT_NODE = 0.1
+#: A task answered this soon after it was sent says tasks are quick (again):
+#: the node's window doubles, up to WINDOW_PER_WORKER per worker.
+QUICK_AT_NODE = 0.05
 
 
 class _Task:
-    __slots__ = ("tid", "future", "blob", "items", "node", "retries", "answered")
+    __slots__ = ("tid", "future", "blob", "items", "node", "retries", "answered", "sent")
 
     def __init__(self, tid: int, future: _TaskFuture, blob: bytes, items: list[Any]) -> None:
         self.tid = tid
@@ -68,6 +77,7 @@ class _Task:
         self.node: int | None = None
         self.retries = 0
         self.answered = False
+        self.sent = 0.0  # monotonic time it was sent to its node
 
 
 class _ClusterPool(Session):
@@ -113,11 +123,15 @@ class _ClusterPool(Session):
         self._on_event = on_event
         self._pending: deque[_Task] = deque()
         self._held: dict[int, dict[int, _Task]] = {}
+        #: How many tasks each node may hold (by node index); the give-back each was asked for.
+        self._window: dict[int, int] = {}
+        self._giving_back: dict[int, int] = {}
         self._tids = itertools.count()
         #: (task, ok, outcome, traceback, node, worker that ran it)
         self._settle: list[tuple[_Task, bool, Any, str | None, str, int | None]] = []
         self._submitted = self._completed = self._failed = self._cancelled = self._retried = 0
         self._shutdown = False
+        self._cancel_all = False  # shutdown(cancel_futures=True)
         self._stopped = False
         self._paused = False
         self._broken: str | None = None
@@ -142,6 +156,15 @@ class _ClusterPool(Session):
                 self.release()
             raise
         self._held = {node.index: {} for node in self.nodes}
+        self._window = {node.index: self._quick_window for node in self.nodes}
+
+    @property
+    def _quick_window(self) -> int:
+        return WINDOW_PER_WORKER * self.workers_per_node
+
+    @property
+    def _slow_window(self) -> int:
+        return self.workers_per_node + 1
 
     @property
     def workers(self) -> int:
@@ -202,6 +225,7 @@ class _ClusterPool(Session):
         with self.cond:
             self._shutdown = True
             if cancel_futures:
+                self._cancel_all = True
                 while self._pending:
                     task = self._pending.popleft()
                     if task.future.revoke():
@@ -258,7 +282,12 @@ class _ClusterPool(Session):
         """Let every node run again; return once each acknowledged."""
         self._check_open()
         self._command(Op.RESUME, timeout)
-        self._paused = False
+        with self.cond:
+            now = time.monotonic()
+            for held in self._held.values():  # a task's wait at its node counts from now
+                for task in held.values():
+                    task.sent = now
+            self._paused = False
         self._dispatch()
 
     def _command(self, op: Op, timeout: float | None) -> None:
@@ -413,20 +442,22 @@ class _ClusterPool(Session):
             with self.cond:
                 if self._paused or self._stopped or not self._pending:
                     return
-                room = WINDOW_PER_WORKER * self.workers_per_node
                 live = [n for n in self.nodes if not n.ended and n.lost is None]
                 batches: dict[int, list[tuple[int, bytes, int]]] = {n.index: [] for n in live}
                 turn = self._turn
-                while self._pending and live:
-                    node = min(live, key=lambda n: (len(self._held[n.index]), (n.index - turn) % len(self.nodes)))
-                    held = self._held[node.index]
-                    if len(held) >= room:
+                now = time.monotonic()
+                while self._pending:
+                    roomy = [n for n in live if len(self._held[n.index]) < self._window[n.index]]
+                    if not roomy:
                         break
+                    node = min(roomy, key=lambda n: (len(self._held[n.index]), (n.index - turn) % len(self.nodes)))
+                    held = self._held[node.index]
                     task = self._pending.popleft()
                     if not task.future.claim():  # cancelled meanwhile
                         self._cancelled += len(task.items)
                         continue
                     task.node = node.index
+                    task.sent = now
                     held[task.tid] = task
                     batches[node.index].append((task.tid, task.blob, len(task.items)))  # (the node counts items)
                     turn = node.index + 1
@@ -459,9 +490,64 @@ class _ClusterPool(Session):
             log.debug("node %s answered task %s it does not hold", node.address, tid)
             return
         task.answered = True
+        if time.monotonic() - task.sent < QUICK_AT_NODE:
+            self._window[node.index] = min(self._quick_window, 2 * self._window[node.index])
         self._settle.append((task, ok, value, tb, node.address, wid))
 
+    def _take_back(self, node: Node, tids: Any) -> None:
+        """The tasks `node` gave back (they never ran there): first in line
+        here again, in submission order, and pending (cancellable) again."""
+        held = self._held.get(node.index, {})
+        back = []
+        for tid in tids if isinstance(tids, list) else ():
+            task = held.pop(tid, None)
+            if task is None or task.answered:
+                continue
+            task.node = None
+            if self._cancel_all:  # shutdown(cancel_futures=True) came meanwhile
+                if task.future.revoke():
+                    self._cancelled += len(task.items)
+                continue
+            task.future.unclaim()
+            back.append(task)
+        back.sort(key=lambda t: t.tid)
+        self._pending.extendleft(reversed(back))
+
+    def _give_back_slow(self) -> None:
+        """Take what nodes gave back; ask each node that has held a task
+        SLOW_AT_NODE unanswered, and holds more than a slow window, for the
+        tasks it holds beyond that window."""
+        asks = []
+        with self.cond:
+            for index, seq in list(self._giving_back.items()):
+                node = self.nodes[index]
+                if seq in node.answers:  # (the inbox put it there)
+                    del self._giving_back[index]
+                    self._take_back(node, node.answers.pop(seq))
+            if self._paused or self._stopped:
+                return
+            now = time.monotonic()
+            for node in self.nodes:
+                held = self._held.get(node.index)
+                if (not held or node.ended or node.lost is not None or node.index in self._giving_back
+                        or len(held) <= self._slow_window):
+                    continue
+                oldest = next(iter(held.values()))  # (held in the order sent)
+                if now - oldest.sent >= SLOW_AT_NODE:
+                    self._window[node.index] = self._slow_window
+                    asks.append(node)
+            for node in asks:
+                self._giving_back[node.index] = -1  # (no second ask while this one is on its way)
+        for node in asks:
+            seq = self.send(node, Op.GIVE_BACK, self._slow_window)
+            with self.cond:
+                if self._giving_back.get(node.index) == -1:
+                    self._giving_back[node.index] = seq
+
     def on_lost(self, node: Node, why: str) -> None:
+        seq = self._giving_back.pop(node.index, None)
+        if seq is not None:
+            node.answers.pop(seq, None)
         held = self._held.get(node.index, {})
         back = sorted((t for t in held.values() if not t.answered), key=lambda t: t.tid)
         held.clear()
@@ -496,6 +582,7 @@ class _ClusterPool(Session):
     def after_pass(self) -> None:
         self._apply_settlements()
         self._emit_events()
+        self._give_back_slow()
         if self._pending and not self._paused and not self._stopped:
             self._dispatch()
         self._stop_if_idle()

@@ -35,6 +35,8 @@ class Op(str, enum.Enum):
     PAUSE = "pause"  # executor
     RESUME = "resume"  # executor
     CANCEL = "cancel"  # executor: cancel the tasks not yet started; answer: their tids
+    GIVE_BACK = "give-back"  # executor: arg: how many unfinished tasks to keep; answer: the tids of the
+    # unstarted ones given back (cancelled there, newest first: they never run on that node)
     EXPIRED = "expired"  # from the agent's own watchdog: its lease ran out
 
 
