@@ -529,6 +529,15 @@ def test_cli_json_lines_end_with_the_summary():
     assert all(isinstance(e["t"], float) for e in events[:-1])
 
 
+def test_cli_json_times_never_go_back():
+    # Many processes stamp events; the log tells them in one order, and its times follow it.
+    res = run_sum("--json", "--producers", "4", "--consumers", "3", "--threshold", "2000")
+    assert res.returncode == 0, res.stderr
+    times = [json.loads(line)["t"] for line in res.stdout.splitlines()[:-1]]
+    assert len(times) > 100
+    assert all(a <= b for a, b in zip(times, times[1:]))
+
+
 BAD_CLI = [
     ["--producers", "0"], ["--consumers", "abc"], ["--threshold", "-1"], ["--threshold", "1.5"],
     ["--values", ""], ["--values", "1,x"], ["--values", "0"], ["--queue-size", "0"], ["--delay", "-1"],

@@ -150,6 +150,7 @@ class SumJob:
         self.plan = plan
         self.grace = check_seconds("grace", grace)
         self._on_event = on_event
+        self._last_t = 0.0  # the `t` of the last event told
         self._cancelled = False
         self._pc: ProcessController | None = None
         self._used = False
@@ -196,6 +197,7 @@ class SumJob:
             raise RuntimeError("a SumJob runs once; create another")
         self._used = True
         self._t0 = time.monotonic()
+        self._last_t = 0.0
         plan = replace(self.plan, t0=self._t0, listen=self._on_event is not None)
         channels = {ITEMS: plan.queue_size, **({EVENTS: 0} if plan.listen else {})}
         ledger = Ledger(plan.workers)
@@ -332,6 +334,16 @@ class SumJob:
         # Called from the relay thread during the run, from the caller's thread
         # after it (the relay is joined first): never two at once.
         assert self._on_event is not None
+        # Each process stamps its own events (one clock for all), and they reach
+        # us in the order the channel delivered them: an event stamped a little
+        # before the last one told is told at that one's time, so that `t`
+        # never goes back (what a reader of the log assumes).
+        t = getattr(event, "t", None)
+        if isinstance(t, float):
+            if t < self._last_t:
+                event = replace(event, t=self._last_t)  # type: ignore[type-var]
+            else:
+                self._last_t = t
         try:
             self._on_event(event)
         except Exception:
