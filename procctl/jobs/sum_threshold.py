@@ -341,7 +341,7 @@ class SumJob:
         t = getattr(event, "t", None)
         if isinstance(t, float):
             if t < self._last_t:
-                event = replace(event, t=self._last_t)  # type: ignore[type-var]
+                event = replace(event, t=self._last_t)
             else:
                 self._last_t = t
         try:
