@@ -337,6 +337,40 @@ def _end_owners(pids: set[int]) -> None:
                 pc.close()
         except Exception:  # noqa: BLE001 - as above
             pass
+    for pool in _pools_of(pids):
+        try:
+            pool.terminate()
+        except Exception:  # noqa: BLE001 - as above
+            pass
+
+
+def _pools_of(pids: set[int]) -> list[Any]:
+    """The multiprocessing Pools of this process that these leftovers work for.
+
+    Killed alone, a Pool's idle worker takes the lock of the Pool's task queue
+    with it, and the Pool's own terminate() at the interpreter's exit waits
+    for that lock forever (a test suite that never ends); the Pool also
+    replaces the workers it lost. Terminated, it ends its workers itself.
+    multiprocessing says which processes it started (active_children); the
+    Pool that holds one is found by who refers to it (the Pool, through its
+    list of workers), with nothing but gc's public calls.
+    """
+    mp = sys.modules.get("multiprocessing")
+    mp_pool = sys.modules.get("multiprocessing.pool")
+    if mp is None or mp_pool is None:
+        return []
+    import gc
+
+    workers = [p for p in mp.active_children() if p.pid in pids]
+    found: list[Any] = []
+    level: list[Any] = workers
+    for _ in range(3):  # the worker <- the Pool's list <- its attributes <- the Pool
+        if not level:
+            break
+        referrers = [r for r in gc.get_referrers(*level) if r is not level and r is not workers]
+        found += [r for r in referrers if isinstance(r, mp_pool.Pool) and r not in found]
+        level = [r for r in referrers if isinstance(r, (list, dict))]
+    return found
 
 
 def _running(proc: psutil.Process, psutil: Any) -> bool:

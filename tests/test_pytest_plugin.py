@@ -154,6 +154,28 @@ def test_a_leaked_executor_is_stopped_not_just_its_workers_killed(pytester):
     result.stdout.fnmatch_lines(["*ERROR at teardown of test_leaks_an_executor_and_a_controller*"])
 
 
+@pytest.mark.parametrize("method", ["fork", "forkserver"])
+def test_a_leaked_multiprocessing_pool_is_terminated_and_the_run_ends(pytester, method):
+    # Its idle workers, killed alone, took the lock of its task queue with them: the
+    # Pool's own terminate() at the interpreter's exit waited for it forever.
+    pytester.makeini("[pytest]\nprocctl_check_leftovers = true\n")
+    pytester.makepyfile(test_leak=f"""
+        import multiprocessing, operator
+        KEEP = []
+
+        def test_leaks_a_pool():
+            pool = multiprocessing.get_context({method!r}).Pool(2)
+            assert pool.map(operator.neg, range(4)) == [0, -1, -2, -3]
+            KEEP.append(pool)
+
+        def test_next_one_is_not_charged_with_replacements():
+            pass
+        """)
+    result = pytester.runpytest_subprocess(*plugin_args(), timeout=SUBPROCESS_TIMEOUT)
+    result.assert_outcomes(passed=2, errors=1)
+    result.stdout.fnmatch_lines(["*ERROR at teardown of test_leaks_a_pool*"])
+
+
 def test_without_the_option_or_the_fixture_nothing_is_checked(pytester, tmp_path):
     pidfile = tmp_path / "pid"
     pytester.makepyfile(test_leak=LEAK + f"\ndef test_leaks():\n    leak({str(pidfile)!r})\n")
