@@ -156,7 +156,8 @@ class _ClusterPool(Session):
                 self.release()
             raise
         self._held = {node.index: {} for node in self.nodes}
-        self._window = {node.index: self._quick_window for node in self.nodes}
+        # Slow until measured (as ProcessExecutor): a burst of submits stays here, cancellable.
+        self._window = {node.index: self._slow_window for node in self.nodes}
 
     @property
     def _quick_window(self) -> int:
