@@ -264,6 +264,7 @@ class RunSession:
         self.max_workers = max_workers  # no resize goes beyond this
         self.stop_asked = False  # by `procctl stop` or a key of the live view
         self.stop_grace: float | None = None
+        self.stopped = threading.Event()  # set once the stop has reaped every worker
         self.tick = tick  # called between waits
         self.view: Any = None  # the live view, for the keys' notes
         self._resizing = threading.RLock()
@@ -732,6 +733,7 @@ def _drive(pc: ProcessController, session: RunSession, view: Any, steps: list[st
         if view is not None:
             view.stopping(float(getattr(pc, "grace", 5.0)) if grace is None else grace)
         reports = pc.stop() if grace is None else pc.stop(grace)
+        session.stopped.set()
         if view is not None:
             view.__exit__(None, None, None)
     return reports
@@ -754,8 +756,15 @@ def _on_key(session: RunSession, key: str) -> None:
     elif key == "q":
         # Now, but a worker that checkpoints still stops cleanly (its next
         # checkpoint is moments away); one that does not is killed after QUIT_GRACE.
-        session.request_stop(grace=min(QUIT_GRACE, float(getattr(pc, "grace", QUIT_GRACE))))
-        note = "stopping now"
+        grace = min(QUIT_GRACE, float(getattr(pc, "grace", QUIT_GRACE)))
+        under_way = session.stop_asked or session.bridge.stop_requested()
+        session.request_stop(grace=grace)
+        if view is not None:
+            view.message("stopping now")
+        if under_way and not session.stopped.wait(grace):
+            # A stop already waits out its own (longer) grace: `q` cuts it short.
+            pc.kill()
+        return
     elif key in "+-":
         note = session.resize(+1 if key == "+" else -1)  # as SIGTTIN/SIGTTOU
     else:

@@ -187,6 +187,15 @@ def _raw_say(data: bytes) -> None:
         pass  # a broken or closed stderr: the exit status still tells
 
 
+def printable(value: object) -> str:
+    """`value` as text that cannot drive a terminal: control characters (an
+    escape sequence, a newline in a worker's progress info) written as escapes."""
+    text = str(value)
+    if text.isprintable():
+        return text
+    return "".join(ch if ch.isprintable() else ascii(ch)[1:-1] for ch in text)
+
+
 class SignalBridge:
     """Record the signals an operator sends; the command's loop acts on them.
 

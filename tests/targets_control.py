@@ -80,3 +80,10 @@ def huge_progress(ctx):
     ctx.progress(1e307, 1e308)
     while ctx.checkpoint():
         ctx.sleep(float("inf"))
+
+
+def escaping_info(ctx):
+    """Progress info that would clear the screen and move the cursor if printed raw."""
+    ctx.progress(1, 10, note="\x1b[2J\x1b[Hcleared\nbroken")
+    while ctx.sleep(float("inf")):
+        pass

@@ -125,12 +125,35 @@ def test_q_stops_at_once_and_the_countdown_shows_during_a_grace(screen):
     assert time.monotonic() - started < 15  # not the 30 s grace
     assert "stopping now" in term.text or "2 killed" in term.text
 
+    # q while a graceful stop waits out its grace: it is cut short, not waited out.
+    term = screen(["run", "--workers", "2", "--target", "targets:ignore_stop", "--schedule", "run",
+                   "--step", "0", "--grace", "30"])
+    term.wait_for("keys: p pause")
+    term.key("s")
+    term.wait_for("grace period left; still running: 0, 1")
+    started = time.monotonic()
+    term.key("q")
+    assert term.finish() == 1
+    assert time.monotonic() - started < 15
+    assert "2 killed" in term.text
+
     # Workers that checkpoint stop cleanly on q: exit 0.
     term = screen(["run", "--workers", "2", "--schedule", "run", "--step", "0", "--finish-chance", "0"])
     term.wait_for("keys: p pause")
     term.key("q")
     assert term.finish() == 0
     assert "2 stopped" in term.text
+
+
+def test_progress_info_cannot_drive_the_terminal(screen):
+    term = screen(["run", "--workers", "1", "--target", "targets_control:escaping_info", "--schedule", "run",
+                   "--step", "0"])
+    term.wait_for("keys: p pause")
+    term.wait_for("cleared")
+    term.key("s")
+    assert term.finish() == 0
+    assert b"\x1b[2J" not in term.raw  # written as text: \x1b[2J\x1b[Hcleared\nbroken
+    assert "note=\\x1b[2J\\x1b[Hcleared\\nbr" in term.text  # (the column ends in …)
 
 
 def test_plus_and_minus_keys_resize_from_the_size_within_max_workers(screen):
