@@ -18,6 +18,7 @@ import click
 
 from .clitools import EXIT_FAILED, EXIT_OK, EXIT_USAGE, BadInput, Reporter, json_line, printable, say
 from .control import (
+    END_OF_EVENTS,
     MAX_COUNT,
     ControlError,
     ControlServer,
@@ -346,10 +347,12 @@ def _open_stream(path: str, follow: bool) -> Any:
 
 
 def _follow(sock: Any, bridge: Any, emit: Callable[[bytes], None]) -> bool:
-    """Read the event stream to its end (or a SIGINT/SIGTERM); False if the run refused."""
+    """Read the event stream to its end (or a SIGINT/SIGTERM); False if it broke off
+    before the run closed it (the run was killed)."""
     r, w = os.pipe()
     buffer = bytearray()
     header = True
+    ended = False
     try:
         poke = partial(_poke, w)
         with selectors.DefaultSelector() as sel, bridge.attach(wake=poke, hurry=lambda: None, nudge=poke):
@@ -374,11 +377,14 @@ def _follow(sock: Any, bridge: Any, emit: Callable[[bytes], None]) -> bool:
                         if not reply.get("ok"):
                             raise click.ClickException(str(reply.get("error")))
                         continue
+                    if line == END_OF_EVENTS:
+                        ended = True
+                        continue
                     emit(line)
     finally:
         os.close(r)
         os.close(w)
-    return True
+    return ended or bridge.stop_requested()
 
 
 def _poke(fd: int) -> None:
@@ -405,15 +411,22 @@ def events_command(run: str | None, follow: bool) -> int:
             click.echo(line.decode())
 
         if follow:
-            _follow(sock, bridge, emit)
+            ended = _follow(sock, bridge, emit)
         else:
             buffer = bytearray()
             header = read_line(sock, buffer)
             reply = json.loads(header) if header else {"ok": False, "error": "the run ended"}
             if not reply.get("ok"):
                 raise click.ClickException(str(reply.get("error")))
+            ended = False
             while (line := read_line(sock, buffer)) is not None:
-                emit(line)
+                if line == END_OF_EVENTS:
+                    ended = True
+                else:
+                    emit(line)
+    if not ended:
+        say("procctl events: the run ended without closing its events (killed?): they stop here")
+        return EXIT_FAILED
     return bridge.exit_code or EXIT_OK
 
 

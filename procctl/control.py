@@ -62,6 +62,8 @@ DISCARD_LIMIT = 64 * 1024 * 1024
 #: The largest worker count or id a request may carry (a C int, as the kernel counts processes).
 MAX_COUNT = 2**31 - 1
 COMMANDS = ("info", "status", "pause", "resume", "stop", "scale", "events", "metrics")
+#: The last line of an event stream the run ended itself (not an event: it has no "event").
+END_OF_EVENTS = b'{"end": true}'
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 SUFFIX = ".sock"
 #: struct ucred: pid, uid, gid.
@@ -155,6 +157,16 @@ class Reply:
     def bad_input(cls, error: str) -> Reply:
         """A request whose arguments the run cannot take (a worker id it does not have)."""
         return cls(False, {"bad_input": True}, error)
+
+
+def _ended(pc: Any, ids: tuple[int, ...]) -> list[int]:
+    """Those of `ids` that are workers of `pc` that have ended (an id it never had is
+    for its own command to refuse)."""
+    try:
+        alive = {s.worker_id: s.alive for s in pc.status()}
+    except Exception:  # noqa: BLE001 - a run that cannot tell: its command decides
+        return []
+    return [i for i in ids if alive.get(i) is False]
 
 
 def _bad_workers(exc: ValueError) -> Reply:
@@ -488,8 +500,8 @@ class ControlServer:
                     continue
                 try:
                     request = Request.parse(line)
-                except ProtocolError as exc:
-                    conn.sendall(Reply.failure(str(exc)).to_line())
+                except ProtocolError as exc:  # a request that cannot be taken: bad input (exit 2)
+                    conn.sendall(_bad_workers(exc).to_line())
                     continue
                 if request.cmd == "events":
                     me = threading.current_thread()
@@ -607,6 +619,10 @@ class ControlServer:
                 return Reply.failure(f"this run does not support {request.cmd} of single workers"
                                      " (--workers); it needs a controller with per-worker commands")
             kwargs["workers"] = list(request.workers)
+            ended = _ended(pc, request.workers)
+            if ended:
+                return Reply.failure(f"worker{'s' if len(ended) > 1 else ''} {', '.join(map(str, ended))} of this"
+                                     f" run {'have' if len(ended) > 1 else 'has'} ended: nothing to {request.cmd}")
         try:
             getattr(pc, method)(**kwargs)
         except TimeoutError as exc:
@@ -694,6 +710,7 @@ class ControlServer:
             if batch:
                 conn.sendall(b"".join(json_bytes(e) for e in batch))
             if done and sent == len(self._events):
+                conn.sendall(END_OF_EVENTS + b"\n")  # (a run that dies mid-stream sends none)
                 return
 
 

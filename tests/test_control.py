@@ -311,7 +311,18 @@ def test_per_worker_commands_and_scale_within_max_workers(env):
             res = ctl(env, cmd, "plain", "--workers", "7")
             assert res.returncode == 2 and res.stderr.splitlines() == [
                 "procctl: error: --workers: 7 is not a worker id (0 to 2)"], res.stderr
+        huge = "9" * 23  # past any run's size: bad input as well (it was exit 1)
+        res = ctl(env, "pause", "plain", "--workers", huge)
+        assert res.returncode == 2 and res.stderr.splitlines() == [
+            f"procctl: error: --workers: {huge} is not a worker id"], res.stderr
         assert [w["alive"] for w in ctl_json(env, "status", "plain")["workers"]] == [True] * 3
+        res = ctl(env, "stop", "plain", "--workers", "2")
+        assert res.returncode == 0, res.stderr
+        for cmd in ("pause", "resume"):  # one that has ended: nothing done, and said (it said "paused")
+            res = ctl(env, cmd, "plain", "--workers", "1,2")
+            assert res.returncode == 1 and res.stdout == "", res.stdout
+            assert res.stderr.splitlines() == [
+                f"procctl: error: worker 2 of this run has ended: nothing to {cmd}"], res.stderr
         ctl(env, "stop", "plain")
         assert cli.finish()[0] == 0
     finally:
@@ -350,6 +361,26 @@ def test_a_signal_to_events_follow_only_ends_the_following(env):
         assert [w["alive"] for w in ctl_json(env, "status", "watched")["workers"]] == [True]
         assert ctl(env, "stop", "watched").returncode == 0
         assert cli.finish()[0] == 0
+    finally:
+        cli.kill()
+
+
+def test_events_follow_of_a_run_killed_says_so_and_exits_1(env):
+    # It exited 0 and said nothing: a crash read as a clean end.
+    cli = start_run(env, "doomed", workers=1)
+    try:
+        follow = subprocess.Popen(CLI + ["events", "doomed", "--follow"], stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True, env=env)
+        try:
+            assert json.loads(follow.stdout.readline())["worker"] == 0  # following now
+            os.kill(cli.proc.pid, signal.SIGKILL)
+            _, err = follow.communicate(timeout=20)
+        finally:
+            follow.kill()
+            follow.wait()
+        assert follow.returncode == 1
+        [line] = err.splitlines()
+        assert "killed?" in line
     finally:
         cli.kill()
 
