@@ -61,7 +61,7 @@ def _fmt_eta(seconds: float | None) -> str:
 #: are given up when the terminal is narrow (the last first); worker and
 #: state always stay, and info takes what is left (at least 12).
 COLUMNS = (("worker", 7), ("state", 9), ("progress", 14), ("eta", 6), ("cpu %", 6), ("rss", 9), ("pid", 8),
-           ("info", 12))
+           ("last event", 16), ("info", 12))
 #: At most this many output lines are drawn per batch (the newest); the rest
 #: are counted (and kept in --log-dir files), so a chatty worker cannot drown the view.
 MAX_LINES_SHOWN = 400
@@ -94,6 +94,8 @@ class LiveView:
         self._stop_at: float | None = None
         self._grace = 0.0
         self._message = ""
+        #: Each worker's last event and when it came (monotonic).
+        self._last_event: dict[int, tuple[str, float]] = {}
 
     def __enter__(self) -> LiveView:
         self._live = Live(console=self._console, auto_refresh=False, transient=False,
@@ -119,7 +121,9 @@ class LiveView:
             self.refresh()
 
     def on_event(self, event: Event) -> None:
-        pass  # the table shows the states; events only matter to the timeline
+        """A worker's event: its row's last event (from the controller's thread)."""
+        if event.worker is not None:
+            self._last_event[event.worker] = (event.event, time.monotonic())
 
     def stopping(self, grace: float) -> None:
         """A stop began: count the grace period down, and show no more ETA."""
@@ -213,7 +217,7 @@ class LiveView:
                 break  # goes, and every one after it (a narrower one after it would jump the order)
             kept.append(name)
             used += width
-        order = ("worker", "pid", "state", "progress", "eta", "info", "cpu %", "rss")
+        order = ("worker", "pid", "state", "progress", "eta", "last event", "info", "cpu %", "rss")
         return [name for name in order if name in kept]
 
     def _table(self, rows: list[WorkerStatus]) -> Group:
@@ -253,8 +257,12 @@ class LiveView:
             state.append(f" r{r.restarts}", style="dim")
         if self.silent(r):
             state.append(f" no beat {r.beat_age:.1f}s", style="bold red")
+        last = ""
+        if r.worker_id in self._last_event:
+            what, when = self._last_event[r.worker_id]
+            last = f"{what} {time.monotonic() - when:.0f}s ago"
         return {"worker": str(r.worker_id), "pid": str(r.pid or ""), "state": state,
-                "progress": progress, "eta": eta, "info": info, "cpu %": cpu, "rss": rss}
+                "progress": progress, "eta": eta, "last event": last, "info": info, "cpu %": cpu, "rss": rss}
 
     def _footer_text(self) -> Text:
         text = Text()

@@ -145,11 +145,15 @@ def test_q_stops_at_once_and_the_countdown_shows_during_a_grace(screen):
     assert "2 stopped" in term.text
 
 
-def test_progress_info_cannot_drive_the_terminal(screen):
+def test_progress_info_cannot_drive_the_terminal_and_rows_tell_the_last_event(screen):
     term = screen(["run", "--workers", "1", "--target", "targets_control:escaping_info", "--schedule", "run",
                    "--step", "0"])
     term.wait_for("keys: p pause")
     term.wait_for("cleared")
+    term.key("p")  # and each row tells its worker's last event
+    term.wait_for("paused 0s ago")
+    header = next(line for line in reversed(term.text.split("\n")) if "worker" in line and "state" in line)
+    assert header.split()[:7] == ["worker", "pid", "state", "progress", "eta", "last", "event"], header
     term.key("s")
     assert term.finish() == 0
     assert b"\x1b[2J" not in term.raw  # written as text: \x1b[2J\x1b[Hcleared\nbroken
