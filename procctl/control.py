@@ -177,7 +177,10 @@ def _bad_workers(exc: ValueError) -> Reply:
 
 def json_bytes(body: dict[str, Any]) -> bytes:
     """One strict JSON line: NaN and infinities (which JSON has no word for) are null."""
-    return json.dumps(_finite(body), default=str, allow_nan=False).encode() + b"\n"
+    try:  # (the encoder in C; the walk in Python only for a body it refuses: most have no NaN)
+        return json.dumps(body, default=str, allow_nan=False).encode() + b"\n"
+    except (ValueError, TypeError):
+        return json.dumps(_finite(body), default=str, allow_nan=False).encode() + b"\n"
 
 
 def _finite(value: Any) -> Any:
