@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import socket
@@ -78,6 +79,14 @@ def test_a_runtime_directory_past_the_unix_socket_path_limit(tmp_path):
     assert "no control socket" not in err
     assert "[1] worker 1 says hello" in err  # the workers' output, captured ([id] prefix)
     assert_all_gone(worker_pids(json_events(out)))
+
+
+def test_replies_are_strict_json_whatever_the_figures():
+    from procctl.control import json_bytes
+
+    line = json_bytes({"eta": math.inf, "rate": [1.5, -math.inf, math.nan], "info": {(1, 2): object}})
+    assert json.loads(line, parse_constant=lambda c: pytest.fail(f"{c} in {line!r}")) == {
+        "eta": None, "rate": [1.5, None, None], "info": {"(1, 2)": "<class 'object'>"}}
 
 
 def test_status_keeps_huge_figures_in_their_columns(env):
