@@ -66,7 +66,7 @@ from .errors import RemoteTraceback, TaskTimeout, WorkerCrashed
 from .limits import WORK_FDS_PER_WORKER, capacity_problem
 from .shutdown import describe_exit, signal_name
 from .states import Event, Outcome, State, WorkerReport, WorkerStatus
-from .worker_plane import CALL, CHUNK, ERR, ERR_AT, OK, PRECISE, run_tasks
+from .worker_plane import CALL, CHUNK, ERR, ERR_AT, OK, PRECISE, RETURN_SIGNAL, run_tasks
 from .workwire import MAX_WAIT, Kind, check_timeout
 
 log = logging.getLogger("procctl")
@@ -1076,8 +1076,8 @@ class _Pool:
 
     def _ask_back(self, line: _WorkerLine) -> None:
         """Take back what `line`'s worker holds and has not started: the tasks
-        it has not read now, the ones it read once it ends the one it runs
-        (it gives them back, RETURNED, before it starts another)."""
+        it has not read now, the ones it read as soon as its returner thread
+        hears the signal (RETURNED), even while it runs the slow one."""
         if not line.held or line.closed:
             return
         line.asked_back = line.held[0]
@@ -1088,6 +1088,8 @@ class _Pool:
         self._take_back(line, _unread(line))
         if len(line.held) > 1 and self._pc._board is not None:
             self._pc._board.ask_back(line.wid)
+            if line.up:  # (its returner thread waits for the signal from then on)
+                self._pc._nudge_worker(line.wid, RETURN_SIGNAL)
 
     def _fill(self, line: _WorkerLine, window: int | None = None) -> None:
         """Send `line` tasks up to the window, several to a message when tasks are quick."""

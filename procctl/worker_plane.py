@@ -18,8 +18,10 @@ import itertools
 import pickle
 import queue
 import select
+import signal
 import socket
 import sys
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -47,6 +49,11 @@ _REPLIES = (Kind.ITEM, Kind.CLOSED)
 #: been taking per item, so that a slow consumer leaves the items to others.
 PREFETCH = 128
 PREFETCH_SECONDS = 0.002
+#: The signal the executor sends a worker it asks for its unstarted tasks
+#: while the worker runs one that is slow (board.ask_back): the worker's
+#: returner thread waits for it (sigwait), blocked everywhere else, and gives
+#: the tasks back then, not once the slow one ends.
+RETURN_SIGNAL = signal.SIGRTMIN + 3
 
 
 class WorkEnd:
@@ -62,6 +69,9 @@ class WorkEnd:
         self.tasks: deque[tuple[int, bytes, bytes]] = deque()
         #: The executor's requests for our unstarted tasks, as many as we answered.
         self.asks_answered = 0
+        #: Held to take tasks and to send: the returner thread does both too.
+        self.mutex = threading.RLock()
+        self.returner: threading.Thread | None = None
         #: channel id -> items asked for (GET) and not yet come; they wait in
         #: the socket, where the manager can take them back.
         self.asked: dict[int, int] = {}
@@ -195,11 +205,11 @@ class WorkEnd:
         # starts, so the manager can tell which one a death interrupted.
         # The manager may ask for those back (its window shrank: they were
         # sent while tasks were quick, and a slow one runs ahead of them).
-        asks = ctx._end.board.asked_back(ctx._end.worker)
-        if asks != self.asks_answered:
-            self.asks_answered = asks
-            self.return_tasks(ctx)
-        while not self.tasks:
+        self.answer_ask(ctx)
+        while True:
+            with self.mutex:  # (popped here: started; the returner gives back only what is left)
+                if self.tasks:
+                    return self.tasks.popleft()
             try:
                 msg = workwire.recv(self.sock)
             except BlockingIOError:
@@ -209,14 +219,40 @@ class WorkEnd:
             if msg is None:
                 return None
             self._absorb(ctx, msg)
-        return self.tasks.popleft()
+
+    def answer_ask(self, ctx: WorkerContext) -> None:
+        """Give back our unstarted tasks if the executor asked since we last did."""
+        with self.mutex:
+            asks = ctx._end.board.asked_back(ctx._end.worker)
+            if asks != self.asks_answered:
+                self.asks_answered = asks
+                self.return_tasks(ctx)
 
     def return_tasks(self, ctx: WorkerContext) -> None:
         """Give back the tasks read but not started (we are leaving, or asked)."""
-        if self.tasks:
-            ids = b"".join(workwire.TASK_IDS.pack(tid) for tid, _, _ in self.tasks)
-            self.tasks.clear()
-            self._send(ctx, Kind.RETURNED, payload=ids)
+        with self.mutex:
+            if self.tasks:
+                ids = b"".join(workwire.TASK_IDS.pack(tid) for tid, _, _ in self.tasks)
+                self.tasks.clear()
+                if threading.current_thread() is self.returner:
+                    self._send_from_returner(Kind.RETURNED, ids)
+                else:
+                    self._send(ctx, Kind.RETURNED, payload=ids)
+
+    def start_returner(self, ctx: WorkerContext) -> None:
+        """A thread that answers the executor's asks while a task runs (see RETURN_SIGNAL)."""
+        signal.pthread_sigmask(signal.SIG_BLOCK, {RETURN_SIGNAL})  # (the thread inherits the mask)
+        self.returner = threading.Thread(target=self._return_on_signal, args=(ctx,), name="procctl-returner",
+                                         daemon=True)
+        self.returner.start()
+
+    def _return_on_signal(self, ctx: WorkerContext) -> None:
+        while True:
+            signal.sigwait({RETURN_SIGNAL})
+            try:
+                self.answer_ask(ctx)
+            except OSError:
+                return  # the manager is gone: so are we, soon
 
     # -- the wire -----------------------------------------------------------
 
@@ -269,7 +305,9 @@ class WorkEnd:
             self.credits[msg.channel] = self.credits.get(msg.channel, 0) + msg.tag
             self.wanting.discard(msg.channel)
         elif kind is Kind.TASK:
-            self.tasks.extend(workwire.unpack_tasks(msg.payload))
+            tasks = workwire.unpack_tasks(msg.payload)
+            with self.mutex:
+                self.tasks.extend(tasks)
         elif kind is Kind.ITEM:
             # An item we asked for earlier, read past while we wait for
             # something else: we hold nothing we are not handing to the
@@ -293,15 +331,28 @@ class WorkEnd:
     ) -> bool:
         """Send one message, waiting for room in the socket; with `stoppable`,
         give up (False, nothing sent) at STOPPED."""
+        with self.mutex:  # (whole messages: the returner thread sends too)
+            while True:
+                try:
+                    workwire.send(self.sock, kind, cid, tag, payload)
+                    return True
+                except BlockingIOError:
+                    pass
+                if not ctx._wait_io(self.sock.fileno(), select.POLLOUT, None):
+                    if stoppable and ctx.state is State.STOPPED:
+                        return False
+
+    def _send_from_returner(self, kind: Kind, payload: bytes) -> None:
+        """As _send, from the returner thread (holding the mutex): the context's
+        waits are the main thread's, so it waits for room here alone."""
+        room = select.poll()
+        room.register(self.sock.fileno(), select.POLLOUT)
         while True:
             try:
-                workwire.send(self.sock, kind, cid, tag, payload)
-                return True
+                workwire.send(self.sock, kind, 0, 0, payload)
+                return
             except BlockingIOError:
-                pass
-            if not ctx._wait_io(self.sock.fileno(), select.POLLOUT, None):
-                if stoppable and ctx.state is State.STOPPED:
-                    return False
+                room.poll()
 
 
 
@@ -327,6 +378,7 @@ def run_tasks(
         except BaseException:  # noqa: BLE001 - reported; the executor is then broken
             end._send(ctx, Kind.INIT_FAILED, payload=format_exc().encode())
             return 0
+    end.start_returner(ctx)
     end._send(ctx, Kind.UP)  # task timeouts count from here, not from our start
     done = 0
     send, result = end._send, Kind.RESULT

@@ -81,6 +81,23 @@ def test_slow_tasks_after_quick_ones_are_not_held_by_the_workers():
         ex.shutdown(cancel_futures=True)
 
 
+@pytest.mark.parametrize("start_method", ["fork", "spawn"])
+def test_quick_tasks_behind_a_slow_one_run_on_the_idle_worker_meanwhile(start_method):
+    # Quick tasks a worker had read behind a slow one waited for it (23 of 700 for the
+    # 3 s it ran) while the other worker sat idle; ProcessPoolExecutor runs them at once.
+    ex = ProcessExecutor(2, start_method=start_method)
+    try:
+        assert list(ex.map(t.square, range(1000), chunksize=1))[-1] == 999 ** 2  # windows are quick
+        quick = [ex.submit(t.square, i) for i in range(200)]
+        slow = ex.submit(t.sleep_for, 60)
+        quick += [ex.submit(t.square, i) for i in range(500)]
+        done, waiting = cf.wait(quick, timeout=20)
+        assert not waiting and slow.running()
+    finally:
+        ex.kill()
+        ex.stop(grace=0)
+
+
 def test_shutdown_cancel_futures_cancels_what_the_workers_hold_unstarted():
     workers = 2
     with ProcessExecutor(workers, start_method="fork") as ex:
