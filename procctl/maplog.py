@@ -135,15 +135,20 @@ def read_done(path: str, digests: dict[int, str]) -> set[int]:
 
     `digests` maps each input line number to its item's digest; a record that
     names a line whose item differs means the joblog is from another input,
-    and resuming from it would skip the wrong items: JoblogError. A last
+    and resuming from it would skip the wrong items: JoblogError. A record
+    past the input's last line is of an item this input no longer has (as
+    GNU parallel's --resume, a shorter input goes on). A last
     record cut short is cut off the file once the rest is found to be this
     input's, so that the next record starts a line of its own (that item is
     not done: it runs again).
     """
     raw = _contents(path)
     done: set[int] = set()
+    last = max(digests, default=0)
     for number, record in read_records(path, raw):
         line = record["line"]
+        if isinstance(line, int) and not isinstance(line, bool) and line > last:
+            continue  # past the end of this input (cut short since): an item this run does not have
         if isinstance(line, bool) or not isinstance(line, int) or digests.get(line) != record["sha"]:
             raise JoblogError(f"line {number} records input line {line} with another item than the input has "
                               "there: this joblog is from another input")

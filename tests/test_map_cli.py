@@ -224,6 +224,21 @@ def test_resume_refuses_a_joblog_of_another_input(tmp_path):
     assert "another input" in res.stderr and len(res.stderr.strip().splitlines()) == 1
 
 
+def test_resume_with_the_input_cut_short_or_grown(tmp_path):
+    # The joblog's records past the end of a shorter input are items it no longer has:
+    # it said "records input line 4 with another item than the input has there".
+    log = str(tmp_path / "log")
+    assert map_cli(["maptargets:square", "--items", write_items(tmp_path / "in", range(5)),
+                    "--joblog", log]).returncode == 0
+    res = map_cli(["maptargets:square", "--items", write_items(tmp_path / "short", range(3)), "--joblog", log,
+                   "--resume"])
+    assert res.returncode == 0 and res.stdout == "", res.stderr  # all three done already
+    res = map_cli(["maptargets:square", "--items", write_items(tmp_path / "long", range(7)), "--joblog", log,
+                   "--resume"])
+    assert res.returncode == 0, res.stderr
+    assert sorted(json.loads(line)["result"] for line in res.stdout.splitlines()) == [25, 36]
+
+
 # -- joblog and resume ------------------------------------------------------------------
 
 
