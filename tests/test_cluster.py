@@ -582,7 +582,7 @@ def test_bad_address_and_arguments():
     with pytest.raises(ValueError, match="initial_state"):
         ClusterController(cluster_targets.loop, address="tcp://127.0.0.1:9", initial_state="x")
     started = time.monotonic()
-    for address in ("http://127.0.0.1:8786", "tcp://127.0.0.1:99999", "nonsense", "tcp://127.0.0.1"):
+    for address in ("http://127.0.0.1:8786", "tcp://127.0.0.1:99999", "nonsense", "tcp://127.0.0.1", "local:2"):
         with pytest.raises(ValueError, match=f"address '{address}'"):
             ClusterController(cluster_targets.loop, address=address)
         with pytest.raises(ValueError, match=f"address '{address}'"):

@@ -18,6 +18,7 @@ import asyncio
 import logging
 import math
 import os
+import re
 import select
 import signal
 import socket
@@ -86,7 +87,11 @@ def wait_for(cond: threading.Condition, predicate: Callable[[], Any], timeout: f
 
 def check_address(address: str) -> None:
     """ValueError naming `address` if Dask could not connect to it whatever listens
-    there: a scheme Dask does not know (http://), a tcp port out of range."""
+    there: a scheme Dask does not know (http://), a tcp port out of range, the
+    command line's local:N (a host named "local" to Dask)."""
+    if re.fullmatch(r"\s*local:\s*\d*\s*", address):
+        raise ValueError(f"address {address!r} is the command line's form (--cluster local:N); in a script,"
+                         " pass cluster=distributed.LocalCluster(n_workers=N)")
     scheme, loc = parse_address(address)
     try:
         get_backend(scheme)
