@@ -66,6 +66,21 @@ def _load_prctl() -> Any:
 PRCTL = _load_prctl()
 
 
+def signal_thread(pid: int, tid: int, sig: int) -> bool:
+    """tgkill(2): send `sig` to thread `tid` of process `pid` (of ours: a worker not
+    yet reaped, whose pid no other process can have); False if it is gone or the
+    call is missing here."""
+    if not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+
+    try:
+        tgkill = ctypes.CDLL(None, use_errno=True).tgkill
+    except (OSError, AttributeError):  # pragma: no cover - glibc before 2.30
+        return False
+    return bool(tgkill(pid, tid, sig) == 0)
+
+
 # -- the worker's side --------------------------------------------------------------
 
 

@@ -979,19 +979,12 @@ class ProcessController(Shortcuts):
         """Process ids of the live workers."""
         return [w.pid for w in self._workers if w.alive and w.pid is not None]
 
-    def _nudge_worker(self, wid: int, sig: int) -> None:
-        """Send `sig` to live worker `wid` for it to act on (not to end it): it is not
-        marked signalled. Through its pidfd, which cannot name another process."""
+    def _signal_thread(self, wid: int, tid: int, sig: int) -> None:
+        """Send `sig` to thread `tid` of live worker `wid`, for it to act on (not to end
+        the worker: it is not marked signalled). Not yet reaped, its pid is its own."""
         w = self._workers[wid]
-        if not w.alive:
-            return
-        try:
-            if w.pidfd >= 0:
-                signal.pidfd_send_signal(w.pidfd, sig)
-            elif w.pid is not None:
-                os.kill(w.pid, sig)
-        except OSError:
-            pass  # it has just ended: the reaper sees it
+        if w.alive and w.pid is not None:
+            containment.signal_thread(w.pid, tid, sig)
 
     def signal_live(self, sig: int) -> list[int]:
         """Send `sig` to every live worker; they will be reported as killed."""

@@ -387,7 +387,7 @@ class _Task:
 class _WorkerLine:
     """The manager's view of one worker's link and the tasks it holds."""
 
-    __slots__ = ("wid", "sock", "child", "held", "done", "sent", "timed_out", "closed", "up", "asked_back")
+    __slots__ = ("wid", "sock", "child", "held", "done", "sent", "timed_out", "closed", "up", "returner", "asked_back")
 
     def __init__(self, wid: int) -> None:
         self.wid = wid
@@ -402,6 +402,7 @@ class _WorkerLine:
         #: The worker said UP: it is past its start (and initializer), and the
         #: task_timeout of its first task counts from then.
         self.up = False
+        self.returner = 0  # the thread id of the worker's returner thread, once up
         #: The task at the head when the worker was last asked for the ones behind it.
         self.asked_back: _Task | None = None
 
@@ -1088,8 +1089,8 @@ class _Pool:
         self._take_back(line, _unread(line))
         if len(line.held) > 1 and self._pc._board is not None:
             self._pc._board.ask_back(line.wid)
-            if line.up:  # (its returner thread waits for the signal from then on)
-                self._pc._nudge_worker(line.wid, RETURN_SIGNAL)
+            if line.returner:  # (the worker's thread that waits for the signal)
+                self._pc._signal_thread(line.wid, line.returner, RETURN_SIGNAL)
 
     def _fill(self, line: _WorkerLine, window: int | None = None) -> None:
         """Send `line` tasks up to the window, several to a message when tasks are quick."""
@@ -1342,6 +1343,7 @@ class _Pool:
             self._take_back(line, set(workwire.task_ids(msg)))
         elif msg.kind is Kind.UP:
             line.up = True
+            line.returner = msg.tag
             if line.held:
                 line.held[0].started = time.monotonic()  # a slow start is not the task's time
         elif msg.kind is Kind.INIT_FAILED:

@@ -49,10 +49,12 @@ _REPLIES = (Kind.ITEM, Kind.CLOSED)
 #: been taking per item, so that a slow consumer leaves the items to others.
 PREFETCH = 128
 PREFETCH_SECONDS = 0.002
-#: The signal the executor sends a worker it asks for its unstarted tasks
-#: while the worker runs one that is slow (board.ask_back): the worker's
-#: returner thread waits for it (sigwait), blocked everywhere else, and gives
-#: the tasks back then, not once the slow one ends.
+#: The signal the executor sends a worker's returner thread (that thread
+#: alone: tgkill) when it asks for the worker's unstarted tasks while the
+#: worker runs one that is slow (board.ask_back): the thread waits for it
+#: (sigwait, blocked in that thread only) and gives the tasks back then, not
+#: once the slow one ends. No other thread ever gets it, and the worker's
+#: own mask (which what its tasks start inherits) stays as it was.
 RETURN_SIGNAL = signal.SIGRTMIN + 3
 
 
@@ -239,12 +241,17 @@ class WorkEnd:
                 else:
                     self._send(ctx, Kind.RETURNED, payload=ids)
 
-    def start_returner(self, ctx: WorkerContext) -> None:
-        """A thread that answers the executor's asks while a task runs (see RETURN_SIGNAL)."""
-        signal.pthread_sigmask(signal.SIG_BLOCK, {RETURN_SIGNAL})  # (the thread inherits the mask)
-        self.returner = threading.Thread(target=self._return_on_signal, args=(ctx,), name="procctl-returner",
-                                         daemon=True)
-        self.returner.start()
+    def start_returner(self, ctx: WorkerContext) -> int:
+        """A thread that answers the executor's asks while a task runs (see
+        RETURN_SIGNAL); its thread id, for the manager to signal it."""
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, {RETURN_SIGNAL})  # (the thread inherits the mask)
+        try:
+            self.returner = threading.Thread(target=self._return_on_signal, args=(ctx,), name="procctl-returner",
+                                             daemon=True)
+            self.returner.start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        return self.returner.native_id or 0
 
     def _return_on_signal(self, ctx: WorkerContext) -> None:
         while True:
@@ -378,8 +385,8 @@ def run_tasks(
         except BaseException:  # noqa: BLE001 - reported; the executor is then broken
             end._send(ctx, Kind.INIT_FAILED, payload=format_exc().encode())
             return 0
-    end.start_returner(ctx)
-    end._send(ctx, Kind.UP)  # task timeouts count from here, not from our start
+    # Task timeouts count from UP, not from our start; it names the returner thread.
+    end._send(ctx, Kind.UP, tag=end.start_returner(ctx))
     done = 0
     send, result = end._send, Kind.RESULT
     functions: dict[bytes, Any] = {}

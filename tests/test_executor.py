@@ -17,6 +17,7 @@ import workplane_targets as t
 from procs import still_running
 
 from procctl import ProcessExecutor, TaskTimeout, Unfinished, WorkerCrashed
+from procctl.worker_plane import RETURN_SIGNAL
 
 
 @pytest.mark.parametrize("start_method", ["fork", "spawn", "forkserver"])
@@ -85,7 +86,9 @@ def test_slow_tasks_after_quick_ones_are_not_held_by_the_workers():
 def test_quick_tasks_behind_a_slow_one_run_on_the_idle_worker_meanwhile(start_method):
     # Quick tasks a worker had read behind a slow one waited for it (23 of 700 for the
     # 3 s it ran) while the other worker sat idle; ProcessPoolExecutor runs them at once.
-    ex = ProcessExecutor(2, start_method=start_method)
+    # The worker's thread that gives them back is signalled alone: a thread the
+    # initializer left (or numpy's) must not take the signal, which would kill the worker.
+    ex = ProcessExecutor(2, start_method=start_method, initializer=t.start_idle_thread)
     try:
         assert list(ex.map(t.square, range(1000), chunksize=1))[-1] == 999 ** 2  # windows are quick
         quick = [ex.submit(t.square, i) for i in range(200)]
@@ -93,6 +96,9 @@ def test_quick_tasks_behind_a_slow_one_run_on_the_idle_worker_meanwhile(start_me
         quick += [ex.submit(t.square, i) for i in range(500)]
         done, waiting = cf.wait(quick, timeout=20)
         assert not waiting and slow.running()
+        assert all(f.exception() is None for f in quick)
+        # Nor do a task and what it starts inherit the signal blocked.
+        assert RETURN_SIGNAL not in ex.submit(t.blocked_signals, 0).result(timeout=20)
     finally:
         ex.kill()
         ex.stop(grace=0)

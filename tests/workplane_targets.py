@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import threading
 import time
 
 import procctl
@@ -276,3 +277,13 @@ def tell_then_sleep(fifo, seconds):
         f.write(b"x")
     time.sleep(seconds)
     return seconds
+
+
+def start_idle_thread():
+    """An initializer that leaves a thread running (as a logging listener or OpenBLAS would)."""
+    threading.Thread(target=threading.Event().wait, daemon=True).start()
+
+
+def blocked_signals(_):
+    """The signals blocked in the thread that runs the task (what its subprocesses inherit)."""
+    return sorted(int(s) for s in signal.pthread_sigmask(signal.SIG_BLOCK, []))
