@@ -438,14 +438,21 @@ def context() -> WorkerContext:
     return _current
 
 
+def _ignored(signum: int, frame: Any) -> None:
+    """The worker's handler of SIGINT, SIGUSR1 and SIGUSR2: nothing."""
+
+
 def _reset_signals(ctx: WorkerContext) -> None:
-    # The manager decides what Ctrl-C means; its handlers (inherited under
-    # fork) must never run here.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    # USR1/USR2 pause and resume, TTIN/TTOU resize: the manager's, and a
-    # worker must neither die of them nor stop (TTIN's default) when they
-    # are sent to the whole process group.
-    for sig in (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTTIN, signal.SIGTTOU):
+    # The manager decides what Ctrl-C means, and USR1/USR2 (pause, resume)
+    # are the manager's: its handlers (inherited under fork) must never run
+    # here, nor may the worker die of them. A handler that does nothing, not
+    # SIG_IGN, which a program a task starts would inherit through exec (`dd`
+    # deaf to USR1, a server that a task stops with SIGINT never ending).
+    for sig in (signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2):
+        signal.signal(sig, _ignored)
+    # TTIN/TTOU resize; a worker, in a process group of its own, must not
+    # stop (their default) reading or writing the terminal: those stay ignored.
+    for sig in (signal.SIGTTIN, signal.SIGTTOU):
         signal.signal(sig, signal.SIG_IGN)
     signal.signal(signal.SIGHUP, signal.SIG_DFL)
     signal.signal(signal.SIGTERM, ctx._on_sigterm)

@@ -14,7 +14,7 @@ def record_context(ctx):
         "worker_id": ctx.worker_id,
         "state_at_entry": int(ctx.state),
         "pid": os.getpid(),
-        "sigint": signal.getsignal(signal.SIGINT) == signal.SIG_IGN,
+        "sigint": signal.getsignal(signal.SIGINT),
     }
     first = ctx.checkpoint()
     seen["first_checkpoint"] = first
@@ -192,3 +192,21 @@ def gil_hog(ctx):
     """A long C call that holds the GIL throughout (no eval-loop breaks)."""
     ctx.checkpoint()
     return sum(range(10**12))
+
+
+def signals_a_task_child_gets(_):
+    """What a program a task starts does with SIGINT, SIGUSR1 and SIGUSR2 (its exit
+    status), and whether this worker survives the three itself."""
+    import subprocess
+
+    out = {}
+    for sig in (signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2):
+        child = subprocess.Popen(["sleep", "30"])
+        os.kill(child.pid, sig)
+        try:
+            out[int(sig)] = child.wait(10)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            out[int(sig)] = child.wait()
+        os.kill(os.getpid(), sig)  # the worker itself: nothing happens
+    return out

@@ -19,7 +19,7 @@ import targets_extra
 from procs import end_session
 from procs import session_members as _session_members
 
-from procctl import Outcome, ProcessController, State
+from procctl import Outcome, ProcessController, ProcessExecutor, State
 
 MANAGER = textwrap.dedent("""
     import json, os, sys
@@ -207,7 +207,16 @@ def test_manager_sigint_handler_does_not_leak_into_forked_workers():
             reports = pc.stop()
     finally:
         signal.signal(signal.SIGINT, old)
-    assert reports[0].result["sigint"] is True  # SIG_IGN in the worker
+    assert reports[0].result["sigint"].__name__ == "_ignored"  # the worker's own (a no-op), not ours
+
+
+@pytest.mark.parametrize("method", ["fork", "spawn"])
+def test_what_a_task_starts_gets_the_default_signals_and_the_worker_ignores_them(method):
+    # SIG_IGN in the worker reached programs its tasks started through exec: a server a
+    # task stopped with SIGINT, or `sleep` sent SIGUSR1, went on for ever.
+    with ProcessExecutor(1, start_method=method) as ex:
+        got = ex.submit(targets_extra.signals_a_task_child_gets, 0).result(timeout=60)
+    assert got == {int(s): -int(s) for s in (signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)}
 
 
 @pytest.mark.parametrize("method", ["fork", "spawn"])
