@@ -6,8 +6,6 @@ the worker side in a spawned child) does not pay for the whole library.
 
 from __future__ import annotations
 
-import importlib
-
 # Not typing's: importing typing costs about 10 ms, and `procctl` (the command)
 # holds its signals only once this module has run (see __main__.py).
 TYPE_CHECKING = False
@@ -58,7 +56,9 @@ def __getattr__(name: str) -> Any:
     home = _HOMES.get(name)
     if home is None:
         raise AttributeError(f"module 'procctl' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{home}", __name__), name)
+    from importlib import import_module  # (here: `procctl`, the command, holds its signals once we have run)
+
+    value = getattr(import_module(f".{home}", __name__), name)
     globals()[name] = value
     return value
 
