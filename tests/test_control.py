@@ -141,7 +141,8 @@ def test_ls_status_pause_resume_events_metrics_stop(env):
         events = [json.loads(line) for line in ctl(env, "events", "job1").stdout.splitlines()]
         assert [e["state"] for e in events if e["event"] == "broadcast"] == ["running", "paused", "running"]
 
-        follow = subprocess.Popen(CLI + ["events", "job1", "--follow"], stdout=subprocess.PIPE, text=True, env=env)
+        # Unbuffered: readline takes the first line and no more, and communicate() the rest whole.
+        follow = subprocess.Popen(CLI + ["events", "job1", "--follow"], stdout=subprocess.PIPE, bufsize=0, env=env)
         try:
             assert json.loads(follow.stdout.readline())["event"] == "paused"  # from the start
             res = ctl(env, "stop", "job1")  # waits until the run has ended

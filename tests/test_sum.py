@@ -577,7 +577,10 @@ def test_cli_timeout_exits_124():
 
 
 def _live(*args: str) -> subprocess.Popen:
-    proc = subprocess.Popen(CLI + ["--json", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    # Unbuffered: the first line is read up to its newline and no further, so that
+    # communicate() gets every line after it whole (a buffered readline took the
+    # beginning of the next lines with it, once several had come: a loaded machine).
+    proc = subprocess.Popen(CLI + ["--json", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=0,
                             start_new_session=True)  # its own process group, as on a terminal
     return proc
 
