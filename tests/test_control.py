@@ -501,7 +501,9 @@ def test_map_has_a_control_socket(env, tmp_path):
 
 def test_procctl_stop_cancels_a_sum_run_cleanly(env):
     # The sum job serves the control socket too; `procctl stop` is a clean cancel (exit 0), told as a typed event.
-    cli = LiveCli(["sum", "--threshold", "1000000000", "--delay", "0.01", "--json", "--name", "sum1"],
+    # Items slow enough that its stdout, which nobody reads while `procctl stop` waits,
+    # does not fill up (the run would wait on the pipe, and give up after 10 s).
+    cli = LiveCli(["sum", "--threshold", "1000000000", "--delay", "0.1", "--json", "--name", "sum1"],
                   cwd=TESTS, env=env)
     try:
         cli.wait_for(lambda lines: any('"received"' in line for line in lines))
