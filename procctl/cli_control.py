@@ -16,7 +16,7 @@ from typing import Any
 
 import click
 
-from .clitools import EXIT_FAILED, EXIT_OK, EXIT_USAGE, BadInput, Reporter, json_line, printable, say
+from .clitools import EXIT_FAILED, EXIT_OK, EXIT_USAGE, BadInput, Reporter, info_text, json_line, say
 from .control import (
     END_OF_EVENTS,
     MAX_COUNT,
@@ -265,7 +265,7 @@ def status_command(run: str | None, as_json: bool) -> int:
     for w in reply["workers"]:
         done, total = w.get("done"), w.get("total")
         progress = "-" if done is None else (f"{done:g}/{total:g}" if total else f"{done:g}")
-        info = " ".join(f"{printable(k)}={printable(v)}" for k, v in (w.get("info") or {}).items())
+        info = info_text(w.get("info"))
         click.echo(f"{w['id']:>4} {_fmt(w['pid']):>7} {w['state']:<8} {_fmt(w['outcome']):<9} "
                    f"{w['restarts']:>8} {progress:>14} {_fmt(w['rate'], '.1f'):>9} {_fmt(w['eta'], '.0f'):>7} "
                    f"{_fmt(w['cpu_percent'], '.1f'):>6} {_fmt_bytes(w['rss']):>10}  {info}")

@@ -196,6 +196,11 @@ def printable(value: object) -> str:
     return "".join(ch if ch.isprintable() else ascii(ch)[1:-1] for ch in text)
 
 
+def info_text(info: dict[str, Any] | None) -> str:
+    """A worker's progress info as `key=value ...`, safe on a terminal."""
+    return " ".join(f"{printable(k)}={printable(v)}" for k, v in (info or {}).items())
+
+
 class SignalBridge:
     """Record the signals an operator sends; the command's loop acts on them.
 

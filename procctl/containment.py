@@ -50,35 +50,28 @@ END_TIMEOUT = 2.0
 FREEZE_ROUNDS = 50
 
 
-def _load_prctl() -> Any:
+def _libc(name: str) -> Any:
     # Resolved at import, in the manager: fork children share ctypes' pages.
     if not sys.platform.startswith("linux"):
         return None
     import ctypes
 
     try:
-        return ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):  # pragma: no cover - no prctl here
+        return getattr(ctypes.CDLL(None, use_errno=True), name)
+    except (OSError, AttributeError):  # pragma: no cover - not in this libc
         return None
 
 
-#: prctl(2) through ctypes, or None off Linux (worker.py uses it too).
-PRCTL = _load_prctl()
+#: prctl(2) and tgkill(2) through ctypes, or None off Linux (worker.py uses PRCTL too).
+PRCTL = _libc("prctl")
+TGKILL = _libc("tgkill")
 
 
 def signal_thread(pid: int, tid: int, sig: int) -> bool:
     """tgkill(2): send `sig` to thread `tid` of process `pid` (of ours: a worker not
     yet reaped, whose pid no other process can have); False if it is gone or the
-    call is missing here."""
-    if not sys.platform.startswith("linux"):
-        return False
-    import ctypes
-
-    try:
-        tgkill = ctypes.CDLL(None, use_errno=True).tgkill
-    except (OSError, AttributeError):  # pragma: no cover - glibc before 2.30
-        return False
-    return bool(tgkill(pid, tid, sig) == 0)
+    call is missing here (glibc before 2.30)."""
+    return TGKILL is not None and bool(TGKILL(pid, tid, sig) == 0)
 
 
 # -- the worker's side --------------------------------------------------------------

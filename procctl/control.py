@@ -169,8 +169,9 @@ def _ended(pc: Any, ids: tuple[int, ...]) -> list[int]:
     return [i for i in ids if alive.get(i) is False]
 
 
-def _bad_workers(exc: ValueError) -> Reply:
-    """A --workers id the run does not have: bad input, in the option's own name."""
+def _bad_input(exc: ValueError) -> Reply:
+    """A request the run cannot take (a --workers id it does not have): bad
+    input, in the option's own name."""
     text = str(exc)
     return Reply.bad_input("--" + text if text.startswith("workers:") else text)
 
@@ -504,7 +505,7 @@ class ControlServer:
                 try:
                     request = Request.parse(line)
                 except ProtocolError as exc:  # a request that cannot be taken: bad input (exit 2)
-                    conn.sendall(_bad_workers(exc).to_line())
+                    conn.sendall(_bad_input(exc).to_line())
                     continue
                 if request.cmd == "events":
                     me = threading.current_thread()
@@ -632,7 +633,7 @@ class ControlServer:
             # The command stays posted: busy workers apply it at their next checkpoint.
             return Reply(True, {"acknowledged": False, "note": str(exc)})
         except ValueError as exc:
-            return _bad_workers(exc)
+            return _bad_input(exc)
         except RuntimeError as exc:
             return Reply.failure(str(exc))
         return Reply(True, {"acknowledged": True})
@@ -648,7 +649,7 @@ class ControlServer:
             try:
                 stop(workers=list(request.workers))
             except ValueError as exc:
-                return _bad_workers(exc)
+                return _bad_input(exc)
             except RuntimeError as exc:
                 return Reply.failure(str(exc))
             return Reply(True, {"stopping": list(request.workers)})

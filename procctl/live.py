@@ -26,7 +26,7 @@ from rich.text import Text
 
 from . import threads
 from .capture import Output
-from .clitools import printable
+from .clitools import info_text
 from .jobs.sum_events import ChannelClosed, ConsumerStopped, Crossed, JobEvent, Received
 from .jobs.sum_plan import SumPlan
 from .states import Event, WorkerStatus
@@ -250,7 +250,7 @@ class LiveView:
         eta = _fmt_eta(r.eta) if r.alive and self._stop_at is None else ""
         # A Text, not a str: rich would read "[/]" or "[red]" in the worker's info as markup.
         # Nor may an escape sequence in it move the cursor or clear the screen.
-        info = Text(" ".join(f"{printable(k)}={printable(v)}" for k, v in r.info.items())) if r.info else ""
+        info = Text(info_text(r.info)) if r.info else ""
         cpu, rss = self._usage(r)
         state = Text(name, style=STATE_STYLE.get(name, ""))
         if r.restarts:

@@ -537,12 +537,11 @@ class _ClusterPool(Session):
                 if now - oldest.sent >= SLOW_AT_NODE:
                     self._window[node.index] = self._slow_window
                     asks.append(node)
-            for node in asks:
-                self._giving_back[node.index] = -1  # (no second ask while this one is on its way)
+        # (Only this thread asks, and its answer waits in node.answers under its seq.)
         for node in asks:
             seq = self.send(node, Op.GIVE_BACK, self._slow_window)
             with self.cond:
-                if self._giving_back.get(node.index) == -1:
+                if node.lost is None:
                     self._giving_back[node.index] = seq
 
     def on_lost(self, node: Node, why: str) -> None:
