@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import inspect
 import logging
 import math
 import os
@@ -43,6 +44,7 @@ from .limits import COMMAND_FDS, LIMIT_ERRNOS, capacity_problem
 from .named_target import NamedTarget, remember
 from .states import CLEAN_OUTCOMES, Event, Outcome, State, WorkerReport
 from .supervise import Plan, Restart, Strategy
+from .workwire import MIN_LEASE
 
 if TYPE_CHECKING:
     from .capture import OutputCapture
@@ -166,6 +168,8 @@ def check_lease(lease: float | None, cluster: bool) -> float:
         raise BadInput("--lease works with --cluster (how long a node outlives a lost client)")
     if not 0 < lease < math.inf:  # also rejects NaN
         raise BadInput(f"--lease must be a finite number of seconds > 0, not {lease}")
+    if lease < MIN_LEASE:
+        raise BadInput(f"--lease must be at least {MIN_LEASE} seconds (a node beats every lease/4), not {lease}")
     return lease
 
 
@@ -181,8 +185,9 @@ def parse_schedule(text: str) -> list[str]:
     return steps
 
 
-def load_target(spec: str, option: str = "--target") -> Callable[..., Any]:
-    """Resolve 'package.module:function', looking in the current directory too."""
+def load_target(spec: str, option: str = "--target", takes: str = "its WorkerContext") -> Callable[..., Any]:
+    """Resolve 'package.module:function', looking in the current directory too;
+    the function must take one argument (`takes`: what it is given)."""
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
         raise BadInput(f"{option} {spec!r} must look like package.module:function")
@@ -209,6 +214,12 @@ def load_target(spec: str, option: str = "--target") -> Callable[..., Any]:
         obj = getattr(obj, part)
     if not callable(obj):
         raise BadInput(f"{option} {spec!r}: {attr!r} is not callable")
+    try:
+        inspect.signature(obj).bind(None)
+    except TypeError:
+        raise BadInput(f"{option} {spec!r} must take one argument ({takes})") from None
+    except ValueError:
+        pass  # no signature to read (some builtins): let the call tell
     return obj  # type: ignore[no-any-return]
 
 

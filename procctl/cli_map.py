@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import functools
-import inspect
 import json
 import math
 import os
@@ -48,6 +47,7 @@ from .clitools import (
     _silence,
     check_distinct_files,
     check_writable_file,
+    read_input,
     say,
 )
 from .controller import WorkerStartError
@@ -135,13 +135,7 @@ def load_function(spec: str, local: bool) -> Callable[[Any], Any]:
     cluster too, where a node imports the module as it would to unpickle the function."""
     from .cli import load_target  # procctl.cli imports this module at its end
 
-    func = load_target(spec, option="MODULE:FUNC")
-    try:
-        inspect.signature(func).bind(None)
-    except TypeError:
-        raise BadInput(f"MODULE:FUNC {spec!r} must take one argument (the item)") from None
-    except ValueError:
-        pass  # no signature to read (some builtins): let the call tell
+    func = load_target(spec, option="MODULE:FUNC", takes="the item")
     if local:
         remember(spec, func)  # (fork children inherit it: they import nothing)
     return NamedTarget(spec, os.getcwd())
@@ -154,32 +148,26 @@ def read_stdin(bridge: SignalBridge) -> bytes:
         return b""
     if sys.stdin.isatty():
         say("procctl map: reading items from the terminal; end with Ctrl-D")
-
-    def interrupt() -> None:
-        raise KeyboardInterrupt  # out of the read, which the kernel would resume after the handler
-
-    try:
-        with bridge.attach(wake=interrupt, hurry=lambda: None):
-            if bridge.stop_requested():
-                raise KeyboardInterrupt
-            return sys.stdin.buffer.read()
-    except KeyboardInterrupt:
-        raise click.Abort from None  # main() exits 130 or 143, as the signal says
+    return read_input(sys.stdin.buffer, "--items from stdin", bridge)
 
 
 def read_items(path: str, raw_lines: bool, bridge: SignalBridge) -> list[Item]:
     """Every item of the input, or BadInput naming the first bad line."""
     where = "stdin" if path == "-" else repr(path)
-    if path == "-":
-        data = read_stdin(bridge)
-    else:
-        try:
-            with open(path, "rb") as f:
-                data = f.read()
-        except OSError as exc:
-            raise BadInput(f"--items {path!r} cannot be read: {exc.strerror}") from None
-        except MemoryError:  # a file without end (/dev/zero)
-            raise BadInput(f"--items {path!r} is too large to read") from None
+    try:
+        if path == "-":
+            data = read_stdin(bridge)
+        else:
+            try:
+                f = open(path, "rb")
+            except OSError as exc:
+                raise BadInput(f"--items {path!r} cannot be read: {exc.strerror}") from None
+            with f:
+                data = read_input(f, f"--items {path!r}", bridge)
+    except OSError as exc:  # (EIO from a terminal that went away, EISDIR)
+        raise BadInput(f"--items {where} cannot be read: {exc.strerror or exc}") from None
+    except MemoryError:  # under a memory limit of its own (ulimit -v)
+        raise BadInput(f"--items {where} is too large to read") from None
     chunks = data.split(b"\n")
     if chunks and chunks[-1] == b"":
         chunks.pop()  # the newline that ends the last line

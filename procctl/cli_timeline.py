@@ -12,22 +12,22 @@ from typing import Any
 
 import click
 
-from .clitools import EXIT_OK, BadInput, check_writable_file, same_file, say
+from .clitools import EXIT_OK, BadInput, SignalBridge, check_writable_file, read_input, same_file, say
 
 FORMATS = ("svg", "html", "chrome")
 
 
-def read_log(path: str) -> list[dict[str, Any]]:
+def read_log(path: str, bridge: SignalBridge) -> list[dict[str, Any]]:
     """The records of an event log; a torn last line (a run killed mid-write) is skipped,
     and the renderers skip events whose values they cannot draw (timeline.usable)."""
     try:
-        with open(path, encoding="utf-8") as fh:
-            lines = fh.read().splitlines()
+        with open(path, "rb") as fh:
+            lines = read_input(fh, f"the event log {path!r}", bridge).decode("utf-8").splitlines()
     except OSError as exc:
         raise BadInput(f"cannot read the event log {path!r}: {exc.strerror}") from None
     except UnicodeDecodeError:
         raise BadInput(f"{path!r} is not an event log (not UTF-8 text)") from None
-    except MemoryError:  # a file without end (/dev/zero)
+    except MemoryError:  # under a memory limit of its own (ulimit -v)
         raise BadInput(f"the event log {path!r} is too large to read") from None
     records = []
     bad = 0
@@ -91,7 +91,11 @@ def timeline_command(log: str, output: str | None, fmt: str | None) -> int:
         except ValueError as exc:
             raise BadInput(f"-o: {exc}") from None
     check_writable_file(output, "-o")
-    records = read_log(log)
+    from .cli import signal_bridge  # procctl.cli imports this module at its end
+
+    bridge = signal_bridge()
+    bridge.stop_note = None  # a Ctrl-C ends the command: there is no worker to stop
+    records = read_log(log, bridge)
     title, workers = title_of(records)
     if fmt == "chrome":
         write_trace(records, output, title=title)

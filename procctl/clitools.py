@@ -501,3 +501,72 @@ def check_writable_file(path: str, option: str) -> None:
         raise BadInput(f"{option} {path!r} cannot be written: {exc.strerror}") from None
     if not existed:
         os.unlink(path)
+
+
+#: An input (map's items, an event log) is read this much at a time: a command
+#: holds all of it in memory, and one without end (/dev/zero, a pipe from
+#: `yes`) must end in one line past input_limit(), not in MemoryError after gigabytes.
+INPUT_CHUNK = 1 << 20
+
+
+def input_limit() -> int:
+    """What an input may take: a sixteenth of this machine's memory, or a
+    quarter of this process's address-space limit (`ulimit -v`) if that is
+    less; at least 16 MiB."""
+    try:
+        memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 16
+    except (ValueError, OSError):  # pragma: no cover - not Linux
+        memory = 1 << 30
+    import resource
+
+    space = resource.getrlimit(resource.RLIMIT_AS)[0]
+    if space != resource.RLIM_INFINITY:
+        memory = min(memory, space // 4)
+    return max(memory, 16 << 20)
+
+
+def read_input(stream: IO[bytes], what: str, bridge: SignalBridge, limit: int | None = None) -> bytes:
+    """All of `stream` (a binary file or stdin), read a chunk at a time.
+
+    BadInput naming `what` once it passes `limit` bytes (a regular file is
+    measured before anything is read). SIGINT or SIGTERM while it reads (a
+    terminal waiting for Ctrl-D, an endless pipe) ends the command: 130 or
+    143, as the signal says (click.Abort; main() exits with the signal's status).
+    """
+    import click
+
+    limit = input_limit() if limit is None else limit
+
+    def too_large() -> BadInput:
+        return BadInput(f"{what} is too large to read: over {limit >> 20} MiB"
+                        f", the most a command reads into memory here")
+
+    try:
+        size = os.fstat(stream.fileno()).st_size
+    except (OSError, ValueError, AttributeError):
+        size = 0
+    if size > limit:
+        raise too_large()
+
+    def interrupt() -> None:
+        raise KeyboardInterrupt  # out of the read, which the kernel would resume after the handler
+
+    chunks: list[bytes] = []
+    total = 0
+    note, bridge.stop_note = bridge.stop_note, None  # no worker has started: nothing to say but the exit
+    try:
+        with bridge.attach(wake=interrupt, hurry=lambda: None):
+            while not bridge.stop_requested():
+                chunk = stream.read1(INPUT_CHUNK) if hasattr(stream, "read1") else stream.read(INPUT_CHUNK)
+                if not chunk:
+                    return b"".join(chunks)
+                total += len(chunk)
+                if total > limit:
+                    chunks.clear()
+                    raise too_large()
+                chunks.append(chunk)
+            raise KeyboardInterrupt
+    except KeyboardInterrupt:
+        raise click.Abort from None
+    finally:
+        bridge.stop_note = note

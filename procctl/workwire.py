@@ -204,6 +204,11 @@ def recv_all(sock: socket.socket) -> list[Message]:
 #: in an int (about 24.8 days); a longer timeout is waited out in turns.
 MAX_WAIT = 86400.0
 
+#: The shortest lease a cluster node takes (procctl.cluster): its agent beats
+#: every lease/4 (at least every 50 ms) through Dask, whose round trip alone
+#: takes milliseconds; a shorter lease would lose every node at once.
+MIN_LEASE = 0.1
+
 
 def check_timeout(name: str, value: Any, *, allow_none: bool = True) -> float | None:
     """Validate a timeout argument: None (if allowed), or a number >= 0;

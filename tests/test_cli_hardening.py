@@ -513,6 +513,54 @@ def test_target_module_that_exits_at_import_is_bad_input(body, says, tmp_path):
     assert "leaves" in line and says in line
 
 
+
+def test_a_run_target_that_cannot_take_the_context_is_bad_input():
+    res = run_cli(["run", "--workers", "2", "--step", "0", "--target", "os:getpid"])
+    assert res.returncode == 2 and res.stdout == ""
+    assert "'os:getpid' must take one argument (its WorkerContext)" in one_error_line(res.stderr)
+
+
+# An address-space limit of 2 GiB: inputs may take a quarter of it (512 MiB).
+SPACE = 2 << 30
+ENDLESS = [(["timeline", "/dev/zero", "-o", "{tmp}/o.html"], None, "the event log '/dev/zero'"),
+           (["map", "maptargets:mark", "--items", "/dev/zero"], None, "--items '/dev/zero'"),
+           (["map", "maptargets:mark"], "/dev/zero", "--items from stdin"),
+           (["map", "maptargets:mark", "--items", "{tmp}/sparse"], None, "--items '{tmp}/sparse'"),
+           (["timeline", "{tmp}/sparse", "-o", "{tmp}/o.html"], None, "the event log '{tmp}/sparse'")]
+
+
+@pytest.mark.parametrize("args, stdin, names", ENDLESS, ids=lambda v: " ".join(v) if isinstance(v, list) else "")
+def test_an_input_without_end_is_one_line_and_exit_2(args, stdin, names, tmp_path):
+    with open(tmp_path / "sparse", "wb") as f:
+        f.truncate(SPACE // 4 + 1)  # measured before it is read: no byte of it is
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    with open(stdin or os.devnull, "rb") as source:
+        res = subprocess.run(CLI + args, stdin=source, capture_output=True, text=True, timeout=60,
+                             cwd=TESTS, preexec_fn=with_limit(resource.RLIMIT_AS, SPACE))
+    assert res.returncode == 2, res.stderr
+    line = one_error_line(res.stderr)
+    assert f"{names.replace('{tmp}', str(tmp_path))} is too large to read: over 512 MiB" in line
+
+
+@pytest.mark.parametrize("args", [["timeline", "/dev/stdin", "-o", "{tmp}/o.html"], ["map", "maptargets:mark"]],
+                         ids=["timeline", "map"])
+def test_a_signal_while_an_input_trickles_in_ends_the_command(args, tmp_path):
+    proc = subprocess.Popen(CLI + [a.replace("{tmp}", str(tmp_path)) for a in args], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=TESTS, start_new_session=True)
+    try:
+        # A pipe holds 64 KiB: once 4 MiB went in, the command is in its read loop.
+        proc.stdin.write(b"1\n" * (2 << 20))
+        proc.stdin.flush()
+        proc.send_signal(signal.SIGINT)  # it waits for more (the pipe stays open): the signal ends the wait
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    assert proc.returncode == 130, err
+    assert b"Traceback" not in err and b"workers" not in err and out == b""
+
+
 LEAVES_A_THREAD = """
 import threading
 threading.Thread(target=threading.Event().wait, name="left-behind").start()  # not a daemon: it never ends

@@ -39,7 +39,7 @@ from distributed.comm.registry import get_backend
 from .. import threads
 from ..limits import capacity_problem
 from ..states import Event
-from ..workwire import MAX_WAIT, check_timeout, deadline, remaining
+from ..workwire import MAX_WAIT, MIN_LEASE, check_timeout, deadline, remaining
 from .wire import AgentSpec, Command, Message, Op, Up, decode, encode, queue_names
 
 log = logging.getLogger("procctl")
@@ -284,6 +284,9 @@ class Session:
         assert lease_s is not None
         if not 0 < lease_s < math.inf:
             raise ValueError(f"lease must be a finite number of seconds > 0, not {lease!r}")
+        if lease_s < MIN_LEASE:
+            raise ValueError(f"lease must be at least {MIN_LEASE} seconds (a node beats every lease/4,"
+                             f" through Dask), not {lease!r}")
         connect_s = check_timeout("connect_timeout", connect_timeout, allow_none=False)
         assert connect_s is not None
         scheduler_address(address, cluster)  # checks the arguments before anything starts
