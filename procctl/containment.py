@@ -33,13 +33,15 @@ sides of the process boundary.
 from __future__ import annotations
 
 import contextlib
-import errno
 import os
 import select
 import signal
 import sys
 from collections.abc import Iterable
 from typing import Any
+
+from .leftovers import kill_cgroup, kill_group, remove_cgroup
+from .leftovers import signal_pid as _signal
 
 PR_SET_CHILD_SUBREAPER = 36
 #: How long a worker waits for the descendants it killed to go (SIGKILL is
@@ -202,11 +204,6 @@ def descendants(roots: Iterable[int]) -> set[int]:
     return found - zombies
 
 
-def _signal(pid: int, sig: int) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.kill(pid, sig)
-
-
 def kill_trees(roots: Iterable[int], *, include_roots: bool = True, timeout: float = 0.0) -> set[int]:
     """SIGKILL `roots` and all their descendants; return the pids killed.
 
@@ -272,12 +269,6 @@ def _wait_exits(fds: list[int], timeout: float) -> None:
             os.close(fd)
 
 
-def kill_group(pgid: int) -> None:
-    """SIGKILL what is left of the process group `pgid` (a worker's)."""
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pgid, signal.SIGKILL)
-
-
 # -- cgroups ---------------------------------------------------------------------
 
 
@@ -318,74 +309,6 @@ def make_cgroup(parent: str, name: str, *, checked: bool = False) -> str | None:
         remove_cgroup(path, 0)
         return None
     return path
-
-
-def kill_cgroup(path: str) -> None:
-    """SIGKILL every process in cgroup `path` and below (cgroup.kill, Linux 5.14;
-    older kernels: freeze, kill each member, thaw)."""
-    try:
-        with open(os.path.join(path, "cgroup.kill"), "w") as f:
-            f.write("1")
-        return
-    except FileNotFoundError:
-        pass
-    except OSError:
-        return
-    for pid in cgroup_pids(path):
-        _signal(pid, signal.SIGKILL)
-
-
-def cgroup_pids(path: str) -> list[int]:
-    pids = []
-    for dirpath, _, _ in os.walk(path):
-        try:
-            with open(os.path.join(dirpath, "cgroup.procs")) as f:
-                pids += [int(x) for x in f.read().split()]
-        except OSError:
-            pass
-    return pids
-
-
-def remove_cgroup(path: str, timeout: float) -> bool:
-    """Remove cgroup `path` (and the ones below it) once empty, waiting up to
-    `timeout` for killed members to go. True if it is gone."""
-    for dirpath, dirnames, _ in sorted(os.walk(path, topdown=False), key=lambda w: -len(w[0])):
-        del dirnames
-        if not _rmdir_when_empty(dirpath, timeout):
-            return False
-    return True
-
-
-def _rmdir_when_empty(path: str, timeout: float) -> bool:
-    import time
-
-    deadline = time.monotonic() + timeout
-    events = None
-    try:
-        while True:
-            try:
-                os.rmdir(path)
-                return True
-            except FileNotFoundError:
-                return True
-            except OSError as exc:
-                if exc.errno != errno.EBUSY:
-                    return False
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return False
-            # cgroup.events signals POLLPRI when "populated" changes.
-            if events is None:
-                events = open(os.path.join(path, "cgroup.events"), "rb", buffering=0)
-                poller = select.poll()
-                poller.register(events.fileno(), select.POLLPRI)
-                continue  # the last member may have left before we watched
-            poller.poll(remaining * 1000)
-    except OSError:
-        return False
-    finally:
-        if events is not None:
-            events.close()
 
 
 # -- the controller's bookkeeping ---------------------------------------------------------

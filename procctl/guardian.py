@@ -12,7 +12,7 @@ and exits at once, so that after close() the manager has no process of
 procctl's below it (a user's "no child left" check, psutil's children()),
 while the guardian stays for the next controller.
 
-    manager (guardian.Link)  -- pipe: "+pid" "-pid" "c/path" "u/path" -->  guardian.main()
+    manager (guardian.Link)  -- pipe: "+pid" "-pid" "c/path" "u/path" -->  guardian_process.main()
     manager exits            -- pidfd readable ----------------------->  kill groups, cgroups; exit
 
 The manager-side half (`Link`) starts it on first use and never waits for it:
@@ -31,87 +31,7 @@ import sys
 import threading
 from typing import IO
 
-from . import containment
-
 log = logging.getLogger("procctl")
-
-#: How long the guardian waits for killed cgroups to empty before removing them.
-CGROUP_WAIT = 2.0
-
-
-# -- the guardian process ------------------------------------------------------------
-
-
-def main(manager_pid: int, manager: int, fd: int) -> None:
-    """Entry point of the go-between, which forks the guardian and exits.
-
-    `manager_pid` only names the manager in the command line (`ps`, tests);
-    `manager` is a pidfd of the manager (opened by the manager itself: no
-    pid can be reused under it), or -1 where there is none; `fd` the read end
-    of the manager's messages. The guardian's standard output stays the
-    pipe the go-between writes its pid to: the manager sees its end close
-    when the guardian has exited.
-    """
-    import signal
-
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2):
-        signal.signal(sig, signal.SIG_IGN)
-    pid = os.fork()
-    if pid:
-        os.write(1, b"%d\n" % pid)
-        os._exit(0)
-    _guard(manager, fd)
-
-
-def _guard(manager: int, fd: int) -> None:
-    groups: set[int] = set()
-    cgroups: set[str] = set()
-    buffer = b""
-    os.set_blocking(fd, False)
-    poller = select.poll()
-    poller.register(fd, select.POLLIN)
-    if manager >= 0:
-        poller.register(manager, select.POLLIN)
-    while True:
-        ready = {f for f, _ in poller.poll()}
-        buffer, released = _read(fd, buffer, groups, cgroups)
-        # Without a pidfd, the end of the message pipe is the manager's end
-        # (later, if a child of the manager's still holds a copy).
-        if manager in ready or released:
-            break
-    for pgid in groups:
-        containment.kill_group(pgid)
-    for path in cgroups:
-        containment.kill_cgroup(path)
-    for path in cgroups:
-        containment.remove_cgroup(path, CGROUP_WAIT)
-
-
-def _read(fd: int, buffer: bytes, groups: set[int], cgroups: set[str]) -> tuple[bytes, bool]:
-    """Apply the manager's messages; True as the second value once it let us go."""
-    released = False
-    while True:
-        try:
-            chunk = os.read(fd, 65536)
-        except BlockingIOError:
-            break
-        if not chunk:
-            return buffer, True  # the manager is gone (every copy of its end closed)
-        buffer += chunk
-    *lines, buffer = buffer.split(b"\n")
-    for line in lines:
-        kind, arg = line[:1], line[1:].decode()
-        if kind == b"+":
-            groups.add(int(arg))
-        elif kind == b"-":
-            groups.discard(int(arg))
-        elif kind == b"c":
-            cgroups.add(arg)
-        elif kind == b"u":
-            cgroups.discard(arg)
-        elif kind == b"x":  # the manager exits cleanly: clean up what is left, and go
-            released = True
-    return buffer, released
 
 
 # -- the manager's side --------------------------------------------------------------
@@ -138,7 +58,7 @@ class Link:
             me = -1
         package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         code = (f"import sys; sys.path.insert(0, {package_root!r}); "
-                f"from procctl.guardian import main; main({self.owner}, {me}, {r})")
+                f"from procctl.guardian_process import main; main({self.owner}, {me}, {r})")
         try:
             # -I -S: no user site, no PYTHON* variables, no site: a fast, plain start.
             self.process = subprocess.Popen(

@@ -48,7 +48,7 @@ __all__ = ["no_leftover_processes", "process_controller"]
 #: command line) are judged like any other process, and so is any process that is
 #: one of procctl's workers, whatever its command line.
 HELPER_ENTRIES = ("from multiprocessing.forkserver import main", "from multiprocessing.resource_tracker import main",
-                  "from procctl.guardian import main")
+                  "from procctl.guardian_process import main")
 #: Set in the environment while a checked test runs: processes it starts carry it,
 #: even once re-parented away from us (to init or a subreaper).
 MARKER = "PROCCTL_TEST_MARK"

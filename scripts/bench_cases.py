@@ -38,7 +38,7 @@ perf = time.perf_counter
 #: Long-lived helpers, one per process, not strays: multiprocessing's, and
 #: procctl's guardian (containment.py), which outlives a controller on purpose.
 HELPER_MARKS = ("forkserver import main", "resource_tracker import main", "semaphore_tracker import main",
-                "procctl.guardian import main")
+                "procctl.guardian_process import main")
 
 
 #: What sweep() found, for the notes.
