@@ -28,7 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Any
+from typing import Any, NoReturn
 
 # The worker functions, imported here: under forkserver the server preloads
 # __main__, so they are preloaded for everyone. Not procctl: a spawn child
@@ -580,8 +580,47 @@ def print_targets(ts: list[dict[str, Any]], out=sys.stdout) -> None:
 # =============================================================================
 
 
+class Parser(argparse.ArgumentParser):
+    """Bad input is one line on stderr and exit 2 (argparse's own adds its usage
+    lines): `bench.py: error: ...`."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {' '.join(message.split())}\n")
+
+
+def check_json_path(ap: Parser, path: str) -> None:
+    """Refuse a --json FILE that cannot be written, before a run of minutes, not
+    after it (and without leaving a file behind)."""
+    if not path:
+        ap.error("--json needs a file name")
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        st = None
+    except OSError as exc:
+        ap.error(f"--json {path!r} cannot be written: {exc.strerror}")
+    # A FIFO: opening it for writing waits for a reader (a hang before anything
+    # runs), and the check's open and close would end a reader's input.
+    if st is not None and not (stat.S_ISREG(st.st_mode) or stat.S_ISCHR(st.st_mode)):
+        what = ("a directory" if stat.S_ISDIR(st.st_mode) else "a FIFO" if stat.S_ISFIFO(st.st_mode)
+                else "not a regular file")
+        ap.error(f"--json {path!r} is {what}")
+    try:
+        # O_NONBLOCK: nothing here may wait (a FIFO made since the stat fails with ENXIO)
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NONBLOCK, 0o666)
+        try:
+            if stat.S_ISCHR(os.fstat(fd).st_mode):  # a device (/dev/full): only a write tells
+                os.write(fd, b"\n")
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        ap.error(f"--json {path!r} cannot be written: {exc.strerror}")
+    if st is None:
+        os.unlink(path)
+
+
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = Parser(prog="bench.py", description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true",
                     help="a smaller run, under a minute on 2 quiet cores: fork only unless "
                     "--start-methods says otherwise (the memory case still compares every start method)")
@@ -623,18 +662,8 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"start method(s) {bad} not available here ({available})")
     if not methods:
         ap.error(f"--start-methods names no start method ({available})")
-    if args.json is not None:  # before a run of minutes, not after it (and without leaving a file behind)
-        if not args.json:
-            ap.error("--json needs a file name")
-        existed = os.path.exists(args.json)
-        try:
-            with open(args.json, "a") as probe:
-                if stat.S_ISCHR(os.fstat(probe.fileno()).st_mode):  # a device (/dev/full): only a write tells
-                    probe.write("\n")
-        except OSError as exc:
-            ap.error(f"--json {args.json!r} cannot be written: {exc.strerror}")
-        if not existed:
-            os.unlink(args.json)
+    if args.json is not None:
+        check_json_path(ap, args.json)
     mem_methods = list(methods)
     if args.start_methods is None:  # memory is cheap to measure and differs most by start method
         mem_methods += [m for m in ("forkserver", "spawn") if m in available and m not in methods]
