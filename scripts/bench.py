@@ -704,9 +704,15 @@ def main(argv: list[str] | None = None) -> int:
     strays = sum(r["stray"] for r in rows)
     print(f"\ntotal {total:.1f}s; stray processes found and reaped: {strays}")
     if args.json is not None:
-        with open(args.json, "w") as f:
-            json.dump({"header": head, "rows": rows, "targets": ts, "total_seconds": total}, f,
-                      indent=1, default=str)
+        from bench_cases import finite
+
+        try:
+            with open(args.json, "w") as f:
+                json.dump(finite({"header": head, "rows": rows, "targets": ts, "total_seconds": total}), f,
+                          indent=1, default=str, allow_nan=False)
+        except OSError as exc:  # (it could be written when the run began)
+            print(f"bench.py: error: --json {args.json!r} cannot be written: {exc.strerror}", file=sys.stderr)
+            return 2
         print(f"json: {args.json}")
     return 0
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -31,3 +32,31 @@ def test_bad_arguments_are_one_line_and_exit_2(args, tmp_path):
     assert res.stdout == ""
     assert res.stderr.count("\n") == 1 and res.stderr.startswith("bench.py: error: "), res.stderr
     assert sorted(os.listdir(tmp_path)) == ["fifo"]  # nothing made, nothing run
+
+
+@pytest.fixture
+def bench_modules(monkeypatch):
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "scripts"))
+    import bench_cases
+
+    return bench_cases
+
+
+def _strict(text: str):
+    def refuse(name):
+        raise ValueError(f"not strict JSON: {name}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_saved_rows_are_strict_json(bench_modules, tmp_path, monkeypatch):
+    bc = bench_modules
+    out = tmp_path / "rows.json"
+    monkeypatch.setitem(bc.SINK, "path", str(out))
+    monkeypatch.setitem(bc.SINK, "rows", [])
+    r = bc.row("memory", "fork", 1, "x", "floor", "s")
+    r["samples"] += [1.0, float("nan"), float("inf")]
+    r["paired_ratio"] = {"y": float("-inf")}
+    bc.save()
+    got = _strict(out.read_text())
+    assert got[0]["samples"] == [1.0, None, None] and got[0]["paired_ratio"] == {"y": None}
