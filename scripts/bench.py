@@ -361,6 +361,8 @@ def fmt(v: float | None, unit: str) -> str:
         return f"{v:.2f} MiB"
     if unit.startswith("CPU-s"):
         return f"{v:.3f} CPU-s"
+    if unit in ("ms", "ns"):  # (the work plane's latencies, the checkpoint cost)
+        return f"{v:.4g} {unit}"
     return f"{v:.4g}"
 
 
@@ -378,7 +380,36 @@ SECTION = {
 }
 
 
+#: The table's short names of the baselines that ratios are taken against
+#: (work-plane names without their queued count); any other is "raw" if it is
+#: a raw floor, else its first word.
+SHORT = {"Dask Event set -> seen by 8 tasks": "Event", "8 plain Dask tasks": "tasks",
+         "Client.map 1 ms tasks": "Client.map", "per-worker Pipe": "Pipe", "shared Condition+counters": "Cond",
+         "raw blocked in Queue.get()": "blocked", "stop(), no grandchildren": "without",
+         "checkpoint, no heartbeat": "no beat", "Pool.imap_unordered chunksize=1": "imap_unordered",
+         "Pool.map automatic chunks": "Pool.map", "ProcessPoolExecutor submit->result p50": "PPE",
+         "Pool 1 ms CPU tasks": "Pool", "ProcessPoolExecutor 1 ms CPU tasks": "PPE",
+         "PPE shutdown(cancel_futures=True) with N queued": "PPE", "mp.Queue put/get, 2 consumers": "mp.Queue"}
+
+
+def short(name: str) -> str:
+    name = _workplane_name(name)
+    return SHORT.get(name) or ("raw" if name.startswith("raw ") else name.split()[0])
+
+
+def add_ratios(rows: list[dict[str, Any]]) -> None:
+    """Each row's ratios against its floors or baselines, under the baseline's name:
+    `median_ratio` (median/median, what the table prints) and `paired_ratio`
+    (the median of the per-repetition ratios; None for broadcast)."""
+    for r in rows:
+        for f in floor_for(r, rows):
+            if f is not r:
+                r.setdefault("median_ratio", {})[f["name"]] = ratio(r, f)
+                r.setdefault("paired_ratio", {})[f["name"]] = paired(r, f)
+
+
 def print_table(rows: list[dict[str, Any]], out=sys.stdout) -> None:
+    """The rows, with the ratios add_ratios() stored in them."""
     w = out.write
     for case in CASE_ORDER:
         sel = [r for r in rows if r["case"] == case]
@@ -389,19 +420,7 @@ def print_table(rows: list[dict[str, Any]], out=sys.stdout) -> None:
             ("median", "best") if case == "throughput" else ("median", "min"))
         w(f"  {'N':>4} {'method':<10} {'contender':<36} {c1:>12} {c2:>12}  {'ratio':<22} note\n")
         for r in sel:
-            ratios = []
-            for f in floor_for(r, rows):
-                if f is r:
-                    continue
-                x = ratio(r, f)
-                if x is not None:
-                    label = {"Dask Event set -> seen by 8 tasks": "Event",
-                             "8 plain Dask tasks": "tasks", "Client.map 1 ms tasks": "Client.map",
-                             "raw Process+Pipe": "raw", "raw Event per unit": "raw",
-                             "per-worker Pipe": "Pipe", "shared Condition+counters": "Cond",
-                             "raw blocked in Queue.get()": "blocked",
-                             "stop(), no grandchildren": "without"}.get(f["name"], "raw")
-                    ratios.append(f"{x:.2f}x {label}")
+            ratios = [f"{x:.2f}x {short(name)}" for name, x in r.get("median_ratio", {}).items() if x is not None]
             second = r.get("best") if case == "throughput" else r.get("p99") if case == "broadcast" else r.get("min")
             note = r["error"] or r["note"]
             if r["stray"]:
@@ -429,14 +448,18 @@ def find(rows, case, method, n, role=None, name=None):
 def targets(rows: list[dict[str, Any]], methods: list[str]) -> list[dict[str, Any]]:
     out = []
 
-    def add(label: str, value: float | None, limit: float, *, at_least: bool = False, why: str = ""):
+    def add(label: str, value: float | None, limit: float, *, at_least: bool = False, why: str = "",
+            unit: str = ""):
         if value is None:
             verdict = "n/a"
         else:
             ok = value >= limit if at_least else value <= limit
             verdict = "PASS" if ok else "MISS"
-        out.append({"target": label, "value": value, "limit": limit,
-                    "op": ">=" if at_least else "<=", "verdict": verdict, "why": why})
+        t = {"target": label, "value": value, "limit": limit,
+             "op": ">=" if at_least else "<=", "verdict": verdict, "why": why}
+        if unit:  # a figure, not a ratio
+            t["unit"] = unit
+        out.append(t)
 
     def why_missing(*rs):
         for r in rs:
@@ -495,7 +518,7 @@ def targets(rows: list[dict[str, Any]], methods: list[str]) -> list[dict[str, An
         add("cluster: ClusterExecutor.map / Client.map", ratio(a, b), 0.8, at_least=True, why=why_missing(a, b))
         a = next((r for r in rows if r["case"] == "cluster" and r["name"].startswith("client SIGKILL")), None)
         add("cluster: s from client SIGKILL to workers gone", a.get("median") if a else None, 4.0,
-            why=why_missing(a))
+            why=why_missing(a), unit="s")
     for m in dict.fromkeys(r["method"] for r in rows if r["case"] == "supervision"):
         sel = [r for r in rows if r["case"] == "supervision" and r["method"] == m]
         pairs = [(a, b) for a in sel for b in sel if a["role"] == "procctl" and b["role"] == "floor"
@@ -570,9 +593,13 @@ def print_targets(ts: list[dict[str, Any]], out=sys.stdout) -> None:
             shown = f"{v / 1e6:.2f}M/s"
         elif "CPU-s" in t["target"]:
             shown = f"{v:.4f}"
+        elif t.get("unit") == "s":
+            shown = f"{v:.2f} s"
         else:
             shown = f"{v:.2f}x"
         lim = f"{t['limit'] / 1e6:.0f}M/s" if t["limit"] >= 1e6 else f"{t['limit']:g}"
+        if t.get("unit") == "s":
+            lim += " s"
         extra = f"  ({t['why']})" if t["verdict"] == "n/a" and t["why"] else ""
         out.write(f"  {t['verdict']:<4}  {t['target']:<{width}} {shown:>10} {t['op']} {lim}{extra}\n")
 
@@ -693,10 +720,7 @@ def main(argv: list[str] | None = None) -> int:
             rows += got
     for r in rows:
         stats(r)
-    for r in rows:
-        for f in floor_for(r, rows):
-            if f is not r:
-                r.setdefault("paired_ratio", {})[f["name"]] = paired(r, f)
+    add_ratios(rows)
     ts = targets(rows, methods)
     print_table(rows)
     print_targets(ts)

@@ -60,3 +60,49 @@ def test_saved_rows_are_strict_json(bench_modules, tmp_path, monkeypatch):
     bc.save()
     got = _strict(out.read_text())
     assert got[0]["samples"] == [1.0, None, None] and got[0]["paired_ratio"] == {"y": None}
+
+
+def _row(name: str, role: str, samples: list[float], case: str = "workplane", unit: str = "items/s",
+         n: int = 2) -> dict:
+    return {"case": case, "method": "fork", "n": n, "name": name, "role": role, "unit": unit,
+            "higher": unit == "items/s", "samples": samples, "error": None, "note": "", "stray": 0}
+
+
+def test_the_json_holds_the_ratios_the_table_prints(bench_modules):
+    import io
+
+    import bench
+
+    rows = [_row("ProcessExecutor 1 ms CPU tasks", "procctl", [300.0, 330.0]),
+            _row("Pool 1 ms CPU tasks", "peer", [200.0, 220.0]),
+            _row("ProcessPoolExecutor 1 ms CPU tasks", "peer", [150.0, 165.0]),
+            _row("ProcessExecutor submit->result p50", "procctl", [0.5, 0.7], unit="ms"),
+            _row("ProcessPoolExecutor submit->result p50", "peer", [1.0, 1.4], unit="ms"),
+            _row("procctl", "procctl", [2.0, 2.2, 2.4], case="broadcast", unit="s", n=10),
+            _row("per-worker Pipe", "floor", [1.0, 1.1, 1.2], case="broadcast", unit="s", n=10)]
+    for r in rows:
+        bench.stats(r)
+    bench.add_ratios(rows)
+    assert rows[0]["median_ratio"] == {"Pool 1 ms CPU tasks": 1.5, "ProcessPoolExecutor 1 ms CPU tasks": 2.0}
+    assert rows[3]["median_ratio"] == {"ProcessPoolExecutor submit->result p50": 0.5}
+    assert rows[5]["median_ratio"] == {"per-worker Pipe": 2.2 / 1.1}
+    out = io.StringIO()
+    bench.print_table(rows, out)
+    table = out.getvalue()
+    assert "1.50x Pool, 2.00x PPE" in table and "0.50x PPE" in table and "2.00x Pipe" in table
+    assert "raw" not in table  # (it labelled every unknown baseline "raw")
+    assert "0.6 ms" in table  # a unit, not a bare number
+
+
+def test_the_sigkill_target_is_in_seconds(bench_modules):
+    import io
+
+    import bench
+
+    rows = [_row("client SIGKILL -> workers gone (lease 2.0)", "procctl", [2.47], case="cluster", unit="s",
+                 n=8)]
+    bench.stats(rows[0])
+    ts = [t for t in bench.targets(rows, ["fork"]) if "SIGKILL" in t["target"]]
+    out = io.StringIO()
+    bench.print_targets(ts, out)
+    assert "2.47 s <= 4 s" in out.getvalue()
