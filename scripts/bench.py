@@ -225,7 +225,9 @@ def run_job(case: str, method: str, p: dict[str, Any], timeout: float,
         rows.append({"case": case, "method": method, "n": None, "name": "(case process)", "role": "peer",
                      "unit": "", "higher": False, "samples": [], "error": error + "; rows above are partial",
                      "note": "", "stray": 0})
-    if strays and error:
+    if strays and error:  # counted as strays too: the printed total is every process reaped
+        rows[-1]["stray"] += strays
+        rows[-1]["stray_what"] = LEFT[-strays:]
         rows[-1]["note"] = f"{strays} process(es) of the killed case process reaped"
     elif strays:
         rows[0]["stray"] += strays

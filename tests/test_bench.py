@@ -106,3 +106,17 @@ def test_the_sigkill_target_is_in_seconds(bench_modules):
     out = io.StringIO()
     bench.print_targets(ts, out)
     assert "2.47 s <= 4 s" in out.getvalue()
+
+
+def test_processes_reaped_after_a_failed_case_process_are_counted(bench_modules, monkeypatch, tmp_path):
+    import bench
+
+    def reaped() -> int:  # (the real one kills every child of the test's process)
+        bench.LEFT.extend(["a worker", "another"])
+        return 2
+
+    monkeypatch.setattr(bench, "reap_leftovers", reaped)
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    rows = bench.run_job("memory", "fork", {}, 30)  # no parameters: the case process fails at once
+    assert "KeyError" in rows[-1]["error"]
+    assert sum(r["stray"] for r in rows) == 2 and rows[-1]["stray_what"] == ["a worker", "another"]
