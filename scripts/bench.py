@@ -21,6 +21,7 @@ import json
 import os
 import platform
 import re
+import shutil
 import signal
 import stat
 import statistics
@@ -173,16 +174,25 @@ def reap_leftovers() -> int:
     return len(strays)
 
 
+HELD_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+
+
 def run_job(case: str, method: str, p: dict[str, Any], timeout: float,
             verbose: bool = False) -> list[dict[str, Any]]:
-    fd, out = tempfile.mkstemp(prefix=f"bench-{case}-", suffix=".json")
-    os.close(fd)
+    # What the case process and its workers leave in the temp dir (the rows'
+    # file, multiprocessing's pymp-*, Dask's scratch space) goes in a directory
+    # of its own, removed here on every way out: a case process killed by its
+    # timeout or by a Ctrl-C cleans up nothing itself.
+    tmp = tempfile.mkdtemp(prefix=f"bench-{case}-")
+    out = os.path.join(tmp, "rows.json")
     cmd = [sys.executable, os.path.abspath(__file__), "--_case", case, "--_method", method,
            "--_params", json.dumps(p), "--_out", out]
     error = None
-    proc = subprocess.Popen(cmd, start_new_session=True, stdin=subprocess.DEVNULL,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc = None
     try:
+        proc = subprocess.Popen(cmd, start_new_session=True, stdin=subprocess.DEVNULL,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                env=dict(os.environ, TMPDIR=tmp))
         output, _ = proc.communicate(timeout=timeout)
         if verbose:
             sys.stderr.write(output.decode(errors="replace"))
@@ -192,28 +202,35 @@ def run_job(case: str, method: str, p: dict[str, Any], timeout: float,
     except subprocess.TimeoutExpired:
         error = f"case timed out after {timeout:.0f}s"
     finally:
-        if proc.poll() is None:
+        # A second Ctrl-C (or a SIGTERM) must not cut this short and leave the
+        # processes or the directory behind: it waits until the end of it (a
+        # few seconds at most), then ends the run as the first would have.
+        signal.pthread_sigmask(signal.SIG_BLOCK, HELD_SIGNALS)
+        try:
+            if proc is not None:
+                if proc.poll() is None:
+                    try:
+                        os.killpg(proc.pid, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
+                    proc.kill()
+                proc.wait()
+                if proc.stdout:
+                    proc.stdout.close()
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)  # anything left in its session
+                except (ProcessLookupError, PermissionError):
+                    pass
+            strays = reap_leftovers()
+            rows: list[dict[str, Any]] = []
             try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
+                with open(out) as f:
+                    rows = json.load(f)
+            except (OSError, ValueError):
                 pass
-            proc.kill()
-        proc.wait()
-        if proc.stdout:
-            proc.stdout.close()
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)  # anything left in its session
-        except (ProcessLookupError, PermissionError):
-            pass
-        strays = reap_leftovers()
-        rows: list[dict[str, Any]] = []
-        try:
-            with open(out) as f:
-                rows = json.load(f)
-        except (OSError, ValueError):
-            pass
         finally:
-            os.unlink(out)  # (also when interrupted)
+            shutil.rmtree(tmp, ignore_errors=True)
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, HELD_SIGNALS)
     if not rows:
         rows = [{"case": case, "method": method, "n": None, "name": "(case)", "role": "floor",
                  "unit": "", "higher": False, "samples": [], "error": error or "no result",

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -120,3 +122,26 @@ def test_processes_reaped_after_a_failed_case_process_are_counted(bench_modules,
     rows = bench.run_job("memory", "fork", {}, 30)  # no parameters: the case process fails at once
     assert "KeyError" in rows[-1]["error"]
     assert sum(r["stray"] for r in rows) == 2 and rows[-1]["stray_what"] == ["a worker", "another"]
+
+
+def test_a_double_ctrl_c_leaves_no_temporary_file(tmp_path):
+    # (SIGINT as a terminal sends it, even where the test runner ignores it)
+    code = ("import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+            f"sys.argv = [{BENCH!r}, '--cases', 'memory', '--start-methods', 'forkserver']; "
+            f"runpy.run_path({BENCH!r}, run_name='__main__')")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, env=dict(os.environ, TMPDIR=str(tmp_path)))
+    try:
+        end = time.monotonic() + 20
+        while not any(tmp_path.rglob("pymp-*")) and time.monotonic() < end:  # its fork server is up
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        time.sleep(0.3)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == 130, err
+    assert err.strip().splitlines()[-1] == "bench: interrupted"
+    assert os.listdir(tmp_path) == []
