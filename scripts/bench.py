@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import importlib.util
 import json
 import os
 import platform
@@ -697,6 +698,10 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"unknown case(s) {bad}; choose from {CASE_ORDER}")
     if not cases:
         ap.error(f"--cases names no case; choose from {CASE_ORDER}")
+    # Asked for by name, a case that cannot run at all is bad input, not a row:
+    # it ran with an error row of a traceback's tail, and exit 0.
+    if "cluster" in cases and importlib.util.find_spec("distributed") is None:
+        ap.error("the cluster case needs Dask's distributed: pip install 'procctl[dask]'")
     import multiprocessing
 
     available = multiprocessing.get_all_start_methods()

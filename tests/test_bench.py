@@ -145,3 +145,14 @@ def test_a_double_ctrl_c_leaves_no_temporary_file(tmp_path):
     assert proc.returncode == 130, err
     assert err.strip().splitlines()[-1] == "bench: interrupted"
     assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("args", [["--cluster"], ["--cases", "lifecycle,cluster"]])
+def test_the_cluster_case_without_dask_is_one_line_and_exit_2(args, tmp_path):
+    code = ("import runpy, sys; sys.modules['distributed'] = None; "  # (as if not installed)
+            f"sys.argv = [{BENCH!r}, *{args!r}]; runpy.run_path({BENCH!r}, run_name='__main__')")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=20,
+                         stdin=subprocess.DEVNULL, env=dict(os.environ, TMPDIR=str(tmp_path)))
+    assert res.returncode == 2 and res.stdout == "", res.stderr
+    assert res.stderr == "bench.py: error: the cluster case needs Dask's distributed: pip install 'procctl[dask]'\n"
+    assert os.listdir(tmp_path) == []
