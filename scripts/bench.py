@@ -387,7 +387,8 @@ def fmt(v: float | None, unit: str) -> str:
 
 
 SECTION = {
-    "lifecycle": "1. Lifecycle: start N workers, reach first unit, stop, all reaped (lower is better)",
+    "lifecycle": "1. Lifecycle: start N workers, go, each does one trivial unit and returns, all reaped "
+                 "(procctl: run(), wait(), leave the with block; lower is better)",
     "broadcast": "2. Broadcast round trip: one pause() or run() to N live workers, all acked",
     "stop": "3. Stop while busy: 1 ms CPU units; stop() to all reaped",
     "paused": "4. Paused cost: CPU seconds of 100 idle workers per 3 s (user+system)",
