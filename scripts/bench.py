@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import importlib.util
 import json
 import os
 import platform
 import re
+import shutil
 import signal
 import stat
 import statistics
@@ -28,7 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Any
+from typing import Any, NoReturn
 
 # The worker functions, imported here: under forkserver the server preloads
 # __main__, so they are preloaded for everyone. Not procctl: a spawn child
@@ -173,16 +175,25 @@ def reap_leftovers() -> int:
     return len(strays)
 
 
+HELD_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+
+
 def run_job(case: str, method: str, p: dict[str, Any], timeout: float,
             verbose: bool = False) -> list[dict[str, Any]]:
-    fd, out = tempfile.mkstemp(prefix=f"bench-{case}-", suffix=".json")
-    os.close(fd)
+    # What the case process and its workers leave in the temp dir (the rows'
+    # file, multiprocessing's pymp-*, Dask's scratch space) goes in a directory
+    # of its own, removed here on every way out: a case process killed by its
+    # timeout or by a Ctrl-C cleans up nothing itself.
+    tmp = tempfile.mkdtemp(prefix=f"bench-{case}-")
+    out = os.path.join(tmp, "rows.json")
     cmd = [sys.executable, os.path.abspath(__file__), "--_case", case, "--_method", method,
            "--_params", json.dumps(p), "--_out", out]
     error = None
-    proc = subprocess.Popen(cmd, start_new_session=True, stdin=subprocess.DEVNULL,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc = None
     try:
+        proc = subprocess.Popen(cmd, start_new_session=True, stdin=subprocess.DEVNULL,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                env=dict(os.environ, TMPDIR=tmp))
         output, _ = proc.communicate(timeout=timeout)
         if verbose:
             sys.stderr.write(output.decode(errors="replace"))
@@ -192,28 +203,35 @@ def run_job(case: str, method: str, p: dict[str, Any], timeout: float,
     except subprocess.TimeoutExpired:
         error = f"case timed out after {timeout:.0f}s"
     finally:
-        if proc.poll() is None:
+        # A second Ctrl-C (or a SIGTERM) must not cut this short and leave the
+        # processes or the directory behind: it waits until the end of it (a
+        # few seconds at most), then ends the run as the first would have.
+        signal.pthread_sigmask(signal.SIG_BLOCK, HELD_SIGNALS)
+        try:
+            if proc is not None:
+                if proc.poll() is None:
+                    try:
+                        os.killpg(proc.pid, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
+                    proc.kill()
+                proc.wait()
+                if proc.stdout:
+                    proc.stdout.close()
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)  # anything left in its session
+                except (ProcessLookupError, PermissionError):
+                    pass
+            strays = reap_leftovers()
+            rows: list[dict[str, Any]] = []
             try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
+                with open(out) as f:
+                    rows = json.load(f)
+            except (OSError, ValueError):
                 pass
-            proc.kill()
-        proc.wait()
-        if proc.stdout:
-            proc.stdout.close()
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)  # anything left in its session
-        except (ProcessLookupError, PermissionError):
-            pass
-        strays = reap_leftovers()
-        rows: list[dict[str, Any]] = []
-        try:
-            with open(out) as f:
-                rows = json.load(f)
-        except (OSError, ValueError):
-            pass
         finally:
-            os.unlink(out)  # (also when interrupted)
+            shutil.rmtree(tmp, ignore_errors=True)
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, HELD_SIGNALS)
     if not rows:
         rows = [{"case": case, "method": method, "n": None, "name": "(case)", "role": "floor",
                  "unit": "", "higher": False, "samples": [], "error": error or "no result",
@@ -225,7 +243,9 @@ def run_job(case: str, method: str, p: dict[str, Any], timeout: float,
         rows.append({"case": case, "method": method, "n": None, "name": "(case process)", "role": "peer",
                      "unit": "", "higher": False, "samples": [], "error": error + "; rows above are partial",
                      "note": "", "stray": 0})
-    if strays and error:
+    if strays and error:  # counted as strays too: the printed total is every process reaped
+        rows[-1]["stray"] += strays
+        rows[-1]["stray_what"] = LEFT[-strays:]
         rows[-1]["note"] = f"{strays} process(es) of the killed case process reaped"
     elif strays:
         rows[0]["stray"] += strays
@@ -361,11 +381,14 @@ def fmt(v: float | None, unit: str) -> str:
         return f"{v:.2f} MiB"
     if unit.startswith("CPU-s"):
         return f"{v:.3f} CPU-s"
+    if unit in ("ms", "ns"):  # (the work plane's latencies, the checkpoint cost)
+        return f"{v:.4g} {unit}"
     return f"{v:.4g}"
 
 
 SECTION = {
-    "lifecycle": "1. Lifecycle: start N workers, reach first unit, stop, all reaped (lower is better)",
+    "lifecycle": "1. Lifecycle: start N workers, go, each does one trivial unit and returns, all reaped "
+                 "(procctl: run(), wait(), leave the with block; lower is better)",
     "broadcast": "2. Broadcast round trip: one pause() or run() to N live workers, all acked",
     "stop": "3. Stop while busy: 1 ms CPU units; stop() to all reaped",
     "paused": "4. Paused cost: CPU seconds of 100 idle workers per 3 s (user+system)",
@@ -378,7 +401,36 @@ SECTION = {
 }
 
 
+#: The table's short names of the baselines that ratios are taken against
+#: (work-plane names without their queued count); any other is "raw" if it is
+#: a raw floor, else its first word.
+SHORT = {"Dask Event set -> seen by 8 tasks": "Event", "8 plain Dask tasks": "tasks",
+         "Client.map 1 ms tasks": "Client.map", "per-worker Pipe": "Pipe", "shared Condition+counters": "Cond",
+         "raw blocked in Queue.get()": "blocked", "stop(), no grandchildren": "without",
+         "checkpoint, no heartbeat": "no beat", "Pool.imap_unordered chunksize=1": "imap_unordered",
+         "Pool.map automatic chunks": "Pool.map", "ProcessPoolExecutor submit->result p50": "PPE",
+         "Pool 1 ms CPU tasks": "Pool", "ProcessPoolExecutor 1 ms CPU tasks": "PPE",
+         "PPE shutdown(cancel_futures=True) with N queued": "PPE", "mp.Queue put/get, 2 consumers": "mp.Queue"}
+
+
+def short(name: str) -> str:
+    name = _workplane_name(name)
+    return SHORT.get(name) or ("raw" if name.startswith("raw ") else name.split()[0])
+
+
+def add_ratios(rows: list[dict[str, Any]]) -> None:
+    """Each row's ratios against its floors or baselines, under the baseline's name:
+    `median_ratio` (median/median, what the table prints) and `paired_ratio`
+    (the median of the per-repetition ratios; None for broadcast)."""
+    for r in rows:
+        for f in floor_for(r, rows):
+            if f is not r:
+                r.setdefault("median_ratio", {})[f["name"]] = ratio(r, f)
+                r.setdefault("paired_ratio", {})[f["name"]] = paired(r, f)
+
+
 def print_table(rows: list[dict[str, Any]], out=sys.stdout) -> None:
+    """The rows, with the ratios add_ratios() stored in them."""
     w = out.write
     for case in CASE_ORDER:
         sel = [r for r in rows if r["case"] == case]
@@ -389,19 +441,7 @@ def print_table(rows: list[dict[str, Any]], out=sys.stdout) -> None:
             ("median", "best") if case == "throughput" else ("median", "min"))
         w(f"  {'N':>4} {'method':<10} {'contender':<36} {c1:>12} {c2:>12}  {'ratio':<22} note\n")
         for r in sel:
-            ratios = []
-            for f in floor_for(r, rows):
-                if f is r:
-                    continue
-                x = ratio(r, f)
-                if x is not None:
-                    label = {"Dask Event set -> seen by 8 tasks": "Event",
-                             "8 plain Dask tasks": "tasks", "Client.map 1 ms tasks": "Client.map",
-                             "raw Process+Pipe": "raw", "raw Event per unit": "raw",
-                             "per-worker Pipe": "Pipe", "shared Condition+counters": "Cond",
-                             "raw blocked in Queue.get()": "blocked",
-                             "stop(), no grandchildren": "without"}.get(f["name"], "raw")
-                    ratios.append(f"{x:.2f}x {label}")
+            ratios = [f"{x:.2f}x {short(name)}" for name, x in r.get("median_ratio", {}).items() if x is not None]
             second = r.get("best") if case == "throughput" else r.get("p99") if case == "broadcast" else r.get("min")
             note = r["error"] or r["note"]
             if r["stray"]:
@@ -429,14 +469,18 @@ def find(rows, case, method, n, role=None, name=None):
 def targets(rows: list[dict[str, Any]], methods: list[str]) -> list[dict[str, Any]]:
     out = []
 
-    def add(label: str, value: float | None, limit: float, *, at_least: bool = False, why: str = ""):
+    def add(label: str, value: float | None, limit: float, *, at_least: bool = False, why: str = "",
+            unit: str = ""):
         if value is None:
             verdict = "n/a"
         else:
             ok = value >= limit if at_least else value <= limit
             verdict = "PASS" if ok else "MISS"
-        out.append({"target": label, "value": value, "limit": limit,
-                    "op": ">=" if at_least else "<=", "verdict": verdict, "why": why})
+        t = {"target": label, "value": value, "limit": limit,
+             "op": ">=" if at_least else "<=", "verdict": verdict, "why": why}
+        if unit:  # a figure, not a ratio
+            t["unit"] = unit
+        out.append(t)
 
     def why_missing(*rs):
         for r in rs:
@@ -495,7 +539,7 @@ def targets(rows: list[dict[str, Any]], methods: list[str]) -> list[dict[str, An
         add("cluster: ClusterExecutor.map / Client.map", ratio(a, b), 0.8, at_least=True, why=why_missing(a, b))
         a = next((r for r in rows if r["case"] == "cluster" and r["name"].startswith("client SIGKILL")), None)
         add("cluster: s from client SIGKILL to workers gone", a.get("median") if a else None, 4.0,
-            why=why_missing(a))
+            why=why_missing(a), unit="s")
     for m in dict.fromkeys(r["method"] for r in rows if r["case"] == "supervision"):
         sel = [r for r in rows if r["case"] == "supervision" and r["method"] == m]
         pairs = [(a, b) for a in sel for b in sel if a["role"] == "procctl" and b["role"] == "floor"
@@ -570,9 +614,13 @@ def print_targets(ts: list[dict[str, Any]], out=sys.stdout) -> None:
             shown = f"{v / 1e6:.2f}M/s"
         elif "CPU-s" in t["target"]:
             shown = f"{v:.4f}"
+        elif t.get("unit") == "s":
+            shown = f"{v:.2f} s"
         else:
             shown = f"{v:.2f}x"
         lim = f"{t['limit'] / 1e6:.0f}M/s" if t["limit"] >= 1e6 else f"{t['limit']:g}"
+        if t.get("unit") == "s":
+            lim += " s"
         extra = f"  ({t['why']})" if t["verdict"] == "n/a" and t["why"] else ""
         out.write(f"  {t['verdict']:<4}  {t['target']:<{width}} {shown:>10} {t['op']} {lim}{extra}\n")
 
@@ -580,8 +628,47 @@ def print_targets(ts: list[dict[str, Any]], out=sys.stdout) -> None:
 # =============================================================================
 
 
+class Parser(argparse.ArgumentParser):
+    """Bad input is one line on stderr and exit 2 (argparse's own adds its usage
+    lines): `bench.py: error: ...`."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {' '.join(message.split())}\n")
+
+
+def check_json_path(ap: Parser, path: str) -> None:
+    """Refuse a --json FILE that cannot be written, before a run of minutes, not
+    after it (and without leaving a file behind)."""
+    if not path:
+        ap.error("--json needs a file name")
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        st = None
+    except OSError as exc:
+        ap.error(f"--json {path!r} cannot be written: {exc.strerror}")
+    # A FIFO: opening it for writing waits for a reader (a hang before anything
+    # runs), and the check's open and close would end a reader's input.
+    if st is not None and not (stat.S_ISREG(st.st_mode) or stat.S_ISCHR(st.st_mode)):
+        what = ("a directory" if stat.S_ISDIR(st.st_mode) else "a FIFO" if stat.S_ISFIFO(st.st_mode)
+                else "not a regular file")
+        ap.error(f"--json {path!r} is {what}")
+    try:
+        # O_NONBLOCK: nothing here may wait (a FIFO made since the stat fails with ENXIO)
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NONBLOCK, 0o666)
+        try:
+            if stat.S_ISCHR(os.fstat(fd).st_mode):  # a device (/dev/full): only a write tells
+                os.write(fd, b"\n")
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        ap.error(f"--json {path!r} cannot be written: {exc.strerror}")
+    if st is None:
+        os.unlink(path)
+
+
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = Parser(prog="bench.py", description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true",
                     help="a smaller run, under a minute on 2 quiet cores: fork only unless "
                     "--start-methods says otherwise (the memory case still compares every start method)")
@@ -612,6 +699,10 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"unknown case(s) {bad}; choose from {CASE_ORDER}")
     if not cases:
         ap.error(f"--cases names no case; choose from {CASE_ORDER}")
+    # Asked for by name, a case that cannot run at all is bad input, not a row:
+    # it ran with an error row of a traceback's tail, and exit 0.
+    if "cluster" in cases and importlib.util.find_spec("distributed") is None:
+        ap.error("the cluster case needs Dask's distributed: pip install 'procctl[dask]'")
     import multiprocessing
 
     available = multiprocessing.get_all_start_methods()
@@ -623,18 +714,8 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"start method(s) {bad} not available here ({available})")
     if not methods:
         ap.error(f"--start-methods names no start method ({available})")
-    if args.json is not None:  # before a run of minutes, not after it (and without leaving a file behind)
-        if not args.json:
-            ap.error("--json needs a file name")
-        existed = os.path.exists(args.json)
-        try:
-            with open(args.json, "a") as probe:
-                if stat.S_ISCHR(os.fstat(probe.fileno()).st_mode):  # a device (/dev/full): only a write tells
-                    probe.write("\n")
-        except OSError as exc:
-            ap.error(f"--json {args.json!r} cannot be written: {exc.strerror}")
-        if not existed:
-            os.unlink(args.json)
+    if args.json is not None:
+        check_json_path(ap, args.json)
     mem_methods = list(methods)
     if args.start_methods is None:  # memory is cheap to measure and differs most by start method
         mem_methods += [m for m in ("forkserver", "spawn") if m in available and m not in methods]
@@ -664,10 +745,7 @@ def main(argv: list[str] | None = None) -> int:
             rows += got
     for r in rows:
         stats(r)
-    for r in rows:
-        for f in floor_for(r, rows):
-            if f is not r:
-                r.setdefault("paired_ratio", {})[f["name"]] = paired(r, f)
+    add_ratios(rows)
     ts = targets(rows, methods)
     print_table(rows)
     print_targets(ts)
@@ -675,9 +753,15 @@ def main(argv: list[str] | None = None) -> int:
     strays = sum(r["stray"] for r in rows)
     print(f"\ntotal {total:.1f}s; stray processes found and reaped: {strays}")
     if args.json is not None:
-        with open(args.json, "w") as f:
-            json.dump({"header": head, "rows": rows, "targets": ts, "total_seconds": total}, f,
-                      indent=1, default=str)
+        from bench_cases import finite
+
+        try:
+            with open(args.json, "w") as f:
+                json.dump(finite({"header": head, "rows": rows, "targets": ts, "total_seconds": total}), f,
+                          indent=1, default=str, allow_nan=False)
+        except OSError as exc:  # (it could be written when the run began)
+            print(f"bench.py: error: --json {args.json!r} cannot be written: {exc.strerror}", file=sys.stderr)
+            return 2
         print(f"json: {args.json}")
     return 0
 

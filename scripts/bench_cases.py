@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import math
 import multiprocessing as mp
 import os
 import queue
@@ -101,11 +102,23 @@ def sweep() -> int:
 SINK: dict[str, Any] = {"path": None, "rows": []}
 
 
+def finite(v: Any) -> Any:
+    """`v` with every NaN or infinity made None: the JSON is strict (allow_nan=False),
+    and NaN/Infinity are not JSON that every reader takes."""
+    if isinstance(v, float):
+        return v if math.isfinite(v) else None
+    if isinstance(v, dict):
+        return {k: finite(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [finite(x) for x in v]
+    return v
+
+
 def save() -> None:
     if SINK["path"]:
         tmp = SINK["path"] + ".tmp"
         with open(tmp, "w") as f:
-            json.dump([r for r in SINK["rows"] if r["case"] != "warmup"], f)
+            json.dump(finite([r for r in SINK["rows"] if r["case"] != "warmup"]), f, allow_nan=False)
         os.replace(tmp, SINK["path"])
 
 

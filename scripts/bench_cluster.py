@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from typing import Any
 
@@ -88,11 +90,11 @@ def measure(r: dict[str, Any], fn: Any, timeout: float, node_pids: list[int]) ->
     return value
 
 
-def broadcast_rounds(address: str, rounds: int) -> list[float]:
+def broadcast_rounds(address: str, m: str, rounds: int) -> list[float]:
     from procctl.cluster import ClusterController
 
     out = []
-    with ClusterController(bw.pc_idle, PER_NODE, address=address, lease=10) as cc:
+    with ClusterController(bw.pc_idle, PER_NODE, address=address, lease=10, start_method=m) as cc:
         for i in range(rounds):
             t0 = perf()
             if i % 2:
@@ -125,12 +127,13 @@ def event_rounds(client: Any, rounds: int) -> list[float]:
     return out
 
 
-def lifecycle(address: str) -> float:
+def lifecycle(address: str, m: str) -> float:
     from procctl import State
     from procctl.cluster import ClusterController
 
     t0 = perf()
-    with ClusterController(bw.pc_lifecycle, PER_NODE, address=address, initial_state=State.RUNNING) as cc:
+    with ClusterController(bw.pc_lifecycle, PER_NODE, address=address, initial_state=State.RUNNING,
+                           start_method=m) as cc:
         reports = cc.stop(grace=30)
     t = perf() - t0
     if len(reports) != NODES * PER_NODE:
@@ -144,10 +147,10 @@ def plain_tasks(client: Any) -> float:
     return perf() - t0
 
 
-def executor_map(address: str, n: int) -> float:
+def executor_map(address: str, m: str, n: int) -> float:
     from procctl.cluster import ClusterExecutor
 
-    with ClusterExecutor(address=address, workers_per_node=PER_NODE) as ex:
+    with ClusterExecutor(address=address, workers_per_node=PER_NODE, start_method=m) as ex:
         list(ex.map(sleep_1ms, range(100)))  # warm
         t0 = perf()
         out = list(ex.map(sleep_1ms, range(n)))
@@ -172,7 +175,8 @@ import json, sys
 sys.path.insert(0, sys.argv[3])
 import bench_workers as bw
 from procctl.cluster import ClusterController
-cc = ClusterController(bw.pc_idle, int(sys.argv[2]), address=sys.argv[1], lease=float(sys.argv[4]))
+cc = ClusterController(bw.pc_idle, int(sys.argv[2]), address=sys.argv[1], lease=float(sys.argv[4]),
+                       start_method=sys.argv[5])
 cc.start()
 cc.run()
 print(json.dumps([s.pid for s in cc.status()]), flush=True)
@@ -180,10 +184,10 @@ sys.stdin.read()
 """
 
 
-def client_killed(address: str) -> float:
+def client_killed(address: str, m: str) -> float:
     """Seconds from a SIGKILL of the client to every procctl worker gone."""
     here = os.path.dirname(os.path.abspath(__file__))
-    proc = subprocess.Popen([sys.executable, "-c", CLIENT, address, str(PER_NODE), here, str(LEASE)],
+    proc = subprocess.Popen([sys.executable, "-c", CLIENT, address, str(PER_NODE), here, str(LEASE), m],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         pids = json.loads(proc.stdout.readline())
@@ -202,13 +206,20 @@ def client_killed(address: str) -> float:
 
 
 def case_cluster(m: str, p: dict[str, Any]) -> list[dict[str, Any]]:
+    """procctl's rows under start method `m` (the nodes' workers); Dask's own are the same in any."""
+    import dask
     from distributed import Client
 
     from procctl.cluster.session import local_cluster
 
-    cluster = local_cluster(NODES, threads_per_worker=PER_NODE)
-    client = Client(cluster, set_as_default=False)
+    # The nodes' dask-scratch-space, in a directory removed afterwards (it was
+    # left in the temp dir by every run).
+    scratch = tempfile.mkdtemp(prefix="bench-dask-")
+    cluster = client = None
     try:
+        with dask.config.set({"temporary-directory": scratch}):
+            cluster = local_cluster(NODES, threads_per_worker=PER_NODE)
+        client = Client(cluster, set_as_default=False)
         node_pids = list(client.run(os.getpid).values())
         address = cluster.scheduler_address
         n8 = NODES * PER_NODE
@@ -222,22 +233,25 @@ def case_cluster(m: str, p: dict[str, Any]) -> list[dict[str, Any]]:
         cm = bc.row("cluster", m, n8, "Client.map 1 ms tasks", "floor", "items/s", higher=True, note=note)
         ck = bc.row("cluster", m, n8, f"client SIGKILL -> workers gone (lease {LEASE})", "procctl", "s",
                     note=note)
-        got = measure(b, lambda: broadcast_rounds(address, p["rounds"]), 120, node_pids)
+        got = measure(b, lambda: broadcast_rounds(address, m, p["rounds"]), 120, node_pids)
         b["samples"] += got or []
         bc.save()
         got = measure(be, lambda: event_rounds(client, p["rounds"]), 120, node_pids)
         be["samples"] += got or []
         bc.save()
         for _ in range(p["repeats"]):
-            bc.record(lc, measure(lc, lambda: lifecycle(address), 60, node_pids))
+            bc.record(lc, measure(lc, lambda: lifecycle(address, m), 60, node_pids))
             bc.record(lt, measure(lt, lambda: plain_tasks(client), 60, node_pids))
-            bc.record(em, measure(em, lambda: executor_map(address, p["tasks"]), 120, node_pids))
+            bc.record(em, measure(em, lambda: executor_map(address, m, p["tasks"]), 120, node_pids))
             bc.record(cm, measure(cm, lambda: client_map(client, p["tasks"]), 120, node_pids))
-        bc.record(ck, measure(ck, lambda: client_killed(address), 60, node_pids))
+        bc.record(ck, measure(ck, lambda: client_killed(address, m), 60, node_pids))
         for r in (b, be):
             if r["samples"]:
                 r["note"] += f"; p99 {statistics.quantiles(r['samples'], n=100)[-1] * 1e3:.1f} ms"
         return [b, be, lc, lt, em, cm, ck]
     finally:
-        client.close()
-        cluster.close()
+        if client is not None:
+            client.close()
+        if cluster is not None:
+            cluster.close()
+        shutil.rmtree(scratch, ignore_errors=True)
