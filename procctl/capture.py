@@ -44,7 +44,9 @@ class Output(NamedTuple):
     text: str
 
     def lines(self) -> list[str]:
-        return self.text.splitlines()
+        """The lines, split at newlines only: a carriage return stays in its
+        line (a progress bar's updates are one line, shown as its latest state)."""
+        return self.text[:-1].split("\n") if self.text.endswith("\n") else self.text.split("\n")
 
     def prefixed(self) -> str:
         """`[3] line` for each line."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import selectors
 import termios
 import threading
@@ -33,6 +34,32 @@ from .states import Event, WorkerStatus
 
 #: How often the view redraws (seconds).
 REFRESH = 0.25
+#: A colour (SGR) sequence: the one kind of escape a worker's line keeps on the terminal.
+_SGR = re.compile(r"(\x1b\[[0-9;:]*m)")
+#: Every other escape sequence: CSI (a cursor move, a clear screen), OSC (a window
+#: title), DCS/SOS/PM/APC strings, and two-character escapes (a reset, a charset).
+_OTHER_ESCAPE = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)?"
+                           r"|\x1b[PX^_][^\x1b]*(?:\x1b\\)?|\x1b[ -/]*[0-~]?")
+
+
+def terminal_line(line: str) -> Text:
+    """A worker's output line as it may go to the terminal above the live view.
+
+    Its colours are kept; every other escape sequence (a clear screen, a
+    cursor move, a terminal reset) is dropped, a carriage return shows what
+    follows the last one (as a terminal would: a progress bar's latest
+    state; one that ends the line, as in CRLF, is dropped), and any other control character is written as an escape
+    (`\\x00`): nothing a worker prints can move the cursor or wipe the view.
+    """
+    line = line.rstrip("\r").rsplit("\r", 1)[-1]  # (a CRLF line ends in one: not an empty line)
+    parts = _SGR.split(line)
+    for i in range(0, len(parts), 2):  # the text between the colour sequences
+        text = _OTHER_ESCAPE.sub("", parts[i])
+        if not text.isprintable():
+            text = "".join(ch if ch.isprintable() or ch == "\t" else ascii(ch)[1:-1] for ch in text)
+        parts[i] = text
+    return Text.from_ansi("".join(parts))
+
 STATE_STYLE = {"stopping": "magenta",
                "running": "green", "paused": "yellow", "stopped": "cyan", "finished": "bold green",
                "failed": "bold red", "crashed": "bold red", "killed": "magenta", "hung": "bold magenta"}
@@ -139,7 +166,7 @@ class LiveView:
         lines = output.lines()
         shown = lines[-MAX_LINES_SHOWN:]  # the newest: the screen shows where the worker is now
         hidden = len(lines) - len(shown)
-        text = Text("\n".join(f"[{output.worker}] {line}" for line in shown))
+        text = Text("\n").join(Text(f"[{output.worker}] ") + terminal_line(line) for line in shown)
         with self._draw:
             # Also before the view opens and after it closed: the capture drains what the
             # workers wrote last once they have ended (it was dropped, neither shown nor counted).

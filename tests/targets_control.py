@@ -87,3 +87,14 @@ def escaping_info(ctx):
     ctx.progress(1, 10, note="\x1b[2J\x1b[Hcleared\nbroken")
     while ctx.sleep(float("inf")):
         pass
+
+
+def escaping_output(ctx):
+    """Output lines that would wipe the screen, reset the terminal and overwrite a line if written raw."""
+    print("\x1b[2J\x1b[Hcleared the screen", flush=True)
+    print("\x1bcreset the terminal \x07bell \x9b2J", flush=True)
+    print("before\rafter the return", flush=True)
+    print("a windows line\r", flush=True)
+    print("\x1b[31mred stays red\x1b[0m", flush=True)
+    while ctx.sleep(float("inf")):
+        pass

@@ -160,6 +160,22 @@ def test_progress_info_cannot_drive_the_terminal_and_rows_tell_the_last_event(sc
     assert "note=\\x1b[2J\\x1b[Hcleared\\nbr" in term.text  # (the column ends in …)
 
 
+
+def test_worker_output_cannot_drive_the_terminal(screen):
+    term = screen(["run", "--workers", "1", "--target", "targets_control:escaping_output", "--schedule", "run",
+                   "--step", "0"])
+    term.wait_for("keys: p pause")
+    term.wait_for("red stays red")
+    term.key("s")
+    assert term.finish() == 0
+    for raw in (b"\x1b[2J", b"\x1bc", b"\x07", b"\xc2\x9b", b"before\r"):
+        assert raw not in term.raw, raw
+    text = term.text
+    assert "[0] cleared the screen" in text  # the prefix stays on its line
+    assert "[0] reset the terminal \\x07bell \\x9b2J" in text
+    assert "[0] after the return" in text and "[0] a windows line" in text
+    assert b"\x1b[31mred stays red" in term.raw  # colours are kept
+
 def test_plus_and_minus_keys_resize_from_the_size_within_max_workers(screen):
     # Workers 0 and 1 finish at once: + and - count from the run's size (4), not its live workers (2).
     term = screen(["run", "--workers", "4", "--max-workers", "5", "--target", "targets_control:first_two_finish",
