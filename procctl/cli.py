@@ -28,6 +28,7 @@ from .clitools import (
     EXIT_OK,
     EXIT_TIMEOUT,
     EXIT_USAGE,
+    QUIT_GRACE,
     BadInput,
     Reporter,
     SignalBridge,
@@ -50,8 +51,6 @@ if TYPE_CHECKING:
     from .capture import OutputCapture
 
 STEPS = {"run": State.RUNNING, "pause": State.PAUSED, "stop": State.STOPPED}
-#: The grace period of the live view's `q` (stop and quit now), at most the run's.
-QUIT_GRACE = 1.0
 #: How long the CLI waits for acknowledgements before it moves on; the
 #: command stays posted and busy workers apply it at their next checkpoint.
 ACK_WAIT = 2.0
@@ -665,8 +664,8 @@ def _run(make: Callable[[Callable[[Event], None]], Any], workers: int, steps: li
         from .live import KeyReader, LiveView
 
         keys = KeyReader(partial(_on_key, session))
-        footer = f"run {served.name} · pid {os.getpid()} · {served.path}" if served and served.path else ""
-        view = LiveView(lambda: pc.status(), lambda: f"procctl run: {pc.workers} workers", footer=footer,
+        view = LiveView(lambda: pc.status(), lambda: f"procctl run: {pc.workers} workers",
+                        footer=served.footer if served is not None else "",
                         keys=keys.active or os.isatty(0), heartbeat=heartbeat)
         session.view = view
     if capture is not None:

@@ -117,6 +117,11 @@ class ServedControl:
     def name(self) -> str | None:
         return self.server.name if self.server is not None else None
 
+    @property
+    def footer(self) -> str:
+        """Where the run is reached from another shell, for a live view's footer."""
+        return f"run {self.name} · pid {os.getpid()} · {self.path}" if self.path else ""
+
     def record(self, event: Event | dict[str, Any]) -> None:
         if self.server is not None:
             self.server.record(event)

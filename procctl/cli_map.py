@@ -24,6 +24,7 @@ import os
 import selectors
 import signal
 import sys
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -41,6 +42,7 @@ from .clitools import (
     EXIT_OK,
     EXIT_TIMEOUT,
     EXIT_USAGE,
+    QUIT_GRACE,
     BadInput,
     Reporter,
     SignalBridge,
@@ -431,7 +433,10 @@ class MapSession:
         self._selector.register(self._wake_r, selectors.EVENT_READ)
         self.on_state: Callable[[str], None] = lambda note: None  # the live view's note
         self.on_record: Callable[[dict[str, Any]], None] = lambda record: None  # the control socket's log
-        self.stop_asked = False  # by `procctl stop`
+        self.stop_asked = False  # by `procctl stop` or the live view's keys
+        self.stop_by = "procctl stop"
+        #: Set once finish() has stopped or shut down the executor (the live view's `q` waits for it).
+        self.finished = threading.Event()
 
     # -- the loop, as a table of contents
 
@@ -634,6 +639,7 @@ class MapSession:
         for pos in sorted(self.pending_lines):  # --ordered: what waited behind an unfinished item
             self.results.write(self.pending_lines.pop(pos))
         self.results.flush()
+        self.finished.set()
         if self.plan.unfinished:
             self.write_unfinished(self.plan.unfinished)
 
@@ -661,15 +667,18 @@ class MapSession:
             name = signal.Signals(self.bridge.stop_signal).name
             self.emit(MapEvent(self.t(), "stopping", signal=name), f"{name}: stopping")
         elif self.stop_asked:
-            self.emit(MapEvent(self.t(), "stopping"), "procctl stop: stopping")
+            self.emit(MapEvent(self.t(), "stopping"), f"{self.stop_by}: stopping")
         else:
             why = ("stdout failed" if self.results.error is not None
                    else "stdout was closed" if self.results.broken
                    else "the joblog failed" if self.joblog_error is not None else "an error")
             self.emit(MapEvent(self.t(), "stopping"), f"{why}: stopping")
 
-    def request_stop(self) -> None:
-        """`procctl stop`: a graceful stop, as the first SIGINT (from the control server's thread)."""
+    def request_stop(self, by: str = "procctl stop") -> None:
+        """`procctl stop` (or the live view's `s`): a graceful stop, as the first SIGINT
+        (from the control server's or the key reader's thread)."""
+        if not self.stop_asked:
+            self.stop_by = by
         self.stop_asked = True
         self.wake()
 
@@ -818,7 +827,7 @@ def _map(plan: MapPlan, bridge: SignalBridge, control: ControlPlan, executor: Cl
             if view_stream is None:
                 session.run(bridge)
             else:
-                _run_live(session, view_stream, bridge)
+                _run_live(session, view_stream, bridge, served.footer)
             return session.report()
         finally:
             served.close()
@@ -859,22 +868,42 @@ class _MapControl:
         self.session.wake()
 
 
-def _run_live(session: MapSession, stream: IO[str], bridge: SignalBridge) -> MapSession:
+def _run_live(session: MapSession, stream: IO[str], bridge: SignalBridge, footer: str) -> MapSession:
     from rich.console import Console
 
-    from .live import MapLiveView
+    from .live import KeyReader, MapLiveView
 
     plan = session.plan
     where = f" on {session.nodes} nodes" if session.nodes is not None else ""
-    view = MapLiveView(f"procctl map {plan.spec}: {session.workers} workers{where}", len(plan.to_run),
-                       session.counts, console=Console(file=stream))
-    if stream is sys.stdout:
-        session.results.printer = view.print  # results print above the view
+    keys = KeyReader(lambda key: _on_key(session, bridge, view, key))
+    with keys:  # (stdin is read for keys only once the items are in)
+        view = MapLiveView(f"procctl map {plan.spec}: {session.workers} workers{where}", len(plan.to_run),
+                           session.counts, console=Console(file=stream), footer=footer, keys=keys.active)
+        if stream is sys.stdout:
+            session.results.printer = view.print  # results print above the view
 
-    def note(state: str) -> None:
-        view.note = state
+        def note(state: str) -> None:
+            view.note = state
 
-    session.on_state = note
-    with view:
-        session.run(bridge)
+        session.on_state = note
+        with view:
+            session.run(bridge)
     return session
+
+
+def _on_key(session: MapSession, bridge: SignalBridge, view: Any, key: str) -> None:
+    """A key of the live view (from the key reader's thread): as `procctl pause/resume/stop`."""
+    if key in "pr":
+        # The loop pauses and resumes as for kill -USR1/-USR2, with its events and notes.
+        bridge.pending.append(signal.SIGUSR1 if key == "p" else signal.SIGUSR2)
+        session.wake()
+        view.message = "pausing every worker" if key == "p" else "resuming every worker"
+    elif key == "s":
+        session.request_stop(by="the s key")
+        view.message = "stopping gracefully"
+    elif key == "q":
+        # A task that checkpoints stops cleanly at once; the rest are killed after QUIT_GRACE.
+        session.request_stop(by="the q key")
+        view.message = "stopping now"
+        if not session.finished.wait(QUIT_GRACE):
+            session.hurry()

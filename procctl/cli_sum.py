@@ -5,8 +5,8 @@ procctl.cli registers it on the group; errors and exit codes are handled there.
 
 from __future__ import annotations
 
-import contextlib
 import sys
+import threading
 from typing import Any
 
 import click
@@ -17,6 +17,7 @@ from .clitools import (
     EXIT_SIGINT,
     EXIT_TIMEOUT,
     EXIT_USAGE,
+    QUIT_GRACE,
     BadInput,
     Reporter,
     SignalBridge,
@@ -24,6 +25,7 @@ from .clitools import (
     say,
     split_range,
 )
+from .control import ACK_WAIT
 from .controller import WorkerStartError
 from .jobs.sum_events import (
     Cancelled,
@@ -181,14 +183,16 @@ def sum_command(producers: int, consumers: int, threshold: int, values_text: str
             served.record(event.to_dict())
 
     job = SumJob.from_plan(plan, on_event=on_event if listening else None)
-    stopped: list[bool] = []
+    stopped: list[str] = []  # who stopped the run (`procctl stop`, a key): a clean cancel, not a failure
 
-    def stop() -> None:  # `procctl stop`: a clean cancel, not a failure
-        stopped.append(True)
+    def stop() -> None:
+        stopped.append("procctl stop")
         job.cancel()
 
     try:
         served = control.serve(lambda: job.controller, stop, reporter)
+        if view is not None:
+            view.footer = served.footer
         try:
             return _run(job, reporter, bridge, view, stopped)
         finally:
@@ -202,7 +206,7 @@ def tell(reporter: Reporter, event: SumEvent) -> None:
 
 
 def _run(job: SumJob, reporter: Reporter, bridge: SignalBridge, view: Any = None,
-         stopped: list[bool] | None = None) -> int:
+         stopped: list[str] | None = None) -> int:
     def on_signal() -> None:
         # SIGUSR1/2 only wake the bridge; SIGINT/SIGTERM mean a clean stop.
         if bridge.stop_signal is not None:
@@ -214,11 +218,13 @@ def _run(job: SumJob, reporter: Reporter, bridge: SignalBridge, view: Any = None
                 plan = job.plan  # nothing ran: every count is 0
                 raise SumCancelled("cancelled before the run started", SumResult(
                     -1, plan.threshold, (0,) * plan.consumers, (0,) * plan.consumers, (0,) * plan.producers, 0, 0.0))
-            with view if view is not None else contextlib.nullcontext():
-                result = job.run()  # the live view closes before the summary
+            if view is None:
+                result = job.run()
+            else:
+                result = _run_live(job, view, stopped if stopped is not None else [])
         except SumCancelled as exc:
             if stopped and bridge.exit_code is None:
-                tell(reporter, Cancelled(None, by="procctl stop"))
+                tell(reporter, Cancelled(None, by=stopped[0]))
                 code = EXIT_OK
             else:
                 tell(reporter, Cancelled(bridge.signal_name))
@@ -249,3 +255,43 @@ def _run(job: SumJob, reporter: Reporter, bridge: SignalBridge, view: Any = None
     summary = Summary(result)
     reporter.summary(summary.to_dict(), summary_text(result))
     return EXIT_OK
+
+
+def _run_live(job: SumJob, view: Any, stopped: list[str]) -> Any:
+    """The job under the live view and its keys; the view closes before the summary."""
+    from .live import KeyReader
+
+    finished = threading.Event()
+    keys = KeyReader(lambda key: _on_key(job, view, stopped, finished, key))
+    with keys:
+        view.keys = keys.active
+        try:
+            with view:
+                return job.run()
+        finally:
+            finished.set()
+
+
+def _on_key(job: SumJob, view: Any, stopped: list[str], finished: threading.Event, key: str) -> None:
+    """A key of the live view (from the key reader's thread): as `procctl pause/resume/stop`."""
+    if key in "pr":
+        pc = job.controller
+        if pc is None:
+            view.message = "the workers are not started yet"
+            return
+        try:
+            if key == "p":
+                pc.pause(timeout=ACK_WAIT)
+            else:
+                pc.run(timeout=ACK_WAIT)
+            view.message = "paused every worker" if key == "p" else "resumed every worker"
+        except TimeoutError as exc:
+            view.message = f"{exc}; the command stays posted"
+        except RuntimeError as exc:
+            view.message = str(exc)
+    elif key in "sq":
+        stopped.append(f"the {key} key")
+        job.cancel()
+        view.message = "stopping gracefully" if key == "s" else "stopping now"
+        if key == "q" and not finished.wait(QUIT_GRACE):
+            job.kill()  # (workers that checkpoint have stopped cleanly by now)

@@ -26,6 +26,8 @@ EXIT_SIGINT = 130
 EXIT_SIGTERM = 143
 
 EXIT_FOR_SIGNAL: dict[int, int] = {signal.SIGINT: EXIT_SIGINT, signal.SIGTERM: EXIT_SIGTERM}
+#: The grace period of a live view's `q` (stop and quit now), at most the run's.
+QUIT_GRACE = 1.0
 
 
 class BadInput(Exception):

@@ -1,4 +1,4 @@
-"""The live terminal view of `procctl run`: refreshes in place while workers run.
+"""The live terminal views of `procctl run`, `map` and `sum`: refresh in place while workers run.
 
 Only the command line imports this (rich and psutil are CLI dependencies;
 `import procctl` never loads them).
@@ -40,6 +40,22 @@ _SGR = re.compile(r"(\x1b\[[0-9;:]*m)")
 #: title), DCS/SOS/PM/APC strings, and two-character escapes (a reset, a charset).
 _OTHER_ESCAPE = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)?"
                            r"|\x1b[PX^_][^\x1b]*(?:\x1b\\)?|\x1b[ -/]*[0-~]?")
+
+
+#: The keys every live view takes (`procctl run` adds +/-).
+KEYS = "keys: p pause  r resume  s stop  q quit"
+
+
+def footer_text(keys: str, where: str, message: str) -> Text:
+    """A live view's footer: its keys, the run's name, pid and control socket, what a key did."""
+    text = Text()
+    if keys:
+        text.append(keys, style="bold")
+    if where:
+        text.append(("  " if keys else "") + where, style="dim")
+    if message:
+        text.append(f"\n{message}", style="yellow")
+    return text
 
 
 def terminal_line(line: str) -> Text:
@@ -292,14 +308,7 @@ class LiveView:
                 "progress": progress, "eta": eta, "last event": last, "info": info, "cpu %": cpu, "rss": rss}
 
     def _footer_text(self) -> Text:
-        text = Text()
-        if self._keys:
-            text.append("keys: p pause  r resume  s stop  q quit  +/- workers", style="bold")
-        if self._footer:
-            text.append(("  " if self._keys else "") + self._footer, style="dim")
-        if self._message:
-            text.append(f"\n{self._message}", style="yellow")
-        return text
+        return footer_text(KEYS + "  +/- workers" if self._keys else "", self._footer, self._message)
 
     def silent(self, r: WorkerStatus) -> bool:
         """Is the worker's last heartbeat older than half the heartbeat period?"""
@@ -390,7 +399,12 @@ class SumLiveView:
     item arrives.
     """
 
-    def __init__(self, plan: SumPlan, console: Console | None = None):
+    def __init__(self, plan: SumPlan, console: Console | None = None, *, footer: str = "", keys: bool = False):
+        #: Where the run is reached from another shell; whether the keys work (both set before it opens).
+        self.footer = footer
+        self.keys = keys
+        #: What the last key did, for the footer.
+        self.message = ""
         self._threshold = plan.threshold
         self._producers = plan.producers
         self._sums = [0] * plan.consumers
@@ -436,7 +450,7 @@ class SumLiveView:
         for c, total in enumerate(self._sums):
             bar = ProgressBar(total=max(1, self._threshold + 1), completed=min(total, self._threshold + 1), width=30)
             table.add_row(str(c), str(total), bar, str(self._received[c]), self._last[c])
-        return Group(head, table)
+        return Group(head, table, footer_text(KEYS if self.keys else "", self.footer, self.message))
 
 
 class MapLiveView:
@@ -448,7 +462,11 @@ class MapLiveView:
     """
 
     def __init__(self, title: str, total: int, counts: Callable[[], tuple[int, int, int]],
-                 console: Console | None = None) -> None:
+                 console: Console | None = None, *, footer: str = "", keys: bool = False) -> None:
+        self._footer = footer
+        self._keys = keys
+        #: What the last key did, for the footer.
+        self.message = ""
         self._title = title
         self._total = total
         self._counts = counts
@@ -483,4 +501,4 @@ class MapLiveView:
         tally = Text(f"{done} done  ", style=STATE_STYLE["finished"])
         tally.append(f"{failed} failed  ", style=STATE_STYLE["failed"] if failed else "")
         tally.append(f"{in_flight} in flight  {self._total - ended - in_flight} queued")
-        return Group(head, grid, tally)
+        return Group(head, grid, tally, footer_text(KEYS if self._keys else "", self._footer, self.message))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import pty
 import re
@@ -175,6 +176,58 @@ def test_worker_output_cannot_drive_the_terminal(screen):
     assert "[0] reset the terminal \\x07bell \\x9b2J" in text
     assert "[0] after the return" in text and "[0] a windows line" in text
     assert b"\x1b[31mred stays red" in term.raw  # colours are kept
+
+
+def _states(tmp_path, name):
+    res = run_cli(["status", name, "--json"], env={"XDG_RUNTIME_DIR": str(tmp_path)})
+    assert res.returncode == 0, res.stderr
+    return {w["state"] for w in json.loads(res.stdout)["workers"]}
+
+
+KEYED_VIEWS = {
+    # the command, what shows that its workers are up, what shows that p took effect, what r says
+    "map": (["map", "maptargets:nap", "--items", "{items}", "--workers", "2"], "in flight",
+            ["pausing every worker", "s  paused"], "resuming every worker"),
+    "sum": (["sum", "--producers", "2", "--consumers", "2", "--threshold", "100000000", "--delay", "0.05"], "got ",
+            ["paused every worker"], "resumed every worker"),
+}
+
+
+@pytest.mark.parametrize("command", sorted(KEYED_VIEWS))
+def test_map_and_sum_live_views_take_the_keys_and_show_where_to_reach_them(screen, tmp_path, command):
+    args, up, paused, resumed = KEYED_VIEWS[command]
+    items = tmp_path / "items.jsonl"
+    items.write_text("".join(json.dumps({"n": i, "s": 0.05}) + "\n" for i in range(400)))
+    term = screen([a.replace("{items}", str(items)) for a in args] + ["--name", "kv"])
+    term.wait_for("keys: p pause")
+    term.wait_for("run kv")
+    assert f"pid {term.proc.pid}" in term.text and "kv.sock" in term.text
+    term.wait_for(up)
+    term.key("p")
+    for shown in paused:
+        term.wait_for(shown)
+    assert _states(tmp_path, "kv") == {"paused"}
+    term.key("r")
+    term.wait_for(resumed)
+    term.key("s")
+    assert term.finish() == 0
+    if command == "map":
+        assert re.search(r"summary: 400 items: \d+ done, 0 failed, [1-9]\d* unfinished", term.text)
+
+
+def test_map_live_view_q_kills_what_does_not_stop(screen, tmp_path, monkeypatch):
+    monkeypatch.setenv("MAP_MARKS", str(tmp_path / "marks"))
+    items = tmp_path / "items.jsonl"
+    items.write_text("1\n2\n")
+    term = screen(["map", "maptargets:ignore_stop", "--items", str(items), "--workers", "2", "--grace", "30"])
+    term.wait_for("keys: p pause")
+    term.wait_for("task started")
+    started = time.monotonic()
+    term.key("q")
+    term.finish()
+    assert time.monotonic() - started < 15  # not the 30 s grace
+    assert "summary: 2 items: 0 done, 0 failed, 2 unfinished" in term.text
+
 
 def test_plus_and_minus_keys_resize_from_the_size_within_max_workers(screen):
     # Workers 0 and 1 finish at once: + and - count from the run's size (4), not its live workers (2).
