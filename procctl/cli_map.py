@@ -437,6 +437,8 @@ class MapSession:
         self.stop_by = "procctl stop"
         #: Set once finish() has stopped or shut down the executor (the live view's `q` waits for it).
         self.finished = threading.Event()
+        #: Notified when the loop has paused or resumed (`procctl pause` waits for it).
+        self.state_changed = threading.Condition()
 
     # -- the loop, as a table of contents
 
@@ -546,12 +548,16 @@ class MapSession:
         for sig in self.bridge.take():
             if sig == signal.SIGUSR1 and not self.paused:
                 self.acknowledged(self.executor.pause, "pause")
-                self.paused = True
+                with self.state_changed:
+                    self.paused = True
+                    self.state_changed.notify_all()
                 self.on_state("paused")
                 self.emit(MapEvent(self.t(), "paused"), "paused: no new item starts (SIGUSR2 resumes)")
             elif sig == signal.SIGUSR2 and self.paused:
                 self.acknowledged(self.executor.resume, "resume")
-                self.paused = False
+                with self.state_changed:
+                    self.paused = False
+                    self.state_changed.notify_all()
                 self.on_state("running")
                 self.emit(MapEvent(self.t(), "resumed"), "resumed")
 
@@ -640,6 +646,8 @@ class MapSession:
             self.results.write(self.pending_lines.pop(pos))
         self.results.flush()
         self.finished.set()
+        with self.state_changed:
+            self.state_changed.notify_all()
         if self.plan.unfinished:
             self.write_unfinished(self.plan.unfinished)
 
@@ -857,15 +865,25 @@ class _MapControl:
         return executor.status() if executor is not None else []
 
     def pause(self, timeout: float | None = None) -> None:
-        self._command(signal.SIGUSR1)
+        self._command(signal.SIGUSR1, timeout)
 
     def run(self, timeout: float | None = None) -> None:
-        self._command(signal.SIGUSR2)
+        self._command(signal.SIGUSR2, timeout)
 
-    def _command(self, sig: int) -> None:
-        # The loop pauses and resumes as for kill -USR1/-USR2, with its events and notes.
+    def _command(self, sig: int, timeout: float | None) -> None:
+        """Have the loop pause or resume, as for kill -USR1/-USR2 (with its events and notes),
+        and wait up to `timeout` until it has: a `procctl status` right after sees it done."""
+        session = self.session
+        paused = sig == signal.SIGUSR1
         self.bridge.pending.append(sig)
-        self.session.wake()
+        session.wake()
+        with session.state_changed:
+            done = session.state_changed.wait_for(
+                lambda: session.paused == paused or session.finished.is_set() or self.state is State.STOPPED,
+                timeout)
+        if not done:
+            raise TimeoutError(f"the run did not {'pause' if paused else 'resume'} within {timeout}s;"
+                               " it will when its loop comes round")
 
 
 def _run_live(session: MapSession, stream: IO[str], bridge: SignalBridge, footer: str) -> MapSession:

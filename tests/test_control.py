@@ -499,6 +499,24 @@ def test_map_has_a_control_socket(env, tmp_path):
         cli.kill()
 
 
+def test_pause_of_a_map_run_returns_once_it_is_paused(env, tmp_path):
+    # Tasks of 0.5 s that never checkpoint: a worker pauses when its task ends. As for
+    # `procctl run`, the command returns once that happened, not as soon as it was asked.
+    items = tmp_path / "items.jsonl"
+    items.write_text("".join(json.dumps({"n": i, "s": 0.5}) + "\n" for i in range(40)))
+    cli = LiveCli(["map", "maptargets:nap", "--items", str(items), "--workers", "2", "--name", "mp"],
+                  cwd=TESTS, env=env)
+    try:
+        cli.wait_for(lambda lines: len(lines) >= 2)
+        for command, state in (("pause", "paused"), ("resume", "running"), ("pause", "paused")):
+            res = ctl(env, command, "mp")
+            assert res.returncode == 0, res.stderr
+            assert {w["state"] for w in ctl_json(env, "status", "mp")["workers"]} == {state}, command
+        assert ctl(env, "stop", "mp").returncode == 0
+        assert cli.finish()[0] == 0
+    finally:
+        cli.kill()
+
 def test_procctl_stop_cancels_a_sum_run_cleanly(env):
     # The sum job serves the control socket too; `procctl stop` is a clean cancel (exit 0), told as a typed event.
     # Items slow enough that its stdout, which nobody reads while `procctl stop` waits,
