@@ -127,6 +127,8 @@ class Whoami:
     pgid: int
     cmdline: list[str]
     ancestors: set[int]
+    #: Where our vdso is mapped (see _layout); None where that cannot be read.
+    layout: str | None = None
 
 
 class Snapshot:
@@ -158,7 +160,7 @@ class Snapshot:
             cmdline = me.cmdline()
         except psutil.Error:
             cmdline = []  # (then only the mark tells an orphan)
-        whoami = Whoami(os.getpgid(0), cmdline, _ancestors(psutil))
+        whoami = Whoami(os.getpgid(0), cmdline, _ancestors(psutil), _layout("self"))
         for pid in set(psutil.pids()) - self.existing - set(found) - helpers - {me.pid}:
             try:
                 proc = psutil.Process(pid)
@@ -196,7 +198,8 @@ class Snapshot:
         that is not our ancestor, or have none of our command line."""
         forked = unknown
         for _ in range(64):
-            forked = forked or bool(whoami.cmdline) and proc.cmdline() == whoami.cmdline
+            forked = forked or bool(whoami.cmdline) and proc.cmdline() == whoami.cmdline and (
+                _same_layout(whoami.layout, proc.pid))
             ppid = proc.ppid()
             if ppid in found:
                 return True
@@ -206,6 +209,29 @@ class Snapshot:
                 return False
             proc = psutil.Process(ppid)
         return False
+
+
+def _layout(pid: int | str) -> str | None:
+    """Where the kernel mapped the vdso in process `pid`: chosen at random at each
+    exec and kept by fork. A process forked from us without an exec has ours; one
+    of another exec of our command line (the other pytest-xdist workers) has its own."""
+    try:
+        with open(f"/proc/{pid}/maps") as maps:
+            for line in maps:
+                if line.rstrip().endswith("[vdso]"):
+                    return line.split("-", 1)[0]
+    except OSError:
+        pass
+    return None
+
+
+def _same_layout(ours: str | None, pid: int) -> bool:
+    """Could `pid` have been forked from us? (Yes where either layout is unknown:
+    the command line then tells alone, as without address randomization.)"""
+    if ours is None:
+        return True
+    theirs = _layout(pid)
+    return theirs is None or theirs == ours
 
 
 def _ancestors(psutil: Any) -> set[int]:

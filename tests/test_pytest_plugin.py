@@ -459,6 +459,63 @@ def test_a_process_of_another_session_in_our_group_is_not_ours(pytester, tmp_pat
             neighbour.wait()
 
 
+def test_an_orphan_forked_by_another_session_of_our_command_line_is_not_ours(tmp_path):
+    """Two pytest sessions with one command line in one process group (pytest-xdist's
+    workers): an orphan that one of them forks without an exec is that session's
+    leftover, not the other's (both carry the command line; only the forking one
+    shares the orphan's memory layout)."""
+    (tmp_path / "test_pair.py").write_text(textwrap.dedent("""
+        import os, time, pytest
+
+        def wait(name):
+            open(os.path.join(os.environ["PAIR_DIR"], name)).read()
+
+        def tell(name):
+            with open(os.path.join(os.environ["PAIR_DIR"], name), "w") as fh:
+                fh.write("x")
+
+        @pytest.mark.usefixtures("no_leftover_processes")
+        def test_pair():
+            role = os.environ["PAIR_ROLE"]
+            if role == "clean":
+                tell("clean-ready")   # its snapshot is taken
+                wait("clean-go")      # the other session forks meanwhile
+                return
+            wait("leak-go")
+            if os.fork() == 0:
+                if os.fork() == 0:
+                    os.closerange(3, 1024)
+                    time.sleep(1000)
+                os._exit(0)
+            os.wait()
+            tell("leak-forked")
+            wait("leak-end")
+        """))
+    for name in ("clean-ready", "clean-go", "leak-go", "leak-forked", "leak-end"):
+        os.mkfifo(tmp_path / name)
+    args = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *plugin_args(), "test_pair.py"]
+    sessions = {}
+    try:
+        for role in ("leak", "clean"):  # one command line, one process group (ours)
+            sessions[role] = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                              text=True, env={**os.environ, "PAIR_ROLE": role,
+                                                              "PAIR_DIR": str(tmp_path)})
+        fifo = lambda name, mode: open(tmp_path / name, mode)  # noqa: E731 - each open waits for its peer
+        fifo("clean-ready", "r").read()
+        fifo("leak-go", "w").close()
+        fifo("leak-forked", "r").read()
+        fifo("clean-go", "w").close()
+        clean_out = sessions["clean"].communicate(timeout=SUBPROCESS_TIMEOUT)[0]
+        fifo("leak-end", "w").close()
+        leak_out = sessions["leak"].communicate(timeout=SUBPROCESS_TIMEOUT)[0]
+    finally:
+        for proc in sessions.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+    assert sessions["clean"].returncode == 0 and "1 passed" in clean_out, clean_out
+    assert sessions["leak"].returncode == 1 and "left 1 child process(es) behind" in leak_out, leak_out
+
 # -- forkserver workers ----------------------------------------------------------------------
 
 # The inner module starts the fork server itself (a fresh interpreter): the server
