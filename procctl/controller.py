@@ -247,7 +247,10 @@ def check_start_method(start_method: Any) -> str | None:
 
 
 def check_state(name: str, value: Any) -> State:
-    """A State argument (the member or its value, 'paused'); else ValueError naming it."""
+    """A State argument (the member or its value, 'paused'); else ValueError naming it
+    (TypeError for a bool: True and False are numbers to State, not states)."""
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be a procctl.State, not {value!r}")
     try:
         return State(value)
     except ValueError:

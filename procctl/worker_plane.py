@@ -83,6 +83,8 @@ class WorkEnd:
     # -- channels -----------------------------------------------------------
 
     def channel(self, name: str) -> tuple[int, int]:
+        if not isinstance(name, str):
+            raise TypeError(f"name must be a channel's name (str), not {type(name).__name__}")
         try:
             return self.channels[name]
         except KeyError:
@@ -90,7 +92,7 @@ class WorkEnd:
             raise ValueError(f"no channel named {name!r} (channels: {known})") from None
 
     def get(self, ctx: WorkerContext, name: str, timeout: float | None) -> Any:
-        spec = self.channels.get(name)
+        spec = self.channels.get(name) if isinstance(name, str) else None
         cid = spec[0] if spec is not None else self.channel(name)[0]
         end = None if timeout is None else workwire.deadline(timeout)
         while True:

@@ -600,6 +600,20 @@ def test_library_rejects_bad_arguments_by_name(kwargs, error, name):
         ProcessController(_noop, 2, **kwargs)
 
 
+@pytest.mark.parametrize("call", ["initial_state", "broadcast"])
+@pytest.mark.parametrize("value", [True, False])
+def test_a_bool_is_not_a_state(call, value):
+    # State(False) is STOPPED and State(True) PAUSED: a bool slipped through as a command.
+    if call == "initial_state":
+        with pytest.raises(TypeError, match="initial_state"):
+            ProcessController(_noop, 1, initial_state=value)
+        return
+    with ProcessController(_noop, 1) as pc:
+        with pytest.raises(TypeError, match="state"):
+            pc.broadcast(value)
+        assert {s.state for s in pc.status()} == {State.PAUSED}
+
+
 def test_library_accepts_a_list_of_args_and_a_mapping_of_kwargs():
     from types import MappingProxyType
 

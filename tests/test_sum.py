@@ -495,6 +495,14 @@ def test_bad_arguments_raise_before_any_process_starts(kwargs):
     assert {p.pid for p in children()} <= before
 
 
+def test_an_infinite_grace_is_no_limit_as_for_the_controller():
+    from procctl.jobs.sum_threshold import SumJob
+
+    assert SumJob(1, 1, grace=float("inf")).grace == float("inf")
+    for bad in (float("nan"), -1, "5"):
+        with pytest.raises(ValueError, match="grace"):
+            SumJob(1, 1, grace=bad)
+
 # -- the command line --------------------------------------------------------------------
 
 

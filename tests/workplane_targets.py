@@ -52,6 +52,15 @@ def get_with_timeout(ctx):
         pass
     else:
         return "a negative timeout was taken"
+    for name in ([], None, 3):  # not a name: an error naming the argument, not "unhashable type"
+        for call in (lambda n=name: ctx.get(n), lambda n=name: ctx.put(n, 1), lambda n=name: list(ctx.iter(n))):
+            try:
+                call()
+            except TypeError as exc:
+                if "name" not in str(exc):
+                    return f"the TypeError does not name the argument: {exc}"
+            else:
+                return f"the channel name {name!r} was taken"
     try:
         ctx.get("jobs", timeout=0.2)
     except queue.Empty:

@@ -153,10 +153,16 @@ def _as_float(value: Any) -> float:
         return math.inf if value > 0 else -math.inf
 
 
-def check_seconds(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(_as_float(value)) or value < 0:
-        raise ValueError(f"{name} must be a finite number of seconds >= 0, not {value!r}")
-    return float(value)
+def check_seconds(name: str, value: Any, *, allow_inf: bool = False) -> float:
+    """Seconds >= 0 (inf only with `allow_inf`: no limit); else ValueError naming `name`
+    (for a wrong type too: the sum job's arguments all raise ValueError, as issue 3 has it)."""
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise ValueError(f"{name} must be a number of seconds, not {value!r}")
+    seconds = _as_float(value)
+    if math.isnan(seconds) or seconds < 0 or (math.isinf(seconds) and not allow_inf):
+        kind = "a number" if allow_inf else "a finite number"
+        raise ValueError(f"{name} must be {kind} of seconds >= 0, not {value!r}")
+    return seconds
 
 
 def _values(values: Any) -> tuple[int, ...]:

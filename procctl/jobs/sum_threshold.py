@@ -148,7 +148,7 @@ class SumJob:
         if on_event is not None and not callable(on_event):
             raise ValueError(f"on_event must be callable, not {on_event!r}")
         self.plan = plan
-        self.grace = check_seconds("grace", grace)
+        self.grace = check_seconds("grace", grace, allow_inf=True)  # inf: no limit, as for ProcessController
         self._on_event = on_event
         self._last_t = 0.0  # the `t` of the last event told
         self._cancelled = False
