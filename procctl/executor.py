@@ -387,7 +387,8 @@ class _Task:
 class _WorkerLine:
     """The manager's view of one worker's link and the tasks it holds."""
 
-    __slots__ = ("wid", "sock", "child", "held", "done", "sent", "timed_out", "closed", "up", "returner", "asked_back")
+    __slots__ = ("wid", "sock", "child", "held", "done", "sent", "timed_out", "closed", "up", "returner", "asked_back",
+                 "paused_at")
 
     def __init__(self, wid: int) -> None:
         self.wid = wid
@@ -405,6 +406,9 @@ class _WorkerLine:
         self.returner = 0  # the thread id of the worker's returner thread, once up
         #: The task at the head when the worker was last asked for the ones behind it.
         self.asked_back: _Task | None = None
+        #: When the worker acknowledged PAUSED (None while it runs): its task's clock stops
+        #: then, not at the pause's broadcast (a task that never checkpoints runs on).
+        self.paused_at: float | None = None
 
 
 def check_task_timeout(task_timeout: Any) -> float | None:
@@ -537,7 +541,6 @@ class _Pool:
         self._broken: str | None = None
         self._broken_told = False  # a submit() or map() after the break has returned
         self._paused = False
-        self._paused_at = 0.0
         self._stopping = False
         self._closing = False
         self._kill_asked = False  # kill() was called: the manager SIGKILLs the workers
@@ -913,11 +916,12 @@ class _Pool:
             if self._commands or self._later or (self._pending and self._has_room()):
                 return 0.0
             self._idle = True
-        if self._paused:
-            return None
+        # While paused too: a task that never reaches a checkpoint does not pause, and times out.
         due = [self._head_started(line) + self.task_timeout for line in self._lines.values()
-               if line.held and line.up and not line.closed] if self.task_timeout is not None else []
-        due += [self._head_started(line) + SLOW_HEAD for line in self._lines.values() if self._may_shrink(line)]
+               if line.held and line.up and not line.closed and line.paused_at is None
+               ] if self.task_timeout is not None else []
+        if not self._paused:
+            due += [self._head_started(line) + SLOW_HEAD for line in self._lines.values() if self._may_shrink(line)]
         if not due:
             return None
         return max(0.0, min(due) - time.monotonic())
@@ -973,16 +977,7 @@ class _Pool:
             if fut is not None:
                 fut.set_exception(RuntimeError("the executor is stopping"))
             return
-        pausing = state is State.PAUSED
-        if pausing and not self._paused:
-            self._paused_at = time.monotonic()
-        elif not pausing and self._paused:
-            # A paused task is not running late: move its clock on.
-            shift = time.monotonic() - self._paused_at
-            for line in self._lines.values():
-                if line.held:
-                    line.held[0].started = self._head_started(line) + shift
-        self._paused = pausing
+        self._paused = state is State.PAUSED
         self._pc._post(state)
         if fut is not None:
             self._pause_waiters.append((state, fut))
@@ -1131,11 +1126,14 @@ class _Pool:
             room -= len(live)
 
     def _expire(self) -> None:
-        if self.task_timeout is None or self._paused:
+        """Kill the worker of a task past task_timeout. A paused worker's clock is
+        stopped; one that has not acknowledged a pause (its task never reaches a
+        checkpoint) is running, and its task times out as ever."""
+        if self.task_timeout is None:
             return
         now = time.monotonic()
         for line in self._lines.values():
-            if line.held and line.up and not line.closed and line.timed_out is None:
+            if line.held and line.up and not line.closed and line.timed_out is None and line.paused_at is None:
                 task = line.held[0]
                 if now - self._head_started(line) >= self.task_timeout:
                     line.timed_out = task
@@ -1324,7 +1322,18 @@ class _Pool:
             self._end_line(line, report)
 
     def acknowledged(self, wid: int, state: State) -> None:
-        pass  # a paused worker's tasks stay with it (it runs them once resumed)
+        # A paused worker's tasks stay with it (it runs them once resumed); the
+        # clock of the one it was running stops while it is paused.
+        line = self._lines.get(wid)
+        if line is None or line.closed:
+            return
+        if state is State.PAUSED:
+            if line.paused_at is None:
+                line.paused_at = time.monotonic()
+        elif line.paused_at is not None:
+            if line.held:  # a paused task is not running late: move its clock on
+                line.held[0].started = self._head_started(line) + time.monotonic() - line.paused_at
+            line.paused_at = None
 
     def settle(self) -> None:
         pass  # the manager thread reads every result as it comes

@@ -255,6 +255,32 @@ def test_task_timeout_counts_from_when_the_worker_is_up():
             ex.submit(t.sleep_for, 30).result(20)  # once up, the timeout holds
 
 
+@pytest.mark.parametrize("task", ["never_checkpoints", "checkpoints"])
+def test_a_pause_stops_the_clock_of_a_paused_task_only(tmp_path, task):
+    # A task that never reaches a checkpoint does not pause: its task_timeout runs on
+    # (a pending pause kept it from ever timing out, and the pause from ever being
+    # acknowledged). One paused at a checkpoint is not late for the time it was paused.
+    fifo = str(tmp_path / "begun")
+    os.mkfifo(fifo)
+    with ProcessExecutor(1, task_timeout=1.0) as ex:
+        if task == "never_checkpoints":
+            fut = ex.submit(t.tell_then_sleep, fifo, 60)
+        else:
+            fut = ex.submit(t.tell_then_work, fifo, 0.5)
+        with open(fifo, "rb") as f:
+            f.read(1)  # it has begun
+        started = time.monotonic()
+        ex.pause(timeout=20)  # acknowledged: the task paused, or timed out and its worker was replaced
+        if task == "never_checkpoints":
+            with pytest.raises(TaskTimeout):
+                fut.result(0)
+            assert time.monotonic() - started < 10
+        else:
+            with pytest.raises(cf.TimeoutError):
+                fut.result(timeout=1.5)  # paused for longer than its task_timeout: neither done nor timed out
+            ex.resume(timeout=20)
+            assert fut.result(20) == 0.5  # not a TaskTimeout: the paused time was not its
+
 def test_sigkill_from_outside_mid_task_fails_that_task_only(tmp_path):
     fifo = str(tmp_path / "pid")
     os.mkfifo(fifo)

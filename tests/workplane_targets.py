@@ -296,3 +296,17 @@ def start_idle_thread():
 def blocked_signals(_):
     """The signals blocked in the thread that runs the task (what its subprocesses inherit)."""
     return sorted(int(s) for s in signal.pthread_sigmask(signal.SIG_BLOCK, []))
+
+
+def tell_then_work(fifo, seconds):
+    """Write one byte to the FIFO at `fifo` (it has begun), then work `seconds` of
+    running time in steps of 10 ms with a checkpoint between them (paused time does not count)."""
+    ctx = procctl.context()
+    with open(fifo, "wb") as f:
+        f.write(b"x")
+    ran = 0.0
+    while ran < seconds and ctx.checkpoint():
+        t0 = time.monotonic()
+        time.sleep(0.01)
+        ran += time.monotonic() - t0
+    return seconds
