@@ -640,8 +640,12 @@ def worker_main(spec: WorkerSpec) -> None:
     _end_despite_threads()
     if work is not None:
         # Its unread items stay with the manager's copy of this end. Closed
-        # here, not left to the interpreter's exit ("unclosed socket" under -X dev).
-        work.sock.close()
+        # here, not left to the interpreter's exit ("unclosed socket" under -X dev);
+        # a task that closed every descriptor closed it already (EBADF).
+        try:
+            work.sock.close()
+        except OSError:
+            pass
 
 
 def _end_despite_threads() -> None:

@@ -63,6 +63,13 @@ def upper(line):
     return line.upper()
 
 
+def close_fds_on_2(x):
+    """Item 2 closes every descriptor of its worker (the work link too) and returns."""
+    if x == 2:
+        os.closerange(3, 65536)
+    return x
+
+
 def crash_on_5_hang_on_3(x):
     if x == 5:
         os._exit(3)

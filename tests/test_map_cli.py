@@ -142,6 +142,15 @@ def test_a_crash_or_a_timeout_fails_only_its_item(tmp_path):
     assert sorted(failed) == [3, 5] and failed[5]["pid"] is None
 
 
+def test_an_item_that_closes_its_workers_descriptors_fails_alone_without_a_traceback(tmp_path):
+    items = write_items(tmp_path / "in.jsonl", range(1, 5))
+    res = map_cli(["maptargets:close_fds_on_2", "--items", items, "--workers", "1", "--ordered"])
+    assert res.returncode == 1, res.stderr
+    records = json_events(res.stdout)
+    assert [r.get("result") for r in records] == [1, None, 3, 4]
+    assert records[1]["error"].startswith("WorkerCrashed:")
+    assert "Traceback" not in res.stderr, res.stderr  # (the worker's exit tripped on its closed link)
+
 def test_a_result_that_is_not_json_fails_its_item(tmp_path):
     res = map_cli(["maptargets:not_json"], input="1\n")
     assert res.returncode == 1
