@@ -168,7 +168,7 @@ def check_lease(lease: float | None, cluster: bool) -> float:
     if not 0 < lease < math.inf:  # also rejects NaN
         raise BadInput(f"--lease must be a finite number of seconds > 0, not {lease}")
     if lease < MIN_LEASE:
-        raise BadInput(f"--lease must be at least {MIN_LEASE} seconds (a node beats every lease/4), not {lease}")
+        raise BadInput(f"--lease must be at least {MIN_LEASE:g} seconds (a node beats every lease/4), not {lease}")
     return lease
 
 

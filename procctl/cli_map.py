@@ -67,6 +67,8 @@ if TYPE_CHECKING:
 START_METHODS = ("fork", "spawn", "forkserver")
 #: How long a pause or resume waits for every worker's acknowledgement (procctl run's ACK_WAIT).
 ACK_WAIT = 2.0
+#: How long `procctl pause` of a map run waits past the loop's own acknowledgement wait.
+LOOP_SLACK = 1.0
 #: Exit status when stdout's reader went away (| head): what a shell shows for SIGPIPE.
 EXIT_PIPE = 128 + signal.SIGPIPE
 #: Futures in flight per worker: enough that no worker waits for the loop, few enough
@@ -439,6 +441,8 @@ class MapSession:
         self.finished = threading.Event()
         #: Notified when the loop has paused or resumed (`procctl pause` waits for it).
         self.state_changed = threading.Condition()
+        #: What the last pause or resume could not get acknowledged in time (None: all was).
+        self.late: str | None = None
 
     # -- the loop, as a table of contents
 
@@ -561,16 +565,18 @@ class MapSession:
                 self.on_state("running")
                 self.emit(MapEvent(self.t(), "resumed"), "resumed")
 
-    @staticmethod
-    def acknowledged(command: Callable[..., None], name: str) -> None:
+    def acknowledged(self, command: Callable[..., None], name: str) -> None:
         """Pause or resume, waiting a bounded time for every worker to acknowledge
         (as `procctl run` does): a task that never checkpoints pauses when it ends,
-        and the loop must go on to see a stop signal."""
+        and the loop must go on to see a stop signal. `late` says what was not
+        acknowledged in time (for `procctl pause`'s reply), or None."""
+        self.late = None
         try:
             command(timeout=ACK_WAIT)
         except futures.TimeoutError:  # the builtin one from Python 3.11
-            say(f"procctl map: not every worker acknowledged the {name} within {ACK_WAIT:g}s"
-                " (a task that does not checkpoint does when it ends); going on")
+            self.late = (f"not every worker acknowledged the {name} within {ACK_WAIT:g}s"
+                         " (a task that does not checkpoint does when it ends)")
+            say(f"procctl map: {self.late}; going on")
 
     def collect(self) -> None:
         while self.completed:
@@ -877,13 +883,18 @@ class _MapControl:
         paused = sig == signal.SIGUSR1
         self.bridge.pending.append(sig)
         session.wake()
+        # The loop waits up to ACK_WAIT for the workers' acknowledgements, then
+        # takes the state all the same: wait for that, and a moment more.
+        bound = None if timeout is None else timeout + ACK_WAIT + LOOP_SLACK
         with session.state_changed:
             done = session.state_changed.wait_for(
                 lambda: session.paused == paused or session.finished.is_set() or self.state is State.STOPPED,
-                timeout)
+                bound)
         if not done:
-            raise TimeoutError(f"the run did not {'pause' if paused else 'resume'} within {timeout}s;"
+            raise TimeoutError(f"the run did not {'pause' if paused else 'resume'} within {bound:g}s;"
                                " it will when its loop comes round")
+        if session.late is not None:
+            raise TimeoutError(session.late)  # (the reply says it was not acknowledged, and why)
 
 
 def _run_live(session: MapSession, stream: IO[str], bridge: SignalBridge, footer: str) -> MapSession:
@@ -893,17 +904,17 @@ def _run_live(session: MapSession, stream: IO[str], bridge: SignalBridge, footer
 
     plan = session.plan
     where = f" on {session.nodes} nodes" if session.nodes is not None else ""
-    keys = KeyReader(lambda key: _on_key(session, bridge, view, key))
-    with keys:  # (stdin is read for keys only once the items are in)
-        view = MapLiveView(f"procctl map {plan.spec}: {session.workers} workers{where}", len(plan.to_run),
-                           session.counts, console=Console(file=stream), footer=footer, keys=keys.active)
-        if stream is sys.stdout:
-            session.results.printer = view.print  # results print above the view
+    view = MapLiveView(f"procctl map {plan.spec}: {session.workers} workers{where}", len(plan.to_run),
+                       session.counts, console=Console(file=stream), footer=footer)
+    if stream is sys.stdout:
+        session.results.printer = view.print  # results print above the view
 
-        def note(state: str) -> None:
-            view.note = state
+    def note(state: str) -> None:
+        view.note = state
 
-        session.on_state = note
+    session.on_state = note
+    with KeyReader(lambda key: _on_key(session, bridge, view, key)) as keys:  # (the items are in by now)
+        view.keys = keys.active
         with view:
             session.run(bridge)
     return session

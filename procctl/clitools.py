@@ -9,6 +9,7 @@ import re
 import signal
 import sys
 import threading
+from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from types import FrameType
@@ -26,7 +27,7 @@ EXIT_SIGINT = 130
 EXIT_SIGTERM = 143
 
 EXIT_FOR_SIGNAL: dict[int, int] = {signal.SIGINT: EXIT_SIGINT, signal.SIGTERM: EXIT_SIGTERM}
-#: The grace period of a live view's `q` (stop and quit now), at most the run's.
+#: How long a live view's `q` (stop and quit now) lets workers stop cleanly before it kills them.
 QUIT_GRACE = 1.0
 
 
@@ -225,7 +226,9 @@ class SignalBridge:
         self._nudge: Callable[[], None] = _nothing
         self._nudging = threading.Lock()
         self.stop_signal: int | None = None
-        self.pending: list[int] = []
+        #: SIGUSR1/SIGUSR2 queued for the loop, by the handler and by other threads
+        #: (the control server, the keys): a deque, whose append and popleft are atomic.
+        self.pending: deque[int] = deque()
         self._saved: dict[int, Any] = {}
         self._wakeup_w = -1
         self._old_wakeup = -1
@@ -328,7 +331,9 @@ class SignalBridge:
 
     def take(self) -> list[int]:
         """The queued SIGUSR1/SIGUSR2, oldest first."""
-        taken, self.pending = self.pending, []
+        taken = []
+        while self.pending:
+            taken.append(self.pending.popleft())
         return taken
 
     @property

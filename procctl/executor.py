@@ -1331,8 +1331,12 @@ class _Pool:
             if line.paused_at is None:
                 line.paused_at = time.monotonic()
         elif line.paused_at is not None:
-            if line.held:  # a paused task is not running late: move its clock on
-                line.held[0].started = self._head_started(line) + time.monotonic() - line.paused_at
+            if line.held:
+                # A paused task is not running late: move its clock on by the time
+                # it spent paused (from the pause, or from when it came, if later:
+                # one sent on the resume waited only for the worker to wake).
+                start = self._head_started(line)
+                line.held[0].started = start + time.monotonic() - max(line.paused_at, start)
             line.paused_at = None
 
     def settle(self) -> None:

@@ -46,8 +46,11 @@ _OTHER_ESCAPE = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\
 KEYS = "keys: p pause  r resume  s stop  q quit"
 
 
-def footer_text(keys: str, where: str, message: str) -> Text:
-    """A live view's footer: its keys, the run's name, pid and control socket, what a key did."""
+def footer_text(keys: str, where: str, message: str) -> list[Text]:
+    """A live view's footer: its keys, the run's name, pid and control socket, what
+    a key did; no line at all when there is nothing to say."""
+    if not (keys or where or message):
+        return []
     text = Text()
     if keys:
         text.append(keys, style="bold")
@@ -55,7 +58,7 @@ def footer_text(keys: str, where: str, message: str) -> Text:
         text.append(("  " if keys else "") + where, style="dim")
     if message:
         text.append(f"\n{message}", style="yellow")
-    return text
+    return [text]
 
 
 def terminal_line(line: str) -> Text:
@@ -203,7 +206,7 @@ class LiveView:
         if self._stop_at is not None:
             parts.append(self._countdown(rows))
         parts.append(self._table(rows))
-        parts.append(self._footer_text())
+        parts += self._footer_text()
         return Group(*parts)
 
     def _header(self, rows: list[WorkerStatus]) -> Text:
@@ -307,7 +310,7 @@ class LiveView:
         return {"worker": str(r.worker_id), "pid": str(r.pid or ""), "state": state,
                 "progress": progress, "eta": eta, "last event": last, "info": info, "cpu %": cpu, "rss": rss}
 
-    def _footer_text(self) -> Text:
+    def _footer_text(self) -> list[Text]:
         return footer_text(KEYS + "  +/- workers" if self._keys else "", self._footer, self._message)
 
     def silent(self, r: WorkerStatus) -> bool:
@@ -450,7 +453,7 @@ class SumLiveView:
         for c, total in enumerate(self._sums):
             bar = ProgressBar(total=max(1, self._threshold + 1), completed=min(total, self._threshold + 1), width=30)
             table.add_row(str(c), str(total), bar, str(self._received[c]), self._last[c])
-        return Group(head, table, footer_text(KEYS if self.keys else "", self.footer, self.message))
+        return Group(head, table, *footer_text(KEYS if self.keys else "", self.footer, self.message))
 
 
 class MapLiveView:
@@ -463,8 +466,9 @@ class MapLiveView:
 
     def __init__(self, title: str, total: int, counts: Callable[[], tuple[int, int, int]],
                  console: Console | None = None, *, footer: str = "", keys: bool = False) -> None:
-        self._footer = footer
-        self._keys = keys
+        #: Where the run is reached from another shell; whether the keys work (both set before it opens).
+        self.footer = footer
+        self.keys = keys
         #: What the last key did, for the footer.
         self.message = ""
         self._title = title
@@ -501,4 +505,4 @@ class MapLiveView:
         tally = Text(f"{done} done  ", style=STATE_STYLE["finished"])
         tally.append(f"{failed} failed  ", style=STATE_STYLE["failed"] if failed else "")
         tally.append(f"{in_flight} in flight  {self._total - ended - in_flight} queued")
-        return Group(head, grid, tally, footer_text(KEYS if self._keys else "", self._footer, self.message))
+        return Group(head, grid, tally, *footer_text(KEYS if self.keys else "", self.footer, self.message))

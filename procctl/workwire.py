@@ -204,10 +204,12 @@ def recv_all(sock: socket.socket) -> list[Message]:
 #: in an int (about 24.8 days); a longer timeout is waited out in turns.
 MAX_WAIT = 86400.0
 
-#: The shortest lease a cluster node takes (procctl.cluster): its agent beats
-#: every lease/4 (at least every 50 ms) through Dask, whose round trip alone
-#: takes milliseconds; a shorter lease would lose every node at once.
-MIN_LEASE = 0.1
+#: How often a cluster node's agent beats at most (procctl.cluster: every lease/4, not under this).
+MIN_BEAT = 0.05
+#: The shortest lease a cluster node takes: four beats, each a round trip
+#: through Dask (milliseconds); a shorter one would lose every node at the
+#: first stall of the client.
+MIN_LEASE = 4 * MIN_BEAT
 
 
 def check_timeout(name: str, value: Any, *, allow_none: bool = True) -> float | None:

@@ -578,7 +578,7 @@ def test_bad_address_and_arguments():
     with pytest.raises(ValueError, match="lease"):
         ClusterController(cluster_targets.loop, address="tcp://127.0.0.1:9", lease=float("nan"))
     for lease in (0.05, 1e-320):  # shorter than the nodes' beats: every node would be lost at once
-        with pytest.raises(ValueError, match="lease must be at least 0.1"):
+        with pytest.raises(ValueError, match="lease must be at least 0.2"):
             ClusterExecutor(address="tcp://127.0.0.1:9", lease=lease)
     with pytest.raises(ValueError, match="workers_per_node"):
         ClusterExecutor(address="tcp://127.0.0.1:9", workers_per_node=0)
@@ -723,7 +723,7 @@ def test_a_node_that_cannot_start_says_why(cluster, monkeypatch):
     (["--cluster", "local:0"], "local:0"),
     (["--cluster", "local:1", "--lease", "nan"], "--lease"),
     (["--cluster", "local:1", "--lease", "0"], "--lease"),
-    (["--cluster", "local:1", "--lease", "0.001"], "--lease must be at least 0.1"),
+    (["--cluster", "local:1", "--lease", "0.001"], "--lease must be at least 0.2"),
     (["--cluster", "local:1", "--lease", "inf"], "--lease"),
     (["--lease", "5"], "--lease works with --cluster"),
     (["--cluster", "http://127.0.0.1:8786"], "'http'"),

@@ -281,6 +281,21 @@ def test_a_pause_stops_the_clock_of_a_paused_task_only(tmp_path, task):
             ex.resume(timeout=20)
             assert fut.result(20) == 0.5  # not a TaskTimeout: the paused time was not its
 
+def test_a_task_sent_on_resume_is_not_given_the_pause_as_time():
+    # Its worker was paused idle; the task came with the resume. Its task_timeout
+    # counts from then: the pause before it is not its time (it once was, 4.5 s for 0.5 s).
+    with ProcessExecutor(1, task_timeout=0.5) as ex:
+        assert ex.submit(t.square, 2).result(20) == 4  # the worker is up
+        ex.pause(timeout=20)
+        fut = ex.submit(t.sleep_for, 60)
+        with pytest.raises(cf.TimeoutError):
+            fut.result(timeout=5)  # paused: it does not start (5 s: ten times its timeout)
+        resumed = time.monotonic()
+        ex.resume(timeout=20)
+        with pytest.raises(TaskTimeout):
+            fut.result(30)
+        assert time.monotonic() - resumed < 4.5, "the pause was counted as the task's time"
+
 def test_sigkill_from_outside_mid_task_fails_that_task_only(tmp_path):
     fifo = str(tmp_path / "pid")
     os.mkfifo(fifo)

@@ -39,7 +39,7 @@ from distributed.comm.registry import get_backend
 from .. import threads
 from ..limits import capacity_problem
 from ..states import Event
-from ..workwire import MAX_WAIT, MIN_LEASE, check_timeout, deadline, remaining
+from ..workwire import MAX_WAIT, MIN_BEAT, MIN_LEASE, check_timeout, deadline, remaining
 from .wire import AgentSpec, Command, Message, Op, Up, decode, encode, queue_names
 
 log = logging.getLogger("procctl")
@@ -286,7 +286,7 @@ class Session:
         if not 0 < lease_s < math.inf:
             raise ValueError(f"lease must be a finite number of seconds > 0, not {lease!r}")
         if lease_s < MIN_LEASE:
-            raise ValueError(f"lease must be at least {MIN_LEASE} seconds (a node beats every lease/4,"
+            raise ValueError(f"lease must be at least {MIN_LEASE:g} seconds (a node beats every lease/4,"
                              f" through Dask), not {lease!r}")
         connect_s = check_timeout("connect_timeout", connect_timeout, allow_none=False)
         assert connect_s is not None
@@ -412,7 +412,7 @@ class Session:
         workers = list(self.client.scheduler_info(n_workers=-1)["workers"])
         names, up = queue_names(self.run_id, len(workers))
         self._up = Queue(up, client=self.client)
-        beat = max(0.05, self.lease / 4)
+        beat = max(MIN_BEAT, self.lease / 4)
         for i, addr in enumerate(workers):
             node = Node(i, addr, Queue(names[i], client=self.client), heard=time.monotonic())
             self.nodes.append(node)
