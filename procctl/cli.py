@@ -40,6 +40,7 @@ from .clitools import (
     say,
     split_range,
 )
+from .control import ACK_WAIT
 from .controller import ProcessController, WorkerStartError
 from .limits import COMMAND_FDS, LIMIT_ERRNOS, capacity_problem
 from .named_target import NamedTarget, remember
@@ -51,9 +52,6 @@ if TYPE_CHECKING:
     from .capture import OutputCapture
 
 STEPS = {"run": State.RUNNING, "pause": State.PAUSED, "stop": State.STOPPED}
-#: How long the CLI waits for acknowledgements before it moves on; the
-#: command stays posted and busy workers apply it at their next checkpoint.
-ACK_WAIT = 2.0
 START_METHODS = ("fork", "spawn", "forkserver")
 TICK = 0.25  # live view refresh
 

@@ -52,6 +52,7 @@ from .clitools import (
     read_input,
     say,
 )
+from .control import ACK_WAIT
 from .controller import WorkerStartError
 from .executor import ProcessExecutor
 from .limits import COMMAND_FDS, LIMIT_ERRNOS, WORK_FDS_PER_WORKER, capacity_problem
@@ -65,8 +66,6 @@ if TYPE_CHECKING:
     from .cluster import ClusterExecutor
 
 START_METHODS = ("fork", "spawn", "forkserver")
-#: How long a pause or resume waits for every worker's acknowledgement (procctl run's ACK_WAIT).
-ACK_WAIT = 2.0
 #: How long `procctl pause` of a map run waits past the loop's own acknowledgement wait.
 LOOP_SLACK = 1.0
 #: Exit status when stdout's reader went away (| head): what a shell shows for SIGPIPE.

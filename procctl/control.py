@@ -45,7 +45,9 @@ log = logging.getLogger("procctl.control")
 MAX_REQUEST = 64 * 1024
 #: How long a connection may take to send one request.
 REQUEST_TIMEOUT = 10.0
-#: How long pause/resume wait for the workers' acknowledgements before replying.
+#: How long a pause or resume waits for the workers' acknowledgements before it goes on
+#: (the control socket's replies, the commands' schedules and keys); the command stays
+#: posted, and busy workers apply it at their next checkpoint.
 ACK_WAIT = 2.0
 #: How long a status snapshot is reused (any event or command invalidates it),
 #: so that a flood of requests costs the manager little.

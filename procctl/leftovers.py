@@ -32,7 +32,7 @@ def kill_group(pgid: int) -> None:
 
 def kill_cgroup(path: str) -> None:
     """SIGKILL every process in cgroup `path` and below (cgroup.kill, Linux 5.14;
-    older kernels: freeze, kill each member, thaw)."""
+    older kernels: each member listed, one kill each)."""
     try:
         with open(os.path.join(path, "cgroup.kill"), "w") as f:
             f.write("1")

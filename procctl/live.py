@@ -66,9 +66,10 @@ def terminal_line(line: str) -> Text:
 
     Its colours are kept; every other escape sequence (a clear screen, a
     cursor move, a terminal reset) is dropped, a carriage return shows what
-    follows the last one (as a terminal would: a progress bar's latest
-    state; one that ends the line, as in CRLF, is dropped), and any other control character is written as an escape
-    (`\\x00`): nothing a worker prints can move the cursor or wipe the view.
+    follows the last one (a progress bar's latest state; a colour set before
+    it is not carried over; one that ends the line, as in CRLF, is dropped),
+    and any other control character is written as an escape (`\\x00`):
+    nothing a worker prints can move the cursor or wipe the view.
     """
     line = line.rstrip("\r").rsplit("\r", 1)[-1]  # (a CRLF line ends in one: not an empty line)
     parts = _SGR.split(line)

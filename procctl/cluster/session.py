@@ -156,11 +156,14 @@ class Connecting:
         except (OSError, asyncio.TimeoutError) as exc:
             why = str(exc) or f"no answer as a Dask scheduler within {self.seconds:g}s"
             error = ConnectionError(f"cannot reach the Dask scheduler at {self.address}: {why}")
-        except BaseException:  # noqa: BLE001 - garbage on the wire (a MemoryError from a bogus
-            # length, a ValueError from a bogus shape: the address itself was checked before)
+        except (MemoryError, ValueError, OverflowError):  # garbage on the wire: a bogus length or
+            # shape in what Dask's decoder read (the address itself was checked before)
             log.debug("connecting to %s", self.address, exc_info=True)
             error = ConnectionError(f"{self.address} does not answer as a Dask scheduler"
                                     " (its reply is not Dask's protocol)")
+        except BaseException as exc:  # noqa: BLE001 - anything else: said as it is
+            error = ConnectionError(f"{self.address} does not answer as a Dask scheduler "
+                                    f"({type(exc).__name__}: {exc!s:.80})")
         with self._lock:
             if not self._abandoned:
                 self._client, self._error, self._done = client, error, True
