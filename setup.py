@@ -14,7 +14,7 @@ setup(
     install_requires=["click>=8.0", "rich>=13", "psutil>=5.9"],
     extras_require={
         # distributed: the cluster tests (tests/test_cluster.py) run in CI too.
-        # pytest-xdist: the README's test command runs the suite in two processes (-n 2).
+        # pytest-xdist: the README's test command runs the suite in four processes (-n 4).
         "test": ["pytest>=7", "pytest-timeout>=2.1", "pytest-xdist>=3.2", "psutil>=5.9", "mypy>=1.8", "ruff>=0.4",
                  "types-psutil", "distributed>=2024.1", "prometheus_client>=0.16"],
         # procctl.cluster: ClusterController and ClusterExecutor on a Dask cluster.
