@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import math
 import os
 import re
 import signal
@@ -16,6 +14,7 @@ from types import FrameType
 from typing import IO, Any, NoReturn
 
 from . import threads
+from .states import strict_json
 
 #: Worker processes per Dask worker with --cluster, unless --workers-per-node says.
 DEFAULT_WORKERS_PER_NODE = 4
@@ -343,20 +342,7 @@ class SignalBridge:
 
 def json_line(record: dict[str, Any]) -> str:
     """`record` as strict JSON: a NaN or infinity (which JSON has no word for) is null."""
-    try:
-        return json.dumps(record, default=str, allow_nan=False)
-    except ValueError:
-        return json.dumps(_finite(record), default=str, allow_nan=False)
-
-
-def _finite(value: Any) -> Any:
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
-    return value
+    return strict_json(record)
 
 
 class Reporter:

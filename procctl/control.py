@@ -21,7 +21,6 @@ from __future__ import annotations
 import errno
 import json
 import logging
-import math
 import os
 import re
 import selectors
@@ -37,7 +36,7 @@ from typing import Any
 
 from . import listeners, threads, unixpath
 from .limits import BeyondCapacity
-from .states import Event, WorkerStatus
+from .states import Event, WorkerStatus, strict_json
 
 log = logging.getLogger("procctl.control")
 
@@ -180,20 +179,7 @@ def _bad_input(exc: ValueError) -> Reply:
 
 def json_bytes(body: dict[str, Any]) -> bytes:
     """One strict JSON line: NaN and infinities (which JSON has no word for) are null."""
-    try:  # (the encoder in C; the walk in Python only for a body it refuses: most have no NaN)
-        return json.dumps(body, default=str, allow_nan=False).encode() + b"\n"
-    except (ValueError, TypeError):
-        return json.dumps(_finite(body), default=str, allow_nan=False).encode() + b"\n"
-
-
-def _finite(value: Any) -> Any:
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {str(k): _finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
-    return value
+    return strict_json(body).encode() + b"\n"
 
 
 # -- where the sockets live ------------------------------------------------------

@@ -97,6 +97,11 @@ def capacity_problem(workers: int, fds_per_worker: int = MANAGER_FDS_PER_WORKER,
 
 def describe_start_failure(exc: BaseException) -> str | None:
     """The limit behind a failed process start, or None if it was not a limit."""
+    if isinstance(exc, OSError) and "AF_UNIX path too long" in str(exc):
+        import tempfile
+
+        return ("multiprocessing's fork server listens on a Unix socket in the temporary directory"
+                f" {tempfile.gettempdir()!r}, too long a path for one (108 bytes): set TMPDIR to a shorter one")
     if not isinstance(exc, OSError) or exc.errno not in LIMIT_ERRNOS:
         return None
     if exc.errno == errno.EMFILE:

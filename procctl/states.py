@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -89,3 +91,23 @@ class Event:
 
     def to_dict(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if v is not None}
+
+
+def strict_json(value: Any) -> str:
+    """`value` as strict JSON: a NaN or infinity (which JSON has no word for, and
+    strict readers refuse as Python writes it) is null, and any dict key a str."""
+    try:  # (the encoder in C; the walk in Python only for a value it refuses: most have no NaN)
+        return json.dumps(value, default=str, allow_nan=False)
+    except (ValueError, TypeError):
+        return json.dumps(finite(value), default=str, allow_nan=False)
+
+
+def finite(value: Any) -> Any:
+    """`value` with every NaN or infinity made None and every dict key a str."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {str(k): finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite(v) for v in value]
+    return value

@@ -190,6 +190,7 @@ def run_job(case: str, method: str, p: dict[str, Any], timeout: float,
            "--_params", json.dumps(p), "--_out", out]
     error = None
     proc = None
+    interrupted = False
     try:
         proc = subprocess.Popen(cmd, start_new_session=True, stdin=subprocess.DEVNULL,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -202,10 +203,15 @@ def run_job(case: str, method: str, p: dict[str, Any], timeout: float,
             error = f"case process exited {proc.returncode}: {' | '.join(tail)}"[:300]
     except subprocess.TimeoutExpired:
         error = f"case timed out after {timeout:.0f}s"
+    except (KeyboardInterrupt, Terminated):
+        interrupted = True
+        raise
     finally:
         # A second Ctrl-C (or a SIGTERM) must not cut this short and leave the
         # processes or the directory behind: it waits until the end of it (a
-        # few seconds at most), then ends the run as the first would have.
+        # few seconds at most). After an interruption the signals stay held:
+        # the run ends as the first one said (130 or 143), and a second one,
+        # let in now, would kill the interpreter on its way out.
         signal.pthread_sigmask(signal.SIG_BLOCK, HELD_SIGNALS)
         try:
             if proc is not None:
@@ -231,7 +237,8 @@ def run_job(case: str, method: str, p: dict[str, Any], timeout: float,
                 pass
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, HELD_SIGNALS)
+            if not interrupted:
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, HELD_SIGNALS)
     if not rows:
         rows = [{"case": case, "method": method, "n": None, "name": "(case)", "role": "floor",
                  "unit": "", "higher": False, "samples": [], "error": error or "no result",
@@ -753,7 +760,7 @@ def main(argv: list[str] | None = None) -> int:
     strays = sum(r["stray"] for r in rows)
     print(f"\ntotal {total:.1f}s; stray processes found and reaped: {strays}")
     if args.json is not None:
-        from bench_cases import finite
+        from procctl.states import finite
 
         try:
             with open(args.json, "w") as f:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import inspect
 import json
-import math
 import multiprocessing as mp
 import os
 import queue
@@ -33,6 +32,7 @@ import psutil
 
 import procctl
 from procctl import ProcessController
+from procctl.states import finite
 
 perf = time.perf_counter
 
@@ -100,18 +100,6 @@ def sweep() -> int:
 #: Rows of this case process, saved after every measurement so that a case
 #: killed by the harness's timeout still reports what it measured.
 SINK: dict[str, Any] = {"path": None, "rows": []}
-
-
-def finite(v: Any) -> Any:
-    """`v` with every NaN or infinity made None: the JSON is strict (allow_nan=False),
-    and NaN/Infinity are not JSON that every reader takes."""
-    if isinstance(v, float):
-        return v if math.isfinite(v) else None
-    if isinstance(v, dict):
-        return {k: finite(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [finite(x) for x in v]
-    return v
 
 
 def save() -> None:

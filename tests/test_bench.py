@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import pathlib
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 
 import pytest
@@ -124,7 +127,17 @@ def test_processes_reaped_after_a_failed_case_process_are_counted(bench_modules,
     assert sum(r["stray"] for r in rows) == 2 and rows[-1]["stray_what"] == ["a worker", "another"]
 
 
-def test_a_double_ctrl_c_leaves_no_temporary_file(tmp_path):
+@pytest.fixture
+def short_tmp():
+    """A temporary directory with a short path: the case's fork server listens on a Unix
+    socket under it (pytest's tmp_path can be past the 108 bytes a socket address takes)."""
+    path = tempfile.mkdtemp(prefix="b", dir="/tmp")
+    yield pathlib.Path(path)
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def test_a_double_ctrl_c_leaves_no_temporary_file(short_tmp):
+    tmp_path = short_tmp
     # (SIGINT as a terminal sends it, even where the test runner ignores it)
     code = ("import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
             f"sys.argv = [{BENCH!r}, '--cases', 'memory', '--start-methods', 'forkserver']; "

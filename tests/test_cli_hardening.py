@@ -161,6 +161,14 @@ def test_a_start_that_runs_out_of_fds_says_so(method):
     assert "cannot be sent to the child" not in res.stdout
 
 
+def test_a_fork_server_that_cannot_listen_under_a_deep_tmpdir_says_so(tmp_path):
+    deep = tmp_path / ("x" * 60) / ("y" * 60)  # past a Unix socket address's 108 bytes
+    deep.mkdir(parents=True)
+    res = run_cli(QUICK_RUN + ["--start-method", "forkserver"], env={"TMPDIR": str(deep)})
+    assert res.returncode == 1, res.stderr
+    line = one_error_line(res.stderr)
+    assert "set TMPDIR to a shorter one" in line and "cannot be sent to the child" not in line, line
+
 # -- 9: an event log that cannot be written -----------------------------------------
 
 
