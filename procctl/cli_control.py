@@ -34,6 +34,9 @@ from .control import (
 )
 from .states import Event
 
+#: How long a run may take to answer (connect()'s own bound).
+ANSWER_WAIT = 10.0
+
 # -- the run's side ------------------------------------------------------------------
 
 
@@ -316,15 +319,23 @@ def stop_command(run: str | None, workers_text: str | None, no_wait: bool) -> in
     name = os.path.basename(path)[:-5]
     wait = not no_wait and workers is None
     sock = None
+    busy = ""
     if wait:  # follow the events first, so that the end cannot be missed
         sock = _open_stream(path, follow=True)
+        header = _header(sock)
+        if not header.get("ok"):  # as many event streams as the run serves: stop all the same
+            sock.close()
+            sock = None
+            busy = f" (not waiting for it: {header.get('error')})"
     _ask(path, Request("stop", workers), "stop")
     if sock is not None:
         with sock:
-            _follow(sock, bridge, lambda line: None)
+            _follow(sock, bridge, lambda line: None, header=False)
         if bridge.stop_requested():
             return bridge.exit_code or EXIT_FAILED  # no longer waiting; the run goes on stopping
         click.echo(f"stopped {name}")
+    elif busy:
+        click.echo(f"stopping {name}{busy}")
     else:
         click.echo(f"stopping {'every worker' if workers is None else 'workers ' + workers_text} of {name}"
                    if workers_text else f"stopping {name}")
@@ -351,12 +362,27 @@ def _open_stream(path: str, follow: bool) -> Any:
     return sock
 
 
-def _follow(sock: Any, bridge: Any, emit: Callable[[bytes], None]) -> bool:
+def _header(sock: Any) -> dict[str, Any]:
+    """The first line of an event stream: the run's yes, or why not."""
+    try:
+        sock.settimeout(ANSWER_WAIT)
+        line = read_line(sock, bytearray())
+        sock.settimeout(None)
+    except OSError as exc:
+        sock.close()
+        raise click.ClickException(f"the run went away: {exc.strerror or exc}") from None
+    if line is None:
+        sock.close()
+        raise click.ClickException("the run ended before it answered")
+    reply: dict[str, Any] = json.loads(line)
+    return reply
+
+
+def _follow(sock: Any, bridge: Any, emit: Callable[[bytes], None], header: bool = True) -> bool:
     """Read the event stream to its end (or a SIGINT/SIGTERM); False if it broke off
-    before the run closed it (the run was killed)."""
+    before the run closed it (the run was killed). `header`: its first line is still to read."""
     r, w = os.pipe()
     buffer = bytearray()
-    header = True
     ended = False
     try:
         poke = partial(_poke, w)

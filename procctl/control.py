@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import re
+import select
 import selectors
 import socket
 import stat
@@ -57,6 +58,9 @@ USAGE_INTERVAL = 0.5
 FLUSH_TIMEOUT = 2.0
 #: Connections served at once; more are told the run is busy.
 MAX_CONNECTIONS = 64
+#: Event streams at once: followers never take every connection, so a command
+#: (stop, status) always finds one.
+MAX_FOLLOWERS = MAX_CONNECTIONS // 2
 #: How much of an oversized request is read and thrown away, so that its
 #: sender finishes writing and reads the error reply.
 DISCARD_LIMIT = 64 * 1024 * 1024
@@ -107,6 +111,8 @@ class Request:
             body = json.loads(line.decode("utf-8"))
         except (UnicodeDecodeError, ValueError) as exc:
             raise ProtocolError(f"not a JSON request: {exc}") from None
+        except RecursionError:  # brackets nested past the decoder's depth, in a short line
+            raise ProtocolError("not a JSON request: nested too deeply") from None
         if not isinstance(body, dict):
             raise ProtocolError("a request is a JSON object like {\"cmd\": \"status\"}")
         cmd = body.get("cmd")
@@ -380,6 +386,9 @@ class ControlServer:
         self._closed = False
         self._stopping = False
         self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+        self._follower_slots = threading.BoundedSemaphore(MAX_FOLLOWERS)
+        #: Each follower's bell (a pipe's write end): rung by every event and by close().
+        self._bells: set[int] = set()
         self._usage = _Usage()
         self._snapshot: tuple[float, dict[str, Any]] | None = None
         self._snapshot_lock = threading.Lock()
@@ -409,6 +418,7 @@ class ControlServer:
                 return
             self._closed = True
             self._cond.notify_all()
+            self._ring_followers()
         try:
             if os.stat(self.path).st_ino == self._inode:
                 os.unlink(self.path)
@@ -445,6 +455,15 @@ class ControlServer:
             self._events.append(body)
             self._snapshot = None
             self._cond.notify_all()
+            self._ring_followers()
+
+    def _ring_followers(self) -> None:
+        """Wake every follower (held: self._cond). A bell already rung stays rung."""
+        for bell in self._bells:
+            try:
+                os.write(bell, b"\0")
+            except OSError:  # full: rung already
+                pass
 
     def mark_stopping(self) -> None:
         self._stopping = True
@@ -496,6 +515,9 @@ class ControlServer:
                     conn.sendall(_bad_input(exc).to_line())
                     continue
                 if request.cmd == "events":
+                    if not self._follower_slots.acquire(blocking=False):
+                        conn.sendall(Reply.failure("busy: too many event streams; try again").to_line())
+                        return
                     me = threading.current_thread()
                     with self._cond:
                         self._streams.add(me)
@@ -504,6 +526,7 @@ class ControlServer:
                     finally:
                         with self._cond:
                             self._streams.discard(me)
+                        self._follower_slots.release()
                     return
                 if request.cmd == "status":
                     conn.sendall(self._status_line_or_error())
@@ -688,22 +711,45 @@ class ControlServer:
         return pc
 
     def _stream_events(self, conn: socket.socket, follow: bool) -> None:
-        """The events from the start; with `follow`, then live until the run ends."""
+        """The events from the start; with `follow`, then live until the run ends
+        or the follower goes away (its end closed: the stream and its connection end)."""
         conn.settimeout(None)  # a follower may read slowly; the run never waits for it
         conn.sendall(Reply(True, {"events": "follow" if follow else "all"}).to_line())
-        sent = 0
-        while True:
+        bell_r = bell_w = -1
+        if follow:
+            bell_r, bell_w = os.pipe()
+            os.set_blocking(bell_r, False)
+            os.set_blocking(bell_w, False)
             with self._cond:
-                while follow and sent == len(self._events) and not self._closed:
-                    self._cond.wait()
-                batch = self._events[sent:]
-                done = self._closed or not follow
-            sent += len(batch)
-            if batch:
-                conn.sendall(b"".join(json_bytes(e) for e in batch))
-            if done and sent == len(self._events):
-                conn.sendall(END_OF_EVENTS + b"\n")  # (a run that dies mid-stream sends none)
-                return
+                self._bells.add(bell_w)
+        waiting = select.poll()
+        if follow:
+            waiting.register(conn, select.POLLIN)
+            waiting.register(bell_r, select.POLLIN)
+        try:
+            sent = 0
+            while True:
+                with self._cond:
+                    batch = self._events[sent:]
+                    done = self._closed or not follow
+                sent += len(batch)
+                if batch:
+                    conn.sendall(b"".join(json_bytes(e) for e in batch))
+                if done and sent == len(self._events):
+                    conn.sendall(END_OF_EVENTS + b"\n")  # (a run that dies mid-stream sends none)
+                    return
+                if not batch and not done:  # wait for an event, the end, or the follower's going
+                    for fd, _ in waiting.poll():
+                        if fd == bell_r:
+                            os.read(bell_r, 65536)  # (a pipe's worth of rings: all of them)
+                        elif not conn.recv(4096):  # (what a follower writes is not read)
+                            return
+        finally:
+            if follow:
+                with self._cond:
+                    self._bells.discard(bell_w)
+                os.close(bell_r)
+                os.close(bell_w)
 
 
 def _accepts(method: Any, name: str) -> bool:
@@ -844,7 +890,10 @@ def ask(path: str, request: Request, timeout: float = 10.0) -> dict[str, Any]:
     """Send one request and return the reply's body; ControlError if there is none."""
     sock = connect(path, timeout)
     try:
-        sock.sendall(request.to_line())
+        try:
+            sock.sendall(request.to_line())
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # refused before it read (busy): its reason may be waiting
         line = read_line(sock, bytearray())
     except OSError as exc:
         if isinstance(exc, TimeoutError) or exc.errno == errno.ETIMEDOUT:

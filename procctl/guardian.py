@@ -12,17 +12,25 @@ and exits at once, so that after close() the manager has no process of
 procctl's below it (a user's "no child left" check, psutil's children()),
 while the guardian stays for the next controller.
 
-    manager (guardian.Link)  -- pipe: "+pid" "-pid" "c/path" "u/path" -->  guardian_process.main()
-    manager exits            -- pidfd readable ----------------------->  kill groups, cgroups; exit
+    manager (guardian.Link)  -- notes: "+pid" "-pid" "c/path" "u/path" "x" -->  guardian_process.main()
+                             -- bell: a byte, "read your notes" ------------>
+    manager exits            -- pidfd readable ----------------------------->  kill groups, cgroups; exit
 
 The manager-side half (`Link`) starts it on first use and never waits for it:
 registrations wait in the pipe, so a manager killed before the guardian is
 up is still cleaned up after.
+
+The guardian does not read the notes as they come: a write it woke for would
+take a CPU from the manager at the worst moment (a hundred workers starting
+or ending), and it needs them only once the manager is gone. They wait in
+the notes pipe, which it watches for its end only; the manager rings the bell
+when the pipe is a quarter full, so that it never fills, and at release.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import logging
 import os
 import select
@@ -32,6 +40,11 @@ import threading
 from typing import IO
 
 log = logging.getLogger("procctl")
+
+#: The notes pipe's size asked for (Linux grants up to /proc/sys/fs/pipe-max-size,
+#: 1 MiB by default), and the size assumed where it cannot be asked.
+NOTES_PIPE_SIZE = 1 << 20
+PIPE_BUF_DEFAULT = 65536
 
 
 # -- the manager's side --------------------------------------------------------------
@@ -48,32 +61,45 @@ class Link:
         #: The read end the guardian holds the other end of: closed when it has exited.
         self._out: IO[bytes] | None = None
         self._w = -1
+        self._bell = -1
+        #: Bytes written since the last ring, and how many call for one.
+        self._unread = 0
+        self._ring_at = PIPE_BUF_DEFAULT // 4
         self._lock = threading.Lock()
         self._settling = threading.Lock()
         self._pending: list[str] = []
         r, w = os.pipe()
+        bell_r, bell_w = os.pipe()
+        with contextlib.suppress(OSError):  # a roomier pipe, fewer rings (the default is 64 KiB)
+            fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, NOTES_PIPE_SIZE)
+        with contextlib.suppress(OSError):
+            self._ring_at = fcntl.fcntl(w, fcntl.F_GETPIPE_SZ) // 4
         try:
             me = os.pidfd_open(self.owner)
         except (AttributeError, OSError):  # pragma: no cover - no pidfd here
             me = -1
         package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         code = (f"import sys; sys.path.insert(0, {package_root!r}); "
-                f"from procctl.guardian_process import main; main({self.owner}, {me}, {r})")
+                f"from procctl.guardian_process import main; main({self.owner}, {me}, {r}, {bell_r})")
+        passed = (r, bell_r) if me < 0 else (r, bell_r, me)
         try:
             # -I -S: no user site, no PYTHON* variables, no site: a fast, plain start.
             self.process = subprocess.Popen(
-                [sys.executable, "-I", "-S", "-c", code], pass_fds=(r,) if me < 0 else (r, me),
+                [sys.executable, "-I", "-S", "-c", code], pass_fds=passed,
                 start_new_session=True, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
             )
         except OSError as exc:
             log.warning("cannot start the guardian (%s): what workers start may outlive a killed manager", exc)
             os.close(w)
+            os.close(bell_w)
         else:
-            self._w = w
+            self._w, self._bell = w, bell_w
             os.set_inheritable(w, False)
+            os.set_inheritable(bell_w, False)
             self._out = self.process.stdout
         finally:
             os.close(r)
+            os.close(bell_r)
             if me >= 0:
                 os.close(me)
 
@@ -103,12 +129,8 @@ class Link:
                 self.process = None
 
     def note(self, kind: str, arg: object) -> None:
-        """Queue a message for the next flush().
-
-        Each write wakes the guardian, which then takes a CPU from the
-        manager at the worst moment (a hundred workers ending): the starts
-        and ends of workers are noted, and flushed once per batch or pass.
-        """
+        """Queue a message for the next flush(): the starts and ends of a
+        batch of workers go in one write."""
         if self._w < 0 or os.getpid() != self.owner:
             return
         with self._lock:
@@ -121,31 +143,55 @@ class Link:
 
     def flush(self) -> None:
         # Called after each pass of the controller's loop: nothing noted is the
-        # common case, answered without a system call or the lock.
+        # common case, answered without a system call or the lock. A write
+        # wakes nobody (see the module docstring); a ring, rarely, does.
         if not self._pending or self._w < 0 or os.getpid() != self.owner:
             return
         with self._lock:
             if not self._pending:
                 return
-            view = memoryview("".join(self._pending).encode())
+            self._write("".join(self._pending).encode())
             self._pending.clear()
-            try:
-                while view:
-                    view = view[os.write(self._w, view) :]
-            except OSError as exc:
-                log.warning("the guardian is gone (%s): what workers start may outlive a killed manager", exc)
-                with contextlib.suppress(OSError):
-                    os.close(self._w)
-                self._w = -1
+
+    def _write(self, data: bytes) -> None:
+        """Write `data` to the notes pipe, ringing the bell when the guardian
+        should read them (held: self._lock)."""
+        view = memoryview(data)
+        try:
+            while view:
+                view = view[os.write(self._w, view) :]
+            self._unread += len(data)
+            if self._unread >= self._ring_at:
+                os.write(self._bell, b".")
+                self._unread = 0
+        except OSError as exc:
+            log.warning("the guardian is gone (%s): what workers start may outlive a killed manager", exc)
+            with contextlib.suppress(OSError):
+                os.close(self._w)
+            with contextlib.suppress(OSError):
+                os.close(self._bell)
+            self._w = self._bell = -1
+
+    def _ring(self) -> None:
+        with self._lock:
+            if self._bell >= 0:
+                try:
+                    os.write(self._bell, b".")
+                except OSError:
+                    pass
+                self._unread = 0
 
     def release(self, timeout: float = 2.0) -> None:
         """At the manager's clean exit: let the guardian clean up and end, and wait for it."""
         if self._w < 0 or os.getpid() != self.owner:
             return
         self.send("x", "")
-        with self._lock, contextlib.suppress(OSError):
-            os.close(self._w)
-        self._w = -1
+        self._ring()
+        with self._lock:
+            for fd in (self._w, self._bell):
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+            self._w = self._bell = -1
         self.settle(timeout)
         with self._settling:
             if self.process is None and self._out is not None:

@@ -106,3 +106,8 @@ def own_cgroup(ctx):
     """The cgroup v2 path this worker runs its target in."""
     with open("/proc/self/cgroup") as f:
         return f.read().strip().rsplit(":", 1)[1]
+
+
+def quick(ctx):
+    """Return at the first checkpoint."""
+    return ctx.checkpoint()

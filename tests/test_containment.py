@@ -227,6 +227,47 @@ def test_descendants_die_when_the_manager_is_sigkilled(start_method, cgroup, tes
         end_session(proc)
 
 
+GUARDIAN_WAKEUPS = textwrap.dedent("""
+    import json, os, sys
+    sys.path.insert(0, {tests!r})
+    import targets_tree
+    from procctl import ProcessController, guardian
+
+    def lifecycle():
+        with ProcessController(targets_tree.quick, 10, start_method="fork") as pc:
+            pc.run()
+            pc.wait(timeout=60)
+
+    def switches(pid):
+        with open(f"/proc/{{pid}}/status") as f:
+            return sum(int(line.split()[1]) for line in f if "ctxt_switches" in line)
+
+    lifecycle()  # the guardian starts
+    link = guardian.link()
+    if {ring_at!r}:
+        link._ring_at = {ring_at!r}
+    gpid = guardian.guardian_pid()
+    before = switches(gpid)
+    for _ in range(5):
+        lifecycle()
+    print(json.dumps({{"wakeups": switches(gpid) - before}}), flush=True)
+""")
+
+
+@pytest.mark.parametrize("ring_at, woken", [(None, False), (64, True)])
+def test_the_guardian_sleeps_while_workers_start_and_end(tests_dir, tmp_path, ring_at, woken):
+    """Workers' starts and ends are noted to the guardian without waking it (a
+    wakeup takes a CPU from the manager when it is busiest); it reads its notes
+    when the bell rings, here when they fill a quarter of the pipe."""
+    script = tmp_path / "manager.py"
+    script.write_text(GUARDIAN_WAKEUPS.format(tests=tests_dir, ring_at=ring_at))
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120,
+                          start_new_session=True)
+    assert done.returncode == 0, done.stderr
+    wakeups = json.loads(done.stdout)["wakeups"]
+    assert (wakeups > 0) if woken else (wakeups == 0), wakeups
+
+
 def test_sigterm_to_the_process_group_is_a_graceful_stop(start_method):
     """issue 10, 5: under forkserver too (the fork server stands the SIGTERM)."""
     cli = LiveCli(["run", "--workers", "4", "--schedule", "run", "--finish-chance", "0", "--step", "0",

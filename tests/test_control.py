@@ -17,7 +17,7 @@ import psutil
 import pytest
 from clihelp import CLI, LiveCli, assert_all_gone, json_events, worker_pids
 
-from procctl.control import MAX_REQUEST, check_peer_uid, peer_credentials
+from procctl.control import MAX_CONNECTIONS, MAX_FOLLOWERS, MAX_REQUEST, check_peer_uid, peer_credentials
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 
@@ -223,6 +223,7 @@ def test_bad_requests_get_errors_and_the_run_goes_on(env):
             (b'{"cmd": "pause", "workers": [-1]}\n', "workers"),
             (b'{"cmd": "scale", "n": "many"}\n', "scale needs n"),
             (b"\xff\xfe\n", "not a JSON request"),
+            (b"[" * 30000 + b"\n", "nested too deeply"),  # short, yet past the decoder's depth
         ]:
             reply = exchange(path, payload)
             assert reply["ok"] is False and words in reply["error"], (payload, reply)
@@ -245,6 +246,43 @@ def test_bad_requests_get_errors_and_the_run_goes_on(env):
         code, out, err = cli.finish()
         assert code == 0, err
         assert json_events(out)[-1]["outcomes"] == {"stopped": 2}
+        assert "Traceback" not in err, err
+    finally:
+        cli.kill()
+
+
+def follower(path):
+    """A raw `events --follow` connection, past its history."""
+    sock = socket.socket(socket.AF_UNIX)
+    sock.settimeout(20)
+    sock.connect(path)
+    sock.sendall(b'{"cmd": "events", "follow": true}\n')
+    first = json.loads(sock.recv(65536).split(b"\n")[0])
+    return sock, first
+
+
+def test_followers_that_went_away_free_their_connections(env):
+    """A follower that closes its end ends its stream at once, even in a run
+    that has no event to send it; and followers never take every connection."""
+    cli = start_run(env, "quiet", workers=1)
+    try:
+        path = socket_of(env, "quiet")
+        for _ in range(3):  # more than MAX_CONNECTIONS in all, fewer than MAX_FOLLOWERS at once
+            socks = [follower(path) for _ in range(MAX_FOLLOWERS)]
+            assert all(first["ok"] for _, first in socks), [f for _, f in socks if not f["ok"]][:1]
+            for sock, _ in socks:
+                sock.close()
+        held = [follower(path) for _ in range(MAX_CONNECTIONS)]
+        try:
+            refused = [first for _, first in held if not first["ok"]]
+            assert len(refused) == MAX_CONNECTIONS - MAX_FOLLOWERS and "too many event streams" in refused[0]["error"]
+            assert ctl_json(env, "ls")[0]["name"] == "quiet"  # commands still get in
+            stop = ctl(env, "stop", "quiet")  # and a stop, which cannot follow the run to its end
+            assert stop.returncode == 0 and "not waiting" in stop.stdout, stop
+        finally:
+            for sock, _ in held:
+                sock.close()
+        assert cli.finish()[0] == 0
     finally:
         cli.kill()
 
