@@ -606,11 +606,18 @@ class ProcessController(Shortcuts):
                                       name).start()
 
     def _stop_from_control(self) -> None:
-        # Post STOPPED and return: the script's own stop() or close() escalates and reaps.
+        # stop() without the wait: post STOPPED and arm every worker's escalation.
+        # Whoever pumps (the script's wait(), the background thread) carries it
+        # out, and the script's wait() returns True once every worker has ended.
         with self._locked():
             if self._phase is _STARTED and self._state is not State.STOPPED:
                 self._post(State.STOPPED)
-        self.wakeup()
+                at = time.monotonic() + self.grace
+                for w in self._workers:
+                    if w.alive and w.escalation is None:
+                        w.escalation = ("grace", at)
+                        self._schedule(at)
+        self._nudge()
 
     def _spawn(self, wids: Iterable[int], restarts: int = 0) -> None:
         """Start a process for each worker id in `wids`.

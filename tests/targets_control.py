@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 
 
 def steady(ctx):
@@ -98,3 +99,13 @@ def escaping_output(ctx):
     print("\x1b[31mred stays red\x1b[0m", flush=True)
     while ctx.sleep(float("inf")):
         pass
+
+
+def deaf_but_one(ctx):
+    """Worker 0 stops at a checkpoint; the others never pass one."""
+    if ctx.worker_id == 0:
+        while ctx.sleep(3600.0):
+            pass
+        return "stopped"
+    ctx.checkpoint()
+    time.sleep(3600)

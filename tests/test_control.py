@@ -16,6 +16,7 @@ import urllib.request
 import psutil
 import pytest
 from clihelp import CLI, LiveCli, assert_all_gone, json_events, worker_pids
+from procs import end_session
 
 from procctl.control import MAX_CONNECTIONS, MAX_FOLLOWERS, MAX_REQUEST, check_peer_uid, peer_credentials
 
@@ -508,6 +509,34 @@ def test_metrics_over_http_and_a_script_with_control(env, tmp_path):
         cli.kill()
         lib.kill()
         lib.communicate(timeout=10)
+
+
+def test_a_stop_from_another_shell_escalates_and_ends_the_scripts_wait(env, tmp_path):
+    """On a script's controller, `procctl stop` is stop() without the wait: the
+    worker that never passes a checkpoint is escalated after the grace period,
+    and the script's wait() returns True with every worker's report."""
+    script = tmp_path / "deaf.py"
+    script.write_text(
+        "import sys\n"
+        f"sys.path.insert(0, {TESTS!r})\n"
+        "from procctl import ProcessController\n"
+        "from targets_control import deaf_but_one\n"
+        "if __name__ == '__main__':\n"
+        "    with ProcessController(deaf_but_one, 2, control='deaf', grace=0.3) as pc:\n"
+        "        pc.run()\n"
+        "        print('up', flush=True)\n"
+        "        ended = pc.wait(timeout=60)\n"
+        "        print(ended, sorted(r.outcome.value for r in pc.reports.values()), flush=True)\n")
+    lib = subprocess.Popen([CLI[0], str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                           env=env, start_new_session=True)
+    try:
+        assert lib.stdout.readline().strip() == "up"
+        stop = ctl(env, "stop", "deaf")
+        assert stop.returncode == 0, stop.stderr
+        out, err = lib.communicate(timeout=30)
+        assert out.strip() == "True ['killed', 'stopped']", (out, err[-3000:])
+    finally:
+        end_session(lib)
 
 
 def test_map_has_a_control_socket(env, tmp_path):
