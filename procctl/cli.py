@@ -39,10 +39,11 @@ from .clitools import (
     hold_signals,
     say,
     split_range,
+    working_dir,
 )
 from .control import ACK_WAIT
 from .controller import ProcessController, WorkerStartError
-from .limits import COMMAND_FDS, LIMIT_ERRNOS, capacity_problem
+from .limits import COMMAND_FDS, LIMIT_ERRNOS, SystemLimit, capacity_problem
 from .named_target import NamedTarget, remember
 from .states import CLEAN_OUTCOMES, Event, Outcome, State, WorkerReport
 from .supervise import Plan, Restart, Strategy
@@ -111,7 +112,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     hold_signals()
     ensure_std_fds()
     _say_library_warnings()
-    bridge = SignalBridge().install()
+    try:
+        bridge = SignalBridge().install()
+    except SystemLimit as exc:  # its thread, the first: no room for any
+        say(f"procctl: error: {exc}")
+        exit_holding_signals(EXIT_USAGE)
     try:
         code = main_group.main(args=argv, prog_name="procctl", standalone_mode=False, obj=bridge)
     except click.UsageError as exc:
@@ -126,6 +131,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         code = EXIT_FAILED
     except click.Abort:
         code = bridge.exit_code or 130
+    except SystemLimit as exc:  # a thread the system refused (ulimit -u, -v): a limit, as for workers
+        say(f"procctl: error: {exc}")
+        code = EXIT_USAGE
     except OSError as exc:
         if isinstance(exc, BrokenPipeError):
             raise  # (a reader that went away: handled where the output is written)
@@ -188,8 +196,8 @@ def load_target(spec: str, option: str = "--target", takes: str = "its WorkerCon
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
         raise BadInput(f"{option} {spec!r} must look like package.module:function")
-    cwd = os.getcwd()
-    if cwd not in sys.path:
+    cwd = working_dir()
+    if cwd is not None and cwd not in sys.path:
         sys.path.insert(0, cwd)
     try:
         # What the module prints as it loads is not the command's output (JSON Lines, map's results).
@@ -511,7 +519,7 @@ def run_command(workers: int, target: str | None, schedule: str, step: float, fi
         func = load_target(target)
         if cluster_spec is None:  # the workers resolve the name (named_target.py)
             remember(target, func)
-            func = NamedTarget(target, os.getcwd())
+            func = NamedTarget(target, working_dir())
     else:
         from .jobs.demo import demo_worker
 

@@ -51,6 +51,7 @@ from .clitools import (
     check_writable_file,
     read_input,
     say,
+    working_dir,
 )
 from .control import ACK_WAIT
 from .controller import WorkerStartError
@@ -141,7 +142,7 @@ def load_function(spec: str, local: bool) -> Callable[[Any], Any]:
     func = load_target(spec, option="MODULE:FUNC", takes="the item")
     if local:
         remember(spec, func)  # (fork children inherit it: they import nothing)
-    return NamedTarget(spec, os.getcwd())
+    return NamedTarget(spec, working_dir())
 
 
 def read_stdin(bridge: SignalBridge) -> bytes:

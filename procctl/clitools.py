@@ -563,3 +563,12 @@ def read_input(stream: IO[bytes], what: str, bridge: SignalBridge, limit: int | 
         raise click.Abort from None
     finally:
         bridge.stop_note = note
+
+
+def working_dir() -> str | None:
+    """The current directory, or None if it was removed (a command may still
+    run there: what it needs is on sys.path or given by full path)."""
+    try:
+        return os.getcwd()
+    except FileNotFoundError:
+        return None

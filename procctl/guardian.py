@@ -165,7 +165,9 @@ class Link:
                 os.write(self._bell, b".")
                 self._unread = 0
         except OSError as exc:
-            log.warning("the guardian is gone (%s): what workers start may outlive a killed manager", exc)
+            self.settle()  # one that never started says so there (a process limit): once
+            if self._pid is not None:
+                log.warning("the guardian is gone (%s): what workers start may outlive a killed manager", exc)
             with contextlib.suppress(OSError):
                 os.close(self._w)
             with contextlib.suppress(OSError):

@@ -30,7 +30,10 @@ def main(manager_pid: int, manager: int, fd: int, bell: int) -> None:
     """
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2):
         signal.signal(sig, signal.SIG_IGN)
-    pid = os.fork()
+    try:
+        pid = os.fork()
+    except OSError:  # a process limit: the manager says the guardian did not start
+        os._exit(1)
     if pid:
         os.write(1, b"%d\n" % pid)
         os._exit(0)

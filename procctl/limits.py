@@ -74,6 +74,36 @@ class BeyondCapacity(ValueError):
     """More workers than this system lets one manager start (fds, processes)."""
 
 
+class SystemLimit(OSError):
+    """The system refused a thread or a process (errno EAGAIN); its text names the limit."""
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
+def thread_refused() -> SystemLimit:
+    """What to raise when a thread cannot start (CPython says only "can't start new thread"):
+    each thread counts against the user's process limit, and its stack against the address space."""
+    limits = []
+    nproc = _soft_limit("RLIMIT_NPROC")
+    if nproc is not None and os.getuid() != 0:
+        limits.append(f"the user's limit of {nproc} processes and threads (ulimit -u;"
+                      f" {_user_processes()} running)")
+    space = _soft_limit("RLIMIT_AS")
+    if space is not None:
+        limits.append(f"the address-space limit of {space // 1024} KiB (ulimit -v)")
+    what = " or ".join(limits) or "the system's limits (kernel.threads-max, a pids cgroup, memory)"
+    return SystemLimit(errno.EAGAIN, f"this process cannot start another thread: {what}")
+
+
+def _cwd_gone() -> bool:
+    try:
+        os.getcwd()
+    except FileNotFoundError:
+        return True
+    return False
+
+
 def capacity_problem(workers: int, fds_per_worker: int = MANAGER_FDS_PER_WORKER, reserve: int = 0) -> str | None:
     """Why this process cannot start `workers` more workers, or None if it can
     (`fds_per_worker`: WORK_FDS_PER_WORKER for channels and executors).
@@ -102,6 +132,11 @@ def describe_start_failure(exc: BaseException) -> str | None:
 
         return ("multiprocessing's fork server listens on a Unix socket in the temporary directory"
                 f" {tempfile.gettempdir()!r}, too long a path for one (108 bytes): set TMPDIR to a shorter one")
+    if isinstance(exc, SystemLimit):
+        return str(exc)
+    if isinstance(exc, FileNotFoundError) and _cwd_gone():
+        return ("the current directory no longer exists, and multiprocessing starts spawn and forkserver"
+                " workers from it: run from a directory that exists")
     if not isinstance(exc, OSError) or exc.errno not in LIMIT_ERRNOS:
         return None
     if exc.errno == errno.EMFILE:

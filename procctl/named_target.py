@@ -25,10 +25,11 @@ _resolved: dict[str, Callable[..., Any]] = {}
 @dataclass(frozen=True)
 class NamedTarget:
     """Calls the callable `spec` names ("package.module:attr.attr"), importing
-    its module from `path` (the directory the command ran in) or sys.path."""
+    its module from `path` (the directory the command ran in, None if it was
+    removed) or sys.path."""
 
     spec: str
-    path: str
+    path: str | None
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self.resolve()(*args, **kwargs)
@@ -36,7 +37,7 @@ class NamedTarget:
     def resolve(self) -> Callable[..., Any]:
         target = _resolved.get(self.spec)
         if target is None:
-            if self.path not in sys.path:
+            if self.path is not None and self.path not in sys.path:
                 sys.path.insert(0, self.path)
             module_name, _, attr = self.spec.partition(":")
             obj: Any = importlib.import_module(module_name)

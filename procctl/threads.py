@@ -20,6 +20,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import NoReturn
 
+from . import limits
+
 #: The signals an operator sends the manager (and a worker resets for its own).
 MANAGED_SIGNALS = frozenset(
     {signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2,
@@ -51,6 +53,14 @@ def blocked() -> Iterator[None]:
 
 
 def start(thread: threading.Thread) -> None:
-    """`thread.start()`, the new thread inheriting a mask that blocks MANAGED_SIGNALS."""
+    """`thread.start()`, the new thread inheriting a mask that blocks MANAGED_SIGNALS.
+
+    A thread the system refuses (a process or memory limit) raises
+    limits.SystemLimit, an OSError naming the limit, as a refused fork does."""
     with blocked():
-        thread.start()
+        try:
+            thread.start()
+        except RuntimeError as exc:
+            if "can't start new thread" not in str(exc):
+                raise
+            raise limits.thread_refused() from None

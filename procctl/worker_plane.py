@@ -248,12 +248,16 @@ class WorkEnd:
         RETURN_SIGNAL); its thread id, for the manager to signal it."""
         old = signal.pthread_sigmask(signal.SIG_BLOCK, {RETURN_SIGNAL})  # (the thread inherits the mask)
         try:
-            self.returner = threading.Thread(target=self._return_on_signal, args=(ctx,), name="procctl-returner",
-                                             daemon=True)
-            self.returner.start()
+            returner = threading.Thread(target=self._return_on_signal, args=(ctx,), name="procctl-returner",
+                                        daemon=True)
+            try:
+                returner.start()
+            except RuntimeError:  # a process or memory limit: no returner (0), tasks come back between tasks
+                return 0
+            self.returner = returner
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, old)
-        return self.returner.native_id or 0
+        return returner.native_id or 0
 
     def _return_on_signal(self, ctx: WorkerContext) -> None:
         while True:

@@ -169,6 +169,77 @@ def test_a_fork_server_that_cannot_listen_under_a_deep_tmpdir_says_so(tmp_path):
     line = one_error_line(res.stderr)
     assert "set TMPDIR to a shorter one" in line and "cannot be sent to the child" not in line, line
 
+NO_THREAD_ROOM = """
+import resource, sys
+sys.path.insert(0, {tests!r})
+from procctl.cli import main
+import procctl.controller, procctl.capture, procctl.control  # what the command needs, before the limit
+with open("/proc/self/status") as f:
+    vm = next(int(line.split()[1]) for line in f if line.startswith("VmSize")) * 1024
+resource.setrlimit(resource.RLIMIT_AS, (vm + 6 * 2**20, resource.RLIM_INFINITY))  # no room for 8 MiB of stack
+sys.argv = ["procctl", *{args!r}]
+main()
+"""
+
+
+@pytest.mark.parametrize("args", [QUICK_RUN, ["map", "json:dumps", "--items", "-"]], ids=["run", "map"])
+def test_no_room_for_a_thread_is_one_line_naming_the_limit(args):
+    """ulimit -v (or -u) that leaves no room for a thread: exit 2 and the limit named, as for workers."""
+    res = subprocess.run([sys.executable, "-c", NO_THREAD_ROOM.format(tests=TESTS, args=args)],
+                         capture_output=True, text=True, timeout=60, input="1\n")
+    assert res.returncode == 2, res.stderr
+    line = one_error_line(res.stderr)
+    assert "cannot start another thread" in line and "ulimit -v" in line, line
+
+
+REFUSED_THREAD = """
+import sys, threading
+sys.path.insert(0, {tests!r})
+real = threading.Thread.start
+def start(self):
+    if self.name == {name!r}:
+        raise RuntimeError("can't start new thread")  # what CPython says when pthread_create fails
+    real(self)
+threading.Thread.start = start  # (fork children inherit it)
+from procctl.cli import main
+sys.argv = ["procctl", *{args!r}]
+main()
+"""
+
+
+@pytest.mark.parametrize("name, args, code, says", [
+    ("procctl-capture", QUICK_RUN, 2, "cannot start another thread"),
+    ("procctl-control", ["map", "json:dumps", "--items", "-"], 0, "no control socket"),
+    ("procctl-executor", ["map", "json:dumps", "--items", "-"], 2, "cannot start another thread"),
+    # A worker without its returner thread works on: its queued tasks come back between tasks.
+    ("procctl-returner", ["map", "json:dumps", "--items", "-", "--workers", "2"], 0, ""),
+], ids=["capture", "control", "executor", "returner"])
+def test_a_thread_the_system_refuses_is_a_limit_not_a_traceback(name, args, code, says):
+    res = subprocess.run([sys.executable, "-c", REFUSED_THREAD.format(tests=TESTS, name=name, args=args)],
+                         capture_output=True, text=True, timeout=60, input="1\n2\n3\n")
+    assert res.returncode == code, res.stderr
+    assert "Traceback" not in res.stderr and says in res.stderr, res.stderr
+    if args[0] == "map" and code == 0:
+        assert sorted(json.loads(line)["result"] for line in res.stdout.splitlines()) == ["1", "2", "3"]
+
+
+def test_a_removed_current_directory_is_no_output_error(tmp_path):
+    """A command run in a directory that was removed: what it needs is elsewhere,
+    and spawn workers (which multiprocessing starts from that directory) say so."""
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    cli = [sys.executable, "-c", "import os, sys; os.chdir(sys.argv[1]); os.rmdir(sys.argv[1]);"
+           " sys.argv = ['procctl', *sys.argv[2:]]; from procctl.cli import main; main()", str(gone)]
+    res = subprocess.run(cli + ["map", "json:dumps", "--items", "-"], capture_output=True, text=True,
+                         timeout=60, input="1\n")
+    assert res.returncode == 0 and json.loads(res.stdout)["result"] == "1", res.stderr
+    gone.mkdir()
+    res = subprocess.run(cli + QUICK_RUN + ["--start-method", "spawn"], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 1, res.stderr
+    line = one_error_line(res.stderr)
+    assert "current directory no longer exists" in line and "cannot be sent" not in line, line
+
+
 # -- 9: an event log that cannot be written -----------------------------------------
 
 
