@@ -539,7 +539,7 @@ class MapSession:
 
     def wait(self) -> None:
         """Block until a future completes, a signal comes or the deadline passes."""
-        if self.completed:
+        if self.completed or not self.busy():  # (a broken executor fails the items fill() gave it at once)
             return
         self._selector.select(remaining(self.deadline))  # (at most a day: the loop comes round again)
         with contextlib.suppress(BlockingIOError):

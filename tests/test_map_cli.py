@@ -13,6 +13,7 @@ import random
 import resource
 import signal
 import subprocess
+import sys
 import time
 from collections import Counter
 
@@ -126,6 +127,30 @@ def test_failed_items_give_error_records_and_exit_1(tmp_path):
     assert summary["event"] == "summary"
     assert (summary["done"], summary["failed"], summary["unfinished"]) == (6, 3, 0)
     assert "Traceback" not in res.stderr
+
+
+WORKERS_CANNOT_START = """
+import errno, sys
+sys.path.insert(0, {tests!r})
+import procctl.worker_plane
+def refuse(self, ctx):
+    raise OSError(errno.EMFILE, "Too many open files")  # in each worker, as it sets up (fork children inherit it)
+procctl.worker_plane.WorkEnd.start_returner = refuse
+from procctl.cli import main
+sys.argv = ["procctl", "map", "json:dumps", "--items", {items!r}, "--workers", "2"]
+main()
+"""
+
+
+def test_workers_that_cannot_start_fail_every_item_and_the_run_ends(tmp_path):
+    """A pool whose workers cannot start is broken (ProcessPoolExecutor's
+    BrokenProcessPool): every item fails, and the command ends at once."""
+    items = write_items(tmp_path / "in.jsonl", range(2000))
+    res = subprocess.run([sys.executable, "-c", WORKERS_CANNOT_START.format(tests=TESTS, items=items)],
+                         capture_output=True, text=True, timeout=30, cwd=TESTS)
+    assert res.returncode == 1, res.stderr
+    assert len(results(res.stdout)) == 2000 and all("error" in r for r in results(res.stdout))
+    assert "2000 failed" in res.stderr and "Traceback" not in res.stderr, res.stderr
 
 
 def test_a_crash_or_a_timeout_fails_only_its_item(tmp_path):
