@@ -50,6 +50,9 @@ class Strategy(str, enum.Enum):
         return self.value
 
 
+#: The shortest heartbeat: a probe goes out every quarter of it (0.25 ms here),
+#: and a shorter one only declares every running worker hung at once.
+MIN_HEARTBEAT = 0.001
 #: Outcomes that count as a failure for restart="on-failure".
 FAILURES = frozenset({Outcome.FAILED, Outcome.CRASHED, Outcome.KILLED, Outcome.HUNG})
 
@@ -114,6 +117,8 @@ class Plan:
         beat = None
         if heartbeat is not None:
             beat = _seconds("heartbeat", heartbeat, positive=True, allow_inf=True)
+            if beat < MIN_HEARTBEAT:  # probed every quarter: past what a pump's timers can keep
+                raise ValueError(f"heartbeat must be at least {MIN_HEARTBEAT} seconds, not {heartbeat!r}")
             if beat == math.inf:
                 beat = None  # never hung: no detection
         return cls(policy, max_restarts, window, (low, high), kind, beat)

@@ -87,6 +87,7 @@ def test_intensity_and_backoff_by_hand():
     ({"heartbeat": 0}, ValueError, "heartbeat"),
     ({"heartbeat": -1.0}, ValueError, "heartbeat"),
     ({"heartbeat": math.nan}, ValueError, "heartbeat"),
+    ({"heartbeat": 5e-324}, ValueError, "heartbeat"),  # a probe every 1e-324 s: every worker hung at once
     ({"heartbeat": "1"}, TypeError, "heartbeat"),
 ])
 def test_bad_supervision_arguments(kwargs, exc, name):
