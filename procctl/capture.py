@@ -108,13 +108,20 @@ class OutputCapture:
         if self._closing:
             return
         self._closing = True
-        if self._thread.is_alive():
+        # The wake pipe is ours, the selector the thread's once it started: the
+        # thread may be ending by itself (its last worker gone) at this moment,
+        # and a pipe closed by both sides was an EBADF here, or worse, a close
+        # of whatever descriptor had meanwhile taken its number.
+        if self._thread.ident is not None:
             os.write(self._wake_w, b"\0")
             self._thread.join(DRAIN_TIMEOUT + 1.0)
+            if self._thread.is_alive():  # (it ends at its deadline: the pipe stays open for it)
+                remove_stale(self.path)
+                return
         else:  # never started
             self._sel.close()
-            os.close(self._wake_r)
-            os.close(self._wake_w)
+        os.close(self._wake_r)
+        os.close(self._wake_w)
         remove_stale(self.path)
 
     # -- the thread ------------------------------------------------------------------
@@ -142,8 +149,6 @@ class OutputCapture:
                 self._end(conn)
             self._stop_accepting()
             self._sel.close()
-            os.close(self._wake_r)
-            os.close(self._wake_w)
 
     def _connections(self) -> list[_Conn]:
         return [key.data for key in self._sel.get_map().values() if isinstance(key.data, _Conn)]

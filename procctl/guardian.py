@@ -148,7 +148,7 @@ class Link:
         if not self._pending or self._w < 0 or os.getpid() != self.owner:
             return
         with self._lock:
-            if not self._pending:
+            if not self._pending or self._w < 0:  # (released meanwhile)
                 return
             self._write("".join(self._pending).encode())
             self._pending.clear()
