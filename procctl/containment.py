@@ -33,6 +33,7 @@ sides of the process boundary.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import select
 import signal
@@ -295,14 +296,16 @@ def own_cgroup_dir() -> str | None:
     return None
 
 
-def make_cgroup(parent: str, name: str, *, checked: bool = False) -> str | None:
+def make_cgroup(parent: str, name: str, *, checked: bool = False, fresh: bool = False) -> str | None:
     """Create cgroup directory `parent/name`; None if that cannot be done here
-    (`checked`: `parent` was made here, so its children are ours to use)."""
+    (`checked`: `parent` was made here, so its children are ours to use;
+    `fresh`: one that exists already is someone else's, FileExistsError)."""
     path = os.path.join(parent, name)
     try:
         os.mkdir(path)
     except FileExistsError:
-        pass
+        if fresh:
+            raise
     except OSError:
         return None
     if not checked and not os.access(os.path.join(path, "cgroup.procs"), os.W_OK):
@@ -318,7 +321,10 @@ class WorkerTrees:
     """One controller's handles on its workers' trees: process groups, the
     optional cgroups, and the guardian that cleans up if the manager is killed."""
 
-    _serial = 0
+    #: Numbers the controllers of this process (next() is atomic: controllers
+    #: start in several threads at once, and two that took one cgroup killed
+    #: each other's workers).
+    _serial = itertools.count(1)
 
     def __init__(self, use_cgroup: bool | None) -> None:
         """`use_cgroup`: None, a cgroup where one is writable; True, the same,
@@ -328,10 +334,14 @@ class WorkerTrees:
         self._guardian = guardian.link()
         self.cgroup: str | None = None
         if use_cgroup is not False:
-            WorkerTrees._serial += 1
             parent = own_cgroup_dir()
-            name = f"procctl-{os.getpid()}-{WorkerTrees._serial}"
-            self.cgroup = make_cgroup(parent, name) if parent is not None else None
+            while parent is not None:
+                try:  # (one left by a killed process whose pid we now have is not ours either)
+                    self.cgroup = make_cgroup(parent, f"procctl-{os.getpid()}-{next(WorkerTrees._serial)}",
+                                              fresh=True)
+                    break
+                except FileExistsError:
+                    continue
             if self.cgroup is not None:
                 self._guardian.send("c", self.cgroup)
             elif use_cgroup:

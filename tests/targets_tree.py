@@ -111,3 +111,10 @@ def own_cgroup(ctx):
 def quick(ctx):
     """Return at the first checkpoint."""
     return ctx.checkpoint()
+
+
+def sleeps(ctx):
+    """Short sleeps until STOPPED."""
+    while ctx.sleep(0.01):
+        pass
+    return "stopped"

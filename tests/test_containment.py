@@ -19,6 +19,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 
 import pytest
@@ -167,6 +168,53 @@ def test_a_cgroup_covers_every_case(start_method, end, cgroup, fifo):
     # None, the default: a cgroup wherever one is writable.
     started, _ = _run_case(start_method, end, fifo, cgroup=cgroup)
     assert _survivors([p for pids in started.values() for p in pids]) == set()
+
+
+@needs_cgroup
+def test_controllers_starting_in_threads_at_once_get_a_cgroup_each(monkeypatch):
+    """Two controllers that took one cgroup killed each other's workers at close()."""
+    n = 6
+    barrier = threading.Barrier(n, timeout=20)
+    real = containment.own_cgroup_dir
+
+    def together():  # every thread is past its own look before any names its cgroup
+        barrier.wait()
+        return real()
+
+    monkeypatch.setattr(containment, "own_cgroup_dir", together)
+    trees = []
+
+    def make():
+        trees.append(containment.WorkerTrees(True))
+
+    makers = [threading.Thread(target=make) for _ in range(n)]
+    for t in makers:
+        t.start()
+    for t in makers:
+        t.join(30)
+    try:
+        assert len({t.cgroup for t in trees}) == n, [t.cgroup for t in trees]
+    finally:
+        for t in trees:
+            t.close(2.0)
+
+
+def test_controllers_in_parallel_threads_leave_each_others_workers_alone():
+    outcomes = []
+
+    def lifecycle():
+        with ProcessController(targets_tree.sleeps, 3) as pc:
+            pc.run()
+            pc.pause()
+            pc.run()
+            outcomes.extend(r.outcome for r in pc.stop(grace=10).values())
+
+    runs = [threading.Thread(target=lifecycle) for _ in range(4)]
+    for t in runs:
+        t.start()
+    for t in runs:
+        t.join(60)
+    assert outcomes == [Outcome.STOPPED] * 12
 
 
 def test_escalation_kills_the_whole_tree_of_a_stuck_worker(fifo):
