@@ -140,6 +140,14 @@ def test_batches_keep_accounting_exact():
         assert all(n % batch == 0 for n in result.produced)
 
 
+@pytest.mark.parametrize("values", [tuple(i % 255 + 1 for i in range(257)), (255,) * 300 + (1,)],
+                         ids=["257 small values", "301 with repeats"])
+def test_batches_of_more_than_256_small_values(values):
+    """A byte draws one of 256 entries: with more, every byte was dropped and the producers spun."""
+    result = sum_threshold(2, 2, 2000, values=values, batch=4, start_method="fork", timeout=30)
+    check(result, 2, 2, 2000, values=tuple(sorted(set(values))))
+
+
 def test_values_and_random_delay():
     result = sum_threshold(2, 2, 30, values=[5, 7], delay=(0.001, 0.003), seed=4, start_method="fork")
     check(result, 2, 2, 30, values=(5, 7))

@@ -48,7 +48,7 @@ def sum_worker(ctx: WorkerContext, plan: SumPlan, ledger_fd: Any) -> ProducerTal
 def _item_maker(rng: random.Random, values: tuple[int, ...], batch: int) -> Callable[[], Any]:
     if batch == 1:
         return partial(rng.choice, values)
-    if max(values) <= 255:
+    if max(values) <= 255 and len(values) <= 256:  # (a byte draws one of at most 256 entries)
         return _byte_batches(rng, values, batch)
     return lambda: tuple(rng.choices(values, k=batch))
 
