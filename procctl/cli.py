@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import importlib
 import inspect
 import logging
@@ -102,6 +103,23 @@ def _say_library_warnings() -> None:
         log.addHandler(handler)
 
 
+#: What a write to the output fails with when the output is at fault.
+OUTPUT_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO, errno.ENXIO})
+
+
+def _output_error(exc: OSError) -> bool:
+    """Whether an OSError that escaped a command is its output's (the error of
+    anything else must not read "cannot write the output")."""
+    if exc.errno in OUTPUT_ERRNOS:
+        return True
+    if exc.errno == errno.EBADF:  # a standard output closed under us, or a descriptor of ours?
+        try:
+            os.fstat(1)
+        except OSError:
+            return True
+    return False
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Console entry point: every bad input is one line on stderr and exit 2.
 
@@ -137,9 +155,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     except OSError as exc:
         if isinstance(exc, BrokenPipeError):
             raise  # (a reader that went away: handled where the output is written)
-        # The output cannot be written (a full disk, /dev/full): one line, as GNU tools say it.
         where = f": {exc.filename}" if exc.filename else ""
-        say(f"procctl: error: cannot write the output{where}: {exc.strerror or exc}")
+        if _output_error(exc):  # a full disk, /dev/full: one line, as GNU tools say it
+            say(f"procctl: error: cannot write the output{where}: {exc.strerror or exc}")
+        else:  # not the output's: say what failed, not that the output did
+            say(f"procctl: error{where}: {exc.strerror or exc}")
         code = EXIT_FAILED
     if bridge.exit_code is not None and code != EXIT_USAGE:
         code = bridge.exit_code  # a signal that came after the job ended still ends the command

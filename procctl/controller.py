@@ -459,6 +459,10 @@ class ProcessController(Shortcuts):
         self._board: Board | None = None
         self._selector: selectors.BaseSelector | None = None
         self._wake_r = self._wake_w = -1
+        #: Held to ring and to close the wake pipe: a ring from another thread (a
+        #: signal watcher, the control server) must not write to a closed number
+        #: that a new descriptor took. Re-entrant: wakeup() runs in signal handlers.
+        self._wake_lock = threading.RLock()
         self._wakes = 0  # wakeup() calls seen by the pump
         self._passes = 0  # kernel waits done by the pump
         self._collect = True  # the manager's garbage collector is on (passed to workers)
@@ -590,11 +594,12 @@ class ProcessController(Shortcuts):
         self._ring(b"\1")
 
     def _ring(self, byte: bytes) -> None:
-        if self._wake_w >= 0:
-            try:
-                os.write(self._wake_w, byte)
-            except (BlockingIOError, OSError):
-                pass
+        with self._wake_lock:
+            if self._wake_w >= 0:
+                try:
+                    os.write(self._wake_w, byte)
+                except (BlockingIOError, OSError):
+                    pass
 
     def _serve_control(self) -> None:
         """control=True: a control socket for `procctl status/pause/resume/stop`."""
@@ -808,10 +813,11 @@ class ProcessController(Shortcuts):
         if self._selector is not None:
             self._selector.close()
             self._selector = None
-        for fd in (self._wake_r, self._wake_w):
-            if fd >= 0:
-                os.close(fd)
-        self._wake_r = self._wake_w = -1
+        with self._wake_lock:
+            for fd in (self._wake_r, self._wake_w):
+                if fd >= 0:
+                    os.close(fd)
+            self._wake_r = self._wake_w = -1
         if self._board is not None:
             self._board.close()
             self._board = None

@@ -223,6 +223,26 @@ def test_a_thread_the_system_refuses_is_a_limit_not_a_traceback(name, args, code
         assert sorted(json.loads(line)["result"] for line in res.stdout.splitlines()) == ["1", "2", "3"]
 
 
+INNER_EBADF = """
+import errno, sys
+sys.path.insert(0, {tests!r})
+import procctl.capture
+def close(self):
+    raise OSError(errno.EBADF, "Bad file descriptor")  # a descriptor of the manager's own, not stdout
+procctl.capture.OutputCapture.close = close
+from procctl.cli import main
+sys.argv = ["procctl", *{args!r}]
+main()
+"""
+
+
+def test_an_error_of_the_commands_own_is_not_called_an_output_error():
+    res = subprocess.run([sys.executable, "-c", INNER_EBADF.format(tests=TESTS, args=QUICK_RUN)],
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 1, res.stderr
+    assert one_error_line(res.stderr) == "procctl: error: Bad file descriptor"
+
+
 def test_a_removed_current_directory_is_no_output_error(tmp_path):
     """A command run in a directory that was removed: what it needs is elsewhere,
     and spawn workers (which multiprocessing starts from that directory) say so."""
