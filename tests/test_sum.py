@@ -399,6 +399,29 @@ def test_settling_credits_the_last_put_and_get_of_killed_workers(case):
     assert (books.drained, books.winner) == (2, 0)
 
 
+def test_settling_keeps_the_sums_of_killed_workers_whole_past_64_bits():
+    """The ledger's sums are modulo 2**64; a killed worker's is made whole from
+    its count (it read 3 for 2**64 + 3, 0 for 2**63)."""
+    v = 2**64 + 3
+    plan = job_module.make_plan(2, 2, 4 * v, values=(v,))
+    ledger = Ledger(plan.workers)
+    try:
+        ledger.slot(1).commit(3, 3 * v)  # producer 1 and consumer 1 were SIGKILLed
+        ledger.slot(3).commit(2, 2 * v)
+        ledger.claim(0)
+        reports = {
+            0: WorkerReport(0, 1, Outcome.STOPPED, ProducerTally(0, 4, 4 * v)),
+            1: WorkerReport(1, 2, Outcome.CRASHED),
+            2: WorkerReport(2, 3, Outcome.FINISHED, ConsumerTally(0, 5 * v, 5, True, True)),
+            3: WorkerReport(3, 4, Outcome.CRASHED),
+        }
+        books = job_module._settle(plan, reports, ledger, _DrainedChannel(7, 7, []))
+    finally:
+        ledger.close()
+    assert [(p.produced, p.value_sum) for p in books.producers] == [(4, 4 * v), (3, 3 * v)]
+    assert [(c.received, c.sum, c.crossed) for c in books.consumers] == [(5, 5 * v, True), (2, 2 * v, False)]
+
+
 # One worker SIGKILLed as it is forked, before it is up (an at-fork hook: one
 # child claims the one mark): the run goes on with the others, as for a worker
 # killed mid-run; it was a WorkerStartError, and the others were killed.

@@ -18,8 +18,8 @@ worker killed at any instruction leaves a whole pair behind.  Whether a
 pending put went through, or a get took an item the consumer never counted,
 the manager reads off the channel's own accounting (see sum_threshold.py).
 
-Value sums are kept modulo 2**64 (the words are unsigned); the manager only
-needs them for the last item of a killed worker, whose true value is small.
+Value sums are kept modulo 2**64 (the words are unsigned); the manager makes
+a killed worker's whole again from its count of values (sum_threshold._unwrap).
 
 The claim is a test-and-set under a POSIX record lock on the page's file: a
 winner killed while it holds the lock releases it with its death.

@@ -28,6 +28,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
+from functools import partial
 from typing import TypeVar
 
 from .. import threads
@@ -362,7 +363,8 @@ def _settle(plan: SumPlan, reports: dict[int, WorkerReport], ledger: Ledger, ite
     a consumer killed just after get() never wrote its item down.  The
     channel's own counts (exact, whatever happened to a worker) say how many
     such items there were; their values are what nobody else accounts for.
-    Value sums read from the ledger are modulo 2**64 (see sum_ledger.py).
+    Value sums read from the ledger are modulo 2**64 (see sum_ledger.py): each
+    is made whole again from its count of values (_unwrap).
     """
     leftovers = items.drain()  # what stop() drained: nobody took these
     stats = items.stats()
@@ -371,7 +373,9 @@ def _settle(plan: SumPlan, reports: dict[int, WorkerReport], ledger: Ledger, ite
     producers = [_tally(reports.get(i), ProducerTally) for i in range(plan.producers)]
     consumers = [_tally(reports.get(plan.producers + i), ConsumerTally) for i in range(plan.consumers)]
     records = {i: ledger.read(i) for i, t in enumerate(producers) if t is None}
-    settled_p = [t or ProducerTally(i, records[i].items, records[i].value_sum) for i, t in enumerate(producers)]
+    whole = partial(_unwrap, plan.values)
+    settled_p = [t or ProducerTally(i, records[i].items, whole(records[i].value_sum, records[i].items))
+                 for i, t in enumerate(producers)]
     drained_sum = sum(map(worth, leftovers))
     lost = [i for i, t in enumerate(consumers) if t is None]
     # Puts that went in but were never written down: some of the pending ones, as many as the channel says.
@@ -381,26 +385,36 @@ def _settle(plan: SumPlan, reports: dict[int, WorkerReport], ledger: Ledger, ite
         known_out = None if lost else sum(c.sum for c in consumers if c is not None) + drained_sum
         for i in _went_in(pending, records, untold, sum(p.value_sum for p in settled_p), known_out):
             rec = records[i]
-            settled_p[i] = ProducerTally(i, rec.items + rec.pending_items, (rec.value_sum + rec.pending_sum) & MASK)
+            count = rec.items + rec.pending_items
+            settled_p[i] = ProducerTally(i, count, whole(rec.value_sum + rec.pending_sum, count))
     settled_c = []
     for i, t in enumerate(consumers):
         if t is None:
             rec = ledger.read(plan.producers + i)
-            t = ConsumerTally(i, rec.value_sum, rec.items, rec.value_sum > plan.threshold, winner == i)
+            total = whole(rec.value_sum, rec.items)
+            t = ConsumerTally(i, total, rec.items, total > plan.threshold, winner == i)
         settled_c.append(t)
     if lost:
         # Gets that took an item its consumer did not live to write down: credited to
         # the consumer that died (the first, if two died inside a get at once).
         untaken = stats.got * plan.batch - sum(c.received for c in settled_c)
-        value = (sum(p.value_sum for p in settled_p) - drained_sum - sum(c.sum for c in settled_c)) & MASK
+        value = whole(sum(p.value_sum for p in settled_p) - drained_sum - sum(c.sum for c in settled_c), untaken)
         if untaken:
             c = settled_c[lost[0]]
-            total = (c.sum + value) & MASK
+            total = c.sum + value
             settled_c[lost[0]] = replace(c, received=c.received + untaken, sum=total,
                                          crossed=total > plan.threshold)
     books = _Books(tuple(settled_p), tuple(settled_c), stats.drained * plan.batch, winner)
     _check_books(plan, books, stats, drained_sum)
     return books
+
+
+def _unwrap(values: tuple[int, ...], mod_sum: int, count: int) -> int:
+    """The sum of `count` of `values` whose sum modulo 2**64 is `mod_sum`: the one
+    between count * min(values) and count * max(values), whole while their
+    spread times the count stays under 2**64 (values of 2**64 and more included)."""
+    low = min(values) * count
+    return low + ((mod_sum - low) & MASK)
 
 
 def _went_in(pending: list[int], records: dict[int, SlotRecord], untold: int, values_in: int,
