@@ -545,7 +545,7 @@ def run_command(workers: int, target: str | None, schedule: str, step: float, fi
 
         func, args = demo_worker, (finish_chance, seed)
     live = sys.stdout.isatty() and not json_lines and not quiet
-    reporter = Reporter(json_lines=json_lines, quiet=quiet or live, events_path=events_path)
+    reporter = Reporter(json_lines=json_lines, quiet=quiet or live, events_path=events_path, background=True)
     local_cluster: Any = None
     # Output capture is local: workers on a cluster's nodes keep their own streams.
     capture = None if cluster_spec is not None else _capture(
@@ -581,7 +581,7 @@ def run_command(workers: int, target: str | None, schedule: str, step: float, fi
     finally:
         if capture is not None:
             capture.close()
-        reporter.close()
+        bridge.close_reporter(reporter)
         if local_cluster is not None:
             local_cluster.close()
     return code

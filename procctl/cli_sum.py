@@ -171,7 +171,7 @@ def sum_command(producers: int, consumers: int, threshold: int, values_text: str
         from .live import SumLiveView
 
         view = SumLiveView(plan)
-    reporter = Reporter(json_lines=json_lines, quiet=quiet or live, events_path=events_path)
+    reporter = Reporter(json_lines=json_lines, quiet=quiet or live, events_path=events_path, background=True)
     listening = json_lines or view is not None or events_path or not quiet
     served: Any = None
 
@@ -198,7 +198,7 @@ def sum_command(producers: int, consumers: int, threshold: int, values_text: str
         finally:
             served.close()
     finally:
-        reporter.close()
+        bridge.close_reporter(reporter)
 
 
 def tell(reporter: Reporter, event: SumEvent) -> None:

@@ -7,6 +7,7 @@ import re
 import signal
 import sys
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -162,6 +163,14 @@ def ensure_std_fds() -> None:
         sys.stderr = open(2, "w", encoding="utf-8", closefd=False)  # noqa: SIM115 - lives as long as we do
 
 
+def _stdout_fd(stream: IO[str]) -> int:
+    """1 when `stream` is this process's standard output on descriptor 1, else -1."""
+    try:
+        return 1 if stream is sys.stdout and stream.fileno() == 1 else -1
+    except (OSError, ValueError, AttributeError):
+        return -1
+
+
 def _silence(stream: IO[str]) -> None:
     """The reader of `stream` went away: send the rest to /dev/null."""
     devnull = os.open(os.devnull, os.O_WRONLY)
@@ -225,6 +234,8 @@ class SignalBridge:
         self._nudge: Callable[[], None] = _nothing
         self._nudging = threading.Lock()
         self.stop_signal: int | None = None
+        #: SIGINTs and SIGTERMs so far.
+        self.stops = 0
         #: SIGUSR1/SIGUSR2 queued for the loop, by the handler and by other threads
         #: (the control server, the keys): a deque, whose append and popleft are atomic.
         self.pending: deque[int] = deque()
@@ -310,6 +321,7 @@ class SignalBridge:
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         if signum in EXIT_FOR_SIGNAL:
+            self.stops += 1
             if self.stop_signal is None:
                 self.stop_signal = signum
                 if self.stop_note is not None:
@@ -323,6 +335,14 @@ class SignalBridge:
     def stop_requested(self) -> bool:
         """True once SIGINT or SIGTERM came."""
         return self.stop_signal is not None
+
+    def close_reporter(self, reporter: Reporter) -> None:
+        """reporter.close(), which waits for the output to take the last lines:
+        a SIGINT or SIGTERM that comes meanwhile (a reader that stopped reading),
+        or a second one at any time, ends the wait, and the command, with its status."""
+        stops = self.stops
+        with self.attach(wake=_nothing, hurry=_nothing, nudge=reporter.nudge):
+            reporter.close(give_up=lambda: self.stops > stops or self.stops >= 2)
 
     @property
     def signal_name(self) -> str | None:
@@ -345,6 +365,11 @@ def json_line(record: dict[str, Any]) -> str:
     return strict_json(record)
 
 
+#: How long the output may take its last lines once a stop signal says to end
+#: the command (a reader that stopped reading gets none of them).
+OUTPUT_GRACE = 1.0
+
+
 class Reporter:
     """Writes a run's story: human lines, or JSON Lines with --json.
 
@@ -353,10 +378,17 @@ class Reporter:
     An event log that cannot be written (a full disk, /dev/full) is said once
     on stderr and dropped; the run, its output and its exit status go on.
     Records may come from a job's helper thread: one lock keeps lines whole.
+
+    `background=True` (procctl run and sum): lines for the standard output go
+    to it from a thread of the reporter's own, so that a reader that stops
+    reading (a full pipe) holds up neither the controller, which reports its
+    events while it holds itself, nor the stop a signal asks for. close()
+    waits until they are written, or until a stop signal comes meanwhile.
     """
 
     def __init__(self, *, json_lines: bool = False, quiet: bool = False,
-                 stream: IO[str] | None = None, events_path: str | None = None) -> None:
+                 stream: IO[str] | None = None, events_path: str | None = None,
+                 background: bool = False) -> None:
         self.json_lines = json_lines
         self.quiet = quiet
         self.stream = stream if stream is not None else sys.stdout
@@ -364,6 +396,14 @@ class Reporter:
         self._events = open(events_path, "w", encoding="utf-8") if events_path else None  # noqa: SIM115
         self._broken = False
         self._lock = threading.Lock()
+        #: The standard output's descriptor when its lines go from the writer thread, else -1.
+        self._fd = _stdout_fd(self.stream) if background else -1
+        self._encoding = getattr(self.stream, "encoding", None) or "utf-8"
+        self._out: deque[bytes] = deque()
+        self._out_changed = threading.Condition(self._lock)
+        self._writer: threading.Thread | None = None
+        self._writing = False
+        self._closing = False
 
     def emit(self, record: dict[str, Any], text: str | None, *, to_json: bool = True) -> None:
         """One event: `record` for machines, `text` (if any) for people.
@@ -387,6 +427,11 @@ class Reporter:
 
     def summary(self, record: dict[str, Any], text: str) -> None:
         """The last record: always shown, even with --quiet."""
+        if self._fd >= 0:
+            try:  # after a live view's last frame, which went through sys.stdout
+                sys.stdout.flush()
+            except (OSError, ValueError):
+                pass
         quiet, self.quiet = self.quiet, False
         self.emit(record, text)
         self.quiet = quiet
@@ -397,6 +442,10 @@ class Reporter:
         text = output.prefixed()
         stream = sys.stderr if self.json_lines else self.stream
         with self._lock:
+            if stream is self.stream and self._fd >= 0:
+                if not self._broken:
+                    self._queue(text)
+                return
             try:
                 stream.write(text)
                 stream.flush()
@@ -413,6 +462,9 @@ class Reporter:
 
     def _write(self, line: str) -> None:
         if self._broken:
+            return
+        if self._fd >= 0:  # (held: self._lock)
+            self._queue(line + "\n")
             return
         try:
             try:
@@ -442,7 +494,67 @@ class Reporter:
             except OSError:
                 pass  # the unwritten rest goes with it
 
-    def close(self) -> None:
+    def _queue(self, text: str) -> None:
+        """Hand `text` to the writer thread (held: self._lock)."""
+        self._out.append(text.encode(self._encoding, "backslashreplace"))
+        if self._writer is None:
+            try:  # what went through sys.stdout before (nothing, as a rule) comes first
+                sys.stdout.flush()
+            except (OSError, ValueError):
+                pass
+            writer = threading.Thread(target=self._write_out, name="procctl-output", daemon=True)
+            try:
+                threads.start(writer)
+            except OSError:  # no room for a thread (a limit): write here, as without one
+                self._fd = -1
+                self._write(self._out.pop().decode(self._encoding))
+                return
+            self._writer = writer
+        self._out_changed.notify_all()
+
+    def _write_out(self) -> None:
+        """The writer thread: what is queued, in order, to the standard output."""
+        while True:
+            with self._lock:
+                while not self._out and not self._closing:
+                    self._out_changed.wait()
+                if not self._out:
+                    return
+                data = b"".join(self._out)
+                self._out.clear()
+                self._writing = True
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(self._fd, view):]
+            except OSError as exc:
+                with self._lock:
+                    self._out.clear()
+                    self._lost(exc)
+            finally:
+                with self._lock:
+                    self._writing = False
+                    self._out_changed.notify_all()
+
+    def nudge(self) -> None:
+        """Make close()'s wait look again (a signal came). From any thread but a handler."""
+        with self._lock:
+            self._out_changed.notify_all()
+
+    def close(self, give_up: Callable[[], bool] | None = None) -> None:
+        """Wait until the standard output has taken every line (once `give_up()`
+        says a stop signal came, OUTPUT_GRACE at most: the rest is dropped), then close."""
+        with self._lock:
+            until = None
+            while self._out or self._writing:
+                if until is None and give_up is not None and give_up():
+                    until = time.monotonic() + OUTPUT_GRACE  # a reader that reads takes them in that time
+                if until is None:
+                    self._out_changed.wait()
+                elif not self._out_changed.wait(max(0.0, until - time.monotonic())):
+                    break
+            self._closing = True
+            self._out_changed.notify_all()
         with self._lock:
             if self._events is not None:
                 try:

@@ -4,7 +4,9 @@ process. The command line runs as a real subprocess (`python -m procctl`)."""
 
 from __future__ import annotations
 
+import contextlib
 import decimal
+import fcntl
 import fractions
 import io
 import json
@@ -17,8 +19,10 @@ import subprocess
 import sys
 import time
 
+import psutil
 import pytest
 from clihelp import CLI, LiveCli, assert_all_gone, json_events, run_cli, worker_pids
+from procs import end_session, still_running
 
 from procctl import Outcome, ProcessController
 from procctl.clitools import Reporter
@@ -234,6 +238,55 @@ from procctl.cli import main
 sys.argv = ["procctl", *{args!r}]
 main()
 """
+
+
+@pytest.mark.parametrize("args, running", [
+    (["run", "--workers", "3", "--step", "0", "--finish-chance", "0", "--schedule", "run", "--json"],
+     '"event": "running"'),
+    (["sum", "--threshold", "1000000000000", "--json"], '"event": "received"'),
+], ids=["run", "sum"])
+def test_a_stop_signal_is_taken_while_the_output_is_a_full_pipe(args, running, tmp_path):
+    """A reader that stops reading held up the controller (its events are written
+    while it holds itself) and so the stop: the workers lived on after SIGINT,
+    SIGINT and SIGTERM. Now the first signal stops the workers, and one more
+    ends the command, whose output cannot take its last lines."""
+    fifo = tmp_path / "events.fifo"
+    os.mkfifo(fifo)
+    events = os.open(fifo, os.O_RDWR)  # (opening never blocks, and no end of file comes between writers)
+    r, w = os.pipe()
+    fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, 4096)
+    os.set_blocking(w, False)
+    with contextlib.suppress(BlockingIOError):
+        while True:
+            os.write(w, b"x" * 4096)  # full before the command writes a byte
+    os.set_blocking(w, True)
+    proc = subprocess.Popen(CLI + args + ["--events", str(fifo)], stdout=w, stderr=subprocess.PIPE,
+                            start_new_session=True, cwd=TESTS)
+    os.close(w)
+    log = b""
+
+    def read_until(word: bytes, timeout: float = 30.0) -> None:
+        nonlocal log
+        end = time.monotonic() + timeout
+        while word not in log:
+            ready, _, _ = select.select([events], [], [], max(0.0, end - time.monotonic()))
+            assert ready, (word, log[-300:])
+            log += os.read(events, 65536)
+
+    try:
+        read_until(running.encode())
+        pids = [p.pid for p in psutil.Process(proc.pid).children()]
+        proc.send_signal(signal.SIGINT)
+        read_until(b'"event": "summary"')  # every worker stopped and reaped, the output still full
+        assert not still_running(pids, timeout=10)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=20)
+        assert proc.returncode == 130, err
+        assert "Traceback" not in err.decode()
+    finally:
+        end_session(proc)
+        os.close(r)
+        os.close(events)
 
 
 def test_an_error_of_the_commands_own_is_not_called_an_output_error():
