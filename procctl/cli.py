@@ -546,6 +546,7 @@ def run_command(workers: int, target: str | None, schedule: str, step: float, fi
         func, args = demo_worker, (finish_chance, seed)
     live = sys.stdout.isatty() and not json_lines and not quiet
     reporter = Reporter(json_lines=json_lines, quiet=quiet or live, events_path=events_path, background=True)
+    reporter.watch(bridge)
     local_cluster: Any = None
     # Output capture is local: workers on a cluster's nodes keep their own streams.
     capture = None if cluster_spec is not None else _capture(
@@ -581,7 +582,7 @@ def run_command(workers: int, target: str | None, schedule: str, step: float, fi
     finally:
         if capture is not None:
             capture.close()
-        bridge.close_reporter(reporter)
+        reporter.close()
         if local_cluster is not None:
             local_cluster.close()
     return code
@@ -718,6 +719,7 @@ def _run(make: Callable[[Callable[[Event], None]], Any], workers: int, steps: li
         gave_up = bool(getattr(pc, "gave_up", False))  # (a cluster controller does not restart)
         record, text = summarize(reports, elapsed, restarts, gave_up)
         reporter.summary(record, text)
+        reporter.drain()  # the output's lines before what is said on stderr next
         if served is not None:
             served.record(record)
     finally:

@@ -172,6 +172,7 @@ def sum_command(producers: int, consumers: int, threshold: int, values_text: str
 
         view = SumLiveView(plan)
     reporter = Reporter(json_lines=json_lines, quiet=quiet or live, events_path=events_path, background=True)
+    reporter.watch(bridge)
     listening = json_lines or view is not None or events_path or not quiet
     served: Any = None
 
@@ -198,7 +199,7 @@ def sum_command(producers: int, consumers: int, threshold: int, values_text: str
         finally:
             served.close()
     finally:
-        bridge.close_reporter(reporter)
+        reporter.close()
 
 
 def tell(reporter: Reporter, event: SumEvent) -> None:

@@ -164,9 +164,10 @@ def ensure_std_fds() -> None:
 
 
 def _stdout_fd(stream: IO[str]) -> int:
-    """1 when `stream` is this process's standard output on descriptor 1, else -1."""
+    """1 when `stream` is this process's standard output on descriptor 1 and no
+    terminal (a live view draws there through sys.stdout), else -1."""
     try:
-        return 1 if stream is sys.stdout and stream.fileno() == 1 else -1
+        return 1 if stream is sys.stdout and stream.fileno() == 1 and not stream.isatty() else -1
     except (OSError, ValueError, AttributeError):
         return -1
 
@@ -236,6 +237,8 @@ class SignalBridge:
         self.stop_signal: int | None = None
         #: SIGINTs and SIGTERMs so far.
         self.stops = 0
+        #: Called from the watcher thread as each signal arrives, besides the attached nudge.
+        self._listeners: list[Callable[[], None]] = []
         #: SIGUSR1/SIGUSR2 queued for the loop, by the handler and by other threads
         #: (the control server, the keys): a deque, whose append and popleft are atomic.
         self.pending: deque[int] = deque()
@@ -289,10 +292,11 @@ class SignalBridge:
         try:
             while os.read(r, 64):
                 with self._nudging:  # attach() lets go of a job only between two nudges
-                    try:
-                        self._nudge()
-                    except Exception:  # noqa: BLE001 - the job's pipe is gone: nothing left to wake
-                        pass
+                    for nudge in (self._nudge, *self._listeners):
+                        try:
+                            nudge()
+                        except Exception:  # noqa: BLE001 - the job's pipe is gone: nothing left to wake
+                            pass
         except OSError:
             pass
         finally:
@@ -336,13 +340,10 @@ class SignalBridge:
         """True once SIGINT or SIGTERM came."""
         return self.stop_signal is not None
 
-    def close_reporter(self, reporter: Reporter) -> None:
-        """reporter.close(), which waits for the output to take the last lines:
-        a SIGINT or SIGTERM that comes meanwhile (a reader that stopped reading),
-        or a second one at any time, ends the wait, and the command, with its status."""
-        stops = self.stops
-        with self.attach(wake=_nothing, hurry=_nothing, nudge=reporter.nudge):
-            reporter.close(give_up=lambda: self.stops > stops or self.stops >= 2)
+    def listen(self, nudge: Callable[[], None]) -> None:
+        """Call `nudge` from the watcher thread whenever a signal arrives, as long
+        as the bridge is installed (it must only make a wait look again)."""
+        self._listeners.append(nudge)
 
     @property
     def signal_name(self) -> str | None:
@@ -368,6 +369,9 @@ def json_line(record: dict[str, Any]) -> str:
 #: How long the output may take its last lines once a stop signal says to end
 #: the command (a reader that stopped reading gets none of them).
 OUTPUT_GRACE = 1.0
+#: Unwritten output beyond which a command waits for its reader (or, once a
+#: stop was asked for, drops what comes).
+OUTPUT_BACKLOG = 1 << 20
 
 
 class Reporter:
@@ -400,6 +404,9 @@ class Reporter:
         self._fd = _stdout_fd(self.stream) if background else -1
         self._encoding = getattr(self.stream, "encoding", None) or "utf-8"
         self._out: deque[bytes] = deque()
+        self._backlog = 0  # bytes queued or being written
+        self._dropped = 0
+        self._bridge: SignalBridge | None = None
         self._out_changed = threading.Condition(self._lock)
         self._writer: threading.Thread | None = None
         self._writing = False
@@ -466,12 +473,15 @@ class Reporter:
         if self._fd >= 0:  # (held: self._lock)
             self._queue(line + "\n")
             return
+        self._write_text(line + "\n")
+
+    def _write_text(self, text: str) -> None:
         try:
             try:
-                self.stream.write(line + "\n")
+                self.stream.write(text)
             except UnicodeEncodeError:  # a lone surrogate (a file name's undecodable byte) in an error
                 encoding = getattr(self.stream, "encoding", None) or "utf-8"
-                self.stream.write(line.encode(encoding, "backslashreplace").decode(encoding) + "\n")
+                self.stream.write(text.encode(encoding, "backslashreplace").decode(encoding))
             self.stream.flush()
         except OSError as exc:
             self._lost(exc)
@@ -495,8 +505,17 @@ class Reporter:
                 pass  # the unwritten rest goes with it
 
     def _queue(self, text: str) -> None:
-        """Hand `text` to the writer thread (held: self._lock)."""
-        self._out.append(text.encode(self._encoding, "backslashreplace"))
+        """Hand `text` to the writer thread (held: self._lock). Past OUTPUT_BACKLOG
+        unwritten bytes, wait for room (the reader's pace), unless a stop was
+        asked for: then the line is dropped (counted) rather than hold up the stop."""
+        data = text.encode(self._encoding, "backslashreplace")
+        while self._backlog > OUTPUT_BACKLOG and not self._broken:
+            if self._bridge is not None and self._bridge.stop_requested():
+                self._dropped += 1
+                return
+            self._out_changed.wait()  # (the writer frees room; a signal nudges)
+        if self._broken:
+            return
         if self._writer is None:
             try:  # what went through sys.stdout before (nothing, as a rule) comes first
                 sys.stdout.flush()
@@ -507,9 +526,11 @@ class Reporter:
                 threads.start(writer)
             except OSError:  # no room for a thread (a limit): write here, as without one
                 self._fd = -1
-                self._write(self._out.pop().decode(self._encoding))
+                self._write_text(text)
                 return
             self._writer = writer
+        self._out.append(data)
+        self._backlog += len(data)
         self._out_changed.notify_all()
 
     def _write_out(self) -> None:
@@ -526,35 +547,60 @@ class Reporter:
             try:
                 view = memoryview(data)
                 while view:
-                    view = view[os.write(self._fd, view):]
+                    n = os.write(self._fd, view)
+                    view = view[n:]
+                    with self._lock:
+                        self._backlog -= n
+                        self._out_changed.notify_all()
             except OSError as exc:
                 with self._lock:
                     self._out.clear()
                     self._lost(exc)
             finally:
                 with self._lock:
+                    if self._broken:
+                        self._backlog = 0
                     self._writing = False
                     self._out_changed.notify_all()
 
+    def watch(self, bridge: SignalBridge) -> None:
+        """Let the operator's SIGINT and SIGTERM end a wait for a reader that
+        stopped reading (see drain() and _queue())."""
+        self._bridge = bridge
+        bridge.listen(self.nudge)
+
     def nudge(self) -> None:
-        """Make close()'s wait look again (a signal came). From any thread but a handler."""
+        """Make a wait for the output look again (a signal came). From any thread but a handler."""
         with self._lock:
             self._out_changed.notify_all()
 
-    def close(self, give_up: Callable[[], bool] | None = None) -> None:
-        """Wait until the standard output has taken every line (once `give_up()`
-        says a stop signal came, OUTPUT_GRACE at most: the rest is dropped), then close."""
+    def drain(self) -> None:
+        """Wait until the standard output has taken every line. A SIGINT or
+        SIGTERM that comes meanwhile, or a second one at any time, gives it
+        OUTPUT_GRACE more: then the rest is dropped."""
+        bridge = self._bridge
+        stops = bridge.stops if bridge is not None else 0
         with self._lock:
             until = None
             while self._out or self._writing:
-                if until is None and give_up is not None and give_up():
+                if until is None and bridge is not None and (bridge.stops > stops or bridge.stops >= 2):
                     until = time.monotonic() + OUTPUT_GRACE  # a reader that reads takes them in that time
                 if until is None:
                     self._out_changed.wait()
                 elif not self._out_changed.wait(max(0.0, until - time.monotonic())):
+                    self._dropped += len(self._out)
+                    self._out.clear()
                     break
+
+    def close(self) -> None:
+        """drain(), then close (the event log too)."""
+        self.drain()
+        with self._lock:
             self._closing = True
             self._out_changed.notify_all()
+            dropped, self._dropped = self._dropped, 0
+        if dropped:
+            say(f"procctl: {dropped} records of output were dropped: after the stop, its reader did not take them")
         with self._lock:
             if self._events is not None:
                 try:

@@ -497,7 +497,13 @@ class ControlServer:
             _send_quietly(conn, Reply.failure("busy: too many control connections; try again").to_line())
             conn.close()
             return
-        threads.start(threading.Thread(target=self._serve, args=(conn,), name="procctl-control-conn", daemon=True))
+        try:
+            threads.start(threading.Thread(target=self._serve, args=(conn,), name="procctl-control-conn",
+                                           daemon=True))
+        except OSError as exc:  # no room for a thread (limits.SystemLimit): this one is refused, the next may not be
+            self._slots.release()
+            _send_quietly(conn, Reply.failure(f"busy: {exc}; try again").to_line())
+            conn.close()
 
     def _serve(self, conn: socket.socket) -> None:
         try:
@@ -535,8 +541,8 @@ class ControlServer:
         except OSError:
             pass  # the client went away or was too slow: nothing of the run depends on it
         finally:
+            self._slots.release()  # first: a client that sees the end finds its place free
             conn.close()
-            self._slots.release()
 
     def _status_line_or_error(self) -> bytes:
         try:

@@ -813,11 +813,11 @@ class ProcessController(Shortcuts):
         if self._selector is not None:
             self._selector.close()
             self._selector = None
-        with self._wake_lock:
-            for fd in (self._wake_r, self._wake_w):
+        with self._wake_lock:  # (-1 first: a handler's ring on this thread comes between)
+            fds, (self._wake_r, self._wake_w) = (self._wake_r, self._wake_w), (-1, -1)
+            for fd in fds:
                 if fd >= 0:
                     os.close(fd)
-            self._wake_r = self._wake_w = -1
         if self._board is not None:
             self._board.close()
             self._board = None

@@ -41,10 +41,9 @@ from typing import IO
 
 log = logging.getLogger("procctl")
 
-#: The notes pipe's size asked for (Linux grants up to /proc/sys/fs/pipe-max-size,
-#: 1 MiB by default), and the size assumed where it cannot be asked.
-NOTES_PIPE_SIZE = 1 << 20
-PIPE_BUF_DEFAULT = 65536
+#: The notes pipe's size where the kernel cannot say (64 KiB, 8 KiB for a user
+#: past fs.pipe-user-pages-soft): the bell rings at a quarter of it.
+PIPE_BUF_DEFAULT = 8192
 
 
 # -- the manager's side --------------------------------------------------------------
@@ -70,8 +69,6 @@ class Link:
         self._pending: list[str] = []
         r, w = os.pipe()
         bell_r, bell_w = os.pipe()
-        with contextlib.suppress(OSError):  # a roomier pipe, fewer rings (the default is 64 KiB)
-            fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, NOTES_PIPE_SIZE)
         with contextlib.suppress(OSError):
             self._ring_at = fcntl.fcntl(w, fcntl.F_GETPIPE_SZ) // 4
         try:
@@ -154,16 +151,21 @@ class Link:
             self._pending.clear()
 
     def _write(self, data: bytes) -> None:
-        """Write `data` to the notes pipe, ringing the bell when the guardian
-        should read them (held: self._lock)."""
+        """Write `data` to the notes pipe, a quarter of it at most at a time,
+        ringing the bell before a part that the notes since the last ring would
+        take past that quarter (held: self._lock). A write can then wait only
+        for a guardian that has been rung since what fills the pipe came."""
         view = memoryview(data)
         try:
             while view:
-                view = view[os.write(self._w, view) :]
-            self._unread += len(data)
-            if self._unread >= self._ring_at:
-                os.write(self._bell, b".")
-                self._unread = 0
+                part = view[: self._ring_at]
+                if self._unread + len(part) > self._ring_at:
+                    os.write(self._bell, b".")
+                    self._unread = 0
+                while part:
+                    n = os.write(self._w, part)
+                    part, view = part[n:], view[n:]
+                    self._unread += n
         except OSError as exc:
             self.settle()  # one that never started says so there (a process limit): once
             if self._pid is not None:

@@ -217,7 +217,9 @@ main()
     ("procctl-executor", ["map", "json:dumps", "--items", "-"], 2, "cannot start another thread"),
     # A worker without its returner thread works on: its queued tasks come back between tasks.
     ("procctl-returner", ["map", "json:dumps", "--items", "-", "--workers", "2"], 0, ""),
-], ids=["capture", "control", "executor", "returner"])
+    # The command writes its output itself, as it did before it had that thread.
+    ("procctl-output", QUICK_RUN + ["--json"], 0, ""),
+], ids=["capture", "control", "executor", "returner", "output"])
 def test_a_thread_the_system_refuses_is_a_limit_not_a_traceback(name, args, code, says):
     res = subprocess.run([sys.executable, "-c", REFUSED_THREAD.format(tests=TESTS, name=name, args=args)],
                          capture_output=True, text=True, timeout=60, input="1\n2\n3\n")
@@ -225,6 +227,8 @@ def test_a_thread_the_system_refuses_is_a_limit_not_a_traceback(name, args, code
     assert "Traceback" not in res.stderr and says in res.stderr, res.stderr
     if args[0] == "map" and code == 0:
         assert sorted(json.loads(line)["result"] for line in res.stdout.splitlines()) == ["1", "2", "3"]
+    if code == 0:
+        assert "" not in res.stdout.splitlines() and json_events(res.stdout), res.stdout
 
 
 INNER_EBADF = """
@@ -287,6 +291,59 @@ def test_a_stop_signal_is_taken_while_the_output_is_a_full_pipe(args, running, t
         end_session(proc)
         os.close(r)
         os.close(events)
+
+
+OUTPUT_BACKLOG_SCRIPT = """
+import contextlib, fcntl, json, os, sys, threading
+r, w = os.pipe()
+fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, 4096)
+os.set_blocking(w, False)
+with contextlib.suppress(BlockingIOError):
+    while True:
+        os.write(w, b"x" * 4096)
+os.set_blocking(w, True)
+os.dup2(w, 1)  # the standard output: a pipe its reader no longer reads
+from procctl.clitools import OUTPUT_BACKLOG, Reporter
+
+class Bridge:  # what the reporter asks of the command's signal bridge
+    stops = 0
+    stopping = False
+    nudges = []
+    def stop_requested(self):
+        return self.stopping
+    def listen(self, nudge):
+        self.nudges.append(nudge)
+
+class Line:
+    def prefixed(self):
+        return "x" * 999 + "\\n"
+
+bridge = Bridge()
+reporter = Reporter(background=True)
+reporter.watch(bridge)
+flood = threading.Thread(target=lambda: [reporter.passthrough(Line()) for _ in range(10000)], daemon=True)
+flood.start()  # 10 MB of a worker's output
+flood.join(1.0)
+held, backlog = flood.is_alive(), reporter._backlog
+bridge.stopping, bridge.stops = True, 1  # SIGINT
+for nudge in bridge.nudges:
+    nudge()
+flood.join(20)
+print(json.dumps({"held": held, "backlog": backlog, "limit": OUTPUT_BACKLOG, "ended": not flood.is_alive(),
+                  "dropped": reporter._dropped}), file=sys.stderr, flush=True)
+os._exit(0)
+"""
+
+
+def test_output_a_reader_does_not_take_waits_for_it_in_bounded_memory_until_a_stop():
+    """The background writer keeps at most OUTPUT_BACKLOG unwritten: past it a
+    worker's output waits for the reader (as a blocked write did), and once a
+    stop was asked for, what comes is dropped instead (it grew by 100 MB a
+    second with a flooding worker and a reader that had stopped)."""
+    res = subprocess.run([sys.executable, "-c", OUTPUT_BACKLOG_SCRIPT], capture_output=True, text=True, timeout=60)
+    got = json.loads(res.stderr.strip().splitlines()[-1])
+    assert got["held"] and got["backlog"] <= got["limit"] + 1000, got
+    assert got["ended"] and got["dropped"] > 0, got
 
 
 def test_an_error_of_the_commands_own_is_not_called_an_output_error():

@@ -316,6 +316,35 @@ def test_the_guardian_sleeps_while_workers_start_and_end(tests_dir, tmp_path, ri
     assert (wakeups > 0) if woken else (wakeups == 0), wakeups
 
 
+GUARDIAN_SMALL_PIPE = textwrap.dedent("""
+    import fcntl, json, os, sys, threading
+    from procctl import guardian
+
+    link = guardian.link()
+    fcntl.fcntl(link._w, fcntl.F_SETPIPE_SZ, 4096)  # a user past fs.pipe-user-pages-soft gets such pipes
+    link._ring_at = 1024
+    for pid in range(10**6, 10**6 + 2000):  # 16 KB of notes in one flush: four times the pipe
+        link.note("+", pid)
+    flushed = threading.Thread(target=link.flush, daemon=True)
+    flushed.start()
+    flushed.join(20)
+    gpid = link.pid
+    link.release()
+    print(json.dumps({{"flushed": not flushed.is_alive(), "guardian": gpid}}), flush=True)
+""")
+
+
+def test_a_flush_larger_than_the_guardians_pipe_does_not_block(tmp_path):
+    script = tmp_path / "manager.py"
+    script.write_text(GUARDIAN_SMALL_PIPE.format())
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60,
+                          start_new_session=True)
+    assert done.returncode == 0, done.stderr
+    got = json.loads(done.stdout)
+    assert got["flushed"], "the notes' writer waited for a guardian nobody had rung"
+    assert not still_running([got["guardian"]], timeout=5)
+
+
 def test_sigterm_to_the_process_group_is_a_graceful_stop(start_method):
     """issue 10, 5: under forkserver too (the fork server stands the SIGTERM)."""
     cli = LiveCli(["run", "--workers", "4", "--schedule", "run", "--finish-chance", "0", "--step", "0",

@@ -272,6 +272,10 @@ def test_followers_that_went_away_free_their_connections(env):
             socks = [follower(path) for _ in range(MAX_FOLLOWERS)]
             assert all(first["ok"] for _, first in socks), [f for _, f in socks if not f["ok"]][:1]
             for sock, _ in socks:
+                sock.shutdown(socket.SHUT_WR)  # gone: the run's end of it closes, and frees its place first
+            for sock, _ in socks:
+                while sock.recv(65536):
+                    pass
                 sock.close()
         held = [follower(path) for _ in range(MAX_CONNECTIONS)]
         try:
@@ -286,6 +290,34 @@ def test_followers_that_went_away_free_their_connections(env):
         assert cli.finish()[0] == 0
     finally:
         cli.kill()
+
+
+def test_a_connection_refused_a_thread_is_told_so_and_the_run_stays_reachable(env, monkeypatch):
+    """No room for a connection's thread (a process limit): that client is told
+    the run is busy; the server goes on (its accept thread died, and every
+    later command found no run)."""
+    import targets_control
+
+    from procctl import ProcessController
+    from procctl.control import Request, ask
+
+    monkeypatch.setenv("XDG_RUNTIME_DIR", env["XDG_RUNTIME_DIR"])
+    refused = []
+    real = threading.Thread.start
+
+    def start(self):
+        if self.name == "procctl-control-conn" and not refused:
+            refused.append(self.name)
+            raise RuntimeError("can't start new thread")  # what CPython says when pthread_create fails
+        real(self)
+
+    monkeypatch.setattr(threading.Thread, "start", start)
+    with ProcessController(targets_control.steady, 1, control="thin") as pc:
+        path = socket_of(env, "thin")
+        first = ask(path, Request("info"))
+        assert first["ok"] is False and "busy" in first["error"] and "thread" in first["error"], first
+        assert ask(path, Request("info"))["name"] == "thin"
+        pc.stop()
 
 
 def test_a_name_that_is_another_runs_pid_is_ambiguous(env):
