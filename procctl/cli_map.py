@@ -31,7 +31,7 @@ from collections.abc import Callable, Iterator
 from concurrent import futures
 from concurrent.futures import Future
 from dataclasses import asdict, dataclass, replace
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any, cast
 
 import click
 
@@ -42,6 +42,7 @@ from .clitools import (
     EXIT_OK,
     EXIT_TIMEOUT,
     EXIT_USAGE,
+    OUTPUT_GRACE,
     QUIT_GRACE,
     BadInput,
     Reporter,
@@ -353,14 +354,27 @@ class MapEvent:
         return {k: v for k, v in asdict(self).items() if v is not None}
 
 
+class OutputStalled(Exception):
+    """Raised by a signal handler into a write to stdout that its reader does not take."""
+
+
 class ResultWriter:
-    """Result lines to stdout, or above the live view when that view owns the terminal."""
+    """Result lines to stdout, or above the live view when that view owns the terminal.
+
+    A reader that stops reading blocks a write, and the session's loop with it:
+    once a stop was asked for, such a write gets OUTPUT_GRACE (a SIGALRM) or a
+    second stop signal, then it is abandoned and stdout goes to /dev/null."""
 
     def __init__(self, stream: IO[str], printer: Callable[[str], None] | None = None) -> None:
         self._stream = stream
         self.printer = printer
         self.broken = False
         self.error: OSError | None = None  # why stdout could not be written (None: its reader left)
+        #: True while a write or flush to stdout is under way (read by signal handlers).
+        self.writing = False
+        self.alarm = False
+        #: Whether a stop was asked for (set by the session).
+        self.stopping: Callable[[], bool] = lambda: False
 
     def write(self, line: str) -> None:
         if self.broken:
@@ -368,18 +382,44 @@ class ResultWriter:
         if self.printer is not None:
             self.printer(line)
             return
-        try:
-            self._stream.write(line + "\n")
-        except (OSError, ValueError) as exc:
-            self._broke(exc)
+        self._guarded(self._stream.write, line + "\n")
+
+    def write_text(self, text: str) -> None:
+        """Text as it is (the events' reporter writes through here: one stdout, one order)."""
+        if not self.broken:
+            self._guarded(self._stream.write, text)
 
     def flush(self) -> None:
         if self.broken or self.printer is not None:
             return
+        self._guarded(self._stream.flush)
+
+    def _guarded(self, op: Callable[..., Any], *args: Any) -> None:
+        self.writing = True
         try:
-            self._stream.flush()
+            if self.stopping():
+                self.arm()
+            op(*args)
+        except OutputStalled:
+            self._stalled()
         except (OSError, ValueError) as exc:
             self._broke(exc)
+        finally:
+            self.writing = False
+            if self.alarm:
+                self.alarm = False
+                signal.setitimer(signal.ITIMER_REAL, 0)
+
+    def arm(self) -> None:
+        """Give the write under way OUTPUT_GRACE (from the loop's thread or a handler)."""
+        if self.writing and not self.alarm:
+            self.alarm = True
+            signal.setitimer(signal.ITIMER_REAL, OUTPUT_GRACE)
+
+    def _stalled(self) -> None:
+        self.broken = True
+        say("procctl map: the reader of stdout stopped reading: the rest of the results is not written")
+        _silence(self._stream)
 
     def _broke(self, exc: Exception) -> None:
         # Nobody can take more results (| head, a full disk): the session stops;
@@ -446,10 +486,27 @@ class MapSession:
 
     # -- the loop, as a table of contents
 
+    def on_signal(self) -> None:
+        """In the signal handler: wake the loop; a write to stdout that holds it
+        gets OUTPUT_GRACE after a stop signal, nothing more after a second one."""
+        self.wake()
+        assert self.bridge is not None
+        if self.results.writing and self.bridge.stop_requested():
+            if self.bridge.stops >= 2:
+                raise OutputStalled
+            self.results.arm()
+
+    def on_alarm(self, signum: int, frame: Any) -> None:
+        if self.results.writing:
+            raise OutputStalled
+
     def run(self, bridge: SignalBridge) -> None:
         """Run every item, or until a stop; the summary and exit status come after (report())."""
         self.bridge = bridge
-        with bridge.attach(wake=self.wake, hurry=self.hurry, nudge=self.wake):
+        self.results.stopping = lambda: self.should_stop() or bridge.stop_requested()
+        in_main = threading.current_thread() is threading.main_thread()
+        old_alarm = signal.signal(signal.SIGALRM, self.on_alarm) if in_main else None
+        with bridge.attach(wake=self.on_signal, hurry=self.hurry, nudge=self.wake):
             try:
                 where = f" on {self.nodes} nodes" if self.nodes is not None else ""
                 self.emit(MapEvent(self.t(), "started", items=len(self.plan.items), skipped=self.plan.skipped,
@@ -464,6 +521,9 @@ class MapSession:
                         self.collect()
             finally:
                 self.finish()
+        if old_alarm is not None:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, old_alarm)
         # Closed only now: until the bridge let go of the job, a handler may write to it.
         self._selector.close()
         os.close(self._wake_r)
@@ -823,6 +883,25 @@ def map_command(spec: str, items_path: str, raw_lines: bool, workers: int | None
             local_cluster.close()
 
 
+class _ThroughResults:
+    """The --json events' stream: stdout through the results' writer (one order,
+    and one way out for a write that its reader does not take)."""
+
+    def __init__(self, results: ResultWriter) -> None:
+        self._results = results
+        self.encoding = getattr(sys.stdout, "encoding", None) or "utf-8"
+
+    def write(self, text: str) -> int:
+        self._results.write_text(text)
+        return len(text)
+
+    def flush(self) -> None:
+        self._results.flush()
+
+    def fileno(self) -> int:
+        return sys.stdout.fileno()
+
+
 def _map(plan: MapPlan, bridge: SignalBridge, control: ControlPlan, executor: ClusterExecutor | None, json_lines: bool,
          quiet: bool, events_path: str | None) -> int:
     joblog = plan.joblog
@@ -831,10 +910,12 @@ def _map(plan: MapPlan, bridge: SignalBridge, control: ControlPlan, executor: Cl
     view_stream = None
     if not json_lines and not quiet:
         view_stream = sys.stdout if sys.stdout.isatty() else sys.stderr if sys.stderr.isatty() else None
-    reporter = Reporter(json_lines=json_lines, quiet=quiet or view_stream is not None,
-                        stream=sys.stdout if json_lines else sys.stderr, events_path=events_path)
+    results = ResultWriter(sys.stdout)
+    events_out = cast(IO[str], _ThroughResults(results)) if json_lines else sys.stderr
+    reporter = Reporter(json_lines=json_lines, quiet=quiet or view_stream is not None, stream=events_out,
+                        events_path=events_path)
     try:
-        session = MapSession(plan, reporter, ResultWriter(sys.stdout), executor)
+        session = MapSession(plan, reporter, results, executor)
         served = control.serve(lambda: _MapControl(session, bridge), session.request_stop, reporter)
         session.on_record = served.record
         try:

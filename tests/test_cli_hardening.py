@@ -248,12 +248,17 @@ main()
     (["run", "--workers", "3", "--step", "0", "--finish-chance", "0", "--schedule", "run", "--json"],
      '"event": "running"'),
     (["sum", "--threshold", "1000000000000", "--json"], '"event": "received"'),
-], ids=["run", "sum"])
+    # (map writes its results from its loop: it waits for the reader from its first line)
+    (["map", "json:dumps", "--items", "{items}", "--json"], '"event": "started"'),
+], ids=["run", "sum", "map"])
 def test_a_stop_signal_is_taken_while_the_output_is_a_full_pipe(args, running, tmp_path):
     """A reader that stops reading held up the controller (its events are written
     while it holds itself) and so the stop: the workers lived on after SIGINT,
     SIGINT and SIGTERM. Now the first signal stops the workers, and one more
     ends the command, whose output cannot take its last lines."""
+    items = tmp_path / "items"
+    items.write_text("".join(f"{i}\n" for i in range(200_000)))
+    args = [a.format(items=items) for a in args]
     fifo = tmp_path / "events.fifo"
     os.mkfifo(fifo)
     events = os.open(fifo, os.O_RDWR)  # (opening never blocks, and no end of file comes between writers)
