@@ -373,6 +373,8 @@ class ResultWriter:
         #: True while a write or flush to stdout is under way (read by signal handlers).
         self.writing = False
         self.alarm = False
+        #: Set while the session's SIGALRM handler is in place (only then may arm() set the timer).
+        self.alarmable = False
         #: Whether a stop was asked for (set by the session).
         self.stopping: Callable[[], bool] = lambda: False
 
@@ -412,7 +414,7 @@ class ResultWriter:
 
     def arm(self) -> None:
         """Give the write under way OUTPUT_GRACE (from the loop's thread or a handler)."""
-        if self.writing and not self.alarm:
+        if self.alarmable and self.writing and not self.alarm:
             self.alarm = True
             signal.setitimer(signal.ITIMER_REAL, OUTPUT_GRACE)
 
@@ -483,6 +485,7 @@ class MapSession:
         self.state_changed = threading.Condition()
         #: What the last pause or resume could not get acknowledged in time (None: all was).
         self.late: str | None = None
+        self._old_alarm: Any = None
 
     # -- the loop, as a table of contents
 
@@ -500,12 +503,21 @@ class MapSession:
         if self.results.writing:
             raise OutputStalled
 
+    def end_alarm(self) -> None:
+        """Put SIGALRM back as run() found it (once the summary is written)."""
+        if self._old_alarm is not None:
+            self.results.alarmable = False
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, self._old_alarm)
+            self._old_alarm = None
+
     def run(self, bridge: SignalBridge) -> None:
         """Run every item, or until a stop; the summary and exit status come after (report())."""
         self.bridge = bridge
         self.results.stopping = lambda: self.should_stop() or bridge.stop_requested()
-        in_main = threading.current_thread() is threading.main_thread()
-        old_alarm = signal.signal(signal.SIGALRM, self.on_alarm) if in_main else None
+        if threading.current_thread() is threading.main_thread() and self._old_alarm is None:
+            self._old_alarm = signal.signal(signal.SIGALRM, self.on_alarm)  # until end_alarm(): the summary too
+            self.results.alarmable = True
         with bridge.attach(wake=self.on_signal, hurry=self.hurry, nudge=self.wake):
             try:
                 where = f" on {self.nodes} nodes" if self.nodes is not None else ""
@@ -521,9 +533,6 @@ class MapSession:
                         self.collect()
             finally:
                 self.finish()
-        if old_alarm is not None:
-            signal.setitimer(signal.ITIMER_REAL, 0)
-            signal.signal(signal.SIGALRM, old_alarm)
         # Closed only now: until the bridge let go of the job, a handler may write to it.
         self._selector.close()
         os.close(self._wake_r)
@@ -925,6 +934,7 @@ def _map(plan: MapPlan, bridge: SignalBridge, control: ControlPlan, executor: Cl
                 _run_live(session, view_stream, bridge, served.footer)
             return session.report()
         finally:
+            session.end_alarm()
             served.close()
     finally:
         reporter.close()
