@@ -387,7 +387,7 @@ class Reporter:
     to it from a thread of the reporter's own, so that a reader that stops
     reading (a full pipe) holds up neither the controller, which reports its
     events while it holds itself, nor the stop a signal asks for. close()
-    waits until they are written, or until a stop signal comes meanwhile.
+    waits until they are written (once a stop signal came, OUTPUT_GRACE at most).
     """
 
     def __init__(self, *, json_lines: bool = False, quiet: bool = False,
@@ -406,6 +406,7 @@ class Reporter:
         self._out: deque[bytes] = deque()
         self._backlog = 0  # bytes queued or being written
         self._dropped = 0
+        self._abandoned = False  # drain() gave up on the reader
         self._bridge: SignalBridge | None = None
         self._out_changed = threading.Condition(self._lock)
         self._writer: threading.Thread | None = None
@@ -509,6 +510,9 @@ class Reporter:
         unwritten bytes, wait for room (the reader's pace), unless a stop was
         asked for: then the line is dropped (counted) rather than hold up the stop."""
         data = text.encode(self._encoding, "backslashreplace")
+        if self._abandoned:
+            self._dropped += 1
+            return
         while self._backlog > OUTPUT_BACKLOG and not self._broken:
             if self._bridge is not None and self._bridge.stop_requested():
                 self._dropped += 1
@@ -575,22 +579,21 @@ class Reporter:
             self._out_changed.notify_all()
 
     def drain(self) -> None:
-        """Wait until the standard output has taken every line. A SIGINT or
-        SIGTERM that comes meanwhile, or a second one at any time, gives it
-        OUTPUT_GRACE more: then the rest is dropped."""
+        """Wait until the standard output has taken every line. Once a SIGINT
+        or SIGTERM has come (before or meanwhile), the reader gets OUTPUT_GRACE
+        more: then the rest is dropped, and so is whatever comes after."""
         bridge = self._bridge
-        stops = bridge.stops if bridge is not None else 0
         with self._lock:
             until = None
-            while self._out or self._writing:
-                if until is None and bridge is not None and (bridge.stops > stops or bridge.stops >= 2):
+            while (self._out or self._writing) and not self._abandoned:
+                if until is None and bridge is not None and bridge.stop_requested():
                     until = time.monotonic() + OUTPUT_GRACE  # a reader that reads takes them in that time
                 if until is None:
                     self._out_changed.wait()
                 elif not self._out_changed.wait(max(0.0, until - time.monotonic())):
                     self._dropped += len(self._out)
                     self._out.clear()
-                    break
+                    self._abandoned = True  # (the writer stays in its write: the process exits under it)
 
     def close(self) -> None:
         """drain(), then close (the event log too)."""
@@ -600,7 +603,7 @@ class Reporter:
             self._out_changed.notify_all()
             dropped, self._dropped = self._dropped, 0
         if dropped:
-            say(f"procctl: {dropped} records of output were dropped: after the stop, its reader did not take them")
+            say(f"procctl: output was dropped ({dropped} records at least): after the stop, its reader did not take it")
         with self._lock:
             if self._events is not None:
                 try:
