@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 import selectors
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -33,9 +33,6 @@ from .control import (
     sockets,
 )
 from .states import Event
-
-#: How long a run may take to answer (connect()'s own bound).
-ANSWER_WAIT = 10.0
 
 # -- the run's side ------------------------------------------------------------------
 
@@ -318,19 +315,18 @@ def stop_command(run: str | None, workers_text: str | None, no_wait: bool) -> in
     path = resolve(run, "stop")
     name = os.path.basename(path)[:-5]
     wait = not no_wait and workers is None
-    sock = None
+    stream = None
     busy = ""
     if wait:  # follow the events first, so that the end cannot be missed
-        sock = _open_stream(path, follow=True)
-        header = _header(sock)
-        if not header.get("ok"):  # as many event streams as the run serves: stop all the same
-            sock.close()
-            sock = None
-            busy = f" (not waiting for it: {header.get('error')})"
+        stream = _open_stream(path, follow=True)
+        if not stream.reply.get("ok"):  # as many event streams as the run serves: stop all the same
+            stream.sock.close()
+            busy = f" (not waiting for it: {stream.reply.get('error')})"
+            stream = None
     _ask(path, Request("stop", workers), "stop")
-    if sock is not None:
-        with sock:
-            _follow(sock, bridge, lambda line: None, header=False)
+    if stream is not None:
+        with stream.sock:
+            _follow(stream, bridge, lambda line: None)
         if bridge.stop_requested():
             return bridge.exit_code or EXIT_FAILED  # no longer waiting; the run goes on stopping
         click.echo(f"stopped {name}")
@@ -352,37 +348,46 @@ def scale_command(run: str, n: int) -> int:
     return EXIT_OK
 
 
-def _open_stream(path: str, follow: bool) -> Any:
+@dataclass
+class _Stream:
+    """An event stream: its socket, what came after the run's reply, and the reply."""
+
+    sock: Any
+    buffer: bytearray
+    reply: dict[str, Any]
+
+
+def _open_stream(path: str, follow: bool) -> _Stream:
+    """Ask RUN for its events and read its reply (ok, or why not: busy)."""
     try:
         sock = connect(path)
-        sock.sendall(Request("events", follow=follow).to_line())
-    except (ControlError, OSError) as exc:
+    except ControlError as exc:
         raise click.ClickException(str(exc)) from None
-    sock.settimeout(None)
-    return sock
-
-
-def _header(sock: Any) -> dict[str, Any]:
-    """The first line of an event stream: the run's yes, or why not."""
-    try:
-        sock.settimeout(ANSWER_WAIT)
-        line = read_line(sock, bytearray())
-        sock.settimeout(None)
-    except OSError as exc:
-        sock.close()
-        raise click.ClickException(f"the run went away: {exc.strerror or exc}") from None
-    if line is None:
-        sock.close()
-        raise click.ClickException("the run ended before it answered")
-    reply: dict[str, Any] = json.loads(line)
-    return reply
-
-
-def _follow(sock: Any, bridge: Any, emit: Callable[[bytes], None], header: bool = True) -> bool:
-    """Read the event stream to its end (or a SIGINT/SIGTERM); False if it broke off
-    before the run closed it (the run was killed). `header`: its first line is still to read."""
-    r, w = os.pipe()
     buffer = bytearray()
+    try:
+        sock.sendall(Request("events", follow=follow).to_line())
+        line = read_line(sock, buffer)  # (within connect()'s timeout)
+        reply = json.loads(line) if line is not None else {"ok": False, "error": "the run ended before it answered"}
+    except (OSError, ValueError) as exc:
+        sock.close()
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+        raise click.ClickException(f"the run at {path} did not answer as procctl does: {why}") from None
+    sock.settimeout(None)
+    return _Stream(sock, buffer, reply)
+
+
+def _lines(buffer: bytearray) -> Iterator[bytes]:
+    while (cut := buffer.find(b"\n")) >= 0:
+        line = bytes(buffer[:cut])
+        del buffer[:cut + 1]
+        yield line
+
+
+def _follow(stream: _Stream, bridge: Any, emit: Callable[[bytes], None]) -> bool:
+    """Read the event stream to its end (or a SIGINT/SIGTERM); False if it broke off
+    before the run closed it (the run was killed)."""
+    r, w = os.pipe()
+    sock, buffer = stream.sock, stream.buffer
     ended = False
     try:
         poke = partial(_poke, w)
@@ -390,6 +395,11 @@ def _follow(sock: Any, bridge: Any, emit: Callable[[bytes], None], header: bool 
             sel.register(sock, selectors.EVENT_READ)
             sel.register(r, selectors.EVENT_READ)
             while not bridge.stop_requested():
+                for line in _lines(buffer):
+                    if line == END_OF_EVENTS:
+                        ended = True
+                    else:
+                        emit(line)
                 if any(key.fd == r for key, _ in sel.select()):
                     break
                 try:
@@ -399,19 +409,6 @@ def _follow(sock: Any, bridge: Any, emit: Callable[[bytes], None], header: bool 
                 if not chunk:
                     break
                 buffer += chunk
-                while (cut := buffer.find(b"\n")) >= 0:
-                    line = bytes(buffer[:cut])
-                    del buffer[:cut + 1]
-                    if header:
-                        header = False
-                        reply = json.loads(line)
-                        if not reply.get("ok"):
-                            raise click.ClickException(str(reply.get("error")))
-                        continue
-                    if line == END_OF_EVENTS:
-                        ended = True
-                        continue
-                    emit(line)
     finally:
         os.close(r)
         os.close(w)
@@ -437,18 +434,18 @@ def events_command(run: str | None, follow: bool) -> int:
 
     bridge = signal_bridge()
     bridge.stop_note = None  # a Ctrl-C only stops the following: no worker of ours to stop
-    with _open_stream(resolve(run, "events"), follow) as sock:
+    stream = _open_stream(resolve(run, "events"), follow)
+    with stream.sock as sock:
+        if not stream.reply.get("ok"):
+            raise click.ClickException(str(stream.reply.get("error")))
+
         def emit(line: bytes) -> None:
             click.echo(line.decode())
 
         if follow:
-            ended = _follow(sock, bridge, emit)
+            ended = _follow(stream, bridge, emit)
         else:
-            buffer = bytearray()
-            header = read_line(sock, buffer)
-            reply = json.loads(header) if header else {"ok": False, "error": "the run ended"}
-            if not reply.get("ok"):
-                raise click.ClickException(str(reply.get("error")))
+            buffer = stream.buffer
             ended = False
             while (line := read_line(sock, buffer)) is not None:
                 if line == END_OF_EVENTS:

@@ -362,8 +362,8 @@ class ResultWriter:
     """Result lines to stdout, or above the live view when that view owns the terminal.
 
     A reader that stops reading blocks a write, and the session's loop with it:
-    once a stop was asked for, such a write gets OUTPUT_GRACE (a SIGALRM) or a
-    second stop signal, then it is abandoned and stdout goes to /dev/null."""
+    once a stop was asked for, such a write gets OUTPUT_GRACE (a SIGALRM), then
+    it is abandoned and stdout goes to /dev/null."""
 
     def __init__(self, stream: IO[str], printer: Callable[[str], None] | None = None) -> None:
         self._stream = stream
@@ -491,13 +491,11 @@ class MapSession:
 
     def on_signal(self) -> None:
         """In the signal handler: wake the loop; a write to stdout that holds it
-        gets OUTPUT_GRACE after a stop signal, nothing more after a second one."""
+        gets OUTPUT_GRACE once a stop was asked for."""
         self.wake()
         assert self.bridge is not None
-        if self.results.writing and self.bridge.stop_requested():
-            if self.bridge.stops >= 2:
-                raise OutputStalled
-            self.results.arm()
+        if self.bridge.stop_requested():
+            self.results.arm()  # (only if a write is under way)
 
     def on_alarm(self, signum: int, frame: Any) -> None:
         if self.results.writing:

@@ -235,8 +235,6 @@ class SignalBridge:
         self._nudge: Callable[[], None] = _nothing
         self._nudging = threading.Lock()
         self.stop_signal: int | None = None
-        #: SIGINTs and SIGTERMs so far.
-        self.stops = 0
         #: Called from the watcher thread as each signal arrives, besides the attached nudge.
         self._listeners: list[Callable[[], None]] = []
         #: SIGUSR1/SIGUSR2 queued for the loop, by the handler and by other threads
@@ -325,7 +323,6 @@ class SignalBridge:
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         if signum in EXIT_FOR_SIGNAL:
-            self.stops += 1
             if self.stop_signal is None:
                 self.stop_signal = signum
                 if self.stop_note is not None:
@@ -435,11 +432,6 @@ class Reporter:
 
     def summary(self, record: dict[str, Any], text: str) -> None:
         """The last record: always shown, even with --quiet."""
-        if self._fd >= 0:
-            try:  # after a live view's last frame, which went through sys.stdout
-                sys.stdout.flush()
-            except (OSError, ValueError):
-                pass
         quiet, self.quiet = self.quiet, False
         self.emit(record, text)
         self.quiet = quiet
@@ -481,8 +473,7 @@ class Reporter:
             try:
                 self.stream.write(text)
             except UnicodeEncodeError:  # a lone surrogate (a file name's undecodable byte) in an error
-                encoding = getattr(self.stream, "encoding", None) or "utf-8"
-                self.stream.write(text.encode(encoding, "backslashreplace").decode(encoding))
+                self.stream.write(text.encode(self._encoding, "backslashreplace").decode(self._encoding))
             self.stream.flush()
         except OSError as exc:
             self._lost(exc)
@@ -509,10 +500,10 @@ class Reporter:
         """Hand `text` to the writer thread (held: self._lock). Past OUTPUT_BACKLOG
         unwritten bytes, wait for room (the reader's pace), unless a stop was
         asked for: then the line is dropped (counted) rather than hold up the stop."""
-        data = text.encode(self._encoding, "backslashreplace")
         if self._abandoned:
             self._dropped += 1
             return
+        data = text.encode(self._encoding, "backslashreplace")
         while self._backlog > OUTPUT_BACKLOG and not self._broken:
             if self._bridge is not None and self._bridge.stop_requested():
                 self._dropped += 1

@@ -382,7 +382,8 @@ class ControlServer:
         self.started = time.time()
         self._t0 = time.monotonic()
         self._events: list[dict[str, Any]] = []
-        self._cond = threading.Condition()
+        #: Guards the events, the streams and the bells (followers wait on their bells).
+        self._lock = threading.Lock()
         self._closed = False
         self._stopping = False
         self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
@@ -413,11 +414,10 @@ class ControlServer:
 
     def close(self) -> None:
         """Stop answering, end every follower's stream, remove the socket. Idempotent."""
-        with self._cond:
+        with self._lock:
             if self._closed:
                 return
             self._closed = True
-            self._cond.notify_all()
             self._ring_followers()
         try:
             if os.stat(self.path).st_ino == self._inode:
@@ -430,7 +430,7 @@ class ControlServer:
             self._thread.join(5.0)
         # The followers get every event, the summary last, before the process may exit.
         until = time.monotonic() + FLUSH_TIMEOUT
-        with self._cond:
+        with self._lock:
             streams = list(self._streams)
         for stream in streams:
             stream.join(max(0.0, until - time.monotonic()))
@@ -451,14 +451,13 @@ class ControlServer:
     def record(self, event: Event | dict[str, Any]) -> None:
         """Keep one event of the run (a procctl.Event or its dict) for `events`."""
         body = event.to_dict() if isinstance(event, Event) else dict(event)
-        with self._cond:
+        with self._lock:
             self._events.append(body)
             self._snapshot = None
-            self._cond.notify_all()
             self._ring_followers()
 
     def _ring_followers(self) -> None:
-        """Wake every follower (held: self._cond). A bell already rung stays rung."""
+        """Wake every follower (held: self._lock). A bell already rung stays rung."""
         for bell in self._bells:
             try:
                 os.write(bell, b"\0")
@@ -525,12 +524,12 @@ class ControlServer:
                         conn.sendall(Reply.failure("busy: too many event streams; try again").to_line())
                         return
                     me = threading.current_thread()
-                    with self._cond:
+                    with self._lock:
                         self._streams.add(me)
                     try:
                         self._stream_events(conn, request.follow)
                     finally:
-                        with self._cond:
+                        with self._lock:
                             self._streams.discard(me)
                         self._follower_slots.release()
                     return
@@ -726,7 +725,7 @@ class ControlServer:
             bell_r, bell_w = os.pipe()
             os.set_blocking(bell_r, False)
             os.set_blocking(bell_w, False)
-            with self._cond:
+            with self._lock:
                 self._bells.add(bell_w)
         waiting = select.poll()
         if follow:
@@ -735,7 +734,7 @@ class ControlServer:
         try:
             sent = 0
             while True:
-                with self._cond:
+                with self._lock:
                     batch = self._events[sent:]
                     done = self._closed or not follow
                 sent += len(batch)
@@ -752,7 +751,7 @@ class ControlServer:
                             return
         finally:
             if follow:
-                with self._cond:
+                with self._lock:
                     self._bells.discard(bell_w)
                 os.close(bell_r)
                 os.close(bell_w)

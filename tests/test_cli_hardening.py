@@ -310,7 +310,6 @@ os.dup2(w, 1)  # the standard output: a pipe its reader no longer reads
 from procctl.clitools import OUTPUT_BACKLOG, Reporter
 
 class Bridge:  # what the reporter asks of the command's signal bridge
-    stops = 0
     stopping = False
     nudges = []
     def stop_requested(self):
@@ -329,7 +328,7 @@ flood = threading.Thread(target=lambda: [reporter.passthrough(Line()) for _ in r
 flood.start()  # 10 MB of a worker's output
 flood.join(1.0)
 held, backlog = flood.is_alive(), reporter._backlog
-bridge.stopping, bridge.stops = True, 1  # SIGINT
+bridge.stopping = True  # SIGINT
 for nudge in bridge.nudges:
     nudge()
 flood.join(20)
