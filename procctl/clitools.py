@@ -23,10 +23,14 @@ EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_TIMEOUT = 124
+EXIT_SIGHUP = 129
 EXIT_SIGINT = 130
 EXIT_SIGTERM = 143
 
-EXIT_FOR_SIGNAL: dict[int, int] = {signal.SIGINT: EXIT_SIGINT, signal.SIGTERM: EXIT_SIGTERM}
+#: The signals that ask for a graceful stop, and the exit status each gives.
+#: SIGHUP (the terminal went away) as GNU parallel takes it: as a SIGTERM.
+EXIT_FOR_SIGNAL: dict[int, int] = {signal.SIGINT: EXIT_SIGINT, signal.SIGTERM: EXIT_SIGTERM,
+                                   signal.SIGHUP: EXIT_SIGHUP}
 #: How long a live view's `q` (stop and quit now) lets workers stop cleanly before it kills them.
 QUIT_GRACE = 1.0
 
@@ -37,7 +41,7 @@ class BadInput(Exception):
 
 #: The operator's signals: held from the command's first line until its
 #: handlers are in place, so that none is lost or kills us half-way.
-HELD_SIGNALS = frozenset({signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2,
+HELD_SIGNALS = frozenset({signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2,
                           signal.SIGTTIN, signal.SIGTTOU})
 
 
@@ -91,7 +95,7 @@ def late_signal_status() -> None:
         code = EXIT_FAILED
     if code == EXIT_OK:
         pending = signal.sigpending()
-        code = 130 if signal.SIGINT in pending else 143 if signal.SIGTERM in pending else EXIT_OK
+        code = next((EXIT_FOR_SIGNAL[sig] for sig in EXIT_FOR_SIGNAL if sig in pending), EXIT_OK)
     threads.exit_now(code)
 
 
@@ -217,7 +221,7 @@ class SignalBridge:
     """Record the signals an operator sends; the command's loop acts on them.
 
     `install()` runs first thing in main, so a signal at any moment of a
-    command counts. The first SIGINT or SIGTERM asks for a graceful stop; a
+    command counts. The first SIGINT, SIGTERM or SIGHUP asks for a graceful stop; a
     second one calls `hurry` at once (from the handler, since the loop may
     then be inside a grace wait that only the workers' deaths end). SIGUSR1
     and SIGUSR2 are queued for the loop as pause and resume, SIGTTIN and
@@ -227,7 +231,8 @@ class SignalBridge:
     a broken pipe into whatever code the signal interrupted.
     """
 
-    HANDLED = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGTTIN, signal.SIGTTOU)
+    HANDLED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2,
+               signal.SIGTTIN, signal.SIGTTOU)
 
     def __init__(self) -> None:
         self._wake: Callable[[], None] = _nothing
@@ -250,6 +255,8 @@ class SignalBridge:
     def install(self) -> SignalBridge:
         """Take over the signals, then deliver those that came while held."""
         for sig in self.HANDLED:
+            if sig == signal.SIGHUP and signal.getsignal(sig) == signal.SIG_IGN:
+                continue  # `nohup procctl ...`: the operator asked that the hangup be ignored
             self._saved[sig] = signal.signal(sig, self._handle)
         self._watch_wakeups()
         signal.pthread_sigmask(signal.SIG_UNBLOCK, HELD_SIGNALS)

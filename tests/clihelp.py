@@ -27,10 +27,11 @@ def run_cli(args: list[str], timeout: float = 60, cwd: str | None = None, env: d
 class LiveCli:
     """A running `procctl` whose stdout lines the test can wait for."""
 
-    def __init__(self, args: list[str], cwd: str | None = None, env: dict[str, str] | None = None) -> None:
+    def __init__(self, args: list[str], cwd: str | None = None, env: dict[str, str] | None = None,
+                 preexec_fn: Callable[[], object] | None = None) -> None:
         self.proc = subprocess.Popen(
             CLI + args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=cwd, stdin=subprocess.DEVNULL,
-            env=None if env is None else {**os.environ, **env},
+            env=None if env is None else {**os.environ, **env}, preexec_fn=preexec_fn,
             start_new_session=True,  # its own process group, as on a terminal
         )
         self.lines: list[str] = []

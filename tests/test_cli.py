@@ -108,7 +108,7 @@ def test_timeout_stops_cleanly_and_exits_124():
     assert_all_gone(worker_pids(events))
 
 
-@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143), (signal.SIGHUP, 129)])
 def test_signal_to_process_group_stops_cleanly(sig, code):
     cli = LiveCli(["run", "--workers", "4", "--schedule", "run", "--finish-chance", "0", "--step", "0",
                    "--json"])
@@ -123,6 +123,21 @@ def test_signal_to_process_group_stops_cleanly(sig, code):
     events = json_events(out)
     assert events[-1]["outcomes"] == {"stopped": 4}
     assert_all_gone(worker_pids(events))
+
+
+def test_a_hangup_ignored_by_nohup_stays_ignored():
+    # `nohup procctl run ...`: the hangup was to be ignored, and the run goes on.
+    cli = LiveCli(["run", "--workers", "2", "--schedule", "run", "--finish-chance", "0", "--step", "0",
+                   "--json"], preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN))
+    try:
+        cli.wait_for(lambda lines: sum('"running"' in line for line in lines) == 2)
+        cli.signal_group(signal.SIGHUP)
+        cli.signal_group(signal.SIGTERM)
+        rc, out, err = cli.finish()
+    finally:
+        cli.kill()
+    assert rc == 143, err  # a SIGHUP taken would have stopped the run first: 129
+    assert json_events(out)[-1]["outcomes"] == {"stopped": 2}
 
 
 def test_second_sigint_kills_at_once():

@@ -508,7 +508,7 @@ def test_run_with_huge_totals_writes_strict_json(tmp_path):
 
 def _launch(args: list[str], events: str, blocked: bool = False) -> subprocess.Popen:
     def block() -> None:
-        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM, signal.SIGHUP})
 
     return subprocess.Popen(CLI + args + ["--events", events], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             start_new_session=True, preexec_fn=block if blocked else None)
@@ -529,7 +529,7 @@ RUN_ARGS = {"run": ["run", "--workers", "2", "--schedule", "run", "--step", "0.2
 
 
 @pytest.mark.parametrize("command", ["run", "sum"])
-@pytest.mark.parametrize("sig, code", SIGNALS, ids=["SIGINT", "SIGTERM"])
+@pytest.mark.parametrize("sig, code", SIGNALS + [(signal.SIGHUP, 129)], ids=["SIGINT", "SIGTERM", "SIGHUP"])
 def test_a_signal_before_the_handlers_exist_is_a_clean_stop(command, sig, code, tmp_path):
     # Blocked by the parent, the signal is pending from procctl's first
     # instruction: it arrives before any handler of the command exists.
