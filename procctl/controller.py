@@ -62,7 +62,7 @@ from .channel import (
 )
 from .channels import Channel, ChannelPlane
 from .states import CLEAN_OUTCOMES, STATES, Event, Outcome, State, WorkerReport, WorkerStatus
-from .supervise import Action, Plan, Strategy, Supervisor
+from .supervise import Action, Plan, SchedSample, Strategy, Supervisor, looks_hung, sched_sample
 from .threads import MANAGED_SIGNALS
 from .worker import WORKER_NAME_PREFIX, Payload, WorkerSpec, worker_main
 from .workwire import MAX_WAIT, check_timeout
@@ -144,7 +144,7 @@ class _Worker:
         self.probe = 0
         self.probe_at: float | None = None
         #: A probe went unanswered for `heartbeat`: (when, its scheduler times then).
-        self.suspect: tuple[float, tuple[int, int] | None] | None = None
+        self.suspect: tuple[float, SchedSample | None] | None = None
         self.hung = False
         #: A stop of this worker alone in progress: (stage, monotonic deadline),
         #: stage "grace" -> SIGTERM, "term" -> SIGKILL, "kill" -> leave it to close().
@@ -1632,19 +1632,17 @@ class ProcessController(Shortcuts):
         its turn; it has done nothing wrong. So the first time, note its
         scheduler times and look again a quarter period later: a worker that
         ran meanwhile without answering (a long computation, GIL held) or
-        slept (blocked in a C call) is hung; one that mostly waited for a CPU
-        gets another look. Without /proc/<pid>/schedstat, the second look decides.
+        slept (blocked in a C call) is hung; one that mostly waited for a CPU,
+        or is queued for one still, gets another look (supervise.looks_hung).
+        Without /proc, the second look decides.
         """
         assert self._heartbeat is not None
-        times = _sched_times(w.pid)
+        sample = sched_sample(w.pid)
         if w.suspect is not None:
             since, before = w.suspect
-            if times is None or before is None:
+            if looks_hung(before, sample, now - since):
                 return self._hang(w, now)
-            ran, waited = (times[0] - before[0]) / 1e9, (times[1] - before[1]) / 1e9
-            if ran > CPU_TO_ANSWER or waited < (now - since) / 2:
-                return self._hang(w, now)
-        w.suspect = (now, times)
+        w.suspect = (now, sample)
         self._schedule(now + self._heartbeat / 4)
 
     def _hang(self, w: _Worker, now: float) -> None:
@@ -1770,23 +1768,6 @@ def _quiet_collector(start_method: str) -> Iterator[None]:
         gc.unfreeze()
         if enabled:
             gc.enable()
-
-
-#: A worker that checkpoints answers a probe within microseconds of CPU time:
-#: one that ran this long without answering is not checkpointing.
-CPU_TO_ANSWER = 0.002
-
-
-def _sched_times(pid: int | None) -> tuple[int, int] | None:
-    """(ns on a CPU, ns waiting for one) of process `pid`, from /proc (Linux); None elsewhere."""
-    if pid is None:
-        return None
-    try:
-        with open(f"/proc/{pid}/schedstat", "rb") as f:
-            ran, waited, _ = f.read().split()
-        return int(ran), int(waited)
-    except (OSError, ValueError):
-        return None
 
 
 def _open_pidfd(pid: int, start_method: str) -> int:

@@ -186,3 +186,53 @@ class Supervisor:
         """The wait before a restart that follows `earlier` ones within the window."""
         low, high = self.plan.backoff
         return min(high, low * 2.0 ** min(earlier, 64))
+
+
+# -- hang detection: the second look ------------------------------------------
+
+#: A worker that checkpoints answers a probe within microseconds of CPU time:
+#: one that ran this long without answering is not checkpointing.
+CPU_TO_ANSWER = 0.002
+
+
+@dataclass(frozen=True)
+class SchedSample:
+    """What the kernel says of a worker's main thread at one moment (Linux /proc)."""
+
+    ran: int  # ns on a CPU
+    waited: int  # ns runnable, waiting for a CPU (counted when it next gets one)
+    runnable: bool  # state R: on a CPU or queued for one
+
+
+def sched_sample(pid: int | None) -> SchedSample | None:
+    """The scheduler's view of process `pid`; None where /proc does not say."""
+    if pid is None:
+        return None
+    try:
+        with open(f"/proc/{pid}/schedstat", "rb") as f:
+            ran, waited, _ = f.read().split()
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            state = f.read().rpartition(b")")[2].split()[0]  # (the name may hold spaces and parens)
+        return SchedSample(int(ran), int(waited), state == b"R")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def looks_hung(before: SchedSample | None, after: SchedSample | None, interval: float) -> bool:
+    """Between two looks `interval` seconds apart at a worker that has not
+    answered its probe: is it hung, or did it only wait for a CPU?
+
+    Hung if it ran meanwhile without answering (a long computation, the GIL
+    held) or slept (blocked in a C call). Not if it mostly waited for a CPU,
+    or is runnable now: the kernel adds a wait to the counts only when the
+    task next gets a CPU, so one queued through the whole interval shows no
+    change at all, as a sleeper does; its state (R) tells them apart.
+    Without /proc, the second look decides: hung.
+    """
+    if before is None or after is None:
+        return True
+    ran = (after.ran - before.ran) / 1e9
+    waited = (after.waited - before.waited) / 1e9
+    if ran > CPU_TO_ANSWER:
+        return True
+    return not (waited >= interval / 2 or after.runnable)

@@ -126,3 +126,15 @@ def beats_then_silent(ctx, silent, quiet):
     silent.set()
     time.sleep(quiet)
     return ctx.checkpoint()
+
+
+def starved(ctx, cpu: int):
+    """A tight checkpoint loop at the lowest priority (SCHED_IDLE) on one CPU,
+    where the test keeps a normal busy process: runnable all the time, it gets
+    a slice now and then. Returns how many checkpoints it passed."""
+    os.sched_setaffinity(0, {cpu})
+    os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+    n = 0
+    while ctx.checkpoint():
+        n += 1
+    return n

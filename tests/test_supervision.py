@@ -15,7 +15,7 @@ from clihelp import LiveCli, json_events, run_cli
 
 from procctl import Outcome, ProcessController, State
 from procctl.states import Event, WorkerStatus
-from procctl.supervise import Action, Plan, Supervisor
+from procctl.supervise import Action, Plan, SchedSample, Supervisor, looks_hung, sched_sample
 
 
 def ours() -> list:
@@ -329,6 +329,55 @@ def test_stop_from_on_event_stops_the_others_gracefully(where):
     # 0's crash can come while run() waits for the others) stops before its target: no result.
     assert [reports[w].outcome for w in (1, 2)] == [Outcome.STOPPED] * 2
     assert reports[1].result in ((1, 3), None) and reports[2].result in ((2, 3), None)
+
+
+def test_looks_hung_tells_a_queued_worker_from_a_sleeping_one():
+    """The second look (without processes): the kernel counts a wait for a CPU
+    only when the task next gets one, so a worker queued through the whole
+    look shows no change, as a sleeper does; its state tells them apart."""
+    before = SchedSample(ran=10**9, waited=10**9, runnable=True)
+
+    def after(ran_ms: float, waited_ms: float, runnable: bool) -> SchedSample:
+        return SchedSample(before.ran + int(ran_ms * 1e6), before.waited + int(waited_ms * 1e6), runnable)
+
+    assert not looks_hung(before, after(0, 0, True), 0.0125)  # queued all along: not counted yet
+    assert looks_hung(before, after(0, 0, False), 0.0125)  # asleep (blocked in a C call)
+    assert looks_hung(before, after(0, 2, False), 0.0125)  # asleep most of the look
+    assert not looks_hung(before, after(0, 10, False), 0.0125)  # waited for a CPU, then got one
+    assert looks_hung(before, after(5, 0, True), 0.0125)  # ran and did not answer: not checkpointing
+    assert looks_hung(None, after(0, 0, True), 0.0125)  # no /proc: the second look decides
+    sample = sched_sample(os.getpid())
+    assert sample is not None and sample.runnable and sample.ran > 0  # this process, running now
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPUs: one for the starved worker")
+def test_a_worker_starved_of_cpu_is_not_hung():
+    """A tight checkpoint loop that a busier process keeps off its CPU (a
+    crowded machine) is runnable, not hung: at the smallest heartbeat, it was
+    killed as hung within a tenth of a second."""
+    import subprocess
+    import sys
+
+    cpus = sorted(os.sched_getaffinity(0))
+    theirs, ours_ = cpus[0], set(cpus[1:])
+    mine = os.sched_getaffinity(0)
+    hog = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    events: list[Event] = []
+    try:
+        os.sched_setaffinity(hog.pid, {theirs})
+        os.sched_setaffinity(0, ours_)  # the manager answers from the other CPU(s)
+        with controller(ts.starved, 1, events, args=(theirs,), heartbeat=0.05, grace=1.0) as pc:
+            pc.run()
+            assert not pc.wait(1.5)  # thirty heartbeat periods
+            hog.kill()
+            hog.wait(10)
+            reports = pc.stop()
+    finally:
+        os.sched_setaffinity(0, mine)
+        hog.kill()
+        hog.wait(10)
+    assert [e.event for e in events if e.event == "hung"] == []
+    assert reports[0].outcome is Outcome.STOPPED and reports[0].result > 0
 
 
 def test_live_workers_are_not_hung():
