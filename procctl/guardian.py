@@ -39,6 +39,8 @@ import sys
 import threading
 from typing import IO
 
+from . import threads
+
 log = logging.getLogger("procctl")
 
 #: The notes pipe's size where the kernel cannot say (64 KiB, 8 KiB for a user
@@ -94,6 +96,11 @@ class Link:
             os.set_inheritable(w, False)
             os.set_inheritable(bell_w, False)
             self._out = self.process.stdout
+            # Reaped as soon as it has said the guardian's pid, not at close():
+            # a zombie child all through the run trips a script's own checks
+            # (psutil's children(), then ZombieProcess on the first call).
+            with contextlib.suppress(OSError):  # (no room for a thread: then at close(), as before)
+                threads.start(threading.Thread(target=self.settle, name="procctl-guardian-settle", daemon=True))
         finally:
             os.close(r)
             os.close(bell_r)

@@ -387,3 +387,38 @@ def test_start_does_not_wait_for_the_cgroup_move_but_the_target_does(monkeypatch
     for wid, report in reports.items():
         assert report.outcome is Outcome.FINISHED
         assert report.result.endswith(f"/w{wid}"), report.result
+
+
+GO_BETWEEN_REAPED = textwrap.dedent("""
+    import json, os, select, sys, threading
+    sys.path.insert(0, {tests!r})
+    import psutil
+    import targets
+    from procctl import ProcessController
+
+    pc = ProcessController(targets.loop, 1, start_method="fork").start()
+    others = [c for c in psutil.Process().children() if c.pid not in pc.pids()]
+    ended = True
+    for child in others:  # the guardian's go-between: wait for its exit, without reaping it
+        fd = os.pidfd_open(child.pid)
+        ended = ended and bool(select.select([fd], [], [], 20)[0])
+        os.close(fd)
+    for t in threading.enumerate():
+        if t.name == "procctl-guardian-settle":
+            t.join(20)
+    zombies = [c.pid for c in psutil.Process().children() if c.status() == psutil.STATUS_ZOMBIE]
+    pc.close()
+    print(json.dumps({{"go_betweens": len(others), "ended": ended, "zombies": zombies}}), flush=True)
+""")
+
+
+def test_the_guardians_go_between_is_reaped_while_the_run_goes_on(tests_dir, tmp_path):
+    """A script's own "no zombie child" check, in the middle of a run: the
+    go-between that starts the guardian is reaped once it has exited, not at close()."""
+    script = tmp_path / "manager.py"
+    script.write_text(GO_BETWEEN_REAPED.format(tests=tests_dir))
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60,
+                          start_new_session=True)
+    assert done.returncode == 0, done.stderr
+    got = json.loads(done.stdout)
+    assert got["ended"] and got["zombies"] == [], got
