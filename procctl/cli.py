@@ -38,6 +38,7 @@ from .clitools import (
     ensure_std_fds,
     exit_holding_signals,
     hold_signals,
+    printable,
     say,
     split_range,
     working_dir,
@@ -46,7 +47,7 @@ from .control import ACK_WAIT
 from .controller import ProcessController, WorkerStartError
 from .limits import COMMAND_FDS, LIMIT_ERRNOS, SystemLimit, capacity_problem
 from .named_target import NamedTarget, remember
-from .states import CLEAN_OUTCOMES, Event, Outcome, State, WorkerReport
+from .states import CLEAN_OUTCOMES, Event, Outcome, State, WorkerReport, error_line
 from .supervise import Plan, Restart, Strategy
 from .workwire import MIN_LEASE
 
@@ -260,10 +261,9 @@ def event_text(event: Event) -> str | None:
         return f"{text} (restart {event.restarts}, in {event.delay or 0:.2f}s)"
     if event.event == "gave_up":
         text = f"worker {event.worker}: gave up: the restart limit was reached"
-    if event.error and event.event in ("failed", "crashed", "killed", "hung", "gave_up"):
-        lines = [line for line in event.error.strip().splitlines() if line.strip()]
-        if lines:
-            text += f": {lines[-1].strip()}"
+    line = error_line(event.error) if event.event in ("failed", "crashed", "killed", "hung", "gave_up") else None
+    if line:
+        text += f": {printable(line)}"
     return text
 
 
@@ -418,9 +418,9 @@ def summarize(reports: dict[int, WorkerReport], elapsed: float,
     for r in reports.values():
         if r.outcome not in CLEAN_OUTCOMES:
             errors[str(r.worker_id)] = r.error_line or r.outcome.value
-            lines.append(f"worker {r.worker_id} {r.outcome.value}: {r.error_line or r.outcome.value}")
+            lines.append(f"worker {r.worker_id} {r.outcome.value}: {printable(r.error_line or r.outcome.value)}")
             if r.outcome is Outcome.FAILED and r.error:
-                lines.extend("    " + line for line in r.error.rstrip().splitlines())
+                lines.extend("    " + printable(line) for line in r.error.rstrip().splitlines())
     if errors:
         record["errors"] = errors
     return record, "\n".join(lines)

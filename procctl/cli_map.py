@@ -50,6 +50,8 @@ from .clitools import (
     _silence,
     check_distinct_files,
     check_writable_file,
+    first_line,
+    printable,
     read_input,
     say,
     working_dir,
@@ -677,7 +679,7 @@ class MapSession:
             self.failed += 1
             line = f'{{"item": {item.text}, "error": {json.dumps(outcome.text)}}}'
             self.reporter.emit(MapEvent(self.t(), "failed", line=item.line, error=outcome.text).to_dict(),
-                               f"line {item.line} failed: {outcome.text}", to_json=False)
+                               f"line {item.line} failed: {printable(first_line(outcome.text))}", to_json=False)
         self.output(pos, line)
 
     def log_record(self, item: Item, outcome: maplog.ItemOutcome) -> None:

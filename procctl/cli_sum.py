@@ -22,6 +22,7 @@ from .clitools import (
     Reporter,
     SignalBridge,
     check_writable_file,
+    printable,
     say,
     split_range,
 )
@@ -98,11 +99,11 @@ def event_text(event: SumEvent) -> str | None:
         case ProducerStopped(error=None):
             return f"producer {event.producer} stopped after {event.produced} items"
         case ProducerStopped():
-            return f"producer {event.producer} {event.outcome}: {event.error} (after {event.produced} items)"
+            return f"producer {event.producer} {event.outcome}: {printable(event.error)} (after {event.produced} items)"
         case ConsumerStopped(error=None):
             return f"consumer {event.consumer} stopped with sum {event.sum} after {event.received} items"
         case ConsumerStopped():
-            return (f"consumer {event.consumer} {event.outcome}: {event.error} (sum {event.sum} after "
+            return (f"consumer {event.consumer} {event.outcome}: {printable(event.error)} (sum {event.sum} after "
                     f"{event.received} items)")
         case Drained():
             return f"cleanup: drained {event.count} items left in the queue"

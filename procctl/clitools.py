@@ -212,6 +212,11 @@ def printable(value: object) -> str:
     return "".join(ch if ch.isprintable() else ascii(ch)[1:-1] for ch in text)
 
 
+def first_line(text: str | None) -> str:
+    """The first line of a text that may have several (an exception's message)."""
+    return text.strip().splitlines()[0] if text and text.strip() else ""
+
+
 def info_text(info: dict[str, Any] | None) -> str:
     """A worker's progress info as `key=value ...`, safe on a terminal."""
     return " ".join(f"{printable(k)}={printable(v)}" for k, v in (info or {}).items())

@@ -65,7 +65,7 @@ from .controller import ProcessController, check_start_method
 from .errors import RemoteTraceback, TaskTimeout, WorkerCrashed
 from .limits import WORK_FDS_PER_WORKER, capacity_problem
 from .shutdown import describe_exit, signal_name
-from .states import Event, Outcome, State, WorkerReport, WorkerStatus
+from .states import Event, Outcome, State, WorkerReport, WorkerStatus, error_line
 from .worker_plane import CALL, CHUNK, ERR, ERR_AT, OK, PRECISE, RETURN_SIGNAL, run_tasks
 from .workwire import MAX_WAIT, Kind, check_timeout
 
@@ -1424,7 +1424,7 @@ class _Pool:
             self._cancelled += len(task.items)
             return
         self._failed += len(task.items)
-        self._task_event("task-failed", line, task, error=_last_line(tb))
+        self._task_event("task-failed", line, task, error=error_line(tb))
 
     def _on_item_error(self, line: _WorkerLine, task: _Task, value: tuple[BaseException, list[Any]],
                        tb: str) -> None:
@@ -1452,7 +1452,7 @@ class _Pool:
             self._completed += 1
             self._task_event("task-done", line, task)
         self._failed += len(task.items) - len(before)
-        self._task_event("task-failed", line, task, error=_last_line(tb))
+        self._task_event("task-failed", line, task, error=error_line(tb))
 
     def _end_line(self, line: _WorkerLine, report: WorkerReport | None) -> None:
         """The worker is gone: results it sent count, unread tasks go back in
@@ -1846,13 +1846,6 @@ def _result_within(fut: Future[Any], timeout: float | None) -> Any:
         except FutureTimeout:
             if time.monotonic() >= end:
                 raise
-
-
-def _last_line(tb: str | None) -> str | None:
-    if not tb:
-        return None
-    lines = [ln for ln in tb.strip().splitlines() if ln.strip()]
-    return lines[-1].strip() if lines else None
 
 
 _live_executors: weakref.WeakSet[_Pool] = weakref.WeakSet()

@@ -35,3 +35,7 @@ class Outcome(str, enum.Enum):
 
 #: Outcomes that count as success for the command line's exit status.
 CLEAN_OUTCOMES = frozenset({Outcome.FINISHED, Outcome.STOPPED})
+
+
+#: The note a worker adds after the traceback of a target that called sys.exit().
+SYS_EXIT_NOTE = "the target called sys.exit("

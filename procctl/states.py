@@ -10,8 +10,39 @@ from typing import Any
 # The public names live here too (the worker side imports statecodes alone).
 from .statecodes import CLEAN_OUTCOMES as CLEAN_OUTCOMES
 from .statecodes import STATES as STATES
+from .statecodes import SYS_EXIT_NOTE
 from .statecodes import Outcome as Outcome
 from .statecodes import State as State
+
+_HEADERS = ("Traceback (most recent call last):", "Exception Group Traceback (most recent call last):")
+
+
+def error_line(error: str | None) -> str | None:
+    """An error in one line: a traceback's exception line (``ValueError: bad
+    input``, the first line of a message that has several), the procctl note
+    that ends one, or the error itself when it is no traceback (a crash)."""
+    if not error or not error.strip():
+        return None
+    lines = [_undecorated(line) for line in error.rstrip().splitlines()]
+    last = lines[-1].strip()
+    if last.startswith(SYS_EXIT_NOTE):
+        return last
+    # The last traceback's (a chain's final exception), but an exception group's own.
+    starts = [i for i, line in enumerate(lines) if line in _HEADERS]
+    groups = [i for i in starts if lines[i] == _HEADERS[1]]
+    if starts:
+        for line in lines[(groups or starts)[0 if groups else -1] + 1:]:
+            if line.strip() and not line[0].isspace():
+                return line.strip()
+    return next((line.strip() for line in reversed(lines) if line.strip(" +-|0123456789")), last)
+
+
+def _undecorated(line: str) -> str:
+    """A line of a printed exception group without its frame (``  | ``)."""
+    stripped = line.lstrip(" ")
+    if stripped[:2] in ("| ", "+ "):
+        return stripped[2:]
+    return line
 
 
 @dataclass(frozen=True)
@@ -35,11 +66,8 @@ class WorkerReport:
 
     @property
     def error_line(self) -> str | None:
-        """The last line of the traceback: ``ValueError: bad input``."""
-        if not self.error:
-            return None
-        lines = [line for line in self.error.strip().splitlines() if line.strip()]
-        return lines[-1].strip() if lines else None
+        """The error in one line: ``ValueError: bad input`` (see error_line())."""
+        return error_line(self.error)
 
 
 @dataclass(frozen=True)

@@ -35,7 +35,7 @@ from .channel import (
     unpack_command,
 )
 from .errors import format_exc
-from .statecodes import STATES, Outcome, State
+from .statecodes import STATES, SYS_EXIT_NOTE, Outcome, State
 from .threads import MANAGED_SIGNALS  # blocked around a fork: no handler of the manager's runs in the child
 from .worker_plane import WorkEnd
 
@@ -564,7 +564,7 @@ def _run_target(ctx: WorkerContext, payload: Payload, cgroup: str | None) -> tup
         result = target(ctx, *args, **kwargs)
     except SystemExit as exc:
         text = format_exc()
-        return Outcome.FAILED, None, f"{text}the target called sys.exit({exc.code!r})\n"
+        return Outcome.FAILED, None, f"{text}{SYS_EXIT_NOTE}{exc.code!r})\n"
     except BaseException:  # noqa: BLE001 - whatever the target raises is its report
         return Outcome.FAILED, None, format_exc()
     outcome = Outcome.STOPPED if ctx._stop_was_broadcast() else Outcome.FINISHED

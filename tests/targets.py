@@ -119,3 +119,8 @@ def half_then_return(ctx):
     ctx.sleep(3600.0)
     ctx.progress(50, 100)
     return "half"
+
+
+def raise_multiline(ctx):
+    """A message of several lines, with what would drive a terminal in it."""
+    raise ValueError("first line \x1b]0;title\x07\x1b[2Jof the message\nsecond line\r\x9b2J")

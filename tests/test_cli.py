@@ -90,6 +90,19 @@ def test_failing_target_exits_1_and_shows_the_error_once():
     assert res.stdout.count("Traceback") == 2  # one per failed worker, in the summary
 
 
+def test_an_error_of_several_lines_is_named_by_its_first_and_cannot_drive_the_terminal():
+    res = run_cli(["run", "--workers", "1", "--target", "targets:raise_multiline", "--step", "0.05"], cwd=TESTS)
+    assert res.returncode == 1
+    # (its type and first line, not its last line; the control characters as escapes)
+    expected = "failed: ValueError: first line \\x1b]0;title\\x07\\x1b[2Jof the message"
+    assert f"worker 0: {expected}" in res.stdout and f"worker 0 {expected}" in res.stdout, res.stdout
+    assert not any(ch in res.stdout for ch in "\x1b\x07\x9b\r"), repr(res.stdout)
+    res = run_cli(["run", "--workers", "1", "--target", "targets:raise_multiline", "--step", "0.05", "--json"],
+                  cwd=TESTS)
+    summary = json_events(res.stdout)[-1]
+    assert summary["errors"] == {"0": "ValueError: first line \x1b]0;title\x07\x1b[2Jof the message"}
+
+
 def test_crashing_target_exits_1():
     res = run_cli(["run", "--workers", "2", "--target", "targets:exit_hard", "--step", "0.05", "--json"],
                   cwd=TESTS)

@@ -11,6 +11,7 @@ import shutil
 import signal
 import sys
 import threading
+import traceback
 from multiprocessing.reduction import ForkingPickler
 from types import SimpleNamespace
 
@@ -30,7 +31,7 @@ from procctl.channel import (
     pack_command,
     unpack_command,
 )
-from procctl.states import Event, WorkerReport
+from procctl.states import SYS_EXIT_NOTE, Event, WorkerReport, error_line
 from procctl.worker import Payload
 
 # -- exit decoding ---------------------------------------------------------------
@@ -421,3 +422,47 @@ def test_a_command_posted_while_a_stale_ring_is_drained_is_not_missed():
     ctx._on_wake(102)  # the doorbell
     applied = [seq for seq, _ in ctx._end.acked]
     assert applied == [6] and ctx.state is State.RUNNING
+
+
+def _formatted(raise_it) -> str:
+    try:
+        raise_it()
+    except BaseException:  # noqa: BLE001
+        return traceback.format_exc()
+    raise AssertionError("nothing raised")
+
+
+def _chained() -> None:
+    try:
+        raise KeyError("inner")
+    except KeyError as exc:
+        raise RuntimeError("outer\nmore") from exc
+
+
+def _noted() -> None:
+    exc = ValueError("bad")
+    exc.add_note("a note after it")
+    raise exc
+
+
+def _group() -> None:
+    raise ExceptionGroup("two went wrong", [ValueError("a"), TypeError("b")])
+
+
+@pytest.mark.parametrize("raise_it, expected", [
+    (lambda: (_ for _ in ()).throw(ValueError("first line\nsecond line")), "ValueError: first line"),
+    (_chained, "RuntimeError: outer"),
+    (_noted, "ValueError: bad"),
+    (_group, "ExceptionGroup: two went wrong (2 sub-exceptions)"),
+    (lambda: sys.exit(0), "SystemExit: 0"),
+], ids=["several-lines", "chained", "noted", "group", "sys.exit"])
+def test_error_line_is_the_exception_of_a_traceback(raise_it, expected):
+    assert error_line(_formatted(raise_it)) == expected
+
+
+def test_error_line_of_what_is_no_traceback():
+    sys_exit = _formatted(lambda: sys.exit(3)) + f"{SYS_EXIT_NOTE}3)\n"
+    assert error_line(sys_exit) == "the target called sys.exit(3)"  # the worker's note says it best
+    assert error_line("killed by the controller with SIGKILL") == "killed by the controller with SIGKILL"
+    assert error_line("crashed\nexit code -11 (SIGSEGV)\n") == "exit code -11 (SIGSEGV)"
+    assert error_line("") is None and error_line(None) is None and error_line(" \n") is None
