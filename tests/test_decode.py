@@ -447,7 +447,7 @@ def _noted() -> None:
 
 
 def _group() -> None:
-    raise getattr(builtins, "ExceptionGroup")("two went wrong", [ValueError("a"), TypeError("b")])
+    raise builtins.ExceptionGroup("two went wrong", [ValueError("a"), TypeError("b")])
 
 
 NEEDS_311 = pytest.mark.skipif(sys.version_info < (3, 11), reason="exception notes and groups are Python 3.11's")
