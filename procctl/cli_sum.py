@@ -185,11 +185,15 @@ def sum_command(producers: int, consumers: int, threshold: int, values_text: str
             served.record(event.to_dict())
 
     job = SumJob.from_plan(plan, on_event=on_event if listening else None)
+    if view is not None:
+        view.status = lambda: job.controller.status() if job.controller is not None else []
     stopped: list[str] = []  # who stopped the run (`procctl stop`, a key): a clean cancel, not a failure
 
     def stop() -> None:
         stopped.append("procctl stop")
         job.cancel()
+        if view is not None:
+            view.stopping("procctl stop: stopping")
 
     try:
         served = control.serve(lambda: job.controller, stop, reporter)
@@ -213,6 +217,8 @@ def _run(job: SumJob, reporter: Reporter, bridge: SignalBridge, view: Any = None
         # SIGUSR1/2 only wake the bridge; SIGINT/SIGTERM mean a clean stop.
         if bridge.stop_signal is not None:
             job.cancel()
+            if view is not None:
+                view.stopping(f"{bridge.signal_name}: stopping")
 
     with bridge.attach(wake=on_signal, hurry=job.kill, nudge=job.wakeup):
         try:
@@ -294,6 +300,7 @@ def _on_key(job: SumJob, view: Any, stopped: list[str], finished: threading.Even
     elif key in "sq":
         stopped.append(f"the {key} key")
         job.cancel()
+        view.stopping("stopping")
         view.message = "stopping gracefully" if key == "s" else "stopping now"
         if key == "q" and not finished.wait(QUIT_GRACE):
             job.kill()  # (workers that checkpoint have stopped cleanly by now)

@@ -28,7 +28,7 @@ from rich.text import Text
 from . import threads
 from .capture import Output
 from .clitools import info_text
-from .jobs.sum_events import ChannelClosed, ConsumerStopped, Crossed, JobEvent, Received
+from .jobs.sum_events import ChannelClosed, ConsumerStopped, Crossed, JobEvent, ProducerStopped, Received
 from .jobs.sum_plan import SumPlan
 from .states import Event, WorkerStatus
 
@@ -114,6 +114,47 @@ COLUMNS = (("worker", 7), ("state", 9), ("progress", 14), ("eta", 6), ("cpu %", 
 MAX_LINES_SHOWN = 400
 
 
+class Usage:
+    """CPU % and RSS of each live worker, through psutil: one Process object a
+    worker, kept between redraws (its cpu_percent counts from the last call)."""
+
+    def __init__(self) -> None:
+        self._procs: dict[int, psutil.Process] = {}
+
+    def of(self, r: WorkerStatus) -> tuple[str, str]:
+        if not r.alive or r.pid is None:
+            self._procs.pop(r.worker_id, None)
+            return "", ""
+        try:
+            proc = self._procs.get(r.worker_id)
+            if proc is None or proc.pid != r.pid:
+                proc = self._procs[r.worker_id] = psutil.Process(r.pid)
+                proc.cpu_percent(None)  # the first call only starts the count
+            return f"{proc.cpu_percent(None):5.1f}", _fmt_bytes(proc.memory_info().rss)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            return "", ""
+
+
+def state_counts(text: Text, names: list[str]) -> Text:
+    """`text` followed by how many workers are in each state or outcome, in their colours."""
+    for name, n in Counter(names).items():
+        text.append(f"{n} {name}  ", style=STATE_STYLE.get(name, ""))
+    return text
+
+
+def fitting(columns: tuple[tuple[str, int], ...], room: int, always: int) -> list[str]:
+    """The names of `columns` (name, width; in the order they are kept) that fit
+    in `room` characters; the first `always` stay whatever the width."""
+    kept: list[str] = []
+    used = 0
+    for i, (name, width) in enumerate(columns):
+        if i >= always and used + width > room:
+            break  # goes, and every one after it (a narrower one after it would jump the order)
+        kept.append(name)
+        used += width
+    return kept
+
+
 class LiveView:
     """A rich Live display fed by controller events, status() snapshots and worker output.
 
@@ -132,7 +173,7 @@ class LiveView:
         self._footer = footer
         self._keys = keys
         self._console = console or Console()
-        self._procs: dict[int, psutil.Process] = {}
+        self._usage_of = Usage()
         self._t0 = time.monotonic()
         self._live: Live | None = None
         self._draw = threading.RLock()
@@ -211,14 +252,11 @@ class LiveView:
         return Group(*parts)
 
     def _header(self, rows: list[WorkerStatus]) -> Text:
-        states = Counter(self._state_name(r) for r in rows if r.alive)
-        outcomes = Counter(r.outcome.value for r in rows if r.outcome is not None)
         title = self._title() if callable(self._title) else self._title  # (a run that resizes)
         text = Text(f"{title}  ", style="bold")
         text.append(f"{time.monotonic() - self._t0:6.1f}s  ")
-        for name, n in list(states.items()) + list(outcomes.items()):
-            text.append(f"{n} {name}  ", style=STATE_STYLE.get(name, ""))
-        return text
+        return state_counts(text, [self._state_name(r) for r in rows if r.alive]
+                            + [r.outcome.value for r in rows if r.outcome is not None])
 
     def _state_name(self, r: WorkerStatus) -> str:
         if r.outcome is not None:
@@ -256,14 +294,7 @@ class LiveView:
 
     def columns(self) -> list[str]:
         """The columns that fit the terminal's width, in display order."""
-        room = self._console.size.width
-        kept: list[str] = []
-        used = 0
-        for name, width in COLUMNS:  # in the order they are kept: the first that does not fit
-            if name not in ("worker", "state") and used + width > room:
-                break  # goes, and every one after it (a narrower one after it would jump the order)
-            kept.append(name)
-            used += width
+        kept = fitting(COLUMNS, self._console.size.width, 2)  # worker and state always
         order = ("worker", "pid", "state", "progress", "eta", "last event", "info", "cpu %", "rss")
         return [name for name in order if name in kept]
 
@@ -320,17 +351,7 @@ class LiveView:
                 and r.beat_age > self._heartbeat / 2)
 
     def _usage(self, r: WorkerStatus) -> tuple[str, str]:
-        if not r.alive or r.pid is None:
-            self._procs.pop(r.worker_id, None)
-            return "", ""
-        try:
-            proc = self._procs.get(r.worker_id)
-            if proc is None or proc.pid != r.pid:
-                proc = self._procs[r.worker_id] = psutil.Process(r.pid)
-                proc.cpu_percent(None)  # the first call only starts the count
-            return f"{proc.cpu_percent(None):5.1f}", _fmt_bytes(proc.memory_info().rss)
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            return "", ""
+        return self._usage_of.of(r)
 
 
 class KeyReader:
@@ -395,28 +416,43 @@ class KeyReader:
                         pass
 
 
-class SumLiveView:
-    """The live view of `procctl sum`: each consumer's sum racing to the threshold.
+#: The sum view's columns with the room each needs, in the order they are kept
+#: (worker, role and state always stay).
+SUM_COLUMNS = (("worker", 7), ("role", 12), ("state", 10), ("sum", 9), ("toward the threshold", 24),
+               ("items", 7), ("last event", 18), ("cpu %", 6), ("rss", 9))
 
-    Built from the checked plan, fed by the job's events; rich redraws it
-    from its own refresh thread, so the elapsed time moves even while no
-    item arrives.
+
+class SumLiveView:
+    """The live view of `procctl sum`: every producer and consumer (state, CPU,
+    memory, last event) and each consumer's sum racing to the threshold.
+
+    Built from the checked plan, fed by the job's events and its controller's
+    status(); rich redraws it from its own refresh thread, so the elapsed
+    time moves even while no item arrives.
     """
 
-    def __init__(self, plan: SumPlan, console: Console | None = None, *, footer: str = "", keys: bool = False):
+    def __init__(self, plan: SumPlan, console: Console | None = None, *, footer: str = "", keys: bool = False,
+                 status: Callable[[], list[WorkerStatus]] | None = None):
         #: Where the run is reached from another shell; whether the keys work (both set before it opens).
         self.footer = footer
         self.keys = keys
         #: What the last key did, for the footer.
         self.message = ""
+        #: The workers' status (the job's controller's, once it has one).
+        self.status = status or list
+        self._plan = plan
         self._threshold = plan.threshold
-        self._producers = plan.producers
         self._sums = [0] * plan.consumers
         self._received = [0] * plan.consumers
-        self._last = [""] * plan.consumers
+        self._produced: list[int | None] = [None] * plan.producers
+        #: Each worker's last event (by worker id) and when it came (monotonic).
+        self._last: dict[int, tuple[str, float]] = {}
         self._note = "running"
+        self._stopping = False
         self._t0 = time.monotonic()
-        self._live = Live(self, console=console or Console(), refresh_per_second=1 / REFRESH)
+        self._usage = Usage()
+        self._console = console or Console()
+        self._live = Live(self, console=self._console, refresh_per_second=1 / REFRESH)
 
     def __enter__(self) -> SumLiveView:
         self._live.__enter__()
@@ -426,35 +462,100 @@ class SumLiveView:
         self._live.__exit__(None, None, None)
 
     def on_event(self, event: JobEvent) -> None:
+        now = time.monotonic()
+        consumer = self._plan.producers + getattr(event, "consumer", 0)
         if isinstance(event, Received):
-            c = event.consumer
-            self._sums[c] = event.sum
-            self._received[c] += 1
-            self._last[c] = f"got {event.value}"
+            self._sums[event.consumer] = event.sum
+            self._received[event.consumer] += 1
+            self._last[consumer] = (f"got {event.value}", now)
         elif isinstance(event, Crossed):
-            c = event.consumer
-            self._last[c] = "WON" if event.winner else "crossed too late"
+            self._last[consumer] = ("WON" if event.winner else "crossed too late", now)
             if event.winner:
-                self._note = f"consumer {c} won: stopping everyone"
+                self._note = f"consumer {event.consumer} won: stopping everyone"
+                self._stopping = True
         elif isinstance(event, ConsumerStopped):
-            c = event.consumer
-            self._sums[c], self._received[c] = event.sum, event.received
-            if event.error is not None:
-                self._last[c] = event.outcome.value
+            self._sums[event.consumer], self._received[event.consumer] = event.sum, event.received
+            self._last[consumer] = ("won" if event.winner else event.outcome.value, now)
+        elif isinstance(event, ProducerStopped):
+            self._produced[event.producer] = event.produced
+            self._last[event.producer] = (event.outcome.value, now)
         elif isinstance(event, ChannelClosed):
             self._note = "cleanup: queue drained and closed"
 
+    def stopping(self, why: str) -> None:
+        """A stop was asked for (a signal, a key, `procctl stop`)."""
+        self._note = why
+        self._stopping = True
+
     def __rich__(self) -> Group:
-        head = Text(f"procctl sum: {self._producers} producers, {len(self._sums)} consumers, "
+        rows = {r.worker_id: r for r in self.status()}
+        head = Text(f"procctl sum: {self._plan.producers} producers, {self._plan.consumers} consumers, "
                     f"threshold {self._threshold}  ", style="bold")
-        head.append(f"{time.monotonic() - self._t0:6.1f}s  {self._note}")
+        head.append(f"{time.monotonic() - self._t0:6.1f}s  ")
+        state_counts(head, [self._state_name(rows.get(wid)) for wid in range(self._plan.workers)])
+        head.append(self._note)
+        return Group(head, self._overall(), self._table(rows),
+                     *footer_text(KEYS if self.keys else "", self.footer, self.message))
+
+    def _state_name(self, r: WorkerStatus | None) -> str:
+        if r is None:
+            return "starting"
+        if r.outcome is not None:
+            return r.outcome.value
+        return "stopping" if self._stopping else r.state.name.lower()
+
+    def _overall(self) -> Table:
+        """The leading consumer's sum toward the threshold, with an ETA at its pace so far."""
+        leader = max(range(len(self._sums)), key=self._sums.__getitem__)
+        best = self._sums[leader]
+        goal = max(1, self._threshold)
+        elapsed = time.monotonic() - self._t0
+        grid = Table.grid(padding=(0, 1))
+        width = max(10, min(40, self._console.size.width - 50))
+        text = f"{100 * min(best, goal) / goal:5.1f}%  leader: consumer {leader}, {best} of {self._threshold}"
+        if 0 < best < self._threshold and not self._stopping:
+            text += f"  ETA {_fmt_eta((self._threshold - best) * elapsed / best)}"
+        grid.add_row(ProgressBar(total=goal, completed=min(best, goal), width=width), text)
+        return grid
+
+    def _table(self, rows: dict[int, WorkerStatus]) -> Group:
+        columns = fitting(SUM_COLUMNS, self._console.size.width, 3)
         table = Table(box=None, pad_edge=False, header_style="bold dim")
-        for column in ("consumer", "sum", "toward the threshold", "items", "last"):
-            table.add_column(column)
-        for c, total in enumerate(self._sums):
-            bar = ProgressBar(total=max(1, self._threshold + 1), completed=min(total, self._threshold + 1), width=30)
-            table.add_row(str(c), str(total), bar, str(self._received[c]), self._last[c])
-        return Group(head, table, *footer_text(KEYS if self.keys else "", self.footer, self.message))
+        for column in columns:
+            table.add_column(column, no_wrap=True)
+        room = max(3, self._console.size.height - 8)
+        wids = list(range(self._plan.workers))
+        for wid in wids[:room]:
+            cells = self._cells(wid, rows.get(wid))
+            table.add_row(*(cells[c] for c in columns))
+        parts: list[Any] = [table]
+        if len(wids) > room:
+            rest = Counter(self._state_name(rows.get(wid)) for wid in wids[room:])
+            summary = ", ".join(f"{n} {name}" for name, n in rest.items())
+            parts.append(Text(f"... and {len(wids) - room} more: {summary}", style="dim"))
+        return Group(*parts)
+
+    def _cells(self, wid: int, r: WorkerStatus | None) -> dict[str, Any]:
+        role, index = self._plan.role(wid)
+        name = self._state_name(r)
+        cpu, rss = self._usage.of(r) if r is not None else ("", "")
+        last = ""
+        if wid in self._last:
+            what, when = self._last[wid]
+            last = f"{what} {time.monotonic() - when:.0f}s ago"
+        cells: dict[str, Any] = {"worker": str(wid), "role": f"{role} {index}",
+                                 "state": Text(name, style=STATE_STYLE.get(name, "")),
+                                 "sum": "", "toward the threshold": "", "items": "",
+                                 "last event": last, "cpu %": cpu, "rss": rss}
+        if role == "consumer":
+            total = self._sums[index]
+            cells["sum"] = str(total)
+            cells["toward the threshold"] = ProgressBar(total=max(1, self._threshold + 1),
+                                                        completed=min(total, self._threshold + 1), width=20)
+            cells["items"] = str(self._received[index])
+        elif self._produced[index] is not None:
+            cells["items"] = str(self._produced[index])
+        return cells
 
 
 class MapLiveView:

@@ -215,6 +215,24 @@ def test_map_and_sum_live_views_take_the_keys_and_show_where_to_reach_them(scree
         assert re.search(r"summary: 400 items: \d+ done, 0 failed, [1-9]\d* unfinished", term.text)
 
 
+def test_the_sum_view_shows_every_producer_and_consumer(screen):
+    """Issue 5's live view, for sum too: counts per state, the leading consumer's
+    bar, and a row per worker (role, state, CPU %, RSS, last event), each
+    consumer with its sum toward the threshold."""
+    term = screen(["sum", "--producers", "2", "--consumers", "2", "--threshold", "100000000", "--delay", "0.05"],
+                  cols=140)
+    term.wait_for("4 running")
+    term.wait_for("got ")
+    for shown in ("producer 0", "producer 1", "consumer 0", "consumer 1", "cpu %", "rss", "last event",
+                  "leader: consumer", "toward the threshold"):
+        assert shown in term.text, shown
+    term.key("p")
+    term.wait_for("4 paused")
+    term.key("s")
+    term.wait_for("4 stopped")
+    assert term.finish() == 0
+
+
 def test_map_live_view_q_kills_what_does_not_stop(screen, tmp_path, monkeypatch):
     monkeypatch.setenv("MAP_MARKS", str(tmp_path / "marks"))
     items = tmp_path / "items.jsonl"
