@@ -20,7 +20,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from multiprocessing.reduction import ForkingPickler
-from typing import Any
+from typing import Any, SupportsFloat
 
 from . import containment, threads, workwire
 from .channel import (
@@ -286,7 +286,7 @@ class WorkerContext:
         """The items of channel `name`, until it is closed and empty or STOPPED."""
         return self._plane().iter(self, name)
 
-    def progress(self, done: float, total: float | None = None, **info: Any) -> None:
+    def progress(self, done: SupportsFloat, total: SupportsFloat | None = None, **info: Any) -> None:
         """Report progress. Cheap enough for a tight loop: `done` and `total`
         are two stores in shared memory; `info` (small picklable values) is
         sent at most every INFO_INTERVAL seconds, and dropped rather than

@@ -20,6 +20,40 @@ def test_mypy_strict_is_clean():
     assert res.returncode == 0, res.stdout + res.stderr
 
 
+USER_SCRIPT = """
+from decimal import Decimal
+from fractions import Fraction
+from types import MappingProxyType
+
+from procctl import ProcessController, WorkerContext
+
+
+def work(ctx: WorkerContext, a: int, b: int = 0) -> int:
+    ctx.progress(Decimal("2.5"), Decimal(10))
+    ctx.progress(Fraction(1, 3), 1)
+    ctx.progress(3, 10.0, item="x")
+    return a + b
+
+
+with ProcessController(work, 2, args=[1], kwargs=MappingProxyType({"b": 2})) as pc:
+    pc.run()
+    pc.wait(10)
+"""
+
+
+@pytest.mark.timeout(240)
+def test_the_type_hints_take_what_the_readme_says_is_taken(tmp_path):
+    """A user's script, checked as strictly: progress() of a Fraction or a Decimal,
+    args as a list, kwargs as any mapping (the README says each is taken)."""
+    pytest.importorskip("mypy")
+    script = tmp_path / "user_script.py"
+    script.write_text(USER_SCRIPT)
+    res = subprocess.run([sys.executable, "-m", "mypy", "--strict", "--cache-dir", str(tmp_path / "cache"),
+                          str(script)], cwd=ROOT,
+                         capture_output=True, text=True, timeout=230)
+    assert res.returncode == 0, res.stdout + res.stderr
+
+
 @pytest.mark.timeout(120)
 def test_ruff_is_clean():
     ruff = shutil.which("ruff")
