@@ -393,6 +393,64 @@ def test_shutdown_cancels_what_did_not_start_and_ends_the_agents(cluster):
     assert still_running(pids, timeout=10) == []
 
 
+@pytest.mark.parametrize("call", ["stop", "status"])
+def test_on_event_may_call_the_controller_while_run_waits(cluster, call):
+    """As locally, an on_event callback may call any method, here while the
+    script's run() waits for the acknowledgements: stop at the first failure,
+    or ask the status (a lock-order deadlock, both for ever, on the first try)."""
+    out: dict = {}
+    done = threading.Event()
+
+    def on_event(e) -> None:
+        if e.event == "failed" and not out:
+            out["thread"] = threading.current_thread().name
+            try:
+                out["got"] = cc.stop(grace=2) if call == "stop" else cc.status()
+            except BaseException as exc:  # noqa: BLE001 - the test reports it
+                out["error"] = repr(exc)
+            done.set()
+
+    cc = ClusterController(cluster_targets.by_id, 3, cluster=cluster, lease=5, on_event=on_event)
+    runner = threading.Thread(target=lambda: cc.__enter__().run(), daemon=True)
+    try:
+        runner.start()
+        assert done.wait(30), "on_event's call never returned"
+        runner.join(30)
+        assert not runner.is_alive(), "run() never returned"
+    finally:
+        reports = cc.stop(grace=2)
+    assert "error" not in out and out["thread"] != runner.name, out
+    assert len(out["got"]) == 6
+    assert {r.outcome for r in reports.values()} >= {Outcome.FAILED, Outcome.FINISHED}
+
+
+def test_an_initializer_that_fails_on_every_node_breaks_the_executor(cluster):
+    """As a local pool whose initializer fails: the futures fail, then a submit
+    raises, and shutdown() returns (new tasks went to nodes whose pools were
+    broken, and waited there for ever; so did shutdown())."""
+    from concurrent.futures import BrokenExecutor
+
+    ex = ClusterExecutor(cluster=cluster, workers_per_node=1, lease=5, initializer=cluster_targets.fail,
+                         initargs=(1,))
+    try:
+        with pytest.raises(BrokenExecutor):
+            ex.submit(cluster_targets.square, 2).result(30)
+        late = []
+        with contextlib.suppress(BrokenExecutor):  # (refused at once once every node said its pool broke)
+            for i in range(4):
+                late.append(ex.submit(cluster_targets.square, i))
+        for fut in late:
+            with pytest.raises(BrokenExecutor):
+                fut.result(30)
+        with pytest.raises(BrokenExecutor):
+            list(ex.map(cluster_targets.square, [1, 2]))
+    finally:
+        stopped = threading.Thread(target=ex.shutdown, daemon=True)
+        stopped.start()
+        stopped.join(30)
+    assert not stopped.is_alive(), "shutdown() did not return"
+
+
 def test_executor_methods_work_from_a_done_callback(cluster):
     """A done callback may pause, ask the status, stop at the first failure:
     they wait for the nodes' answers, which another thread than the

@@ -24,6 +24,7 @@ import time
 import traceback
 from collections import OrderedDict
 from collections.abc import Callable
+from concurrent.futures import BrokenExecutor
 from concurrent.futures import Future as LocalFuture
 from dataclasses import replace
 from functools import partial
@@ -406,6 +407,7 @@ class ExecutorAgent(Agent):
         self.ex_args = ex_args
         self.ex: _Pool | None = None
         self.futures: dict[int, LocalFuture[Any]] = {}  # by tid, until done
+        self._breaking = threading.Lock()
 
     def start(self) -> None:
         # The pool itself (ProcessExecutor's inside): its workers' ids and
@@ -427,7 +429,11 @@ class ExecutorAgent(Agent):
         if cmd.op is Op.TASKS:
             for tid, blob, items in cmd.arg:
                 # Counted as the items it carries (a map chunk): status() counts items, as locally.
-                fut = self.ex.submit_counted(items, run_task, tid, blob)
+                try:
+                    fut = self.ex.submit_counted(items, run_task, tid, blob)
+                except BrokenExecutor as exc:
+                    self._pool_broken(exc)  # this task and the rest never ran: the client deals them again
+                    return None
                 self.futures[tid] = fut
                 fut.add_done_callback(partial(self._done, tid))
             return None
@@ -481,6 +487,23 @@ class ExecutorAgent(Agent):
             tb = getattr(cause, "tb", None) or "".join(traceback.format_exception(exc))
             wid = getattr(exc, "worker_id", None)
             self.outbox.say(Up.RESULT, body=(tid, False, _portable(exc), tb, wid if isinstance(wid, int) else None))
+            if isinstance(exc, BrokenExecutor):
+                self._pool_broken(exc)
+
+    def _pool_broken(self, exc: BaseException) -> None:
+        """The node's pool is broken (its initializer fails, its workers die as
+        they start): the agent ends, saying why, and the client deals what it
+        held here to the other nodes; with none left, the executor is broken
+        (its futures fail, a submit raises), as a local one is."""
+        with self._breaking:
+            if self.done or self.gone_why is not None:
+                return
+            self.gone_why = f"its pool is broken: {exc}"
+            self.done = True
+        try:  # wakes the main thread's get, to end the agent
+            self.commands.put(encode(Command(0, Op.EXPIRED)), timeout=FLUSH_TIMEOUT)
+        except Exception:  # noqa: BLE001 - the scheduler is gone: the get fails all the same
+            pass
 
     def local(self) -> _Pool | None:
         return self.ex

@@ -240,39 +240,48 @@ class ClusterController(Shortcuts, Session):
         workers is `stop(workers=...)`."""
         state = check_state("state", state)
         timeout = check_timeout("timeout", timeout)
-        with self._ops:
-            self._require_started()
-            ids = None if workers is None else self._check_ids(workers)
-            if ids is not None and state is State.STOPPED:
-                self._stop_some(ids, self.grace)
-                return
-            if self._state is State.STOPPED and state is not State.STOPPED:
-                raise RuntimeError("the workers were stopped; STOPPED is final")
-            limit = self.ack_timeout if timeout is None else timeout
-            only = None if ids is None else {
-                node: (state.value, limit, local) for node, local in self._by_node(ids).items()}
-            if ids is None:
-                self._state = state
-                with self.cond:
-                    self._events.append(Event(self.elapsed(), "broadcast", state=state.name.lower()))
-                self._emit_events()
-            wait = None if limit is None or math.isinf(limit) else limit + SLACK
-            answers = self.ask_all(Op.BROADCAST, (state.value, limit, None), wait, only)
+        try:
+            with self._ops:
+                late, limit = self._broadcast(state, timeout, workers)
+        finally:
+            # Told once the lock is let go: an on_event callback may call any method.
             self._emit_events()
-            late: list[int] = []
+        if late:
+            raise TimeoutError(f"workers {sorted(late)} did not acknowledge {state.name} within {limit}s")
+
+    def _broadcast(self, state: State, timeout: float | None,
+                   workers: Iterable[int] | None) -> tuple[list[int], float | None]:
+        """broadcast(), holding the lock: the workers that did not acknowledge, and the limit."""
+        self._require_started()
+        ids = None if workers is None else self._check_ids(workers)
+        if ids is not None and state is State.STOPPED:
+            self._stop_some(ids, self.grace)
+            return [], None
+        if self._state is State.STOPPED and state is not State.STOPPED:
+            raise RuntimeError("the workers were stopped; STOPPED is final")
+        limit = self.ack_timeout if timeout is None else timeout
+        only = None if ids is None else {
+            node: (state.value, limit, local) for node, local in self._by_node(ids).items()}
+        if ids is None:
+            self._state = state
             with self.cond:
-                for node in self.nodes:
-                    if only is not None and node.index not in only:
-                        continue
-                    if node.index in answers:
-                        answer = check_answer(node, answers[node.index])
-                        if isinstance(answer, tuple) and answer[0] == "timeout":
-                            late.extend(self._gid(node, local) for local in answer[1])
-                    elif not node.ended and node.lost is None:
-                        late.extend(w.id for w in self._workers.values() if w.node is node and w.report is None
-                                    and (ids is None or w.id in ids))
-            if late:
-                raise TimeoutError(f"workers {sorted(late)} did not acknowledge {state.name} within {limit}s")
+                self._events.append(Event(self.elapsed(), "broadcast", state=state.name.lower()))
+            self._emit_events(block=False)
+        wait = None if limit is None or math.isinf(limit) else limit + SLACK
+        answers = self.ask_all(Op.BROADCAST, (state.value, limit, None), wait, only)
+        late: list[int] = []
+        with self.cond:
+            for node in self.nodes:
+                if only is not None and node.index not in only:
+                    continue
+                if node.index in answers:
+                    answer = check_answer(node, answers[node.index])
+                    if isinstance(answer, tuple) and answer[0] == "timeout":
+                        late.extend(self._gid(node, local) for local in answer[1])
+                elif not node.ended and node.lost is None:
+                    late.extend(w.id for w in self._workers.values() if w.node is node and w.report is None
+                                and (ids is None or w.id in ids))
+        return late, limit
 
     def stop(self, grace: float | None = None, *,
              workers: Iterable[int] | None = None) -> dict[int, WorkerReport]:
@@ -282,33 +291,42 @@ class ClusterController(Shortcuts, Session):
         grace_s = self.grace if grace is None else check_timeout("grace", grace, allow_none=False)
         assert grace_s is not None
         if workers is not None:
-            with self._ops:
-                self._require_started()
-                return self._stop_some(self._check_ids(workers), grace_s)
-        with self._ops:
-            if self._phase is _NEW:
-                self._phase = _CLOSED
-            if self._phase is _CLOSED:
-                return self.reports
             try:
-                if self._state is not State.STOPPED:
-                    self._state = State.STOPPED
-                    with self.cond:
-                        self._events.append(Event(self.elapsed(), "broadcast", state="stopped"))
-                    self._emit_events()
-                bound = grace_s + shutdown.TERM_TIMEOUT + shutdown.KILL_TIMEOUT + SLACK
-                self.ask_all(Op.STOP, grace_s, bound)
-                with self.cond:
-                    for node in self.nodes:
-                        if not any(w.node is node and w.report is None for w in self._workers.values()):
-                            continue
-                        self._lose(node, f"it did not answer the stop within {bound:.0f}s")
-                        node.ended = True
+                with self._ops:
+                    self._require_started()
+                    return self._stop_some(self._check_ids(workers), grace_s)
             finally:
-                self.release()
-                self._phase = _CLOSED
                 self._emit_events()
-            return self.reports
+        mine = False  # this call ends the run (another one, at the same time, only waits for it)
+        try:
+            with self._ops:
+                if self._phase is _NEW:
+                    self._phase = _CLOSED
+                if self._phase is _CLOSED:
+                    return self.reports
+                mine = True
+                try:
+                    if self._state is not State.STOPPED:
+                        self._state = State.STOPPED
+                        with self.cond:
+                            self._events.append(Event(self.elapsed(), "broadcast", state="stopped"))
+                        self._emit_events(block=False)
+                    bound = grace_s + shutdown.TERM_TIMEOUT + shutdown.KILL_TIMEOUT + SLACK
+                    self.ask_all(Op.STOP, grace_s, bound)
+                    with self.cond:
+                        for node in self.nodes:
+                            if not any(w.node is node and w.report is None for w in self._workers.values()):
+                                continue
+                            self._lose(node, f"it did not answer the stop within {bound:.0f}s")
+                            node.ended = True
+                finally:
+                    self._phase = _CLOSED  # no other command reaches the nodes now
+        finally:
+            if mine:
+                # With the lock let go: a callback (in the thread release() waits for) may call any method.
+                self.release()
+            self._emit_events()
+        return self.reports
 
     def _stop_some(self, ids: list[int], grace: float) -> dict[int, WorkerReport]:
         """stop(workers=ids): each node stops its own, each worker escalated on its own."""
@@ -320,7 +338,7 @@ class ClusterController(Shortcuts, Session):
                 for report in check_answer(self.nodes[index], answer).values():
                     self._take_report(self.nodes[index], report)
             out = {wid: self._reports[wid] for wid in ids if wid in self._reports}
-        self._emit_events()
+        self._emit_events(block=False)  # (the caller holds the lock: it tells the rest once it has let go)
         return out
 
     def _by_node(self, ids: list[int]) -> dict[int, list[int]]:

@@ -345,8 +345,10 @@ class _ClusterPool(Session):
                 if task.tid in running_tids:
                     running.extend(task.items)
                 futures.append(task.future)
-            self._emit_events()
-            return Unfinished(items, running, futures)
+            self._emit_events(block=False)  # (holding the lock: what is left is told below)
+            unfinished = Unfinished(items, running, futures)
+        self._emit_events()
+        return unfinished
 
     def kill(self) -> None:
         """SIGKILL every worker on every node now (sent within a tick); their tasks

@@ -334,18 +334,35 @@ class Session:
     def on_lost(self, node: Node, why: str) -> None:
         raise NotImplementedError
 
-    def _emit_events(self) -> None:
-        # One thread at a time, so that on_event sees the events in order.
-        with self._emitting:
-            with self.cond:
-                events, self._events = self._events, []
-            if self._on_event is None:
+    def _emit_events(self, block: bool = True) -> None:
+        """Tell on_event the events so far: one thread at a time, so that it
+        sees them in order.
+
+        `block=False` is for a thread that holds a lock an on_event callback
+        may take (a command's): while another thread tells events (the
+        deliverer, maybe inside a callback that waits for that very lock),
+        it leaves them to that thread, which looks again before it lets go,
+        instead of waiting for it.
+        """
+        while True:
+            if not self._emitting.acquire(blocking=block):
                 return
-            for event in events:
-                try:
-                    self._on_event(event)
-                except Exception:
-                    log.exception("on_event callback failed for %s", event)
+            try:
+                while True:
+                    with self.cond:
+                        events, self._events = self._events, []
+                    if not events or self._on_event is None:
+                        break
+                    for event in events:
+                        try:
+                            self._on_event(event)
+                        except Exception:
+                            log.exception("on_event callback failed for %s", event)
+            finally:
+                self._emitting.release()
+            with self.cond:  # (what a thread that gave way added meanwhile)
+                if not self._events:
+                    return
 
     def after_pass(self) -> None:
         """Called by the deliverer thread after each pass of the inbox or the
@@ -619,6 +636,8 @@ class Session:
             if entry is not None and entry[2]:
                 node.answers[msg.seq] = msg.body
         elif msg.kind is Up.GONE:
+            if msg.body and not node.ended and node.hello is not None and not self._closing:
+                self._lose(node, str(msg.body))  # an agent that ended by itself: what it held goes elsewhere
             node.ended = True
             if node.lost is None and msg.body:
                 node.lost = str(msg.body)
