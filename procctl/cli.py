@@ -684,9 +684,11 @@ def _run(make: Callable[[Callable[[Event], None]], Any], workers: int, steps: li
     deadline = None if timeout is None else started + timeout
     session = RunSession(pc, bridge, deadline, max_workers=max_workers)
     ready = False
+    on_cluster = hasattr(pc, "cancel_open")
     if control is not None:
+        # (On a cluster, said once it answered: a bad address is one line on stderr, nothing else.)
         served = control.serve(lambda: pc if ready else None, session.request_stop, reporter,
-                               scale=session.scale if hasattr(pc, "resize") else None)
+                               scale=session.scale if hasattr(pc, "resize") else None, announce=not on_cluster)
     if live:
         from .live import KeyReader, LiveView
 
@@ -700,9 +702,8 @@ def _run(make: Callable[[Callable[[Event], None]], Any], workers: int, steps: li
         capture.start()
     try:
         def wake() -> None:
-            cancel_open = getattr(pc, "cancel_open", None)  # a cluster's connect and start give up at once
-            if bridge.stop_requested() and not ready and cancel_open is not None:
-                cancel_open()
+            if bridge.stop_requested() and not ready and on_cluster:
+                pc.cancel_open()  # a cluster's connect and start give up at once
             pc.wakeup()
 
         with bridge.attach(wake=wake, hurry=pc.kill, nudge=pc.wakeup):
@@ -710,6 +711,8 @@ def _run(make: Callable[[Callable[[Event], None]], Any], workers: int, steps: li
             if failed is not None:
                 return failed
             ready = True
+            if served is not None and on_cluster:
+                served.announce(reporter)
             with keys if keys is not None else contextlib.nullcontext():
                 reports = _drive(pc, session, view, steps, step)
             if capture is not None:

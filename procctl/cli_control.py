@@ -64,10 +64,12 @@ class ControlPlan:
         return cls(name, addr, job, announce)
 
     def serve(self, controller: Callable[[], Any], stop: Callable[[], None], reporter: Reporter,
-              scale: Callable[[int], None] | None = None) -> ServedControl:
+              scale: Callable[[int], None] | None = None, *, announce: bool = True) -> ServedControl:
         """Start the control socket (and the metrics endpoint); BadInput if the name is taken.
 
-        `scale(n)` resizes the run (None: the run cannot, and `procctl scale` is refused)."""
+        `scale(n)` resizes the run (None: the run cannot, and `procctl scale` is refused).
+        With `announce` False, the run's name, pid and socket are said by
+        `ServedControl.announce()` (`run --cluster`: once the cluster answered)."""
         try:
             server = ControlServer(RunHooks(self.job, controller, stop, scale), self.name)  # (its directory)
             server.start()
@@ -89,25 +91,34 @@ class ControlPlan:
                 server.close()
                 host, port = self.metrics_addr
                 raise BadInput(f"--metrics-addr {host}:{port}: cannot listen: {exc.strerror or exc}") from None
-        if self.announce:
-            verb = self.job.split()[0]
-            by_signal = verb in ("run", "map")  # these map SIGUSR1/SIGUSR2 to pause/resume
-            usr1 = f" (or kill -USR1 {server.pid})" if by_signal else ""
-            usr2 = f" (or kill -USR2 {server.pid})" if by_signal else ""
-            reporter.note(f"procctl {verb}: name {server.name}, pid {server.pid}; pause with `procctl pause "
-                          f"{server.name}`{usr1}, resume with `procctl resume {server.name}`{usr2}; "
-                          f"control socket {server.path}")
-            if http is not None:
-                reporter.note(f"procctl {verb}: metrics on {http.url}")
-        return ServedControl(server, http)
+        served = ServedControl(server, http, self.job if self.announce else None)
+        if announce:
+            served.announce(reporter)
+        return served
 
 
 class ServedControl:
     """The control socket and metrics endpoint of a live run (either may be missing)."""
 
-    def __init__(self, server: ControlServer | None, http: Any) -> None:
+    def __init__(self, server: ControlServer | None, http: Any, job: str | None = None) -> None:
         self.server = server
         self.http = http
+        self._job = job  # None: nothing to announce (--json, --quiet)
+
+    def announce(self, reporter: Reporter) -> None:
+        """Say the run's name and pid, how to pause and resume it, and where its socket is."""
+        server, http = self.server, self.http
+        if self._job is None or server is None:
+            return
+        verb = self._job.split()[0]
+        by_signal = verb in ("run", "map")  # these map SIGUSR1/SIGUSR2 to pause/resume
+        usr1 = f" (or kill -USR1 {server.pid})" if by_signal else ""
+        usr2 = f" (or kill -USR2 {server.pid})" if by_signal else ""
+        reporter.note(f"procctl {verb}: name {server.name}, pid {server.pid}; pause with `procctl pause "
+                      f"{server.name}`{usr1}, resume with `procctl resume {server.name}`{usr2}; "
+                      f"control socket {server.path}")
+        if http is not None:
+            reporter.note(f"procctl {verb}: metrics on {http.url}")
 
     @property
     def path(self) -> str | None:

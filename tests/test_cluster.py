@@ -633,8 +633,9 @@ def test_bad_address_and_arguments():
         ClusterController(cluster_targets.loop)
     with pytest.raises(TypeError, match="cluster"):
         ClusterController(cluster_targets.loop, cluster=object())
-    with pytest.raises(ValueError, match="lease"):
-        ClusterController(cluster_targets.loop, address="tcp://127.0.0.1:9", lease=float("nan"))
+    for lease in (float("nan"), -1, 0, float("inf")):  # one message for each
+        with pytest.raises(ValueError, match="lease must be a finite number of seconds > 0"):
+            ClusterController(cluster_targets.loop, address="tcp://127.0.0.1:9", lease=lease)
     for lease in (0.05, 1e-320):  # shorter than the nodes' beats: every node would be lost at once
         with pytest.raises(ValueError, match="lease must be at least 0.2"):
             ClusterExecutor(address="tcp://127.0.0.1:9", lease=lease)
@@ -798,6 +799,7 @@ def test_cli_bad_cluster_is_one_line_and_exit_2(args, says):
                           capture_output=True, text=True, timeout=30)
     assert proc.returncode == 2, proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and says in proc.stderr, proc.stderr
+    assert proc.stdout == ""  # (no run was announced: it never began)
     if {"tcp://127.0.0.1:9", "http://127.0.0.1:8786"} & set(args):  # said at once, not after the connect timeout
         assert time.monotonic() - started < 8, "a refused connection waited for the timeout (10 s)"
     assert time.monotonic() - started < 20

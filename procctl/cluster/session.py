@@ -284,7 +284,10 @@ class Session:
     def __init__(self, address: str | None, cluster: Any, lease: float, connect_timeout: float) -> None:
         self._address = address
         self._cluster = cluster
-        lease_s = check_timeout("lease", lease, allow_none=False)
+        try:
+            lease_s = check_timeout("lease", lease, allow_none=False)
+        except ValueError:  # NaN, negative: one message for every lease that is not > 0
+            lease_s = math.nan
         assert lease_s is not None
         if not 0 < lease_s < math.inf:
             raise ValueError(f"lease must be a finite number of seconds > 0, not {lease!r}")
