@@ -35,8 +35,10 @@ from typing import Any
 # how many times the executor asked for the tasks read and not started), the beat,
 # the item clock (the executor's task_timeout inside a map chunk), and where
 # in a map chunk the worker is (its task id + 1, and the items it runs:
-# first << 32 | count), so that a crash there costs the item, not the chunk.
-SLOT_WORDS = 8
+# first << 32 | count), so that a crash there costs the item, not the chunk;
+# word 8: how many workers the controller has, once a resize changed it (0:
+# as many as when the worker started). The rest is room.
+SLOT_WORDS = 16
 WORD = 8
 #: Heartbeat (see supervise.py, ProcessController heartbeat=): the controller
 #: asks a RUNNING worker for a sign of life by changing the probe bits of its
@@ -183,6 +185,7 @@ class Board:
         self._words[base + 7] = 0
         self._floats[base + 1] = 0.0
         self._floats[base + 2] = 0.0
+        self._words[base + 8] = 0
         self._words[base] = word
 
     # Word 3 is written by the controller only (one writer: no lost update).
@@ -230,6 +233,14 @@ class Board:
         base = worker * SLOT_WORDS
         self._words[base + 7] = first << 32 | count
         self._words[base + 6] = task + 1
+
+    def set_workers(self, worker: int, count: int) -> None:
+        """Tell `worker` how many workers the controller has now (a resize)."""
+        self._words[worker * SLOT_WORDS + 8] = count
+
+    def workers(self, worker: int) -> int:
+        """How many workers the controller has, as last told to `worker` (0: never told)."""
+        return self._words[worker * SLOT_WORDS + 8]
 
     def set_progress(self, worker: int, done: float, total: float) -> None:
         base = worker * SLOT_WORDS

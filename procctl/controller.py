@@ -1362,6 +1362,7 @@ class ProcessController(Shortcuts):
                 self._board.reset(wid, word)
                 self.workers = wid + 1  # before the spawn: the new worker's ctx.workers
                 self._spawn([wid])
+        self._tell_size()
         up = [self._workers[wid] for wid in new if wid < self.workers]
         if not self._pump_until(lambda: all(w.acked_seq >= 0 or not w.alive for w in up) or interrupt(),
                                 self.start_timeout) and not interrupt():
@@ -1371,6 +1372,7 @@ class ProcessController(Shortcuts):
     def _shrink(self, n: int) -> None:
         gone = self._workers[n : self.workers]
         self.workers = n
+        self._tell_size()
         for w in gone:
             self._restart_at.pop(w.id, None)
             self._overrides.pop(w.id, None)
@@ -1378,6 +1380,13 @@ class ProcessController(Shortcuts):
             if w.alive:
                 self._retire(w, self.grace)
         self._pump_until(lambda: not any(w.alive for w in gone), self._escalation_bound(self.grace))
+
+    def _tell_size(self) -> None:
+        """Every live worker's ctx.workers says the size a resize made."""
+        assert self._board is not None
+        for w in self._workers[: self.workers]:
+            if w.alive:
+                self._board.set_workers(w.id, self.workers)
 
     def _stop_some(self, ids: list[int], grace: float) -> dict[int, WorkerReport]:
         """stop(workers=ids): each escalated on its own; never restarted."""

@@ -165,13 +165,13 @@ class WorkerContext:
 
     def __init__(
         self, worker_id: int, end: ControlEnd, manager_fd: int | None,
-        workers: int = 1, work: WorkEnd | None = None, restarts: int = 0,
+        workers: int = 1, work: WorkEnd | None = None, restarts: int = 0, *, resizable: bool = True,
     ) -> None:
         self.worker_id = worker_id
         #: How many times this worker id has been restarted (0 for the first process).
         self.restarts = restarts
-        #: How many workers the controller (or executor) has.
-        self.workers = workers
+        self._workers = workers
+        self._resizable = resizable
         self._work = work
         #: The State last applied.
         self.state: State = State.PAUSED
@@ -199,6 +199,16 @@ class WorkerContext:
             self._sleeper.register(fd, select.POLLIN)
 
     # -- the public surface -------------------------------------------------
+
+    @property
+    def workers(self) -> int:
+        """How many workers the controller (or executor) has now: a resize()
+        changes it for every live worker."""
+        if self._resizable:
+            told = self._end.board.workers(self._end.worker)
+            if told:
+                return told
+        return self._workers
 
     def checkpoint(self) -> bool:
         """Apply pending commands; block while PAUSED; False once STOPPED."""
@@ -605,7 +615,7 @@ def worker_main(spec: WorkerSpec) -> None:
     if spec.work is not None:
         work = WorkEnd(socket.socket(fileno=spec.work.detach()), spec.channels)
     ctx = WorkerContext(spec.id_base + spec.worker_id, end, manager_fd, spec.total or spec.workers, work,
-                        spec.restarts)
+                        spec.restarts, resizable=not spec.total)
     global _current
     _current = ctx
     _reset_signals(ctx)

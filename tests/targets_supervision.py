@@ -138,3 +138,13 @@ def starved(ctx, cpu: int):
     while ctx.checkpoint():
         n += 1
     return n
+
+
+def size_seen(ctx):
+    """Each size ctx.workers said, at each command (it sleeps until the next)."""
+    seen = []
+    while ctx.checkpoint():
+        if not seen or seen[-1] != ctx.workers:
+            seen.append(ctx.workers)
+        ctx.sleep(float("inf"))
+    return seen

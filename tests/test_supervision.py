@@ -472,6 +472,22 @@ def test_resize_up_and_down(state):
     assert [r.outcome for r in pc.history(1)] == [Outcome.STOPPED, Outcome.STOPPED]
 
 
+def test_ctx_workers_follows_a_resize():
+    """ctx.workers is the size now, for the workers already running too (a
+    target that shards by it: worker 0 said 2 after a resize to 4)."""
+    with controller(ts.size_seen, 2) as pc:
+        pc.run()
+        pc.resize(4)
+        pc.pause()  # (each worker's next checkpoint comes after the resize)
+        pc.run()
+        pc.resize(3)
+        pc.pause()
+        pc.run()
+        seen = {wid: r.result for wid, r in pc.stop().items()}
+    assert seen[0] == seen[1] == [2, 4, 3], seen
+    assert seen[2][-2:] == [4, 3] and seen[3][-1] == 4, seen
+
+
 def test_resizes_from_several_threads_leave_every_worker_alive():
     # A grow from one thread reused ids whose processes a shrink from another
     # was still stopping: that stop's escalation then SIGKILLed the new ones.
