@@ -428,7 +428,8 @@ class Reporter:
         `to_json=False` keeps the record out of the --json stream (the events
         file still gets it): for a command whose stdout carries the same facts.
         """
-        line = json_line(record)
+        as_json = self.json_lines and to_json and not self.quiet  # --json --quiet: the summary record alone
+        line = json_line(record) if as_json or self._events is not None else ""  # (none made for nobody)
         with self._lock:
             if self._events is not None:
                 try:
@@ -437,7 +438,7 @@ class Reporter:
                 except OSError as exc:
                     self._drop_events(exc)
             if self.json_lines:
-                if to_json and not self.quiet:  # --json --quiet: the summary record alone
+                if as_json:
                     self._write(line)
             elif text is not None and not self.quiet:
                 self._write(text)

@@ -475,7 +475,7 @@ class SumLiveView:
                 self._stopping = True
         elif isinstance(event, ConsumerStopped):
             self._sums[event.consumer], self._received[event.consumer] = event.sum, event.received
-            self._last[consumer] = ("won" if event.winner else event.outcome.value, now)
+            self._last[consumer] = ("WON" if event.winner else event.outcome.value, now)
         elif isinstance(event, ProducerStopped):
             self._produced[event.producer] = event.produced
             self._last[event.producer] = (event.outcome.value, now)
