@@ -48,6 +48,50 @@ def read_log(path: str, bridge: SignalBridge) -> list[dict[str, Any]]:
     return records
 
 
+#: The outcome a sum log's producer_stopped or consumer_stopped record says, as a timeline draws it.
+_SUM_STOPS = ("producer_stopped", "consumer_stopped")
+
+
+def from_sum_log(records: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], str, int] | None:
+    """A `procctl sum` log as a run's events (None if it is not one): a row per
+    worker, producers first (worker ids 0..P-1, then the consumers), running
+    from the start to its end, with its outcome; the crossing of the threshold
+    as the STOPPED broadcast it caused."""
+    from .timeline import number, worker_id
+
+    stops = [r for r in records if r.get("event") in _SUM_STOPS]
+    if not stops and not any(r.get("event") in ("received", "crossed") for r in records):
+        return None
+    summary: dict[str, Any] = next((r for r in reversed(records) if r.get("event") == "summary"), {})
+    producers = summary.get("produced")
+    consumers = summary.get("sums")
+    counted = [worker_id(r.get("producer")) for r in stops if r.get("event") == "producer_stopped"]
+    p = len(producers) if isinstance(producers, list) else 1 + max((i for i in counted if i is not None), default=-1)
+    indexes = [worker_id(r.get("consumer")) for r in records if r.get("consumer") is not None]
+    c = len(consumers) if isinstance(consumers, list) else 1 + max((i for i in indexes if i is not None), default=-1)
+    if p + c == 0:
+        return None
+    events: list[dict[str, Any]] = [{"t": 0.0, "event": "running", "worker": wid} for wid in range(p + c)]
+    for r in records:
+        kind, t = r.get("event"), number(r.get("t"))
+        if t is None:
+            continue
+        if kind in _SUM_STOPS:
+            index = worker_id(r.get("producer" if kind == "producer_stopped" else "consumer"))
+            if index is not None and r.get("outcome"):
+                wid = index if kind == "producer_stopped" else p + index
+                events.append({"t": t, "event": str(r["outcome"]), "worker": wid, "error": r.get("error")})
+        elif kind == "crossed" and r.get("winner"):
+            events.append({"t": t, "event": "broadcast", "state": "stopped"})
+        elif kind in ("summary", "closed"):
+            events.append(r)
+    return events, f"procctl sum: {p} producers, {c} consumers (producers first)", p + c
+
+
+def _is_map_log(records: list[dict[str, Any]]) -> bool:
+    return any(r.get("event") == "started" and "items" in r for r in records)
+
+
 def title_of(records: list[dict[str, Any]]) -> tuple[str | None, int | None]:
     """The title and worker count `procctl run` used, from the log's summary
     (a count that no run can have is left out, as the events that are not usable)."""
@@ -97,6 +141,11 @@ def timeline_command(log: str, output: str | None, fmt: str | None) -> int:
     bridge.stop_note = None  # a Ctrl-C ends the command: there is no worker to stop
     records = read_log(log, bridge)
     title, workers = title_of(records)
+    sum_run = from_sum_log(records)
+    if sum_run is not None:
+        records, title, workers = sum_run
+    elif _is_map_log(records):
+        say(f"procctl: {log} is a procctl map log: it records items, not workers, so the chart has no rows")
     if fmt == "chrome":
         write_trace(records, output, title=title)
     else:

@@ -49,6 +49,34 @@ def test_timeline_and_trace_from_the_log_equal_the_runs_own(tmp_path):
             assert e["dur"] >= 0 and e["ts"] >= 0
 
 
+def test_timeline_of_a_sum_log_draws_its_producers_and_consumers(tmp_path):
+    """A timeline from any event log: a sum's has no controller events, but its
+    producers' and consumers' ends, and the crossing that stopped them."""
+    log, svg, trace = tmp_path / "sum.jsonl", tmp_path / "sum.svg", tmp_path / "sum.json"
+    res = run_cli(["sum", "--producers", "2", "--consumers", "3", "--threshold", "30", "--seed", "2", "--quiet",
+                   "--events", str(log)])
+    assert res.returncode == 0, res.stderr
+    res = run_cli(["timeline", str(log), "-o", str(svg)])
+    assert res.returncode == 0, res.stderr
+    text = svg.read_text()
+    assert text.count('class="row"') == 5 and "2 producers, 3 consumers" in text
+    assert text.count('class="broadcast ') == 1  # the crossing
+    marks = re.findall(r'class="outcome (\w+)"', text)
+    assert len(marks) == 5 and "finished" in marks, marks
+    assert run_cli(["timeline", str(log), "--format", "chrome", "-o", str(trace)]).returncode == 0
+    events = json.loads(trace.read_text())["traceEvents"]
+    assert len([e for e in events if e["ph"] == "i" and e["cat"] == "outcome"]) == 5
+
+
+def test_timeline_of_a_map_log_says_it_has_no_worker(tmp_path):
+    items, log, svg = tmp_path / "items.jsonl", tmp_path / "map.jsonl", tmp_path / "map.svg"
+    items.write_text("1\n2\n")
+    res = run_cli(["map", "json:dumps", "--items", str(items), "--workers", "1", "--events", str(log)])
+    assert res.returncode == 0, res.stderr
+    res = run_cli(["timeline", str(log), "-o", str(svg)])
+    assert res.returncode == 0 and "a procctl map log: it records items, not workers" in res.stderr, res.stderr
+
+
 def test_timeline_of_a_bad_log_is_one_line(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text("not json\n")
