@@ -646,6 +646,9 @@ def check_writable_file(path: str, option: str) -> None:
     """Bad input unless `path` can be written: try it, as only trying tells."""
     if not path.strip():
         raise BadInput(f"{option} needs a file name, not {path!r}")
+    if path == "-":  # (a file named '-' in the current directory is never what was meant)
+        hint = ": --json puts the events on stdout" if option == "--events" else ""
+        raise BadInput(f"{option} needs a file name; '-' is not stdout here{hint} (./- is a file named '-')")
     directory = os.path.dirname(os.path.abspath(path)) or "."
     if os.path.isdir(path):
         raise BadInput(f"{option} {path!r} is a directory")

@@ -302,12 +302,16 @@ class LiveView:
         room = max(3, self._console.size.height - 10)
         shown = rows[:room]
         columns = self.columns()
+        # Info takes the room the others leave (each column's width, and 2 between two):
+        # more, and rich would cut the columns after it (RSS) instead.
+        others = sum(width for name, width in COLUMNS if name in columns and name != "info")
+        info_room = max(12, min(30, self._console.size.width - others - 2 * (len(columns) - 1)))
         table = Table(box=None, pad_edge=False, header_style="bold dim")
         for column in columns:
             if column == "state":
                 table.add_column(column, no_wrap=True, min_width=8)
             elif column == "info":
-                table.add_column(column, no_wrap=True, overflow="ellipsis", max_width=30)
+                table.add_column(column, no_wrap=True, overflow="ellipsis", max_width=info_room)
             else:
                 table.add_column(column, no_wrap=True)
         for r in shown:

@@ -217,7 +217,7 @@ BAD_INPUTS = [
     ["--target", "os:sep"], ["--schedule", "run,jump"], ["--schedule", "run,stop,run"],
     ["--step", "-1"], ["--grace", "-1"], ["--timeout", "-1"],
     ["--finish-chance", "1.5"], ["--finish-chance", "-0.1"], ["--start-method", "thread"],
-    ["--events", "/no/such/dir/events.jsonl"], ["--events", ""], ["--trace", " "],
+    ["--events", "/no/such/dir/events.jsonl"], ["--events", ""], ["--trace", " "], ["--events", "-"],
     ["--events", "same.svg", "--timeline", "same.svg"],
 ]
 

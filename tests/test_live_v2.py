@@ -314,3 +314,26 @@ def test_log_dir_is_created_or_one_line_and_exit_2(tmp_path):
                    "--log-dir", str(made)])
     assert res.returncode == 0, res.stderr
     assert sorted(p.name.split("-")[1] for p in made.iterdir()) == ["0", "1"]
+
+
+@pytest.mark.parametrize("width", [90, 100, 120])
+def test_a_long_info_takes_only_the_room_the_other_columns_leave(width):
+    """A long info is cut, never the columns after it (RSS read `24 M…` at 100
+    columns) nor before it (the pid, at 90)."""
+    import io
+
+    from rich.console import Console
+
+    from procctl.live import LiveView
+    from procctl.states import State, WorkerStatus
+
+    rows = [WorkerStatus(i, 4000 + i, State.RUNNING, True, done=5, total=10, info={"file": "x" * 60})
+            for i in range(2)]
+    out = io.StringIO()
+    console = Console(file=out, width=width, height=30, color_system=None)
+    view = LiveView(lambda: rows, "t", console=console)
+    view._usage_of.of = lambda r: ("12.5", "24 MiB")  # (no such processes: the usage the row would show)
+    console.print(view.render(rows))
+    lines = [line for line in out.getvalue().splitlines() if line.startswith("0 ")]
+    assert len(lines) == 1 and "4000 " in lines[0] and lines[0].rstrip().endswith("12.5   24 MiB"), lines
+    assert "…" in lines[0]  # the info, cut
