@@ -474,6 +474,8 @@ class MapSession:
         self.paused = False
         self.joblog_error: OSError | None = None  # --cluster: a record could not be written
         self.unfinished_error: OSError | None = None
+        #: Why the executor broke (run() stops; what was not done is unfinished).
+        self.broken: str | None = None
         self.window = max(MIN_WINDOW, WINDOW_PER_WORKER * self.workers)
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._selector = selectors.DefaultSelector()
@@ -575,7 +577,7 @@ class MapSession:
         if self.deadline is not None and time.monotonic() >= self.deadline:
             self.timed_out = True
         return (self.bridge.stop_signal is not None or self.timed_out or self.results.broken
-                or self.stop_asked or self.joblog_error is not None)
+                or self.stop_asked or self.joblog_error is not None or self.broken is not None)
 
     # -- steps
 
@@ -591,7 +593,11 @@ class MapSession:
             head = maplog.record_head(item.line, item.value, item.text) if joblog else None
             try:
                 future = self.executor.submit(run_item, plan.func, item.value, joblog, head)
-            except RuntimeError as exc:  # the executor broke or shut down under us
+            except futures.BrokenExecutor as exc:
+                self.next = pos  # (not submitted: unfinished)
+                self.broke(exc)
+                return
+            except RuntimeError as exc:  # shut down under us
                 self.record(pos, maplog.ItemOutcome(False, error_line(exc)), logged=False)
                 continue
             self.futures[pos] = future
@@ -653,8 +659,19 @@ class MapSession:
             pos = self.completed.popleft()
             future = self.futures.pop(pos, None)
             if future is not None and future.done() and not future.cancelled():
+                exc = future.exception()
+                if isinstance(exc, futures.BrokenExecutor):
+                    self.broke(exc)  # the item did not fail: nothing was left to run it
+                    continue
                 self.record(pos, *self.outcome(future))
         self.results.flush()
+
+    def broke(self, exc: BaseException) -> None:
+        """The executor broke (every node of a cluster lost, workers that die as they
+        start): the run stops, and what it had not done is unfinished, not failed."""
+        if self.broken is None:
+            self.broken = first_line(error_line(exc))
+            say(f"procctl map: error: the workers are gone ({self.broken}); what was not done is unfinished")
 
     def outcome(self, future: Future[Any]) -> tuple[maplog.ItemOutcome, bool]:
         """The item's outcome, and whether the worker logged it (on one machine, unless
@@ -755,7 +772,8 @@ class MapSession:
         else:
             why = ("stdout failed" if self.results.error is not None
                    else "stdout was closed" if self.results.broken
-                   else "the joblog failed" if self.joblog_error is not None else "an error")
+                   else "the joblog failed" if self.joblog_error is not None
+                   else "the workers are gone" if self.broken is not None else "an error")
             self.emit(MapEvent(self.t(), "stopping"), f"{why}: stopping")
 
     def request_stop(self, by: str = "procctl stop") -> None:
@@ -809,7 +827,7 @@ class MapSession:
             return self.bridge.exit_code
         if self.start_failed is not None:
             return self.start_failed
-        if self.joblog_error is not None or self.unfinished_error is not None:
+        if self.joblog_error is not None or self.unfinished_error is not None or self.broken is not None:
             return EXIT_FAILED
         if self.results.broken:
             return EXIT_PIPE if self.results.error is None else EXIT_FAILED

@@ -302,10 +302,10 @@ class LiveView:
         room = max(3, self._console.size.height - 10)
         shown = rows[:room]
         columns = self.columns()
-        # Info takes the room the others leave (each column's width, and 2 between two):
+        # Info takes the room the others leave (their widths, and a space between two):
         # more, and rich would cut the columns after it (RSS) instead.
         others = sum(width for name, width in COLUMNS if name in columns and name != "info")
-        info_room = max(12, min(30, self._console.size.width - others - 2 * (len(columns) - 1)))
+        info_room = max(12, min(30, self._console.size.width - others - (len(columns) - 1)))
         table = Table(box=None, pad_edge=False, header_style="bold dim")
         for column in columns:
             if column == "state":

@@ -202,3 +202,35 @@ def test_cluster_options_need_a_cluster(option):
     res = map_cli(["maptargets:square", option, "2"], input="1\n")
     assert res.returncode == 2 and f"{option} works with --cluster" in res.stderr, res.stderr
 
+
+
+def test_items_left_when_every_node_is_lost_are_unfinished_not_failed(tmp_path):
+    """Every Dask worker SIGKILLed mid-run (their nannies start new ones, which
+    run no agent of this run): the executor has no node left. What was not done
+    did not fail, nothing was left to run it: --unfinished lists it, and the run
+    says why and exits 1 (it was 'failed', and --unfinished was empty)."""
+    from distributed import Client, LocalCluster
+
+    items = write_items(tmp_path / "in.jsonl", [{"n": i, "s": 0.2} for i in range(40)])
+    left = tmp_path / "left.jsonl"
+    cl = LocalCluster(n_workers=2, threads_per_worker=2, processes=True, dashboard_address=None)
+    cli = None
+    try:
+        cli = LiveCli(["map", "maptargets:nap", "--items", items, "--cluster", cl.scheduler_address,
+                       "--workers-per-node", "1", "--lease", "2", "--unfinished", str(left), "--json"], cwd=TESTS)
+        cli.wait_for(lambda lines: sum('"result"' in line for line in lines) >= 2, timeout=30)
+        with Client(cl.scheduler_address, set_as_default=False) as client:
+            for pid in client.run(os.getpid).values():
+                os.kill(pid, signal.SIGKILL)
+        code, out, err = cli.finish(timeout=60)
+    finally:
+        if cli is not None:
+            cli.kill()
+        cl.close()
+    assert code == 1, err
+    assert "the workers are gone" in err
+    done = sorted(r["item"]["n"] for r in results(out) if "result" in r)
+    assert not [r for r in results(out) if "error" in r]
+    summary = json_events(out)[-1]
+    assert (summary["done"], summary["failed"], summary["unfinished"]) == (len(done), 0, 40 - len(done)), summary
+    assert [json.loads(line)["n"] for line in left.read_text().splitlines()] == sorted(set(range(40)) - set(done))
