@@ -778,6 +778,7 @@ def test_a_node_that_cannot_start_says_why(cluster, monkeypatch):
 
 @pytest.mark.parametrize("args, says", [
     (["--cluster", "tcp://127.0.0.1:9"], "127.0.0.1:9"),
+    (["--cluster", "ws://127.0.0.1:9"], "ws://127.0.0.1:9"),
     (["--cluster", "nonsense"], "nonsense"),
     (["--cluster", "local:0"], "local:0"),
     (["--cluster", "local:1", "--lease", "nan"], "--lease"),
@@ -800,7 +801,7 @@ def test_cli_bad_cluster_is_one_line_and_exit_2(args, says):
     assert proc.returncode == 2, proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and says in proc.stderr, proc.stderr
     assert proc.stdout == ""  # (no run was announced: it never began)
-    if {"tcp://127.0.0.1:9", "http://127.0.0.1:8786"} & set(args):  # said at once, not after the connect timeout
+    if {"tcp://127.0.0.1:9", "ws://127.0.0.1:9", "http://127.0.0.1:8786"} & set(args):  # at once, not at the timeout
         assert time.monotonic() - started < 8, "a refused connection waited for the timeout (10 s)"
     assert time.monotonic() - started < 20
 

@@ -215,10 +215,11 @@ class Connecting:
 
 
 def _refused_at_once(address: str, seconds: float) -> None:
-    """ConnectionRefusedError at once when nothing listens at a tcp:// address
-    (Dask's connect would try again until its timeout)."""
+    """ConnectionRefusedError at once when nothing listens at the host and port
+    of a TCP-based address, tcp:// tls:// ws:// wss:// (Dask's connect would
+    try again until its timeout)."""
     scheme, _, rest = address.rpartition("://")
-    if scheme not in ("", "tcp"):
+    if scheme not in ("", "tcp", "tls", "ws", "wss"):
         return
     host, _, port = rest.rpartition(":")
     try:
