@@ -667,8 +667,13 @@ class _Pool:
                         yield _popping(chunk)
                 i = len(run.values)
             finally:
-                for j in range(i, len(run.values)):
-                    run.cancel(j)
+                if sum(run.cancel(j) for j in range(i, len(run.values))):
+                    # Let go of (the iterator closed, a timeout): what a worker holds of
+                    # it and has not begun comes back, and is cancelled as the rest is.
+                    if self._in_manager():
+                        self._inline("reclaim", run)
+                    else:
+                        self._command("reclaim", run)
 
         if chunked:
             return _Chunks.of(results())
@@ -950,6 +955,12 @@ class _Pool:
             self._broadcast(State.PAUSED if name == "pause" else State.RUNNING, fut)
         elif name == "status":
             fut.set_result(self._statuses())
+        elif name == "reclaim":
+            # (All a worker has not begun comes back: what is not the run's goes out again.)
+            for line in self._lines.values():
+                if not line.closed and any(task.run is arg for task in line.held):
+                    self._ask_back(line)
+            fut.set_result(None)
         elif name == "shutdown":
             self._closing = True
             if self._paused:

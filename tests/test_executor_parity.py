@@ -158,6 +158,23 @@ def test_map_lets_go_of_the_results_it_yielded(chunksize):
         assert len(list(it)) == 9
 
 
+def test_a_map_let_go_of_takes_back_what_its_worker_has_not_begun():
+    """As the stdlib's map cancels what has not started once its iterator is
+    closed: here the chunks a worker holds behind the one it runs come back,
+    cancelled (of 4 chunks of 8, 3 ran after the close, and shutdown() waited for them)."""
+    ex = ProcessExecutor(1, start_method="fork")
+    try:
+        it = ex.map(t.nap, [0.05] * 32)  # automatic chunks: 8 items each
+        next(it)  # (the first chunk has ended: its results come together)
+        it.close()
+        ex.shutdown(wait=True)
+        counts = ex.counts()
+    finally:
+        ex.stop()
+    assert counts.completed <= 16 and counts.cancelled >= 16, counts
+    assert counts.completed + counts.cancelled == 32
+
+
 def test_a_result_that_cannot_be_unpickled_fails_its_own_future_only():
     with ProcessExecutor(2, start_method="fork") as ex:
         slow = [ex.submit(t.sleep_for, 0.2) for _ in range(4)]

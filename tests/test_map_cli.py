@@ -142,15 +142,18 @@ main()
 """
 
 
-def test_workers_that_cannot_start_fail_every_item_and_the_run_ends(tmp_path):
+def test_workers_that_cannot_start_leave_every_item_unfinished_and_the_run_ends(tmp_path):
     """A pool whose workers cannot start is broken (ProcessPoolExecutor's
-    BrokenProcessPool): every item fails, and the command ends at once."""
-    items = write_items(tmp_path / "in.jsonl", range(2000))
-    res = subprocess.run([sys.executable, "-c", WORKERS_CANNOT_START.format(tests=TESTS, items=items)],
-                         capture_output=True, text=True, timeout=30, cwd=TESTS)
+    BrokenProcessPool): no item failed, nothing was left to run them; they are
+    unfinished (--unfinished lists them), and the command ends at once, saying why."""
+    items, left = write_items(tmp_path / "in.jsonl", range(2000)), tmp_path / "left.jsonl"
+    script = WORKERS_CANNOT_START.format(tests=TESTS, items=items).replace('"2"]', f'"2", "--unfinished", {str(left)!r}]')
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=30, cwd=TESTS)
     assert res.returncode == 1, res.stderr
-    assert len(results(res.stdout)) == 2000 and all("error" in r for r in results(res.stdout))
-    assert "2000 failed" in res.stderr and "Traceback" not in res.stderr, res.stderr
+    assert results(res.stdout) == []
+    assert "the workers are gone" in res.stderr and "Traceback" not in res.stderr, res.stderr
+    assert "0 done, 0 failed, 2000 unfinished" in res.stderr, res.stderr
+    assert [int(line) for line in left.read_text().splitlines()] == list(range(2000))
 
 
 def test_a_crash_or_a_timeout_fails_only_its_item(tmp_path):
