@@ -147,7 +147,8 @@ def test_workers_that_cannot_start_leave_every_item_unfinished_and_the_run_ends(
     BrokenProcessPool): no item failed, nothing was left to run them; they are
     unfinished (--unfinished lists them), and the command ends at once, saying why."""
     items, left = write_items(tmp_path / "in.jsonl", range(2000)), tmp_path / "left.jsonl"
-    script = WORKERS_CANNOT_START.format(tests=TESTS, items=items).replace('"2"]', f'"2", "--unfinished", {str(left)!r}]')
+    script = WORKERS_CANNOT_START.format(tests=TESTS, items=items)
+    script = script.replace('"2"]', f'"2", "--unfinished", {str(left)!r}]')
     res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=30, cwd=TESTS)
     assert res.returncode == 1, res.stderr
     assert results(res.stdout) == []
