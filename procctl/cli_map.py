@@ -1008,14 +1008,12 @@ class _MapControl:
 
 
 def _run_live(session: MapSession, stream: IO[str], bridge: SignalBridge, footer: str) -> MapSession:
-    from rich.console import Console
-
-    from .live import KeyReader, MapLiveView
+    from .live import KeyReader, MapLiveView, terminal_console
 
     plan = session.plan
     where = f" on {session.nodes} nodes" if session.nodes is not None else ""
     view = MapLiveView(f"procctl map {plan.spec}: {session.workers} workers{where}", len(plan.to_run),
-                       session.counts, console=Console(file=stream), footer=footer)
+                       session.counts, console=terminal_console(stream), footer=footer)
     if stream is sys.stdout:
         session.results.printer = view.print  # results print above the view
 

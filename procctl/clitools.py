@@ -41,8 +41,7 @@ class BadInput(Exception):
 
 #: The operator's signals: held from the command's first line until its
 #: handlers are in place, so that none is lost or kills us half-way.
-HELD_SIGNALS = frozenset({signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2,
-                          signal.SIGTTIN, signal.SIGTTOU})
+HELD_SIGNALS = threads.MANAGED_SIGNALS
 
 
 def _nothing() -> None:
@@ -236,8 +235,7 @@ class SignalBridge:
     a broken pipe into whatever code the signal interrupted.
     """
 
-    HANDLED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2,
-               signal.SIGTTIN, signal.SIGTTOU)
+    HANDLED = tuple(sorted(HELD_SIGNALS))
 
     def __init__(self) -> None:
         self._wake: Callable[[], None] = _nothing

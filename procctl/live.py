@@ -10,13 +10,14 @@ import math
 import os
 import re
 import selectors
+import sys
 import termios
 import threading
 import time
 import tty
 from collections import Counter
 from collections.abc import Callable
-from typing import Any
+from typing import IO, Any, cast
 
 import psutil
 from rich.console import Console, Group
@@ -40,6 +41,50 @@ _SGR = re.compile(r"(\x1b\[[0-9;:]*m)")
 #: title), DCS/SOS/PM/APC strings, and two-character escapes (a reset, a charset).
 _OTHER_ESCAPE = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)?"
                            r"|\x1b[PX^_][^\x1b]*(?:\x1b\\)?|\x1b[ -/]*[0-~]?")
+
+
+class TerminalStream:
+    """The terminal a live view draws on. A write it refuses (EIO once the
+    terminal went away: a hangup) ends the drawing, never the command: the
+    stop, its summary and the event log go on (rich's own refresh thread
+    writes too, where an exception would only kill the thread, noisily)."""
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+        self.gone = False
+
+    def write(self, text: str) -> int:
+        if not self.gone:
+            try:
+                self._stream.write(text)
+            except (OSError, ValueError):  # (ValueError: closed meanwhile)
+                self.gone = True
+        return len(text)
+
+    def flush(self) -> None:
+        if not self.gone:
+            try:
+                self._stream.flush()
+            except (OSError, ValueError):
+                self.gone = True
+
+    def isatty(self) -> bool:
+        try:
+            return bool(self._stream.isatty())
+        except (OSError, ValueError):
+            return False
+
+    def fileno(self) -> int:
+        return int(self._stream.fileno())
+
+    @property
+    def encoding(self) -> str:
+        return getattr(self._stream, "encoding", None) or "utf-8"
+
+
+def terminal_console(stream: Any = None) -> Console:
+    """A rich Console on `stream` (default: stdout) that a terminal gone away cannot break."""
+    return Console(file=cast(IO[str], TerminalStream(sys.stdout if stream is None else stream)))
 
 
 #: The keys every live view takes (`procctl run` adds +/-).
@@ -172,7 +217,7 @@ class LiveView:
         self._title = title
         self._footer = footer
         self._keys = keys
-        self._console = console or Console()
+        self._console = console or terminal_console()
         self._usage_of = Usage()
         self._t0 = time.monotonic()
         self._live: Live | None = None
@@ -455,7 +500,7 @@ class SumLiveView:
         self._stopping = False
         self._t0 = time.monotonic()
         self._usage = Usage()
-        self._console = console or Console()
+        self._console = console or terminal_console()
         self._live = Live(self, console=self._console, refresh_per_second=1 / REFRESH)
 
     def __enter__(self) -> SumLiveView:
@@ -582,7 +627,7 @@ class MapLiveView:
         self._counts = counts
         self.note = "running"
         self._t0 = time.monotonic()
-        self._live = Live(self, console=console or Console(), refresh_per_second=1 / REFRESH,
+        self._live = Live(self, console=console or terminal_console(), refresh_per_second=1 / REFRESH,
                           redirect_stdout=False, redirect_stderr=False)
 
     def __enter__(self) -> MapLiveView:

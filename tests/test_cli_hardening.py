@@ -839,3 +839,70 @@ def test_wait_before_start_is_an_error():
             wait()
     pc.close()
     assert pc.wait() is True  # closed: nothing left to wait for
+
+
+def test_the_command_holds_every_operator_signal_from_its_first_line():
+    """procctl's entry point blocks each signal the command acts on before it
+    loads anything (a SIGHUP 0.06-0.15 s in killed it by its default action)."""
+    code = ("import signal, procctl.cli as cli\n"
+            "cli.main = lambda: print(sorted(int(s) for s in signal.pthread_sigmask(signal.SIG_BLOCK, [])))\n"
+            "import procctl.__main__ as entry\n"
+            "entry.main()\n")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
+    assert res.returncode == 0, res.stderr
+    held = set(json.loads(res.stdout))
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2):
+        assert int(sig) in held, (sig, held)
+
+
+HANGUP_ARGS = {"run": ["run", "--workers", "2", "--schedule", "run", "--step", "0.2", "--finish-chance", "0"],
+               "sum": ["sum", "--threshold", "100000000", "--delay", "0.05"],
+               "map": ["map", "maptargets:nap", "--workers", "2"]}
+
+
+@pytest.mark.parametrize("command", sorted(HANGUP_ARGS))
+def test_a_terminal_that_goes_away_stops_the_run_and_its_log_ends(command, tmp_path):
+    """The terminal closes under a live view: SIGHUP, a graceful stop (129),
+    and the event log still gets its summary (the view's last draw on the dead
+    terminal, EIO, cut the command short of it)."""
+    import pty
+
+    events = tmp_path / "events.jsonl"
+    args = HANGUP_ARGS[command] + ["--events", str(events)]
+    if command == "map":
+        items = tmp_path / "items.jsonl"
+        items.write_text("".join(json.dumps({"n": i, "s": 0.3}) + "\n" for i in range(20)))
+        args += ["--items", str(items)]
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: procctl on its own terminal, as a person starts it
+        try:
+            os.chdir(TESTS)
+            os.environ.update(COLUMNS="100", LINES="30", XDG_RUNTIME_DIR=str(tmp_path))
+            os.execv(sys.executable, [sys.executable, "-m", "procctl"] + args)
+        finally:
+            os._exit(127)
+    try:
+        seen = b""
+        deadline = time.monotonic() + 30
+        while b"keys: p pause" not in seen:  # its live view is up
+            assert time.monotonic() < deadline, seen[-500:]
+            if select.select([fd], [], [], deadline - time.monotonic())[0]:
+                try:
+                    seen += os.read(fd, 65536)
+                except OSError:
+                    break
+        os.close(fd)  # the terminal goes away
+        fd = -1
+        _, status = os.waitpid(pid, 0)
+        pid = 0
+    finally:
+        if fd >= 0:
+            os.close(fd)
+        if pid:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 129
+    log = [strict_json(line) for line in events.read_text().splitlines()]
+    assert log[-1]["event"] == "summary", log[-3:]
+    if command == "run":
+        assert_all_gone(worker_pids(log))
