@@ -14,35 +14,34 @@ from .statecodes import SYS_EXIT_NOTE
 from .statecodes import Outcome as Outcome
 from .statecodes import State as State
 
-_HEADERS = ("Traceback (most recent call last):", "Exception Group Traceback (most recent call last):")
+#: The headers a printed traceback's blocks begin with, at its top level.
+_PLAIN = "Traceback (most recent call last):"
+_GROUP = "  + Exception Group Traceback (most recent call last):"
 
 
 def error_line(error: str | None) -> str | None:
     """An error in one line: a traceback's exception line (``ValueError: bad
-    input``, the first line of a message that has several), the procctl note
-    that ends one, or the error itself when it is no traceback (a crash)."""
+    input``; of a chain, the final exception's; of an exception group, the
+    group's own; the first line of a message that has several), the procctl
+    note that ends one, or the error itself when it is no traceback (a crash)."""
     if not error or not error.strip():
         return None
-    lines = [_undecorated(line) for line in error.rstrip().splitlines()]
+    lines = error.rstrip().splitlines()
     last = lines[-1].strip()
     if last.startswith(SYS_EXIT_NOTE):
         return last
-    # The last traceback's (a chain's final exception), but an exception group's own.
-    starts = [i for i, line in enumerate(lines) if line in _HEADERS]
-    groups = [i for i in starts if lines[i] == _HEADERS[1]]
+    starts = [i for i, line in enumerate(lines) if line in (_PLAIN, _GROUP)]
     if starts:
-        for line in lines[(groups or starts)[0 if groups else -1] + 1:]:
+        block = lines[starts[-1] + 1:]  # the last top-level block: the final exception's
+        if lines[starts[-1]] == _GROUP:  # its frame lines are "  |   File ...", its own line "  | X: ..."
+            block = [line[4:] for line in block if line.startswith("  | ")]
+        for i, line in enumerate(block):
             if line.strip() and not line[0].isspace():
-                return line.strip()
+                text = line.strip()
+                if text.endswith(":") and i + 1 < len(block) and block[i + 1].strip():
+                    text += " " + block[i + 1].strip()  # a message whose first line is empty
+                return text
     return next((line.strip() for line in reversed(lines) if line.strip(" +-|0123456789")), last)
-
-
-def _undecorated(line: str) -> str:
-    """A line of a printed exception group without its frame (``  | ``)."""
-    stripped = line.lstrip(" ")
-    if stripped[:2] in ("| ", "+ "):
-        return stripped[2:]
-    return line
 
 
 @dataclass(frozen=True)

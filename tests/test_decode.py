@@ -450,6 +450,27 @@ def _group() -> None:
     raise builtins.ExceptionGroup("two went wrong", [ValueError("a"), TypeError("b")])
 
 
+def _from_a_group() -> None:
+    try:
+        _group()
+    except BaseException as exc:
+        raise RuntimeError("final") from exc
+
+
+def _lookup(table: dict) -> object:
+    return table["missing"]
+
+
+def _continued() -> None:
+    # A source line of the traceback that begins with '+ ' (or '| '): not the exception.
+    print("never",
+          + len(str(_lookup({}))))
+
+
+def _empty_first_line() -> None:
+    raise ValueError("\nsecond")
+
+
 NEEDS_311 = pytest.mark.skipif(sys.version_info < (3, 11), reason="exception notes and groups are Python 3.11's")
 
 
@@ -458,8 +479,12 @@ NEEDS_311 = pytest.mark.skipif(sys.version_info < (3, 11), reason="exception not
     (_chained, "RuntimeError: outer"),
     pytest.param(_noted, "ValueError: bad", marks=NEEDS_311),
     pytest.param(_group, "ExceptionGroup: two went wrong (2 sub-exceptions)", marks=NEEDS_311),
+    pytest.param(_from_a_group, "RuntimeError: final", marks=NEEDS_311),
+    (_continued, "KeyError: 'missing'"),
+    (_empty_first_line, "ValueError: second"),
     (lambda: sys.exit(0), "SystemExit: 0"),
-], ids=["several-lines", "chained", "noted", "group", "sys.exit"])
+], ids=["several-lines", "chained", "noted", "group", "from-a-group", "source-line-with-plus", "empty-first-line",
+        "sys.exit"])
 def test_error_line_is_the_exception_of_a_traceback(raise_it, expected):
     assert error_line(_formatted(raise_it)) == expected
 
@@ -469,4 +494,5 @@ def test_error_line_of_what_is_no_traceback():
     assert error_line(sys_exit) == "the target called sys.exit(3)"  # the worker's note says it best
     assert error_line("killed by the controller with SIGKILL") == "killed by the controller with SIGKILL"
     assert error_line("crashed\nexit code -11 (SIGSEGV)\n") == "exit code -11 (SIGSEGV)"
+    assert error_line("| x") == "| x"  # no traceback: the text as it is
     assert error_line("") is None and error_line(None) is None and error_line(" \n") is None
