@@ -60,7 +60,7 @@ from .control import ACK_WAIT
 from .controller import WorkerStartError
 from .executor import ProcessExecutor
 from .limits import COMMAND_FDS, LIMIT_ERRNOS, WORK_FDS_PER_WORKER, capacity_problem
-from .map_task import error_line, output_to_stderr, run_item
+from .map_task import exception_text, output_to_stderr, run_item
 from .named_target import NamedTarget, remember
 from .states import State, WorkerStatus
 from .workwire import remaining
@@ -598,7 +598,7 @@ class MapSession:
                 self.broke(exc)
                 return
             except RuntimeError as exc:  # shut down under us
-                self.record(pos, maplog.ItemOutcome(False, error_line(exc)), logged=False)
+                self.record(pos, maplog.ItemOutcome(False, exception_text(exc)), logged=False)
                 continue
             self.futures[pos] = future
             future.add_done_callback(functools.partial(self._completed, pos))
@@ -670,7 +670,7 @@ class MapSession:
         """The executor broke (every node of a cluster lost, workers that die as they
         start): the run stops, and what it had not done is unfinished, not failed."""
         if self.broken is None:
-            self.broken = first_line(error_line(exc))
+            self.broken = first_line(exception_text(exc))
             say(f"procctl map: error: the workers are gone ({self.broken}); what was not done is unfinished")
 
     def outcome(self, future: Future[Any]) -> tuple[maplog.ItemOutcome, bool]:
@@ -680,7 +680,7 @@ class MapSession:
         if exc is None:
             result: maplog.ItemOutcome = future.result()
             return result, not self.on_cluster and result.log_error is None
-        return maplog.ItemOutcome(False, error_line(exc)), False
+        return maplog.ItemOutcome(False, exception_text(exc)), False
 
     def record(self, pos: int, outcome: maplog.ItemOutcome, logged: bool) -> None:
         item = self.plan.to_run[pos]

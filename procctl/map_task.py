@@ -37,12 +37,12 @@ def run_item(fn: Callable[[Any], Any], item: Any, joblog: str | None = None,
     try:
         value = fn(item)
     except Exception as exc:  # noqa: BLE001 - any exception of the task fails its item
-        ok, text, tb = False, error_line(exc), traceback.format_exc()
+        ok, text, tb = False, exception_text(exc), traceback.format_exc()
     else:
         try:
             ok, text = True, json.dumps(value, allow_nan=False)
         except (TypeError, ValueError) as exc:
-            ok, text = False, f"result is not JSON: {error_line(exc)}"
+            ok, text = False, f"result is not JSON: {exception_text(exc)}"
     if _interrupted():
         # It was told to stop (a checkpoint returned False): the executor counts
         # the item unfinished, so it is neither done nor failed, and not logged.
@@ -81,6 +81,7 @@ def _interrupted() -> bool:
     return saw_stop(ctx)
 
 
-def error_line(exc: BaseException) -> str:
+def exception_text(exc: BaseException) -> str:
+    """`ValueError: message` (all of it: an item's error in JSON), from the exception itself."""
     text = str(exc)
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
