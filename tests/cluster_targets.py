@@ -113,3 +113,11 @@ def deaf_task_telling(fifo, seconds):
     with open(fifo, "w") as f:
         f.write("started\n")
     time.sleep(seconds)
+
+
+def fail_on_worker_0():
+    """An initializer that fails on global worker 0 only (the first node's)."""
+    import procctl
+
+    if procctl.context().worker_id == 0:
+        raise ValueError("no good on this node")

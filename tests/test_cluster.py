@@ -451,6 +451,18 @@ def test_an_initializer_that_fails_on_every_node_breaks_the_executor(cluster):
     assert not stopped.is_alive(), "shutdown() did not return"
 
 
+def test_a_node_whose_pool_breaks_leaves_its_tasks_to_the_others(cluster):
+    """One node's initializer fails, the other's does not: that node's tasks
+    did not run, and go to the other node; every future completes."""
+    ex = ClusterExecutor(cluster=cluster, workers_per_node=1, lease=5, initializer=cluster_targets.fail_on_worker_0)
+    try:
+        futs = [ex.submit(cluster_targets.square, i) for i in range(20)]
+        assert [f.result(60) for f in futs] == [i * i for i in range(20)]
+        assert ex.submit(cluster_targets.square, 5).result(60) == 25  # the executor goes on
+    finally:
+        ex.stop(grace=1)
+
+
 def test_executor_methods_work_from_a_done_callback(cluster):
     """A done callback may pause, ask the status, stop at the first failure:
     they wait for the nodes' answers, which another thread than the

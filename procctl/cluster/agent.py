@@ -474,6 +474,9 @@ class ExecutorAgent(Agent):
         if fut.cancelled():
             return  # stop() hands it back as unfinished
         exc = fut.exception()
+        if isinstance(exc, BrokenExecutor):
+            self._pool_broken(exc)  # the task did not run here: the client deals it to another node
+            return
         if exc is None:
             wid, value = fut.result()
             try:
@@ -487,8 +490,6 @@ class ExecutorAgent(Agent):
             tb = getattr(cause, "tb", None) or "".join(traceback.format_exception(exc))
             wid = getattr(exc, "worker_id", None)
             self.outbox.say(Up.RESULT, body=(tid, False, _portable(exc), tb, wid if isinstance(wid, int) else None))
-            if isinstance(exc, BrokenExecutor):
-                self._pool_broken(exc)
 
     def _pool_broken(self, exc: BaseException) -> None:
         """The node's pool is broken (its initializer fails, its workers die as
