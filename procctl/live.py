@@ -20,6 +20,7 @@ from collections.abc import Callable
 from typing import IO, Any, cast
 
 import psutil
+from rich.cells import cell_len
 from rich.console import Console, Group
 from rich.live import Live
 from rich.progress_bar import ProgressBar
@@ -157,6 +158,11 @@ COLUMNS = (("worker", 7), ("state", 9), ("progress", 14), ("eta", 6), ("cpu %", 
 #: At most this many output lines are drawn per batch (the newest); the rest
 #: are counted (and kept in --log-dir files), so a chatty worker cannot drown the view.
 MAX_LINES_SHOWN = 400
+
+
+def _width(cell: Any) -> int:
+    """How many terminal columns a table cell (a str or a rich Text) takes."""
+    return cell.cell_len if isinstance(cell, Text) else cell_len(str(cell))
 
 
 class Usage:
@@ -337,20 +343,26 @@ class LiveView:
                      f"{100 * done / total:5.1f}%", f"ETA {_fmt_eta(eta)}" if eta is not None else "")
         return grid
 
-    def columns(self) -> list[str]:
-        """The columns that fit the terminal's width, in display order."""
-        kept = fitting(COLUMNS, self._console.size.width, 2)  # worker and state always
+    def columns(self, cells: list[dict[str, Any]] | None = None) -> list[str]:
+        """The columns that fit the terminal's width, in display order: each as
+        wide as it says (COLUMNS) or as its widest cell in `cells` and a gap."""
+        widths = tuple((name, max([width] + [_width(row.get(name, "")) + 2 for row in cells or ()]))
+                       for name, width in COLUMNS)
+        kept = fitting(widths, self._console.size.width, 2)  # worker and state always
         order = ("worker", "pid", "state", "progress", "eta", "last event", "info", "cpu %", "rss")
         return [name for name in order if name in kept]
 
     def _table(self, rows: list[WorkerStatus]) -> Group:
         room = max(3, self._console.size.height - 10)
         shown = rows[:room]
-        columns = self.columns()
-        # Info takes the room the others leave (their widths, and a space between two):
-        # more, and rich would cut the columns after it (RSS) instead.
-        others = sum(width for name, width in COLUMNS if name in columns and name != "info")
-        info_room = max(12, min(30, self._console.size.width - others - (len(columns) - 1)))
+        rows_cells = [self._cells(r) for r in shown]
+        columns = self.columns([{k: v for k, v in cells.items() if k != "info"} for cells in rows_cells])
+        # Info takes the room the others leave (as wide as their widest cell or
+        # header, and two spaces between two columns): more, and rich would cut
+        # the other columns instead (RSS, the pid).
+        others = sum(max([cell_len(name), 8 if name == "state" else 0] + [_width(cells[name]) for cells in rows_cells])
+                     for name in columns if name != "info")
+        info_room = max(12, min(30, self._console.size.width - others - 2 * (len(columns) - 1) - 1))
         table = Table(box=None, pad_edge=False, header_style="bold dim")
         for column in columns:
             if column == "state":
@@ -359,8 +371,7 @@ class LiveView:
                 table.add_column(column, no_wrap=True, overflow="ellipsis", max_width=info_room)
             else:
                 table.add_column(column, no_wrap=True)
-        for r in shown:
-            cells = self._cells(r)
+        for cells in rows_cells:
             table.add_row(*(cells[c] for c in columns))
         parts: list[Any] = [table]
         if len(rows) > len(shown):

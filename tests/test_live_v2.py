@@ -317,9 +317,11 @@ def test_log_dir_is_created_or_one_line_and_exit_2(tmp_path):
 
 
 @pytest.mark.parametrize("width", [90, 100, 120])
-def test_a_long_info_takes_only_the_room_the_other_columns_leave(width):
-    """A long info is cut, never the columns after it (RSS read `24 M…` at 100
-    columns) nor before it (the pid, at 90)."""
+@pytest.mark.parametrize("long_state", [False, True], ids=["state", "restarted-silent-state"])
+def test_a_long_info_takes_only_the_room_the_other_columns_leave(width, long_state):
+    """A long info is cut (or goes), never the columns after it (RSS read
+    `24 M…` at 100 columns) nor before it (the pid, at 90), also when the state
+    says more than its nominal width (`running r12 no beat 9.5s`)."""
     import io
 
     from rich.console import Console
@@ -327,13 +329,15 @@ def test_a_long_info_takes_only_the_room_the_other_columns_leave(width):
     from procctl.live import LiveView
     from procctl.states import State, WorkerStatus
 
-    rows = [WorkerStatus(i, 4000 + i, State.RUNNING, True, done=5, total=10, info={"file": "x" * 60})
-            for i in range(2)]
+    extra = dict(restarts=12, beat_age=9.5) if long_state else {}
+    rows = [WorkerStatus(i, 31000 + i, State.RUNNING, True, done=5, total=10, eta=75, info={"file": "x" * 60},
+                         **extra) for i in range(2)]
     out = io.StringIO()
     console = Console(file=out, width=width, height=30, color_system=None)
-    view = LiveView(lambda: rows, "t", console=console)
+    view = LiveView(lambda: rows, "t", console=console, heartbeat=1.0 if long_state else None)
     view._usage_of.of = lambda r: ("12.5", "24 MiB")  # (no such processes: the usage the row would show)
     console.print(view.render(rows))
     lines = [line for line in out.getvalue().splitlines() if line.startswith("0 ")]
-    assert len(lines) == 1 and "4000 " in lines[0] and lines[0].rstrip().endswith("12.5   24 MiB"), lines
-    assert "…" in lines[0]  # the info, cut
+    assert len(lines) == 1 and "31000 " in lines[0] and lines[0].rstrip().endswith("12.5   24 MiB"), lines
+    assert "1:15" in lines[0] and (not long_state or "no beat 9.5s" in lines[0]), lines
+    assert lines[0].count("…") <= 1 and ("…" not in lines[0] or "x…" in lines[0]), lines  # only the info is cut
