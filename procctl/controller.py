@@ -1352,17 +1352,19 @@ class ProcessController(Shortcuts):
         # A stop asked for meanwhile (the command line's SIGTERM, `procctl stop`)
         # ends the growth where it is: thousands of workers take a while to start.
         interrupt = self._interrupt_waits or (lambda: False)
-        with _quiet_collector(self.start_method):
-            for wid in new:
-                if interrupt() or self._resizes != mine:
-                    break
-                self._held.discard(wid)
-                self._overrides.pop(wid, None)
-                self._restart_at.pop(wid, None)
-                self._board.reset(wid, word)
-                self.workers = wid + 1  # before the spawn: the new worker's ctx.workers
-                self._spawn([wid])
-        self._tell_size()
+        try:
+            with _quiet_collector(self.start_method):
+                for wid in new:
+                    if interrupt() or self._resizes != mine:
+                        break
+                    self._held.discard(wid)
+                    self._overrides.pop(wid, None)
+                    self._restart_at.pop(wid, None)
+                    self._board.reset(wid, word)
+                    self.workers = wid + 1  # before the spawn: the new worker's ctx.workers
+                    self._spawn([wid])
+        finally:
+            self._tell_size()  # (also when a start failed part way: the size is what started)
         up = [self._workers[wid] for wid in new if wid < self.workers]
         if not self._pump_until(lambda: all(w.acked_seq >= 0 or not w.alive for w in up) or interrupt(),
                                 self.start_timeout) and not interrupt():
