@@ -94,7 +94,8 @@ def late_signal_status() -> None:
         code = EXIT_FAILED
     if code == EXIT_OK:
         pending = signal.sigpending()
-        code = next((EXIT_FOR_SIGNAL[sig] for sig in EXIT_FOR_SIGNAL if sig in pending), EXIT_OK)
+        code = next((EXIT_FOR_SIGNAL[sig] for sig in EXIT_FOR_SIGNAL
+                     if sig in pending and signal.getsignal(sig) != signal.SIG_IGN), EXIT_OK)  # (nohup's)
     threads.exit_now(code)
 
 

@@ -43,6 +43,8 @@ from . import threads
 
 log = logging.getLogger("procctl")
 
+#: How long the thread that reaps the go-between waits for it to say the guardian's pid.
+GO_BETWEEN_WAIT = 60.0
 #: The notes pipe's size where the kernel cannot say (64 KiB, 8 KiB for a user
 #: past fs.pipe-user-pages-soft): the bell rings at a quarter of it.
 PIPE_BUF_DEFAULT = 8192
@@ -100,7 +102,8 @@ class Link:
             # a zombie child all through the run trips a script's own checks
             # (psutil's children(), then ZombieProcess on the first call).
             with contextlib.suppress(OSError):  # (no room for a thread: then at close(), as before)
-                threads.start(threading.Thread(target=self.settle, name="procctl-guardian-settle", daemon=True))
+                threads.start(threading.Thread(target=self._settle_when_said, name="procctl-guardian-settle",
+                                               daemon=True))
         finally:
             os.close(r)
             os.close(bell_r)
@@ -112,6 +115,21 @@ class Link:
         """The guardian's pid (waits for the go-between, at most a few seconds)."""
         self.settle()
         return self._pid
+
+    def _settle_when_said(self) -> None:
+        """settle() once the go-between has said the guardian's pid (it waits
+        for that without the lock, and as long as a loaded machine may take:
+        close() settles on its own meanwhile, with its own bound)."""
+        out = self._out
+        if out is None:
+            return
+        poller = select.poll()
+        try:
+            poller.register(out.fileno(), select.POLLIN)
+            poller.poll(int(GO_BETWEEN_WAIT * 1000))
+        except (OSError, ValueError):  # closed meanwhile: close() settled
+            return
+        self.settle()
 
     def settle(self, timeout: float = 5.0) -> None:
         """Reap the go-between once it has said the guardian's pid: after

@@ -568,7 +568,7 @@ class SumLiveView:
         """The leading consumer's sum toward the threshold, with an ETA at its pace so far."""
         leader = max(range(len(self._sums)), key=self._sums.__getitem__)
         best = self._sums[leader]
-        goal = max(1, self._threshold)
+        goal = self._threshold + 1  # (crossed: past the threshold, as each row's bar)
         elapsed = time.monotonic() - self._t0
         grid = Table.grid(padding=(0, 1))
         width = max(10, min(40, self._console.size.width - 50))

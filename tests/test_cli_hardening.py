@@ -636,14 +636,15 @@ def test_a_signal_while_the_command_exits_is_its_exit_status_not_its_death(gap):
 def test_a_pause_nobody_acknowledges_gives_way_to_timeout():
     # A worker that closed its descriptors never acknowledges the pause: the
     # schedule's wait for it (2 s) must not hold up --timeout.
-    t0 = time.monotonic()
     res = run_cli(["run", "--target", "targets_hardening:close_fds_and_sleep", "--workers", "1",
                    "--schedule", "run,pause", "--step", "0.2", "--timeout", "0.8", "--grace", "0.2", "--json"],
                   timeout=30, cwd=TESTS)
-    took = time.monotonic() - t0
     assert res.returncode == 124, res.stderr
-    assert took < 2.3, took  # it waited out the pause's 2 s first: about 2.6 s
-    assert json_events(res.stdout)[-1]["outcomes"] == {"killed": 1}
+    summary = json_events(res.stdout)[-1]
+    assert summary["outcomes"] == {"killed": 1}
+    # The run's own clock (the interpreter's start-up, slow on a loaded machine, is not in it):
+    # about 1.1 s; it waited out the pause's 2 s first: about 2.6 s.
+    assert summary["elapsed"] < 2.0, summary
 
 
 # -- 12: broken and closed output streams ------------------------------------------
