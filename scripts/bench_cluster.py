@@ -90,41 +90,42 @@ def measure(r: dict[str, Any], fn: Any, timeout: float, node_pids: list[int]) ->
     return value
 
 
-def broadcast_rounds(address: str, m: str, rounds: int) -> list[float]:
+def broadcast_rounds(address: str, client: Any, m: str, rounds: int) -> tuple[list[float], list[float]]:
+    """Round trips side by side, one of each in turn: a ClusterController's
+    run/pause acknowledged by its 8 workers, and a Dask Event set -> seen by 8
+    waiting tasks. Both warmed by a first round that is not counted."""
+    from distributed import Event, Queue
+
     from procctl.cluster import ClusterController
 
-    out = []
+    ours: list[float] = []
+    theirs: list[float] = []
+    tag = f"bench-{os.getpid()}-{time.monotonic_ns()}"
     with ClusterController(bw.pc_idle, PER_NODE, address=address, lease=10, start_method=m) as cc:
-        for i in range(rounds):
+        # (Its agents are long-running tasks that give their thread back: the 8 plain
+        # tasks then take the nodes' 8 task slots.)
+        seen = Queue(f"{tag}-seen", client=client)
+        events = [Event(f"{tag}-go-{r}", client=client) for r in range(rounds + 1)]
+        futs = client.map(event_task, range(NODES * PER_NODE), rounds=rounds + 1, tag=tag, pure=False)
+        cc.run()  # round 0 of each: every worker and task is up and waiting
+        events[0].set()
+        for _ in futs:
+            seen.get()
+        for r in range(1, rounds + 1):
             t0 = perf()
-            if i % 2:
+            if r % 2:
                 cc.pause()
             else:
                 cc.run()
-            out.append(perf() - t0)
-    return out
-
-
-def event_rounds(client: Any, rounds: int) -> list[float]:
-    from distributed import Event, Queue
-
-    tag = f"bench-{os.getpid()}-{time.monotonic_ns()}"
-    seen = Queue(f"{tag}-seen", client=client)
-    events = [Event(f"{tag}-go-{r}", client=client) for r in range(rounds + 1)]
-    futs = client.map(event_task, range(NODES * PER_NODE), rounds=rounds + 1, tag=tag, pure=False)
-    events[0].set()  # round 0: every task is up and waiting
-    for _ in futs:
-        seen.get()
-    out = []
-    for r in range(1, rounds + 1):
-        t0 = perf()
-        events[r].set()
-        for _ in futs:
-            seen.get()
-        out.append(perf() - t0)
-    client.gather(futs)
-    seen.close()
-    return out
+            ours.append(perf() - t0)
+            t0 = perf()
+            events[r].set()
+            for _ in futs:
+                seen.get()
+            theirs.append(perf() - t0)
+        client.gather(futs)
+        seen.close()
+    return ours, theirs
 
 
 def lifecycle(address: str, m: str) -> float:
@@ -134,17 +135,26 @@ def lifecycle(address: str, m: str) -> float:
     t0 = perf()
     with ClusterController(bw.pc_lifecycle, PER_NODE, address=address, initial_state=State.RUNNING,
                            start_method=m) as cc:
+        cc.wait(30)  # every worker reached its first checkpoint and returned
         reports = cc.stop(grace=30)
     t = perf() - t0
-    if len(reports) != NODES * PER_NODE:
-        raise AssertionError(f"{len(reports)} reports")
+    if sorted(r.result for r in reports.values()) != list(range(1, NODES * PER_NODE + 1)):
+        raise AssertionError(f"not every worker reached its first checkpoint: {reports}")
     return t
 
 
-def plain_tasks(client: Any) -> float:
+def plain_tasks(address: str) -> float:
+    """The same 8 workers as plain Dask tasks that start and return, from a
+    client of their own (ClusterController connects in its lifecycle too)."""
+    from distributed import Client
+
     t0 = perf()
-    client.gather(client.map(noop, range(NODES * PER_NODE), pure=False))
-    return perf() - t0
+    with Client(address, set_as_default=False) as client:
+        out = client.gather(client.map(noop, range(NODES * PER_NODE), pure=False))
+    t = perf() - t0
+    if out != list(range(NODES * PER_NODE)):
+        raise AssertionError("wrong results")
+    return t
 
 
 def executor_map(address: str, m: str, n: int) -> float:
@@ -227,21 +237,23 @@ def case_cluster(m: str, p: dict[str, Any]) -> list[dict[str, Any]]:
         b = bc.row("cluster", m, n8, "ClusterController broadcast p50", "procctl", "s", note=note)
         be = bc.row("cluster", m, n8, "Dask Event set -> seen by 8 tasks", "floor", "s", note=note)
         lc = bc.row("cluster", m, n8, "ClusterController lifecycle", "procctl", "s", note=note)
-        lt = bc.row("cluster", m, n8, "8 plain Dask tasks", "floor", "s", note=note)
+        lt = bc.row("cluster", m, n8, "8 plain Dask tasks", "floor", "s",
+                    note=note + "; from a client of their own, as a ClusterController connects")
         em = bc.row("cluster", m, n8, "ClusterExecutor.map 1 ms tasks", "procctl", "items/s", higher=True,
                     note=note)
         cm = bc.row("cluster", m, n8, "Client.map 1 ms tasks", "floor", "items/s", higher=True, note=note)
         ck = bc.row("cluster", m, n8, f"client SIGKILL -> workers gone (lease {LEASE})", "procctl", "s",
                     note=note)
-        got = measure(b, lambda: broadcast_rounds(address, m, p["rounds"]), 120, node_pids)
-        b["samples"] += got or []
-        bc.save()
-        got = measure(be, lambda: event_rounds(client, p["rounds"]), 120, node_pids)
-        be["samples"] += got or []
+        got = measure(b, lambda: broadcast_rounds(address, client, m, p["rounds"]), 180, node_pids)
+        if got is not None:
+            b["samples"] += got[0]
+            be["samples"] += got[1]
+        else:
+            be["error"] = "not measured: " + b["error"]
         bc.save()
         for _ in range(p["repeats"]):
             bc.record(lc, measure(lc, lambda: lifecycle(address, m), 60, node_pids))
-            bc.record(lt, measure(lt, lambda: plain_tasks(client), 60, node_pids))
+            bc.record(lt, measure(lt, lambda: plain_tasks(address), 60, node_pids))
             bc.record(em, measure(em, lambda: executor_map(address, m, p["tasks"]), 120, node_pids))
             bc.record(cm, measure(cm, lambda: client_map(client, p["tasks"]), 120, node_pids))
         bc.record(ck, measure(ck, lambda: client_killed(address, m), 60, node_pids))
