@@ -211,19 +211,65 @@ def parse_schedule(text: str) -> list[str]:
     return steps
 
 
-def load_target(spec: str, option: str = "--target", takes: str = "its WorkerContext") -> Callable[..., Any]:
+class _ImportStopped(BaseException):
+    """Raised into the import of a target's module by a stop signal or --timeout
+    (a BaseException: the module's own `except Exception` does not take it)."""
+
+
+def never_started(arg: Any) -> None:
+    """What load_target() gives when a stop or the timeout came while the target's
+    module was importing: the command starts no worker, so it is never called."""
+    raise RuntimeError("never_started is not a target: the command was stopped before its workers started")
+
+
+#: The longest --timeout an import's alarm is set for (setitimer's own bound is far beyond).
+MAX_ALARM = 1e8
+
+
+def load_target(spec: str, option: str = "--target", takes: str = "its WorkerContext",
+                timeout: float | None = None) -> Callable[..., Any]:
     """Resolve 'package.module:function', looking in the current directory too;
-    the function must take one argument (`takes`: what it is given)."""
+    the function must take one argument (`takes`: what it is given).
+
+    The module runs its own code as it loads, which may block (a sleep, a
+    network call): a SIGINT, SIGTERM or SIGHUP, or `timeout` seconds, end the
+    import, and `never_started` comes back (the command then starts nothing,
+    and ends as a stop or a timeout before the start does)."""
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
         raise BadInput(f"{option} {spec!r} must look like package.module:function")
     cwd = working_dir()
     if cwd is not None and cwd not in sys.path:
         sys.path.insert(0, cwd)
+    bridge = signal_bridge()
+
+    def stop_import() -> None:  # (in the signal handler: the import is where it lands)
+        if bridge.stop_requested():
+            raise _ImportStopped
+
+    def time_out(signum: int, frame: Any) -> None:
+        raise _ImportStopped
+
     try:
-        # What the module prints as it loads is not the command's output (JSON Lines, map's results).
-        with contextlib.redirect_stdout(sys.stderr):
-            module = importlib.import_module(module_name)
+        with bridge.attach(wake=stop_import, hurry=stop_import):
+            if bridge.stop_requested():
+                return never_started
+            alarm = None
+            if timeout is not None and threading.current_thread() is threading.main_thread():
+                alarm = signal.signal(signal.SIGALRM, time_out)
+                signal.setitimer(signal.ITIMER_REAL, min(max(timeout, 1e-3), MAX_ALARM))
+            try:
+                # What the module prints as it loads is not the command's output (JSON Lines, map's results).
+                with contextlib.redirect_stdout(sys.stderr):
+                    module = importlib.import_module(module_name)
+            finally:
+                if alarm is not None:
+                    signal.setitimer(signal.ITIMER_REAL, 0)
+                    signal.signal(signal.SIGALRM, alarm)
+    except _ImportStopped:
+        why = bridge.signal_name or f"--timeout {timeout:g}s"
+        say(f"procctl: {why} while {module_name!r} was importing: no worker started")
+        return never_started
     except ImportError as exc:
         raise BadInput(f"{option} {spec!r}: cannot import module {module_name!r}: {exc}") from None
     except SystemExit as exc:
@@ -306,6 +352,12 @@ class RunSession:
         self._resizing = threading.RLock()
         # A broadcast that waits for acknowledgements gives way to a stop.
         pc._interrupt_waits = lambda: self.stop_asked or bridge.stop_requested()
+
+    def out_of_time(self) -> bool:
+        """True (and timed out) if --timeout has already passed."""
+        if self.deadline is not None and time.monotonic() >= self.deadline:
+            self.timed_out = True
+        return self.timed_out
 
     def request_stop(self, grace: float | None = None) -> None:
         """Stop gracefully, as the first SIGINT would (from any thread); `grace`
@@ -536,8 +588,13 @@ def run_command(workers: int, target: str | None, schedule: str, step: float, fi
             raise BadInput(f"--log-dir {log_dir!r} is not a writable directory")
     args: tuple[Any, ...] = ()
     if target is not None:
-        func = load_target(target)
-        if cluster_spec is None:  # the workers resolve the name (named_target.py)
+        importing = time.monotonic()
+        func = load_target(target, timeout=timeout)
+        if timeout is not None:  # (its import counts: --timeout bounds the whole command)
+            timeout = max(0.0, timeout - (time.monotonic() - importing))
+        if func is never_started:
+            pass
+        elif cluster_spec is None:  # the workers resolve the name (named_target.py)
             remember(target, func)
             func = NamedTarget(target, working_dir())
     else:
@@ -707,7 +764,10 @@ def _run(make: Callable[[Callable[[Event], None]], Any], workers: int, steps: li
             pc.wakeup()
 
         with bridge.attach(wake=wake, hurry=pc.kill, nudge=pc.wakeup):
-            failed = _start(pc, bridge)
+            if session.out_of_time():  # (its target's import took all of --timeout): start none
+                failed = None
+            else:
+                failed = _start(pc, bridge)
             if failed is not None:
                 return failed
             ready = True
@@ -767,7 +827,7 @@ def _drive(pc: ProcessController, session: RunSession, view: Any, steps: list[st
     try:
         if view is not None:
             view.__enter__()
-        if not session.bridge.stop_requested():  # a signal during the start stops at once
+        if not session.bridge.stop_requested() and not session.timed_out:  # a signal during the start stops at once
             session.run(steps, step)
     finally:
         grace = session.stop_grace

@@ -137,12 +137,15 @@ def seconds(option: str, value: float | None, *, positive: bool = False) -> floa
     return None if value == math.inf else value
 
 
-def load_function(spec: str, local: bool) -> Callable[[Any], Any]:
+def load_function(spec: str, local: bool, timeout: float | None = None) -> Callable[[Any], Any]:
     """The checked function, sent to the workers by its name (named_target.py): on a
-    cluster too, where a node imports the module as it would to unpickle the function."""
-    from .cli import load_target  # procctl.cli imports this module at its end
+    cluster too, where a node imports the module as it would to unpickle the function.
+    A stop or `timeout` during its module's import gives cli.never_started."""
+    from .cli import load_target, never_started  # procctl.cli imports this module at its end
 
-    func = load_target(spec, option="MODULE:FUNC", takes="the item")
+    func = load_target(spec, option="MODULE:FUNC", takes="the item", timeout=timeout)
+    if func is never_started:
+        return func
     if local:
         remember(spec, func)  # (fork children inherit it: they import nothing)
     return NamedTarget(spec, working_dir())
@@ -231,7 +234,10 @@ def make_plan(spec: str, items_path: str, raw_lines: bool, workers: int | None, 
     for path, option in ((joblog, "--joblog"), (unfinished, "--unfinished"), (events_path, "--events")):
         if path is not None:
             check_writable_file(path, option)
-    func = load_function(spec, local=cluster is None)
+    importing = time.monotonic()
+    func = load_function(spec, local=cluster is None, timeout=timeout)
+    if timeout is not None:  # (its import counts: --timeout bounds the whole command)
+        timeout = max(0.0, timeout - (time.monotonic() - importing))
     items = read_items(items_path, raw_lines, bridge)
     done: set[int] = set()
     if joblog and resume:

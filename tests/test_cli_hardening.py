@@ -907,3 +907,37 @@ def test_a_terminal_that_goes_away_stops_the_run_and_its_log_ends(command, tmp_p
     assert log[-1]["event"] == "summary", log[-3:]
     if command == "run":
         assert_all_gone(worker_pids(log))
+
+
+SLOW_IMPORT = "import time\ntime.sleep(1000)\n\n\ndef f(arg):\n    return 1\n"
+
+
+@pytest.mark.parametrize("command", ["run", "map"])
+@pytest.mark.parametrize("how", ["SIGTERM", "--timeout"])
+def test_a_target_module_that_blocks_as_it_imports_gives_way_to_a_stop(command, how, tmp_path):
+    """The target's module blocks while it imports (a sleep, a network call):
+    a SIGTERM or --timeout still ends the command, none started (it ignored
+    both until a SIGKILL)."""
+    (tmp_path / "slow_import.py").write_text(SLOW_IMPORT)
+    (tmp_path / "items.jsonl").write_text("1\n2\n")
+    args = (["run", "--workers", "2", "--target", "slow_import:f", "--schedule", "run"] if command == "run"
+            else ["map", "slow_import:f", "--items", str(tmp_path / "items.jsonl"), "--workers", "2"])
+    if how == "--timeout":
+        args += ["--timeout", "1"]
+    proc = subprocess.Popen(CLI + args, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            start_new_session=True, env={**os.environ, "XDG_RUNTIME_DIR": str(tmp_path)})
+    try:
+        if how == "SIGTERM":
+            time.sleep(1.0)  # (bounded: the signal lands in the import, which sleeps 1000 s)
+            proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=20)
+    finally:
+        proc.kill()
+        proc.wait(10)
+    assert proc.returncode == (143 if how == "SIGTERM" else 124), err
+    assert b"while 'slow_import' was importing: no worker started" in err, err
+    assert b"Traceback" not in err
+    if command == "run":
+        assert b"none started" in out
+    elif how == "--timeout":  # (a stop signal ends map's reading of its items, before any summary)
+        assert b"0 done, 0 failed, 2 unfinished" in err
