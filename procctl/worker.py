@@ -648,6 +648,8 @@ def worker_main(spec: WorkerSpec) -> None:
     if finished is not None:
         finished.set()
     _end_despite_threads()
+    if spec.end is None and not spec.forkserver:
+        _bound_the_exit()
     if work is not None:
         # Its unread items stay with the manager's copy of this end. Closed
         # here, not left to the interpreter's exit ("unclosed socket" under -X dev);
@@ -656,6 +658,26 @@ def worker_main(spec: WorkerSpec) -> None:
             work.sock.close()
         except OSError:
             pass
+
+
+#: How long a spawn worker's exit (the exit handlers its target registered) may
+#: take once it has reported.
+EXIT_GRACE = 1.0
+
+
+def _bound_the_exit() -> None:
+    """A spawn worker ends as an interpreter does, and runs the exit handlers
+    the target registered (atexit: fork and forkserver children end with
+    os._exit and run none). One that blocks must not keep the process alive
+    when its result was reported long ago: after EXIT_GRACE it ends."""
+    def end() -> None:
+        threading.Event().wait(EXIT_GRACE)  # (a deadline: the exit normally ends this thread first)
+        threads.exit_now(0)
+
+    try:
+        threads.start(threading.Thread(target=end, name="procctl-exit-bound", daemon=True))
+    except OSError:  # no room for a thread: the exit goes its own way
+        pass
 
 
 def _end_despite_threads() -> None:

@@ -107,3 +107,12 @@ class SigtermOnLoad:
 
     def __reduce__(self):
         return _sigterm_self, ()
+
+
+def leave_exit_handler_blocking(ctx):
+    """An exit handler that never returns: a spawn worker's interpreter exit runs it."""
+    import atexit
+
+    ctx.checkpoint()
+    atexit.register(time.sleep, 1000)
+    return 42

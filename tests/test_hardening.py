@@ -348,8 +348,12 @@ def test_the_worker_sides_waits_refuse_bad_timeouts_and_take_huge_ones():
 
 # -- 14. a target that leaves a non-daemon thread running ---------------------
 
-def test_leftover_thread_does_not_keep_the_worker_alive(start_method):
-    with ProcessController(th.leave_thread_running, 2, start_method=start_method) as pc:
+@pytest.mark.parametrize("target", [th.leave_thread_running, th.leave_exit_handler_blocking],
+                         ids=["thread", "exit-handler"])
+def test_leftover_thread_does_not_keep_the_worker_alive(start_method, target):
+    # (An exit handler that blocks held a spawn worker until the grace's SIGTERM:
+    # reported finished with exit code -15.)
+    with ProcessController(target, 2, start_method=start_method, grace=30) as pc:
         pc.run()
         assert pc.wait(timeout=15)
         reports = pc.stop()
