@@ -446,6 +446,7 @@ class ProcessController(Shortcuts):
             _preload_in_fork_server()
         self._on_event = on_event
         self._phase = _NEW
+        self._stop_cut_short = False  # a Ctrl-C came during stop()'s wait: the next stop escalates at once
         self._owner_pid = os.getpid()
         self._workers: list[_Worker] = []
         self._reports: dict[int, WorkerReport] = {}
@@ -889,7 +890,13 @@ class ProcessController(Shortcuts):
                 self._poll()
                 if self._state is not State.STOPPED:
                     self._post(State.STOPPED)
-                shutdown.escalate(self, grace, self.term_timeout, self.kill_timeout)
+                elif self._stop_cut_short:
+                    grace = 0.0  # after a stop a Ctrl-C cut short (the with block's close()): as a second Ctrl-C
+                try:
+                    shutdown.escalate(self, grace, self.term_timeout, self.kill_timeout)
+                except KeyboardInterrupt:
+                    self._stop_cut_short = True
+                    raise
                 self._end_background()
                 self._release()
             elif self._phase is _NEW:
@@ -1821,14 +1828,21 @@ def _close_at_exit() -> None:
     # atexit runs hooks last-registered first: multiprocessing.util is imported
     # above, so this runs before it joins its children, and a script that
     # forgot close() does not hang on paused workers.
+    interrupted = False
     for controller in list(registry.open_controllers):
         try:
             controller.close()
+        except KeyboardInterrupt:  # a Ctrl-C while it stopped: close() killed what was left
+            interrupted = True
         except Exception:
             log.exception("closing %r at exit failed", controller)
     guardian = sys.modules.get("procctl.guardian")
     if guardian is not None:  # after the controllers: it cleans up what they leave
         guardian.release_at_exit()
+    if interrupted:
+        # The operator's Ctrl-C ends the script as an uncaught one would: 130, not
+        # "Exception ignored in atexit callback" and the status the script had.
+        threads.exit_now(130)
 
 
 atexit.register(_close_at_exit)

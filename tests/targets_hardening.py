@@ -116,3 +116,14 @@ def leave_exit_handler_blocking(ctx):
     ctx.checkpoint()
     atexit.register(time.sleep, 1000)
     return 42
+
+
+def told_then_stubborn(ctx, marker):
+    """Runs until told to stop, says so in `marker`, then goes on regardless
+    (only a signal ends it)."""
+    while ctx.checkpoint():
+        ctx.sleep(0.05)
+    with open(marker, "w") as f:
+        f.write("told\n")
+    while True:
+        time.sleep(1)

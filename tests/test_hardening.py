@@ -438,3 +438,44 @@ def test_garbage_collector_state_survives_a_start(enabled):
         assert [r.result for r in reports.values()] == [enabled, enabled]
     finally:
         (gc.enable if was else gc.disable)()
+
+
+CTRL_C_DURING_STOP = textwrap.dedent("""
+    import sys
+    sys.path.insert(0, {tests!r})
+    import targets_hardening as th
+    from procctl import ProcessController
+    pc = ProcessController(th.told_then_stubborn, 1, args=({marker!r},), grace=1e10, start_method="fork")
+    pc.start()
+    pc.run()
+    if {in_with!r}:
+        with pc:
+            pc.stop()  # its grace would last for ever: a Ctrl-C cuts it short
+    # else: left open; closing it at exit stops it with that grace
+""")
+
+
+@pytest.mark.parametrize("where", ["with-block", "at-exit"])
+def test_a_ctrl_c_during_a_long_graceful_stop_ends_it(where, tmp_path, tests_dir):
+    """A Ctrl-C while stop() waits out its grace: the with block's close() (or
+    the one at exit) kills what is left at once, as a second Ctrl-C does on the
+    command line, and the script ends with 130 (it waited the grace again; at
+    exit, it waited for ever, or printed 'Exception ignored' and exited 0)."""
+    marker = tmp_path / "told"
+    script = tmp_path / "script.py"
+    script.write_text(CTRL_C_DURING_STOP.format(tests=tests_dir, marker=str(marker), in_with=where == "with-block"))
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + 20
+        while not marker.exists():  # bounded: the worker says it was told to stop
+            assert time.monotonic() < deadline and proc.poll() is None, proc.stderr.read1(4096) if proc.stderr else ""
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=15)
+    finally:
+        proc.kill()
+        proc.wait(10)
+    # (An uncaught KeyboardInterrupt ends Python by SIGINT: -2; at exit, procctl says 130.)
+    assert proc.returncode == (-signal.SIGINT if where == "with-block" else 130), err
+    assert b"Exception ignored" not in err
