@@ -9,10 +9,13 @@ import atexit
 import signal
 
 
-def main() -> None:
-    from .threads import MANAGED_SIGNALS  # (a small module: os, signal, threading)
+#: threads.MANAGED_SIGNALS, spelt out: blocked before anything is imported (a test keeps the two equal).
+HELD = frozenset({signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2,
+                  signal.SIGTTIN, signal.SIGTTOU})
 
-    signal.pthread_sigmask(signal.SIG_BLOCK, MANAGED_SIGNALS)
+
+def main() -> None:
+    signal.pthread_sigmask(signal.SIG_BLOCK, HELD)
     from .clitools import late_signal_status
 
     atexit.register(late_signal_status)  # before any other: the last to run at exit

@@ -854,6 +854,10 @@ def test_the_command_holds_every_operator_signal_from_its_first_line():
     held = set(json.loads(res.stdout))
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2):
         assert int(sig) in held, (sig, held)
+    import procctl.__main__
+    from procctl.threads import MANAGED_SIGNALS
+
+    assert procctl.__main__.HELD == MANAGED_SIGNALS  # (spelt out there: blocked before any import)
 
 
 HANGUP_ARGS = {"run": ["run", "--workers", "2", "--schedule", "run", "--step", "0.2", "--finish-chance", "0"],
