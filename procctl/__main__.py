@@ -8,7 +8,6 @@ the command's handlers (cli.main installs them, then lets the signals in).
 import atexit
 import signal
 
-
 #: threads.MANAGED_SIGNALS, spelt out: blocked before anything is imported (a test keeps the two equal).
 HELD = frozenset({signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2,
                   signal.SIGTTIN, signal.SIGTTOU})
