@@ -242,30 +242,39 @@ def load_target(spec: str, option: str = "--target", takes: str = "its WorkerCon
     if cwd is not None and cwd not in sys.path:
         sys.path.insert(0, cwd)
     bridge = signal_bridge()
+    raised: list[bool] = []  # once: a second signal must not land in the unwinding of the first
 
     def stop_import() -> None:  # (in the signal handler: the import is where it lands)
-        if bridge.stop_requested():
+        if bridge.stop_requested() and not raised:
+            raised.append(True)
             raise _ImportStopped
 
     def time_out(signum: int, frame: Any) -> None:
-        raise _ImportStopped
+        if not raised:
+            raised.append(True)
+            raise _ImportStopped
 
     try:
-        with bridge.attach(wake=stop_import, hurry=stop_import):
+        with bridge.attach(wake=stop_import, hurry=lambda: None):
             if bridge.stop_requested():
                 return never_started
-            alarm = None
-            if timeout is not None and threading.current_thread() is threading.main_thread():
-                alarm = signal.signal(signal.SIGALRM, time_out)
-                signal.setitimer(signal.ITIMER_REAL, min(max(timeout, 1e-3), MAX_ALARM))
+            armed = timeout is not None and threading.current_thread() is threading.main_thread()
+            if armed:
+                assert timeout is not None
+                old_handler = signal.signal(signal.SIGALRM, time_out)
+                old_timer = signal.setitimer(signal.ITIMER_REAL, min(max(timeout, 1e-3), MAX_ALARM))
+                began = time.monotonic()
             try:
                 # What the module prints as it loads is not the command's output (JSON Lines, map's results).
                 with contextlib.redirect_stdout(sys.stderr):
                     module = importlib.import_module(module_name)
             finally:
-                if alarm is not None:
+                if armed:
                     signal.setitimer(signal.ITIMER_REAL, 0)
-                    signal.signal(signal.SIGALRM, alarm)
+                    signal.signal(signal.SIGALRM, signal.SIG_DFL if old_handler is None else old_handler)
+                    if old_timer[0] > 0:  # the caller's own alarm goes on, less the time it waited here
+                        signal.setitimer(signal.ITIMER_REAL, max(1e-6, old_timer[0] - (time.monotonic() - began)),
+                                         old_timer[1])
     except _ImportStopped:
         why = bridge.signal_name or f"--timeout {timeout:g}s"
         say(f"procctl: {why} while {module_name!r} was importing: no worker started")
@@ -592,9 +601,7 @@ def run_command(workers: int, target: str | None, schedule: str, step: float, fi
         func = load_target(target, timeout=timeout)
         if timeout is not None:  # (its import counts: --timeout bounds the whole command)
             timeout = max(0.0, timeout - (time.monotonic() - importing))
-        if func is never_started:
-            pass
-        elif cluster_spec is None:  # the workers resolve the name (named_target.py)
+        if func is not never_started and cluster_spec is None:  # the workers resolve the name (named_target.py)
             remember(target, func)
             func = NamedTarget(target, working_dir())
     else:

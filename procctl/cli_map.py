@@ -121,6 +121,7 @@ class MapPlan:
     unfinished: str | None
     start_method: str | None
     cluster: ClusterPlan | None = None  # None: the workers run here, `workers` of them
+    spent: float = 0.0  # seconds of --timeout its function's import took
 
     @property
     def skipped(self) -> int:
@@ -236,8 +237,7 @@ def make_plan(spec: str, items_path: str, raw_lines: bool, workers: int | None, 
             check_writable_file(path, option)
     importing = time.monotonic()
     func = load_function(spec, local=cluster is None, timeout=timeout)
-    if timeout is not None:  # (its import counts: --timeout bounds the whole command)
-        timeout = max(0.0, timeout - (time.monotonic() - importing))
+    spent = time.monotonic() - importing  # (the import counts: --timeout bounds the whole command)
     items = read_items(items_path, raw_lines, bridge)
     done: set[int] = set()
     if joblog and resume:
@@ -252,7 +252,8 @@ def make_plan(spec: str, items_path: str, raw_lines: bool, workers: int | None, 
     return MapPlan(
         spec=spec, func=func, items=items, to_run=to_run, raw_lines=raw_lines,
         workers=max(1, min(workers or os.cpu_count() or 1, len(to_run))), ordered=ordered, retries=retries,
-        task_timeout=task_timeout, timeout=timeout, grace=math.inf if checked_grace is None else checked_grace,
+        task_timeout=task_timeout, timeout=timeout, spent=spent,
+        grace=math.inf if checked_grace is None else checked_grace,
         joblog=joblog, resume=resume, unfinished=unfinished, start_method=start_method, cluster=cluster)
 
 
@@ -459,7 +460,7 @@ class MapSession:
         self.reporter = reporter
         self.results = results
         self.started = time.monotonic()
-        self.deadline = None if plan.timeout is None else self.started + plan.timeout
+        self.deadline = None if plan.timeout is None else self.started + max(0.0, plan.timeout - plan.spent)
         self.executor: ProcessExecutor | ClusterExecutor | None = executor
         self.on_cluster = plan.cluster is not None
         #: Worker processes in all (on a cluster: nodes x per node; none if it never connected).

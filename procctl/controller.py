@@ -786,7 +786,8 @@ class ProcessController(Shortcuts):
                 self._phase = _CLOSED
                 return
             try:
-                self.stop()
+                # After a Ctrl-C that cut a stop short (the with block's exit): as a second Ctrl-C.
+                self.stop(0.0 if self._stop_cut_short else None)
             except KeyboardInterrupt:
                 # A second Ctrl-C while stopping: do not wait any longer.
                 self._abort()
@@ -890,12 +891,10 @@ class ProcessController(Shortcuts):
                 self._poll()
                 if self._state is not State.STOPPED:
                     self._post(State.STOPPED)
-                elif self._stop_cut_short:
-                    grace = 0.0  # after a stop a Ctrl-C cut short (the with block's close()): as a second Ctrl-C
                 try:
                     shutdown.escalate(self, grace, self.term_timeout, self.kill_timeout)
                 except KeyboardInterrupt:
-                    self._stop_cut_short = True
+                    self._stop_cut_short = True  # (close() then ends what is left at once)
                     raise
                 self._end_background()
                 self._release()
@@ -1842,6 +1841,9 @@ def _close_at_exit() -> None:
     if interrupted:
         # The operator's Ctrl-C ends the script as an uncaught one would: 130, not
         # "Exception ignored in atexit callback" and the status the script had.
+        # (At once: exit handlers registered before procctl's own do not run;
+        # the logging module's files are flushed and closed first.)
+        logging.shutdown()
         threads.exit_now(130)
 
 

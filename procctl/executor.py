@@ -534,6 +534,8 @@ class _Pool:
         self._lock = threading.Lock()
         self._pending: deque[_Task] = deque()
         self._commands: deque[tuple[str, Any, Future[Any]]] = deque()
+        #: Map runs let go of, whose tasks a worker holds come back (a deque: append and popleft are atomic).
+        self._reclaims: deque[_MapRun] = deque()
         self._commands_closed = False  # the manager thread has ended: nobody runs a command
         self._tids = itertools.count()
         self._idle = False  # the manager sleeps: wake it up
@@ -670,10 +672,10 @@ class _Pool:
                 if sum(run.cancel(j) for j in range(i, len(run.values))):
                     # Let go of (the iterator closed, a timeout): what a worker holds of
                     # it and has not begun comes back, and is cancelled as the rest is.
-                    if self._in_manager():
-                        self._inline("reclaim", run)
-                    else:
-                        self._command("reclaim", run)
+                    # No lock here: the collector may close the iterator in any thread,
+                    # while it holds one (the manager's pass takes the request).
+                    self._reclaims.append(run)
+                    self._pc.wakeup()
 
         if chunked:
             return _Chunks.of(results())
@@ -918,7 +920,7 @@ class _Pool:
     def _sleep_for(self) -> float | None:
         """How long the manager may sleep: until the next task deadline."""
         with self._lock:
-            if self._commands or self._later or (self._pending and self._has_room()):
+            if self._commands or self._reclaims or self._later or (self._pending and self._has_room()):
                 return 0.0
             self._idle = True
         # While paused too: a task that never reaches a checkpoint does not pause, and times out.
@@ -942,6 +944,8 @@ class _Pool:
 
     def _take_commands(self) -> bool:
         """Run queued commands; True once the executor has stopped."""
+        while self._reclaims and not self._finished:
+            self._reclaim(self._reclaims.popleft())
         while not self._finished:
             with self._lock:
                 if not self._commands:
@@ -950,17 +954,18 @@ class _Pool:
             self._run_command(name, arg, fut)
         return True
 
+    def _reclaim(self, run: _MapRun) -> None:
+        """What workers hold of a map run let go of comes back (then cancelled: its
+        slots are); all a worker has not begun comes back, what is not the run's goes out again."""
+        for line in self._lines.values():
+            if not line.closed and any(task.run is run for task in line.held):
+                self._ask_back(line)
+
     def _run_command(self, name: str, arg: Any, fut: Future[Any]) -> None:
         if name == "pause" or name == "resume":
             self._broadcast(State.PAUSED if name == "pause" else State.RUNNING, fut)
         elif name == "status":
             fut.set_result(self._statuses())
-        elif name == "reclaim":
-            # (All a worker has not begun comes back: what is not the run's goes out again.)
-            for line in self._lines.values():
-                if not line.closed and any(task.run is arg for task in line.held):
-                    self._ask_back(line)
-            fut.set_result(None)
         elif name == "shutdown":
             self._closing = True
             if self._paused:

@@ -58,6 +58,8 @@ class TerminalStream:
         if not self.gone:
             try:
                 self._stream.write(text)
+            except BlockingIOError:  # a terminal that cannot take it now (^S): this frame is lost, not the view
+                pass
             except (OSError, ValueError):  # (ValueError: closed meanwhile)
                 self.gone = True
         return len(text)
@@ -66,6 +68,8 @@ class TerminalStream:
         if not self.gone:
             try:
                 self._stream.flush()
+            except BlockingIOError:
+                pass
             except (OSError, ValueError):
                 self.gone = True
 

@@ -419,7 +419,7 @@ def test_on_event_may_call_the_controller_while_run_waits(cluster, call):
         assert not runner.is_alive(), "run() never returned"
     finally:
         reports = cc.stop(grace=2)
-    assert "error" not in out and out["thread"] != runner.name, out
+    assert "error" not in out, out  # (told by the deliverer, or by run() itself once it let go of its lock)
     assert len(out["got"]) == 6
     assert {r.outcome for r in reports.values()} >= {Outcome.FAILED, Outcome.FINISHED}
 

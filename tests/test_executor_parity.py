@@ -175,6 +175,32 @@ def test_a_map_let_go_of_takes_back_what_its_worker_has_not_begun():
     assert counts.completed + counts.cancelled == 32
 
 
+def test_a_map_iterator_the_collector_closes_takes_no_lock(tests_dir, tmp_path):
+    """The collector closes a dropped map iterator (in a reference cycle) at any
+    allocation, also while the executor's own lock is held: its let-go takes no
+    lock (it deadlocked on itself)."""
+    script = tmp_path / "collect.py"
+    script.write_text(textwrap.dedent(f"""
+        import gc, sys
+        sys.path.insert(0, {tests_dir!r})
+        import workplane_targets as t
+        from procctl import ProcessExecutor
+        ex = ProcessExecutor(2, start_method="fork")
+        it = ex.map(t.nap, [0] * 100)
+        next(it)
+        cycle = [it]
+        cycle.append(cycle)
+        del it, cycle
+        gc.disable()
+        with ex._pool._lock:  # (as a pass of the manager's, or an enqueue, holds it)
+            gc.collect()
+        print("collected", flush=True)
+        ex.shutdown()
+    """))
+    res = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=30)
+    assert res.returncode == 0 and "collected" in res.stdout, res.stderr
+
+
 def test_a_result_that_cannot_be_unpickled_fails_its_own_future_only():
     with ProcessExecutor(2, start_method="fork") as ex:
         slow = [ex.submit(t.sleep_for, 0.2) for _ in range(4)]
