@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import stat
 import sys
 import threading
 import time
@@ -702,11 +703,19 @@ def read_input(stream: IO[bytes], what: str, bridge: SignalBridge, limit: int | 
                         f", the most a command reads into memory here")
 
     try:
-        size = os.fstat(stream.fileno()).st_size
+        st = os.fstat(stream.fileno())
+        size, regular = st.st_size, stat.S_ISREG(st.st_mode)
     except (OSError, ValueError, AttributeError):
-        size = 0
+        size, regular = 0, False
     if size > limit:
         raise too_large()
+    if regular:
+        # A file is read whole, even after a stop signal: it ends at once, and the
+        # command can then say what it leaves undone (map's summary, --unfinished).
+        data = stream.read()
+        if len(data) > limit:
+            raise too_large()
+        return bytes(data)
 
     def interrupt() -> None:
         raise KeyboardInterrupt  # out of the read, which the kernel would resume after the handler
