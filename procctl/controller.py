@@ -1655,6 +1655,11 @@ class ProcessController(Shortcuts):
         """
         assert self._heartbeat is not None
         sample = sched_sample(w.pid)
+        assert self._board is not None
+        if self._board.beat(w.id) == w.probe:
+            # It answered since the look at its beat (the times read now include that
+            # run): alive, and the next probe starts now.
+            return self._probe(w, now)
         if w.suspect is not None:
             since, before = w.suspect
             if looks_hung(before, sample, now - since):
