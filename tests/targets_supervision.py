@@ -141,10 +141,11 @@ def starved(ctx, cpu: int):
 
 
 def size_seen(ctx):
-    """Each size ctx.workers said, at each command (it sleeps until the next)."""
+    """Each size ctx.workers said, at each command (it sleeps until the next;
+    it looks as soon as a command woke it, before a stop that follows it)."""
     seen = []
-    while ctx.checkpoint():
+    while True:
         if not seen or seen[-1] != ctx.workers:
             seen.append(ctx.workers)
-        ctx.sleep(float("inf"))
-    return seen
+        if not ctx.sleep(float("inf")):
+            return seen
