@@ -33,10 +33,12 @@ from .clitools import (
     BadInput,
     Reporter,
     SignalBridge,
+    alarm_after,
     check_distinct_files,
     check_writable_file,
     ensure_std_fds,
     exit_holding_signals,
+    first_line,
     hold_signals,
     printable,
     say,
@@ -222,10 +224,6 @@ def never_started(arg: Any) -> None:
     raise RuntimeError("never_started is not a target: the command was stopped before its workers started")
 
 
-#: The longest --timeout an import's alarm is set for (setitimer's own bound is far beyond).
-MAX_ALARM = 1e8
-
-
 def load_target(spec: str, option: str = "--target", takes: str = "its WorkerContext",
                 timeout: float | None = None) -> Callable[..., Any]:
     """Resolve 'package.module:function', looking in the current directory too;
@@ -249,32 +247,18 @@ def load_target(spec: str, option: str = "--target", takes: str = "its WorkerCon
             raised.append(True)
             raise _ImportStopped
 
-    def time_out(signum: int, frame: Any) -> None:
+    def time_out() -> None:
         if not raised:
             raised.append(True)
             raise _ImportStopped
 
     try:
-        with bridge.attach(wake=stop_import, hurry=lambda: None):
+        with bridge.attach(wake=stop_import, hurry=lambda: None), alarm_after(timeout, time_out):
             if bridge.stop_requested():
                 return never_started
-            armed = timeout is not None and threading.current_thread() is threading.main_thread()
-            if armed:
-                assert timeout is not None
-                old_handler = signal.signal(signal.SIGALRM, time_out)
-                old_timer = signal.setitimer(signal.ITIMER_REAL, min(max(timeout, 1e-3), MAX_ALARM))
-                began = time.monotonic()
-            try:
-                # What the module prints as it loads is not the command's output (JSON Lines, map's results).
-                with contextlib.redirect_stdout(sys.stderr):
-                    module = importlib.import_module(module_name)
-            finally:
-                if armed:
-                    signal.setitimer(signal.ITIMER_REAL, 0)
-                    signal.signal(signal.SIGALRM, signal.SIG_DFL if old_handler is None else old_handler)
-                    if old_timer[0] > 0:  # the caller's own alarm goes on, less the time it waited here
-                        signal.setitimer(signal.ITIMER_REAL, max(1e-6, old_timer[0] - (time.monotonic() - began)),
-                                         old_timer[1])
+            # What the module prints as it loads is not the command's output (JSON Lines, map's results).
+            with contextlib.redirect_stdout(sys.stderr):
+                module = importlib.import_module(module_name)
     except _ImportStopped:
         why = bridge.signal_name or f"--timeout {timeout:g}s"
         say(f"procctl: {why} while {module_name!r} was importing: no worker started")
@@ -897,8 +881,7 @@ def _start(pc: ProcessController, bridge: SignalBridge) -> int | None:
         pc.close()  # the controller has killed and reaped what it had started
         if bridge.stop_requested():
             return None  # a second signal killed them while they started: the signal's doing
-        text = str(exc).strip()  # one line: a node's error may have more
-        say(f"procctl: error: {text.splitlines()[0] if text else type(exc).__name__}")
+        say(f"procctl: error: {first_line(str(exc)) or type(exc).__name__}")  # (a node's error may have more lines)
         if isinstance(exc, ConnectionError):
             return EXIT_USAGE  # --cluster names no scheduler we can reach
         cause = exc if isinstance(exc, OSError) else exc.__cause__

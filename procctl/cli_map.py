@@ -328,7 +328,7 @@ def connect_cluster(plan: MapPlan, cluster: ClusterPlan,
             local.close()
         if isinstance(exc, InterruptedError) and bridge.stop_requested():
             return None, None  # the run says it stopped before it started
-        why = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        why = first_line(str(exc)) or type(exc).__name__
         if isinstance(exc, (ConnectionError, ValueError)):
             raise BadInput(f"--cluster {cluster.text!r}: {why}") from None
         if isinstance(exc, (BrokenExecutor, OSError)):  # TimeoutError: the agents did not come up

@@ -143,6 +143,31 @@ def _is_stderr(stream: IO[str]) -> bool:
         return False
 
 
+#: The longest alarm alarm_after() sets (setitimer's own bound is far beyond).
+MAX_ALARM = 1e8
+
+
+@contextmanager
+def alarm_after(seconds: float | None, on_alarm: Callable[[], None]) -> Iterator[None]:
+    """Call `on_alarm` from a SIGALRM handler `seconds` into the block (it may
+    raise into whatever the main thread runs then). None, or a thread other
+    than the main one: no alarm. The caller's own handler and interval timer
+    are put back after, that timer less the time the block took."""
+    if seconds is None or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old_handler = signal.signal(signal.SIGALRM, lambda signum, frame: on_alarm())
+    old_timer = signal.setitimer(signal.ITIMER_REAL, min(max(seconds, 1e-3), MAX_ALARM))
+    began = time.monotonic()
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, signal.SIG_DFL if old_handler is None else old_handler)
+        if old_timer[0] > 0:
+            signal.setitimer(signal.ITIMER_REAL, max(1e-6, old_timer[0] - (time.monotonic() - began)), old_timer[1])
+
+
 def hold_signals() -> None:
     """Block the operator's signals; `SignalBridge.install()` releases them."""
     signal.pthread_sigmask(signal.SIG_BLOCK, HELD_SIGNALS)

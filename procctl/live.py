@@ -197,6 +197,22 @@ def state_counts(text: Text, names: list[str]) -> Text:
     return text
 
 
+def rest_line(names: list[str], what: str) -> list[Text]:
+    """The line that sums up the rows a screen has no room for (none if none)."""
+    if not names:
+        return []
+    summary = ", ".join(f"{n} {name}" for name, n in Counter(names).items())
+    return [Text(f"... and {len(names)} more {what}: {summary}", style="dim")]
+
+
+def ago(last: tuple[str, float] | None) -> str:
+    """A row's last event and how long ago it came (`paused 3s ago`)."""
+    if last is None:
+        return ""
+    what, when = last
+    return f"{what} {time.monotonic() - when:.0f}s ago"
+
+
 def fitting(columns: tuple[tuple[str, int], ...], room: int, always: int) -> list[str]:
     """The names of `columns` (name, width; in the order they are kept) that fit
     in `room` characters; the first `always` stay whatever the width."""
@@ -347,11 +363,10 @@ class LiveView:
                      f"{100 * done / total:5.1f}%", f"ETA {_fmt_eta(eta)}" if eta is not None else "")
         return grid
 
-    def columns(self, cells: list[dict[str, Any]] | None = None) -> list[str]:
+    def columns(self, measured: dict[str, int] | None = None) -> list[str]:
         """The columns that fit the terminal's width, in display order: each as
-        wide as it says (COLUMNS) or as its widest cell in `cells` and a gap."""
-        widths = tuple((name, max([width] + [_width(row.get(name, "")) + 2 for row in cells or ()]))
-                       for name, width in COLUMNS)
+        wide as it says (COLUMNS) or as `measured` (its widest cell) and a gap."""
+        widths = tuple((name, max(width, (measured or {}).get(name, 0) + 2)) for name, width in COLUMNS)
         kept = fitting(widths, self._console.size.width, 2)  # worker and state always
         order = ("worker", "pid", "state", "progress", "eta", "last event", "info", "cpu %", "rss")
         return [name for name in order if name in kept]
@@ -360,12 +375,14 @@ class LiveView:
         room = max(3, self._console.size.height - 10)
         shown = rows[:room]
         rows_cells = [self._cells(r) for r in shown]
-        columns = self.columns([{k: v for k, v in cells.items() if k != "info"} for cells in rows_cells])
-        # Info takes the room the others leave (as wide as their widest cell or
-        # header, and two spaces between two columns): more, and rich would cut
-        # the other columns instead (RSS, the pid).
-        others = sum(max([cell_len(name), 8 if name == "state" else 0] + [_width(cells[name]) for cells in rows_cells])
-                     for name in columns if name != "info")
+        # Each column as wide as its widest cell or header (the state at least 8);
+        # info takes the room the others leave (and two spaces between two
+        # columns): more, and rich would cut the other columns instead (RSS, the pid).
+        measured = {name: max([cell_len(name), 8 if name == "state" else 0]
+                              + [_width(cells[name]) for cells in rows_cells])
+                    for name, _ in COLUMNS if name != "info"}
+        columns = self.columns(measured)
+        others = sum(measured[name] for name in columns if name != "info")
         info_room = max(12, min(30, self._console.size.width - others - 2 * (len(columns) - 1) - 1))
         table = Table(box=None, pad_edge=False, header_style="bold dim")
         for column in columns:
@@ -377,12 +394,7 @@ class LiveView:
                 table.add_column(column, no_wrap=True)
         for cells in rows_cells:
             table.add_row(*(cells[c] for c in columns))
-        parts: list[Any] = [table]
-        if len(rows) > len(shown):
-            rest = Counter(self._state_name(r) for r in rows[len(shown):])
-            summary = ", ".join(f"{n} {name}" for name, n in rest.items())
-            parts.append(Text(f"... and {len(rows) - len(shown)} more workers: {summary}", style="dim"))
-        return Group(*parts)
+        return Group(table, *rest_line([self._state_name(r) for r in rows[len(shown):]], "workers"))
 
     def _cells(self, r: WorkerStatus) -> dict[str, Any]:
         name = self._state_name(r)
@@ -393,16 +405,13 @@ class LiveView:
         # A Text, not a str: rich would read "[/]" or "[red]" in the worker's info as markup.
         # Nor may an escape sequence in it move the cursor or clear the screen.
         info = Text(info_text(r.info)) if r.info else ""
-        cpu, rss = self._usage(r)
+        cpu, rss = self._usage_of.of(r)
         state = Text(name, style=STATE_STYLE.get(name, ""))
         if r.restarts:
             state.append(f" r{r.restarts}", style="dim")
         if self.silent(r):
             state.append(f" no beat {r.beat_age:.1f}s", style="bold red")
-        last = ""
-        if r.worker_id in self._last_event:
-            what, when = self._last_event[r.worker_id]
-            last = f"{what} {time.monotonic() - when:.0f}s ago"
+        last = ago(self._last_event.get(r.worker_id))
         return {"worker": str(r.worker_id), "pid": str(r.pid or ""), "state": state,
                 "progress": progress, "eta": eta, "last event": last, "info": info, "cpu %": cpu, "rss": rss}
 
@@ -413,9 +422,6 @@ class LiveView:
         """Is the worker's last heartbeat older than half the heartbeat period?"""
         return (self._heartbeat is not None and r.alive and r.beat_age is not None
                 and r.beat_age > self._heartbeat / 2)
-
-    def _usage(self, r: WorkerStatus) -> tuple[str, str]:
-        return self._usage_of.of(r)
 
 
 class KeyReader:
@@ -592,21 +598,13 @@ class SumLiveView:
         for wid in wids[:room]:
             cells = self._cells(wid, rows.get(wid))
             table.add_row(*(cells[c] for c in columns))
-        parts: list[Any] = [table]
-        if len(wids) > room:
-            rest = Counter(self._state_name(rows.get(wid)) for wid in wids[room:])
-            summary = ", ".join(f"{n} {name}" for name, n in rest.items())
-            parts.append(Text(f"... and {len(wids) - room} more: {summary}", style="dim"))
-        return Group(*parts)
+        return Group(table, *rest_line([self._state_name(rows.get(wid)) for wid in wids[room:]], "workers"))
 
     def _cells(self, wid: int, r: WorkerStatus | None) -> dict[str, Any]:
         role, index = self._plan.role(wid)
         name = self._state_name(r)
         cpu, rss = self._usage.of(r) if r is not None else ("", "")
-        last = ""
-        if wid in self._last:
-            what, when = self._last[wid]
-            last = f"{what} {time.monotonic() - when:.0f}s ago"
+        last = ago(self._last.get(wid))
         cells: dict[str, Any] = {"worker": str(wid), "role": f"{role} {index}",
                                  "state": Text(name, style=STATE_STYLE.get(name, "")),
                                  "sum": "", "toward the threshold": "", "items": "",

@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 from typing import Any
 from xml.sax.saxutils import escape, quoteattr
 
+from .states import error_line
+
 __all__ = ["FORMATS", "OUTCOMES", "SPAN_STATES", "render_timeline", "timeline_format"]
 
 #: File extensions render_timeline() can write.
@@ -154,12 +156,10 @@ def _as_dict(event: EventLike) -> Mapping[str, Any]:
 
 
 def _detail(e: Mapping[str, Any]) -> str | None:
-    """The one line worth showing in a tooltip: the error's last line, or the exit code."""
-    error = e.get("error")
-    if error:
-        lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
-        if lines:
-            return lines[-1]
+    """The one line worth showing in a tooltip: the error's (states.error_line), or the exit code."""
+    line = error_line(str(e["error"])) if e.get("error") else None
+    if line:
+        return line
     code = e.get("exitcode")
     if code is not None and e.get("event") in ("crashed", "killed"):
         return f"exit code {code}"

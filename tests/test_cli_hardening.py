@@ -913,7 +913,8 @@ def test_a_terminal_that_goes_away_stops_the_run_and_its_log_ends(command, tmp_p
         assert_all_gone(worker_pids(log))
 
 
-SLOW_IMPORT = "import time\ntime.sleep(1000)\n\n\ndef f(arg):\n    return 1\n"
+SLOW_IMPORT = ("import sys, time\nprint('importing', file=sys.stderr, flush=True)\ntime.sleep(1000)\n\n\n"
+               "def f(arg):\n    return 1\n")
 
 
 @pytest.mark.parametrize("command", ["run", "map"])
@@ -930,11 +931,17 @@ def test_a_target_module_that_blocks_as_it_imports_gives_way_to_a_stop(command, 
         args += ["--timeout", "1"]
     proc = subprocess.Popen(CLI + args, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             start_new_session=True, env={**os.environ, "XDG_RUNTIME_DIR": str(tmp_path)})
+    seen = b""
     try:
         if how == "SIGTERM":
-            time.sleep(1.0)  # (bounded: the signal lands in the import, which sleeps 1000 s)
+            while b"importing" not in seen:  # the module says it is in its import (which sleeps 1000 s)
+                assert select.select([proc.stderr], [], [], 20)[0], seen
+                chunk = os.read(proc.stderr.fileno(), 4096)
+                assert chunk, seen
+                seen += chunk
             proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=20)
+        err = seen + err
     finally:
         proc.kill()
         proc.wait(10)

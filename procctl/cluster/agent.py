@@ -196,10 +196,7 @@ class Agent:
             self._answer(cmd)
         finally:
             self.done = True
-            try:  # wakes the main thread's get, to end the agent
-                self.commands.put(encode(Command(0, Op.EXPIRED)), timeout=FLUSH_TIMEOUT)
-            except Exception:  # noqa: BLE001 - the scheduler is gone: the get fails all the same
-                pass
+            self.wake_serve()
 
     def _watch_lease(self) -> None:
         while not self.stopping.wait(self.spec.beat):
@@ -208,11 +205,16 @@ class Agent:
                 self.gone_why = f"lease of {self.spec.lease}s expired: the client is gone"
                 log.warning("procctl agent on node %d: %s; stopping its workers", self.spec.node, self.gone_why)
                 self._expire()
-                try:  # wakes the main thread's get, if the scheduler still answers
-                    self.commands.put(encode(Command(0, Op.EXPIRED)), timeout=FLUSH_TIMEOUT)
-                except Exception:  # noqa: BLE001 - it is cut off: the workers are stopped all the same
-                    pass
+                self.wake_serve()
                 return
+
+    def wake_serve(self) -> None:
+        """Wake serve()'s get, so that it sees the agent is done (if the scheduler
+        still answers: cut off, the get fails all the same, and the workers are stopped)."""
+        try:
+            self.commands.put(encode(Command(0, Op.EXPIRED)), timeout=FLUSH_TIMEOUT)
+        except Exception:  # noqa: BLE001 - see above
+            pass
 
     def _expire(self) -> None:
         with self.expire_lock:
@@ -501,10 +503,7 @@ class ExecutorAgent(Agent):
                 return
             self.gone_why = f"its pool is broken: {exc}"
             self.done = True
-        try:  # wakes the main thread's get, to end the agent
-            self.commands.put(encode(Command(0, Op.EXPIRED)), timeout=FLUSH_TIMEOUT)
-        except Exception:  # noqa: BLE001 - the scheduler is gone: the get fails all the same
-            pass
+        self.wake_serve()
 
     def local(self) -> _Pool | None:
         return self.ex
