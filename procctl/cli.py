@@ -458,7 +458,7 @@ def summarize(reports: dict[int, WorkerReport], elapsed: float,
         parts += f", {restarts} restart{'s' if restarts != 1 else ''}"
     if gave_up:
         record["gave_up"] = True
-    lines = [f"summary: {workers} workers, {parts} in {elapsed:.2f}s"]
+    lines = [f"summary: {workers} worker{'s' if workers != 1 else ''}, {parts} in {elapsed:.2f}s"]
     errors = {}
     for r in reports.values():
         if r.outcome not in CLEAN_OUTCOMES:
@@ -570,7 +570,7 @@ def run_command(workers: int, target: str | None, schedule: str, step: float, fi
         too_many = capacity_problem(max_workers, reserve=COMMAND_FDS)
         if too_many is not None:
             raise BadInput(f"--max-workers {max_workers}: {too_many}")
-    check_output_paths(events_path, timeline_path, trace_path)
+    check_output_paths(events_path, timeline_path, trace_path, log_dir)
     control = ControlPlan.check(name, metrics_addr, job=f"run {target or 'demo'}", announce=not (json_lines or quiet))
     if log_dir is not None:
         try:
@@ -691,8 +691,12 @@ def _capture(workers: int, log_dir: str | None, *, line_buffered: bool) -> Outpu
         return None
 
 
-def check_output_paths(events_path: str | None, timeline_path: str | None, trace_path: str | None = None) -> None:
-    check_distinct_files({"--events": events_path, "--timeline": timeline_path, "--trace": trace_path})
+def check_output_paths(events_path: str | None, timeline_path: str | None, trace_path: str | None = None,
+                       log_dir: str | None = None) -> None:
+    if log_dir == "-":
+        raise BadInput("--log-dir needs a directory name; '-' is not stdout here (./- is a directory named '-')")
+    check_distinct_files({"--events": events_path, "--timeline": timeline_path, "--trace": trace_path,
+                          "--log-dir": log_dir})
     if trace_path is not None:
         check_writable_file(trace_path, "--trace")
     if events_path is not None:

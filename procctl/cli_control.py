@@ -32,7 +32,7 @@ from .control import (
     socket_path,
     sockets,
 )
-from .states import Event
+from .states import Event, Outcome
 
 # -- the run's side ------------------------------------------------------------------
 
@@ -315,9 +315,11 @@ resume_command = _state_command("resume", "resumed", "Resume")
 @click.command("stop")
 @click.argument("run", required=False)
 @click.option("--workers", "workers_text", default=None, help="Only these workers: a comma list of ids.")
-@click.option("--no-wait", is_flag=True, help="Return once the stop began, not when the run has ended.")
+@click.option("--no-wait", is_flag=True,
+              help="Return once the stop began, not when the run (or the workers named) has ended.")
 def stop_command(run: str | None, workers_text: str | None, no_wait: bool) -> int:
-    """Stop RUN gracefully (grace period, then SIGTERM, then SIGKILL); wait until it has ended."""
+    """Stop RUN gracefully (grace period, then SIGTERM, then SIGKILL); wait until it has ended
+    (with --workers, until those workers have)."""
     from .cli import signal_bridge
 
     bridge = signal_bridge()
@@ -325,28 +327,51 @@ def stop_command(run: str | None, workers_text: str | None, no_wait: bool) -> in
     workers = parse_workers(workers_text)
     path = resolve(run, "stop")
     name = os.path.basename(path)[:-5]
-    wait = not no_wait and workers is None
+    who = name if workers is None else f"workers {','.join(map(str, workers))} of {name}"
     stream = None
     busy = ""
-    if wait:  # follow the events first, so that the end cannot be missed
+    if not no_wait:  # follow the events first, so that the end cannot be missed
         stream = _open_stream(path, follow=True)
         if not stream.reply.get("ok"):  # as many event streams as the run serves: stop all the same
             stream.sock.close()
             busy = f" (not waiting for it: {stream.reply.get('error')})"
             stream = None
-    _ask(path, Request("stop", workers), "stop")
+    try:
+        reply = _ask(path, Request("stop", workers), "stop")
+    except BaseException:
+        if stream is not None:
+            stream.sock.close()
+        raise
     if stream is not None:
+        # The whole run: its event stream ends with it. Some workers: the stream
+        # goes on, and the wait ends with the last end of the processes named
+        # (by pid: an earlier incarnation's end, already in the log, is not it).
+        until = None if workers is None else _ends_of(reply.get("pids") or {})
         with stream.sock:
-            _follow(stream, bridge, lambda line: None)
+            _follow(stream, bridge, lambda line: None, until)
         if bridge.stop_requested():
             return bridge.exit_code or EXIT_FAILED  # no longer waiting; the run goes on stopping
-        click.echo(f"stopped {name}")
-    elif busy:
-        click.echo(f"stopping {name}{busy}")
+        click.echo(f"stopped {who}")
     else:
-        click.echo(f"stopping {'every worker' if workers is None else 'workers ' + workers_text} of {name}"
-                   if workers_text else f"stopping {name}")
+        click.echo(f"stopping {who}{busy}")
     return EXIT_OK
+
+
+def _ends_of(pids: dict[str, Any]) -> Callable[[bytes], bool]:
+    """A test of event lines: True once every worker of `pids` ({id: pid}) has ended."""
+    left = {(int(wid), pid) for wid, pid in pids.items()}
+    outcomes = {o.value for o in Outcome}
+
+    def ended(line: bytes) -> bool:
+        try:
+            event = json.loads(line)
+        except ValueError:
+            return not left
+        if isinstance(event, dict) and event.get("event") in outcomes:
+            left.discard((event.get("worker"), event.get("pid")))
+        return not left
+
+    return ended
 
 
 @click.command("scale", context_settings={"ignore_unknown_options": True})  # `scale RUN -1`: a bad N, not an option
@@ -394,9 +419,11 @@ def _lines(buffer: bytearray) -> Iterator[bytes]:
         yield line
 
 
-def _follow(stream: _Stream, bridge: Any, emit: Callable[[bytes], None]) -> bool:
-    """Read the event stream to its end (or a SIGINT/SIGTERM); False if it broke off
-    before the run closed it (the run was killed)."""
+def _follow(stream: _Stream, bridge: Any, emit: Callable[[bytes], None],
+            until: Callable[[bytes], bool] | None = None) -> bool:
+    """Read the event stream to its end (or a SIGINT/SIGTERM, or a line `until`
+    says is the last one wanted); False if it broke off before the run closed it
+    (the run was killed)."""
     r, w = os.pipe()
     sock, buffer = stream.sock, stream.buffer
     ended = False
@@ -411,6 +438,10 @@ def _follow(stream: _Stream, bridge: Any, emit: Callable[[bytes], None]) -> bool
                         ended = True
                     else:
                         emit(line)
+                        if until is not None and until(line):
+                            return True
+                if ended:
+                    break
                 if any(key.fd == r for key, _ in sel.select()):
                     break
                 try:

@@ -128,7 +128,10 @@ def timeline_command(log: str, output: str | None, fmt: str | None) -> int:
                                                  "chrome": ".trace.json"}[fmt]
     elif same_file(output, log):
         raise BadInput(f"-o {output!r} is the event log itself: give another file")
-    elif fmt != "chrome":
+    elif fmt == "chrome":
+        if os.path.splitext(output)[1].lower() in (".svg", ".html", ".htm"):
+            raise BadInput(f"-o {output!r} does not match --format chrome (a trace is JSON: .json)")
+    else:
         try:
             if timeline_format(output) != "." + fmt:
                 raise BadInput(f"-o {output!r} does not match --format {fmt}")

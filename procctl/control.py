@@ -386,6 +386,8 @@ class ControlServer:
         self._lock = threading.Lock()
         self._closed = False
         self._stopping = False
+        #: Workers a `stop --workers` is stopping: {id: pid} (their state reads "stopping").
+        self._retiring: dict[int, int | None] = {}
         self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
         self._follower_slots = threading.BoundedSemaphore(MAX_FOLLOWERS)
         #: Each follower's bell (a pipe's write end): rung by every event and by close().
@@ -608,16 +610,23 @@ class ControlServer:
             pc = self.hooks.controller()
             statuses: list[WorkerStatus] = pc.status() if pc is not None else []
             body = self._info(pc, statuses)
-            body["workers"] = [self._worker(s) for s in statuses]
+            everyone = body["state"] == "stopping"
+            body["workers"] = [self._worker(s, everyone) for s in statuses]
             self._snapshot = (now, body)
             return body
 
-    def _worker(self, s: WorkerStatus) -> dict[str, Any]:
+    def _worker(self, s: WorkerStatus, stopping: bool) -> dict[str, Any]:
         cpu, rss = self._usage.of(s)
         fraction = None
         if s.done is not None and s.total:
             fraction = min(1.0, s.done / s.total)
-        return {"id": s.worker_id, "pid": s.pid, "state": s.state.name.lower() if s.alive else "ended",
+        if not s.alive:
+            state = "ended"
+        elif stopping or self._retiring.get(s.worker_id, -1) == s.pid:
+            state = "stopping"  # told to stop (a stop is never acknowledged: it ends the worker)
+        else:
+            state = s.state.name.lower()
+        return {"id": s.worker_id, "pid": s.pid, "state": state,
                 "alive": s.alive, "outcome": s.outcome.value if s.outcome else None,
                 "restarts": int(getattr(s, "restarts", 0) or 0), "done": s.done, "total": s.total,
                 "progress": fraction, "rate": s.rate, "eta": s.eta, "info": dict(s.info),
@@ -656,22 +665,45 @@ class ControlServer:
 
     def _do_stop(self, request: Request) -> Reply:
         if request.workers is not None:
-            pc = self._live_controller()
-            if isinstance(pc, Reply):
-                return pc
-            stop = getattr(pc, "stop", None)  # (a map run's hooks have none: it stops as a whole)
-            if stop is None or not _accepts(stop, "workers"):
-                return Reply.failure("this run does not support stop of single workers (--workers)")
-            try:
-                stop(workers=list(request.workers))
-            except ValueError as exc:
-                return _bad_input(exc)
-            except RuntimeError as exc:
-                return Reply.failure(str(exc))
-            return Reply(True, {"stopping": list(request.workers)})
+            return self._stop_some(request.workers)
         self._stopping = True
         self.hooks.stop()
         return Reply(True, {"stopping": "all"})
+
+    def _stop_some(self, ids: tuple[int, ...]) -> Reply:
+        """Begin the stop of workers `ids` and answer at once, with the pid of
+        each: the stop (grace, escalation) goes on in a thread of its own, and
+        the one who asked follows the events for those pids' ends if it waits."""
+        pc = self._live_controller()
+        if isinstance(pc, Reply):
+            return pc
+        stop = getattr(pc, "stop", None)  # (a map run's hooks have none: it stops as a whole)
+        if stop is None or not _accepts(stop, "workers"):
+            return Reply.failure("this run does not support stop of single workers (--workers)")
+        from .controller import check_worker_ids
+
+        statuses = {s.worker_id: s for s in pc.status()}
+        try:
+            ids = tuple(check_worker_ids(ids, len(statuses)))
+        except ValueError as exc:
+            return _bad_input(exc)
+        ended = [i for i in ids if not statuses[i].alive]
+        if ended:
+            return Reply.failure(f"worker{'s' if len(ended) > 1 else ''} {', '.join(map(str, ended))} of this"
+                                 f" run {'have' if len(ended) > 1 else 'has'} ended: nothing to stop")
+        pids = {i: statuses[i].pid for i in ids}
+        with self._lock:
+            self._retiring.update(pids)
+        threads.start(threading.Thread(target=self._carry_out_stop, args=(stop, list(ids)),
+                                       name="procctl-control-stop", daemon=True))
+        return Reply(True, {"stopping": list(ids), "pids": {str(i): pid for i, pid in pids.items()}})
+
+    @staticmethod
+    def _carry_out_stop(stop: Callable[..., Any], ids: list[int]) -> None:
+        try:
+            stop(workers=ids)
+        except Exception:  # noqa: BLE001 - the run ended meanwhile, say: it ends them itself
+            log.debug("stop of workers %s from the control socket failed", ids, exc_info=True)
 
     def _do_scale(self, request: Request) -> Reply:
         pc = self._live_controller()

@@ -1335,7 +1335,9 @@ class ProcessController(Shortcuts):
                 too_many = limits.capacity_problem(n - self.workers, limits.MANAGER_FDS_PER_WORKER
                                                    if self._plane is None else limits.WORK_FDS_PER_WORKER)
                 if too_many is not None:
-                    raise limits.BeyondCapacity(f"resize(n): n={n} is more than this system lets us start: {too_many}")
+                    raise limits.BeyondCapacity(f"resize(n): n={n} is more than this system lets us start"
+                                                f" ({n - self.workers} more than the {self.workers} running):"
+                                                f" {too_many}")
                 self._grow(n, self._resizes)
             elif n < self.workers:
                 self._shrink(n)

@@ -658,7 +658,9 @@ class MapLiveView:
         elapsed = time.monotonic() - self._t0
         ended = done + failed
         rate = ended / elapsed if elapsed > 0 else 0.0
-        eta = (self._total - ended) / rate if rate > 0 and self._total > ended else None
+        eta = None
+        if rate > 0 and self._total > ended and self.note != "stopping":  # (no ETA once a stop began)
+            eta = (self._total - ended) / rate
         head = Text(f"{self._title}  ", style="bold")
         head.append(f"{elapsed:6.1f}s  ")
         head.append(self.note, style=STATE_STYLE.get(self.note, ""))

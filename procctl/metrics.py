@@ -15,10 +15,11 @@ from collections.abc import Callable
 from typing import Any
 
 from . import listeners, threads
+from .statecodes import Outcome
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 STATES = ("running", "paused", "stopping")
-OUTCOMES = ("finished", "stopped", "failed", "crashed", "killed")
+OUTCOMES = tuple(o.value for o in Outcome)  # every one, at 0 until it happens: a fixed series set
 #: One gauge per worker: (metric, field of the worker's status, help).
 PER_WORKER_GAUGES = (
     ("procctl_worker_progress", "done", "Each worker's last ctx.progress() value."),

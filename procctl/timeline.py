@@ -71,7 +71,8 @@ def timeline_format(path: str | os.PathLike[str]) -> str:
     ext = os.path.splitext(os.fspath(path))[1].lower()
     if ext not in FORMATS:
         allowed = " or ".join(FORMATS)
-        raise ValueError(f"timeline file must end in {allowed}, not {ext or 'no extension'!r}: {path}")
+        where = f": {os.fspath(path)}" if os.fspath(path) else ""
+        raise ValueError(f"timeline file must end in {allowed}, not {ext or 'no extension'!r}{where}")
     return ext
 
 

@@ -410,6 +410,33 @@ def test_per_worker_commands_and_scale_within_max_workers(env):
         cli.kill()
 
 
+def test_a_stop_of_some_workers_follows_those_only_and_no_wait_returns_at_once(env):
+    # Worker 1 never passes a checkpoint: its stop takes the whole 30 s grace.
+    # `--no-wait` returned only after it (and past 10 s, with an error, while the
+    # stop went on); a waiting stop of worker 0 waits for worker 0 alone.
+    cli = start_run(env, "some", "--grace", "30", workers=2, target="targets_control:deaf_but_one")
+    try:
+        res = ctl(env, "stop", "some", "--workers", "1", "--no-wait", timeout=10)
+        assert res.returncode == 0 and res.stdout == "stopping workers 1 of some\n", res.stderr
+        states = {w["id"]: w["state"] for w in ctl_json(env, "status", "some")["workers"]}
+        assert states == {0: "running", 1: "stopping"}
+        metrics = ctl(env, "metrics", "some").stdout
+        assert 'procctl_workers{run="some",state="stopping"} 1' in metrics
+        assert 'procctl_workers_ended{run="some",outcome="hung"} 0' in metrics  # every outcome, from the start
+        res = ctl(env, "stop", "some", "--workers", "0", timeout=10)
+        assert res.returncode == 0 and res.stdout == "stopped workers 0 of some\n", res.stderr
+        status = {w["id"]: w for w in ctl_json(env, "status", "some")["workers"]}
+        assert status[0]["state"] == "ended" and status[0]["outcome"] == "stopped"
+        assert status[1]["state"] == "stopping" and status[1]["alive"]
+        res = ctl(env, "stop", "some", "--workers", "0")
+        assert res.returncode == 1 and res.stderr.splitlines() == [
+            "procctl: error: worker 0 of this run has ended: nothing to stop"], res.stderr
+        pids = {w["pid"] for w in status.values()}
+    finally:
+        cli.kill()
+    assert_all_gone(pids)
+
+
 def test_a_scale_past_what_the_system_lets_it_start_is_bad_input(env):
     # As `procctl run --workers` past the limits: one line naming it, exit 2 (it was 1, a refusal).
     cli = start_run(env, "big", workers=1)

@@ -309,6 +309,12 @@ def test_log_dir_is_created_or_one_line_and_exit_2(tmp_path):
     for bad in (tmp_path / "file", tmp_path / "file" / "sub"):
         res = run_cli(["run", "--log-dir", str(bad)])
         assert res.returncode == 2 and len(res.stderr.splitlines()) == 1 and "--log-dir" in res.stderr
+    for args in (["--log-dir", "-"],  # a directory named '-' was made (as no other output takes '-')
+                 ["--events", str(tmp_path / "x"), "--log-dir", str(tmp_path / "x")],  # (the run began, then exit 1)
+                 ["--timeline", str(tmp_path / "y.html"), "--log-dir", str(tmp_path / "y.html")]):
+        res = run_cli(["run", "--workers", "1", "--schedule", "stop", *args], cwd=str(tmp_path))
+        assert res.returncode == 2 and len(res.stderr.splitlines()) == 1 and "--log-dir" in res.stderr, res.stderr
+        assert res.stdout == "" and not (tmp_path / "-").exists() and not (tmp_path / "x").exists()
     made = tmp_path / "new" / "logs"  # created, as GNU parallel's --results does
     res = run_cli(["run", "--workers", "2", "--schedule", "run,stop", "--step", "0.1", "--quiet",
                    "--log-dir", str(made)])
@@ -341,3 +347,20 @@ def test_a_long_info_takes_only_the_room_the_other_columns_leave(width, long_sta
     assert len(lines) == 1 and "31000 " in lines[0] and lines[0].rstrip().endswith("12.5   24 MiB"), lines
     assert "1:15" in lines[0] and (not long_state or "no beat 9.5s" in lines[0]), lines
     assert lines[0].count("…") <= 1 and ("…" not in lines[0] or "x…" in lines[0]), lines  # only the info is cut
+
+
+def test_the_map_view_shows_no_eta_once_a_stop_began():
+    import io
+
+    from rich.console import Console
+
+    from procctl.live import MapLiveView
+
+    out = io.StringIO()
+    view = MapLiveView("procctl map", 200, lambda: (40, 4, 2), Console(file=out, width=100))
+    for note, eta in (("running", True), ("paused", True), ("stopping", False)):
+        view.note = note
+        out.seek(0)
+        out.truncate()
+        view._live.console.print(view)
+        assert ("ETA" in out.getvalue()) is eta, (note, out.getvalue())

@@ -107,6 +107,17 @@ def test_the_log_is_never_overwritten_by_its_own_drawing(tmp_path):
         assert own.read_text() == text and (tmp_path / f"run.timeline.{fmt}").stat().st_size > 0
 
 
+@pytest.mark.parametrize("fmt, output", [("chrome", "x.html"), ("chrome", "x.SVG"), ("svg", "x.html"),
+                                         ("html", "x.json")])
+def test_an_output_named_for_another_format_is_bad_input(tmp_path, fmt, output):
+    # A Chrome trace written into x.html was taken (exit 0): the extension said otherwise.
+    log = tmp_path / "run.jsonl"
+    log.write_text('{"t": 0.1, "event": "running", "worker": 0}\n')
+    res = run_cli(["timeline", str(log), "--format", fmt, "-o", str(tmp_path / output)])
+    assert res.returncode == 2 and len(res.stderr.splitlines()) == 1, res.stderr
+    assert "-o" in res.stderr and not (tmp_path / output).exists()
+
+
 def test_a_log_torn_by_a_kill_still_draws(tmp_path):
     log = tmp_path / "torn.jsonl"
     log.write_text('{"t": 0.1, "event": "running", "worker": 0}\n{"t": 0.5, "event": "broadcast", "sta')
