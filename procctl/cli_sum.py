@@ -220,45 +220,55 @@ def _run(job: SumJob, reporter: Reporter, bridge: SignalBridge, view: Any = None
             if view is not None:
                 view.stopping(f"{bridge.signal_name}: stopping")
 
+    def tell_counts(result: SumResult | None) -> None:
+        """The counts all the same, as the last line (nobody won); None: nothing ran, every count is 0."""
+        if result is None:
+            plan = job.plan
+            result = SumResult(-1, plan.threshold, (0,) * plan.consumers, (0,) * plan.consumers,
+                               (0,) * plan.producers, 0, job.elapsed())
+        summary = Summary(result)
+        reporter.summary(summary.to_dict(), summary_text(result))
+
     with bridge.attach(wake=on_signal, hurry=job.kill, nudge=job.wakeup):
         try:
             if bridge.stop_requested():  # came before anything started: start nothing
-                plan = job.plan  # nothing ran: every count is 0
-                raise SumCancelled("cancelled before the run started", SumResult(
-                    -1, plan.threshold, (0,) * plan.consumers, (0,) * plan.consumers, (0,) * plan.producers, 0, 0.0))
+                raise SumCancelled("cancelled before the run started")
             if view is None:
                 result = job.run()
             else:
                 result = _run_live(job, view, stopped if stopped is not None else [])
         except SumCancelled as exc:
             if stopped and bridge.exit_code is None:
-                tell(reporter, Cancelled(None, by=stopped[0]))
+                tell(reporter, Cancelled(None, by=stopped[0], t=job.elapsed()))
                 code = EXIT_OK
             else:
-                tell(reporter, Cancelled(bridge.signal_name))
+                tell(reporter, Cancelled(bridge.signal_name, t=job.elapsed()))
                 code = bridge.exit_code or EXIT_SIGINT
-            if exc.result is not None:  # the counts all the same, as the last line: nobody won
-                summary = Summary(exc.result)
-                reporter.summary(summary.to_dict(), summary_text(exc.result))
+            tell_counts(exc.result)
             return code
         except TimeoutError as exc:
-            reporter.emit(TimedOut(job.plan.timeout).to_dict(), None)
+            reporter.emit(TimedOut(job.plan.timeout, t=job.elapsed()).to_dict(), None)
             say(f"procctl sum: {exc}")
-            if isinstance(exc, SumTimeout):  # the counts all the same, as the last line: nobody won
-                summary = Summary(exc.result)
-                reporter.summary(summary.to_dict(), summary_text(exc.result))
+            if isinstance(exc, SumTimeout):
+                tell_counts(exc.result)
             return EXIT_TIMEOUT
         except ValueError as exc:  # the controller's own look at the limits, with what is open by then
             say(f"procctl sum: error: {exc}")
             return EXIT_USAGE
         except (SumJobError, WorkerStartError, OSError) as exc:
+            counts = exc.result if isinstance(exc, SumJobError) else None
             if bridge.exit_code is not None:  # a second signal killed the workers: the signal's doing
-                tell(reporter, Cancelled(bridge.signal_name))
+                tell(reporter, Cancelled(bridge.signal_name, t=job.elapsed()))
+                if counts is not None:
+                    tell_counts(counts)
                 return bridge.exit_code
-            say(f"procctl sum: error: {exc}")
             cause = exc if isinstance(exc, OSError) else exc.__cause__
             if isinstance(cause, OSError) and cause.errno in LIMIT_ERRNOS:
+                say(f"procctl sum: error: {exc}")
                 return EXIT_USAGE  # more workers than the system allows
+            if counts is not None:  # what was settled, as the last line: nobody won
+                tell_counts(counts)
+            say(f"procctl sum: error: {exc}")
             return EXIT_FAILED
     summary = Summary(result)
     reporter.summary(summary.to_dict(), summary_text(result))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import numbers
 import os
 import signal
 import subprocess
@@ -447,6 +448,33 @@ if __name__ == "__main__":
 """
 
 
+# The only consumer SIGKILLed as it is forked (the second fork of a 1x1 run):
+# nobody can win, and the command says so after the counts (it printed none).
+CONSUMER_KILLED = """
+import os, signal, sys
+if __name__ == "__main__":
+    forks = [0]
+    os.register_at_fork(before=lambda: forks.__setitem__(0, forks[0] + 1),
+                        after_in_child=lambda: forks[0] == 2 and os.kill(os.getpid(), signal.SIGKILL))
+    sys.argv = ["procctl", "sum", "--producers", "1", "--consumers", "1", "--threshold", "1000000000",
+                "--start-method", "fork", "--json"]
+    from procctl.__main__ import main
+    main()
+"""
+
+
+def test_a_run_nobody_can_win_ends_with_its_counts_and_exit_1(tmp_path):
+    script = tmp_path / "consumer_killed.py"
+    script.write_text(CONSUMER_KILLED)
+    res = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=90,
+                         start_new_session=True)
+    assert res.returncode == 1, res.stderr
+    assert res.stderr.splitlines() == ["procctl sum: error: no consumer could win any more: consumer 0 crashed"]
+    summary = json.loads(res.stdout.splitlines()[-1])
+    assert summary["event"] == "summary" and summary["winner"] is None
+    assert sum(summary["produced"]) == sum(summary["received"]) + summary["drained"]
+
+
 def test_a_worker_killed_while_the_job_starts_does_not_end_the_run(tmp_path):
     script = tmp_path / "killed_while_starting.py"
     script.write_text(KILLED_WHILE_STARTING.format(tmp=str(tmp_path)))
@@ -470,9 +498,52 @@ def test_a_run_with_every_consumer_killed_is_an_error_not_a_hang():
 
     jobs.append(SumJob(2, 2, 10**9, start_method="fork", on_event=on_event))
     job = jobs[0]
-    with pytest.raises(SumJobError, match="no consumer could win"):
+    with pytest.raises(SumJobError, match="no consumer could win") as caught:
         job.run()
+    counts = caught.value.result  # the settled counts all the same (it had none)
+    assert counts is not None and counts.winner == -1 and len(counts.sums) == 2
+    assert sum(counts.produced) == sum(counts.received) + counts.drained
     assert not children()
+
+
+def test_a_cancel_before_run_starts_nothing():
+    # It started every worker and produced items before the cancel took effect.
+    job = SumJob(3, 3, 10**9, start_method="fork")
+    job.cancel()
+    with pytest.raises(SumCancelled) as caught:
+        job.run()
+    assert caught.value.result == SumResult(-1, 10**9, (0,) * 3, (0,) * 3, (0,) * 3, 0, 0.0)
+    assert job.controller is None and not children()
+
+
+class Int64:
+    """An Integral that is not an int, as numpy's int64 is (it was refused)."""
+
+    def __init__(self, value):
+        self.value = value
+
+    def __index__(self):
+        return self.value
+
+    __int__ = __index__
+
+    def __lt__(self, other):
+        return self.value < other
+
+    def __le__(self, other):
+        return self.value <= other
+
+    def __gt__(self, other):
+        return self.value > other
+
+
+numbers.Integral.register(Int64)
+
+
+def test_integral_numbers_of_other_types_are_integers():
+    result = sum_threshold(1, 1, Int64(5), values=(Int64(2), 3), seed=Int64(1), queue_size=Int64(2),
+                           start_method="fork")
+    assert result.winner == 0 and result.sums[0] > 5 and type(result.threshold) is int
 
 
 # -- timeout, cancel, bad arguments ----------------------------------------------------
@@ -610,8 +681,10 @@ def test_cli_bad_input_is_one_line_and_exit_2(args):
 def test_cli_timeout_exits_124():
     res = run_sum("--threshold", "1000000000", "--delay", "0.01", "--timeout", "0.5", "--json")
     assert res.returncode == 124, res.stderr
-    *_, timed_out, summary = map(json.loads, res.stdout.splitlines())
-    assert timed_out == {"event": "timeout", "timeout": 0.5}
+    *_, closed, timed_out, summary = map(json.loads, res.stdout.splitlines())
+    # Its time, as every record's, and never before the one above (it had none).
+    assert list(timed_out) == ["t", "event", "timeout"] and timed_out["timeout"] == 0.5
+    assert closed["event"] == "closed" and timed_out["t"] >= closed["t"] >= 0.5
     # The last line is the summary, as on a win: nobody won, the counts add up.
     assert summary["event"] == "summary" and summary["winner"] is None
     assert sum(summary["produced"]) == sum(summary["received"]) + summary["drained"] > 0

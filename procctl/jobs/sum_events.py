@@ -156,11 +156,16 @@ class Cancelled(SumEvent):
     kind: ClassVar[SumEventKind] = SumEventKind.CANCELLED
     signal: str | None
     by: str | None = None
+    t: float | None = None  # seconds since the run began, as every event's
 
     def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {} if self.t is None else {"t": round(self.t, 6)}
+        out["event"] = self.kind.value
         if self.by is not None:
-            return {"event": self.kind.value, "by": self.by}
-        return {"event": self.kind.value, "signal": self.signal}
+            out["by"] = self.by
+        else:
+            out["signal"] = self.signal
+        return out
 
 
 @dataclass(frozen=True, eq=False)
@@ -169,6 +174,13 @@ class TimedOut(SumEvent):
 
     kind: ClassVar[SumEventKind] = SumEventKind.TIMEOUT
     timeout: float | None
+    t: float | None = None  # seconds since the run began, as every event's
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {} if self.t is None else {"t": round(self.t, 6)}
+        out["event"] = self.kind.value
+        out["timeout"] = self.timeout
+        return out
 
 
 @dataclass(frozen=True, eq=False)

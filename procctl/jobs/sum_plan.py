@@ -11,7 +11,7 @@ import math
 import multiprocessing
 from collections.abc import Iterable
 from dataclasses import dataclass
-from numbers import Real
+from numbers import Integral, Real
 from typing import Any
 
 from .. import limits
@@ -92,7 +92,18 @@ class SumTimeout(TimeoutError):
 
 
 class SumJobError(RuntimeError):
-    """A producer or consumer failed (raised), or none of a role was left to finish the race."""
+    """A producer or consumer failed (raised), or none of a role was left to finish the race.
+
+    `result` holds the run's counts as they were settled once everything was
+    cleaned up (its `winner` is -1), as SumTimeout's does; None where there
+    are none (the run's own bookkeeping failed)."""
+
+    def __init__(self, message: str, result: SumResult | None = None) -> None:
+        super().__init__(message)
+        self.result = result
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (str(self), self.result))
 
 
 class SumCancelled(RuntimeError):
@@ -135,7 +146,8 @@ class ConsumerTally:
 
 
 def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+    """An integer: an int or any other Integral (numpy's int64, say), not a bool."""
+    return isinstance(value, Integral) and not isinstance(value, bool)
 
 
 def _count(name: str, value: Any, low: int = 1, high: int | None = None) -> int:
@@ -174,7 +186,7 @@ def _values(values: Any) -> tuple[int, ...]:
     bad = [v for v in items if not _is_int(v) or v <= 0]
     if bad:
         raise ValueError(f"values must be positive integers; {bad[0]!r} is not")
-    return items
+    return tuple(int(v) for v in items)
 
 
 def _delay(delay: Any) -> tuple[float, float]:
@@ -218,7 +230,7 @@ def make_plan(producers: Any = 3, consumers: Any = 3, threshold: Any = 10, *, va
         values=_values(values),
         queue_size=_count("queue_size", queue_size),
         delay=_delay(delay),
-        seed=seed,
+        seed=None if seed is None else int(seed),
         start_method=start_method,
         timeout=_timeout(timeout),
         batch=_count("batch", batch, high=MAX_BATCH),

@@ -199,6 +199,11 @@ class SumJob:
         self._used = True
         self._t0 = time.monotonic()
         self._last_t = 0.0
+        if self._cancelled:  # before the run: nothing starts, every count is 0
+            p = self.plan
+            raise SumCancelled("the sum-threshold run was cancelled before it started; nothing ran",
+                               SumResult(-1, p.threshold, (0,) * p.consumers, (0,) * p.consumers,
+                                         (0,) * p.producers, 0, 0.0))
         plan = replace(self.plan, t0=self._t0, listen=self._on_event is not None)
         channels = {ITEMS: plan.queue_size, **({EVENTS: 0} if plan.listen else {})}
         ledger = Ledger(plan.workers)
@@ -304,17 +309,19 @@ class SumJob:
             for r in failed:
                 role, index = plan.role(r.worker_id)
                 lines.append(f"{role} {index} (worker {r.worker_id}) failed: {r.error_line or '-'}")
-            raise SumJobError("; ".join(lines))
+            raise SumJobError("; ".join(lines), self._result(-1, books))
         if verdict is _Verdict.TIMEOUT:
             raise SumTimeout(f"no consumer's sum exceeded {plan.threshold} within {plan.timeout}s;"
                              " everything was stopped and cleaned up", self._result(-1, books))
         if verdict is _Verdict.STARVED:
             gone = [f"{' '.join(map(str, plan.role(r.worker_id)))} {r.outcome.value}" for r in reports.values()
                     if r.outcome not in CLEAN_OUTCOMES]
-            raise SumJobError("no consumer could win any more: " + ", ".join(gone or ["workers ended"]))
+            raise SumJobError("no consumer could win any more: " + ", ".join(gone or ["workers ended"]),
+                              self._result(-1, books))
         winner = books.winner
         if winner < 0 or books.consumers[winner].sum <= plan.threshold:
-            raise SumJobError(f"the run ended without a valid winner (claim {winner}, verdict {verdict.value})")
+            raise SumJobError(f"the run ended without a valid winner (claim {winner}, verdict {verdict.value})",
+                              self._result(-1, books))
         return self._result(winner, books)
 
     def _result(self, winner: int, books: _Books) -> SumResult:
@@ -330,6 +337,10 @@ class SumJob:
 
     def _now(self) -> float:
         return time.monotonic() - self._t0
+
+    def elapsed(self) -> float:
+        """Seconds since run() began (0.0 before): the clock of the events' `t`."""
+        return max(self._last_t, self._now()) if self._t0 else 0.0
 
     def _emit(self, event: JobEvent) -> None:
         # Called from the relay thread during the run, from the caller's thread
@@ -478,7 +489,7 @@ def sum_threshold(producers: int = 3, consumers: int = 3, threshold: int = 10, *
     TimeoutError (a SumTimeout: its `result` has the counts, winner -1)
     after a clean stop when nobody crossed within `timeout` seconds;
     SumJobError when a worker failed (raised) or no producer or no consumer
-    is left.
+    is left (its `result` has the counts too, winner -1).
 
     `on_event(event)` gets the story as events of procctl.jobs.sum_events
     (each also reads as a dict: ``event["consumer"]``, ``event.to_dict()``):
