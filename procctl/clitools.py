@@ -285,8 +285,12 @@ class SignalBridge:
     def install(self) -> SignalBridge:
         """Take over the signals, then deliver those that came while held."""
         for sig in self.HANDLED:
-            if sig == signal.SIGHUP and signal.getsignal(sig) == signal.SIG_IGN:
-                continue  # `nohup procctl ...`: the operator asked that the hangup be ignored
+            if sig in EXIT_FOR_SIGNAL and signal.getsignal(sig) == signal.SIG_IGN:
+                # `nohup procctl ...`, or a background job of a shell without job
+                # control (SIGINT ignored): the operator asked that it be ignored, and
+                # it stays so (as Python's own SIGINT handling does), not ignored
+                # for the first milliseconds and acted on after.
+                continue
             self._saved[sig] = signal.signal(sig, self._handle)
         self._watch_wakeups()
         signal.pthread_sigmask(signal.SIG_UNBLOCK, HELD_SIGNALS)

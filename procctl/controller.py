@@ -247,15 +247,33 @@ def check_start_method(start_method: Any) -> str | None:
 
 
 def check_state(name: str, value: Any) -> State:
-    """A State argument (the member or its value, 'paused'); else ValueError naming it
-    (TypeError for a bool: True and False are numbers to State, not states)."""
-    if isinstance(value, bool):
+    """A State argument: the member, its name ('paused', any case) or its int
+    value; else ValueError naming it, TypeError for another type (a bool or a
+    float, which State would take as numbers)."""
+    if isinstance(value, State):
+        return value
+    if isinstance(value, str):
+        try:
+            return State[value.strip().upper()]
+        except KeyError:
+            pass
+    elif isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be a procctl.State, not {value!r}")
-    try:
-        return State(value)
-    except ValueError:
-        raise ValueError(f"{name} must be a procctl.State ({', '.join(s.name for s in State)}), "
-                         f"not {value!r}") from None
+    else:
+        try:
+            return State(value)
+        except ValueError:
+            pass
+    raise ValueError(f"{name} must be a procctl.State ({', '.join(s.name for s in State)}), not {value!r}")
+
+
+def check_ack_timeout(value: Any) -> float | None:
+    """An `ack_timeout=`: seconds > 0, None or inf for no limit (0: every broadcast
+    would time out before a worker could answer)."""
+    seconds = check_timeout("ack_timeout", value)
+    if seconds == 0:
+        raise ValueError("ack_timeout must be > 0 seconds (None or inf: no limit), not 0")
+    return seconds
 
 
 def check_signal(sig: Any) -> int:
@@ -414,7 +432,7 @@ class ProcessController(Shortcuts):
 
             check_name(control)  # ValueError naming the run name
         grace = check_timeout("grace", grace, allow_none=False)  # type: ignore[assignment]
-        ack_timeout = check_timeout("ack_timeout", ack_timeout)
+        ack_timeout = check_ack_timeout(ack_timeout)
         if cgroup is not None and not isinstance(cgroup, bool):
             raise TypeError(f"cgroup must be None (where writable), True or False, not {cgroup!r}")
         initial_state = check_state("initial_state", initial_state)

@@ -138,18 +138,23 @@ def test_signal_to_process_group_stops_cleanly(sig, code):
     assert_all_gone(worker_pids(events))
 
 
-def test_a_hangup_ignored_by_nohup_stays_ignored():
-    # `nohup procctl run ...`: the hangup was to be ignored, and the run goes on.
+@pytest.mark.parametrize("ignored, then, code", [(signal.SIGHUP, signal.SIGTERM, 143),
+                                                  (signal.SIGINT, signal.SIGTERM, 143),
+                                                  (signal.SIGTERM, signal.SIGINT, 130)])
+def test_a_stop_signal_ignored_at_start_stays_ignored(ignored, then, code):
+    # `nohup procctl run ...` (SIGHUP), a background job of a shell without job
+    # control (SIGINT): the signal was to be ignored, and the run goes on. A
+    # SIGINT was dropped only while it came before the handlers, then acted on.
     cli = LiveCli(["run", "--workers", "2", "--schedule", "run", "--finish-chance", "0", "--step", "0",
-                   "--json"], preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN))
+                   "--json"], preexec_fn=lambda: signal.signal(ignored, signal.SIG_IGN))
     try:
         cli.wait_for(lambda lines: sum('"running"' in line for line in lines) == 2)
-        cli.signal_group(signal.SIGHUP)
-        cli.signal_group(signal.SIGTERM)
+        cli.signal_group(ignored)
+        cli.signal_group(then)
         rc, out, err = cli.finish()
     finally:
         cli.kill()
-    assert rc == 143, err  # a SIGHUP taken would have stopped the run first: 129
+    assert rc == code, err  # the ignored one taken would have stopped the run first, with its own status
     assert json_events(out)[-1]["outcomes"] == {"stopped": 2}
 
 

@@ -18,7 +18,7 @@ import targets
 import targets_hardening as th
 from procs import end_session, still_running
 
-from procctl import Outcome, ProcessController, sum_threshold
+from procctl import Outcome, ProcessController, State, sum_threshold
 
 
 def _quick(pc: ProcessController) -> ProcessController:
@@ -310,9 +310,15 @@ def test_nan_timeouts_are_refused():
             pc.stop(grace=-1)
         with pytest.raises(ValueError, match="state"):
             pc.broadcast(5)
+        with pytest.raises(TypeError, match="state"):
+            pc.broadcast(2.0)  # (it was RUNNING, while True was refused)
+        pc.broadcast("paused")  # a state's name, as it reads in events and status
+        assert {s.state for s in pc.status()} == {State.PAUSED}
         assert pc.pids()  # nothing was stopped by the refused calls
     with pytest.raises(ValueError, match="initial_state"):
         ProcessController(targets.loop, 1, initial_state=5)
+    with pytest.raises(ValueError, match="ack_timeout"):  # every broadcast would time out at once
+        ProcessController(targets.loop, 1, ack_timeout=0)
     with pytest.raises(TypeError, match="start_method"):
         ProcessController(targets.loop, 1, start_method=5)
 
