@@ -32,7 +32,7 @@ from .control import (
     socket_path,
     sockets,
 )
-from .states import Event, Outcome
+from .states import Event
 
 # -- the run's side ------------------------------------------------------------------
 
@@ -205,6 +205,10 @@ def _ask(path: str, request: Request, command: str) -> dict[str, Any]:
         reply = ask(path, request)
     except ControlError as exc:
         raise click.ClickException(str(exc)) from None
+    return _check_reply(reply, command)
+
+
+def _check_reply(reply: dict[str, Any], command: str) -> dict[str, Any]:
     if not reply.get("ok"):
         if reply.get("bad_input"):
             raise BadInput(str(reply.get("error")))  # exit 2, as for any bad argument
@@ -328,50 +332,45 @@ def stop_command(run: str | None, workers_text: str | None, no_wait: bool) -> in
     path = resolve(run, "stop")
     name = os.path.basename(path)[:-5]
     who = name if workers is None else f"workers {','.join(map(str, workers))} of {name}"
-    stream = None
-    busy = ""
-    if not no_wait:  # follow the events first, so that the end cannot be missed
-        stream = _open_stream(path, follow=True)
+    if no_wait:
+        _ask(path, Request("stop", workers), "stop")
+        click.echo(f"stopping {who}")
+        return EXIT_OK
+    if workers is not None:
+        # The run answers at once, then once more when those workers have ended.
+        stream = _open(path, Request("stop", workers, wait=True))
+        if not stream.reply.get("ok"):
+            stream.sock.close()
+            _check_reply(stream.reply, "stop")
+    else:
+        # The whole run: follow its events first, so that the end cannot be missed.
+        stream = _open(path, Request("events", follow=True))
         if not stream.reply.get("ok"):  # as many event streams as the run serves: stop all the same
             stream.sock.close()
-            busy = f" (not waiting for it: {stream.reply.get('error')})"
-            stream = None
-    try:
-        reply = _ask(path, Request("stop", workers), "stop")
-    except BaseException:
-        if stream is not None:
+            _ask(path, Request("stop"), "stop")
+            click.echo(f"stopping {who} (not waiting for it: {stream.reply.get('error')})")
+            return EXIT_OK
+        try:
+            _ask(path, Request("stop"), "stop")
+        except BaseException:
             stream.sock.close()
-        raise
-    if stream is not None:
-        # The whole run: its event stream ends with it. Some workers: the stream
-        # goes on, and the wait ends with the last end of the processes named
-        # (by pid: an earlier incarnation's end, already in the log, is not it).
-        until = None if workers is None else _ends_of(reply.get("pids") or {})
-        with stream.sock:
-            _follow(stream, bridge, lambda line: None, until)
-        if bridge.stop_requested():
-            return bridge.exit_code or EXIT_FAILED  # no longer waiting; the run goes on stopping
-        click.echo(f"stopped {who}")
-    else:
-        click.echo(f"stopping {who}{busy}")
+            raise
+    with stream.sock:
+        seen = _follow(stream, bridge, lambda line: None, until=None if workers is None else _is_stopped)
+    if bridge.stop_requested():
+        return bridge.exit_code or EXIT_FAILED  # no longer waiting; the run goes on stopping
+    if not seen:
+        raise click.ClickException(f"the run {name} went away before the stop was seen through (killed?)")
+    click.echo(f"stopped {who}")
     return EXIT_OK
 
 
-def _ends_of(pids: dict[str, Any]) -> Callable[[bytes], bool]:
-    """A test of event lines: True once every worker of `pids` ({id: pid}) has ended."""
-    left = {(int(wid), pid) for wid, pid in pids.items()}
-    outcomes = {o.value for o in Outcome}
-
-    def ended(line: bytes) -> bool:
-        try:
-            event = json.loads(line)
-        except ValueError:
-            return not left
-        if isinstance(event, dict) and event.get("event") in outcomes:
-            left.discard((event.get("worker"), event.get("pid")))
-        return not left
-
-    return ended
+def _is_stopped(line: bytes) -> bool:
+    """The second reply to a stop of some workers: they have ended."""
+    try:
+        return bool(json.loads(line).get("stopped"))
+    except (ValueError, AttributeError):
+        return False
 
 
 @click.command("scale", context_settings={"ignore_unknown_options": True})  # `scale RUN -1`: a bad N, not an option
@@ -393,15 +392,16 @@ class _Stream:
     reply: dict[str, Any]
 
 
-def _open_stream(path: str, follow: bool) -> _Stream:
-    """Ask RUN for its events and read its reply (ok, or why not: busy)."""
+def _open(path: str, request: Request) -> _Stream:
+    """Send RUN a request that goes on (its events; a stop that waits) and read
+    its first reply (ok, or why not: busy)."""
     try:
         sock = connect(path)
     except ControlError as exc:
         raise click.ClickException(str(exc)) from None
     buffer = bytearray()
     try:
-        sock.sendall(Request("events", follow=follow).to_line())
+        sock.sendall(request.to_line())
         line = read_line(sock, buffer)  # (within connect()'s timeout)
         reply = json.loads(line) if line is not None else {"ok": False, "error": "the run ended before it answered"}
     except (OSError, ValueError) as exc:
@@ -476,7 +476,7 @@ def events_command(run: str | None, follow: bool) -> int:
 
     bridge = signal_bridge()
     bridge.stop_note = None  # a Ctrl-C only stops the following: no worker of ours to stop
-    stream = _open_stream(resolve(run, "events"), follow)
+    stream = _open(resolve(run, "events"), Request("events", follow=follow))
     with stream.sock as sock:
         if not stream.reply.get("ok"):
             raise click.ClickException(str(stream.reply.get("error")))

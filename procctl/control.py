@@ -94,6 +94,7 @@ class Request:
     workers: tuple[int, ...] | None = None  # pause/resume/stop: only these (None: all)
     n: int | None = None  # scale: the new number of workers
     follow: bool = False  # events: go on with the live events
+    wait: bool = False  # stop of some workers: a second reply once they have ended
 
     def to_line(self) -> bytes:
         body: dict[str, Any] = {"cmd": self.cmd}
@@ -103,6 +104,8 @@ class Request:
             body["n"] = self.n
         if self.follow:
             body["follow"] = True
+        if self.wait:
+            body["wait"] = True
         return json.dumps(body).encode() + b"\n"
 
     @classmethod
@@ -132,10 +135,10 @@ class Request:
         n = body.get("n")
         if cmd == "scale" and not (isinstance(n, int) and _is_count(n) and n >= 1):
             raise ProtocolError("scale needs n, a number of workers >= 1")
-        follow = body.get("follow", False)
-        if not isinstance(follow, bool):
-            raise ProtocolError("follow must be true or false")
-        return cls(cmd, workers, n if cmd == "scale" else None, follow)
+        follow, wait = body.get("follow", False), body.get("wait", False)
+        if not isinstance(follow, bool) or not isinstance(wait, bool):
+            raise ProtocolError("follow and wait must be true or false")
+        return cls(cmd, workers, n if cmd == "scale" else None, follow, wait and cmd == "stop")
 
 
 def _is_count(value: Any) -> bool:
@@ -367,6 +370,11 @@ def listen(path: str) -> socket.socket:
     return sock
 
 
+class _StopDone(threading.Event):
+    """Set once the workers of a `stop --workers` from the control socket have
+    ended: its stop returned, or the run is over (the server closes only then)."""
+
+
 class ControlServer:
     """Serve one run's control socket from a thread of the manager.
 
@@ -388,6 +396,8 @@ class ControlServer:
         self._stopping = False
         #: Workers a `stop --workers` is stopping: {id: pid} (their state reads "stopping").
         self._retiring: dict[int, int | None] = {}
+        #: Those stops under way: close() lets whoever waits for one go.
+        self._stops: set[_StopDone] = set()
         self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
         self._follower_slots = threading.BoundedSemaphore(MAX_FOLLOWERS)
         #: Each follower's bell (a pipe's write end): rung by every event and by close().
@@ -421,6 +431,8 @@ class ControlServer:
                 return
             self._closed = True
             self._ring_followers()
+            for done in self._stops:
+                done.set()
         try:
             if os.stat(self.path).st_ino == self._inode:
                 os.unlink(self.path)
@@ -537,6 +549,17 @@ class ControlServer:
                     return
                 if request.cmd == "status":
                     conn.sendall(self._status_line_or_error())
+                    continue
+                if request.cmd == "stop" and request.workers is not None:
+                    reply, done = self._stop_some(request.workers)
+                    self._snapshot = None
+                    conn.sendall(reply.to_line())
+                    if done is not None and request.wait:
+                        # stop --workers without --no-wait: a second line once they have
+                        # ended (none if the run closes first: the asker says so).
+                        done.wait()
+                        conn.sendall(Reply(True, {"stopped": reply.data["stopping"]}).to_line())
+                        return
                     continue
                 conn.sendall(self.answer(request).to_line())
         except OSError:
@@ -665,45 +688,60 @@ class ControlServer:
 
     def _do_stop(self, request: Request) -> Reply:
         if request.workers is not None:
-            return self._stop_some(request.workers)
+            return self._stop_some(request.workers)[0]
         self._stopping = True
         self.hooks.stop()
         return Reply(True, {"stopping": "all"})
 
-    def _stop_some(self, ids: tuple[int, ...]) -> Reply:
-        """Begin the stop of workers `ids` and answer at once, with the pid of
-        each: the stop (grace, escalation) goes on in a thread of its own, and
-        the one who asked follows the events for those pids' ends if it waits."""
+    def _stop_some(self, ids: tuple[int, ...]) -> tuple[Reply, _StopDone | None]:
+        """Begin the stop of workers `ids` and answer at once: the stop (grace,
+        escalation) goes on in a thread of its own, whose end the _StopDone
+        returned tells (for a second reply to one who waits, see _serve)."""
         pc = self._live_controller()
         if isinstance(pc, Reply):
-            return pc
+            return pc, None
         stop = getattr(pc, "stop", None)  # (a map run's hooks have none: it stops as a whole)
         if stop is None or not _accepts(stop, "workers"):
-            return Reply.failure("this run does not support stop of single workers (--workers)")
+            return Reply.failure("this run does not support stop of single workers (--workers)"), None
         from .controller import check_worker_ids
 
         statuses = {s.worker_id: s for s in pc.status()}
         try:
             ids = tuple(check_worker_ids(ids, len(statuses)))
         except ValueError as exc:
-            return _bad_input(exc)
-        ended = [i for i in ids if not statuses[i].alive]
+            return _bad_input(exc), None
+        # An ended worker is nothing to stop, unless it waits for its restart: the
+        # stop holds it (as stop(workers=) does), and it is never restarted.
+        pending = getattr(pc, "_restart_pending", lambda wid: False)
+        ended = [i for i in ids if not statuses[i].alive and not pending(i)]
         if ended:
             return Reply.failure(f"worker{'s' if len(ended) > 1 else ''} {', '.join(map(str, ended))} of this"
-                                 f" run {'have' if len(ended) > 1 else 'has'} ended: nothing to stop")
-        pids = {i: statuses[i].pid for i in ids}
+                                 f" run {'have' if len(ended) > 1 else 'has'} ended: nothing to stop"), None
+        done = _StopDone()
+        retiring = {i: statuses[i].pid for i in ids if statuses[i].alive}
         with self._lock:
-            self._retiring.update(pids)
-        threads.start(threading.Thread(target=self._carry_out_stop, args=(stop, list(ids)),
-                                       name="procctl-control-stop", daemon=True))
-        return Reply(True, {"stopping": list(ids), "pids": {str(i): pid for i, pid in pids.items()}})
+            self._retiring.update(retiring)
+            self._stops.add(done)
+        try:
+            threads.start(threading.Thread(target=self._carry_out_stop, args=(stop, list(ids), done),
+                                           name="procctl-control-stop", daemon=True))
+        except OSError as exc:  # no room for a thread: nothing began
+            with self._lock:
+                self._stops.discard(done)
+                for i in retiring:
+                    self._retiring.pop(i, None)
+            return Reply.failure(f"busy: {exc}; try again"), None
+        return Reply(True, {"stopping": list(ids)}), done
 
-    @staticmethod
-    def _carry_out_stop(stop: Callable[..., Any], ids: list[int]) -> None:
+    def _carry_out_stop(self, stop: Callable[..., Any], ids: list[int], done: _StopDone) -> None:
         try:
             stop(workers=ids)
-        except Exception:  # noqa: BLE001 - the run ended meanwhile, say: it ends them itself
+        except Exception:  # noqa: BLE001 - the run ended meanwhile, say: it ended them itself
             log.debug("stop of workers %s from the control socket failed", ids, exc_info=True)
+        finally:
+            with self._lock:
+                self._stops.discard(done)
+            done.set()
 
     def _do_scale(self, request: Request) -> Reply:
         pc = self._live_controller()

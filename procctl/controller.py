@@ -1429,6 +1429,11 @@ class ProcessController(Shortcuts):
         self._pump_until(lambda: not any(w.alive for w in chosen), self._escalation_bound(grace))
         return {w.id: w.report for w in chosen if w.report is not None}
 
+    def _restart_pending(self, wid: int) -> bool:
+        """Whether ended worker `wid` waits for its restart (backoff, or its group's)."""
+        with self._locked():
+            return wid in self._restart_at or (self._group is not None and wid in self._group)
+
     def _escalation_bound(self, grace: float) -> float:
         return grace + self.term_timeout + self.kill_timeout + 1.0
 

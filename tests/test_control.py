@@ -437,6 +437,42 @@ def test_a_stop_of_some_workers_follows_those_only_and_no_wait_returns_at_once(e
     assert_all_gone(pids)
 
 
+def test_a_stop_of_a_worker_waiting_for_its_restart_holds_it(env):
+    # Worker 0 failed and waits 30 s for its restart: the stop holds it (it was
+    # refused as "ended", and the worker restarted).
+    args = ["run", "--workers", "2", "--target", "targets_supervision:worker0_fails", "--schedule", "run",
+            "--restart", "on-failure", "--backoff", "30,30", "--json", "--name", "backoff"]
+    cli = LiveCli(args, cwd=TESTS, env=env)
+    try:
+        cli.wait_for(lambda lines: any('"restarting"' in line for line in lines))
+        res = ctl(env, "stop", "backoff", "--workers", "0", timeout=10)
+        assert res.returncode == 0 and res.stdout == "stopped workers 0 of backoff\n", res.stderr
+        [w0, w1] = ctl_json(env, "status", "backoff")["workers"]
+        assert (w0["alive"], w0["restarts"], w1["alive"]) == (False, 0, True)
+        assert ctl(env, "stop", "backoff").returncode == 0
+        code, out, _ = cli.finish()
+    finally:
+        cli.kill()
+    assert code == 1 and json_events(out)[-1]["outcomes"] == {"failed": 1, "stopped": 1}
+
+
+def test_a_waiting_stop_of_some_workers_gets_its_second_reply_only_when_they_ended(env):
+    cli = start_run(env, "gone", "--grace", "30", workers=2, target="targets_control:deaf_but_one")
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(20)
+            sock.connect(socket_of(env, "gone"))
+            sock.sendall(b'{"cmd": "stop", "workers": [1], "wait": true}\n')
+            reader = sock.makefile("rb")
+            assert json.loads(reader.readline()) == {"ok": True, "stopping": [1]}  # at once: the stop began
+            pids = {w["pid"] for w in ctl_json(env, "status", "gone")["workers"]}
+            os.kill(cli.proc.pid, signal.SIGKILL)  # worker 1 never ended its stop: no second reply
+            assert reader.readline() == b""
+    finally:
+        cli.kill()
+    assert_all_gone(pids)
+
+
 def test_a_scale_past_what_the_system_lets_it_start_is_bad_input(env):
     # As `procctl run --workers` past the limits: one line naming it, exit 2 (it was 1, a refusal).
     cli = start_run(env, "big", workers=1)
