@@ -490,14 +490,16 @@ class _Pool:
         the run's number of workers and the node's name (ids and errors say them)."""
         if max_workers is None:
             max_workers = os.cpu_count() or 1
-        if isinstance(max_workers, bool) or not isinstance(max_workers, int):
-            raise ValueError(f"max_workers must be a positive integer, not {max_workers!r}")
+        if isinstance(max_workers, bool) or not isinstance(max_workers, int):  # (a TypeError, as the stdlib's)
+            raise TypeError(f"max_workers must be a positive integer, not {max_workers!r}")
         if max_workers < 1:  # the stdlib's words, which code written for it may match
             raise ValueError(f"max_workers must be greater than 0, not {max_workers!r}")
         too_many = capacity_problem(max_workers, WORK_FDS_PER_WORKER)
         if too_many is not None:
             raise ValueError(f"max_workers={max_workers} is more than this system lets us start: {too_many}")
-        if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
+        if isinstance(retries, bool) or not isinstance(retries, int):
+            raise TypeError(f"retries must be an integer >= 0, not {retries!r}")
+        if retries < 0:
             raise ValueError(f"retries must be an integer >= 0, not {retries!r}")
         task_timeout = check_task_timeout(task_timeout)
         grace_s = check_timeout("grace", grace, allow_none=False)  # as ProcessController's
@@ -509,11 +511,11 @@ class _Pool:
         elif max_tasks_per_child is not None:
             raise ValueError("give max_tasks_per_worker or max_tasks_per_child (its stdlib name), not both")
         name = "max_tasks_per_worker" if max_tasks_per_child is None else "max_tasks_per_child"
-        if max_tasks_per_worker is not None and (
-            isinstance(max_tasks_per_worker, bool) or not isinstance(max_tasks_per_worker, int)
-            or max_tasks_per_worker < 1
-        ):
-            raise ValueError(f"{name} must be a positive integer, not {max_tasks_per_worker!r}")
+        if max_tasks_per_worker is not None:
+            if isinstance(max_tasks_per_worker, bool) or not isinstance(max_tasks_per_worker, int):
+                raise TypeError(f"{name} must be a positive integer, not {max_tasks_per_worker!r}")
+            if max_tasks_per_worker < 1:
+                raise ValueError(f"{name} must be a positive integer, not {max_tasks_per_worker!r}")
         initargs = check_initializer(initializer, initargs)
         if mp_context is not None:
             if start_method is not None:
@@ -615,9 +617,11 @@ class _Pool:
         """Results of `fn` over the items, in order. `chunksize` None picks one
         as Pool.map does (len / (4 * workers)); a chunk still pauses and stops
         between its items. `timeout` counts from this call, as the stdlib's."""
-        if chunksize is not None and (isinstance(chunksize, bool) or not isinstance(chunksize, int)
-                                      or chunksize < 1):
-            raise ValueError(f"chunksize must be a positive integer or None, not {chunksize!r}")
+        if chunksize is not None:
+            if isinstance(chunksize, bool) or not isinstance(chunksize, int):
+                raise TypeError(f"chunksize must be a positive integer or None, not {chunksize!r}")
+            if chunksize < 1:
+                raise ValueError(f"chunksize must be a positive integer or None, not {chunksize!r}")
         end = map_deadline(timeout)
         star = len(iterables) != 1
         items: Sequence[Any]
@@ -628,7 +632,9 @@ class _Pool:
         else:
             items = list(iterables[0])
         if chunksize is None:
-            chunksize = max(1, math.ceil(len(items) / (4 * self._max_workers)))
+            # Pool.map's rule; with max_tasks_per_worker, one item a task as the stdlib's
+            # map: a chunk counts as one task, and a worker would run the whole map.
+            chunksize = 1 if self._max_tasks is not None else max(1, math.ceil(len(items) / (4 * self._max_workers)))
         fn_blob = self._pickled(fn)
         run = _MapRun(-(-len(items) // chunksize))  # (integers: a chunksize of 10**400 is one chunk)
         chunked = chunksize > 1

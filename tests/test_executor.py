@@ -329,6 +329,9 @@ def test_initializer_max_tasks_per_worker_and_broken_initializer(tmp_path):
         assert ex.submit(t.read_flag, 0).result(10) == "set"
         pids = [f.result(20) for f in [ex.submit(t.pid_of, i) for i in range(12)]]
     assert len(set(pids)) >= 4  # each worker is replaced after three tasks
+    with ProcessExecutor(1, max_tasks_per_child=3) as ex:  # map too: one worker ran all 9 (chunks of 3)
+        pids = list(ex.map(t.pid_of, range(9)))
+    assert [pids.count(p) for p in dict.fromkeys(pids)] == [3, 3, 3]
     ex = ProcessExecutor(1, initializer=t.init_fails)
     with pytest.raises(cf.BrokenExecutor, match="initializer"):
         ex.submit(t.square, 2).result(20)  # the submit, or the future, says so
@@ -449,12 +452,20 @@ def test_bad_arguments():
         ProcessExecutor(10**9)
     with pytest.raises(ValueError, match="max_tasks_per_child"):
         ProcessExecutor(1, max_tasks_per_child=0)
+    # A wrong type is a TypeError, as the stdlib's (they were ValueErrors).
+    for kwargs, name in (({"max_workers": 2.5}, "max_workers"), ({"max_workers": "2"}, "max_workers"),
+                         ({"max_workers": 1, "max_tasks_per_child": 1.5}, "max_tasks_per_child"),
+                         ({"max_workers": 1, "retries": 0.5}, "retries")):
+        with pytest.raises(TypeError, match=name):
+            ProcessExecutor(**kwargs)
     with pytest.raises(TypeError, match="mp_context"):
         ProcessExecutor(1, mp_context="fork")
     with ProcessExecutor(1, task_timeout=10**400) as ex:  # beyond any float: no limit, as inf
         assert ex.task_timeout is None
         with pytest.raises(ValueError, match="chunksize"):
             ex.map(t.square, [1], chunksize=0)
+        with pytest.raises(TypeError, match="chunksize"):
+            ex.map(t.square, [1], chunksize="2")
         assert list(ex.map(t.square, range(5), chunksize=10**400)) == [0, 1, 4, 9, 16]  # one chunk
         with pytest.raises(ValueError, match="timeout"):
             ex.map(t.square, [1], timeout=float("nan"))

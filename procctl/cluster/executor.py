@@ -101,7 +101,9 @@ class _ClusterPool(Session):
         connect_timeout: float = CONNECT_TIMEOUT,
     ) -> None:
         check_workers_per_node(workers_per_node)
-        if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
+        if isinstance(retries, bool) or not isinstance(retries, int):
+            raise TypeError(f"retries must be an integer >= 0, not {retries!r}")
+        if retries < 0:
             raise ValueError(f"retries must be an integer >= 0, not {retries!r}")
         if on_event is not None and not callable(on_event):
             raise TypeError(f"on_event must be callable, not {type(on_event).__name__}")
@@ -185,9 +187,11 @@ class _ClusterPool(Session):
         timeout: float | None = None, chunksize: int | None = None,
     ) -> Iterator[Any]:
         """Results of `fn` over the items, in order, as ProcessExecutor.map."""
-        if chunksize is not None and (isinstance(chunksize, bool) or not isinstance(chunksize, int)
-                                      or chunksize < 1):
-            raise ValueError(f"chunksize must be a positive integer or None, not {chunksize!r}")
+        if chunksize is not None:
+            if isinstance(chunksize, bool) or not isinstance(chunksize, int):
+                raise TypeError(f"chunksize must be a positive integer or None, not {chunksize!r}")
+            if chunksize < 1:
+                raise ValueError(f"chunksize must be a positive integer or None, not {chunksize!r}")
         end_time = map_deadline(timeout)
         calls: list[tuple[tuple[Any, ...], dict[str, Any]]] = [(args, {}) for args in zip(*iterables)]  # noqa: B905 - the shortest ends it, as the stdlib's
         items = [args[0] if len(iterables) == 1 else args for args, _ in calls]
