@@ -239,6 +239,14 @@ def _fmt(value: Any, spec: str = "") -> str:
     return format(value, spec) if spec else str(value)
 
 
+def _fmt_eta(seconds: float | None) -> str:
+    """Minutes:seconds, as the live view shows an ETA (seconds past a column's room as _fmt)."""
+    if seconds is None or not 0 <= seconds < 1e7:
+        return _fmt(seconds, ".0f")
+    whole = int(seconds)
+    return f"{whole // 60}:{whole % 60:02d}"
+
+
 def _fmt_bytes(n: float | None) -> str:
     if n is None:
         return "-"
@@ -287,7 +295,7 @@ def status_command(run: str | None, as_json: bool) -> int:
         progress = "-" if done is None else (f"{done:g}/{total:g}" if total else f"{done:g}")
         info = info_text(w.get("info"))
         click.echo(f"{w['id']:>4} {_fmt(w['pid']):>7} {w['state']:<8} {_fmt(w['outcome']):<9} "
-                   f"{w['restarts']:>8} {progress:>14} {_fmt(w['rate'], '.1f'):>9} {_fmt(w['eta'], '.0f'):>7} "
+                   f"{w['restarts']:>8} {progress:>14} {_fmt(w['rate'], '.1f'):>9} {_fmt_eta(w['eta']):>7} "
                    f"{_fmt(w['cpu_percent'], '.1f'):>6} {_fmt_bytes(w['rss']):>10}  {info}")
     return EXIT_OK
 

@@ -105,6 +105,13 @@ def test_status_keeps_huge_figures_in_their_columns(env):
         cli.kill()
 
 
+def test_status_says_an_eta_as_the_live_view_does():
+    from procctl.cli_control import _fmt_eta
+
+    # Minutes:seconds (it said 4964 where the live view said 82:44); what no column holds, as the rate.
+    assert [_fmt_eta(x) for x in (None, 0.4, 61, 4964.2, 1e9)] == ["-", "0:00", "1:01", "82:44", "1e+09"]
+
+
 def test_ls_status_pause_resume_events_metrics_stop(env):
     from prometheus_client.parser import text_string_to_metric_families
 
