@@ -618,6 +618,29 @@ def run_sum(*args: str, timeout: float = 30) -> subprocess.CompletedProcess:
     return subprocess.run(CLI + list(args), capture_output=True, text=True, timeout=timeout)
 
 
+@pytest.mark.parametrize("first, gap", [(0.25, 0.05), (0.4, 0.1)])
+def test_a_second_ctrl_c_while_spawn_workers_start_still_ends_with_the_counts(first, gap):
+    # Signals at moments while the spawn workers start (as issue 10's early-signal
+    # runs): the second SIGINT kills them while start() waits, which is the
+    # cancel's doing, and the counts are settled as ever (the summary was missing).
+    proc = subprocess.Popen(CLI + ["--threshold", "1000000000", "--start-method", "spawn", "--json"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        time.sleep(first)
+        proc.send_signal(signal.SIGINT)
+        time.sleep(gap)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+        proc.wait(10)
+    assert proc.returncode == 130, err
+    *_, cancelled, summary = map(json.loads, out.splitlines())
+    assert cancelled["event"] == "cancelled" and cancelled["signal"] == "SIGINT"
+    assert summary["event"] == "summary" and summary["winner"] is None, out[-2000:]
+    assert sum(summary["produced"]) == sum(summary["received"]) + summary["drained"]
+
+
 def test_cli_tells_the_story():
     res = run_sum("--seed", "3", "--threshold", "10")
     assert res.returncode == 0, res.stderr

@@ -33,7 +33,7 @@ from typing import TypeVar
 
 from .. import threads
 from ..channels import Channel, ChannelStats
-from ..controller import ProcessController
+from ..controller import ProcessController, WorkerStartError
 from ..states import CLEAN_OUTCOMES, Outcome, State, WorkerReport
 from .sum_events import ChannelClosed, ConsumerStopped, Drained, JobEvent, ProducerStopped
 from .sum_ledger import MASK, Ledger, SlotRecord
@@ -219,11 +219,19 @@ class SumJob:
         self._pc = pc
         relay: _Relay | None = None
         try:
-            pc.start()
-            if plan.listen:
-                relay = _Relay(pc.channels[EVENTS], self._emit)
-                threads.start(relay)
-            verdict = self._await_verdict(pc, ledger)
+            try:
+                pc.start()
+            except WorkerStartError:
+                if not self._cancelled:
+                    raise
+                # kill() while they started (a second Ctrl-C): that cancel's doing, not
+                # a failure to start; what those that were up did is settled as ever.
+                verdict = _Verdict.CANCELLED
+            else:
+                if plan.listen:
+                    relay = _Relay(pc.channels[EVENTS], self._emit)
+                    threads.start(relay)
+                verdict = self._await_verdict(pc, ledger)
         except BaseException:
             try:
                 self._stop(pc, relay)
