@@ -363,22 +363,31 @@ def stop_command(run: str | None, workers_text: str | None, no_wait: bool) -> in
         except BaseException:
             stream.sock.close()
             raise
+    second: list[dict[str, Any]] = []
     with stream.sock:
-        seen = _follow(stream, bridge, lambda line: None, until=None if workers is None else _is_stopped)
+        seen = _follow(stream, bridge, lambda line: None,
+                       until=None if workers is None else partial(_second_reply, second))
     if bridge.stop_requested():
         return bridge.exit_code or EXIT_FAILED  # no longer waiting; the run goes on stopping
     if not seen:
         raise click.ClickException(f"the run {name} went away before the stop was seen through (killed?)")
+    if second:
+        _check_reply(second[0], "stop")  # (a stop that failed: its error, exit 1)
     click.echo(f"stopped {who}")
     return EXIT_OK
 
 
-def _is_stopped(line: bytes) -> bool:
-    """The second reply to a stop of some workers: they have ended."""
+def _second_reply(into: list[dict[str, Any]], line: bytes) -> bool:
+    """The second reply to a stop of some workers (they have ended, or the stop
+    failed), kept in `into`: the end of the wait."""
     try:
-        return bool(json.loads(line).get("stopped"))
-    except (ValueError, AttributeError):
+        reply = json.loads(line)
+    except ValueError:
         return False
+    if isinstance(reply, dict) and "ok" in reply:
+        into.append(reply)
+        return True
+    return False
 
 
 @click.command("scale", context_settings={"ignore_unknown_options": True})  # `scale RUN -1`: a bad N, not an option

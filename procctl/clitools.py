@@ -285,7 +285,7 @@ class SignalBridge:
     def install(self) -> SignalBridge:
         """Take over the signals, then deliver those that came while held."""
         for sig in self.HANDLED:
-            if sig in EXIT_FOR_SIGNAL and signal.getsignal(sig) == signal.SIG_IGN:
+            if sig in (signal.SIGINT, signal.SIGHUP) and signal.getsignal(sig) == signal.SIG_IGN:
                 # `nohup procctl ...`, or a background job of a shell without job
                 # control (SIGINT ignored): the operator asked that it be ignored, and
                 # it stays so (as Python's own SIGINT handling does), not ignored

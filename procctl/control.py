@@ -371,8 +371,10 @@ def listen(path: str) -> socket.socket:
 
 
 class _StopDone(threading.Event):
-    """Set once the workers of a `stop --workers` from the control socket have
-    ended: its stop returned, or the run is over (the server closes only then)."""
+    """Set once a `stop --workers` from the control socket is over: its stop
+    returned (or failed: `error`), or the run is over (the server closes only then)."""
+
+    error: str | None = None
 
 
 class ControlServer:
@@ -551,14 +553,27 @@ class ControlServer:
                     conn.sendall(self._status_line_or_error())
                     continue
                 if request.cmd == "stop" and request.workers is not None:
-                    reply, done = self._stop_some(request.workers)
+                    try:
+                        reply, done = self._stop_some(request.workers)
+                    except Exception as exc:  # noqa: BLE001 - a request must never disturb the run
+                        log.debug("control request %s failed", request, exc_info=True)
+                        reply, done = Reply.failure(f"stop failed: {exc}"), None
                     self._snapshot = None
                     conn.sendall(reply.to_line())
                     if done is not None and request.wait:
                         # stop --workers without --no-wait: a second line once they have
-                        # ended (none if the run closes first: the asker says so).
-                        done.wait()
-                        conn.sendall(Reply(True, {"stopped": reply.data["stopping"]}).to_line())
+                        # ended (close() waits for it to go, as for the followers).
+                        me = threading.current_thread()
+                        with self._lock:
+                            self._streams.add(me)
+                        try:
+                            done.wait()
+                            second = (Reply.failure(f"stop failed: {done.error}") if done.error is not None
+                                      else Reply(True, {"stopped": reply.data["stopping"]}))
+                            conn.sendall(second.to_line())
+                        finally:
+                            with self._lock:
+                                self._streams.discard(me)
                         return
                     continue
                 conn.sendall(self.answer(request).to_line())
@@ -720,6 +735,8 @@ class ControlServer:
         done = _StopDone()
         retiring = {i: statuses[i].pid for i in ids if statuses[i].alive}
         with self._lock:
+            if self._closed:
+                return Reply.failure("the run is ending"), None
             self._retiring.update(retiring)
             self._stops.add(done)
         try:
@@ -736,8 +753,9 @@ class ControlServer:
     def _carry_out_stop(self, stop: Callable[..., Any], ids: list[int], done: _StopDone) -> None:
         try:
             stop(workers=ids)
-        except Exception:  # noqa: BLE001 - the run ended meanwhile, say: it ended them itself
+        except Exception as exc:  # noqa: BLE001 - told to the one who waits for it
             log.debug("stop of workers %s from the control socket failed", ids, exc_info=True)
+            done.error = str(exc) or type(exc).__name__
         finally:
             with self._lock:
                 self._stops.discard(done)

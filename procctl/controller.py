@@ -31,6 +31,7 @@ import gc
 import logging
 import multiprocessing
 import multiprocessing.util  # noqa: F401 - registers its atexit hook before ours (see _close_at_exit)
+import numbers
 import os
 import pickle
 import queue
@@ -257,11 +258,11 @@ def check_state(name: str, value: Any) -> State:
             return State[value.strip().upper()]
         except KeyError:
             pass
-    elif isinstance(value, bool) or not isinstance(value, int):
+    elif isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be a procctl.State, not {value!r}")
     else:
         try:
-            return State(value)
+            return State(int(value))
         except ValueError:
             pass
     raise ValueError(f"{name} must be a procctl.State ({', '.join(s.name for s in State)}), not {value!r}")
@@ -1432,7 +1433,7 @@ class ProcessController(Shortcuts):
     def _restart_pending(self, wid: int) -> bool:
         """Whether ended worker `wid` waits for its restart (backoff, or its group's)."""
         with self._locked():
-            return wid in self._restart_at or (self._group is not None and wid in self._group)
+            return wid in self._restart_at or (self._group is not None and wid in self._group_ids)
 
     def _escalation_bound(self, grace: float) -> float:
         return grace + self.term_timeout + self.kill_timeout + 1.0

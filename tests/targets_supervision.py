@@ -149,3 +149,11 @@ def size_seen(ctx):
             seen.append(ctx.workers)
         if not ctx.sleep(float("inf")):
             return seen
+
+
+def first_fails_others_deaf(ctx):
+    """Worker 0 raises at once; the others never pass another checkpoint."""
+    ctx.checkpoint()
+    if ctx.worker_id == 0:
+        raise ValueError("worker 0 fails")
+    time.sleep(3600)

@@ -18,7 +18,16 @@ import pytest
 from clihelp import CLI, LiveCli, assert_all_gone, json_events, worker_pids
 from procs import end_session
 
-from procctl.control import MAX_CONNECTIONS, MAX_FOLLOWERS, MAX_REQUEST, check_peer_uid, peer_credentials
+from procctl import State, WorkerStatus
+from procctl.control import (
+    MAX_CONNECTIONS,
+    MAX_FOLLOWERS,
+    MAX_REQUEST,
+    ControlServer,
+    RunHooks,
+    check_peer_uid,
+    peer_credentials,
+)
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 
@@ -444,23 +453,51 @@ def test_a_stop_of_some_workers_follows_those_only_and_no_wait_returns_at_once(e
     assert_all_gone(pids)
 
 
-def test_a_stop_of_a_worker_waiting_for_its_restart_holds_it(env):
-    # Worker 0 failed and waits 30 s for its restart: the stop holds it (it was
-    # refused as "ended", and the worker restarted).
-    args = ["run", "--workers", "2", "--target", "targets_supervision:worker0_fails", "--schedule", "run",
-            "--restart", "on-failure", "--backoff", "30,30", "--json", "--name", "backoff"]
+@pytest.mark.parametrize("strategy", ["one_for_one", "one_for_all"])
+def test_a_stop_of_a_worker_waiting_for_its_restart_holds_it(env, strategy):
+    # Worker 0 failed and waits for its restart: 30 s of backoff, or (one_for_all)
+    # worker 1, which ignores its stop for the 30 s grace. The stop holds it (it
+    # was refused as "ended", and the worker restarted).
+    target = "worker0_fails" if strategy == "one_for_one" else "first_fails_others_deaf"
+    args = ["run", "--workers", "2", "--target", f"targets_supervision:{target}", "--schedule", "run",
+            "--restart", "on-failure", "--backoff", "30,30", "--strategy", strategy, "--grace", "30",
+            "--json", "--name", "held"]
     cli = LiveCli(args, cwd=TESTS, env=env)
     try:
-        cli.wait_for(lambda lines: any('"restarting"' in line for line in lines))
-        res = ctl(env, "stop", "backoff", "--workers", "0", timeout=10)
-        assert res.returncode == 0 and res.stdout == "stopped workers 0 of backoff\n", res.stderr
-        [w0, w1] = ctl_json(env, "status", "backoff")["workers"]
+        cli.wait_for(lambda lines: any('"failed"' in line for line in lines))
+        res = ctl(env, "stop", "held", "--workers", "0", timeout=10)
+        assert res.returncode == 0 and res.stdout == "stopped workers 0 of held\n", res.stderr
+        [w0, w1] = ctl_json(env, "status", "held")["workers"]
         assert (w0["alive"], w0["restarts"], w1["alive"]) == (False, 0, True)
-        assert ctl(env, "stop", "backoff").returncode == 0
-        code, out, _ = cli.finish()
+        pids = {w1["pid"]}
     finally:
         cli.kill()
-    assert code == 1 and json_events(out)[-1]["outcomes"] == {"failed": 1, "stopped": 1}
+    assert_all_gone(pids)
+
+
+class _StopFails:
+    """A controller whose stop of some workers fails (a cluster node's error, say)."""
+
+    workers = 1
+    state = State.RUNNING
+
+    def status(self):
+        return [WorkerStatus(0, os.getpid(), State.RUNNING, True)]
+
+    def stop(self, grace=None, *, workers=None):
+        raise RuntimeError("boom")
+
+
+def test_a_stop_of_some_workers_that_fails_says_so(env, monkeypatch):
+    # It was "stopped workers 0", exit 0.
+    monkeypatch.setenv("XDG_RUNTIME_DIR", env["XDG_RUNTIME_DIR"])
+    server = ControlServer(RunHooks("fake", _StopFails, lambda: None), "fake").start()
+    try:
+        res = ctl(env, "stop", "fake", "--workers", "0")
+    finally:
+        server.close()
+    assert res.returncode == 1 and res.stdout == "", res
+    assert res.stderr.splitlines() == ["procctl: error: stop failed: boom"]
 
 
 def test_a_waiting_stop_of_some_workers_gets_its_second_reply_only_when_they_ended(env):
