@@ -529,13 +529,16 @@ def own_cluster():
 
 def test_a_dask_worker_sigkilled(own_cluster):
     address = own_cluster.scheduler_address
-    with ClusterController(cluster_targets.loop, 2, address=address, lease=LEASE) as cc:
+    # A lease far longer than the bound below: the scheduler's word that the worker is
+    # gone is what tells it (under allowed-failures 3 the agent was queued again,
+    # and the node's loss was seen only when the lease ran out).
+    with ClusterController(cluster_targets.loop, 2, address=address, lease=60) as cc:
         cc.run()
         lost = cc.nodes[1].address
         victims = [s.pid for s in cc.status() if s.node == lost]
         os.kill(dask_worker_pids(address)[lost], signal.SIGKILL)
         got = []
-        deadline = time.monotonic() + LEASE + 10
+        deadline = time.monotonic() + 15
         while len(got) < 2 and time.monotonic() < deadline:
             got += cc.reap(timeout=deadline - time.monotonic())
         assert sorted(r.worker_id for r in got) == [2, 3]
@@ -653,6 +656,15 @@ def test_bad_address_and_arguments():
             ClusterExecutor(address="tcp://127.0.0.1:9", lease=lease)
     with pytest.raises(ValueError, match="workers_per_node"):
         ClusterExecutor(address="tcp://127.0.0.1:9", workers_per_node=0)
+    with pytest.raises(TypeError, match="workers_per_node"):  # as ProcessExecutor's max_workers=2.5
+        ClusterExecutor(address="tcp://127.0.0.1:9", workers_per_node=2.5)
+    for cls in (ClusterController, ClusterExecutor):  # every connect would fail at once (it was taken)
+        with pytest.raises(ValueError, match="connect_timeout"):
+            cls(*[cluster_targets.loop][:cls is ClusterController], address="tcp://127.0.0.1:9", connect_timeout=0)
+    started = time.monotonic()  # a name that does not resolve: said at once (it waited the timeout)
+    with pytest.raises(ConnectionError, match="cannot resolve 'no-such-host.invalid'"):
+        ClusterExecutor(address="tcp://no-such-host.invalid:8786", connect_timeout=20)
+    assert time.monotonic() - started < 10
     with pytest.raises(ValueError, match="initial_state"):
         ClusterController(cluster_targets.loop, address="tcp://127.0.0.1:9", initial_state="x")
     started = time.monotonic()

@@ -100,6 +100,8 @@ class _ClusterPool(Session):
         initargs: tuple[Any, ...] = (),
         connect_timeout: float = CONNECT_TIMEOUT,
     ) -> None:
+        if isinstance(workers_per_node, bool) or not isinstance(workers_per_node, int):  # as max_workers'
+            raise TypeError(f"workers_per_node must be a positive integer, not {workers_per_node!r}")
         check_workers_per_node(workers_per_node)
         if isinstance(retries, bool) or not isinstance(retries, int):
             raise TypeError(f"retries must be an integer >= 0, not {retries!r}")

@@ -27,6 +27,7 @@ import time
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import dask
@@ -227,8 +228,10 @@ def _refused_at_once(address: str, seconds: float) -> None:
             return
     except ConnectionRefusedError:
         raise
+    except socket.gaierror as exc:  # a name that does not resolve: said at once, with why
+        raise OSError(f"cannot resolve {host.strip('[]')!r}: {exc.strerror or exc}") from None
     except (OSError, ValueError):
-        return  # a name that does not resolve, a timeout: Dask's connect says what
+        return  # a timeout, say: Dask's connect says what
 
 
 def _open_client(address: str, deadline: float) -> Client:
@@ -297,6 +300,8 @@ class Session:
                              f" through Dask), not {lease!r}")
         connect_s = check_timeout("connect_timeout", connect_timeout, allow_none=False)
         assert connect_s is not None
+        if connect_s == 0:  # (every connect would fail before a scheduler could answer)
+            raise ValueError("connect_timeout must be > 0 seconds, not 0")
         scheduler_address(address, cluster)  # checks the arguments before anything starts
         # Huge but finite: "that long", as far as a timer can wait (a day).
         self.lease = min(lease_s, MAX_WAIT)
@@ -440,6 +445,11 @@ class Session:
         for i, addr in enumerate(workers):
             node = Node(i, addr, Queue(names[i], client=self.client), heard=time.monotonic())
             self.nodes.append(node)
+            # The scheduler says at once when a Dask worker dies or leaves. With
+            # allowed-failures above 0 (Dask's default; local_cluster() sets 0), its
+            # pinned agent is only queued again, and we would hear of it only once
+            # the lease ran out.
+            self.client.subscribe_topic(addr, partial(self._on_node_event, node))
         for node in self.nodes:
             spec = AgentSpec(self.run_id, node.index, names[node.index], up, self.lease, beat, grace,
                              f"procctl-{self.run_id}-claim-{node.index}", len(self.nodes))
@@ -668,6 +678,18 @@ class Session:
                     self._lose(node, why)
             self.cond.notify_all()
 
+    def _on_node_event(self, node: Node, event: Any) -> None:
+        """The scheduler's events about `node`'s Dask worker (in the client's event
+        loop thread: only bookkeeping here, as in _agent_done)."""
+        msg = event[1] if isinstance(event, tuple) and len(event) == 2 else None
+        if not isinstance(msg, dict) or msg.get("action") != "remove-worker":
+            return
+        with self.cond:
+            if not node.ended and not self._closing:
+                node.ended = True
+                self._lose(node, "its Dask worker left the cluster (it died, or was retired)")
+            self.cond.notify_all()
+
     def _agent_failed(self, node: Node, fut: Future[Any]) -> None:
         try:
             exc = fut.exception(timeout=SLACK)
@@ -763,11 +785,11 @@ def local_cluster(n_workers: int, threads_per_worker: int = 2) -> Any:
                           "distributed.worker.daemon": False}):
         # No dashboard, and the scheduler's HTTP server (which it starts all the same)
         # on a free port: its default, 8787, taken by another cluster is a warning on stderr.
-        # Dask's warnings as a cluster closes (a node agent's task cancelled) are not the run's:
-        # errors only, as for --quiet a terminal wants nothing else.
+        # Dask's warnings as a cluster closes (a node agent's task cancelled), and its errors
+        # when a node dies (its agent's task failed), are not the run's: the run says its own.
         cluster = LocalCluster(n_workers=n_workers, threads_per_worker=threads_per_worker, processes=True,
                                dashboard_address=None, scheduler_kwargs={"dashboard_address": "127.0.0.1:0"},
-                               silence_logs=logging.ERROR)
+                               silence_logs=logging.CRITICAL)
     try:
         with Client(cluster, set_as_default=False) as client:
             client.register_plugin(IgnoreGroupSignals(), name="procctl-ignore-group-signals")
