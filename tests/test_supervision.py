@@ -555,6 +555,13 @@ def test_cli_bad_supervision_flags(args):
     assert "Traceback" not in res.stderr and res.stdout == ""
 
 
+def test_cli_max_workers_past_the_system_is_a_cap_not_a_refusal():
+    # A generous --max-workers ("no practical cap") was refused at start (exit 2).
+    res = run_cli(["run", "--workers", "1", "--schedule", "stop", "--max-workers", "99999999", "--quiet"],
+                  timeout=30)
+    assert res.returncode == 0 and res.stderr == "", res.stderr
+
+
 def test_cli_backoff_takes_what_the_library_takes():
     from procctl.cli import parse_backoff
 
