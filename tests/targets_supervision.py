@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import select
 import signal
 import time
 
@@ -151,9 +152,16 @@ def size_seen(ctx):
             return seen
 
 
+#: Worker 1 of first_fails_others_deaf says it is in its target (fork: the workers share it).
+_IN_TARGET_R, _IN_TARGET_W = os.pipe()
+
+
 def first_fails_others_deaf(ctx):
-    """Worker 0 raises at once; the others never pass another checkpoint."""
+    """Worker 0 raises once worker 1 is in its target (a worker stopped before
+    it got there would end at once); the others never pass another checkpoint."""
     ctx.checkpoint()
     if ctx.worker_id == 0:
+        select.select([_IN_TARGET_R], [], [], 30.0)
         raise ValueError("worker 0 fails")
+    os.write(_IN_TARGET_W, b"x")
     time.sleep(3600)
