@@ -676,6 +676,22 @@ def test_bad_address_and_arguments():
     assert time.monotonic() - started < 2  # at once: no connect
 
 
+def test_a_resolver_that_fails_for_now_is_left_to_dasks_own_retries(monkeypatch):
+    # Only a name that does not exist is refused at once; EAI_AGAIN was too.
+    from procctl.cluster import session
+
+    def lookup_fails(error):
+        def connect(*args, **kwargs):
+            raise socket.gaierror(error, "resolver says no")
+        return connect
+
+    monkeypatch.setattr(session.socket, "create_connection", lookup_fails(socket.EAI_AGAIN))
+    session._refused_at_once("tcp://sched.example:8786", 1.0)  # (returns: Dask's connect tries again)
+    monkeypatch.setattr(session.socket, "create_connection", lookup_fails(socket.EAI_NONAME))
+    with pytest.raises(OSError, match="cannot resolve 'sched.example'"):
+        session._refused_at_once("tcp://sched.example:8786", 1.0)
+
+
 def test_a_client_that_trips_on_the_schedulers_first_batch_is_opened_again(cluster, monkeypatch):
     # Dask's client asserts that the scheduler's first batch holds one message;
     # a loaded scheduler may batch two. The connect asks again while time is left.

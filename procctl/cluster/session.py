@@ -215,6 +215,10 @@ class Connecting:
         os.close(self._w)
 
 
+#: getaddrinfo's answers that a name does not exist (not that the resolver failed for now).
+_NO_SUCH_NAME = frozenset(getattr(socket, name) for name in ("EAI_NONAME", "EAI_NODATA") if hasattr(socket, name))
+
+
 def _refused_at_once(address: str, seconds: float) -> None:
     """ConnectionRefusedError at once when nothing listens at the host and port
     of a TCP-based address, tcp:// tls:// ws:// wss:// (Dask's connect would
@@ -228,7 +232,10 @@ def _refused_at_once(address: str, seconds: float) -> None:
             return
     except ConnectionRefusedError:
         raise
-    except socket.gaierror as exc:  # a name that does not resolve: said at once, with why
+    except socket.gaierror as exc:
+        if exc.errno not in _NO_SUCH_NAME:
+            return  # (a resolver that failed for now, EAI_AGAIN: Dask's connect tries again)
+        # A name that does not resolve: said at once, with why.
         raise OSError(f"cannot resolve {host.strip('[]')!r}: {exc.strerror or exc}") from None
     except (OSError, ValueError):
         return  # a timeout, say: Dask's connect says what
@@ -507,6 +514,11 @@ class Session:
                     node.future.cancel()
             for q in [self._up] + [node.queue for node in self.nodes]:
                 close_queue(q)
+            for node in self.nodes:  # (the scheduler keeps a closed client's subscriptions)
+                try:
+                    self.client.unsubscribe_topic(node.address)
+                except Exception:  # noqa: BLE001 - a dead scheduler: nothing is kept there
+                    log.debug("unsubscribing from %s failed", node.address, exc_info=True)
             try:
                 self.client.close(timeout=SLACK)
             except Exception:  # noqa: BLE001 - closing a client of a dead scheduler
@@ -785,11 +797,11 @@ def local_cluster(n_workers: int, threads_per_worker: int = 2) -> Any:
                           "distributed.worker.daemon": False}):
         # No dashboard, and the scheduler's HTTP server (which it starts all the same)
         # on a free port: its default, 8787, taken by another cluster is a warning on stderr.
-        # Dask's warnings as a cluster closes (a node agent's task cancelled), and its errors
-        # when a node dies (its agent's task failed), are not the run's: the run says its own.
+        # Dask's warnings as a cluster closes (a node agent's task cancelled) are not the run's:
+        # errors only, as for --quiet a terminal wants nothing else.
         cluster = LocalCluster(n_workers=n_workers, threads_per_worker=threads_per_worker, processes=True,
                                dashboard_address=None, scheduler_kwargs={"dashboard_address": "127.0.0.1:0"},
-                               silence_logs=logging.CRITICAL)
+                               silence_logs=logging.ERROR)
     try:
         with Client(cluster, set_as_default=False) as client:
             client.register_plugin(IgnoreGroupSignals(), name="procctl-ignore-group-signals")
