@@ -291,6 +291,7 @@ GUARDIAN_WAKEUPS = textwrap.dedent("""
             return sum(int(line.split()[1]) for line in f if "ctxt_switches" in line)
 
     lifecycle()  # the guardian starts
+    lifecycle()  # (and is asleep by now, as a rule)
     link = guardian.link()
     if {ring_at!r}:
         link._ring_at = {ring_at!r}
@@ -313,7 +314,9 @@ def test_the_guardian_sleeps_while_workers_start_and_end(tests_dir, tmp_path, ri
                           start_new_session=True)
     assert done.returncode == 0, done.stderr
     wakeups = json.loads(done.stdout)["wakeups"]
-    assert (wakeups > 0) if woken else (wakeups == 0), wakeups
+    # Unrung, at most one: the guardian's own start-up may end within the count on a
+    # loaded machine (once in the suite). Rung every 64 bytes, about 20.
+    assert (wakeups >= 5) if woken else (wakeups <= 1), wakeups
 
 
 GUARDIAN_SMALL_PIPE = textwrap.dedent("""
