@@ -623,17 +623,23 @@ def test_a_second_ctrl_c_while_spawn_workers_start_still_ends_with_the_counts(fi
     # Signals at moments while the spawn workers start (as issue 10's early-signal
     # runs): the second SIGINT kills them while start() waits, which is the
     # cancel's doing, and the counts are settled as ever (the summary was missing).
-    proc = subprocess.Popen(CLI + ["--threshold", "1000000000", "--start-method", "spawn", "--json"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        time.sleep(first)
-        proc.send_signal(signal.SIGINT)
-        time.sleep(gap)
-        proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=60)
-    finally:
-        proc.kill()
-        proc.wait(10)
+    for _ in range(4):
+        proc = subprocess.Popen(CLI + ["--threshold", "1000000000", "--start-method", "spawn", "--json"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+        try:
+            time.sleep(first)
+            proc.send_signal(signal.SIGINT)
+            time.sleep(gap)
+            proc.send_signal(signal.SIGINT)
+            out, err = proc.communicate(timeout=60)
+        finally:
+            proc.kill()
+            proc.wait(10)
+        if proc.returncode != -signal.SIGINT:
+            break
+        # A loaded machine's interpreter had not reached procctl's handlers yet (its own
+        # start-up, which the README excepts): again, later.
+        first *= 2
     assert proc.returncode == 130, err
     *_, cancelled, summary = map(json.loads, out.splitlines())
     assert cancelled["event"] == "cancelled" and cancelled["signal"] == "SIGINT"
