@@ -116,7 +116,7 @@ class _Worker:
         "id", "process", "pid", "link", "started", "state", "acked_seq",
         "result", "start_error", "signalled", "report", "progress_first", "info",
         "final_progress", "pidfd", "cgroup", "restarts", "probe", "probe_at", "suspect", "hung", "escalation",
-        "retiring", "ended_at",
+        "retiring", "ended_at", "paused_since", "paused_for",
     )
 
     def __init__(self, wid: int, process: Any, link: WorkerLink) -> None:
@@ -135,6 +135,10 @@ class _Worker:
         self.info: dict[str, Any] = {}
         self.final_progress: tuple[float | None, float | None] = (None, None)
         self.ended_at: float | None = None  # monotonic: the rate of an ended worker stays its last
+        #: Time paused since its first run (acknowledged PAUSED to RUNNING): not
+        #: counted in its rate, as the time a stopwatch is stopped.
+        self.paused_since: float | None = None
+        self.paused_for = 0.0
         #: What the controller watches for the process's end: a pidfd where the
         #: kernel has them, which nothing the worker does can hold open.
         self.pidfd = -1
@@ -1214,7 +1218,12 @@ class ProcessController(Shortcuts):
             w.state = state
             if state is not State.STOPPED:
                 self._worker_event(w, _EVENT_OF[state])
+            if state is State.PAUSED and w.progress_first is not None and w.paused_since is None:
+                w.paused_since = time.monotonic()
             if state is State.RUNNING:
+                if w.paused_since is not None:
+                    w.paused_for += time.monotonic() - w.paused_since
+                    w.paused_since = None
                 if w.progress_first is None:
                     # Its rate counts from its first run: status() has one at its first call.
                     w.progress_first = (time.monotonic(), 0.0)
@@ -1734,9 +1743,12 @@ class ProcessController(Shortcuts):
             if w.progress_first is None:
                 w.progress_first = (now, done)
             t0, d0 = w.progress_first
-            if now > t0 and done > d0:
-                rate = (done - d0) / (now - t0)
-                if total is not None and w.ended_at is None:  # nothing is left to come of an ended one
+            # The time it ran: a pause stops the clock (a paused worker's rate is
+            # as it was when it paused, and it has no ETA: nothing comes while paused).
+            ran = (now if w.paused_since is None else min(now, w.paused_since)) - t0 - w.paused_for
+            if ran > 0 and done > d0:
+                rate = (done - d0) / ran
+                if total is not None and w.ended_at is None and w.paused_since is None:
                     eta = max(0.0, (total - done) / rate)
         # A worker not yet up (restarted, added) is in the state it was started in.
         state = (w.state if w.acked_seq >= 0 else self._state_of(w.id)) if w.alive else State.STOPPED

@@ -124,3 +124,13 @@ def half_then_return(ctx):
 def raise_multiline(ctx):
     """A message of several lines, with what would drive a terminal in it."""
     raise ValueError("first line \x1b]0;title\x07\x1b[2Jof the message\nsecond line\r\x9b2J")
+
+
+def paced(ctx):
+    """One unit of progress about every 5 ms, of a million, until stopped."""
+    i = 0
+    while ctx.checkpoint():
+        time.sleep(0.005)
+        i += 1
+        ctx.progress(i, 1_000_000)
+    return i

@@ -83,3 +83,23 @@ def test_an_ended_workers_rate_stays_as_it_ended_and_it_has_no_eta():
         again = pc.status()[0]
     assert first.done == 50 and first.rate is not None and first.rate > 0
     assert (again.rate, first.eta, again.eta) == (first.rate, None, None)
+
+
+def test_a_pause_stops_the_rates_clock_and_a_paused_worker_has_no_eta():
+    # The rate was done / all the time since the first run, pauses included: after a
+    # pause three times as long as the run, a third of the real rate, and the ETA
+    # three times too long; a paused worker still showed one.
+    with ProcessController(targets.paced, 1, start_method="fork") as pc:
+        pc.run()
+        assert not pc.wait(0.5)  # it runs half a second
+        pc.pause()
+        before = pc.status()[0]
+        assert not pc.wait(1.5)  # then is paused three times as long
+        paused = pc.status()[0]
+        assert paused.eta is None and paused.rate == before.rate
+        pc.run()
+        assert not pc.wait(0.5)
+        after = pc.status()[0]
+        pc.stop()
+    assert before.rate is not None and after.rate is not None and after.eta is not None
+    assert after.rate > 0.6 * before.rate, (before, after)
