@@ -682,7 +682,8 @@ def check_writable_file(path: str, option: str) -> None:
     if os.path.isdir(path):
         raise BadInput(f"{option} {path!r} is a directory")
     if not os.path.isdir(directory):
-        raise BadInput(f"{option} {path!r}: directory {directory!r} does not exist")
+        what = "is not a directory" if os.path.exists(directory) else "does not exist"
+        raise BadInput(f"{option} {path!r}: {directory!r} {what}")
     existed = os.path.exists(path)
     try:
         with open(path, "a", encoding="utf-8"):

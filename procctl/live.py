@@ -340,7 +340,7 @@ class LiveView:
         running = [str(r.worker_id) for r in rows if r.alive]
         who = ", ".join(running[:20]) + (" ..." if len(running) > 20 else "")
         if not running:
-            return Text("stopped: every worker has ended", style="cyan")
+            return Text("every worker has ended", style="cyan")
         if left > 0:
             return Text(f"stopping: {left:4.1f}s of the {self._grace:g}s grace period left; "
                         f"still running: {who}", style="magenta")

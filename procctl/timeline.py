@@ -153,7 +153,10 @@ def _as_dict(event: EventLike) -> Mapping[str, Any]:
     if callable(to_dict):
         result: Mapping[str, Any] = to_dict()
         return result
-    return vars(event)
+    try:
+        return vars(event)
+    except TypeError:  # (vars() of an int said "must have __dict__ attribute")
+        raise TypeError(f"events must be procctl.Event objects or dicts, not {type(event).__name__}") from None
 
 
 def _detail(e: Mapping[str, Any]) -> str | None:
@@ -202,6 +205,8 @@ def usable(e: Mapping[str, Any]) -> bool:
 def build_run(events: Iterable[EventLike], workers: int | Iterable[int] | None = None) -> Run:
     """Fold the events into rows of spans, outcomes and broadcast moments
     (events that are not `usable` are skipped)."""
+    if isinstance(events, (str, bytes, Mapping)) or not isinstance(events, Iterable):
+        raise TypeError(f"events must be an iterable of procctl.Event objects or dicts, not {type(events).__name__}")
     rows: dict[int, Row] = {}
     if workers is not None:
         for wid in range(workers) if isinstance(workers, int) else workers:

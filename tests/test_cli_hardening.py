@@ -952,3 +952,12 @@ def test_a_target_module_that_blocks_as_it_imports_gives_way_to_a_stop(command, 
         assert b"none started" in out
     else:  # (its items file is read whole: the summary says what it leaves undone)
         assert b"0 done, 0 failed, 2 unfinished" in err
+
+
+def test_an_output_under_a_file_says_it_is_not_a_directory(tmp_path):
+    # It said "directory ... does not exist" of a file that exists.
+    (tmp_path / "notes.txt").write_text("")
+    res = run_cli(["run", "--workers", "1", "--schedule", "stop", "--events", str(tmp_path / "notes.txt" / "x")])
+    assert res.returncode == 2 and res.stderr.splitlines() == [
+        f"procctl: error: --events {str(tmp_path / 'notes.txt' / 'x')!r}: {str(tmp_path / 'notes.txt')!r}"
+        " is not a directory"], res.stderr

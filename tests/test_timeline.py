@@ -245,6 +245,14 @@ def test_format_is_case_insensitive():
     assert timeline_format(os.path.join("a.b", "run.html")) == ".html"
 
 
+@pytest.mark.parametrize("events", ["notalist", [1, 2, 3], None, {"t": 1}])
+def test_events_of_the_wrong_type_are_a_type_error_naming_them(tmp_path, events):
+    # It was "vars() argument must have __dict__ attribute", or "'NoneType' object is not iterable".
+    with pytest.raises(TypeError, match="events must be"):
+        render_timeline(events, tmp_path / "x.svg")
+    assert not (tmp_path / "x.svg").exists()
+
+
 def test_a_real_run(tmp_path):
     """run, pause, run, stop with real workers, drawn from the controller's on_event."""
     events: list[Event] = []
