@@ -911,10 +911,12 @@ class ProcessController(Shortcuts):
         with self._locked():
             if self._phase is _STARTED:
                 self._supervising = False
-                self._poll()
-                if self._state is not State.STOPPED:
-                    self._post(State.STOPPED)
                 try:
+                    # (The post inside: a Ctrl-C just after it, before the wait, cuts the
+                    # stop short all the same; close() waited out the whole grace.)
+                    self._poll()
+                    if self._state is not State.STOPPED:
+                        self._post(State.STOPPED)
                     shutdown.escalate(self, grace, self.term_timeout, self.kill_timeout)
                 except KeyboardInterrupt:
                     self._stop_cut_short = True  # (close() then ends what is left at once)

@@ -462,6 +462,35 @@ CTRL_C_DURING_STOP = textwrap.dedent("""
 """)
 
 
+CTRL_C_JUST_AFTER_THE_POST = textwrap.dedent("""
+    import sys
+    sys.path.insert(0, {tests!r})
+    import targets_hardening as th
+    from procctl import ProcessController
+    pc = ProcessController(th.told_then_stubborn, 1, args=("/dev/null",), grace=1e10, start_method="fork")
+    pc.start()
+    pc.run()
+    posted = pc._post
+
+    def post_then_ctrl_c(*args, **kwargs):
+        posted(*args, **kwargs)
+        raise KeyboardInterrupt  # (where a Ctrl-C lands when the manager is slow to its wait)
+
+    pc._post = post_then_ctrl_c
+    with pc:
+        pc.stop()
+""")
+
+
+def test_a_ctrl_c_just_after_the_stop_was_posted_cuts_it_short_too(tmp_path, tests_dir):
+    # Between the post and the wait, it was not marked cut short: close() waited out
+    # the whole grace (seen twice in the suite: 15 s, then the test's timeout).
+    script = tmp_path / "script.py"
+    script.write_text(CTRL_C_JUST_AFTER_THE_POST.format(tests=tests_dir))
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, timeout=30, start_new_session=True)
+    assert proc.returncode == -signal.SIGINT, proc.stderr[-2000:]
+
+
 @pytest.mark.parametrize("where", ["with-block", "at-exit"])
 def test_a_ctrl_c_during_a_long_graceful_stop_ends_it(where, tmp_path, tests_dir):
     """A Ctrl-C while stop() waits out its grace: the with block's close() (or
