@@ -223,9 +223,7 @@ def _run(job: SumJob, reporter: Reporter, bridge: SignalBridge, view: Any = None
     def tell_counts(result: SumResult | None) -> None:
         """The counts all the same, as the last line (nobody won); None: nothing ran, every count is 0."""
         if result is None:
-            plan = job.plan
-            result = SumResult(-1, plan.threshold, (0,) * plan.consumers, (0,) * plan.consumers,
-                               (0,) * plan.producers, 0, job.elapsed())
+            result = SumResult.nothing_ran(job.plan, job.elapsed())
         summary = Summary(result)
         reporter.summary(summary.to_dict(), summary_text(result))
 

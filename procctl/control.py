@@ -152,6 +152,8 @@ class Reply:
     ok: bool
     data: dict[str, Any] = field(default_factory=dict)
     error: str | None = None
+    #: A stop of some workers that began: set once it is over (not sent; see _serve).
+    done: _StopDone | None = field(default=None, compare=False)
 
     def to_line(self) -> bytes:
         body: dict[str, Any] = {"ok": self.ok, **self.data}
@@ -552,31 +554,23 @@ class ControlServer:
                 if request.cmd == "status":
                     conn.sendall(self._status_line_or_error())
                     continue
-                if request.cmd == "stop" and request.workers is not None:
+                reply = self.answer(request)
+                conn.sendall(reply.to_line())
+                if reply.done is not None and request.wait:
+                    # stop --workers without --no-wait: a second line once they have
+                    # ended (close() waits for it to go, as for the followers).
+                    me = threading.current_thread()
+                    with self._lock:
+                        self._streams.add(me)
                     try:
-                        reply, done = self._stop_some(request.workers)
-                    except Exception as exc:  # noqa: BLE001 - a request must never disturb the run
-                        log.debug("control request %s failed", request, exc_info=True)
-                        reply, done = Reply.failure(f"stop failed: {exc}"), None
-                    self._snapshot = None
-                    conn.sendall(reply.to_line())
-                    if done is not None and request.wait:
-                        # stop --workers without --no-wait: a second line once they have
-                        # ended (close() waits for it to go, as for the followers).
-                        me = threading.current_thread()
+                        reply.done.wait()
+                        second = (Reply.failure(f"stop failed: {reply.done.error}") if reply.done.error is not None
+                                  else Reply(True, {"stopped": reply.data["stopping"]}))
+                        conn.sendall(second.to_line())
+                    finally:
                         with self._lock:
-                            self._streams.add(me)
-                        try:
-                            done.wait()
-                            second = (Reply.failure(f"stop failed: {done.error}") if done.error is not None
-                                      else Reply(True, {"stopped": reply.data["stopping"]}))
-                            conn.sendall(second.to_line())
-                        finally:
-                            with self._lock:
-                                self._streams.discard(me)
-                        return
-                    continue
-                conn.sendall(self.answer(request).to_line())
+                            self._streams.discard(me)
+                    return
         except OSError:
             pass  # the client went away or was too slow: nothing of the run depends on it
         finally:
@@ -703,40 +697,40 @@ class ControlServer:
 
     def _do_stop(self, request: Request) -> Reply:
         if request.workers is not None:
-            return self._stop_some(request.workers)[0]
+            return self._stop_some(request.workers)
         self._stopping = True
         self.hooks.stop()
         return Reply(True, {"stopping": "all"})
 
-    def _stop_some(self, ids: tuple[int, ...]) -> tuple[Reply, _StopDone | None]:
+    def _stop_some(self, ids: tuple[int, ...]) -> Reply:
         """Begin the stop of workers `ids` and answer at once: the stop (grace,
-        escalation) goes on in a thread of its own, whose end the _StopDone
-        returned tells (for a second reply to one who waits, see _serve)."""
+        escalation) goes on in a thread of its own, whose end the reply's `done`
+        tells (for a second reply to one who waits, see _serve)."""
         pc = self._live_controller()
         if isinstance(pc, Reply):
-            return pc, None
+            return pc
         stop = getattr(pc, "stop", None)  # (a map run's hooks have none: it stops as a whole)
         if stop is None or not _accepts(stop, "workers"):
-            return Reply.failure("this run does not support stop of single workers (--workers)"), None
+            return Reply.failure("this run does not support stop of single workers (--workers)")
         from .controller import check_worker_ids
 
         statuses = {s.worker_id: s for s in pc.status()}
         try:
             ids = tuple(check_worker_ids(ids, len(statuses)))
         except ValueError as exc:
-            return _bad_input(exc), None
+            return _bad_input(exc)
         # An ended worker is nothing to stop, unless it waits for its restart: the
         # stop holds it (as stop(workers=) does), and it is never restarted.
         pending = getattr(pc, "_restart_pending", lambda wid: False)
         ended = [i for i in ids if not statuses[i].alive and not pending(i)]
         if ended:
             return Reply.failure(f"worker{'s' if len(ended) > 1 else ''} {', '.join(map(str, ended))} of this"
-                                 f" run {'have' if len(ended) > 1 else 'has'} ended: nothing to stop"), None
+                                 f" run {'have' if len(ended) > 1 else 'has'} ended: nothing to stop")
         done = _StopDone()
         retiring = {i: statuses[i].pid for i in ids if statuses[i].alive}
         with self._lock:
             if self._closed:
-                return Reply.failure("the run is ending"), None
+                return Reply.failure("the run is ending")
             self._retiring.update(retiring)
             self._stops.add(done)
         try:
@@ -747,8 +741,8 @@ class ControlServer:
                 self._stops.discard(done)
                 for i in retiring:
                     self._retiring.pop(i, None)
-            return Reply.failure(f"busy: {exc}; try again"), None
-        return Reply(True, {"stopping": list(ids)}), done
+            return Reply.failure(f"busy: {exc}; try again")
+        return Reply(True, {"stopping": list(ids)}, done=done)
 
     def _carry_out_stop(self, stop: Callable[..., Any], ids: list[int], done: _StopDone) -> None:
         try:

@@ -272,15 +272,6 @@ def check_state(name: str, value: Any) -> State:
     raise ValueError(f"{name} must be a procctl.State ({', '.join(s.name for s in State)}), not {value!r}")
 
 
-def check_ack_timeout(value: Any) -> float | None:
-    """An `ack_timeout=`: seconds > 0, None or inf for no limit (0: every broadcast
-    would time out before a worker could answer)."""
-    seconds = check_timeout("ack_timeout", value)
-    if seconds == 0:
-        raise ValueError("ack_timeout must be > 0 seconds (None or inf: no limit), not 0")
-    return seconds
-
-
 def check_signal(sig: Any) -> int:
     """A signal number argument; else TypeError/ValueError naming it."""
     if isinstance(sig, bool) or not isinstance(sig, int):
@@ -437,7 +428,8 @@ class ProcessController(Shortcuts):
 
             check_name(control)  # ValueError naming the run name
         grace = check_timeout("grace", grace, allow_none=False)  # type: ignore[assignment]
-        ack_timeout = check_ack_timeout(ack_timeout)
+        # (> 0: at 0, every broadcast would time out before a worker could answer)
+        ack_timeout = check_timeout("ack_timeout", ack_timeout, positive=True)
         if cgroup is not None and not isinstance(cgroup, bool):
             raise TypeError(f"cgroup must be None (where writable), True or False, not {cgroup!r}")
         initial_state = check_state("initial_state", initial_state)

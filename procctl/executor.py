@@ -67,7 +67,7 @@ from .limits import WORK_FDS_PER_WORKER, capacity_problem
 from .shutdown import describe_exit, signal_name
 from .states import Event, Outcome, State, WorkerReport, WorkerStatus, error_line
 from .worker_plane import CALL, CHUNK, ERR, ERR_AT, OK, PRECISE, RETURN_SIGNAL, run_tasks
-from .workwire import MAX_WAIT, Kind, check_timeout
+from .workwire import MAX_WAIT, Kind, check_count, check_timeout
 
 log = logging.getLogger("procctl")
 
@@ -490,17 +490,13 @@ class _Pool:
         the run's number of workers and the node's name (ids and errors say them)."""
         if max_workers is None:
             max_workers = os.cpu_count() or 1
-        if isinstance(max_workers, bool) or not isinstance(max_workers, int):  # (a TypeError, as the stdlib's)
-            raise TypeError(f"max_workers must be a positive integer, not {max_workers!r}")
+        check_count("max_workers", max_workers, None, "a positive integer")
         if max_workers < 1:  # the stdlib's words, which code written for it may match
             raise ValueError(f"max_workers must be greater than 0, not {max_workers!r}")
         too_many = capacity_problem(max_workers, WORK_FDS_PER_WORKER)
         if too_many is not None:
             raise ValueError(f"max_workers={max_workers} is more than this system lets us start: {too_many}")
-        if isinstance(retries, bool) or not isinstance(retries, int):
-            raise TypeError(f"retries must be an integer >= 0, not {retries!r}")
-        if retries < 0:
-            raise ValueError(f"retries must be an integer >= 0, not {retries!r}")
+        check_count("retries", retries, 0, "an integer >= 0")
         task_timeout = check_task_timeout(task_timeout)
         grace_s = check_timeout("grace", grace, allow_none=False)  # as ProcessController's
         assert grace_s is not None
@@ -512,10 +508,7 @@ class _Pool:
             raise ValueError("give max_tasks_per_worker or max_tasks_per_child (its stdlib name), not both")
         name = "max_tasks_per_worker" if max_tasks_per_child is None else "max_tasks_per_child"
         if max_tasks_per_worker is not None:
-            if isinstance(max_tasks_per_worker, bool) or not isinstance(max_tasks_per_worker, int):
-                raise TypeError(f"{name} must be a positive integer, not {max_tasks_per_worker!r}")
-            if max_tasks_per_worker < 1:
-                raise ValueError(f"{name} must be a positive integer, not {max_tasks_per_worker!r}")
+            check_count(name, max_tasks_per_worker, 1, "a positive integer")
         initargs = check_initializer(initializer, initargs)
         if mp_context is not None:
             if start_method is not None:
@@ -618,10 +611,7 @@ class _Pool:
         as Pool.map does (len / (4 * workers)); a chunk still pauses and stops
         between its items. `timeout` counts from this call, as the stdlib's."""
         if chunksize is not None:
-            if isinstance(chunksize, bool) or not isinstance(chunksize, int):
-                raise TypeError(f"chunksize must be a positive integer or None, not {chunksize!r}")
-            if chunksize < 1:
-                raise ValueError(f"chunksize must be a positive integer or None, not {chunksize!r}")
+            check_count("chunksize", chunksize, 1, "a positive integer or None")
         end = map_deadline(timeout)
         star = len(iterables) != 1
         items: Sequence[Any]

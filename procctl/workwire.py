@@ -212,9 +212,21 @@ MIN_BEAT = 0.05
 MIN_LEASE = 4 * MIN_BEAT
 
 
-def check_timeout(name: str, value: Any, *, allow_none: bool = True) -> float | None:
-    """Validate a timeout argument: None (if allowed), or a number >= 0;
-    float('inf') means no limit. NaN and negative numbers raise ValueError."""
+def check_count(name: str, value: Any, low: int | None, what: str) -> int:
+    """An integer argument >= `low` (`what` says it in words): TypeError for
+    another type, a bool too, as the stdlib's executors; ValueError below `low`
+    (None: the caller says that in its own words)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be {what}, not {value!r}")
+    if low is not None and value < low:
+        raise ValueError(f"{name} must be {what}, not {value!r}")
+    return value
+
+
+def check_timeout(name: str, value: Any, *, allow_none: bool = True, positive: bool = False) -> float | None:
+    """Validate a timeout argument: None (if allowed), or a number >= 0 (> 0 if
+    `positive`: one a wait could never meet); float('inf') means no limit. NaN
+    and negative numbers raise ValueError."""
     if value is None:
         if allow_none:
             return None
@@ -229,6 +241,8 @@ def check_timeout(name: str, value: Any, *, allow_none: bool = True) -> float | 
         raise ValueError(f"{name} must be a number of seconds, not NaN")
     if seconds < 0:
         raise ValueError(f"{name} must be >= 0, not {value!r}")
+    if positive and seconds == 0:
+        raise ValueError(f"{name} must be > 0 seconds, not {value!r}")
     return seconds
 
 

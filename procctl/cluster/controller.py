@@ -22,7 +22,6 @@ from ..controller import (
     ACK_TIMEOUT,
     Shortcuts,
     WorkerStartError,
-    check_ack_timeout,
     check_signal,
     check_start_method,
     check_state,
@@ -105,7 +104,7 @@ class ClusterController(Shortcuts, Session):
             raise TypeError(f"on_event must be callable, not {type(on_event).__name__}")
         grace_s = check_timeout("grace", grace, allow_none=False)
         assert grace_s is not None
-        self.ack_timeout = check_ack_timeout(ack_timeout)
+        self.ack_timeout = check_timeout("ack_timeout", ack_timeout, positive=True)
         initial_state = check_state("initial_state", initial_state)
         if initial_state is State.STOPPED:
             raise ValueError("initial_state must be PAUSED or RUNNING")

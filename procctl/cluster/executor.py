@@ -45,7 +45,7 @@ from ..executor import (
     map_deadline,
 )
 from ..states import Event, Outcome, State, WorkerStatus
-from ..workwire import MAX_WAIT, check_timeout
+from ..workwire import MAX_WAIT, check_count, check_timeout
 from .agent import run_executor_agent
 from .session import CONNECT_TIMEOUT, SLACK, Node, Session, check_answer, check_workers_per_node
 from .wire import AgentSpec, Message, Op, Up
@@ -100,13 +100,9 @@ class _ClusterPool(Session):
         initargs: tuple[Any, ...] = (),
         connect_timeout: float = CONNECT_TIMEOUT,
     ) -> None:
-        if isinstance(workers_per_node, bool) or not isinstance(workers_per_node, int):  # as max_workers'
-            raise TypeError(f"workers_per_node must be a positive integer, not {workers_per_node!r}")
+        check_count("workers_per_node", workers_per_node, 1, "a positive integer")  # (a TypeError, as max_workers')
         check_workers_per_node(workers_per_node)
-        if isinstance(retries, bool) or not isinstance(retries, int):
-            raise TypeError(f"retries must be an integer >= 0, not {retries!r}")
-        if retries < 0:
-            raise ValueError(f"retries must be an integer >= 0, not {retries!r}")
+        check_count("retries", retries, 0, "an integer >= 0")
         if on_event is not None and not callable(on_event):
             raise TypeError(f"on_event must be callable, not {type(on_event).__name__}")
         grace_s = check_timeout("grace", grace, allow_none=False)
@@ -190,10 +186,7 @@ class _ClusterPool(Session):
     ) -> Iterator[Any]:
         """Results of `fn` over the items, in order, as ProcessExecutor.map."""
         if chunksize is not None:
-            if isinstance(chunksize, bool) or not isinstance(chunksize, int):
-                raise TypeError(f"chunksize must be a positive integer or None, not {chunksize!r}")
-            if chunksize < 1:
-                raise ValueError(f"chunksize must be a positive integer or None, not {chunksize!r}")
+            check_count("chunksize", chunksize, 1, "a positive integer or None")
         end_time = map_deadline(timeout)
         calls: list[tuple[tuple[Any, ...], dict[str, Any]]] = [(args, {}) for args in zip(*iterables)]  # noqa: B905 - the shortest ends it, as the stdlib's
         items = [args[0] if len(iterables) == 1 else args for args, _ in calls]

@@ -305,10 +305,9 @@ class Session:
         if lease_s < MIN_LEASE:
             raise ValueError(f"lease must be at least {MIN_LEASE:g} seconds (a node beats every lease/4,"
                              f" through Dask), not {lease!r}")
-        connect_s = check_timeout("connect_timeout", connect_timeout, allow_none=False)
+        # (> 0: at 0, every connect would fail before a scheduler could answer)
+        connect_s = check_timeout("connect_timeout", connect_timeout, allow_none=False, positive=True)
         assert connect_s is not None
-        if connect_s == 0:  # (every connect would fail before a scheduler could answer)
-            raise ValueError("connect_timeout must be > 0 seconds, not 0")
         scheduler_address(address, cluster)  # checks the arguments before anything starts
         # Huge but finite: "that long", as far as a timer can wait (a day).
         self.lease = min(lease_s, MAX_WAIT)

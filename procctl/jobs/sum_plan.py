@@ -71,6 +71,12 @@ class SumResult:
     drained: int  # items the manager took off the channel during cleanup
     elapsed: float  # seconds, for the whole call
 
+    @classmethod
+    def nothing_ran(cls, plan: SumPlan, elapsed: float = 0.0) -> SumResult:
+        """The result of a run that started nothing: nobody won, every count 0."""
+        return cls(-1, plan.threshold, (0,) * plan.consumers, (0,) * plan.consumers, (0,) * plan.producers, 0,
+                   elapsed)
+
     def to_dict(self) -> dict[str, Any]:
         return {"winner": self.winner, "threshold": self.threshold, "sums": list(self.sums),
                 "received": list(self.received), "produced": list(self.produced),

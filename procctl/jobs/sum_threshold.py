@@ -200,10 +200,8 @@ class SumJob:
         self._t0 = time.monotonic()
         self._last_t = 0.0
         if self._cancelled:  # before the run: nothing starts, every count is 0
-            p = self.plan
             raise SumCancelled("the sum-threshold run was cancelled before it started; nothing ran",
-                               SumResult(-1, p.threshold, (0,) * p.consumers, (0,) * p.consumers,
-                                         (0,) * p.producers, 0, 0.0))
+                               SumResult.nothing_ran(self.plan))
         plan = replace(self.plan, t0=self._t0, listen=self._on_event is not None)
         channels = {ITEMS: plan.queue_size, **({EVENTS: 0} if plan.listen else {})}
         ledger = Ledger(plan.workers)
