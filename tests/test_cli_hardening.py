@@ -390,8 +390,11 @@ def test_events_to_dev_full_is_one_warning_and_the_run_goes_on(command):
 def test_a_disk_that_fills_mid_run_is_one_warning(args, tmp_path):
     log = tmp_path / "events.jsonl"
     # RLIMIT_FSIZE makes files "full" at 4 KiB (writes then fail with EFBIG):
-    # room for the controller's one-page board, not for the whole log.
-    res = subprocess.run(CLI + args + ["--json", "--events", str(log)], capture_output=True,
+    # room for the controller's one-page board, not for the whole log. The
+    # run writes no bytecode: CPython would cache a .pyc cut at 4 KiB, and
+    # every later import of that module in the suite would fail.
+    env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
+    res = subprocess.run(CLI + args + ["--json", "--events", str(log)], capture_output=True, env=env,
                          text=True, timeout=60, preexec_fn=with_limit(resource.RLIMIT_FSIZE, 4096))
     assert res.returncode == 0, res.stderr
     line = one_error_line(res.stderr)
