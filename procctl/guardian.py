@@ -85,8 +85,11 @@ class Link:
         passed = (r, bell_r) if me < 0 else (r, bell_r, me)
         try:
             # -I -S: no user site, no PYTHON* variables, no site: a fast, plain start.
+            # -I drops PYTHONDONTWRITEBYTECODE too, so -B carries the manager's own
+            # choice (as multiprocessing's spawn passes the interpreter's flags).
+            flags = ["-I", "-S", "-B"] if sys.dont_write_bytecode else ["-I", "-S"]
             self.process = subprocess.Popen(
-                [sys.executable, "-I", "-S", "-c", code], pass_fds=passed,
+                [sys.executable, *flags, "-c", code], pass_fds=passed,
                 start_new_session=True, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
             )
         except OSError as exc:

@@ -425,3 +425,20 @@ def test_the_guardians_go_between_is_reaped_while_the_run_goes_on(tests_dir, tmp
     assert done.returncode == 0, done.stderr
     got = json.loads(done.stdout)
     assert got["ended"] and got["zombies"] == [], got
+
+
+@pytest.mark.parametrize("no_bytecode", [True, False], ids=["-B", "bytecode"])
+def test_the_guardian_writes_bytecode_only_if_its_manager_does(no_bytecode):
+    """The guardian starts with -I, which drops PYTHONDONTWRITEBYTECODE: it
+    carries the manager's -B itself (as multiprocessing's spawn does). Without
+    it, a manager run under a file-size limit left truncated .pyc files behind."""
+    code = ("import json, psutil; from procctl import guardian; link = guardian.link(); "
+            "print(json.dumps(psutil.Process(link.pid).cmdline())); link.release()")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    flags = ["-B"] if no_bytecode else []
+    done = subprocess.run([sys.executable, *flags, "-c", code], capture_output=True, text=True, timeout=60,
+                          env=env, start_new_session=True)
+    assert done.returncode == 0, done.stderr
+    cmdline = json.loads(done.stdout)
+    assert "procctl.guardian_process" in cmdline[-1]
+    assert ("-B" in cmdline) is no_bytecode, cmdline
