@@ -79,6 +79,7 @@ class WorkEnd:
         self.asked: dict[int, int] = {}
         self.per_item = 1.0  # a running mean of the caller's seconds between two gets
         self.last_get = 0.0
+        self.window = 0  # the window of the last request (0: none yet)
 
     # -- channels -----------------------------------------------------------
 
@@ -98,17 +99,24 @@ class WorkEnd:
         while True:
             if not ctx.checkpoint():  # a paused worker waits here, holding nothing
                 raise Closed(name)
+            now = time.perf_counter()
+            if self.last_get:
+                self.per_item += (now - self.last_get - self.per_item) * 0.25
             asked = self.asked.get(cid, 0)
-            window = self._window()
-            if asked <= window // 2:
-                self._send(ctx, Kind.GET, cid, window - asked)
-                self.asked[cid] = window
+            if asked <= self.window // 2:  # (the window as last asked: worked out again only here)
+                self.window = window = self._window()
+                if asked <= window // 2:
+                    self._send(ctx, Kind.GET, cid, window - asked)
+                    self.asked[cid] = window
             try:  # as a rule the item is there already
-                reply = workwire.recv(self.sock)
-            except BlockingIOError:
+                reply = workwire.recv_item(self.sock, cid)
+            except OSError:  # none there (BlockingIOError), or the link is gone
                 reply = None
-            except OSError:
-                reply = None
+            if type(reply) is memoryview:
+                self.asked[cid] -= 1
+                value = pickle.loads(reply)
+                self.last_get = time.perf_counter()
+                return value
             if reply is not None and (reply.channel != cid or reply.kind not in _REPLIES):
                 self._absorb(ctx, reply)
                 reply = None
@@ -131,9 +139,7 @@ class WorkEnd:
             raise queue.Empty(f"nothing arrived on channel {name!r} within {timeout}s")
 
     def _window(self) -> int:
-        now = time.perf_counter()
-        if self.last_get:
-            self.per_item += (now - self.last_get - self.per_item) * 0.25
+        """How many items to keep coming, by the caller's time per item."""
         return max(1, min(PREFETCH, int(PREFETCH_SECONDS / max(self.per_item, 1e-7))))
 
     def _withdraw(self, ctx: WorkerContext, cid: int) -> None:

@@ -134,6 +134,28 @@ def recv(sock: socket.socket) -> Message | None:
     """
     buf = _buffer()
     size, ancdata, _flags, _addr = sock.recvmsg_into([buf], _FD_SPACE)
+    return message(buf, size, ancdata)
+
+
+def recv_item(sock: socket.socket, channel: int) -> memoryview | Message | None:
+    """Receive one message: an ITEM of `channel` as a view of its payload in
+    this thread's buffer (valid until its next receive: the consumer's path
+    of every item, with no copy and no Message), else the Message (None: the
+    peer is gone).
+
+    Raises BlockingIOError on an empty non-blocking socket.
+    """
+    bufs, view = _buffers()
+    size, ancdata, _flags, _addr = sock.recvmsg_into(bufs, _FD_SPACE)
+    if size and not ancdata:
+        raw_kind, chan, _tag = HEADER.unpack_from(view)
+        if raw_kind == Kind.ITEM and chan == channel:
+            return view[HEADER.size:size]
+    return message(bufs[0], size, ancdata)
+
+
+def message(buf: bytearray, size: int, ancdata: list[tuple[int, int, bytes]]) -> Message | None:
+    """The message `recvmsg_into` put in `buf` (None: the peer is gone)."""
     if not size:
         return None
     raw_kind, channel, tag = HEADER.unpack_from(buf)
@@ -156,10 +178,17 @@ _local = threading.local()
 def _buffer() -> bytearray:
     # One receive buffer per thread: recvmsg() would allocate (and shrink)
     # a MAX_INLINE buffer for every message.
-    buf: bytearray | None = getattr(_local, "buf", None)
-    if buf is None:
-        buf = _local.buf = bytearray(MAX_INLINE + HEADER.size + BIG_BODY.size)
-    return buf
+    return _buffers()[0][0]
+
+
+def _buffers() -> tuple[list[bytearray], memoryview]:
+    """This thread's receive buffer, as recvmsg_into takes it and as a view."""
+    try:
+        return _local.bufs  # type: ignore[no-any-return]
+    except AttributeError:
+        buf = bytearray(MAX_INLINE + HEADER.size + BIG_BODY.size)
+        _local.bufs = ([buf], memoryview(buf))
+        return _local.bufs  # type: ignore[no-any-return]
 
 
 def _fds(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
