@@ -235,6 +235,8 @@ def test_a_pause_that_waits_longer_than_the_lease_keeps_the_run(cluster, kind, t
 def test_a_crash_names_the_global_worker_and_its_node(cluster):
     events = []
     with ClusterExecutor(cluster=cluster, workers_per_node=2, lease=5, retries=1, on_event=events.append) as ex:
+        # What it was given, as ProcessExecutor shows it.
+        assert (ex.retries, ex.task_timeout, ex.grace, ex.workers_per_node) == (1, None, 5.0, 2)
         ids = {ex.submit(cluster_targets.where_am_i, i).result(timeout=20)[:2] for i in range(16)}
         assert {w for w, _ in ids} <= {0, 1, 2, 3} and {n for _, n in ids} == {4}
         by_pid = {s.pid: s for s in ex.status()}

@@ -115,6 +115,7 @@ class _ClusterPool(Session):
         self.workers_per_node = workers_per_node
         self.grace = grace_s
         self.retries = retries
+        self.task_timeout = task_timeout
         self._ex_args: dict[str, Any] = {
             "max_workers": workers_per_node, "start_method": start_method, "retries": retries,
             "task_timeout": task_timeout, "grace": grace_s, "initializer": initializer,
