@@ -171,9 +171,14 @@ def _reap_all() -> None:
 
 
 def _parents() -> dict[int, tuple[int, bool]]:
-    """{pid: (ppid, zombie)} of every process, from /proc."""
+    """{pid: (ppid, zombie)} of every process, from /proc (as much of it as
+    can be read: out of descriptors, none; the roots are killed all the same)."""
     out: dict[int, tuple[int, bool]] = {}
-    for name in os.listdir("/proc"):
+    try:
+        names = os.listdir("/proc")
+    except OSError:
+        return out
+    for name in names:
         if not name.isdigit():
             continue
         try:

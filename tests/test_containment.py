@@ -442,3 +442,46 @@ def test_the_guardian_writes_bytecode_only_if_its_manager_does(no_bytecode):
     cmdline = json.loads(done.stdout)
     assert "procctl.guardian_process" in cmdline[-1]
     assert ("-B" in cmdline) is no_bytecode, cmdline
+
+
+OUT_OF_FDS = textwrap.dedent("""
+    import json, os, resource, sys
+    sys.path.insert(0, {tests!r})
+    import targets_cli
+    from procctl import ProcessController
+
+    pc = ProcessController(targets_cli.idle, 3, start_method="fork", cgroup=False)
+    pc.start()
+    pids = pc.pids()
+    resource.setrlimit(resource.RLIMIT_NOFILE, (256, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+    held = []
+    try:
+        while True:
+            held.append(os.dup(0))
+    except OSError:
+        pass
+    try:
+        pc.kill()  # no descriptor left to read /proc with
+        error = None
+    except OSError as exc:
+        error = repr(exc)
+    for fd in held:
+        os.close(fd)
+    pc.close()
+    print(json.dumps({{"error": error, "pids": pids}}), flush=True)
+""")
+
+
+def test_a_kill_with_no_descriptor_left_still_kills_every_worker(tests_dir, tmp_path):
+    """Out of descriptors (as a start that failed at the limit is, while
+    another thread takes what frees), /proc cannot be read: the workers are
+    killed all the same, their groups with them (the descendants walk raised
+    OSError, and the workers lived on)."""
+    script = tmp_path / "manager.py"
+    script.write_text(OUT_OF_FDS.format(tests=tests_dir))
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60,
+                          start_new_session=True)
+    assert done.returncode == 0, done.stderr
+    got = json.loads(done.stdout)
+    assert got["error"] is None, got
+    assert still_running(got["pids"]) == [], got
