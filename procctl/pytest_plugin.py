@@ -161,19 +161,24 @@ class Snapshot:
         except psutil.Error:
             cmdline = []  # (then only the mark tells an orphan)
         whoami = Whoami(os.getpgid(0), cmdline, _ancestors(psutil), _layout("self"))
+        # A helper started by an earlier test (a fork server) gives what it
+        # starts for this one that test's mark: started since the snapshot with
+        # a helper's mark, a process came through the helper, for this test.
+        marks = {self.mark} | _marks_of(helpers, psutil)
         for pid in set(psutil.pids()) - self.existing - set(found) - helpers - {me.pid}:
             try:
                 proc = psutil.Process(pid)
             except psutil.NoSuchProcess:
                 continue
-            if self._ours(proc, whoami, found, psutil):
+            if self._ours(proc, whoami, found, psutil, marks):
                 found[pid] = proc
         return list(found.values())
 
-    def _ours(self, proc: psutil.Process, whoami: Whoami, found: dict[int, Any], psutil: Any) -> bool:
+    def _ours(self, proc: psutil.Process, whoami: Whoami, found: dict[int, Any], psutil: Any,
+              marks: set[str]) -> bool:
         try:
             environ = proc.environ()
-            if environ.get(MARKER) == self.mark:
+            if environ.get(MARKER) in marks:
                 return True
             if os.getpgid(proc.pid) != whoami.pgid:
                 # Out of our group: only one forked from us without an exec
@@ -209,6 +214,19 @@ class Snapshot:
                 return False
             proc = psutil.Process(ppid)
         return False
+
+
+def _marks_of(pids: set[int], psutil: Any) -> set[str]:
+    """The test marks the processes `pids` carry (those started while a checked test ran)."""
+    marks = set()
+    for pid in pids:
+        try:
+            mark = psutil.Process(pid).environ().get(MARKER)
+        except psutil.Error:
+            continue
+        if mark:
+            marks.add(mark)
+    return marks
 
 
 def _layout(pid: int | str) -> str | None:

@@ -18,6 +18,7 @@ import threading
 
 import psutil
 import pytest
+from procs import still_running
 
 pytest_plugins = ["pytester"]
 
@@ -576,6 +577,47 @@ def test_a_closed_forkserver_controller_passes(pytester, tmp_path):
         """)
     result = pytester.runpytest_subprocess(*plugin_args(), timeout=SUBPROCESS_TIMEOUT)
     result.assert_outcomes(passed=1)
+
+
+@pytest.mark.parametrize("new_session", [False, True], ids=["own group", "setsid"])
+def test_an_orphan_of_a_fork_server_an_earlier_test_started_is_caught(pytester, tmp_path, new_session):
+    """The fork server carries the mark of the test that started it, and so do
+    the processes it starts for a later one: started during that test, they
+    are that test's (they passed, orphaned, before the helper's mark counted)."""
+    pidfile = tmp_path / "pids"
+    forkserver_module(pytester, pidfile, f"""
+        import multiprocessing, subprocess
+
+        def start_sleep(path):
+            proc = subprocess.Popen(["sleep", "60"], start_new_session={new_session})
+            with open(path, "w") as fh:
+                fh.write(str(proc.pid))
+
+        def nothing():
+            pass
+
+        def test_starts_the_fork_server():
+            p = multiprocessing.get_context("forkserver").Process(target=nothing)
+            p.start()
+            p.join()
+
+        @pytest.mark.usefixtures("no_leftover_processes")
+        def test_leaks_a_sleep_through_it():
+            p = multiprocessing.get_context("forkserver").Process(target=start_sleep, args=({{pidfile!r}},))
+            p.start()
+            p.join()
+        """)
+    result = pytester.runpytest_subprocess(*plugin_args(), timeout=SUBPROCESS_TIMEOUT)
+    orphan = int(pidfile.read_text())
+    try:
+        result.assert_outcomes(passed=2, errors=1)
+        result.stdout.fnmatch_lines(["*ERROR at teardown of test_leaks_a_sleep_through_it*",
+                                     "*left 1 child process(es) behind*", f"*pid {orphan} (sleep 60)*"])
+    finally:
+        left = still_running([orphan])
+        for proc in left:
+            proc.kill()
+    assert left == []  # the plugin killed it
 
 
 def _idle(ctx):
