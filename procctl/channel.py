@@ -21,6 +21,7 @@ hang the controller.
 
 from __future__ import annotations
 
+import errno
 import mmap
 import os
 import select
@@ -128,8 +129,22 @@ def _make_board_fd(size: int) -> int:
 
         with tempfile.TemporaryFile() as f:
             fd = os.dup(f.fileno())
-    os.ftruncate(fd, size)
+    try:
+        size_shared(fd, size, "the workers' shared board")
+    except OSError:
+        os.close(fd)
+        raise
     return fd
+
+
+def size_shared(fd: int, size: int, what: str) -> None:
+    """Make the shared memory `fd` `size` bytes, saying what failed if it
+    cannot be (a file size limit, `ulimit -f`, counts for a memfd too)."""
+    try:
+        os.ftruncate(fd, size)
+    except OSError as exc:
+        why = "the file size limit (ulimit -f) is lower" if exc.errno == errno.EFBIG else exc.strerror
+        raise OSError(exc.errno, f"cannot make {what} of {size} bytes: {why}") from None
 
 
 class Board:
@@ -160,7 +175,7 @@ class Board:
         if workers <= self.slots:
             return
         size = max(_board_size(workers), 2 * self.size)
-        os.ftruncate(self.fd, size)
+        size_shared(self.fd, size, "the workers' shared board")
         bigger = mmap.mmap(self.fd, size)
         self._words.release()
         self._floats.release()

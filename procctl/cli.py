@@ -37,8 +37,8 @@ from .clitools import (
     check_distinct_files,
     check_writable_file,
     ensure_std_fds,
+    error_text,
     exit_holding_signals,
-    first_line,
     hold_signals,
     printable,
     say,
@@ -884,7 +884,7 @@ def _start(pc: ProcessController, bridge: SignalBridge) -> int | None:
         pc.close()  # the controller has killed and reaped what it had started
         if bridge.stop_requested():
             return None  # a second signal killed them while they started: the signal's doing
-        say(f"procctl: error: {first_line(str(exc)) or type(exc).__name__}")  # (a node's error may have more lines)
+        say(f"procctl: error: {error_text(exc)}")  # (a node's error may have more lines)
         if isinstance(exc, ConnectionError):
             return EXIT_USAGE  # --cluster names no scheduler we can reach
         cause = exc if isinstance(exc, OSError) else exc.__cause__

@@ -50,6 +50,7 @@ from .clitools import (
     _silence,
     check_distinct_files,
     check_writable_file,
+    error_text,
     first_line,
     printable,
     read_input,
@@ -562,7 +563,7 @@ class MapSession:
             assert self.bridge is not None
             if self.bridge.stop_requested():
                 return False  # a stop signal hit the start (under forkserver, the fork server too): its doing
-            say(f"procctl map: error: {exc}")
+            say(f"procctl map: error: {error_text(exc)}")
             cause = exc if isinstance(exc, OSError) else exc.__cause__
             limit = isinstance(exc, ValueError) or (isinstance(cause, OSError) and cause.errno in LIMIT_ERRNOS)
             self.start_failed = EXIT_USAGE if limit else EXIT_FAILED  # a limit: more workers than allowed

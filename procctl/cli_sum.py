@@ -22,6 +22,7 @@ from .clitools import (
     Reporter,
     SignalBridge,
     check_writable_file,
+    error_text,
     printable,
     say,
     split_range,
@@ -262,11 +263,11 @@ def _run(job: SumJob, reporter: Reporter, bridge: SignalBridge, view: Any = None
                 return bridge.exit_code
             cause = exc if isinstance(exc, OSError) else exc.__cause__
             if isinstance(cause, OSError) and cause.errno in LIMIT_ERRNOS:
-                say(f"procctl sum: error: {exc}")
+                say(f"procctl sum: error: {error_text(exc)}")
                 return EXIT_USAGE  # more workers than the system allows
             if counts is not None:  # what was settled, as the last line: nobody won
                 tell_counts(counts)
-            say(f"procctl sum: error: {exc}")
+            say(f"procctl sum: error: {error_text(exc)}")
             return EXIT_FAILED
     summary = Summary(result)
     reporter.summary(summary.to_dict(), summary_text(result))

@@ -238,6 +238,14 @@ def printable(value: object) -> str:
     return "".join(ch if ch.isprintable() else ascii(ch)[1:-1] for ch in text)
 
 
+def error_text(exc: BaseException) -> str:
+    """What an exception says, on one line; an OSError's own words without "[Errno N]"."""
+    said = str(exc)
+    if type(exc) is OSError and exc.strerror:
+        said = exc.strerror + (f": {exc.filename}" if exc.filename else "")
+    return first_line(said) or type(exc).__name__
+
+
 def first_line(text: str | None) -> str:
     """The first line of a text that may have several (an exception's message)."""
     return text.strip().splitlines()[0] if text and text.strip() else ""

@@ -404,6 +404,23 @@ def test_a_disk_that_fills_mid_run_is_one_warning(args, tmp_path):
     assert 0 < log.stat().st_size <= 4096
 
 
+@pytest.mark.parametrize("args", [QUICK_RUN, QUICK_SUM, ["map", "json:dumps", "--items", "-"]],
+                         ids=["run", "sum", "map"])
+def test_a_file_size_limit_below_the_shared_memory_says_so(args):
+    """`ulimit -f 2` counts for the memfds the workers share: the error says
+    which and why (it was "[Errno 27] File too large"), as the last line, with
+    no traceback, and nothing runs."""
+    env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}  # (see test_a_disk_that_fills_mid_run_is_one_warning)
+    res = subprocess.run(CLI + args + ["--quiet"], capture_output=True, text=True, timeout=60, env=env, input="1\n",
+                         preexec_fn=with_limit(resource.RLIMIT_FSIZE, 2048))
+    assert res.returncode == 1, res.stderr
+    assert "Traceback" not in res.stderr
+    errors = [line for line in res.stderr.splitlines() if "error" in line]
+    assert len(errors) == 1 and "shared" in errors[0] and "the file size limit (ulimit -f) is lower" in errors[0], \
+        res.stderr
+    assert "[Errno" not in errors[0]
+
+
 # -- 10: progress values, the live view, strict JSON ------------------------------
 
 

@@ -33,7 +33,7 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from ..channel import InheritedFd
+from ..channel import InheritedFd, size_shared
 
 SLOT_WORDS = 8
 WORD = 8
@@ -59,7 +59,11 @@ class Ledger:
         size = max((_FIRST_SLOT + workers * SLOT_WORDS) * WORD, mmap.PAGESIZE)
         self.fd = os.memfd_create("procctl-sum-ledger", os.MFD_CLOEXEC) if fd is None else fd
         if fd is None:
-            os.ftruncate(self.fd, size)
+            try:
+                size_shared(self.fd, size, "the sum job's shared ledger")
+            except OSError:
+                os.close(self.fd)
+                raise
         self._map = mmap.mmap(self.fd, size)
         self.words = memoryview(self._map).cast("Q")
         self.workers = workers
