@@ -268,10 +268,10 @@ def check_timeout(name: str, value: Any, *, allow_none: bool = True, positive: b
         seconds = float("inf")
     if seconds != seconds:
         raise ValueError(f"{name} must be a number of seconds, not NaN")
+    if positive and seconds <= 0:
+        raise ValueError(f"{name} must be > 0 seconds, not {value!r}")
     if seconds < 0:
         raise ValueError(f"{name} must be >= 0, not {value!r}")
-    if positive and seconds == 0:
-        raise ValueError(f"{name} must be > 0 seconds, not {value!r}")
     return seconds
 
 

@@ -317,8 +317,9 @@ def test_nan_timeouts_are_refused():
         assert pc.pids()  # nothing was stopped by the refused calls
     with pytest.raises(ValueError, match="initial_state"):
         ProcessController(targets.loop, 1, initial_state=5)
-    with pytest.raises(ValueError, match="ack_timeout"):  # every broadcast would time out at once
-        ProcessController(targets.loop, 1, ack_timeout=0)
+    for bad in (0, -1):  # every broadcast would time out at once; the same words for both
+        with pytest.raises(ValueError, match="ack_timeout must be > 0 seconds"):
+            ProcessController(targets.loop, 1, ack_timeout=bad)
     with pytest.raises(TypeError, match="start_method"):
         ProcessController(targets.loop, 1, start_method=5)
 
