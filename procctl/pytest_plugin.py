@@ -217,14 +217,17 @@ class Snapshot:
 
 
 def _marks_of(pids: set[int], psutil: Any) -> set[str]:
-    """The test marks the processes `pids` carry (those started while a checked test ran)."""
+    """The marks of our own tests that the processes `pids` carry (those started
+    while a checked test of this process ran; not a mark inherited from outside,
+    which other processes carry too)."""
+    ours = f"{os.getpid()}-"
     marks = set()
     for pid in pids:
         try:
             mark = psutil.Process(pid).environ().get(MARKER)
         except psutil.Error:
             continue
-        if mark:
+        if mark and mark.startswith(ours):
             marks.add(mark)
     return marks
 

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 
 import psutil
 import pytest
@@ -580,10 +581,13 @@ def test_a_closed_forkserver_controller_passes(pytester, tmp_path):
 
 
 @pytest.mark.parametrize("new_session", [False, True], ids=["own group", "setsid"])
-def test_an_orphan_of_a_fork_server_an_earlier_test_started_is_caught(pytester, tmp_path, new_session):
-    """The fork server carries the mark of the test that started it, and so do
-    the processes it starts for a later one: started during that test, they
-    are that test's (they passed, orphaned, before the helper's mark counted)."""
+def test_an_orphan_of_a_fork_server_an_earlier_test_started_is_caught(pytester, tmp_path, new_session,
+                                                                      monkeypatch):
+    """The fork server carries the mark of the checked test that started it,
+    and so do the processes it starts for a later one: started during that
+    test, they are that test's (they passed, orphaned, before the helper's mark
+    counted). The inner session has no mark from outside: only its own count."""
+    monkeypatch.delenv("PROCCTL_TEST_MARK", raising=False)
     pidfile = tmp_path / "pids"
     forkserver_module(pytester, pidfile, f"""
         import multiprocessing, subprocess
@@ -596,6 +600,7 @@ def test_an_orphan_of_a_fork_server_an_earlier_test_started_is_caught(pytester, 
         def nothing():
             pass
 
+        @pytest.mark.usefixtures("no_leftover_processes")
         def test_starts_the_fork_server():
             p = multiprocessing.get_context("forkserver").Process(target=nothing)
             p.start()
@@ -618,6 +623,53 @@ def test_an_orphan_of_a_fork_server_an_earlier_test_started_is_caught(pytester, 
         for proc in left:
             proc.kill()
     assert left == []  # the plugin killed it
+
+
+def test_a_mark_from_outside_the_session_blames_nobody(pytester, tmp_path, monkeypatch):
+    """A fork server started outside a checked test carries the mark the
+    session was given from outside (a test of an outer session): a process
+    of that outer session started meanwhile is not the inner test's."""
+    monkeypatch.setenv("PROCCTL_TEST_MARK", "outer-1")
+    ready, done = tmp_path / "ready", tmp_path / "done"
+    os.mkfifo(ready)
+    os.mkfifo(done)
+    forkserver_module(pytester, tmp_path / "pids", f"""
+        import multiprocessing
+
+        def nothing():
+            pass
+
+        def test_starts_the_fork_server():
+            p = multiprocessing.get_context("forkserver").Process(target=nothing)
+            p.start()
+            p.join()
+
+        @pytest.mark.usefixtures("no_leftover_processes")
+        def test_waits_while_the_outer_session_starts_a_process():
+            with open({str(ready)!r}, "w") as fifo:
+                fifo.write("r")
+            with open({str(done)!r}) as fifo:
+                fifo.read(1)
+        """)
+    said = os.open(ready, os.O_RDONLY | os.O_NONBLOCK)  # (a reader first: the inner test's open goes through)
+    inner = subprocess.Popen([sys.executable, "-m", "pytest", *plugin_args(), "-q", "-p", "no:cacheprovider"],
+                             cwd=pytester.path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    sibling = None
+    try:
+        assert select.select([said], [], [], 60)[0], "the inner test never said it was waiting"
+        sibling = subprocess.Popen(["sleep", "60"], start_new_session=True)  # carries "outer-1"
+        with open(done, "w") as fifo:  # the inner test is reading it
+            fifo.write("d")
+        out, _ = inner.communicate(timeout=SUBPROCESS_TIMEOUT)
+        assert inner.returncode == 0 and "2 passed" in out, out
+        assert sibling.poll() is None  # not killed as the inner test's leftover
+    finally:
+        os.close(said)
+        inner.kill()
+        inner.communicate()
+        if sibling is not None:
+            sibling.kill()
+            sibling.wait()
 
 
 def _idle(ctx):
