@@ -241,7 +241,7 @@ def printable(value: object) -> str:
 def error_text(exc: BaseException) -> str:
     """What an exception says, on one line; an OSError's own words without "[Errno N]"."""
     said = str(exc)
-    if type(exc) is OSError and exc.strerror:
+    if isinstance(exc, OSError) and exc.strerror:
         said = exc.strerror + (f": {exc.filename}" if exc.filename else "")
     return first_line(said) or type(exc).__name__
 

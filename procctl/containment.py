@@ -176,7 +176,12 @@ def _parents() -> dict[int, tuple[int, bool]]:
     out: dict[int, tuple[int, bool]] = {}
     try:
         names = os.listdir("/proc")
-    except OSError:
+    except OSError as exc:
+        import logging  # (here only: the worker side imports this module, and not logging)
+
+        logging.getLogger("procctl").warning(
+            "cannot read /proc (%s): descendants that left their worker's process group are not found"
+            " (cgroups, where there are, still cover them)", exc)
         return out
     for name in names:
         if not name.isdigit():

@@ -79,7 +79,7 @@ class WorkEnd:
         self.asked: dict[int, int] = {}
         self.per_item = 1.0  # a running mean of the caller's seconds between two gets
         self.last_get = 0.0
-        self.window = 0  # the window of the last request (0: none yet)
+        self.windows: dict[int, int] = {}  # channel id -> the window of its last request
 
     # -- channels -----------------------------------------------------------
 
@@ -103,8 +103,8 @@ class WorkEnd:
             if self.last_get:
                 self.per_item += (now - self.last_get - self.per_item) * 0.25
             asked = self.asked.get(cid, 0)
-            if asked <= self.window // 2:  # (the window as last asked: worked out again only here)
-                self.window = window = self._window()
+            if asked <= self.windows.get(cid, 0) // 2:  # (the channel's window as last asked: worked out
+                self.windows[cid] = window = self._window()  # again only when a request may be due)
                 if asked <= window // 2:
                     self._send(ctx, Kind.GET, cid, window - asked)
                     self.asked[cid] = window
@@ -114,7 +114,10 @@ class WorkEnd:
                 reply = None
             if type(reply) is memoryview:
                 self.asked[cid] -= 1
-                value = pickle.loads(reply)
+                try:
+                    value = pickle.loads(reply)
+                finally:
+                    workwire.item_read()
                 self.last_get = time.perf_counter()
                 return value
             if reply is not None and (reply.channel != cid or reply.kind not in _REPLIES):

@@ -139,19 +139,26 @@ def recv(sock: socket.socket) -> Message | None:
 
 def recv_item(sock: socket.socket, channel: int) -> memoryview | Message | None:
     """Receive one message: an ITEM of `channel` as a view of its payload in
-    this thread's buffer (valid until its next receive: the consumer's path
-    of every item, with no copy and no Message), else the Message (None: the
-    peer is gone).
+    this thread's buffer (the consumer's path of every item, with no copy and
+    no Message), else the Message (None: the peer is gone).
 
-    Raises BlockingIOError on an empty non-blocking socket.
+    Raises BlockingIOError on an empty non-blocking socket. The buffer is
+    lent with the view until `item_read()`: a receive in between (from what
+    unpickling the item runs, a signal handler) gets a buffer of its own.
     """
     bufs, view = _buffers()
     size, ancdata, _flags, _addr = sock.recvmsg_into(bufs, _FD_SPACE)
     if size and not ancdata:
         raw_kind, chan, _tag = HEADER.unpack_from(view)
         if raw_kind == Kind.ITEM and chan == channel:
+            _local.lent = True
             return view[HEADER.size:size]
     return message(bufs[0], size, ancdata)
+
+
+def item_read() -> None:
+    """The item recv_item() lent this thread's buffer for is read: the buffer is free again."""
+    _local.lent = False
 
 
 def message(buf: bytearray, size: int, ancdata: list[tuple[int, int, bytes]]) -> Message | None:
@@ -182,13 +189,19 @@ def _buffer() -> bytearray:
 
 
 def _buffers() -> tuple[list[bytearray], memoryview]:
-    """This thread's receive buffer, as recvmsg_into takes it and as a view."""
+    """This thread's receive buffer, as recvmsg_into takes it and as a view
+    (a new one while it is lent to an item being read)."""
+    local = _local
     try:
-        return _local.bufs  # type: ignore[no-any-return]
+        if not local.lent:
+            return local.bufs  # type: ignore[no-any-return]
     except AttributeError:
+        local.lent = False
         buf = bytearray(MAX_INLINE + HEADER.size + BIG_BODY.size)
-        _local.bufs = ([buf], memoryview(buf))
-        return _local.bufs  # type: ignore[no-any-return]
+        local.bufs = ([buf], memoryview(buf))
+        return local.bufs  # type: ignore[no-any-return]
+    buf = bytearray(MAX_INLINE + HEADER.size + BIG_BODY.size)
+    return [buf], memoryview(buf)
 
 
 def _fds(ancdata: list[tuple[int, int, bytes]]) -> list[int]:

@@ -413,3 +413,26 @@ def test_no_channels_means_a_clear_error_in_the_worker():
     assert "no channels" in (pc.reports[0].error or "")
     assert pc.state is State.RUNNING or True
     assert isinstance(procctl.Closed(), Exception)
+
+
+def test_a_get_from_inside_an_items_unpickling_leaves_both_items_whole():
+    """The item on its way is read in place, from the worker's receive buffer:
+    a get that its unpickling makes (a __reduce__ that takes the next item)
+    receives into another buffer, and both items arrive whole (the outer one
+    came out truncated when the inner receive wrote over it)."""
+    with ProcessController(t.relay_nested, 1, start_method="fork", channels={"jobs": 0, "out": 0}) as pc:
+        pc.run()
+        jobs, out = pc.channels["jobs"], pc.channels["out"]
+        for i in range(50):  # a window of items on its way, as in any long run
+            jobs.put(i)
+        for i in range(3):
+            jobs.put((t.GetsTheNext(), "A" * 64, "outer"))
+            jobs.put(("next", i, "B" * 300))
+        jobs.close()
+        got = [out.get(timeout=10) for _ in range(53)]
+        pc.wait(30)
+        reports = pc.stop()
+    assert got[:50] == list(range(50))
+    assert got[50:] == [(("inner", ("next", i, "B" * 300)), "A" * 64, "outer") for i in range(3)]
+    assert reports[0].result == 53
+    assert _totals(pc, "jobs") == (56, 56, 0, 0)

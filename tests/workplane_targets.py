@@ -310,3 +310,26 @@ def tell_then_work(fifo, seconds):
         time.sleep(0.01)
         ran += time.monotonic() - t0
     return seconds
+
+
+# -- an item whose unpickling takes the next item (a get inside a get) --------------
+
+_CTX = None
+
+
+def _get_next():
+    return ("inner", _CTX.get("jobs", timeout=10))
+
+
+class GetsTheNext:
+    """Unpickled, it is the next item of "jobs" (taken from inside the outer get)."""
+
+    def __reduce__(self):
+        return (_get_next, ())
+
+
+def relay_nested(ctx, src="jobs", dst="out"):
+    """relay(), with the context where a GetsTheNext item reaches it."""
+    global _CTX
+    _CTX = ctx
+    return relay(ctx, src, dst)
