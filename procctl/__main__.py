@@ -15,12 +15,26 @@ HELD = frozenset({signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, 
 
 def main() -> None:
     signal.pthread_sigmask(signal.SIG_BLOCK, HELD)
+    _no_bytecode_under_a_size_limit()
     from .clitools import late_signal_status
 
     atexit.register(late_signal_status)  # before any other: the last to run at exit
     from .cli import main as cli_main
 
     cli_main()
+
+
+def _no_bytecode_under_a_size_limit() -> None:
+    """Under a file size limit (`ulimit -f`), CPython caches a .pyc cut short
+    at the limit (its write is not checked) and every later import of that
+    module fails, in any program: the command, and what it starts, write none."""
+    import os
+    import resource
+    import sys
+
+    if resource.getrlimit(resource.RLIMIT_FSIZE)[0] != resource.RLIM_INFINITY:
+        sys.dont_write_bytecode = True
+        os.environ["PYTHONDONTWRITEBYTECODE"] = "1"  # (spawn workers: their command line does not say -B)
 
 
 if __name__ == "__main__":

@@ -10,10 +10,12 @@ import fcntl
 import fractions
 import io
 import json
+import marshal
 import os
 import random
 import resource
 import select
+import shutil
 import signal
 import subprocess
 import sys
@@ -402,6 +404,33 @@ def test_a_disk_that_fills_mid_run_is_one_warning(args, tmp_path):
     events = [strict_json(line) for line in res.stdout.splitlines()]
     assert events[-1]["event"] == "summary" and len("\n".join(res.stdout)) > 4096
     assert 0 < log.stat().st_size <= 4096
+
+
+@pytest.mark.parametrize("start_method", ["fork", "spawn"])
+def test_under_a_file_size_limit_no_bytecode_is_cut_short(tmp_path, start_method):
+    """CPython caches a .pyc cut at the limit (it does not check its write),
+    and every later import of that module fails ("marshal data too short"):
+    under `ulimit -f`, the command and its workers write no bytecode."""
+    # A copy of the package with no bytecode yet: every module would be written afresh.
+    shutil.copytree(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "procctl"),
+                    tmp_path / "procctl",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    env["PYTHONPATH"] = str(tmp_path)
+    res = subprocess.run([sys.executable, "-m", "procctl"] + QUICK_RUN + ["--start-method", start_method],
+                         capture_output=True, text=True, timeout=60, env=env, cwd=tmp_path,
+                         preexec_fn=with_limit(resource.RLIMIT_FSIZE, 4096))
+    assert res.returncode == 0, res.stderr
+    written = {str(p.relative_to(tmp_path)): p.read_bytes() for p in (tmp_path / "procctl").rglob("*.pyc")}
+    cut = []
+    for name, data in written.items():
+        try:
+            marshal.loads(data[16:])
+        except (EOFError, ValueError):
+            cut.append(name)
+    assert cut == [], cut
+    # Only what loads before procctl's first line: the package and its __main__, both small.
+    assert {os.path.basename(name).split(".")[0] for name in written} <= {"__init__", "__main__"}, sorted(written)
 
 
 @pytest.mark.parametrize("args", [QUICK_RUN, QUICK_SUM, ["map", "json:dumps", "--items", "-"]],
