@@ -874,21 +874,38 @@ def raw_sum(m: str, threshold: int, batch: int, queue_size: int, seed: int) -> d
         if not stop.wait(120):
             raise TimeoutError("nobody crossed the threshold")
         drained = 0
-        # Keep the queue moving until every producer (and its feeder) is gone.
+        # Keep the queue moving until every producer (and its feeder) is gone:
+        # then every item a producer counted is in the pipe or was taken.
         while any(pr.exitcode is None for pr in producers):
             try:
                 item = q.get(timeout=0.01)
             except queue.Empty:
                 continue
             drained += len(item) if isinstance(item, list) else 1
+        # The consumers end at the flag (within one 10 ms get). Joined, none
+        # holds the queue's read lock or an item half read: get_nowait() raised
+        # Empty while a consumer held the lock, and the drain stopped early.
+        _join_all(consumers, 30)
+        if any(c.exitcode is None for c in consumers):
+            raise TimeoutError("a consumer did not end after the flag")
+        # Nobody else reads now: take exactly what is left, blocking (bounded)
+        # until the counts balance, then make sure nothing more is there.
+        left = sum(produced) - sum(received) - drained
+        end = time.monotonic() + 30
+        while left > 0 and time.monotonic() < end:
+            try:
+                item = q.get(timeout=max(0.01, end - time.monotonic()))
+            except queue.Empty:
+                break
+            k = len(item) if isinstance(item, list) else 1
+            drained += k
+            left -= k
         while True:
             try:
                 item = q.get_nowait()
             except queue.Empty:
                 break
             drained += len(item) if isinstance(item, list) else 1
-        for c in consumers:
-            c.join()
         q.close()
         q.join_thread()
         elapsed = perf() - t0
