@@ -375,15 +375,23 @@ def case_lifecycle(m: str, p: dict[str, Any]) -> list[dict[str, Any]]:
             entries.append((r, fn))
         _skipped_peers(rows, "lifecycle", m, n, p, LIFECYCLE)
         timeout = p["timeout"] + n * p["timeout_per_n"]
-        for _, fn in entries:  # warm up: imports, forkserver, resource trackers
-            if not _.get("error"):
+        for r, fn in entries:  # warm up: imports, forkserver, resource trackers
+            if not r.get("error"):
                 w = row("warmup", m, 2, "", "", "s")
-                measure(w, lambda fn=fn: fn(m, 2), 60)
+                if r["name"] in p.get("import_warmup", ()):
+                    # (--quick: a run of these takes a second or two, its first-run
+                    # costs a few percent of that; they are imported, not run)
+                    measure(w, lambda name=r["name"]: _import(name), 60)
+                    r["note"] += "; warmed up by import only"
+                else:
+                    measure(w, lambda fn=fn: fn(m, 2), 60)
                 if w["error"] and "not available" in w["error"]:
-                    _["error"] = w["error"]
+                    r["error"] = w["error"]
         plans.append((n, entries, timeout))
-    # N=500 under forkserver is seconds a repetition: three keep the full run under 10 minutes.
-    _own_first(plans, m, p, lambda n: p["repeats"] if n < 500 else min(3, p["repeats"]))
+    # N=500 under forkserver is seconds a repetition: fewer repetitions from `big_n` on
+    # keep the full run in its time (and N=100 the quick one).
+    _own_first(plans, m, p, lambda n: p["repeats"] if n < p.get("big_n", 500) else min(p["big_repeats"],
+                                                                                         p["repeats"]))
     return rows
 
 
@@ -393,11 +401,32 @@ def _repeat(entries: list[tuple[dict[str, Any], Any]], m: str, n: int, p: dict[s
     peer (or one that times out) must not cost the targets their repetitions."""
     own = [(r, fn) for r, fn in entries if r["role"] != "peer"]
     peers = [(r, fn) for r, fn in entries if r["role"] == "peer"]
-    for group, times in ((own, reps), (peers, min(reps, p["peer_repeats"] if n <= 10 else 1))):
-        for _ in range(times):
-            for r, fn in group:
-                progress(r, n)
-                record(r, measure(r, lambda fn=fn: fn(m, n), timeout))
+    for _ in range(reps):
+        for r, fn in own:
+            progress(r, n)
+            record(r, measure(r, lambda fn=fn: fn(m, n), timeout))
+    # Peers: `peer_repeats` each, but one whose next repetition would take its
+    # wall time (setup included) past `peer_budget` seconds stops there, and
+    # says so: loky starts 100 fresh interpreters (10-20 s a run here), billiard's
+    # terminate() takes 7 s, and three of those would break the full run's 10 minutes.
+    want = min(reps, p["peer_repeats"])
+    budget = p.get("peer_budget")
+    spent = {id(r): 0.0 for r, _ in peers}
+    last = dict(spent)
+    for k in range(want):
+        for r, fn in peers:
+            if k and budget is not None and spent[id(r)] + last[id(r)] > budget:
+                if "repetition" not in r["note"]:
+                    r["note"] += (f"; {k} of {want} repetitions: a run takes {last[id(r)]:.1f} s with its setup, "
+                                  f"another would pass the {budget:g} s per peer that keep the full run "
+                                  "under 10 minutes")
+                    save()
+                continue
+            progress(r, n)
+            t0 = time.monotonic()
+            record(r, measure(r, lambda fn=fn: fn(m, n), timeout))
+            last[id(r)] = time.monotonic() - t0
+            spent[id(r)] += last[id(r)]
 
 
 # =============================================================================
@@ -874,21 +903,38 @@ def raw_sum(m: str, threshold: int, batch: int, queue_size: int, seed: int) -> d
         if not stop.wait(120):
             raise TimeoutError("nobody crossed the threshold")
         drained = 0
-        # Keep the queue moving until every producer (and its feeder) is gone.
+        # Keep the queue moving until every producer (and its feeder) is gone:
+        # then every item a producer counted is in the pipe or was taken.
         while any(pr.exitcode is None for pr in producers):
             try:
                 item = q.get(timeout=0.01)
             except queue.Empty:
                 continue
             drained += len(item) if isinstance(item, list) else 1
+        # The consumers end at the flag (within one 10 ms get). Joined, none
+        # holds the queue's read lock or an item half read: get_nowait() raised
+        # Empty while a consumer held the lock, and the drain stopped early.
+        _join_all(consumers, 30)
+        if any(c.exitcode is None for c in consumers):
+            raise TimeoutError("a consumer did not end after the flag")
+        # Nobody else reads now: take exactly what is left, blocking (bounded)
+        # until the counts balance, then make sure nothing more is there.
+        left = sum(produced) - sum(received) - drained
+        end = time.monotonic() + 30
+        while left > 0 and time.monotonic() < end:
+            try:
+                item = q.get(timeout=max(0.01, end - time.monotonic()))
+            except queue.Empty:
+                break
+            k = len(item) if isinstance(item, list) else 1
+            drained += k
+            left -= k
         while True:
             try:
                 item = q.get_nowait()
             except queue.Empty:
                 break
             drained += len(item) if isinstance(item, list) else 1
-        for c in consumers:
-            c.join()
         q.close()
         q.join_thread()
         elapsed = perf() - t0
@@ -1216,10 +1262,13 @@ def chan_blocked_cpu(m: str, window: float) -> float:
 
 def case_workplane(m: str, p: dict[str, Any]) -> list[dict[str, Any]]:
     n, big, rounds, cpu, queued = p["n"], p["big"], p["rounds"], p["cpu"], p["queued"]
+    # (PPE with chunksize=1 runs about 5k items/s: --quick gives it fewer, no target reads it)
+    ppe_n = p.get("ppe_n", n)
+    idle = "2 consumers blocked in get, over 1 s"
     variants = [
         ("ProcessExecutor.map chunksize=1", "procctl", "items/s", True, lambda: ex_trivial(m, n, 1)),
         ("Pool.imap_unordered chunksize=1", "peer", "items/s", True, lambda: pool_imap1(m, n)),
-        ("ProcessPoolExecutor.map chunksize=1", "peer", "items/s", True, lambda: ppe_map(m, n, 1)),
+        ("ProcessPoolExecutor.map chunksize=1", "peer", "items/s", True, lambda: ppe_map(m, ppe_n, 1)),
         ("ProcessExecutor.map automatic chunks", "procctl", "items/s", True, lambda: ex_trivial(m, big, None)),
         ("Pool.map automatic chunks", "peer", "items/s", True, lambda: pool_map_auto(m, big)),
         ("ProcessExecutor submit->result p50", "procctl", "ms", False, lambda: ex_latency(m, rounds)),
@@ -1233,14 +1282,18 @@ def case_workplane(m: str, p: dict[str, Any]) -> list[dict[str, Any]]:
          lambda: ppe_cancel_queued(m, queued)),
         ("channel put/get, 2 consumers", "procctl", "items/s", True, lambda: chan_rate(m, n)),
         ("mp.Queue put/get, 2 consumers", "floor", "items/s", True, lambda: mpq_rate(m, n)),
-        ("2 consumers blocked in get, over 1 s", "procctl", "CPU-s", False, lambda: chan_blocked_cpu(m, 1.0)),
+        (idle, "procctl", "CPU-s", False, lambda: chan_blocked_cpu(m, 1.0)),
     ]
     rows = []
     for name, role, unit, higher, fn in variants:
         r = row("workplane", m, 2, name, role, unit, higher=higher, note="2 workers, trivial task unless said")
+        if name == "ProcessPoolExecutor.map chunksize=1" and ppe_n != n:
+            r["note"] += f"; {ppe_n} items (the others {n})"
         rows.append((r, fn))
-    for _ in range(p["repeats"]):
+    for rep in range(p["repeats"]):
         for r, fn in rows:
+            if r["name"] == idle and rep >= p.get("idle_repeats", p["repeats"]):
+                continue  # (a 1 s window of nothing: --quick measures it once)
             progress(r, 2)
             record(r, measure(r, fn, p.get("timeout", 120)))
     return [r for r, _ in rows]

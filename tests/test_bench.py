@@ -27,6 +27,11 @@ def bench(*args: str, tmp: str) -> subprocess.CompletedProcess[str]:
     ["--cases", "nope"], ["--cases", ","], ["--start-methods", "nope"], ["--start-methods", ","],
     ["--json", "/nonexistent/x.json"], ["--json="], ["--json", "/dev/full"], ["--json", "DIR"],
     ["--json", "FIFO"], ["--bogus"], ["--json"], ["--quick", "extra"],
+    # the case process's own flags, given by hand
+    ["--_case", "bogus"], ["--_case="], ["--_case", "memory"], ["--_case", "memory", "--_method", "nope"],
+    ["--_case", "memory", "--_method", "fork", "--_params", "[]", "--_out", "x"],
+    ["--_case", "memory", "--_method", "fork", "--_params", "{"],
+    ["--_case", "memory", "--_method", "fork", "--_params", "{}"],
 ])
 def test_bad_arguments_are_one_line_and_exit_2(args, tmp_path):
     fifo = str(tmp_path / "fifo")
@@ -169,3 +174,37 @@ def test_the_cluster_case_without_dask_is_one_line_and_exit_2(args, tmp_path):
     assert res.returncode == 2 and res.stdout == "", res.stderr
     assert res.stderr == "bench.py: error: the cluster case needs Dask's distributed: pip install 'procctl[dask]'\n"
     assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_mid_run_prints_and_writes_what_was_measured(sig, short_tmp):
+    tmp_path = short_tmp
+    out = tmp_path / "out.json"
+    code = ("import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+            f"sys.argv = [{BENCH!r}, '--quick', '--cases', 'memory,workplane', '--start-methods', 'fork', "
+            f"'--json', {str(out)!r}]; runpy.run_path({BENCH!r}, run_name='__main__')")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=dict(os.environ, TMPDIR=str(tmp_path)))
+    try:
+        end = time.monotonic() + 30
+        while not any(tmp_path.glob("bench-workplane-*")) and time.monotonic() < end:  # memory is done
+            time.sleep(0.05)
+        time.sleep(0.3)  # (its case process is running)
+        proc.send_signal(sig)
+        stdout, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == (130 if sig == signal.SIGINT else 143), err
+    name = "SIGINT" if sig == signal.SIGINT else "SIGTERM"
+    assert err.strip().splitlines()[-1] == ("bench: interrupted" if sig == signal.SIGINT else "bench: terminated")
+    assert "Traceback" not in err
+    assert "6. Memory" in stdout and ("PASS  memory fork" in stdout or "MISS  memory fork" in stdout), stdout
+    assert f"interrupted by {name}" in stdout
+    got = _strict(out.read_text())
+    assert got["header"]["interrupted"] == name
+    memory = [r for r in got["rows"] if r["case"] == "memory"]
+    assert len(memory) == 2 and all(r["samples"] and not r["error"] for r in memory)
+    last = got["rows"][-1]  # (the work plane's rows so far, then this; or this alone, if none was in yet)
+    assert last["case"] == "workplane" and last["error"].startswith(f"interrupted ({name})"), last
+    assert os.listdir(tmp_path) == ["out.json"]  # the case's directory is gone
