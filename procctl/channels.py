@@ -682,7 +682,18 @@ class ChannelPlane:
             self._drain_into_leftovers(chan)
             blobs, chan.leftovers = chan.leftovers, []
             self._grant(chan)
-        return [pickle.loads(b) for b in blobs]
+        items = []
+        for i, blob in enumerate(blobs):
+            try:
+                items.append(pickle.loads(blob))
+            except BaseException as exc:
+                # An item that cannot be unpickled is the error's, as a get()'s
+                # would be; the others stay, in order, for the next drain().
+                keep = blobs[:i] + blobs[i + 1:] if isinstance(exc, Exception) else blobs
+                with self._locked():
+                    chan.leftovers[:0] = keep
+                raise
+        return items
 
     def stats(self, chan: _Chan) -> ChannelStats:
         with self._locked():

@@ -436,3 +436,22 @@ def test_a_get_from_inside_an_items_unpickling_leaves_both_items_whole():
     assert got[50:] == [(("inner", ("next", i, "B" * 300)), "A" * 64, "outer") for i in range(3)]
     assert reports[0].result == 53
     assert _totals(pc, "jobs") == (56, 56, 0, 0)
+
+
+def test_drain_loses_no_item_to_one_that_cannot_be_unpickled():
+    """As get(): the item that cannot be unpickled raises, alone; the others
+    come with the next drain(), in order (the first drain raised and they
+    were gone: counted drained, never handed over)."""
+    with ProcessController(t.put_some_unreadable, 1, start_method="fork",
+                           channels={"out": 0, "said": 0}) as pc:
+        pc.run()
+        assert pc.channels["said"].get(timeout=20) is True
+        pc.stop()
+        out = pc.channels["out"]
+        with pytest.raises(RuntimeError, match="cannot unpickle 2"):
+            out.drain()
+        with pytest.raises(RuntimeError, match="cannot unpickle 4"):
+            out.drain()
+        assert out.drain() == [1, 3]
+        assert out.drain() == []
+        assert _totals(pc, "out") == (4, 0, 4, 0)

@@ -333,3 +333,30 @@ def relay_nested(ctx, src="jobs", dst="out"):
     global _CTX
     _CTX = ctx
     return relay(ctx, src, dst)
+
+
+# -- an item the worker can unpickle and the manager cannot -------------------------
+
+
+def _only_in_a_worker(value):
+    if os.environ.get("PROCCTL_TEST_IN_WORKER") != "1":
+        raise RuntimeError(f"cannot unpickle {value} in the manager")
+    return ("ok", value)
+
+
+class OnlyInAWorker:
+    def __init__(self, value):
+        self.value = value
+
+    def __reduce__(self):
+        return (_only_in_a_worker, (self.value,))
+
+
+def put_some_unreadable(ctx, dst="out"):
+    """Puts 1, an item the manager cannot unpickle, 3, another, then waits to be stopped."""
+    os.environ["PROCCTL_TEST_IN_WORKER"] = "1"
+    for item in (1, OnlyInAWorker(2), 3, OnlyInAWorker(4)):
+        ctx.put(dst, item)
+    ctx.put("said", True)
+    while ctx.sleep(float("inf")):
+        pass
