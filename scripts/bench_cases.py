@@ -418,8 +418,8 @@ def _repeat(entries: list[tuple[dict[str, Any], Any]], m: str, n: int, p: dict[s
             if k and budget is not None and spent[id(r)] + last[id(r)] > budget:
                 if "repetition" not in r["note"]:
                     r["note"] += (f"; {k} of {want} repetitions: a run takes {last[id(r)]:.1f} s with its setup, "
-                                  f"another would pass the {budget:g} s per peer that keep the full run "
-                                  "under 10 minutes")
+                                  f"another would pass the {budget:g} s per peer that keep this mode "
+                                  "within its time")
                     save()
                 continue
             progress(r, n)
