@@ -121,3 +121,18 @@ def fail_on_worker_0():
 
     if procctl.context().worker_id == 0:
         raise ValueError("no good on this node")
+
+
+def tell_start_and_stop(fifo, i):
+    """Say "started I" through the FIFO, sleep until STOPPED, say "stopped I",
+    then sleep without a checkpoint (the node escalates after its grace)."""
+    import procctl
+
+    ctx = procctl.context()
+    with open(fifo, "w") as f:
+        f.write(f"started {i}\n")
+    while ctx.sleep(60):
+        pass
+    with open(fifo, "w") as f:
+        f.write(f"stopped {i}\n")
+    time.sleep(60)

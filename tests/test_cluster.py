@@ -529,7 +529,7 @@ def own_cluster():
         cl.close()
 
 
-def test_a_dask_worker_sigkilled(own_cluster):
+def test_a_dask_worker_sigkilled(own_cluster, tmp_path):
     address = own_cluster.scheduler_address
     # A lease far longer than the bound below: the scheduler's word that the worker is
     # gone is what tells it (under allowed-failures 3 the agent was queued again,
@@ -575,6 +575,48 @@ def test_a_dask_worker_sigkilled(own_cluster):
     completed = [i for i, f in enumerate(more) if f.done() and not f.cancelled()]
     assert sorted(completed + left.items) == list(range(100))
     assert len(set(left.items)) == len(left.items)
+
+    # A node lost while stop() waits for it: its workers are still reported crashed,
+    # and what they ran is in `running` (they were not, and their events never came).
+    with Client(address, set_as_default=False) as client:
+        client.wait_for_workers(2, timeout=20)
+    said = tmp_path / "said"
+    os.mkfifo(said)
+    reader = os.open(said, os.O_RDONLY | os.O_NONBLOCK)
+    keep = os.open(said, os.O_WRONLY)  # (no end of file between the tasks' writes)
+    events, out = [], []
+    ex = ClusterExecutor(address=address, workers_per_node=2, lease=LEASE, on_event=events.append)
+    try:
+        futs = [ex.submit(cluster_targets.tell_start_and_stop, str(said), i) for i in range(8)]
+        started = _read_said(reader, 4)  # every worker runs one
+        stopping = threading.Thread(target=lambda: out.append(ex.stop(grace=3)))
+        stopping.start()
+        ids = sorted(int(line.split()[1]) for line in started)
+        assert sorted(int(line.split()[1]) for line in _read_said(reader, 4)) == ids  # each saw STOPPED
+        lost = ex.nodes[1].address
+        os.kill(dask_worker_pids(address)[lost], signal.SIGKILL)
+        stopping.join(30)
+        assert out, "stop() did not return"
+    finally:
+        ex.stop(0)
+        os.close(reader)
+        os.close(keep)
+    left = out[0]
+    # (A task's item is its arguments: here (fifo, i).)
+    assert sorted(i for _, i in left.items) == list(range(8)) and all(f.cancelled() for f in futs)
+    assert sorted(i for _, i in left.running) == ids
+    assert sorted(e.worker for e in events if e.event == "crashed" and e.node == lost) == [2, 3]
+
+
+def _read_said(fd: int, lines: int, timeout: float = 30) -> list[str]:
+    """`lines` lines from the FIFO the tasks write to (its reader end, non-blocking)."""
+    got = b""
+    deadline = time.monotonic() + timeout
+    while got.count(b"\n") < lines:
+        if not select.select([fd], [], [], max(0.0, deadline - time.monotonic()))[0]:
+            raise AssertionError(f"the tasks said only {got!r} in {timeout}s")
+        got += os.read(fd, 4096)
+    return got.decode().splitlines()
 
 
 CLIENT = """

@@ -142,6 +142,8 @@ class _ClusterPool(Session):
         self._ops = threading.Lock()
         #: Each node's workers as status() last saw them; items completed on each node (by address).
         self._last_seen: dict[int, list[WorkerStatus]] = {}
+        #: Tasks that were running on a node lost while stop() ran (stop() counts them running).
+        self._lost_running: set[int] = set()
         self._done_at: dict[str, int] = {}
         try:
             self.open(grace_s)
@@ -324,7 +326,7 @@ class _ClusterPool(Session):
             finally:
                 self.release()
             self._apply_settlements()
-            running_tids: set[int] = set()
+            running_tids = set(self._lost_running)
             for answer in answers.values():
                 if isinstance(answer, tuple) and len(answer) == 2 and isinstance(answer[1], list):
                     running_tids.update(answer[1])
@@ -553,9 +555,6 @@ class _ClusterPool(Session):
         held = self._held.get(node.index, {})
         back = sorted((t for t in held.values() if not t.answered), key=lambda t: t.tid)
         held.clear()
-        if self._stopped:
-            self._pending.extend(back)  # stop() hands them back as unfinished
-            return
         if self._on_event is not None:  # its workers went with it, as ClusterController reports them
             pids = node.hello if isinstance(node.hello, list) else []
             seen = {s.worker_id: s.pid for s in self._last_seen.get(node.index, [])}
@@ -564,6 +563,14 @@ class _ClusterPool(Session):
                 pid = seen.get(gid, pids[i] if i < len(pids) else None)
                 self._events.append(Event(self.elapsed(), "crashed", worker=gid, pid=pid,
                                           error=f"node {node.address} was lost: {why}", node=node.address))
+        if self._stopped:
+            # stop() hands them back as unfinished. Those the node's workers had
+            # taken were interrupted: the node cannot say which any more, and its
+            # pool runs them in the order they came, one a worker (none while paused).
+            if not self._paused:
+                self._lost_running.update(t.tid for t in back[:self.workers_per_node])
+            self._pending.extend(back)
+            return
         for task in reversed(back):
             task.retries += 1
             task.node = None
