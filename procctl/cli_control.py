@@ -91,7 +91,7 @@ class ControlPlan:
                 server.close()
                 host, port = self.metrics_addr
                 raise BadInput(f"--metrics-addr {host}:{port}: cannot listen: {exc.strerror or exc}") from None
-        served = ServedControl(server, http, self.job if self.announce else None)
+        served = ServedControl(server, http, self.job if self.announce else None, self.job)
         if announce:
             served.announce(reporter)
         return served
@@ -100,14 +100,20 @@ class ControlPlan:
 class ServedControl:
     """The control socket and metrics endpoint of a live run (either may be missing)."""
 
-    def __init__(self, server: ControlServer | None, http: Any, job: str | None = None) -> None:
+    def __init__(self, server: ControlServer | None, http: Any, job: str | None = None,
+                 command: str | None = None) -> None:
         self.server = server
         self.http = http
         self._job = job  # None: nothing to announce (--json, --quiet)
+        self._command = command  # the job, said or not
 
     def announce(self, reporter: Reporter) -> None:
         """Say the run's name and pid, how to pause and resume it, and where its socket is."""
         server, http = self.server, self.http
+        if self._job is None and http is not None and self._command is not None:
+            # Under --json or --quiet too: where the metrics are is no chatter (with
+            # port 0, nothing else says it). On stderr: stdout holds the JSON.
+            say(f"procctl {self._command.split()[0]}: metrics on {http.url}")
         if self._job is None or server is None:
             return
         verb = self._job.split()[0]
@@ -337,6 +343,7 @@ def stop_command(run: str | None, workers_text: str | None, no_wait: bool) -> in
     bridge = signal_bridge()
     bridge.stop_note = None  # a Ctrl-C here ends the wait, not the run: nothing to say
     workers = parse_workers(workers_text)
+    script = False
     path = resolve(run, "stop")
     name = os.path.basename(path)[:-5]
     who = name if workers is None else f"workers {','.join(map(str, workers))} of {name}"
@@ -360,13 +367,23 @@ def stop_command(run: str | None, workers_text: str | None, no_wait: bool) -> in
             return EXIT_OK
         try:
             _ask(path, Request("stop"), "stop")
+            # A script's run (control=True) has ended once its workers have: the
+            # script may go on with other work, its events open until it closes.
+            script = str(_ask(path, Request("info"), "stop").get("job", "")).startswith("script ")
+            if script and _run_ended(path, b""):
+                stream.sock.close()
+                click.echo(f"stopped {who}")
+                return EXIT_OK
         except BaseException:
             stream.sock.close()
             raise
     second: list[dict[str, Any]] = []
+    if workers is not None:
+        until: Callable[[bytes], bool] | None = partial(_second_reply, second)
+    else:
+        until = partial(_run_ended, path) if script else None
     with stream.sock:
-        seen = _follow(stream, bridge, lambda line: None,
-                       until=None if workers is None else partial(_second_reply, second))
+        seen = _follow(stream, bridge, lambda line: None, until=until)
     if bridge.stop_requested():
         return bridge.exit_code or EXIT_FAILED  # no longer waiting; the run goes on stopping
     if not seen:
@@ -375,6 +392,22 @@ def stop_command(run: str | None, workers_text: str | None, no_wait: bool) -> in
         _check_reply(second[0], "stop")  # (a stop that failed: its error, exit 1)
     click.echo(f"stopped {who}")
     return EXIT_OK
+
+
+#: The events that end a worker: after one, a script's run may have ended.
+_ENDS = frozenset({b'"finished"', b'"stopped"', b'"failed"', b'"crashed"', b'"killed"', b'"hung"'})
+
+
+def _run_ended(path: str, line: bytes) -> bool:
+    """Whether every worker of the run has ended (asked after a line of its
+    events that ends a worker, or at once with an empty line)."""
+    if line and not any(end in line for end in _ENDS):
+        return False
+    try:
+        reply = ask(path, Request("info"))
+    except ControlError:
+        return False  # it closed meanwhile: its events end too
+    return bool(reply.get("ok")) and reply.get("state") == "ended"
 
 
 def _second_reply(into: list[dict[str, Any]], line: bytes) -> bool:

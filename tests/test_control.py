@@ -814,3 +814,49 @@ def test_an_unusable_control_directory_is_a_warning_not_a_traceback(tmp_path):
                          env={**os.environ, "XDG_RUNTIME_DIR": str(runtime)})
     assert res.returncode == 0, res.stderr
     assert "Traceback" not in res.stderr and "no control socket" in res.stderr
+
+
+@pytest.mark.parametrize("when", ["running", "ended"])
+def test_a_stop_of_a_scripts_run_returns_once_its_workers_have_ended(env, tmp_path, when):
+    """A script's run has ended once its workers have: `procctl stop` returns
+    then, while the script goes on with other work (it waited for the script
+    to close its controller, and stopping a run whose workers had all ended
+    waited as long)."""
+    script = tmp_path / "busy.py"
+    script.write_text(
+        "import sys\n"
+        f"sys.path.insert(0, {TESTS!r})\n"
+        "from procctl import ProcessController\n"
+        "from targets_control import first_two_finish, steady\n"
+        "if __name__ == '__main__':\n"
+        f"    target = {'steady' if when == 'running' else 'first_two_finish'}\n"
+        "    with ProcessController(target, 2, control='busy') as pc:\n"
+        "        pc.run()\n"
+        f"        if {when!r} == 'ended':  # both finish by themselves\n"
+        "            pc.wait(timeout=60)\n"
+        "        print('up', flush=True)\n"
+        "        print(pc.wait(timeout=60), flush=True)\n"
+        "        sys.stdin.read()  # other work, the controller still open\n")
+    lib = subprocess.Popen([CLI[0], str(script)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
+    try:
+        assert lib.stdout.readline().strip() == "up"
+        stop = ctl(env, "stop", "busy")
+        assert stop.returncode == 0 and stop.stdout.strip() == "stopped busy", stop.stderr
+        assert lib.stdout.readline().strip() == "True"
+        assert lib.poll() is None  # the script goes on
+        out, err = lib.communicate("", timeout=30)
+        assert lib.returncode == 0, err[-3000:]
+    finally:
+        end_session(lib)
+
+
+@pytest.mark.parametrize("quiet", ["--json", "--quiet"])
+def test_metrics_on_port_0_say_where_under_json_and_quiet(env, quiet):
+    """Port 0 picks a free port: the line that says which is on stderr under
+    --json and --quiet too (it went with the start line, and nothing said where)."""
+    res = ctl(env, "run", "--workers", "1", "--step", "0.05", "--timeout", "0.3", quiet, "--metrics-addr", "0")
+    assert res.returncode == 0, res.stderr
+    [line] = res.stderr.splitlines()
+    assert line.startswith("procctl run: metrics on http://127.0.0.1:") and line.endswith("/metrics"), line
+    assert "metrics on" not in res.stdout

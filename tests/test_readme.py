@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import os
 import re
+import subprocess
+import sys
+
+import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -30,3 +34,25 @@ def test_readme_names_every_command():
     text = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
     for name in main_group.list_commands(None):
         assert f"procctl {name}" in text, name
+
+
+def _python_blocks() -> list[str]:
+    text = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    return re.findall(r"```python\n(.*?)```", text, re.S)
+
+
+@pytest.mark.parametrize("start_method", ["fork", "forkserver"])
+@pytest.mark.parametrize("which", ["first example", "channels"])
+def test_the_readmes_examples_run_as_written(tmp_path, which, start_method):
+    """The library's first example and the channels one, copied into a script,
+    run under fork (Linux's default up to Python 3.13) and forkserver (3.14's)."""
+    blocks = _python_blocks()
+    code = blocks[0] if which == "first example" else next(b for b in blocks if 'channels={"jobs"' in b)
+    script = tmp_path / "example.py"
+    script.write_text("import multiprocessing\nif __name__ == '__main__':\n"
+                      f"    multiprocessing.set_start_method({start_method!r})\n" + code)
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120,
+                          start_new_session=True)
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    if which == "first example":
+        assert len(done.stdout.splitlines()) == 8  # a line per worker
