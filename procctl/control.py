@@ -662,7 +662,7 @@ class ControlServer:
                 "alive": s.alive, "outcome": s.outcome.value if s.outcome else None,
                 "restarts": int(getattr(s, "restarts", 0) or 0), "done": s.done, "total": s.total,
                 "progress": fraction, "rate": s.rate, "eta": s.eta, "info": dict(s.info),
-                "cpu_percent": cpu, "rss": rss}
+                "cpu_percent": cpu, "rss": rss, **({"node": s.node} if getattr(s, "node", None) else {})}
 
     def _do_pause(self, request: Request) -> Reply:
         return self._broadcast(request, "pause")
@@ -760,9 +760,9 @@ class ControlServer:
         if isinstance(pc, Reply):
             return pc
         if self.hooks.scale is None:
-            kind = self.hooks.job.split()[0] if self.hooks.job else "this"
-            return Reply.failure(f"this run does not support scale: a procctl {kind} run keeps the number"
-                                 " of workers it started with")
+            kind = self.hooks.job.split()[0] if self.hooks.job else ""
+            who = {"run": "procctl run --cluster", "": "it"}.get(kind, f"procctl {kind}")
+            return Reply.failure(f"this run does not support scale: {who} keeps the number of workers it started with")
         assert request.n is not None  # Request.parse requires n for scale
         try:
             self.hooks.scale(request.n)

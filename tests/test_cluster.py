@@ -1020,3 +1020,33 @@ def test_an_agent_applies_a_command_that_overtook_another_once_each():
     agent.serve()
     assert agent.applied == [2, 1]
     assert [seq for kind, seq in agent.outbox.said if kind is Up.ACK] == [2, 1, 2]  # the copy answered again
+
+
+def test_status_from_another_shell_names_each_workers_node(cluster, tests_dir, tmp_path):
+    """`procctl status --json` on a cluster run gives each worker's node, as
+    status() does; `procctl scale` is refused in plain words."""
+    env = {**os.environ, "XDG_RUNTIME_DIR": str(tmp_path)}
+    run = subprocess.Popen([sys.executable, "-m", "procctl", "run", "--cluster", cluster.scheduler_address,
+                            "--workers-per-node", "1", "--lease", str(LEASE), "--target", "cluster_targets:loop",
+                            "--schedule", "run", "--step", "0", "--json", "--name", "spread"],
+                           stdout=subprocess.PIPE, cwd=tests_dir, text=True, env=env)
+    try:
+        for line in run.stdout:  # until both workers run
+            if json.loads(line).get("event") == "running" and json.loads(line).get("worker") == 1:
+                break
+        ctl = [sys.executable, "-m", "procctl"]
+        status = subprocess.run(ctl + ["status", "spread", "--json"], capture_output=True, text=True,
+                                timeout=30, env=env)
+        assert status.returncode == 0, status.stderr
+        workers = json.loads(status.stdout)["workers"]
+        assert sorted(w["node"] for w in workers) == sorted(cluster.scheduler_info["workers"]), workers
+        scale = subprocess.run(ctl + ["scale", "spread", "3"], capture_output=True, text=True, timeout=30, env=env)
+        assert scale.returncode == 1 and "run run" not in scale.stderr
+        assert "procctl run --cluster keeps the number of workers it started with" in scale.stderr, scale.stderr
+        stop = subprocess.run(ctl + ["stop", "spread"], capture_output=True, text=True, timeout=60, env=env)
+        assert stop.returncode == 0, stop.stderr
+        assert run.wait(30) == 0
+    finally:
+        run.kill()
+        run.wait(10)
+        run.stdout.close()
