@@ -1047,6 +1047,10 @@ def test_status_from_another_shell_names_each_workers_node(cluster, tests_dir, t
         assert stop.returncode == 0, stop.stderr
         assert run.wait(30) == 0
     finally:
+        if run.poll() is None:
+            run.terminate()  # (a graceful stop: killed, it would leave the nodes' workers for the lease)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                run.wait(30)
         run.kill()
         run.wait(10)
         run.stdout.close()
