@@ -34,7 +34,7 @@ def _no_bytecode_under_a_size_limit() -> None:
 
     if resource.getrlimit(resource.RLIMIT_FSIZE)[0] != resource.RLIM_INFINITY:
         sys.dont_write_bytecode = True
-        os.environ["PYTHONDONTWRITEBYTECODE"] = "1"  # (spawn workers: their command line does not say -B)
+        os.environ.setdefault("PYTHONDONTWRITEBYTECODE", "1")  # (spawn workers: their command line has no -B)
 
 
 if __name__ == "__main__":

@@ -689,7 +689,8 @@ class ChannelPlane:
             except BaseException as exc:
                 # An item that cannot be unpickled is the error's, as a get()'s
                 # would be; the others stay, in order, for the next drain().
-                keep = blobs[:i] + blobs[i + 1:] if isinstance(exc, Exception) else blobs
+                # (Interrupted, not the item's doing: it stays too.)
+                keep = blobs if isinstance(exc, KeyboardInterrupt) else blobs[:i] + blobs[i + 1:]
                 with self._locked():
                     chan.leftovers[:0] = keep
                 raise

@@ -496,7 +496,8 @@ def exit_status(reports: dict[int, WorkerReport], bridge: SignalBridge, timed_ou
 @click.option("--start-method", type=click.Choice(START_METHODS), default=None)
 @click.option("--seed", type=int, default=None, help="Seed for the demo job's choices.")
 @click.option("--json", "json_lines", is_flag=True, help="JSON Lines events on stdout.")
-@click.option("--quiet", is_flag=True, help="Print only the summary.")
+@click.option("--quiet", is_flag=True,
+              help="Print only the summary (and, with --metrics-addr, where the metrics are).")
 @click.option("--events", "events_path", default=None, help="Also write every event as JSON Lines to FILE.")
 @click.option("--timeline", "timeline_path", default=None, help="Draw the run as a Gantt chart (.svg or .html).")
 @click.option("--cluster", "cluster_address", default=None, metavar="tcp://HOST:PORT|local:N",

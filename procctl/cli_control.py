@@ -343,7 +343,6 @@ def stop_command(run: str | None, workers_text: str | None, no_wait: bool) -> in
     bridge = signal_bridge()
     bridge.stop_note = None  # a Ctrl-C here ends the wait, not the run: nothing to say
     workers = parse_workers(workers_text)
-    script = False
     path = resolve(run, "stop")
     name = os.path.basename(path)[:-5]
     who = name if workers is None else f"workers {','.join(map(str, workers))} of {name}"
@@ -351,39 +350,15 @@ def stop_command(run: str | None, workers_text: str | None, no_wait: bool) -> in
         _ask(path, Request("stop", workers), "stop")
         click.echo(f"stopping {who}")
         return EXIT_OK
-    if workers is not None:
-        # The run answers at once, then once more when those workers have ended.
-        stream = _open(path, Request("stop", workers, wait=True))
-        if not stream.reply.get("ok"):
-            stream.sock.close()
-            _check_reply(stream.reply, "stop")
-    else:
-        # The whole run: follow its events first, so that the end cannot be missed.
-        stream = _open(path, Request("events", follow=True))
-        if not stream.reply.get("ok"):  # as many event streams as the run serves: stop all the same
-            stream.sock.close()
-            _ask(path, Request("stop"), "stop")
-            click.echo(f"stopping {who} (not waiting for it: {stream.reply.get('error')})")
-            return EXIT_OK
-        try:
-            _ask(path, Request("stop"), "stop")
-            # A script's run (control=True) has ended once its workers have: the
-            # script may go on with other work, its events open until it closes.
-            script = str(_ask(path, Request("info"), "stop").get("job", "")).startswith("script ")
-            if script and _run_ended(path, b""):
-                stream.sock.close()
-                click.echo(f"stopped {who}")
-                return EXIT_OK
-        except BaseException:
-            stream.sock.close()
-            raise
+    # The run answers at once, then once more when those workers, or the run
+    # (a script's: its workers), have ended; a run killed meanwhile says nothing more.
+    stream = _open(path, Request("stop", workers, wait=True))
+    if not stream.reply.get("ok"):
+        stream.sock.close()
+        _check_reply(stream.reply, "stop")
     second: list[dict[str, Any]] = []
-    if workers is not None:
-        until: Callable[[bytes], bool] | None = partial(_second_reply, second)
-    else:
-        until = partial(_run_ended, path) if script else None
     with stream.sock:
-        seen = _follow(stream, bridge, lambda line: None, until=until)
+        seen = _follow(stream, bridge, lambda line: None, until=partial(_second_reply, second))
     if bridge.stop_requested():
         return bridge.exit_code or EXIT_FAILED  # no longer waiting; the run goes on stopping
     if not seen:
@@ -392,22 +367,6 @@ def stop_command(run: str | None, workers_text: str | None, no_wait: bool) -> in
         _check_reply(second[0], "stop")  # (a stop that failed: its error, exit 1)
     click.echo(f"stopped {who}")
     return EXIT_OK
-
-
-#: The events that end a worker: after one, a script's run may have ended.
-_ENDS = frozenset({b'"finished"', b'"stopped"', b'"failed"', b'"crashed"', b'"killed"', b'"hung"'})
-
-
-def _run_ended(path: str, line: bytes) -> bool:
-    """Whether every worker of the run has ended (asked after a line of its
-    events that ends a worker, or at once with an empty line)."""
-    if line and not any(end in line for end in _ENDS):
-        return False
-    try:
-        reply = ask(path, Request("info"))
-    except ControlError:
-        return False  # it closed meanwhile: its events end too
-    return bool(reply.get("ok")) and reply.get("state") == "ended"
 
 
 def _second_reply(into: list[dict[str, Any]], line: bytes) -> bool:

@@ -883,7 +883,8 @@ class MapSession:
 @click.option("--unfinished", default=None, help="At the end, write the items not done to FILE (as input).")
 @click.option("--start-method", type=click.Choice(START_METHODS), default=None)
 @click.option("--json", "json_lines", is_flag=True, help="Run events and the summary as JSON Lines on stdout too.")
-@click.option("--quiet", is_flag=True, help="No story on stderr: only results and the summary.")
+@click.option("--quiet", is_flag=True,
+              help="No story on stderr: only results and the summary (and where the metrics are).")
 @click.option("--events", "events_path", default=None, help="Also write every event as JSON Lines to FILE.")
 @click.option("--name", default=None, help="Name of the run for procctl status/pause/... (default: its pid).")
 @click.option("--metrics-addr", default=None,

@@ -143,7 +143,8 @@ def summary_text(result: SumResult) -> str:
 @click.option("--timeout", type=float, default=None, help="Give up after this many seconds (exit 124).")
 @click.option("--start-method", type=click.Choice(START_METHODS), default=None)
 @click.option("--json", "json_lines", is_flag=True, help="JSON Lines events on stdout, the summary last.")
-@click.option("--quiet", is_flag=True, help="Print only the summary.")
+@click.option("--quiet", is_flag=True,
+              help="Print only the summary (and, with --metrics-addr, where the metrics are).")
 @click.option("--events", "events_path", default=None, help="Also write every event as JSON Lines to FILE.")
 @click.option("--name", default=None, help="Name of the run for procctl status/pause/... (default: its pid).")
 @click.option("--metrics-addr", default=None,

@@ -700,7 +700,37 @@ class ControlServer:
             return self._stop_some(request.workers)
         self._stopping = True
         self.hooks.stop()
-        return Reply(True, {"stopping": "all"})
+        if not request.wait:
+            return Reply(True, {"stopping": "all"})
+        # A second reply once the run has ended: a command's (run, map, sum)
+        # with the command itself (close() tells it); a script's once every
+        # worker has ended: the script may go on with other work, its
+        # controller open, and its last worker may end with no event (hung).
+        done = _StopDone()
+        with self._lock:
+            if self._closed:
+                return Reply(True, {"stopping": "all"})
+            self._stops.add(done)
+        pc = self.hooks.controller()
+        wait_ended = getattr(pc, "wait_ended", None)
+        if self.hooks.job.startswith("script ") and wait_ended is not None:
+            try:
+                threads.start(threading.Thread(target=self._see_ended, args=(wait_ended, done),
+                                               name="procctl-control-stop", daemon=True))
+            except OSError:  # no room for a thread: told at close(), as a command's
+                pass
+        return Reply(True, {"stopping": "all"}, done=done)
+
+    def _see_ended(self, wait_ended: Callable[[float | None], bool], done: _StopDone) -> None:
+        try:
+            wait_ended(None)  # (it carries the stop out too, should the script not be waiting)
+        except Exception as exc:  # noqa: BLE001 - told to the one who waits for it
+            log.debug("waiting for the end of a script's run failed", exc_info=True)
+            done.error = str(exc) or type(exc).__name__
+        finally:
+            with self._lock:
+                self._stops.discard(done)
+            done.set()
 
     def _stop_some(self, ids: tuple[int, ...]) -> Reply:
         """Begin the stop of workers `ids` and answer at once: the stop (grace,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import time
 
@@ -109,3 +110,13 @@ def deaf_but_one(ctx):
         return "stopped"
     ctx.checkpoint()
     time.sleep(3600)
+
+
+def one_hangs(ctx):
+    """Worker 0 passes no checkpoint and ignores SIGTERM (hung, with a heartbeat);
+    the others run until stopped."""
+    if ctx.worker_id == 0:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        time.sleep(100)
+    while ctx.checkpoint():
+        ctx.sleep(0.05)

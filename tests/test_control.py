@@ -298,8 +298,8 @@ def test_followers_that_went_away_free_their_connections(env):
             refused = [first for _, first in held if not first["ok"]]
             assert len(refused) == MAX_CONNECTIONS - MAX_FOLLOWERS and "too many event streams" in refused[0]["error"]
             assert ctl_json(env, "ls")[0]["name"] == "quiet"  # commands still get in
-            stop = ctl(env, "stop", "quiet")  # and a stop, which cannot follow the run to its end
-            assert stop.returncode == 0 and "not waiting" in stop.stdout, stop
+            stop = ctl(env, "stop", "quiet")  # and a stop, whose wait takes no follower's place
+            assert stop.returncode == 0 and stop.stdout.strip() == "stopped quiet", stop
         finally:
             for sock, _ in held:
                 sock.close()
@@ -816,7 +816,7 @@ def test_an_unusable_control_directory_is_a_warning_not_a_traceback(tmp_path):
     assert "Traceback" not in res.stderr and "no control socket" in res.stderr
 
 
-@pytest.mark.parametrize("when", ["running", "ended"])
+@pytest.mark.parametrize("when", ["running", "ended", "hung"])
 def test_a_stop_of_a_scripts_run_returns_once_its_workers_have_ended(env, tmp_path, when):
     """A script's run has ended once its workers have: `procctl stop` returns
     then, while the script goes on with other work (it waited for the script
@@ -827,13 +827,19 @@ def test_a_stop_of_a_scripts_run_returns_once_its_workers_have_ended(env, tmp_pa
         "import sys\n"
         f"sys.path.insert(0, {TESTS!r})\n"
         "from procctl import ProcessController\n"
-        "from targets_control import first_two_finish, steady\n"
+        "import threading\n"
+        "from targets_control import first_two_finish, one_hangs, steady\n"
+        "hung = threading.Event()\n"
         "if __name__ == '__main__':\n"
-        f"    target = {'steady' if when == 'running' else 'first_two_finish'}\n"
-        "    with ProcessController(target, 2, control='busy') as pc:\n"
+        f"    target = {dict(running='steady', ended='first_two_finish', hung='one_hangs')[when]}\n"
+        "    # (hung: worker 0 is found hung, then killed: an end with no event of its own)\n"
+        "    with ProcessController(target, 2, control='busy', heartbeat=0.5, grace=1.0,\n"
+        "                           on_event=lambda e: e.event == 'hung' and hung.set()) as pc:\n"
         "        pc.run()\n"
         f"        if {when!r} == 'ended':  # both finish by themselves\n"
         "            pc.wait(timeout=60)\n"
+        f"        if {when!r} == 'hung':\n"
+        "            hung.wait(30)\n"
         "        print('up', flush=True)\n"
         "        print(pc.wait(timeout=60), flush=True)\n"
         "        sys.stdin.read()  # other work, the controller still open\n")

@@ -135,6 +135,7 @@ class _ClusterPool(Session):
         self._cancel_all = False  # shutdown(cancel_futures=True)
         self._stopped = False
         self._paused = False
+        self._paused_since = 0.0  # (monotonic: since when paused; a task sent after that has not started)
         self._broken: str | None = None
         self._dispatching = threading.Lock()
         self._turn = 0  # the node that gets the next task when loads are equal
@@ -278,6 +279,8 @@ class _ClusterPool(Session):
     def pause(self, timeout: float | None = None) -> None:
         """Send no new task, and return once every node's workers acknowledged."""
         self._check_open()
+        if not self._paused:
+            self._paused_since = time.monotonic()
         self._paused = True
         self._command(Op.PAUSE, timeout)
 
@@ -566,9 +569,10 @@ class _ClusterPool(Session):
         if self._stopped:
             # stop() hands them back as unfinished. Those the node's workers had
             # taken were interrupted: the node cannot say which any more, and its
-            # pool runs them in the order they came, one a worker (none while paused).
-            if not self._paused:
-                self._lost_running.update(t.tid for t in back[:self.workers_per_node])
+            # pool runs them in the order they came, one a worker (paused: only
+            # those it had before the pause may have begun).
+            taken = [t for t in back if not self._paused or t.sent < self._paused_since]
+            self._lost_running.update(t.tid for t in taken[:self.workers_per_node])
             self._pending.extend(back)
             return
         for task in reversed(back):
