@@ -120,3 +120,9 @@ def one_hangs(ctx):
         time.sleep(100)
     while ctx.checkpoint():
         ctx.sleep(0.05)
+
+
+def naps(ctx):
+    """Checkpoints every 0.2 s, sleeping between (a command waits for the nap's end)."""
+    while ctx.checkpoint():
+        time.sleep(0.2)

@@ -816,24 +816,26 @@ def test_an_unusable_control_directory_is_a_warning_not_a_traceback(tmp_path):
     assert "Traceback" not in res.stderr and "no control socket" in res.stderr
 
 
-@pytest.mark.parametrize("when", ["running", "ended", "hung"])
+@pytest.mark.parametrize("when", ["running", "ended", "hung", "busy"])
 def test_a_stop_of_a_scripts_run_returns_once_its_workers_have_ended(env, tmp_path, when):
     """A script's run has ended once its workers have: `procctl stop` returns
     then, while the script goes on with other work (it waited for the script
     to close its controller, and stopping a run whose workers had all ended
-    waited as long)."""
+    waited as long). busy: the script is not waiting for its workers at all,
+    and the stop is carried out all the same (it waited for the script's next call)."""
     script = tmp_path / "busy.py"
     script.write_text(
         "import sys\n"
         f"sys.path.insert(0, {TESTS!r})\n"
         "from procctl import ProcessController\n"
         "import threading\n"
-        "from targets_control import first_two_finish, one_hangs, steady\n"
+        "from targets_control import first_two_finish, naps, one_hangs, steady\n"
         "hung = threading.Event()\n"
         "if __name__ == '__main__':\n"
-        f"    target = {dict(running='steady', ended='first_two_finish', hung='one_hangs')[when]}\n"
+        f"    target = {dict(running='steady', busy='naps', ended='first_two_finish', hung='one_hangs')[when]}\n"
         "    # (hung: worker 0 is found hung, then killed: an end with no event of its own)\n"
-        "    with ProcessController(target, 2, control='busy', heartbeat=0.5, grace=1.0,\n"
+        f"    beat = {0.5 if when == 'hung' else None}  # (a heartbeat has a thread of its own pump)\n"
+        "    with ProcessController(target, 2, control='busy', heartbeat=beat, grace=1.0,\n"
         "                           on_event=lambda e: e.event == 'hung' and hung.set()) as pc:\n"
         "        pc.run()\n"
         f"        if {when!r} == 'ended':  # both finish by themselves\n"
@@ -841,18 +843,21 @@ def test_a_stop_of_a_scripts_run_returns_once_its_workers_have_ended(env, tmp_pa
         f"        if {when!r} == 'hung':\n"
         "            hung.wait(30)\n"
         "        print('up', flush=True)\n"
-        "        print(pc.wait(timeout=60), flush=True)\n"
-        "        sys.stdin.read()  # other work, the controller still open\n")
+        f"        if {when!r} != 'busy':\n"
+        "            print(pc.wait(timeout=60), flush=True)\n"
+        "        sys.stdin.read()  # other work, the controller still open\n"
+        "        print(pc.wait(timeout=0), [s.alive for s in pc.status()], flush=True)\n")
     lib = subprocess.Popen([CLI[0], str(script)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                            stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
     try:
         assert lib.stdout.readline().strip() == "up"
         stop = ctl(env, "stop", "busy")
         assert stop.returncode == 0 and stop.stdout.strip() == "stopped busy", stop.stderr
-        assert lib.stdout.readline().strip() == "True"
+        if when != "busy":
+            assert lib.stdout.readline().strip() == "True"
         assert lib.poll() is None  # the script goes on
         out, err = lib.communicate("", timeout=30)
-        assert lib.returncode == 0, err[-3000:]
+        assert lib.returncode == 0 and out.strip() == "True [False, False]", (out, err[-3000:])
     finally:
         end_session(lib)
 
