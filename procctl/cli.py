@@ -36,6 +36,7 @@ from .clitools import (
     alarm_after,
     check_distinct_files,
     check_writable_file,
+    count,
     ensure_std_fds,
     error_text,
     exit_holding_signals,
@@ -439,7 +440,7 @@ class RunSession:
             except (ValueError, RuntimeError, OSError) as exc:  # WorkerStartError is a RuntimeError
                 return str(exc)
             n = self.pc.workers
-            return f"resized to {n} worker{'s' if n != 1 else ''}"
+            return f"resized to {count(n, 'worker')}"
 
 
 def summarize(reports: dict[int, WorkerReport], elapsed: float,
@@ -458,7 +459,7 @@ def summarize(reports: dict[int, WorkerReport], elapsed: float,
         parts += f", {restarts} restart{'s' if restarts != 1 else ''}"
     if gave_up:
         record["gave_up"] = True
-    lines = [f"summary: {workers} worker{'s' if workers != 1 else ''}, {parts} in {elapsed:.2f}s"]
+    lines = [f"summary: {count(workers, 'worker')}, {parts} in {elapsed:.2f}s"]
     errors = {}
     for r in reports.values():
         if r.outcome not in CLEAN_OUTCOMES:
@@ -745,7 +746,7 @@ def _run(make: Callable[[Callable[[Event], None]], Any], workers: int, steps: li
         from .live import KeyReader, LiveView
 
         keys = KeyReader(partial(_on_key, session))
-        view = LiveView(lambda: pc.status(), lambda: f"procctl run: {pc.workers} workers",
+        view = LiveView(lambda: pc.status(), lambda: f"procctl run: {count(pc.workers, 'worker')}",
                         footer=served.footer if served is not None else "",
                         keys=keys.active or os.isatty(0), heartbeat=heartbeat)
         session.view = view
@@ -790,7 +791,7 @@ def _run(make: Callable[[Callable[[Event], None]], Any], workers: int, steps: li
     had = record["workers"]  # as the summary in the event log says, for `procctl timeline LOG`
     written = True
     log_records = [e.to_dict() for e in history] + [record] if timeline_path or trace_path else []
-    title = f"procctl run: {had} workers"
+    title = f"procctl run: {count(had, 'worker')}"
     if timeline_path:
         from .timeline import render_timeline
 

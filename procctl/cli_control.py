@@ -16,7 +16,7 @@ from typing import Any
 
 import click
 
-from .clitools import EXIT_FAILED, EXIT_OK, EXIT_USAGE, BadInput, Reporter, info_text, json_line, say
+from .clitools import EXIT_FAILED, EXIT_OK, EXIT_USAGE, BadInput, Reporter, count, info_text, json_line, say
 from .control import (
     END_OF_EVENTS,
     MAX_COUNT,
@@ -293,7 +293,7 @@ def status_command(run: str | None, as_json: bool) -> int:
         click.echo(json_line(reply))
         return EXIT_OK
     click.echo(f"{reply['name']} (pid {reply['pid']}, {reply['job']}): {reply['state']}, "
-               f"{len(reply['workers'])} workers, {reply['elapsed']:.1f}s")
+               f"{count(len(reply['workers']), 'worker')}, {reply['elapsed']:.1f}s")
     click.echo(f"{'ID':>4} {'PID':>7} {'STATE':<8} {'OUTCOME':<9} {'RESTARTS':>8} {'PROGRESS':>14} {'RATE':>9} "
                f"{'ETA':>7} {'CPU%':>6} {'RSS':>10}  INFO")
     for w in reply["workers"]:

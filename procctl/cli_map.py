@@ -50,6 +50,7 @@ from .clitools import (
     _silence,
     check_distinct_files,
     check_writable_file,
+    count,
     error_text,
     first_line,
     printable,
@@ -1021,7 +1022,7 @@ def _run_live(session: MapSession, stream: IO[str], bridge: SignalBridge, footer
 
     plan = session.plan
     where = f" on {session.nodes} nodes" if session.nodes is not None else ""
-    view = MapLiveView(f"procctl map {plan.spec}: {session.workers} workers{where}", len(plan.to_run),
+    view = MapLiveView(f"procctl map {plan.spec}: {count(session.workers, 'worker')}{where}", len(plan.to_run),
                        session.counts, console=terminal_console(stream), footer=footer)
     if stream is sys.stdout:
         session.results.printer = view.print  # results print above the view

@@ -12,7 +12,7 @@ from typing import Any
 
 import click
 
-from .clitools import EXIT_OK, BadInput, SignalBridge, check_writable_file, read_input, same_file, say
+from .clitools import EXIT_OK, BadInput, SignalBridge, check_writable_file, count, read_input, same_file, say
 
 FORMATS = ("svg", "html", "chrome")
 
@@ -100,7 +100,7 @@ def title_of(records: list[dict[str, Any]]) -> tuple[str | None, int | None]:
     for record in reversed(records):
         n = record.get("workers")
         if record.get("event") == "summary" and (n == MAX_WORKERS or worker_id(n) is not None):
-            return f"procctl run: {n} workers", n
+            return f"procctl run: {count(n, 'worker')}", n
     return None, None
 
 

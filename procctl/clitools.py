@@ -238,6 +238,11 @@ def printable(value: object) -> str:
     return "".join(ch if ch.isprintable() else ascii(ch)[1:-1] for ch in text)
 
 
+def count(n: int, word: str) -> str:
+    """`n` and `word`, plural unless n is 1: "1 worker", "3 workers"."""
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
 def error_text(exc: BaseException) -> str:
     """What an exception says, on one line; an OSError's own words without "[Errno N]"."""
     said = str(exc)

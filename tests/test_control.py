@@ -871,3 +871,22 @@ def test_metrics_on_port_0_say_where_under_json_and_quiet(env, quiet):
     [line] = res.stderr.splitlines()
     assert line.startswith("procctl run: metrics on http://127.0.0.1:") and line.endswith("/metrics"), line
     assert "metrics on" not in res.stdout
+
+
+def test_one_worker_is_one_worker():
+    """Counts read as words: "1 worker" (status, the live view's and the
+    timeline's titles said "1 workers")."""
+    from procctl.clitools import count
+
+    assert (count(1, "worker"), count(0, "worker"), count(3, "worker")) == ("1 worker", "0 workers", "3 workers")
+
+
+def test_status_of_a_one_worker_run_says_1_worker(env):
+    cli = start_run(env, "single", workers=1)
+    try:
+        res = ctl(env, "status", "single")
+        assert res.returncode == 0 and ", 1 worker, " in res.stdout.splitlines()[0], res.stdout
+        assert ctl(env, "stop", "single").returncode == 0
+        assert cli.finish()[0] == 0
+    finally:
+        cli.kill()
