@@ -661,7 +661,8 @@ class ControlServer:
         return {"id": s.worker_id, "pid": s.pid, "state": state,
                 "alive": s.alive, "outcome": s.outcome.value if s.outcome else None,
                 "restarts": int(getattr(s, "restarts", 0) or 0), "done": s.done, "total": s.total,
-                "progress": fraction, "rate": s.rate, "eta": s.eta, "info": dict(s.info),
+                "progress": fraction, "rate": s.rate, "eta": None if state == "stopping" else s.eta,
+                "info": dict(s.info),
                 "cpu_percent": cpu, "rss": rss, **({"node": s.node} if getattr(s, "node", None) else {})}
 
     def _do_pause(self, request: Request) -> Reply:

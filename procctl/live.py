@@ -32,7 +32,7 @@ from .capture import Output
 from .clitools import info_text
 from .jobs.sum_events import ChannelClosed, ConsumerStopped, Crossed, JobEvent, ProducerStopped, Received
 from .jobs.sum_plan import SumPlan
-from .states import Event, WorkerStatus
+from .states import Event, State, WorkerStatus
 
 #: How often the view redraws (seconds).
 REFRESH = 0.25
@@ -355,7 +355,9 @@ class LiveView:
         unit = max(r.total or 0.0 for r in with_total)
         done = sum((r.done or 0.0) / unit for r in with_total)
         total = sum((r.total or 0.0) / unit for r in with_total)
-        rate = sum(r.rate / unit for r in with_total if r.rate and math.isfinite(r.rate))
+        # Only running workers move: a paused one keeps its rate (as it was) and has no ETA.
+        rate = sum(r.rate / unit for r in with_total
+                   if r.rate and math.isfinite(r.rate) and r.alive and r.state is State.RUNNING)
         eta = (total - done) / rate if rate > 0 and total > done and self._stop_at is None else None
         grid = Table.grid(padding=(0, 1))
         width = max(10, min(40, self._console.size.width - 20))

@@ -16,6 +16,8 @@ import time
 import pytest
 from clihelp import CLI, run_cli
 
+from procctl.states import State, WorkerStatus
+
 TESTS = os.path.dirname(os.path.abspath(__file__))
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b\][^\x07]*\x07")
 
@@ -364,3 +366,19 @@ def test_the_map_view_shows_no_eta_once_a_stop_began():
         out.truncate()
         view._live.console.print(view)
         assert ("ETA" in out.getvalue()) is eta, (note, out.getvalue())
+
+
+@pytest.mark.parametrize("state", [State.RUNNING, State.PAUSED])
+def test_the_overall_bar_has_an_eta_only_while_workers_run(state):
+    """A paused worker keeps its rate (as it was when it paused) and has no
+    ETA: neither has the overall bar when every worker is paused (it showed one)."""
+    import io
+
+    from rich.console import Console
+
+    from procctl.live import LiveView
+
+    rows = [WorkerStatus(i, None, state, True, None, 5.0, 10.0, 1.0, None) for i in range(2)]
+    console = Console(file=io.StringIO(), width=100, height=30)
+    console.print(LiveView(lambda: rows, "t", console=console).render(rows))
+    assert ("ETA" in console.file.getvalue()) is (state is State.RUNNING), console.file.getvalue()
