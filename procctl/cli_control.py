@@ -22,6 +22,7 @@ from .control import (
     MAX_COUNT,
     ControlError,
     ControlServer,
+    NoAnswer,
     Request,
     RunHooks,
     ask,
@@ -160,6 +161,11 @@ def live_runs() -> list[dict[str, Any]]:
     for path in sockets(_directory()):
         try:
             reply = ask(path, Request("info"), timeout=5.0)
+        except NoAnswer:  # live, but not answering: listed as such (its name from its socket)
+            name = os.path.basename(path)[:-5]
+            runs.append({"name": name, "pid": int(name) if name.isdigit() else None, "job": "?",
+                         "workers": None, "state": "not answering", "elapsed": None, "socket": path})
+            continue
         except ControlError:
             continue  # gone (and removed if stale)
         if reply.get("ok"):
@@ -263,6 +269,10 @@ def _fmt_bytes(n: float | None) -> str:
     return f"{n:.1f} TiB"
 
 
+def _or_dash(value: Any) -> str:
+    return "-" if value is None else str(value)
+
+
 @click.command("ls")
 @click.option("--json", "as_json", is_flag=True, help="A JSON array of runs.")
 def ls_command(as_json: bool) -> int:
@@ -275,10 +285,11 @@ def ls_command(as_json: bool) -> int:
     if not runs:  # (on stderr, as kubectl's "No resources found": stdout has no run)
         say("procctl: no live runs of this user")
         return EXIT_OK
-    click.echo(f"{'NAME':<16} {'PID':>7} {'JOB':<20} {'WORKERS':>7} {'STATE':<9} {'ELAPSED':>8}")
+    click.echo(f"{'NAME':<16} {'PID':>7} {'JOB':<20} {'WORKERS':>7} {'STATE':<13} {'ELAPSED':>8}")
     for r in runs:
-        click.echo(f"{r['name']:<16} {r['pid']:>7} {r['job']:<20} {r['workers']:>7} {r['state']:<9}"
-                   f" {r['elapsed']:>7.1f}s")
+        elapsed = "-" if r["elapsed"] is None else f"{r['elapsed']:.1f}s"
+        click.echo(f"{r['name']:<16} {_or_dash(r['pid']):>7} {r['job']:<20} {_or_dash(r['workers']):>7}"
+                   f" {r['state']:<13} {elapsed:>8}")
     return EXIT_OK
 
 

@@ -79,6 +79,11 @@ class ControlError(RuntimeError):
     """A control socket that cannot be set up or reached (the message says why)."""
 
 
+class NoAnswer(ControlError):
+    """A live run's socket took the request but the run did not answer in time
+    (stopped with SIGSTOP, or its process busy in a long callback)."""
+
+
 class ProtocolError(ValueError):
     """A request that is not what the protocol accepts."""
 
@@ -1015,7 +1020,7 @@ def ask(path: str, request: Request, timeout: float = 10.0) -> dict[str, Any]:
         line = read_line(sock, bytearray())
     except OSError as exc:
         if isinstance(exc, TimeoutError) or exc.errno == errno.ETIMEDOUT:
-            raise ControlError(f"the run at {path} did not answer within {timeout:g}s") from None
+            raise NoAnswer(f"the run at {path} did not answer within {timeout:g}s") from None
         raise ControlError(f"the run at {path} went away: {exc.strerror or exc}") from None
     finally:
         sock.close()

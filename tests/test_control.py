@@ -890,3 +890,21 @@ def test_status_of_a_one_worker_run_says_1_worker(env):
         assert cli.finish()[0] == 0
     finally:
         cli.kill()
+
+
+def test_a_run_that_does_not_answer_is_listed_as_such(env):
+    """A live run that does not answer (its process stopped) is no stale
+    socket: `ls` lists it, "not answering" (it said there was no live run)."""
+    cli = start_run(env, "frozen", workers=1)
+    pid = ctl_json(env, "status", "frozen")["pid"]
+    try:
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            runs = ctl_json(env, "ls")  # (after its 5 s wait for an answer)
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        assert [(r["name"], r["state"]) for r in runs] == [("frozen", "not answering")], runs
+        assert ctl(env, "stop", "frozen").returncode == 0
+        assert cli.finish()[0] == 0
+    finally:
+        cli.kill()
