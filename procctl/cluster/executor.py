@@ -558,6 +558,11 @@ class _ClusterPool(Session):
         held = self._held.get(node.index, {})
         back = sorted((t for t in held.values() if not t.answered), key=lambda t: t.tid)
         held.clear()
+        if self._closing:
+            # The end of the session (its agents cancelled once they answered the
+            # stop): no loss, and nothing it held is left to hand back but as it is.
+            self._pending.extend(back)
+            return
         if self._on_event is not None:  # its workers went with it, as ClusterController reports them
             pids = node.hello if isinstance(node.hello, list) else []
             seen = {s.worker_id: s.pid for s in self._last_seen.get(node.index, [])}
