@@ -28,6 +28,7 @@ from .control import (
     ask,
     check_name,
     connect,
+    peer_pid,
     read_line,
     runtime_dir,
     socket_path,
@@ -162,8 +163,7 @@ def live_runs() -> list[dict[str, Any]]:
         try:
             reply = ask(path, Request("info"), timeout=5.0)
         except NoAnswer:  # live, but not answering: listed as such (its name from its socket)
-            name = os.path.basename(path)[:-5]
-            runs.append({"name": name, "pid": int(name) if name.isdigit() else None, "job": "?",
+            runs.append({"name": os.path.basename(path)[:-5], "pid": peer_pid(path), "job": "?",
                          "workers": None, "state": "not answering", "elapsed": None, "socket": path})
             continue
         except ControlError:

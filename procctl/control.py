@@ -995,6 +995,23 @@ def connect(path: str, timeout: float = 10.0) -> socket.socket:
     return sock
 
 
+def peer_pid(path: str) -> int | None:
+    """The pid of the process that listens on `path` (what the kernel says of
+    it, SO_PEERCRED: also for a run that does not answer), or None."""
+    try:
+        sock = connect(path, 1.0)
+    except ControlError:
+        return None
+    try:
+        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        pid: int = struct.unpack("3i", creds)[0]
+        return pid
+    except OSError:
+        return None
+    finally:
+        sock.close()
+
+
 def read_line(sock: socket.socket, buffer: bytearray) -> bytes | None:
     """The next line from `sock` (None at the end), keeping the rest in `buffer`."""
     while True:

@@ -903,7 +903,7 @@ def test_a_run_that_does_not_answer_is_listed_as_such(env):
             runs = ctl_json(env, "ls")  # (after its 5 s wait for an answer)
         finally:
             os.kill(pid, signal.SIGCONT)
-        assert [(r["name"], r["state"]) for r in runs] == [("frozen", "not answering")], runs
+        assert [(r["name"], r["pid"], r["state"]) for r in runs] == [("frozen", pid, "not answering")], runs
         assert ctl(env, "stop", "frozen").returncode == 0
         assert cli.finish()[0] == 0
     finally:
