@@ -70,6 +70,7 @@ class Link:
         self._ring_at = PIPE_BUF_DEFAULT // 4
         self._lock = threading.Lock()
         self._settling = threading.Lock()
+        self._releasing = False
         self._pending: list[str] = []
         r, w = os.pipe()
         bell_r, bell_w = os.pipe()
@@ -196,7 +197,9 @@ class Link:
                     self._unread += n
         except OSError as exc:
             self.settle()  # one that never started says so there (a process limit): once
-            if self._pid is not None:
+            if self._pid is not None and not self._releasing:
+                # (At release, one gone has nothing left to guard: a worker's own
+                # controller's guardian, ended with the worker's tree, ends so.)
                 log.warning("the guardian is gone (%s): what workers start may outlive a killed manager", exc)
             with contextlib.suppress(OSError):
                 os.close(self._w)
@@ -217,6 +220,7 @@ class Link:
         """At the manager's clean exit: let the guardian clean up and end, and wait for it."""
         if self._w < 0 or os.getpid() != self.owner:
             return
+        self._releasing = True
         self.send("x", "")
         self._ring()
         with self._lock:

@@ -118,3 +118,14 @@ def sleeps(ctx):
     while ctx.sleep(0.01):
         pass
     return "stopped"
+
+
+def nested(ctx):
+    """A worker that runs a controller of its own (fork workers), and returns their results."""
+    from procctl import ProcessController
+
+    with ProcessController(quick, workers=2, start_method="fork") as pc:
+        pc.run()
+        pc.wait(timeout=20)
+        reports = pc.stop()
+    return sorted(r.outcome.value for r in reports.values())

@@ -485,3 +485,31 @@ def test_a_kill_with_no_descriptor_left_still_kills_every_worker(tests_dir, tmp_
     got = json.loads(done.stdout)
     assert got["error"] is None, got
     assert still_running(got["pids"]) == [], got
+
+
+NESTED = textwrap.dedent("""
+    import logging, sys
+    sys.path.insert(0, {tests!r})
+    import targets_tree
+    from procctl import ProcessController
+
+    if __name__ == "__main__":
+        logging.basicConfig()
+        with ProcessController(targets_tree.nested, 2, start_method="spawn") as pc:
+            pc.run()
+            pc.wait(timeout=60)
+            print(sorted(str(r.result) for r in pc.stop().values()), flush=True)
+""")
+
+
+def test_a_controller_inside_a_worker_ends_without_a_false_warning(tests_dir, tmp_path):
+    """A worker's own controller's guardian ends with the worker's tree, before
+    the worker's exit handlers release it: that is its end, not "the guardian
+    is gone" (a warning every such worker printed)."""
+    script = tmp_path / "outer.py"
+    script.write_text(NESTED.format(tests=tests_dir))
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120,
+                          start_new_session=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == str(["['finished', 'finished']"] * 2), done.stdout
+    assert "guardian" not in done.stderr, done.stderr
