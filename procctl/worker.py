@@ -563,8 +563,14 @@ def _orphan_watch(fd: int, finished: threading.Event) -> None:
     os._exit(EXIT_ORPHANED)
 
 
+#: The exit status of a worker whose target failed: what its sys.exit()
+#: asked for, or 1 for an exception (0 otherwise).
+_exit_code = 0
+
+
 def _run_target(ctx: WorkerContext, payload: Payload, cgroup: str | None) -> tuple[Outcome, Any, str | None]:
     target, args, kwargs = payload.load()
+    global _exit_code
     try:
         ctx._apply()  # acknowledge the initial command: we are ready
         if cgroup is not None:
@@ -574,8 +580,12 @@ def _run_target(ctx: WorkerContext, payload: Payload, cgroup: str | None) -> tup
         result = target(ctx, *args, **kwargs)
     except SystemExit as exc:
         text = format_exc()
+        # The process ends with the status the target asked for, as a
+        # multiprocessing.Process does (the report says failed all the same).
+        _exit_code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
         return Outcome.FAILED, None, f"{text}{SYS_EXIT_NOTE}{exc.code!r})\n"
     except BaseException:  # noqa: BLE001 - whatever the target raises is its report
+        _exit_code = 1  # (as a multiprocessing.Process whose target raised)
         return Outcome.FAILED, None, format_exc()
     outcome = Outcome.STOPPED if ctx._stop_was_broadcast() else Outcome.FINISHED
     return outcome, result, None
@@ -647,9 +657,9 @@ def worker_main(spec: WorkerSpec) -> None:
     end.let_go()
     if finished is not None:
         finished.set()
-    _end_despite_threads()
+    _end_despite_threads(_exit_code)
     if spec.end is None and not spec.forkserver:
-        _bound_the_exit()
+        _bound_the_exit(_exit_code)
     if work is not None:
         # Its unread items stay with the manager's copy of this end. Closed
         # here, not left to the interpreter's exit ("unclosed socket" under -X dev);
@@ -658,6 +668,8 @@ def worker_main(spec: WorkerSpec) -> None:
             work.sock.close()
         except OSError:
             pass
+    if _exit_code:
+        sys.exit(_exit_code)  # (multiprocessing's bootstrap makes it the exit status)
 
 
 #: How long a spawn worker's exit (the exit handlers its target registered) may
@@ -665,14 +677,14 @@ def worker_main(spec: WorkerSpec) -> None:
 EXIT_GRACE = 1.0
 
 
-def _bound_the_exit() -> None:
+def _bound_the_exit(code: int = 0) -> None:
     """A spawn worker ends as an interpreter does, and runs the exit handlers
     the target registered (atexit: fork and forkserver children end with
     os._exit and run none). One that blocks must not keep the process alive
     when its result was reported long ago: after EXIT_GRACE it ends."""
     def end() -> None:
         threading.Event().wait(EXIT_GRACE)  # (a deadline: the exit normally ends this thread first)
-        threads.exit_now(0)
+        threads.exit_now(code)
 
     try:
         threads.start(threading.Thread(target=end, name="procctl-exit-bound", daemon=True))
@@ -680,7 +692,7 @@ def _bound_the_exit() -> None:
         pass
 
 
-def _end_despite_threads() -> None:
+def _end_despite_threads(code: int = 0) -> None:
     """Exit now if the target left non-daemon threads running.
 
     The result is reported; the interpreter's shutdown would otherwise wait
@@ -689,4 +701,4 @@ def _end_despite_threads() -> None:
     """
     me = threading.current_thread()
     if any(t is not me and t.is_alive() and not t.daemon for t in threading.enumerate()):
-        threads.exit_now(0)
+        threads.exit_now(code)

@@ -158,8 +158,11 @@ def test_close_on_exit_of_with_block_respects_grace():
     assert pc.reports[0].outcome is Outcome.KILLED
 
 
-@pytest.mark.parametrize("code, shown", [(3, "sys.exit(3)"), (0, "sys.exit(0)"), ("bye", "sys.exit('bye')")])
-def test_sys_exit_in_target_is_a_clear_failure(code, shown):
+@pytest.mark.parametrize("code, shown, status", [(3, "sys.exit(3)", 3), (0, "sys.exit(0)", 0),
+                                                 ("bye", "sys.exit('bye')", 1), (None, "sys.exit(None)", 0)])
+def test_sys_exit_in_target_is_a_clear_failure(code, shown, status):
+    """A failure that says so; the process ends with the status sys.exit()
+    asked for, as a multiprocessing.Process does (it ended with 0)."""
     with ProcessController(targets.call_sys_exit, 1, kwargs={"code": code}, start_method="fork") as pc:
         pc.run()
         assert pc.wait(timeout=10)
@@ -167,14 +170,21 @@ def test_sys_exit_in_target_is_a_clear_failure(code, shown):
     assert r.outcome is Outcome.FAILED
     assert "SystemExit" in r.error
     assert shown in r.error
+    assert r.exitcode == status
 
 
-def test_sys_exit_under_spawn():
-    with ProcessController(targets.call_sys_exit, 1, start_method="spawn") as pc:
+@pytest.mark.parametrize("start_method", ["spawn", "forkserver"])
+def test_sys_exit_and_an_exception_set_the_exit_status_under_every_start_method(start_method):
+    with ProcessController(targets.call_sys_exit, 1, start_method=start_method) as pc:
         pc.run()
         assert pc.wait(timeout=30)
     assert pc.reports[0].outcome is Outcome.FAILED
     assert "sys.exit(3)" in pc.reports[0].error
+    assert pc.reports[0].exitcode == 3
+    with ProcessController(targets.raise_error, 1, start_method=start_method) as pc:
+        pc.run()
+        assert pc.wait(timeout=30)
+    assert (pc.reports[0].outcome, pc.reports[0].exitcode) == (Outcome.FAILED, 1)  # as multiprocessing's
 
 
 def test_keyboard_interrupt_raised_in_target_is_failed():
