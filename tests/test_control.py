@@ -866,7 +866,7 @@ def test_a_stop_of_a_scripts_run_returns_once_its_workers_have_ended(env, tmp_pa
 def test_metrics_on_port_0_say_where_under_json_and_quiet(env, quiet):
     """Port 0 picks a free port: the line that says which is on stderr under
     --json and --quiet too (it went with the start line, and nothing said where)."""
-    res = ctl(env, "run", "--workers", "1", "--step", "0.05", "--timeout", "0.3", quiet, "--metrics-addr", "0")
+    res = ctl(env, "run", "--workers", "1", "--schedule", "stop", "--step", "0", quiet, "--metrics-addr", "0")
     assert res.returncode == 0, res.stderr
     [line] = res.stderr.splitlines()
     assert line.startswith("procctl run: metrics on http://127.0.0.1:") and line.endswith("/metrics"), line
