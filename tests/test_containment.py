@@ -415,14 +415,21 @@ GO_BETWEEN_REAPED = textwrap.dedent("""
 """)
 
 
+def _run_script(template: str, tests_dir: str, tmp_path, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """Run `template` (with {tests} filled in) as a script in a session of its
+    own; it must exit 0."""
+    script = tmp_path / "script.py"
+    script.write_text(template.format(tests=tests_dir))
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=timeout,
+                          start_new_session=True)
+    assert done.returncode == 0, done.stderr
+    return done
+
+
 def test_the_guardians_go_between_is_reaped_while_the_run_goes_on(tests_dir, tmp_path):
     """A script's own "no zombie child" check, in the middle of a run: the
     go-between that starts the guardian is reaped once it has exited, not at close()."""
-    script = tmp_path / "manager.py"
-    script.write_text(GO_BETWEEN_REAPED.format(tests=tests_dir))
-    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60,
-                          start_new_session=True)
-    assert done.returncode == 0, done.stderr
+    done = _run_script(GO_BETWEEN_REAPED, tests_dir, tmp_path)
     got = json.loads(done.stdout)
     assert got["ended"] and got["zombies"] == [], got
 
@@ -477,11 +484,7 @@ def test_a_kill_with_no_descriptor_left_still_kills_every_worker(tests_dir, tmp_
     another thread takes what frees), /proc cannot be read: the workers are
     killed all the same, their groups with them (the descendants walk raised
     OSError, and the workers lived on)."""
-    script = tmp_path / "manager.py"
-    script.write_text(OUT_OF_FDS.format(tests=tests_dir))
-    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60,
-                          start_new_session=True)
-    assert done.returncode == 0, done.stderr
+    done = _run_script(OUT_OF_FDS, tests_dir, tmp_path)
     got = json.loads(done.stdout)
     assert got["error"] is None, got
     assert still_running(got["pids"]) == [], got
@@ -506,10 +509,6 @@ def test_a_controller_inside_a_worker_ends_without_a_false_warning(tests_dir, tm
     """A worker's own controller's guardian ends with the worker's tree, before
     the worker's exit handlers release it: that is its end, not "the guardian
     is gone" (a warning every such worker printed)."""
-    script = tmp_path / "outer.py"
-    script.write_text(NESTED.format(tests=tests_dir))
-    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120,
-                          start_new_session=True)
-    assert done.returncode == 0, done.stderr
+    done = _run_script(NESTED, tests_dir, tmp_path, timeout=120)
     assert done.stdout.strip() == str(["['finished', 'finished']"] * 2), done.stdout
     assert "guardian" not in done.stderr, done.stderr
