@@ -16,7 +16,18 @@ from typing import Any
 
 import click
 
-from .clitools import EXIT_FAILED, EXIT_OK, EXIT_USAGE, BadInput, Reporter, count, info_text, json_line, say
+from .clitools import (
+    EXIT_FAILED,
+    EXIT_OK,
+    EXIT_USAGE,
+    BadInput,
+    Reporter,
+    count,
+    info_text,
+    json_line,
+    minutes_seconds,
+    say,
+)
 from .control import (
     END_OF_EVENTS,
     MAX_COUNT,
@@ -93,7 +104,7 @@ class ControlPlan:
                 server.close()
                 host, port = self.metrics_addr
                 raise BadInput(f"--metrics-addr {host}:{port}: cannot listen: {exc.strerror or exc}") from None
-        served = ServedControl(server, http, self.job if self.announce else None, self.job)
+        served = ServedControl(server, http, self.job, said=self.announce)
         if announce:
             served.announce(reporter)
         return served
@@ -102,23 +113,25 @@ class ControlPlan:
 class ServedControl:
     """The control socket and metrics endpoint of a live run (either may be missing)."""
 
-    def __init__(self, server: ControlServer | None, http: Any, job: str | None = None,
-                 command: str | None = None) -> None:
+    def __init__(self, server: ControlServer | None, http: Any, job: str | None = None, *,
+                 said: bool = True) -> None:
         self.server = server
         self.http = http
-        self._job = job  # None: nothing to announce (--json, --quiet)
-        self._command = command  # the job, said or not
+        self._job = job
+        self._said = said  # False: --json, --quiet (only where the metrics are is said)
 
     def announce(self, reporter: Reporter) -> None:
         """Say the run's name and pid, how to pause and resume it, and where its socket is."""
         server, http = self.server, self.http
-        if self._job is None and http is not None and self._command is not None:
-            # Under --json or --quiet too: where the metrics are is no chatter (with
-            # port 0, nothing else says it). On stderr: stdout holds the JSON.
-            say(f"procctl {self._command.split()[0]}: metrics on {http.url}")
         if self._job is None or server is None:
             return
         verb = self._job.split()[0]
+        if not self._said:
+            # Under --json or --quiet too: where the metrics are is no chatter (with
+            # port 0, nothing else says it). On stderr: stdout holds the JSON.
+            if http is not None:
+                say(f"procctl {verb}: metrics on {http.url}")
+            return
         by_signal = verb in ("run", "map")  # these map SIGUSR1/SIGUSR2 to pause/resume
         usr1 = f" (or kill -USR1 {server.pid})" if by_signal else ""
         usr2 = f" (or kill -USR2 {server.pid})" if by_signal else ""
@@ -255,8 +268,7 @@ def _fmt_eta(seconds: float | None) -> str:
     """Minutes:seconds, as the live view shows an ETA (seconds past a column's room as _fmt)."""
     if seconds is None or not 0 <= seconds < 1e7:
         return _fmt(seconds, ".0f")
-    whole = int(seconds)
-    return f"{whole // 60}:{whole % 60:02d}"
+    return minutes_seconds(seconds) or "-"
 
 
 def _fmt_bytes(n: float | None) -> str:

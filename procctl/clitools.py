@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import signal
@@ -236,6 +237,14 @@ def printable(value: object) -> str:
     if text.isprintable():
         return text
     return "".join(ch if ch.isprintable() else ascii(ch)[1:-1] for ch in text)
+
+
+def minutes_seconds(seconds: float | None) -> str | None:
+    """An ETA as minutes:seconds (None for none, or one without end)."""
+    if seconds is None or not math.isfinite(seconds):
+        return None
+    whole = int(seconds)
+    return f"{whole // 60}:{whole % 60:02d}"
 
 
 def count(n: int, word: str) -> str:

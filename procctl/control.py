@@ -33,6 +33,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 from . import listeners, threads, unixpath
@@ -717,26 +718,15 @@ class ControlServer:
             if self._closed:
                 return Reply(True, {"stopping": "all"})
             self._stops.add(done)
-        pc = self.hooks.controller()
-        wait_ended = getattr(pc, "wait_ended", None)
+        wait_ended = getattr(self.hooks.controller(), "wait_ended", None)
         if self.hooks.job.startswith("script ") and wait_ended is not None:
+            # (wait_ended carries the stop out too, should the script not be waiting)
             try:
-                threads.start(threading.Thread(target=self._see_ended, args=(wait_ended, done),
+                threads.start(threading.Thread(target=self._see_through, args=(partial(wait_ended, None), done),
                                                name="procctl-control-stop", daemon=True))
             except OSError:  # no room for a thread: told at close(), as a command's
                 pass
         return Reply(True, {"stopping": "all"}, done=done)
-
-    def _see_ended(self, wait_ended: Callable[[float | None], bool], done: _StopDone) -> None:
-        try:
-            wait_ended(None)  # (it carries the stop out too, should the script not be waiting)
-        except Exception as exc:  # noqa: BLE001 - told to the one who waits for it
-            log.debug("waiting for the end of a script's run failed", exc_info=True)
-            done.error = str(exc) or type(exc).__name__
-        finally:
-            with self._lock:
-                self._stops.discard(done)
-            done.set()
 
     def _stop_some(self, ids: tuple[int, ...]) -> Reply:
         """Begin the stop of workers `ids` and answer at once: the stop (grace,
@@ -770,7 +760,7 @@ class ControlServer:
             self._retiring.update(retiring)
             self._stops.add(done)
         try:
-            threads.start(threading.Thread(target=self._carry_out_stop, args=(stop, list(ids), done),
+            threads.start(threading.Thread(target=self._see_through, args=(partial(stop, workers=list(ids)), done),
                                            name="procctl-control-stop", daemon=True))
         except OSError as exc:  # no room for a thread: nothing began
             with self._lock:
@@ -780,11 +770,12 @@ class ControlServer:
             return Reply.failure(f"busy: {exc}; try again")
         return Reply(True, {"stopping": list(ids)}, done=done)
 
-    def _carry_out_stop(self, stop: Callable[..., Any], ids: list[int], done: _StopDone) -> None:
+    def _see_through(self, stop: Callable[[], Any], done: _StopDone) -> None:
+        """Carry out (or wait for) a stop from the control socket, then set `done`."""
         try:
-            stop(workers=ids)
+            stop()
         except Exception as exc:  # noqa: BLE001 - told to the one who waits for it
-            log.debug("stop of workers %s from the control socket failed", ids, exc_info=True)
+            log.debug("a stop from the control socket failed", exc_info=True)
             done.error = str(exc) or type(exc).__name__
         finally:
             with self._lock:

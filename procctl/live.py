@@ -29,7 +29,7 @@ from rich.text import Text
 
 from . import threads
 from .capture import Output
-from .clitools import info_text
+from .clitools import info_text, minutes_seconds
 from .jobs.sum_events import ChannelClosed, ConsumerStopped, Crossed, JobEvent, ProducerStopped, Received
 from .jobs.sum_plan import SumPlan
 from .states import Event, State, WorkerStatus
@@ -148,10 +148,7 @@ def _fmt_count(n: float) -> str:
 
 
 def _fmt_eta(seconds: float | None) -> str:
-    if seconds is None or not math.isfinite(seconds):
-        return ""
-    seconds = int(seconds)
-    return f"{seconds // 60}:{seconds % 60:02d}"
+    return minutes_seconds(seconds) or ""
 
 
 #: Columns of the worker table with the room each needs, in the order they

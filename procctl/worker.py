@@ -563,32 +563,27 @@ def _orphan_watch(fd: int, finished: threading.Event) -> None:
     os._exit(EXIT_ORPHANED)
 
 
-#: The exit status of a worker whose target failed: what its sys.exit()
-#: asked for, or 1 for an exception (0 otherwise).
-_exit_code = 0
-
-
-def _run_target(ctx: WorkerContext, payload: Payload, cgroup: str | None) -> tuple[Outcome, Any, str | None]:
+def _run_target(ctx: WorkerContext, payload: Payload,
+                cgroup: str | None) -> tuple[Outcome, Any, str | None, int]:
+    """The target's outcome, result and error, and the exit status the worker
+    ends with: a failed target's, as a multiprocessing.Process would (the code
+    its sys.exit() was given, or 1 after an exception; the report says failed)."""
     target, args, kwargs = payload.load()
-    global _exit_code
     try:
         ctx._apply()  # acknowledge the initial command: we are ready
         if cgroup is not None:
             containment.join_cgroup(cgroup)
         if not ctx.checkpoint():  # workers start paused: wait for the first run
-            return Outcome.STOPPED, None, None
+            return Outcome.STOPPED, None, None, 0
         result = target(ctx, *args, **kwargs)
     except SystemExit as exc:
         text = format_exc()
-        # The process ends with the status the target asked for, as a
-        # multiprocessing.Process does (the report says failed all the same).
-        _exit_code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-        return Outcome.FAILED, None, f"{text}{SYS_EXIT_NOTE}{exc.code!r})\n"
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        return Outcome.FAILED, None, f"{text}{SYS_EXIT_NOTE}{exc.code!r})\n", code
     except BaseException:  # noqa: BLE001 - whatever the target raises is its report
-        _exit_code = 1  # (as a multiprocessing.Process whose target raised)
-        return Outcome.FAILED, None, format_exc()
+        return Outcome.FAILED, None, format_exc(), 1
     outcome = Outcome.STOPPED if ctx._stop_was_broadcast() else Outcome.FINISHED
-    return outcome, result, None
+    return outcome, result, None, 0
 
 
 def _send_result(end: ControlEnd, outcome: Outcome, result: Any, error: str | None) -> None:
@@ -639,7 +634,7 @@ def worker_main(spec: WorkerSpec) -> None:
             target=_orphan_watch, args=(manager_fd, finished), name="procctl-orphan-watch", daemon=True
         ).start()
     try:
-        outcome, result, error = _run_target(ctx, spec.payload, spec.cgroup)
+        outcome, result, error, exit_code = _run_target(ctx, spec.payload, spec.cgroup)
     except BaseException:  # noqa: BLE001 - reported to the controller, then we exit
         # The payload could not be loaded here (not importable under spawn).
         try:
@@ -657,9 +652,9 @@ def worker_main(spec: WorkerSpec) -> None:
     end.let_go()
     if finished is not None:
         finished.set()
-    _end_despite_threads(_exit_code)
+    _end_despite_threads(exit_code)
     if spec.end is None and not spec.forkserver:
-        _bound_the_exit(_exit_code)
+        _bound_the_exit(exit_code)
     if work is not None:
         # Its unread items stay with the manager's copy of this end. Closed
         # here, not left to the interpreter's exit ("unclosed socket" under -X dev);
@@ -668,8 +663,8 @@ def worker_main(spec: WorkerSpec) -> None:
             work.sock.close()
         except OSError:
             pass
-    if _exit_code:
-        sys.exit(_exit_code)  # (multiprocessing's bootstrap makes it the exit status)
+    if exit_code:
+        sys.exit(exit_code)  # (multiprocessing's bootstrap makes it the exit status)
 
 
 #: How long a spawn worker's exit (the exit handlers its target registered) may
@@ -677,7 +672,7 @@ def worker_main(spec: WorkerSpec) -> None:
 EXIT_GRACE = 1.0
 
 
-def _bound_the_exit(code: int = 0) -> None:
+def _bound_the_exit(code: int) -> None:
     """A spawn worker ends as an interpreter does, and runs the exit handlers
     the target registered (atexit: fork and forkserver children end with
     os._exit and run none). One that blocks must not keep the process alive
@@ -692,7 +687,7 @@ def _bound_the_exit(code: int = 0) -> None:
         pass
 
 
-def _end_despite_threads(code: int = 0) -> None:
+def _end_despite_threads(code: int) -> None:
     """Exit now if the target left non-daemon threads running.
 
     The result is reported; the interpreter's shutdown would otherwise wait
