@@ -1655,6 +1655,11 @@ class ProcessController(Shortcuts):
         for w in self._workers:
             if not w.alive or w.state is not State.RUNNING or w.escalation is not None or w.retiring:
                 continue
+            if self._state_of(w.id) is State.STOPPED:
+                # Told to stop: it owes no more checkpoints (its exit is its
+                # acknowledgement, and what it saves on the way out may take
+                # longer than a period); the stop's grace bounds it instead.
+                continue
             if w.probe_at is None or self._board.beat(w.id) == w.probe:
                 if w.probe_at is None or now - w.probe_at >= self._heartbeat / 4:
                     self._probe(w, now)

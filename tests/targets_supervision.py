@@ -96,6 +96,15 @@ def fail_on_stop(ctx):
     raise RuntimeError("fails as it stops")
 
 
+def saves_after_stop(ctx, seconds):
+    """Checkpoints until stopped, then saves its state for `seconds` (no
+    checkpoint meanwhile, as a real save) and returns "saved"."""
+    while ctx.checkpoint():
+        pass
+    time.sleep(seconds)
+    return "saved"
+
+
 def c_sleep(ctx):
     """Blocks in time.sleep (a C call, no checkpoint) when first run."""
     ctx.checkpoint()
