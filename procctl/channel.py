@@ -52,6 +52,11 @@ PROBE_SHIFT = 2
 PROBE_LIMIT = 64
 PROBE_MASK = (PROBE_LIMIT - 1) << PROBE_SHIFT
 COMMAND_MASK = ~PROBE_MASK  # the seq and state bits
+#: The beat of a worker that owes no more checkpoints: its target has
+#: returned (or raised), or it was told to stop. What it does from then on
+#: (pickling a large result, saving its state, exit handlers) is bounded by
+#: the stop's grace, not by the heartbeat. Never a probe (those are 1..63).
+BEAT_DONE = PROBE_LIMIT
 
 
 def probe_of(word: int) -> int:

@@ -50,6 +50,7 @@ from . import containment, limits, registry, shutdown, threads
 from .channel import (
     ACK,
     ACK_BODY,
+    BEAT_DONE,
     PROBE_LIMIT,
     PROGRESS,
     RESULT,
@@ -748,8 +749,7 @@ class ProcessController(Shortcuts):
         assert self._board is not None
         if not 0 <= wid < len(self._workers) or self._workers[wid].alive:
             raise ValueError(f"worker {wid} has not ended")
-        if self._state is State.STOPPED:
-            raise RuntimeError("the workers were stopped; STOPPED is final")
+        self._require_not_final()
         self._board.reset(wid, pack_command(self._seq, self._state_of(wid)))
         with _quiet_collector(self.start_method):  # restart latency: no collection around the fork
             self._spawn([wid], self._workers[wid].restarts + 1)
@@ -867,8 +867,8 @@ class ProcessController(Shortcuts):
             if ids is not None and state is State.STOPPED:
                 self._stop_some(ids, self.grace)
                 return
-            if self._state is State.STOPPED and state is not State.STOPPED:
-                raise RuntimeError("the workers were stopped; STOPPED is final")
+            if state is not State.STOPPED:
+                self._require_not_final()
             self._poll()
             self._post(state, ids)
             seq = self._seq
@@ -923,6 +923,7 @@ class ProcessController(Shortcuts):
         """SIGKILL every live worker now. Safe to call from a signal handler;
         the workers are reaped (as killed) by the next call that waits.
         Final, as a stop is: nothing is restarted after it."""
+        self._killed = True
         self._supervising = False
         self.signal_live(signal.SIGKILL)
 
@@ -1308,6 +1309,7 @@ class ProcessController(Shortcuts):
         self._supervisor = Supervisor(plan) if plan.restarts else None
         self._heartbeat = plan.heartbeat
         self._supervising = False  # from the end of start() to the first STOPPED or kill()
+        self._killed = False  # kill() was called: final, as a stop is
         self._starting_exits: list[tuple[_Worker, WorkerReport]] = []
         self._history: dict[int, list[WorkerReport]] = {}
         self._overrides: dict[int, State] = {}  # per-worker commands since the last broadcast
@@ -1348,8 +1350,7 @@ class ProcessController(Shortcuts):
             raise ValueError(f"resize(n): n must be a positive integer, not {n!r}")
         with self._locked():
             self._require_started()
-            if self._state is State.STOPPED:
-                raise RuntimeError("the workers were stopped; STOPPED is final")
+            self._require_not_final()
             # The last resize asked for wins: one that waits (for new workers to come up, removed
             # ones to end, from another thread) gives way to a later one, and starts no more.
             self._resizes += 1
@@ -1372,8 +1373,7 @@ class ProcessController(Shortcuts):
         old = [w for w in self._workers[self.workers:n] if w.alive]
         if old:
             self._pump_until(lambda: not any(w.alive for w in old), self._escalation_bound(self.grace))
-            if self._state is State.STOPPED:
-                raise RuntimeError("the workers were stopped; STOPPED is final")
+            self._require_not_final()
         if n <= self.workers or self._resizes != mine:
             return  # another resize came meanwhile
         self._board.grow(n)
@@ -1454,7 +1454,7 @@ class ProcessController(Shortcuts):
 
     def _begin_supervision(self) -> None:
         """start() is done: from now on ended workers are restarted by the policy."""
-        self._supervising = self._state is not State.STOPPED
+        self._supervising = self._state is not State.STOPPED and not self._killed
         early, self._starting_exits = self._starting_exits, []
         for w, report in early:
             self._supervise_exit(w, report)
@@ -1609,6 +1609,10 @@ class ProcessController(Shortcuts):
                 assert w.report is not None
                 self._give_up(w, dataclasses.replace(w.report, error=str(exc)))
                 return
+            except RuntimeError:
+                if not self._killed:
+                    raise
+                return  # kill() came from a signal handler meanwhile: nothing more is restarted
 
     def _fire_escalations(self, now: float) -> None:
         for w in self._workers:
@@ -1655,9 +1659,9 @@ class ProcessController(Shortcuts):
         for w in self._workers:
             if not w.alive or w.state is not State.RUNNING or w.escalation is not None or w.retiring:
                 continue
-            if self._state_of(w.id) is State.STOPPED:
-                # Told to stop: it owes no more checkpoints (its exit is its
-                # acknowledgement, and what it saves on the way out may take
+            if self._state_of(w.id) is State.STOPPED or self._board.beat(w.id) == BEAT_DONE:
+                # Told to stop, or its target returned: it owes no more
+                # checkpoints (what it saves or sends on the way out may take
                 # longer than a period); the stop's grace bounds it instead.
                 continue
             if w.probe_at is None or self._board.beat(w.id) == w.probe:
@@ -1690,6 +1694,8 @@ class ProcessController(Shortcuts):
         assert self._heartbeat is not None
         sample = sched_sample(w.pid)
         assert self._board is not None
+        if self._board.beat(w.id) == BEAT_DONE:
+            return  # its target returned meanwhile: no checkpoint is owed
         if self._board.beat(w.id) == w.probe:
             # It answered since the look at its beat (the times read now include that
             # run): alive, and the next probe starts now.
@@ -1713,7 +1719,10 @@ class ProcessController(Shortcuts):
     def _beat_age(self, w: _Worker) -> float | None:
         if self._heartbeat is None or not w.alive or w.state is not State.RUNNING or self._board is None:
             return None
-        if w.probe_at is None or self._board.beat(w.id) == w.probe:
+        beat = self._board.beat(w.id)
+        if beat == BEAT_DONE:
+            return None  # its target returned: no heartbeat is owed
+        if w.probe_at is None or beat == w.probe:
             return 0.0
         return max(0.0, time.monotonic() - w.probe_at)
 
@@ -1792,6 +1801,12 @@ class ProcessController(Shortcuts):
                     raise  # the script's own thread: it exits, as it asked
                 # In our thread it would only end supervision, silently.
                 log.exception("on_event callback called sys.exit() in the controller's thread: ignored")
+
+    def _require_not_final(self) -> None:
+        if self._state is State.STOPPED:
+            raise RuntimeError("the workers were stopped; STOPPED is final")
+        if self._killed:
+            raise RuntimeError("the workers were killed; a kill is final, as a stop is")
 
     def _require_started(self) -> None:
         if self._phase is _NEW:

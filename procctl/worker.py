@@ -24,6 +24,7 @@ from typing import Any, SupportsFloat
 
 from . import containment, threads, workwire
 from .channel import (
+    BEAT_DONE,
     COMMAND_MASK,
     PROGRESS,
     RESULT,
@@ -184,6 +185,8 @@ class WorkerContext:
         # that was told is interrupted; one that was not and returned has
         # completed, even if STOPPED came meanwhile (a SIGTERM to the group).
         self._saw_stop = False
+        #: Set once the worker owes the heartbeat no more answers (BEAT_DONE).
+        self._beat_done = False
         self._info_sent = -INFO_INTERVAL
         self._info_pending = False
         self._polls: dict[int, Any] = {}
@@ -220,6 +223,7 @@ class WorkerContext:
             if self.state is State.RUNNING:
                 return True
         self._saw_stop = True
+        self._owe_no_beats()
         return False
 
     def sleep(self, seconds: float) -> bool:
@@ -258,22 +262,27 @@ class WorkerContext:
             poller.register(fd, select.POLLIN)
             for other in self._sleep_fds:
                 poller.register(other, select.POLLIN)
+        if self.state is State.STOPPED:
+            return False  # told to stop already (its ring was read): nothing to wait for, as sleep()
+        applied, state = self._applied & COMMAND_MASK, self.state
         while True:
             ready = poller.poll(workwire.poll_ms(workwire.remaining(end)))
-            if ready or end is None or time.monotonic() >= end:
-                break  # (an empty poll before the end: a turn of a long timeout)
-        applied, state = self._applied & COMMAND_MASK, self.state
-        hit = False
-        for ready_fd, events in ready:
-            if ready_fd == fd:
-                if events & select.POLLNVAL:  # as select() says it
-                    del self._polls[fd]
-                    raise OSError(errno.EBADF, f"file descriptor {fd} is not open")
-                hit = True
-            else:
-                self._on_wake(ready_fd)
-        # A command that came with the data wins: the caller must see it first.
-        return hit and self._applied & COMMAND_MASK == applied and self.state is state
+            hit = False
+            for ready_fd, events in ready:
+                if ready_fd == fd:
+                    if events & select.POLLNVAL:  # as select() says it
+                        del self._polls[fd]
+                        raise OSError(errno.EBADF, f"file descriptor {fd} is not open")
+                    hit = True
+                else:
+                    self._on_wake(ready_fd)
+            if self._applied & COMMAND_MASK != applied or self.state is not state:
+                return False  # a command, even one that came with the data: the caller sees it first
+            if hit:
+                return True
+            if ready and self.state is State.STOPPED or end is not None and time.monotonic() >= end:
+                return False  # (a stopped worker's wakeups, a gone manager, stay readable)
+            # Nothing for the caller: a heartbeat probe (answered), or a turn of a long timeout.
 
     def get(self, name: str, timeout: float | None = None) -> Any:
         """Take the next item of channel `name`; block while it is empty.
@@ -358,13 +367,21 @@ class WorkerContext:
 
     def _answer_probe(self) -> None:
         """Store the heartbeat probe of the command word: we are alive."""
-        self._end.board.set_beat(self._end.worker, probe_of(self._end.command()))
+        if not self._beat_done:
+            self._end.board.set_beat(self._end.worker, probe_of(self._end.command()))
+
+    def _owe_no_beats(self) -> None:
+        """From now on no checkpoint is owed (the target returned, or was
+        told to stop): the controller's heartbeat leaves this worker alone."""
+        if not self._beat_done:
+            self._beat_done = True
+            self._end.board.set_beat(self._end.worker, BEAT_DONE)
 
     def _apply(self) -> None:
         # Drain first, then read: a command posted in between rings again.
         self._end.drain_doorbell()
         word = self._end.command()
-        if word != self._applied:
+        if word != self._applied and not self._beat_done:
             self._end.board.set_beat(self._end.worker, probe_of(word))
         probe_only = self._applied >= 0 and (word ^ self._applied) & COMMAND_MASK == 0
         self._applied = word
@@ -575,7 +592,10 @@ def _run_target(ctx: WorkerContext, payload: Payload,
             containment.join_cgroup(cgroup)
         if not ctx.checkpoint():  # workers start paused: wait for the first run
             return Outcome.STOPPED, None, None, 0
-        result = target(ctx, *args, **kwargs)
+        try:
+            result = target(ctx, *args, **kwargs)
+        finally:
+            ctx._owe_no_beats()  # what follows (the result's pickling, the exit) owes no checkpoint
     except SystemExit as exc:
         text = format_exc()
         code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)

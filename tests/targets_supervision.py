@@ -105,6 +105,40 @@ def saves_after_stop(ctx, seconds):
     return "saved"
 
 
+class SlowToPickle:
+    """A result that takes `seconds` to pickle (a large one, in effect)."""
+
+    def __init__(self, seconds):
+        self.seconds = seconds
+
+    def __reduce__(self):
+        time.sleep(self.seconds)
+        return (str, ("pickled",))
+
+
+def slow_result(ctx, seconds):
+    """Returns at its first checkpoint a result that takes `seconds` to pickle."""
+    ctx.checkpoint()
+    return SlowToPickle(seconds)
+
+
+def waits_on_a_silent_pipe(ctx, timeout):
+    """wait_readable() on a pipe nobody writes to, without a command meanwhile:
+    returns (what it said, how long it waited)."""
+    r, w = os.pipe()
+    started = time.monotonic()
+    said = ctx.wait_readable(r, timeout=timeout)
+    return said, time.monotonic() - started
+
+
+def waits_after_the_stop(ctx):
+    """Runs until stopped, then waits on a silent pipe without a timeout."""
+    r, w = os.pipe()
+    while ctx.checkpoint():
+        ctx.sleep(0.05)
+    return ctx.wait_readable(r)
+
+
 def c_sleep(ctx):
     """Blocks in time.sleep (a C call, no checkpoint) when first run."""
     ctx.checkpoint()

@@ -400,6 +400,60 @@ def test_a_worker_saving_its_state_after_the_stop_is_not_hung():
     assert [(r.outcome, r.result) for r in reports.values()] == [(Outcome.STOPPED, "saved")] * 2
 
 
+@pytest.mark.parametrize("how", ["its result takes long to pickle", "a SIGTERM from outside, then it saves"])
+def test_a_worker_past_its_last_checkpoint_is_not_hung(how):
+    """A target that returned (its result pickled and sent), or that a SIGTERM
+    from outside stopped (as the README says, the graceful stop), owes no
+    checkpoint: both were killed as hung a period later, the result lost."""
+    events: list[Event] = []
+    if how.startswith("its result"):
+        with controller(ts.slow_result, 1, events, args=(0.6,), heartbeat=0.1, grace=30.0) as pc:
+            pc.run()
+            assert pc.wait(30)
+        expected = (Outcome.FINISHED, "pickled")
+    else:
+        with controller(ts.saves_after_stop, 1, events, args=(0.6,), heartbeat=0.1, grace=30.0) as pc:
+            pc.run()
+            os.kill(pc.pids()[0], signal.SIGTERM)
+            assert pc.wait(30)
+        expected = (Outcome.STOPPED, "saved")
+    assert [e.event for e in events if e.event == "hung"] == []
+    assert (pc.reports[0].outcome, pc.reports[0].result) == expected
+
+
+def test_wait_readable_waits_through_heartbeat_probes():
+    """A probe is not a command: wait_readable() on a silent pipe waits out its
+    timeout (it returned False at the first probe, a heartbeat period in)."""
+    with controller(ts.waits_on_a_silent_pipe, 1, heartbeat=0.1, args=(1.0,)) as pc:
+        pc.run()
+        assert pc.wait(30)
+    said, waited = pc.reports[0].result
+    assert said is False and waited >= 0.95
+
+
+def test_wait_readable_after_the_stop_returns_at_once():
+    """Once told to stop, wait_readable() has nothing to wait for (as sleep()):
+    without a timeout it blocked for ever, and the worker was killed after the grace."""
+    with controller(ts.waits_after_the_stop, 1, grace=30.0) as pc:
+        pc.run()
+        reports = pc.stop()
+    assert (reports[0].outcome, reports[0].result) == (Outcome.STOPPED, False)
+
+
+def test_kill_is_final():
+    """As the README says of kill(): nothing is restarted, and run() or resize()
+    after it raise as after a stop (resize started new workers)."""
+    with controller(ts.shard, 2, restart="always") as pc:
+        pc.run()
+        pc.kill()
+        assert pc.wait(30)
+        for call in (pc.run, lambda: pc.resize(4), pc.pause):
+            with pytest.raises(RuntimeError, match="kill is final"):
+                call()
+        assert [r.outcome for r in pc.reports.values()] == [Outcome.KILLED] * 2
+        assert len(pc.pids()) == 0 or all(not s.alive for s in pc.status())
+
+
 def test_live_workers_are_not_hung():
     events: list[Event] = []
     targets = [ts.busy_checkpoints, ts.progress_only, ts.long_sleep]
