@@ -280,8 +280,8 @@ class WorkerContext:
                 return False  # a command, even one that came with the data: the caller sees it first
             if hit:
                 return True
-            if ready and self.state is State.STOPPED or end is not None and time.monotonic() >= end:
-                return False  # (a stopped worker's wakeups, a gone manager, stay readable)
+            if end is not None and time.monotonic() >= end:
+                return False
             # Nothing for the caller: a heartbeat probe (answered), or a turn of a long timeout.
 
     def get(self, name: str, timeout: float | None = None) -> Any:
