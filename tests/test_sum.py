@@ -586,9 +586,18 @@ BAD_ARGUMENTS = [
     {"values": ()}, {"values": (1, 0)}, {"values": (1, -2)}, {"values": (1.5,)}, {"values": "123"},
     {"values": 3}, {"queue_size": 0}, {"queue_size": -3}, {"delay": -0.1}, {"delay": (2, 1)},
     {"delay": (-1, 1)}, {"delay": (1, 2, 3)}, {"delay": float("nan")}, {"delay": "1"},
-    {"timeout": 0}, {"timeout": -1}, {"seed": "x"}, {"start_method": "thread"},
+    {"timeout": -1}, {"timeout": float("nan")}, {"seed": "x"}, {"start_method": "thread"},
     {"batch": 0}, {"batch": 100_001}, {"on_event": 3}, {"delay": 2**1024}, {"delay": (0, 10**400)},
 ]
+
+
+def test_a_timeout_of_zero_is_a_timeout_not_a_bad_argument():
+    """As every timeout (README: a number >= 0) and `procctl run --timeout 0`:
+    it was refused as not positive."""
+    with pytest.raises(TimeoutError):
+        sum_threshold(2, 2, 10**9, timeout=0, start_method="fork")
+    assert run_sum("--threshold", "1000000000", "--timeout", "0").returncode == 124
+    assert not children()
 
 
 @pytest.mark.parametrize("kwargs", BAD_ARGUMENTS, ids=[repr(k) for k in BAD_ARGUMENTS])

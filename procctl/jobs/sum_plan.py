@@ -210,8 +210,8 @@ def _delay(delay: Any) -> tuple[float, float]:
 def _timeout(timeout: Any) -> float | None:
     if timeout is None:
         return None
-    if isinstance(timeout, bool) or not isinstance(timeout, Real) or not _as_float(timeout) > 0:
-        raise ValueError(f"timeout must be a positive number of seconds, not {timeout!r}")
+    if isinstance(timeout, bool) or not isinstance(timeout, Real) or not _as_float(timeout) >= 0:
+        raise ValueError(f"timeout must be a number of seconds >= 0, not {timeout!r}")
     seconds = _as_float(timeout)
     return None if math.isinf(seconds) else seconds  # no limit, as None
 
