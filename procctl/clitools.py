@@ -770,7 +770,8 @@ def read_input(stream: IO[bytes], what: str, bridge: SignalBridge, limit: int | 
         return bytes(data)
 
     def interrupt() -> None:
-        raise KeyboardInterrupt  # out of the read, which the kernel would resume after the handler
+        if bridge.stop_requested():  # (SIGUSR1/SIGUSR2 and the like wait, queued, for the workers)
+            raise KeyboardInterrupt  # out of the read, which the kernel would resume after the handler
 
     chunks: list[bytes] = []
     total = 0

@@ -577,6 +577,31 @@ def test_ctrl_c_while_reading_items_from_stdin_ends_the_command(tmp_path):
     assert b"Traceback" not in err
 
 
+def test_pause_and_resume_signals_while_reading_items_do_not_end_the_command():
+    """SIGUSR1 and SIGUSR2 while the items still come (a slow producer) are a
+    pause and a resume for the run, not a stop: it exited 130 with nothing
+    done. Held through the interpreter's start-up, as Ctrl-C above."""
+    def block() -> None:
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1, signal.SIGUSR2})
+
+    proc = subprocess.Popen(CLI + ["map", "maptargets:square", "--ordered"], cwd=TESTS, stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
+                            preexec_fn=block)
+    try:
+        for i in range(10):  # the producer's pace: 2 s in all, the command reading through most of it
+            proc.stdin.write(b"%d\n" % i)
+            proc.stdin.flush()
+            os.kill(proc.pid, signal.SIGUSR1)
+            time.sleep(0.2)
+        os.kill(proc.pid, signal.SIGUSR2)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+        proc.wait(10)
+    assert proc.returncode == 0, err
+    assert [json.loads(line)["result"] for line in out.splitlines()] == [i * i for i in range(10)]
+
+
 def _launch(events: str, items: str, marks_file, blocked: bool = False) -> subprocess.Popen:
     def block() -> None:
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
