@@ -1314,6 +1314,9 @@ class ProcessController(Shortcuts):
         self._history: dict[int, list[WorkerReport]] = {}
         self._overrides: dict[int, State] = {}  # per-worker commands since the last broadcast
         self._restart_at: dict[int, float] = {}  # worker id -> monotonic time of its restart
+        #: Worker id -> (supervisor key, when it was decided) of each restart in _restart_at
+        #: (one_for_all's group restarts are not cancelled one by one).
+        self._restart_decided: dict[int, tuple[Any, float]] = {}
         self._group: set[int] | None = None  # one_for_all: the workers still stopping
         self._group_ids: set[int] = set()  # one_for_all: the ids to restart once they have
         self._group_delay = 0.0
@@ -1389,7 +1392,7 @@ class ProcessController(Shortcuts):
                         break
                     self._held.discard(wid)
                     self._overrides.pop(wid, None)
-                    self._restart_at.pop(wid, None)
+                    self._cancel_restart(wid)
                     self._board.reset(wid, word)
                     self.workers = wid + 1  # before the spawn: the new worker's ctx.workers
                     self._spawn([wid])
@@ -1406,7 +1409,7 @@ class ProcessController(Shortcuts):
         self.workers = n
         self._tell_size()
         for w in gone:
-            self._restart_at.pop(w.id, None)
+            self._cancel_restart(w.id)
             self._overrides.pop(w.id, None)
             self._group_ids.discard(w.id)
             if w.alive:
@@ -1424,7 +1427,7 @@ class ProcessController(Shortcuts):
         """stop(workers=ids): each escalated on its own; never restarted."""
         for wid in ids:
             self._held.add(wid)
-            self._restart_at.pop(wid, None)
+            self._cancel_restart(wid)
             self._group_ids.discard(wid)
             w = self._workers[wid]
             if w.alive:
@@ -1432,6 +1435,13 @@ class ProcessController(Shortcuts):
         chosen = [self._workers[wid] for wid in ids]
         self._pump_until(lambda: not any(w.alive for w in chosen), self._escalation_bound(grace))
         return {w.id: w.report for w in chosen if w.report is not None}
+
+    def _cancel_restart(self, wid: int) -> None:
+        """Worker `wid` will not be restarted after all: its pending restart is undone."""
+        self._restart_at.pop(wid, None)
+        decided = self._restart_decided.pop(wid, None)
+        if decided is not None and self._supervisor is not None:
+            self._supervisor.cancel(*decided)
 
     def _restart_pending(self, wid: int) -> bool:
         """Whether ended worker `wid` waits for its restart (backoff, or its group's)."""
@@ -1463,6 +1473,7 @@ class ProcessController(Shortcuts):
         """STOPPED was broadcast: nothing is restarted any more."""
         self._supervising = False
         self._restart_at.clear()
+        self._restart_decided.clear()
         self._group = None
         self._group_ids = set()
 
@@ -1490,7 +1501,8 @@ class ProcessController(Shortcuts):
             # from outside (`kill PID`). A normal end, as a return: "always" restarts it
             # (OTP's permanent child), "on-failure" does not.
             outcome = Outcome.FINISHED
-        decision = self._supervisor.on_exit(key, outcome, time.monotonic())
+        now = time.monotonic()
+        decision = self._supervisor.on_exit(key, outcome, now)
         if decision.action is Action.GIVE_UP:
             self._give_up(w, report)
         elif decision.action is Action.RESTART:
@@ -1498,6 +1510,7 @@ class ProcessController(Shortcuts):
                 self._stop_group(w, decision.delay)
             else:
                 self._schedule_restart(w.id, decision.delay)
+                self._restart_decided[w.id] = (key, now)
 
     def _schedule_restart(self, wid: int, delay: float) -> None:
         at = time.monotonic() + delay
@@ -1594,12 +1607,14 @@ class ProcessController(Shortcuts):
     def _fire_restarts(self, now: float) -> None:
         if not self._supervising:
             self._restart_at.clear()
+            self._restart_decided.clear()
             return
         for wid, at in sorted(self._restart_at.items()):
             if at > now:
                 self._schedule(at)
                 continue
             del self._restart_at[wid]
+            self._restart_decided.pop(wid, None)  # (it happens: it counts)
             if wid >= self.workers or wid in self._held or self._workers[wid].alive:
                 continue
             try:

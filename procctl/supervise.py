@@ -182,6 +182,15 @@ class Supervisor:
         self.total += 1
         return Decision(Action.RESTART, delay, len(self._recent))
 
+    def cancel(self, key: Hashable, decided: float) -> None:
+        """The restart decided at `decided` for `key` will not happen (the
+        worker was stopped or removed during its backoff): it counts toward
+        neither the intensity limit nor the next backoff."""
+        for times in (self._recent, self._by_key.get(key)):
+            if times is not None and decided in times:
+                times.remove(decided)
+        self.total -= 1
+
     def backoff(self, earlier: int) -> float:
         """The wait before a restart that follows `earlier` ones within the window."""
         low, high = self.plan.backoff

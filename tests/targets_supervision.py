@@ -45,6 +45,22 @@ def worker0_fails(ctx, times=1):
     return ctx.restarts
 
 
+def fail_when_told(ctx, told):
+    """Worker 0 fails at once, worker 1 once `told` is set (first incarnations
+    only); the others, and later incarnations, loop until stopped."""
+    ctx.checkpoint()
+    if ctx.restarts == 0 and ctx.worker_id == 0:
+        raise ValueError("worker 0 fails")
+    if ctx.restarts == 0 and ctx.worker_id == 1:
+        while not told.wait(0.05):
+            if not ctx.checkpoint():
+                return None
+        raise ValueError("worker 1 fails")
+    while ctx.sleep(0.05):
+        pass
+    return ctx.restarts
+
+
 def gil_hog(ctx):
     """Hangs in one long GIL-holding computation when first run."""
     ctx.checkpoint()

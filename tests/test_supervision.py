@@ -66,6 +66,33 @@ def test_intensity_and_backoff_by_hand():
         is Action.GIVE_UP
 
 
+def test_a_cancelled_restart_does_not_count():
+    sup = Supervisor(Plan.check(restart="on-failure", max_restarts=1, backoff=(0.1, 0.3)))
+    assert sup.on_exit(0, Outcome.FAILED, 1.0).action is Action.RESTART
+    sup.cancel(0, 1.0)  # worker 0 was stopped during its backoff
+    second = sup.on_exit(0, Outcome.FAILED, 2.0)
+    assert second.action is Action.RESTART and second.delay == 0.1 and sup.total == 1
+
+
+def test_a_restart_cancelled_during_its_backoff_is_not_counted():
+    """max_restarts=1: worker 0's restart, cancelled while it waited (its worker
+    stopped alone), never happened; worker 1's failure after it is the first
+    restart, not one past the limit (it gave up and stopped every worker)."""
+    told = multiprocessing.get_context("fork").Event()
+    events: list[Event] = []
+    with controller(ts.fail_when_told, 3, events, args=(told,), restart="on-failure", max_restarts=1,
+                    backoff=(60.0, 60.0)) as pc:
+        pc.run()
+        assert [r.worker_id for r in reap_n(pc, 1)] == [0]  # it waits 60 s for its restart
+        pc.stop(workers=[0])
+        told.set()
+        assert [r.worker_id for r in reap_n(pc, 1)] == [1]
+        assert not pc.gave_up and pc.status()[2].alive
+        pc.stop()
+    assert [(e.event, e.worker) for e in events if e.event in ("restarting", "gave_up")] == [
+        ("restarting", 0), ("restarting", 1)]
+
+
 # -- bad arguments: refused before any process starts ------------------------------------
 
 
