@@ -953,6 +953,10 @@ class ProcessController(Shortcuts):
                 self._board.post(w.id, with_probe(word, w.probe) if w.probe else word)
                 w.link.ring()
                 self._awaiting.add(w.id)
+                if self._resuming(w):
+                    # Its answer is due within a heartbeat as a running worker's: one
+                    # that cannot take the command (frozen, SIGSTOPped) is hung.
+                    self._probe(w, time.monotonic())
         if ids is None:
             self._emit(Event(self._elapsed(), "broadcast", state=state.name.lower()))
 
@@ -1668,11 +1672,17 @@ class ProcessController(Shortcuts):
         w.link.ring()
         self._schedule(now + self._heartbeat / 4)
 
+    def _resuming(self, w: _Worker) -> bool:
+        """Under a heartbeat: a worker that is up and said PAUSED, and was told RUNNING since."""
+        return (self._heartbeat is not None and w.state is State.PAUSED and w.acked_seq >= 0 and not w.retiring
+                and self._state_of(w.id) is State.RUNNING)
+
     def _check_heartbeats(self, now: float) -> None:
         if self._heartbeat is None or self._board is None:
             return
         for w in self._workers:
-            if not w.alive or w.state is not State.RUNNING or w.escalation is not None or w.retiring:
+            if not w.alive or w.escalation is not None or w.retiring or (
+                    w.state is not State.RUNNING and not self._resuming(w)):
                 continue
             if self._state_of(w.id) is State.STOPPED or self._board.beat(w.id) == BEAT_DONE:
                 # Told to stop, or its target returned: it owes no more

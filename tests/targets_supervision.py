@@ -112,11 +112,13 @@ def fail_on_stop(ctx):
     raise RuntimeError("fails as it stops")
 
 
-def saves_after_stop(ctx, seconds):
+def saves_after_stop(ctx, seconds, inside=None):
     """Checkpoints until stopped, then saves its state for `seconds` (no
-    checkpoint meanwhile, as a real save) and returns "saved"."""
+    checkpoint meanwhile, as a real save) and returns "saved". Sets the
+    event `inside`, if given, once in its loop."""
     while ctx.checkpoint():
-        pass
+        if inside is not None and not inside.is_set():
+            inside.set()
     time.sleep(seconds)
     return "saved"
 

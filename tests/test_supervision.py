@@ -439,8 +439,10 @@ def test_a_worker_past_its_last_checkpoint_is_not_hung(how):
             assert pc.wait(30)
         expected = (Outcome.FINISHED, "pickled")
     else:
-        with controller(ts.saves_after_stop, 1, events, args=(0.6,), heartbeat=0.1, grace=30.0) as pc:
+        inside = multiprocessing.get_context("fork").Event()
+        with controller(ts.saves_after_stop, 1, events, args=(0.6, inside), heartbeat=0.1, grace=30.0) as pc:
             pc.run()
+            assert inside.wait(30)  # (a SIGTERM before its target runs is a stop with no result)
             os.kill(pc.pids()[0], signal.SIGTERM)
             assert pc.wait(30)
         expected = (Outcome.STOPPED, "saved")
@@ -479,6 +481,29 @@ def test_kill_is_final():
                 call()
         assert [r.outcome for r in pc.reports.values()] == [Outcome.KILLED] * 2
         assert len(pc.pids()) == 0 or all(not s.alive for s in pc.status())
+
+
+@pytest.mark.parametrize("frozen_while", ["running", "paused"])
+def test_a_frozen_worker_is_hung_and_restarted(frozen_while):
+    """A worker frozen from outside (SIGSTOP) is hung as the README says, also
+    when it was frozen while paused and then told to run: that one was never
+    found (run() timed out, and it stayed PAUSED for ever)."""
+    events: list[Event] = []
+    with controller(ts.shard, 2, events, heartbeat=0.2, restart="on-failure", grace=0.5) as pc:
+        pc.run()
+        if frozen_while == "paused":
+            pc.pause()
+        frozen = pc.pids()[0]
+        os.kill(frozen, signal.SIGSTOP)
+        try:
+            pc.run(timeout=30)  # returns once the frozen worker is found hung and killed
+            assert reap_n(pc, 1)[0].outcome is Outcome.HUNG
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(frozen, signal.SIGCONT)
+        pc.stop()
+    assert [(e.event, e.worker) for e in events if e.event in ("hung", "restarting")] == [
+        ("hung", 0), ("restarting", 0)]
 
 
 def test_live_workers_are_not_hung():
