@@ -117,7 +117,7 @@ class _Worker:
         "id", "process", "pid", "link", "started", "state", "acked_seq",
         "result", "start_error", "signalled", "report", "progress_first", "info",
         "final_progress", "pidfd", "cgroup", "restarts", "probe", "probe_at", "suspect", "hung", "escalation",
-        "retiring", "ended_at", "paused_since", "paused_for",
+        "retiring", "ended_at", "paused_since", "paused_for", "start_by",
     )
 
     def __init__(self, wid: int, process: Any, link: WorkerLink) -> None:
@@ -157,6 +157,8 @@ class _Worker:
         self.escalation: tuple[str, float] | None = None
         #: STOPPED was posted to this worker alone (resize, stop(workers=), one_for_all).
         self.retiring = False
+        #: A restarted worker not yet up is given up (killed, failed) at this monotonic time.
+        self.start_by: float | None = None
 
     @property
     def watch_fd(self) -> int:
@@ -753,6 +755,12 @@ class ProcessController(Shortcuts):
         self._board.reset(wid, pack_command(self._seq, self._state_of(wid)))
         with _quiet_collector(self.start_method):  # restart latency: no collection around the fork
             self._spawn([wid], self._workers[wid].restarts + 1)
+        # Nobody waits for it, as start() does for the first ones: one that never comes up
+        # (an import that blocks, say) would stay "running" for ever.
+        w = self._workers[wid]
+        if w.alive and w.acked_seq < 0:
+            w.start_by = time.monotonic() + self.start_timeout
+            self._schedule(w.start_by)
         self._restarts_total += 1
 
     def _kill_worker(self, wid: int) -> None:
@@ -1606,7 +1614,23 @@ class ProcessController(Shortcuts):
         self._due = None
         self._fire_escalations(now)
         self._check_heartbeats(now)
+        self._check_starts(now)
         self._fire_restarts(now)
+
+    def _check_starts(self, now: float) -> None:
+        """A restarted worker that did not come up within start_timeout: failed, killed."""
+        for w in self._workers:
+            if w.start_by is None:
+                continue
+            if not w.alive or w.acked_seq >= 0:
+                w.start_by = None
+            elif now >= w.start_by:
+                w.start_by = None
+                w.start_error = f"did not come up within {self.start_timeout:g}s of its restart"
+                log.warning("worker %d (pid %s) %s: killed", w.id, w.pid, w.start_error)
+                self._signal_worker(w, signal.SIGKILL)
+            else:
+                self._schedule(w.start_by)
 
     def _fire_restarts(self, now: float) -> None:
         if not self._supervising:

@@ -61,6 +61,34 @@ def fail_when_told(ctx, told):
     return ctx.restarts
 
 
+def _stuck_if(path):
+    """Unpickled in a worker as it starts: blocks (as an import that hangs) once `path` exists."""
+    if os.path.exists(path):
+        time.sleep(600)
+    return path
+
+
+class StuckOnRestart:
+    """An argument whose unpickling, in a worker that starts, blocks once `path` exists."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (_stuck_if, (self.path,))
+
+
+def crash_then_stuck(ctx, path):
+    """Worker 0 creates `path` and dies: its restart blocks as it starts
+    (forkserver or spawn: the arguments are unpickled there). Others loop."""
+    ctx.checkpoint()
+    if ctx.worker_id == 0:
+        open(path, "w").close()
+        os._exit(1)
+    while ctx.sleep(0.05):
+        pass
+
+
 def gil_hog(ctx):
     """Hangs in one long GIL-holding computation when first run."""
     ctx.checkpoint()

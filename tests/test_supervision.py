@@ -506,6 +506,24 @@ def test_a_frozen_worker_is_hung_and_restarted(frozen_while):
         ("hung", 0), ("restarting", 0)]
 
 
+def test_a_restart_that_never_comes_up_fails_and_the_policy_applies(tmp_path):
+    """start() waits start_timeout for its workers; a restart has nobody to wait
+    for it, and one stuck as it started stayed "running" for ever. Now it is
+    killed after start_timeout and fails, and the policy goes on (here: the
+    restart limit, one, is reached)."""
+    events: list[Event] = []
+    with controller(ts.crash_then_stuck, 2, events, args=(ts.StuckOnRestart(str(tmp_path / "crashed")),),
+                    start_method="forkserver", restart="on-failure", max_restarts=1) as pc:
+        pc.start_timeout = 1.0
+        pc.run()
+        assert pc.wait(30)
+    assert pc.gave_up
+    failed = [e for e in events if e.event == "failed" and e.worker == 0]
+    assert len(failed) == 1 and "did not come up within 1s" in failed[0].error
+    assert [e.event for e in events if e.worker == 0 and e.event in ("crashed", "restarting", "failed", "gave_up")] \
+        == ["crashed", "restarting", "failed", "gave_up"]
+
+
 def test_live_workers_are_not_hung():
     events: list[Event] = []
     targets = [ts.busy_checkpoints, ts.progress_only, ts.long_sleep]
