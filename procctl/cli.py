@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from . import __version__
+from . import __version__, threads
 from .cli_control import COMMANDS as CONTROL_COMMANDS
 from .cli_control import ControlPlan, ServedControl
 from .clitools import (
@@ -863,7 +863,20 @@ def _on_key(session: RunSession, key: str) -> None:
             pc.kill()
         return
     elif key in "+-":
-        note = session.resize(+1 if key == "+" else -1)  # as SIGTTIN/SIGTTOU
+        # As SIGTTIN/SIGTTOU, in a thread of its own: a shrink waits for its worker
+        # to end (up to the grace), and the keys after it (q) must be read meanwhile.
+        def resize(step: int) -> None:
+            note = session.resize(step)
+            if view is not None:
+                view.message(note)
+
+        try:
+            threads.start(threading.Thread(target=resize, args=(+1 if key == "+" else -1,),
+                                           name="procctl-resize", daemon=True))
+        except OSError as exc:  # no room for a thread
+            note = str(exc)
+        else:
+            return
     else:
         return
     if view is not None:

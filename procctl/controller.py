@@ -1386,8 +1386,11 @@ class ProcessController(Shortcuts):
         # processes of these ids: an id is taken again once its process has
         # ended, or that stop (its escalation) would reach the new one.
         old = [w for w in self._workers[self.workers:n] if w.alive]
+        interrupt = self._interrupt_waits or (lambda: False)
         if old:
-            self._pump_until(lambda: not any(w.alive for w in old), self._escalation_bound(self.grace))
+            self._pump_until(lambda: not any(w.alive for w in old) or interrupt(), self._escalation_bound(self.grace))
+            if interrupt():
+                return  # a stop came: it ends them, and starts nothing
             self._require_not_final()
         if n <= self.workers or self._resizes != mine:
             return  # another resize came meanwhile
@@ -1396,7 +1399,6 @@ class ProcessController(Shortcuts):
         new = list(range(self.workers, n))
         # A stop asked for meanwhile (the command line's SIGTERM, `procctl stop`)
         # ends the growth where it is: thousands of workers take a while to start.
-        interrupt = self._interrupt_waits or (lambda: False)
         try:
             with _quiet_collector(self.start_method):
                 for wid in new:
@@ -1426,7 +1428,10 @@ class ProcessController(Shortcuts):
             self._group_ids.discard(w.id)
             if w.alive:
                 self._retire(w, self.grace)
-        self._pump_until(lambda: not any(w.alive for w in gone), self._escalation_bound(self.grace))
+        # A stop that comes meanwhile (a signal, a key) does not wait for these first:
+        # their own escalation goes on within it.
+        interrupt = self._interrupt_waits or (lambda: False)
+        self._pump_until(lambda: not any(w.alive for w in gone) or interrupt(), self._escalation_bound(self.grace))
 
     def _tell_size(self) -> None:
         """Every live worker's ctx.workers says the size a resize made."""

@@ -89,6 +89,18 @@ def crash_then_stuck(ctx, path):
         pass
 
 
+def last_ignores_the_stop(ctx, inside):
+    """The highest worker id ignores the stop and SIGTERM (it sleeps in C,
+    after setting `inside`); the others loop until stopped."""
+    ctx.checkpoint()
+    if ctx.worker_id == ctx.workers - 1:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        inside.set()
+        time.sleep(600)
+    while ctx.sleep(0.05):
+        pass
+
+
 def gil_hog(ctx):
     """Hangs in one long GIL-holding computation when first run."""
     ctx.checkpoint()

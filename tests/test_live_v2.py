@@ -148,6 +148,21 @@ def test_q_stops_at_once_and_the_countdown_shows_during_a_grace(screen):
     assert "2 stopped" in term.text
 
 
+def test_q_is_read_while_a_shrink_waits_for_its_worker(screen):
+    """The - key's shrink waits for the removed worker (here one that ignores the
+    stop: the whole 30 s grace); the keys were not read meanwhile, so q took
+    the grace too."""
+    term = screen(["run", "--workers", "2", "--target", "targets:ignore_stop", "--schedule", "run",
+                   "--step", "0", "--grace", "30"])
+    term.wait_for("keys: p pause")
+    term.key("-")
+    started = time.monotonic()
+    term.key("q")
+    assert term.finish() == 1
+    assert time.monotonic() - started < 15  # not the 30 s grace
+    assert "2 killed" in term.text
+
+
 def test_progress_info_cannot_drive_the_terminal_and_rows_tell_the_last_event(screen):
     term = screen(["run", "--workers", "1", "--target", "targets_control:escaping_info", "--schedule", "run",
                    "--step", "0"])

@@ -728,6 +728,22 @@ def test_a_stop_asked_for_while_it_grows_ends_the_growth():
     assert sorted(reports) == [0, 1, 2, 3]
 
 
+def test_a_stop_asked_for_while_it_shrinks_does_not_wait_for_the_removed_worker():
+    """A shrink waits for the removed worker to end, up to the grace; a stop asked
+    for meanwhile (the command line's SIGINT, `procctl stop`, the q key) waited
+    for all of it before the others were even told to stop."""
+    inside = multiprocessing.get_context("fork").Event()
+    with controller(ts.last_ignores_the_stop, 3, args=(inside,), grace=60.0) as pc:
+        pc.run()
+        assert inside.wait(30)
+        pc._interrupt_waits = lambda: True  # "a stop came" as soon as the shrink waits
+        pc.resize(2)  # took the 60 s grace
+        assert pc.workers == 2 and 2 not in pc.reports  # worker 2 is still ending
+        pc.stop(grace=0.5)
+    assert [(wid, r.outcome) for wid, r in sorted(pc.reports.items())] == [
+        (0, Outcome.STOPPED), (1, Outcome.STOPPED), (2, Outcome.KILLED)]
+
+
 def test_cli_sigttin_sigttou_resize(tests_dir):
     cli = LiveCli(["run", "--target", "targets_supervision:shard", "--workers", "2", "--schedule", "run",
                    "--step", "0", "--json", "--max-workers", "3"], cwd=tests_dir)
