@@ -178,13 +178,15 @@ class Reply:
 
 
 def _ended(pc: Any, ids: tuple[int, ...]) -> list[int]:
-    """Those of `ids` that are workers of `pc` that have ended (an id it never had is
-    for its own command to refuse)."""
+    """Those of `ids` that are workers of `pc` that have ended and wait for no
+    restart (an id it never had is for its own command to refuse). One that
+    waits for its restart takes a command: its next process starts in it."""
+    pending = getattr(pc, "_restart_pending", lambda wid: False)
     try:
         alive = {s.worker_id: s.alive for s in pc.status()}
     except Exception:  # noqa: BLE001 - a run that cannot tell: its command decides
         return []
-    return [i for i in ids if alive.get(i) is False]
+    return [i for i in ids if alive.get(i) is False and not pending(i)]
 
 
 def _bad_input(exc: ValueError) -> Reply:
@@ -747,8 +749,7 @@ class ControlServer:
             return _bad_input(exc)
         # An ended worker is nothing to stop, unless it waits for its restart: the
         # stop holds it (as stop(workers=) does), and it is never restarted.
-        pending = getattr(pc, "_restart_pending", lambda wid: False)
-        ended = [i for i in ids if not statuses[i].alive and not pending(i)]
+        ended = _ended(pc, ids)
         if ended:
             return Reply.failure(f"worker{'s' if len(ended) > 1 else ''} {', '.join(map(str, ended))} of this"
                                  f" run {'have' if len(ended) > 1 else 'has'} ended: nothing to stop")

@@ -475,6 +475,31 @@ def test_a_stop_of_a_worker_waiting_for_its_restart_holds_it(env, strategy):
     assert_all_gone(pids)
 
 
+def test_a_worker_waiting_for_its_restart_can_be_paused_alone(env):
+    # It was refused as "ended: nothing to pause", while the whole run's pause
+    # was taken; its next process now starts paused.
+    args = ["run", "--workers", "2", "--target", "targets_supervision:worker0_fails", "--schedule", "run",
+            "--restart", "on-failure", "--backoff", "2,2", "--json", "--name", "later"]
+    cli = LiveCli(args, cwd=TESTS, env=env)
+    try:
+        cli.wait_for(lambda lines: any('"failed"' in line for line in lines))
+        res = ctl(env, "pause", "later", "--workers", "0", timeout=10)
+        assert res.returncode == 0, res.stderr
+        def restarted_paused(lines: list[str]) -> bool:
+            events = [(e["event"], e.get("worker")) for e in json_events("\n".join(lines))]
+            return ("restarting", 0) in events and ("paused", 0) in events[events.index(("restarting", 0)):]
+
+        cli.wait_for(restarted_paused)
+        [w0, w1] = ctl_json(env, "status", "later")["workers"]
+        assert (w0["state"], w0["restarts"], w1["state"]) == ("paused", 1, "running")
+        pids = {w0["pid"], w1["pid"]}
+        ctl(env, "stop", "later")
+        assert cli.finish()[0] == 0
+    finally:
+        cli.kill()
+    assert_all_gone(pids)
+
+
 class _StopFails:
     """A controller whose stop of some workers fails (a cluster node's error, say)."""
 
