@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import json
 import os
-import selectors
+import select
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import partial
@@ -27,6 +28,7 @@ from .clitools import (
     json_line,
     minutes_seconds,
     say,
+    stream_failed,
 )
 from .control import (
     END_OF_EVENTS,
@@ -452,18 +454,24 @@ def _lines(buffer: bytearray) -> Iterator[bytes]:
 
 
 def _follow(stream: _Stream, bridge: Any, emit: Callable[[bytes], None],
-            until: Callable[[bytes], bool] | None = None) -> bool:
+            until: Callable[[bytes], bool] | None = None, output: int | None = None) -> bool:
     """Read the event stream to its end (or a SIGINT/SIGTERM, or a line `until`
-    says is the last one wanted); False if it broke off before the run closed it
-    (the run was killed)."""
+    says is the last one wanted, or the reader of descriptor `output` going
+    away: | head -1); False if it broke off before the run closed it (the run
+    was killed)."""
     r, w = os.pipe()
     sock, buffer = stream.sock, stream.buffer
     ended = False
     try:
         poke = partial(_poke, w)
-        with selectors.DefaultSelector() as sel, bridge.attach(wake=poke, hurry=lambda: None, nudge=poke):
-            sel.register(sock, selectors.EVENT_READ)
-            sel.register(r, selectors.EVENT_READ)
+        with bridge.attach(wake=poke, hurry=lambda: None, nudge=poke):
+            waits = select.poll()
+            waits.register(sock, select.POLLIN)
+            waits.register(r, select.POLLIN)
+            if output is not None:
+                # Asked for no event, a pipe's write end still says POLLERR once its
+                # reader has gone (a file or a terminal never does).
+                waits.register(output, 0)
             while not bridge.stop_requested():
                 for line in _lines(buffer):
                     if line == END_OF_EVENTS:
@@ -474,8 +482,11 @@ def _follow(stream: _Stream, bridge: Any, emit: Callable[[bytes], None],
                             return True
                 if ended:
                     break
-                if any(key.fd == r for key, _ in sel.select()):
+                ready = dict(waits.poll())
+                if r in ready:
                     break
+                if output is not None and ready.get(output, 0) & (select.POLLERR | select.POLLHUP):
+                    return True  # nobody reads what comes next
                 try:
                     chunk = sock.recv(1 << 16)
                 except OSError:
@@ -513,11 +524,17 @@ def events_command(run: str | None, follow: bool) -> int:
         if not stream.reply.get("ok"):
             raise click.ClickException(str(stream.reply.get("error")))
 
+        gone: list[bool] = []
+
         def emit(line: bytes) -> None:
-            click.echo(line.decode())
+            try:
+                click.echo(line.decode())
+            except OSError as exc:  # a reader that went away (| head): the rest goes nowhere, quietly
+                stream_failed(sys.stdout, exc)
+                gone.append(isinstance(exc, BrokenPipeError))
 
         if follow:
-            ended = _follow(stream, bridge, emit)
+            ended = _follow(stream, bridge, emit, until=lambda line: any(gone), output=_output_fd())
         else:
             buffer = stream.buffer
             ended = False
@@ -530,6 +547,13 @@ def events_command(run: str | None, follow: bool) -> int:
         say("procctl events: the run ended without closing its events (killed?): they stop here")
         return EXIT_FAILED
     return bridge.exit_code or EXIT_OK
+
+
+def _output_fd() -> int | None:
+    try:
+        return sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):  # closed, or not a file
+        return None
 
 
 @click.command("metrics")

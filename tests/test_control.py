@@ -268,6 +268,32 @@ def test_bad_requests_get_errors_and_the_run_goes_on(env):
         cli.kill()
 
 
+@pytest.mark.parametrize("reads", [1, 0])
+def test_events_follow_ends_when_its_reader_has_gone(env, reads):
+    # `procctl events RUN --follow | head -1`: head has its line and exits; the
+    # follow waited for the run's next event (maybe never) to find it out.
+    cli = start_run(env, f"quiet{reads}", workers=1)
+    try:
+        r, w = os.pipe()
+        follow = subprocess.Popen(CLI + ["events", f"quiet{reads}", "--follow"], stdout=w, stderr=subprocess.PIPE,
+                                  env=env)
+        os.close(w)
+        with os.fdopen(r, "rb") as reader:
+            for _ in range(reads):
+                assert json.loads(reader.readline())["event"]  # head -1's line; then it goes away
+        try:
+            err = follow.communicate(timeout=20)[1]
+        finally:
+            follow.kill()
+            follow.wait()
+        assert follow.returncode == 0 and err == b"", err
+        assert cli.proc.poll() is None  # the run goes on
+        ctl(env, "stop", f"quiet{reads}")
+        assert cli.finish()[0] == 0
+    finally:
+        cli.kill()
+
+
 def follower(path):
     """A raw `events --follow` connection, past its history."""
     sock = socket.socket(socket.AF_UNIX)
