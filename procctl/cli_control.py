@@ -412,8 +412,11 @@ def _second_reply(into: list[dict[str, Any]], line: bytes) -> bool:
 @click.argument("n", type=click.IntRange(min=1, max=MAX_COUNT))
 def scale_command(run: str, n: int) -> int:
     """Resize RUN to N workers (when the run supports it)."""
-    _ask(resolve(run, "scale"), Request("scale", n=n), "scale")
-    click.echo(f"scaled {run} to {n} worker{'s' if n != 1 else ''}")
+    reply = _ask(resolve(run, "scale"), Request("scale", n=n), "scale")
+    if reply.get("pending"):
+        click.echo(f"scaling {run} to {count(n, 'worker')}: under way (removed workers end within their grace)")
+    else:
+        click.echo(f"scaled {run} to {count(n, 'worker')}")
     return EXIT_OK
 
 

@@ -50,6 +50,10 @@ REQUEST_TIMEOUT = 10.0
 #: (the control socket's replies, the commands' schedules and keys); the command stays
 #: posted, and busy workers apply it at their next checkpoint.
 ACK_WAIT = 2.0
+#: How long a scale request waits for the resize before it answers that it is
+#: under way (a shrink waits for its workers to end, up to the grace): well
+#: within the 10 s a command waits for an answer.
+SCALE_ANSWER = 5.0
 #: How long a status snapshot is reused (any event or command invalidates it),
 #: so that a flood of requests costs the manager little.
 STATUS_CACHE = 0.05
@@ -792,12 +796,37 @@ class ControlServer:
             who = {"run": "procctl run --cluster", "": "it"}.get(kind, f"procctl {kind}")
             return Reply.failure(f"this run does not support scale: {who} keeps the number of workers it started with")
         assert request.n is not None  # Request.parse requires n for scale
+        scale, n = self.hooks.scale, request.n
+        failed: list[BaseException] = []
+        finished, answered = threading.Event(), threading.Event()
+
+        def resize() -> None:
+            try:
+                scale(n)
+            except BaseException as exc:  # noqa: BLE001 - answered below, or said on the run's stderr
+                failed.append(exc)
+                if answered.is_set():  # (its caller was told it was under way)
+                    log.warning("the scale to %d workers failed: %s", n, exc)
+            finally:
+                finished.set()
+
         try:
-            self.hooks.scale(request.n)
-        except BeyondCapacity as exc:  # more than the system lets it start: bad input, as `run --workers`'s
-            return Reply.bad_input(str(exc))
-        except (RuntimeError, ValueError) as exc:  # the run's refusal (--max-workers, a stop)
-            return Reply.failure(str(exc))
+            threads.start(threading.Thread(target=resize, name="procctl-control-scale", daemon=True))
+        except OSError as exc:  # no room for a thread: nothing began
+            return Reply.failure(f"busy: {exc}; try again")
+        if not finished.wait(SCALE_ANSWER):
+            # A shrink waits for the removed workers (their grace), a growth of thousands
+            # for their start: it goes on, and the caller is told so, not a timeout.
+            answered.set()
+            if not finished.is_set():
+                return Reply(True, {"workers": n, "pending": True})
+        if failed:
+            error = failed[0]
+            if isinstance(error, BeyondCapacity):  # more than the system lets it start: bad input, as --workers's
+                return Reply.bad_input(str(error))
+            if isinstance(error, (RuntimeError, ValueError)):  # the run's refusal (--max-workers, a stop)
+                return Reply.failure(str(error))
+            raise error
         now = getattr(pc, "workers", request.n)
         if now != request.n:  # a stop came while it grew: it grew no further
             return Reply.failure(f"the run began to stop while it grew: {now} workers, not {request.n}")

@@ -479,6 +479,22 @@ def test_a_stop_of_some_workers_follows_those_only_and_no_wait_returns_at_once(e
     assert_all_gone(pids)
 
 
+def test_a_scale_down_that_waits_for_its_worker_is_under_way_not_failed(env):
+    # Worker 1 never passes a checkpoint: the shrink waits out its 30 s grace.
+    # `procctl scale` said "did not answer within 10s", exit 1, while the shrink
+    # went on and happened.
+    cli = start_run(env, "down", "--grace", "30", workers=2, target="targets_control:deaf_but_one")
+    try:
+        res = ctl(env, "scale", "down", "1", timeout=20)
+        assert res.returncode == 0, res.stderr
+        assert res.stdout.startswith("scaling down to 1 worker: under way"), res.stdout
+        assert [w["id"] for w in ctl_json(env, "status", "down")["workers"]] == [0]
+        pids = set(worker_pids(json_events("\n".join(cli.lines))))
+    finally:
+        cli.kill()
+    assert_all_gone(pids)
+
+
 @pytest.mark.parametrize("strategy", ["one_for_one", "one_for_all"])
 def test_a_stop_of_a_worker_waiting_for_its_restart_holds_it(env, strategy):
     # Worker 0 failed and waits for its restart: 30 s of backoff, or (one_for_all)
