@@ -252,7 +252,7 @@ def parse_workers(text: str | None) -> tuple[int, ...] | None:
         raise BadInput(f"--workers {text!r} must be a comma list of worker ids, e.g. 0,3") from None
     if any(i < 0 for i in ids):
         raise BadInput(f"--workers {text!r}: worker ids are >= 0")
-    return ids
+    return tuple(dict.fromkeys(ids))  # each once (1,1,1 was said back as "workers 1,1,1")
 
 
 # -- the commands ---------------------------------------------------------------------------

@@ -535,8 +535,8 @@ class MapSession:
                 where = f" on {self.nodes} nodes" if self.nodes is not None else ""
                 self.emit(MapEvent(self.t(), "started", items=len(self.plan.items), skipped=self.plan.skipped,
                                    workers=self.workers, nodes=self.nodes),
-                          f"procctl map {self.plan.spec}: {len(self.plan.to_run)} items, {self.workers} "
-                          f"workers{where}" + (f" ({self.plan.skipped} already done)" if self.plan.skipped else ""))
+                          f"procctl map {self.plan.spec}: {count(len(self.plan.to_run), 'item')},"
+                          f" {count(self.workers, 'worker')}{where}" + (f" ({self.plan.skipped} already done)" if self.plan.skipped else ""))
                 if self.plan.to_run and not self.should_stop() and self.start():
                     while self.busy() and not self.should_stop():
                         self.fill()

@@ -216,7 +216,7 @@ def runtime_dir(create: bool = True) -> str:
     that others can enter is refused: it could hand our commands to them.
     """
     base = os.environ.get("XDG_RUNTIME_DIR")
-    if base and os.path.isdir(base):
+    if base and os.path.isabs(base) and os.path.isdir(base):  # (a relative one is ignored, as the XDG spec says)
         path = os.path.join(base, "procctl")
     else:
         path = os.path.join(tempfile.gettempdir(), f"procctl-{os.getuid()}")

@@ -542,6 +542,17 @@ def test_a_worker_waiting_for_its_restart_can_be_paused_alone(env):
     assert_all_gone(pids)
 
 
+def test_worker_lists_and_the_runtime_dir_as_a_user_gives_them(monkeypatch, tmp_path):
+    from procctl.cli_control import parse_workers
+    from procctl.control import runtime_dir
+
+    assert parse_workers("1,1,0,1") == (1, 0)  # each once, in the order given
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "rel").mkdir()
+    monkeypatch.setenv("XDG_RUNTIME_DIR", "rel")  # relative: ignored, as the XDG spec says (it was used,
+    assert os.path.isabs(runtime_dir(create=False))  # and the run could not be found from elsewhere)
+
+
 class _StopFails:
     """A controller whose stop of some workers fails (a cluster node's error, say)."""
 

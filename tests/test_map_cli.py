@@ -52,6 +52,12 @@ def test_results_as_json_lines(tmp_path, method):
     got = json_events(res.stdout)
     assert sorted(got, key=lambda r: r["item"]) == [{"item": i, "result": i * i} for i in range(20)]
     assert "summary: 20 items: 20 done, 0 failed, 0 unfinished" in res.stderr
+    assert "maptargets:square: 20 items, 3 workers" in res.stderr
+
+
+def test_one_item_and_one_worker_are_said_in_the_singular(tmp_path):
+    res = map_cli(["maptargets:square", "--items", write_items(tmp_path / "in.jsonl", [3]), "--workers", "1"])
+    assert res.returncode == 0 and "maptargets:square: 1 item, 1 worker" in res.stderr, res.stderr
 
 
 CHATTY_MODULE = """
