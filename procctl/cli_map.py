@@ -536,7 +536,8 @@ class MapSession:
                 self.emit(MapEvent(self.t(), "started", items=len(self.plan.items), skipped=self.plan.skipped,
                                    workers=self.workers, nodes=self.nodes),
                           f"procctl map {self.plan.spec}: {count(len(self.plan.to_run), 'item')},"
-                          f" {count(self.workers, 'worker')}{where}" + (f" ({self.plan.skipped} already done)" if self.plan.skipped else ""))
+                          f" {count(self.workers, 'worker')}{where}"
+                          + (f" ({self.plan.skipped} already done)" if self.plan.skipped else ""))
                 if self.plan.to_run and not self.should_stop() and self.start():
                     while self.busy() and not self.should_stop():
                         self.fill()
