@@ -755,6 +755,8 @@ class ProcessController(Shortcuts):
         self._board.reset(wid, pack_command(self._seq, self._state_of(wid)))
         with _quiet_collector(self.start_method):  # restart latency: no collection around the fork
             self._spawn([wid], self._workers[wid].restarts + 1)
+        if self._killed:  # (kill() from a signal handler meanwhile)
+            self._kill_worker(wid)
         # Nobody waits for it, as start() does for the first ones: one that never comes up
         # (an import that blocks, say) would stay "running" for ever.
         w = self._workers[wid]
@@ -1402,7 +1404,7 @@ class ProcessController(Shortcuts):
         try:
             with _quiet_collector(self.start_method):
                 for wid in new:
-                    if interrupt() or self._resizes != mine:
+                    if interrupt() or self._resizes != mine or self._killed:
                         break
                     self._held.discard(wid)
                     self._overrides.pop(wid, None)
@@ -1412,11 +1414,16 @@ class ProcessController(Shortcuts):
                     self._spawn([wid])
         finally:
             self._tell_size()  # (also when a start failed part way: the size is what started)
+            if self._killed:
+                self.signal_live(signal.SIGKILL)  # (kill() from another thread or a handler meanwhile)
         up = [self._workers[wid] for wid in new if wid < self.workers]
         if not self._pump_until(lambda: all(w.acked_seq >= 0 or not w.alive for w in up) or interrupt(),
                                 self.start_timeout) and not interrupt():
-            late = [w.id for w in up if w.acked_seq < 0 and w.alive]
-            raise WorkerStartError(f"workers {late} did not come up within {self.start_timeout:.0f}s")
+            late = [w for w in up if w.acked_seq < 0 and w.alive]
+            for w in late:  # (not left running unseen: failed, as a restart that does not come up)
+                w.start_error = f"did not come up within {self.start_timeout:g}s of the resize"
+                self._signal_worker(w, signal.SIGKILL)
+            raise WorkerStartError(f"workers {[w.id for w in late]} did not come up within {self.start_timeout:.0f}s")
 
     def _shrink(self, n: int) -> None:
         gone = self._workers[n : self.workers]
@@ -1713,10 +1720,17 @@ class ProcessController(Shortcuts):
             if not w.alive or w.escalation is not None or w.retiring or (
                     w.state is not State.RUNNING and not self._resuming(w)):
                 continue
-            if self._state_of(w.id) is State.STOPPED or self._board.beat(w.id) == BEAT_DONE:
-                # Told to stop, or its target returned: it owes no more
-                # checkpoints (what it saves or sends on the way out may take
-                # longer than a period); the stop's grace bounds it instead.
+            if self._state_of(w.id) is State.STOPPED:
+                # Told to stop: it owes no more checkpoints (what it saves on the
+                # way out may take longer than a period); who told it bounds it
+                # (stop()'s grace and escalation, the executor's, a give-up's).
+                continue
+            if self._board.beat(w.id) == BEAT_DONE:
+                # Its target returned, or a SIGTERM from outside stopped it: no
+                # checkpoint is owed (a large result to pickle, what it saves), but
+                # it must end within the grace, as in a stop: then SIGTERM, SIGKILL.
+                w.escalation = ("grace", now + self.grace)
+                self._schedule(w.escalation[1])
                 continue
             if w.probe_at is None or self._board.beat(w.id) == w.probe:
                 if w.probe_at is None or now - w.probe_at >= self._heartbeat / 4:

@@ -187,6 +187,9 @@ class WorkerContext:
         self._saw_stop = False
         #: Set once the worker owes the heartbeat no more answers (BEAT_DONE).
         self._beat_done = False
+        #: Held to store an answer or BEAT_DONE: a progress() from a helper thread that
+        #: read the flag before the target's thread set it must not write after it.
+        self._beat_lock = threading.Lock()
         self._info_sent = -INFO_INTERVAL
         self._info_pending = False
         self._polls: dict[int, Any] = {}
@@ -367,22 +370,26 @@ class WorkerContext:
 
     def _answer_probe(self) -> None:
         """Store the heartbeat probe of the command word: we are alive."""
-        if not self._beat_done:
-            self._end.board.set_beat(self._end.worker, probe_of(self._end.command()))
+        with self._beat_lock:
+            if not self._beat_done:
+                self._end.board.set_beat(self._end.worker, probe_of(self._end.command()))
 
     def _owe_no_beats(self) -> None:
         """From now on no checkpoint is owed (the target returned, or was
         told to stop): the controller's heartbeat leaves this worker alone."""
-        if not self._beat_done:
-            self._beat_done = True
-            self._end.board.set_beat(self._end.worker, BEAT_DONE)
+        with self._beat_lock:
+            if not self._beat_done:
+                self._beat_done = True
+                self._end.board.set_beat(self._end.worker, BEAT_DONE)
 
     def _apply(self) -> None:
         # Drain first, then read: a command posted in between rings again.
         self._end.drain_doorbell()
         word = self._end.command()
-        if word != self._applied and not self._beat_done:
-            self._end.board.set_beat(self._end.worker, probe_of(word))
+        if word != self._applied:
+            with self._beat_lock:
+                if not self._beat_done:
+                    self._end.board.set_beat(self._end.worker, probe_of(word))
         probe_only = self._applied >= 0 and (word ^ self._applied) & COMMAND_MASK == 0
         self._applied = word
         if probe_only:

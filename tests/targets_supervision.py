@@ -78,6 +78,12 @@ class StuckOnRestart:
         return (_stuck_if, (self.path,))
 
 
+def loops_with(ctx, arg):
+    """Loops until stopped, whatever `arg` is."""
+    while ctx.sleep(0.05):
+        pass
+
+
 def crash_then_stuck(ctx, path):
     """Worker 0 creates `path` and dies: its restart blocks as it starts
     (forkserver or spawn: the arguments are unpickled there). Others loop."""
@@ -177,6 +183,27 @@ class SlowToPickle:
 def slow_result(ctx, seconds):
     """Returns at its first checkpoint a result that takes `seconds` to pickle."""
     ctx.checkpoint()
+    return SlowToPickle(seconds)
+
+
+def result_with_a_chatty_helper(ctx, seconds):
+    """A helper thread calls progress() without a pause (switching threads as
+    often as it can) while the target returns a result that takes `seconds`
+    to pickle."""
+    import sys
+    import threading
+
+    sys.setswitchinterval(1e-5)
+
+    def spin():
+        i = 0
+        while True:
+            i += 1
+            ctx.progress(i)
+
+    threading.Thread(target=spin, daemon=True).start()
+    ctx.checkpoint()
+    time.sleep(0.2)  # the helper answers the probes meanwhile
     return SlowToPickle(seconds)
 
 

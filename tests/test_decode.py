@@ -419,7 +419,7 @@ def test_a_command_posted_while_a_stale_ring_is_drained_is_not_missed():
 
     ctx = WorkerContext.__new__(WorkerContext)
     ctx._manager_fd, ctx._term_r, ctx._end, ctx._applied = 100, 101, End(), paused
-    ctx.state, ctx._info_pending, ctx._beat_done = State.PAUSED, False, False
+    ctx.state, ctx._info_pending, ctx._beat_done, ctx._beat_lock = State.PAUSED, False, False, threading.Lock()
     ctx._on_wake(102)  # the doorbell
     applied = [seq for seq, _ in ctx._end.acked]
     assert applied == [6] and ctx.state is State.RUNNING

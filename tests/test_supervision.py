@@ -15,6 +15,7 @@ import targets_supervision as ts
 from clihelp import LiveCli, json_events, run_cli
 
 from procctl import Outcome, ProcessController, State
+from procctl.controller import WorkerStartError
 from procctl.states import Event, WorkerStatus
 from procctl.supervise import Action, Plan, SchedSample, Supervisor, looks_hung, sched_sample
 
@@ -448,6 +449,47 @@ def test_a_worker_past_its_last_checkpoint_is_not_hung(how):
         expected = (Outcome.STOPPED, "saved")
     assert [e.event for e in events if e.event == "hung"] == []
     assert (pc.reports[0].outcome, pc.reports[0].result) == expected
+
+
+def test_a_worker_past_its_last_checkpoint_still_ends_within_the_grace():
+    """No checkpoint is owed after the target returned, but a process that then
+    never ends (a result whose pickling blocks) is killed after the grace, as in
+    a stop: not hung, not left running."""
+    events: list[Event] = []
+    with controller(ts.slow_result, 1, events, args=(600,), heartbeat=0.1, grace=0.5) as pc:
+        pc.run()
+        assert pc.wait(30)
+    assert [e.event for e in events if e.event == "hung"] == []
+    assert pc.reports[0].outcome is Outcome.KILLED
+
+
+def test_progress_from_a_helper_thread_does_not_undo_the_end_of_the_beats():
+    """A helper's progress() that read "beats owed" just before the target
+    returned wrote its answer over BEAT_DONE: the next probe went unanswered and
+    the worker was killed as hung, its result lost (6 to 15 of 64 workers)."""
+    events: list[Event] = []
+    with controller(ts.result_with_a_chatty_helper, 16, events, args=(0.4,), heartbeat=0.1, grace=30.0) as pc:
+        pc.run()
+        assert pc.wait(60)
+    assert [e.worker for e in events if e.event == "hung"] == []
+    assert {(r.outcome, r.result) for r in pc.reports.values()} == {(Outcome.FINISHED, "pickled")}
+
+
+def test_a_worker_a_resize_started_that_does_not_come_up_fails(tmp_path):
+    """resize() raises when a new worker does not come up within start_timeout;
+    that worker was left running unseen (status RUNNING, wait() held)."""
+    stuck = tmp_path / "stuck"
+    with controller(ts.loops_with, 1, args=(ts.StuckOnRestart(str(stuck)),), start_method="forkserver") as pc:
+        pc.run()
+        stuck.touch()  # from now on a worker that starts blocks as it unpickles its arguments
+        pc.start_timeout = 1.0
+        with pytest.raises(WorkerStartError, match="did not come up"):
+            pc.resize(2)
+        assert reap_n(pc, 1)[0].worker_id == 1
+        assert not pc.status()[1].alive
+        pc.stop()
+    assert pc.reports[1].outcome is Outcome.FAILED and "did not come up" in pc.reports[1].error
+    assert pc.reports[0].outcome is Outcome.STOPPED
 
 
 def test_wait_readable_waits_through_heartbeat_probes():
