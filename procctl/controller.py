@@ -1720,17 +1720,17 @@ class ProcessController(Shortcuts):
             if not w.alive or w.escalation is not None or w.retiring or (
                     w.state is not State.RUNNING and not self._resuming(w)):
                 continue
-            if self._state_of(w.id) is State.STOPPED:
-                # Told to stop: it owes no more checkpoints (what it saves on the
-                # way out may take longer than a period); who told it bounds it
-                # (stop()'s grace and escalation, the executor's, a give-up's).
-                continue
             if self._board.beat(w.id) == BEAT_DONE:
-                # Its target returned, or a SIGTERM from outside stopped it: no
-                # checkpoint is owed (a large result to pickle, what it saves), but
-                # it must end within the grace, as in a stop: then SIGTERM, SIGKILL.
-                w.escalation = ("grace", now + self.grace)
-                self._schedule(w.escalation[1])
+                # Past its last checkpoint: it owes no more (what it saves on the
+                # way out, a large result to pickle, may take longer than a period).
+                # Told to stop, it is bounded by who told it (stop()'s grace and
+                # escalation, the executor's, a give-up's); else (its target
+                # returned, a SIGTERM from outside) it must end within the grace,
+                # as in a stop: then SIGTERM, SIGKILL. (One told to stop that has
+                # not seen it yet passes no checkpoint: that one can be hung.)
+                if self._state_of(w.id) is not State.STOPPED:
+                    w.escalation = ("grace", now + self.grace)
+                    self._schedule(w.escalation[1])
                 continue
             if w.probe_at is None or self._board.beat(w.id) == w.probe:
                 if w.probe_at is None or now - w.probe_at >= self._heartbeat / 4:

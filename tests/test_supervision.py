@@ -302,6 +302,20 @@ def test_worker_blocked_in_a_c_call_is_hung(target):
     assert [e.event for e in events if e.worker == 0][-1] == "hung"
 
 
+def test_a_worker_told_to_stop_that_never_sees_it_is_still_hung():
+    """broadcast(STOPPED) to a worker blocked in a C call: it never passes the
+    checkpoint that would show it the stop, so the heartbeat still finds it
+    (for a while it was spared as "told to stop", and wait() never returned)."""
+    events: list[Event] = []
+    with controller(ts.c_sleep, 1, events, heartbeat=0.2, grace=0.3) as pc:
+        pc.run()
+        with contextlib.suppress(TimeoutError):
+            pc.broadcast(State.STOPPED, timeout=0.1)
+        assert pc.wait(20)
+    assert pc.reports[0].outcome is Outcome.HUNG
+    assert [e.event for e in events if e.event == "hung"] == ["hung"]
+
+
 def test_a_hung_worker_is_killed_and_restarted_while_the_script_does_something_else():
     """Supervision needs no call of the script's: the controller's own thread
     pumps (the script here only waits on its own Event)."""
