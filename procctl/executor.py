@@ -1147,6 +1147,8 @@ class _Pool:
         for line in self._lines.values():
             if line.held and line.up and not line.closed and line.timed_out is None and line.paused_at is None:
                 task = line.held[0]
+                if self._pc._board is not None and self._pc._board.task_returned(line.wid, task.tid):
+                    continue  # its function returned in time: its result is on the way
                 if now - self._head_started(line) >= self.task_timeout:
                     line.timed_out = task
                     self._pc._kill_worker(line.wid)

@@ -446,11 +446,15 @@ def _run_task(ctx: WorkerContext, functions: dict[bytes, Any], task: tuple[int, 
             ctx._end.board.set_items_running(ctx._end.worker, tid, 0, 1)  # started (counts(): running)
             value = fn(*a, **b)
     except BaseException as exc:  # noqa: BLE001 - the task's exception is its result
+        ctx._end.board.set_task_returned(ctx._end.worker, tid)
         if saw_stop(ctx):
             return _dump_stopped(done, True)
         if kind != CALL:  # an item raised: the ones before it have their results
             return _dump_item_error(exc, format_exc(), done + block)
         return _dump_error(exc, format_exc())
+    # Its clock stops here (the executor's task_timeout): a large result takes its
+    # time to pickle and to send, which is not the task's.
+    ctx._end.board.set_task_returned(ctx._end.worker, tid)
     if saw_stop(ctx):
         # It saw STOPPED: cut short. A chunk says how far it got.
         return _dump_stopped(done, value is not _BETWEEN)

@@ -180,6 +180,11 @@ class SlowToPickle:
         return (str, ("pickled",))
 
 
+def slow_to_pickle(seconds):
+    """An executor task that returns at once a result that takes `seconds` to pickle."""
+    return SlowToPickle(seconds)
+
+
 def slow_result(ctx, seconds):
     """Returns at its first checkpoint a result that takes `seconds` to pickle."""
     ctx.checkpoint()

@@ -246,6 +246,17 @@ def test_a_crash_costs_one_task_and_the_pool_goes_on(start_method, how):
         assert len({ex.submit(t.pid_of, i).result(20) for i in range(6)}) >= 1
 
 
+def test_task_timeout_stops_when_the_function_returns():
+    """The clock of a task stops when its function returns: a result that takes
+    longer than task_timeout to pickle and send is no timeout (its worker was
+    killed after the function had returned, and the next task blamed)."""
+    import targets_supervision as ts
+
+    with ProcessExecutor(2, start_method="fork", task_timeout=0.3) as ex:
+        futures = [ex.submit(ts.slow_to_pickle, 0.6) for _ in range(4)]
+        assert [f.result(timeout=60) for f in futures] == ["pickled"] * 4
+
+
 def test_task_timeout_counts_from_when_the_worker_is_up():
     # The first task is sent while the worker is still in its initializer:
     # that time is the worker's, not the task's.
