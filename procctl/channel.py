@@ -38,9 +38,9 @@ from typing import Any
 # in a map chunk the worker is (its task id + 1, and the items it runs:
 # first << 32 | count), so that a crash there costs the item, not the chunk;
 # word 8: how many workers the controller has, once a resize changed it (0:
-# as many as when the worker started); word 9: the last executor task whose
-# function has returned (its id + 1: its result is on the way, its clock
-# stopped). The rest is room.
+# as many as when the worker started); word 9: the executor task whose
+# function runs now (its id + 1; 0 between two: a result being pickled and
+# sent is not the task's time). The rest is room.
 SLOT_WORDS = 16
 WORD = 8
 #: Heartbeat (see supervise.py, ProcessController heartbeat=): the controller
@@ -257,12 +257,12 @@ class Board:
         self._words[base + 7] = first << 32 | count
         self._words[base + 6] = task + 1
 
-    def set_task_returned(self, worker: int, task: int) -> None:
-        """The function of executor task `task` has returned (or raised): what
-        follows (its result pickled and sent) is not the task's time."""
-        self._words[worker * SLOT_WORDS + 9] = task + 1
+    def set_task_running(self, worker: int, task: int | None) -> None:
+        """The function of executor task `task` runs now (None: none does; the
+        last one returned or raised, and its result is being pickled and sent)."""
+        self._words[worker * SLOT_WORDS + 9] = 0 if task is None else task + 1
 
-    def task_returned(self, worker: int, task: int) -> bool:
+    def task_running(self, worker: int, task: int) -> bool:
         return self._words[worker * SLOT_WORDS + 9] == task + 1
 
     def set_workers(self, worker: int, count: int) -> None:

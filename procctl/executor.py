@@ -1147,8 +1147,8 @@ class _Pool:
         for line in self._lines.values():
             if line.held and line.up and not line.closed and line.timed_out is None and line.paused_at is None:
                 task = line.held[0]
-                if self._pc._board is not None and self._pc._board.task_returned(line.wid, task.tid):
-                    continue  # its function returned in time: its result is on the way
+                if self._pc._board is not None and not self._pc._board.task_running(line.wid, task.tid):
+                    continue  # not begun yet (its worker still sends the last result), or returned
                 if now - self._head_started(line) >= self.task_timeout:
                     line.timed_out = task
                     self._pc._kill_worker(line.wid)
@@ -1158,7 +1158,7 @@ class _Pool:
         map chunk, the item it is at (the worker says so on the board), so
         that task_timeout counts per item, not per chunk."""
         task = line.held[0]
-        if not task.chunk or self._pc._board is None:
+        if self._pc._board is None:
             return task.started
         return max(task.started, self._pc._board.item_started(line.wid))
 

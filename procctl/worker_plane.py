@@ -430,6 +430,10 @@ BLOCK_SECONDS = 0.001
 
 def _run_task(ctx: WorkerContext, functions: dict[bytes, Any], task: tuple[int, bytes, bytes], timed: bool) -> bytes:
     tid, fn_blob, blob = task
+    board, slot = ctx._end.board, ctx._end.worker
+    # The executor's task_timeout: the task's clock runs from here until its function returns.
+    board.set_item_started(slot, time.monotonic())
+    board.set_task_running(slot, tid)
     done: list[Any] = []  # a chunk's results so far, in whole blocks
     block: list[Any] = []  # ... and those of the block it runs
     kind = CALL
@@ -446,15 +450,15 @@ def _run_task(ctx: WorkerContext, functions: dict[bytes, Any], task: tuple[int, 
             ctx._end.board.set_items_running(ctx._end.worker, tid, 0, 1)  # started (counts(): running)
             value = fn(*a, **b)
     except BaseException as exc:  # noqa: BLE001 - the task's exception is its result
-        ctx._end.board.set_task_returned(ctx._end.worker, tid)
+        board.set_task_running(slot, None)
         if saw_stop(ctx):
             return _dump_stopped(done, True)
         if kind != CALL:  # an item raised: the ones before it have their results
             return _dump_item_error(exc, format_exc(), done + block)
         return _dump_error(exc, format_exc())
-    # Its clock stops here (the executor's task_timeout): a large result takes its
-    # time to pickle and to send, which is not the task's.
-    ctx._end.board.set_task_returned(ctx._end.worker, tid)
+    # Its clock stops here: a large result takes its time to pickle and to send,
+    # which is not the task's.
+    board.set_task_running(slot, None)
     if saw_stop(ctx):
         # It saw STOPPED: cut short. A chunk says how far it got.
         return _dump_stopped(done, value is not _BETWEEN)
