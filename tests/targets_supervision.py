@@ -229,6 +229,13 @@ def waits_after_the_stop(ctx):
     return ctx.wait_readable(r)
 
 
+def c_sleep_once_inside(ctx, inside):
+    """Sets `inside`, then blocks in time.sleep (a C call, no checkpoint)."""
+    ctx.checkpoint()
+    inside.set()
+    time.sleep(1000)
+
+
 def c_sleep(ctx):
     """Blocks in time.sleep (a C call, no checkpoint) when first run."""
     ctx.checkpoint()

@@ -307,8 +307,10 @@ def test_a_worker_told_to_stop_that_never_sees_it_is_still_hung():
     checkpoint that would show it the stop, so the heartbeat still finds it
     (for a while it was spared as "told to stop", and wait() never returned)."""
     events: list[Event] = []
-    with controller(ts.c_sleep, 1, events, heartbeat=0.2, grace=0.3) as pc:
+    inside = multiprocessing.get_context("fork").Event()
+    with controller(ts.c_sleep_once_inside, 1, events, args=(inside,), heartbeat=0.2, grace=0.3) as pc:
         pc.run()
+        assert inside.wait(30)  # (a stop that came before would be seen at its checkpoint)
         with contextlib.suppress(TimeoutError):
             pc.broadcast(State.STOPPED, timeout=0.1)
         assert pc.wait(20)
