@@ -540,9 +540,11 @@ class MapSession:
                           + (f" ({self.plan.skipped} already done)" if self.plan.skipped else ""))
                 if self.plan.to_run and not self.should_stop() and self.start():
                     while self.busy() and not self.should_stop():
+                        # (Before the first fill: a SIGUSR1 that came while the items were
+                        # read, or the workers started, lets no item start.)
+                        self.handle_signals()
                         self.fill()
                         self.wait()
-                        self.handle_signals()
                         self.collect()
             finally:
                 self.finish()

@@ -608,6 +608,32 @@ def test_pause_and_resume_signals_while_reading_items_do_not_end_the_command():
     assert [json.loads(line)["result"] for line in out.splitlines()] == [i * i for i in range(10)]
 
 
+def test_a_pause_that_came_before_the_workers_lets_no_item_start(tmp_path):
+    """A SIGUSR1 taken before the first items went out (while the input was
+    read, the workers started) pauses the run before any item starts: the
+    first items ran before the pause was applied."""
+    def block() -> None:
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1, signal.SIGUSR2})
+
+    items, marks_file = write_items(tmp_path / "in.jsonl", range(6)), tmp_path / "marks"
+    proc = subprocess.Popen(CLI + ["map", "maptargets:mark", "--items", items, "--workers", "2", "--json"],
+                            cwd=TESTS, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
+                            env={**os.environ, "MAP_MARKS": str(marks_file)}, preexec_fn=block)
+    try:
+        os.kill(proc.pid, signal.SIGUSR1)  # held until procctl's handlers are in: before any item
+        for line in proc.stdout:  # (bounded by the test's timeout)
+            if json.loads(line).get("event") == "paused":
+                break
+        assert marks(marks_file) == []  # no item ran
+        os.kill(proc.pid, signal.SIGUSR2)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+        proc.wait(10)
+    assert proc.returncode == 0, err
+    assert sorted(m["item"] for m in marks(marks_file)) == list(range(6))
+
+
 def _launch(events: str, items: str, marks_file, blocked: bool = False) -> subprocess.Popen:
     def block() -> None:
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
