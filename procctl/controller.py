@@ -1431,6 +1431,8 @@ class ProcessController(Shortcuts):
         self._tell_size()
         for w in gone:
             self._cancel_restart(w.id)
+            if self._supervisor is not None:
+                self._supervisor.forget(w.id)
             self._overrides.pop(w.id, None)
             self._group_ids.discard(w.id)
             if w.alive:

@@ -191,6 +191,12 @@ class Supervisor:
                 times.remove(decided)
         self.total -= 1
 
+    def forget(self, key: Hashable) -> None:
+        """`key` (a worker id a shrink removed) is gone: one that comes back later
+        is a new worker, whose backoff starts afresh (its restarts still count
+        toward the intensity limit, which is the controller's)."""
+        self._by_key.pop(key, None)
+
     def backoff(self, earlier: int) -> float:
         """The wait before a restart that follows `earlier` ones within the window."""
         low, high = self.plan.backoff

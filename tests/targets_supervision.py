@@ -107,6 +107,16 @@ def last_ignores_the_stop(ctx, inside):
         pass
 
 
+def worker1_fails_twice(ctx):
+    """Worker 1 raises in its first two incarnations; the others, and its later
+    ones, loop until stopped."""
+    ctx.checkpoint()
+    if ctx.worker_id == 1 and ctx.restarts < 2:
+        raise ValueError("worker 1 fails")
+    while ctx.sleep(0.05):
+        pass
+
+
 def gil_hog(ctx):
     """Hangs in one long GIL-holding computation when first run."""
     ctx.checkpoint()

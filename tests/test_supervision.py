@@ -94,6 +94,23 @@ def test_a_restart_cancelled_during_its_backoff_is_not_counted():
         ("restarting", 0), ("restarting", 1)]
 
 
+def test_a_worker_id_a_resize_brings_back_starts_its_backoff_afresh():
+    """Worker 1 failed twice (backoff 0.05 s, then 0.1 s); removed by a shrink
+    and brought back by a growth, it is a new worker: its first restart waits
+    0.05 s again, not the old id's next step."""
+    events: list[Event] = []
+    with controller(ts.worker1_fails_twice, 2, events, restart="on-failure", max_restarts=10,
+                    backoff=(0.05, 10.0)) as pc:
+        pc.run()
+        reap_n(pc, 2)  # its two failures
+        pc.resize(1)
+        pc.resize(2)  # a fresh worker 1 (restarts 0): it fails once more
+        reap_n(pc, 2)  # the one the shrink stopped, and that failure
+        delays = [e.delay for e in events if e.event == "restarting" and e.worker == 1]
+        pc.stop()
+    assert delays[:3] == [0.05, 0.1, 0.05], delays  # (the old id would have waited 0.2 s)
+
+
 # -- bad arguments: refused before any process starts ------------------------------------
 
 
