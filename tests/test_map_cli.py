@@ -561,16 +561,20 @@ def test_stdout_on_a_full_disk_stops_the_run_with_one_line(tmp_path):
     assert "No space left on device" in res.stderr
 
 
-def test_ctrl_c_while_reading_items_from_stdin_ends_the_command(tmp_path):
-    # Started with SIGINT blocked, so that it is held through the interpreter's
-    # start-up (not procctl's to catch: a signal there was a KeyboardInterrupt
-    # traceback on a loaded machine) and comes as procctl lets its signals in.
+def _map_holding(args: list[str], held: set[int], **kw) -> subprocess.Popen:
+    """`procctl map ARGS` in a session of its own, started with the signals `held`
+    blocked: held through the interpreter's start-up (not procctl's to catch: a
+    signal there was a KeyboardInterrupt traceback on a loaded machine, a death by
+    SIGUSR1), they come as procctl lets its signals in."""
     def block() -> None:
-        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        signal.pthread_sigmask(signal.SIG_BLOCK, held)
 
-    proc = subprocess.Popen(CLI + ["map", "maptargets:square"], cwd=TESTS, stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
-                            preexec_fn=block)
+    return subprocess.Popen(CLI + ["map", *args], cwd=TESTS, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            start_new_session=True, preexec_fn=block, **kw)
+
+
+def test_ctrl_c_while_reading_items_from_stdin_ends_the_command(tmp_path):
+    proc = _map_holding(["maptargets:square"], {signal.SIGINT}, stdin=subprocess.PIPE)
     try:
         proc.stdin.write(b"1\n")
         proc.stdin.flush()  # it is reading, and stdin stays open
@@ -587,12 +591,7 @@ def test_pause_and_resume_signals_while_reading_items_do_not_end_the_command():
     """SIGUSR1 and SIGUSR2 while the items still come (a slow producer) are a
     pause and a resume for the run, not a stop: it exited 130 with nothing
     done. Held through the interpreter's start-up, as Ctrl-C above."""
-    def block() -> None:
-        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1, signal.SIGUSR2})
-
-    proc = subprocess.Popen(CLI + ["map", "maptargets:square", "--ordered"], cwd=TESTS, stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
-                            preexec_fn=block)
+    proc = _map_holding(["maptargets:square", "--ordered"], {signal.SIGUSR1, signal.SIGUSR2}, stdin=subprocess.PIPE)
     try:
         for i in range(10):  # the producer's pace: 2 s in all, the command reading through most of it
             proc.stdin.write(b"%d\n" % i)
@@ -612,13 +611,9 @@ def test_a_pause_that_came_before_the_workers_lets_no_item_start(tmp_path):
     """A SIGUSR1 taken before the first items went out (while the input was
     read, the workers started) pauses the run before any item starts: the
     first items ran before the pause was applied."""
-    def block() -> None:
-        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1, signal.SIGUSR2})
-
     items, marks_file = write_items(tmp_path / "in.jsonl", range(6)), tmp_path / "marks"
-    proc = subprocess.Popen(CLI + ["map", "maptargets:mark", "--items", items, "--workers", "2", "--json"],
-                            cwd=TESTS, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
-                            env={**os.environ, "MAP_MARKS": str(marks_file)}, preexec_fn=block)
+    proc = _map_holding(["maptargets:mark", "--items", items, "--workers", "2", "--json"],
+                        {signal.SIGUSR1, signal.SIGUSR2}, env={**os.environ, "MAP_MARKS": str(marks_file)})
     try:
         os.kill(proc.pid, signal.SIGUSR1)  # held until procctl's handlers are in: before any item
         for line in proc.stdout:  # (bounded by the test's timeout)
@@ -635,13 +630,9 @@ def test_a_pause_that_came_before_the_workers_lets_no_item_start(tmp_path):
 
 
 def _launch(events: str, items: str, marks_file, blocked: bool = False) -> subprocess.Popen:
-    def block() -> None:
-        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
-
-    return subprocess.Popen(CLI + ["map", "maptargets:mark", "--items", items, "--workers", "2", "--json",
-                                   "--events", events], cwd=TESTS, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            env={**os.environ, "MAP_MARKS": str(marks_file), "MAP_DELAY": "0.05"},
-                            start_new_session=True, preexec_fn=block if blocked else None)
+    return _map_holding(["maptargets:mark", "--items", items, "--workers", "2", "--json", "--events", events],
+                        {signal.SIGINT, signal.SIGTERM} if blocked else set(),
+                        env={**os.environ, "MAP_MARKS": str(marks_file), "MAP_DELAY": "0.05"})
 
 
 def _assert_clean_stop(proc: subprocess.Popen, sig: int, code: int, events: str, marks_file) -> bool:
