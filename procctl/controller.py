@@ -1327,10 +1327,9 @@ class ProcessController(Shortcuts):
         self._starting_exits: list[tuple[_Worker, WorkerReport]] = []
         self._history: dict[int, list[WorkerReport]] = {}
         self._overrides: dict[int, State] = {}  # per-worker commands since the last broadcast
-        self._restart_at: dict[int, float] = {}  # worker id -> monotonic time of its restart
-        #: Worker id -> (supervisor key, when it was decided) of each restart in _restart_at
-        #: (one_for_all's group restarts are not cancelled one by one).
-        self._restart_decided: dict[int, tuple[Any, float]] = {}
+        #: Worker id -> monotonic time of its restart, and the supervisor's (key, time)
+        #: of the decision, undone if it is cancelled (None: one_for_all's group restart).
+        self._restart_at: dict[int, tuple[float, tuple[Any, float] | None]] = {}
         self._group: set[int] | None = None  # one_for_all: the workers still stopping
         self._group_ids: set[int] = set()  # one_for_all: the ids to restart once they have
         self._group_delay = 0.0
@@ -1421,8 +1420,7 @@ class ProcessController(Shortcuts):
                                 self.start_timeout) and not interrupt():
             late = [w for w in up if w.acked_seq < 0 and w.alive]
             for w in late:  # (not left running unseen: failed, as a restart that does not come up)
-                w.start_error = f"did not come up within {self.start_timeout:g}s of the resize"
-                self._signal_worker(w, signal.SIGKILL)
+                self._fail_start(w, "the resize")
             raise WorkerStartError(f"workers {[w.id for w in late]} did not come up within {self.start_timeout:.0f}s")
 
     def _shrink(self, n: int) -> None:
@@ -1464,8 +1462,7 @@ class ProcessController(Shortcuts):
 
     def _cancel_restart(self, wid: int) -> None:
         """Worker `wid` will not be restarted after all: its pending restart is undone."""
-        self._restart_at.pop(wid, None)
-        decided = self._restart_decided.pop(wid, None)
+        _, decided = self._restart_at.pop(wid, (0.0, None))
         if decided is not None and self._supervisor is not None:
             self._supervisor.cancel(*decided)
 
@@ -1499,7 +1496,6 @@ class ProcessController(Shortcuts):
         """STOPPED was broadcast: nothing is restarted any more."""
         self._supervising = False
         self._restart_at.clear()
-        self._restart_decided.clear()
         self._group = None
         self._group_ids = set()
 
@@ -1535,12 +1531,11 @@ class ProcessController(Shortcuts):
             if one_for_all:
                 self._stop_group(w, decision.delay)
             else:
-                self._schedule_restart(w.id, decision.delay)
-                self._restart_decided[w.id] = (key, now)
+                self._schedule_restart(w.id, decision.delay, (key, now))
 
-    def _schedule_restart(self, wid: int, delay: float) -> None:
+    def _schedule_restart(self, wid: int, delay: float, decided: tuple[Any, float] | None = None) -> None:
         at = time.monotonic() + delay
-        self._restart_at[wid] = at
+        self._restart_at[wid] = (at, decided)
         self._schedule(at)
         w = self._workers[wid]
         self._emit(Event(self._elapsed(), "restarting", worker=wid, pid=w.pid, restarts=w.restarts + 1,
@@ -1640,23 +1635,25 @@ class ProcessController(Shortcuts):
                 w.start_by = None
             elif now >= w.start_by:
                 w.start_by = None
-                w.start_error = f"did not come up within {self.start_timeout:g}s of its restart"
-                log.warning("worker %d (pid %s) %s: killed", w.id, w.pid, w.start_error)
-                self._signal_worker(w, signal.SIGKILL)
+                self._fail_start(w, "its restart")
             else:
                 self._schedule(w.start_by)
+
+    def _fail_start(self, w: _Worker, since: str) -> None:
+        """Worker `w` did not come up within start_timeout: it fails, killed."""
+        w.start_error = f"did not come up within {self.start_timeout:g}s of {since}"
+        log.warning("worker %d (pid %s) %s: killed", w.id, w.pid, w.start_error)
+        self._signal_worker(w, signal.SIGKILL)
 
     def _fire_restarts(self, now: float) -> None:
         if not self._supervising:
             self._restart_at.clear()
-            self._restart_decided.clear()
             return
-        for wid, at in sorted(self._restart_at.items()):
+        for wid, (at, _) in sorted(self._restart_at.items()):
             if at > now:
                 self._schedule(at)
                 continue
-            del self._restart_at[wid]
-            self._restart_decided.pop(wid, None)  # (it happens: it counts)
+            del self._restart_at[wid]  # (it happens: it counts)
             if wid >= self.workers or wid in self._held or self._workers[wid].alive:
                 continue
             try:
@@ -1722,7 +1719,8 @@ class ProcessController(Shortcuts):
             if not w.alive or w.escalation is not None or w.retiring or (
                     w.state is not State.RUNNING and not self._resuming(w)):
                 continue
-            if self._board.beat(w.id) == BEAT_DONE:
+            beat = self._board.beat(w.id)
+            if beat == BEAT_DONE:
                 # Past its last checkpoint: it owes no more (what it saves on the
                 # way out, a large result to pickle, may take longer than a period).
                 # Told to stop, it is bounded by who told it (stop()'s grace and
@@ -1734,7 +1732,7 @@ class ProcessController(Shortcuts):
                     w.escalation = ("grace", now + self.grace)
                     self._schedule(w.escalation[1])
                 continue
-            if w.probe_at is None or self._board.beat(w.id) == w.probe:
+            if w.probe_at is None or beat == w.probe:
                 if w.probe_at is None or now - w.probe_at >= self._heartbeat / 4:
                     self._probe(w, now)
                 else:
@@ -1764,9 +1762,10 @@ class ProcessController(Shortcuts):
         assert self._heartbeat is not None
         sample = sched_sample(w.pid)
         assert self._board is not None
-        if self._board.beat(w.id) == BEAT_DONE:
+        beat = self._board.beat(w.id)
+        if beat == BEAT_DONE:
             return  # its target returned meanwhile: no checkpoint is owed
-        if self._board.beat(w.id) == w.probe:
+        if beat == w.probe:
             # It answered since the look at its beat (the times read now include that
             # run): alive, and the next probe starts now.
             return self._probe(w, now)

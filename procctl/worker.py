@@ -368,11 +368,11 @@ class WorkerContext:
                 self._on_wake(ready_fd)
         return hit and self._applied & COMMAND_MASK == applied and self.state is state
 
-    def _answer_probe(self) -> None:
-        """Store the heartbeat probe of the command word: we are alive."""
+    def _answer_probe(self, word: int | None = None) -> None:
+        """Store the heartbeat probe of the command word (`word`, as read): we are alive."""
         with self._beat_lock:
             if not self._beat_done:
-                self._end.board.set_beat(self._end.worker, probe_of(self._end.command()))
+                self._end.board.set_beat(self._end.worker, probe_of(self._end.command() if word is None else word))
 
     def _owe_no_beats(self) -> None:
         """From now on no checkpoint is owed (the target returned, or was
@@ -387,9 +387,7 @@ class WorkerContext:
         self._end.drain_doorbell()
         word = self._end.command()
         if word != self._applied:
-            with self._beat_lock:
-                if not self._beat_done:
-                    self._end.board.set_beat(self._end.worker, probe_of(word))
+            self._answer_probe(word)
         probe_only = self._applied >= 0 and (word ^ self._applied) & COMMAND_MASK == 0
         self._applied = word
         if probe_only:
