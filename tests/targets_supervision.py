@@ -291,15 +291,36 @@ def starved(ctx, cpu: int):
     return n
 
 
+#: size_seen writes its worker id here after each look (fork: the test reads them).
+_LOOKED_R, _LOOKED_W = os.pipe()
+
+
 def size_seen(ctx):
-    """Each size ctx.workers said, at each command (it sleeps until the next;
-    it looks as soon as a command woke it, before a stop that follows it)."""
+    """Each size ctx.workers said, at each command (it sleeps until the next),
+    and a byte on _LOOKED_W (its worker id) after each look."""
     seen = []
     while True:
         if not seen or seen[-1] != ctx.workers:
             seen.append(ctx.workers)
+        os.write(_LOOKED_W, bytes([ctx.worker_id]))
         if not ctx.sleep(float("inf")):
             return seen
+
+
+def looked(workers: set[int], timeout: float = 30.0) -> None:
+    """Block until each of `workers` has written a look to _LOOKED_W; what
+    was written before (by workers now paused) first: call drain_looks()."""
+    left = set(workers)
+    deadline = time.monotonic() + timeout
+    while left:
+        if not select.select([_LOOKED_R], [], [], max(0.0, deadline - time.monotonic()))[0]:
+            raise TimeoutError(f"workers {sorted(left)} did not look within {timeout} s")
+        left -= set(os.read(_LOOKED_R, 64))
+
+
+def drain_looks() -> None:
+    while select.select([_LOOKED_R], [], [], 0)[0]:
+        os.read(_LOOKED_R, 64)
 
 
 #: Worker 1 of first_fails_others_deaf says it is in its target (fork: the workers share it).

@@ -19,12 +19,13 @@ import pytest
 
 pytest.importorskip("distributed")
 
+import dask  # noqa: E402
 import maptargets  # noqa: E402
 from clihelp import LiveCli, json_events, run_cli  # noqa: E402
 from test_map_cli import TESTS, map_cli, results, write_items  # noqa: E402
 
 from procctl.cluster import ClusterExecutor  # noqa: E402
-from procctl.cluster.session import local_cluster  # noqa: E402
+from procctl.cluster.session import NO_DIAGNOSTICS, local_cluster  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -213,7 +214,8 @@ def test_items_left_when_every_node_is_lost_are_unfinished_not_failed(tmp_path):
 
     items = write_items(tmp_path / "in.jsonl", [{"n": i, "s": 0.2} for i in range(40)])
     left = tmp_path / "left.jsonl"
-    cl = LocalCluster(n_workers=2, threads_per_worker=2, processes=True, dashboard_address=None)
+    with dask.config.set(NO_DIAGNOSTICS):
+        cl = LocalCluster(n_workers=2, threads_per_worker=2, processes=True, dashboard_address=None)
     cli = None
     try:
         cli = LiveCli(["map", "maptargets:nap", "--items", items, "--cluster", cl.scheduler_address,

@@ -28,7 +28,7 @@ def test_three_hundred_workers_pause_and_resume(room_for_300_workers):
     # Forked workers inherit the manager's fds, so the later workers' own fds
     # are numbered past 1024 (300 workers x 4 descriptors each, inherited under
     # fork): a select()-based pause used to fail there.
-    with ProcessController(targets.sleep_units, 300, args=(0.01,), start_method="fork") as pc:
+    with ProcessController(targets.sleep_units, 300, args=(0.1,), start_method="fork") as pc:
         pc.run(timeout=60)
         pc.pause(timeout=60)
         pc.run(timeout=60)

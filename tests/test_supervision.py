@@ -694,14 +694,20 @@ def test_resize_up_and_down(state):
 def test_ctx_workers_follows_a_resize():
     """ctx.workers is the size now, for the workers already running too (a
     target that shards by it: worker 0 said 2 after a resize to 4)."""
+    ts.drain_looks()
     with controller(ts.size_seen, 2) as pc:
         pc.run()
+        ts.looked({0, 1})  # (run() returns once the workers took the command: before they look)
         pc.resize(4)
         pc.pause()  # (each worker's next checkpoint comes after the resize)
+        ts.drain_looks()
         pc.run()
+        ts.looked({0, 1, 2, 3})
         pc.resize(3)
         pc.pause()
+        ts.drain_looks()
         pc.run()
+        ts.looked({0, 1, 2})
         seen = {wid: r.result for wid, r in pc.stop().items()}
     assert seen[0] == seen[1] == [2, 4, 3], seen
     assert seen[2][-2:] == [4, 3] and seen[3][-1] == 4, seen
