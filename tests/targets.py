@@ -44,9 +44,21 @@ def call_sys_exit(ctx, code=3):
     sys.exit(code)
 
 
-def ignore_stop(ctx):
-    """Never reaches a checkpoint again and ignores SIGTERM."""
+def ignore_stop(ctx, ignoring=None):
+    """Never reaches a checkpoint again and ignores SIGTERM (then releases `ignoring`, a semaphore, if given)."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if ignoring is not None:
+        ignoring.release()
+    ctx.checkpoint()
+    while True:
+        time.sleep(0.05)
+
+
+def ignore_stop_and_say(ctx):
+    """ignore_stop that says on its output once it ignores SIGTERM (a test at a
+    terminal waits for it: the run's "running" comes before the target's first line)."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    print(f"worker {ctx.worker_id} ignores SIGTERM", flush=True)
     ctx.checkpoint()
     while True:
         time.sleep(0.05)

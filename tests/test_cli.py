@@ -177,8 +177,10 @@ def test_second_sigint_kills_at_once():
 
 
 def test_the_escalation_warning_is_one_procctl_line():
+    # (--timeout counts from before the workers start: at 0.3 s, under load, one that had
+    # not yet taken the run was stopped before its target ignored SIGTERM)
     res = run_cli(["run", "--workers", "2", "--target", "targets:ignore_stop", "--schedule", "run",
-                   "--step", "0", "--timeout", "0.3", "--grace", "0.2", "--json"], timeout=30, cwd=TESTS)
+                   "--step", "0", "--timeout", "2", "--grace", "0.2", "--json"], timeout=30, cwd=TESTS)
     assert res.returncode == 124, res.stderr
     assert "procctl: workers [0, 1] ignored SIGTERM: sent SIGKILL" in res.stderr.splitlines()
     assert json_events(res.stdout)[-1]["outcomes"] == {"killed": 2}

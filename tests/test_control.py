@@ -11,6 +11,7 @@ import stat
 import subprocess
 import sys
 import threading
+import time
 import urllib.request
 
 import psutil
@@ -48,6 +49,16 @@ def ctl_json(env, *args):
     res = ctl(env, *args, "--json")
     assert res.returncode == 0, res.stderr
     return json.loads(res.stdout)
+
+
+def status_once(env, *args, ready, timeout=20.0):
+    """`procctl status ARGS --json` once `ready(status)` (the "running" lines say the
+    workers took the run, before their targets' first progress() call)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        status = ctl_json(env, "status", *args)
+        if ready(status) or time.monotonic() > deadline:
+            return status
 
 
 def start_run(env, name, *extra, workers=3, target="targets_control:steady"):
@@ -102,7 +113,8 @@ def test_replies_are_strict_json_whatever_the_figures():
 def test_status_keeps_huge_figures_in_their_columns(env):
     cli = start_run(env, "huge", workers=1, target="targets_control:huge_progress")
     try:
-        assert ctl_json(env, "status", "huge")["workers"][0]["rate"] > 1e300
+        status = status_once(env, "huge", ready=lambda st: st["workers"][0]["rate"] is not None)
+        assert status["workers"][0]["rate"] > 1e300
         res = ctl(env, "status", "huge")
         assert res.returncode == 0, res.stderr
         row = res.stdout.splitlines()[2]
@@ -131,7 +143,8 @@ def test_ls_status_pause_resume_events_metrics_stop(env):
             ("job1", cli.proc.pid, 3, "running")]
         assert runs[0]["job"] == "run targets_control:steady" and runs[0]["elapsed"] >= 0
 
-        status = ctl_json(env, "status")  # RUN omitted: the only live run
+        # RUN omitted: the only live run
+        status = status_once(env, ready=lambda st: all(w["info"] for w in st["workers"]))
         workers = status["workers"]
         assert [w["id"] for w in workers] == [0, 1, 2]
         for w in workers:

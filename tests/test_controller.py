@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import select
 import signal
 import time
 
@@ -130,10 +131,12 @@ def test_checkpoint_blocks_while_paused():
 
     with ProcessController(_stamps, 2, start_method="fork") as pc:
         pc.run()
-        # let it do some work (simulated work happens in the worker)
-        deadline = time.monotonic() + 0.1
-        while time.monotonic() < deadline:
-            pc.reap(timeout=deadline - time.monotonic())
+        # Some work before the pause: run() returns once the workers took the
+        # command, before their first stamp (a fixed 0.1 s missed it under load).
+        left = {0, 1}
+        while left:
+            assert select.select([_STAMPED_R], [], [], 30)[0], f"workers {left} never stamped"
+            left -= set(os.read(_STAMPED_R, 64))
         pc.pause()
         t_paused = time.time()
         assert all(s.state is State.PAUSED for s in pc.status())
@@ -152,10 +155,16 @@ def test_checkpoint_blocks_while_paused():
         assert any(t < t_paused for t in stamps) and any(t > t_resume for t in stamps)
 
 
+#: _stamps writes its worker id here after its first stamp (fork: the test reads it).
+_STAMPED_R, _STAMPED_W = os.pipe()
+
+
 def _stamps(ctx):
     out = []
     while ctx.checkpoint():
         out.append(time.time())
+        if len(out) == 1:
+            os.write(_STAMPED_W, bytes([ctx.worker_id]))
         time.sleep(0.002)
     return out
 

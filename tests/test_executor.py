@@ -527,7 +527,12 @@ def stuck(_):
     while True:
         time.sleep(0.5)  # never looks at a checkpoint
 
-ex = ProcessExecutor(2, grace=float(sys.argv[1]), start_method="fork")  # never shut down: the exit hook's
+def said_stop(event):
+    if event.event == "broadcast" and event.state == "stopped":
+        print("stopping", file=sys.stderr, flush=True)
+
+ex = ProcessExecutor(2, grace=float(sys.argv[1]), start_method="fork",
+                     on_event=said_stop)  # never shut down: the exit hook's
 futures = [ex.submit(stuck, i) for i in range(3)]
 print(" ".join(str(s.pid) for s in ex.status()), flush=True)
 time.sleep(60)
@@ -597,16 +602,16 @@ def test_ctrl_c_ends_a_script_whose_executor_runs_endless_tasks(tmp_path, presse
     with _script(tmp_path, CTRL_C_SCRIPT, str(grace)) as (proc, pids):
         os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C on a terminal: the whole group
         said = ""
-        if presses == 2:  # once the exit hooks run: procctl's waits out the grace
-            while not said.endswith("exiting\n"):
+        if presses == 2:  # once procctl's exit hook has begun to wait out the grace
+            while not said.endswith("stopping\n"):
                 line = proc.stderr.readline()
                 assert line, said
                 said += line
-            time.sleep(0.2)  # a moment later, as a person presses: the hook printing that has returned
             os.killpg(proc.pid, signal.SIGINT)
         _, err = proc.communicate(timeout=30)
         err = said + err
     assert proc.returncode == -signal.SIGINT, err
     assert time.monotonic() - t0 < 30
-    assert err.count("Traceback") == 1 and err.endswith("KeyboardInterrupt\nexiting\n"), err  # the script's own
+    # The script's own traceback, its exit hook's line, then procctl's stop.
+    assert err.count("Traceback") == 1 and err.endswith("KeyboardInterrupt\nexiting\nstopping\n"), err
     assert still_running(pids, timeout=5) == []

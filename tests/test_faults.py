@@ -117,8 +117,11 @@ def test_segfault_is_crashed_with_minus_11():
 
 def test_worker_ignoring_stop_and_sigterm_is_killed_in_time(start_method):
     grace = 0.5
-    with ProcessController(targets.ignore_stop, 2, start_method=start_method) as pc:
+    ignoring = multiprocessing.get_context(start_method).Semaphore(0)
+    with ProcessController(targets.ignore_stop, 2, args=(ignoring,), start_method=start_method) as pc:
         pc.run()
+        # (run() returns before the target's first line: a worker slow to reach it died of the SIGTERM)
+        assert ignoring.acquire(timeout=30) and ignoring.acquire(timeout=30)
         t0 = time.monotonic()
         reports = pc.stop(grace=grace)
         took = time.monotonic() - t0

@@ -343,6 +343,8 @@ def test_huge_timeouts_wait_as_long_as_needed():
 def test_the_worker_sides_waits_refuse_bad_timeouts_and_take_huge_ones():
     with ProcessController(th.worker_waits, 1, start_method="fork") as pc:
         pc.run()
+        # (run() returns before the target's first line: a stop sent earlier cut its waits short)
+        assert select.select([th.SLEEPING_R], [], [], 30)[0] and os.read(th.SLEEPING_R, 1) == b"z"
         assert not pc.wait(timeout=0.3)  # in its 1e10 s sleep
         reports = pc.stop(grace=5)
     refused, readable, stopped = reports[0].result

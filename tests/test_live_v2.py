@@ -110,18 +110,27 @@ def test_chatty_workers_never_tear_a_line_and_keys_p_r_s_work(screen):
     assert "summary: 2 workers, 2 stopped" in text
 
 
+def ignoring(term):
+    """Both workers ignore SIGTERM (a key before that stopped one that had not yet
+    begun its target: "stopped", and no countdown)."""
+    term.wait_for("worker 0 ignores SIGTERM")
+    term.wait_for("worker 1 ignores SIGTERM")
+
+
 def test_q_stops_at_once_and_the_countdown_shows_during_a_grace(screen):
-    term = screen(["run", "--workers", "2", "--target", "targets:ignore_stop", "--schedule", "run",
+    term = screen(["run", "--workers", "2", "--target", "targets:ignore_stop_and_say", "--schedule", "run",
                    "--step", "0", "--grace", "1.5"])
     term.wait_for("keys: p pause")
+    ignoring(term)
     term.key("s")
     term.wait_for("grace period left; still running: 0, 1")
     assert term.finish() == 1  # the workers ignored the stop: killed after the grace
     assert "2 killed" in term.text
 
-    term = screen(["run", "--workers", "2", "--target", "targets:ignore_stop", "--schedule", "run",
+    term = screen(["run", "--workers", "2", "--target", "targets:ignore_stop_and_say", "--schedule", "run",
                    "--step", "0", "--grace", "30"])
     term.wait_for("keys: p pause")
+    ignoring(term)
     started = time.monotonic()
     term.key("q")
     assert term.finish() == 1
@@ -129,9 +138,10 @@ def test_q_stops_at_once_and_the_countdown_shows_during_a_grace(screen):
     assert "stopping now" in term.text or "2 killed" in term.text
 
     # q while a graceful stop waits out its grace: it is cut short, not waited out.
-    term = screen(["run", "--workers", "2", "--target", "targets:ignore_stop", "--schedule", "run",
+    term = screen(["run", "--workers", "2", "--target", "targets:ignore_stop_and_say", "--schedule", "run",
                    "--step", "0", "--grace", "30"])
     term.wait_for("keys: p pause")
+    ignoring(term)
     term.key("s")
     term.wait_for("grace period left; still running: 0, 1")
     started = time.monotonic()
@@ -152,9 +162,10 @@ def test_q_is_read_while_a_shrink_waits_for_its_worker(screen):
     """The - key's shrink waits for the removed worker (here one that ignores the
     stop: the whole 30 s grace); the keys were not read meanwhile, so q took
     the grace too."""
-    term = screen(["run", "--workers", "2", "--target", "targets:ignore_stop", "--schedule", "run",
+    term = screen(["run", "--workers", "2", "--target", "targets:ignore_stop_and_say", "--schedule", "run",
                    "--step", "0", "--grace", "30"])
     term.wait_for("keys: p pause")
+    ignoring(term)
     term.key("-")
     started = time.monotonic()
     term.key("q")
