@@ -69,6 +69,14 @@ def big_result(ctx, megabytes=30):
     return b"x" * (megabytes << 20)
 
 
+def big_result_said(ctx, megabytes=30):
+    """big_result that writes a line to its standard output as it returns."""
+    ctx.checkpoint()
+    result = b"x" * (megabytes << 20)
+    os.write(1, b"returning its result\n")
+    return result
+
+
 def unpicklable_result(ctx):
     ctx.checkpoint()
     return lambda: None

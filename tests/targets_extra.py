@@ -194,6 +194,13 @@ def gil_hog(ctx):
     return sum(range(10**12))
 
 
+def gil_hog_said(ctx):
+    """gil_hog that writes a line to its standard output as it enters the C call."""
+    ctx.checkpoint()
+    os.write(1, b"in its C call\n")
+    return sum(range(10**12))
+
+
 def signals_a_task_child_gets(_):
     """What a program a task starts does with SIGINT, SIGUSR1 and SIGUSR2 (its exit
     status), and whether this worker survives the three itself."""

@@ -79,18 +79,26 @@ class Exits:
         self.fds = {}
 
 
-def _start_manager(tests_dir, target, run, method, workers=2):
+def _start_manager(tests_dir, target, run, method, workers=2, said=None):
+    """The manager script and its line of pids, once its workers are up (and,
+    with `said`, once a worker has also written that line: before or after it)."""
     src = MANAGER.format(tests=tests_dir, target=target, workers=workers, method=method, run=run)
     proc = subprocess.Popen(
         [sys.executable, "-c", src], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
         stderr=subprocess.PIPE, text=True, start_new_session=True,
     )
-    line = proc.stdout.readline()  # blocks until the workers are up (or the manager died)
-    if not line:
-        proc.kill()
-        _, err = proc.communicate(timeout=10)
-        pytest.fail(f"manager failed: {err}")
-    return proc, json.loads(line)
+    info = None
+    while info is None or said is not None:
+        line = proc.stdout.readline()  # blocks until the workers are up (or the manager died)
+        if not line:
+            proc.kill()
+            _, err = proc.communicate(timeout=10)
+            pytest.fail(f"manager failed: {err}")
+        if line == said:
+            said = None
+        else:
+            info = json.loads(line)
+    return proc, info
 
 
 @pytest.mark.parametrize("mode", list(MODES))
@@ -138,17 +146,20 @@ def test_workers_exit_when_the_manager_is_sigkilled(mode, start_method, tests_di
     "forkserver",
 ])
 def test_orphan_exits_even_inside_a_gil_holding_c_call(tests_dir, method):
-    _assert_orphans_exit(tests_dir, "targets_extra.gil_hog", method, timeout=2.0)
+    _assert_orphans_exit(tests_dir, "targets_extra.gil_hog_said", method, timeout=2.0, said="in its C call\n")
 
 
 def test_orphan_exit_while_big_result_is_being_written(tests_dir):
-    """A worker blocked writing a result nobody reads still leaves."""
-    _assert_orphans_exit(tests_dir, "targets.big_result", "fork", timeout=3.0)
+    """A worker blocked writing a result nobody reads (the manager script
+    reads no report) still leaves."""
+    _assert_orphans_exit(tests_dir, "targets.big_result_said", "fork", timeout=3.0, said="returning its result\n")
 
 
-def _assert_orphans_exit(tests_dir, target, method, timeout):
-    """SIGKILL a manager whose one worker runs `target`; the worker must exit within `timeout`."""
-    proc, info = _start_manager(tests_dir, target, True, method, workers=1)
+def _assert_orphans_exit(tests_dir, target, method, timeout, said):
+    """SIGKILL a manager whose one worker runs `target`, once the worker `said`
+    it is there (run() returns before the target's first line); the worker must
+    exit within `timeout`."""
+    proc, info = _start_manager(tests_dir, target, True, method, workers=1, said=said)
     try:
         exits = Exits(info["workers"])
         os.kill(proc.pid, signal.SIGKILL)
