@@ -559,13 +559,16 @@ def test_a_dask_worker_sigkilled(own_cluster, tmp_path):
 
     with Client(address, set_as_default=False) as client:
         client.wait_for_workers(2, timeout=20)  # the nanny's new worker
+        # (Looked up before the run: a client's connect while the tasks ran took
+        # long enough, under load, for them all to end before the kill.)
+        pids = client.run(os.getpid)
     events = []
     with ClusterExecutor(address=address, workers_per_node=2, lease=LEASE, on_event=events.append) as ex:
         futs = [ex.submit(cluster_targets.slow_square, i) for i in range(80)]
         it = concurrent.futures.as_completed(futs, timeout=30)
         for _ in range(8):
             next(it)
-        os.kill(dask_worker_pids(address)[ex.nodes[1].address], signal.SIGKILL)
+        os.kill(pids[ex.nodes[1].address], signal.SIGKILL)
         assert [f.result(timeout=30) for f in futs] == [i * i for i in range(80)]
         assert ex.retried > 0
         assert any(e.event == "task-retry" and e.node == ex.nodes[1].address for e in events)

@@ -323,7 +323,7 @@ def test_resume_after_a_torn_last_record_keeps_the_joblog_whole(tmp_path):
 
 
 def test_sigkill_mid_run_then_resume_does_every_item_exactly_once(tmp_path):
-    n = 40
+    n = 400  # (at 40, a stall after the 10th line let the run end first)
     items = write_items(tmp_path / "in.jsonl", range(n))
     log, marks_file = tmp_path / "log", tmp_path / "marks"
     env = {"MAP_MARKS": str(marks_file), "MAP_DELAY": "0.02"}
@@ -339,14 +339,17 @@ def test_sigkill_mid_run_then_resume_does_every_item_exactly_once(tmp_path):
     assert 10 <= len(first) < n
     assert_all_gone({m["pid"] for m in marks(marks_file)})  # the workers died with the command line
     logged = {r["item"] for r in json_events(log.read_text()) if r["status"] == "done"}
-    assert logged == first  # every item that ran is in the joblog, none that did not
+    # Every item that ran is in the joblog, none that did not; but one a worker was
+    # killed with, between its item's end and the joblog's line, which nothing can close
+    # (the resume runs it again: the joblog is what says done).
+    assert logged <= first and len(first - logged) <= 2, (first - logged, logged - first)
 
     res = map_cli(args + ["--resume", "--json"], env={**env, "MAP_DELAY": "0"})
     assert res.returncode == 0, res.stderr
-    assert {r["item"] for r in results(res.stdout)} == set(range(n)) - first
-    assert json_events(res.stdout)[-1]["skipped"] == len(first)
+    assert {r["item"] for r in results(res.stdout)} == set(range(n)) - logged
+    assert json_events(res.stdout)[-1]["skipped"] == len(logged)
     counts = Counter(m["item"] for m in marks(marks_file))
-    assert counts == Counter(range(n))  # every item done, none twice
+    assert counts == Counter(range(n)) + Counter(first - logged)  # every item done, none logged twice
     assert_all_gone({m["pid"] for m in marks(marks_file)})
 
 
@@ -359,7 +362,7 @@ def test_sigkill_mid_run_then_resume_does_every_item_exactly_once(tmp_path):
                                                  (signal.SIGINT, 130, True), (signal.SIGTERM, 143, True)],
                          ids=["SIGINT", "SIGTERM", "SIGINT-to-group", "SIGTERM-to-group"])
 def test_stop_signal_writes_the_unfinished_items(tmp_path, sig, code, to_group):
-    n = 40
+    n = 400  # (at 40, a stall after the 5th line let the run end first)
     items = write_items(tmp_path / "in.jsonl", [{"n": i} for i in range(n)])
     unfinished, marks_file = tmp_path / "todo.jsonl", tmp_path / "marks"
     cli = LiveCli(["map", "maptargets:mark", "--items", items, "--workers", "2", "--unfinished", str(unfinished)],
@@ -406,7 +409,7 @@ def test_second_sigint_kills_at_once(tmp_path):
 
 
 def test_sigusr1_pauses_and_sigusr2_resumes(tmp_path):
-    n = 30
+    n = 200  # (at 30, a stall after the 3rd result let the run end before the signal)
     items = write_items(tmp_path / "in.jsonl", range(n))
     marks_file = tmp_path / "marks"
     cli = LiveCli(["map", "maptargets:mark", "--items", items, "--workers", "2", "--json"], cwd=TESTS,
@@ -447,14 +450,15 @@ def test_a_pause_that_a_long_task_holds_up_does_not_hold_up_a_stop(tmp_path):
 
 
 def test_timeout_stops_cleanly_and_exits_124(tmp_path):
-    items = write_items(tmp_path / "in.jsonl", range(100))
+    # (The clock runs from before the workers start: at 0.5 s, under load, no item was done.)
+    items = write_items(tmp_path / "in.jsonl", range(200))
     unfinished = tmp_path / "todo.jsonl"
-    res = map_cli(["maptargets:mark", "--items", items, "--workers", "2", "--timeout", "0.5",
+    res = map_cli(["maptargets:mark", "--items", items, "--workers", "2", "--timeout", "1.5",
                    "--unfinished", str(unfinished)], env={"MAP_MARKS": str(tmp_path / "m"), "MAP_DELAY": "0.05"})
     assert res.returncode == 124
     done = [r["item"] for r in json_events(res.stdout)]
     left = json_events(unfinished.read_text())
-    assert done and left and sorted(done + left) == list(range(100))
+    assert done and left and sorted(done + left) == list(range(200))
 
 
 def test_live_view_on_a_terminal(tmp_path):
@@ -690,7 +694,7 @@ def test_a_signal_at_a_random_moment_is_a_clean_stop(tmp_path, sig, code):
 
 
 def test_sigterm_while_stderr_is_a_broken_pipe_exits_143(tmp_path):
-    items = write_items(tmp_path / "in.jsonl", range(40))
+    items = write_items(tmp_path / "in.jsonl", range(400))
     marks_file = tmp_path / "marks"
     cli = LiveCli(["map", "maptargets:mark", "--items", items, "--workers", "2", "--json"], cwd=TESTS,
                   env={"MAP_MARKS": str(marks_file), "MAP_DELAY": "0.02"})

@@ -555,9 +555,10 @@ def test_a_timeout_beyond_any_float_is_no_limit():
 
 def test_timeout_stops_cleanly_and_raises():
     started = time.monotonic()
-    with pytest.raises(TimeoutError, match="within 0.5s") as info:
-        sum_threshold(2, 2, 10**9, delay=0.01, timeout=0.5, start_method="fork")
-    assert time.monotonic() - started < 3
+    # (The clock runs from before the workers start: at 0.5 s, under load, no item came.)
+    with pytest.raises(TimeoutError, match="within 1.5s") as info:
+        sum_threshold(2, 2, 10**9, delay=0.01, timeout=1.5, start_method="fork")
+    assert time.monotonic() - started < 5
     counts = info.value.result  # a SumTimeout: the run's counts, nobody won
     assert counts.winner == -1 and max(counts.sums) <= 10**9 and len(counts.produced) == 2
     assert sum(counts.produced) == sum(counts.received) + counts.drained > 0
@@ -632,7 +633,7 @@ def test_a_second_ctrl_c_while_spawn_workers_start_still_ends_with_the_counts(fi
     # Signals at moments while the spawn workers start (as issue 10's early-signal
     # runs): the second SIGINT kills them while start() waits, which is the
     # cancel's doing, and the counts are settled as ever (the summary was missing).
-    for _ in range(4):
+    for _ in range(6):
         proc = subprocess.Popen(CLI + ["--threshold", "1000000000", "--start-method", "spawn", "--json"],
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
         try:
@@ -644,10 +645,12 @@ def test_a_second_ctrl_c_while_spawn_workers_start_still_ends_with_the_counts(fi
         finally:
             proc.kill()
             proc.wait(10)
-        if proc.returncode != -signal.SIGINT:
-            break
         # A loaded machine's interpreter had not reached procctl's handlers yet (its own
-        # start-up, which the README excepts): again, later.
+        # start-up, which the README excepts: a death by the signal, or its traceback
+        # from no file of procctl's and exit 1): again, later.
+        in_start_up = proc.returncode == -signal.SIGINT or (proc.returncode == 1 and "/procctl/" not in err)
+        if not in_start_up:
+            break
         first *= 2
     assert proc.returncode == 130, err
     *_, cancelled, summary = map(json.loads, out.splitlines())
@@ -717,16 +720,16 @@ def test_cli_bad_input_is_one_line_and_exit_2(args):
 
 
 def test_cli_timeout_exits_124():
-    res = run_sum("--threshold", "1000000000", "--delay", "0.01", "--timeout", "0.5", "--json")
+    res = run_sum("--threshold", "1000000000", "--delay", "0.01", "--timeout", "1.5", "--json")
     assert res.returncode == 124, res.stderr
     *_, closed, timed_out, summary = map(json.loads, res.stdout.splitlines())
     # Its time, as every record's, and never before the one above (it had none).
-    assert list(timed_out) == ["t", "event", "timeout"] and timed_out["timeout"] == 0.5
-    assert closed["event"] == "closed" and timed_out["t"] >= closed["t"] >= 0.5
+    assert list(timed_out) == ["t", "event", "timeout"] and timed_out["timeout"] == 1.5
+    assert closed["event"] == "closed" and timed_out["t"] >= closed["t"] >= 1.5
     # The last line is the summary, as on a win: nobody won, the counts add up.
     assert summary["event"] == "summary" and summary["winner"] is None
     assert sum(summary["produced"]) == sum(summary["received"]) + summary["drained"] > 0
-    assert "within 0.5s" in res.stderr
+    assert "within 1.5s" in res.stderr
 
 
 def _live(*args: str) -> subprocess.Popen:

@@ -35,12 +35,12 @@ def test_max_tasks_per_worker_with_quick_batched_tasks():
 
 def test_a_big_chunk_pauses_and_stops_between_its_items():
     ex = ProcessExecutor(2)
-    items = list(range(2000))  # automatic chunks of 250 items of 5 ms
+    items = list(range(4000))  # automatic chunks of 500 items of 5 ms
     it = ex.map(t.slow_item, items)
     assert next(it) == 0  # the first chunk is done, the others run
     t0 = time.monotonic()
-    ex.pause(timeout=10)  # within a block of items, not a whole 1.25 s chunk
-    assert time.monotonic() - t0 < 1.0
+    ex.pause(timeout=10)  # within a block of items, not a whole 2.5 s chunk
+    assert time.monotonic() - t0 < 1.5
     done = ex.counts().completed
     time.sleep(0.1)  # paused: no chunk completes meanwhile
     assert ex.counts().completed == done
@@ -96,7 +96,9 @@ def test_items_larger_than_a_consumers_socket_window_all_arrive():
 
 def test_shutdown_cancel_futures_wakes_a_map_waiting_on_a_cancelled_item():
     ex = ProcessExecutor(1)
-    busy = ex.submit(t.sleep_for, 0.5)  # the worker's window: this one and the next
+    # The worker's window: this one and the next (5 s: ended before the shutdown, it
+    # let the queued items run, and nothing was left to cancel).
+    busy = ex.submit(t.sleep_for, 5.0)
     ahead = ex.map(t.sleep_for, [0.0] * 3, chunksize=1)
     waiting = ex.map(t.square, [7], chunksize=1)  # queued behind them
     outcome = []
@@ -113,7 +115,7 @@ def test_shutdown_cancel_futures_wakes_a_map_waiting_on_a_cancelled_item():
     ex.shutdown(wait=False, cancel_futures=True)
     th.join(10)
     assert not th.is_alive() and outcome == ["cancelled"]
-    assert busy.result(10) == 0.5
+    assert busy.result(15) == 5.0
     with pytest.raises(cf.CancelledError):
         list(ahead)
     ex.shutdown(wait=True)
