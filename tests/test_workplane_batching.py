@@ -96,9 +96,9 @@ def test_items_larger_than_a_consumers_socket_window_all_arrive():
 
 def test_shutdown_cancel_futures_wakes_a_map_waiting_on_a_cancelled_item():
     ex = ProcessExecutor(1)
-    # The worker's window: this one and the next (5 s: ended before the shutdown, it
+    # The worker's window: this one and the next (2 s: ended before the shutdown, it
     # let the queued items run, and nothing was left to cancel).
-    busy = ex.submit(t.sleep_for, 5.0)
+    busy = ex.submit(t.sleep_for, 2.0)
     ahead = ex.map(t.sleep_for, [0.0] * 3, chunksize=1)
     waiting = ex.map(t.square, [7], chunksize=1)  # queued behind them
     outcome = []
@@ -115,7 +115,7 @@ def test_shutdown_cancel_futures_wakes_a_map_waiting_on_a_cancelled_item():
     ex.shutdown(wait=False, cancel_futures=True)
     th.join(10)
     assert not th.is_alive() and outcome == ["cancelled"]
-    assert busy.result(15) == 5.0
+    assert busy.result(15) == 2.0
     with pytest.raises(cf.CancelledError):
         list(ahead)
     ex.shutdown(wait=True)
