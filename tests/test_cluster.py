@@ -837,13 +837,16 @@ def test_cli_on_an_address_that_does_not_speak_dask(silent_address, tests_dir, t
         check, _ = sock.accept()  # its refusal check
         handshake, _ = sock.accept()  # it waits for the handshake now
         proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=3)
+        signalled = time.monotonic()
+        _, err = proc.communicate(timeout=15)  # (a bound against a hang; the figure is below)
+        took = time.monotonic() - signalled
         check.close()
         handshake.close()
     finally:
         proc.kill()
         proc.communicate(timeout=10)
     assert proc.returncode == 143, err
+    assert took < 4, took  # at once, not after the connect's 5 s
     # Left alone, it is the library's ConnectionError (test above): one line, exit 2,
     # as for a port where nothing listens (test_cli_bad_cluster_is_one_line_and_exit_2).
 
