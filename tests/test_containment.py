@@ -403,7 +403,10 @@ GO_BETWEEN_REAPED = textwrap.dedent("""
     others = [c for c in psutil.Process().children() if c.pid not in pc.pids()]
     ended = True
     for child in others:  # the guardian's go-between: wait for its exit, without reaping it
-        fd = os.pidfd_open(child.pid)
+        try:
+            fd = os.pidfd_open(child.pid)
+        except ProcessLookupError:
+            continue  # ended, and reaped already (what is under test) since we listed it
         ended = ended and bool(select.select([fd], [], [], 20)[0])
         os.close(fd)
     for t in threading.enumerate():
