@@ -7,6 +7,7 @@ must be counted append (item, pid) to a marks file with one O_APPEND write.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -16,6 +17,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from collections.abc import Iterator
 
 import pytest
 from clihelp import CLI, LiveCli, assert_all_gone, json_events, run_cli, run_on_pty
@@ -565,28 +567,30 @@ def test_stdout_on_a_full_disk_stops_the_run_with_one_line(tmp_path):
     assert "No space left on device" in res.stderr
 
 
-def _map_holding(args: list[str], held: set[int], **kw) -> subprocess.Popen:
+@contextlib.contextmanager
+def _map_holding(args: list[str], held: set[int], **kw) -> Iterator[subprocess.Popen]:
     """`procctl map ARGS` in a session of its own, started with the signals `held`
     blocked: held through the interpreter's start-up (not procctl's to catch: a
     signal there was a KeyboardInterrupt traceback on a loaded machine, a death by
-    SIGUSR1), they come as procctl lets its signals in."""
+    SIGUSR1), they come as procctl lets its signals in. Killed if still there at the end."""
     def block() -> None:
         signal.pthread_sigmask(signal.SIG_BLOCK, held)
 
-    return subprocess.Popen(CLI + ["map", *args], cwd=TESTS, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    proc = subprocess.Popen(CLI + ["map", *args], cwd=TESTS, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             start_new_session=True, preexec_fn=block, **kw)
+    try:
+        yield proc
+    finally:
+        proc.kill()
+        proc.wait(10)
 
 
 def test_ctrl_c_while_reading_items_from_stdin_ends_the_command(tmp_path):
-    proc = _map_holding(["maptargets:square"], {signal.SIGINT}, stdin=subprocess.PIPE)
-    try:
+    with _map_holding(["maptargets:square"], {signal.SIGINT}, stdin=subprocess.PIPE) as proc:
         proc.stdin.write(b"1\n")
         proc.stdin.flush()  # it is reading, and stdin stays open
         os.killpg(proc.pid, signal.SIGINT)
         out, err = proc.communicate(timeout=30)
-    finally:
-        proc.kill()
-        proc.wait(10)
     assert proc.returncode in (130, -signal.SIGINT) and out == b"", err
     assert b"Traceback" not in err
 
@@ -595,8 +599,8 @@ def test_pause_and_resume_signals_while_reading_items_do_not_end_the_command():
     """SIGUSR1 and SIGUSR2 while the items still come (a slow producer) are a
     pause and a resume for the run, not a stop: it exited 130 with nothing
     done. Held through the interpreter's start-up, as Ctrl-C above."""
-    proc = _map_holding(["maptargets:square", "--ordered"], {signal.SIGUSR1, signal.SIGUSR2}, stdin=subprocess.PIPE)
-    try:
+    with _map_holding(["maptargets:square", "--ordered"], {signal.SIGUSR1, signal.SIGUSR2},
+                      stdin=subprocess.PIPE) as proc:
         for i in range(10):  # the producer's pace: 2 s in all, the command reading through most of it
             proc.stdin.write(b"%d\n" % i)
             proc.stdin.flush()
@@ -604,9 +608,6 @@ def test_pause_and_resume_signals_while_reading_items_do_not_end_the_command():
             time.sleep(0.2)
         os.kill(proc.pid, signal.SIGUSR2)
         out, err = proc.communicate(timeout=60)
-    finally:
-        proc.kill()
-        proc.wait(10)
     assert proc.returncode == 0, err
     assert [json.loads(line)["result"] for line in out.splitlines()] == [i * i for i in range(10)]
 
@@ -616,9 +617,8 @@ def test_a_pause_that_came_before_the_workers_lets_no_item_start(tmp_path):
     read, the workers started) pauses the run before any item starts: the
     first items ran before the pause was applied."""
     items, marks_file = write_items(tmp_path / "in.jsonl", range(6)), tmp_path / "marks"
-    proc = _map_holding(["maptargets:mark", "--items", items, "--workers", "2", "--json"],
-                        {signal.SIGUSR1, signal.SIGUSR2}, env={**os.environ, "MAP_MARKS": str(marks_file)})
-    try:
+    with _map_holding(["maptargets:mark", "--items", items, "--workers", "2", "--json"],
+                      {signal.SIGUSR1, signal.SIGUSR2}, env={**os.environ, "MAP_MARKS": str(marks_file)}) as proc:
         os.kill(proc.pid, signal.SIGUSR1)  # held until procctl's handlers are in: before any item
         for line in proc.stdout:  # (bounded by the test's timeout)
             if json.loads(line).get("event") == "paused":
@@ -626,14 +626,12 @@ def test_a_pause_that_came_before_the_workers_lets_no_item_start(tmp_path):
         assert marks(marks_file) == []  # no item ran
         os.kill(proc.pid, signal.SIGUSR2)
         out, err = proc.communicate(timeout=60)
-    finally:
-        proc.kill()
-        proc.wait(10)
     assert proc.returncode == 0, err
     assert sorted(m["item"] for m in marks(marks_file)) == list(range(6))
 
 
-def _launch(events: str, items: str, marks_file, blocked: bool = False) -> subprocess.Popen:
+def _launch(events: str, items: str, marks_file,
+            blocked: bool = False) -> contextlib.AbstractContextManager[subprocess.Popen]:
     return _map_holding(["maptargets:mark", "--items", items, "--workers", "2", "--json", "--events", events],
                         {signal.SIGINT, signal.SIGTERM} if blocked else set(),
                         env={**os.environ, "MAP_MARKS": str(marks_file), "MAP_DELAY": "0.05"})
@@ -662,13 +660,9 @@ SIGNALS = [(signal.SIGINT, 130), (signal.SIGTERM, 143)]
 def test_a_signal_before_the_handlers_exist_is_a_clean_stop(tmp_path, sig, code):
     items = write_items(tmp_path / "in.jsonl", range(20))
     events, marks_file = str(tmp_path / "events.jsonl"), tmp_path / "marks"
-    proc = _launch(events, items, marks_file, blocked=True)
-    try:
+    with _launch(events, items, marks_file, blocked=True) as proc:
         os.killpg(proc.pid, sig)
         assert _assert_clean_stop(proc, sig, code, events, marks_file)
-    finally:
-        proc.kill()
-        proc.wait(10)
 
 
 @pytest.mark.parametrize("sig, code", SIGNALS, ids=["SIGINT", "SIGTERM"])
@@ -677,20 +671,17 @@ def test_a_signal_at_a_random_moment_is_a_clean_stop(tmp_path, sig, code):
     # first 0.6 s (start-up, reading and checking the input, workers starting, running).
     items = write_items(tmp_path / "in.jsonl", range(20))
     runs = []
-    for i in range(3):
-        events, marks_file = str(tmp_path / f"events{i}.jsonl"), tmp_path / f"marks{i}"
-        runs.append((_launch(events, items, marks_file), events, marks_file, random.uniform(0.0, 0.6)))
-    try:
+    with contextlib.ExitStack() as started:
+        for i in range(3):
+            events, marks_file = str(tmp_path / f"events{i}.jsonl"), tmp_path / f"marks{i}"
+            runs.append((started.enter_context(_launch(events, items, marks_file)), events, marks_file,
+                         random.uniform(0.0, 0.6)))
         t0 = time.monotonic()
         for proc, _, _, delay in sorted(runs, key=lambda r: r[3]):
             time.sleep(max(0.0, t0 + delay - time.monotonic()))  # bounded pacing of the signal times under test
             os.killpg(proc.pid, sig)
         for proc, events, marks_file, _ in runs:
             _assert_clean_stop(proc, sig, code, events, marks_file)
-    finally:
-        for proc, _, _, _ in runs:
-            proc.kill()
-            proc.wait(10)
 
 
 def test_sigterm_while_stderr_is_a_broken_pipe_exits_143(tmp_path):
