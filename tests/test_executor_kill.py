@@ -1,13 +1,19 @@
 """ProcessExecutor: a task that completed is done whatever STOPPED did meanwhile; kill() ends a stop's grace.
 
 Each task announces that it started by writing its pid to a FIFO the test
-reads (the read blocks until the task is in it): no polling, no sleeps.
+reads (the read blocks until the task is in it): no polling, no sleeps. The
+test holds the FIFO open for reading and writing from the start, so a task's
+open never waits and no end of file comes between two tasks' writes (a reader
+that closed after the first writer's end of file once left the second
+writer's write to a FIFO with no reader: a BrokenPipeError, and a test that
+waited for its pid forever).
 """
 
 from __future__ import annotations
 
 import concurrent.futures as cf
 import os
+import select
 import signal
 import threading
 import time
@@ -45,20 +51,26 @@ def ignore_stop(fifo, x):
     return x
 
 
-def started_pids(fifo: str, n: int) -> list[int]:
-    """Block until `n` tasks announced themselves; their pids."""
-    pids: list[int] = []
-    while len(pids) < n:
-        with open(fifo) as f:  # blocks until a task opens it to write
-            pids += [int(line) for line in f.read().split()]
-    return pids
+_held: dict[str, int] = {}  # fifo path -> the test's read-write end
+
+
+def started_pids(fifo: str, n: int, timeout: float = 30) -> list[int]:
+    """Block until `n` tasks announced themselves (at most `timeout` s); their pids."""
+    fd, buf, deadline = _held[fifo], b"", time.monotonic() + timeout
+    while len(buf.split(b"\n")) <= n:  # n whole lines
+        ready, _, _ = select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
+        assert ready, f"{len(buf.split())} of {n} tasks announced themselves in {timeout} s"
+        buf += os.read(fd, 4096)
+    return [int(line) for line in buf.split()]
 
 
 @pytest.fixture
 def fifo(tmp_path):
     path = str(tmp_path / "started")
     os.mkfifo(path)
-    return path
+    _held[path] = os.open(path, os.O_RDWR)  # (Linux: opening never blocks; never an end of file)
+    yield path
+    os.close(_held.pop(path))
 
 
 def test_a_task_that_returns_is_completed_though_a_sigterm_stopped_its_worker(fifo):
