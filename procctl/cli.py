@@ -573,6 +573,7 @@ def run_command(workers: int, target: str | None, schedule: str, step: float, fi
         # "no practical cap"), and a resize past the system's limits is refused as it comes.
     check_output_paths(events_path, timeline_path, trace_path, log_dir)
     control = ControlPlan.check(name, metrics_addr, job=f"run {target or 'demo'}", announce=not (json_lines or quiet))
+    cluster_mod = None if cluster_spec is None else load_cluster(cluster_address or "", cluster_spec[0])
     if log_dir is not None:
         try:
             os.makedirs(log_dir, exist_ok=True)
@@ -615,7 +616,8 @@ def run_command(workers: int, target: str | None, schedule: str, step: float, fi
                 pc._background = False  # the command's own loop pumps it, and draws the view in its thread
                 return pc
         else:
-            cluster_mod, address, local_nodes = cluster_spec
+            address, local_nodes = cluster_spec
+            assert cluster_mod is not None
             if local_nodes:
                 local_cluster = cluster_mod.session.local_cluster(local_nodes)
                 address = local_cluster.scheduler_address
@@ -641,22 +643,26 @@ def run_command(workers: int, target: str | None, schedule: str, step: float, fi
 CLUSTER_CONNECT_TIMEOUT = 5.0
 
 
-def parse_cluster(text: str) -> tuple[Any, str | None, int]:
-    """(procctl.cluster, scheduler address, local nodes) from --cluster; BadInput if wrong."""
+def parse_cluster(text: str) -> tuple[str | None, int]:
+    """(scheduler address, local nodes) from --cluster, by its form alone; BadInput if wrong.
+
+    Dask is not imported here (load_cluster): a command that another option
+    refuses says so without the second its import takes."""
     text = text.strip()
-    local = 0
-    address: str | None = None
     if text.startswith("local:"):
         count = text[len("local:"):]
         if not count.isdigit() or not 1 <= int(count) <= 256:
             raise BadInput(f"--cluster {text!r}: local:N needs a number of worker processes from 1 to 256")
-        local = int(count)
-    else:
-        rest = text.split("://", 1)[1] if "://" in text else text
-        host, _, port = rest.rpartition(":")
-        if not host or not port.isdigit() or not 0 < int(port) < 65536:
-            raise BadInput(f"--cluster {text!r} is not a scheduler address: use tcp://HOST:PORT or local:N")
-        address = text
+        return None, int(count)
+    rest = text.split("://", 1)[1] if "://" in text else text
+    host, _, port = rest.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise BadInput(f"--cluster {text!r} is not a scheduler address: use tcp://HOST:PORT or local:N")
+    return text, 0
+
+
+def load_cluster(text: str, address: str | None) -> Any:
+    """procctl.cluster, imported (with Dask), once the address's scheme is one Dask knows; BadInput if not."""
     try:
         import procctl.cluster as cluster_mod
         import procctl.cluster.session  # noqa: F401 - local_cluster
@@ -666,8 +672,8 @@ def parse_cluster(text: str) -> tuple[Any, str | None, int]:
         try:
             cluster_mod.session.check_address(address)  # a scheme Dask does not know (http://)
         except ValueError as exc:
-            raise BadInput(f"--cluster {text!r}: {exc}") from None
-    return cluster_mod, address, local
+            raise BadInput(f"--cluster {text.strip()!r}: {exc}") from None
+    return cluster_mod
 
 
 def _capture(workers: int, log_dir: str | None, *, line_buffered: bool) -> OutputCapture | None:

@@ -237,6 +237,10 @@ def make_plan(spec: str, items_path: str, raw_lines: bool, workers: int | None, 
     for path, option in ((joblog, "--joblog"), (unfinished, "--unfinished"), (events_path, "--events")):
         if path is not None:
             check_writable_file(path, option)
+    if cluster is not None:
+        from .cli import load_cluster
+
+        load_cluster(cluster.text, cluster.address)  # (after the checks above: none of them needs Dask)
     importing = time.monotonic()
     func = load_function(spec, local=cluster is None, timeout=timeout)
     spent = time.monotonic() - importing  # (the import counts: --timeout bounds the whole command)
@@ -262,7 +266,7 @@ def make_plan(spec: str, items_path: str, raw_lines: bool, workers: int | None, 
 def check_cluster(text: str | None, workers: int | None, workers_per_node: int | None,
                   lease: float | None = None) -> ClusterPlan | None:
     """--cluster, --workers-per-node and --lease, checked without connecting (procctl.cli's rules)."""
-    from .cli import check_lease, parse_cluster  # procctl.cli imports this module at its end
+    from .cli import check_lease, parse_cluster  # procctl.cli imports this module at its end (and Dask: not yet)
 
     node_lease = check_lease(lease, text is not None)
     if text is None:
@@ -276,7 +280,7 @@ def check_cluster(text: str | None, workers: int | None, workers_per_node: int |
     too_many = capacity_problem(per_node)
     if too_many is not None:
         raise BadInput(f"--workers-per-node {per_node}: {too_many}")
-    _, address, local_nodes = parse_cluster(text)
+    address, local_nodes = parse_cluster(text)
     return ClusterPlan(text.strip(), address, local_nodes, per_node, node_lease)
 
 

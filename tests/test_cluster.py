@@ -904,6 +904,22 @@ def test_cli_bad_cluster_is_one_line_and_exit_2(args, says):
     assert time.monotonic() - started < 20
 
 
+@pytest.mark.parametrize("command, says", [
+    (["run", "--cluster", "local:1", "--lease", "nan"], "--lease"),
+    (["run", "--cluster", "tcp://127.0.0.1:9", "--restart", "always"], "not with --cluster"),
+    (["map", "maptargets:square", "--cluster", "local:2", "--joblog", "/no/such/dir/log"], "--joblog"),
+])
+def test_cli_refuses_cluster_options_before_it_imports_dask(tmp_path, command, says):
+    # A distributed that cannot be imported: the option's own error comes first
+    # (it came after Dask's import, a second of the command's time, and here its error).
+    (tmp_path / "distributed").mkdir()
+    (tmp_path / "distributed" / "__init__.py").write_text("raise ImportError('no Dask in this test')\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.path.dirname(__file__)])}
+    proc = subprocess.run([sys.executable, "-m", "procctl", *command], capture_output=True, text=True,
+                          input="1\n", env=env, timeout=30)
+    assert proc.returncode == 2 and says in proc.stderr and "Dask" not in proc.stderr, proc.stderr
+
+
 def test_cli_local_cluster():
     proc = subprocess.run([sys.executable, "-m", "procctl", "run", "--cluster", "local:2", "--workers-per-node", "1",
                            "--target", "cluster_targets:loop", "--schedule", "run,pause,run,stop", "--step", "0.2",
