@@ -591,6 +591,9 @@ def test_a_dask_worker_sigkilled(own_cluster, tmp_path):
     # and what they ran is in `running` (they were not, and their events never came).
     with Client(address, set_as_default=False) as client:
         client.wait_for_workers(2, timeout=20)
+        # (Before the run: a client's connect inside the stop's 3 s grace could
+        # take long enough, under load, for the node to end its workers itself.)
+        pids = client.run(os.getpid)
     said = tmp_path / "said"
     os.mkfifo(said)
     reader = os.open(said, os.O_RDONLY | os.O_NONBLOCK)
@@ -605,7 +608,7 @@ def test_a_dask_worker_sigkilled(own_cluster, tmp_path):
         ids = sorted(int(line.split()[1]) for line in started)
         assert sorted(int(line.split()[1]) for line in _read_said(reader, 4)) == ids  # each saw STOPPED
         lost = ex.nodes[1].address
-        os.kill(dask_worker_pids(address)[lost], signal.SIGKILL)
+        os.kill(pids[lost], signal.SIGKILL)
         stopping.join(30)
         assert out, "stop() did not return"
     finally:

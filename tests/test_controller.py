@@ -235,7 +235,7 @@ def test_wait_returns_as_soon_as_the_last_worker_ends():
     assert len(pc.reports) == 3
     assert all(r.outcome is Outcome.FINISHED for r in pc.reports.values())
     # the last target returned ~0.3 s after run(); wait() must follow it closely
-    assert 0 <= returned - last_end < 0.5
+    assert 0 <= returned - last_end < 2.0  # at once, not at the timeout (room for a loaded machine)
 
 
 def test_wait_times_out_while_workers_live():

@@ -125,7 +125,7 @@ def test_worker_ignoring_stop_and_sigterm_is_killed_in_time(start_method):
         t0 = time.monotonic()
         reports = pc.stop(grace=grace)
         took = time.monotonic() - t0
-    assert grace <= took < grace + 1.2
+    assert grace <= took < grace + 3  # SIGTERM, its 0.5 s, SIGKILL: not the 5.5 s more of a missed death
     for r in reports.values():
         assert r.outcome is Outcome.KILLED
         assert r.exitcode == -signal.SIGKILL
@@ -138,7 +138,7 @@ def test_one_stubborn_worker_among_good_ones():
         pc.run()
         t0 = time.monotonic()
         reports = pc.stop(grace=0.3)
-        assert time.monotonic() - t0 < 0.3 + 1.2
+        assert time.monotonic() - t0 < 0.3 + 3  # escalated after its grace (bounds: room for a loaded machine)
     assert reports[0].outcome is Outcome.KILLED
     assert [reports[i].outcome for i in (1, 2)] == [Outcome.STOPPED] * 2
 
@@ -148,7 +148,7 @@ def test_spinning_worker_without_checkpoint_is_terminated():
         pc.run()
         t0 = time.monotonic()
         reports = pc.stop(grace=0.3)
-        assert time.monotonic() - t0 < 0.3 + 1.2
+        assert time.monotonic() - t0 < 0.3 + 3
     assert reports[0].outcome is Outcome.KILLED
     assert reports[0].exitcode in (-signal.SIGTERM, -signal.SIGKILL)
 
@@ -157,7 +157,7 @@ def test_close_on_exit_of_with_block_respects_grace():
     t0 = time.monotonic()
     with ProcessController(targets.ignore_stop, 1, start_method="fork", grace=0.2) as pc:
         pc.run()
-    assert time.monotonic() - t0 < 0.2 + 1.5
+    assert time.monotonic() - t0 < 0.2 + 3.5  # (t0 before the start: the start counts too)
     assert pc.reports[0].outcome is Outcome.KILLED
 
 
@@ -298,7 +298,7 @@ def test_stop_while_paused(start_method):
         pc.pause()
         t0 = time.monotonic()
         reports = pc.stop(grace=5)
-        assert time.monotonic() - t0 < 1.0
+        assert time.monotonic() - t0 < 3.0  # at once, not after the 5 s grace
     for r in reports.values():
         assert r.outcome is Outcome.STOPPED
         assert isinstance(r.result, int)
@@ -309,7 +309,7 @@ def test_stop_before_the_first_run(start_method):
     with ProcessController(targets.loop, 2, start_method=start_method) as pc:
         t0 = time.monotonic()
         reports = pc.stop(grace=5)
-        assert time.monotonic() - t0 < 1.0
+        assert time.monotonic() - t0 < 3.0  # at once, not after the 5 s grace
     for r in reports.values():
         assert r.outcome is Outcome.STOPPED
         assert r.result is None and r.error is None

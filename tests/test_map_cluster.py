@@ -218,12 +218,14 @@ def test_items_left_when_every_node_is_lost_are_unfinished_not_failed(tmp_path):
         cl = LocalCluster(n_workers=2, threads_per_worker=2, processes=True, dashboard_address=None)
     cli = None
     try:
+        with Client(cl.scheduler_address, set_as_default=False) as client:
+            # (Before the run: a client's connect under load can outlast the work left.)
+            dask_pids = list(client.run(os.getpid).values())
         cli = LiveCli(["map", "maptargets:nap", "--items", items, "--cluster", cl.scheduler_address,
                        "--workers-per-node", "1", "--lease", "2", "--unfinished", str(left), "--json"], cwd=TESTS)
         cli.wait_for(lambda lines: sum('"result"' in line for line in lines) >= 2, timeout=30)
-        with Client(cl.scheduler_address, set_as_default=False) as client:
-            for pid in client.run(os.getpid).values():
-                os.kill(pid, signal.SIGKILL)
+        for pid in dask_pids:
+            os.kill(pid, signal.SIGKILL)
         code, out, err = cli.finish(timeout=60)
     finally:
         if cli is not None:

@@ -280,6 +280,22 @@ def take_all(ctx, name="jobs"):
     return list(ctx.iter(name))
 
 
+def tell_then_hold(fifo, gate):
+    """Write one byte to the FIFO at `fifo` (it has begun), then wait without a
+    checkpoint until the FIFO at `gate` has data (the test holds it open
+    read-write and writes it; nobody reads it, so every task sees it)."""
+    import select
+
+    with open(fifo, "wb") as f:
+        f.write(b"x")
+    fd = os.open(gate, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        select.select([fd], [], [], 60)
+    finally:
+        os.close(fd)
+    return 0
+
+
 def tell_then_sleep(fifo, seconds):
     """Write one byte to the FIFO at `fifo` (it has begun), then sleep `seconds` without a checkpoint."""
     with open(fifo, "wb") as f:
