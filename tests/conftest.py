@@ -10,7 +10,7 @@ import psutil
 import pytest
 from procs import running
 
-from procctl.pytest_plugin import Snapshot, wait_ended
+from procctl.pytest_plugin import Snapshot, _end_owners, wait_ended
 
 START_METHODS = ["fork", "spawn", "forkserver"]
 
@@ -38,6 +38,9 @@ def no_process_left_behind():
     mine = {c.pid for c in psutil.Process().children()}
     zombies = [p for p in left if p not in alive and p.pid in mine]
     alive = [p for p in alive if running(p) or p.pid in mine]
+    # Their executor or controller first, as the plugin does: killed alone, a worker
+    # is replaced, and the replacement blamed on the next test.
+    _end_owners({p.pid for p in alive})
     for p in alive:
         try:
             p.kill()
