@@ -573,7 +573,9 @@ def run_command(workers: int, target: str | None, schedule: str, step: float, fi
         # "no practical cap"), and a resize past the system's limits is refused as it comes.
     check_output_paths(events_path, timeline_path, trace_path, log_dir)
     control = ControlPlan.check(name, metrics_addr, job=f"run {target or 'demo'}", announce=not (json_lines or quiet))
-    cluster_mod = None if cluster_spec is None else load_cluster(cluster_address or "", cluster_spec[0])
+    cluster_mod = None
+    if cluster_spec is not None and cluster_address is not None:  # (Dask's import: after every check above)
+        cluster_mod = load_cluster(cluster_address, cluster_spec[0])
     if log_dir is not None:
         try:
             os.makedirs(log_dir, exist_ok=True)
