@@ -35,7 +35,7 @@ from typing import IO, TYPE_CHECKING, Any, cast
 
 import click
 
-from . import maplog
+from . import maplog, threads
 from .clitools import (
     DEFAULT_WORKERS_PER_NODE,
     EXIT_FAILED,
@@ -503,6 +503,8 @@ class MapSession:
         self.state_changed = threading.Condition()
         #: What the last pause or resume could not get acknowledged in time (None: all was).
         self.late: str | None = None
+        #: Set to end acknowledged()'s wait when a stop is asked for (None: not waiting).
+        self._settling: threading.Event | None = None
         self._old_alarm: Any = None
 
     # -- the loop, as a table of contents
@@ -514,6 +516,7 @@ class MapSession:
         assert self.bridge is not None
         if self.bridge.stop_requested():
             self.results.arm()  # (only if a write is under way)
+            self._stop_settling()
 
     def on_alarm(self, signum: int, frame: Any) -> None:
         if self.results.writing:
@@ -661,14 +664,46 @@ class MapSession:
         """Pause or resume, waiting a bounded time for every worker to acknowledge
         (as `procctl run` does): a task that never checkpoints pauses when it ends,
         and the loop must go on to see a stop signal. `late` says what was not
-        acknowledged in time (for `procctl pause`'s reply), or None."""
+        acknowledged in time (for `procctl pause`'s reply), or None.
+
+        A stop asked for meanwhile (a signal, `procctl stop`, the live view's
+        keys, --timeout) ends the wait at once, as `procctl run`'s does: the
+        command's own bounded wait goes on in a thread of its own, which the
+        stop answers, and the loop stops without waiting it out."""
         self.late = None
+        settled = threading.Event()
+        late: list[str] = []
+
+        def call() -> None:
+            try:
+                command(timeout=ACK_WAIT)
+            except futures.TimeoutError:  # the builtin one from Python 3.11
+                late.append(f"not every worker acknowledged the {name} within {ACK_WAIT:g}s"
+                            " (a task that does not checkpoint does when it ends)")
+            except Exception:  # noqa: BLE001 - stopped or broken meanwhile: the loop sees to that
+                pass
+            finally:
+                settled.set()
+
+        self._settling = settled
         try:
-            command(timeout=ACK_WAIT)
-        except futures.TimeoutError:  # the builtin one from Python 3.11
-            self.late = (f"not every worker acknowledged the {name} within {ACK_WAIT:g}s"
-                         " (a task that does not checkpoint does when it ends)")
+            try:
+                threads.start(threading.Thread(target=call, name="procctl-map-acknowledge", daemon=True))
+            except OSError:  # no room for a thread: wait here, as before
+                call()
+            while not settled.wait(remaining(self.deadline)) and not self.should_stop():
+                pass  # (woken early by a stop only: on_signal, request_stop; or --timeout's deadline)
+        finally:
+            self._settling = None
+        if settled.is_set() and late:
+            self.late = late[0]
             say(f"procctl map: {self.late}; going on")
+
+    def _stop_settling(self) -> None:
+        """A stop was asked for: end acknowledged()'s wait (from a signal handler or any thread)."""
+        settling = self._settling
+        if settling is not None:
+            settling.set()
 
     def collect(self) -> None:
         while self.completed:
@@ -798,6 +833,7 @@ class MapSession:
         if not self.stop_asked:
             self.stop_by = by
         self.stop_asked = True
+        self._stop_settling()
         self.wake()
 
     def hurry(self) -> None:

@@ -451,6 +451,30 @@ def test_a_pause_that_a_long_task_holds_up_does_not_hold_up_a_stop(tmp_path):
     assert_all_gone({m["pid"] for m in marks(tmp_path / "marks")})
 
 
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_stop_during_a_pause_nobody_acknowledges_does_not_wait_for_it(tmp_path, sig, code):
+    # The loop waits up to 2 s for the pause's acknowledgements (no task here
+    # checkpoints): a stop signal meanwhile ends that wait at once (it waited
+    # the 2 s out, said the pause was not acknowledged, and only then stopped).
+    items = write_items(tmp_path / "in.jsonl", range(4))
+    cli = LiveCli(["map", "maptargets:ignore_stop", "--items", items, "--workers", "2", "--grace", "0", "--json"],
+                  cwd=TESTS, env={"MAP_MARKS": str(tmp_path / "marks")})
+    try:
+        cli.wait_for(lambda lines: cli.err.count(b"task started") == 2)  # both workers are in a 60 s task
+        os.kill(cli.proc.pid, signal.SIGUSR1)
+        time.sleep(0.5)  # the moment under test (the loop is in the pause's 2 s wait), not a synchronisation
+        signalled = time.monotonic()
+        os.kill(cli.proc.pid, sig)
+        rc, out, err = cli.finish(timeout=20)
+        took = time.monotonic() - signalled
+    finally:
+        cli.kill()
+    assert rc == code, err
+    assert "acknowledged the pause" not in err, err
+    assert took < 10, took  # a bound against a hang (about 0.3 s; it was 1.5 s more)
+    assert_all_gone({m["pid"] for m in marks(tmp_path / "marks")})
+
+
 def test_timeout_stops_cleanly_and_exits_124(tmp_path):
     # (The clock runs from before the workers start: at 0.5 s, under load, no item was done.)
     items = write_items(tmp_path / "in.jsonl", range(200))
