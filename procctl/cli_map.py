@@ -647,6 +647,8 @@ class MapSession:
         for sig in self.bridge.take():
             if sig == signal.SIGUSR1 and not self.paused:
                 self.acknowledged(self.executor.pause, "pause")
+                if self.should_stop():
+                    return  # (asked for during the wait: the stop wins, as above)
                 with self.state_changed:
                     self.paused = True
                     self.state_changed.notify_all()
@@ -654,6 +656,8 @@ class MapSession:
                 self.emit(MapEvent(self.t(), "paused"), "paused: no new item starts (SIGUSR2 resumes)")
             elif sig == signal.SIGUSR2 and self.paused:
                 self.acknowledged(self.executor.resume, "resume")
+                if self.should_stop():
+                    return
                 with self.state_changed:
                     self.paused = False
                     self.state_changed.notify_all()
