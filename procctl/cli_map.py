@@ -681,7 +681,7 @@ class MapSession:
         def call() -> None:
             try:
                 command(timeout=ACK_WAIT)
-            except futures.TimeoutError:  # the builtin one from Python 3.11
+            except (TimeoutError, futures.TimeoutError):  # (one and the same from Python 3.11)
                 late.append(f"not every worker acknowledged the {name} within {ACK_WAIT:g}s"
                             " (a task that does not checkpoint does when it ends)")
             except Exception:  # noqa: BLE001 - stopped or broken meanwhile: the loop sees to that
@@ -695,8 +695,9 @@ class MapSession:
                 threads.start(threading.Thread(target=call, name="procctl-map-acknowledge", daemon=True))
             except OSError:  # no room for a thread: wait here, as before
                 call()
-            while not settled.wait(remaining(self.deadline)) and not self.should_stop():
-                pass  # (woken early by a stop only: on_signal, request_stop; or --timeout's deadline)
+            # (A stop before this line is seen by should_stop(); one after it sets `settled`.)
+            while not self.should_stop() and not settled.wait(remaining(self.deadline)):
+                pass  # (--timeout's deadline came: should_stop() says so)
         finally:
             self._settling = None
         if settled.is_set() and late:
