@@ -678,7 +678,7 @@ def worker_main(spec: WorkerSpec) -> None:
     if finished is not None:
         finished.set()
     _end_despite_threads(exit_code)
-    if spec.end is None and not spec.forkserver:
+    if (spec.end is None and not spec.forkserver) or EXIT_HANDLERS_AFTER_FORK:
         _bound_the_exit(exit_code)
     if work is not None:
         # Its unread items stay with the manager's copy of this end. Closed
@@ -692,16 +692,19 @@ def worker_main(spec: WorkerSpec) -> None:
         sys.exit(exit_code)  # (multiprocessing's bootstrap makes it the exit status)
 
 
-#: How long a spawn worker's exit (the exit handlers its target registered) may
+#: How long a worker's exit (the exit handlers its target registered) may
 #: take once it has reported.
 EXIT_GRACE = 1.0
+#: From Python 3.13, multiprocessing runs the exit handlers (atexit) in fork and
+#: forkserver children too; before, only a spawn worker's interpreter ran them.
+EXIT_HANDLERS_AFTER_FORK = sys.version_info >= (3, 13)
 
 
 def _bound_the_exit(code: int) -> None:
-    """A spawn worker ends as an interpreter does, and runs the exit handlers
-    the target registered (atexit: fork and forkserver children end with
-    os._exit and run none). One that blocks must not keep the process alive
-    when its result was reported long ago: after EXIT_GRACE it ends."""
+    """A worker that runs the exit handlers the target registered (a spawn
+    worker, as an interpreter does; any worker from Python 3.13) must not be
+    kept alive by one that blocks when its result was reported long ago:
+    after EXIT_GRACE it ends."""
     def end() -> None:
         threading.Event().wait(EXIT_GRACE)  # (a deadline: the exit normally ends this thread first)
         threads.exit_now(code)
