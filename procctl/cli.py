@@ -573,9 +573,8 @@ def run_command(workers: int, target: str | None, schedule: str, step: float, fi
         # "no practical cap"), and a resize past the system's limits is refused as it comes.
     check_output_paths(events_path, timeline_path, trace_path, log_dir)
     control = ControlPlan.check(name, metrics_addr, job=f"run {target or 'demo'}", announce=not (json_lines or quiet))
-    cluster_mod = None
-    if cluster_spec is not None and cluster_address is not None:  # (Dask's import: after every check above)
-        cluster_mod = load_cluster(cluster_address, cluster_spec[0])
+    # (Dask's import: after every check above.)
+    cluster_mod: Any = None if cluster_spec is None else load_cluster(cluster_spec[0])
     if log_dir is not None:
         try:
             os.makedirs(log_dir, exist_ok=True)
@@ -619,7 +618,6 @@ def run_command(workers: int, target: str | None, schedule: str, step: float, fi
                 return pc
         else:
             address, local_nodes = cluster_spec
-            assert cluster_mod is not None
             if local_nodes:
                 local_cluster = cluster_mod.session.local_cluster(local_nodes)
                 address = local_cluster.scheduler_address
@@ -663,8 +661,9 @@ def parse_cluster(text: str) -> tuple[str | None, int]:
     return text, 0
 
 
-def load_cluster(text: str, address: str | None) -> Any:
-    """procctl.cluster, imported (with Dask), once the address's scheme is one Dask knows; BadInput if not."""
+def load_cluster(address: str | None) -> Any:
+    """procctl.cluster, imported (with Dask), once the scheduler address parse_cluster
+    gave (None for local:N) has a scheme Dask knows; BadInput if not."""
     try:
         import procctl.cluster as cluster_mod
         import procctl.cluster.session  # noqa: F401 - local_cluster
@@ -674,7 +673,7 @@ def load_cluster(text: str, address: str | None) -> Any:
         try:
             cluster_mod.session.check_address(address)  # a scheme Dask does not know (http://)
         except ValueError as exc:
-            raise BadInput(f"--cluster {text.strip()!r}: {exc}") from None
+            raise BadInput(f"--cluster {address!r}: {exc}") from None
     return cluster_mod
 
 

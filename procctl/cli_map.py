@@ -240,7 +240,7 @@ def make_plan(spec: str, items_path: str, raw_lines: bool, workers: int | None, 
     if cluster is not None:
         from .cli import load_cluster
 
-        load_cluster(cluster.text, cluster.address)  # (after the checks above: none of them needs Dask)
+        load_cluster(cluster.address)  # (after the checks above: none of them needs Dask)
     importing = time.monotonic()
     func = load_function(spec, local=cluster is None, timeout=timeout)
     spent = time.monotonic() - importing  # (the import counts: --timeout bounds the whole command)
